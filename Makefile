@@ -1,0 +1,31 @@
+# The two commands of the README: `make dev` (install, then a first run) and `make test`.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+
+.PHONY: install dev test bench lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+dev: install
+	$(BIN)/phibroker dev
+
+test: install
+	$(BIN)/pytest
+
+bench: install
+	$(BIN)/python -m benchmarks
+
+lint: install
+	$(BIN)/ruff check phibroker workers tests benchmarks
+	$(BIN)/ruff format --check phibroker workers tests benchmarks
+	$(BIN)/mypy phibroker workers
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

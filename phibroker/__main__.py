@@ -1,0 +1,3 @@
+from phibroker.cli import main
+
+main()

@@ -1,0 +1,201 @@
+"""The `Agent` API: commands and event subscriptions, and the context a handler gets.
+
+Nothing here knows Redis: `Agent.execute` runs one handler on one message and returns its outcome,
+which the worker settles. That keeps handlers testable without a broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from phibroker import wire
+from phibroker.engine import describe_exception
+from phibroker.errors import MessageTooLarge, Retryable
+
+Handler = Callable[..., Any]
+
+
+class CancelFlag:
+    """`ctx.cancelled`: true once the workflow asks the task to stop; `wait(t)` sleeps unless it does."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def __bool__(self) -> bool:
+        return self._event.is_set()
+
+    def set(self) -> None:
+        self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._event.wait(timeout)
+
+    def __repr__(self) -> str:
+        return f"CancelFlag({self.is_set()})"
+
+
+@dataclass
+class Context:
+    """What a handler knows about the attempt it runs."""
+
+    workflow_id: str
+    task: str
+    unit: str  # `Task`, `Task#2` (a partition), `Task!undo` (a compensation)
+    attempt: int
+    agent: str
+    command: str
+    inputs: dict[str, Any] = field(default_factory=dict)
+    partition: tuple[int, int] | None = None  # (index, count) for a mapped task
+    result: Any = None  # compensations: the result being undone
+    deadline: float | None = None
+    token: int = 1  # the fencing token of this attempt
+    cancelled: CancelFlag = field(default_factory=CancelFlag)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    last_heartbeat: float = field(default_factory=time.time)
+
+    @property
+    def idempotency_key(self) -> str:
+        """The same on every attempt of this unit: key side effects on it to apply them once."""
+        return f"{self.workflow_id}:{self.unit}"
+
+    def heartbeat(self) -> None:
+        """Say "still alive" from a long handler; the worker's lease is renewed meanwhile anyway."""
+        self.last_heartbeat = time.time()
+
+    def emit(self, type_: str, data: Any = None) -> None:
+        """An event published with this attempt's result, and only if that result is applied."""
+        self.events.append({"type": type_, "data": data})
+
+
+@dataclass
+class Subscription:
+    name: str
+    event: str  # an exact type, or `prefix.*`
+    where: str | None
+    handler: Handler
+
+    def matches(self, event_type: str) -> bool:
+        if self.event.endswith(".*"):
+            return event_type.startswith(self.event[:-1])
+        return self.event in ("*", event_type)
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What one attempt produced, ready to become a `wire.Result`."""
+
+    ok: bool
+    value: bytes | None = None
+    error: dict[str, str] | None = None
+    retry: bool = False
+    started: float = 0.0
+    finished: float = 0.0
+
+
+class Agent:
+    """An agent's commands and subscriptions: `@agent.command("scan")`, `@agent.on("task.failed")`."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.commands: dict[str, Handler] = {}
+        self.subscriptions: dict[str, Subscription] = {}
+
+    def command(self, name: str | None = None) -> Callable[[Handler], Handler]:
+        def register(fn: Handler) -> Handler:
+            self.commands[name or fn.__name__] = fn
+            return fn
+
+        return register
+
+    def on(self, event: str, name: str | None = None, where: str | None = None) -> Callable[[Handler], Handler]:
+        def register(fn: Handler) -> Handler:
+            sub_name = name or f"{self.name}.{fn.__name__}"
+            self.subscriptions[sub_name] = Subscription(sub_name, event, where, fn)
+            return fn
+
+        return register
+
+    def is_async(self, command: str) -> bool:
+        handler = self.commands.get(command)
+        return handler is not None and inspect.iscoroutinefunction(handler)
+
+    def call(self, command: str, ctx: Context, payload: dict[str, Any]) -> Any:
+        """Run a plain handler, or return the coroutine of an async one."""
+        handler = self.commands.get(command)
+        if handler is None:
+            known = ", ".join(sorted(self.commands)) or "none"
+            raise UnknownCommand(f"agent {self.name!r} has no command {command!r} (it has: {known})")
+        return handler(ctx, **payload)
+
+    def execute(self, command: str, ctx: Context, payload: dict[str, Any], limit: int) -> Outcome:
+        """Run one handler to its end (async ones on a private loop) and capture what happened."""
+        started = time.time()
+        try:
+            value = self.call(command, ctx, payload)
+            if inspect.isawaitable(value):
+                value = asyncio.run(_awaited(value))
+            return finish(value, started, limit, f"result of {ctx.task}")
+        except BaseException as exc:  # noqa: BLE001 - a handler's failure is data, never a crash
+            if isinstance(exc, KeyboardInterrupt | SystemExit):
+                raise
+            return failure(exc, started)
+
+
+class UnknownCommand(Exception):  # noqa: N818 - reads as the error a user sees
+    """The message names a command this agent does not have."""
+
+
+async def _awaited(value: Any) -> Any:
+    return await value
+
+
+def finish(value: Any, started: float, limit: int, what: str) -> Outcome:
+    """A handler's return value as an outcome; too large or unserialisable fails the attempt."""
+    try:
+        raw = wire.pack_limited(value, limit, what)
+    except (MessageTooLarge, TypeError) as exc:
+        return failure(exc, started)
+    return Outcome(ok=True, value=raw, started=started, finished=time.time())
+
+
+def failure(exc: BaseException, started: float) -> Outcome:
+    return Outcome(
+        ok=False,
+        error=describe_exception(exc),
+        retry=isinstance(exc, Retryable),
+        started=started,
+        finished=time.time(),
+    )
+
+
+def load_agent(name: str, app: str | None = None) -> Agent:
+    """The agent NAME from `module:attr`, from `module` (any Agent named NAME in it), or from `workers.NAME`."""
+    import importlib
+
+    from phibroker.errors import InvalidInput
+
+    module_name, _, attr = (app or f"workers.{name}").partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise InvalidInput(f"cannot import {module_name!r} for agent {name!r}: {exc}") from None
+    if attr:
+        found = getattr(module, attr, None)
+        if not isinstance(found, Agent):
+            raise InvalidInput(f"{module_name}:{attr} is not an Agent")
+        if found.name != name:
+            raise InvalidInput(f"{module_name}:{attr} is agent {found.name!r}, not {name!r}")
+        return found
+    for value in vars(module).values():
+        if isinstance(value, Agent) and value.name == name:
+            return value
+    raise InvalidInput(f"no Agent named {name!r} in module {module_name!r}")

@@ -1,0 +1,267 @@
+"""The `phibroker` command: parses arguments, calls the library, turns errors into one line and an exit code."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import time
+from typing import Any
+
+import click
+
+from phibroker import __version__, dag
+from phibroker import workflow as workflows
+from phibroker.errors import InvalidInput, PhibrokerError
+from phibroker.settings import Settings
+from phibroker.spec import parse_duration
+
+
+class _Group(click.Group):
+    """Every PhibrokerError becomes `error: ...` on stderr and its exit code, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except PhibrokerError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+
+
+@click.group(cls=_Group)
+@click.version_option(__version__, prog_name="phibroker")
+@click.option("--redis", "redis_url", envvar="PHIBROKER_REDIS_URL", help="Redis URL [redis://localhost:6379/0]")
+@click.option("--namespace", envvar="PHIBROKER_NAMESPACE", help="key prefix [phi]")
+@click.pass_context
+def main(ctx: click.Context, redis_url: str | None, namespace: str | None) -> None:
+    """Workflows for teams of AI agents, on Redis Streams."""
+    overrides = {k: v for k, v in {"redis_url": redis_url, "namespace": namespace}.items() if v}
+    ctx.obj = Settings(**overrides)
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="print levels and critical path as JSON")
+def validate(file: str, as_json: bool) -> None:
+    """Check FILE; print what runs in parallel and the critical path."""
+    wf = workflows.load(file)
+    path, length = wf.critical_path
+    if as_json:
+        click.echo(json.dumps({"levels": wf.levels, "critical_path": path, "length": length}))
+        return
+    click.echo(f"{wf.name}: valid, {len(wf.tasks)} tasks in {len(wf.levels)} levels")
+    for number, level in enumerate(wf.levels, 1):
+        shown = ", ".join(level[:12]) + (f", … (+{len(level) - 12})" if len(level) > 12 else "")
+        click.echo(f"  {number:>3}. {shown}")
+    click.echo(f"critical path ({_seconds(length)}): {' -> '.join(path)}")
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["dot", "mermaid"]), default="dot", show_default=True)
+def graph(file: str, fmt: str) -> None:
+    """Print the DAG of FILE for Graphviz or Mermaid."""
+    wf = workflows.load(file)
+    if fmt == "dot":
+        click.echo(dag.to_dot(wf.deps, name=wf.name, labels=wf.labels()), nl=False)
+    else:
+        click.echo(dag.to_mermaid(wf.deps, labels=wf.labels()), nl=False)
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE", help="override a param")
+@click.option("--id", "wf_id", help="the workflow id; submitting the same id again is a no-op")
+@click.option("--wait", is_flag=True, help="wait for the end; exit 1 unless it succeeded")
+@click.option("--timeout", help="with --wait: stop waiting after this long (10s, 5m, ...)")
+@click.option("--json", "as_json", is_flag=True, help="stdout: one JSON object")
+@click.pass_obj
+def submit(
+    settings: Settings,
+    file: str,
+    params: tuple[str, ...],
+    wf_id: str | None,
+    wait: bool,
+    timeout: str | None,
+    as_json: bool,
+) -> None:
+    """Validate FILE and submit it."""
+    from phibroker.client import Client
+
+    wf = workflows.load(file)
+    overrides = wf.parse_overrides(params)
+    limit = _duration(timeout, "--timeout") if timeout else None
+    with Client(settings) as client:
+        wf_id = client.submit(wf, overrides, id=wf_id)
+        if not wait:
+            click.echo(json.dumps({"id": wf_id}) if as_json else wf_id)
+            return
+        click.echo(f"submitted {wf_id}; waiting for it to end", err=True)
+        status = client.wait(wf_id, timeout=limit, on_progress=_progress_printer())
+    if as_json:
+        click.echo(json.dumps(status, default=str))
+    else:
+        _print_status(status)
+    sys.exit(0 if status["state"] == "succeeded" else 1)
+
+
+@main.command()
+@click.argument("wf_id", metavar="ID")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def status(settings: Settings, wf_id: str, as_json: bool) -> None:
+    """The workflow ID and every task."""
+    from phibroker.client import Client
+
+    with Client(settings) as client:
+        doc = client.status(wf_id)
+    if as_json:
+        click.echo(json.dumps(doc, default=str))
+    else:
+        _print_status(doc)
+
+
+@main.command(name="list")
+@click.option("--limit", default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def list_(settings: Settings, limit: int, as_json: bool) -> None:
+    """Running and recent workflows, newest first."""
+    from phibroker.client import Client
+
+    with Client(settings) as client:
+        rows = client.list(limit)
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    if not rows:
+        click.echo("no workflows")
+    for row in rows:
+        took = _took(row["created_at"], row["finished_at"])
+        click.echo(f"{row['id']:<40} {row['state'] or '?':<17} {took}")
+
+
+@main.command()
+@click.argument("wf_id", metavar="ID")
+@click.option("--reason", help="recorded with the cancellation")
+@click.pass_obj
+def cancel(settings: Settings, wf_id: str, reason: str | None) -> None:
+    """Cancel workflow ID: nothing new starts, running tasks are asked to stop, compensations run."""
+    from phibroker.client import Client
+
+    with Client(settings) as client:
+        client.cancel(wf_id, reason)
+    click.echo(f"cancelling {wf_id}")
+
+
+@main.command()
+@click.option("--agent", "agent_name", required=True, help="the agent whose tasks this worker runs")
+@click.option("--app", help="MODULE[:ATTR] holding the Agent (default: the workers package)")
+@click.option("--concurrency", default=4, show_default=True, help="handlers running at once")
+@click.option("--reclaim-after", help="presume a silent worker dead after this long [30s]")
+@click.option("--burst", is_flag=True, help="exit once the stream is empty")
+@click.pass_obj
+def worker(
+    settings: Settings,
+    agent_name: str,
+    app: str | None,
+    concurrency: int,
+    reclaim_after: str | None,
+    burst: bool,
+) -> None:
+    """Run the commands and subscriptions of one agent."""
+    from phibroker.agent import load_agent
+    from phibroker.worker import Worker
+
+    if reclaim_after:
+        settings = settings.model_copy(update={"reclaim_after": _duration(reclaim_after, "--reclaim-after")})
+    if concurrency < 1:
+        raise InvalidInput("--concurrency must be at least 1")
+    _logging()
+    runner = Worker(load_agent(agent_name, app), settings, concurrency=concurrency)
+    _stop_on_signals(runner.stop)
+    runner.work(burst=burst)
+
+
+@main.command()
+@click.option("--burst", is_flag=True, help="exit once there is nothing left to do")
+@click.pass_obj
+def coordinator(settings: Settings, burst: bool) -> None:
+    """Run a coordinator: results in, DAG progress, dispatches out. Several may run at once."""
+    from phibroker.coordinator import Coordinator
+
+    _logging()
+    runner = Coordinator(settings)
+    _stop_on_signals(runner.stopping.set)
+    runner.run(burst=burst)
+
+
+def _stop_on_signals(stop: Any) -> None:
+    """First SIGINT/SIGTERM: stop cleanly. A second SIGINT: leave now."""
+
+    def handler(signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and getattr(handler, "seen", False):
+            raise SystemExit(130)
+        handler.seen = True  # type: ignore[attr-defined]
+        stop()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _duration(text: str, option: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise InvalidInput(f"{option}: {exc}") from None
+
+
+def _progress_printer() -> Any:
+    last = [""]
+
+    def show(status: dict[str, Any]) -> None:
+        tasks = status["tasks"].values()
+        done = sum(1 for t in tasks if t["state"] in ("succeeded", "failed", "skipped", "cancelled", "compensated"))
+        running = sum(1 for t in tasks if t["state"] in ("running", "ready", "retrying"))
+        line = f"{status['state']}: {done}/{len(status['tasks'])} tasks done, {running} in flight"
+        if line != last[0]:
+            click.echo(f"  {line}", err=True)
+            last[0] = line
+
+    return show
+
+
+def _print_status(doc: dict[str, Any]) -> None:
+    took = _took(doc["created_at"], doc["finished_at"])
+    click.echo(f"{doc['id']} ({doc['name']}): {doc['state']} {took}")
+    if doc.get("error"):
+        click.echo(f"  {doc['error']}")
+    width = max((len(n) for n in doc["tasks"]), default=4)
+    for name, task in doc["tasks"].items():
+        line = f"  {name:<{width}}  {task['state']:<11} {task['agent'] or 'approval':<8} attempts {task['attempts']}"
+        if task["started_at"] and task["finished_at"]:
+            line += f"  {task['finished_at'] - task['started_at']:.2f}s"
+        if task["error"] and task["state"] not in ("succeeded",):
+            line += f"  {task['error']}"
+        click.echo(line)
+
+
+def _took(created: float | None, finished: float | None) -> str:
+    if not created:
+        return ""
+    end = finished or time.time()
+    verb = "took" if finished else "for"
+    return f"({verb} {end - created:.1f}s)"
+
+
+def _seconds(value: float) -> str:
+    if value >= 3600:
+        return f"{value / 3600:.1f}h"
+    if value >= 60:
+        return f"{value / 60:.1f}m"
+    return f"{value:g}s"

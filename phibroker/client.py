@@ -1,0 +1,228 @@
+"""`Client`: submit, wait, status, list, cancel — what the CLI and any Python program use.
+
+The client never runs a transition: it writes a new workflow and tells the coordinators, and it sends
+cancels and decisions to them the same way, so every state change has one author.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from phibroker import wire
+from phibroker import workflow as workflows
+from phibroker.broker import CONNECTION_ERRORS, Broker
+from phibroker.engine import WF_TERMINAL, split_unit
+from phibroker.errors import BrokerUnavailable, InvalidInput, UnknownWorkflow
+from phibroker.settings import Settings
+from phibroker.spec import NAME_PATTERN
+
+_ID = re.compile(NAME_PATTERN)
+
+
+class Client:
+    def __init__(self, settings: Settings | None = None, broker: Broker | None = None):
+        self.settings = settings or Settings()
+        self.broker = broker or Broker(self.settings)
+
+    @classmethod
+    def from_url(cls, url: str, namespace: str = "phi") -> Client:
+        return cls(Settings(redis_url=url, namespace=namespace))
+
+    def close(self) -> None:
+        self.broker.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- submitting ------------------------------------------------------------------------------
+    def submit(
+        self,
+        source: str | Path | workflows.Workflow,
+        params: Mapping[str, Any] | None = None,
+        id: str | None = None,  # noqa: A002 - the name users pass: submit(..., id="deploy-42")
+        depth: int = 0,
+    ) -> str:
+        """Check and submit a workflow; returns its id. With `id`, a repeated submit is a no-op."""
+        workflow = source if isinstance(source, workflows.Workflow) else workflows.load(source)
+        values = workflow.params_with(params or {})
+        if id is not None and not _ID.match(id):
+            raise InvalidInput(f"workflow id {id!r}: use letters, digits, '_', '.', '-'")
+        wf_id = id or f"{workflow.name}-{wire.new_id()[:10]}"
+        now = time.time()
+        fields = {
+            "name": workflow.name,
+            "state": "running",
+            "version": 0,
+            "launched": 0,
+            "created_at": now,
+            "depth": depth,
+            "spec": json.dumps(workflow.source, separators=(",", ":")),
+            "params": values,
+        }
+        with _reaching(self.settings):
+            self.broker.create_workflow(wf_id, fields, now)
+            self.broker.send_to_coordinators(wire.Inbox(kind="submit", body={"wf": wf_id}))
+        return wf_id
+
+    def cancel(self, wf_id: str, reason: str | None = None) -> None:
+        """Ask the coordinators to cancel: nothing new starts, running tasks see `ctx.cancelled`."""
+        with _reaching(self.settings):
+            if not self.broker.workflow_exists(wf_id):
+                raise UnknownWorkflow(wf_id)
+            body = {"wf": wf_id, "reason": reason or "cancelled by request"}
+            self.broker.send_to_coordinators(wire.Inbox(kind="cancel", body=body))
+
+    # -- reading ---------------------------------------------------------------------------------
+    def status(self, wf_id: str) -> dict[str, Any]:
+        """The documented `status --json` shape: the workflow and every task."""
+        with _reaching(self.settings):
+            meta, units, results, history = self.broker.read_workflow(wf_id)
+        if not meta.get("spec"):
+            raise UnknownWorkflow(wf_id)
+        return status_document(wf_id, meta, units, results, history, self.settings.max_message_bytes)
+
+    def wait(
+        self,
+        wf_id: str,
+        timeout: float | None = None,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+        every: float = 1.0,
+    ) -> dict[str, Any]:
+        """Block until the workflow ends (or `timeout`), waking on its end signal, not by polling.
+
+        `on_progress` is called with the status about once per `every` seconds while it runs.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = every if on_progress is not None else 10.0
+        while True:
+            status = self.status(wf_id)
+            if status["state"] in WF_TERMINAL:
+                return status
+            if on_progress is not None:
+                on_progress(status)
+            remaining = pause if deadline is None else min(pause, deadline - time.monotonic())
+            if remaining <= 0:
+                return status
+            with _reaching(self.settings):
+                self.broker.wait_done(wf_id, remaining)
+
+    def list(self, limit: int = 50) -> list[dict[str, Any]]:
+        """Recent workflows, newest first."""
+        with _reaching(self.settings):
+            rows = self.broker.recent_workflows(limit)
+        return [{"id": wf_id, **row} for wf_id, row in rows]
+
+
+class _reaching:  # noqa: N801 - reads as a phrase: `with _reaching(settings):`
+    """Turn a lost connection into BrokerUnavailable (exit 3) with the URL in the message."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type | None, exc: BaseException | None, tb: object) -> bool:
+        if exc is not None and isinstance(exc, CONNECTION_ERRORS):
+            raise BrokerUnavailable(f"cannot reach Redis at {self.settings.redis_url}: {exc}") from None
+        return False
+
+
+def status_document(
+    wf_id: str,
+    meta: dict[str, Any],
+    units: dict[str, dict[str, Any]],
+    results: dict[str, bytes],
+    history: list[bytes],
+    limit: int,
+) -> dict[str, Any]:
+    """Build `status --json` from what Redis holds; pure, so it is tested without a broker."""
+    spec_tasks: dict[str, Any] = json.loads(meta["spec"]).get("tasks", {})
+    attempts_of: dict[str, list[dict[str, Any]]] = {name: [] for name in spec_tasks}
+    for raw in history:
+        record = wire.unpack(raw, limit)
+        task, partition, is_undo = split_unit(str(record.get("unit", "")))
+        if task not in attempts_of:
+            continue
+        entry = {
+            "attempt": record.get("attempt"),
+            "worker": record.get("worker"),
+            "started_at": record.get("started"),
+            "finished_at": record.get("finished"),
+            "error": record.get("error"),
+            "applied": record.get("applied", True),
+        }
+        if partition is not None:
+            entry["partition"] = partition
+        if is_undo:
+            entry["compensation"] = True
+        if record.get("traceback"):
+            entry["traceback"] = record["traceback"]
+        attempts_of[task].append(entry)
+    tasks = {}
+    for name, spec in spec_tasks.items():
+        unit = units.get(name, {})
+        task: dict[str, Any] = {
+            "state": unit.get("state", "pending"),
+            "agent": spec.get("agent"),
+            "attempts": int(unit.get("attempt") or 0),
+            "started_at": unit.get("started"),
+            "finished_at": unit.get("finished"),
+            "result": _decode(results.get(name), limit),
+            "error": unit.get("error"),
+            "history": attempts_of[name],
+        }
+        parts = int(unit.get("parts") or 0)
+        if parts:
+            partitions = [units.get(f"{name}#{i}", {}) for i in range(parts)]
+            task["partitions"] = [
+                {
+                    "index": i,
+                    "state": p.get("state", "pending"),
+                    "attempts": int(p.get("attempt") or 0),
+                    "worker": p.get("worker"),
+                    "error": p.get("error"),
+                }
+                for i, p in enumerate(partitions)
+            ]
+            started = [p["started"] for p in partitions if p.get("started")]
+            task["started_at"] = min(started) if started else None
+            task["attempts"] = max((int(p.get("attempt") or 0) for p in partitions), default=0)
+            if task["state"] == "ready" and any(p.get("state") == "running" for p in partitions):
+                task["state"] = "running"
+        if spec.get("approval") is not None:
+            decision = unit.get("decision")
+            task["approval"] = {
+                "request": unit.get("approval"),
+                "decision": _decode(decision, limit) if decision else _decode(results.get(name), limit),
+            }
+        undo = units.get(f"{name}!undo")
+        if undo:
+            task["compensation"] = {
+                "state": undo.get("state"),
+                "attempts": int(undo.get("attempt") or 0),
+                "error": unit.get("undo_error") or undo.get("error"),
+            }
+        tasks[name] = task
+    return {
+        "id": wf_id,
+        "name": meta.get("name"),
+        "state": meta.get("state"),
+        "created_at": meta.get("created_at"),
+        "finished_at": meta.get("finished_at"),
+        "params": meta.get("params"),
+        "error": meta.get("error"),
+        "tasks": tasks,
+    }
+
+
+def _decode(raw: bytes | None, limit: int) -> Any:
+    return None if raw is None else wire.unpack(raw, max(limit, len(raw)))

@@ -1,0 +1,335 @@
+"""The coordinator (the "DC"): results in, transitions, outbox out, timers, leases.
+
+Stateless by design: everything lives in Redis, and what it keeps in memory is a cache checked by
+each workflow's version. Several coordinators share the inbox through one consumer group; the one
+that commits a transition first wins, the other re-reads and finds nothing left to do.
+
+The loop, like rq's `work()`: maintain (lease, take over from the dead, sweep) -> claim due timers ->
+read the inbox -> apply everything to each workflow in one transition -> commit -> drain -> ack.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from phibroker import engine, wire
+from phibroker import workflow as workflows
+from phibroker.broker import CONNECTION_ERRORS, Broker, Entry, parse_units
+from phibroker.errors import DecodeError, PhibrokerError
+from phibroker.keys import COORDINATORS_GROUP
+from phibroker.settings import Settings
+
+log = logging.getLogger("phibroker.coordinator")
+
+_CRASH_AT = os.environ.get("PHIBROKER_CRASH_AT", "")
+
+
+def crash_point(name: str) -> None:
+    """Die here, as kill -9 would, when PHIBROKER_CRASH_AT names this point (crash tests only)."""
+    if _CRASH_AT == name:
+        os._exit(137)
+
+
+Op = tuple[str, Any]  # ("result", Result) | ("submit", None) | ("timer", member) | ...
+
+
+class Coordinator:
+    def __init__(
+        self,
+        settings: Settings,
+        broker: Broker | None = None,
+        verify_decision: Callable[[dict[str, Any]], str | None] | None = None,
+        route_events: Callable[[list[dict[str, Any]]], Iterable[tuple[str, list[dict[str, Any]]]]] | None = None,
+        cache_size: int = 2000,
+    ):
+        self.settings = settings
+        self.broker = broker or Broker(settings)
+        self.keys = settings.keys
+        self.name = f"{socket.gethostname()}:{os.getpid()}:{wire.new_id()[:6]}"
+        self.verify_decision = verify_decision
+        self.route_events = route_events
+        self.runs: OrderedDict[str, engine.Run] = OrderedDict()
+        self.specs: OrderedDict[str, workflows.Workflow] = OrderedDict()
+        self.cache_size = cache_size
+        self.stopping = threading.Event()
+        self._recovering = True  # read our own pending entries first (after a restart or an error)
+        self._next: dict[str, float] = defaultdict(float)  # maintenance chores: when each is next due
+        self._sweep_cursor = 0
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def run(self, burst: bool = False) -> None:
+        """Work until stopped; `burst` returns once there is nothing left to do (tests, benchmarks)."""
+        self.broker.ensure_group(self.keys.results, COORDINATORS_GROUP)
+        log.info("coordinator %s started on %s", self.name, self.settings.redis_url)
+        backoff = 0.1
+        try:
+            while not self.stopping.is_set():
+                try:
+                    self.maintain()
+                    worked = self.step()
+                    backoff = 0.1
+                except CONNECTION_ERRORS as exc:
+                    log.warning("Redis unreachable (%s); retrying in %.1fs", exc, backoff)
+                    self._recovering = True
+                    self.runs.clear()
+                    self.stopping.wait(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                    continue
+                if burst and not worked:
+                    return
+        finally:
+            self._leave()
+
+    def step(self) -> int:
+        """One round: due timers and one batch of the inbox. Returns how many items it handled."""
+        now, timers = self.broker.claim_timers()
+        block = None if timers or self._recovering else self.settings.coordinator_block
+        entries = self.broker.read_group(
+            self.keys.results,
+            COORDINATORS_GROUP,
+            self.name,
+            self.settings.batch_size,
+            block,
+            self._recovering,
+        )
+        if self._recovering and not entries:
+            self._recovering = False
+        if not entries and not timers:
+            return 0
+        crash_point("after_read")
+        self.process(now, entries, timers)
+        return len(entries) + len(timers)
+
+    def process(self, now: float, entries: list[Entry], timers: list[str]) -> None:
+        ops: dict[str, list[Op]] = defaultdict(list)
+        for entry in entries:
+            self._collect(entry, ops)
+        for member in timers:
+            ops[member.split("|")[1]].append(("timer", member))
+        self.execute(now, ops)
+        crash_point("before_ack")
+        self.broker.ack(self.keys.results, COORDINATORS_GROUP, [e.id for e in entries])
+        self.broker.drop_timers(timers)
+
+    def _collect(self, entry: Entry, ops: dict[str, list[Op]]) -> None:
+        try:
+            if entry.raw is None:
+                raise DecodeError(b"", "entry was trimmed before it was read")
+            message = wire.Inbox.decode(entry.raw, self.settings.max_message_bytes)
+        except DecodeError as exc:
+            log.warning("dead-lettering inbox entry %s: %s", entry.id, exc.reason)
+            self.broker.dead_letter(exc.reason, entry.raw, self.keys.results, entry.id)
+            return
+        if message.kind == "results":
+            for result in message.results:
+                ops[result.wf].append(("result", result))
+            return
+        wf_id = message.body.get("wf")
+        if not isinstance(wf_id, str):
+            self.broker.dead_letter("control message without a workflow id", entry.raw, self.keys.results, entry.id)
+            return
+        if message.kind == "decide" and self.verify_decision is not None:
+            refusal = self.verify_decision(message.body)
+            if refusal:
+                ops[wf_id].append(("refused", {**message.body, "refusal": refusal}))
+                return
+        ops[wf_id].append((message.kind, message.body))
+
+    # -- transitions -------------------------------------------------------------------------------
+    def execute(self, now: float, ops: dict[str, list[Op]]) -> None:
+        """Apply each workflow's inputs, commit all, redo those whose version moved on, drain."""
+        pending = dict(ops)
+        drains: list[tuple[str, str, dict[str, Any]]] = []
+        quiet: list[str] = []
+        for _ in range(8):
+            runs = self._runs(list(pending))
+            commits = []
+            for wf_id, items in pending.items():
+                run = runs.get(wf_id)
+                if run is None:
+                    self._unknown(wf_id, items)
+                    continue
+                run.tx = engine.Transition()
+                run._released = 0
+                for kind, body in items:
+                    self._apply(run, kind, body, now)
+                if run.tx.changed:
+                    commits.append((wf_id, run))
+                else:
+                    quiet.append(wf_id)
+            if not commits:
+                break
+            versions = self.broker.commit([(wf_id, run.version, run.tx) for wf_id, run in commits])
+            crash_point("after_commit")
+            retry = {}
+            for (wf_id, run), version in zip(commits, versions, strict=True):
+                if version < 0:
+                    self.runs.pop(wf_id, None)
+                    retry[wf_id] = pending[wf_id]
+                    continue
+                run.meta["version"] = version
+                if run.tx.has_outbox:
+                    drains.append((wf_id, run.tx.id, run.tx.outbox()))
+                if run.tx.finished:
+                    self.runs.pop(wf_id, None)
+            if not retry:
+                break
+            pending = retry
+        if drains:
+            self.broker.drain(drains, self.route_events)
+            crash_point("after_drain")
+        if quiet:  # nothing new to do: maybe a dead coordinator left its outbox undrained
+            self.redrive(quiet, older_than=1.0)
+
+    def _apply(self, run: engine.Run, kind: str, body: Any, now: float) -> None:
+        if kind == "result":
+            engine.apply_result(run, body, now)
+        elif kind == "timer":
+            engine.apply_timer(run, body, now)
+        elif kind in ("submit", "kick"):
+            engine.start(run, now)
+        elif kind == "cancel":
+            engine.cancel(run, now, str(body.get("reason") or "cancelled by request"))
+        elif kind == "decide":
+            refusal = engine.decide(run, body, now)
+            if refusal:
+                self._refuse(run, body, refusal, now)
+        elif kind == "refused":
+            self._refuse(run, body, body["refusal"], now)
+        elif kind == "lost":
+            engine.lost(run, body["unit"], body["dispatch"], str(body.get("reason")), now)
+
+    def _refuse(self, run: engine.Run, body: dict[str, Any], refusal: str, now: float) -> None:
+        log.warning("refused decision on %s/%s: %s", run.id, body.get("task"), refusal)
+        run.event("approval.refused", now, body.get("task"), approval=body.get("approval"), reason=refusal)
+
+    def _unknown(self, wf_id: str, items: list[Op]) -> None:
+        """Results for a workflow that does not exist (expired, or never was): kept in the DLQ."""
+        for kind, body in items:
+            if kind == "result":
+                raw = wire.pack(body.to_map())
+                self.broker.dead_letter(f"unknown workflow {wf_id!r}", raw, self.keys.results, body.id)
+            elif kind == "timer":
+                pass  # a timer of an expired workflow simply goes away
+
+    def _runs(self, wf_ids: list[str]) -> dict[str, engine.Run]:
+        """Cached runs, and the missing ones loaded in one round trip."""
+        missing = [w for w in wf_ids if w not in self.runs]
+        if missing:
+            for wf_id, (meta, units, results) in zip(missing, self.broker.load_runs(missing), strict=True):
+                if not meta.get("spec"):
+                    continue
+                self.runs[wf_id] = engine.Run(
+                    wf_id,
+                    self._workflow(meta["spec"]),
+                    meta,
+                    parse_units(units),
+                    {k.decode(): v for k, v in results.items()},
+                    limit=self.settings.max_message_bytes,
+                    max_release=self.settings.max_release,
+                )
+        found = {}
+        for wf_id in wf_ids:
+            if wf_id in self.runs:
+                self.runs.move_to_end(wf_id)
+                found[wf_id] = self.runs[wf_id]
+        while len(self.runs) > self.cache_size:
+            self.runs.popitem(last=False)
+        return found
+
+    def _workflow(self, spec_text: str) -> workflows.Workflow:
+        """Checked specs, cached by their text: a thousand runs of one file are checked once."""
+        workflow = self.specs.get(spec_text)
+        if workflow is None:
+            workflow = workflows.check(json.loads(spec_text))
+            self.specs[spec_text] = workflow
+            if len(self.specs) > 256:
+                self.specs.popitem(last=False)
+        return workflow
+
+    def redrive(self, wf_ids: Iterable[str], older_than: float = 0.0) -> int:
+        """Carry out outbox entries left behind by a coordinator that died between commit and drain."""
+        now = time.time()
+        items = []
+        for wf_id, entries in self.broker.outboxes(wf_ids).items():
+            for entry_id, raw in entries.items():
+                try:
+                    box = wire.unpack(raw, 1 << 30)
+                except DecodeError:
+                    continue
+                if older_than and now - float(box.get("created") or 0) < older_than:
+                    continue
+                items.append((wf_id, entry_id, box))
+        if items:
+            log.info("re-driving %d outbox entries", len(items))
+            self.broker.drain(items, self.route_events)
+        return len(items)
+
+    # -- maintenance -------------------------------------------------------------------------------
+    def maintain(self) -> None:
+        now = time.monotonic()
+        takeover = self.settings.coordinator_takeover
+        if now >= self._next["lease"]:
+            self._next["lease"] = now + takeover / 4
+            info = {"host": socket.gethostname(), "pid": os.getpid(), "takeover": takeover}
+            self.broker.renew_lease(self.keys.coordinators, self.name, takeover, info)
+        if now >= self._next["takeover"]:
+            self._next["takeover"] = now + takeover / 2
+            self.take_over()
+        if now >= self._next["sweep"]:
+            self._next["sweep"] = now + max(1.0, takeover)
+            self.sweep()
+
+    def take_over(self) -> int:
+        """Claim the inbox entries of coordinators whose lease lapsed; they are processed as ours."""
+        clock, leases = self.broker.leases(self.keys.coordinators)
+        pending = self.broker.pending_of(self.keys.results, COORDINATORS_GROUP)
+        dead = {p["consumer"] for p in pending if leases.get(p["consumer"], {}).get("expires", 0) < clock}
+        dead.discard(self.name)
+        ids = [p["id"] for p in pending if p["consumer"] in dead]
+        if not ids:
+            return 0
+        entries = self.broker.claim(self.keys.results, COORDINATORS_GROUP, self.name, ids, min_idle_ms=500)
+        log.info("took over %d inbox entries from %s", len(entries), ", ".join(sorted(dead)))
+        if entries:
+            self.process(clock, entries, [])
+        for consumer in dead:
+            self.broker.drop_lease(self.keys.coordinators, consumer)
+        return len(entries)
+
+    def sweep(self, chunk: int = 500) -> None:
+        """Walk the running index a chunk at a time: re-drive stale outboxes, re-kick unstarted runs."""
+        ids = self.broker.running_chunk(self._sweep_cursor, chunk)
+        self._sweep_cursor = 0 if len(ids) < chunk else self._sweep_cursor + chunk
+        if not ids:
+            return
+        states = self.broker.sweep_states(ids)
+        now = time.time()
+        kicks = []
+        stale_outboxes = []
+        for wf_id, (exists, started, created, outbox_len) in zip(ids, states, strict=True):
+            if not exists:
+                self.broker.forget_running(wf_id)
+            elif not started and now - created > self.settings.coordinator_takeover:
+                kicks.append(wf_id)
+            elif outbox_len:
+                stale_outboxes.append(wf_id)
+        if stale_outboxes:
+            self.redrive(stale_outboxes, older_than=self.settings.coordinator_takeover)
+        for wf_id in kicks:
+            self.broker.send_to_coordinators(wire.Inbox(kind="kick", body={"wf": wf_id}))
+
+    def _leave(self) -> None:
+        try:
+            self.broker.drop_lease(self.keys.coordinators, self.name)
+        except (PhibrokerError, *CONNECTION_ERRORS):
+            pass
+        log.info("coordinator %s stopped", self.name)

@@ -1,0 +1,113 @@
+"""Every Redis name phibroker uses, built from the namespace in one place.
+
+Every key of one workflow carries its `{ID}` hash tag, so a transition script touches one cluster slot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+WORKERS_GROUP = "workers"
+COORDINATORS_GROUP = "coordinators"
+SUBSCRIBERS_GROUP = "subscribers"
+
+
+@dataclass(frozen=True)
+class Keys:
+    namespace: str = "phi"
+
+    # -- streams and indexes shared by every workflow -------------------------------------------
+    @property
+    def results(self) -> str:
+        """The coordinators' inbox: worker results and control messages (submit, cancel, decide)."""
+        return f"{self.namespace}:results"
+
+    @property
+    def workflows(self) -> str:
+        return f"{self.namespace}:workflows"
+
+    @property
+    def running(self) -> str:
+        return f"{self.namespace}:running"
+
+    @property
+    def timers(self) -> str:
+        return f"{self.namespace}:timers"
+
+    @property
+    def approvals(self) -> str:
+        return f"{self.namespace}:approvals"
+
+    @property
+    def events(self) -> str:
+        return f"{self.namespace}:events"
+
+    @property
+    def subs(self) -> str:
+        return f"{self.namespace}:subs"
+
+    @property
+    def triggers(self) -> str:
+        return f"{self.namespace}:triggers"
+
+    @property
+    def dlq(self) -> str:
+        return f"{self.namespace}:dlq"
+
+    @property
+    def agents(self) -> str:
+        """Worker leases."""
+        return f"{self.namespace}:agents"
+
+    @property
+    def coordinators(self) -> str:
+        """Coordinator leases."""
+        return f"{self.namespace}:coordinators"
+
+    @property
+    def trusted_keys(self) -> str:
+        """Public keys trusted to sign approval decisions and workflow files."""
+        return f"{self.namespace}:trusted"
+
+    def agent_tasks(self, agent: str) -> str:
+        return f"{self.namespace}:agent:{agent}:tasks"
+
+    def sub(self, name: str) -> str:
+        return f"{self.namespace}:sub:{name}"
+
+    def sub_seen(self, name: str) -> str:
+        """Event ids a subscription already handled, so a re-routed event runs once."""
+        return f"{self.namespace}:sub:{name}:seen"
+
+    # -- one workflow: all under the {ID} hash tag ---------------------------------------------
+    def wf(self, wf_id: str) -> str:
+        """The workflow's meta hash: name, state, version, spec, params, times."""
+        return f"{self.namespace}:wf:{{{wf_id}}}"
+
+    def wf_tasks(self, wf_id: str) -> str:
+        """Per-unit state, one field per `unit|attribute`."""
+        return f"{self.namespace}:wf:{{{wf_id}}}:tasks"
+
+    def wf_results(self, wf_id: str) -> str:
+        return f"{self.namespace}:wf:{{{wf_id}}}:results"
+
+    def wf_history(self, wf_id: str) -> str:
+        return f"{self.namespace}:wf:{{{wf_id}}}:history"
+
+    def wf_outbox(self, wf_id: str) -> str:
+        return f"{self.namespace}:wf:{{{wf_id}}}:outbox"
+
+    def wf_done(self, wf_id: str) -> str:
+        """Gets one element when the workflow ends, so waiters block instead of polling."""
+        return f"{self.namespace}:wf:{{{wf_id}}}:done"
+
+    def wf_keys(self, wf_id: str) -> list[str]:
+        """Every key of one workflow, in the order the scripts take them."""
+        return [
+            self.wf(wf_id),
+            self.wf_tasks(wf_id),
+            self.wf_results(wf_id),
+            self.wf_history(wf_id),
+            self.wf_outbox(wf_id),
+            self.wf_done(wf_id),
+        ]

@@ -1,0 +1,109 @@
+"""The Lua scripts, each on the keys of one workflow (one cluster slot) or one shared key.
+
+Kept apart from `broker.py` so each reads on its own. They use only plain Redis commands (no cjson or
+cmsgpack), so the embedded broker runs them too. Arguments are flat lists: counts, then items.
+"""
+
+# Create a workflow once: a second submit with the same id changes nothing (idempotent `--id`).
+# KEYS: meta   ARGV: field, value, ...
+CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
+"""
+
+# Commit a transition if nobody changed the workflow since it was read (the version).
+# KEYS: meta, tasks, results, history, outbox, done
+# ARGV: version, n, task pairs..., n, meta pairs..., n, result pairs..., n, history items...,
+#       outbox id, outbox blob ('' for none), finished ('1'/'0'), ttl seconds
+APPLY = """
+local meta, tasks, results, history, outbox, done = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+if (redis.call('HGET', meta, 'version') or '') ~= ARGV[1] then return -1 end
+local i = 2
+local function each_chunk(width, fn)
+  local n = tonumber(ARGV[i]); i = i + 1
+  local done_items = 0
+  while done_items < n do
+    local take = math.min(n - done_items, 400)
+    local args = {}
+    for k = 0, take * width - 1 do args[#args + 1] = ARGV[i + done_items * width + k] end
+    fn(args)
+    done_items = done_items + take
+  end
+  i = i + n * width
+end
+each_chunk(2, function(a) redis.call('HSET', tasks, unpack(a)) end)
+each_chunk(2, function(a) redis.call('HSET', meta, unpack(a)) end)
+each_chunk(2, function(a) redis.call('HSET', results, unpack(a)) end)
+each_chunk(1, function(a) redis.call('RPUSH', history, unpack(a)) end)
+if ARGV[i + 1] ~= '' then redis.call('HSET', outbox, ARGV[i], ARGV[i + 1]) end
+local version = redis.call('HINCRBY', meta, 'version', 1)
+if ARGV[i + 2] == '1' then
+  local ttl = tonumber(ARGV[i + 3])
+  redis.call('RPUSH', done, '1')
+  for _, key in ipairs(KEYS) do
+    if key ~= outbox then redis.call('EXPIRE', key, ttl) end
+  end
+end
+return version
+"""
+
+# Mark attempts started before their handlers run, and hand out fencing tokens.
+# KEYS: meta, tasks, history   ARGV: consumer, then per message: unit, dispatch id, entry id, lost record
+# Returns per message: a token (>= 1), or 0 (stale: cancelled, superseded or finished), or -1 (a
+# duplicate stream entry of a dispatch another entry already started).
+START = """
+local meta, tasks, history = KEYS[1], KEYS[2], KEYS[3]
+local wf_state = redis.call('HGET', meta, 'state')
+local finished = wf_state == 'succeeded' or wf_state == 'failed' or wf_state == 'cancelled'
+  or wf_state == 'timed_out' or wf_state == false
+local now = redis.call('TIME')
+local ts = tonumber(now[1]) + tonumber(now[2]) / 1000000
+local consumer = ARGV[1]
+local out = {}
+for i = 2, #ARGV, 4 do
+  local unit, dispatch, entry, lost = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local f = unit .. '|'
+  local state = redis.call('HGET', tasks, f .. 'state')
+  local token = 0
+  if finished or redis.call('HGET', tasks, f .. 'dispatch') ~= dispatch then
+    token = 0
+  elseif state == 'ready' then
+    token = 1
+    redis.call('HSET', tasks, f .. 'state', 'running', f .. 'token', 1, f .. 'worker', consumer,
+      f .. 'started', ts, f .. 'entry', entry)
+  elseif state == 'running' and redis.call('HGET', tasks, f .. 'entry') == entry then
+    token = redis.call('HINCRBY', tasks, f .. 'token', 1)
+    redis.call('HSET', tasks, f .. 'worker', consumer, f .. 'started', ts)
+    redis.call('HINCRBY', meta, 'version', 1)
+    if lost ~= '' then redis.call('RPUSH', history, lost) end
+  elseif state == 'running' then
+    token = -1
+  end
+  out[#out + 1] = token
+end
+return out
+"""
+
+# Claim due timers: push each one's due time forward by a lease, so a coordinator that dies before
+# finishing it leaves it to fire again, and two coordinators never fire one at once.
+# KEYS: timers   ARGV: lease ms, limit   Returns: now ms, then due members
+CLAIM_TIMERS = """
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ms, 'LIMIT', 0, tonumber(ARGV[2]))
+for _, member in ipairs(due) do
+  redis.call('ZADD', KEYS[1], ms + tonumber(ARGV[1]), member)
+end
+table.insert(due, 1, ms)
+return due
+"""
+
+# Renew a lease on Redis's clock: `NAME|expires` is when the holder is presumed dead.
+# KEYS: leases hash   ARGV: name, ttl ms, info blob   Returns: now ms
+LEASE = """
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3], ARGV[1] .. '|expires', ms + tonumber(ARGV[2]))
+return ms
+"""

@@ -1,0 +1,54 @@
+"""Every tunable in one place: the broker's address, timeouts, limits and retention (env PHIBROKER_*)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from phibroker.keys import Keys
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PHIBROKER_", extra="ignore")
+
+    redis_url: str = "redis://localhost:6379/0"
+    namespace: str = Field("phi", pattern=r"^[A-Za-z0-9_.-]+$")
+    home: Path = Path("~/.phibroker").expanduser()
+
+    # Reads: blocking reads return as soon as anything arrives, so the block only bounds idle loops.
+    worker_block: float = 1.0
+    coordinator_block: float = 0.05  # also the timer resolution: timers fire within ~this of due
+    batch_size: int = 500  # most entries one read takes
+    prefetch: int = 16  # entries a worker reads beyond its free slots
+
+    # Liveness
+    reclaim_after: float = 30.0  # a worker silent this long is presumed dead
+    coordinator_takeover: float = 5.0  # a coordinator silent this long is presumed dead
+    max_deliveries: int = 10  # deliveries of one task message before it is dead-lettered as `lost`
+    stop_grace: float = 30.0  # SIGTERM: how long running handlers may finish
+    timer_claim: float = 10.0  # a claimed timer fires again if its coordinator dies before finishing it
+
+    # Limits
+    max_message_bytes: int = 1 * MiB
+    max_release: int = 1000  # units one transition dispatches; more go on in the next one
+    storm_depth: int = 16  # events caused by events deeper than this go to the DLQ
+
+    # Retention
+    retention: float = 7 * 24 * 3600.0  # seconds a finished workflow stays readable
+    events_maxlen: int = 100_000
+    stream_maxlen: int = 100_000  # agent task streams and the results stream, above pending entries
+    sub_maxlen: int = 10_000
+    dlq_maxlen: int = 10_000
+
+    @property
+    def keys(self) -> Keys:
+        return Keys(self.namespace)
+
+    @property
+    def lease_renew(self) -> float:
+        """How often a lease is renewed: well within the time after which it is presumed dead."""
+        return max(0.05, min(self.reclaim_after / 4, 2.0))

@@ -1,0 +1,259 @@
+"""The workflow file's schema (DESIGN §1) as pydantic models: shape, names and durations.
+
+Graph and reference checks live in `workflow.py`; this module only says what a well-formed file is.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, with_config
+
+from phibroker.errors import WorkflowFileError
+
+NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
+_NAME = re.compile(NAME_PATTERN)
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(value: Any) -> float:
+    """`500ms`, `10s`, `10m`, `2h`, `1d` or a number of seconds -> seconds."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a duration: {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if not match:
+            raise ValueError(f"not a duration: {value!r} (use 500ms, 10s, 10m, 2h or seconds)")
+        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    if seconds < 0:
+        raise ValueError(f"not a duration: {value!r} (negative)")
+    return seconds
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+TriggerRule = Literal["all_success", "all_done", "none_failed", "one_success"]
+FailureMode = Literal["fail_fast", "best_effort"]
+
+
+_FORBID = ConfigDict(extra="forbid")
+
+
+@with_config(_FORBID)
+@dataclass(slots=True)
+class RetryPolicy:
+    """How a failed attempt is retried; `max_attempts` counts the first attempt."""
+
+    max_attempts: Annotated[int, Field(ge=1)] = 4
+    base_delay: Duration = 1.0
+    max_delay: Duration = 60.0
+    jitter: Annotated[float, Field(ge=0.0, le=10.0)] = 0.1
+    retry_on: list[str] = field(default_factory=list)
+
+
+@with_config(_FORBID)
+@dataclass(slots=True)
+class RetryOverride:
+    """A partial retry policy: the fields set here win over the defaults'."""
+
+    max_attempts: Annotated[int, Field(ge=1)] | None = None
+    base_delay: Duration | None = None
+    max_delay: Duration | None = None
+    jitter: Annotated[float, Field(ge=0.0, le=10.0)] | None = None
+    retry_on: list[str] | None = None
+
+
+@with_config(_FORBID)
+@dataclass(slots=True)
+class Compensate:
+    """The saga step that undoes a succeeded task; runs on the task's agent unless it names one."""
+
+    command: Name
+    agent: Name | None = None
+    payload: dict[str, Any] | None = None
+
+
+@with_config(_FORBID)
+@dataclass(slots=True)
+class Approval:
+    message: str = "Approve?"
+    timeout: Duration | None = None
+    approvers: list[Name] = field(default_factory=list)
+
+
+@with_config(_FORBID)
+@dataclass(slots=True)
+class MapSpec:
+    """Scatter: the list `over` is split in order into `partitions` runs of the command."""
+
+    over: Any
+    partitions: Annotated[int, Field(ge=1, le=10_000)] = 4
+
+
+@with_config(_FORBID)
+@dataclass(slots=True)
+class Task:
+    """One task. Names in `depends_on` are checked for shape by `parse_spec` in one pass (speed)."""
+
+    description: str | None = None
+    agent: Name | None = None
+    command: Name | None = None
+    payload: dict[str, Any] = field(default_factory=dict)
+    depends_on: list[str] = field(default_factory=list)
+    timeout: Duration | None = None
+    retry: RetryOverride | None = None
+    when: str | None = None
+    expect: str | None = None
+    trigger: TriggerRule = "all_success"
+    compensate: Compensate | None = None
+    approval: Approval | None = None
+    map: MapSpec | None = None
+    estimate: Duration | None = None
+
+    @property
+    def is_gate(self) -> bool:
+        return self.approval is not None
+
+
+@with_config(_FORBID)
+@dataclass(slots=True)
+class Defaults:
+    timeout: Duration | None = None
+    retry: RetryOverride | None = None
+
+
+@with_config(_FORBID)
+@dataclass(slots=True)
+class EventTrigger:
+    """`on:` — start this workflow when a matching event arrives, with the event's data as params."""
+
+    event: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.*-]+$")]
+    where: str | None = None
+
+
+@with_config(_FORBID)
+@dataclass(slots=True)
+class WorkflowSpec:
+    name: Name
+    tasks: Annotated[dict[str, Task], Field(min_length=1)]
+    description: str = ""
+    params: dict[str, Any] = field(default_factory=dict)
+    timeout: Duration | None = None
+    failure: FailureMode = "fail_fast"
+    defaults: Defaults = field(default_factory=Defaults)
+    on: EventTrigger | None = None
+
+
+_SPEC = TypeAdapter(WorkflowSpec)
+_NAMES_ONLY = re.compile(r"[A-Za-z0-9_.\-\n]*")
+
+
+def parse_spec(data: Any) -> WorkflowSpec:
+    """Validate a decoded file; every problem becomes one `WorkflowFileError` line naming its place."""
+    if not isinstance(data, dict):
+        raise WorkflowFileError("a workflow file must be a mapping with `name` and `tasks`")
+    try:
+        spec = _SPEC.validate_python(data)
+    except ValidationError as exc:
+        raise WorkflowFileError(_first_error(exc)) from None
+    _check_names(spec)
+    for name, task in spec.tasks.items():
+        problem = _kind_problem(task)
+        if problem:
+            raise WorkflowFileError(f"task {name!r}: {problem}")
+    return spec
+
+
+def _check_names(spec: WorkflowSpec) -> None:
+    """Task names and dependencies match NAME_PATTERN; one regex pass over all of them, for speed."""
+    names = list(spec.tasks)
+    for task in spec.tasks.values():
+        names.extend(task.depends_on)
+    joined = "\n".join(names)
+    if _NAMES_ONLY.fullmatch(joined) and "" not in (names[0], names[-1]) and "\n\n" not in joined:
+        return
+    for name, task in spec.tasks.items():
+        if not _NAME.match(name):
+            raise WorkflowFileError(f"task {name!r}: a name may only use letters, digits, '_', '.', '-'")
+        for dep in task.depends_on:
+            if not _NAME.match(dep):
+                raise WorkflowFileError(f"task {name!r}: depends_on {dep!r} is not a valid task name")
+
+
+def _kind_problem(task: Task) -> str | None:
+    if task.approval is not None:
+        extra = [f for f in ("agent", "command", "map", "compensate", "expect") if getattr(task, f)]
+        if extra:
+            return f"an approval gate takes no {', '.join(extra)}"
+    elif task.agent is None or task.command is None:
+        return "a task needs `agent` and `command` (or `approval` for a human gate)"
+    if len(set(task.depends_on)) != len(task.depends_on):
+        return "depends_on names a task twice"
+    return None
+
+
+def _first_error(exc: ValidationError) -> str:
+    """Pydantic's first error as one line: `task 'Deploy': unknown field 'agnt'`."""
+    err = exc.errors(include_url=False)[0]
+    loc = [str(part) for part in err["loc"]]
+    if len(loc) >= 2 and loc[0] == "tasks":
+        place, rest = f"task {loc[1]!r}", loc[2:]
+    else:
+        place, rest = "workflow", loc
+    field_name = ".".join(rest)
+    if err["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+        return f"{place}: unknown field {field_name!r}"
+    if err["type"] == "missing" or err["type"] == "missing_argument":
+        return f"{place}: missing field {field_name!r}"
+    message = err["msg"].removeprefix("Value error, ")
+    return f"{place}: {field_name}: {message}" if field_name else f"{place}: {message}"
+
+
+def retry_policy(spec: WorkflowSpec, task: Task) -> RetryPolicy:
+    """Built-in policy, then `defaults.retry`, then the task's own fields."""
+    fields: dict[str, Any] = {}
+    for layer in (spec.defaults.retry, task.retry):
+        if layer is not None:
+            fields.update({k: v for k, v in asdict(layer).items() if v is not None})
+    return RetryPolicy(**fields)
+
+
+def task_timeout(spec: WorkflowSpec, task: Task) -> float | None:
+    return task.timeout if task.timeout is not None else spec.defaults.timeout
+
+
+def coerce_param(name: str, raw: str, default: Any) -> Any:
+    """Type a `-p name=value` override from the default's type; lists and maps are JSON."""
+    if isinstance(default, bool):
+        lowered = raw.strip().lower()
+        if lowered in ("true", "yes", "on", "1"):
+            return True
+        if lowered in ("false", "no", "off", "0"):
+            return False
+        raise ValueError(f"param {name!r} wants true or false, got {raw!r}")
+    if isinstance(default, int):
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError(f"param {name!r} wants an integer, got {raw!r}") from None
+    if isinstance(default, float):
+        try:
+            return float(raw)
+        except ValueError:
+            raise ValueError(f"param {name!r} wants a number, got {raw!r}") from None
+    if isinstance(default, list | dict):
+        kind = "list" if isinstance(default, list) else "map"
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            raise ValueError(f"param {name!r} wants a JSON {kind}, got {raw!r}") from None
+        if not isinstance(value, type(default)):
+            raise ValueError(f"param {name!r} wants a JSON {kind}, got {raw!r}")
+        return value
+    return raw

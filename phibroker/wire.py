@@ -1,0 +1,252 @@
+"""The wire format: msgpack envelopes with a version and an id, decoded defensively, size-limited.
+
+The only module that imports msgpack. Every stream entry holds one field, `m`, with one envelope.
+Decoding caps the raw size before unpacking, refuses ext types and timestamps, then checks each field's
+type by hand (the hot path runs this for every message; pydantic costs several times more here).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from phibroker.errors import DecodeError, MessageTooLarge
+
+VERSION = 1
+FIELD = b"m"  # the one field of every stream entry
+
+
+def new_id() -> str:
+    """A unique id for a message, a dispatch or an event: 16 random hex digits."""
+    return os.urandom(8).hex()
+
+
+def pack(value: Any) -> bytes:
+    try:
+        return msgpack.packb(value, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise TypeError(f"not msgpack-serialisable: {exc}") from None
+
+
+def unpack(raw: bytes, limit: int) -> Any:
+    """Unpack untrusted bytes: size capped first, no ext types, no timestamps, bounded containers."""
+    if len(raw) > limit:
+        raise DecodeError(raw, f"{len(raw)} bytes, over the {limit}-byte limit")
+    try:
+        return msgpack.unpackb(
+            raw,
+            raw=False,
+            strict_map_key=True,
+            max_str_len=limit,
+            max_bin_len=limit,
+            max_array_len=limit,
+            max_map_len=limit,
+            max_ext_len=0,
+            timestamp=0,
+        )
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.UnpackException, RecursionError) as exc:
+        raise DecodeError(raw, f"not msgpack: {type(exc).__name__}: {exc}") from None
+
+
+def pack_limited(value: Any, limit: int, what: str) -> bytes:
+    """Pack and refuse anything over the size limit with a clear error."""
+    raw = pack(value)
+    if len(raw) > limit:
+        raise MessageTooLarge(what, len(raw), limit)
+    return raw
+
+
+# --- schemas: field -> accepted types; a field absent from `required` may be missing or None ---------
+
+_STR, _INT, _NUM, _BYTES = (str,), (int,), (int, float), (bytes,)
+_MAP, _LIST, _BOOL = (dict,), (list,), (bool,)
+
+
+def _check(envelope: Any, schema: dict[str, tuple[type, ...]], required: frozenset[str], kind: str) -> dict:
+    if not isinstance(envelope, dict):
+        raise DecodeError(envelope, f"{kind}: not a map")
+    for key, value in envelope.items():
+        types = schema.get(key)
+        if types is None:
+            raise DecodeError(envelope, f"{kind}: unknown field {key!r}")
+        if value is None:
+            if key in required:
+                raise DecodeError(envelope, f"{kind}: field {key!r} is null")
+        elif not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise DecodeError(envelope, f"{kind}: field {key!r} has type {type(value).__name__}")
+    missing = required.difference(envelope)
+    if missing:
+        raise DecodeError(envelope, f"{kind}: missing field {sorted(missing)[0]!r}")
+    if envelope["v"] != VERSION:
+        raise DecodeError(envelope, f"{kind}: unsupported version {envelope['v']!r}")
+    return envelope
+
+
+@dataclass(slots=True)
+class TaskMessage:
+    """One unit of work for an agent: a task, a partition of a mapped task, or a compensation."""
+
+    id: str  # the dispatch id: unique per dispatch, the same on every redelivery of this message
+    wf: str
+    unit: str  # `Task`, `Task#2` (a partition), `Task!undo` (its compensation)
+    task: str
+    agent: str
+    command: str
+    attempt: int
+    payload: dict[str, Any] = field(default_factory=dict)
+    inputs: dict[str, Any] = field(default_factory=dict)
+    partition: list[int] | None = None  # [index, count]
+    deadline: float | None = None
+    result: Any = None  # compensations: the result being undone
+    depth: int = 0  # how many events led to this workflow (storm guard)
+
+    def encode(self, limit: int) -> bytes:
+        envelope = {
+            "v": VERSION,
+            "id": self.id,
+            "wf": self.wf,
+            "unit": self.unit,
+            "task": self.task,
+            "agent": self.agent,
+            "command": self.command,
+            "attempt": self.attempt,
+            "payload": self.payload,
+            "inputs": self.inputs,
+            "partition": self.partition,
+            "deadline": self.deadline,
+            "result": self.result,
+            "depth": self.depth,
+        }
+        return pack_limited(envelope, limit, f"task message {self.wf}/{self.unit}")
+
+    @classmethod
+    def decode(cls, raw: bytes, limit: int) -> TaskMessage:
+        e = _check(unpack(raw, limit), _TASK_SCHEMA, _TASK_REQUIRED, "task message")
+        del e["v"]
+        return cls(**e)
+
+
+_TASK_SCHEMA = {
+    "v": _INT,
+    "id": _STR,
+    "wf": _STR,
+    "unit": _STR,
+    "task": _STR,
+    "agent": _STR,
+    "command": _STR,
+    "attempt": _INT,
+    "payload": _MAP,
+    "inputs": _MAP,
+    "partition": _LIST,
+    "deadline": _NUM,
+    "result": (object,),
+    "depth": _INT,
+}
+_TASK_REQUIRED = frozenset({"v", "id", "wf", "unit", "task", "agent", "command", "attempt", "payload", "inputs"})
+
+
+@dataclass(slots=True)
+class Result:
+    """The outcome of one attempt. `value` stays packed bytes: the coordinator stores it as it came."""
+
+    id: str  # the dispatch id it answers
+    wf: str
+    unit: str
+    token: int  # the fencing token the start script gave this attempt
+    ok: bool
+    worker: str
+    started: float
+    finished: float
+    value: bytes | None = None
+    error: dict[str, str] | None = None  # type, message, traceback
+    retry: bool = False  # the handler raised Retryable
+    events: list[dict[str, Any]] = field(default_factory=list)  # emitted with ctx.emit: type, data
+
+    def to_map(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "wf": self.wf,
+            "unit": self.unit,
+            "token": self.token,
+            "ok": self.ok,
+            "worker": self.worker,
+            "started": self.started,
+            "finished": self.finished,
+            "value": self.value,
+            "error": self.error,
+            "retry": self.retry,
+            "events": self.events,
+        }
+
+
+_RESULT_SCHEMA = {
+    "id": _STR,
+    "wf": _STR,
+    "unit": _STR,
+    "token": _INT,
+    "ok": _BOOL,
+    "worker": _STR,
+    "started": _NUM,
+    "finished": _NUM,
+    "value": _BYTES,
+    "error": _MAP,
+    "retry": _BOOL,
+    "events": _LIST,
+    "v": _INT,
+}
+_RESULT_REQUIRED = frozenset({"id", "wf", "unit", "token", "ok", "worker", "started", "finished"})
+
+
+@dataclass(slots=True)
+class Inbox:
+    """One entry of the coordinators' inbox: a batch of results, or a control message.
+
+    kinds: `results` (from a worker), `submit`, `cancel`, `decide` (an approval decision), `lost`
+    (a task message dead-lettered by a worker).
+    """
+
+    kind: str
+    id: str = field(default_factory=new_id)
+    results: list[Result] = field(default_factory=list)
+    body: dict[str, Any] = field(default_factory=dict)
+
+    def encode(self, limit: int) -> bytes:
+        envelope: dict[str, Any] = {"v": VERSION, "id": self.id, "kind": self.kind, "body": self.body}
+        if self.results:
+            envelope["results"] = [r.to_map() for r in self.results]
+        return pack_limited(envelope, limit, f"{self.kind} message")
+
+    @classmethod
+    def decode(cls, raw: bytes, limit: int) -> Inbox:
+        e = _check(unpack(raw, limit), _INBOX_SCHEMA, _INBOX_REQUIRED, "inbox message")
+        results = []
+        for item in e.get("results") or []:
+            item = dict(_check({**item, "v": VERSION}, _RESULT_SCHEMA, _RESULT_REQUIRED, "result"))
+            del item["v"]
+            if item.get("events") is None:
+                item["events"] = []
+            results.append(Result(**item))
+        if e["kind"] not in _INBOX_KINDS:
+            raise DecodeError(e, f"inbox message: unknown kind {e['kind']!r}")
+        return cls(kind=e["kind"], id=e["id"], results=results, body=e.get("body") or {})
+
+
+_INBOX_SCHEMA = {"v": _INT, "id": _STR, "kind": _STR, "results": _LIST, "body": _MAP}
+_INBOX_REQUIRED = frozenset({"v", "id", "kind"})
+_INBOX_KINDS = frozenset({"results", "submit", "cancel", "decide", "lost", "kick"})
+
+
+def encode_events(events: list[dict[str, Any]]) -> bytes:
+    """A batch of events as one `NS:events` / `NS:sub:X` entry: one XADD per transition, not per event."""
+    return pack({"v": VERSION, "events": events})
+
+
+def decode_events(raw: bytes, limit: int) -> list[dict[str, Any]]:
+    e = _check(unpack(raw, limit), {"v": _INT, "events": _LIST}, frozenset({"v", "events"}), "events")
+    for event in e["events"]:
+        if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+            raise DecodeError(event, "event without a type")
+    return e["events"]

@@ -1,0 +1,428 @@
+"""The agent worker: fetch, start, handle, settle — and keep a lease so the dead can be told from the slow.
+
+The main loop reads like rq's `work()`: maintain (reclaim from dead workers) -> stop requested? ->
+fetch (own pending entries first, then new ones, COUNT = free slots + a small prefetch) -> start
+(one script call marks a batch running and hands out fencing tokens) -> hand each to the pool.
+Handlers run on a thread pool and know no Redis; a settler thread turns their outcomes into one
+results entry per batch, then acks. A heartbeat thread renews the lease, also while handlers run,
+and raises `ctx.cancelled` when the workflow no longer wants a task.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+from collections import OrderedDict, defaultdict, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from phibroker import wire
+from phibroker.agent import Agent, Context, Outcome
+from phibroker.broker import CONNECTION_ERRORS, Broker, Entry
+from phibroker.errors import DecodeError, PhibrokerError
+from phibroker.keys import COORDINATORS_GROUP, WORKERS_GROUP
+from phibroker.settings import Settings
+
+log = logging.getLogger("phibroker.worker")
+
+
+@dataclass(slots=True)
+class Fetched:
+    entry: Entry
+    message: wire.TaskMessage
+    lost: bytes = b""  # a history record for the attempt this reclaim replaces
+
+
+@dataclass(slots=True)
+class Running:
+    item: Fetched
+    ctx: Context
+
+
+class Worker:
+    def __init__(self, agent: Agent, settings: Settings, concurrency: int = 4, broker: Broker | None = None):
+        self.agent = agent
+        self.settings = settings
+        self.broker = broker or Broker(settings)
+        self.keys = settings.keys
+        self.stream = self.keys.agent_tasks(agent.name)
+        self.consumer = f"{agent.name}@{socket.gethostname()}:{os.getpid()}:{wire.new_id()[:6]}"
+        self.concurrency = max(1, concurrency)
+        self.pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix=f"phi-{agent.name}")
+        self.backlog: deque[Fetched] = deque()
+        self.running: dict[str, Running] = {}  # entry id -> running attempt, until settled
+        self.active = 0  # handlers executing now
+        self.slots = threading.Condition()
+        self.outcomes: queue.SimpleQueue[tuple[Running, Outcome]] = queue.SimpleQueue()
+        self.settled: OrderedDict[str, None] = OrderedDict()  # dispatch ids already answered
+        self.stopping = threading.Event()
+        self.handled = 0
+        self._recovering = True
+        self._next_reclaim = 0.0
+        self._threads: list[threading.Thread] = []
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def work(self, burst: bool = False) -> None:
+        """Run until `stop()`; `burst` returns once the stream is empty and every handler settled."""
+        self.broker.ensure_group(self.stream, WORKERS_GROUP)
+        self.broker.ensure_group(self.keys.results, COORDINATORS_GROUP)
+        self.renew_lease()
+        log.info("worker %s serving %s (%s)", self.consumer, self.agent.name, ", ".join(self.agent.commands))
+        self._spawn(self._settle_loop, "settler")
+        self._spawn(self._heartbeat_loop, "heartbeat")
+        backoff = 0.1
+        try:
+            while not self.stopping.is_set():
+                try:
+                    self.maintain()
+                    fetched = self.fetch()
+                    self.launch()
+                    backoff = 0.1
+                except CONNECTION_ERRORS as exc:
+                    log.warning("Redis unreachable (%s); retrying in %.1fs", exc, backoff)
+                    self._recovering = True
+                    self.stopping.wait(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                    continue
+                if burst and not fetched and not self.backlog and self._idle():
+                    break
+        finally:
+            self.shutdown()
+
+    def stop(self) -> None:
+        """Stop reading; running handlers get `stop_grace` seconds to finish."""
+        self.stopping.set()
+        with self.slots:
+            self.slots.notify_all()
+
+    def free_slots(self) -> int:
+        return self.concurrency - self.active
+
+    def fetch(self) -> int:
+        """Read what free slots can take, plus a prefetch; wait for a slot when all are busy."""
+        if self.free_slots() <= 0:
+            with self.slots:
+                self.slots.wait_for(lambda: self.free_slots() > 0 or self.stopping.is_set(), self.settings.worker_block)
+            return 0
+        if self.backlog:
+            return 0
+        count = self.free_slots() + self.settings.prefetch
+        block = None if self._recovering else self.settings.worker_block
+        began = time.monotonic()
+        entries = self.broker.read_group(
+            self.stream, WORKERS_GROUP, self.consumer, count, block, pending=self._recovering
+        )
+        if self._recovering and not entries:
+            self._recovering = False
+        if not entries and block and time.monotonic() - began < block / 2:
+            # The embedded broker answers an empty blocking read at once; don't spin on it.
+            self.stopping.wait(0.05)
+        self.accept(entries)
+        return len(entries)
+
+    def accept(self, entries: list[Entry], lost_from: str | None = None) -> None:
+        """Decode entries into the backlog; undecodable ones go to the DLQ, answered ones are acked."""
+        acks = []
+        for entry in entries:
+            try:
+                if entry.raw is None:
+                    raise DecodeError(b"", "the entry was trimmed from the stream")
+                message = wire.TaskMessage.decode(entry.raw, self.settings.max_message_bytes)
+            except DecodeError as exc:
+                self._dead_letter(entry, exc.reason)
+                acks.append(entry.id)
+                continue
+            if message.id in self.settled:
+                acks.append(entry.id)
+                continue
+            lost = b""
+            if lost_from:
+                lost = wire.pack(
+                    {
+                        "unit": message.unit,
+                        "attempt": message.attempt,
+                        "worker": lost_from,
+                        "finished": time.time(),
+                        "error": f"lost: worker {lost_from} stopped renewing its lease",
+                        "applied": False,
+                    }
+                )
+            self.backlog.append(Fetched(entry, message, lost))
+        self.broker.ack(self.stream, WORKERS_GROUP, acks)
+
+    def launch(self) -> None:
+        """Mark a batch started (fencing tokens from one script call per workflow), then run it."""
+        take = min(self.free_slots(), len(self.backlog))
+        if take <= 0:
+            return
+        batch = [self.backlog.popleft() for _ in range(take)]
+        by_wf: dict[str, list[Fetched]] = defaultdict(list)
+        for item in batch:
+            by_wf[item.message.wf].append(item)
+        tokens = self.broker.start_many(
+            self.consumer,
+            {wf: [(i.message.unit, i.message.id, i.entry.id, i.lost) for i in items] for wf, items in by_wf.items()},
+        )
+        stale, started = [], []
+        for wf, items in by_wf.items():
+            for item, token in zip(items, tokens[wf], strict=True):
+                if token <= 0:  # cancelled, superseded, finished, or a duplicate entry
+                    stale.append(item.entry.id)
+                    continue
+                message = item.message
+                ctx = Context(
+                    workflow_id=message.wf,
+                    task=message.task,
+                    unit=message.unit,
+                    attempt=message.attempt,
+                    agent=message.agent,
+                    command=message.command,
+                    inputs=message.inputs,
+                    partition=tuple(message.partition) if message.partition else None,  # type: ignore[arg-type]
+                    result=message.result,
+                    deadline=message.deadline,
+                    token=token,
+                )
+                running = Running(item, ctx)
+                self.running[item.entry.id] = running
+                with self.slots:
+                    self.active += 1
+                self.pool.submit(self._handle, running)
+                started.append(self._started_event(message, token))
+        self.broker.ack(self.stream, WORKERS_GROUP, stale)
+        if started:
+            self.broker.publish(started)
+
+    def _handle(self, running: Running) -> None:
+        """Runs on a pool thread: the handler, then its outcome queued for the settler."""
+        message = running.item.message
+        try:
+            outcome = self.agent.execute(message.command, running.ctx, message.payload, self.settings.max_message_bytes)
+        finally:
+            with self.slots:
+                self.active -= 1
+                self.slots.notify_all()
+        self.outcomes.put((running, outcome))
+
+    # -- settling ----------------------------------------------------------------------------------
+    def _settle_loop(self) -> None:
+        while True:
+            try:
+                first = self.outcomes.get(timeout=0.2)
+            except queue.Empty:
+                if self.stopping.is_set() and self.active == 0 and not self.running:
+                    return
+                continue
+            batch = [first]
+            while len(batch) < 1000:
+                try:
+                    batch.append(self.outcomes.get_nowait())
+                except queue.Empty:
+                    break
+            self.settle(batch)
+
+    def settle(self, batch: list[tuple[Running, Outcome]]) -> None:
+        """One results entry for the batch, then the acks; retried until Redis takes it."""
+        results = [
+            wire.Result(
+                id=r.item.message.id,
+                wf=r.item.message.wf,
+                unit=r.item.message.unit,
+                token=r.ctx.token,
+                ok=o.ok,
+                worker=self.consumer,
+                started=o.started,
+                finished=o.finished,
+                value=o.value,
+                error=o.error,
+                retry=o.retry,
+                events=r.ctx.events,
+            )
+            for r, o in batch
+        ]
+        for chunk, ids in self._envelopes(results, [r.item.entry.id for r, _ in batch]):
+            delay = 0.1
+            while True:
+                try:
+                    self.broker.add_and_ack(self.keys.results, chunk, self.stream, WORKERS_GROUP, ids)
+                    break
+                except CONNECTION_ERRORS as exc:
+                    log.warning("cannot settle %d results yet (%s)", len(ids), exc)
+                    time.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+        for running, _ in batch:
+            self.running.pop(running.item.entry.id, None)
+            self.settled[running.item.message.id] = None
+        while len(self.settled) > 50_000:
+            self.settled.popitem(last=False)
+        self.handled += len(batch)
+
+    def _envelopes(self, results: list[wire.Result], ids: list[str]) -> list[tuple[bytes, list[str]]]:
+        """Split results into inbox entries under the size limit (each result already is)."""
+        limit = self.settings.max_message_bytes
+        out, chunk, chunk_ids, size = [], [], [], 0
+        for result, entry_id in zip(results, ids, strict=True):
+            weight = len(result.value or b"") + 512
+            if chunk and size + weight > limit:
+                out.append((wire.Inbox(kind="results", results=chunk).encode(limit * 2), chunk_ids))
+                chunk, chunk_ids, size = [], [], 0
+            chunk.append(result)
+            chunk_ids.append(entry_id)
+            size += weight
+        if chunk:
+            out.append((wire.Inbox(kind="results", results=chunk).encode(limit * 2), chunk_ids))
+        return out
+
+    # -- liveness ----------------------------------------------------------------------------------
+    def renew_lease(self) -> None:
+        info = {
+            "agent": self.agent.name,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "concurrency": self.concurrency,
+            "in_flight": len(self.running),
+            "reclaim_after": self.settings.reclaim_after,
+            "stopping": self.stopping.is_set(),
+            "handled": self.handled,
+            "commands": sorted(self.agent.commands),
+        }
+        self.broker.renew_lease(self.keys.agents, self.consumer, self.settings.reclaim_after, info)
+
+    def _heartbeat_loop(self) -> None:
+        while not (self.stopping.is_set() and self.active == 0 and not self.running):
+            try:
+                self.renew_lease()
+                self.check_cancellations()
+            except CONNECTION_ERRORS as exc:
+                log.warning("heartbeat failed: %s", exc)
+            except PhibrokerError as exc:
+                log.warning("heartbeat: %s", exc)
+            time.sleep(self.settings.lease_renew)
+
+    def check_cancellations(self) -> None:
+        """Raise `ctx.cancelled` where the workflow stopped, superseded or timed out the attempt."""
+        running = [r for r in list(self.running.values()) if not r.ctx.cancelled]
+        if not running:
+            return
+        states = self.broker.unit_states([(r.ctx.workflow_id, r.ctx.unit) for r in running])
+        now = time.time()
+        for r, (wf_state, unit_state, dispatch) in zip(running, states, strict=True):
+            wants_stop = (
+                unit_state not in ("running", "ready")
+                or dispatch != r.item.message.id
+                or (wf_state in ("succeeded", "failed", "cancelled", "timed_out"))
+                or (r.ctx.deadline is not None and now > r.ctx.deadline)
+            )
+            if wants_stop:
+                r.ctx.cancelled.set()
+
+    def maintain(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_reclaim:
+            self._next_reclaim = now + max(0.25, min(self.settings.reclaim_after / 2, 5.0))
+            self.reclaim()
+
+    def reclaim(self) -> int:
+        """Take over the entries of workers whose lease lapsed: they run again as a new attempt."""
+        clock, leases = self.broker.leases(self.keys.agents)
+        pending = self.broker.pending_of(self.stream, WORKERS_GROUP)
+        dead = {
+            p["consumer"]
+            for p in pending
+            if p["consumer"] != self.consumer and leases.get(p["consumer"], {}).get("expires", 0) < clock
+        }
+        if not dead:
+            return 0
+        claimed = 0
+        for consumer in sorted(dead):
+            rows = [p for p in pending if p["consumer"] == consumer]
+            worn = [p["id"] for p in rows if p["deliveries"] >= self.settings.max_deliveries]
+            fresh = [p["id"] for p in rows if p["deliveries"] < self.settings.max_deliveries]
+            for entry in self.broker.claim(self.stream, WORKERS_GROUP, self.consumer, worn, 200):
+                self._dead_letter(entry, f"delivered {self.settings.max_deliveries} times without a result")
+                self.broker.ack(self.stream, WORKERS_GROUP, [entry.id])
+            entries = self.broker.claim(self.stream, WORKERS_GROUP, self.consumer, fresh, 200)
+            self.accept(entries, lost_from=consumer)
+            claimed += len(entries)
+            if len(rows) < 1000:
+                self.broker.drop_consumer(self.stream, WORKERS_GROUP, consumer)
+                self.broker.drop_lease(self.keys.agents, consumer)
+        if claimed:
+            log.info("reclaimed %d entries from %s", claimed, ", ".join(sorted(dead)))
+        return claimed
+
+    def _dead_letter(self, entry: Entry, reason: str) -> None:
+        """Keep the raw bytes and the reason; if the message names its task, fail that task."""
+        log.warning("dead-lettering %s: %s", entry.id, reason)
+        self.broker.dead_letter(reason, entry.raw, self.stream, entry.id, agent=self.agent.name)
+        ids = _salvage_ids(entry.raw, self.settings.max_message_bytes)
+        if ids:
+            self.broker.send_to_coordinators(wire.Inbox(kind="lost", body={**ids, "reason": reason}))
+
+    # -- stopping ----------------------------------------------------------------------------------
+    def _idle(self) -> bool:
+        return self.active == 0 and not self.running and self.outcomes.empty()
+
+    def shutdown(self) -> None:
+        """Give unstarted entries back at once, let running handlers finish within the grace period."""
+        self.stopping.set()
+        try:
+            if self.backlog:
+                self.broker.requeue(self.stream, WORKERS_GROUP, [b.entry for b in self.backlog])
+                self.backlog.clear()
+            self.renew_lease()
+        except CONNECTION_ERRORS:
+            pass
+        deadline = time.monotonic() + self.settings.stop_grace
+        while not self._idle() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for thread in self._threads:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()) + 1)
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        try:
+            self.broker.drop_lease(self.keys.agents, self.consumer)
+        except CONNECTION_ERRORS:
+            pass
+        log.info("worker %s stopped after %d tasks", self.consumer, self.handled)
+
+    def _spawn(self, target: Any, name: str) -> None:
+        thread = threading.Thread(target=target, name=f"phi-{name}", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _started_event(self, message: wire.TaskMessage, token: int) -> dict[str, Any]:
+        return {
+            "id": wire.new_id(),
+            "type": "task.started",
+            "workflow": message.wf,
+            "task": message.task,
+            "data": {
+                "unit": message.unit,
+                "attempt": message.attempt,
+                "token": token,
+                "worker": self.consumer,
+            },
+            "ts": time.time(),
+            "depth": message.depth,
+        }
+
+
+def _salvage_ids(raw: bytes | None, limit: int) -> dict[str, str] | None:
+    """From a message that failed its checks, the ids that say which task it was, if they are there."""
+    if not raw:
+        return None
+    try:
+        envelope = wire.unpack(raw, limit)
+    except DecodeError:
+        return None
+    if not isinstance(envelope, dict):
+        return None
+    ids = {k: envelope.get(k) for k in ("wf", "unit", "id")}
+    if not all(isinstance(v, str) for v in ids.values()):
+        return None
+    return {"wf": ids["wf"], "unit": ids["unit"], "dispatch": ids["id"]}  # type: ignore[dict-item]

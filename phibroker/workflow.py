@@ -1,0 +1,299 @@
+"""Loads a workflow file and checks it whole: schema, graph, expressions and references.
+
+A `Workflow` is what every other module works from: a spec that passed every check, plus its graph
+analysis and its compiled expressions. Nothing here touches Redis.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from collections.abc import Mapping
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from phibroker import dag
+from phibroker.errors import (
+    CycleError,
+    ExpressionError,
+    UnknownDependencyError,
+    WorkflowFileError,
+)
+from phibroker.expr import Expression, Reference, Template, compile_expression, compile_template, task_of
+from phibroker.spec import (
+    RetryPolicy,
+    Task,
+    WorkflowSpec,
+    coerce_param,
+    parse_spec,
+    retry_policy,
+    task_timeout,
+)
+
+_TASK_FIELDS = ("result", "state")  # what `tasks.NAME.` may reach
+_EVENT_ROOTS = frozenset({"event", "type", "data", "workflow", "task", "ts"})
+
+
+class Workflow:
+    """A checked workflow: the spec plus everything derived from it once."""
+
+    def __init__(self, spec: WorkflowSpec, source: dict[str, Any]):
+        self.spec = spec
+        self.source = source  # the decoded file, stored with each run
+        self.deps: dict[str, list[str]] = {name: task.depends_on for name, task in spec.tasks.items()}
+        self.when: dict[str, Expression] = {}
+        self.expect: dict[str, Expression] = {}
+        self.payload: dict[str, Template] = {}
+        self.approval_message: dict[str, Template] = {}
+        self.map_over: dict[str, Template] = {}
+        self.trigger_where: Expression | None = None
+        self._retry: dict[str, RetryPolicy] = {}
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def tasks(self) -> dict[str, Task]:
+        return self.spec.tasks
+
+    @cached_property
+    def order(self) -> list[str]:
+        return dag.topological_order(self.deps)
+
+    @cached_property
+    def order_index(self) -> dict[str, int]:
+        """Declaration order: ties among ready tasks go to the one written first."""
+        return {name: i for i, name in enumerate(self.tasks)}
+
+    @cached_property
+    def levels(self) -> list[list[str]]:
+        return dag.levels(self.deps)
+
+    @cached_property
+    def dependents(self) -> dict[str, list[str]]:
+        return dag.dependents(self.deps)
+
+    @cached_property
+    def critical_path(self) -> tuple[list[str], float]:
+        estimates = {n: t.estimate for n, t in self.tasks.items() if t.estimate is not None}
+        return dag.critical_path(self.deps, estimates)
+
+    def retry(self, task: str) -> RetryPolicy:
+        """The merged policy, built on first use: most tasks of a big file never fail."""
+        policy = self._retry.get(task)
+        if policy is None:
+            policy = self._retry[task] = retry_policy(self.spec, self.tasks[task])
+        return policy
+
+    def timeout(self, task: str) -> float | None:
+        return task_timeout(self.spec, self.tasks[task])
+
+    def labels(self) -> dict[str, str]:
+        """A second line per node for graphs: who runs it."""
+        out = {}
+        for name, task in self.tasks.items():
+            if task.approval is not None:
+                out[name] = "approval: " + ", ".join(task.approval.approvers or ["anyone trusted"])
+            else:
+                out[name] = f"{task.agent} · {task.command}" + (" (map)" if task.map else "")
+        return out
+
+    def parse_overrides(self, pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
+        """`-p key=value` strings, typed from each param's default (lists and maps as JSON)."""
+        out: dict[str, Any] = {}
+        for pair in pairs:
+            key, sep, raw = pair.partition("=")
+            if not sep or not key:
+                raise WorkflowFileError(f"-p {pair!r}: write KEY=VALUE")
+            if key not in self.spec.params:
+                self.params_with({key: raw})  # raises with the did-you-mean
+            try:
+                out[key] = coerce_param(key, raw, self.spec.params[key])
+            except ValueError as exc:
+                raise WorkflowFileError(str(exc)) from None
+        return out
+
+    def params_with(self, overrides: Mapping[str, Any]) -> dict[str, Any]:
+        """The file's params with overrides applied (already typed by the caller)."""
+        unknown = [k for k in overrides if k not in self.spec.params]
+        if unknown:
+            hint = _did_you_mean(unknown[0], self.spec.params)
+            declared = ", ".join(self.spec.params) or "none"
+            raise WorkflowFileError(f"unknown param {unknown[0]!r}{hint} (the file declares: {declared})")
+        return {**self.spec.params, **overrides}
+
+
+def load(path: str | Path) -> Workflow:
+    """Read, decode and check a workflow file; any problem is one WorkflowFileError line."""
+    path = Path(path)
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        raise WorkflowFileError(f"{path}: {exc.strerror or exc}") from None
+    return check(decode(text, path.suffix.lower()))
+
+
+def decode(text: bytes | str, suffix: str = "") -> Any:
+    """YAML or JSON by suffix (JSON if it starts with `{` otherwise); duplicate keys are errors."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError:
+            raise WorkflowFileError("the file is not UTF-8 text") from None
+    if suffix == ".json" or (suffix not in (".yaml", ".yml") and text.lstrip().startswith("{")):
+        try:
+            return json.loads(text, object_pairs_hook=_unique_pairs)
+        except json.JSONDecodeError as exc:
+            raise WorkflowFileError(f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise WorkflowFileError(f"invalid YAML{where}: {exc.problem or exc}") from None
+    except yaml.YAMLError as exc:
+        raise WorkflowFileError(f"invalid YAML: {exc}") from None
+
+
+def check(data: Any) -> Workflow:
+    """Every check of DESIGN §1 in order: shape, graph, expressions, references."""
+    spec = parse_spec(data)
+    workflow = Workflow(spec, data)
+    _check_dependencies(workflow)
+    _compile(workflow)
+    return workflow
+
+
+def _check_dependencies(workflow: Workflow) -> None:
+    tasks = workflow.tasks
+    for name, task in tasks.items():
+        for dep in task.depends_on:
+            if dep not in tasks:
+                suggestion = difflib.get_close_matches(dep, list(tasks), n=1)
+                raise UnknownDependencyError(name, dep, suggestion[0] if suggestion else None)
+    cycle = dag.find_cycle(workflow.deps)
+    if cycle:
+        raise CycleError(cycle)
+
+
+def _compile(workflow: Workflow) -> None:
+    """Compile every expression and template, and check that each reference can be resolved."""
+    spec = workflow.spec
+    for name, task in spec.tasks.items():
+        if task.payload:
+            workflow.payload[name] = _template(workflow, name, "payload", task.payload)
+        if task.when is not None:
+            workflow.when[name] = _expression(workflow, name, "when", task.when)
+        if task.expect is not None:
+            workflow.expect[name] = _expression(workflow, name, "expect", task.expect, extra_roots={"result"})
+        if task.approval is not None:
+            workflow.approval_message[name] = _template(workflow, name, "approval.message", task.approval.message)
+        if task.map is not None:
+            workflow.map_over[name] = _template(workflow, name, "map.over", task.map.over)
+        if task.compensate is not None and task.compensate.payload:
+            _template(workflow, name, "compensate.payload", task.compensate.payload)
+    if spec.on is not None and spec.on.where is not None:
+        try:
+            where = compile_expression(spec.on.where)
+        except ExpressionError as exc:
+            raise WorkflowFileError(f"on.where: {exc}") from None
+        for ref in where.references:
+            if ref.path[0] not in _EVENT_ROOTS:
+                raise WorkflowFileError(f"on.where: {ref} is not part of an event (use event.data.X)")
+        workflow.trigger_where = where
+
+
+def _template(workflow: Workflow, task: str, field: str, value: Any) -> Template:
+    try:
+        template = compile_template(value)
+    except ExpressionError as exc:
+        raise WorkflowFileError(f"task {task!r}: {field}: {exc}") from None
+    _check_references(workflow, task, field, template.references)
+    return template
+
+
+def _expression(
+    workflow: Workflow, task: str, field: str, source: str, extra_roots: set[str] | None = None
+) -> Expression:
+    try:
+        expression = compile_expression(source)
+    except ExpressionError as exc:
+        raise WorkflowFileError(f"task {task!r}: {field}: {exc}") from None
+    _check_references(workflow, task, field, expression.references, extra_roots or set())
+    return expression
+
+
+def _check_references(
+    workflow: Workflow,
+    task: str,
+    field: str,
+    references: frozenset[Reference],
+    extra_roots: set[str] = frozenset(),  # type: ignore[assignment]
+) -> None:
+    """Each reference names a declared param or reaches `result`/`state` of an upstream task."""
+    upstream: set[str] | None = None
+    for ref in references:
+        root = ref.path[0]
+        where = f"task {task!r}: {field}: ${{{ref}}}"
+        if root in extra_roots:
+            continue
+        if root == "params":
+            if len(ref.path) < 2 or not _param_exists(workflow.spec.params, ref):
+                name = ref.path[1] if len(ref.path) > 1 else ""
+                hint = _did_you_mean(name, workflow.spec.params)
+                raise WorkflowFileError(f"{where} names no declared param{hint} (declare it under params:)")
+        elif root == "tasks":
+            target = task_of(ref, workflow.tasks)
+            if target is None:
+                name = ref.path[1] if len(ref.path) > 1 else ""
+                hint = _did_you_mean(name, workflow.tasks)
+                raise WorkflowFileError(f"{where} names no task{hint}")
+            if upstream is None:
+                upstream = dag.ancestors(workflow.deps, task)
+            if target not in upstream:
+                raise WorkflowFileError(f"{where}: {target!r} is not upstream of {task!r} (add it to depends_on)")
+            rest = ref.path[1 + len(target.split(".")) :]
+            if not rest or rest[0] not in _TASK_FIELDS:
+                raise WorkflowFileError(f"{where}: write tasks.{target}.result or tasks.{target}.state")
+        else:
+            allowed = ", ".join(sorted({"params", "tasks", *extra_roots}))
+            raise WorkflowFileError(f"{where}: unknown name {root!r} (use one of: {allowed})")
+
+
+def _param_exists(params: Mapping[str, Any], ref: Reference) -> bool:
+    rest = ref.path[1:]
+    return any(".".join(rest[:n]) in params for n in range(len(rest), 0, -1))
+
+
+def _did_you_mean(word: str, choices: Mapping[str, Any] | list[str]) -> str:
+    match = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise WorkflowFileError(f"duplicate key {key!r}")
+            seen.add(key)
+    return out
+
+
+class _UniqueKeyLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """PyYAML's safe loader (the C one when built) that refuses duplicate keys instead of keeping the last."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                mark = key_node.start_mark
+                raise WorkflowFileError(f"duplicate key {key!r} at line {mark.line + 1}")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
