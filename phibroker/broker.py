@@ -293,6 +293,12 @@ class Broker:
             self._apply(keys=self.keys.wf_keys(wf_id), args=args, client=pipe)
         return [int(v) for v in pipe.execute()]
 
+    def versions(self, wf_ids: Sequence[str]) -> list[int | None]:
+        pipe = self.redis.pipeline(transaction=False)
+        for wf_id in wf_ids:
+            pipe.hget(self.keys.wf(wf_id), "version")
+        return [None if v is None else int(v) for v in pipe.execute()]
+
     def start(self, wf_id: str, consumer: str, items: Sequence[tuple[str, str, str, bytes]]) -> list[int]:
         """Mark attempts started; see scripts.START for what the tokens mean."""
         args: list[Any] = [consumer]

@@ -101,7 +101,7 @@ class Client:
         `on_progress` is called with the status about once per `every` seconds while it runs.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        pause = every if on_progress is not None else 10.0
+        pause = every if on_progress is not None else 5.0
         while True:
             status = self.status(wf_id)
             if status["state"] in WF_TERMINAL:

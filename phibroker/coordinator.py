@@ -145,49 +145,57 @@ class Coordinator:
 
     # -- transitions -------------------------------------------------------------------------------
     def execute(self, now: float, ops: dict[str, list[Op]]) -> None:
-        """Apply each workflow's inputs, commit all, redo those whose version moved on, drain."""
+        """Apply each workflow's inputs, commit them all, redo those whose version moved on, drain."""
         pending = dict(ops)
         drains: list[tuple[str, str, dict[str, Any]]] = []
         quiet: list[str] = []
-        for _ in range(8):
+        while pending:
             runs = self._runs(list(pending))
-            commits = []
+            commits, idle = [], []
             for wf_id, items in pending.items():
                 run = runs.get(wf_id)
                 if run is None:
                     self._unknown(wf_id, items)
-                    continue
-                run.tx = engine.Transition()
-                run._released = 0
-                for kind, body in items:
-                    self._apply(run, kind, body, now)
-                if run.tx.changed:
-                    commits.append((wf_id, run))
+                elif self._decide(run, items, now):
+                    commits.append(run)
                 else:
-                    quiet.append(wf_id)
-            if not commits:
-                break
-            versions = self.broker.commit([(wf_id, run.version, run.tx) for wf_id, run in commits])
+                    idle.append(wf_id)
+            stale = self._stale(idle, runs)
+            versions = self.broker.commit([(run.id, run.version, run.tx) for run in commits]) if commits else []
             crash_point("after_commit")
-            retry = {}
-            for (wf_id, run), version in zip(commits, versions, strict=True):
+            for run, version in zip(commits, versions, strict=True):
                 if version < 0:
-                    self.runs.pop(wf_id, None)
-                    retry[wf_id] = pending[wf_id]
+                    stale.append(run.id)
                     continue
                 run.meta["version"] = version
                 if run.tx.has_outbox:
-                    drains.append((wf_id, run.tx.id, run.tx.outbox()))
+                    drains.append((run.id, run.tx.id, run.tx.outbox()))
                 if run.tx.finished:
-                    self.runs.pop(wf_id, None)
-            if not retry:
-                break
-            pending = retry
+                    self.runs.pop(run.id, None)
+            for wf_id in stale:
+                self.runs.pop(wf_id, None)
+            quiet += [wf_id for wf_id in idle if wf_id not in stale]
+            pending = {wf_id: pending[wf_id] for wf_id in stale}
         if drains:
             self.broker.drain(drains, self.route_events)
             crash_point("after_drain")
         if quiet:  # nothing new to do: maybe a dead coordinator left its outbox undrained
             self.redrive(quiet, older_than=1.0)
+
+    def _decide(self, run: engine.Run, items: list[Op], now: float) -> bool:
+        """Apply the inputs to the run in memory; True if there is something to commit."""
+        run.tx = engine.Transition()
+        run._released = 0
+        for kind, body in items:
+            self._apply(run, kind, body, now)
+        return run.tx.changed
+
+    def _stale(self, quiet: list[str], runs: dict[str, engine.Run]) -> list[str]:
+        """Of the runs where nothing happened, those whose cache lags Redis: a no-op must be a real one."""
+        if not quiet:
+            return []
+        current = self.broker.versions(quiet)
+        return [wf_id for wf_id, version in zip(quiet, current, strict=True) if version != runs[wf_id].version]
 
     def _apply(self, run: engine.Run, kind: str, body: Any, now: float) -> None:
         if kind == "result":

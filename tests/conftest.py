@@ -9,10 +9,12 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -114,3 +116,79 @@ def settings(redis_server: RedisServer, tmp_path: Path) -> Settings:
         coordinator_takeover=1.0,
         worker_block=0.5,
     )
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class Processes:
+    """Real `phibroker` processes for one test, killed at its end; their logs kept beside the test."""
+
+    def __init__(self, settings: Settings, logs: Path):
+        self.settings = settings
+        self.logs = logs
+        self.started: list[subprocess.Popen[bytes]] = []
+
+    def env(self, **extra: str) -> dict[str, str]:
+        s = self.settings
+        env = {
+            **os.environ,
+            "PHIBROKER_REDIS_URL": s.redis_url,
+            "PHIBROKER_NAMESPACE": s.namespace,
+            "PHIBROKER_HOME": str(s.home),
+            "PHIBROKER_RECLAIM_AFTER": str(s.reclaim_after),
+            "PHIBROKER_COORDINATOR_TAKEOVER": str(s.coordinator_takeover),
+            "PHIBROKER_WORKER_BLOCK": str(s.worker_block),
+            "PYTHONPATH": str(REPO),
+        }
+        env.update(extra)
+        return env
+
+    def spawn(self, name: str, *args: str, **env: str) -> subprocess.Popen[bytes]:
+        log = open(self.logs / f"{name}-{len(self.started)}.log", "wb")  # noqa: SIM115 - closed with the process
+        process = subprocess.Popen(
+            [sys.executable, "-m", "phibroker", *args], env=self.env(**env), stdout=log, stderr=subprocess.STDOUT
+        )
+        self.started.append(process)
+        return process
+
+    def coordinator(self, **env: str) -> subprocess.Popen[bytes]:
+        return self.spawn("coordinator", "coordinator", **env)
+
+    def worker(self, agent: str, app: str = "tests.apps.examples", concurrency: int = 4, **env: str) -> subprocess.Popen[bytes]:
+        return self.spawn(f"worker-{agent}", "worker", "--agent", agent, "--app", app, "--concurrency", str(concurrency), **env)
+
+    def examples(self) -> None:
+        """A coordinator and one worker for each agent of the example workflows."""
+        self.coordinator()
+        for agent in ("webc", "dc", "vssc", "kalic", "cmdc"):
+            self.worker(agent)
+
+    def close(self) -> None:
+        for process in self.started:
+            if process.poll() is None:
+                process.kill()
+        for process in self.started:
+            process.wait(timeout=10)
+
+    def output(self) -> str:
+        return "\n".join(f"== {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(self.logs.glob("*.log")))
+
+
+@pytest.fixture
+def procs(settings: Settings, tmp_path: Path) -> Iterator[Processes]:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    processes = Processes(settings, logs)
+    try:
+        yield processes
+    finally:
+        processes.close()
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[Any]:
+    from phibroker.client import Client
+
+    with Client(settings) as c:
+        yield c

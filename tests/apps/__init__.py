@@ -1,0 +1,1 @@
+"""Agents used by the integration tests (loaded with `phibroker worker --app tests.apps.NAME`)."""

@@ -1,0 +1,52 @@
+"""A test agent whose handlers record when they ran, sleep, fail or write a ledger on request."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from phibroker.agent import Agent, Context
+from phibroker.errors import Retryable
+
+probe = Agent("probe")
+
+
+@probe.command()
+def work(ctx: Context, sleep: float = 0.0, value: Any = None, **extra: Any) -> dict[str, Any]:
+    """Records its run; `ledger` (a file) gets one line per effect, keyed by the idempotency key."""
+    started = time.time()
+    if sleep:
+        ctx.cancelled.wait(sleep)
+    ledger = extra.get("ledger") or os.environ.get("PROBE_LEDGER")
+    if ledger:
+        with open(ledger, "a") as fh:
+            fh.write(f"{ctx.idempotency_key} {ctx.attempt} {ctx.token}\n")
+    return {
+        "task": ctx.task,
+        "started": started,
+        "finished": time.time(),
+        "inputs": sorted(ctx.inputs),
+        "value": value,
+        "cancelled": bool(ctx.cancelled),
+    }
+
+
+@probe.command()
+def noop(ctx: Context, **extra: Any) -> None:
+    return None
+
+
+@probe.command()
+def fail(ctx: Context, message: str = "boom", kind: str = "ValueError", **extra: Any) -> None:
+    if kind == "Retryable":
+        raise Retryable(message)
+    raise {"ValueError": ValueError, "ConnectionError": ConnectionError, "TimeoutError": TimeoutError}[kind](message)
+
+
+@probe.command()
+def flaky(ctx: Context, failures: int = 1, **extra: Any) -> dict[str, Any]:
+    """Fails its first `failures` attempts with a retryable error."""
+    if ctx.attempt <= failures:
+        raise Retryable(f"attempt {ctx.attempt} fails on purpose")
+    return {"attempt": ctx.attempt}
