@@ -379,10 +379,12 @@ class Broker:
         self.redis.zrem(self.keys.running, wf_id)
 
     # -- timers ----------------------------------------------------------------------------------
-    def claim_timers(self, limit: int = 500) -> tuple[float, list[str]]:
-        """Redis's clock (seconds) and the timers now due, claimed for `timer_claim` seconds."""
+    def claim_timers(self, limit: int = 500) -> tuple[float, float | None, list[str]]:
+        """Redis's clock, when the next timer is due (None: no timer), and the timers due now —
+        claimed for `timer_claim` seconds (seconds throughout)."""
         reply = self._claim_timers(keys=[self.keys.timers], args=[int(self.settings.timer_claim * 1000), limit])
-        return int(reply[0]) / 1000, [m.decode() for m in reply[1:]]
+        next_due = float(reply[1])
+        return int(reply[0]) / 1000, None if next_due < 0 else next_due / 1000, [m.decode() for m in reply[2:]]
 
     def drop_timers(self, members: Sequence[str]) -> None:
         if members:

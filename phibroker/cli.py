@@ -197,6 +197,26 @@ def coordinator(settings: Settings, burst: bool) -> None:
     runner.run(burst=burst)
 
 
+@main.command()
+@click.option("--example", type=click.Path(dir_okay=False, exists=True), help="workflow [examples/complete-dag.yaml]")
+@click.option("--no-example", is_flag=True, help="only run the broker, the coordinator and the workers")
+@click.option("--once", is_flag=True, help="stop everything once the example ends; exit 1 unless it succeeded")
+@click.option("--app", help="MODULE holding the agents (default: the reference agents in the workers package)")
+@click.pass_obj
+def dev(settings: Settings, example: str | None, no_example: bool, once: bool, app: str | None) -> None:
+    """A first try: a broker, the coordinator, the reference workers and an example workflow."""
+    from pathlib import Path
+
+    from phibroker.devserver import DevServer, find_example
+
+    if example and no_example:
+        raise InvalidInput("--example and --no-example exclude each other")
+    chosen = None if no_example else Path(example) if example else find_example()
+    if not no_example and chosen is None:
+        raise InvalidInput("examples/complete-dag.yaml not found; pass --example FILE or --no-example")
+    sys.exit(DevServer(settings, app=app, example=chosen, once=once).run())
+
+
 def _stop_on_signals(stop: Any) -> None:
     """First SIGINT/SIGTERM: stop cleanly. A second SIGINT: leave now."""
 

@@ -90,8 +90,12 @@ class Coordinator:
 
     def step(self) -> int:
         """One round: due timers and one batch of the inbox. Returns how many items it handled."""
-        now, timers = self.broker.claim_timers()
-        block = None if timers or self._recovering else self.settings.coordinator_block
+        now, next_due, timers = self.broker.claim_timers()
+        block: float | None = self.settings.coordinator_block
+        if next_due is not None:  # wake for the next timer, not after it
+            block = min(block, max(0.001, next_due - now))
+        if timers or self._recovering:
+            block = None
         entries = self.broker.read_group(
             self.keys.results,
             COORDINATORS_GROUP,

@@ -301,7 +301,7 @@ def apply_timer(run: Run, member: str, now: float) -> None:
     elif kind == "deadline":
         unit, dispatch = parts
         if run.state(unit) in ("ready", "running") and run.units[unit].get("dispatch") == dispatch:
-            _unit_failed(run, unit, "timeout", now, retryable=False, timed_out=True)
+            _unit_failed(run, unit, "timeout", now)
     elif kind == "wf_deadline":
         if run.wf_state not in WF_WINDING_DOWN:
             wind_down(run, "timed_out", now, reason="the workflow's deadline passed")
@@ -310,7 +310,7 @@ def apply_timer(run: Run, member: str, now: float) -> None:
         if run.state(task) == "running" and run.units[task].get("approval") == request:
             run.tx.approvals_del.append(request)
             run.event("approval.rejected", now, task, approval=request, reason="timeout")
-            _unit_failed(run, task, "timeout", now, retryable=False)
+            _unit_failed(run, task, "timeout", now)
     advance(run, now)
 
 
@@ -576,38 +576,29 @@ def _unit_failed(
     error: str,
     now: float,
     retryable: bool = False,
-    timed_out: bool = False,
     worker: str | None = None,
     traceback: str | None = None,
 ) -> None:
     """An attempt failed: retry it while the policy allows, else the unit fails for good."""
     task, partition, is_undo = split_unit(unit)
     record = run.unit(unit)
-    dispatch = record.get("dispatch")
-    if dispatch:
-        run.tx.timers_del.append(timer_member("deadline", run.id, unit, dispatch))
-    extra = {"traceback": traceback} if traceback else {}
+    if record.get("dispatch"):
+        run.tx.timers_del.append(timer_member("deadline", run.id, unit, record["dispatch"]))
+    due = _retry_due(run, unit, error, retryable, now)
+    extra: dict[str, Any] = {"traceback": traceback} if traceback else {}
     if worker:
         extra["worker"] = worker
+    if due is not None:
+        extra["retry_at"] = due
     run.record_attempt(unit, now, error, True, **extra)
-    spec = run.workflow.tasks[task]
-    attempt = int(record.get("attempt") or 1)
-    if spec.approval is None and not (_winding(run) and not is_undo):
-        policy = run.workflow.retry(task)
-        matches = (
-            retryable
-            or any(needle.lower() in error.lower() for needle in policy.retry_on if needle.lower() != "timeout")
-            or (timed_out and any(n.lower() == "timeout" for n in policy.retry_on))
-        )
-        if matches and attempt < policy.max_attempts:
-            delay = retry_delay(attempt, policy.base_delay, policy.max_delay, policy.jitter, run.rand)
-            due = now + delay
-            run.set(unit, state="retrying", error=error, finished=now, retry_at=due)
-            run.tx.timers_add[timer_member("retry", run.id, unit, attempt)] = due
-            run.event("task.retrying", now, task, unit=unit, attempt=attempt, error=error, delay=round(delay, 3))
-            if partition is None and not is_undo:
-                run.set(task, state="retrying")
-            return
+    if due is not None:
+        attempt = int(record.get("attempt") or 1)
+        run.set(unit, state="retrying", error=error, finished=now, retry_at=due)
+        run.tx.timers_add[timer_member("retry", run.id, unit, attempt)] = due
+        run.event("task.retrying", now, task, unit=unit, attempt=attempt, error=error, due=due)
+        if partition is None and not is_undo:
+            run.set(task, state="retrying")
+        return
     run.set(unit, state="failed", error=error, finished=now)
     if is_undo:
         run.set(task, undo_error=error)
@@ -619,6 +610,23 @@ def _unit_failed(
             _stop_unit(run, unit_of(task, index), now)
         error = f"partition {partition}: {error}"
     _task_failed(run, task, error, now)
+
+
+def _retry_due(run: Run, unit: str, error: str, retryable: bool, now: float) -> float | None:
+    """When the next attempt is due, or None: `Retryable` or a `retry_on` match, while attempts remain.
+
+    `retry_on` entries match `Type: message` as case-insensitive substrings; a missed deadline's error
+    is `timeout`, so the entry `timeout` matches it.
+    """
+    task, _, is_undo = split_unit(unit)
+    if run.workflow.tasks[task].approval is not None or (_winding(run) and not is_undo):
+        return None
+    policy = run.workflow.retry(task)
+    attempt = int(run.unit(unit).get("attempt") or 1)
+    text = error.lower()
+    if attempt >= policy.max_attempts or not (retryable or any(n.lower() in text for n in policy.retry_on)):
+        return None
+    return now + retry_delay(attempt, policy.base_delay, policy.max_delay, policy.jitter, run.rand)
 
 
 def _task_failed(run: Run, task: str, error: str, now: float) -> None:

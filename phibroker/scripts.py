@@ -87,7 +87,7 @@ return out
 
 # Claim due timers: push each one's due time forward by a lease, so a coordinator that dies before
 # finishing it leaves it to fire again, and two coordinators never fire one at once.
-# KEYS: timers   ARGV: lease ms, limit   Returns: now ms, then due members
+# KEYS: timers   ARGV: lease ms, limit   Returns: now ms, the next due time ms (-1: none), due members
 CLAIM_TIMERS = """
 local now = redis.call('TIME')
 local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
@@ -95,6 +95,8 @@ local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ms, 'LIMIT', 0, tonumbe
 for _, member in ipairs(due) do
   redis.call('ZADD', KEYS[1], ms + tonumber(ARGV[1]), member)
 end
+local next_due = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')[2] or -1
+table.insert(due, 1, next_due)
 table.insert(due, 1, ms)
 return due
 """

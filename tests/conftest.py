@@ -14,8 +14,8 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -155,8 +155,12 @@ class Processes:
     def coordinator(self, **env: str) -> subprocess.Popen[bytes]:
         return self.spawn("coordinator", "coordinator", **env)
 
-    def worker(self, agent: str, app: str = "tests.apps.examples", concurrency: int = 4, **env: str) -> subprocess.Popen[bytes]:
-        return self.spawn(f"worker-{agent}", "worker", "--agent", agent, "--app", app, "--concurrency", str(concurrency), **env)
+    def worker(
+        self, agent: str, app: str = "tests.apps.examples", concurrency: int = 4, **env: str
+    ) -> subprocess.Popen[bytes]:
+        return self.spawn(
+            f"worker-{agent}", "worker", "--agent", agent, "--app", app, "--concurrency", str(concurrency), **env
+        )
 
     def examples(self) -> None:
         """A coordinator and one worker for each agent of the example workflows."""
@@ -172,7 +176,9 @@ class Processes:
             process.wait(timeout=10)
 
     def output(self) -> str:
-        return "\n".join(f"== {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(self.logs.glob("*.log")))
+        return "\n".join(
+            f"== {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(self.logs.glob("*.log"))
+        )
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ import redis
 from phibroker import wire
 from phibroker.client import Client
 from phibroker.settings import Settings
-
 from tests.conftest import Processes
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -34,9 +33,7 @@ def wait_for(status: dict[str, Any], procs: Processes) -> dict[str, Any]:
     return status
 
 
-@pytest.mark.parametrize(
-    "example", ["complete-dag", "parallel-research", "vulnerability-fix", "feature-deploy"]
-)
+@pytest.mark.parametrize("example", ["complete-dag", "parallel-research", "vulnerability-fix", "feature-deploy"])
 def test_examples_run_to_success_in_dependency_order(example: str, procs: Processes, client: Client) -> None:
     procs.examples()
     wf_id = client.submit(EXAMPLES / f"{example}.yaml")
@@ -115,7 +112,7 @@ def test_duplicate_dispatch_and_duplicate_result_are_harmless(
     while not r.xlen(stream):
         assert time.monotonic() < deadline, procs.output()
         time.sleep(0.02)
-    (_, fields), = r.xrange(stream)
+    ((_, fields),) = r.xrange(stream)
     r.xadd(stream, fields)  # the same dispatch twice, as a redis-py retry would make it
     procs.worker("probe", app="tests.apps.probe")
     status = wait_for(client.wait(wf_id, timeout=30), procs)

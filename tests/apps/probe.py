@@ -50,3 +50,16 @@ def flaky(ctx: Context, failures: int = 1, **extra: Any) -> dict[str, Any]:
     if ctx.attempt <= failures:
         raise Retryable(f"attempt {ctx.attempt} fails on purpose")
     return {"attempt": ctx.attempt}
+
+
+@probe.command()
+def undo(ctx: Context, sleep: float = 0.05, **extra: Any) -> dict[str, Any]:
+    """A compensation that takes a moment, so a test can see compensations never overlap."""
+    started = time.time()
+    time.sleep(sleep)
+    return {"undid": ctx.task, "started": started, "finished": time.time(), "result": ctx.result}
+
+
+@probe.command()
+def undo_fail(ctx: Context, **extra: Any) -> None:
+    raise RuntimeError(f"cannot undo {ctx.task}")

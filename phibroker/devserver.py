@@ -1,0 +1,305 @@
+"""`phibroker dev`: a first try in one command, on a broker other terminals reach with no settings.
+
+It uses the Redis at the configured URL if one answers, else starts one *at that address* (a
+`redis-server` if installed, else fakeredis's TCP server in a thread), runs the coordinator and one worker
+per reference agent as child processes logging to files, submits an example workflow and shows it
+running. Everything it started stops on Ctrl-C or SIGTERM, in order: processes first, then the broker.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import urlsplit
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from phibroker import workflow as workflows
+from phibroker.client import Client
+from phibroker.engine import WF_TERMINAL
+from phibroker.errors import BrokerUnavailable
+from phibroker.settings import Settings
+
+REFERENCE_AGENTS = ("webc", "dc", "vssc", "kalic", "cmdc")
+DEFAULT_URL = str(Settings.model_fields["redis_url"].default)
+DEFAULT_NAMESPACE = str(Settings.model_fields["namespace"].default)
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
+STOP_WAIT = 10.0  # seconds a child gets after SIGTERM before it is killed
+STYLES = {"succeeded": "green", "failed": "bold red", "running": "yellow", "retrying": "magenta",
+          "ready": "cyan", "skipped": "dim", "pending": "dim", "cancelled": "red", "compensated": "blue"}  # fmt: skip
+
+
+def find_example(name: str = "complete-dag.yaml") -> Path | None:
+    """The repository's examples folder (editable install), else ./examples."""
+    for base in (Path(__file__).resolve().parent.parent, Path.cwd()):
+        if (base / "examples" / name).is_file():
+            return base / "examples" / name
+    return None
+
+
+def shown_path(path: Path) -> str:
+    """A path as a user would type it: relative to the current folder when it is inside it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+@dataclass
+class Child:
+    name: str
+    process: subprocess.Popen[bytes]
+    log: Path
+    handle: IO[bytes]
+
+
+class DevServer:
+    """Owns what `dev` started — a broker perhaps, and the processes — so that `stop()` can undo it all."""
+
+    def __init__(self, settings: Settings, app: str | None = None, example: Path | None = None, once: bool = False):
+        self.settings = settings
+        self.app = app
+        self.example = example
+        self.once = once
+        self.logs = settings.home / "dev-logs"
+        self.console = Console(highlight=False)
+        self.client = Client(settings)
+        self.children: list[Child] = []
+        self.redis_server: Child | None = None
+        self.embedded: Any = None  # a fakeredis.TcpFakeServer serving from self.embedded_thread
+        self.embedded_thread: threading.Thread | None = None
+        self.broker_line = ""
+        self.stopping = threading.Event()  # Ctrl-C, SIGTERM or SIGHUP: stop cleanly
+        self.hurry = threading.Event()  # a second one: kill instead of waiting
+
+    # -- the whole run -----------------------------------------------------------------------------
+    def run(self) -> int:
+        """Start, show the example, then serve until a signal; with `once`, stop when the example ends."""
+        checked = workflows.load(self.example) if self.example else None  # a bad file: exit 2, nothing started
+        self._trap_signals()
+        try:
+            self.find_or_start_broker()
+            self.start_processes()
+            status = None
+            if self.example and checked and not self.stopping.is_set():
+                wf_id = self.client.submit(checked)
+                self.console.print(f"Submitted {shown_path(self.example)} as [bold]{wf_id}[/]")
+                status = self.show_progress(wf_id)
+                self.print_summary(status)
+            if self.once:
+                return 0 if checked is None or (status and status["state"] == "succeeded") else 1
+            if not self.stopping.is_set():
+                self.print_usage()
+                while not self.stopping.wait(0.5):
+                    self.check_children()
+            return 0
+        finally:
+            self.stop()
+
+    def _trap_signals(self) -> None:
+        def handler(signum: int, frame: Any) -> None:
+            (self.hurry if self.stopping.is_set() else self.stopping).set()
+
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, handler)
+
+    # -- the broker --------------------------------------------------------------------------------
+    def find_or_start_broker(self) -> None:
+        """A Redis that answers wins; else one of ours at the URL's address, so the URL stays the same."""
+        url = self.settings.redis_url
+        if self._answers():
+            self.broker_line = f"Using the Redis already running at {url}"
+            self.console.print(self.broker_line)
+            return
+        host, port = self._local_address()
+        self.logs.mkdir(parents=True, exist_ok=True)
+        binary = shutil.which("redis-server")
+        if binary:
+            args = [binary, "--port", str(port), "--bind", "127.0.0.1" if host == "localhost" else host]
+            self.redis_server = self._spawn("redis-server", args + ["--save", "", "--appendonly", "no"])
+            self.broker_line = f"Started redis-server at {url} (stopped on exit)"
+        else:
+            import fakeredis
+
+            try:
+                self.embedded = fakeredis.TcpFakeServer((host, port), server_type="redis")
+            except OSError as exc:
+                raise BrokerUnavailable(f"cannot start the embedded broker at {host}:{port}: {exc}") from None
+            self.embedded_thread = threading.Thread(target=self.embedded.serve_forever, name="phi-embedded-broker")
+            self.embedded_thread.start()
+            self.broker_line = f"Started the embedded broker (fakeredis) at {url}; fine for a try, not for real work"
+        deadline = time.monotonic() + 10
+        while not self._answers():
+            if self.redis_server and self.redis_server.process.poll() is not None:
+                raise BrokerUnavailable(f"redis-server could not start at {url}:\n{self._tail(self.redis_server)}")
+            if time.monotonic() > deadline or self.stopping.is_set():
+                raise BrokerUnavailable(f"the broker started at {url} does not answer")
+            time.sleep(0.05)
+        self.console.print(self.broker_line)
+
+    def _answers(self) -> bool:
+        try:
+            self.client.broker.ping()
+            return True
+        except BrokerUnavailable:
+            return False
+
+    def _local_address(self) -> tuple[str, int]:
+        """Where to start a broker; only on this machine, and only for a plain redis:// URL."""
+        parts = urlsplit(self.settings.redis_url)
+        host, port = parts.hostname or "localhost", parts.port or 6379
+        if parts.scheme != "redis" or host not in LOCAL_HOSTS:
+            raise BrokerUnavailable(
+                f"nothing answers at {self.settings.redis_url}, and dev starts a broker only at redis://localhost:PORT"
+            )
+        return host, port
+
+    # -- the processes -----------------------------------------------------------------------------
+    def start_processes(self) -> None:
+        """The coordinator and one worker per reference agent, as `phibroker` children of this process."""
+        self.logs.mkdir(parents=True, exist_ok=True)
+        app = ["--app", self.app] if self.app else []
+        phibroker = [sys.executable, "-m", "phibroker"]
+        self.children.append(self._spawn("coordinator", [*phibroker, "coordinator"]))
+        for agent in REFERENCE_AGENTS:
+            self.children.append(self._spawn(f"worker-{agent}", [*phibroker, "worker", "--agent", agent, *app]))
+        self.console.print(
+            f"Started the coordinator and workers for {', '.join(REFERENCE_AGENTS)}; logs in {shown_path(self.logs)}/"
+        )
+
+    def _spawn(self, name: str, args: list[str]) -> Child:
+        """A child in its own process group: a terminal's Ctrl-C reaches only us, and we stop it in order."""
+        env = {
+            **os.environ,
+            "PHIBROKER_REDIS_URL": self.settings.redis_url,
+            "PHIBROKER_NAMESPACE": self.settings.namespace,
+            "PHIBROKER_HOME": str(self.settings.home),
+        }
+        log = self.logs / f"{name}.log"
+        handle = open(log, "wb")  # noqa: SIM115 - closed in stop()
+        process = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT, env=env, process_group=0
+        )
+        return Child(name, process, log, handle)
+
+    def check_children(self) -> None:
+        """A child that exits on its own (a bad --app, a crash) ends the run with its log's last lines."""
+        for child in self.children:
+            if child.process.poll() is not None:
+                raise BrokerUnavailable(
+                    f"{child.name} exited with code {child.process.returncode}; "
+                    f"the end of {shown_path(child.log)}:\n{self._tail(child)}"
+                )
+
+    @staticmethod
+    def _tail(child: Child, lines: int = 8) -> str:
+        child.handle.flush()
+        return "\n".join(child.log.read_text(errors="replace").splitlines()[-lines:])
+
+    # -- showing the example -----------------------------------------------------------------------
+    def show_progress(self, wf_id: str) -> dict[str, Any] | None:
+        """Redraw the workflow 4 times a second until it ends; the last status, or None if interrupted."""
+        status = self.client.status(wf_id)
+        with Live(render(status), console=self.console, auto_refresh=False) as live:
+            while not self.stopping.is_set():
+                status = self.client.status(wf_id)
+                live.update(render(status), refresh=True)
+                if status["state"] in WF_TERMINAL:
+                    return status
+                self.check_children()
+                self.stopping.wait(0.25)
+        return None
+
+    def print_summary(self, status: dict[str, Any] | None) -> None:
+        if status is None:
+            return
+        counts: dict[str, int] = {}
+        for task in status["tasks"].values():
+            counts[task["state"]] = counts.get(task["state"], 0) + 1
+        tally = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+        style = "green" if status["state"] == "succeeded" else "red"
+        self.console.print(f"[{style}]{status['name']} {status['state']}[/] in {_elapsed(status)}: {tally}")
+        if status["state"] != "succeeded":
+            self.console.print(f"  details: phibroker status {status['id']}; logs in {shown_path(self.logs)}/")
+
+    def print_usage(self) -> None:
+        """How another terminal reaches what runs here: the exports it needs (none by default)."""
+        lines = [self.broker_line + ".", "The coordinator and the workers keep running. From another terminal:"]
+        if self.settings.redis_url != DEFAULT_URL:
+            lines.append(f"  export PHIBROKER_REDIS_URL={self.settings.redis_url}")
+        if self.settings.namespace != DEFAULT_NAMESPACE:
+            lines.append(f"  export PHIBROKER_NAMESPACE={self.settings.namespace}")
+        if sys.prefix != sys.base_prefix:
+            lines.append(f"  source {shown_path(Path(sys.prefix))}/bin/activate")
+        research = find_example("parallel-research.yaml")
+        lines.append(f"  phibroker submit {shown_path(research) if research else 'FILE.yaml'} --wait")
+        lines += ["  phibroker list", "[bold]Ctrl-C stops everything.[/]"]
+        self.console.print("\n".join(lines))
+
+    # -- stopping ----------------------------------------------------------------------------------
+    def stop(self) -> None:
+        """SIGTERM to every child, wait (kill after STOP_WAIT or a second Ctrl-C), then the broker."""
+        started = bool(self.children or self.redis_server or self.embedded)
+        if started:
+            self.console.print("Stopping what dev started…")
+        self._terminate(self.children)
+        self.client.close()
+        if self.redis_server:
+            self._terminate([self.redis_server])
+        if self.embedded is not None:
+            self.embedded.shutdown()
+            self.embedded.server_close()
+            if self.embedded_thread:
+                self.embedded_thread.join(timeout=STOP_WAIT)
+        if started:
+            self.console.print("Stopped.")
+
+    def _terminate(self, children: list[Child]) -> None:
+        for child in children:
+            if child.process.poll() is None:
+                child.process.terminate()
+        deadline = time.monotonic() + STOP_WAIT
+        while any(c.process.poll() is None for c in children):
+            if time.monotonic() > deadline or self.hurry.is_set():
+                for child in children:
+                    if child.process.poll() is None:
+                        child.process.kill()
+                break
+            time.sleep(0.05)
+        for child in children:
+            child.process.wait()
+            child.handle.close()
+
+
+def render(status: dict[str, Any]) -> Group:
+    """The live view of one workflow: a header, then one line per task. Pure, so it can be tested alone."""
+    state = status["state"] or "?"
+    header = Text.assemble((status["id"], "bold"), "  ", (state, STYLES.get(state, "bold")), f"  {_elapsed(status)}")
+    table = Table(box=None, padding=(0, 2, 0, 0), show_header=True, header_style="dim")
+    for column in ("task", "state", "agent", "time"):
+        table.add_column(column, justify="right" if column == "time" else "left", no_wrap=column != "task")
+    for name, task in status["tasks"].items():
+        took = ""
+        if task["started_at"]:
+            took = f"{(task['finished_at'] or time.time()) - task['started_at']:.2f}s"
+        attempts = f" (try {task['attempts']})" if task["attempts"] > 1 else ""
+        table.add_row(name, Text(task["state"] + attempts, STYLES.get(task["state"], "")), task["agent"] or "-", took)
+    return Group(header, table)
+
+
+def _elapsed(status: dict[str, Any]) -> str:
+    if not status.get("created_at"):
+        return ""
+    seconds = (status["finished_at"] or time.time()) - status["created_at"]
+    return f"{seconds:.1f}s" if seconds < 60 else f"{int(seconds // 60)}m{int(seconds % 60):02d}s"

@@ -1,0 +1,80 @@
+"""What the reference agents share: where their files go, names safe for paths, results kept small."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from phibroker.agent import Context
+
+WORKSPACE_ENV = "PHIBROKER_WORKSPACE"
+DEFAULT_WORKSPACE = Path("~/.phibroker/workspace")
+MAX_ITEMS = 50  # results travel through Redis: every list in them is capped
+SKIP_DIRS = frozenset(
+    {".git", ".hg", ".venv", "venv", "env", "__pycache__", "node_modules", ".tox", ".mypy_cache", ".ruff_cache"}
+)
+
+
+def workspace_root(workspace: str | None = None) -> Path:
+    """The payload's `workspace`, else $PHIBROKER_WORKSPACE, else ~/.phibroker/workspace."""
+    chosen = workspace or os.environ.get(WORKSPACE_ENV) or str(DEFAULT_WORKSPACE)
+    return Path(chosen).expanduser().resolve()
+
+
+def workflow_dir(ctx: Context, workspace: str | None = None) -> Path:
+    """`<workspace>/<workflow id>/`: one folder per workflow, so runs never share files."""
+    return workspace_root(workspace) / safe_name(ctx.workflow_id)
+
+
+def safe_name(text: str) -> str:
+    """A single path component: ids come from users and must not climb out of the workspace."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._")
+    return cleaned or "_"
+
+
+def slugify(text: str, max_len: int = 40) -> str:
+    """`OAuth2 best practices` -> `oauth2-best-practices`: readable folder and file names."""
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return slug[:max_len].rstrip("-") or "item"
+
+
+def short_hash(chunks: Iterable[bytes], length: int = 8) -> str:
+    """A content hash prefix: the same content always gets the same release id."""
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        digest.update(hashlib.sha256(chunk).digest())
+    return digest.hexdigest()[:length]
+
+
+def input_results(ctx: Context) -> list[dict[str, Any]]:
+    """The dict results of the direct dependencies; a mapped task's list of partition results is flattened."""
+    found: list[dict[str, Any]] = []
+    for value in ctx.inputs.values():
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, dict):
+                found.append(item)
+    return found
+
+
+def inputs_with(ctx: Context, key: str) -> list[dict[str, Any]]:
+    """Input results that carry `key` (e.g. `sources`, `workspace`), in dependency order."""
+    return [result for result in input_results(ctx) if result.get(key)]
+
+
+def walk_files(root: Path, suffixes: tuple[str, ...], limit: int = 5000) -> list[Path]:
+    """Files under root (or root itself) with these suffixes, skipping VCS and virtualenv folders."""
+    if root.is_file():
+        return [root] if root.name.endswith(suffixes) else []
+    found: list[Path] = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.endswith(".egg-info"))
+        for name in sorted(files):
+            if name.endswith(suffixes):
+                found.append(Path(folder) / name)
+                if len(found) >= limit:
+                    return found
+    return found
