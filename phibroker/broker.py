@@ -20,7 +20,7 @@ from redis.retry import Retry
 
 from phibroker import scripts, wire
 from phibroker.engine import Transition
-from phibroker.errors import BrokerUnavailable
+from phibroker.errors import BrokerUnavailable, DecodeError
 from phibroker.keys import COORDINATORS_GROUP, WORKERS_GROUP, Keys
 from phibroker.settings import Settings
 
@@ -443,6 +443,35 @@ class Broker:
     def approvals(self) -> dict[str, dict[str, Any]]:
         raw = self.redis.hgetall(self.keys.approvals)
         return {k.decode(): wire.unpack(v, self.settings.max_message_bytes) for k, v in raw.items()}
+
+    def trusted_keys(self) -> dict[str, str]:
+        """The configured trust list: approver name -> public key (hex). Empty: none configured."""
+        return {k.decode(): v.decode() for k, v in self.redis.hgetall(self.keys.trusted_keys).items()}
+
+    def trust_key(self, name: str, public_hex: str) -> None:
+        self.redis.hset(self.keys.trusted_keys, name, public_hex)
+
+    def distrust_key(self, name: str) -> bool:
+        return bool(self.redis.hdel(self.keys.trusted_keys, name))
+
+    def last_event_id(self) -> str:
+        newest = self.redis.xrevrange(self.keys.events, count=1)
+        return newest[0][0].decode() if newest else "0-0"
+
+    def read_events(self, after: str, block: float | None, count: int = 500) -> tuple[str, list[dict[str, Any]]]:
+        """Events after the entry id `after` (waiting up to `block` seconds); returns the new last id."""
+        reply = self.redis.xread(
+            {self.keys.events: after}, count=count, block=None if block is None else max(1, int(block * 1000))
+        )
+        events: list[dict[str, Any]] = []
+        for _, items in reply or ():
+            for entry_id, fields in items:
+                after = entry_id.decode()
+                try:
+                    events += wire.decode_events(fields[wire.FIELD], self.settings.max_message_bytes * 4)
+                except (DecodeError, KeyError):
+                    continue
+        return after, events
 
     def send_to_coordinators(self, message: wire.Inbox) -> None:
         self.ensure_group(self.keys.results, COORDINATORS_GROUP)

@@ -185,14 +185,15 @@ def worker(
 
 
 @main.command()
+@click.option("--require-signed", is_flag=True, help="refuse workflow files without a trusted signature")
 @click.option("--burst", is_flag=True, help="exit once there is nothing left to do")
 @click.pass_obj
-def coordinator(settings: Settings, burst: bool) -> None:
+def coordinator(settings: Settings, require_signed: bool, burst: bool) -> None:
     """Run a coordinator: results in, DAG progress, dispatches out. Several may run at once."""
     from phibroker.coordinator import Coordinator
 
     _logging()
-    runner = Coordinator(settings)
+    runner = Coordinator(settings, require_signed=require_signed)
     _stop_on_signals(runner.stopping.set)
     runner.run(burst=burst)
 
@@ -215,6 +216,134 @@ def dev(settings: Settings, example: str | None, no_example: bool, once: bool, a
     if not no_example and chosen is None:
         raise InvalidInput("examples/complete-dag.yaml not found; pass --example FILE or --no-example")
     sys.exit(DevServer(settings, app=app, example=chosen, once=once).run())
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def approvals(settings: Settings, as_json: bool) -> None:
+    """Open approval requests."""
+    from phibroker.client import Client
+
+    with Client(settings) as client:
+        requests = client.approvals()
+    rows = [{k: r.get(k) for k in ("id", "workflow", "task", "message", "deadline")} for r in requests]
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    if not rows:
+        click.echo("no open approvals")
+    for row in rows:
+        due = f" (times out in {row['deadline'] - time.time():.0f}s)" if row["deadline"] else ""
+        click.echo(f"{row['id']}  {row['workflow']} / {row['task']}: {row['message']}{due}")
+
+
+@main.command()
+@click.argument("approval_id", metavar="ID")
+@click.option("--comment", help="recorded with the approval")
+@click.pass_obj
+def approve(settings: Settings, approval_id: str, comment: str | None) -> None:
+    """Approve request ID, signed with your key (made on first use)."""
+    _decide(settings, approval_id, "approve", comment=comment)
+
+
+@main.command()
+@click.argument("approval_id", metavar="ID")
+@click.option("--reason", required=True, help="why: recorded, and the gate task fails with it")
+@click.pass_obj
+def reject(settings: Settings, approval_id: str, reason: str) -> None:
+    """Reject request ID, signed with your key."""
+    _decide(settings, approval_id, "reject", reason=reason)
+
+
+def _decide(settings: Settings, approval_id: str, decision: str, **text: str | None) -> None:
+    from phibroker.client import Client
+
+    with Client(settings) as client:
+        outcome = client.decide(approval_id, decision, **text)
+    if outcome["type"] == "approval.sent":
+        click.echo(f"{decision} {approval_id}: sent; no coordinator has answered yet", err=True)
+    else:
+        click.echo(f"{approval_id}: {outcome['type'].split('.')[1]}")
+
+
+@main.group()
+def keys() -> None:
+    """Signing keys: yours (in $PHIBROKER_HOME/keys) and the trust list coordinators check."""
+
+
+@keys.command("generate")
+@click.option("--name", help="the approver name [$PHIBROKER_APPROVER or your login]")
+@click.option("--force", is_flag=True, help="replace an existing key")
+@click.pass_obj
+def keys_generate(settings: Settings, name: str | None, force: bool) -> None:
+    """Make a key pair; prints the public line to give to whoever runs the coordinators."""
+    from phibroker import signing
+
+    key = signing.generate(settings.home, name or signing.default_name(), overwrite=force)
+    click.echo(f"{key.name} {key.public_hex}")
+
+
+@keys.command("trust")
+@click.argument("source", metavar="PUBFILE|NAME")
+@click.argument("public_hex", required=False, metavar="[HEX]")
+@click.pass_obj
+def keys_trust(settings: Settings, source: str, public_hex: str | None) -> None:
+    """Add a public key to the trust list (a .pub file, or NAME HEX)."""
+    from pathlib import Path
+
+    from phibroker import signing
+    from phibroker.broker import Broker
+
+    line = f"{source} {public_hex}" if public_hex else _read(Path(source))
+    name, key_hex = signing.parse_public(line)
+    broker = Broker(settings)
+    broker.ping()
+    broker.trust_key(name, key_hex)
+    click.echo(f"trusted {name}")
+
+
+@keys.command("list")
+@click.pass_obj
+def keys_list(settings: Settings) -> None:
+    """Local keys, and the trust list in Redis (or what a coordinator trusts without one)."""
+    from phibroker import signing
+    from phibroker.broker import Broker
+
+    local = signing.local_public_keys(settings.home)
+    for name, key_hex in local.items():
+        click.echo(f"local    {name} {key_hex}")
+    broker = Broker(settings)
+    broker.ping()
+    trusted = broker.trusted_keys()
+    for name, key_hex in trusted.items():
+        click.echo(f"trusted  {name} {key_hex}")
+    if not trusted:
+        click.echo("no trust list configured: coordinators trust the local keys above")
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--name", help="the signer [$PHIBROKER_APPROVER or your login]")
+@click.pass_obj
+def sign(settings: Settings, file: str, name: str | None) -> None:
+    """Sign FILE (writes FILE.sig) so a `coordinator --require-signed` runs it."""
+    from pathlib import Path
+
+    from phibroker import signing
+
+    workflows.load(file)  # only valid files are worth signing
+    key, created = signing.load_or_create(settings.home, name or signing.default_name())
+    if created:
+        click.echo(f"created key {key.name} in {settings.home}", err=True)
+    click.echo(str(signing.sign_file(key, Path(file))))
+
+
+def _read(path: Any) -> str:
+    try:
+        return str(path.read_text()).strip()
+    except OSError as exc:
+        raise InvalidInput(f"{path}: {exc.strerror or exc}") from None
 
 
 def _stop_on_signals(stop: Any) -> None:

@@ -13,11 +13,11 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from phibroker import wire
+from phibroker import signing, wire
 from phibroker import workflow as workflows
 from phibroker.broker import CONNECTION_ERRORS, Broker
 from phibroker.engine import WF_TERMINAL, split_unit
-from phibroker.errors import BrokerUnavailable, InvalidInput, UnknownWorkflow
+from phibroker.errors import ApprovalError, BrokerUnavailable, InvalidInput, UnknownWorkflow
 from phibroker.settings import Settings
 from phibroker.spec import NAME_PATTERN
 
@@ -67,6 +67,7 @@ class Client:
             "spec": json.dumps(workflow.source, separators=(",", ":")),
             "params": values,
         }
+        fields.update(_signature_fields(workflow))
         with _reaching(self.settings):
             self.broker.create_workflow(wf_id, fields, now)
             self.broker.send_to_coordinators(wire.Inbox(kind="submit", body={"wf": wf_id}))
@@ -79,6 +80,69 @@ class Client:
                 raise UnknownWorkflow(wf_id)
             body = {"wf": wf_id, "reason": reason or "cancelled by request"}
             self.broker.send_to_coordinators(wire.Inbox(kind="cancel", body=body))
+
+    # -- approvals -------------------------------------------------------------------------------
+    def approvals(self) -> list[dict[str, Any]]:
+        """Open approval requests, oldest first: id, workflow, task, message, deadline, approvers."""
+        with _reaching(self.settings):
+            requests = self.broker.approvals()
+        return sorted(requests.values(), key=lambda r: r.get("requested_at") or 0)
+
+    def approve(self, approval_id: str, comment: str | None = None, wait: float = 10.0) -> dict[str, Any]:
+        return self.decide(approval_id, "approve", comment=comment, wait=wait)
+
+    def reject(self, approval_id: str, reason: str, wait: float = 10.0) -> dict[str, Any]:
+        return self.decide(approval_id, "reject", reason=reason, wait=wait)
+
+    def decide(
+        self,
+        approval_id: str,
+        decision: str,
+        comment: str | None = None,
+        reason: str | None = None,
+        wait: float = 10.0,
+        key: signing.KeyPair | None = None,
+    ) -> dict[str, Any]:
+        """Sign a decision with the approver's key (made on first use), send it, and wait for the verdict.
+
+        Returns the `approval.granted`/`approval.rejected` event; raises ApprovalError when the request
+        is unknown or decided, or when the coordinator refuses the decision (untrusted key, not an
+        approver). If no coordinator answers within `wait`, the decision stays queued and the
+        returned event is `approval.sent`.
+        """
+        with _reaching(self.settings):
+            request = self.broker.approvals().get(approval_id)
+            if request is None:
+                raise ApprovalError(f"no open approval {approval_id!r} (unknown, or already decided)")
+            if key is None:
+                key, _ = signing.load_or_create(self.settings.home, signing.default_name())
+            body = signing.sign_decision(
+                key,
+                approval=approval_id,
+                workflow=request["workflow"],
+                task=request["task"],
+                decision=decision,
+                expires=time.time() + 300,
+                comment=comment,
+                reason=reason,
+            )
+            after = self.broker.last_event_id()
+            self.broker.send_to_coordinators(wire.Inbox(kind="decide", body=body))
+            return self._verdict(approval_id, body["signature"][:16], after, wait)
+
+    def _verdict(self, approval_id: str, decision: str, after: str, wait: float) -> dict[str, Any]:
+        deadline = time.monotonic() + wait
+        while (remaining := deadline - time.monotonic()) > 0:
+            after, events = self.broker.read_events(after, block=remaining)
+            for event in events:
+                data = event.get("data") or {}
+                if data.get("approval") != approval_id or data.get("decision") != decision:
+                    continue
+                if event["type"] == "approval.refused":
+                    raise ApprovalError(f"decision refused: {event['data'].get('reason')}")
+                if event["type"] in ("approval.granted", "approval.rejected"):
+                    return event
+        return {"type": "approval.sent", "data": {"approval": approval_id}}
 
     # -- reading ---------------------------------------------------------------------------------
     def status(self, wf_id: str) -> dict[str, Any]:
@@ -119,6 +183,24 @@ class Client:
         with _reaching(self.settings):
             rows = self.broker.recent_workflows(limit)
         return [{"id": wf_id, **row} for wf_id, row in rows]
+
+
+def _signature_fields(workflow: workflows.Workflow) -> dict[str, Any]:
+    """A signed file travels with its text and detached signature, for `coordinator --require-signed`."""
+    if workflow.path is None or workflow.text is None:
+        return {}
+    sig = signing.sig_path(workflow.path)
+    if not sig.exists():
+        return {}
+    try:
+        signature = json.loads(sig.read_text())
+    except (OSError, ValueError) as exc:
+        raise InvalidInput(f"{sig}: unreadable signature: {exc}") from None
+    return {
+        "source_text": workflow.text.decode("utf-8"),
+        "source_suffix": workflow.path.suffix.lower(),
+        "signature": json.dumps(signature),
+    }
 
 
 class _reaching:  # noqa: N801 - reads as a phrase: `with _reaching(settings):`

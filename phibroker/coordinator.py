@@ -20,10 +20,10 @@ from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from phibroker import engine, wire
+from phibroker import engine, signing, wire
 from phibroker import workflow as workflows
 from phibroker.broker import CONNECTION_ERRORS, Broker, Entry, parse_units
-from phibroker.errors import DecodeError, PhibrokerError
+from phibroker.errors import DecodeError, PhibrokerError, SignatureError, WorkflowFileError
 from phibroker.keys import COORDINATORS_GROUP
 from phibroker.settings import Settings
 
@@ -46,15 +46,15 @@ class Coordinator:
         self,
         settings: Settings,
         broker: Broker | None = None,
-        verify_decision: Callable[[dict[str, Any]], str | None] | None = None,
         route_events: Callable[[list[dict[str, Any]]], Iterable[tuple[str, list[dict[str, Any]]]]] | None = None,
+        require_signed: bool = False,
         cache_size: int = 2000,
     ):
         self.settings = settings
         self.broker = broker or Broker(settings)
         self.keys = settings.keys
         self.name = f"{socket.gethostname()}:{os.getpid()}:{wire.new_id()[:6]}"
-        self.verify_decision = verify_decision
+        self.require_signed = require_signed
         self.route_events = route_events
         self.runs: OrderedDict[str, engine.Run] = OrderedDict()
         self.specs: OrderedDict[str, workflows.Workflow] = OrderedDict()
@@ -140,7 +140,7 @@ class Coordinator:
         if not isinstance(wf_id, str):
             self.broker.dead_letter("control message without a workflow id", entry.raw, self.keys.results, entry.id)
             return
-        if message.kind == "decide" and self.verify_decision is not None:
+        if message.kind == "decide":
             refusal = self.verify_decision(message.body)
             if refusal:
                 ops[wf_id].append(("refused", {**message.body, "refusal": refusal}))
@@ -207,7 +207,11 @@ class Coordinator:
         elif kind == "timer":
             engine.apply_timer(run, body, now)
         elif kind in ("submit", "kick"):
-            engine.start(run, now)
+            refusal = self.verify_source(run.meta) if self.require_signed and not run.meta.get("launched") else None
+            if refusal:
+                engine.refuse(run, refusal, now)
+            else:
+                engine.start(run, now)
         elif kind == "cancel":
             engine.cancel(run, now, str(body.get("reason") or "cancelled by request"))
         elif kind == "decide":
@@ -219,9 +223,43 @@ class Coordinator:
         elif kind == "lost":
             engine.lost(run, body["unit"], body["dispatch"], str(body.get("reason")), now)
 
+    def trusted(self) -> dict[str, str]:
+        """The trust list in Redis; with none configured, the local keys (read now, so new keys count)."""
+        return self.broker.trusted_keys() or signing.local_public_keys(self.settings.home)
+
+    def verify_decision(self, body: dict[str, Any]) -> str | None:
+        """Why a decision is refused (forged, tampered, expired, untrusted), or None."""
+        try:
+            signing.verify_decision(body, self.trusted(), time.time())
+        except SignatureError as exc:
+            return str(exc)
+        return None
+
+    def verify_source(self, meta: dict[str, Any]) -> str | None:
+        """`--require-signed`: the stored file text carries a trusted signature and is what runs."""
+        text, raw_signature = meta.get("source_text"), meta.get("signature")
+        if not text or not raw_signature:
+            return "refused: the workflow file is not signed (phibroker sign FILE)"
+        try:
+            signer = signing.verify_file_bytes(text.encode(), json.loads(raw_signature), self.trusted())
+            source = workflows.decode(text, str(meta.get("source_suffix") or ""))
+        except (SignatureError, WorkflowFileError, ValueError) as exc:
+            return f"refused: {exc}"
+        if source != json.loads(meta["spec"]):
+            return "refused: tampered: the submitted spec differs from the signed file"
+        log.info("workflow file signed by %s", signer)
+        return None
+
     def _refuse(self, run: engine.Run, body: dict[str, Any], refusal: str, now: float) -> None:
         log.warning("refused decision on %s/%s: %s", run.id, body.get("task"), refusal)
-        run.event("approval.refused", now, body.get("task"), approval=body.get("approval"), reason=refusal)
+        run.event(
+            "approval.refused",
+            now,
+            body.get("task"),
+            approval=body.get("approval"),
+            reason=refusal,
+            decision=str(body.get("signature", ""))[:16],
+        )
 
     def _unknown(self, wf_id: str, items: list[Op]) -> None:
         """Results for a workflow that does not exist (expired, or never was): kept in the DLQ."""

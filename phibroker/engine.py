@@ -254,6 +254,17 @@ def start(run: Run, now: float) -> None:
     advance(run, now)
 
 
+def refuse(run: Run, reason: str, now: float) -> None:
+    """The coordinator will not run this workflow (an unsigned or tampered file): it fails at once."""
+    if run.meta.get("launched"):
+        return
+    run.set_meta(launched=1, error=reason)
+    run.event("workflow.refused", now, reason=reason)
+    for task in run.workflow.tasks:
+        run.set(task, state="cancelled", error=reason)
+    _finish(run, "failed", now)
+
+
 def apply_result(run: Run, result: wire.Result, now: float) -> bool:
     """Apply one worker result; a duplicate or late one is recorded in the history, not applied."""
     unit = result.unit
@@ -333,6 +344,7 @@ def decide(run: Run, body: Mapping[str, Any], now: float) -> str | None:
         return f"{body['approver']!r} may not decide this (approvers: {', '.join(approvers)})"
     run.tx.approvals_del.append(request)
     run.tx.timers_del.append(timer_member("approval", run.id, task, request))
+    signed = str(body.get("signature", ""))[:16]  # lets the deciding client find its own verdict
     decision = {
         "approved": body["decision"] == "approve",
         "approver": body["approver"],
@@ -341,12 +353,12 @@ def decide(run: Run, body: Mapping[str, Any], now: float) -> str | None:
         "decided_at": now,
     }
     if decision["approved"]:
-        run.event("approval.granted", now, task, approval=request, approver=body["approver"])
+        run.event("approval.granted", now, task, approval=request, approver=body["approver"], decision=signed)
         run.store_result(task, wire.pack(decision))
         _task_succeeded(run, task, now)
         run.record_attempt(task, now, None, True, worker=body["approver"])
     else:
-        run.event("approval.rejected", now, task, approval=request, approver=body["approver"])
+        run.event("approval.rejected", now, task, approval=request, approver=body["approver"], decision=signed)
         run.set(task, decision=wire.pack(decision))
         _unit_failed(run, task, f"rejected: {body.get('reason') or 'no reason given'}", now, worker=body["approver"])
     advance(run, now)

@@ -51,6 +51,8 @@ class Workflow:
         self.map_over: dict[str, Template] = {}
         self.trigger_where: Expression | None = None
         self._retry: dict[str, RetryPolicy] = {}
+        self.path: Path | None = None  # the file it came from, and its bytes (for signatures)
+        self.text: bytes | None = None
 
     @property
     def name(self) -> str:
@@ -134,7 +136,9 @@ def load(path: str | Path) -> Workflow:
         text = path.read_bytes()
     except OSError as exc:
         raise WorkflowFileError(f"{path}: {exc.strerror or exc}") from None
-    return check(decode(text, path.suffix.lower()))
+    workflow = check(decode(text, path.suffix.lower()))
+    workflow.path, workflow.text = path, text
+    return workflow
 
 
 def decode(text: bytes | str, suffix: str = "") -> Any:

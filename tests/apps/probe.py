@@ -63,3 +63,13 @@ def undo(ctx: Context, sleep: float = 0.05, **extra: Any) -> dict[str, Any]:
 @probe.command()
 def undo_fail(ctx: Context, **extra: Any) -> None:
     raise RuntimeError(f"cannot undo {ctx.task}")
+
+
+@probe.command()
+def part(ctx: Context, items: list[Any], fail_partition: int = -1, **extra: Any) -> dict[str, Any]:
+    """A map partition: sums its slice; `fail_partition` fails once (retryable) on that partition."""
+    assert ctx.partition is not None
+    index, count = ctx.partition
+    if index == fail_partition and ctx.attempt == 1:
+        raise Retryable(f"partition {index} fails once")
+    return {"index": index, "count": count, "size": len(items), "sum": sum(items), "first": items[0] if items else None}
