@@ -41,6 +41,11 @@ class Entry:
     raw: bytes | None
 
 
+def _raw_of(fields: dict[bytes, bytes] | None) -> bytes | None:
+    """An entry's envelope; None when the entry itself is gone (trimmed), b"" when it has no `m` field."""
+    return None if fields is None else fields.get(wire.FIELD, b"")
+
+
 def connect(settings: Settings) -> redis.Redis:
     """A client whose socket timeout stays above every blocking read, with a short retry for blips."""
     try:
@@ -133,7 +138,7 @@ class Broker:
         entries = []
         for _, items in reply or ():
             for entry_id, fields in items:
-                entries.append(Entry(entry_id.decode(), (fields or {}).get(wire.FIELD)))
+                entries.append(Entry(entry_id.decode(), _raw_of(fields)))
         return entries
 
     def ack(self, stream: str, group: str, ids: Sequence[str]) -> None:
@@ -188,8 +193,36 @@ class Broker:
         return out  # type: ignore[return-value]
 
     def dead_letter(self, reason: str, raw: bytes | None, source: str, entry_id: str, **extra: Any) -> None:
-        record = {"reason": reason, "raw": raw or b"", "source": source, "entry": entry_id, **extra}
+        """Keep a message that cannot be handled, with why; a huge one keeps its first MiB."""
+        raw = raw or b""
+        cap = self.settings.max_message_bytes
+        record = {
+            "reason": reason,
+            "raw": raw[:cap],
+            "size": len(raw),
+            "truncated": len(raw) > cap,
+            "source": source,
+            "entry": entry_id,
+            **extra,
+        }
         self.redis.xadd(self.keys.dlq, {wire.FIELD: wire.pack(record)}, maxlen=self.settings.dlq_maxlen)
+
+    def dead_letters(self, limit: int = 100) -> list[tuple[str, dict[str, Any]]]:
+        """Newest first: (DLQ entry id, record)."""
+        rows = self.redis.xrevrange(self.keys.dlq, count=limit)
+        return [(i.decode(), wire.unpack(f[wire.FIELD], 1 << 26)) for i, f in rows]
+
+    def read_dead_letter(self, entry_id: str) -> dict[str, Any] | None:
+        rows = self.redis.xrange(self.keys.dlq, min=entry_id, max=entry_id)
+        return wire.unpack(rows[0][1][wire.FIELD], 1 << 26) if rows else None
+
+    def remove_dead_letters(self, entry_ids: Sequence[str]) -> int:
+        return int(self.redis.xdel(self.keys.dlq, *entry_ids)) if entry_ids else 0
+
+    def purge_dead_letters(self) -> int:
+        count = int(self.redis.xlen(self.keys.dlq))
+        self.redis.delete(self.keys.dlq)
+        return count
 
     def pending_of(self, stream: str, group: str, count: int = 1000) -> list[dict[str, Any]]:
         """Pending entries: id, consumer, idle ms, deliveries."""
@@ -209,7 +242,7 @@ class Broker:
         if not ids:
             return []
         reply = self.redis.xclaim(stream, group, consumer, min_idle_time=min_idle_ms, message_ids=list(ids))
-        return [Entry(eid.decode(), (fields or {}).get(wire.FIELD)) for eid, fields in reply]
+        return [Entry(eid.decode(), _raw_of(fields)) for eid, fields in reply]
 
     def drop_consumer(self, stream: str, group: str, consumer: str) -> None:
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -181,7 +182,9 @@ def worker(
     _logging()
     runner = Worker(load_agent(agent_name, app), settings, concurrency=concurrency)
     _stop_on_signals(runner.stop)
-    runner.work(burst=burst)
+    if not runner.work(burst=burst):
+        logging.shutdown()
+        os._exit(0)  # handlers past the grace period: don't wait for them, their tasks are not acked
 
 
 @main.command()
@@ -344,6 +347,67 @@ def _read(path: Any) -> str:
         return str(path.read_text()).strip()
     except OSError as exc:
         raise InvalidInput(f"{path}: {exc.strerror or exc}") from None
+
+
+@main.group()
+def dlq() -> None:
+    """Dead letters: messages that could not be decoded or kept failing, with the reason."""
+
+
+@dlq.command("list")
+@click.option("--limit", default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def dlq_list(settings: Settings, limit: int, as_json: bool) -> None:
+    """The newest dead letters."""
+    from phibroker.client import Client
+
+    with Client(settings) as client:
+        rows = client.dead_letters(limit)
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    if not rows:
+        click.echo("the dead-letter queue is empty")
+    for row in rows:
+        click.echo(f"{row['id']}  {row['source']}  {row['size']} bytes  {row['reason']}")
+
+
+@dlq.command("show")
+@click.argument("entry_id", metavar="ID")
+@click.pass_obj
+def dlq_show(settings: Settings, entry_id: str) -> None:
+    """One dead letter, its message decoded where it decodes."""
+    from phibroker.client import Client
+
+    with Client(settings) as client:
+        click.echo(json.dumps(client.dead_letter(entry_id), indent=2, default=repr))
+
+
+@dlq.command("retry")
+@click.argument("entry_ids", metavar="ID...", nargs=-1, required=True)
+@click.pass_obj
+def dlq_retry(settings: Settings, entry_ids: tuple[str, ...]) -> None:
+    """Put dead letters back on the streams they came from."""
+    from phibroker.client import Client
+
+    with Client(settings) as client:
+        for entry_id in entry_ids:
+            click.echo(f"{entry_id} -> {client.retry_dead_letter(entry_id)}")
+
+
+@dlq.command("purge")
+@click.argument("entry_ids", metavar="[ID...]", nargs=-1)
+@click.option("--all", "everything", is_flag=True, help="every dead letter")
+@click.pass_obj
+def dlq_purge(settings: Settings, entry_ids: tuple[str, ...], everything: bool) -> None:
+    """Delete dead letters: the ones named, or --all."""
+    from phibroker.client import Client
+
+    if not entry_ids and not everything:
+        raise InvalidInput("name dead letters to purge, or pass --all")
+    with Client(settings) as client:
+        click.echo(f"purged {client.purge_dead_letters(list(entry_ids))}")
 
 
 def _stop_on_signals(stop: Any) -> None:

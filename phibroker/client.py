@@ -17,7 +17,7 @@ from phibroker import signing, wire
 from phibroker import workflow as workflows
 from phibroker.broker import CONNECTION_ERRORS, Broker
 from phibroker.engine import WF_TERMINAL, split_unit
-from phibroker.errors import ApprovalError, BrokerUnavailable, InvalidInput, UnknownWorkflow
+from phibroker.errors import ApprovalError, BrokerUnavailable, DecodeError, InvalidInput, UnknownWorkflow
 from phibroker.settings import Settings
 from phibroker.spec import NAME_PATTERN
 
@@ -144,6 +144,48 @@ class Client:
                     return event
         return {"type": "approval.sent", "data": {"approval": approval_id}}
 
+    # -- dead letters ----------------------------------------------------------------------------
+    def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
+        """Newest first; each with its DLQ id, reason, source stream, size, and what it names."""
+        with _reaching(self.settings):
+            rows = self.broker.dead_letters(limit)
+        return [_dead_letter_row(entry_id, record) for entry_id, record in rows]
+
+    def dead_letter(self, entry_id: str) -> dict[str, Any]:
+        """One dead letter, with its raw bytes decoded where they decode."""
+        with _reaching(self.settings):
+            record = self.broker.read_dead_letter(entry_id)
+        if record is None:
+            raise InvalidInput(f"no dead letter {entry_id!r}")
+        row = _dead_letter_row(entry_id, record)
+        try:
+            row["message"] = wire.unpack(record.get("raw") or b"", 1 << 26)
+        except DecodeError as exc:
+            row["message"] = None
+            row["decode_error"] = exc.reason
+        return row
+
+    def retry_dead_letter(self, entry_id: str) -> str:
+        """Put a dead letter's bytes back on the stream it came from; returns that stream."""
+        with _reaching(self.settings):
+            record = self.broker.read_dead_letter(entry_id)
+            if record is None:
+                raise InvalidInput(f"no dead letter {entry_id!r}")
+            if record.get("truncated"):
+                raise InvalidInput(f"dead letter {entry_id!r} was too large to keep whole; it cannot be retried")
+            source = str(record.get("source") or "")
+            if source.startswith(self.settings.keys.sub("")):
+                source = self.settings.keys.sub(str(record.get("subscription") or source.rsplit(":", 1)[-1]))
+            self.broker.add(source, record.get("raw") or b"")
+            self.broker.remove_dead_letters([entry_id])
+        return source
+
+    def purge_dead_letters(self, entry_ids: list[str] | None = None) -> int:
+        with _reaching(self.settings):
+            if entry_ids:
+                return self.broker.remove_dead_letters(entry_ids)
+            return self.broker.purge_dead_letters()
+
     # -- reading ---------------------------------------------------------------------------------
     def status(self, wf_id: str) -> dict[str, Any]:
         """The documented `status --json` shape: the workflow and every task."""
@@ -183,6 +225,18 @@ class Client:
         with _reaching(self.settings):
             rows = self.broker.recent_workflows(limit)
         return [{"id": wf_id, **row} for wf_id, row in rows]
+
+
+def _dead_letter_row(entry_id: str, record: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": entry_id,
+        "reason": record.get("reason"),
+        "source": record.get("source"),
+        "entry": record.get("entry"),
+        "size": record.get("size", len(record.get("raw") or b"")),
+        "truncated": bool(record.get("truncated")),
+        **{k: record[k] for k in ("agent", "subscription", "chain") if k in record},
+    }
 
 
 def _signature_fields(workflow: workflows.Workflow) -> dict[str, Any]:

@@ -29,13 +29,19 @@ from phibroker.settings import Settings
 
 log = logging.getLogger("phibroker.coordinator")
 
-_CRASH_AT = os.environ.get("PHIBROKER_CRASH_AT", "")
+_CRASH_AT, _, _CRASH_COUNT = os.environ.get("PHIBROKER_CRASH_AT", "").partition(":")
+_crash_hits: dict[str, int] = defaultdict(int)
 
 
 def crash_point(name: str) -> None:
-    """Die here, as kill -9 would, when PHIBROKER_CRASH_AT names this point (crash tests only)."""
+    """Die here, as kill -9 would, when PHIBROKER_CRASH_AT is `name` or `name:N` (the Nth time).
+
+    Crash tests set it; unset, this is one string comparison.
+    """
     if _CRASH_AT == name:
-        os._exit(137)
+        _crash_hits[name] += 1
+        if _crash_hits[name] >= int(_CRASH_COUNT or 1):
+            os._exit(137)
 
 
 Op = tuple[str, Any]  # ("result", Result) | ("submit", None) | ("timer", member) | ...

@@ -33,6 +33,8 @@ def pack(value: Any) -> bytes:
 
 def unpack(raw: bytes, limit: int) -> Any:
     """Unpack untrusted bytes: size capped first, no ext types, no timestamps, bounded containers."""
+    if not raw:
+        raise DecodeError(raw, "empty message (no `m` field)")
     if len(raw) > limit:
         raise DecodeError(raw, f"{len(raw)} bytes, over the {limit}-byte limit")
     try:

@@ -61,14 +61,19 @@ class Worker:
         self.outcomes: queue.SimpleQueue[tuple[Running, Outcome]] = queue.SimpleQueue()
         self.settled: OrderedDict[str, None] = OrderedDict()  # dispatch ids already answered
         self.stopping = threading.Event()
+        self.abandoned = threading.Event()
         self.handled = 0
         self._recovering = True
         self._next_reclaim = 0.0
         self._threads: list[threading.Thread] = []
 
     # -- the loop ----------------------------------------------------------------------------------
-    def work(self, burst: bool = False) -> None:
-        """Run until `stop()`; `burst` returns once the stream is empty and every handler settled."""
+    def work(self, burst: bool = False) -> bool:
+        """Run until `stop()`; `burst` returns once the stream is empty and every handler settled.
+
+        Returns False when handlers were still running at the end of the grace period: their tasks
+        are left unacked for other workers, and the caller should exit without waiting for them.
+        """
         self.broker.ensure_group(self.stream, WORKERS_GROUP)
         self.broker.ensure_group(self.keys.results, COORDINATORS_GROUP)
         self.renew_lease()
@@ -92,7 +97,8 @@ class Worker:
                 if burst and not fetched and not self.backlog and self._idle():
                     break
         finally:
-            self.shutdown()
+            clean = self.shutdown()
+        return clean
 
     def stop(self) -> None:
         """Stop reading; running handlers get `stop_grace` seconds to finish."""
@@ -128,7 +134,10 @@ class Worker:
     def accept(self, entries: list[Entry], lost_from: str | None = None) -> None:
         """Decode entries into the backlog; undecodable ones go to the DLQ, answered ones are acked."""
         acks = []
+        held = set(self.running) | {item.entry.id for item in self.backlog}
         for entry in entries:
+            if entry.id in held:  # our own pending entry, read again after a reclaim or an error
+                continue
             try:
                 if entry.raw is None:
                     raise DecodeError(b"", "the entry was trimmed from the stream")
@@ -228,6 +237,8 @@ class Worker:
 
     def settle(self, batch: list[tuple[Running, Outcome]]) -> None:
         """One results entry for the batch, then the acks; retried until Redis takes it."""
+        if self.abandoned.is_set():
+            return
         results = [
             wire.Result(
                 id=r.item.message.id,
@@ -368,7 +379,7 @@ class Worker:
     def _idle(self) -> bool:
         return self.active == 0 and not self.running and self.outcomes.empty()
 
-    def shutdown(self) -> None:
+    def shutdown(self) -> bool:
         """Give unstarted entries back at once, let running handlers finish within the grace period."""
         self.stopping.set()
         try:
@@ -381,14 +392,23 @@ class Worker:
         deadline = time.monotonic() + self.settings.stop_grace
         while not self._idle() and time.monotonic() < deadline:
             time.sleep(0.02)
-        for thread in self._threads:
-            thread.join(timeout=max(0.0, deadline - time.monotonic()) + 1)
+        clean = self._idle()
+        if clean:
+            for thread in self._threads:
+                thread.join(timeout=5)
+        else:
+            self.abandoned.set()  # a handler that ends now must not be settled: its task goes elsewhere
+            log.warning(
+                "%d handlers still running after the grace period; their tasks go to other workers", self.active
+            )
         self.pool.shutdown(wait=False, cancel_futures=True)
         try:
             self.broker.drop_lease(self.keys.agents, self.consumer)
         except CONNECTION_ERRORS:
             pass
-        log.info("worker %s stopped after %d tasks", self.consumer, self.handled)
+        if clean:
+            log.info("worker %s stopped after %d tasks", self.consumer, self.handled)
+        return clean
 
     def _spawn(self, target: Any, name: str) -> None:
         thread = threading.Thread(target=target, name=f"phi-{name}", daemon=True)

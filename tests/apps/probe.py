@@ -73,3 +73,24 @@ def part(ctx: Context, items: list[Any], fail_partition: int = -1, **extra: Any)
     if index == fail_partition and ctx.attempt == 1:
         raise Retryable(f"partition {index} fails once")
     return {"index": index, "count": count, "size": len(items), "sum": sum(items), "first": items[0] if items else None}
+
+
+@probe.command()
+def die(ctx: Context, **extra: Any) -> None:
+    """Kills its own worker, as a crash in a native library would."""
+    os._exit(1)
+
+
+@probe.command()
+def effect(ctx: Context, sleep: float = 0.0, **extra: Any) -> dict[str, Any]:
+    """An idempotent side effect keyed by ctx.idempotency_key, in a Redis ledger (chaos tests)."""
+    import redis
+
+    started = time.time()
+    if sleep:
+        ctx.cancelled.wait(sleep)
+    r = redis.Redis.from_url(os.environ["PROBE_LEDGER_URL"])
+    ledger = os.environ["PROBE_LEDGER_KEY"]
+    r.hincrby(f"{ledger}:runs", ctx.idempotency_key, 1)
+    applied = r.hsetnx(ledger, ctx.idempotency_key, f"{ctx.attempt}/{ctx.token}")
+    return {"started": started, "finished": time.time(), "applied": bool(applied), "inputs": sorted(ctx.inputs)}
