@@ -83,10 +83,76 @@ class Subscription:
     where: str | None
     handler: Handler
 
-    def matches(self, event_type: str) -> bool:
-        if self.event.endswith(".*"):
-            return event_type.startswith(self.event[:-1])
-        return self.event in ("*", event_type)
+    def react(self, event: Event) -> None:
+        """Run the handler on one event (async handlers on a private loop)."""
+        value = self.handler(event)
+        if inspect.isawaitable(value):
+            asyncio.run(_awaited(value))
+
+
+@dataclass
+class Event:
+    """What a subscription handler gets: an event, and ways to react that keep its causation."""
+
+    id: str
+    type: str
+    workflow: str | None
+    task: str | None
+    data: Any
+    ts: float
+    depth: int = 0
+    chain: list[str] = field(default_factory=list)
+    emitted: list[dict[str, Any]] = field(default_factory=list)
+    submitter: Callable[..., str] | None = None
+
+    @classmethod
+    def from_map(cls, event: dict[str, Any], submitter: Callable[..., str] | None = None) -> Event:
+        return cls(
+            id=str(event.get("id")),
+            type=str(event.get("type")),
+            workflow=event.get("workflow"),
+            task=event.get("task"),
+            data=event.get("data"),
+            ts=float(event.get("ts") or 0),
+            depth=int(event.get("depth") or 0),
+            chain=list(event.get("chain") or []),
+            submitter=submitter,
+        )
+
+    def __getitem__(self, name: str) -> Any:
+        """`event["data"]` works as well as `event.data`."""
+        return getattr(self, name)
+
+    def emit(self, type_: str, data: Any = None) -> None:
+        """Publish an event caused by this one (one level deeper, for the storm guard)."""
+        self.emitted.append({"type": type_, "data": data})
+
+    def submit(self, source: Any, params: dict[str, Any] | None = None, id: str | None = None) -> str:  # noqa: A002
+        """Start a workflow caused by this event; returns its id."""
+        if self.submitter is None:
+            raise RuntimeError("this event was not delivered by a worker; use phibroker.Client to submit")
+        return self.submitter(source, params or {}, id, self.depth + 1, self.caused_chain)
+
+    @property
+    def caused_chain(self) -> list[str]:
+        return [*self.chain, f"{self.type}@{self.id}"]
+
+    def caused(self) -> list[dict[str, Any]]:
+        """The emitted events as full events: ids, causation and depth filled in."""
+        return [
+            {
+                "id": wire.new_id(),
+                "type": e["type"],
+                "workflow": self.workflow,
+                "task": None,
+                "data": e["data"],
+                "ts": time.time(),
+                "depth": self.depth + 1,
+                "chain": self.caused_chain,
+                "cause": self.id,
+            }
+            for e in self.emitted
+        ]
 
 
 @dataclass(slots=True)
@@ -117,6 +183,12 @@ class Agent:
         return register
 
     def on(self, event: str, name: str | None = None, where: str | None = None) -> Callable[[Handler], Handler]:
+        """Subscribe to events: an exact type or `prefix.*`, optionally filtered by a `where` expression."""
+        if where is not None:
+            from phibroker.expr import compile_expression
+
+            compile_expression(where)  # a bad filter fails here, at import, not at the first event
+
         def register(fn: Handler) -> Handler:
             sub_name = name or f"{self.name}.{fn.__name__}"
             self.subscriptions[sub_name] = Subscription(sub_name, event, where, fn)

@@ -7,14 +7,15 @@ Redis, bound a Python client (REDIS-FACTS: ~180 µs a trip; batching is the 13×
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import InvalidResponse, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
@@ -25,12 +26,12 @@ from phibroker.keys import COORDINATORS_GROUP, WORKERS_GROUP, Keys
 from phibroker.settings import Settings
 
 # What a lost connection looks like; loops back off and carry on, the CLI exits 3.
-CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionResetError, BrokenPipeError)
+CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, InvalidResponse, ConnectionResetError, BrokenPipeError)
 
 _INT_FIELDS = frozenset({"attempt", "token", "seq", "parts", "version", "launched", "depth"})
 _FLOAT_FIELDS = frozenset({"dispatched", "started", "finished", "deadline", "created_at", "finished_at", "retry_at"})
 _RAW_FIELDS = frozenset({"decision"})
-_META_JSON = frozenset({"params"})  # `spec` stays text: coordinators cache checked specs by it
+_META_JSON = frozenset({"params", "chain"})  # `spec` stays text: coordinators cache checked specs by it
 
 
 @dataclass(slots=True)
@@ -102,6 +103,8 @@ class Broker:
         self._claim_timers = self.redis.register_script(scripts.CLAIM_TIMERS)
         self._lease = self.redis.register_script(scripts.LEASE)
         self._groups: set[str] = set()
+        # Where published events go beyond the log (subscriptions, triggers); set by events.Router.
+        self.router: Callable[[list[dict[str, Any]]], list[tuple[str, bytes, int | None]]] | None = None
 
     def ping(self) -> None:
         try:
@@ -141,6 +144,23 @@ class Broker:
                 entries.append(Entry(entry_id.decode(), _raw_of(fields)))
         return entries
 
+    def read_groups(
+        self, streams: Sequence[str], group: str, consumer: str, count: int, block: float | None, pending: bool = False
+    ) -> list[tuple[str, Entry]]:
+        """`read_group` over several streams in one call: (stream, entry) pairs."""
+        reply = self.redis.xreadgroup(
+            group,
+            consumer,
+            {stream: "0" if pending else ">" for stream in streams},
+            count=max(1, count),
+            block=None if block is None else max(1, int(block * 1000)),
+        )
+        return [
+            (stream.decode(), Entry(entry_id.decode(), _raw_of(fields)))
+            for stream, items in reply or ()
+            for entry_id, fields in items
+        ]
+
     def ack(self, stream: str, group: str, ids: Sequence[str]) -> None:
         if ids:
             self.redis.xack(stream, group, *ids)
@@ -166,18 +186,18 @@ class Broker:
         pipe.xack(stream, group, *[e.id for e in entries])
         pipe.execute()
 
-    def publish(self, events: list[dict[str, Any]], routes: Any = None) -> None:
+    def publish(self, events: list[dict[str, Any]]) -> None:
         """Events that need no transition (a worker's `task.started`): one entry for the batch."""
         pipe = self.redis.pipeline(transaction=False)
-        self._publish(pipe, events, routes)
+        self._publish(pipe, events)
         pipe.execute()
 
-    def _publish(self, pipe: Any, events: list[dict[str, Any]], routes: Any) -> None:
+    def _publish(self, pipe: Any, events: list[dict[str, Any]]) -> None:
         maxlen = self.settings.events_maxlen
         pipe.xadd(self.keys.events, {wire.FIELD: wire.encode_events(events)}, maxlen=maxlen, approximate=True)
-        if routes is not None:
-            for stream, routed in routes(events):
-                pipe.xadd(stream, {wire.FIELD: wire.encode_events(routed)}, maxlen=self.settings.sub_maxlen)
+        if self.router is not None:
+            for stream, raw, cap in self.router(events):
+                pipe.xadd(stream, {wire.FIELD: raw}, maxlen=cap, approximate=True)
 
     def unit_states(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[str | None, str | None, str | None]]:
         """(workflow state, unit state, unit dispatch id) for each (workflow, unit)."""
@@ -282,9 +302,13 @@ class Broker:
         return now, leases
 
     # -- workflows -------------------------------------------------------------------------------
-    def create_workflow(self, wf_id: str, fields: dict[str, Any], created_at: float) -> bool:
-        """Write a new workflow, index it and tell the coordinators; False if the id exists."""
+    def submit_workflow(self, wf_id: str, fields: dict[str, Any]) -> bool:
+        """Write a new workflow, index it and tell the coordinators, in one round trip.
+
+        False if the id exists (the coordinators are told again: starting is idempotent)."""
         keys = self.keys
+        self.ensure_group(keys.results, COORDINATORS_GROUP)
+        created_at = float(fields["created_at"])
         pipe = self.redis.pipeline(transaction=False)
         pipe.zadd(keys.workflows, {wf_id: created_at}, nx=True)
         pipe.zadd(keys.running, {wf_id: created_at}, nx=True)
@@ -292,8 +316,9 @@ class Broker:
         for name, value in fields.items():
             args += [name, json.dumps(value) if name in _META_JSON else value]
         self._create(keys=[keys.wf(wf_id)], args=args, client=pipe)
-        _, _, created = pipe.execute()
-        return bool(created)
+        kick = wire.Inbox(kind="submit", body={"wf": wf_id}).encode(self.settings.max_message_bytes)
+        pipe.xadd(keys.results, {wire.FIELD: kick})
+        return bool(pipe.execute()[2])
 
     def load_runs(self, wf_ids: Sequence[str]) -> list[tuple[dict[str, Any], dict[bytes, bytes], dict[bytes, bytes]]]:
         """Meta (parsed), raw unit fields and raw results of several workflows, in one round trip."""
@@ -363,7 +388,7 @@ class Broker:
             if raw
         }
 
-    def drain(self, items: Sequence[tuple[str, str, dict[str, Any]]], routes: Any = None) -> None:
+    def drain(self, items: Sequence[tuple[str, str, dict[str, Any]]]) -> None:
         """Carry out outbox entries (wf id, entry id, decoded outbox), then remove them.
 
         Dispatches carry their id, so a redrive after a crash only makes duplicates that consumers drop.
@@ -377,7 +402,7 @@ class Broker:
                     self.ensure_group(stream, WORKERS_GROUP)
                 pipe.xadd(stream, {wire.FIELD: raw})
             if box.get("events"):
-                self._publish(pipe, box["events"], routes)
+                self._publish(pipe, box["events"])
             timers = box.get("timers_add")
             if timers:
                 pipe.zadd(keys.timers, {m: int(due * 1000) for m, due in timers.items()})
@@ -476,6 +501,65 @@ class Broker:
     def approvals(self) -> dict[str, dict[str, Any]]:
         raw = self.redis.hgetall(self.keys.approvals)
         return {k.decode(): wire.unpack(v, self.settings.max_message_bytes) for k, v in raw.items()}
+
+    # -- choreography ----------------------------------------------------------------------------
+    def choreography(self) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+        """Subscriptions and triggers: name -> info."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(self.keys.subs)
+        pipe.hgetall(self.keys.triggers)
+        subs, triggers = pipe.execute()
+        return (
+            {k.decode(): json.loads(v) for k, v in subs.items()},
+            {k.decode(): json.loads(v) for k, v in triggers.items()},
+        )
+
+    def register_subscription(self, name: str, info: dict[str, Any]) -> None:
+        self.redis.hset(self.keys.subs, name, json.dumps(info))
+
+    def register_trigger(self, name: str, info: dict[str, Any]) -> None:
+        self.redis.hset(self.keys.triggers, name, json.dumps(info))
+
+    def remove_trigger(self, name: str) -> bool:
+        return bool(self.redis.hdel(self.keys.triggers, name))
+
+    def trigger(self, name: str) -> dict[str, Any] | None:
+        raw = self.redis.hget(self.keys.triggers, name)
+        return json.loads(raw) if raw else None
+
+    def seen(self, subscription: str, event_ids: Sequence[str]) -> list[bool]:
+        """For each event id: has this subscription already handled it (a copy routed twice)?"""
+        if not event_ids:
+            return []
+        scores = self.redis.zmscore(self.keys.sub_seen(subscription), list(event_ids))
+        return [score is not None for score in scores]
+
+    def mark_seen(self, subscription: str, event_ids: Sequence[str], keep: float) -> None:
+        key = self.keys.sub_seen(subscription)
+        now = time.time()
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zadd(key, dict.fromkeys(event_ids, now))
+        pipe.zremrangebyscore(key, "-inf", now - keep)
+        pipe.execute()
+
+    def subscription_health(self, name: str) -> dict[str, Any]:
+        """Length, lag and events dropped unread by retention (oldest go first, so it is exact)."""
+        stream = self.keys.sub(name)
+        try:
+            info = self.redis.xinfo_stream(stream)
+            groups = self.redis.xinfo_groups(stream)
+        except ResponseError:
+            return {"length": 0, "dropped": 0, "lag": None, "pending": 0}
+        group = next((g for g in groups if g["name"] in (WORKERS_GROUP, WORKERS_GROUP.encode())), None)
+        added = int(info.get("entries-added") or 0)
+        read = int(group.get("entries-read") or 0) if group else 0
+        trimmed = added - int(info["length"])
+        return {
+            "length": int(info["length"]),
+            "dropped": max(0, trimmed - read),
+            "lag": group.get("lag") if group else None,
+            "pending": int(group["pending"]) if group else 0,
+        }
 
     def trusted_keys(self) -> dict[str, str]:
         """The configured trust list: approver name -> public key (hex). Empty: none configured."""

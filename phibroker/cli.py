@@ -350,6 +350,75 @@ def _read(path: Any) -> str:
 
 
 @main.group()
+def triggers() -> None:
+    """Workflows that events start: files with an `on:` section."""
+
+
+@triggers.command("add")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.pass_obj
+def triggers_add(settings: Settings, file: str) -> None:
+    """Register FILE: each event matching its `on:` starts it once, with the event's data as params."""
+    from phibroker.client import Client
+
+    with Client(settings) as client:
+        click.echo(f"trigger {client.add_trigger(file)} registered")
+
+
+@triggers.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def triggers_list(settings: Settings, as_json: bool) -> None:
+    """Registered triggers."""
+    from phibroker.client import Client
+
+    with Client(settings) as client:
+        rows = client.triggers()
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    if not rows:
+        click.echo("no triggers")
+    for row in rows:
+        where = f" where {row['where']}" if row["where"] else ""
+        click.echo(f"{row['name']}: on {row['event']}{where}")
+
+
+@triggers.command("remove")
+@click.argument("name")
+@click.pass_obj
+def triggers_remove(settings: Settings, name: str) -> None:
+    """Stop starting workflow NAME on events."""
+    from phibroker.client import Client
+
+    with Client(settings) as client:
+        client.remove_trigger(name)
+    click.echo(f"trigger {name} removed")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def subs(settings: Settings, as_json: bool) -> None:
+    """Event subscriptions: who listens to what, and how far behind each is."""
+    from phibroker.client import Client
+
+    with Client(settings) as client:
+        rows = client.subscriptions()
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    if not rows:
+        click.echo("no subscriptions")
+    for row in rows:
+        lag = "unknown" if row["lag"] is None else row["lag"]
+        click.echo(
+            f"{row['name']} ({row['agent']}) on {row['event']}: {row['length']} queued, lag {lag},"
+            f" {row['pending']} pending, {row['dropped']} dropped"
+        )
+
+
+@main.group()
 def dlq() -> None:
     """Dead letters: messages that could not be decoded or kept failing, with the reason."""
 

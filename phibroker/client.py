@@ -16,8 +16,9 @@ from typing import Any
 from phibroker import signing, wire
 from phibroker import workflow as workflows
 from phibroker.broker import CONNECTION_ERRORS, Broker
-from phibroker.engine import WF_TERMINAL, split_unit
+from phibroker.engine import WF_TERMINAL, new_workflow_fields, split_unit
 from phibroker.errors import ApprovalError, BrokerUnavailable, DecodeError, InvalidInput, UnknownWorkflow
+from phibroker.events import add_trigger
 from phibroker.settings import Settings
 from phibroker.spec import NAME_PATTERN
 
@@ -49,28 +50,20 @@ class Client:
         params: Mapping[str, Any] | None = None,
         id: str | None = None,  # noqa: A002 - the name users pass: submit(..., id="deploy-42")
         depth: int = 0,
+        chain: list[str] | None = None,
     ) -> str:
-        """Check and submit a workflow; returns its id. With `id`, a repeated submit is a no-op."""
+        """Check and submit a workflow; returns its id. With `id`, a repeated submit is a no-op.
+
+        `depth` and `chain` say which events led here (set by reactions; the storm guard reads them)."""
         workflow = source if isinstance(source, workflows.Workflow) else workflows.load(source)
         values = workflow.params_with(params or {})
         if id is not None and not _ID.match(id):
             raise InvalidInput(f"workflow id {id!r}: use letters, digits, '_', '.', '-'")
         wf_id = id or f"{workflow.name}-{wire.new_id()[:10]}"
-        now = time.time()
-        fields = {
-            "name": workflow.name,
-            "state": "running",
-            "version": 0,
-            "launched": 0,
-            "created_at": now,
-            "depth": depth,
-            "spec": json.dumps(workflow.source, separators=(",", ":")),
-            "params": values,
-        }
+        fields = new_workflow_fields(workflow, values, time.time(), depth, chain)
         fields.update(_signature_fields(workflow))
         with _reaching(self.settings):
-            self.broker.create_workflow(wf_id, fields, now)
-            self.broker.send_to_coordinators(wire.Inbox(kind="submit", body={"wf": wf_id}))
+            self.broker.submit_workflow(wf_id, fields)
         return wf_id
 
     def cancel(self, wf_id: str, reason: str | None = None) -> None:
@@ -143,6 +136,39 @@ class Client:
                 if event["type"] in ("approval.granted", "approval.rejected"):
                     return event
         return {"type": "approval.sent", "data": {"approval": approval_id}}
+
+    # -- choreography ----------------------------------------------------------------------------
+    def add_trigger(self, source: str | Path | workflows.Workflow) -> str:
+        """Register a workflow file with `on:`: a matching event starts it with the event's data as params."""
+        workflow = source if isinstance(source, workflows.Workflow) else workflows.load(source)
+        with _reaching(self.settings):
+            return add_trigger(self.broker, workflow)
+
+    def triggers(self) -> list[dict[str, Any]]:
+        with _reaching(self.settings):
+            _, triggers = self.broker.choreography()
+        return [
+            {"name": name, "event": info["event"], "where": info.get("where"), "added": info.get("added")}
+            for name, info in sorted(triggers.items())
+        ]
+
+    def remove_trigger(self, name: str) -> None:
+        with _reaching(self.settings):
+            if not self.broker.remove_trigger(name):
+                raise InvalidInput(f"no trigger named {name!r}")
+
+    def subscriptions(self) -> list[dict[str, Any]]:
+        """Every registered subscription with its stream's length, lag, pending and dropped events."""
+        with _reaching(self.settings):
+            subs, _ = self.broker.choreography()
+            return [
+                {
+                    "name": name,
+                    **{k: info.get(k) for k in ("agent", "event", "where")},
+                    **self.broker.subscription_health(name),
+                }
+                for name, info in sorted(subs.items())
+            ]
 
     # -- dead letters ----------------------------------------------------------------------------
     def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:

@@ -17,13 +17,14 @@ import socket
 import threading
 import time
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 from phibroker import engine, signing, wire
 from phibroker import workflow as workflows
 from phibroker.broker import CONNECTION_ERRORS, Broker, Entry, parse_units
 from phibroker.errors import DecodeError, PhibrokerError, SignatureError, WorkflowFileError
+from phibroker.events import Router
 from phibroker.keys import COORDINATORS_GROUP
 from phibroker.settings import Settings
 
@@ -52,7 +53,6 @@ class Coordinator:
         self,
         settings: Settings,
         broker: Broker | None = None,
-        route_events: Callable[[list[dict[str, Any]]], Iterable[tuple[str, list[dict[str, Any]]]]] | None = None,
         require_signed: bool = False,
         cache_size: int = 2000,
     ):
@@ -61,7 +61,7 @@ class Coordinator:
         self.keys = settings.keys
         self.name = f"{socket.gethostname()}:{os.getpid()}:{wire.new_id()[:6]}"
         self.require_signed = require_signed
-        self.route_events = route_events
+        self.router = Router(self.broker)
         self.runs: OrderedDict[str, engine.Run] = OrderedDict()
         self.specs: OrderedDict[str, workflows.Workflow] = OrderedDict()
         self.cache_size = cache_size
@@ -96,22 +96,22 @@ class Coordinator:
 
     def step(self) -> int:
         """One round: due timers and one batch of the inbox. Returns how many items it handled."""
-        now, next_due, timers = self.broker.claim_timers()
+        clock, next_due, timers = self.broker.claim_timers()
+        claimed = time.monotonic()
         block: float | None = self.settings.coordinator_block
         if next_due is not None:  # wake for the next timer, not after it
-            block = min(block, max(0.001, next_due - now))
+            block = min(block, max(0.001, next_due - clock))
         if timers or self._recovering:
             block = None
         entries = self.broker.read_group(
-            self.keys.results,
-            COORDINATORS_GROUP,
-            self.name,
-            self.settings.batch_size,
-            block,
-            self._recovering,
+            self.keys.results, COORDINATORS_GROUP, self.name, self.settings.batch_size, block, self._recovering
         )
+        waited = time.monotonic() - claimed
+        now = clock + waited  # Redis's clock, carried past the read: results finish after they were read
         if self._recovering and not entries:
             self._recovering = False
+        if block and not entries and waited < block / 2:
+            self.stopping.wait(block)  # the embedded broker answers an empty blocking read at once
         if not entries and not timers:
             return 0
         crash_point("after_read")
@@ -145,6 +145,9 @@ class Coordinator:
         wf_id = message.body.get("wf")
         if not isinstance(wf_id, str):
             self.broker.dead_letter("control message without a workflow id", entry.raw, self.keys.results, entry.id)
+            return
+        if message.kind == "trigger":
+            self._start_triggered(message.body)
             return
         if message.kind == "decide":
             refusal = self.verify_decision(message.body)
@@ -187,7 +190,7 @@ class Coordinator:
             quiet += [wf_id for wf_id in idle if wf_id not in stale]
             pending = {wf_id: pending[wf_id] for wf_id in stale}
         if drains:
-            self.broker.drain(drains, self.route_events)
+            self.broker.drain(drains)
             crash_point("after_drain")
         if quiet:  # nothing new to do: maybe a dead coordinator left its outbox undrained
             self.redrive(quiet, older_than=1.0)
@@ -228,6 +231,22 @@ class Coordinator:
             self._refuse(run, body, body["refusal"], now)
         elif kind == "lost":
             engine.lost(run, body["unit"], body["dispatch"], str(body.get("reason")), now)
+
+    def _start_triggered(self, body: dict[str, Any]) -> None:
+        """An event matched a trigger: start its workflow, with the event's data as params, once."""
+        name, event = str(body.get("trigger")), body.get("event") or {}
+        info = self.broker.trigger(name)
+        if info is None:
+            log.warning("trigger %s was removed; event %s ignored", name, event.get("id"))
+            return
+        workflow = self._workflow(info["spec"])
+        data = event.get("data")
+        params = {**workflow.spec.params, **(data if isinstance(data, dict) else {"data": data})}
+        chain = [*event.get("chain", []), f"{event.get('type')}@{event.get('id')}"]
+        depth = int(event.get("depth") or 0) + 1
+        fields = engine.new_workflow_fields(workflow, params, time.time(), depth=depth, chain=chain)
+        if self.broker.submit_workflow(str(body["wf"]), fields):
+            log.info("trigger %s started %s on %s", name, body["wf"], event.get("type"))
 
     def trusted(self) -> dict[str, str]:
         """The trust list in Redis; with none configured, the local keys (read now, so new keys count)."""
@@ -326,7 +345,7 @@ class Coordinator:
                 items.append((wf_id, entry_id, box))
         if items:
             log.info("re-driving %d outbox entries", len(items))
-            self.broker.drain(items, self.route_events)
+            self.broker.drain(items)
         return len(items)
 
     # -- maintenance -------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -26,9 +27,10 @@ from rich.table import Table
 from rich.text import Text
 
 from phibroker import workflow as workflows
+from phibroker.broker import CONNECTION_ERRORS
 from phibroker.client import Client
-from phibroker.engine import WF_TERMINAL
-from phibroker.errors import BrokerUnavailable
+from phibroker.engine import TASK_TERMINAL, WF_TERMINAL
+from phibroker.errors import BrokerUnavailable, PhibrokerError
 from phibroker.settings import Settings
 
 REFERENCE_AGENTS = ("webc", "dc", "vssc", "kalic", "cmdc")
@@ -49,11 +51,17 @@ def find_example(name: str = "complete-dag.yaml") -> Path | None:
 
 
 def shown_path(path: Path) -> str:
-    """A path as a user would type it: relative to the current folder when it is inside it."""
-    try:
-        return str(path.resolve().relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
+    """A path as a user would type it: relative to the current folder, else to ~, else absolute."""
+    for base, prefix in ((Path.cwd(), ""), (Path.home(), "~/")):
+        try:
+            return prefix + str(path.resolve().relative_to(base))
+        except ValueError:
+            continue
+    return str(path)
+
+
+class _Interrupted(Exception):
+    """Ctrl-C or SIGTERM arrived: unwind to `run()`, which stops everything."""
 
 
 @dataclass
@@ -73,39 +81,50 @@ class DevServer:
         self.example = example
         self.once = once
         self.logs = settings.home / "dev-logs"
-        self.console = Console(highlight=False)
+        self.console = Console(highlight=False, soft_wrap=True)  # long paths and URLs stay whole
         self.client = Client(settings)
         self.children: list[Child] = []
         self.redis_server: Child | None = None
         self.embedded: Any = None  # a fakeredis.TcpFakeServer serving from self.embedded_thread
         self.embedded_thread: threading.Thread | None = None
         self.broker_line = ""
+        self.broker_note = ""
         self.stopping = threading.Event()  # Ctrl-C, SIGTERM or SIGHUP: stop cleanly
         self.hurry = threading.Event()  # a second one: kill instead of waiting
 
     # -- the whole run -----------------------------------------------------------------------------
     def run(self) -> int:
-        """Start, show the example, then serve until a signal; with `once`, stop when the example ends."""
+        """Start, show the example, then serve until a signal; with `once`, stop when the example ends.
+
+        The exit code: 0 — Ctrl-C is the normal way out — except with `once` and an example, where it
+        is 0 only if the example succeeded, so scripts and tests can rely on it.
+        """
         checked = workflows.load(self.example) if self.example else None  # a bad file: exit 2, nothing started
         self._trap_signals()
         try:
             self.find_or_start_broker()
             self.start_processes()
+            self.wait_until_up()
             status = None
-            if self.example and checked and not self.stopping.is_set():
+            if self.example and checked:
                 wf_id = self.client.submit(checked)
                 self.console.print(f"Submitted {shown_path(self.example)} as [bold]{wf_id}[/]")
                 status = self.show_progress(wf_id)
                 self.print_summary(status)
             if self.once:
-                return 0 if checked is None or (status and status["state"] == "succeeded") else 1
-            if not self.stopping.is_set():
-                self.print_usage()
-                while not self.stopping.wait(0.5):
-                    self.check_children()
+                return 0 if status is None or status["state"] == "succeeded" else 1
+            self.print_usage()
+            while not self.stopping.wait(0.5):
+                self.check_children()
             return 0
+        except _Interrupted:
+            return 1 if self.once and checked else 0
         finally:
             self.stop()
+
+    def _check_stop(self) -> None:
+        if self.stopping.is_set():
+            raise _Interrupted
 
     def _trap_signals(self) -> None:
         def handler(signum: int, frame: Any) -> None:
@@ -138,15 +157,19 @@ class DevServer:
                 raise BrokerUnavailable(f"cannot start the embedded broker at {host}:{port}: {exc}") from None
             self.embedded_thread = threading.Thread(target=self.embedded.serve_forever, name="phi-embedded-broker")
             self.embedded_thread.start()
-            self.broker_line = f"Started the embedded broker (fakeredis) at {url}; fine for a try, not for real work"
+            self.broker_line = f"Started the embedded broker (fakeredis) at {url}"
+            self.broker_note = "  (inside this process: fine for a try; install redis-server for real work)"
         deadline = time.monotonic() + 10
         while not self._answers():
             if self.redis_server and self.redis_server.process.poll() is not None:
                 raise BrokerUnavailable(f"redis-server could not start at {url}:\n{self._tail(self.redis_server)}")
-            if time.monotonic() > deadline or self.stopping.is_set():
+            self._check_stop()
+            if time.monotonic() > deadline:
                 raise BrokerUnavailable(f"the broker started at {url} does not answer")
             time.sleep(0.05)
         self.console.print(self.broker_line)
+        if self.broker_note:
+            self.console.print(self.broker_note, style="dim")
 
     def _answers(self) -> bool:
         try:
@@ -154,12 +177,14 @@ class DevServer:
             return True
         except BrokerUnavailable:
             return False
+        except Exception as exc:  # noqa: BLE001 - whatever else it says, it is not a Redis we can use
+            raise BrokerUnavailable(f"{self.settings.redis_url} answers, but not as Redis: {exc}") from None
 
     def _local_address(self) -> tuple[str, int]:
         """Where to start a broker; only on this machine, and only for a plain redis:// URL."""
         parts = urlsplit(self.settings.redis_url)
         host, port = parts.hostname or "localhost", parts.port or 6379
-        if parts.scheme != "redis" or host not in LOCAL_HOSTS:
+        if parts.scheme != "redis" or not (host in LOCAL_HOSTS or host.startswith("127.")):
             raise BrokerUnavailable(
                 f"nothing answers at {self.settings.redis_url}, and dev starts a broker only at redis://localhost:PORT"
             )
@@ -168,15 +193,33 @@ class DevServer:
     # -- the processes -----------------------------------------------------------------------------
     def start_processes(self) -> None:
         """The coordinator and one worker per reference agent, as `phibroker` children of this process."""
+        self._check_stop()
         self.logs.mkdir(parents=True, exist_ok=True)
         app = ["--app", self.app] if self.app else []
         phibroker = [sys.executable, "-m", "phibroker"]
         self.children.append(self._spawn("coordinator", [*phibroker, "coordinator"]))
         for agent in REFERENCE_AGENTS:
             self.children.append(self._spawn(f"worker-{agent}", [*phibroker, "worker", "--agent", agent, *app]))
-        self.console.print(
-            f"Started the coordinator and workers for {', '.join(REFERENCE_AGENTS)}; logs in {shown_path(self.logs)}/"
-        )
+
+    def wait_until_up(self) -> None:
+        """Until every child holds its lease, so the example's timings show work, not Python starting up."""
+        pids = {child.process.pid for child in self.children}
+        text = f"the coordinator and workers for {', '.join(REFERENCE_AGENTS)}"
+        keys = self.settings.keys
+        with self.console.status(f"Starting {text}…"):
+            while True:
+                self._check_stop()
+                try:
+                    leases = [*self.client.broker.leases(keys.coordinators)[1].values()]
+                    leases += self.client.broker.leases(keys.agents)[1].values()
+                except CONNECTION_ERRORS as exc:
+                    raise BrokerUnavailable(f"lost Redis at {self.settings.redis_url}: {exc}") from None
+                if pids <= {lease.get("pid") for lease in leases}:
+                    break
+                self.check_children()
+                self.stopping.wait(0.1)
+        self.console.print(f"Started {text}")
+        self.console.print(f"  (their logs: {shown_path(self.logs)}/)", style="dim")
 
     def _spawn(self, name: str, args: list[str]) -> Child:
         """A child in its own process group: a terminal's Ctrl-C reaches only us, and we stop it in order."""
@@ -195,9 +238,9 @@ class DevServer:
 
     def check_children(self) -> None:
         """A child that exits on its own (a bad --app, a crash) ends the run with its log's last lines."""
-        for child in self.children:
+        for child in self.children + ([self.redis_server] if self.redis_server else []):
             if child.process.poll() is not None:
-                raise BrokerUnavailable(
+                raise PhibrokerError(
                     f"{child.name} exited with code {child.process.returncode}; "
                     f"the end of {shown_path(child.log)}:\n{self._tail(child)}"
                 )
@@ -208,34 +251,36 @@ class DevServer:
         return "\n".join(child.log.read_text(errors="replace").splitlines()[-lines:])
 
     # -- showing the example -----------------------------------------------------------------------
-    def show_progress(self, wf_id: str) -> dict[str, Any] | None:
-        """Redraw the workflow 4 times a second until it ends; the last status, or None if interrupted."""
+    def show_progress(self, wf_id: str) -> dict[str, Any]:
+        """Redraw the workflow 4 times a second until it ends; its last status."""
         status = self.client.status(wf_id)
-        with Live(render(status), console=self.console, auto_refresh=False) as live:
-            while not self.stopping.is_set():
-                status = self.client.status(wf_id)
-                live.update(render(status), refresh=True)
-                if status["state"] in WF_TERMINAL:
-                    return status
-                self.check_children()
-                self.stopping.wait(0.25)
-        return None
+        try:
+            with Live(render(status), console=self.console, auto_refresh=False) as live:
+                while status["state"] not in WF_TERMINAL:
+                    self.check_children()
+                    self.stopping.wait(0.25)
+                    self._check_stop()
+                    status = self.client.status(wf_id)
+                    live.update(render(status), refresh=True)
+        finally:
+            if not self.console.is_terminal:
+                self.console.line()  # Live ends a terminal's last line itself, not a file's
+        return status
 
-    def print_summary(self, status: dict[str, Any] | None) -> None:
-        if status is None:
-            return
-        counts: dict[str, int] = {}
-        for task in status["tasks"].values():
-            counts[task["state"]] = counts.get(task["state"], 0) + 1
+    def print_summary(self, status: dict[str, Any]) -> None:
+        counts = Counter(task["state"] for task in status["tasks"].values())
         tally = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
         style = "green" if status["state"] == "succeeded" else "red"
         self.console.print(f"[{style}]{status['name']} {status['state']}[/] in {_elapsed(status)}: {tally}")
         if status["state"] != "succeeded":
-            self.console.print(f"  details: phibroker status {status['id']}; logs in {shown_path(self.logs)}/")
+            for name, task in status["tasks"].items():
+                if task["state"] == "failed":
+                    self.console.print(f"  {name}: {task['error']}", soft_wrap=False, no_wrap=True, overflow="ellipsis")
+            self.console.print(f"  more: phibroker status {status['id']}")
 
     def print_usage(self) -> None:
         """How another terminal reaches what runs here: the exports it needs (none by default)."""
-        lines = [self.broker_line + ".", "The coordinator and the workers keep running. From another terminal:"]
+        lines = ["", self.broker_line + ".", "The coordinator and the workers keep running. From another terminal:"]
         if self.settings.redis_url != DEFAULT_URL:
             lines.append(f"  export PHIBROKER_REDIS_URL={self.settings.redis_url}")
         if self.settings.namespace != DEFAULT_NAMESPACE:
@@ -252,7 +297,7 @@ class DevServer:
         """SIGTERM to every child, wait (kill after STOP_WAIT or a second Ctrl-C), then the broker."""
         started = bool(self.children or self.redis_server or self.embedded)
         if started:
-            self.console.print("Stopping what dev started…")
+            self.console.print(("\n" if self.stopping.is_set() else "") + "Stopping what dev started…")
         self._terminate(self.children)
         self.client.close()
         if self.redis_server:
@@ -270,14 +315,12 @@ class DevServer:
             if child.process.poll() is None:
                 child.process.terminate()
         deadline = time.monotonic() + STOP_WAIT
-        while any(c.process.poll() is None for c in children):
-            if time.monotonic() > deadline or self.hurry.is_set():
-                for child in children:
-                    if child.process.poll() is None:
-                        child.process.kill()
+        while any(c.process.poll() is None for c in children) and time.monotonic() < deadline:
+            if self.hurry.wait(0.05):
                 break
-            time.sleep(0.05)
         for child in children:
+            if child.process.poll() is None:
+                child.process.kill()
             child.process.wait()
             child.handle.close()
 
@@ -285,14 +328,18 @@ class DevServer:
 def render(status: dict[str, Any]) -> Group:
     """The live view of one workflow: a header, then one line per task. Pure, so it can be tested alone."""
     state = status["state"] or "?"
-    header = Text.assemble((status["id"], "bold"), "  ", (state, STYLES.get(state, "bold")), f"  {_elapsed(status)}")
+    done = sum(1 for task in status["tasks"].values() if task["state"] in TASK_TERMINAL)
+    header = Text.assemble(
+        (status["id"], "bold"), "  ", (state, STYLES.get(state, "bold")), f"  {done}/{len(status['tasks'])} tasks done"
+    )
+    header.append(f"  {_elapsed(status)}", "dim")
     table = Table(box=None, padding=(0, 2, 0, 0), show_header=True, header_style="dim")
     for column in ("task", "state", "agent", "time"):
         table.add_column(column, justify="right" if column == "time" else "left", no_wrap=column != "task")
     for name, task in status["tasks"].items():
         took = ""
         if task["started_at"]:
-            took = f"{(task['finished_at'] or time.time()) - task['started_at']:.2f}s"
+            took = f"{max(0.0, (task['finished_at'] or time.time()) - task['started_at']):.2f}s"
         attempts = f" (try {task['attempts']})" if task["attempts"] > 1 else ""
         table.add_row(name, Text(task["state"] + attempts, STYLES.get(task["state"], "")), task["agent"] or "-", took)
     return Group(header, table)

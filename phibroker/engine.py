@@ -11,6 +11,7 @@ compensation). Their state lives in one hash, one field per `unit|attribute`.
 
 from __future__ import annotations
 
+import json
 import random
 import time
 import traceback
@@ -62,6 +63,23 @@ def error_text(error: Mapping[str, Any] | None) -> str:
         return "error"
     kind, message = error.get("type") or "Error", error.get("message") or ""
     return f"{kind}: {message}" if message else str(kind)
+
+
+def new_workflow_fields(
+    workflow: Workflow, params: dict[str, Any], now: float, depth: int = 0, chain: list[str] | None = None
+) -> dict[str, Any]:
+    """The workflow hash of a new run; the coordinator launches it on the submit message."""
+    return {
+        "name": workflow.name,
+        "state": "running",
+        "version": 0,
+        "launched": 0,
+        "created_at": now,
+        "depth": depth,
+        "chain": chain or [],
+        "spec": json.dumps(workflow.source, separators=(",", ":")),
+        "params": params,
+    }
 
 
 @dataclass
@@ -200,6 +218,7 @@ class Run:
                 "data": fields if data is None else data,
                 "ts": now,
                 "depth": int(self.meta.get("depth") or 0),
+                "chain": self.meta.get("chain") or [],
             }
         )
 

@@ -238,7 +238,7 @@ class Inbox:
 
 _INBOX_SCHEMA = {"v": _INT, "id": _STR, "kind": _STR, "results": _LIST, "body": _MAP}
 _INBOX_REQUIRED = frozenset({"v", "id", "kind"})
-_INBOX_KINDS = frozenset({"results", "submit", "cancel", "decide", "lost", "kick"})
+_INBOX_KINDS = frozenset({"results", "submit", "cancel", "decide", "lost", "kick", "trigger"})
 
 
 def encode_events(events: list[dict[str, Any]]) -> bytes:

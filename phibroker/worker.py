@@ -22,9 +22,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from phibroker import wire
-from phibroker.agent import Agent, Context, Outcome
+from phibroker import workflow as workflows
+from phibroker.agent import Agent, Context, Event, Outcome
 from phibroker.broker import CONNECTION_ERRORS, Broker, Entry
+from phibroker.engine import new_workflow_fields
 from phibroker.errors import DecodeError, PhibrokerError
+from phibroker.events import Router, register_subscriptions
 from phibroker.keys import COORDINATORS_GROUP, WORKERS_GROUP
 from phibroker.settings import Settings
 
@@ -36,6 +39,16 @@ class Fetched:
     entry: Entry
     message: wire.TaskMessage
     lost: bytes = b""  # a history record for the attempt this reclaim replaces
+
+
+@dataclass(slots=True)
+class Reaction:
+    """An entry of one of the agent's subscription streams: a batch of events for one handler."""
+
+    entry: Entry
+    stream: str
+    subscription: str
+    events: list[dict[str, Any]]
 
 
 @dataclass(slots=True)
@@ -55,6 +68,9 @@ class Worker:
         self.concurrency = max(1, concurrency)
         self.pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix=f"phi-{agent.name}")
         self.backlog: deque[Fetched] = deque()
+        self.reactions: deque[Reaction] = deque()
+        self.sub_streams: dict[str, str] = {}  # subscription stream -> subscription name
+        self.router = Router(self.broker)
         self.running: dict[str, Running] = {}  # entry id -> running attempt, until settled
         self.active = 0  # handlers executing now
         self.slots = threading.Condition()
@@ -77,6 +93,8 @@ class Worker:
         self.broker.ensure_group(self.stream, WORKERS_GROUP)
         self.broker.ensure_group(self.keys.results, COORDINATORS_GROUP)
         self.renew_lease()
+        streams = register_subscriptions(self.broker, self.agent.name, self.agent.subscriptions)
+        self.sub_streams = dict(zip(streams, self.agent.subscriptions, strict=True))
         log.info("worker %s serving %s (%s)", self.consumer, self.agent.name, ", ".join(self.agent.commands))
         self._spawn(self._settle_loop, "settler")
         self._spawn(self._heartbeat_loop, "heartbeat")
@@ -94,7 +112,7 @@ class Worker:
                     self.stopping.wait(backoff)
                     backoff = min(backoff * 2, 5.0)
                     continue
-                if burst and not fetched and not self.backlog and self._idle():
+                if burst and not fetched and not self.backlog and not self.reactions and self._idle():
                     break
         finally:
             clean = self.shutdown()
@@ -115,21 +133,35 @@ class Worker:
             with self.slots:
                 self.slots.wait_for(lambda: self.free_slots() > 0 or self.stopping.is_set(), self.settings.worker_block)
             return 0
-        if self.backlog:
+        if self.backlog or self.reactions:
             return 0
         count = self.free_slots() + self.settings.prefetch
         block = None if self._recovering else self.settings.worker_block
         began = time.monotonic()
-        entries = self.broker.read_group(
-            self.stream, WORKERS_GROUP, self.consumer, count, block, pending=self._recovering
-        )
-        if self._recovering and not entries:
+        streams = [self.stream, *self.sub_streams]
+        read = self.broker.read_groups(streams, WORKERS_GROUP, self.consumer, count, block, pending=self._recovering)
+        if self._recovering and not read:
             self._recovering = False
-        if not entries and block and time.monotonic() - began < block / 2:
+        if not read and block and time.monotonic() - began < block / 2:
             # The embedded broker answers an empty blocking read at once; don't spin on it.
             self.stopping.wait(0.05)
-        self.accept(entries)
-        return len(entries)
+        self.accept([entry for stream, entry in read if stream == self.stream])
+        for stream, entry in read:
+            if stream != self.stream:
+                self.accept_reaction(stream, entry)
+        return len(read)
+
+    def accept_reaction(self, stream: str, entry: Entry) -> None:
+        if any(r.entry.id == entry.id and r.stream == stream for r in self.reactions):
+            return  # entry ids repeat across streams: a reaction is its stream and its id
+        name = self.sub_streams[stream]
+        try:
+            events = wire.decode_events(entry.raw or b"", self.settings.max_message_bytes * 4)
+        except DecodeError as exc:
+            self.broker.dead_letter(exc.reason, entry.raw, stream, entry.id, subscription=name)
+            self.broker.ack(stream, WORKERS_GROUP, [entry.id])
+            return
+        self.reactions.append(Reaction(entry, stream, name, events))
 
     def accept(self, entries: list[Entry], lost_from: str | None = None) -> None:
         """Decode entries into the backlog; undecodable ones go to the DLQ, answered ones are acked."""
@@ -166,6 +198,11 @@ class Worker:
 
     def launch(self) -> None:
         """Mark a batch started (fencing tokens from one script call per workflow), then run it."""
+        while self.reactions and self.free_slots() > 0:
+            reaction = self.reactions.popleft()
+            with self.slots:
+                self.active += 1
+            self.pool.submit(self._react, reaction)
         take = min(self.free_slots(), len(self.backlog))
         if take <= 0:
             return
@@ -217,6 +254,51 @@ class Worker:
                 self.active -= 1
                 self.slots.notify_all()
         self.outcomes.put((running, outcome))
+
+    def _react(self, reaction: Reaction) -> None:
+        """Runs on a pool thread: each event the subscription has not seen yet, then the ack.
+
+        An event is marked seen only after its handler ran, so a crash re-runs it (at least once),
+        while a copy routed twice (an outbox re-driven after a coordinator died) runs once.
+        """
+        try:
+            ids = [str(e.get("id")) for e in reaction.events]
+            seen = self.broker.seen(reaction.subscription, ids)
+            emitted: list[dict[str, Any]] = []
+            for event, already in zip(reaction.events, seen, strict=True):
+                if not already:
+                    emitted += self._react_to(reaction, event)
+            if emitted:
+                self.broker.publish(emitted)
+            self.broker.mark_seen(reaction.subscription, ids, keep=self.settings.retention)
+            self.broker.ack(reaction.stream, WORKERS_GROUP, [reaction.entry.id])
+        except CONNECTION_ERRORS as exc:
+            log.warning("reaction left for redelivery: %s", exc)
+        finally:
+            with self.slots:
+                self.active -= 1
+                self.slots.notify_all()
+
+    def _react_to(self, reaction: Reaction, raw_event: dict[str, Any]) -> list[dict[str, Any]]:
+        """One event through one handler; a failure goes to the DLQ tagged with the subscription."""
+        event = Event.from_map(raw_event, submitter=self._submit)
+        try:
+            self.agent.subscriptions[reaction.subscription].react(event)
+        except Exception as exc:  # noqa: BLE001 - a failing reaction is kept, not retried forever
+            reason = f"{type(exc).__name__}: {exc}"
+            log.warning("subscription %s failed on %s: %s", reaction.subscription, event.type, reason)
+            self.broker.dead_letter(
+                reason, wire.pack(raw_event), reaction.stream, reaction.entry.id, subscription=reaction.subscription
+            )
+        return event.caused()
+
+    def _submit(self, source: Any, params: dict[str, Any], wf_id: str | None, depth: int, chain: list[str]) -> str:
+        """`event.submit(...)` from a reaction: a workflow caused by that event."""
+        workflow = source if isinstance(source, workflows.Workflow) else workflows.load(source)
+        values = workflow.params_with(params)
+        wf_id = wf_id or f"{workflow.name}-{wire.new_id()[:10]}"
+        self.broker.submit_workflow(wf_id, new_workflow_fields(workflow, values, time.time(), depth, chain))
+        return wf_id
 
     # -- settling ----------------------------------------------------------------------------------
     def _settle_loop(self) -> None:
@@ -301,6 +383,7 @@ class Worker:
             "stopping": self.stopping.is_set(),
             "handled": self.handled,
             "commands": sorted(self.agent.commands),
+            "subscriptions": sorted(self.agent.subscriptions),
         }
         self.broker.renew_lease(self.keys.agents, self.consumer, self.settings.reclaim_after, info)
 
@@ -339,45 +422,56 @@ class Worker:
             self.reclaim()
 
     def reclaim(self) -> int:
-        """Take over the entries of workers whose lease lapsed: they run again as a new attempt."""
+        """Take over the entries of workers whose lease lapsed: tasks run again as a new attempt."""
         clock, leases = self.broker.leases(self.keys.agents)
-        pending = self.broker.pending_of(self.stream, WORKERS_GROUP)
-        dead = {
-            p["consumer"]
-            for p in pending
-            if p["consumer"] != self.consumer and leases.get(p["consumer"], {}).get("expires", 0) < clock
-        }
-        if not dead:
-            return 0
         claimed = 0
-        for consumer in sorted(dead):
-            rows = [p for p in pending if p["consumer"] == consumer]
-            worn = [p["id"] for p in rows if p["deliveries"] >= self.settings.max_deliveries]
-            fresh = [p["id"] for p in rows if p["deliveries"] < self.settings.max_deliveries]
-            for entry in self.broker.claim(self.stream, WORKERS_GROUP, self.consumer, worn, 200):
-                self._dead_letter(entry, f"delivered {self.settings.max_deliveries} times without a result")
-                self.broker.ack(self.stream, WORKERS_GROUP, [entry.id])
-            entries = self.broker.claim(self.stream, WORKERS_GROUP, self.consumer, fresh, 200)
-            self.accept(entries, lost_from=consumer)
-            claimed += len(entries)
-            if len(rows) < 1000:
-                self.broker.drop_consumer(self.stream, WORKERS_GROUP, consumer)
-                self.broker.drop_lease(self.keys.agents, consumer)
-        if claimed:
-            log.info("reclaimed %d entries from %s", claimed, ", ".join(sorted(dead)))
+        for stream in [self.stream, *self.sub_streams]:
+            pending = self.broker.pending_of(stream, WORKERS_GROUP)
+            dead = {
+                p["consumer"]
+                for p in pending
+                if p["consumer"] != self.consumer and leases.get(p["consumer"], {}).get("expires", 0) < clock
+            }
+            for consumer in sorted(dead):
+                rows = [p for p in pending if p["consumer"] == consumer]
+                claimed += self._take_over(stream, consumer, rows)
+                if len(rows) < 1000:
+                    self.broker.drop_consumer(stream, WORKERS_GROUP, consumer)
+                    if stream == self.stream:
+                        self.broker.drop_lease(self.keys.agents, consumer)
         return claimed
 
-    def _dead_letter(self, entry: Entry, reason: str) -> None:
+    def _take_over(self, stream: str, consumer: str, rows: list[dict[str, Any]]) -> int:
+        worn = [p["id"] for p in rows if p["deliveries"] >= self.settings.max_deliveries]
+        fresh = [p["id"] for p in rows if p["deliveries"] < self.settings.max_deliveries]
+        for entry in self.broker.claim(stream, WORKERS_GROUP, self.consumer, worn, 200):
+            self._dead_letter(entry, f"delivered {self.settings.max_deliveries} times without a result", stream)
+            self.broker.ack(stream, WORKERS_GROUP, [entry.id])
+        entries = self.broker.claim(stream, WORKERS_GROUP, self.consumer, fresh, 200)
+        if stream == self.stream:
+            self.accept(entries, lost_from=consumer)
+        else:
+            for entry in entries:
+                self.accept_reaction(stream, entry)
+        if entries:
+            log.info("reclaimed %d entries of %s from %s", len(entries), stream, consumer)
+        return len(entries)
+
+    def _dead_letter(self, entry: Entry, reason: str, stream: str | None = None) -> None:
         """Keep the raw bytes and the reason; if the message names its task, fail that task."""
+        stream = stream or self.stream
         log.warning("dead-lettering %s: %s", entry.id, reason)
-        self.broker.dead_letter(reason, entry.raw, self.stream, entry.id, agent=self.agent.name)
+        extra = {"subscription": self.sub_streams[stream]} if stream in self.sub_streams else {}
+        self.broker.dead_letter(reason, entry.raw, stream, entry.id, agent=self.agent.name, **extra)
+        if stream != self.stream:
+            return
         ids = _salvage_ids(entry.raw, self.settings.max_message_bytes)
         if ids:
             self.broker.send_to_coordinators(wire.Inbox(kind="lost", body={**ids, "reason": reason}))
 
     # -- stopping ----------------------------------------------------------------------------------
     def _idle(self) -> bool:
-        return self.active == 0 and not self.running and self.outcomes.empty()
+        return self.active == 0 and not self.running and self.outcomes.empty() and not self.reactions
 
     def shutdown(self) -> bool:
         """Give unstarted entries back at once, let running handlers finish within the grace period."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
@@ -301,3 +302,18 @@ class _UniqueKeyLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: 
                 raise WorkflowFileError(f"duplicate key {key!r} at line {mark.line + 1}")
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+def _yaml12_booleans(loader: type) -> None:
+    """Only true/false are booleans (YAML 1.2), so `on:` stays the key `on`, not True."""
+    resolvers = {
+        first: [(tag, regexp) for tag, regexp in entries if tag != "tag:yaml.org,2002:bool"]
+        for first, entries in loader.yaml_implicit_resolvers.items()
+    }
+    loader.yaml_implicit_resolvers = resolvers
+    loader.add_implicit_resolver(
+        "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+    )
+
+
+_yaml12_booleans(_UniqueKeyLoader)

@@ -32,7 +32,9 @@ def layered_workflow(tasks: int = 500, width: int = 50, seed: int = 3) -> dict[s
             previous = range((layer - 1) * width, layer * width)
             task["depends_on"] = [f"t{j}" for j in sorted(rand.sample(previous, rand.randint(1, 3)))]
         spec[f"t{i}"] = task
-    return {"name": "chaos", "tasks": spec}
+    # The handlers write their ledger to the Redis that restarts: that error is transient, so retried.
+    retry = {"max_attempts": 20, "base_delay": "100ms", "max_delay": "1s", "retry_on": ["ConnectionError", "BusyLoading"]}
+    return {"name": "chaos", "defaults": {"retry": retry}, "tasks": spec}
 
 
 @pytest.fixture
@@ -104,10 +106,11 @@ def test_chaos(restart_redis: bool, aof_server: RedisServer, tmp_path: Path) -> 
         f"\nchaos: {len(states)} tasks, {kills} kills, {restarts} restarts, redis restarted: {restart_redis}, "
         f"lost {len(lost)}, applied twice 0 of {len(applied)}, handler re-runs {reruns}, {elapsed:.1f}s"
     )
-    assert status["state"] == "succeeded" and not lost, (lost[:5], procs.output())
+    failed = {n: t["error"] for n, t in status["tasks"].items() if t["state"] == "failed"}
+    assert status["state"] == "succeeded" and not lost, (status["error"], failed, lost[:5], procs.output())
     assert applied == {f"{wf_id}:{name}" for name in states}
     for name, task in status["tasks"].items():
-        assert [h["applied"] for h in task["history"]].count(True) == 1, name
+        assert len([h for h in task["history"] if h["applied"] and h["error"] is None]) == 1, name
         for dep in spec["tasks"][name].get("depends_on", []):
             assert task["result"]["started"] >= status["tasks"][dep]["result"]["finished"], (name, dep)
 

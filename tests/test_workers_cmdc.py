@@ -6,11 +6,13 @@ import os
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from phibroker import wire
 from phibroker.agent import Context
 from workers import cmdc
 
@@ -124,6 +126,46 @@ def test_merge_keeps_the_top_20() -> None:
     parts = [{"lines": 1, "errors": 1, "warnings": 0, "unique_errors": {f"e{i}": i + 1}} for i in range(30)]
     merged = cmdc.merge_log_counts(parts)
     assert merged["errors"] == 30 and len(merged["unique_errors"]) == 20 and "e29" in merged["unique_errors"]
+
+
+def test_read_logs_synthetic_is_deterministic_small_and_mixed() -> None:
+    result = cmdc.read_logs(ctx(command="read_logs"), lines=10_000, seed=7)
+    lines = result["lines"]
+    assert result["count"] == len(lines) == 10_000
+    assert cmdc.read_logs(ctx(command="read_logs"))["lines"] == lines  # the defaults: 10,000 lines, seed 7
+    assert cmdc.read_logs(ctx(command="read_logs"), seed=8)["lines"] != lines
+    assert len(wire.pack(result)) < 800_000  # it travels as a result, and again as the inputs of each partition
+    levels = Counter(line.split()[2] for line in lines)
+    assert set(levels) == {"INFO", "WARN", "ERROR"} and levels["INFO"] > levels["WARN"] > levels["ERROR"] > 100
+    stamps = [line.split()[0] for line in lines]
+    assert stamps == sorted(stamps) and stamps[0].startswith("2025-03-14T09:00")
+    analysed = cmdc.analyze_logs(ctx(command="analyze_logs"), items=lines)
+    assert (analysed["errors"], analysed["warnings"]) == (levels["ERROR"], levels["WARN"])
+    assert 3 <= len(analysed["unique_errors"]) <= 10  # a handful of recurring messages, numbers varying
+
+
+def test_read_logs_partitions_merge_to_the_whole() -> None:
+    lines = cmdc.read_logs(ctx(command="read_logs"), lines=1000, seed=1)["lines"]
+    parts = [cmdc.analyze_logs(ctx(command="analyze_logs"), items=lines[i::4]) for i in range(4)]
+    assert cmdc.merge_log_counts(parts) == cmdc.analyze_logs(ctx(command="analyze_logs"), items=lines)
+    assert cmdc.read_logs(ctx(command="read_logs"), lines=0) == {
+        "lines": [],
+        "count": 0,
+        "source": "synthetic (seed 7)",
+    }
+    with pytest.raises(ValueError, match="lines must be 0 or more"):
+        cmdc.read_logs(ctx(command="read_logs"), lines=-1)
+
+
+def test_read_logs_from_a_file_keeps_its_lines(tmp_path: Path) -> None:
+    log = tmp_path / "app.log"
+    log.write_text("boot\r\nERROR disk full\nWARN slow\n\nlast line without newline", encoding="utf-8")
+    result = cmdc.read_logs(ctx(command="read_logs"), path=str(log))
+    assert result["lines"] == ["boot", "ERROR disk full", "WARN slow", "", "last line without newline"]
+    assert result["count"] == 5 and result["source"] == str(log.resolve())
+    assert cmdc.read_logs(ctx(command="read_logs"), path=str(log), lines=2)["lines"] == ["boot", "ERROR disk full"]
+    with pytest.raises(FileNotFoundError):
+        cmdc.read_logs(ctx(command="read_logs"), path=str(tmp_path / "missing.log"))
 
 
 def live(folder: Path) -> str:

@@ -12,7 +12,6 @@ from typing import Any
 from phibroker.agent import Context
 
 WORKSPACE_ENV = "PHIBROKER_WORKSPACE"
-DEFAULT_WORKSPACE = Path("~/.phibroker/workspace")
 MAX_ITEMS = 50  # results travel through Redis: every list in them is capped
 SKIP_DIRS = frozenset(
     {".git", ".hg", ".venv", "venv", "env", "__pycache__", "node_modules", ".tox", ".mypy_cache", ".ruff_cache"}
@@ -20,8 +19,9 @@ SKIP_DIRS = frozenset(
 
 
 def workspace_root(workspace: str | None = None) -> Path:
-    """The payload's `workspace`, else $PHIBROKER_WORKSPACE, else ~/.phibroker/workspace."""
-    chosen = workspace or os.environ.get(WORKSPACE_ENV) or str(DEFAULT_WORKSPACE)
+    """The payload's `workspace`, else $PHIBROKER_WORKSPACE, else `workspace` in the phibroker home."""
+    home = os.environ.get("PHIBROKER_HOME") or "~/.phibroker"
+    chosen = workspace or os.environ.get(WORKSPACE_ENV) or str(Path(home) / "workspace")
     return Path(chosen).expanduser().resolve()
 
 

@@ -1,8 +1,9 @@
-"""cmdc: run commands (without a shell), analyse logs, and deploy releases by an atomic symlink switch."""
+"""cmdc: run commands (without a shell), read and analyse logs, and deploy releases by an atomic symlink switch."""
 
 from __future__ import annotations
 
 import os
+import random
 import re
 import shlex
 import signal
@@ -11,6 +12,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -108,6 +110,67 @@ def run_tests(
 
 
 # -- logs -------------------------------------------------------------------------------------------
+
+LOG_START = datetime(2025, 3, 14, 9, 0, 0, tzinfo=UTC).timestamp()
+LOG_SERVICES = ("api", "auth", "billing", "worker")
+LOG_INFO = (
+    "GET /orders/{n} 200 in {ms} ms",
+    "POST /checkout 201 in {ms} ms",
+    "user {n} signed in",
+    "job sync-{n} done in {ms} ms",
+)
+LOG_WARN = ("slow query took {ms} ms", "retrying inventory call ({k}/3)", "disk {p}% full on /var")
+LOG_ERROR = (
+    "payment gateway timed out after {ms} ms",
+    "db pool exhausted ({k} waiting)",
+    "order {n} rejected: card declined",
+    "TLS handshake failed for 10.0.{k}.{p}",
+    "cache node {k} unreachable",
+)
+
+
+def synthetic_log(lines: int, seed: int) -> list[str]:
+    """A deterministic application log: one line a second or so, about 85% INFO, 10% WARN, 5% ERROR,
+    a handful of recurring messages whose numbers vary (lines stay near 60 bytes, results small)."""
+    rng = random.Random(seed)
+    stamp = LOG_START
+    out = []
+    for _ in range(lines):
+        stamp += rng.uniform(0.05, 2.0)
+        roll = rng.random()
+        level, templates = (
+            ("ERROR", LOG_ERROR) if roll < 0.05 else ("WARN", LOG_WARN) if roll < 0.15 else ("INFO", LOG_INFO)
+        )
+        numbers = {
+            "n": rng.randint(1000, 99999),
+            "ms": rng.randint(5, 9000),
+            "k": rng.randint(1, 9),
+            "p": rng.randint(1, 99),
+        }
+        when = datetime.fromtimestamp(stamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        message = rng.choice(templates).format(**numbers)
+        out.append(f"{when} {rng.choice(LOG_SERVICES):<7} {level:<5} {message}")
+    return out
+
+
+@agent.command("read_logs")
+def read_logs(ctx: Context, path: str | None = None, lines: int = 10000, seed: int = 7, **_: Any) -> dict[str, Any]:
+    """The first `lines` lines of the log file at `path` (on the worker's machine), else a synthetic
+    application log of `lines` lines made from `seed` (the same seed, the same log)."""
+    count = int(lines)
+    if count < 0:
+        raise ValueError(f"lines must be 0 or more, got {lines!r}")
+    if path:
+        found: list[str] = []
+        with Path(path).expanduser().open(encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if len(found) >= count:
+                    break
+                found.append(line.rstrip("\r\n"))
+        return {"lines": found, "count": len(found), "source": str(Path(path).expanduser().resolve())}
+    found = synthetic_log(count, int(seed))
+    return {"lines": found, "count": len(found), "source": f"synthetic (seed {int(seed)})"}
+
 
 LEVEL = re.compile(r"\b(error|warn|warning)\b[\s:\]\-|]*(.*)", re.IGNORECASE)
 

@@ -1,0 +1,175 @@
+"""Choreography: subscriptions and triggers, and routing each published event to them.
+
+Every event goes to the `NS:events` log. Beside that, the `Router` copies each event into the stream of
+every subscription whose type and `where` filter match (`NS:sub:NAME`, one group each, so no slow
+subscriber pins the global log), and turns each event that matches a workflow trigger into an inbox
+message that starts the workflow once. Events past the storm depth go to the DLQ with their chain
+instead. The router is attached to a broker, which calls it for whatever it publishes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from phibroker import wire
+from phibroker.broker import Broker
+from phibroker.errors import ExpressionError, InvalidInput, WorkflowFileError
+from phibroker.expr import Expression, compile_expression
+from phibroker.keys import WORKERS_GROUP
+from phibroker.workflow import Workflow
+
+log = logging.getLogger("phibroker.events")
+
+Route = tuple[str, bytes, int | None]  # stream, entry, maxlen
+
+
+def matches(pattern: str, event_type: str) -> bool:
+    """An exact type, `prefix.*`, or `*`."""
+    if pattern == "*":
+        return True
+    if pattern.endswith(".*"):
+        return event_type.startswith(pattern[:-1])
+    return pattern == event_type
+
+
+def event_scope(event: Mapping[str, Any]) -> dict[str, Any]:
+    """What a `where` filter sees: `event.data.x`, or the event's fields directly (`data.x`, `type`)."""
+    return {**event, "event": event}
+
+
+@dataclass(frozen=True)
+class Filter:
+    """A subscription or a trigger: which events it wants."""
+
+    name: str
+    event: str
+    where: Expression | None
+
+    def wants(self, event: Mapping[str, Any]) -> bool:
+        return matches(self.event, str(event.get("type"))) and (
+            self.where is None or self.where.test(event_scope(event))
+        )
+
+
+def compile_where(source: str | None, what: str) -> Expression | None:
+    if not source:
+        return None
+    try:
+        return compile_expression(source)
+    except ExpressionError as exc:
+        raise InvalidInput(f"{what}: where: {exc}") from None
+
+
+class Router:
+    """Decides where events go beyond the log; re-reads subscriptions and triggers every `refresh` s."""
+
+    def __init__(self, broker: Broker, refresh: float = 1.0):
+        self.broker = broker
+        self.settings = broker.settings
+        self.keys = broker.keys
+        self.refresh = refresh
+        self.subscriptions: list[Filter] = []
+        self.triggers: list[Filter] = []
+        self._loaded = 0.0
+        broker.router = self.routes
+
+    def load(self) -> None:
+        subs, triggers = self.broker.choreography()
+        self.subscriptions = [_filter(name, info) for name, info in subs.items()]
+        self.triggers = [_filter(name, info) for name, info in triggers.items()]
+        self._loaded = time.monotonic()
+
+    def routes(self, events: list[dict[str, Any]]) -> list[Route]:
+        """Subscription entries, trigger starts and storm dead letters for a batch of events."""
+        if time.monotonic() - self._loaded > self.refresh:
+            try:
+                self.load()
+            except Exception as exc:  # noqa: BLE001 - keep routing with what we had
+                log.warning("cannot refresh subscriptions: %s", exc)
+        if not self.subscriptions and not self.triggers:
+            return []
+        out: list[Route] = []
+        routed: dict[str, list[dict[str, Any]]] = {}
+        limit = self.settings.storm_depth
+        for event in events:
+            wanted = [s for s in self.subscriptions if s.wants(event)]
+            starts = [t for t in self.triggers if t.wants(event)]
+            if not wanted and not starts:
+                continue
+            if int(event.get("depth") or 0) >= limit:
+                out.append(self._storm(event, [s.name for s in wanted] + [t.name for t in starts]))
+                continue
+            for sub in wanted:
+                routed.setdefault(sub.name, []).append(event)
+            for trigger in starts:
+                body = {"wf": trigger_workflow_id(trigger.name, event), "trigger": trigger.name, "event": event}
+                out.append((self.keys.results, wire.Inbox(kind="trigger", body=body).encode(1 << 26), None))
+        for name, batch in routed.items():  # one event per entry: retention and redelivery count events
+            stream = self.keys.sub(name)
+            out += [(stream, wire.encode_events([event]), self.settings.sub_maxlen) for event in batch]
+        return out
+
+    def _storm(self, event: dict[str, Any], targets: list[str]) -> Route:
+        chain = [*event.get("chain", []), f"{event.get('type')}@{event.get('id')}"]
+        reason = f"storm guard: event depth {event.get('depth')} reached the limit {self.settings.storm_depth}"
+        log.warning("%s: %s", reason, " -> ".join(chain[-6:]))
+        record = {
+            "reason": reason,
+            "raw": wire.pack(event),
+            "size": 0,
+            "source": self.keys.events,
+            "entry": str(event.get("id")),
+            "chain": chain,
+            "subscription": ", ".join(targets),
+        }
+        return (self.keys.dlq, wire.pack(record), self.settings.dlq_maxlen)
+
+
+def _filter(name: str, info: Mapping[str, Any]) -> Filter:
+    try:
+        where = compile_where(info.get("where"), name)
+    except InvalidInput as exc:
+        log.warning("ignoring %s", exc)
+        where = compile_expression("false")
+    return Filter(name, str(info.get("event")), where)
+
+
+def trigger_workflow_id(trigger: str, event: Mapping[str, Any]) -> str:
+    """One workflow per (trigger, event): a re-routed event finds its workflow already there."""
+    return f"{trigger}-{event.get('id')}"
+
+
+# -- registration ----------------------------------------------------------------------------------
+
+
+def register_subscriptions(broker: Broker, agent: str, subscriptions: Mapping[str, Any]) -> list[str]:
+    """Record an agent's subscriptions and create their streams' groups at `$` (events from now on)."""
+    streams = []
+    for sub in subscriptions.values():
+        compile_where(sub.where, sub.name)
+        info = {"agent": agent, "event": sub.event, "where": sub.where, "registered": time.time()}
+        broker.register_subscription(sub.name, info)
+        stream = broker.keys.sub(sub.name)
+        broker.ensure_group(stream, WORKERS_GROUP, start="$")
+        streams.append(stream)
+    return streams
+
+
+def add_trigger(broker: Broker, workflow: Workflow) -> str:
+    """Register a workflow file with `on:` so matching events start it."""
+    on = workflow.spec.on
+    if on is None:
+        raise WorkflowFileError(f"{workflow.name}: no `on:` section, so no event can start it")
+    info = {
+        "event": on.event,
+        "where": on.where,
+        "spec": json.dumps(workflow.source, separators=(",", ":")),
+        "added": time.time(),
+    }
+    broker.register_trigger(workflow.name, info)
+    return workflow.name

@@ -1,0 +1,256 @@
+"""Every workflow in examples/ runs to its expected end state on the reference agents (workers/*), with a
+real redis-server, a real coordinator and one real worker process per agent the example uses."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from phibroker import workflow as workflows
+from phibroker.client import Client
+from phibroker.settings import Settings
+from tests.conftest import REPO, Processes
+
+EXAMPLES = REPO / "examples"
+TERMINAL = ("succeeded", "failed", "cancelled", "timed_out")
+VULNERABLE = """\
+# SPDX-License-Identifier: MIT
+import subprocess
+
+
+def total(expression):
+    return eval(expression)
+
+
+def archive(folder):
+    subprocess.run("tar czf backup.tgz " + folder, shell=True)
+"""
+
+
+@dataclass
+class Run:
+    """One example's processes, client and scratch space."""
+
+    procs: Processes
+    client: Client
+    settings: Settings
+    tmp_path: Path
+    monkeypatch: pytest.MonkeyPatch
+    example: str
+
+    @property
+    def path(self) -> Path:
+        return EXAMPLES / f"{self.example}.yaml"
+
+    def start(self) -> None:
+        """A coordinator and a reference worker for each agent the example names (tasks and compensations)."""
+        self.procs.coordinator()
+        agents = set()
+        for task in workflows.load(self.path).spec.tasks.values():
+            agents.update(a for a in (task.agent, task.compensate and task.compensate.agent) if a)
+        workspace = str(self.tmp_path / "workspace")
+        for agent in sorted(agents):
+            self.procs.worker(agent, app=f"workers.{agent}", PHIBROKER_WORKSPACE=workspace)
+
+    def submit(self, **params: Any) -> str:
+        return self.client.submit(self.path, params=params)
+
+    def wait(self, wf_id: str, approve: bool = True, timeout: float = 60) -> dict[str, Any]:
+        """Wait for the end; any approval request of this workflow is approved as stryk on the way."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.client.wait(wf_id, timeout=0.5)
+            if status["state"] in TERMINAL:
+                return status
+            assert time.monotonic() < deadline, f"{wf_id} still {status['state']}\n{self.procs.output()}"
+            if approve:
+                for request in self.client.approvals():
+                    if request["workflow"] == wf_id:
+                        self.as_stryk()
+                        self.client.approve(request["id"], comment="approved by the example test")
+
+    def as_stryk(self) -> None:
+        self.monkeypatch.setenv("PHIBROKER_APPROVER", "stryk")  # client.approve makes stryk's key in home
+
+    def vulnerable_source(self) -> Path:
+        folder = self.tmp_path / "legacy-src"
+        folder.mkdir(exist_ok=True)
+        (folder / "reports.py").write_text(VULNERABLE, encoding="utf-8")
+        return folder
+
+    def fail(self, status: dict[str, Any]) -> str:
+        tasks = {name: (task["state"], task["error"]) for name, task in status["tasks"].items()}
+        return f"{status['state']}: {status.get('error')}\n{tasks}\n{self.procs.output()}"
+
+
+def succeeded(run: Run, status: dict[str, Any], *skipped: str) -> dict[str, Any]:
+    assert status["state"] == "succeeded", run.fail(status)
+    states = {name: task["state"] for name, task in status["tasks"].items()}
+    assert states == {name: "skipped" if name in skipped else "succeeded" for name in states}, states
+    return status["tasks"]
+
+
+# -- one expectation per example ----------------------------------------------------------------------
+
+
+def check_sequential_pipeline(run: Run) -> None:
+    tasks = succeeded(run, run.wait(run.submit()))
+    order = ["Research", "Requirements", "Implement", "UnitTests"]
+    for before, after in zip(order, order[1:], strict=False):
+        assert tasks[after]["started_at"] >= tasks[before]["finished_at"], (before, after)
+    assert tasks["Research"]["result"]["source_count"] >= 2
+    assert tasks["Requirements"]["result"]["requirement_count"] >= 1
+    assert tasks["UnitTests"]["result"]["output_tail"].count("PASS") == 1
+    workspace = Path(tasks["Implement"]["result"]["workspace"])
+    assert workspace.is_relative_to(run.tmp_path / "workspace") and not (workspace / "__pycache__").exists()
+
+
+def check_fan_out_fan_in(run: Run) -> None:
+    tasks = succeeded(run, run.wait(run.submit()))
+    builds = ["BuildAPI", "BuildWorker", "BuildWebUI"]
+    audit = tasks["AuditAll"]
+    assert sorted(audit["result"]["targets"]) == sorted(tasks[b]["result"]["workspace"] for b in builds)
+    assert all(audit["started_at"] >= tasks[b]["finished_at"] for b in builds)
+
+
+def check_scatter_gather(run: Run) -> None:
+    tasks = succeeded(run, run.wait(run.submit()))
+    lines = tasks["ReadLogs"]["result"]["lines"]
+    assert len(lines) == tasks["ReadLogs"]["result"]["count"] == 10_000
+    partitions = tasks["AnalyzeLogs"]["result"]
+    assert [p["lines"] for p in partitions] == [2500] * 4
+    levels = Counter(line.split()[2] for line in lines)  # `<time> <service> <LEVEL> <message>`
+    errors = Counter(re.sub(r"\d+", "N", line.split(None, 3)[3]) for line in lines if line.split()[2] == "ERROR")
+    merged = tasks["Merge"]["result"]
+    assert merged == {
+        "lines": 10_000,
+        "errors": levels["ERROR"],
+        "warnings": levels["WARN"],
+        "unique_errors": dict(errors),
+    }
+    assert levels["ERROR"] > 0 and levels["WARN"] > 0
+
+
+def check_conditional_branching(run: Run) -> None:
+    clean = run.submit()
+    vulnerable = run.submit(audit_target=str(run.vulnerable_source()))
+    fast = succeeded(run, run.wait(clean), "Fix", "VerifyFix")
+    assert fast["Audit"]["result"]["vulnerabilities_found"] == 0
+    assert fast["Deploy"]["result"]["release"] == fast["Build"]["result"]["release"]
+    fixed = succeeded(run, run.wait(vulnerable), "UnitTests")
+    assert fixed["Audit"]["result"]["vulnerabilities_found"] == 2
+    assert fixed["VerifyFix"]["result"]["fixed"] is True
+    assert fixed["Deploy"]["result"]["release"] == fixed["Fix"]["result"]["release"]
+
+
+def check_retry_backoff(run: Run) -> None:
+    state_file = run.tmp_path / "retry.count"
+    tasks = succeeded(run, run.wait(run.submit(state_file=str(state_file), failures=2)))
+    task = tasks["WaitForInventory"]
+    assert task["attempts"] == 3 and [h["attempt"] for h in task["history"]] == [1, 2, 3]
+    assert all("exited with code 75" in h["error"] for h in task["history"][:2]) and not task["history"][2]["error"]
+    assert "attempt 3: inventory service healthy" in task["result"]["output_tail"]
+    first, second, third = task["history"]
+    assert second["started_at"] - first["finished_at"] >= 0.5 and third["started_at"] - second["finished_at"] >= 1.0
+    assert not state_file.exists()  # so the next run retries again
+
+
+def check_saga(run: Run) -> None:
+    status = run.wait(run.submit())
+    assert status["state"] == "failed", run.fail(status)
+    tasks = status["tasks"]
+    assert tasks["SmokeTest"]["state"] == "failed" and "HTTP 503" in tasks["SmokeTest"]["error"]
+    assert tasks["Audit"]["state"] == "succeeded"  # nothing to undo
+    assert tasks["Deploy"]["state"] == tasks["Build"]["state"] == "compensated"
+    undo_deploy = [h for h in tasks["Deploy"]["history"] if h.get("compensation")]
+    undo_build = [h for h in tasks["Build"]["history"] if h.get("compensation")]
+    assert len(undo_deploy) == len(undo_build) == 1 and not undo_deploy[0]["error"] and not undo_build[0]["error"]
+    assert undo_deploy[0]["finished_at"] <= undo_build[0]["started_at"]  # newest first, one at a time
+    assert undo_deploy[0]["started_at"] >= tasks["SmokeTest"]["finished_at"]
+    assert not Path(tasks["Deploy"]["result"]["current"]).is_symlink()  # no release was live before: none now
+    build = tasks["Build"]["result"]
+    assert not any((Path(build["workspace"]) / name).exists() for name in build["files"])
+
+
+def check_human_approval(run: Run) -> None:
+    wf_id = run.submit()
+    deadline = time.monotonic() + 30
+    while not (requests := [r for r in run.client.approvals() if r["workflow"] == wf_id]):
+        assert time.monotonic() < deadline, run.procs.output()
+        time.sleep(0.05)
+    status = run.client.status(wf_id)
+    assert status["state"] == "waiting_approval" and status["tasks"]["Deploy"]["state"] == "pending"
+    release = status["tasks"]["Build"]["result"]["release"]
+    message = requests[0]["message"]
+    assert message.startswith(f"Deploy {release} to production? The audit found 0 vulnerabilities"), message
+    run.as_stryk()
+    assert run.client.approve(requests[0]["id"], comment="audit is clean")["type"] == "approval.granted"
+    tasks = succeeded(run, run.wait(wf_id, approve=False))
+    assert tasks["Approve"]["approval"]["decision"]["approver"] == "stryk"
+    assert tasks["Deploy"]["result"]["environment"] == "production"
+    assert tasks["Deploy"]["result"]["release"] == release
+
+
+def check_feature_deploy(run: Run) -> None:
+    tasks = succeeded(run, run.wait(run.submit()), "Approve")  # a clean audit needs no approval
+    assert tasks["Audit"]["result"]["vulnerabilities_found"] == 0
+    assert tasks["Deploy"]["result"]["release"] == tasks["Implement"]["result"]["release"]
+
+
+def check_parallel_research(run: Run) -> None:
+    tasks = succeeded(run, run.wait(run.submit()))
+    assert tasks["Synthesize"]["result"]["requirement_count"] >= 1
+
+
+def check_vulnerability_fix(run: Run) -> None:
+    tasks = succeeded(run, run.wait(run.submit(target=str(run.vulnerable_source()))))
+    assert tasks["Scan"]["result"]["finding_count"] == 2 and tasks["Verify"]["result"]["fixed"] is True
+    assert tasks["Ship"]["result"]["release"] == tasks["Fix"]["result"]["release"]
+
+
+def check_complete_dag(run: Run) -> None:
+    tasks = succeeded(run, run.wait(run.submit()))
+    assert sorted(tasks["SecurityAudit"]["result"]["targets"]) == sorted(
+        tasks[t]["result"]["workspace"] for t in ("ImplementAPI", "ImplementUI")
+    )
+
+
+EXPECTATIONS: dict[str, Callable[[Run], None]] = {
+    "sequential-pipeline": check_sequential_pipeline,
+    "fan-out-fan-in": check_fan_out_fan_in,
+    "scatter-gather": check_scatter_gather,
+    "conditional-branching": check_conditional_branching,
+    "retry-backoff": check_retry_backoff,
+    "saga": check_saga,
+    "human-approval": check_human_approval,
+    "feature-deploy": check_feature_deploy,
+    "parallel-research": check_parallel_research,
+    "vulnerability-fix": check_vulnerability_fix,
+    "complete-dag": check_complete_dag,
+}
+
+
+@pytest.mark.parametrize("example", sorted(p.stem for p in EXAMPLES.glob("*.yaml")))
+def test_example_reaches_its_end_state(
+    example: str,
+    procs: Processes,
+    client: Client,
+    settings: Settings,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert example in EXPECTATIONS, f"examples/{example}.yaml has no expectation in tests/test_examples.py"
+    run = Run(procs, client, settings, tmp_path, monkeypatch, example)
+    run.start()
+    EXPECTATIONS[example](run)
+
+
+def test_every_expectation_has_its_example() -> None:
+    assert sorted(EXPECTATIONS) == sorted(p.stem for p in EXAMPLES.glob("*.yaml"))
