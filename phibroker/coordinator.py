@@ -18,12 +18,13 @@ import threading
 import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Iterable
+from functools import cached_property
 from typing import Any
 
 from phibroker import engine, signing, wire
 from phibroker import workflow as workflows
 from phibroker.broker import CONNECTION_ERRORS, Broker, Entry, parse_units
-from phibroker.errors import DecodeError, PhibrokerError, SignatureError, WorkflowFileError
+from phibroker.errors import DecodeError, InvalidInput, PhibrokerError, SignatureError, WorkflowFileError
 from phibroker.events import Router
 from phibroker.keys import COORDINATORS_GROUP
 from phibroker.settings import Settings
@@ -139,8 +140,13 @@ class Coordinator:
             self.broker.dead_letter(exc.reason, entry.raw, self.keys.results, entry.id)
             return
         if message.kind == "results":
+            refusal = self.check_sender(message)
+            if refusal:
+                log.warning("dead-lettering inbox entry %s: %s", entry.id, refusal)
+                self.broker.dead_letter(refusal, entry.raw, self.keys.results, entry.id)
+                return
             for result in message.results:
-                ops[result.wf].append(("result", result))
+                ops[result.wf].append(("result", (result, message.agent)))
             return
         wf_id = message.body.get("wf")
         if not isinstance(wf_id, str):
@@ -212,7 +218,12 @@ class Coordinator:
 
     def _apply(self, run: engine.Run, kind: str, body: Any, now: float) -> None:
         if kind == "result":
-            engine.apply_result(run, body, now)
+            result, sender = body
+            if self.identities and engine.unit_agent(run.workflow, result.unit) != sender:
+                reason = f"forged result: agent {sender!r} answered {result.unit!r} of another agent"
+                self.broker.dead_letter(reason, wire.pack(result.to_map()), self.keys.results, result.id)
+                return
+            engine.apply_result(run, result, now)
         elif kind == "timer":
             engine.apply_timer(run, body, now)
         elif kind in ("submit", "kick"):
@@ -247,6 +258,28 @@ class Coordinator:
         fields = engine.new_workflow_fields(workflow, params, time.time(), depth=depth, chain=chain)
         if self.broker.submit_workflow(str(body["wf"]), fields):
             log.info("trigger %s started %s on %s", name, body["wf"], event.get("type"))
+
+    @cached_property
+    def identities(self) -> dict[str, bytes]:
+        """agent -> secret, from the identities file; empty: results are not checked."""
+        path = self.settings.identities
+        if path is None:
+            return {}
+        try:
+            return {agent: str(secret).encode() for agent, secret in json.loads(path.read_text()).items()}
+        except (OSError, ValueError, AttributeError) as exc:
+            raise InvalidInput(f"identities file {path}: {exc}") from None
+
+    def check_sender(self, message: wire.Inbox) -> str | None:
+        """With identities configured, results must be signed by the agent they claim to come from."""
+        if not self.identities:
+            return None
+        secret = self.identities.get(message.agent or "")
+        if secret is None:
+            return f"forged result: unknown agent {message.agent!r}"
+        if not message.signed_by(secret):
+            return f"forged result: bad signature for agent {message.agent!r}"
+        return None
 
     def trusted(self) -> dict[str, str]:
         """The trust list in Redis; with none configured, the local keys (read now, so new keys count)."""
@@ -288,12 +321,11 @@ class Coordinator:
 
     def _unknown(self, wf_id: str, items: list[Op]) -> None:
         """Results for a workflow that does not exist (expired, or never was): kept in the DLQ."""
-        for kind, body in items:
+        for kind, body in items:  # a timer of an expired workflow simply goes away
             if kind == "result":
-                raw = wire.pack(body.to_map())
-                self.broker.dead_letter(f"unknown workflow {wf_id!r}", raw, self.keys.results, body.id)
-            elif kind == "timer":
-                pass  # a timer of an expired workflow simply goes away
+                result, _ = body
+                raw = wire.pack(result.to_map())
+                self.broker.dead_letter(f"unknown workflow {wf_id!r}", raw, self.keys.results, result.id)
 
     def _runs(self, wf_ids: list[str]) -> dict[str, engine.Run]:
         """Cached runs, and the missing ones loaded in one round trip."""

@@ -47,6 +47,17 @@ def split_unit(unit: str) -> tuple[str, int | None, bool]:
     return unit, None, False
 
 
+def unit_agent(workflow: Workflow, unit: str) -> str | None:
+    """The agent that runs a unit: the task's, or its compensation's when that names another."""
+    task, _, is_undo = split_unit(unit)
+    spec = workflow.tasks.get(task)
+    if spec is None:
+        return None
+    if is_undo and spec.compensate is not None and spec.compensate.agent:
+        return spec.compensate.agent
+    return spec.agent
+
+
 def timer_member(kind: str, wf_id: str, *parts: Any) -> str:
     """Timers are named by what they are for, so re-adding one replaces it and removing needs no lookup."""
     return "|".join([kind, wf_id, *map(str, parts)])

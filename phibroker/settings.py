@@ -19,6 +19,11 @@ class Settings(BaseSettings):
     namespace: str = Field("phi", pattern=r"^[A-Za-z0-9_.-]+$")
     home: Path = Path("~/.phibroker").expanduser()
 
+    # Identity: a worker signs its results with its agent's secret; coordinators check them against
+    # the identities file (JSON: agent -> secret). Without that file, results are not checked.
+    agent_secret: str | None = None
+    identities: Path | None = None
+
     # Reads: blocking reads return as soon as anything arrives, so the block only bounds idle loops.
     worker_block: float = 1.0
     coordinator_block: float = 0.05  # also the timer resolution: timers fire within ~this of due

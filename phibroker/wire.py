@@ -7,6 +7,8 @@ type by hand (the hot path runs this for every message; pydantic costs several t
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -207,36 +209,73 @@ class Inbox:
     """One entry of the coordinators' inbox: a batch of results, or a control message.
 
     kinds: `results` (from a worker), `submit`, `cancel`, `decide` (an approval decision), `lost`
-    (a task message dead-lettered by a worker).
+    (a task message dead-lettered by a worker), `kick` (start a workflow again), `trigger` (an event
+    matched a workflow trigger). Results travel as one packed blob, so a worker can sign exactly those
+    bytes with its agent's secret (`agent`, `sig`) and a coordinator can check them before decoding.
     """
 
     kind: str
     id: str = field(default_factory=new_id)
     results: list[Result] = field(default_factory=list)
     body: dict[str, Any] = field(default_factory=dict)
+    agent: str | None = None
+    sig: str | None = None
+    blob: bytes = b""  # the packed results, as signed
 
-    def encode(self, limit: int) -> bytes:
+    def encode(self, limit: int, secret: bytes | None = None) -> bytes:
         envelope: dict[str, Any] = {"v": VERSION, "id": self.id, "kind": self.kind, "body": self.body}
         if self.results:
-            envelope["results"] = [r.to_map() for r in self.results]
+            self.blob = pack([r.to_map() for r in self.results])
+            envelope["results"] = self.blob
+        if self.agent is not None:
+            envelope["agent"] = self.agent
+            if secret is not None:
+                envelope["sig"] = self.signature(secret)
         return pack_limited(envelope, limit, f"{self.kind} message")
+
+    def signature(self, secret: bytes) -> str:
+        """HMAC over the id, the claimed agent and the results blob: who sent exactly these results."""
+        message = f"{self.id}|{self.agent}|".encode() + self.blob
+        return hmac.new(secret, message, hashlib.sha256).hexdigest()
+
+    def signed_by(self, secret: bytes) -> bool:
+        return self.sig is not None and hmac.compare_digest(self.sig, self.signature(secret))
 
     @classmethod
     def decode(cls, raw: bytes, limit: int) -> Inbox:
         e = _check(unpack(raw, limit), _INBOX_SCHEMA, _INBOX_REQUIRED, "inbox message")
+        if e["kind"] not in _INBOX_KINDS:
+            raise DecodeError(e, f"inbox message: unknown kind {e['kind']!r}")
+        blob = e.get("results") or b""
+        items = unpack(blob, limit) if blob else []
+        if not isinstance(items, list):
+            raise DecodeError(e, "inbox message: results is not a list")
         results = []
-        for item in e.get("results") or []:
-            item = dict(_check({**item, "v": VERSION}, _RESULT_SCHEMA, _RESULT_REQUIRED, "result"))
+        for item in items:
+            item = dict(
+                _check(
+                    {**item, "v": VERSION} if isinstance(item, dict) else item,
+                    _RESULT_SCHEMA,
+                    _RESULT_REQUIRED,
+                    "result",
+                )
+            )
             del item["v"]
             if item.get("events") is None:
                 item["events"] = []
             results.append(Result(**item))
-        if e["kind"] not in _INBOX_KINDS:
-            raise DecodeError(e, f"inbox message: unknown kind {e['kind']!r}")
-        return cls(kind=e["kind"], id=e["id"], results=results, body=e.get("body") or {})
+        return cls(
+            kind=e["kind"],
+            id=e["id"],
+            results=results,
+            body=e.get("body") or {},
+            agent=e.get("agent"),
+            sig=e.get("sig"),
+            blob=blob,
+        )
 
 
-_INBOX_SCHEMA = {"v": _INT, "id": _STR, "kind": _STR, "results": _LIST, "body": _MAP}
+_INBOX_SCHEMA = {"v": _INT, "id": _STR, "kind": _STR, "results": _BYTES, "body": _MAP, "agent": _STR, "sig": _STR}
 _INBOX_REQUIRED = frozenset({"v", "id", "kind"})
 _INBOX_KINDS = frozenset({"results", "submit", "cancel", "decide", "lost", "kick", "trigger"})
 

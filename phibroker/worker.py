@@ -362,14 +362,20 @@ class Worker:
         for result, entry_id in zip(results, ids, strict=True):
             weight = len(result.value or b"") + 512
             if chunk and size + weight > limit:
-                out.append((wire.Inbox(kind="results", results=chunk).encode(limit * 2), chunk_ids))
+                out.append((self._envelope(chunk), chunk_ids))
                 chunk, chunk_ids, size = [], [], 0
             chunk.append(result)
             chunk_ids.append(entry_id)
             size += weight
         if chunk:
-            out.append((wire.Inbox(kind="results", results=chunk).encode(limit * 2), chunk_ids))
+            out.append((self._envelope(chunk), chunk_ids))
         return out
+
+    def _envelope(self, results: list[wire.Result]) -> bytes:
+        """An inbox entry naming this agent, signed when it has a secret (coordinators may require it)."""
+        secret = self.settings.agent_secret.encode() if self.settings.agent_secret else None
+        inbox = wire.Inbox(kind="results", results=results, agent=self.agent.name)
+        return inbox.encode(self.settings.max_message_bytes * 2, secret)
 
     # -- liveness ----------------------------------------------------------------------------------
     def renew_lease(self) -> None:

@@ -33,7 +33,7 @@ def layered_workflow(tasks: int = 500, width: int = 50, seed: int = 3) -> dict[s
             task["depends_on"] = [f"t{j}" for j in sorted(rand.sample(previous, rand.randint(1, 3)))]
         spec[f"t{i}"] = task
     # The handlers write their ledger to the Redis that restarts: that error is transient, so retried.
-    retry = {"max_attempts": 20, "base_delay": "100ms", "max_delay": "1s", "retry_on": ["ConnectionError", "BusyLoading"]}
+    retry = {"max_attempts": 20, "base_delay": "100ms", "max_delay": "1s", "retry_on": ["ConnectionError", "Loading"]}
     return {"name": "chaos", "defaults": {"retry": retry}, "tasks": spec}
 
 
