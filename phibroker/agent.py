@@ -58,6 +58,7 @@ class Context:
     result: Any = None  # compensations: the result being undone
     deadline: float | None = None
     token: int = 1  # the fencing token of this attempt
+    dispatch_id: str = ""  # the dispatch this attempt answers (bridges key external jobs on it)
     cancelled: CancelFlag = field(default_factory=CancelFlag)
     events: list[dict[str, Any]] = field(default_factory=list)
     last_heartbeat: float = field(default_factory=time.time)

@@ -6,6 +6,7 @@ Redis, bound a Python client (REDIS-FACTS: ~180 µs a trip; batching is the 13×
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -15,7 +16,7 @@ from typing import Any
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import InvalidResponse, ResponseError
+from redis.exceptions import InvalidResponse, NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
@@ -28,6 +29,10 @@ from phibroker.settings import Settings
 # What a lost connection looks like; loops back off and carry on, the CLI exits 3.
 CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, InvalidResponse, ConnectionResetError, BrokenPipeError)
 
+_SHAS = {
+    source: hashlib.sha1(source.encode()).hexdigest()  # noqa: S324 - the name Redis gives a script
+    for source in (scripts.CREATE, scripts.APPLY, scripts.START, scripts.CLAIM_TIMERS, scripts.LEASE, scripts.XADD_MANY)
+}
 _INT_FIELDS = frozenset({"attempt", "token", "seq", "parts", "version", "launched", "depth"})
 _FLOAT_FIELDS = frozenset({"dispatched", "started", "finished", "deadline", "created_at", "finished_at", "retry_at"})
 _RAW_FIELDS = frozenset({"decision"})
@@ -97,14 +102,38 @@ class Broker:
         self.settings = settings
         self.keys: Keys = settings.keys
         self.redis = client or connect(settings)
-        self._create = self.redis.register_script(scripts.CREATE)
-        self._apply = self.redis.register_script(scripts.APPLY)
-        self._start = self.redis.register_script(scripts.START)
-        self._claim_timers = self.redis.register_script(scripts.CLAIM_TIMERS)
-        self._lease = self.redis.register_script(scripts.LEASE)
         self._groups: set[str] = set()
         # Where published events go beyond the log (subscriptions, triggers); set by events.Router.
         self.router: Callable[[list[dict[str, Any]]], list[tuple[str, bytes, int | None]]] | None = None
+
+    # -- scripts and pipelines -------------------------------------------------------------------
+    # Scripts run by EVALSHA; a NOSCRIPT (a restarted or new Redis) loads them all and runs again.
+    # redis-py's own Script objects would ask SCRIPT EXISTS before every pipeline: a round trip each.
+    def _script(self, source: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        try:
+            return self.redis.evalsha(_SHAS[source], len(keys), *keys, *args)
+        except NoScriptError:
+            self._load_scripts()
+            return self.redis.evalsha(_SHAS[source], len(keys), *keys, *args)
+
+    def _pipeline(self, build: Callable[[Any], None]) -> list[Any]:
+        """Run the commands `build` queues as one pipeline; errors raise, NOSCRIPT reloads and reruns."""
+        for attempt in (1, 2):
+            pipe = self.redis.pipeline(transaction=False)
+            build(pipe)
+            replies = pipe.execute(raise_on_error=False)
+            if attempt == 1 and any(isinstance(r, NoScriptError) for r in replies):
+                self._load_scripts()
+                continue
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+            return list(replies)
+        raise AssertionError("unreachable")
+
+    def _load_scripts(self) -> None:
+        for source in _SHAS:
+            self.redis.script_load(source)
 
     def ping(self) -> None:
         try:
@@ -169,13 +198,27 @@ class Broker:
         entry_id = self.redis.xadd(stream, {wire.FIELD: raw}, maxlen=maxlen, approximate=True)
         return entry_id.decode()
 
-    def add_and_ack(self, target: str, raw: bytes, stream: str, group: str, ids: Sequence[str]) -> None:
-        """Settle: the result first, then the ack — a crash in between re-delivers, never loses."""
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.xadd(target, {wire.FIELD: raw})
-        if ids:
-            pipe.xack(stream, group, *ids)
-        pipe.execute()
+    def settle(
+        self,
+        target: str,
+        entries: Sequence[bytes],
+        stream: str,
+        group: str,
+        ids: Sequence[str],
+        events: list[dict[str, Any]],
+    ) -> None:
+        """Results first, then the acks — a crash in between re-delivers, never loses — and any
+        events waiting to be published, all in one round trip."""
+
+        def build(pipe: Any) -> None:
+            if events:
+                self._publish(pipe, events)
+            for raw in entries:
+                pipe.xadd(target, {wire.FIELD: raw})
+            if ids:
+                pipe.xack(stream, group, *ids)
+
+        self._pipeline(build)
 
     def requeue(self, stream: str, group: str, entries: Sequence[Entry]) -> None:
         """Give unstarted entries back: copies at the stream's end and the originals acked, atomically."""
@@ -273,7 +316,7 @@ class Broker:
     # -- leases ----------------------------------------------------------------------------------
     def renew_lease(self, table: str, name: str, ttl: float, info: dict[str, Any]) -> float:
         """Returns Redis's clock (seconds); the lease expires `ttl` after it."""
-        ms = self._lease(keys=[table], args=[name, int(ttl * 1000), wire.pack(info)])
+        ms = self._script(scripts.LEASE, [table], [name, int(ttl * 1000), wire.pack(info)])
         return int(ms) / 1000
 
     def drop_lease(self, table: str, name: str) -> None:
@@ -309,16 +352,18 @@ class Broker:
         keys = self.keys
         self.ensure_group(keys.results, COORDINATORS_GROUP)
         created_at = float(fields["created_at"])
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.zadd(keys.workflows, {wf_id: created_at}, nx=True)
-        pipe.zadd(keys.running, {wf_id: created_at}, nx=True)
         args: list[Any] = []
         for name, value in fields.items():
             args += [name, json.dumps(value) if name in _META_JSON else value]
-        self._create(keys=[keys.wf(wf_id)], args=args, client=pipe)
         kick = wire.Inbox(kind="submit", body={"wf": wf_id}).encode(self.settings.max_message_bytes)
-        pipe.xadd(keys.results, {wire.FIELD: kick})
-        return bool(pipe.execute()[2])
+
+        def build(pipe: Any) -> None:
+            pipe.zadd(keys.workflows, {wf_id: created_at}, nx=True)
+            pipe.zadd(keys.running, {wf_id: created_at}, nx=True)
+            pipe.evalsha(_SHAS[scripts.CREATE], 1, keys.wf(wf_id), *args)
+            pipe.xadd(keys.results, {wire.FIELD: kick})
+
+        return bool(self._pipeline(build)[2])
 
     def load_runs(self, wf_ids: Sequence[str]) -> list[tuple[dict[str, Any], dict[bytes, bytes], dict[bytes, bytes]]]:
         """Meta (parsed), raw unit fields and raw results of several workflows, in one round trip."""
@@ -333,8 +378,8 @@ class Broker:
     def commit(self, transitions: Sequence[tuple[str, int, Transition]]) -> list[int]:
         """Commit transitions, one script call each, pipelined: the new version, or -1 where the
         workflow's version moved on since it was read (nothing was written then)."""
-        pipe = self.redis.pipeline(transaction=False)
         ttl = int(self.settings.retention)
+        calls = []
         for wf_id, version, tx in transitions:
             args: list[Any] = [version]
             for pairs in (tx.writes, tx.meta):
@@ -346,10 +391,14 @@ class Broker:
                 args += [unit, raw]
             args.append(len(tx.history))
             args += tx.history
-            args += [tx.id, wire.pack(tx.outbox()) if tx.has_outbox else b""]
-            args += ["1" if tx.finished else "0", ttl]
-            self._apply(keys=self.keys.wf_keys(wf_id), args=args, client=pipe)
-        return [int(v) for v in pipe.execute()]
+            args += [tx.id, wire.pack(tx.outbox()) if tx.has_outbox else b"", "1" if tx.finished else "0", ttl]
+            calls.append((self.keys.wf_keys(wf_id), args))
+
+        def build(pipe: Any) -> None:
+            for keys, args in calls:
+                pipe.evalsha(_SHAS[scripts.APPLY], len(keys), *keys, *args)
+
+        return [int(v) for v in self._pipeline(build)]
 
     def versions(self, wf_ids: Sequence[str]) -> list[int | None]:
         pipe = self.redis.pipeline(transaction=False)
@@ -357,25 +406,20 @@ class Broker:
             pipe.hget(self.keys.wf(wf_id), "version")
         return [None if v is None else int(v) for v in pipe.execute()]
 
-    def start(self, wf_id: str, consumer: str, items: Sequence[tuple[str, str, str, bytes]]) -> list[int]:
-        """Mark attempts started; see scripts.START for what the tokens mean."""
-        args: list[Any] = [consumer]
-        for unit, dispatch, entry, lost in items:
-            args += [unit, dispatch, entry, lost]
-        keys = [self.keys.wf(wf_id), self.keys.wf_tasks(wf_id), self.keys.wf_history(wf_id)]
-        return [int(t) for t in self._start(keys=keys, args=args)]
-
     def start_many(self, consumer: str, batches: dict[str, list[tuple[str, str, str, bytes]]]) -> dict[str, list[int]]:
-        """`start` for several workflows in one round trip."""
-        pipe = self.redis.pipeline(transaction=False)
+        """Mark attempts started (see scripts.START for the tokens) for several workflows, one round trip."""
         order = list(batches)
-        for wf_id in order:
-            args: list[Any] = [consumer]
-            for unit, dispatch, entry, lost in batches[wf_id]:
-                args += [unit, dispatch, entry, lost]
-            keys = [self.keys.wf(wf_id), self.keys.wf_tasks(wf_id), self.keys.wf_history(wf_id)]
-            self._start(keys=keys, args=args, client=pipe)
-        return {wf_id: [int(t) for t in tokens] for wf_id, tokens in zip(order, pipe.execute(), strict=True)}
+
+        def build(pipe: Any) -> None:
+            for wf_id in order:
+                args: list[Any] = [consumer]
+                for unit, dispatch, entry, lost in batches[wf_id]:
+                    args += [unit, dispatch, entry, lost]
+                keys = [self.keys.wf(wf_id), self.keys.wf_tasks(wf_id), self.keys.wf_history(wf_id)]
+                pipe.evalsha(_SHAS[scripts.START], len(keys), *keys, *args)
+
+        replies = self._pipeline(build)
+        return {wf_id: [int(t) for t in tokens] for wf_id, tokens in zip(order, replies, strict=False)}
 
     def outboxes(self, wf_ids: Iterable[str]) -> dict[str, dict[str, bytes]]:
         ids = list(wf_ids)
@@ -394,28 +438,39 @@ class Broker:
         Dispatches carry their id, so a redrive after a crash only makes duplicates that consumers drop.
         """
         keys = self.keys
-        pipe = self.redis.pipeline(transaction=False)
-        for wf_id, entry_id, box in items:
+        dispatches: dict[str, list[bytes]] = {}
+        for _, _, box in items:
             for agent, raw in box.get("dispatches") or ():
-                stream = keys.agent_tasks(agent)
-                if stream not in self._groups:
-                    self.ensure_group(stream, WORKERS_GROUP)
-                pipe.xadd(stream, {wire.FIELD: raw})
-            if box.get("events"):
-                self._publish(pipe, box["events"])
-            timers = box.get("timers_add")
-            if timers:
-                pipe.zadd(keys.timers, {m: int(due * 1000) for m, due in timers.items()})
-            if box.get("timers_del"):
-                pipe.zrem(keys.timers, *box["timers_del"])
-            if box.get("approvals_set"):
-                pipe.hset(keys.approvals, mapping=box["approvals_set"])
-            if box.get("approvals_del"):
-                pipe.hdel(keys.approvals, *box["approvals_del"])
-            if box.get("finished"):
-                pipe.zrem(keys.running, wf_id)
-            pipe.hdel(keys.wf_outbox(wf_id), entry_id)
-        pipe.execute()
+                dispatches.setdefault(keys.agent_tasks(agent), []).append(raw)
+        for stream in dispatches:
+            if stream not in self._groups:
+                self.ensure_group(stream, WORKERS_GROUP)
+
+        def build(pipe: Any) -> None:
+            for stream, raws in dispatches.items():
+                for start in range(0, len(raws), 1000):
+                    pipe.evalsha(_SHAS[scripts.XADD_MANY], 1, stream, wire.FIELD, *raws[start : start + 1000])
+            for wf_id, entry_id, box in items:
+                self._carry_out(pipe, wf_id, box)
+                pipe.hdel(keys.wf_outbox(wf_id), entry_id)
+
+        self._pipeline(build)
+
+    def _carry_out(self, pipe: Any, wf_id: str, box: dict[str, Any]) -> None:
+        """An outbox's effects other than dispatches: events, timers, approvals, the running index."""
+        keys = self.keys
+        if box.get("events"):
+            self._publish(pipe, box["events"])
+        if box.get("timers_add"):
+            pipe.zadd(keys.timers, {m: int(due * 1000) for m, due in box["timers_add"].items()})
+        if box.get("timers_del"):
+            pipe.zrem(keys.timers, *box["timers_del"])
+        if box.get("approvals_set"):
+            pipe.hset(keys.approvals, mapping=box["approvals_set"])
+        if box.get("approvals_del"):
+            pipe.hdel(keys.approvals, *box["approvals_del"])
+        if box.get("finished"):
+            pipe.zrem(keys.running, wf_id)
 
     def running_chunk(self, start: int, count: int) -> list[str]:
         return [i.decode() for i in self.redis.zrange(self.keys.running, start, start + count - 1)]
@@ -440,9 +495,9 @@ class Broker:
     def claim_timers(self, limit: int = 500) -> tuple[float, float | None, list[str]]:
         """Redis's clock, when the next timer is due (None: no timer), and the timers due now —
         claimed for `timer_claim` seconds (seconds throughout)."""
-        reply = self._claim_timers(keys=[self.keys.timers], args=[int(self.settings.timer_claim * 1000), limit])
+        reply = self._script(scripts.CLAIM_TIMERS, [self.keys.timers], [int(self.settings.timer_claim * 1000), limit])
         next_due = float(reply[1])
-        return int(reply[0]) / 1000, None if next_due < 0 else next_due / 1000, [m.decode() for m in reply[2:]]
+        return int(reply[0]) / 1e6, None if next_due < 0 else next_due / 1000, [m.decode() for m in reply[2:]]
 
     def drop_timers(self, members: Sequence[str]) -> None:
         if members:
@@ -593,3 +648,200 @@ class Broker:
     def send_to_coordinators(self, message: wire.Inbox) -> None:
         self.ensure_group(self.keys.results, COORDINATORS_GROUP)
         self.add(self.keys.results, message.encode(self.settings.max_message_bytes))
+
+    # -- read-only views for watch, agents and why --
+    # Bounded reads only (COUNT, HRANDFIELD, caps chosen by the caller), never SCAN: a watcher must not
+    # slow the broker it watches. Nothing here writes.
+    def overview(self, events: int, running: int, approvals: int) -> dict[str, Any]:
+        """One round trip: Redis's clock, worker and coordinator leases, subscriptions, the newest
+        `events` entries of the log (oldest event first), the newest running workflows, and up to
+        `approvals` open approvals with the counts of both."""
+        keys = self.keys
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.time()
+        pipe.hgetall(keys.agents)
+        pipe.hgetall(keys.coordinators)
+        pipe.hgetall(keys.subs)
+        pipe.xrevrange(keys.events, count=max(1, events))
+        pipe.zrevrange(keys.running, 0, max(1, running) - 1)
+        pipe.zcard(keys.running)
+        pipe.hrandfield(keys.approvals, max(1, approvals), withvalues=True)
+        pipe.hlen(keys.approvals)
+        (secs, micros), agents, coordinators, subs, entries, ids, n_running, sample, n_approvals = pipe.execute()
+        log: list[dict[str, Any]] = []
+        for _, fields in reversed(entries):
+            try:
+                log += wire.decode_events(fields[wire.FIELD], self.settings.max_message_bytes * 4)
+            except (DecodeError, KeyError):
+                continue
+        limit = self.settings.max_message_bytes
+        return {
+            "now": secs + micros / 1e6,
+            "agents": self._parse_leases(agents),
+            "coordinators": self._parse_leases(coordinators),
+            "subs": {k.decode(): json.loads(v) for k, v in subs.items()},
+            "events": log,
+            "running": [i.decode() for i in ids],
+            "running_total": int(n_running),
+            "approvals": [wire.unpack(bytes(v), limit) for v in (sample or [])[1::2]],
+            "approvals_total": int(n_approvals),
+        }
+
+    def workflow_heads(self, wf_ids: Sequence[str]) -> list[dict[str, Any]]:
+        """Per workflow: its meta fields but the spec, how many unit fields it holds and how big its
+        spec is, so the caller can bound what it reads next. Empty for an unknown workflow."""
+        names = ("name", "state", "created_at", "finished_at", "deadline", "seq", "error")
+        pipe = self.redis.pipeline(transaction=False)
+        for wf_id in wf_ids:
+            pipe.hmget(self.keys.wf(wf_id), *names)
+            pipe.hlen(self.keys.wf_tasks(wf_id))
+            pipe.hstrlen(self.keys.wf(wf_id), "spec")
+        replies = pipe.execute()
+        out: list[dict[str, Any]] = []
+        for i in range(0, len(replies), 3):
+            values, fields, spec_size = replies[i : i + 3]
+            if values[1] is None:
+                out.append({})
+                continue
+            head = {n: _parse_value(n, v) for n, v in zip(names, values, strict=True) if v is not None}
+            head.update(fields=int(fields), spec_size=int(spec_size))
+            out.append(head)
+        return out
+
+    def workflow_bodies(
+        self, specs: Sequence[str], units: Sequence[str]
+    ) -> tuple[list[str | None], list[dict[str, dict[str, Any]]]]:
+        """The specs of some workflows and the unit states of others, in one round trip; the caller
+        bounds their size (see `workflow_heads`)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for wf_id in specs:
+            pipe.hget(self.keys.wf(wf_id), "spec")
+        for wf_id in units:
+            pipe.hgetall(self.keys.wf_tasks(wf_id))
+        replies = pipe.execute()
+        texts = [None if raw is None else raw.decode() for raw in replies[: len(specs)]]
+        return texts, [parse_units(raw) for raw in replies[len(specs) :]]
+
+    def stream_health(self, streams: Sequence[str]) -> list[dict[str, Any] | None]:
+        """Per stream of the `workers` group (agent and subscription streams): length, entries added,
+        the group's pending and lag (None where Redis cannot tell), and entries trimmed unread.
+        None for a stream that does not exist yet."""
+        pipe = self.redis.pipeline(transaction=False)
+        for stream in streams:
+            pipe.xinfo_stream(stream)
+            pipe.xinfo_groups(stream)
+        replies = pipe.execute(raise_on_error=False)
+        out: list[dict[str, Any] | None] = []
+        for i in range(0, len(replies), 2):
+            info, groups = replies[i], replies[i + 1]
+            if isinstance(info, Exception) or isinstance(groups, Exception):
+                out.append(None)
+                continue
+            group = next((g for g in groups if g["name"] in (WORKERS_GROUP, WORKERS_GROUP.encode())), None)
+            added, length = int(info.get("entries-added") or 0), int(info["length"])
+            read = int(group.get("entries-read") or 0) if group else 0
+            lag = group.get("lag") if group else None
+            out.append(
+                {
+                    "length": length,
+                    "added": added,
+                    "pending": int(group["pending"]) if group else 0,
+                    "lag": None if lag is None else int(lag),
+                    "dropped": max(0, added - length - read),
+                }
+            )
+        return out
+
+    def workflow_state(self, wf_id: str) -> tuple[float, dict[str, Any], dict[str, dict[str, Any]]]:
+        """Redis's clock, the workflow's meta and its units (no results, no history)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.time()
+        pipe.hgetall(self.keys.wf(wf_id))
+        pipe.hgetall(self.keys.wf_tasks(wf_id))
+        (secs, micros), meta, units = pipe.execute()
+        return secs + micros / 1e6, parse_meta(meta), parse_units(units)
+
+    def timer_dues(self, members: Sequence[str]) -> list[float | None]:
+        """When each named timer is due (seconds), None where it is not set: ZMSCORE on exact members."""
+        if not members:
+            return []
+        return [None if s is None else float(s) / 1000 for s in self.redis.zmscore(self.keys.timers, list(members))]
+
+    def approval_requests(self, request_ids: Sequence[str]) -> list[dict[str, Any] | None]:
+        if not request_ids:
+            return []
+        raw: Any = self.redis.hmget(self.keys.approvals, list(request_ids))
+        return [None if v is None else wire.unpack(v, self.settings.max_message_bytes) for v in raw]
+
+    def pending_owners(self, stream: str, entry_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """For each entry id still pending in the `workers` group: its consumer, idle ms, deliveries."""
+        pipe = self.redis.pipeline(transaction=False)
+        for entry_id in entry_ids:
+            pipe.xpending_range(stream, WORKERS_GROUP, min=entry_id, max=entry_id, count=1)
+        out: dict[str, dict[str, Any]] = {}
+        for rows in pipe.execute(raise_on_error=False):
+            if isinstance(rows, Exception):
+                continue
+            for r in rows:
+                out[r["message_id"].decode()] = {
+                    "consumer": r["consumer"].decode(),
+                    "idle": r["time_since_delivered"],
+                    "deliveries": r["times_delivered"],
+                }
+        return out
+
+    def find_dispatches(self, stream: str, dispatches: dict[str, float], count: int = 200) -> dict[str, str]:
+        """The stream entries of dispatches (id -> when it was dispatched, Redis seconds): read from a
+        second before the earliest, at most `count` entries. Dispatch id -> entry id, where found."""
+        if not dispatches:
+            return {}
+        start = max(0, int(min(dispatches.values()) * 1000) - 1000)
+        found: dict[str, str] = {}
+        rows: Any = self.redis.xrange(stream, min=f"{start}-0", count=count)
+        for entry_id, fields in rows:
+            try:
+                message = wire.TaskMessage.decode(fields[wire.FIELD], self.settings.max_message_bytes)
+            except (DecodeError, KeyError):
+                continue
+            if message.id in dispatches:
+                found[message.id] = entry_id.decode()
+        return found
+
+    def registered_subscriptions(self, timeout: float) -> dict[str, dict[str, Any]]:
+        """Subscriptions over a one-off connection that gives up after `timeout` seconds and never
+        retries, so `graph` draws at once when no broker answers."""
+        try:
+            quick = redis.Redis.from_url(
+                self.settings.redis_url,
+                protocol=2,
+                socket_timeout=timeout,
+                socket_connect_timeout=timeout,
+                retry=Retry(ExponentialBackoff(), 0),
+            )
+        except ValueError as exc:
+            raise BrokerUnavailable(f"bad Redis URL {self.settings.redis_url!r}: {exc}") from None
+        try:
+            raw: Any = quick.hgetall(self.keys.subs)
+        except CONNECTION_ERRORS as exc:
+            raise BrokerUnavailable(f"cannot reach Redis at {self.settings.redis_url}: {exc}") from None
+        finally:
+            quick.close()
+        return {k.decode(): json.loads(v) for k, v in raw.items()}
+
+    @staticmethod
+    def _parse_leases(raw: dict[bytes, bytes]) -> dict[str, dict[str, Any]]:
+        """A lease table as `leases` returns it: name -> info plus `expires` (seconds)."""
+        leases: dict[str, dict[str, Any]] = {}
+        expiries: dict[str, float] = {}
+        for key, value in raw.items():
+            name = key.decode()
+            if name.endswith("|expires"):
+                expiries[name[: -len("|expires")]] = int(value) / 1000
+            else:
+                try:
+                    leases[name] = wire.unpack(value, 1 << 16)
+                except DecodeError:
+                    leases[name] = {}
+        for name, info in leases.items():
+            info["expires"] = expiries.get(name, 0.0)
+        return leases

@@ -59,7 +59,7 @@ class Client:
         values = workflow.params_with(params or {})
         if id is not None and not _ID.match(id):
             raise InvalidInput(f"workflow id {id!r}: use letters, digits, '_', '.', '-'")
-        wf_id = id or f"{workflow.name}-{wire.new_id()[:10]}"
+        wf_id = id or f"{workflow.name}-{wire.short_id()}"
         fields = new_workflow_fields(workflow, values, time.time(), depth, chain)
         fields.update(_signature_fields(workflow))
         with _reaching(self.settings):

@@ -60,7 +60,7 @@ class Coordinator:
         self.settings = settings
         self.broker = broker or Broker(settings)
         self.keys = settings.keys
-        self.name = f"{socket.gethostname()}:{os.getpid()}:{wire.new_id()[:6]}"
+        self.name = f"{socket.gethostname()}:{os.getpid()}:{wire.short_id()[:6]}"
         self.require_signed = require_signed
         self.router = Router(self.broker)
         self.runs: OrderedDict[str, engine.Run] = OrderedDict()

@@ -425,8 +425,8 @@ def advance(run: Run, now: float) -> None:
             wind_down(run, "failed", now, reason="failed: " + ", ".join(failed))
         else:
             _finish(run, "succeeded", now)
-    gates = any(run.state(t) == "running" for t, spec in run.workflow.tasks.items() if spec.approval is not None)
     if run.wf_state in ("running", "waiting_approval"):
+        gates = any(run.state(t) == "running" for t in run.workflow.gates)
         wanted = "waiting_approval" if gates else "running"
         if wanted != run.wf_state:
             run.set_meta(state=wanted)

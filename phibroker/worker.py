@@ -64,7 +64,7 @@ class Worker:
         self.broker = broker or Broker(settings)
         self.keys = settings.keys
         self.stream = self.keys.agent_tasks(agent.name)
-        self.consumer = f"{agent.name}@{socket.gethostname()}:{os.getpid()}:{wire.new_id()[:6]}"
+        self.consumer = f"{agent.name}@{socket.gethostname()}:{os.getpid()}:{wire.short_id()[:6]}"
         self.concurrency = max(1, concurrency)
         self.pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix=f"phi-{agent.name}")
         self.backlog: deque[Fetched] = deque()
@@ -75,6 +75,8 @@ class Worker:
         self.active = 0  # handlers executing now
         self.slots = threading.Condition()
         self.outcomes: queue.SimpleQueue[tuple[Running, Outcome]] = queue.SimpleQueue()
+        self.unpublished: list[dict[str, Any]] = []  # `task.started` events, sent with the next settle
+        self.unpublished_lock = threading.Lock()
         self.settled: OrderedDict[str, None] = OrderedDict()  # dispatch ids already answered
         self.stopping = threading.Event()
         self.abandoned = threading.Event()
@@ -233,6 +235,7 @@ class Worker:
                     result=message.result,
                     deadline=message.deadline,
                     token=token,
+                    dispatch_id=message.id,
                 )
                 running = Running(item, ctx)
                 self.running[item.entry.id] = running
@@ -242,7 +245,8 @@ class Worker:
                 started.append(self._started_event(message, token))
         self.broker.ack(self.stream, WORKERS_GROUP, stale)
         if started:
-            self.broker.publish(started)
+            with self.unpublished_lock:
+                self.unpublished += started
 
     def _handle(self, running: Running) -> None:
         """Runs on a pool thread: the handler, then its outcome queued for the settler."""
@@ -296,16 +300,20 @@ class Worker:
         """`event.submit(...)` from a reaction: a workflow caused by that event."""
         workflow = source if isinstance(source, workflows.Workflow) else workflows.load(source)
         values = workflow.params_with(params)
-        wf_id = wf_id or f"{workflow.name}-{wire.new_id()[:10]}"
+        wf_id = wf_id or f"{workflow.name}-{wire.short_id()}"
         self.broker.submit_workflow(wf_id, new_workflow_fields(workflow, values, time.time(), depth, chain))
         return wf_id
 
     # -- settling ----------------------------------------------------------------------------------
     def _settle_loop(self) -> None:
+        """Settle outcomes as they come, in batches; publish `task.started` events with them, or
+        within 0.2 s when no outcome comes (so a long task's start is seen while it runs)."""
         while True:
             try:
                 first = self.outcomes.get(timeout=0.2)
             except queue.Empty:
+                if self.unpublished:
+                    self.settle([])
                 if self.stopping.is_set() and self.active == 0 and not self.running:
                     return
                 continue
@@ -338,16 +346,25 @@ class Worker:
             )
             for r, o in batch
         ]
-        for chunk, ids in self._envelopes(results, [r.item.entry.id for r, _ in batch]):
-            delay = 0.1
-            while True:
-                try:
-                    self.broker.add_and_ack(self.keys.results, chunk, self.stream, WORKERS_GROUP, ids)
-                    break
-                except CONNECTION_ERRORS as exc:
-                    log.warning("cannot settle %d results yet (%s)", len(ids), exc)
-                    time.sleep(delay)
-                    delay = min(delay * 2, 5.0)
+        envelopes = self._envelopes(results, [r.item.entry.id for r, _ in batch])
+        with self.unpublished_lock:
+            events, self.unpublished = self.unpublished, []
+        delay = 0.1
+        while True:
+            try:
+                self.broker.settle(
+                    self.keys.results,
+                    [raw for raw, _ in envelopes],
+                    self.stream,
+                    WORKERS_GROUP,
+                    [entry_id for _, ids in envelopes for entry_id in ids],
+                    events,
+                )
+                break
+            except CONNECTION_ERRORS as exc:
+                log.warning("cannot settle %d results yet (%s)", len(batch), exc)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
         for running, _ in batch:
             self.running.pop(running.item.entry.id, None)
             self.settled[running.item.message.id] = None

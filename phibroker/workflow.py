@@ -68,6 +68,11 @@ class Workflow:
         return dag.topological_order(self.deps)
 
     @cached_property
+    def gates(self) -> list[str]:
+        """The approval gates, looked at after every transition."""
+        return [name for name, task in self.tasks.items() if task.approval is not None]
+
+    @cached_property
     def order_index(self) -> dict[str, int]:
         """Declaration order: ties among ready tasks go to the one written first."""
         return {name: i for i, name in enumerate(self.tasks)}

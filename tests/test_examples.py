@@ -222,6 +222,43 @@ def check_complete_dag(run: Run) -> None:
     )
 
 
+def check_audit_repository(run: Run) -> None:
+    source = run.vulnerable_source()  # eval and shell=True: 2 high
+    (source / "requirements.txt").write_text("requests>=2\n", encoding="utf-8")  # unpinned: low
+    (source / "util.py").write_text("x = 1\n", encoding="utf-8")  # no license line: low
+    wf_id = run.submit(target=str(source), threshold=0)
+    deadline = time.monotonic() + 30
+    while not (requests := [r for r in run.client.approvals() if r["workflow"] == wf_id]):
+        assert time.monotonic() < deadline, run.procs.output()
+        time.sleep(0.05)
+    message = requests[0]["message"]
+    assert message.startswith(f"Publish the audit of legacy-src ({source})? It found 4 findings, more than the ")
+    assert "threshold of 0: 2 high, 0 medium, 2 low. Read " in message, message
+    run.as_stryk()
+    run.client.approve(requests[0]["id"], comment="read it")
+    tasks = succeeded(run, run.wait(wf_id, approve=False))
+    report = tasks["Report"]["result"]
+    assert report["total_findings"] == 4 and report["by_severity"] == {"high": 2, "medium": 0, "low": 2}
+    text = Path(report["path"]).read_text(encoding="utf-8")
+    assert Path(report["path"]) == run.tmp_path / "workspace" / wf_id / "audit-report.md" and text == report["markdown"]
+    assert text.startswith("# Audit report: legacy-src\n") and "## Summary" in text and "## Recommendations" in text
+    assert "### `reports.py` — 2 high" in text and "- line 6 · **high** · `eval` — eval() runs arbitrary code" in text
+    published = Path(tasks["Publish"]["result"]["published"])
+    assert published.parent == run.tmp_path / "workspace" / "reports" and published.read_text(encoding="utf-8") == text
+    # phibroker's own source, under a threshold it cannot reach: the gate is skipped, the report published
+    own = succeeded(run, run.wait(run.submit(target=str(REPO), threshold=10**6), approve=False), "Approve")
+    assert own["Inventory"]["result"]["name"] == "phibroker" and own["Inventory"]["result"]["python_files"] > 10
+    checks = ("StaticScan", "DependencyAudit", "LicenseCheck")
+    assert own["Report"]["result"]["total_findings"] == sum(own[t]["result"]["finding_count"] for t in checks)
+    assert Path(own["Publish"]["result"]["published"]).is_file()
+
+
+def check_rq_bridge(run: Run) -> None:
+    """Run on the reference cmdc worker here; tests/test_rqbridge.py runs it through a real RQ worker."""
+    tasks = succeeded(run, run.wait(run.submit()))
+    assert tasks["SmokeTest"]["result"]["output_tail"] == "smoke test of inventory-service passed"
+
+
 EXPECTATIONS: dict[str, Callable[[Run], None]] = {
     "sequential-pipeline": check_sequential_pipeline,
     "fan-out-fan-in": check_fan_out_fan_in,
@@ -234,6 +271,8 @@ EXPECTATIONS: dict[str, Callable[[Run], None]] = {
     "parallel-research": check_parallel_research,
     "vulnerability-fix": check_vulnerability_fix,
     "complete-dag": check_complete_dag,
+    "audit-repository": check_audit_repository,
+    "rq-bridge": check_rq_bridge,
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -13,9 +14,11 @@ from phibroker.agent import Context
 
 WORKSPACE_ENV = "PHIBROKER_WORKSPACE"
 MAX_ITEMS = 50  # results travel through Redis: every list in them is capped
+SEVERITY_RANK = {"none": 0, "low": 1, "medium": 2, "high": 3}
 SKIP_DIRS = frozenset(
-    {".git", ".hg", ".venv", "venv", "env", "__pycache__", "node_modules", ".tox", ".mypy_cache", ".ruff_cache"}
-)
+    {".git", ".hg", ".venv", "venv", "env", "__pycache__", "node_modules", ".tox", ".nox", ".eggs"}
+    | {".mypy_cache", ".ruff_cache", ".pytest_cache", ".hypothesis"}
+)  # VCS data, virtualenvs and tool caches: never the project's own files
 
 
 def workspace_root(workspace: str | None = None) -> Path:
@@ -66,15 +69,30 @@ def inputs_with(ctx: Context, key: str) -> list[dict[str, Any]]:
 
 
 def walk_files(root: Path, suffixes: tuple[str, ...], limit: int = 5000) -> list[Path]:
-    """Files under root (or root itself) with these suffixes, skipping VCS and virtualenv folders."""
+    """Files under root (or root itself) with these suffixes (any file if none), skipping VCS and virtualenv
+    folders and tool caches; at most `limit` of them."""
     if root.is_file():
-        return [root] if root.name.endswith(suffixes) else []
+        return [root] if not suffixes or root.name.endswith(suffixes) else []
     found: list[Path] = []
     for folder, dirs, files in os.walk(root):
         dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.endswith(".egg-info"))
         for name in sorted(files):
-            if name.endswith(suffixes):
+            if not suffixes or name.endswith(suffixes):
                 found.append(Path(folder) / name)
                 if len(found) >= limit:
                     return found
     return found
+
+
+def severity_counts(findings: Iterable[dict[str, Any]]) -> dict[str, int]:
+    """`{"high": n, "medium": n, "low": n}` (always those three keys, worst first), plus any other severity seen."""
+    counts = Counter(str(f.get("severity", "low")) for f in findings)
+    ranked = sorted(SEVERITY_RANK, key=lambda s: -SEVERITY_RANK[s])
+    known = {level: counts.pop(level, 0) for level in ranked if level != "none"}
+    return {**known, **dict(sorted(counts.items()))}
+
+
+def worst_severity(counts: dict[str, int]) -> str:
+    """The highest severity with a non-zero count, else `none`."""
+    present = [level for level, count in counts.items() if count]
+    return max(present, key=lambda level: SEVERITY_RANK.get(level, 0), default="none")

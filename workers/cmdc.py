@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import re
@@ -303,3 +304,45 @@ def rollback(ctx: Context, **_: Any) -> dict[str, Any]:
         return {"restored": previous, "changed": False, "live": live_release(current)}
     point(current, previous)
     return {"restored": previous, "changed": True}
+
+
+# -- publish_report ---------------------------------------------------------------------------------
+
+
+def report_source(ctx: Context, path: str | None) -> Path:
+    """The payload's `path`, else the `path` of the first input that has one (dc's `report` result)."""
+    chosen = path or next((str(r["path"]) for r in inputs_with(ctx, "path")), None)
+    if not chosen:
+        raise ValueError("publish_report needs a `path` (in the payload or in an input's result)")
+    source = Path(chosen).expanduser().resolve()
+    if not source.is_file():
+        raise FileNotFoundError(f"report {chosen!r} does not exist or is not a file ({source})")
+    return source
+
+
+@agent.command("publish_report")
+def publish_report(
+    ctx: Context, path: str | None = None, name: str | None = None, workspace: str | None = None, **_: Any
+) -> dict[str, Any]:
+    """Copy a finished report to `<workspace>/reports/<workflow>-<name>` (atomically: readers of the folder
+    never see half a report; a retry writes the same file) and point `latest-<name>` at it."""
+    source = report_source(ctx, path)
+    data = source.read_bytes()
+    folder = workspace_root(workspace) / "reports"
+    folder.mkdir(parents=True, exist_ok=True)
+    filename = safe_name(name or source.name)
+    published = folder / f"{safe_name(ctx.workflow_id)}-{filename}"
+    temporary = folder / f".{published.name}.{os.getpid()}-{os.urandom(4).hex()}"
+    temporary.write_bytes(data)
+    os.replace(temporary, published)
+    latest = folder / f"latest-{filename}"
+    link = folder / f".{latest.name}.{os.getpid()}-{os.urandom(4).hex()}"
+    os.symlink(published.name, link)
+    os.replace(link, latest)
+    return {
+        "published": str(published),
+        "latest": str(latest),
+        "source": str(source),
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }

@@ -10,16 +10,16 @@ from __future__ import annotations
 import ast
 import re
 import tomllib
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from phibroker.agent import Agent, Context
-from workers._common import MAX_ITEMS, inputs_with, walk_files
+from workers._common import MAX_ITEMS, SEVERITY_RANK, inputs_with, severity_counts, walk_files
 
 agent = Agent("kalic")
 
-SEVERITY_RANK = {"none": 0, "low": 1, "medium": 2, "high": 3}
 SECRET_NAME = re.compile(r"password|passwd|secret|token|api_?key|private_?key", re.IGNORECASE)
 SHELL_ALWAYS = {("os", "system"), ("os", "popen"), ("subprocess", "getoutput"), ("subprocess", "getstatusoutput")}
 WEAK_HASHES = {"md5", "sha1"}
@@ -42,6 +42,18 @@ def resolve_target(target: str) -> Path:
 def worst_first(findings: list[Finding]) -> list[Finding]:
     """Highest severity first, then by file and line: when a list is capped, the worst survive."""
     return sorted(findings, key=lambda f: (-SEVERITY_RANK.get(f["severity"], 0), f["file"], f["line"]))
+
+
+def counted(check: str, findings: list[Finding]) -> dict[str, Any]:
+    """What every check returns about its findings: the list capped worst first, and the exact counts of
+    all of them (by severity and by rule), so a report over capped lists still adds up."""
+    return {
+        "check": check,
+        "findings": worst_first(findings)[:MAX_ITEMS],
+        "finding_count": len(findings),
+        "by_severity": severity_counts(findings),
+        "by_rule": dict(Counter(f["rule"] for f in findings).most_common()),
+    }
 
 
 # -- Python source ----------------------------------------------------------------------------------
@@ -229,6 +241,95 @@ def check_licenses(root: Path) -> tuple[int, list[Finding]]:
     return len(files), [finding(p, 1, "missing-license", "low", message) for p in files if missing_license(p)]
 
 
+# -- inventory --------------------------------------------------------------------------------------
+
+MANIFEST_NAMES = frozenset(
+    {"pyproject.toml", "setup.py", "setup.cfg", "Pipfile", "Pipfile.lock", "poetry.lock", "uv.lock",
+     "package.json", "package-lock.json", "yarn.lock", "go.mod", "Cargo.toml", "Gemfile", "pom.xml"}
+)  # fmt: skip
+AUDITED = re.compile(r"pyproject\.toml|requirements.*\.txt")  # the manifests dependency_audit reads
+INVENTORY_LIMIT = 20000  # files walked; a bigger tree is reported as truncated
+
+
+def is_manifest(path: Path) -> bool:
+    return path.name in MANIFEST_NAMES or bool(re.fullmatch(r"requirements.*\.txt", path.name))
+
+
+def line_counts(path: Path) -> tuple[int, int]:
+    """(lines, code lines): code lines are neither blank nor only a comment."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return 0, 0
+    lines = text.splitlines()
+    return len(lines), sum(1 for line in lines if line.strip() and not line.lstrip().startswith("#"))
+
+
+def is_test(path: Path, root: Path) -> bool:
+    parts = path.relative_to(root).parts if path != root else (path.name,)
+    return path.name.startswith("test_") or path.name.endswith("_test.py") or "tests" in parts[:-1]
+
+
+def project_metadata(root: Path) -> tuple[str, str | None]:
+    """(name, license) as pyproject.toml declares them (`license = "MIT"` or `{text = ...}`); else the
+    folder's name and the first line of a LICENSE file."""
+    folder = root if root.is_dir() else root.parent
+    try:
+        project = tomllib.loads((folder / "pyproject.toml").read_text(encoding="utf-8")).get("project", {})
+    except (OSError, tomllib.TOMLDecodeError):
+        project = {}
+    name = str(project.get("name") or folder.name)
+    declared = project.get("license")
+    if isinstance(declared, dict):
+        declared = declared.get("text") or declared.get("file")
+    if isinstance(declared, str) and declared.strip():
+        return name, declared.strip()[:80]
+    for filename in ("LICENSE", "LICENSE.txt", "LICENSE.md", "COPYING"):
+        try:
+            with (folder / filename).open(encoding="utf-8", errors="replace") as handle:
+                first = next((line.strip() for line in handle if line.strip()), "")
+        except OSError:
+            continue
+        return name, first[:80] or filename
+    return name, None
+
+
+def relative(path: Path, root: Path) -> str:
+    """The path as the project's people write it: relative to the target folder."""
+    base = root if root.is_dir() else root.parent
+    return str(path.relative_to(base)) if path.is_relative_to(base) else str(path)
+
+
+@agent.command("inventory")
+def inventory(ctx: Context, target: str = ".", **_: Any) -> dict[str, Any]:
+    """What the target holds, before anything is checked: files by extension, Python files and lines (and
+    how many are tests), the dependency manifests, the declared license and the largest Python files."""
+    root = resolve_target(target)
+    files = walk_files(root, (), INVENTORY_LIMIT)
+    python = [p for p in files if p.suffix == ".py"]
+    sizes = {p: line_counts(p) for p in python}
+    manifest_files = [p for p in files if is_manifest(p)]
+    unaudited = [p for p in manifest_files if not AUDITED.fullmatch(p.name)]
+    extensions = Counter(p.suffix.lower() or "(none)" for p in files)
+    largest = sorted(python, key=lambda p: (-sizes[p][0], str(p)))[:5]
+    name, license_ = project_metadata(root)
+    return {
+        "target": str(root),
+        "name": name,
+        "files": len(files),
+        "truncated": len(files) >= INVENTORY_LIMIT,
+        "by_extension": dict(extensions.most_common(10)),
+        "python_files": len(python),
+        "python_lines": sum(lines for lines, _ in sizes.values()),
+        "code_lines": sum(code for _, code in sizes.values()),
+        "test_files": sum(1 for p in python if is_test(p, root)),
+        "manifests": [relative(p, root) for p in manifest_files[:MAX_ITEMS]],
+        "unaudited_manifests": [relative(p, root) for p in unaudited[:MAX_ITEMS]],
+        "license": license_,
+        "largest": [{"file": relative(p, root), "lines": sizes[p][0]} for p in largest],
+    }
+
+
 # -- commands ---------------------------------------------------------------------------------------
 
 
@@ -237,12 +338,7 @@ def static_scan(ctx: Context, target: str = ".", **_: Any) -> dict[str, Any]:
     """eval/exec, shell commands, hard-coded secrets and weak hashes in the Python files under target."""
     root = resolve_target(target)
     count, findings = scan_python(root)
-    return {
-        "target": str(root),
-        "files_scanned": count,
-        "findings": worst_first(findings)[:MAX_ITEMS],
-        "finding_count": len(findings),
-    }
+    return {"target": str(root), "files_scanned": count, **counted("static_scan", findings)}
 
 
 @agent.command("dependency_audit")
@@ -253,8 +349,7 @@ def dependency_audit(ctx: Context, target: str = ".", **_: Any) -> dict[str, Any
     return {
         "target": str(root),
         "manifests": [str(p) for p in files[:MAX_ITEMS]],
-        "findings": worst_first(findings)[:MAX_ITEMS],
-        "finding_count": len(findings),
+        **counted("dependency_audit", findings),
     }
 
 
@@ -263,12 +358,7 @@ def license_check(ctx: Context, target: str = ".", **_: Any) -> dict[str, Any]:
     """Python files without an SPDX-License-Identifier near the top."""
     root = resolve_target(target)
     count, findings = check_licenses(root)
-    return {
-        "target": str(root),
-        "files_checked": count,
-        "findings": findings[:MAX_ITEMS],
-        "finding_count": len(findings),
-    }
+    return {"target": str(root), "files_checked": count, **counted("license_check", findings)}
 
 
 def audit_targets(ctx: Context, target: str | None) -> list[str]:
@@ -299,6 +389,7 @@ def security_audit(ctx: Context, target: str | None = None, **_: Any) -> dict[st
         "max_severity": next(k for k, v in SEVERITY_RANK.items() if v == worst),
         "findings": worst_first(findings)[:MAX_ITEMS],
         "finding_count": len(findings),
+        "by_severity": severity_counts(findings),
         "checks": checks,
     }
 
