@@ -61,13 +61,18 @@ def validate(file: str, as_json: bool) -> None:
 @main.command()
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--format", "fmt", type=click.Choice(["dot", "mermaid"]), default="dot", show_default=True)
-def graph(file: str, fmt: str) -> None:
-    """Print the DAG of FILE for Graphviz or Mermaid."""
+@click.pass_obj
+def graph(settings: Settings, file: str, fmt: str) -> None:
+    """Print the DAG of FILE for Graphviz or Mermaid; where a broker answers, the subscriptions that
+    react to its events are drawn as dashed side edges."""
+    from phibroker.watch import graph_edges
+
     wf = workflows.load(file)
+    edges = graph_edges(settings, wf)
     if fmt == "dot":
-        click.echo(dag.to_dot(wf.deps, name=wf.name, labels=wf.labels()), nl=False)
+        click.echo(dag.to_dot(wf.deps, name=wf.name, labels=wf.labels(), side_edges=edges), nl=False)
     else:
-        click.echo(dag.to_mermaid(wf.deps, labels=wf.labels()), nl=False)
+        click.echo(dag.to_mermaid(wf.deps, labels=wf.labels(), side_edges=edges), nl=False)
 
 
 @main.command()
@@ -477,6 +482,117 @@ def dlq_purge(settings: Settings, entry_ids: tuple[str, ...], everything: bool) 
         raise InvalidInput("name dead letters to purge, or pass --all")
     with Client(settings) as client:
         click.echo(f"purged {client.purge_dead_letters(list(entry_ids))}")
+
+
+@main.command("rq-bridge")
+@click.option("--agent", "agent_name", required=True, help="the agent whose tasks become RQ jobs")
+@click.option("--queue", "queue_name", required=True, help="the RQ queue the jobs are enqueued on")
+@click.option(
+    "--map", "pairs", multiple=True, metavar="COMMAND=MODULE.FUNCTION", help="a command and the job function it runs"
+)
+@click.option("--concurrency", default=16, show_default=True, help="RQ jobs awaited at once")
+@click.option("--rq-redis", help="the Redis URL of RQ [the broker's]")
+@click.pass_obj
+def rq_bridge(
+    settings: Settings, agent_name: str, queue_name: str, pairs: tuple[str, ...], concurrency: int, rq_redis: str | None
+) -> None:
+    """Serve an agent's tasks with RQ: each task runs as an RQ job, its outcome becomes the task's result."""
+    from phibroker.rqbridge import Bridge, parse_map
+
+    if concurrency < 1:
+        raise InvalidInput("--concurrency must be at least 1")
+    mapping = parse_map(pairs)
+    _logging()
+    bridge = Bridge(agent_name, queue_name, mapping, settings, concurrency=concurrency, rq_redis_url=rq_redis)
+    _stop_on_signals(bridge.stop)
+    if not bridge.work():
+        logging.shutdown()
+        os._exit(0)  # jobs still awaited after the grace period: their tasks stay unacked for another bridge
+
+
+@main.command()
+@click.option("--workflow", "wf_id", metavar="ID", help="only this workflow, its agents and its events")
+@click.option("--agent", "agent_name", metavar="NAME", help="only this agent and the workflows that use it")
+@click.option("--once", is_flag=True, help="print one frame and exit")
+@click.pass_obj
+def watch(settings: Settings, wf_id: str | None, agent_name: str | None, once: bool) -> None:
+    """Live view: agents' streams, workers, lag and pending; workflows with progress; recent events."""
+    from phibroker import watch as view
+
+    view.watch(settings, workflow=wf_id, agent=agent_name, once=once)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def agents(settings: Settings, as_json: bool) -> None:
+    """Every worker lease: who runs where, how busy, the last heartbeat, and alive or dead."""
+    from phibroker import watch as view
+
+    rows = view.agents(settings)
+    click.echo(json.dumps(rows) if as_json else "\n".join(view.agent_lines(rows)))
+
+
+@main.command()
+@click.argument("wf_id", metavar="ID")
+@click.pass_obj
+def why(settings: Settings, wf_id: str) -> None:
+    """What workflow ID waits on: dependencies, workers, retries, approvals, deadlines."""
+    from phibroker import watch as view
+
+    for line in view.why(settings, wf_id):
+        click.echo(line)
+
+
+@main.group()
+def acl() -> None:
+    """Redis ACL users for production: one per agent, the coordinators, a read-only `watch`, an `admin`."""
+
+
+@acl.command("generate")
+@click.option("--agents", required=True, help="the agents, comma-separated: webc,dc,vssc,kalic,cmdc")
+@click.option("--out", "out_dir", default="deploy/secrets", show_default=True, type=click.Path(file_okay=False))
+@click.option("--host", default="localhost", show_default=True, help="the Redis host the env files' URLs name")
+@click.option("--port", default=6379, show_default=True, help="the Redis port the env files' URLs name")
+@click.option("--tls", is_flag=True, help="rediss:// URLs")
+@click.option("--identities-path", default="/etc/phibroker/identities.json", show_default=True)
+@click.option(
+    "--subscription",
+    "subscriptions",
+    multiple=True,
+    metavar="AGENT=NAME",
+    help="a subscription of AGENT named other than AGENT.function",
+)
+@click.option("--force", is_flag=True, help="replace existing files: every password and secret changes")
+@click.pass_obj
+def acl_generate(
+    settings: Settings,
+    agents: str,
+    out_dir: str,
+    host: str,
+    port: int,
+    tls: bool,
+    identities_path: str,
+    subscriptions: tuple[str, ...],
+    force: bool,
+) -> None:
+    """Write users.acl, one USER.env per user and identities.json, with fresh random secrets."""
+    from pathlib import Path
+
+    from phibroker import acl as acls
+
+    names = acls.parse_agents(agents)
+    bundle = acls.generate(
+        settings.namespace,
+        names,
+        host=host,
+        port=port,
+        tls=tls,
+        identities_path=identities_path,
+        subscriptions=acls.parse_subscriptions(subscriptions, names),
+    )
+    for path in acls.write(Path(out_dir), bundle, force=force):
+        click.echo(str(path))
 
 
 def _stop_on_signals(stop: Any) -> None:
