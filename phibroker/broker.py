@@ -21,9 +21,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from phibroker import scripts, wire
-from phibroker.engine import Transition
+from phibroker.engine import PACKED, SEP, Transition, unpack_group
 from phibroker.errors import BrokerUnavailable, DecodeError
-from phibroker.keys import COORDINATORS_GROUP, WORKERS_GROUP, Keys
+from phibroker.keys import WORKERS_GROUP, Keys
 from phibroker.settings import Settings
 
 # What a lost connection looks like; loops back off and carry on, the CLI exits 3.
@@ -62,6 +62,7 @@ def connect(settings: Settings) -> redis.Redis:
             socket_connect_timeout=3.0,
             retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3),
             health_check_interval=30,
+            driver_info=None,  # no CLIENT SETINFO: per-agent ACL users need not be granted it
         )
     except ValueError as exc:
         raise BrokerUnavailable(f"bad Redis URL {settings.redis_url!r}: {exc}") from None
@@ -81,11 +82,15 @@ def _parse_value(name: str, raw: bytes) -> Any:
 
 
 def parse_units(raw: dict[bytes, bytes]) -> dict[str, dict[str, Any]]:
-    """`unit|attribute` fields -> {unit: {attribute: value}} with numbers typed."""
+    """`unit|field` fields -> {unit: {attribute: value}}, packed fields unpacked, numbers typed."""
     units: dict[str, dict[str, Any]] = {}
     for key, value in raw.items():
         unit, _, name = key.decode().rpartition("|")
-        units.setdefault(unit, {})[name] = _parse_value(name, value)
+        record = units.setdefault(unit, {})
+        if name in PACKED:
+            record.update(unpack_group(name, value.decode()))
+        else:
+            record[name] = _parse_value(name, value)
     return units
 
 
@@ -252,7 +257,8 @@ class Broker:
         out = []
         for i in range(0, len(replies), 2):
             wf_state, (state, dispatch) = replies[i], replies[i + 1]
-            out.append(tuple(v.decode() if v else None for v in (wf_state, state, dispatch)))
+            dispatch_id = dispatch.decode().split(SEP, 1)[0] if dispatch else None
+            out.append((wf_state.decode() if wf_state else None, state.decode() if state else None, dispatch_id))
         return out  # type: ignore[return-value]
 
     def dead_letter(self, reason: str, raw: bytes | None, source: str, entry_id: str, **extra: Any) -> None:
@@ -350,7 +356,6 @@ class Broker:
 
         False if the id exists (the coordinators are told again: starting is idempotent)."""
         keys = self.keys
-        self.ensure_group(keys.results, COORDINATORS_GROUP)
         created_at = float(fields["created_at"])
         args: list[Any] = []
         for name, value in fields.items():
@@ -646,7 +651,7 @@ class Broker:
         return after, events
 
     def send_to_coordinators(self, message: wire.Inbox) -> None:
-        self.ensure_group(self.keys.results, COORDINATORS_GROUP)
+        """Into the coordinators' inbox; their group reads it from the start, whenever they come."""
         self.add(self.keys.results, message.encode(self.settings.max_message_bytes))
 
     # -- read-only views for watch, agents and why --

@@ -29,6 +29,39 @@ WF_TERMINAL = frozenset({"succeeded", "failed", "cancelled", "timed_out"})
 WF_WINDING_DOWN = WF_TERMINAL | {"compensating"}
 
 
+# A unit's attributes that always change together share one hash field (`unit|dispatch`, `unit|run`,
+# `unit|end`), values joined by SEP: a task then writes six fields in its life instead of thirteen,
+# and HSET on a big hash is most of what Redis spends on a task.
+SEP = "\x1f"
+PACKED: dict[str, tuple[str, ...]] = {
+    "dispatch": ("dispatch", "attempt", "dispatched"),  # written by the coordinator when it dispatches
+    "run": ("token", "started", "entry", "worker"),  # written by the start script (scripts.START)
+    "end": ("finished", "seq"),  # written by the coordinator when the unit ends
+}
+GROUP_OF = {attribute: group for group, attributes in PACKED.items() for attribute in attributes}
+_TYPES: dict[str, type] = {
+    "attempt": int,
+    "dispatched": float,
+    "token": int,
+    "started": float,
+    "finished": float,
+    "seq": int,
+}
+
+
+def pack_group(record: Mapping[str, Any], group: str) -> str:
+    return SEP.join("" if record.get(a) is None else str(record[a]) for a in PACKED[group])
+
+
+def unpack_group(group: str, text: str) -> dict[str, Any]:
+    """The attributes of one packed field, typed; a missing or empty part is None."""
+    out: dict[str, Any] = {}
+    for attribute, part in zip(PACKED[group], text.split(SEP), strict=False):
+        kind = _TYPES.get(attribute)
+        out[attribute] = None if part == "" else (kind(float(part)) if kind is int else kind(part) if kind else part)
+    return out
+
+
 def unit_of(task: str, partition: int | None = None) -> str:
     return task if partition is None else f"{task}#{partition}"
 
@@ -205,9 +238,13 @@ class Run:
     # -- writing -----------------------------------------------------------------------------------
     def set(self, unit: str, **values: Any) -> None:
         record = self.unit(unit)
+        record.update(values)
         for name, value in values.items():
-            record[name] = value
-            self.tx.writes[f"{unit}|{name}"] = "" if value is None else value
+            group = GROUP_OF.get(name)
+            if group is None:
+                self.tx.writes[f"{unit}|{name}"] = "" if value is None else value
+            else:
+                self.tx.writes[f"{unit}|{group}"] = pack_group(record, group)
 
     def set_meta(self, **values: Any) -> None:
         self.meta.update(values)
@@ -306,13 +343,15 @@ def apply_result(run: Run, result: wire.Result, now: float) -> bool:
         and (record.get("token", 0) in (0, result.token))
     )
     if not current:
-        if record is not None and record.get("dispatch") == result.id:
+        duplicate = record is not None and record.get("state") == "succeeded" and record.get("token") == result.token
+        if record is not None and record.get("dispatch") == result.id and not duplicate:
             reason = "late result of an attempt that was reclaimed or stopped"
             run.record_attempt(
                 unit, now, reason, False, worker=result.worker, started=result.started, token=result.token
             )
         return False
-    run.set(unit, token=result.token, worker=result.worker, started=result.started)
+    # What the start script wrote; the cache learns it from the result, Redis has it already.
+    record.update(token=result.token, worker=result.worker, started=result.started)
     task, partition, is_undo = split_unit(unit)
     error = None if result.ok else error_text(result.error)
     value: Any = None
@@ -518,7 +557,11 @@ def _dispatch_unit(run: Run, unit: str, now: float) -> None:
         result=result,
         depth=int(run.meta.get("depth") or 0),
     )
-    run.set(unit, state="ready", attempt=attempt, dispatch=dispatch_id, token=0, dispatched=now, error=None)
+    record = run.unit(unit)
+    if record.get("error") is not None:
+        run.set(unit, error=None)
+    record["token"] = 0  # a new dispatch starts unstarted; the start script writes the run anew
+    run.set(unit, state="ready", attempt=attempt, dispatch=dispatch_id, dispatched=now)
     try:
         raw = message.encode(run.limit)
     except (MessageTooLarge, TypeError) as exc:

@@ -52,7 +52,9 @@ return version
 # KEYS: meta, tasks, history   ARGV: consumer, then per message: unit, dispatch id, entry id, lost record
 # Returns per message: a token (>= 1), or 0 (stale: cancelled, superseded or finished), or -1 (a
 # duplicate stream entry of a dispatch another entry already started).
-START = """
+# Packed fields (see engine.PACKED), parts joined by \31: `unit|dispatch` = id, attempt, dispatched;
+# `unit|run` = token, started, entry, worker.
+START = r"""
 local meta, tasks, history = KEYS[1], KEYS[2], KEYS[3]
 local wf_state = redis.call('HGET', meta, 'state')
 local finished = wf_state == 'succeeded' or wf_state == 'failed' or wf_state == 'cancelled'
@@ -65,20 +67,24 @@ for i = 2, #ARGV, 4 do
   local unit, dispatch, entry, lost = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local f = unit .. '|'
   local state = redis.call('HGET', tasks, f .. 'state')
+  local current = redis.call('HGET', tasks, f .. 'dispatch')
   local token = 0
-  if finished or redis.call('HGET', tasks, f .. 'dispatch') ~= dispatch then
+  if finished or not current or string.sub(current, 1, #dispatch + 1) ~= dispatch .. '\31' then
     token = 0
   elseif state == 'ready' then
     token = 1
-    redis.call('HSET', tasks, f .. 'state', 'running', f .. 'token', 1, f .. 'worker', consumer,
-      f .. 'started', ts, f .. 'entry', entry)
-  elseif state == 'running' and redis.call('HGET', tasks, f .. 'entry') == entry then
-    token = redis.call('HINCRBY', tasks, f .. 'token', 1)
-    redis.call('HSET', tasks, f .. 'worker', consumer, f .. 'started', ts)
-    redis.call('HINCRBY', meta, 'version', 1)
-    if lost ~= '' then redis.call('RPUSH', history, lost) end
+    redis.call('HSET', tasks, f .. 'state', 'running', f .. 'run', '1\31' .. ts .. '\31' .. entry .. '\31' .. consumer)
   elseif state == 'running' then
-    token = -1
+    local run = redis.call('HGET', tasks, f .. 'run') or ''
+    local previous, _, started_entry = string.match(run, '^([^\31]*)\31([^\31]*)\31([^\31]*)')
+    if started_entry == entry then
+      token = (tonumber(previous) or 0) + 1
+      redis.call('HSET', tasks, f .. 'run', token .. '\31' .. ts .. '\31' .. entry .. '\31' .. consumer)
+      redis.call('HINCRBY', meta, 'version', 1)
+      if lost ~= '' then redis.call('RPUSH', history, lost) end
+    else
+      token = -1
+    end
   end
   out[#out + 1] = token
 end

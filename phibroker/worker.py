@@ -28,7 +28,7 @@ from phibroker.broker import CONNECTION_ERRORS, Broker, Entry
 from phibroker.engine import new_workflow_fields
 from phibroker.errors import DecodeError, PhibrokerError
 from phibroker.events import Router, register_subscriptions
-from phibroker.keys import COORDINATORS_GROUP, WORKERS_GROUP
+from phibroker.keys import WORKERS_GROUP
 from phibroker.settings import Settings
 
 log = logging.getLogger("phibroker.worker")
@@ -93,7 +93,6 @@ class Worker:
         are left unacked for other workers, and the caller should exit without waiting for them.
         """
         self.broker.ensure_group(self.stream, WORKERS_GROUP)
-        self.broker.ensure_group(self.keys.results, COORDINATORS_GROUP)
         self.renew_lease()
         streams = register_subscriptions(self.broker, self.agent.name, self.agent.subscriptions)
         self.sub_streams = dict(zip(streams, self.agent.subscriptions, strict=True))
