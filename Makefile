@@ -3,7 +3,9 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: install dev test bench lint clean
+BENCH_ARGS ?=
+
+.PHONY: install dev test bench bench-quick lint clean
 
 install: $(VENV)/.installed
 
@@ -20,7 +22,10 @@ test: install
 	$(BIN)/pytest
 
 bench: install
-	$(BIN)/python -m benchmarks
+	$(BIN)/python -m benchmarks $(BENCH_ARGS)
+
+bench-quick: install
+	$(BIN)/python -m benchmarks --quick
 
 lint: install
 	$(BIN)/ruff check phibroker workers tests benchmarks

@@ -1,0 +1,288 @@
+"""`python -m benchmarks [--runs N] [--quick] [--json PATH]`: every figure of issue 10 in one run.
+
+One private redis-server for the whole run. Each run measures every workload once, alternating the
+yardstick and phibroker (A B A B…), because this 2-core machine drifts: figures taken minutes apart are
+comparable, figures taken a quarter of an hour apart are not. The longest-Lua-call and memory workloads
+run once, after the timed runs, since they change Redis's settings or take long.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from benchmarks import bare, compare, report, validation, workloads
+from benchmarks.harness import Logs, RedisServer, percentile
+from benchmarks.report import Results
+from benchmarks.slowlog import SlowlogWatch
+
+T = TypeVar("T")
+DEFAULT_JSON = Path(__file__).resolve().parent / "last-run.json"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How big each workload is; `--quick` shrinks them (its absolute figures are then not the targets')."""
+
+    bare_tasks: int = 10_000
+    bare_unbatched: int = 10_000
+    hops: int = 1_000
+    fan_out: int = 10_000
+    chain: int = 1_000
+    short_chain: int = 200  # issue 3's chain
+    workflows: int = 1_000
+    width: int = 10
+    fair_hops: int = 20
+    fair_fan_out: int = 10_000
+    lua_fan_out: int = 50_000
+    memory_total: int = 10_000
+    memory_checkpoint: int = 1_000
+    json_tasks: int = 100_000
+    yaml_tasks: int = 10_000
+    rq_jobs: int = 2_000
+    rq_forking_jobs: int = 300  # the forking worker does ~55 jobs/s: 2,000 would take half a minute a run
+    rq_chain: int = 100
+    celery_tasks: int = 2_000
+
+
+QUICK = Sizes(
+    bare_tasks=2_000,
+    bare_unbatched=1_000,
+    hops=200,
+    fan_out=2_000,
+    chain=200,
+    workflows=200,
+    fair_fan_out=2_000,
+    lua_fan_out=10_000,
+    memory_total=2_000,
+    memory_checkpoint=200,
+    rq_jobs=300,
+    rq_forking_jobs=50,
+    rq_chain=30,
+    celery_tasks=300,
+)
+
+
+class Bench:
+    """Runs the workloads against one Redis and records every figure in `results`."""
+
+    def __init__(self, redis_url: str, sizes: Sizes, logs: Logs):
+        self.url = redis_url
+        self.sizes = sizes
+        self.logs = logs
+        self.results = Results()
+        self.run_values: dict[str, float] = {}  # this run's figures, for run-by-run ratios
+
+    def record(self, key: str, name: str, unit: str, value: float, note: str = "") -> None:
+        self.results.add(key, name, unit, value, note)
+        self.run_values[key] = value
+
+    def attempt(self, key: str, work: Callable[[], T]) -> T | None:
+        """Run one workload; a failure is reported and recorded, and the other workloads go on."""
+        started = time.monotonic()
+        try:
+            value = work()
+        except Exception as exc:  # noqa: BLE001 - one broken workload must not hide the others' figures
+            message = f"{type(exc).__name__}: {exc}"
+            self.results.errors.setdefault(key, message)
+            print(f"    ! {key} failed: {message}", file=sys.stderr)
+            traceback.print_exc(limit=3, file=sys.stderr)
+            return None
+        print(f"    {key:<22} {time.monotonic() - started:6.1f} s", flush=True)
+        return value
+
+    # -- one run: yardstick and phibroker alternating -------------------------------------------------
+    def run(self, files: validation.Files) -> None:
+        self.run_values = {}
+        self.attempt("bare.batched", self.bare_batched)
+        self.attempt("phibroker.fan-out", self.fan_out)
+        self.attempt("bare.hop", self.bare_hop)
+        self.attempt("phibroker.chain", self.chain)
+        self.attempt("bare.unbatched", self.bare_unbatched)
+        self.attempt("phibroker.many", self.many)
+        self.attempt("phibroker.fairness", self.fairness)
+        self.attempt("validation", lambda: self.validation(files))
+        self.attempt("rq", self.rq)
+        self.attempt("celery", self.celery)
+        self.ratios()
+
+    def bare_batched(self) -> None:
+        n = self.sizes.bare_tasks
+        self.record(
+            "bare.batched", f"bare round trip, batched ×100 ({n:,})", "tasks/s", bare.batched(self.url, n, self.logs)
+        )
+
+    def bare_unbatched(self) -> None:
+        n = self.sizes.bare_unbatched
+        self.record(
+            "bare.unbatched", f"bare round trip, unbatched ({n:,})", "tasks/s", bare.unbatched(self.url, n, self.logs)
+        )
+
+    def bare_hop(self) -> None:
+        hops = self.sizes.hops
+        self.record(
+            "bare.hop", f"bare round trip, chain hop p50 ({hops:,})", "ms", bare.hop_p50(self.url, hops, self.logs)
+        )
+
+    def fan_out(self) -> None:
+        n = self.sizes.fan_out
+        with workloads.deployed(self.url, self.logs) as deployment:
+            rate = workloads.fan_out_throughput(deployment, n)
+        note = f"1 coordinator + 1 worker --concurrency {workloads.CONCURRENCY}"
+        self.record("pb.fanout", f"phibroker fan-out {n:,}", "tasks/s", rate, note)
+
+    def chain(self) -> None:
+        s = self.sizes
+        with workloads.deployed(self.url, self.logs) as deployment:
+            short, _ = workloads.chain_hops(deployment, s.short_chain)
+            hops, per_task = workloads.chain_hops(deployment, s.chain)
+        self.record("pb.chain200_p50", f"phibroker {s.short_chain}-task chain, hop p50", "ms", percentile(short, 50))
+        self.record("pb.chain_p50", f"phibroker {s.chain:,}-task chain, hop p50", "ms", percentile(hops, 50))
+        self.record("pb.chain_p99", f"phibroker {s.chain:,}-task chain, hop p99", "ms", percentile(hops, 99))
+        self.record("pb.chain_total", f"phibroker {s.chain:,}-task chain, total ÷ tasks", "ms", per_task)
+
+    def many(self) -> None:
+        s = self.sizes
+        with workloads.deployed(self.url, self.logs) as deployment:
+            rate, p99 = workloads.many_workflows(deployment, s.workflows, s.width)
+        label = f"phibroker {s.workflows:,} workflows × {s.width}"
+        self.record("pb.many", label, "tasks/s", rate)
+        self.record("pb.many_p99", f"{label}, p99 workflow time", "ms", p99)
+
+    def fairness(self) -> None:
+        s = self.sizes
+        with workloads.deployed(self.url, self.logs) as deployment:
+            alone, behind = workloads.fairness(deployment, s.fair_hops, s.fair_fan_out)
+        self.record("pb.fair_alone", f"phibroker {s.fair_hops}-hop chain alone", "ms", alone)
+        self.record("pb.fair_behind", f"… right after a {s.fair_fan_out:,} fan-out", "ms", behind)
+        self.record("pb.fair_ratio", "… ratio (behind ÷ alone)", "×", behind / alone)
+
+    def validation(self, files: validation.Files) -> None:
+        s = self.sizes
+        self.record("val.json", f"load + check {s.json_tasks:,}-task JSON", "s", validation.load_seconds(files.json))
+        self.record("val.yaml", f"load + check {s.yaml_tasks:,}-task YAML", "s", validation.load_seconds(files.yaml))
+
+    def rq(self) -> None:
+        s = self.sizes
+        simple = compare.rq_throughput(self.url, s.rq_jobs, compare.SIMPLE_WORKER, self.logs)
+        self.record("rq.simple", f"RQ SimpleWorker ({s.rq_jobs:,} jobs)", "jobs/s", simple)
+        forking = compare.rq_throughput(self.url, s.rq_forking_jobs, compare.FORKING_WORKER, self.logs)
+        self.record("rq.forking", f"RQ forking Worker ({s.rq_forking_jobs:,} jobs)", "jobs/s", forking)
+        hop = compare.rq_chain_hop(self.url, s.rq_chain, self.logs)
+        self.record("rq.chain", f"RQ chain hop p50 ({s.rq_chain} jobs, depends_on)", "ms", hop)
+
+    def celery(self) -> None:
+        if not compare.celery_installed():
+            note = "Celery: not installed (pip install celery for this comparison)"
+            if note not in self.results.notes:
+                self.results.notes.append(note)
+            return
+        n = self.sizes.celery_tasks
+        rate = compare.celery_throughput(self.url, n, self.logs)
+        self.record("celery.group", f"Celery group + results, solo pool ({n:,})", "tasks/s", rate)
+
+    def ratios(self) -> None:
+        """This run's phibroker figures over this run's yardsticks."""
+        v = self.run_values
+        pairs = [
+            ("ratio.fanout_bare", "fan-out ÷ bare batched", "pb.fanout", "bare.batched"),
+            ("ratio.fanout_celery", "fan-out ÷ Celery", "pb.fanout", "celery.group"),
+            ("ratio.fanout_rq", "fan-out ÷ RQ SimpleWorker", "pb.fanout", "rq.simple"),
+            ("ratio.hop_bare", "chain hop p50 ÷ bare hop p50", "pb.chain_p50", "bare.hop"),
+        ]
+        for key, name, top, bottom in pairs:
+            if v.get(top) and v.get(bottom):
+                self.results.add(key, name, "×", v[top] / v[bottom])
+
+    # -- once, after the timed runs ------------------------------------------------------------------
+    def longest_lua(self) -> None:
+        """Every command logged while a fan-out, a chain and a huge fan-out run; the longest EVALSHA."""
+        s = self.sizes
+        shapes: list[tuple[str, Callable[[workloads.Deployment], Any]]] = [
+            (f"fan-out {s.fan_out:,}", lambda d: workloads.fan_out_throughput(d, s.fan_out)),
+            (f"chain {s.chain:,}", lambda d: workloads.chain_hops(d, s.chain)),
+            (f"fan-out {s.lua_fan_out:,}", lambda d: workloads.fan_out_throughput(d, s.lua_fan_out)),
+        ]
+        longest = 0.0
+        for label, work in shapes:
+            with workloads.deployed(self.url, self.logs) as deployment, SlowlogWatch(self.url) as watch:
+                outcome = work(deployment)
+            note = f"{watch.longest.script}, of {watch.longest.calls:,} EVALSHA calls"
+            self.results.add(f"lua.{label}", f"longest EVALSHA during {label}", "ms", watch.longest.ms, note)
+            if label.endswith(f"{s.lua_fan_out:,}"):
+                self.results.add(
+                    "pb.fanout_big", f"phibroker fan-out {s.lua_fan_out:,} (slowlog on)", "tasks/s", outcome
+                )
+            longest = max(longest, watch.longest.ms)
+        self.results.add("lua.max", "longest EVALSHA of all", "ms", longest)
+
+    def memory(self) -> None:
+        s = self.sizes
+        with workloads.deployed(self.url, self.logs) as deployment:
+            first, last = workloads.memory(deployment, s.memory_total, s.memory_checkpoint)
+        for who, label in (
+            ("coordinator", "coordinator RSS"),
+            ("worker", "worker RSS"),
+            ("redis", "Redis used_memory"),
+        ):
+            a, b = getattr(first, f"{who}_mib"), getattr(last, f"{who}_mib")
+            self.results.add(f"mem.{who}.first", f"{label} after {first.workflows:,} workflows", "MiB", a)
+            self.results.add(f"mem.{who}.last", f"{label} after {last.workflows:,} workflows", "MiB", b)
+            if who != "redis":
+                self.results.add(f"mem.{who}_growth", f"{label} growth", "%", (b - a) / a * 100)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3, help="runs of each workload (default 3)")
+    parser.add_argument("--quick", action="store_true", help="1 run, smaller sizes (a smoke test, not the targets)")
+    parser.add_argument(
+        "--json", type=Path, default=DEFAULT_JSON, help=f"where to write the figures [{DEFAULT_JSON.name}]"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    sizes, runs = (QUICK, 1) if args.quick else (Sizes(), max(1, args.runs))
+    started = time.monotonic()
+    logs = Logs()
+    print(f"phibroker benchmarks: {runs} run(s){' (quick sizes)' if args.quick else ''}; logs in {logs.directory}")
+    files = validation.Files(sizes.json_tasks, sizes.yaml_tasks)
+    with RedisServer() as server:
+        bench = Bench(server.url, sizes, logs)
+        if args.quick:
+            bench.results.notes.append("--quick: smaller sizes and 1 run; a smoke test, not the targets' figures")
+        print(f"private redis-server on port {server.port}")
+        for number in range(1, runs + 1):
+            print(f"  run {number}/{runs}", flush=True)
+            bench.run(files)
+        print("  once", flush=True)
+        bench.attempt("lua", bench.longest_lua)
+        bench.attempt("memory", bench.memory)
+    files.close()
+    results = bench.results
+    rows = report.judge_all(results)
+    report.print_figures(results)
+    report.print_targets(rows)
+    report.print_earlier(results)
+    for note in results.notes:
+        print(f"\n{note}")
+    options = {"runs": runs, "quick": args.quick, "sizes": asdict(sizes), "seconds": round(time.monotonic() - started)}
+    report.save(args.json, report.document(results, rows, options))
+    print(f"\nJSON: {args.json}  ({options['seconds']} s in all)")
+    if results.errors:
+        print(f"subprocess logs kept in {logs.directory}")
+    else:
+        logs.remove()
+    return 1 if results.errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

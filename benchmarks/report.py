@@ -1,0 +1,137 @@
+"""What a run prints and saves: the figures (median, min–max), the targets of issue 10 with their ratios
+and MET/MISSED, the issue 2/3 figures, and the same as one JSON document.
+
+Ratios between systems are taken per run (phibroker's run i over the yardstick's run i, measured minutes
+apart) and then the median, because the machine drifts more between runs than within one.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks.harness import Figure, fmt, spread
+
+
+@dataclass
+class Results:
+    """Every figure by key, in the order first measured; failures by workload."""
+
+    figures: dict[str, Figure] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, key: str, name: str, unit: str, value: float, note: str = "") -> None:
+        figure = self.figures.setdefault(key, Figure(name, unit, note=note))
+        figure.values.append(value)
+
+    def median(self, key: str) -> float | None:
+        figure = self.figures.get(key)
+        return figure.median if figure and figure.values else None
+
+
+@dataclass
+class Target:
+    """One line of issue 10's targets: a measured median against its goal."""
+
+    label: str
+    key: str  # the figure it reads
+    goal: float
+    at_least: bool  # True: measured ≥ goal; False: measured ≤ goal
+    unit: str
+
+    def judge(self, results: Results) -> dict[str, Any]:
+        value = results.median(self.key)
+        row: dict[str, Any] = {"target": self.label, "goal": self.goal, "unit": self.unit, "measured": value}
+        if value is None:
+            return {**row, "of_goal": None, "verdict": "n/a"}
+        met = value >= self.goal if self.at_least else value <= self.goal
+        return {**row, "of_goal": value / self.goal, "verdict": "MET" if met else "MISSED"}
+
+
+TARGETS = [
+    Target("fan-out 10k, absolute", "pb.fanout", 30_000, True, "tasks/s"),
+    Target("fan-out ÷ bare batched round trip", "ratio.fanout_bare", 0.8, True, "×"),
+    Target("fan-out ÷ Celery group", "ratio.fanout_celery", 60, True, "×"),
+    Target("fan-out ÷ RQ SimpleWorker", "ratio.fanout_rq", 150, True, "×"),
+    Target("chain hop p50 ÷ bare hop p50", "ratio.hop_bare", 1.2, False, "×"),
+    Target("chain hop p99", "pb.chain_p99", 2.0, False, "ms"),
+    Target("1,000 workflows × 10 tasks", "pb.many", 15_000, True, "tasks/s"),
+    Target("fairness: chain behind fan-out ÷ alone", "pb.fair_ratio", 3.0, False, "×"),
+    Target("longest Lua call (EVALSHA)", "lua.max", 10.0, False, "ms"),
+    Target("load + check 100k-task JSON", "val.json", 1.0, False, "s"),
+    Target("coordinator RSS growth 1k→10k workflows", "mem.coordinator_growth", 10.0, False, "%"),
+    Target("worker RSS growth 1k→10k workflows", "mem.worker_growth", 10.0, False, "%"),
+]
+
+# The issue 2 and 3 figures: the same workloads, shown beside their yardsticks.
+EARLIER = [
+    ("issue 2: load + check 100k-task JSON", "val.json", None),
+    ("issue 2: load + check 10k-task YAML", "val.yaml", None),
+    ("issue 3: 10k fan-out (bare batched beside it)", "pb.fanout", "bare.batched"),
+    ("issue 3: 200-task chain hop p50 (bare hop beside it)", "pb.chain200_p50", "bare.hop"),
+]
+
+
+def print_figures(results: Results) -> None:
+    print("\nFigures: median (min–max) over the runs")
+    width = max(len(f.name) for f in results.figures.values()) if results.figures else 10
+    for figure in results.figures.values():
+        note = f"  [{figure.note}]" if figure.note else ""
+        print(f"  {figure.name:<{width}}  {spread(figure):>28} {figure.unit}{note}")
+    for key, message in results.errors.items():
+        print(f"  FAILED {key}: {message.splitlines()[0]}")
+
+
+def judge_all(results: Results) -> list[dict[str, Any]]:
+    return [target.judge(results) for target in TARGETS]
+
+
+def print_targets(rows: list[dict[str, Any]]) -> None:
+    print("\nTargets (issue 10): measured median vs goal")
+    print(f"  {'target':<42} {'measured':>12} {'goal':>14} {'of goal':>8}  verdict")
+    for row in rows:
+        measured = "—" if row["measured"] is None else fmt(row["measured"], row["unit"])
+        sign = "≥" if any(t.label == row["target"] and t.at_least for t in TARGETS) else "≤"
+        goal = f"{sign} {fmt(row['goal'], row['unit'])} {row['unit']}"
+        of_goal = "—" if row["of_goal"] is None else f"{row['of_goal']:.2f}×"
+        print(f"  {row['target']:<42} {measured:>12} {goal:>14} {of_goal:>8}  {row['verdict']}")
+
+
+def print_earlier(results: Results) -> None:
+    print("\nIssue 2/3 figures (same workloads)")
+    for label, key, beside in EARLIER:
+        figure = results.figures.get(key)
+        if figure is None or not figure.values:
+            print(f"  {label}: —")
+            continue
+        text = f"{spread(figure)} {figure.unit}"
+        other = results.figures.get(beside) if beside else None
+        if other is not None and other.values:
+            text += f"   vs {spread(other)} {other.unit}"
+        print(f"  {label}: {text}")
+
+
+def document(results: Results, rows: list[dict[str, Any]], options: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "machine": {"python": platform.python_version(), "platform": platform.platform(), "cpus": _cpus()},
+        "options": options,
+        "figures": {key: figure.as_dict() for key, figure in results.figures.items()},
+        "targets": rows,
+        "errors": results.errors,
+        "notes": results.notes,
+    }
+
+
+def _cpus() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0))
+
+
+def save(path: Path, doc: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2) + "\n")

@@ -1,0 +1,221 @@
+"""phibroker workloads on real processes: `phibroker coordinator` and `phibroker worker`, fresh per workload.
+
+Every figure comes from the workflow's own clock (`created_at` → `finished_at` from `Client.status()`,
+units' `finished` for chain hops), so it covers the whole path a user waits on: submit, coordinator,
+dispatch, worker, result, transition. The agent is `probe` from `tests.apps.probe`, its `noop` command.
+"""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from benchmarks.harness import Logs, percentile, rss_mib, spawn, stop, wait_for
+from phibroker import workflow as workflows
+from phibroker.broker import Broker
+from phibroker.client import Client
+from phibroker.settings import Settings
+
+AGENT, APP, COMMAND = "probe", "tests.apps.probe", "noop"
+CONCURRENCY = 16
+TIMEOUT = 120.0  # the longest any one workflow may take before the workload counts as hung
+WARM_UP_TIMEOUT = 30.0
+
+
+# -- workflows ----------------------------------------------------------------------------------------
+def _task(*deps: str) -> dict[str, Any]:
+    task: dict[str, Any] = {"agent": AGENT, "command": COMMAND}
+    if deps:
+        task["depends_on"] = list(deps)
+    return task
+
+
+@functools.cache
+def fan_out(n: int) -> workflows.Workflow:
+    """A root, then `n` tasks that depend on it: one transition releases them all (chunked by max_release)."""
+    tasks = {"root": _task(), **{f"t{i:05d}": _task("root") for i in range(n)}}
+    return workflows.check({"name": f"fan-out-{n}", "tasks": tasks})
+
+
+@functools.cache
+def chain(n: int) -> workflows.Workflow:
+    """`n` tasks, each depending on the one before: every hop is a full round trip through the broker."""
+    tasks = {f"c{i:04d}": _task(*([f"c{i - 1:04d}"] if i else [])) for i in range(n)}
+    return workflows.check({"name": f"chain-{n}", "tasks": tasks})
+
+
+@functools.cache
+def independent(n: int) -> workflows.Workflow:
+    tasks = {f"t{i:02d}": _task() for i in range(n)}
+    return workflows.check({"name": f"flat-{n}", "tasks": tasks})
+
+
+# -- one coordinator and one worker ---------------------------------------------------------------------
+class Deployment:
+    """One coordinator and one worker in a namespace of their own, warm before anything is timed."""
+
+    def __init__(self, redis_url: str, logs: Logs, concurrency: int = CONCURRENCY):
+        self.home = tempfile.mkdtemp(prefix="phibroker-bench-home-")
+        self.settings = Settings(redis_url=redis_url, namespace=f"bench{uuid.uuid4().hex[:8]}", home=Path(self.home))
+        self.logs = logs
+        self.concurrency = concurrency
+        self.client = Client(self.settings)
+        self.processes: dict[str, tuple[Any, Path]] = {}
+
+    def start(self) -> None:
+        env = {
+            "PHIBROKER_REDIS_URL": self.settings.redis_url,
+            "PHIBROKER_NAMESPACE": self.settings.namespace,
+            "PHIBROKER_HOME": self.home,
+        }
+        self.processes["coordinator"] = spawn(["-m", "phibroker", "coordinator"], self.logs, "coordinator", env)
+        worker = ["-m", "phibroker", "worker", "--agent", AGENT, "--app", APP, "--concurrency", str(self.concurrency)]
+        self.processes["worker"] = spawn(worker, self.logs, "worker", env)
+        wait_for(self._leases_held, 30, "coordinator and worker leases", every=0.05)
+        warm_up = self.submit(independent(1))  # scripts loaded, groups created, every code path imported
+        self.wait(warm_up, WARM_UP_TIMEOUT)
+
+    def _leases_held(self) -> bool:
+        self.check_alive()
+        broker: Broker = self.client.broker
+        now, workers = broker.leases(self.settings.keys.agents)
+        _, coordinators = broker.leases(self.settings.keys.coordinators)
+        worker_up = any(info.get("agent") == AGENT and info["expires"] > now for info in workers.values())
+        return worker_up and any(info["expires"] > now for info in coordinators.values())
+
+    def check_alive(self) -> None:
+        for name, (process, log) in self.processes.items():
+            if process.poll() is not None:
+                raise RuntimeError(f"{name} exited with code {process.returncode}:\n{self.logs.tail(log)}")
+
+    def pid(self, name: str) -> int:
+        return int(self.processes[name][0].pid)
+
+    def stop(self) -> None:
+        for process, _ in self.processes.values():
+            stop(process)
+        self.client.close()
+        _forget_namespace(self.settings.redis_url, self.settings.namespace)
+
+    # -- submitting and waiting ---------------------------------------------------------------------
+    def submit(self, workflow: workflows.Workflow) -> str:
+        return self.client.submit(workflow)
+
+    def wait(self, wf_id: str, timeout: float = TIMEOUT) -> dict[str, Any]:
+        """Block on the workflow's end signal (no status reads while it runs); then its status."""
+        deadline = time.monotonic() + timeout
+        while not self.client.broker.wait_done(wf_id, 1.0):
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{wf_id} did not finish within {timeout:.0f} s (hung?)")
+        status = self.client.status(wf_id)
+        if status["state"] != "succeeded":
+            raise RuntimeError(f"{wf_id} ended {status['state']}: {status.get('error')}")
+        return status
+
+    def run(self, workflow: workflows.Workflow) -> dict[str, Any]:
+        return self.wait(self.submit(workflow))
+
+
+def _forget_namespace(url: str, namespace: str) -> None:
+    """Drop a finished workload's keys, so Redis's memory does not grow from run to run."""
+    r = redis.Redis.from_url(url)
+    try:
+        batch = []
+        for key in r.scan_iter(match=f"{namespace}:*", count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                r.unlink(*batch)
+                batch.clear()
+        if batch:
+            r.unlink(*batch)
+    finally:
+        r.close()
+
+
+@contextmanager
+def deployed(redis_url: str, logs: Logs, concurrency: int = CONCURRENCY) -> Iterator[Deployment]:
+    deployment = Deployment(redis_url, logs, concurrency)
+    try:
+        deployment.start()
+        yield deployment
+    finally:
+        deployment.stop()
+
+
+def elapsed(status: dict[str, Any]) -> float:
+    """The workflow's own clock: created_at (the client) → finished_at (the coordinator), in seconds."""
+    return float(status["finished_at"]) - float(status["created_at"])
+
+
+# -- the workloads: each returns one run's figures ------------------------------------------------------
+def fan_out_throughput(deployment: Deployment, n: int) -> float:
+    workflow = fan_out(n)
+    return len(workflow.tasks) / elapsed(deployment.run(workflow))
+
+
+def chain_hops(deployment: Deployment, n: int) -> tuple[list[float], float]:
+    """Each hop in ms (finished[i] − finished[i−1]) and the whole chain's time per task in ms."""
+    wf_id = deployment.submit(chain(n))
+    status = deployment.wait(wf_id)
+    _, units, _, _ = deployment.client.broker.read_workflow(wf_id)
+    finished = [float(units[f"c{i:04d}"]["finished"]) for i in range(n)]
+    hops = [(b - a) * 1000 for a, b in zip(finished, finished[1:], strict=False)]
+    return hops, elapsed(status) * 1000 / n
+
+
+def many_workflows(deployment: Deployment, count: int, width: int) -> tuple[float, float]:
+    """`count` workflows of `width` independent tasks, submitted in a tight loop by one client.
+
+    Returns tasks/s over the set (first created_at → last finished_at) and p99 workflow time in ms."""
+    workflow = independent(width)
+    ids = [deployment.submit(workflow) for _ in range(count)]
+    statuses = [deployment.wait(wf_id) for wf_id in ids]
+    first = min(float(s["created_at"]) for s in statuses)
+    last = max(float(s["finished_at"]) for s in statuses)
+    return count * width / (last - first), percentile([elapsed(s) * 1000 for s in statuses], 99)
+
+
+def fairness(deployment: Deployment, hops: int, fan: int) -> tuple[float, float]:
+    """A chain's time alone, then right behind a big fan-out on the same agent (ms, ms)."""
+    alone = elapsed(deployment.run(chain(hops))) * 1000
+    big = deployment.submit(fan_out(fan))
+    behind = elapsed(deployment.run(chain(hops))) * 1000
+    deployment.wait(big)
+    return alone, behind
+
+
+@dataclass
+class MemoryPoint:
+    workflows: int
+    coordinator_mib: float
+    worker_mib: float
+    redis_mib: float
+
+
+def memory(deployment: Deployment, total: int, checkpoint: int, batch: int = 500) -> list[MemoryPoint]:
+    """RSS of both processes after `checkpoint` and after `total` one-task workflows (batches waited for)."""
+    r = redis.Redis.from_url(deployment.settings.redis_url)
+    points = []
+    workflow, done = independent(1), 0
+    while done < total:
+        size = min(batch, total - done, checkpoint - done if done < checkpoint else batch)
+        for wf_id in [deployment.submit(workflow) for _ in range(size)]:
+            deployment.wait(wf_id)
+        done += size
+        if done in (checkpoint, total):
+            used = int(r.info("memory")["used_memory"]) / 2**20
+            points.append(
+                MemoryPoint(done, rss_mib(deployment.pid("coordinator")), rss_mib(deployment.pid("worker")), used)
+            )
+    r.close()
+    return points

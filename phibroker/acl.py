@@ -1,0 +1,330 @@
+"""Redis ACL users for a production deployment: what each phibroker process may touch, and nothing more.
+
+Pure: the rules are built from the namespace and the agent names with `keys.py`, and so are the files
+`phibroker acl generate` writes — `users.acl` for `aclfile`, one `<user>.env` per user (Redis URL with
+its credentials, namespace, and for agents the secret they sign results with) and `identities.json`
+(agent -> secret) for the coordinators. No Redis here.
+
+How Redis decides: a command runs if the user's root permissions, or one of its selectors `(...)`,
+allow the command *and* every key it names (`~` read and write, `%R~` read, `%W~` write only). So
+shared keys get narrow selectors — an agent may XADD into another subscription's stream but never read,
+ack or trim it — and each script's keys sit together in one selector (EVALSHA needs read and write on
+every key it declares). The `{*}` patterns match one key of a workflow each: `NS:wf:{*}` only the meta
+hash (a pattern ending in `}` cannot match `NS:wf:{ID}:results`), `NS:wf:{*}:tasks` only the unit states.
+
+What ACLs cannot do: tell a script's writes from direct ones (an agent allowed to run START may also
+HSET a workflow's unit states), or limit a hash to some fields (an agent's lease lives in the shared
+`NS:agents` hash). Forged outcomes are stopped by signed results (the identities file), not here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import secrets
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from phibroker.errors import InvalidInput
+from phibroker.keys import Keys
+
+COORDINATOR, WATCH, ADMIN = "coordinator", "watch", "admin"
+RESERVED = frozenset({COORDINATOR, WATCH, ADMIN, "default"})
+USERS_FILE, IDENTITIES_FILE = "users.acl", "identities.json"
+IDENTITIES_PATH = "/etc/phibroker/identities.json"  # where coordinators read it (compose, k8s, systemd)
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+# Key-less commands every phibroker process sends: health checks, Redis's clock (leases, and TIME
+# inside scripts), and loading the scripts after a restart (EVALSHA answers NOSCRIPT).
+BASICS = ("ping", "time", "script|load", "script|exists")
+# A consumer of its own streams: read, ack, give back (requeue: MULTI/EXEC), reclaim from the dead.
+CONSUMER = (
+    "xreadgroup",
+    "xack",
+    "xadd",
+    "xpending",
+    "xclaim",
+    "xautoclaim",
+    "xgroup|create",
+    "xgroup|delconsumer",
+    "multi",
+    "exec",
+    "discard",
+)
+# Everything `status`, `list`, `watch`, `approvals`, `subs`, `dlq list|show` read; not one write.
+READS = (
+    "exists",
+    "type",
+    "hget",
+    "hmget",
+    "hgetall",
+    "hlen",
+    "hstrlen",
+    "hexists",
+    "hrandfield",
+    "zrange",
+    "zrevrange",
+    "zrangebyscore",
+    "zcard",
+    "zscore",
+    "zmscore",
+    "lrange",
+    "llen",
+    "xrange",
+    "xrevrange",
+    "xread",
+    "xlen",
+    "xpending",
+    "xinfo|stream",
+    "xinfo|groups",
+    "xinfo|consumers",
+)
+
+
+@dataclass(frozen=True)
+class Grant:
+    """Commands on keys: a user's root permissions, or one selector."""
+
+    commands: tuple[str, ...]
+    keys: tuple[str, ...] = ()  # ACL key patterns with their prefix: `~k`, `%R~k`, `%W~k`
+
+    def rules(self) -> list[str]:
+        return [*self.keys, *(f"+{command}" for command in self.commands)]
+
+
+@dataclass(frozen=True)
+class User:
+    """One ACL user: who it is for, its root permissions and its selectors."""
+
+    name: str
+    role: str  # agent | coordinator | watch | admin
+    root: Grant
+    selectors: tuple[Grant, ...] = ()
+    agent: str | None = None
+
+    def rules(self) -> list[str]:
+        """The user's rules after `reset`: no password, no keys, no channels, no commands until granted."""
+        return [*self.root.rules(), *("(" + " ".join(s.rules()) + ")" for s in self.selectors)]
+
+    def line(self, password: str) -> str:
+        """The `users.acl` line; it holds the SHA-256 of the password, never the password itself."""
+        digest = hashlib.sha256(password.encode()).hexdigest()
+        return " ".join(["user", self.name, "reset", "on", f"#{digest}", *self.rules()])
+
+
+def agent_user(keys: Keys, agent: str, subscriptions: Iterable[str] = ()) -> User:
+    """A worker of `agent`: its task stream and its subscriptions' streams and seen-sets (own keys), the
+    START and CREATE scripts on workflow meta/tasks/history (never results or outbox), XADD only into
+    the results, events, DLQ and subscription streams (routing), its lease, and the choreography tables."""
+    own = [f"~{keys.agent_tasks(agent)}", f"~{keys.sub(agent + '.')}*"]  # `AGENT.fn`: the default names
+    for name in subscriptions:
+        own += [f"~{keys.sub(name)}", f"~{keys.sub_seen(name)}"]
+    return User(
+        name=agent,
+        role="agent",
+        agent=agent,
+        root=Grant((*BASICS, *CONSUMER, "zmscore", "zadd", "zremrangebyscore"), tuple(own)),
+        selectors=(
+            # START (fencing) and CREATE (a reaction's submit); unit_states reads; nothing else of a workflow.
+            Grant(
+                ("evalsha", "exists", "hget", "hmget", "hset", "hincrby", "rpush"),
+                (f"~{keys.wf('*')}", f"~{keys.wf_tasks('*')}", f"~{keys.wf_history('*')}"),
+            ),
+            # Results, events, dead letters, routed copies and trigger starts: append only.
+            Grant(("xadd",), (f"%W~{keys.results}", f"%W~{keys.events}", f"%W~{keys.dlq}", f"%W~{keys.sub('*')}")),
+            # Only because Worker.work() and Broker.send_to_coordinators call ensure_group on the
+            # results stream; the coordinators own that group, and this grant goes once they alone do.
+            Grant(("xgroup|create",), (f"%W~{keys.results}",)),
+            Grant(("evalsha", "hset", "hgetall", "hdel"), (f"~{keys.agents}",)),  # leases: LEASE, reclaim
+            Grant(("hset", "hgetall"), (f"~{keys.subs}", f"%R~{keys.triggers}")),  # register; route
+            Grant(("zadd",), (f"%W~{keys.workflows}", f"%W~{keys.running}")),  # a reaction's submit
+        ),
+    )
+
+
+def coordinator_user(keys: Keys) -> User:
+    """Every workflow's keys and the coordinators' own tables; append-only into agent, subscription and
+    event streams; read-only on subscriptions, triggers and the trust list; no worker leases."""
+    ns = keys.namespace
+    return User(
+        name=COORDINATOR,
+        role=COORDINATOR,
+        root=Grant(
+            (
+                *BASICS,
+                *CONSUMER,
+                "evalsha",
+                "exists",
+                "expire",
+                "hget",
+                "hmget",
+                "hgetall",
+                "hset",
+                "hdel",
+                "hlen",
+                "hincrby",
+                "rpush",
+                "lrange",
+                "zadd",
+                "zrem",
+                "zrange",
+                "zrevrange",
+                "zrangebyscore",
+                "zscore",
+                "zmscore",
+            ),
+            (
+                f"~{ns}:wf:*",
+                f"~{keys.results}",
+                f"~{keys.timers}",
+                f"~{keys.running}",
+                f"~{keys.workflows}",
+                f"~{keys.approvals}",
+                f"~{keys.coordinators}",
+                f"%W~{keys.dlq}",
+                f"%R~{keys.subs}",
+                f"%R~{keys.triggers}",
+                f"%R~{keys.trusted_keys}",
+            ),
+        ),
+        selectors=(
+            Grant(
+                ("xadd", "xgroup|create"),
+                (f"%W~{keys.agent_tasks('*')}", f"%W~{keys.sub('*')}", f"%W~{keys.events}"),
+            ),
+            # XADD_MANY, a dispatch batch in one call. EVALSHA asks read and write on the keys it
+            # declares, but the script's own XADDs are checked against the rules above: no reads.
+            Grant(("evalsha",), (f"~{keys.agent_tasks('*')}",)),
+        ),
+    )
+
+
+def watch_user(keys: Keys) -> User:
+    """`watch`, `status`, `list`, `approvals`, `subs`: read commands on read-only keys — no writes at all."""
+    return User(name=WATCH, role=WATCH, root=Grant(("ping", "time", *READS), (f"%R~{keys.namespace}:*",)))
+
+
+def admin_user(keys: Keys) -> User:
+    """Operators: submit (and `--wait`), cancel, approve, `keys trust`, `triggers add|remove`, `dlq` —
+    data commands on the namespace's keys; no FLUSHALL, CONFIG, KEYS, SCAN, ACL or SHUTDOWN."""
+    writes = ("xadd", "xdel", "xack", "xgroup|create", "hset", "hdel", "zadd", "zrem", "del", "blmove", "evalsha")
+    return User(
+        name=ADMIN,
+        role=ADMIN,
+        root=Grant((*BASICS, *READS, *writes, "multi", "exec", "discard"), (f"~{keys.namespace}:*",)),
+    )
+
+
+# -- the files ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Bundle:
+    """What `acl generate` writes: file name -> text, plus the users and secrets it was made from."""
+
+    users: list[User]
+    passwords: dict[str, str]
+    agent_secrets: dict[str, str]
+    files: dict[str, str] = field(default_factory=dict)
+
+
+def check_name(name: str, what: str) -> str:
+    if not _NAME.match(name):
+        raise InvalidInput(f"{what} {name!r}: use letters, digits, '_', '.', '-'")
+    return name
+
+
+def parse_agents(text: str | Sequence[str]) -> list[str]:
+    """`webc,dc,vssc` (or a list of such) -> unique names, in order; reserved or clashing names refused."""
+    parts = [text] if isinstance(text, str) else list(text)
+    agents: list[str] = []
+    for part in parts:
+        for name in (n.strip() for n in part.split(",")):
+            if name and name not in agents:
+                agents.append(check_name(name, "agent"))
+    if not agents:
+        raise InvalidInput("--agents: name at least one agent")
+    for name in agents:
+        if name in RESERVED:
+            taken = ", ".join(sorted(RESERVED))
+            raise InvalidInput(f"agent {name!r}: that name is taken by a phibroker user ({taken})")
+        # `NS:sub:A.*` would also match the default subscription names of an agent called `A.x`.
+        clash = next((other for other in agents if other != name and other.startswith(name + ".")), None)
+        if clash:
+            raise InvalidInput(f"agents {name!r} and {clash!r}: one name must not start with the other and a dot")
+    return agents
+
+
+def parse_subscriptions(items: Iterable[str], agents: Sequence[str]) -> dict[str, list[str]]:
+    """`AGENT=NAME` options (subscriptions named other than `AGENT.function`) -> agent -> names."""
+    out: dict[str, list[str]] = {agent: [] for agent in agents}
+    for item in items:
+        agent, sep, name = item.partition("=")
+        if not sep or agent not in out:
+            raise InvalidInput(f"--subscription {item!r}: use AGENT=NAME with one of the --agents")
+        out[agent].append(check_name(name, "subscription"))
+    return out
+
+
+def generate(
+    namespace: str,
+    agents: Sequence[str],
+    host: str = "localhost",
+    port: int = 6379,
+    tls: bool = False,
+    identities_path: str = IDENTITIES_PATH,
+    subscriptions: Mapping[str, Sequence[str]] | None = None,
+    token: Callable[[], str] | None = None,
+) -> Bundle:
+    """Users for these agents plus coordinator, watch and admin, with fresh random passwords and agent
+    secrets, and the text of every file. `token` makes secrets (tests pass a fixed one)."""
+    keys = Keys(check_name(namespace, "namespace"))
+    make = token or (lambda: secrets.token_urlsafe(32))
+    subs = subscriptions or {}
+    users = [agent_user(keys, a, subs.get(a, ())) for a in agents]
+    users += [coordinator_user(keys), watch_user(keys), admin_user(keys)]
+    bundle = Bundle(users, {u.name: make() for u in users}, {a: make() for a in agents})
+    # The default user can do nothing and cannot log in (`resetpass` also drops `nopass`, so
+    # protected mode stays meaningful); every process authenticates as its own user.
+    lines = ["user default reset off resetpass"] + [u.line(bundle.passwords[u.name]) for u in users]
+    bundle.files[USERS_FILE] = "\n".join(lines) + "\n"
+    scheme = "rediss" if tls else "redis"
+    for user in users:
+        url = f"{scheme}://{user.name}:{bundle.passwords[user.name]}@{host}:{port}/0"
+        env = [
+            f"# phibroker: Redis ACL user {user.name!r} ({user.role}). Secret: keep it mode 600.",
+            f"PHIBROKER_REDIS_URL={url}",
+            f"PHIBROKER_NAMESPACE={namespace}",
+        ]
+        if user.agent is not None:
+            env.append(f"PHIBROKER_AGENT_SECRET={bundle.agent_secrets[user.agent]}")
+        if user.role == COORDINATOR:
+            env.append(f"PHIBROKER_IDENTITIES={identities_path}")
+        bundle.files[f"{user.name}.env"] = "\n".join(env) + "\n"
+    bundle.files[IDENTITIES_FILE] = json.dumps(bundle.agent_secrets, indent=2) + "\n"
+    return bundle
+
+
+def write(directory: Path, bundle: Bundle, force: bool = False) -> list[Path]:
+    """Write the files; existing ones are kept unless `force`. The env files and identities.json are
+    secrets (mode 600); users.acl holds only SHA-256 hashes of 256-bit passwords, so it is 644: the
+    Redis container's own user must read it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    targets = [directory / name for name in bundle.files]
+    existing = [p for p in targets if p.exists()]
+    if existing and not force:
+        raise InvalidInput(f"{existing[0]} exists; pass --force to replace every file (new passwords)")
+    for path in targets:
+        mode = 0o644 if path.name == USERS_FILE else 0o600
+        path.touch(mode=0o600, exist_ok=True)
+        path.chmod(0o600)
+        path.write_text(bundle.files[path.name])
+        path.chmod(mode)
+    return targets
+
+
+def describe(users: Iterable[User]) -> list[str]:
+    """One line per user: its name, role and rules (for `acl generate` and the docs)."""
+    return [f"{u.name} ({u.role}): {' '.join(u.rules())}" for u in users]

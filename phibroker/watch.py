@@ -1,0 +1,852 @@
+"""Seeing what runs: the live view (`watch`), worker health (`agents`), why a workflow is stuck (`why`),
+and the subscriptions `graph` draws beside a workflow.
+
+Each is a read-only reader plus a pure function over what it read — `snapshot()` -> `render()`,
+`read_facts()` -> `explain()` — so pictures and explanations are tested on crafted data. A watcher costs
+the broker four pipelined, bounded round trips a refresh (COUNT, HRANDFIELD, size caps; never SCAN).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from statistics import fmean
+from typing import Any
+
+from rich.console import Console, ConsoleOptions, Group
+from rich.live import Live
+from rich.measure import Measurement
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from phibroker import dag
+from phibroker.broker import CONNECTION_ERRORS, Broker
+from phibroker.engine import TASK_TERMINAL, UNIT_LIVE, WF_TERMINAL, split_unit, timer_member
+from phibroker.errors import BrokerUnavailable, InvalidInput, UnknownWorkflow
+from phibroker.events import Filter, compile_where
+from phibroker.settings import Settings
+from phibroker.spec import parse_duration
+from phibroker.workflow import Workflow
+
+REFRESH = 0.5  # seconds between frames
+RATE_SMOOTHING = 3.0  # seconds: messages/s is a moving average over about this long
+EVENT_ENTRIES = 50  # newest log entries read a frame (one per transition: each may hold several events)
+EVENTS_SHOWN = 15
+RUNNING_READ = 50  # newest running workflows looked at
+APPROVALS_READ = 20
+UNIT_FIELDS_BUDGET = 50_000  # unit fields read a frame, over all workflows; past it, progress is approximate
+SPEC_CAP = 1 << 20  # a bigger spec is never read by the view (its workflow shows no total or ETA)
+STYLES = {"succeeded": "green", "failed": "bold red", "running": "yellow", "waiting_approval": "cyan",
+          "compensating": "magenta", "cancelled": "red", "timed_out": "red"}  # fmt: skip
+
+
+@contextmanager
+def _reaching(settings: Settings) -> Iterator[None]:
+    """A lost connection becomes BrokerUnavailable (exit 3) naming the URL."""
+    try:
+        yield
+    except CONNECTION_ERRORS as exc:
+        raise BrokerUnavailable(f"cannot reach Redis at {settings.redis_url}: {exc}") from None
+
+
+# -- what a spec tells the view ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A workflow's graph, who runs each task, and its estimates — read once per workflow id."""
+
+    deps: dict[str, list[str]]
+    agents: dict[str, str | None]  # None: an approval gate
+    commands: dict[str, str | None]
+    undo_agents: dict[str, str]  # tasks with a compensation -> the agent that runs it
+    estimates: dict[str, float]
+
+    def agent_of(self, unit: str) -> str | None:
+        task, _, is_undo = split_unit(unit)
+        return self.undo_agents.get(task) if is_undo else self.agents.get(task)
+
+    @property
+    def all_agents(self) -> set[str]:
+        return {a for a in self.agents.values() if a} | set(self.undo_agents.values())
+
+
+def plan_of(spec_text: str) -> Plan:
+    tasks: dict[str, dict[str, Any]] = json.loads(spec_text).get("tasks") or {}
+    estimates = {}
+    for name, task in tasks.items():
+        if task.get("estimate") is not None:
+            try:
+                estimates[name] = parse_duration(task["estimate"])
+            except ValueError:
+                pass
+    return Plan(
+        deps={name: list(task.get("depends_on") or []) for name, task in tasks.items()},
+        agents={name: task.get("agent") for name, task in tasks.items()},
+        commands={name: task.get("command") for name, task in tasks.items()},
+        undo_agents={
+            name: str(task["compensate"].get("agent") or task.get("agent"))
+            for name, task in tasks.items()
+            if isinstance(task.get("compensate"), dict)
+        },
+        estimates=estimates,
+    )
+
+
+def remaining_time(plan: Plan, units: Mapping[str, Mapping[str, Any]], now: float) -> tuple[float, bool]:
+    """Seconds left along the critical path of the tasks not yet ended, and whether a human gate is on it.
+
+    A task weighs its `estimate`, else the mean measured duration of the finished tasks with its command,
+    else of all finished tasks, else 1 s; a running task weighs what is left of that, a retrying one
+    adds the wait for its retry. A gate without an estimate weighs 0: nobody can guess a human.
+    """
+    state = {task: units.get(task, {}).get("state", "pending") for task in plan.deps}
+    by_command: dict[str | None, list[float]] = {}
+    for task, st in state.items():
+        unit = units.get(task, {})
+        began = unit.get("started") or unit.get("dispatched")
+        if st == "succeeded" and began and unit.get("finished") and plan.agents[task]:
+            by_command.setdefault(plan.commands[task], []).append(max(0.0, unit["finished"] - began))
+    measured = [d for ds in by_command.values() for d in ds]
+    typical = fmean(measured) if measured else 1.0
+    left = [task for task, st in state.items() if st not in TASK_TERMINAL]
+    weights: dict[str, float] = {}
+    gated = False
+    for task in left:
+        unit = units.get(task, {})
+        if task in plan.estimates:
+            weight = plan.estimates[task]
+        elif plan.agents[task] is None:
+            weight, gated = 0.0, True
+        else:
+            same = by_command.get(plan.commands[task])
+            weight = fmean(same) if same else typical
+        if state[task] == "running" and unit.get("started"):
+            weight = max(0.0, weight - (now - unit["started"]))
+        elif state[task] == "retrying" and unit.get("retry_at"):
+            weight += max(0.0, unit["retry_at"] - now)
+        weights[task] = weight
+    keep = set(left)
+    _, length = dag.critical_path({t: [d for d in plan.deps[t] if d in keep] for t in left}, weights)
+    return length, gated
+
+
+# -- the live view: snapshot ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AgentRow:
+    name: str
+    length: int | None  # None: the agent has no stream yet
+    added: int | None  # entries ever added: the difference over time is messages/s
+    pending: int
+    lag: int | None  # None: Redis cannot tell (entries were deleted or trimmed)
+    workers: int  # live leases
+    dead: int  # lapsed leases not yet reclaimed
+    busy: int
+    slots: int
+    rate: float | None = None
+
+
+@dataclass(frozen=True)
+class WorkflowRow:
+    id: str
+    state: str
+    done: int
+    total: int | None  # None: the spec was too big to read
+    elapsed: float
+    eta: float | None  # seconds; None: unknown
+    gated: bool = False  # the ETA leaves out a human decision
+
+
+@dataclass(frozen=True)
+class SubRow:
+    name: str
+    agent: str
+    event: str
+    length: int
+    lag: int | None
+    pending: int
+    dropped: int
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    taken: float  # Redis's clock
+    source: str
+    coordinators: int
+    agents: list[AgentRow]
+    workflows: list[WorkflowRow]
+    running_total: int
+    approvals: list[dict[str, Any]]
+    approvals_total: int
+    events: list[dict[str, Any]]  # oldest first
+    subscriptions: list[SubRow]
+    note: str = ""
+    plans: dict[str, Plan] = field(default_factory=dict, repr=False)  # reused by the next snapshot
+
+
+def snapshot(
+    broker: Broker, previous: Snapshot | None = None, workflow: str | None = None, agent: str | None = None
+) -> Snapshot:
+    """Read what the view shows, in four pipelined round trips; rates come from `previous`."""
+    head = broker.overview(EVENT_ENTRIES, RUNNING_READ, APPROVALS_READ)
+    now = head["now"]
+    ids = [workflow] if workflow else head["running"]
+    plans, rows = _read_workflows(broker, ids, previous.plans if previous else {}, now)
+    if workflow and not rows:
+        raise UnknownWorkflow(workflow)
+    if agent:
+        rows = [r for r in rows if r.id in plans and agent in plans[r.id].all_agents]
+    events = [e for e in head["events"] if _shown_event(e, workflow, agent, plans)][-EVENTS_SHOWN:]
+    subs = {n: s for n, s in head["subs"].items() if agent is None or s.get("agent") == agent}
+    names = _agent_names(head, plans, workflow, agent)
+    keys = broker.keys
+    health = broker.stream_health([keys.agent_tasks(n) for n in names] + [keys.sub(n) for n in subs])
+    before = {a.name: a for a in previous.agents} if previous else {}
+    then = previous.taken if previous else None
+    filtered = bool(workflow or agent)
+    shown = {r.id for r in rows}
+    approvals = [a for a in head["approvals"] if not filtered or a.get("workflow") in shown]
+    return Snapshot(
+        taken=now,
+        source=f"{broker.settings.redis_url} · {broker.settings.namespace}",
+        coordinators=sum(1 for c in head["coordinators"].values() if c["expires"] > now),
+        agents=[
+            _agent_row(name, h, head["agents"], now, before.get(name), then)
+            for name, h in zip(names, health[: len(names)], strict=True)
+        ],
+        workflows=rows,
+        running_total=len(rows) if filtered else head["running_total"],
+        approvals=sorted(approvals, key=lambda a: a.get("requested_at") or 0),
+        approvals_total=len(approvals) if filtered else head["approvals_total"],
+        events=events,
+        subscriptions=[
+            SubRow(n, str(s.get("agent")), str(s.get("event")), **_sub_health(h))
+            for (n, s), h in zip(subs.items(), health[len(names) :], strict=True)
+        ],
+        note=" · ".join(f for f in (workflow and f"workflow {workflow}", agent and f"agent {agent}") if f),
+        plans=plans,
+    )
+
+
+def _read_workflows(
+    broker: Broker, ids: list[str], known: Mapping[str, Plan], now: float
+) -> tuple[dict[str, Plan], list[WorkflowRow]]:
+    """Rows for the workflows `ids`: sizes first, then specs not seen before (under SPEC_CAP) and unit
+    states (UNIT_FIELDS_BUDGET in all). Returns the plans to keep for the next frame, and the rows."""
+    heads = broker.workflow_heads(ids)
+    cached = {i: known[i] for i in ids if i in known}
+    unread = [i for i, h in zip(ids, heads, strict=True) if h and i not in cached and 0 < h["spec_size"] <= SPEC_CAP]
+    budget, wanted = UNIT_FIELDS_BUDGET, []
+    for wf_id, wf_head in zip(ids, heads, strict=True):
+        if wf_head and (wf_id in cached or wf_id in unread) and wf_head["fields"] <= budget:
+            wanted.append(wf_id)
+            budget -= wf_head["fields"]
+    specs, units = broker.workflow_bodies(unread, wanted)
+    plans = dict(cached)
+    plans.update({i: plan_of(text) for i, text in zip(unread, specs, strict=True) if text})
+    by_id = dict(zip(wanted, units, strict=True))
+    rows = [
+        _workflow_row(wf_id, wf_head, plans.get(wf_id), by_id.get(wf_id), now)
+        for wf_id, wf_head in zip(ids, heads, strict=True)
+        if wf_head
+    ]
+    return plans, rows
+
+
+def _workflow_row(
+    wf_id: str, head: dict[str, Any], plan: Plan | None, units: dict[str, dict[str, Any]] | None, now: float
+) -> WorkflowRow:
+    state = str(head.get("state") or "?")
+    elapsed = max(0.0, (head.get("finished_at") or now) - (head.get("created_at") or now))
+    if plan is None or units is None:  # too big to read whole: tasks succeeded so far, no ETA
+        total = len(plan.deps) if plan else None
+        return WorkflowRow(wf_id, state, int(head.get("seq") or 0), total, elapsed, None)
+    done = sum(1 for t in plan.deps if units.get(t, {}).get("state") in TASK_TERMINAL)
+    if state in WF_TERMINAL:
+        return WorkflowRow(wf_id, state, done, len(plan.deps), elapsed, 0.0)
+    eta, gated = remaining_time(plan, units, now)
+    return WorkflowRow(wf_id, state, done, len(plan.deps), elapsed, eta, gated)
+
+
+def _agent_names(head: dict[str, Any], plans: dict[str, Plan], workflow: str | None, agent: str | None) -> list[str]:
+    """Agents worth a row, found without SCAN: leases, recent dispatches, running specs, subscriptions."""
+    if agent:
+        return [agent]
+    names = set().union(*(p.all_agents for p in plans.values()))
+    if not workflow:
+        names |= {str(i.get("agent")) for i in head["agents"].values() if i.get("agent")}
+        names |= {str(s.get("agent")) for s in head["subs"].values() if s.get("agent")}
+        for event in head["events"]:
+            if event.get("type") == "task.dispatched" and isinstance(event.get("data"), dict):
+                names.add(str(event["data"].get("agent")))
+    return sorted(n for n in names if n and n != "None")
+
+
+def _agent_row(
+    name: str,
+    health: dict[str, Any] | None,
+    leases: dict[str, dict[str, Any]],
+    now: float,
+    before: AgentRow | None,
+    then: float | None,
+) -> AgentRow:
+    mine = [info for info in leases.values() if info.get("agent") == name]
+    alive = [info for info in mine if info["expires"] > now]
+    added = health["added"] if health else None
+    rate = None
+    if before is not None and before.added is not None and added is not None and then is not None and now > then:
+        if added >= before.added:  # smoothed over a few seconds: half a second alone jumps about
+            rate = (added - before.added) / (now - then)
+            if before.rate is not None:
+                weight = 1 - math.exp(-(now - then) / RATE_SMOOTHING)
+                rate = before.rate + weight * (rate - before.rate)
+    return AgentRow(
+        name=name,
+        length=health["length"] if health else None,
+        added=added,
+        pending=health["pending"] if health else 0,
+        lag=health["lag"] if health else None,
+        workers=len(alive),
+        dead=len(mine) - len(alive),
+        busy=sum(int(i.get("in_flight") or 0) for i in alive),
+        slots=sum(int(i.get("concurrency") or 0) for i in alive),
+        rate=rate,
+    )
+
+
+def _sub_health(health: dict[str, Any] | None) -> dict[str, Any]:
+    if health is None:
+        return {"length": 0, "lag": None, "pending": 0, "dropped": 0}
+    return {k: health[k] for k in ("length", "lag", "pending", "dropped")}
+
+
+def _shown_event(event: dict[str, Any], workflow: str | None, agent: str | None, plans: dict[str, Plan]) -> bool:
+    if workflow and event.get("workflow") != workflow:
+        return False
+    if agent:
+        data = event.get("data")
+        plan = plans.get(str(event.get("workflow")))
+        owner = (data.get("agent") if isinstance(data, dict) else None) or (
+            plan.agents.get(str(event.get("task"))) if plan else None
+        )
+        return bool(owner == agent)
+    return True
+
+
+# -- the live view: render -------------------------------------------------------------------------------
+
+
+def render(snap: Snapshot, height: int | None = None) -> Group:
+    """The whole frame, from the snapshot alone (pure). With `height`, the lists are cut to fit it."""
+    header = Text.assemble(("phibroker", "bold"), "  ", _clock(snap.taken), "  ")
+    if snap.coordinators:
+        header.append(f"{snap.coordinators} coordinator" + ("s" if snap.coordinators > 1 else ""))
+    else:
+        header.append("no live coordinator", "bold red")
+    if snap.note:
+        header.append(f"  {snap.note}", "cyan")
+    header.append(f"  {snap.source}", "dim")
+    header.no_wrap, header.overflow = True, "ellipsis"
+    n_wf, n_ap, n_ev = _fit(snap, height)
+    parts: list[Any] = [header, _agents_table(snap), _workflows_table(snap, snap.workflows[:n_wf])]
+    if snap.approvals:
+        parts.append(_approvals_table(snap, snap.approvals[:n_ap]))
+    if snap.subscriptions:
+        parts.append(_subs_table(snap))
+    parts.append(_events_table(snap.events[len(snap.events) - n_ev :]))
+    return Group(*parts)
+
+
+def _fit(snap: Snapshot, height: int | None) -> tuple[int, int, int]:
+    """How many workflows, approvals and events fit in `height` lines; agents and subscriptions always show.
+
+    Every row is one line (nothing wraps); each table adds a title and a header line (events: no header),
+    and the workflows and approvals tables an "… N more" line when they hold back rows.
+    """
+    if height is None:
+        return len(snap.workflows), len(snap.approvals), len(snap.events)
+    free = height - 1 - (1 + 2 + max(1, len(snap.agents))) - 2 - 1  # the cursor line, header, agents, titles
+    free -= (2 + len(snap.subscriptions)) if snap.subscriptions else 0
+    approvals = 0
+    if snap.approvals:
+        approvals = min(len(snap.approvals), 5, max(1, free // 5))
+        free -= 2 + approvals + (snap.approvals_total > approvals)
+    workflows = min(len(snap.workflows), max(1, free // 2))
+    free -= max(1, workflows) + (snap.running_total > workflows)
+    return workflows, approvals, min(len(snap.events), max(2, free))
+
+
+def _table(title: str, *columns: str, header: bool = True) -> Table:
+    table = Table(
+        title=title, title_justify="left", title_style="bold", box=None, padding=(0, 1), pad_edge=False,
+        show_header=header, header_style="dim", expand=False,
+    )  # fmt: skip
+    for column in columns:  # "name:nMIN" a number; "name:MIN-MAX" text that gives way when space runs out
+        name, _, kind = column.partition(":")
+        if kind.startswith("n"):
+            table.add_column(name, justify="right", no_wrap=True, min_width=int(kind[1:] or 0) or None)
+            continue
+        low, _, high = kind.partition("-")
+        table.add_column(name, min_width=int(low or 0) or None, max_width=int(high or 0) or None)
+    return table
+
+
+def _row(table: Table, *cells: Any) -> None:
+    """A row whose text never wraps: what does not fit ends in an ellipsis (the column may still shrink)."""
+    out = []
+    for cell in cells:
+        if isinstance(cell, str):
+            cell = Text(cell)
+        if isinstance(cell, Text):
+            cell.no_wrap, cell.overflow = True, "ellipsis"
+        out.append(cell)
+    table.add_row(*out)
+
+
+def _agents_table(snap: Snapshot) -> Table:
+    table = _table("Agents", "agent:6", "stream:n", "workers:n", "busy:n", "pending:n", "lag:n", "msg/s:n")
+    for a in snap.agents:
+        workers = Text(str(a.workers), "" if a.workers else "bold red")
+        if a.dead:
+            workers.append(f" +{a.dead} dead", "red")
+        rate = "…" if a.rate is None else f"{a.rate:.1f}"
+        stream = "none" if a.length is None else str(a.length)
+        lag = Text("unknown", "dim") if a.lag is None else str(a.lag)
+        _row(table, a.name, stream, workers, f"{a.busy}/{a.slots}", str(a.pending), lag, rate)
+    if not snap.agents:
+        _row(table, Text("no agents yet", "dim"))
+    return table
+
+
+def _workflows_table(snap: Snapshot, rows: Sequence[WorkflowRow]) -> Table:
+    title = f"Workflows ({snap.running_total} running)" if not snap.note else "Workflows"
+    table = _table(title, "workflow:12", "state:7-16", "progress:4-12", "done:n", "elapsed:n", "ETA:n9")
+    for w in rows:
+        total = w.total if w.total is not None else 0
+        bar = ProgressBar(total=max(1, total), completed=w.done if total else 0, width=None)
+        done = f"{w.done}/{w.total}" if w.total is not None else f"{w.done}✓"
+        if w.eta is None:
+            eta = Text("unknown", "dim")
+        elif w.state in WF_TERMINAL:
+            eta = Text("ended", "dim")
+        else:
+            eta = Text(_span(w.eta) + ("+gate" if w.gated else ""))
+        _row(table, _Middle(w.id), Text(w.state, STYLES.get(w.state, "")), bar, done, _span(w.elapsed), eta)
+    hidden = snap.running_total - len(rows)
+    if not rows:
+        _row(table, Text("none running", "dim"))
+    elif hidden > 0 and not snap.note:
+        _row(table, Text(f"… {hidden} more", "dim"))
+    return table
+
+
+def _approvals_table(snap: Snapshot, rows: Sequence[dict[str, Any]]) -> Table:
+    table = _table(f"Approvals ({snap.approvals_total} open)", "id:8-16", "workflow / task:10", "message:10", "due:n")
+    for a in rows:
+        deadline = a.get("deadline")
+        due = f"in {_span(deadline - snap.taken)}" if deadline else "no timeout"
+        _row(table, a.get("id"), f"{a.get('workflow')} / {a.get('task')}", str(a.get("message") or ""), due)
+    if snap.approvals_total > len(rows):
+        _row(table, Text(f"… {snap.approvals_total - len(rows)} more", "dim"))
+    return table
+
+
+def _subs_table(snap: Snapshot) -> Table:
+    table = _table("Subscriptions", "subscription:8", "on:6", "queued:n", "lag:n", "pending:n", "dropped:n")
+    for s in snap.subscriptions:
+        lag = Text("unknown", "dim") if s.lag is None else str(s.lag)
+        dropped = Text(str(s.dropped), "bold red" if s.dropped else "")
+        _row(table, f"{s.name} ({s.agent})", s.event, str(s.length), lag, str(s.pending), dropped)
+    return table
+
+
+def _events_table(events: Sequence[dict[str, Any]]) -> Table:
+    table = _table("Recent events", "time:8-8", "event:10-22", "workflow:8", "task:4-16", "detail:4", header=False)
+    for e in events:
+        kind = str(e.get("type"))
+        style = "red" if kind.endswith(("failed", "timed_out", "rejected")) else ""
+        _row(
+            table,
+            _clock(e.get("ts")),
+            Text(kind, style),
+            _Middle(e.get("workflow") or ""),
+            e.get("task") or "",
+            _detail(e),
+        )
+    if not events:
+        _row(table, Text("no events yet", "dim"))
+    return table
+
+
+class _Middle:
+    """Text that gives way in the middle, so `name-3f2a9c01bd` keeps the end that tells ids apart."""
+
+    def __init__(self, text: str, keep: int = 10):
+        self.text, self.keep = text, keep
+
+    def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
+        return Measurement(min(len(self.text), self.keep + 4), len(self.text))
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> Iterator[Text]:
+        width, text = options.max_width, self.text
+        if len(text) > width:
+            tail = min(self.keep, width - 2)
+            text = text[: width - tail - 1] + "…" + text[len(text) - tail :]
+        yield Text(text, no_wrap=True, overflow="ellipsis")
+
+
+def _detail(event: dict[str, Any]) -> str:
+    data = event.get("data")
+    if not isinstance(data, dict):
+        return ""
+    if event.get("type") == "task.dispatched":
+        return f"→ {data.get('agent')} (try {data.get('attempt')})"
+    for key in ("error", "reason", "message", "approver"):
+        if data.get(key):
+            return str(data[key])
+    return ""
+
+
+def _clock(ts: Any) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(float(ts))) if ts else ""
+
+
+def _span(seconds: float) -> str:
+    """A duration for humans, compact: 0.4s, 12s, 3m05s, 2h10m."""
+    seconds = max(0.0, seconds)
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+    return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
+
+
+def watch(
+    settings: Settings,
+    workflow: str | None = None,
+    agent: str | None = None,
+    once: bool = False,
+    console: Console | None = None,
+) -> None:
+    """`phibroker watch`: redraw about twice a second until Ctrl-C; `once` prints one frame."""
+    console = console or Console()
+    broker = Broker(settings)
+    try:
+        with _reaching(settings):
+            current = snapshot(broker, None, workflow, agent)
+            if once:
+                time.sleep(REFRESH)  # a second look, so messages/s has something to compare
+                console.print(render(snapshot(broker, current, workflow, agent)))
+                return
+        with Live(render(current, console.height), console=console, auto_refresh=False) as live:
+            while True:
+                time.sleep(REFRESH)
+                try:
+                    current = snapshot(broker, current, workflow, agent)
+                except CONNECTION_ERRORS as exc:
+                    current = replace(current, note=f"cannot reach Redis ({type(exc).__name__}); retrying")
+                live.update(render(current, console.height), refresh=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        broker.close()
+
+
+# -- agents -------------------------------------------------------------------------------------------
+
+
+def worker_rows(now: float, leases: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Every worker lease, alive or dead by Redis's clock; the last heartbeat is expiry − reclaim_after."""
+    rows = []
+    for consumer, info in leases.items():
+        expires = float(info.get("expires") or 0)
+        heartbeat = expires - float(info.get("reclaim_after") or 0) if expires else None
+        rows.append(
+            {
+                "agent": info.get("agent"),
+                "consumer": consumer,
+                "host": info.get("host"),
+                "pid": info.get("pid"),
+                "concurrency": info.get("concurrency"),
+                "in_flight": info.get("in_flight"),
+                "handled": info.get("handled"),
+                "stopping": bool(info.get("stopping")),
+                "last_heartbeat": heartbeat,
+                "since_heartbeat": None if heartbeat is None else max(0.0, now - heartbeat),
+                "expires": expires,
+                "alive": expires > now,
+            }
+        )
+    return sorted(rows, key=lambda r: (str(r["agent"]), r["consumer"]))
+
+
+def agents(settings: Settings) -> list[dict[str, Any]]:
+    """`phibroker agents`: the worker leases, read once."""
+    broker = Broker(settings)
+    try:
+        with _reaching(settings):
+            now, leases = broker.leases(settings.keys.agents)
+    finally:
+        broker.close()
+    return worker_rows(now, leases)
+
+
+def agent_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return ["no workers"]
+    width = max(len(str(r["agent"])) for r in rows)
+    lines = []
+    for r in rows:
+        state = ("alive" + (", stopping" if r["stopping"] else "")) if r["alive"] else "DEAD"
+        beat = "never" if r["since_heartbeat"] is None else f"{_span(r['since_heartbeat'])} ago"
+        lines.append(
+            f"{str(r['agent']):<{width}}  {r['consumer']}  pid {r['pid']}  {r['in_flight']}/{r['concurrency']} busy"
+            f"  heartbeat {beat}  {state}"
+        )
+    return lines
+
+
+# -- why ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Facts:
+    """What `explain` needs about one workflow, read in a few round trips."""
+
+    id: str
+    now: float
+    meta: dict[str, Any]
+    plan: Plan
+    units: dict[str, dict[str, Any]]
+    workers: dict[str, dict[str, Any]] = field(default_factory=dict)  # agent leases: consumer -> info
+    coordinators: int = 1  # live coordinator leases
+    timers: dict[str, float | None] = field(default_factory=dict)  # member -> due (Redis seconds)
+    approvals: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # request id -> request
+    entries: dict[str, str] = field(default_factory=dict)  # unit -> its attempt's stream entry
+    pending: dict[str, dict[str, Any]] = field(default_factory=dict)  # entry -> consumer, idle, deliveries
+    streams: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # agent -> stream health
+
+
+def live_units(facts: Facts) -> list[str]:
+    """Units that are ready, running or retrying, in declaration order; a mapped task's partitions stand
+    for it (the task itself has no dispatch)."""
+    order = {t: i for i, t in enumerate(facts.plan.deps)}
+    out = [
+        u
+        for u, rec in facts.units.items()
+        if rec.get("state") in UNIT_LIVE and not rec.get("parts") and split_unit(u)[0] in order
+    ]
+    return sorted(out, key=lambda u: (order[split_unit(u)[0]], u))
+
+
+def read_facts(broker: Broker, wf_id: str) -> Facts:
+    """Everything `explain` looks at, read-only: units, leases, timers, approvals, pending entries."""
+    now, meta, units = broker.workflow_state(wf_id)
+    if not meta.get("spec"):
+        raise UnknownWorkflow(wf_id)
+    facts = Facts(wf_id, now, meta, plan_of(meta["spec"]), units)
+    if meta.get("state") in WF_TERMINAL:
+        return facts
+    _, facts.workers = broker.leases(broker.keys.agents)
+    _, coordinators = broker.leases(broker.keys.coordinators)
+    facts.coordinators = sum(1 for c in coordinators.values() if c["expires"] > now)
+    live = live_units(facts)
+    members = []
+    for unit in live:
+        rec = units[unit]
+        if rec.get("state") == "retrying":
+            members.append(timer_member("retry", wf_id, unit, rec.get("attempt")))
+        elif rec.get("dispatch"):
+            members.append(timer_member("deadline", wf_id, unit, rec["dispatch"]))
+    facts.timers = dict(zip(members, broker.timer_dues(members), strict=True))
+    requests = [str(units[u]["approval"]) for u in live if units[u].get("approval")]
+    facts.approvals = dict(zip(requests, broker.approval_requests(requests), strict=True))
+    by_agent: dict[str, list[str]] = {}
+    for unit in live:
+        agent = facts.plan.agent_of(unit)
+        if agent and units[unit].get("state") in ("ready", "running"):
+            by_agent.setdefault(agent, []).append(unit)
+    for agent, group in by_agent.items():
+        stream = broker.keys.agent_tasks(agent)
+        facts.entries.update({u: units[u]["entry"] for u in group if units[u].get("entry")})
+        unseen = {units[u]["dispatch"]: units[u].get("dispatched") or now for u in group if u not in facts.entries}
+        found = broker.find_dispatches(stream, unseen)
+        facts.entries.update({u: found[units[u]["dispatch"]] for u in group if units[u].get("dispatch") in found})
+        facts.pending.update(broker.pending_owners(stream, [facts.entries[u] for u in group if u in facts.entries]))
+    agents = sorted(by_agent)
+    keys = [broker.keys.agent_tasks(a) for a in agents]
+    facts.streams = dict(zip(agents, broker.stream_health(keys), strict=True))
+    return facts
+
+
+def explain(facts: Facts) -> list[str]:
+    """Why the workflow is not moving: a status line, then one line per blocker. Pure."""
+    meta, now = facts.meta, facts.now
+    state = str(meta.get("state"))
+    plan = facts.plan
+    done = sum(1 for t in plan.deps if facts.units.get(t, {}).get("state") in TASK_TERMINAL)
+    if state in WF_TERMINAL:
+        error = f": {meta['error']}" if meta.get("error") else ""
+        return [f"{facts.id} {state}{error} — it has ended; nothing blocks it"]
+    lines = [f"{facts.id} ({meta.get('name')}) is {state}: {done}/{len(plan.deps)} tasks done"]
+    if not facts.coordinators:
+        lines.append("no live coordinator: nothing advances until one runs (phibroker coordinator)")
+    if not meta.get("launched"):
+        lines.append("not started yet: no coordinator has taken its submit")
+    for unit in live_units(facts):
+        lines.append(_unit_blocker(facts, unit))
+    lines += _waiting(facts)
+    deadline = meta.get("deadline")
+    if deadline and deadline > now:
+        lines.append(f"workflow deadline: it times out at {_clock(deadline)} (in {_span(deadline - now)})")
+    elif deadline:
+        lines.append(f"workflow deadline passed {_span(now - deadline)} ago: it times out when a coordinator runs")
+    if len(lines) == 1:
+        lines.append("nothing is live or waiting: the coordinator has yet to apply its last change")
+    return lines
+
+
+def _unit_blocker(facts: Facts, unit: str) -> str:
+    """One line for a live unit: its gate, its retry, a dead worker holding it, or where it waits."""
+    rec, now = facts.units[unit], facts.now
+    if rec.get("approval"):
+        request = facts.approvals.get(str(rec["approval"])) or {}
+        deadline = request.get("deadline")
+        until = f"times out at {_clock(deadline)} (in {_span(deadline - now)})" if deadline else "no timeout"
+        return f"{unit} waits for a human decision: phibroker approve {rec['approval']} (or reject); {until}"
+    if rec.get("state") == "retrying":
+        due = facts.timers.get(timer_member("retry", facts.id, unit, rec.get("attempt")))
+        error = f" ({rec['error']})" if rec.get("error") else ""
+        attempt = int(rec.get("attempt") or 1)
+        if due is None:
+            return f"{unit} is retrying after attempt {attempt} failed{error}, but its retry timer is missing"
+        when = f"{_clock(due)} (in {_span(due - now)})"
+        return f"{unit} is retrying: attempt {attempt} failed{error}; attempt {attempt + 1} fires at {when}"
+    return _delivery(facts, unit)
+
+
+def _delivery(facts: Facts, unit: str) -> str:
+    """A ready or running unit: who holds its stream entry, and whether they are alive."""
+    rec, now = facts.units[unit], facts.now
+    state, agent = rec.get("state"), facts.plan.agent_of(unit)
+    alive = {c: i for c, i in facts.workers.items() if i.get("agent") == agent and i["expires"] > now}
+    owner = facts.pending.get(facts.entries.get(unit) or str(rec.get("entry") or ""))
+    if owner and owner["consumer"] not in alive:
+        lease = facts.workers.get(owner["consumer"], {})
+        lapsed = f"lease lapsed {_span(now - lease['expires'])} ago" if lease.get("expires") else "no lease"
+        when = f"once a {agent} worker runs (none is alive)"
+        if alive:  # each live worker looks for dead ones every max(0.25, min(reclaim_after / 2, 5)) s
+            every = min(max(0.25, min(float(i.get("reclaim_after") or 30.0) / 2, 5.0)) for i in alive.values())
+            when = f"within {_span(every)} by a live {agent} worker"
+        return f"{unit} ({state}) is pending on dead worker {owner['consumer']} ({lapsed}); reclaimed {when}"
+    timeout = facts.timers.get(timer_member("deadline", facts.id, unit, rec.get("dispatch")))
+    limit = f"; its timeout fires at {_clock(timeout)} (in {_span(timeout - now)})" if timeout else ""
+    if state == "ready" and not alive:
+        start = f"start one: phibroker worker --agent {agent}"
+        return f"{unit} is ready, but agent {agent} has no live worker ({start}){limit}"
+    if state == "ready" and owner:
+        info = alive[owner["consumer"]]
+        busy = f"{info.get('in_flight')}/{info.get('concurrency')} busy"
+        return f"{unit} is ready, delivered to {owner['consumer']}, waiting for a free slot ({busy}){limit}"
+    if state == "ready":
+        health = facts.streams.get(str(agent)) or {}
+        lag = "unknown" if health.get("lag") is None else health["lag"]
+        return f"{unit} is ready, queued on {agent}'s stream (lag {lag}) for {len(alive)} live worker(s){limit}"
+    worker = str(rec.get("worker"))
+    ran = f" for {_span(now - rec['started'])}" if rec.get("started") else ""
+    lapsed = "" if worker in alive else " (its lease has lapsed)"
+    return f"{unit} is running on {worker}{lapsed}{ran}{limit}"
+
+
+def _waiting(facts: Facts, limit: int = 10) -> list[str]:
+    """Pending tasks held by a dependency that is live now, with the state of each unfinished one."""
+    state = {t: facts.units.get(t, {}).get("state", "pending") for t in facts.plan.deps}
+    lines = []
+    for task, deps in facts.plan.deps.items():
+        open_deps = [d for d in deps if state[d] not in TASK_TERMINAL]
+        if state[task] == "pending" and any(state[d] in UNIT_LIVE for d in open_deps):
+            lines.append(f"{task} (pending) waits on " + ", ".join(f"{d} ({state[d]})" for d in open_deps))
+    if len(lines) > limit:
+        lines = lines[:limit] + [f"… and {len(lines) - limit} more pending tasks"]
+    return lines
+
+
+def why(settings: Settings, wf_id: str) -> list[str]:
+    """`phibroker why ID`: the lines of `explain`, over facts read once."""
+    broker = Broker(settings)
+    try:
+        with _reaching(settings):
+            return explain(read_facts(broker, wf_id))
+    finally:
+        broker.close()
+
+
+# -- graph: subscriptions beside the DAG ---------------------------------------------------------------
+
+_TASK_EVENTS = ("dispatched", "started", "succeeded", "failed", "retrying", "skipped", "cancelled")
+_GATE_EVENTS = ("approval.requested", "approval.granted", "approval.rejected") + tuple(
+    f"task.{s}" for s in ("succeeded", "failed", "skipped", "cancelled")
+)
+_WORKFLOW_EVENTS = tuple(
+    f"workflow.{s}"
+    for s in ("submitted", "waiting_approval", "compensating", "succeeded", "failed", "cancelled", "timed_out")
+)
+
+
+def subscription_edges(workflow: Workflow, subscriptions: Mapping[str, Mapping[str, Any]]) -> list[dag.SideEdge]:
+    """Dashed edges from what emits an event to each registered subscription that reacts to it.
+
+    A task's state changes (`task.*`, `approval.*` for a gate) draw an edge from each task they come from,
+    labelled with the subscription's pattern; a `where` that names tasks narrows them (tried on an event
+    of each task; one that depends on `data` keeps them all). When every task matches, one edge from a
+    node named after the workflow stands for them all ("PATTERN (any task)"), and `workflow.*` events come
+    from that node too. Types only handlers emit (`ctx.emit`) are not drawn: which handler emits what is
+    known only at run time. Subscription nodes are named `sub:NAME`.
+    """
+    tasks = workflow.tasks
+    source = workflow.name if workflow.name not in tasks else f"workflow:{workflow.name}"
+    edges: list[dag.SideEdge] = []
+    for name, info in sorted(subscriptions.items()):
+        pattern = str(info.get("event"))
+        try:
+            wanted = Filter(name, pattern, compile_where(info.get("where"), name))
+        except InvalidInput:
+            continue
+        typed = Filter(name, pattern, None)
+        target = f"sub:{name}"
+
+        matched = [t for t in tasks if _emits(workflow, t, wanted)] or [t for t in tasks if _emits(workflow, t, typed)]
+        whole = any(typed.wants({"type": k, "data": {}}) for k in _WORKFLOW_EVENTS)
+        if whole or (len(tasks) > 1 and len(matched) == len(tasks)):
+            label = pattern if whole else f"{pattern} (any task)"
+            edges.append((source, target, label))
+        else:
+            edges += [(task, target, pattern) for task in matched]
+    return edges
+
+
+def _emits(workflow: Workflow, task: str, rule: Filter) -> bool:
+    """Whether one of the task's own state changes is an event the rule wants."""
+    spec = workflow.tasks[task]
+    kinds = _GATE_EVENTS if spec.approval else tuple(f"task.{s}" for s in _TASK_EVENTS)
+    if spec.compensate:
+        kinds += ("task.compensated",)
+    return any(rule.wants({"type": k, "task": task, "workflow": workflow.name, "data": {}}) for k in kinds)
+
+
+def graph_edges(settings: Settings, workflow: Workflow, timeout: float = 0.5) -> list[dag.SideEdge]:
+    """The side edges `graph` draws, or none when no broker answers within `timeout` seconds."""
+    try:
+        subscriptions = Broker(settings).registered_subscriptions(timeout)
+    except BrokerUnavailable:
+        return []
+    return subscription_edges(workflow, subscriptions)
