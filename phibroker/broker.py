@@ -52,6 +52,16 @@ def _raw_of(fields: dict[bytes, bytes] | None) -> bytes | None:
     return None if fields is None else fields.get(wire.FIELD, b"")
 
 
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _next_id(entry_id: str) -> str:
+    ms, seq = _id_key(entry_id)
+    return f"{ms}-{seq + 1}"
+
+
 def connect(settings: Settings) -> redis.Redis:
     """A client whose socket timeout stays above every blocking read, with a short retry for blips."""
     try:
@@ -318,6 +328,26 @@ class Broker:
             self.redis.xgroup_delconsumer(stream, group, consumer)
         except ResponseError:
             pass  # the group or stream went away: nothing to drop
+
+    def trim_acked(self, stream: str, group: str, keep: int) -> int:
+        """Once a stream holds more than `keep` entries, drop those its group has acked.
+
+        Never an entry still pending or unread (REDIS-FACTS: trimming pending entries loses them):
+        the cut is the oldest pending entry, or the one after the last delivered."""
+        try:
+            if int(self.redis.xlen(stream)) <= keep:
+                return 0
+            info = next((g for g in self.redis.xinfo_groups(stream) if g["name"] in (group, group.encode())), None)
+            if info is None:
+                return 0
+            last = info["last-delivered-id"]
+            cut = _next_id(last.decode() if isinstance(last, bytes) else str(last))
+            if int(info.get("pending") or 0):
+                oldest = self.redis.xpending(stream, group)["min"]
+                cut = min(cut, oldest.decode() if isinstance(oldest, bytes) else str(oldest), key=_id_key)
+            return int(self.redis.xtrim(stream, minid=cut, approximate=True))
+        except ResponseError:
+            return 0  # the stream or group went away meanwhile
 
     # -- leases ----------------------------------------------------------------------------------
     def renew_lease(self, table: str, name: str, ttl: float, info: dict[str, Any]) -> float:

@@ -26,7 +26,7 @@ from phibroker import workflow as workflows
 from phibroker.broker import CONNECTION_ERRORS, Broker, Entry, parse_units
 from phibroker.errors import DecodeError, InvalidInput, PhibrokerError, SignatureError, WorkflowFileError
 from phibroker.events import Router
-from phibroker.keys import COORDINATORS_GROUP
+from phibroker.keys import COORDINATORS_GROUP, WORKERS_GROUP
 from phibroker.settings import Settings
 
 log = logging.getLogger("phibroker.coordinator")
@@ -394,6 +394,25 @@ class Coordinator:
         if now >= self._next["sweep"]:
             self._next["sweep"] = now + max(1.0, takeover)
             self.sweep()
+        if now >= self._next["trim"]:
+            self._next["trim"] = now + self.settings.trim_every
+            self.trim()
+
+    def trim(self) -> None:
+        """Keep streams from growing: drop what every reader has acked, and forget long-dead workers."""
+        clock, leases = self.broker.leases(self.keys.agents)
+        agents = {str(info.get("agent")) for info in leases.values() if info.get("agent")}
+        streams = [(self.keys.results, COORDINATORS_GROUP)]
+        streams += [(self.keys.agent_tasks(agent), WORKERS_GROUP) for agent in sorted(agents)]
+        for stream, group in streams:
+            self.broker.trim_acked(stream, group, keep=self.settings.stream_maxlen)
+        forgotten = [
+            name
+            for name, info in leases.items()
+            if clock - float(info.get("expires", 0)) > self.settings.dead_worker_memory
+        ]
+        for name in forgotten:
+            self.broker.drop_lease(self.keys.agents, name)
 
     def take_over(self) -> int:
         """Claim the inbox entries of coordinators whose lease lapsed; they are processed as ours."""

@@ -254,3 +254,28 @@ def test_an_unknown_workflow_result_is_dead_lettered(procs: Processes, client: C
         assert time.monotonic() < deadline, procs.output()
         time.sleep(0.05)
     assert client.dead_letters()[0]["reason"] == "unknown workflow 'ghost'"
+
+
+def test_streams_are_trimmed_below_what_readers_still_need(
+    procs: Processes, client: Client, settings: Settings, tmp_path: Path
+) -> None:
+    env = {"PHIBROKER_STREAM_MAXLEN": "50", "PHIBROKER_TRIM_EVERY": "0.2"}
+    procs.coordinator(**env)
+    procs.worker("probe", app="tests.apps.probe", **env)
+    tasks = "".join(f"  T{i}: {{agent: probe, command: noop}}\n" for i in range(300))
+    many = client.submit(flow(tmp_path, "name: many\ntasks:\n" + tasks))
+    assert client.wait(many, timeout=60)["state"] == "succeeded"
+    r = redis.Redis.from_url(settings.redis_url)
+    stream = settings.keys.agent_tasks("probe")
+    deadline = time.monotonic() + 20
+    while r.xlen(stream) > 150:
+        assert time.monotonic() < deadline, procs.output()
+        time.sleep(0.1)
+    # nothing pending or unread was trimmed: a workflow submitted with no worker keeps its entry
+    procs.close()
+    procs.coordinator(**env)
+    wf_id = client.submit(flow(tmp_path, "name: waiting\ntasks:\n  A: {agent: probe, command: noop}\n"))
+    time.sleep(1.0)
+    assert client.status(wf_id)["tasks"]["A"]["state"] == "ready"
+    procs.worker("probe", app="tests.apps.probe", **env)
+    assert client.wait(wf_id, timeout=30)["state"] == "succeeded"
