@@ -134,9 +134,6 @@ def agent_user(keys: Keys, agent: str, subscriptions: Iterable[str] = ()) -> Use
             ),
             # Results, events, dead letters, routed copies and trigger starts: append only.
             Grant(("xadd",), (f"%W~{keys.results}", f"%W~{keys.events}", f"%W~{keys.dlq}", f"%W~{keys.sub('*')}")),
-            # Only because Worker.work() and Broker.send_to_coordinators call ensure_group on the
-            # results stream; the coordinators own that group, and this grant goes once they alone do.
-            Grant(("xgroup|create",), (f"%W~{keys.results}",)),
             Grant(("evalsha", "hset", "hgetall", "hdel"), (f"~{keys.agents}",)),  # leases: LEASE, reclaim
             Grant(("hset", "hgetall"), (f"~{keys.subs}", f"%R~{keys.triggers}")),  # register; route
             Grant(("zadd",), (f"%W~{keys.workflows}", f"%W~{keys.running}")),  # a reaction's submit
@@ -174,6 +171,9 @@ def coordinator_user(keys: Keys) -> User:
                 "zrangebyscore",
                 "zscore",
                 "zmscore",
+                "xlen",
+                "xinfo|groups",
+                "xtrim",
             ),
             (
                 f"~{ns}:wf:*",
@@ -197,6 +197,9 @@ def coordinator_user(keys: Keys) -> User:
             # XADD_MANY, a dispatch batch in one call. EVALSHA asks read and write on the keys it
             # declares, but the script's own XADDs are checked against the rules above: no reads.
             Grant(("evalsha",), (f"~{keys.agent_tasks('*')}",)),
+            # Trimming what workers acked, and forgetting long-dead workers (Coordinator.trim).
+            Grant(("xlen", "xinfo|groups", "xpending", "xtrim"), (f"~{keys.agent_tasks('*')}",)),
+            Grant(("hgetall", "hdel"), (f"~{keys.agents}",)),
         ),
     )
 

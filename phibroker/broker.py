@@ -412,7 +412,12 @@ class Broker:
 
     def commit(self, transitions: Sequence[tuple[str, int, Transition]]) -> list[int]:
         """Commit transitions, one script call each, pipelined: the new version, or -1 where the
-        workflow's version moved on since it was read (nothing was written then)."""
+        workflow's version moved on since it was read (nothing was written then).
+
+        The dispatches ride in the same round trip, right behind the scripts: a worker can only see
+        them after the commit, and those of a transition that lost the version race name a dispatch
+        id the workflow never recorded, so the start script refuses them. They stay in the outbox
+        too, so a crash before the drain re-sends them (workers drop the copies by dispatch id)."""
         ttl = int(self.settings.retention)
         calls = []
         for wf_id, version, tx in transitions:
@@ -429,11 +434,30 @@ class Broker:
             args += [tx.id, wire.pack(tx.outbox()) if tx.has_outbox else b"", "1" if tx.finished else "0", ttl]
             calls.append((self.keys.wf_keys(wf_id), args))
 
+        dispatches = self._by_stream([tx.dispatches for _, _, tx in transitions])
+
         def build(pipe: Any) -> None:
             for keys, args in calls:
                 pipe.evalsha(_SHAS[scripts.APPLY], len(keys), *keys, *args)
+            self._dispatch(pipe, dispatches)
 
-        return [int(v) for v in self._pipeline(build)]
+        return [int(v) for v in self._pipeline(build)[: len(calls)]]
+
+    def _by_stream(self, batches: Iterable[Iterable[tuple[str, bytes]]]) -> dict[str, list[bytes]]:
+        """Dispatches grouped by agent stream, each stream's group created before its first entry."""
+        streams: dict[str, list[bytes]] = {}
+        for batch in batches:
+            for agent, raw in batch:
+                streams.setdefault(self.keys.agent_tasks(agent), []).append(raw)
+        for stream in streams:
+            if stream not in self._groups:
+                self.ensure_group(stream, WORKERS_GROUP)
+        return streams
+
+    def _dispatch(self, pipe: Any, streams: dict[str, list[bytes]]) -> None:
+        for stream, raws in streams.items():
+            for start in range(0, len(raws), 1000):
+                pipe.evalsha(_SHAS[scripts.XADD_MANY], 1, stream, wire.FIELD, *raws[start : start + 1000])
 
     def versions(self, wf_ids: Sequence[str]) -> list[int | None]:
         pipe = self.redis.pipeline(transaction=False)
@@ -467,27 +491,19 @@ class Broker:
             if raw
         }
 
-    def drain(self, items: Sequence[tuple[str, str, dict[str, Any]]]) -> None:
+    def drain(self, items: Sequence[tuple[str, str, dict[str, Any]]], dispatched: bool = False) -> None:
         """Carry out outbox entries (wf id, entry id, decoded outbox), then remove them.
 
-        Dispatches carry their id, so a redrive after a crash only makes duplicates that consumers drop.
+        `dispatched`: the commit already sent the dispatches. Dispatches carry their id, so a redrive
+        after a crash only makes duplicates that consumers drop.
         """
-        keys = self.keys
-        dispatches: dict[str, list[bytes]] = {}
-        for _, _, box in items:
-            for agent, raw in box.get("dispatches") or ():
-                dispatches.setdefault(keys.agent_tasks(agent), []).append(raw)
-        for stream in dispatches:
-            if stream not in self._groups:
-                self.ensure_group(stream, WORKERS_GROUP)
+        streams = {} if dispatched else self._by_stream([box.get("dispatches") or () for _, _, box in items])
 
         def build(pipe: Any) -> None:
-            for stream, raws in dispatches.items():
-                for start in range(0, len(raws), 1000):
-                    pipe.evalsha(_SHAS[scripts.XADD_MANY], 1, stream, wire.FIELD, *raws[start : start + 1000])
+            self._dispatch(pipe, streams)
             for wf_id, entry_id, box in items:
                 self._carry_out(pipe, wf_id, box)
-                pipe.hdel(keys.wf_outbox(wf_id), entry_id)
+                pipe.hdel(self.keys.wf_outbox(wf_id), entry_id)
 
         self._pipeline(build)
 

@@ -196,7 +196,7 @@ class Coordinator:
             quiet += [wf_id for wf_id in idle if wf_id not in stale]
             pending = {wf_id: pending[wf_id] for wf_id in stale}
         if drains:
-            self.broker.drain(drains)
+            self.broker.drain(drains, dispatched=True)
             crash_point("after_drain")
         if quiet:  # nothing new to do: maybe a dead coordinator left its outbox undrained
             self.redrive(quiet, older_than=1.0)

@@ -77,6 +77,7 @@ class Worker:
         self.outcomes: queue.SimpleQueue[tuple[Running, Outcome]] = queue.SimpleQueue()
         self.unpublished: list[dict[str, Any]] = []  # `task.started` events, sent with the next settle
         self.unpublished_lock = threading.Lock()
+        self.settling = threading.Lock()  # one settle at a time: results stay in order per worker
         self.settled: OrderedDict[str, None] = OrderedDict()  # dispatch ids already answered
         self.stopping = threading.Event()
         self.abandoned = threading.Event()
@@ -257,6 +258,27 @@ class Worker:
                 self.active -= 1
                 self.slots.notify_all()
         self.outcomes.put((running, outcome))
+        self._settle_queued()
+
+    def _settle_queued(self) -> None:
+        """Settle what is queued from this thread, unless another is settling already: one thread hop
+        less than handing every outcome to the settler."""
+        while not self.outcomes.empty() and self.settling.acquire(blocking=False):
+            try:
+                batch = self._take_outcomes()
+                if batch:
+                    self.settle(batch)
+            finally:
+                self.settling.release()
+
+    def _take_outcomes(self, first: tuple[Running, Outcome] | None = None) -> list[tuple[Running, Outcome]]:
+        batch = [first] if first is not None else []
+        while len(batch) < 1000:
+            try:
+                batch.append(self.outcomes.get_nowait())
+            except queue.Empty:
+                break
+        return batch
 
     def _react(self, reaction: Reaction) -> None:
         """Runs on a pool thread: each event the subscription has not seen yet, then the ack.
@@ -305,24 +327,20 @@ class Worker:
 
     # -- settling ----------------------------------------------------------------------------------
     def _settle_loop(self) -> None:
-        """Settle outcomes as they come, in batches; publish `task.started` events with them, or
-        within 0.2 s when no outcome comes (so a long task's start is seen while it runs)."""
+        """Settle what handler threads left (they settle their own when they can), and publish
+        `task.started` events within 0.2 s when no outcome carries them (a long task's start)."""
         while True:
             try:
                 first = self.outcomes.get(timeout=0.2)
             except queue.Empty:
                 if self.unpublished:
-                    self.settle([])
+                    with self.settling:
+                        self.settle([])
                 if self.stopping.is_set() and self.active == 0 and not self.running:
                     return
                 continue
-            batch = [first]
-            while len(batch) < 1000:
-                try:
-                    batch.append(self.outcomes.get_nowait())
-                except queue.Empty:
-                    break
-            self.settle(batch)
+            with self.settling:
+                self.settle(self._take_outcomes(first))
 
     def settle(self, batch: list[tuple[Running, Outcome]]) -> None:
         """One results entry for the batch, then the acks; retried until Redis takes it."""

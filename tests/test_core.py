@@ -89,9 +89,18 @@ def test_two_coordinators_never_transition_or_dispatch_twice(
         assert sorted(dispatched) == sorted(status["tasks"]), wf_id
         for task in status["tasks"].values():
             assert [h["applied"] for h in task["history"]] == [True]
+    # Each recorded dispatch reached its agent's stream once. A transition that lost the version race
+    # to the other coordinator may have sent dispatches with its commit: ids no workflow recorded,
+    # which the start script refused (every task ran once, above).
+    recorded = {u["dispatch"] for wf_id in ids for u in client.broker.read_workflow(wf_id)[1].values()}
     r = redis.Redis.from_url(settings.redis_url)
-    streams = sum(r.xlen(settings.keys.agent_tasks(a)) for a in ("webc", "dc", "vssc", "kalic", "cmdc"))
-    assert streams == 6 * len(ids)
+    sent = [
+        wire.TaskMessage.decode(fields[b"m"], 1 << 20).id
+        for agent in ("webc", "dc", "vssc", "kalic", "cmdc")
+        for _, fields in r.xrange(settings.keys.agent_tasks(agent))
+    ]
+    assert len(recorded) == 6 * len(ids)
+    assert sorted(d for d in sent if d in recorded) == sorted(recorded)
 
 
 def test_duplicate_dispatch_and_duplicate_result_are_harmless(
