@@ -116,7 +116,7 @@ class Broker:
     def __init__(self, settings: Settings, client: redis.Redis | None = None):
         self.settings = settings
         self.keys: Keys = settings.keys
-        self.redis = client or connect(settings)
+        self.redis: Any = client or connect(settings)  # redis-py types every reply as maybe-awaitable
         self._groups: set[str] = set()
         # Where published events go beyond the log (subscriptions, triggers); set by events.Router.
         self.router: Callable[[list[dict[str, Any]]], list[tuple[str, bytes, int | None]]] | None = None

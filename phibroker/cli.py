@@ -37,7 +37,7 @@ class _Group(click.Group):
 @click.pass_context
 def main(ctx: click.Context, redis_url: str | None, namespace: str | None) -> None:
     """Workflows for teams of AI agents, on Redis Streams."""
-    overrides = {k: v for k, v in {"redis_url": redis_url, "namespace": namespace}.items() if v}
+    overrides: dict[str, Any] = {k: v for k, v in {"redis_url": redis_url, "namespace": namespace}.items() if v}
     ctx.obj = Settings(**overrides)
 
 
@@ -264,11 +264,13 @@ def reject(settings: Settings, approval_id: str, reason: str) -> None:
     _decide(settings, approval_id, "reject", reason=reason)
 
 
-def _decide(settings: Settings, approval_id: str, decision: str, **text: str | None) -> None:
+def _decide(
+    settings: Settings, approval_id: str, decision: str, comment: str | None = None, reason: str | None = None
+) -> None:
     from phibroker.client import Client
 
     with Client(settings) as client:
-        outcome = client.decide(approval_id, decision, **text)
+        outcome = client.decide(approval_id, decision, comment=comment, reason=reason)
     if outcome["type"] == "approval.sent":
         click.echo(f"{decision} {approval_id}: sent; no coordinator has answered yet", err=True)
     else:

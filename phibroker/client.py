@@ -292,10 +292,9 @@ class _reaching:  # noqa: N801 - reads as a phrase: `with _reaching(settings):`
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, kind: type | None, exc: BaseException | None, tb: object) -> bool:
+    def __exit__(self, kind: type | None, exc: BaseException | None, tb: object) -> None:
         if exc is not None and isinstance(exc, CONNECTION_ERRORS):
             raise BrokerUnavailable(f"cannot reach Redis at {self.settings.redis_url}: {exc}") from None
-        return False
 
 
 def status_document(
@@ -329,10 +328,10 @@ def status_document(
         if record.get("traceback"):
             entry["traceback"] = record["traceback"]
         attempts_of[task].append(entry)
-    tasks = {}
+    tasks: dict[str, dict[str, Any]] = {}
     for name, spec in spec_tasks.items():
         unit = units.get(name, {})
-        task: dict[str, Any] = {
+        row: dict[str, Any] = {
             "state": unit.get("state", "pending"),
             "agent": spec.get("agent"),
             "attempts": int(unit.get("attempt") or 0),
@@ -345,7 +344,7 @@ def status_document(
         parts = int(unit.get("parts") or 0)
         if parts:
             partitions = [units.get(f"{name}#{i}", {}) for i in range(parts)]
-            task["partitions"] = [
+            row["partitions"] = [
                 {
                     "index": i,
                     "state": p.get("state", "pending"),
@@ -356,24 +355,24 @@ def status_document(
                 for i, p in enumerate(partitions)
             ]
             started = [p["started"] for p in partitions if p.get("started")]
-            task["started_at"] = min(started) if started else None
-            task["attempts"] = max((int(p.get("attempt") or 0) for p in partitions), default=0)
-            if task["state"] == "ready" and any(p.get("state") == "running" for p in partitions):
-                task["state"] = "running"
+            row["started_at"] = min(started) if started else None
+            row["attempts"] = max((int(p.get("attempt") or 0) for p in partitions), default=0)
+            if row["state"] == "ready" and any(p.get("state") == "running" for p in partitions):
+                row["state"] = "running"
         if spec.get("approval") is not None:
             decision = unit.get("decision")
-            task["approval"] = {
+            row["approval"] = {
                 "request": unit.get("approval"),
                 "decision": _decode(decision, limit) if decision else _decode(results.get(name), limit),
             }
         undo = units.get(f"{name}!undo")
         if undo:
-            task["compensation"] = {
+            row["compensation"] = {
                 "state": undo.get("state"),
                 "attempts": int(undo.get("attempt") or 0),
                 "error": unit.get("undo_error") or undo.get("error"),
             }
-        tasks[name] = task
+        tasks[name] = row
     return {
         "id": wf_id,
         "name": meta.get("name"),

@@ -101,7 +101,7 @@ class Coordinator:
         claimed = time.monotonic()
         block: float | None = self.settings.coordinator_block
         if next_due is not None:  # wake for the next timer, not after it
-            block = min(block, max(0.001, next_due - clock))
+            block = min(self.settings.coordinator_block, max(0.001, next_due - clock))
         if timers or self._recovering:
             block = None
         entries = self.broker.read_group(

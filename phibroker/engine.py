@@ -351,6 +351,7 @@ def apply_result(run: Run, result: wire.Result, now: float) -> bool:
             )
         return False
     # What the start script wrote; the cache learns it from the result, Redis has it already.
+    assert record is not None
     record.update(token=result.token, worker=result.worker, started=result.started)
     task, partition, is_undo = split_unit(unit)
     error = None if result.ok else error_text(result.error)
@@ -552,7 +553,7 @@ def _dispatch_unit(run: Run, unit: str, now: float) -> None:
         attempt=attempt,
         payload=payload,
         inputs={d: run.result(d) for d in spec.depends_on if run.state(d) == "succeeded"},
-        partition=None if partition is None else [partition, count],
+        partition=None if partition is None or count is None else [partition, count],
         deadline=deadline,
         result=result,
         depth=int(run.meta.get("depth") or 0),

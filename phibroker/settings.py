@@ -16,7 +16,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PHIBROKER_", extra="ignore")
 
     redis_url: str = "redis://localhost:6379/0"
-    namespace: str = Field("phi", pattern=r"^[A-Za-z0-9_.-]+$")
+    namespace: str = Field(default="phi", pattern=r"^[A-Za-z0-9_.-]+$")
     home: Path = Path("~/.phibroker").expanduser()
 
     # Identity: a worker signs its results with its agent's secret; coordinators check them against

@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import itertools
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,7 +90,7 @@ _STR, _INT, _NUM, _BYTES = (str,), (int,), (int, float), (bytes,)
 _MAP, _LIST, _BOOL = (dict,), (list,), (bool,)
 
 
-def _check(envelope: Any, schema: dict[str, tuple[type, ...]], required: frozenset[str], kind: str) -> dict:
+def _check(envelope: Any, schema: Mapping[str, tuple[type, ...]], required: frozenset[str], kind: str) -> dict:
     if not isinstance(envelope, dict):
         raise DecodeError(envelope, f"{kind}: not a map")
     for key, value in envelope.items():

@@ -392,7 +392,10 @@ class Worker:
     def _envelopes(self, results: list[wire.Result], ids: list[str]) -> list[tuple[bytes, list[str]]]:
         """Split results into inbox entries under the size limit (each result already is)."""
         limit = self.settings.max_message_bytes
-        out, chunk, chunk_ids, size = [], [], [], 0
+        out: list[tuple[bytes, list[str]]] = []
+        chunk: list[wire.Result] = []
+        chunk_ids: list[str] = []
+        size = 0
         for result, entry_id in zip(results, ids, strict=True):
             weight = len(result.value or b"") + 512
             if chunk and size + weight > limit:

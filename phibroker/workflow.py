@@ -309,7 +309,7 @@ class _UniqueKeyLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: 
         return super().construct_mapping(node, deep=deep)
 
 
-def _yaml12_booleans(loader: type) -> None:
+def _yaml12_booleans(loader: Any) -> None:
     """Only true/false are booleans (YAML 1.2), so `on:` stays the key `on`, not True."""
     resolvers = {
         first: [(tag, regexp) for tag, regexp in entries if tag != "tag:yaml.org,2002:bool"]
