@@ -39,7 +39,7 @@ class Settings(BaseSettings):
 
     # Limits
     max_message_bytes: int = 1 * MiB
-    max_release: int = 1000  # units one transition dispatches; more go on in the next one
+    max_release: int = 500  # units one transition dispatches (keeps every script call short); more follow
     storm_depth: int = 16  # events caused by events deeper than this go to the DLQ
 
     # Retention

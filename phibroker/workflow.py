@@ -180,7 +180,10 @@ def check(data: Any) -> Workflow:
 
 def _check_dependencies(workflow: Workflow) -> None:
     tasks = workflow.tasks
-    for name, task in tasks.items():
+    named = set().union(*workflow.deps.values())  # one pass in C; the loop below runs only on an error
+    if named <= tasks.keys():
+        named.clear()
+    for name, task in tasks.items() if named else ():
         for dep in task.depends_on:
             if dep not in tasks:
                 suggestion = difflib.get_close_matches(dep, list(tasks), n=1)
