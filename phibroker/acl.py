@@ -118,7 +118,11 @@ def agent_user(keys: Keys, agent: str, subscriptions: Iterable[str] = ()) -> Use
     """A worker of `agent`: its task stream and its subscriptions' streams and seen-sets (own keys), the
     START and CREATE scripts on workflow meta/tasks/history (never results or outbox), XADD only into
     the results, events, DLQ and subscription streams (routing), its lease, and the choreography tables."""
-    own = [f"~{keys.agent_tasks(agent)}", f"~{keys.sub(agent + '.')}*"]  # `AGENT.fn`: the default names
+    own = [
+        f"~{keys.agent_tasks(agent)}",
+        f"~{keys.agent_bulk(agent)}",
+        f"~{keys.sub(agent + '.')}*",
+    ]  # `AGENT.fn`: the default names
     for name in subscriptions:
         own += [f"~{keys.sub(name)}", f"~{keys.sub_seen(name)}"]
     return User(
@@ -192,13 +196,20 @@ def coordinator_user(keys: Keys) -> User:
         selectors=(
             Grant(
                 ("xadd", "xgroup|create"),
-                (f"%W~{keys.agent_tasks('*')}", f"%W~{keys.sub('*')}", f"%W~{keys.events}"),
+                (
+                    f"%W~{keys.agent_tasks('*')}",
+                    f"%W~{keys.agent_bulk('*')}",
+                    f"%W~{keys.sub('*')}",
+                    f"%W~{keys.events}",
+                ),
             ),
             # XADD_MANY, a dispatch batch in one call. EVALSHA asks read and write on the keys it
             # declares, but the script's own XADDs are checked against the rules above: no reads.
-            Grant(("evalsha",), (f"~{keys.agent_tasks('*')}",)),
+            Grant(("evalsha",), (f"~{keys.agent_tasks('*')}", f"~{keys.agent_bulk('*')}")),
             # Trimming what workers acked, and forgetting long-dead workers (Coordinator.trim).
-            Grant(("xlen", "xinfo|groups", "xpending", "xtrim"), (f"~{keys.agent_tasks('*')}",)),
+            Grant(
+                ("xlen", "xinfo|groups", "xpending", "xtrim"), (f"~{keys.agent_tasks('*')}", f"~{keys.agent_bulk('*')}")
+            ),
             Grant(("hgetall", "hdel"), (f"~{keys.agents}",)),
         ),
     )

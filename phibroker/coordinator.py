@@ -403,7 +403,8 @@ class Coordinator:
         clock, leases = self.broker.leases(self.keys.agents)
         agents = {str(info.get("agent")) for info in leases.values() if info.get("agent")}
         streams = [(self.keys.results, COORDINATORS_GROUP)]
-        streams += [(self.keys.agent_tasks(agent), WORKERS_GROUP) for agent in sorted(agents)]
+        for agent in sorted(agents):
+            streams += [(self.keys.agent_tasks(agent), WORKERS_GROUP), (self.keys.agent_bulk(agent), WORKERS_GROUP)]
         for stream, group in streams:
             self.broker.trim_acked(stream, group, keep=self.settings.stream_maxlen)
         forgotten = [

@@ -72,6 +72,10 @@ class Keys:
     def agent_tasks(self, agent: str) -> str:
         return f"{self.namespace}:agent:{agent}:tasks"
 
+    def agent_bulk(self, agent: str) -> str:
+        """The agent's second lane, for big releases; its workers read it beside `agent_tasks`."""
+        return f"{self.namespace}:agent:{agent}:bulk"
+
     def sub(self, name: str) -> str:
         return f"{self.namespace}:sub:{name}"
 

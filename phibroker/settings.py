@@ -39,6 +39,7 @@ class Settings(BaseSettings):
 
     # Limits
     max_message_bytes: int = 1 * MiB
+    bulk_after: int = 64  # a transition releasing more units than this for one agent uses its bulk lane
     max_release: int = 500  # units one transition dispatches (keeps every script call short); more follow
     storm_depth: int = 16  # events caused by events deeper than this go to the DLQ
 

@@ -207,7 +207,9 @@ def snapshot(
     subs = {n: s for n, s in head["subs"].items() if agent is None or s.get("agent") == agent}
     names = _agent_names(head, plans, workflow, agent)
     keys = broker.keys
-    health = broker.stream_health([keys.agent_tasks(n) for n in names] + [keys.sub(n) for n in subs])
+    lanes = broker.stream_health([keys.agent_tasks(n) for n in names] + [keys.agent_bulk(n) for n in names])
+    health = [_merged(a, b) for a, b in zip(lanes[: len(names)], lanes[len(names) :], strict=True)]
+    health += broker.stream_health([keys.sub(n) for n in subs])
     before = {a.name: a for a in previous.agents} if previous else {}
     then = previous.taken if previous else None
     filtered = bool(workflow or agent)
@@ -676,16 +678,34 @@ def read_facts(broker: Broker, wf_id: str) -> Facts:
         if agent and units[unit].get("state") in ("ready", "running"):
             by_agent.setdefault(agent, []).append(unit)
     for agent, group in by_agent.items():
-        stream = broker.keys.agent_tasks(agent)
+        # An entry is recorded as its id in the task stream, or `bulk/ID` in the agent's bulk lane.
+        lanes = {"": broker.keys.agent_tasks(agent), "bulk/": broker.keys.agent_bulk(agent)}
         facts.entries.update({u: units[u]["entry"] for u in group if units[u].get("entry")})
-        unseen = {units[u]["dispatch"]: units[u].get("dispatched") or now for u in group if u not in facts.entries}
-        found = broker.find_dispatches(stream, unseen)
-        facts.entries.update({u: found[units[u]["dispatch"]] for u in group if units[u].get("dispatch") in found})
-        facts.pending.update(broker.pending_owners(stream, [facts.entries[u] for u in group if u in facts.entries]))
+        for prefix, stream in lanes.items():
+            unseen = {units[u]["dispatch"]: units[u].get("dispatched") or now for u in group if u not in facts.entries}
+            found = broker.find_dispatches(stream, unseen)
+            facts.entries.update(
+                {u: prefix + found[units[u]["dispatch"]] for u in group if units[u].get("dispatch") in found}
+            )
+        for prefix, stream in lanes.items():
+            refs = [facts.entries[u] for u in group if u in facts.entries]
+            ids = [r[len(prefix) :] for r in refs if r.startswith(prefix) and (prefix or "/" not in r)]
+            facts.pending.update({prefix + k: v for k, v in broker.pending_owners(stream, ids).items()})
     agents = sorted(by_agent)
     keys = [broker.keys.agent_tasks(a) for a in agents]
     facts.streams = dict(zip(agents, broker.stream_health(keys), strict=True))
     return facts
+
+
+def _merged(tasks: dict[str, Any] | None, bulk: dict[str, Any] | None) -> dict[str, Any] | None:
+    """An agent's two lanes as one stream: lengths, pending and drops add up; lag is unknown if either is."""
+    if tasks is None or bulk is None:
+        return tasks or bulk
+    merged: dict[str, Any] = {
+        k: tasks[k] + bulk[k] for k in ("length", "added", "pending", "dropped") if k in tasks and k in bulk
+    }
+    merged["lag"] = None if tasks.get("lag") is None or bulk.get("lag") is None else tasks["lag"] + bulk["lag"]
+    return {**tasks, **merged}
 
 
 def explain(facts: Facts) -> list[str]:

@@ -36,9 +36,15 @@ log = logging.getLogger("phibroker.worker")
 
 @dataclass(slots=True)
 class Fetched:
+    stream: str  # the agent's task stream or its bulk lane
     entry: Entry
     message: wire.TaskMessage
     lost: bytes = b""  # a history record for the attempt this reclaim replaces
+
+    @property
+    def ref(self) -> str:
+        """The entry as the start script records it: entry ids repeat across the two lanes."""
+        return self.entry.id if self.stream.endswith(":tasks") else f"bulk/{self.entry.id}"
 
 
 @dataclass(slots=True)
@@ -64,6 +70,8 @@ class Worker:
         self.broker = broker or Broker(settings)
         self.keys = settings.keys
         self.stream = self.keys.agent_tasks(agent.name)
+        self.bulk = self.keys.agent_bulk(agent.name)  # big releases: read beside the stream, so never ahead of it
+        self.lanes = (self.stream, self.bulk)
         self.consumer = f"{agent.name}@{socket.gethostname()}:{os.getpid()}:{wire.short_id()[:6]}"
         self.concurrency = max(1, concurrency)
         self.pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix=f"phi-{agent.name}")
@@ -71,7 +79,7 @@ class Worker:
         self.reactions: deque[Reaction] = deque()
         self.sub_streams: dict[str, str] = {}  # subscription stream -> subscription name
         self.router = Router(self.broker)
-        self.running: dict[str, Running] = {}  # entry id -> running attempt, until settled
+        self.running: dict[tuple[str, str], Running] = {}  # (lane, entry id) -> attempt, until settled
         self.active = 0  # handlers executing now
         self.slots = threading.Condition()
         self.outcomes: queue.SimpleQueue[tuple[Running, Outcome]] = queue.SimpleQueue()
@@ -93,7 +101,8 @@ class Worker:
         Returns False when handlers were still running at the end of the grace period: their tasks
         are left unacked for other workers, and the caller should exit without waiting for them.
         """
-        self.broker.ensure_group(self.stream, WORKERS_GROUP)
+        for lane in self.lanes:
+            self.broker.ensure_group(lane, WORKERS_GROUP)
         self.renew_lease()
         streams = register_subscriptions(self.broker, self.agent.name, self.agent.subscriptions)
         self.sub_streams = dict(zip(streams, self.agent.subscriptions, strict=True))
@@ -140,16 +149,17 @@ class Worker:
         count = self.free_slots() + self.settings.prefetch
         block = None if self._recovering else self.settings.worker_block
         began = time.monotonic()
-        streams = [self.stream, *self.sub_streams]
+        streams = [*self.lanes, *self.sub_streams]
         read = self.broker.read_groups(streams, WORKERS_GROUP, self.consumer, count, block, pending=self._recovering)
         if self._recovering and not read:
             self._recovering = False
         if not read and block and time.monotonic() - began < block / 2:
             # The embedded broker answers an empty blocking read at once; don't spin on it.
             self.stopping.wait(0.05)
-        self.accept([entry for stream, entry in read if stream == self.stream])
+        for lane in self.lanes:
+            self.accept(lane, [entry for stream, entry in read if stream == lane])
         for stream, entry in read:
-            if stream != self.stream:
+            if stream not in self.lanes:
                 self.accept_reaction(stream, entry)
         return len(read)
 
@@ -165,19 +175,25 @@ class Worker:
             return
         self.reactions.append(Reaction(entry, stream, name, events))
 
-    def accept(self, entries: list[Entry], lost_from: str | None = None) -> None:
-        """Decode entries into the backlog; undecodable ones go to the DLQ, answered ones are acked."""
+    def accept(self, stream: str, entries: list[Entry], lost_from: str | None = None) -> None:
+        """Decode a lane's entries into the backlog; undecodable ones go to the DLQ, answered ones are acked.
+
+        The task stream's entries go to the front: a big release waits in the bulk lane, so a small
+        workflow's next task never queues behind it."""
+        if not entries:
+            return
         acks = []
-        held = set(self.running) | {item.entry.id for item in self.backlog}
+        fresh: list[Fetched] = []
+        held = set(self.running) | {(item.stream, item.entry.id) for item in self.backlog}
         for entry in entries:
-            if entry.id in held:  # our own pending entry, read again after a reclaim or an error
+            if (stream, entry.id) in held:  # our own pending entry, read again after a reclaim or an error
                 continue
             try:
                 if entry.raw is None:
                     raise DecodeError(b"", "the entry was trimmed from the stream")
                 message = wire.TaskMessage.decode(entry.raw, self.settings.max_message_bytes)
             except DecodeError as exc:
-                self._dead_letter(entry, exc.reason)
+                self._dead_letter(entry, exc.reason, stream)
                 acks.append(entry.id)
                 continue
             if message.id in self.settled:
@@ -195,8 +211,12 @@ class Worker:
                         "applied": False,
                     }
                 )
-            self.backlog.append(Fetched(entry, message, lost))
-        self.broker.ack(self.stream, WORKERS_GROUP, acks)
+            fresh.append(Fetched(stream, entry, message, lost))
+        if stream == self.stream:
+            self.backlog.extendleft(reversed(fresh))
+        else:
+            self.backlog.extend(fresh)
+        self.broker.ack(stream, WORKERS_GROUP, acks)
 
     def launch(self) -> None:
         """Mark a batch started (fencing tokens from one script call per workflow), then run it."""
@@ -214,13 +234,14 @@ class Worker:
             by_wf[item.message.wf].append(item)
         tokens = self.broker.start_many(
             self.consumer,
-            {wf: [(i.message.unit, i.message.id, i.entry.id, i.lost) for i in items] for wf, items in by_wf.items()},
+            {wf: [(i.message.unit, i.message.id, i.ref, i.lost) for i in items] for wf, items in by_wf.items()},
         )
-        stale, started = [], []
+        stale: dict[str, list[str]] = defaultdict(list)
+        started = []
         for wf, items in by_wf.items():
             for item, token in zip(items, tokens[wf], strict=True):
                 if token <= 0:  # cancelled, superseded, finished, or a duplicate entry
-                    stale.append(item.entry.id)
+                    stale[item.stream].append(item.entry.id)
                     continue
                 message = item.message
                 ctx = Context(
@@ -238,12 +259,13 @@ class Worker:
                     dispatch_id=message.id,
                 )
                 running = Running(item, ctx)
-                self.running[item.entry.id] = running
+                self.running[(item.stream, item.entry.id)] = running
                 with self.slots:
                     self.active += 1
                 self.pool.submit(self._handle, running)
                 started.append(self._started_event(message, token))
-        self.broker.ack(self.stream, WORKERS_GROUP, stale)
+        for stream, ids in stale.items():
+            self.broker.ack(stream, WORKERS_GROUP, ids)
         if started:
             with self.unpublished_lock:
                 self.unpublished += started
@@ -363,49 +385,43 @@ class Worker:
             )
             for r, o in batch
         ]
-        envelopes = self._envelopes(results, [r.item.entry.id for r, _ in batch])
+        envelopes = self._envelopes(results)
+        acks: dict[str, list[str]] = defaultdict(list)
+        for running, _ in batch:
+            acks[running.item.stream].append(running.item.entry.id)
         with self.unpublished_lock:
             events, self.unpublished = self.unpublished, []
         delay = 0.1
         while True:
             try:
-                self.broker.settle(
-                    self.keys.results,
-                    [raw for raw, _ in envelopes],
-                    self.stream,
-                    WORKERS_GROUP,
-                    [entry_id for _, ids in envelopes for entry_id in ids],
-                    events,
-                )
+                self.broker.settle(self.keys.results, envelopes, WORKERS_GROUP, acks, events)
                 break
             except CONNECTION_ERRORS as exc:
                 log.warning("cannot settle %d results yet (%s)", len(batch), exc)
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
         for running, _ in batch:
-            self.running.pop(running.item.entry.id, None)
+            self.running.pop((running.item.stream, running.item.entry.id), None)
             self.settled[running.item.message.id] = None
         while len(self.settled) > 50_000:
             self.settled.popitem(last=False)
         self.handled += len(batch)
 
-    def _envelopes(self, results: list[wire.Result], ids: list[str]) -> list[tuple[bytes, list[str]]]:
+    def _envelopes(self, results: list[wire.Result]) -> list[bytes]:
         """Split results into inbox entries under the size limit (each result already is)."""
         limit = self.settings.max_message_bytes
-        out: list[tuple[bytes, list[str]]] = []
+        out: list[bytes] = []
         chunk: list[wire.Result] = []
-        chunk_ids: list[str] = []
         size = 0
-        for result, entry_id in zip(results, ids, strict=True):
+        for result in results:
             weight = len(result.value or b"") + 512
             if chunk and size + weight > limit:
-                out.append((self._envelope(chunk), chunk_ids))
-                chunk, chunk_ids, size = [], [], 0
+                out.append(self._envelope(chunk))
+                chunk, size = [], 0
             chunk.append(result)
-            chunk_ids.append(entry_id)
             size += weight
         if chunk:
-            out.append((self._envelope(chunk), chunk_ids))
+            out.append(self._envelope(chunk))
         return out
 
     def _envelope(self, results: list[wire.Result]) -> bytes:
@@ -468,7 +484,7 @@ class Worker:
         """Take over the entries of workers whose lease lapsed: tasks run again as a new attempt."""
         clock, leases = self.broker.leases(self.keys.agents)
         claimed = 0
-        for stream in [self.stream, *self.sub_streams]:
+        for stream in [*self.lanes, *self.sub_streams]:
             pending = self.broker.pending_of(stream, WORKERS_GROUP)
             dead = {
                 p["consumer"]
@@ -491,8 +507,8 @@ class Worker:
             self._dead_letter(entry, f"delivered {self.settings.max_deliveries} times without a result", stream)
             self.broker.ack(stream, WORKERS_GROUP, [entry.id])
         entries = self.broker.claim(stream, WORKERS_GROUP, self.consumer, fresh, 200)
-        if stream == self.stream:
-            self.accept(entries, lost_from=consumer)
+        if stream in self.lanes:
+            self.accept(stream, entries, lost_from=consumer)
         else:
             for entry in entries:
                 self.accept_reaction(stream, entry)
@@ -506,7 +522,7 @@ class Worker:
         log.warning("dead-lettering %s: %s", entry.id, reason)
         extra = {"subscription": self.sub_streams[stream]} if stream in self.sub_streams else {}
         self.broker.dead_letter(reason, entry.raw, stream, entry.id, agent=self.agent.name, **extra)
-        if stream != self.stream:
+        if stream not in self.lanes:
             return
         ids = _salvage_ids(entry.raw, self.settings.max_message_bytes)
         if ids:
@@ -520,9 +536,11 @@ class Worker:
         """Give unstarted entries back at once, let running handlers finish within the grace period."""
         self.stopping.set()
         try:
-            if self.backlog:
-                self.broker.requeue(self.stream, WORKERS_GROUP, [b.entry for b in self.backlog])
-                self.backlog.clear()
+            for lane in self.lanes:
+                unstarted = [item.entry for item in self.backlog if item.stream == lane]
+                if unstarted:
+                    self.broker.requeue(lane, WORKERS_GROUP, unstarted)
+            self.backlog.clear()
             self.renew_lease()
         except CONNECTION_ERRORS:
             pass

@@ -197,3 +197,23 @@ def test_submit_wait_exits_1_when_the_workflow_fails(procs: Processes, settings:
     assert doc["state"] == "failed"
     assert doc["tasks"]["A"]["error"] == "ValueError: boom"
     assert "Traceback" in doc["tasks"]["A"]["history"][0]["traceback"]
+
+
+def test_a_small_workflow_does_not_queue_behind_a_big_fan_out(
+    procs: Processes, client: Client, settings: Settings, tmp_path: Path
+) -> None:
+    procs.coordinator()
+    procs.worker("probe", app="tests.apps.probe", concurrency=4)
+    fan = "".join(f"  T{i}: {{agent: probe, command: work, payload: {{sleep: 0.005}}}}\n" for i in range(1500))
+    (tmp_path / "fan.yaml").write_text("name: fan\ntasks:\n" + fan)
+    chain = "  C0: {agent: probe, command: noop}\n"
+    chain += "".join(f"  C{i}: {{agent: probe, command: noop, depends_on: [C{i - 1}]}}\n" for i in range(1, 5))
+    (tmp_path / "chain.yaml").write_text("name: chain\ntasks:\n" + chain)
+    big = client.submit(tmp_path / "fan.yaml")
+    time.sleep(0.3)  # the fan-out is queued and running
+    small = client.wait(client.submit(tmp_path / "chain.yaml"), timeout=60)
+    assert small["state"] == "succeeded"
+    assert client.status(big)["state"] == "running"  # the chain did not wait for the fan-out's 1,500 tasks
+    r = redis.Redis.from_url(settings.redis_url)
+    assert r.xlen(settings.keys.agent_bulk("probe")) >= 1000  # the big release went to the bulk lane
+    assert client.wait(big, timeout=120)["state"] == "succeeded"

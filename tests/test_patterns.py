@@ -156,7 +156,7 @@ def test_reject_fails_the_gate_and_the_workflow(gate: Any, client: Client) -> No
 
 def test_approval_timeout_fails_the_gate(gate: Any, client: Client) -> None:
     submit, _, _ = gate
-    wf_id, _ = submit(timeout="500ms")
+    wf_id, _ = submit(timeout="2s")  # long enough to be seen open, even on a busy machine
     status = client.wait(wf_id, timeout=30)
     assert status["state"] == "failed" and status["tasks"]["Approve"]["error"] == "timeout"
     assert not [r for r in client.approvals() if r["workflow"] == wf_id]
