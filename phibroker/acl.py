@@ -133,7 +133,7 @@ def agent_user(keys: Keys, agent: str, subscriptions: Iterable[str] = ()) -> Use
         selectors=(
             # START (fencing) and CREATE (a reaction's submit); unit_states reads; nothing else of a workflow.
             Grant(
-                ("evalsha", "exists", "hget", "hmget", "hset", "hincrby", "rpush"),
+                ("evalsha", "exists", "hexists", "hget", "hmget", "hset", "hsetnx", "hincrby", "rpush"),
                 (f"~{keys.wf('*')}", f"~{keys.wf_tasks('*')}", f"~{keys.wf_history('*')}"),
             ),
             # Results, events, dead letters, routed copies and trigger starts: append only.
@@ -163,6 +163,8 @@ def coordinator_user(keys: Keys) -> User:
                 "hmget",
                 "hgetall",
                 "hset",
+                "hsetnx",
+                "hexists",
                 "hdel",
                 "hlen",
                 "hincrby",
@@ -223,7 +225,20 @@ def watch_user(keys: Keys) -> User:
 def admin_user(keys: Keys) -> User:
     """Operators: submit (and `--wait`), cancel, approve, `keys trust`, `triggers add|remove`, `dlq` —
     data commands on the namespace's keys; no FLUSHALL, CONFIG, KEYS, SCAN, ACL or SHUTDOWN."""
-    writes = ("xadd", "xdel", "xack", "xgroup|create", "hset", "hdel", "zadd", "zrem", "del", "blmove", "evalsha")
+    writes = (
+        "xadd",
+        "xdel",
+        "xack",
+        "xgroup|create",
+        "hset",
+        "hsetnx",
+        "hdel",
+        "zadd",
+        "zrem",
+        "del",
+        "blmove",
+        "evalsha",
+    )
     return User(
         name=ADMIN,
         role=ADMIN,

@@ -36,7 +36,8 @@ _SHAS = {
 _INT_FIELDS = frozenset({"attempt", "token", "seq", "parts", "version", "launched", "depth"})
 _FLOAT_FIELDS = frozenset({"dispatched", "started", "finished", "deadline", "created_at", "finished_at", "retry_at"})
 _RAW_FIELDS = frozenset({"decision"})
-_META_JSON = frozenset({"params", "chain"})  # `spec` stays text: coordinators cache checked specs by it
+_META_JSON = frozenset({"params", "chain"})
+_BIG_FIELDS = ("spec", "source_text", "signature")  # written without Lua (scripts.CREATE); `spec` stays text
 
 
 @dataclass(slots=True)
@@ -388,17 +389,21 @@ class Broker:
         keys = self.keys
         created_at = float(fields["created_at"])
         args: list[Any] = []
+        big = {name: fields[name] for name in _BIG_FIELDS if name in fields}
         for name, value in fields.items():
-            args += [name, json.dumps(value) if name in _META_JSON else value]
+            if name not in big:
+                args += [name, json.dumps(value) if name in _META_JSON else value]
         kick = wire.Inbox(kind="submit", body={"wf": wf_id}).encode(self.settings.max_message_bytes)
 
         def build(pipe: Any) -> None:
             pipe.zadd(keys.workflows, {wf_id: created_at}, nx=True)
             pipe.zadd(keys.running, {wf_id: created_at}, nx=True)
+            for name, value in big.items():  # first: the coordinator reads them on the kick
+                pipe.hsetnx(keys.wf(wf_id), name, value)
             pipe.evalsha(_SHAS[scripts.CREATE], 1, keys.wf(wf_id), *args)
             pipe.xadd(keys.results, {wire.FIELD: kick})
 
-        return bool(self._pipeline(build)[2])
+        return bool(self._pipeline(build)[2 + len(big)])
 
     def load_runs(self, wf_ids: Sequence[str]) -> list[tuple[dict[str, Any], dict[bytes, bytes], dict[bytes, bytes]]]:
         """Meta (parsed), raw unit fields and raw results of several workflows, in one round trip."""

@@ -5,9 +5,10 @@ cmsgpack), so the embedded broker runs them too. Arguments are flat lists: count
 """
 
 # Create a workflow once: a second submit with the same id changes nothing (idempotent `--id`).
-# KEYS: meta   ARGV: field, value, ...
+# The big fields (the spec, a signed file's text) are written by HSETNX beside it, not through Lua,
+# so no script call copies megabytes. KEYS: meta   ARGV: field, value, ...
 CREATE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if redis.call('HEXISTS', KEYS[1], 'created_at') == 1 then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV))
 return 1
 """

@@ -27,7 +27,7 @@ class Settings(BaseSettings):
     # Reads: blocking reads return as soon as anything arrives, so the block only bounds idle loops.
     worker_block: float = 1.0
     coordinator_block: float = 0.05  # also the timer resolution: timers fire within ~this of due
-    batch_size: int = 500  # most entries one read takes
+    batch_size: int = 500  # inbox entries a coordinator reads at once (each holds a worker's batch of results)
     prefetch: int = 16  # entries a worker reads beyond its free slots
 
     # Liveness
