@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -20,56 +19,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from phibroker import testing
+
 REPO = Path(__file__).resolve().parent.parent
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+class RedisServer(testing.RedisServer):
+    """The benchmark's private server: missing redis-server ends the run with a clear line."""
 
-
-class RedisServer:
-    """`redis-server --save '' --appendonly no` on a free port, in a directory of its own."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.directory = tempfile.mkdtemp(prefix="phibroker-bench-redis-")
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise SystemExit("redis-server is not installed (apt-get install -y redis-server)")
-        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.directory]
-        args += ["--save", "", "--appendonly", "no"]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(self._answers, 10, f"redis-server on port {self.port}")
-
-    def _answers(self) -> bool:
+    def start(self, timeout: float = 10.0) -> None:
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
-                sock.sendall(b"PING\r\n")
-                return sock.recv(64).startswith(b"+PONG")
-        except OSError:
-            return False
+            super().start(timeout)
+        except RuntimeError as exc:
+            raise SystemExit(str(exc)) from None
 
-    def stop(self) -> None:
-        if self.process is not None:
-            stop(self.process)
-            self.process = None
+    def stop(self, kill: bool = False) -> None:
+        super().stop(kill)
         shutil.rmtree(self.directory, ignore_errors=True)
-
-    def __enter__(self) -> RedisServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def wait_for(condition: Any, timeout: float, what: str, every: float = 0.02) -> None:

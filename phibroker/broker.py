@@ -365,21 +365,7 @@ class Broker:
         pipe.time()
         pipe.hgetall(table)
         (secs, micros), raw = pipe.execute()
-        now = secs + micros / 1e6
-        leases: dict[str, dict[str, Any]] = {}
-        expiries: dict[str, float] = {}
-        for key, value in raw.items():
-            name = key.decode()
-            if name.endswith("|expires"):
-                expiries[name[: -len("|expires")]] = int(value) / 1000
-            else:
-                try:
-                    leases[name] = wire.unpack(value, 1 << 16)
-                except Exception:  # noqa: BLE001 - a garbled lease is treated as expired
-                    leases[name] = {}
-        for name, info in leases.items():
-            info["expires"] = expiries.get(name, 0.0)
-        return now, leases
+        return secs + micros / 1e6, self._parse_leases(raw)
 
     # -- workflows -------------------------------------------------------------------------------
     def submit_workflow(self, wf_id: str, fields: dict[str, Any]) -> bool:
