@@ -197,10 +197,6 @@ class Agent:
 
         return register
 
-    def is_async(self, command: str) -> bool:
-        handler = self.commands.get(command)
-        return handler is not None and inspect.iscoroutinefunction(handler)
-
     def call(self, command: str, ctx: Context, payload: dict[str, Any]) -> Any:
         """Run a plain handler, or return the coroutine of an async one."""
         handler = self.commands.get(command)
@@ -216,10 +212,10 @@ class Agent:
             value = self.call(command, ctx, payload)
             if inspect.isawaitable(value):
                 value = asyncio.run(_awaited(value))
+            # Emitted events travel with the result: check them now, as part of this attempt.
+            wire.pack_limited(ctx.events, limit, f"events emitted by {ctx.task}")
             return finish(value, started, limit, f"result of {ctx.task}")
-        except BaseException as exc:  # noqa: BLE001 - a handler's failure is data, never a crash
-            if isinstance(exc, KeyboardInterrupt | SystemExit):
-                raise
+        except BaseException as exc:  # noqa: BLE001 - a handler's failure (SystemExit too) is data, never a crash
             return failure(exc, started)
 
 

@@ -324,6 +324,14 @@ class Broker:
         reply = self.redis.xclaim(stream, group, consumer, min_idle_time=min_idle_ms, message_ids=list(ids))
         return [Entry(eid.decode(), _raw_of(fields)) for eid, fields in reply]
 
+    def drop_consumer_if_idle(self, stream: str, group: str, consumer: str) -> None:
+        """Leave a group for good, unless entries are still pending on us (they must be reclaimed)."""
+        try:
+            if not self.redis.xpending_range(stream, group, min="-", max="+", count=1, consumername=consumer):
+                self.redis.xgroup_delconsumer(stream, group, consumer)
+        except ResponseError:
+            pass  # the stream or group went away
+
     def drop_consumer(self, stream: str, group: str, consumer: str) -> None:
         try:
             self.redis.xgroup_delconsumer(stream, group, consumer)
@@ -494,15 +502,20 @@ class Broker:
             if raw
         }
 
-    def drain(self, items: Sequence[tuple[str, str, dict[str, Any]]], dispatched: bool = False) -> None:
+    def drain(
+        self, items: Sequence[tuple[str, str, dict[str, Any]]], dispatched: bool = False, fired: Sequence[str] = ()
+    ) -> None:
         """Carry out outbox entries (wf id, entry id, decoded outbox), then remove them.
 
         `dispatched`: the commit already sent the dispatches. Dispatches carry their id, so a redrive
-        after a crash only makes duplicates that consumers drop.
+        after a crash only makes duplicates that consumers drop. `fired`: timers handled by these
+        transitions, removed before the timers they set (which may be the same ones, set again).
         """
         streams = {} if dispatched else self._by_stream([box.get("dispatches") or () for _, _, box in items])
 
         def build(pipe: Any) -> None:
+            if fired:
+                pipe.zrem(self.keys.timers, *fired)
             self._dispatch(pipe, streams)
             for wf_id, entry_id, box in items:
                 self._carry_out(pipe, wf_id, box)
@@ -552,10 +565,6 @@ class Broker:
         reply = self._script(scripts.CLAIM_TIMERS, [self.keys.timers], [int(self.settings.timer_claim * 1000), limit])
         next_due = float(reply[1])
         return int(reply[0]) / 1e6, None if next_due < 0 else next_due / 1000, [m.decode() for m in reply[2:]]
-
-    def drop_timers(self, members: Sequence[str]) -> None:
-        if members:
-            self.redis.zrem(self.keys.timers, *members)
 
     # -- reading state ---------------------------------------------------------------------------
     def read_workflow(

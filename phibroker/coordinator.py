@@ -125,16 +125,15 @@ class Coordinator:
             self._collect(entry, ops)
         for member in timers:
             ops[member.split("|")[1]].append(("timer", member))
-        self.execute(now, ops)
+        self.execute(now, ops, fired=timers)
         crash_point("before_ack")
         self.broker.ack(self.keys.results, COORDINATORS_GROUP, [e.id for e in entries])
-        self.broker.drop_timers(timers)
 
     def _collect(self, entry: Entry, ops: dict[str, list[Op]]) -> None:
         try:
             if entry.raw is None:
                 raise DecodeError(b"", "entry was trimmed before it was read")
-            message = wire.Inbox.decode(entry.raw, self.settings.max_message_bytes)
+            message = wire.Inbox.decode(entry.raw, self.settings.max_message_bytes * 4)
         except DecodeError as exc:
             log.warning("dead-lettering inbox entry %s: %s", entry.id, exc.reason)
             self.broker.dead_letter(exc.reason, entry.raw, self.keys.results, entry.id)
@@ -163,11 +162,15 @@ class Coordinator:
         ops[wf_id].append((message.kind, message.body))
 
     # -- transitions -------------------------------------------------------------------------------
-    def execute(self, now: float, ops: dict[str, list[Op]]) -> None:
-        """Apply each workflow's inputs, commit them all, redo those whose version moved on, drain."""
+    def execute(self, now: float, ops: dict[str, list[Op]], fired: list[str] = ()) -> None:  # type: ignore[assignment]
+        """Apply each workflow's inputs, commit them all, redo those whose version moved on, drain.
+
+        `fired` timers are removed in the drain, before the timers the transitions set: a transition
+        may set the very timer that fired again (`continue`, more units to release)."""
         pending = dict(ops)
         drains: list[tuple[str, str, dict[str, Any]]] = []
         quiet: list[str] = []
+        finished: list[str] = []
         while pending:
             runs = self._runs(list(pending))
             commits, idle = [], []
@@ -175,7 +178,7 @@ class Coordinator:
                 run = runs.get(wf_id)
                 if run is None:
                     self._unknown(wf_id, items)
-                elif self._decide(run, items, now):
+                elif self._decide_safely(run, items, now):
                     commits.append(run)
                 else:
                     idle.append(wf_id)
@@ -191,15 +194,33 @@ class Coordinator:
                     drains.append((run.id, run.tx.id, run.tx.outbox()))
                 if run.tx.finished:
                     self.runs.pop(run.id, None)
+                    finished.append(run.id)
             for wf_id in stale:
                 self.runs.pop(wf_id, None)
             quiet += [wf_id for wf_id in idle if wf_id not in stale]
             pending = {wf_id: pending[wf_id] for wf_id in stale}
-        if drains:
-            self.broker.drain(drains, dispatched=True)
+        if drains or fired:
+            self.broker.drain(drains, dispatched=True, fired=list(fired))
             crash_point("after_drain")
         if quiet:  # nothing new to do: maybe a dead coordinator left its outbox undrained
             self.redrive(quiet, older_than=1.0)
+        if finished:  # the sweep walks running workflows only: whatever a dead coordinator left, now
+            self.redrive(finished)
+
+    def _decide_safely(self, run: engine.Run, items: list[Op], now: float) -> bool:
+        """`_decide`, but an input the engine cannot take goes to the DLQ instead of stopping every
+        coordinator that reads it (the entry would come back to each of them)."""
+        try:
+            return self._decide(run, items, now)
+        except Exception as exc:  # noqa: BLE001 - one bad input must not stop the coordinator
+            log.exception("cannot apply inputs of %s; dead-lettering them", run.id)
+            reason = f"coordinator error on {run.id}: {type(exc).__name__}: {exc}"
+            for kind, body in items:
+                raw = wire.pack(body[0].to_map()) if kind == "result" else wire.pack({"kind": kind, "body": body})
+                self.broker.dead_letter(reason, raw, self.keys.results, run.id)
+            self.runs.pop(run.id, None)
+            run.tx = engine.Transition()
+            return False
 
     def _decide(self, run: engine.Run, items: list[Op], now: float) -> bool:
         """Apply the inputs to the run in memory; True if there is something to commit."""
@@ -407,13 +428,11 @@ class Coordinator:
             streams += [(self.keys.agent_tasks(agent), WORKERS_GROUP), (self.keys.agent_bulk(agent), WORKERS_GROUP)]
         for stream, group in streams:
             self.broker.trim_acked(stream, group, keep=self.settings.stream_maxlen)
-        forgotten = [
-            name
-            for name, info in leases.items()
-            if clock - float(info.get("expires", 0)) > self.settings.dead_worker_memory
-        ]
-        for name in forgotten:
-            self.broker.drop_lease(self.keys.agents, name)
+        _, coordinators = self.broker.leases(self.keys.coordinators)
+        for table, held in ((self.keys.agents, leases), (self.keys.coordinators, coordinators)):
+            for name, info in held.items():
+                if clock - float(info.get("expires", 0)) > self.settings.dead_worker_memory:
+                    self.broker.drop_lease(table, name)
 
     def take_over(self) -> int:
         """Claim the inbox entries of coordinators whose lease lapsed; they are processed as ours."""
@@ -456,6 +475,7 @@ class Coordinator:
 
     def _leave(self) -> None:
         try:
+            self.broker.drop_consumer_if_idle(self.keys.results, COORDINATORS_GROUP, self.name)
             self.broker.drop_lease(self.keys.coordinators, self.name)
         except (PhibrokerError, *CONNECTION_ERRORS):
             pass

@@ -297,7 +297,7 @@ class DevServer:
         """SIGTERM to every child, wait (kill after STOP_WAIT or a second Ctrl-C), then the broker."""
         started = bool(self.children or self.redis_server or self.embedded)
         if started:
-            self.console.print(("\n" if self.stopping.is_set() else "") + "Stopping what dev started…")
+            self._say(("\n" if self.stopping.is_set() else "") + "Stopping what dev started…")
         self._terminate(self.children)
         self.client.close()
         if self.redis_server:
@@ -308,7 +308,15 @@ class DevServer:
             if self.embedded_thread:
                 self.embedded_thread.join(timeout=STOP_WAIT)
         if started:
-            self.console.print("Stopped.")
+            self._say("Stopped.")
+
+    def _say(self, text: str) -> None:
+        """Print, unless the terminal is gone (closed, or a pipe whose reader Ctrl-C killed too):
+        stopping what we started must not depend on having somewhere to say so."""
+        try:
+            self.console.print(text)
+        except OSError:
+            pass
 
     def _terminate(self, children: list[Child]) -> None:
         for child in children:

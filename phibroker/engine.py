@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from phibroker import wire
-from phibroker.errors import MessageTooLarge
+from phibroker.errors import DecodeError, MessageTooLarge
 from phibroker.workflow import Workflow
 
 TASK_TERMINAL = frozenset({"succeeded", "failed", "skipped", "cancelled", "compensated"})
@@ -36,7 +36,8 @@ SEP = "\x1f"
 PACKED: dict[str, tuple[str, ...]] = {
     "dispatch": ("dispatch", "attempt", "dispatched"),  # written by the coordinator when it dispatches
     "run": ("token", "started", "entry", "worker"),  # written by the start script (scripts.START)
-    "end": ("finished", "seq"),  # written by the coordinator when the unit ends
+    # written by the coordinator when the unit ends; `answered`: the token of the result that ended it
+    "end": ("finished", "seq", "answered"),
 }
 GROUP_OF = {attribute: group for group, attributes in PACKED.items() for attribute in attributes}
 _TYPES: dict[str, type] = {
@@ -46,6 +47,7 @@ _TYPES: dict[str, type] = {
     "started": float,
     "finished": float,
     "seq": int,
+    "answered": int,
 }
 
 
@@ -343,7 +345,8 @@ def apply_result(run: Run, result: wire.Result, now: float) -> bool:
         and (record.get("token", 0) in (0, result.token))
     )
     if not current:
-        duplicate = record is not None and record.get("state") == "succeeded" and record.get("token") == result.token
+        # The very result applied already, read again (a coordinator died before acking it).
+        duplicate = record is not None and record.get("answered") == result.token
         if record is not None and record.get("dispatch") == result.id and not duplicate:
             reason = "late result of an attempt that was reclaimed or stopped"
             run.record_attempt(
@@ -356,10 +359,15 @@ def apply_result(run: Run, result: wire.Result, now: float) -> bool:
     task, partition, is_undo = split_unit(unit)
     error = None if result.ok else error_text(result.error)
     value: Any = None
-    if result.ok and not is_undo and task in run.workflow.expect:
-        value = wire.unpack(result.value, run.limit) if result.value else None
+    if result.ok and result.value:
+        try:  # checked now: dependents decode it for their inputs and templates
+            value = wire.unpack(result.value, max(run.limit, len(result.value)))
+        except DecodeError as exc:
+            error = f"DecodeError: the result does not decode: {exc.reason}"
+    if error is None and not is_undo and task in run.workflow.expect:
         if not run.workflow.expect[task].test(run.scope(result=value)):
             error = f"ExpectationFailed: {run.workflow.expect[task].source}"
+    run.set(unit, answered=result.token)  # so a second copy of this result is known as one
     if error is None:
         _unit_succeeded(run, unit, result, now)
     else:
@@ -561,7 +569,13 @@ def _dispatch_unit(run: Run, unit: str, now: float) -> None:
     record = run.unit(unit)
     if record.get("error") is not None:
         run.set(unit, error=None)
-    record["token"] = 0  # a new dispatch starts unstarted; the start script writes the run anew
+    if record.get("token") or record.get("entry"):
+        # A new attempt starts unstarted, in Redis too: a coordinator that reloads before the start
+        # script runs must not hold the old attempt's token against the new attempt's result.
+        run.set(unit, token=0, started=None, entry=None, worker=None)
+    if record.get("answered") is not None:
+        run.set(unit, answered=None)
+    record["token"] = 0
     run.set(unit, state="ready", attempt=attempt, dispatch=dispatch_id, dispatched=now)
     try:
         raw = message.encode(run.limit)
@@ -588,6 +602,8 @@ def _scatter(run: Run, task: str, now: float) -> None:
     run.set(task, state="ready", parts=count, attempt=1, dispatched=now)
     run.store_result(f"{task}#items", wire.pack(items))
     for index in range(count):
+        if run.state(task) != "ready":
+            break  # a partition could not be sent (over the size limit): the task has failed already
         _dispatch_unit(run, unit_of(task, index), now)
 
 
@@ -685,17 +701,18 @@ def _unit_failed(
         if partition is None and not is_undo:
             run.set(task, state="retrying")
         return
-    run.set(unit, state="failed", error=error, finished=now)
     if is_undo:
+        run.set(unit, state="failed", error=error, finished=now)
         run.set(task, undo_error=error)
         run.event("task.compensation_failed", now, task, error=error)
         _next_compensation(run, now)
         return
     if partition is not None:
+        run.set(unit, state="failed", error=error, finished=now)
         for index in range(int(run.units[task]["parts"])):
             _stop_unit(run, unit_of(task, index), now)
         error = f"partition {partition}: {error}"
-    _task_failed(run, task, error, now)
+    _task_failed(run, task, error, now)  # a plain task's unit is the task: it is marked failed there
 
 
 def _retry_due(run: Run, unit: str, error: str, retryable: bool, now: float) -> float | None:
@@ -716,6 +733,8 @@ def _retry_due(run: Run, unit: str, error: str, retryable: bool, now: float) -> 
 
 
 def _task_failed(run: Run, task: str, error: str, now: float) -> None:
+    if run.state(task) in TASK_TERMINAL:
+        return  # another unit of the task failed it already
     run.set(task, state="failed", error=error, finished=now)
     run.event("task.failed", now, task, error=error)
     _task_terminal(run, task)

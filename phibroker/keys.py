@@ -9,7 +9,6 @@ from dataclasses import dataclass
 
 WORKERS_GROUP = "workers"
 COORDINATORS_GROUP = "coordinators"
-SUBSCRIBERS_GROUP = "subscribers"
 
 
 @dataclass(frozen=True)

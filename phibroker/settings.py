@@ -26,7 +26,7 @@ class Settings(BaseSettings):
 
     # Reads: blocking reads return as soon as anything arrives, so the block only bounds idle loops.
     worker_block: float = 1.0
-    coordinator_block: float = 0.05  # also the timer resolution: timers fire within ~this of due
+    coordinator_block: float = 0.02  # also the timer resolution: timers fire within ~this of due
     batch_size: int = 500  # inbox entries a coordinator reads at once (each holds a worker's batch of results)
     prefetch: int = 16  # entries a worker reads beyond its free slots
 
@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     # Retention
     retention: float = 7 * 24 * 3600.0  # seconds a finished workflow stays readable
     events_maxlen: int = 100_000
-    stream_maxlen: int = 10_000  # acked entries kept in agent task streams and the results stream
+    stream_maxlen: int = 10_000  # past this length, task streams and the results stream lose their acked entries
     trim_every: float = 10.0  # how often a coordinator trims them
     dead_worker_memory: float = 3600.0  # a dead worker stays listed by `agents` this long
     sub_maxlen: int = 10_000

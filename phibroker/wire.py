@@ -284,7 +284,15 @@ class Inbox:
             del item["v"]
             if item.get("events") is None:
                 item["events"] = []
+            if not all(isinstance(e, dict) and isinstance(e.get("type"), str) for e in item["events"]):
+                raise DecodeError(e, "result: an emitted event is not a map with a type")
             results.append(Result(**item))
+        body = e.get("body") or {}
+        for name in _BODY_FIELDS.get(e["kind"], ()):
+            if not isinstance(body.get(name), str):
+                raise DecodeError(e, f"{e['kind']} message: field {name!r} missing or not text")
+        if e["kind"] == "trigger" and not isinstance(body.get("event"), dict):
+            raise DecodeError(e, "trigger message: the event is not a map")
         return cls(
             kind=e["kind"],
             id=e["id"],
@@ -298,6 +306,14 @@ class Inbox:
 
 _INBOX_SCHEMA = {"v": _INT, "id": _STR, "kind": _STR, "results": _BYTES, "body": _MAP, "agent": _STR, "sig": _STR}
 _INBOX_REQUIRED = frozenset({"v", "id", "kind"})
+_BODY_FIELDS = {  # what each control message must name
+    "submit": ("wf",),
+    "kick": ("wf",),
+    "cancel": ("wf",),
+    "decide": ("wf",),
+    "lost": ("wf", "unit", "dispatch"),
+    "trigger": ("wf", "trigger"),
+}
 _INBOX_KINDS = frozenset({"results", "submit", "cancel", "decide", "lost", "kick", "trigger"})
 
 

@@ -23,9 +23,9 @@ from typing import Any
 
 from phibroker import wire
 from phibroker import workflow as workflows
-from phibroker.agent import Agent, Context, Event, Outcome
+from phibroker.agent import Agent, Context, Event, Outcome, failure
 from phibroker.broker import CONNECTION_ERRORS, Broker, Entry
-from phibroker.engine import new_workflow_fields
+from phibroker.engine import WF_TERMINAL, new_workflow_fields
 from phibroker.errors import DecodeError, PhibrokerError
 from phibroker.events import Router, register_subscriptions
 from phibroker.keys import WORKERS_GROUP
@@ -275,6 +275,8 @@ class Worker:
         message = running.item.message
         try:
             outcome = self.agent.execute(message.command, running.ctx, message.payload, self.settings.max_message_bytes)
+        except BaseException as exc:  # noqa: BLE001 - whatever happens, the attempt gets an outcome
+            outcome = failure(exc, time.time())
         finally:
             with self.slots:
                 self.active -= 1
@@ -331,13 +333,16 @@ class Worker:
         event = Event.from_map(raw_event, submitter=self._submit)
         try:
             self.agent.subscriptions[reaction.subscription].react(event)
+            caused = event.caused()
+            wire.pack_limited(caused, self.settings.max_message_bytes, "events emitted by a reaction")
+            return caused
         except Exception as exc:  # noqa: BLE001 - a failing reaction is kept, not retried forever
             reason = f"{type(exc).__name__}: {exc}"
             log.warning("subscription %s failed on %s: %s", reaction.subscription, event.type, reason)
             self.broker.dead_letter(
                 reason, wire.pack(raw_event), reaction.stream, reaction.entry.id, subscription=reaction.subscription
             )
-        return event.caused()
+            return []
 
     def _submit(self, source: Any, params: dict[str, Any], wf_id: str | None, depth: int, chain: list[str]) -> str:
         """`event.submit(...)` from a reaction: a workflow caused by that event."""
@@ -381,7 +386,7 @@ class Worker:
                 value=o.value,
                 error=o.error,
                 retry=o.retry,
-                events=r.ctx.events,
+                events=r.ctx.events if o.ok else [],  # a failed attempt's events are never published
             )
             for r, o in batch
         ]
@@ -414,7 +419,7 @@ class Worker:
         chunk: list[wire.Result] = []
         size = 0
         for result in results:
-            weight = len(result.value or b"") + 512
+            weight = len(result.value or b"") + len(wire.pack(result.events)) + len(str(result.error or "")) + 512
             if chunk and size + weight > limit:
                 out.append(self._envelope(chunk))
                 chunk, size = [], 0
@@ -428,7 +433,7 @@ class Worker:
         """An inbox entry naming this agent, signed when it has a secret (coordinators may require it)."""
         secret = self.settings.agent_secret.encode() if self.settings.agent_secret else None
         inbox = wire.Inbox(kind="results", results=results, agent=self.agent.name)
-        return inbox.encode(self.settings.max_message_bytes * 2, secret)
+        return inbox.encode(self.settings.max_message_bytes * 4, secret)
 
     # -- liveness ----------------------------------------------------------------------------------
     def renew_lease(self) -> None:
@@ -468,7 +473,7 @@ class Worker:
             wants_stop = (
                 unit_state not in ("running", "ready")
                 or dispatch != r.item.message.id
-                or (wf_state in ("succeeded", "failed", "cancelled", "timed_out"))
+                or wf_state in WF_TERMINAL
                 or (r.ctx.deadline is not None and now > r.ctx.deadline)
             )
             if wants_stop:
@@ -494,7 +499,7 @@ class Worker:
             for consumer in sorted(dead):
                 rows = [p for p in pending if p["consumer"] == consumer]
                 claimed += self._take_over(stream, consumer, rows)
-                if len(rows) < 1000:
+                if len(pending) < 1000:  # we saw all of its pending entries: forgetting it loses none
                     self.broker.drop_consumer(stream, WORKERS_GROUP, consumer)
                     if stream == self.stream:
                         self.broker.drop_lease(self.keys.agents, consumer)
@@ -537,7 +542,9 @@ class Worker:
         self.stopping.set()
         try:
             for lane in self.lanes:
-                unstarted = [item.entry for item in self.backlog if item.stream == lane]
+                # Reclaimed entries stay pending on us (a copy would be refused: the unit is running
+                # under the original entry); others reclaim them once our lease is gone.
+                unstarted = [item.entry for item in self.backlog if item.stream == lane and not item.lost]
                 if unstarted:
                     self.broker.requeue(lane, WORKERS_GROUP, unstarted)
             self.backlog.clear()
@@ -558,6 +565,9 @@ class Worker:
             )
         self.pool.shutdown(wait=False, cancel_futures=True)
         try:
+            if clean:  # nothing of ours is pending: leave no consumer behind in the groups
+                for stream in [*self.lanes, *self.sub_streams]:
+                    self.broker.drop_consumer_if_idle(stream, WORKERS_GROUP, self.consumer)
             self.broker.drop_lease(self.keys.agents, self.consumer)
         except CONNECTION_ERRORS:
             pass

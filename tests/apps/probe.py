@@ -94,3 +94,14 @@ def effect(ctx: Context, sleep: float = 0.0, **extra: Any) -> dict[str, Any]:
     r.hincrby(f"{ledger}:runs", ctx.idempotency_key, 1)
     applied = r.hsetnx(ledger, ctx.idempotency_key, f"{ctx.attempt}/{ctx.token}")
     return {"started": started, "finished": time.time(), "applied": bool(applied), "inputs": sorted(ctx.inputs)}
+
+
+@probe.command()
+def exits(ctx: Context, **extra: Any) -> None:
+    raise SystemExit(3)
+
+
+@probe.command()
+def emits_garbage(ctx: Context, **extra: Any) -> int:
+    ctx.emit("odd", {"a set": {1, 2}})
+    return 1
