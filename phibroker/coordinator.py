@@ -17,7 +17,7 @@ import socket
 import threading
 import time
 from collections import OrderedDict, defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from functools import cached_property
 from typing import Any
 
@@ -162,7 +162,7 @@ class Coordinator:
         ops[wf_id].append((message.kind, message.body))
 
     # -- transitions -------------------------------------------------------------------------------
-    def execute(self, now: float, ops: dict[str, list[Op]], fired: list[str] = ()) -> None:  # type: ignore[assignment]
+    def execute(self, now: float, ops: dict[str, list[Op]], fired: Sequence[str] = ()) -> None:
         """Apply each workflow's inputs, commit them all, redo those whose version moved on, drain.
 
         `fired` timers are removed in the drain, before the timers the transitions set: a transition
