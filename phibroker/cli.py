@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -138,14 +139,12 @@ def list_(settings: Settings, limit: int, as_json: bool) -> None:
 
     with Client(settings) as client:
         rows = client.list(limit)
-    if as_json:
-        click.echo(json.dumps(rows))
-        return
-    if not rows:
-        click.echo("no workflows")
-    for row in rows:
-        took = _took(row["created_at"], row["finished_at"])
-        click.echo(f"{row['id']:<40} {row['state'] or '?':<17} {took}")
+    _show(
+        rows,
+        as_json,
+        "no workflows",
+        lambda r: f"{r['id']:<40} {r['state'] or '?':<17} {_took(r['created_at'], r['finished_at'])}",
+    )
 
 
 @main.command()
@@ -236,14 +235,12 @@ def approvals(settings: Settings, as_json: bool) -> None:
     with Client(settings) as client:
         requests = client.approvals()
     rows = [{k: r.get(k) for k in ("id", "workflow", "task", "message", "deadline")} for r in requests]
-    if as_json:
-        click.echo(json.dumps(rows))
-        return
-    if not rows:
-        click.echo("no open approvals")
-    for row in rows:
+
+    def line(row: dict[str, Any]) -> str:
         due = f" (times out in {row['deadline'] - time.time():.0f}s)" if row["deadline"] else ""
-        click.echo(f"{row['id']}  {row['workflow']} / {row['task']}: {row['message']}{due}")
+        return f"{row['id']}  {row['workflow']} / {row['task']}: {row['message']}{due}"
+
+    _show(rows, as_json, "no open approvals", line)
 
 
 @main.command()
@@ -381,14 +378,12 @@ def triggers_list(settings: Settings, as_json: bool) -> None:
 
     with Client(settings) as client:
         rows = client.triggers()
-    if as_json:
-        click.echo(json.dumps(rows))
-        return
-    if not rows:
-        click.echo("no triggers")
-    for row in rows:
-        where = f" where {row['where']}" if row["where"] else ""
-        click.echo(f"{row['name']}: on {row['event']}{where}")
+    _show(
+        rows,
+        as_json,
+        "no triggers",
+        lambda r: f"{r['name']}: on {r['event']}" + (f" where {r['where']}" if r["where"] else ""),
+    )
 
 
 @triggers.command("remove")
@@ -412,17 +407,15 @@ def subs(settings: Settings, as_json: bool) -> None:
 
     with Client(settings) as client:
         rows = client.subscriptions()
-    if as_json:
-        click.echo(json.dumps(rows))
-        return
-    if not rows:
-        click.echo("no subscriptions")
-    for row in rows:
+
+    def line(row: dict[str, Any]) -> str:
         lag = "unknown" if row["lag"] is None else row["lag"]
-        click.echo(
+        return (
             f"{row['name']} ({row['agent']}) on {row['event']}: {row['length']} queued, lag {lag},"
             f" {row['pending']} pending, {row['dropped']} dropped"
         )
+
+    _show(rows, as_json, "no subscriptions", line)
 
 
 @main.group()
@@ -440,13 +433,12 @@ def dlq_list(settings: Settings, limit: int, as_json: bool) -> None:
 
     with Client(settings) as client:
         rows = client.dead_letters(limit)
-    if as_json:
-        click.echo(json.dumps(rows))
-        return
-    if not rows:
-        click.echo("the dead-letter queue is empty")
-    for row in rows:
-        click.echo(f"{row['id']}  {row['source']}  {row['size']} bytes  {row['reason']}")
+    _show(
+        rows,
+        as_json,
+        "the dead-letter queue is empty",
+        lambda r: f"{r['id']}  {r['source']}  {r['size']} bytes  {r['reason']}",
+    )
 
 
 @dlq.command("show")
@@ -595,6 +587,17 @@ def acl_generate(
     )
     for path in acls.write(Path(out_dir), bundle, force=force):
         click.echo(str(path))
+
+
+def _show(rows: list[dict[str, Any]], as_json: bool, empty: str, line: Callable[[dict[str, Any]], str]) -> None:
+    """A listing: a JSON array with --json, else one line per row (or what it means to have none)."""
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    for row in rows:
+        click.echo(line(row))
+    if not rows:
+        click.echo(empty)
 
 
 def _stop_on_signals(stop: Any) -> None:

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,17 +45,31 @@ def redis_server() -> Iterator[RedisServer]:
             server.stop()
 
 
-@pytest.fixture
-def settings(redis_server: RedisServer, tmp_path: Path) -> Settings:
-    """Settings for one test: the session's Redis, a namespace of its own, short timeouts."""
+def short_settings(redis_url: str, home: Path, prefix: str = "t") -> Settings:
+    """A namespace of its own and short timeouts, so liveness tests take seconds, not minutes."""
     return Settings(
-        redis_url=redis_server.url,
-        namespace=f"t{uuid.uuid4().hex[:10]}",
-        home=tmp_path / "home",
+        redis_url=redis_url,
+        namespace=f"{prefix}{uuid.uuid4().hex[:10]}",
+        home=home,
         reclaim_after=2.0,
         coordinator_takeover=1.0,
         worker_block=0.5,
     )
+
+
+@pytest.fixture
+def settings(redis_server: RedisServer, tmp_path: Path) -> Settings:
+    """Settings for one test: the session's Redis, a namespace of its own, short timeouts."""
+    return short_settings(redis_server.url, tmp_path / "home")
+
+
+def until(check: Any, procs: Processes | None = None, timeout: float = 20) -> Any:
+    """Wait for `check()` to be truthy and return it; on timeout, fail with the processes' logs."""
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        assert time.monotonic() < deadline, procs.output() if procs else "timed out"
+        time.sleep(0.05)
+    return value
 
 
 REPO = Path(__file__).resolve().parent.parent

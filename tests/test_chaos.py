@@ -7,7 +7,6 @@ from __future__ import annotations
 import random
 import signal
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,8 +16,7 @@ import redis
 import yaml
 
 from phibroker.client import Client
-from phibroker.settings import Settings
-from tests.conftest import Processes, RedisServer, _have_redis
+from tests.conftest import Processes, RedisServer, _have_redis, short_settings
 
 
 def layered_workflow(tasks: int = 500, width: int = 50, seed: int = 3) -> dict[str, Any]:
@@ -51,14 +49,7 @@ def aof_server(tmp_path: Path) -> Iterator[RedisServer]:
 
 @pytest.mark.parametrize("restart_redis", [False, True], ids=["kills", "kills+redis-restart"])
 def test_chaos(restart_redis: bool, aof_server: RedisServer, tmp_path: Path) -> None:
-    settings = Settings(
-        redis_url=aof_server.url,
-        namespace=f"chaos{uuid.uuid4().hex[:6]}",
-        home=tmp_path / "home",
-        reclaim_after=2.0,
-        coordinator_takeover=1.0,
-        worker_block=0.5,
-    )
+    settings = short_settings(aof_server.url, tmp_path / "home", prefix="chaos")
     logs = tmp_path / "logs"
     logs.mkdir()
     procs = Processes(settings, logs)

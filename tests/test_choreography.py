@@ -12,7 +12,7 @@ import redis
 
 from phibroker.client import Client
 from phibroker.settings import Settings
-from tests.conftest import Processes
+from tests.conftest import Processes, until
 from tests.test_core import events_of
 from tests.test_failures import flow
 
@@ -42,13 +42,6 @@ def listening(client: Client, names: set[str], procs: Processes) -> None:
         assert time.monotonic() < deadline, procs.output()
         time.sleep(0.05)
     time.sleep(1.2)
-
-
-def until(predicate: Any, procs: Processes, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, procs.output()
-        time.sleep(0.05)
 
 
 ANNOUNCE = """

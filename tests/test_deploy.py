@@ -28,7 +28,7 @@ from phibroker.cli import main
 from phibroker.errors import InvalidInput
 from phibroker.keys import WORKERS_GROUP, Keys
 from phibroker.settings import Settings
-from tests.conftest import REPO, Processes, RedisServer, _have_redis
+from tests.conftest import REPO, Processes, RedisServer, _have_redis, until
 
 DEPLOY = REPO / "deploy"
 EXAMPLES = REPO / "examples"
@@ -309,30 +309,23 @@ def test_subscriptions_triggers_and_admin_commands_work_under_the_acls(
         def listening() -> set[str]:
             return {s["name"] for s in json.loads(deployment.cli(procs, "watch", "subs", "--json").stdout)}
 
-        until(lambda: {"listener.on_scan", "listener.high", "listener.x"} <= listening())
+        until(lambda: {"listener.on_scan", "listener.high", "listener.x"} <= listening(), procs, timeout=30)
         time.sleep(1.2)  # routers re-read subscriptions every second
         ran = deployment.cli(procs, "admin", "submit", str(tmp_path / "announce.yaml"), "--wait", "--json")
         assert ran.returncode == 0, output_of(procs, ran)
         reactions = [f"{key}:listener.on_scan", f"{key}:listener.high"]  # each counts the events it saw
-        until(lambda: [len(ledger.hgetall(r)) for r in reactions] == [2, 2])
+        until(lambda: [len(ledger.hgetall(r)) for r in reactions] == [2, 2], procs, timeout=30)
 
         def triaged() -> int:
             rows = json.loads(deployment.cli(procs, "watch", "list", "--json").stdout)
             return len([r for r in rows if r["name"] == "triaged" and r["state"] == "succeeded"])
 
-        until(lambda: triaged() == 2)  # one workflow per high-severity event, started by the trigger
+        until(lambda: triaged() == 2, procs, timeout=30)  # one workflow per high-severity event, started by the trigger
         purged = deployment.cli(procs, "admin", "dlq", "purge", "--all")
         assert purged.returncode == 0, output_of(procs, purged)
         assert deployment.denials() == [], procs.output()
     finally:
         procs.close()
-
-
-def until(predicate: Callable[[], bool], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
 
 
 def sha(source: str) -> str:

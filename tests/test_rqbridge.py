@@ -28,7 +28,7 @@ from phibroker.rqbridge import (
     parse_map,
 )
 from phibroker.settings import Settings
-from tests.conftest import REPO, Processes
+from tests.conftest import REPO, Processes, until
 
 JOBS = "tests.apps.rqjobs"
 MAPS = [f"{c}={JOBS}.{f}" for c, f in [("run_tests", "run_tests"), ("add", "add"), ("sum", "total")]]
@@ -159,10 +159,7 @@ def test_a_bridge_killed_mid_job_loses_nothing_and_the_job_runs_once(
         ledger=str(ledger),
         marker=str(marker),
     )
-    deadline = time.monotonic() + 20
-    while not lines(marker):
-        assert time.monotonic() < deadline, procs.output()
-        time.sleep(0.05)
+    until(lambda: lines(marker), procs)
     first.send_signal(signal.SIGKILL)
     assert first.wait(timeout=10) == -signal.SIGKILL
     bridge(procs, settings)

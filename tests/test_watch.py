@@ -37,7 +37,7 @@ from phibroker.watch import (
     subscription_edges,
     worker_rows,
 )
-from tests.conftest import Processes, free_port
+from tests.conftest import Processes, free_port, until
 
 NOW = 1_800_000_000.0
 
@@ -287,14 +287,6 @@ def cli(settings: Settings, *args: str, url: str | None = None, columns: int = 1
     return subprocess.run(
         [sys.executable, "-m", "phibroker", *args], capture_output=True, text=True, timeout=60, env=env
     )
-
-
-def until(check: Any, procs: Processes, timeout: float = 20) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        assert time.monotonic() < deadline, procs.output()
-        time.sleep(0.05)
-    return value
 
 
 def states(client: Client, wf_id: str) -> dict[str, str]:
