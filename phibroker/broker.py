@@ -421,7 +421,7 @@ class Broker:
         calls = []
         for wf_id, version, tx in transitions:
             args: list[Any] = [version]
-            for pairs in (tx.writes, tx.meta):
+            for pairs in (tx.fields(), tx.meta):
                 args.append(len(pairs))
                 for name, value in pairs.items():
                     args += [name, json.dumps(value) if name in _META_JSON else value]

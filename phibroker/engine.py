@@ -135,6 +135,9 @@ class Transition:
     id: str = field(default_factory=wire.new_id)  # names its outbox entry
     created: float = field(default_factory=time.time)  # lets a sweep tell a stale outbox from a fresh one
     writes: dict[str, Any] = field(default_factory=dict)  # tasks hash: `unit|attribute` -> value
+    # packed fields to write (`unit|group` -> the unit's record): packed once, when the transition is
+    # committed, however many times the transition changed them
+    packed: dict[str, tuple[dict[str, Any], str]] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)  # workflow hash
     results: dict[str, bytes] = field(default_factory=dict)
     history: list[bytes] = field(default_factory=list)
@@ -149,7 +152,11 @@ class Transition:
 
     @property
     def changed(self) -> bool:
-        return bool(self.writes or self.meta or self.results or self.history or self.has_outbox)
+        return bool(self.writes or self.packed or self.meta or self.results or self.history or self.has_outbox)
+
+    def fields(self) -> dict[str, Any]:
+        """Every field of the tasks hash this transition writes."""
+        return {**self.writes, **{name: pack_group(record, group) for name, (record, group) in self.packed.items()}}
 
     @property
     def has_outbox(self) -> bool:
@@ -246,7 +253,7 @@ class Run:
             if group is None:
                 self.tx.writes[f"{unit}|{name}"] = "" if value is None else value
             else:
-                self.tx.writes[f"{unit}|{group}"] = pack_group(record, group)
+                self.tx.packed[f"{unit}|{group}"] = (record, group)
 
     def set_meta(self, **values: Any) -> None:
         self.meta.update(values)

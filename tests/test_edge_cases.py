@@ -27,7 +27,7 @@ def test_a_new_attempt_clears_the_previous_attempts_run_in_redis_too() -> None:
     engine._unit_failed(run, "A", "boom", 2.0, retryable=True)
     run.tx = engine.Transition()
     engine.apply_timer(run, engine.timer_member("retry", "wf", "A", 1), 5.0)
-    assert run.tx.writes["A|run"] == engine.pack_group({"token": 0}, "run")
+    assert run.tx.fields()["A|run"] == engine.pack_group({"token": 0}, "run")
 
 
 def test_a_partition_over_the_size_limit_fails_its_task_once() -> None:
