@@ -137,7 +137,16 @@ def agent_user(keys: Keys, agent: str, subscriptions: Iterable[str] = ()) -> Use
                 (f"~{keys.wf('*')}", f"~{keys.wf_tasks('*')}", f"~{keys.wf_history('*')}"),
             ),
             # Results, events, dead letters, routed copies and trigger starts: append only.
-            Grant(("xadd",), (f"%W~{keys.results}", f"%W~{keys.events}", f"%W~{keys.dlq}", f"%W~{keys.sub('*')}")),
+            Grant(
+                ("xadd",),
+                (
+                    f"%W~{keys.results}",
+                    f"%W~{keys.results_bulk}",
+                    f"%W~{keys.events}",
+                    f"%W~{keys.dlq}",
+                    f"%W~{keys.sub('*')}",
+                ),
+            ),
             Grant(("evalsha", "hset", "hgetall", "hdel"), (f"~{keys.agents}",)),  # leases: LEASE, reclaim
             Grant(("hset", "hgetall"), (f"~{keys.subs}", f"%R~{keys.triggers}")),  # register; route
             Grant(("zadd",), (f"%W~{keys.workflows}", f"%W~{keys.running}")),  # a reaction's submit
@@ -184,6 +193,7 @@ def coordinator_user(keys: Keys) -> User:
             (
                 f"~{ns}:wf:*",
                 f"~{keys.results}",
+                f"~{keys.results_bulk}",
                 f"~{keys.timers}",
                 f"~{keys.running}",
                 f"~{keys.workflows}",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -216,20 +216,20 @@ class Broker:
 
     def settle(
         self,
-        target: str,
-        entries: Sequence[bytes],
+        inbox: Mapping[str, Sequence[bytes]],
         group: str,
         acks: dict[str, list[str]],
         events: list[dict[str, Any]],
     ) -> None:
-        """Results first, then the acks (stream -> entry ids) — a crash in between re-delivers, never
-        loses — and any events waiting to be published, all in one round trip."""
+        """Results first (inbox stream -> entries), then the acks (stream -> entry ids) — a crash in
+        between re-delivers, never loses — and any events waiting to be published, in one round trip."""
 
         def build(pipe: Any) -> None:
             if events:
                 self._publish(pipe, events)
-            for raw in entries:
-                pipe.xadd(target, {wire.FIELD: raw})
+            for target, entries in inbox.items():
+                for raw in entries:
+                    pipe.xadd(target, {wire.FIELD: raw})
             for stream, ids in acks.items():
                 if ids:
                     pipe.xack(stream, group, *ids)
@@ -433,7 +433,7 @@ class Broker:
             args += [tx.id, wire.pack(tx.outbox()) if tx.has_outbox else b"", "1" if tx.finished else "0", ttl]
             calls.append((self.keys.wf_keys(wf_id), args))
 
-        dispatches = self._by_stream([tx.dispatches for _, _, tx in transitions])
+        dispatches = self._by_stream([(tx.dispatches, tx.bulk) for _, _, tx in transitions])
 
         def build(pipe: Any) -> None:
             for keys, args in calls:
@@ -442,23 +442,21 @@ class Broker:
 
         return [int(v) for v in self._pipeline(build)[: len(calls)]]
 
-    def _by_stream(self, batches: Iterable[Iterable[tuple[str, bytes]]]) -> dict[str, list[bytes]]:
+    def _by_stream(self, batches: Iterable[tuple[Iterable[tuple[str, bytes]], bool]]) -> dict[str, list[bytes]]:
         """Dispatches grouped by agent stream, each stream's group created before its first entry.
 
-        A transition that releases more than `bulk_after` units for one agent sends them to that
-        agent's bulk lane: workers read both lanes at once, so a small workflow's next task never waits
-        behind a ten-thousand-task fan-out (one FIFO per agent made a chain 30× slower)."""
+        A transition's dispatches go to the agents' bulk lanes when it releases more than
+        `bulk_after` units for one agent, or is part of a release chunked over several transitions
+        (`bulk`): workers read both lanes at once, so a small workflow's next task never waits behind
+        a ten-thousand-task fan-out (one FIFO per agent made a chain 30× slower)."""
         streams: dict[str, list[bytes]] = {}
-        for batch in batches:
+        for batch, bulk in batches:
             per_agent: dict[str, list[bytes]] = {}
             for agent, raw in batch:
                 per_agent.setdefault(agent, []).append(raw)
             for agent, raws in per_agent.items():
-                lane = (
-                    self.keys.agent_bulk(agent)
-                    if len(raws) > self.settings.bulk_after
-                    else self.keys.agent_tasks(agent)
-                )
+                big = bulk or len(raws) > self.settings.bulk_after
+                lane = self.keys.agent_bulk(agent) if big else self.keys.agent_tasks(agent)
                 streams.setdefault(lane, []).extend(raws)
         for stream in streams:
             if stream not in self._groups:
@@ -511,7 +509,11 @@ class Broker:
         after a crash only makes duplicates that consumers drop. `fired`: timers handled by these
         transitions, removed before the timers they set (which may be the same ones, set again).
         """
-        streams = {} if dispatched else self._by_stream([box.get("dispatches") or () for _, _, box in items])
+        streams = (
+            {}
+            if dispatched
+            else self._by_stream([(box.get("dispatches") or (), bool(box.get("bulk"))) for _, _, box in items])
+        )
 
         def build(pipe: Any) -> None:
             if fired:

@@ -74,7 +74,8 @@ class Coordinator:
     # -- the loop ----------------------------------------------------------------------------------
     def run(self, burst: bool = False) -> None:
         """Work until stopped; `burst` returns once there is nothing left to do (tests, benchmarks)."""
-        self.broker.ensure_group(self.keys.results, COORDINATORS_GROUP)
+        for inbox in self.keys.inboxes:
+            self.broker.ensure_group(inbox, COORDINATORS_GROUP)
         log.info("coordinator %s started on %s", self.name, self.settings.redis_url)
         backoff = 0.1
         try:
@@ -96,7 +97,7 @@ class Coordinator:
             self._leave()
 
     def step(self) -> int:
-        """One round: due timers and one batch of the inbox. Returns how many items it handled."""
+        """One round: due timers and one read of both inbox lanes. Returns how many items it handled."""
         clock, next_due, timers = self.broker.claim_timers()
         claimed = time.monotonic()
         block: float | None = self.settings.coordinator_block
@@ -104,32 +105,67 @@ class Coordinator:
             block = min(self.settings.coordinator_block, max(0.001, next_due - clock))
         if timers or self._recovering:
             block = None
-        entries = self.broker.read_group(
-            self.keys.results, COORDINATORS_GROUP, self.name, self.settings.batch_size, block, self._recovering
+        read = self.broker.read_groups(
+            self.keys.inboxes, COORDINATORS_GROUP, self.name, self.settings.batch_size, block, self._recovering
         )
         waited = time.monotonic() - claimed
         now = clock + waited  # Redis's clock, carried past the read: results finish after they were read
-        if self._recovering and not entries:
+        if self._recovering and not read:
             self._recovering = False
-        if block and not entries and waited < block / 2:
+        if block and not read and waited < block / 2:
             self.stopping.wait(block)  # the embedded broker answers an empty blocking read at once
-        if not entries and not timers:
+        if not read and not timers:
             return 0
         crash_point("after_read")
-        self.process(now, entries, timers)
-        return len(entries) + len(timers)
+        # The inbox first, then the timers (a `continue` releases the next chunk of a big fan-out),
+        # then the bulk lane a slice at a time: a small workflow's next task goes out before them.
+        offset = now - time.monotonic()
+        inbox = [entry for stream, entry in read if stream == self.keys.results]
+        self.process(now, self.keys.results, inbox)
+        if timers:
+            self.process(offset + time.monotonic(), self.keys.results, [], timers)
+        bulk = [entry for stream, entry in read if stream == self.keys.results_bulk]
+        if bulk:
+            self.process_bulk(offset, bulk)
+        return len(read) + len(timers)
 
-    def process(self, now: float, entries: list[Entry], timers: list[str]) -> None:
+    def process(self, now: float, stream: str, entries: list[Entry], timers: Sequence[str] = ()) -> None:
         ops: dict[str, list[Op]] = defaultdict(list)
         for entry in entries:
             self._collect(entry, ops)
         for member in timers:
             ops[member.split("|")[1]].append(("timer", member))
-        self.execute(now, ops, fired=timers)
+        if ops or timers:
+            self.execute(now, ops, fired=timers)
         crash_point("before_ack")
-        self.broker.ack(self.keys.results, COORDINATORS_GROUP, [e.id for e in entries])
+        self.broker.ack(stream, COORDINATORS_GROUP, [e.id for e in entries])
 
-    def _collect(self, entry: Entry, ops: dict[str, list[Op]]) -> None:
+    def process_bulk(self, offset: float, entries: list[Entry]) -> None:
+        """The bulk lane, `bulk_slice` results at a time, with a look at the inbox between slices: a
+        small workflow's result waits behind one slice of a fan-out's, never behind all of them.
+
+        `offset` turns the monotonic clock into Redis's, so slices handled later are stamped later."""
+        ops: dict[str, list[Op]] = defaultdict(list)
+        taken: list[Entry] = []
+        size = 0
+        for index, entry in enumerate(entries):
+            size += self._collect(entry, ops)
+            taken.append(entry)
+            if size < self.settings.bulk_slice and index < len(entries) - 1:
+                continue
+            self.execute(offset + time.monotonic(), ops)
+            crash_point("before_ack")
+            self.broker.ack(self.keys.results_bulk, COORDINATORS_GROUP, [e.id for e in taken])
+            ops, taken, size = defaultdict(list), [], 0
+            if index < len(entries) - 1:
+                cut_in = self.broker.read_group(
+                    self.keys.results, COORDINATORS_GROUP, self.name, self.settings.batch_size, None
+                )
+                if cut_in:
+                    self.process(offset + time.monotonic(), self.keys.results, cut_in)
+
+    def _collect(self, entry: Entry, ops: dict[str, list[Op]]) -> int:
+        """Decode one inbox entry into `ops`; returns how many inputs it added."""
         try:
             if entry.raw is None:
                 raise DecodeError(b"", "entry was trimmed before it was read")
@@ -137,29 +173,30 @@ class Coordinator:
         except DecodeError as exc:
             log.warning("dead-lettering inbox entry %s: %s", entry.id, exc.reason)
             self.broker.dead_letter(exc.reason, entry.raw, self.keys.results, entry.id)
-            return
+            return 0
         if message.kind == "results":
             refusal = self.check_sender(message)
             if refusal:
                 log.warning("dead-lettering inbox entry %s: %s", entry.id, refusal)
                 self.broker.dead_letter(refusal, entry.raw, self.keys.results, entry.id)
-                return
+                return 0
             for result in message.results:
                 ops[result.wf].append(("result", (result, message.agent)))
-            return
+            return len(message.results)
         wf_id = message.body.get("wf")
         if not isinstance(wf_id, str):
             self.broker.dead_letter("control message without a workflow id", entry.raw, self.keys.results, entry.id)
-            return
+            return 0
         if message.kind == "trigger":
             self._start_triggered(message.body)
-            return
+            return 0
         if message.kind == "decide":
             refusal = self.verify_decision(message.body)
             if refusal:
                 ops[wf_id].append(("refused", {**message.body, "refusal": refusal}))
-                return
+                return 1
         ops[wf_id].append((message.kind, message.body))
+        return 1
 
     # -- transitions -------------------------------------------------------------------------------
     def execute(self, now: float, ops: dict[str, list[Op]], fired: Sequence[str] = ()) -> None:
@@ -423,7 +460,7 @@ class Coordinator:
         """Keep streams from growing: drop what every reader has acked, and forget long-dead workers."""
         clock, leases = self.broker.leases(self.keys.agents)
         agents = {str(info.get("agent")) for info in leases.values() if info.get("agent")}
-        streams = [(self.keys.results, COORDINATORS_GROUP)]
+        streams = [(inbox, COORDINATORS_GROUP) for inbox in self.keys.inboxes]
         for agent in sorted(agents):
             streams += [(self.keys.agent_tasks(agent), WORKERS_GROUP), (self.keys.agent_bulk(agent), WORKERS_GROUP)]
         for stream, group in streams:
@@ -437,19 +474,24 @@ class Coordinator:
     def take_over(self) -> int:
         """Claim the inbox entries of coordinators whose lease lapsed; they are processed as ours."""
         clock, leases = self.broker.leases(self.keys.coordinators)
-        pending = self.broker.pending_of(self.keys.results, COORDINATORS_GROUP)
-        dead = {p["consumer"] for p in pending if leases.get(p["consumer"], {}).get("expires", 0) < clock}
-        dead.discard(self.name)
-        ids = [p["id"] for p in pending if p["consumer"] in dead]
-        if not ids:
-            return 0
-        entries = self.broker.claim(self.keys.results, COORDINATORS_GROUP, self.name, ids, min_idle_ms=500)
-        log.info("took over %d inbox entries from %s", len(entries), ", ".join(sorted(dead)))
-        if entries:
-            self.process(clock, entries, [])
+        dead: set[str] = set()
+        taken = 0
+        for inbox in self.keys.inboxes:
+            pending = self.broker.pending_of(inbox, COORDINATORS_GROUP)
+            gone = {p["consumer"] for p in pending if leases.get(p["consumer"], {}).get("expires", 0) < clock}
+            gone.discard(self.name)
+            ids = [p["id"] for p in pending if p["consumer"] in gone]
+            if not ids:
+                continue
+            entries = self.broker.claim(inbox, COORDINATORS_GROUP, self.name, ids, min_idle_ms=500)
+            log.info("took over %d entries of %s from %s", len(entries), inbox, ", ".join(sorted(gone)))
+            if entries:
+                self.process(clock, inbox, entries)
+            dead |= gone
+            taken += len(entries)
         for consumer in dead:
             self.broker.drop_lease(self.keys.coordinators, consumer)
-        return len(entries)
+        return taken
 
     def sweep(self, chunk: int = 500) -> None:
         """Walk the running index a chunk at a time: re-drive stale outboxes, re-kick unstarted runs."""
@@ -475,7 +517,8 @@ class Coordinator:
 
     def _leave(self) -> None:
         try:
-            self.broker.drop_consumer_if_idle(self.keys.results, COORDINATORS_GROUP, self.name)
+            for inbox in self.keys.inboxes:
+                self.broker.drop_consumer_if_idle(inbox, COORDINATORS_GROUP, self.name)
             self.broker.drop_lease(self.keys.coordinators, self.name)
         except (PhibrokerError, *CONNECTION_ERRORS):
             pass

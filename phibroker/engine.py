@@ -11,6 +11,7 @@ compensation). Their state lives in one hash, one field per `unit|attribute`.
 
 from __future__ import annotations
 
+import heapq
 import json
 import random
 import time
@@ -149,6 +150,7 @@ class Transition:
     approvals_set: dict[str, bytes] = field(default_factory=dict)
     approvals_del: list[str] = field(default_factory=list)
     finished: bool = False  # the workflow reached its end state
+    bulk: bool = False  # part of a release chunked over several transitions: dispatched on the bulk lanes
 
     @property
     def changed(self) -> bool:
@@ -180,7 +182,44 @@ class Transition:
             "approvals_set": self.approvals_set,
             "approvals_del": self.approvals_del,
             "finished": self.finished,
+            "bulk": self.bulk,
         }
+
+
+class Candidates:
+    """Tasks that may be ready to run, handed out in file order without sorting them all each time
+    (a chunked release of a ten-thousand-task fan-out asks for the next ones again and again)."""
+
+    def __init__(self, order: Mapping[str, int]):
+        self._order = order
+        self._members: set[str] = set()
+        self._heap: list[tuple[int, str]] = []
+
+    def __bool__(self) -> bool:
+        return bool(self._members)
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def __contains__(self, task: object) -> bool:
+        return task in self._members
+
+    def add(self, task: str) -> None:
+        if task not in self._members:
+            self._members.add(task)
+            heapq.heappush(self._heap, (self._order[task], task))
+
+    def pop(self) -> str:
+        """The first in file order; raises IndexError when there is none."""
+        while True:
+            _, task = heapq.heappop(self._heap)
+            if task in self._members:  # else discarded, or a stale copy of one added again
+                self._members.remove(task)
+                return task
+
+    def clear(self) -> None:
+        self._members.clear()
+        self._heap.clear()
 
 
 class Run:
@@ -210,10 +249,10 @@ class Run:
         deps = workflow.deps
         self.open_deps = {t: sum(1 for d in ds if self.state(d) not in TASK_TERMINAL) for t, ds in deps.items()}
         self.open_tasks = sum(1 for t in deps if self.state(t) not in TASK_TERMINAL)
-        self.candidates: set[str] = {t for t, n in self.open_deps.items() if n == 0 and self.state(t) == "pending"}
-        self.candidates |= {
-            t for t in workflow.tasks if workflow.tasks[t].trigger == "one_success" and self.state(t) == "pending"
-        }
+        self.candidates = Candidates(workflow.order_index)
+        for task, count in self.open_deps.items():
+            if self.state(task) == "pending" and (count == 0 or workflow.tasks[task].trigger == "one_success"):
+                self.candidates.add(task)
 
     # -- reading -----------------------------------------------------------------------------------
     @property
@@ -398,6 +437,8 @@ def apply_timer(run: Run, member: str, now: float) -> None:
         unit, dispatch = parts
         if run.state(unit) in ("ready", "running") and run.units[unit].get("dispatch") == dispatch:
             _unit_failed(run, unit, "timeout", now)
+    elif kind == "continue":  # the next chunk of a big release
+        run.tx.bulk = True
     elif kind == "wf_deadline":
         if run.wf_state not in WF_WINDING_DOWN:
             wind_down(run, "timed_out", now, reason="the workflow's deadline passed")
@@ -466,14 +507,12 @@ def advance(run: Run, now: float) -> None:
         return
     if not _winding(run):
         while run.candidates and run._released < run.max_release:
-            for task in sorted(run.candidates, key=run.workflow.order_index.__getitem__):
-                if run._released >= run.max_release:
-                    break
-                run.candidates.discard(task)
-                if run.state(task) == "pending":
-                    _consider(run, task, now)
+            task = run.candidates.pop()
+            if run.state(task) == "pending":
+                _consider(run, task, now)
         if run.candidates:  # more than one transition may release: go on in the next one
             run.tx.timers_add[timer_member("continue", run.id)] = now
+            run.tx.bulk = True
     if run.open_tasks == 0 and run.wf_state not in WF_WINDING_DOWN:
         failed = [t for t in run.workflow.tasks if run.state(t) == "failed"]
         if failed:

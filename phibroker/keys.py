@@ -22,6 +22,16 @@ class Keys:
         return f"{self.namespace}:results"
 
     @property
+    def results_bulk(self) -> str:
+        """The inbox's second lane: results of tasks from the agents' bulk lanes, read a slice at a
+        time between looks at `results`, so a big fan-out's results never hold up a small workflow's."""
+        return f"{self.namespace}:results:bulk"
+
+    @property
+    def inboxes(self) -> tuple[str, str]:
+        return (self.results, self.results_bulk)
+
+    @property
     def workflows(self) -> str:
         return f"{self.namespace}:workflows"
 

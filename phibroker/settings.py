@@ -28,6 +28,7 @@ class Settings(BaseSettings):
     worker_block: float = 1.0
     coordinator_block: float = 0.02  # also the timer resolution: timers fire within ~this of due
     batch_size: int = 500  # inbox entries a coordinator reads at once (each holds a worker's batch of results)
+    bulk_slice: int = 32  # bulk-lane results a coordinator handles before it looks at the inbox again
     prefetch: int = 16  # entries a worker reads beyond its free slots
 
     # Liveness
@@ -40,7 +41,9 @@ class Settings(BaseSettings):
     # Limits
     max_message_bytes: int = 1 * MiB
     bulk_after: int = 64  # a transition releasing more units than this for one agent uses its bulk lane
-    max_release: int = 500  # units one transition dispatches (keeps every script call short); more follow
+    # units one transition dispatches: keeps every script call short, and a big release from holding up
+    # the inbox; more follow in the next transitions, on the bulk lanes
+    max_release: int = 64
     storm_depth: int = 16  # events caused by events deeper than this go to the DLQ
 
     # Retention

@@ -373,24 +373,26 @@ class Worker:
         """One results entry for the batch, then the acks; retried until Redis takes it."""
         if self.abandoned.is_set():
             return
-        results = [
-            wire.Result(
-                id=r.item.message.id,
-                wf=r.item.message.wf,
-                unit=r.item.message.unit,
-                token=r.ctx.token,
-                ok=o.ok,
-                worker=self.consumer,
-                started=o.started,
-                finished=o.finished,
-                value=o.value,
-                error=o.error,
-                retry=o.retry,
-                events=r.ctx.events if o.ok else [],  # a failed attempt's events are never published
+        inbox: dict[str, list[wire.Result]] = defaultdict(list)
+        for r, o in batch:
+            # a bulk lane's results go to the inbox's bulk lane: a small workflow's never wait behind them
+            inbox[self.keys.results_bulk if r.item.stream == self.bulk else self.keys.results].append(
+                wire.Result(
+                    id=r.item.message.id,
+                    wf=r.item.message.wf,
+                    unit=r.item.message.unit,
+                    token=r.ctx.token,
+                    ok=o.ok,
+                    worker=self.consumer,
+                    started=o.started,
+                    finished=o.finished,
+                    value=o.value,
+                    error=o.error,
+                    retry=o.retry,
+                    events=r.ctx.events if o.ok else [],  # a failed attempt's events are never published
+                )
             )
-            for r, o in batch
-        ]
-        envelopes = self._envelopes(results)
+        envelopes = {target: self._envelopes(results) for target, results in inbox.items()}
         acks: dict[str, list[str]] = defaultdict(list)
         for running, _ in batch:
             acks[running.item.stream].append(running.item.entry.id)
@@ -399,7 +401,7 @@ class Worker:
         delay = 0.1
         while True:
             try:
-                self.broker.settle(self.keys.results, envelopes, WORKERS_GROUP, acks, events)
+                self.broker.settle(envelopes, WORKERS_GROUP, acks, events)
                 break
             except CONNECTION_ERRORS as exc:
                 log.warning("cannot settle %d results yet (%s)", len(batch), exc)
