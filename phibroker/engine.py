@@ -12,7 +12,6 @@ compensation). Their state lives in one hash, one field per `unit|attribute`.
 from __future__ import annotations
 
 import heapq
-import json
 import random
 import time
 import traceback
@@ -53,7 +52,8 @@ _TYPES: dict[str, type] = {
 
 
 def pack_group(record: Mapping[str, Any], group: str) -> str:
-    return SEP.join("" if record.get(a) is None else str(record[a]) for a in PACKED[group])
+    values = [record.get(a) for a in PACKED[group]]
+    return SEP.join(["" if v is None else str(v) for v in values])
 
 
 def unpack_group(group: str, text: str) -> dict[str, Any]:
@@ -124,7 +124,7 @@ def new_workflow_fields(
         "created_at": now,
         "depth": depth,
         "chain": chain or [],
-        "spec": json.dumps(workflow.source, separators=(",", ":")),
+        "spec": workflow.spec_json,
         "params": params,
     }
 
@@ -245,6 +245,8 @@ class Run:
         self.tx = Transition()
         self.rand = random.Random()
         self._decoded: dict[str, Any] = {}
+        self.depth = int(meta.get("depth") or 0)  # how many events led to this run (storm guard)
+        self.chain: list[str] = meta.get("chain") or []
         self._released = 0
         deps = workflow.deps
         self.open_deps = {t: sum(1 for d in ds if self.state(d) not in TASK_TERMINAL) for t, ds in deps.items()}
@@ -313,8 +315,8 @@ class Run:
                 "task": task,
                 "data": fields if data is None else data,
                 "ts": now,
-                "depth": int(self.meta.get("depth") or 0),
-                "chain": self.meta.get("chain") or [],
+                "depth": self.depth,
+                "chain": self.chain,
             }
         )
 
@@ -578,9 +580,8 @@ def _dispatch_unit(run: Run, unit: str, now: float) -> None:
     """Send one attempt of a unit to its agent's stream (through the outbox)."""
     task, partition, is_undo = split_unit(unit)
     spec = run.workflow.tasks[task]
-    scope = run.scope()
     template = run.workflow.payload.get(task)
-    payload = dict(template.render(scope)) if template is not None else dict(spec.payload)
+    payload = dict(template.render(run.scope())) if template is not None else dict(spec.payload)
     agent, command = spec.agent, spec.command
     result = None
     if is_undo:
@@ -610,7 +611,7 @@ def _dispatch_unit(run: Run, unit: str, now: float) -> None:
         partition=None if partition is None or count is None else [partition, count],
         deadline=deadline,
         result=result,
-        depth=int(run.meta.get("depth") or 0),
+        depth=run.depth,
     )
     record = run.unit(unit)
     if record.get("error") is not None:
@@ -688,7 +689,8 @@ def _open_gate(run: Run, task: str, now: float) -> None:
 
 def _unit_succeeded(run: Run, unit: str, result: wire.Result, now: float) -> None:
     task, partition, is_undo = split_unit(unit)
-    run.tx.timers_del.append(timer_member("deadline", run.id, unit, result.id))
+    if run.workflow.timeout(task):  # else no deadline timer was set
+        run.tx.timers_del.append(timer_member("deadline", run.id, unit, result.id))
     run.record_attempt(unit, now, None, True, worker=result.worker, started=result.started, token=result.token)
     for emitted in result.events:
         run.event(str(emitted.get("type")), now, task, data=emitted.get("data"))
@@ -698,11 +700,11 @@ def _unit_succeeded(run: Run, unit: str, result: wire.Result, now: float) -> Non
         run.event("task.compensated", now, task)
         _next_compensation(run, now)
         return
-    run.set(unit, state="succeeded", finished=now)
     run.store_result(unit, result.value or wire.pack(None))
-    if partition is None:
+    if partition is None:  # the unit is the task
         _task_succeeded(run, task, now)
         return
+    run.set(unit, state="succeeded", finished=now)
     count = int(run.units[task]["parts"])
     parts = [unit_of(task, i) for i in range(count)]
     if all(run.state(p) == "succeeded" for p in parts):

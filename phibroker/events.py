@@ -9,7 +9,6 @@ instead. The router is attached to a broker, which calls it for whatever it publ
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Mapping
@@ -168,7 +167,7 @@ def add_trigger(broker: Broker, workflow: Workflow) -> str:
     info = {
         "event": on.event,
         "where": on.where,
-        "spec": json.dumps(workflow.source, separators=(",", ":")),
+        "spec": workflow.spec_json,
         "added": time.time(),
     }
     broker.register_trigger(workflow.name, info)

@@ -85,13 +85,17 @@ def pack_limited(value: Any, limit: int, what: str) -> bytes:
 
 
 # --- schemas: field -> accepted types; a field absent from `required` may be missing or None ---------
+# Exact types: msgpack only ever makes these (so `True` is never taken for an int, nor 1 for a bool).
 
-_STR, _INT, _NUM, _BYTES = (str,), (int,), (int, float), (bytes,)
-_MAP, _LIST, _BOOL = (dict,), (list,), (bool,)
+_STR, _INT, _NUM, _BYTES = frozenset({str}), frozenset({int}), frozenset({int, float}), frozenset({bytes})
+_MAP, _LIST, _BOOL = frozenset({dict}), frozenset({list}), frozenset({bool})
+_ANY: frozenset[type] = frozenset()  # any type at all
 
 
-def _check(envelope: Any, schema: Mapping[str, tuple[type, ...]], required: frozenset[str], kind: str) -> dict:
-    if not isinstance(envelope, dict):
+def _check(
+    envelope: Any, schema: Mapping[str, frozenset[type]], required: frozenset[str], kind: str, versioned: bool = True
+) -> dict:
+    if type(envelope) is not dict:
         raise DecodeError(envelope, f"{kind}: not a map")
     for key, value in envelope.items():
         types = schema.get(key)
@@ -100,12 +104,12 @@ def _check(envelope: Any, schema: Mapping[str, tuple[type, ...]], required: froz
         if value is None:
             if key in required:
                 raise DecodeError(envelope, f"{kind}: field {key!r} is null")
-        elif not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        elif type(value) not in types and types is not _ANY:
             raise DecodeError(envelope, f"{kind}: field {key!r} has type {type(value).__name__}")
-    missing = required.difference(envelope)
-    if missing:
+    if not required.issubset(envelope):
+        missing = required.difference(envelope)
         raise DecodeError(envelope, f"{kind}: missing field {sorted(missing)[0]!r}")
-    if envelope["v"] != VERSION:
+    if versioned and envelope["v"] != VERSION:
         raise DecodeError(envelope, f"{kind}: unsupported version {envelope['v']!r}")
     return envelope
 
@@ -167,7 +171,7 @@ _TASK_SCHEMA = {
     "inputs": _MAP,
     "partition": _LIST,
     "deadline": _NUM,
-    "result": (object,),
+    "result": _ANY,
     "depth": _INT,
 }
 _TASK_REQUIRED = frozenset({"v", "id", "wf", "unit", "task", "agent", "command", "attempt", "payload", "inputs"})
@@ -220,7 +224,6 @@ _RESULT_SCHEMA = {
     "error": _MAP,
     "retry": _BOOL,
     "events": _LIST,
-    "v": _INT,
 }
 _RESULT_REQUIRED = frozenset({"id", "wf", "unit", "token", "ok", "worker", "started", "finished"})
 
@@ -271,22 +274,7 @@ class Inbox:
         items = unpack(blob, limit) if blob else []
         if not isinstance(items, list):
             raise DecodeError(e, "inbox message: results is not a list")
-        results = []
-        for item in items:
-            item = dict(
-                _check(
-                    {**item, "v": VERSION} if isinstance(item, dict) else item,
-                    _RESULT_SCHEMA,
-                    _RESULT_REQUIRED,
-                    "result",
-                )
-            )
-            del item["v"]
-            if item.get("events") is None:
-                item["events"] = []
-            if not all(isinstance(e, dict) and isinstance(e.get("type"), str) for e in item["events"]):
-                raise DecodeError(e, "result: an emitted event is not a map with a type")
-            results.append(Result(**item))
+        results = [_result(item) for item in items]
         body = e.get("body") or {}
         for name in _BODY_FIELDS.get(e["kind"], ()):
             if not isinstance(body.get(name), str):
@@ -302,6 +290,16 @@ class Inbox:
             sig=e.get("sig"),
             blob=blob,
         )
+
+
+def _result(item: Any) -> Result:
+    item = _check(item, _RESULT_SCHEMA, _RESULT_REQUIRED, "result", versioned=False)
+    events = item.get("events")
+    if events is None:
+        item["events"] = []
+    elif not all(type(e) is dict and type(e.get("type")) is str for e in events):
+        raise DecodeError(item, "result: an emitted event is not a map with a type")
+    return Result(**item)
 
 
 _INBOX_SCHEMA = {"v": _INT, "id": _STR, "kind": _STR, "results": _BYTES, "body": _MAP, "agent": _STR, "sig": _STR}

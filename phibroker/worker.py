@@ -17,7 +17,7 @@ import socket
 import threading
 import time
 from collections import OrderedDict, defaultdict, deque
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +32,10 @@ from phibroker.keys import WORKERS_GROUP
 from phibroker.settings import Settings
 
 log = logging.getLogger("phibroker.worker")
+
+# Under a big release, how long a worker waits to gather freed slots into one start, and outcomes
+# into one settle: a round trip per task costs more CPU than the task itself (no-op tasks).
+SETTLE_GATHER = 0.001
 
 
 @dataclass(slots=True)
@@ -63,6 +67,38 @@ class Running:
     ctx: Context
 
 
+class HandlerThreads:
+    """Up to `size` threads, each taking the next job from one queue: no future per task, and a thread
+    that finishes a job takes the next one without a wake-up (a thread pool's per-task cost was as big
+    as the rest of a no-op task's). The worker hands out no more jobs than it has free slots."""
+
+    def __init__(self, size: int, name: str):
+        self.size = size
+        self.name = name
+        self.jobs: queue.SimpleQueue[tuple[Callable[[Any], None], Any] | None] = queue.SimpleQueue()
+        self.threads: list[threading.Thread] = []
+
+    def submit(self, job: Callable[[Any], None], arg: Any) -> None:
+        if len(self.threads) < self.size:
+            thread = threading.Thread(target=self._serve, name=f"{self.name}_{len(self.threads)}", daemon=True)
+            thread.start()
+            self.threads.append(thread)
+        self.jobs.put((job, arg))
+
+    def _serve(self) -> None:
+        while (item := self.jobs.get()) is not None:
+            job, arg = item
+            try:
+                job(arg)
+            except Exception:  # a job reports its own failures; this keeps the thread for the next one
+                log.exception("handler thread: %s failed", getattr(job, "__name__", job))
+
+    def shutdown(self) -> None:
+        """Let each thread end after the jobs queued before this."""
+        for _ in self.threads:
+            self.jobs.put(None)
+
+
 class Worker:
     def __init__(self, agent: Agent, settings: Settings, concurrency: int = 4, broker: Broker | None = None):
         self.agent = agent
@@ -74,7 +110,7 @@ class Worker:
         self.lanes = (self.stream, self.bulk)
         self.consumer = f"{agent.name}@{socket.gethostname()}:{os.getpid()}:{wire.short_id()[:6]}"
         self.concurrency = max(1, concurrency)
-        self.pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix=f"phi-{agent.name}")
+        self.pool = HandlerThreads(self.concurrency, f"phi-{agent.name}")
         self.backlog: deque[Fetched] = deque()
         self.reactions: deque[Reaction] = deque()
         self.sub_streams: dict[str, str] = {}  # subscription stream -> subscription name
@@ -143,6 +179,11 @@ class Worker:
         if self.free_slots() <= 0:
             with self.slots:
                 self.slots.wait_for(lambda: self.free_slots() > 0 or self.stopping.is_set(), self.settings.worker_block)
+                if not self.backlog or self.backlog[0].stream == self.bulk:
+                    # Busy with a big release: wait a moment for more slots, so one start script (and
+                    # one read) serves a batch instead of each slot as it frees.
+                    want = max(1, self.concurrency // 2)
+                    self.slots.wait_for(lambda: self.free_slots() >= want or self.stopping.is_set(), SETTLE_GATHER)
             return 0
         if self.backlog or self.reactions:
             return 0
@@ -282,7 +323,9 @@ class Worker:
                 self.active -= 1
                 self.slots.notify_all()
         self.outcomes.put((running, outcome))
-        self._settle_queued()
+        if running.item.stream != self.bulk or not self.active:
+            self._settle_queued()
+        # else the settler sends it, with those of the handlers still running (see _settle_loop)
 
     def _settle_queued(self) -> None:
         """Settle what is queued from this thread, unless another is settling already: one thread hop
@@ -366,6 +409,10 @@ class Worker:
                 if self.stopping.is_set() and self.active == 0 and not self.running:
                     return
                 continue
+            if self.active:
+                # A bulk lane's outcome, others about to follow: gather them for a moment, so a big
+                # release settles in a few large entries rather than one small entry per handler.
+                time.sleep(SETTLE_GATHER)
             with self.settling:
                 self.settle(self._take_outcomes(first))
 
@@ -565,7 +612,7 @@ class Worker:
             log.warning(
                 "%d handlers still running after the grace period; their tasks go to other workers", self.active
             )
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.pool.shutdown()
         try:
             if clean:  # nothing of ours is pending: leave no consumer behind in the groups
                 for stream in [*self.lanes, *self.sub_streams]:

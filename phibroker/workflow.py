@@ -57,6 +57,11 @@ class Workflow:
         self.path: Path | None = None  # the file it came from, and its bytes (for signatures)
         self.text: bytes | None = None
 
+    @cached_property
+    def spec_json(self) -> str:
+        """The decoded file as compact JSON, as each run stores it: encoded once per loaded file."""
+        return json.dumps(self.source, separators=(",", ":"))
+
     @property
     def name(self) -> str:
         return self.spec.name
