@@ -113,6 +113,21 @@ def parse_meta(raw: dict[bytes, bytes]) -> dict[str, Any]:
     return meta
 
 
+def _entries(reply: Any) -> list[tuple[str, Entry]]:
+    """An XREADGROUP reply over several streams as (stream, entry) pairs."""
+    return [
+        (stream.decode(), Entry(entry_id.decode(), _raw_of(fields)))
+        for stream, items in reply or ()
+        for entry_id, fields in items
+    ]
+
+
+def _claimed(reply: list[Any]) -> tuple[float, float | None, list[str]]:
+    """CLAIM_TIMERS's reply: Redis's clock (s), the next due time (s, None: no timer), the claimed timers."""
+    next_due = float(reply[1])
+    return int(reply[0]) / 1e6, None if next_due < 0 else next_due / 1000, [m.decode() for m in reply[2:]]
+
+
 class Broker:
     def __init__(self, settings: Settings, client: redis.Redis | None = None):
         self.settings = settings
@@ -200,11 +215,7 @@ class Broker:
             count=max(1, count),
             block=None if block is None else max(1, int(block * 1000)),
         )
-        return [
-            (stream.decode(), Entry(entry_id.decode(), _raw_of(fields)))
-            for stream, items in reply or ()
-            for entry_id, fields in items
-        ]
+        return _entries(reply)
 
     def ack(self, stream: str, group: str, ids: Sequence[str]) -> None:
         if ids:
@@ -561,12 +572,37 @@ class Broker:
         self.redis.zrem(self.keys.running, wf_id)
 
     # -- timers ----------------------------------------------------------------------------------
-    def claim_timers(self, limit: int = 500) -> tuple[float, float | None, list[str]]:
-        """Redis's clock, when the next timer is due (None: no timer), and the timers due now —
-        claimed for `timer_claim` seconds (seconds throughout)."""
-        reply = self._script(scripts.CLAIM_TIMERS, [self.keys.timers], [int(self.settings.timer_claim * 1000), limit])
-        next_due = float(reply[1])
-        return int(reply[0]) / 1e6, None if next_due < 0 else next_due / 1000, [m.decode() for m in reply[2:]]
+    def poll(
+        self,
+        streams: Sequence[str],
+        group: str,
+        consumer: str,
+        count: int,
+        block: float | None,
+        pending: bool,
+        acks: Mapping[str, Sequence[str]],
+        timer_limit: int = 500,
+    ) -> tuple[float, float | None, list[str], list[tuple[str, Entry]]]:
+        """A coordinator's round in one round trip: ack what the last round handled, claim the due
+        timers for `timer_claim` seconds, then read the streams (as `read_groups`, blocking up to
+        `block`). Returns Redis's clock, when the next timer is due, the claimed timers and the entries."""
+        claim_ms = int(self.settings.timer_claim * 1000)
+
+        def build(pipe: Any) -> None:
+            for stream, ids in acks.items():
+                if ids:
+                    pipe.xack(stream, group, *ids)
+            pipe.evalsha(_SHAS[scripts.CLAIM_TIMERS], 1, self.keys.timers, claim_ms, timer_limit)
+            pipe.xreadgroup(
+                group,
+                consumer,
+                {stream: "0" if pending else ">" for stream in streams},
+                count=max(1, count),
+                block=None if block is None else max(1, int(block * 1000)),
+            )
+
+        *_, claimed, read = self._pipeline(build)
+        return (*_claimed(claimed), _entries(read))
 
     # -- reading state ---------------------------------------------------------------------------
     def read_workflow(

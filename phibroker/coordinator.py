@@ -31,6 +31,8 @@ from phibroker.settings import Settings
 
 log = logging.getLogger("phibroker.coordinator")
 
+TIMER_BATCH = 500  # timers one round claims at most
+
 _CRASH_AT, _, _CRASH_COUNT = os.environ.get("PHIBROKER_CRASH_AT", "").partition(":")
 _crash_hits: dict[str, int] = defaultdict(int)
 
@@ -70,6 +72,10 @@ class Coordinator:
         self._recovering = True  # read our own pending entries first (after a restart or an error)
         self._next: dict[str, float] = defaultdict(float)  # maintenance chores: when each is next due
         self._sweep_cursor = 0
+        self._acks: defaultdict[str, list[str]] = defaultdict(list)  # handled inbox entries, acked next round
+        self._clock = (0.0, time.monotonic())  # Redis's clock at the last read, and the monotonic one then
+        self._next_due: float | None = None  # when the next timer is due, as far as we know
+        self._more_timers = False  # the last claim hit its limit: more may be due
 
     # -- the loop ----------------------------------------------------------------------------------
     def run(self, burst: bool = False) -> None:
@@ -97,19 +103,28 @@ class Coordinator:
             self._leave()
 
     def step(self) -> int:
-        """One round: due timers and one read of both inbox lanes. Returns how many items it handled."""
-        clock, next_due, timers = self.broker.claim_timers()
-        claimed = time.monotonic()
-        block: float | None = self.settings.coordinator_block
-        if next_due is not None:  # wake for the next timer, not after it
-            block = min(self.settings.coordinator_block, max(0.001, next_due - clock))
-        if timers or self._recovering:
-            block = None
-        read = self.broker.read_groups(
-            self.keys.inboxes, COORDINATORS_GROUP, self.name, self.settings.batch_size, block, self._recovering
+        """One round: due timers and one read of both inbox lanes. Returns how many items it handled.
+
+        The round's acks, timer claim and read share one round trip; the read blocks only until the
+        next timer is due, as far as this coordinator knows (others' new timers wait one block)."""
+        block = self._block()
+        acks, self._acks = self._acks, defaultdict(list)
+        began = time.monotonic()
+        clock, next_due, timers, read = self.broker.poll(
+            self.keys.inboxes,
+            COORDINATORS_GROUP,
+            self.name,
+            self.settings.batch_size,
+            block,
+            self._recovering,
+            acks,
+            TIMER_BATCH,
         )
-        waited = time.monotonic() - claimed
+        waited = time.monotonic() - began
         now = clock + waited  # Redis's clock, carried past the read: results finish after they were read
+        self._clock = (now, time.monotonic())
+        self._next_due = next_due
+        self._more_timers = len(timers) >= TIMER_BATCH
         if self._recovering and not read:
             self._recovering = False
         if block and not read and waited < block / 2:
@@ -129,7 +144,22 @@ class Coordinator:
             self.process_bulk(offset, bulk)
         return len(read) + len(timers)
 
+    def _block(self) -> float | None:
+        """How long the next read may block: until the next known timer, at most `coordinator_block`."""
+        if self._recovering or self._more_timers:
+            return None
+        block = self.settings.coordinator_block
+        if self._next_due is not None:
+            clock, at = self._clock
+            block = min(block, self._next_due - (clock + time.monotonic() - at))
+        return block if block >= 0.001 else None
+
+    def _expect_timer(self, due: float) -> None:
+        """A transition set a timer: the next read must not block past it."""
+        self._next_due = due if self._next_due is None else min(self._next_due, due)
+
     def process(self, now: float, stream: str, entries: list[Entry], timers: Sequence[str] = ()) -> None:
+        """Apply the entries and timers; their acks go with the next round's read."""
         ops: dict[str, list[Op]] = defaultdict(list)
         for entry in entries:
             self._collect(entry, ops)
@@ -138,7 +168,7 @@ class Coordinator:
         if ops or timers:
             self.execute(now, ops, fired=timers)
         crash_point("before_ack")
-        self.broker.ack(stream, COORDINATORS_GROUP, [e.id for e in entries])
+        self._acks[stream] += [e.id for e in entries]
 
     def process_bulk(self, offset: float, entries: list[Entry]) -> None:
         """The bulk lane, `bulk_slice` results at a time, with a look at the inbox between slices: a
@@ -155,7 +185,7 @@ class Coordinator:
                 continue
             self.execute(offset + time.monotonic(), ops)
             crash_point("before_ack")
-            self.broker.ack(self.keys.results_bulk, COORDINATORS_GROUP, [e.id for e in taken])
+            self._acks[self.keys.results_bulk] += [e.id for e in taken]
             ops, taken, size = defaultdict(list), [], 0
             if index < len(entries) - 1:
                 cut_in = self.broker.read_group(
@@ -227,6 +257,8 @@ class Coordinator:
                     stale.append(run.id)
                     continue
                 run.meta["version"] = version
+                if run.tx.timers_add:
+                    self._expect_timer(min(run.tx.timers_add.values()))
                 if run.tx.has_outbox:
                     drains.append((run.id, run.tx.id, run.tx.outbox()))
                 if run.tx.finished:
@@ -517,6 +549,8 @@ class Coordinator:
 
     def _leave(self) -> None:
         try:
+            for stream, ids in self._acks.items():
+                self.broker.ack(stream, COORDINATORS_GROUP, ids)
             for inbox in self.keys.inboxes:
                 self.broker.drop_consumer_if_idle(inbox, COORDINATORS_GROUP, self.name)
             self.broker.drop_lease(self.keys.coordinators, self.name)
