@@ -21,10 +21,15 @@ dev: install
 test: install
 	$(BIN)/pytest
 
-bench: install
+# the benchmark also measures Celery beside phibroker: the `[bench]` extra
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	touch $@
+
+bench: $(VENV)/.bench-installed
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
-bench-quick: install
+bench-quick: $(VENV)/.bench-installed
 	$(BIN)/python -m benchmarks --quick
 
 lint: install

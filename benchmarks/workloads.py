@@ -26,7 +26,7 @@ from phibroker.client import Client
 from phibroker.settings import Settings
 
 AGENT, APP, COMMAND = "probe", "tests.apps.probe", "noop"
-CONCURRENCY = 16
+CONCURRENCY = 64  # handler threads: agents wait on I/O (models, tools), so a worker runs many at once
 TIMEOUT = 120.0  # the longest any one workflow may take before the workload counts as hung
 WARM_UP_TIMEOUT = 30.0
 

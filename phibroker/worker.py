@@ -279,6 +279,7 @@ class Worker:
         )
         stale: dict[str, list[str]] = defaultdict(list)
         started = []
+        runnable: list[Running] = []
         for wf, items in by_wf.items():
             for item, token in zip(items, tokens[wf], strict=True):
                 if token <= 0:  # cancelled, superseded, finished, or a duplicate entry
@@ -299,17 +300,20 @@ class Worker:
                     token=token,
                     dispatch_id=message.id,
                 )
-                running = Running(item, ctx)
-                self.running[(item.stream, item.entry.id)] = running
-                with self.slots:
-                    self.active += 1
-                self.pool.submit(self._handle, running)
+                runnable.append(Running(item, ctx))
                 started.append(self._started_event(message, token))
         for stream, ids in stale.items():
             self.broker.ack(stream, WORKERS_GROUP, ids)
-        if started:
+        if started:  # before the handlers run: a task's start is published no later than its end
             with self.unpublished_lock:
                 self.unpublished += started
+        for running in runnable:
+            self.running[(running.item.stream, running.item.entry.id)] = running
+            with self.slots:
+                self.active += 1
+            self.pool.submit(self._handle, running)
+        if runnable:
+            time.sleep(0)  # hand the interpreter to the handlers now, not when this thread next blocks
 
     def _handle(self, running: Running) -> None:
         """Runs on a pool thread: the handler, then its outcome queued for the settler."""
