@@ -66,7 +66,7 @@ def validate(file: str, as_json: bool) -> None:
 def graph(settings: Settings, file: str, fmt: str) -> None:
     """Print the DAG of FILE for Graphviz or Mermaid; where a broker answers, the subscriptions that
     react to its events are drawn as dashed side edges."""
-    from phibroker.watch import graph_edges
+    from phibroker.events import graph_edges
 
     wf = workflows.load(file)
     edges = graph_edges(settings, wf)
@@ -523,10 +523,10 @@ def watch(settings: Settings, wf_id: str | None, agent_name: str | None, once: b
 @click.pass_obj
 def agents(settings: Settings, as_json: bool) -> None:
     """Every worker lease: who runs where, how busy, the last heartbeat, and alive or dead."""
-    from phibroker import watch as view
+    from phibroker import diagnose
 
-    rows = view.agents(settings)
-    click.echo(json.dumps(rows) if as_json else "\n".join(view.agent_lines(rows)))
+    rows = diagnose.agents(settings)
+    click.echo(json.dumps(rows) if as_json else "\n".join(diagnose.agent_lines(rows)))
 
 
 @main.command()
@@ -534,9 +534,9 @@ def agents(settings: Settings, as_json: bool) -> None:
 @click.pass_obj
 def why(settings: Settings, wf_id: str) -> None:
     """What workflow ID waits on: dependencies, workers, retries, approvals, deadlines."""
-    from phibroker import watch as view
+    from phibroker import diagnose
 
-    for line in view.why(settings, wf_id):
+    for line in diagnose.why(settings, wf_id):
         click.echo(line)
 
 

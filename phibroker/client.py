@@ -15,9 +15,9 @@ from typing import Any
 
 from phibroker import signing, wire
 from phibroker import workflow as workflows
-from phibroker.broker import CONNECTION_ERRORS, Broker
+from phibroker.broker import Broker, reaching
 from phibroker.engine import WF_TERMINAL, new_workflow_fields, split_unit
-from phibroker.errors import ApprovalError, BrokerUnavailable, DecodeError, InvalidInput, UnknownWorkflow
+from phibroker.errors import ApprovalError, DecodeError, InvalidInput, UnknownWorkflow
 from phibroker.events import add_trigger
 from phibroker.settings import Settings
 from phibroker.spec import NAME_PATTERN
@@ -62,13 +62,13 @@ class Client:
         wf_id = id or f"{workflow.name}-{wire.short_id()}"
         fields = new_workflow_fields(workflow, values, time.time(), depth, chain)
         fields.update(_signature_fields(workflow))
-        with _reaching(self.settings):
+        with reaching(self.settings):
             self.broker.submit_workflow(wf_id, fields)
         return wf_id
 
     def cancel(self, wf_id: str, reason: str | None = None) -> None:
         """Ask the coordinators to cancel: nothing new starts, running tasks see `ctx.cancelled`."""
-        with _reaching(self.settings):
+        with reaching(self.settings):
             if not self.broker.workflow_exists(wf_id):
                 raise UnknownWorkflow(wf_id)
             body = {"wf": wf_id, "reason": reason or "cancelled by request"}
@@ -77,7 +77,7 @@ class Client:
     # -- approvals -------------------------------------------------------------------------------
     def approvals(self) -> list[dict[str, Any]]:
         """Open approval requests, oldest first: id, workflow, task, message, deadline, approvers."""
-        with _reaching(self.settings):
+        with reaching(self.settings):
             requests = self.broker.approvals()
         return sorted(requests.values(), key=lambda r: r.get("requested_at") or 0)
 
@@ -103,7 +103,7 @@ class Client:
         approver). If no coordinator answers within `wait`, the decision stays queued and the
         returned event is `approval.sent`.
         """
-        with _reaching(self.settings):
+        with reaching(self.settings):
             request = self.broker.approvals().get(approval_id)
             if request is None:
                 raise ApprovalError(f"no open approval {approval_id!r} (unknown, or already decided)")
@@ -141,11 +141,11 @@ class Client:
     def add_trigger(self, source: str | Path | workflows.Workflow) -> str:
         """Register a workflow file with `on:`: a matching event starts it with the event's data as params."""
         workflow = source if isinstance(source, workflows.Workflow) else workflows.load(source)
-        with _reaching(self.settings):
+        with reaching(self.settings):
             return add_trigger(self.broker, workflow)
 
     def triggers(self) -> list[dict[str, Any]]:
-        with _reaching(self.settings):
+        with reaching(self.settings):
             _, triggers = self.broker.choreography()
         return [
             {"name": name, "event": info["event"], "where": info.get("where"), "added": info.get("added")}
@@ -153,13 +153,13 @@ class Client:
         ]
 
     def remove_trigger(self, name: str) -> None:
-        with _reaching(self.settings):
+        with reaching(self.settings):
             if not self.broker.remove_trigger(name):
                 raise InvalidInput(f"no trigger named {name!r}")
 
     def subscriptions(self) -> list[dict[str, Any]]:
         """Every registered subscription with its stream's length, lag, pending and dropped events."""
-        with _reaching(self.settings):
+        with reaching(self.settings):
             subs, _ = self.broker.choreography()
             return [
                 {
@@ -173,13 +173,13 @@ class Client:
     # -- dead letters ----------------------------------------------------------------------------
     def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
         """Newest first; each with its DLQ id, reason, source stream, size, and what it names."""
-        with _reaching(self.settings):
+        with reaching(self.settings):
             rows = self.broker.dead_letters(limit)
         return [_dead_letter_row(entry_id, record) for entry_id, record in rows]
 
     def dead_letter(self, entry_id: str) -> dict[str, Any]:
         """One dead letter, with its raw bytes decoded where they decode."""
-        with _reaching(self.settings):
+        with reaching(self.settings):
             record = self.broker.read_dead_letter(entry_id)
         if record is None:
             raise InvalidInput(f"no dead letter {entry_id!r}")
@@ -193,7 +193,7 @@ class Client:
 
     def retry_dead_letter(self, entry_id: str) -> str:
         """Put a dead letter's bytes back on the stream it came from; returns that stream."""
-        with _reaching(self.settings):
+        with reaching(self.settings):
             record = self.broker.read_dead_letter(entry_id)
             if record is None:
                 raise InvalidInput(f"no dead letter {entry_id!r}")
@@ -207,7 +207,7 @@ class Client:
         return source
 
     def purge_dead_letters(self, entry_ids: list[str] | None = None) -> int:
-        with _reaching(self.settings):
+        with reaching(self.settings):
             if entry_ids:
                 return self.broker.remove_dead_letters(entry_ids)
             return self.broker.purge_dead_letters()
@@ -215,7 +215,7 @@ class Client:
     # -- reading ---------------------------------------------------------------------------------
     def status(self, wf_id: str) -> dict[str, Any]:
         """The documented `status --json` shape: the workflow and every task."""
-        with _reaching(self.settings):
+        with reaching(self.settings):
             meta, units, results, history = self.broker.read_workflow(wf_id)
         if not meta.get("spec"):
             raise UnknownWorkflow(wf_id)
@@ -243,12 +243,12 @@ class Client:
             remaining = pause if deadline is None else min(pause, deadline - time.monotonic())
             if remaining <= 0:
                 return status
-            with _reaching(self.settings):
+            with reaching(self.settings):
                 self.broker.wait_done(wf_id, remaining)
 
     def list(self, limit: int = 50) -> list[dict[str, Any]]:
         """Recent workflows, newest first."""
-        with _reaching(self.settings):
+        with reaching(self.settings):
             rows = self.broker.recent_workflows(limit)
         return [{"id": wf_id, **row} for wf_id, row in rows]
 
@@ -281,20 +281,6 @@ def _signature_fields(workflow: workflows.Workflow) -> dict[str, Any]:
         "source_suffix": workflow.path.suffix.lower(),
         "signature": json.dumps(signature),
     }
-
-
-class _reaching:  # noqa: N801 - reads as a phrase: `with _reaching(settings):`
-    """Turn a lost connection into BrokerUnavailable (exit 3) with the URL in the message."""
-
-    def __init__(self, settings: Settings):
-        self.settings = settings
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type | None, exc: BaseException | None, tb: object) -> None:
-        if exc is not None and isinstance(exc, CONNECTION_ERRORS):
-            raise BrokerUnavailable(f"cannot reach Redis at {self.settings.redis_url}: {exc}") from None
 
 
 def status_document(

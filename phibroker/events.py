@@ -15,11 +15,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from phibroker import wire
+from phibroker import dag, wire
 from phibroker.broker import Broker
-from phibroker.errors import ExpressionError, InvalidInput, WorkflowFileError
+from phibroker.errors import BrokerUnavailable, ExpressionError, InvalidInput, WorkflowFileError
 from phibroker.expr import Expression, compile_expression
 from phibroker.keys import WORKERS_GROUP
+from phibroker.settings import Settings
 from phibroker.workflow import Workflow
 
 log = logging.getLogger("phibroker.events")
@@ -172,3 +173,65 @@ def add_trigger(broker: Broker, workflow: Workflow) -> str:
     }
     broker.register_trigger(workflow.name, info)
     return workflow.name
+
+
+# -- graph: subscriptions beside the DAG ---------------------------------------------------------------
+
+_TASK_EVENTS = ("dispatched", "started", "succeeded", "failed", "retrying", "skipped", "cancelled")
+_GATE_EVENTS = ("approval.requested", "approval.granted", "approval.rejected") + tuple(
+    f"task.{s}" for s in ("succeeded", "failed", "skipped", "cancelled")
+)
+_WORKFLOW_EVENTS = tuple(
+    f"workflow.{s}"
+    for s in ("submitted", "waiting_approval", "compensating", "succeeded", "failed", "cancelled", "timed_out")
+)
+
+
+def subscription_edges(workflow: Workflow, subscriptions: Mapping[str, Mapping[str, Any]]) -> list[dag.SideEdge]:
+    """Dashed edges from what emits an event to each registered subscription that reacts to it.
+
+    A task's state changes (`task.*`, `approval.*` for a gate) draw an edge from each task they come from,
+    labelled with the subscription's pattern; a `where` that names tasks narrows them (tried on an event
+    of each task; one that depends on `data` keeps them all). When every task matches, one edge from a
+    node named after the workflow stands for them all ("PATTERN (any task)"), and `workflow.*` events come
+    from that node too. Types only handlers emit (`ctx.emit`) are not drawn: which handler emits what is
+    known only at run time. Subscription nodes are named `sub:NAME`.
+    """
+    tasks = workflow.tasks
+    source = workflow.name if workflow.name not in tasks else f"workflow:{workflow.name}"
+    edges: list[dag.SideEdge] = []
+    for name, info in sorted(subscriptions.items()):
+        pattern = str(info.get("event"))
+        try:
+            wanted = Filter(name, pattern, compile_where(info.get("where"), name))
+        except InvalidInput:
+            continue
+        typed = Filter(name, pattern, None)
+        target = f"sub:{name}"
+
+        matched = [t for t in tasks if _emits(workflow, t, wanted)] or [t for t in tasks if _emits(workflow, t, typed)]
+        whole = any(typed.wants({"type": k, "data": {}}) for k in _WORKFLOW_EVENTS)
+        if whole or (len(tasks) > 1 and len(matched) == len(tasks)):
+            label = pattern if whole else f"{pattern} (any task)"
+            edges.append((source, target, label))
+        else:
+            edges += [(task, target, pattern) for task in matched]
+    return edges
+
+
+def _emits(workflow: Workflow, task: str, rule: Filter) -> bool:
+    """Whether one of the task's own state changes is an event the rule wants."""
+    spec = workflow.tasks[task]
+    kinds = _GATE_EVENTS if spec.approval else tuple(f"task.{s}" for s in _TASK_EVENTS)
+    if spec.compensate:
+        kinds += ("task.compensated",)
+    return any(rule.wants({"type": k, "task": task, "workflow": workflow.name, "data": {}}) for k in kinds)
+
+
+def graph_edges(settings: Settings, workflow: Workflow, timeout: float = 0.5) -> list[dag.SideEdge]:
+    """The side edges `graph` draws, or none when no broker answers within `timeout` seconds."""
+    try:
+        subscriptions = Broker(settings).registered_subscriptions(timeout)
+    except BrokerUnavailable:
+        return []
+    return subscription_edges(workflow, subscriptions)

@@ -1,8 +1,7 @@
-"""Seeing what runs: the live view (`watch`), worker health (`agents`), why a workflow is stuck (`why`),
-and the subscriptions `graph` draws beside a workflow.
+"""Seeing what runs: the live view of `phibroker watch`.
 
-Each is a read-only reader plus a pure function over what it read — `snapshot()` -> `render()`,
-`read_facts()` -> `explain()` — so pictures and explanations are tested on crafted data. A watcher costs
+A read-only reader plus a pure function over what it read — `snapshot()` -> `render()` — so pictures
+are tested on crafted data. A watcher costs
 the broker four pipelined, bounded round trips a refresh (COUNT, HRANDFIELD, size caps; never SCAN).
 """
 
@@ -12,7 +11,6 @@ import json
 import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from statistics import fmean
 from typing import Any
@@ -25,13 +23,12 @@ from rich.table import Table
 from rich.text import Text
 
 from phibroker import dag
-from phibroker.broker import CONNECTION_ERRORS, Broker
-from phibroker.engine import TASK_TERMINAL, UNIT_LIVE, WF_TERMINAL, split_unit, timer_member
-from phibroker.errors import BrokerUnavailable, InvalidInput, UnknownWorkflow
-from phibroker.events import Filter, compile_where
+from phibroker.broker import CONNECTION_ERRORS, Broker, reaching
+from phibroker.engine import TASK_TERMINAL, WF_TERMINAL, split_unit
+from phibroker.errors import UnknownWorkflow
 from phibroker.settings import Settings
 from phibroker.spec import parse_duration
-from phibroker.workflow import Workflow
+from phibroker.views import Views
 
 REFRESH = 0.5  # seconds between frames
 RATE_SMOOTHING = 3.0  # seconds: messages/s is a moving average over about this long
@@ -43,15 +40,6 @@ UNIT_FIELDS_BUDGET = 50_000  # unit fields read a frame, over all workflows; pas
 SPEC_CAP = 1 << 20  # a bigger spec is never read by the view (its workflow shows no total or ETA)
 STYLES = {"succeeded": "green", "failed": "bold red", "running": "yellow", "waiting_approval": "cyan",
           "compensating": "magenta", "cancelled": "red", "timed_out": "red"}  # fmt: skip
-
-
-@contextmanager
-def _reaching(settings: Settings) -> Iterator[None]:
-    """A lost connection becomes BrokerUnavailable (exit 3) naming the URL."""
-    try:
-        yield
-    except CONNECTION_ERRORS as exc:
-        raise BrokerUnavailable(f"cannot reach Redis at {settings.redis_url}: {exc}") from None
 
 
 # -- what a spec tells the view ------------------------------------------------------------------------
@@ -195,10 +183,11 @@ def snapshot(
     broker: Broker, previous: Snapshot | None = None, workflow: str | None = None, agent: str | None = None
 ) -> Snapshot:
     """Read what the view shows, in four pipelined round trips; rates come from `previous`."""
-    head = broker.overview(EVENT_ENTRIES, RUNNING_READ, APPROVALS_READ)
+    views = Views(broker)
+    head = views.overview(EVENT_ENTRIES, RUNNING_READ, APPROVALS_READ)
     now = head["now"]
     ids = [workflow] if workflow else head["running"]
-    plans, rows = _read_workflows(broker, ids, previous.plans if previous else {}, now)
+    plans, rows = _read_workflows(views, ids, previous.plans if previous else {}, now)
     if workflow and not rows:
         raise UnknownWorkflow(workflow)
     if agent:
@@ -207,9 +196,9 @@ def snapshot(
     subs = {n: s for n, s in head["subs"].items() if agent is None or s.get("agent") == agent}
     names = _agent_names(head, plans, workflow, agent)
     keys = broker.keys
-    lanes = broker.stream_health([keys.agent_tasks(n) for n in names] + [keys.agent_bulk(n) for n in names])
+    lanes = views.stream_health([keys.agent_tasks(n) for n in names] + [keys.agent_bulk(n) for n in names])
     health = [_merged(a, b) for a, b in zip(lanes[: len(names)], lanes[len(names) :], strict=True)]
-    health += broker.stream_health([keys.sub(n) for n in subs])
+    health += views.stream_health([keys.sub(n) for n in subs])
     before = {a.name: a for a in previous.agents} if previous else {}
     then = previous.taken if previous else None
     filtered = bool(workflow or agent)
@@ -237,12 +226,23 @@ def snapshot(
     )
 
 
+def _merged(tasks: dict[str, Any] | None, bulk: dict[str, Any] | None) -> dict[str, Any] | None:
+    """An agent's two lanes as one stream: lengths, pending and drops add up; lag is unknown if either is."""
+    if tasks is None or bulk is None:
+        return tasks or bulk
+    merged: dict[str, Any] = {
+        k: tasks[k] + bulk[k] for k in ("length", "added", "pending", "dropped") if k in tasks and k in bulk
+    }
+    merged["lag"] = None if tasks.get("lag") is None or bulk.get("lag") is None else tasks["lag"] + bulk["lag"]
+    return {**tasks, **merged}
+
+
 def _read_workflows(
-    broker: Broker, ids: list[str], known: Mapping[str, Plan], now: float
+    views: Views, ids: list[str], known: Mapping[str, Plan], now: float
 ) -> tuple[dict[str, Plan], list[WorkflowRow]]:
     """Rows for the workflows `ids`: sizes first, then specs not seen before (under SPEC_CAP) and unit
     states (UNIT_FIELDS_BUDGET in all). Returns the plans to keep for the next frame, and the rows."""
-    heads = broker.workflow_heads(ids)
+    heads = views.workflow_heads(ids)
     cached = {i: known[i] for i in ids if i in known}
     unread = [i for i, h in zip(ids, heads, strict=True) if h and i not in cached and 0 < h["spec_size"] <= SPEC_CAP]
     budget, wanted = UNIT_FIELDS_BUDGET, []
@@ -250,7 +250,7 @@ def _read_workflows(
         if wf_head and (wf_id in cached or wf_id in unread) and wf_head["fields"] <= budget:
             wanted.append(wf_id)
             budget -= wf_head["fields"]
-    specs, units = broker.workflow_bodies(unread, wanted)
+    specs, units = views.workflow_bodies(unread, wanted)
     plans = dict(cached)
     plans.update({i: plan_of(text) for i, text in zip(unread, specs, strict=True) if text})
     by_id = dict(zip(wanted, units, strict=True))
@@ -347,7 +347,7 @@ def _shown_event(event: dict[str, Any], workflow: str | None, agent: str | None,
 
 def render(snap: Snapshot, height: int | None = None) -> Group:
     """The whole frame, from the snapshot alone (pure). With `height`, the lists are cut to fit it."""
-    header = Text.assemble(("phibroker", "bold"), "  ", _clock(snap.taken), "  ")
+    header = Text.assemble(("phibroker", "bold"), "  ", clock_text(snap.taken), "  ")
     if snap.coordinators:
         header.append(f"{snap.coordinators} coordinator" + ("s" if snap.coordinators > 1 else ""))
     else:
@@ -439,8 +439,8 @@ def _workflows_table(snap: Snapshot, rows: Sequence[WorkflowRow]) -> Table:
         elif w.state in WF_TERMINAL:
             eta = Text("ended", "dim")
         else:
-            eta = Text(_span(w.eta) + ("+gate" if w.gated else ""))
-        _row(table, _Middle(w.id), Text(w.state, STYLES.get(w.state, "")), bar, done, _span(w.elapsed), eta)
+            eta = Text(span(w.eta) + ("+gate" if w.gated else ""))
+        _row(table, _Middle(w.id), Text(w.state, STYLES.get(w.state, "")), bar, done, span(w.elapsed), eta)
     hidden = snap.running_total - len(rows)
     if not rows:
         _row(table, Text("none running", "dim"))
@@ -453,7 +453,7 @@ def _approvals_table(snap: Snapshot, rows: Sequence[dict[str, Any]]) -> Table:
     table = _table(f"Approvals ({snap.approvals_total} open)", "id:8-16", "workflow / task:10", "message:10", "due:n")
     for a in rows:
         deadline = a.get("deadline")
-        due = f"in {_span(deadline - snap.taken)}" if deadline else "no timeout"
+        due = f"in {span(deadline - snap.taken)}" if deadline else "no timeout"
         _row(table, a.get("id"), f"{a.get('workflow')} / {a.get('task')}", str(a.get("message") or ""), due)
     if snap.approvals_total > len(rows):
         _row(table, Text(f"… {snap.approvals_total - len(rows)} more", "dim"))
@@ -476,7 +476,7 @@ def _events_table(events: Sequence[dict[str, Any]]) -> Table:
         style = "red" if kind.endswith(("failed", "timed_out", "rejected")) else ""
         _row(
             table,
-            _clock(e.get("ts")),
+            clock_text(e.get("ts")),
             Text(kind, style),
             _Middle(e.get("workflow") or ""),
             e.get("task") or "",
@@ -516,11 +516,11 @@ def _detail(event: dict[str, Any]) -> str:
     return ""
 
 
-def _clock(ts: Any) -> str:
+def clock_text(ts: Any) -> str:
     return time.strftime("%H:%M:%S", time.localtime(float(ts))) if ts else ""
 
 
-def _span(seconds: float) -> str:
+def span(seconds: float) -> str:
     """A duration for humans, compact: 0.4s, 12s, 3m05s, 2h10m."""
     seconds = max(0.0, seconds)
     if seconds < 10:
@@ -543,7 +543,7 @@ def watch(
     console = console or Console()
     broker = Broker(settings)
     try:
-        with _reaching(settings):
+        with reaching(settings):
             current = snapshot(broker, None, workflow, agent)
             if once:
                 time.sleep(REFRESH)  # a second look, so messages/s has something to compare
@@ -561,312 +561,3 @@ def watch(
         pass
     finally:
         broker.close()
-
-
-# -- agents -------------------------------------------------------------------------------------------
-
-
-def worker_rows(now: float, leases: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Every worker lease, alive or dead by Redis's clock; the last heartbeat is expiry − reclaim_after."""
-    rows = []
-    for consumer, info in leases.items():
-        expires = float(info.get("expires") or 0)
-        heartbeat = expires - float(info.get("reclaim_after") or 0) if expires else None
-        rows.append(
-            {
-                "agent": info.get("agent"),
-                "consumer": consumer,
-                "host": info.get("host"),
-                "pid": info.get("pid"),
-                "concurrency": info.get("concurrency"),
-                "in_flight": info.get("in_flight"),
-                "handled": info.get("handled"),
-                "stopping": bool(info.get("stopping")),
-                "last_heartbeat": heartbeat,
-                "since_heartbeat": None if heartbeat is None else max(0.0, now - heartbeat),
-                "expires": expires,
-                "alive": expires > now,
-            }
-        )
-    return sorted(rows, key=lambda r: (str(r["agent"]), r["consumer"]))
-
-
-def agents(settings: Settings) -> list[dict[str, Any]]:
-    """`phibroker agents`: the worker leases, read once."""
-    broker = Broker(settings)
-    try:
-        with _reaching(settings):
-            now, leases = broker.leases(settings.keys.agents)
-    finally:
-        broker.close()
-    return worker_rows(now, leases)
-
-
-def agent_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
-    if not rows:
-        return ["no workers"]
-    width = max(len(str(r["agent"])) for r in rows)
-    lines = []
-    for r in rows:
-        state = ("alive" + (", stopping" if r["stopping"] else "")) if r["alive"] else "DEAD"
-        beat = "never" if r["since_heartbeat"] is None else f"{_span(r['since_heartbeat'])} ago"
-        lines.append(
-            f"{str(r['agent']):<{width}}  {r['consumer']}  pid {r['pid']}  {r['in_flight']}/{r['concurrency']} busy"
-            f"  heartbeat {beat}  {state}"
-        )
-    return lines
-
-
-# -- why ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Facts:
-    """What `explain` needs about one workflow, read in a few round trips."""
-
-    id: str
-    now: float
-    meta: dict[str, Any]
-    plan: Plan
-    units: dict[str, dict[str, Any]]
-    workers: dict[str, dict[str, Any]] = field(default_factory=dict)  # agent leases: consumer -> info
-    coordinators: int = 1  # live coordinator leases
-    timers: dict[str, float | None] = field(default_factory=dict)  # member -> due (Redis seconds)
-    approvals: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # request id -> request
-    entries: dict[str, str] = field(default_factory=dict)  # unit -> its attempt's stream entry
-    pending: dict[str, dict[str, Any]] = field(default_factory=dict)  # entry -> consumer, idle, deliveries
-    streams: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # agent -> stream health
-
-
-def live_units(facts: Facts) -> list[str]:
-    """Units that are ready, running or retrying, in declaration order; a mapped task's partitions stand
-    for it (the task itself has no dispatch)."""
-    order = {t: i for i, t in enumerate(facts.plan.deps)}
-    out = [
-        u
-        for u, rec in facts.units.items()
-        if rec.get("state") in UNIT_LIVE and not rec.get("parts") and split_unit(u)[0] in order
-    ]
-    return sorted(out, key=lambda u: (order[split_unit(u)[0]], u))
-
-
-def read_facts(broker: Broker, wf_id: str) -> Facts:
-    """Everything `explain` looks at, read-only: units, leases, timers, approvals, pending entries."""
-    now, meta, units = broker.workflow_state(wf_id)
-    if not meta.get("spec"):
-        raise UnknownWorkflow(wf_id)
-    facts = Facts(wf_id, now, meta, plan_of(meta["spec"]), units)
-    if meta.get("state") in WF_TERMINAL:
-        return facts
-    _, facts.workers = broker.leases(broker.keys.agents)
-    _, coordinators = broker.leases(broker.keys.coordinators)
-    facts.coordinators = sum(1 for c in coordinators.values() if c["expires"] > now)
-    live = live_units(facts)
-    members = []
-    for unit in live:
-        rec = units[unit]
-        if rec.get("state") == "retrying":
-            members.append(timer_member("retry", wf_id, unit, rec.get("attempt")))
-        elif rec.get("dispatch"):
-            members.append(timer_member("deadline", wf_id, unit, rec["dispatch"]))
-    facts.timers = dict(zip(members, broker.timer_dues(members), strict=True))
-    requests = [str(units[u]["approval"]) for u in live if units[u].get("approval")]
-    facts.approvals = dict(zip(requests, broker.approval_requests(requests), strict=True))
-    by_agent: dict[str, list[str]] = {}
-    for unit in live:
-        agent = facts.plan.agent_of(unit)
-        if agent and units[unit].get("state") in ("ready", "running"):
-            by_agent.setdefault(agent, []).append(unit)
-    for agent, group in by_agent.items():
-        # An entry is recorded as its id in the task stream, or `bulk/ID` in the agent's bulk lane.
-        lanes = {"": broker.keys.agent_tasks(agent), "bulk/": broker.keys.agent_bulk(agent)}
-        facts.entries.update({u: units[u]["entry"] for u in group if units[u].get("entry")})
-        for prefix, stream in lanes.items():
-            unseen = {units[u]["dispatch"]: units[u].get("dispatched") or now for u in group if u not in facts.entries}
-            found = broker.find_dispatches(stream, unseen)
-            facts.entries.update(
-                {u: prefix + found[units[u]["dispatch"]] for u in group if units[u].get("dispatch") in found}
-            )
-        for prefix, stream in lanes.items():
-            refs = [facts.entries[u] for u in group if u in facts.entries]
-            ids = [r[len(prefix) :] for r in refs if r.startswith(prefix) and (prefix or "/" not in r)]
-            facts.pending.update({prefix + k: v for k, v in broker.pending_owners(stream, ids).items()})
-    agents = sorted(by_agent)
-    keys = [broker.keys.agent_tasks(a) for a in agents]
-    facts.streams = dict(zip(agents, broker.stream_health(keys), strict=True))
-    return facts
-
-
-def _merged(tasks: dict[str, Any] | None, bulk: dict[str, Any] | None) -> dict[str, Any] | None:
-    """An agent's two lanes as one stream: lengths, pending and drops add up; lag is unknown if either is."""
-    if tasks is None or bulk is None:
-        return tasks or bulk
-    merged: dict[str, Any] = {
-        k: tasks[k] + bulk[k] for k in ("length", "added", "pending", "dropped") if k in tasks and k in bulk
-    }
-    merged["lag"] = None if tasks.get("lag") is None or bulk.get("lag") is None else tasks["lag"] + bulk["lag"]
-    return {**tasks, **merged}
-
-
-def explain(facts: Facts) -> list[str]:
-    """Why the workflow is not moving: a status line, then one line per blocker. Pure."""
-    meta, now = facts.meta, facts.now
-    state = str(meta.get("state"))
-    plan = facts.plan
-    done = sum(1 for t in plan.deps if facts.units.get(t, {}).get("state") in TASK_TERMINAL)
-    if state in WF_TERMINAL:
-        error = f": {meta['error']}" if meta.get("error") else ""
-        return [f"{facts.id} {state}{error} — it has ended; nothing blocks it"]
-    lines = [f"{facts.id} ({meta.get('name')}) is {state}: {done}/{len(plan.deps)} tasks done"]
-    if not facts.coordinators:
-        lines.append("no live coordinator: nothing advances until one runs (phibroker coordinator)")
-    if not meta.get("launched"):
-        lines.append("not started yet: no coordinator has taken its submit")
-    for unit in live_units(facts):
-        lines.append(_unit_blocker(facts, unit))
-    lines += _waiting(facts)
-    deadline = meta.get("deadline")
-    if deadline and deadline > now:
-        lines.append(f"workflow deadline: it times out at {_clock(deadline)} (in {_span(deadline - now)})")
-    elif deadline:
-        lines.append(f"workflow deadline passed {_span(now - deadline)} ago: it times out when a coordinator runs")
-    if len(lines) == 1:
-        lines.append("nothing is live or waiting: the coordinator has yet to apply its last change")
-    return lines
-
-
-def _unit_blocker(facts: Facts, unit: str) -> str:
-    """One line for a live unit: its gate, its retry, a dead worker holding it, or where it waits."""
-    rec, now = facts.units[unit], facts.now
-    if rec.get("approval"):
-        request = facts.approvals.get(str(rec["approval"])) or {}
-        deadline = request.get("deadline")
-        until = f"times out at {_clock(deadline)} (in {_span(deadline - now)})" if deadline else "no timeout"
-        return f"{unit} waits for a human decision: phibroker approve {rec['approval']} (or reject); {until}"
-    if rec.get("state") == "retrying":
-        due = facts.timers.get(timer_member("retry", facts.id, unit, rec.get("attempt")))
-        error = f" ({rec['error']})" if rec.get("error") else ""
-        attempt = int(rec.get("attempt") or 1)
-        if due is None:
-            return f"{unit} is retrying after attempt {attempt} failed{error}, but its retry timer is missing"
-        when = f"{_clock(due)} (in {_span(due - now)})"
-        return f"{unit} is retrying: attempt {attempt} failed{error}; attempt {attempt + 1} fires at {when}"
-    return _delivery(facts, unit)
-
-
-def _delivery(facts: Facts, unit: str) -> str:
-    """A ready or running unit: who holds its stream entry, and whether they are alive."""
-    rec, now = facts.units[unit], facts.now
-    state, agent = rec.get("state"), facts.plan.agent_of(unit)
-    alive = {c: i for c, i in facts.workers.items() if i.get("agent") == agent and i["expires"] > now}
-    owner = facts.pending.get(facts.entries.get(unit) or str(rec.get("entry") or ""))
-    if owner and owner["consumer"] not in alive:
-        lease = facts.workers.get(owner["consumer"], {})
-        lapsed = f"lease lapsed {_span(now - lease['expires'])} ago" if lease.get("expires") else "no lease"
-        when = f"once a {agent} worker runs (none is alive)"
-        if alive:  # each live worker looks for dead ones every max(0.25, min(reclaim_after / 2, 5)) s
-            every = min(max(0.25, min(float(i.get("reclaim_after") or 30.0) / 2, 5.0)) for i in alive.values())
-            when = f"within {_span(every)} by a live {agent} worker"
-        return f"{unit} ({state}) is pending on dead worker {owner['consumer']} ({lapsed}); reclaimed {when}"
-    timeout = facts.timers.get(timer_member("deadline", facts.id, unit, rec.get("dispatch")))
-    limit = f"; its timeout fires at {_clock(timeout)} (in {_span(timeout - now)})" if timeout else ""
-    if state == "ready" and not alive:
-        start = f"start one: phibroker worker --agent {agent}"
-        return f"{unit} is ready, but agent {agent} has no live worker ({start}){limit}"
-    if state == "ready" and owner:
-        info = alive[owner["consumer"]]
-        busy = f"{info.get('in_flight')}/{info.get('concurrency')} busy"
-        return f"{unit} is ready, delivered to {owner['consumer']}, waiting for a free slot ({busy}){limit}"
-    if state == "ready":
-        health = facts.streams.get(str(agent)) or {}
-        lag = "unknown" if health.get("lag") is None else health["lag"]
-        return f"{unit} is ready, queued on {agent}'s stream (lag {lag}) for {len(alive)} live worker(s){limit}"
-    worker = str(rec.get("worker"))
-    ran = f" for {_span(now - rec['started'])}" if rec.get("started") else ""
-    lapsed = "" if worker in alive else " (its lease has lapsed)"
-    return f"{unit} is running on {worker}{lapsed}{ran}{limit}"
-
-
-def _waiting(facts: Facts, limit: int = 10) -> list[str]:
-    """Pending tasks held by a dependency that is live now, with the state of each unfinished one."""
-    state = {t: facts.units.get(t, {}).get("state", "pending") for t in facts.plan.deps}
-    lines = []
-    for task, deps in facts.plan.deps.items():
-        open_deps = [d for d in deps if state[d] not in TASK_TERMINAL]
-        if state[task] == "pending" and any(state[d] in UNIT_LIVE for d in open_deps):
-            lines.append(f"{task} (pending) waits on " + ", ".join(f"{d} ({state[d]})" for d in open_deps))
-    if len(lines) > limit:
-        lines = lines[:limit] + [f"… and {len(lines) - limit} more pending tasks"]
-    return lines
-
-
-def why(settings: Settings, wf_id: str) -> list[str]:
-    """`phibroker why ID`: the lines of `explain`, over facts read once."""
-    broker = Broker(settings)
-    try:
-        with _reaching(settings):
-            return explain(read_facts(broker, wf_id))
-    finally:
-        broker.close()
-
-
-# -- graph: subscriptions beside the DAG ---------------------------------------------------------------
-
-_TASK_EVENTS = ("dispatched", "started", "succeeded", "failed", "retrying", "skipped", "cancelled")
-_GATE_EVENTS = ("approval.requested", "approval.granted", "approval.rejected") + tuple(
-    f"task.{s}" for s in ("succeeded", "failed", "skipped", "cancelled")
-)
-_WORKFLOW_EVENTS = tuple(
-    f"workflow.{s}"
-    for s in ("submitted", "waiting_approval", "compensating", "succeeded", "failed", "cancelled", "timed_out")
-)
-
-
-def subscription_edges(workflow: Workflow, subscriptions: Mapping[str, Mapping[str, Any]]) -> list[dag.SideEdge]:
-    """Dashed edges from what emits an event to each registered subscription that reacts to it.
-
-    A task's state changes (`task.*`, `approval.*` for a gate) draw an edge from each task they come from,
-    labelled with the subscription's pattern; a `where` that names tasks narrows them (tried on an event
-    of each task; one that depends on `data` keeps them all). When every task matches, one edge from a
-    node named after the workflow stands for them all ("PATTERN (any task)"), and `workflow.*` events come
-    from that node too. Types only handlers emit (`ctx.emit`) are not drawn: which handler emits what is
-    known only at run time. Subscription nodes are named `sub:NAME`.
-    """
-    tasks = workflow.tasks
-    source = workflow.name if workflow.name not in tasks else f"workflow:{workflow.name}"
-    edges: list[dag.SideEdge] = []
-    for name, info in sorted(subscriptions.items()):
-        pattern = str(info.get("event"))
-        try:
-            wanted = Filter(name, pattern, compile_where(info.get("where"), name))
-        except InvalidInput:
-            continue
-        typed = Filter(name, pattern, None)
-        target = f"sub:{name}"
-
-        matched = [t for t in tasks if _emits(workflow, t, wanted)] or [t for t in tasks if _emits(workflow, t, typed)]
-        whole = any(typed.wants({"type": k, "data": {}}) for k in _WORKFLOW_EVENTS)
-        if whole or (len(tasks) > 1 and len(matched) == len(tasks)):
-            label = pattern if whole else f"{pattern} (any task)"
-            edges.append((source, target, label))
-        else:
-            edges += [(task, target, pattern) for task in matched]
-    return edges
-
-
-def _emits(workflow: Workflow, task: str, rule: Filter) -> bool:
-    """Whether one of the task's own state changes is an event the rule wants."""
-    spec = workflow.tasks[task]
-    kinds = _GATE_EVENTS if spec.approval else tuple(f"task.{s}" for s in _TASK_EVENTS)
-    if spec.compensate:
-        kinds += ("task.compensated",)
-    return any(rule.wants({"type": k, "task": task, "workflow": workflow.name, "data": {}}) for k in kinds)
-
-
-def graph_edges(settings: Settings, workflow: Workflow, timeout: float = 0.5) -> list[dag.SideEdge]:
-    """The side edges `graph` draws, or none when no broker answers within `timeout` seconds."""
-    try:
-        subscriptions = Broker(settings).registered_subscriptions(timeout)
-    except BrokerUnavailable:
-        return []
-    return subscription_edges(workflow, subscriptions)

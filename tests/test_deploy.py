@@ -260,7 +260,7 @@ def test_every_process_runs_as_its_own_user(deployment: Deployment, tmp_path: Pa
         assert wf_id in [row["id"] for row in json.loads(listed.stdout)], output_of(procs, listed)
         views = [["watch", "--once"], ["agents", "--json"], ["why", wf_id], ["approvals"], ["subs"], ["dlq", "list"]]
         for view in views:
-            if view[0] in main.commands:  # `watch`, `agents` and `why` come with phibroker.watch
+            if view[0] in main.commands:  # each read-only view, run as the watch user
                 seen = deployment.cli(procs, "watch", *view)
                 assert seen.returncode == 0, output_of(procs, seen)
         dead = deployment.cli(procs, "admin", "dlq", "list", "--json")

@@ -22,20 +22,18 @@ from phibroker import dag
 from phibroker import workflow as workflows
 from phibroker.broker import Broker
 from phibroker.client import Client
+from phibroker.diagnose import Facts, explain, worker_rows
+from phibroker.events import subscription_edges
 from phibroker.settings import Settings
 from phibroker.watch import (
     AgentRow,
-    Facts,
     Snapshot,
     SubRow,
     WorkflowRow,
-    explain,
     plan_of,
     remaining_time,
     render,
     snapshot,
-    subscription_edges,
-    worker_rows,
 )
 from tests.conftest import Processes, free_port, until
 

@@ -1,0 +1,254 @@
+"""Who serves, and what a workflow waits on: `phibroker agents` and `phibroker why`.
+
+Each is a read-only reader plus a pure function over what it read — `agents()` -> `agent_lines()`,
+`read_facts()` -> `explain()` — so explanations are tested on crafted data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from phibroker.broker import Broker, reaching
+from phibroker.engine import TASK_TERMINAL, UNIT_LIVE, WF_TERMINAL, split_unit, timer_member
+from phibroker.errors import UnknownWorkflow
+from phibroker.settings import Settings
+from phibroker.views import Views
+from phibroker.watch import Plan, clock_text, plan_of, span
+
+# -- agents -------------------------------------------------------------------------------------------
+
+
+def worker_rows(now: float, leases: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Every worker lease, alive or dead by Redis's clock; the last heartbeat is expiry − reclaim_after."""
+    rows = []
+    for consumer, info in leases.items():
+        expires = float(info.get("expires") or 0)
+        heartbeat = expires - float(info.get("reclaim_after") or 0) if expires else None
+        rows.append(
+            {
+                "agent": info.get("agent"),
+                "consumer": consumer,
+                "host": info.get("host"),
+                "pid": info.get("pid"),
+                "concurrency": info.get("concurrency"),
+                "in_flight": info.get("in_flight"),
+                "handled": info.get("handled"),
+                "stopping": bool(info.get("stopping")),
+                "last_heartbeat": heartbeat,
+                "since_heartbeat": None if heartbeat is None else max(0.0, now - heartbeat),
+                "expires": expires,
+                "alive": expires > now,
+            }
+        )
+    return sorted(rows, key=lambda r: (str(r["agent"]), r["consumer"]))
+
+
+def agents(settings: Settings) -> list[dict[str, Any]]:
+    """`phibroker agents`: the worker leases, read once."""
+    broker = Broker(settings)
+    try:
+        with reaching(settings):
+            now, leases = broker.leases(settings.keys.agents)
+    finally:
+        broker.close()
+    return worker_rows(now, leases)
+
+
+def agent_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return ["no workers"]
+    width = max(len(str(r["agent"])) for r in rows)
+    lines = []
+    for r in rows:
+        state = ("alive" + (", stopping" if r["stopping"] else "")) if r["alive"] else "DEAD"
+        beat = "never" if r["since_heartbeat"] is None else f"{span(r['since_heartbeat'])} ago"
+        lines.append(
+            f"{str(r['agent']):<{width}}  {r['consumer']}  pid {r['pid']}  {r['in_flight']}/{r['concurrency']} busy"
+            f"  heartbeat {beat}  {state}"
+        )
+    return lines
+
+
+# -- why ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Facts:
+    """What `explain` needs about one workflow, read in a few round trips."""
+
+    id: str
+    now: float
+    meta: dict[str, Any]
+    plan: Plan
+    units: dict[str, dict[str, Any]]
+    workers: dict[str, dict[str, Any]] = field(default_factory=dict)  # agent leases: consumer -> info
+    coordinators: int = 1  # live coordinator leases
+    timers: dict[str, float | None] = field(default_factory=dict)  # member -> due (Redis seconds)
+    approvals: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # request id -> request
+    entries: dict[str, str] = field(default_factory=dict)  # unit -> its attempt's stream entry
+    pending: dict[str, dict[str, Any]] = field(default_factory=dict)  # entry -> consumer, idle, deliveries
+    streams: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # agent -> stream health
+
+
+def live_units(facts: Facts) -> list[str]:
+    """Units that are ready, running or retrying, in declaration order; a mapped task's partitions stand
+    for it (the task itself has no dispatch)."""
+    order = {t: i for i, t in enumerate(facts.plan.deps)}
+    out = [
+        u
+        for u, rec in facts.units.items()
+        if rec.get("state") in UNIT_LIVE and not rec.get("parts") and split_unit(u)[0] in order
+    ]
+    return sorted(out, key=lambda u: (order[split_unit(u)[0]], u))
+
+
+def read_facts(broker: Broker, wf_id: str) -> Facts:
+    """Everything `explain` looks at, read-only: units, leases, timers, approvals, pending entries."""
+    views = Views(broker)
+    now, meta, units = views.workflow_state(wf_id)
+    if not meta.get("spec"):
+        raise UnknownWorkflow(wf_id)
+    facts = Facts(wf_id, now, meta, plan_of(meta["spec"]), units)
+    if meta.get("state") in WF_TERMINAL:
+        return facts
+    _, facts.workers = broker.leases(broker.keys.agents)
+    _, coordinators = broker.leases(broker.keys.coordinators)
+    facts.coordinators = sum(1 for c in coordinators.values() if c["expires"] > now)
+    live = live_units(facts)
+    members = []
+    for unit in live:
+        rec = units[unit]
+        if rec.get("state") == "retrying":
+            members.append(timer_member("retry", wf_id, unit, rec.get("attempt")))
+        elif rec.get("dispatch"):
+            members.append(timer_member("deadline", wf_id, unit, rec["dispatch"]))
+    facts.timers = dict(zip(members, views.timer_dues(members), strict=True))
+    requests = [str(units[u]["approval"]) for u in live if units[u].get("approval")]
+    facts.approvals = dict(zip(requests, views.approval_requests(requests), strict=True))
+    by_agent: dict[str, list[str]] = {}
+    for unit in live:
+        agent = facts.plan.agent_of(unit)
+        if agent and units[unit].get("state") in ("ready", "running"):
+            by_agent.setdefault(agent, []).append(unit)
+    for agent, group in by_agent.items():
+        # An entry is recorded as its id in the task stream, or `bulk/ID` in the agent's bulk lane.
+        lanes = {"": broker.keys.agent_tasks(agent), "bulk/": broker.keys.agent_bulk(agent)}
+        facts.entries.update({u: units[u]["entry"] for u in group if units[u].get("entry")})
+        for prefix, stream in lanes.items():
+            unseen = {units[u]["dispatch"]: units[u].get("dispatched") or now for u in group if u not in facts.entries}
+            found = views.find_dispatches(stream, unseen)
+            facts.entries.update(
+                {u: prefix + found[units[u]["dispatch"]] for u in group if units[u].get("dispatch") in found}
+            )
+        for prefix, stream in lanes.items():
+            refs = [facts.entries[u] for u in group if u in facts.entries]
+            ids = [r[len(prefix) :] for r in refs if r.startswith(prefix) and (prefix or "/" not in r)]
+            facts.pending.update({prefix + k: v for k, v in views.pending_owners(stream, ids).items()})
+    agents = sorted(by_agent)
+    keys = [broker.keys.agent_tasks(a) for a in agents]
+    facts.streams = dict(zip(agents, views.stream_health(keys), strict=True))
+    return facts
+
+
+def explain(facts: Facts) -> list[str]:
+    """Why the workflow is not moving: a status line, then one line per blocker. Pure."""
+    meta, now = facts.meta, facts.now
+    state = str(meta.get("state"))
+    plan = facts.plan
+    done = sum(1 for t in plan.deps if facts.units.get(t, {}).get("state") in TASK_TERMINAL)
+    if state in WF_TERMINAL:
+        error = f": {meta['error']}" if meta.get("error") else ""
+        return [f"{facts.id} {state}{error} — it has ended; nothing blocks it"]
+    lines = [f"{facts.id} ({meta.get('name')}) is {state}: {done}/{len(plan.deps)} tasks done"]
+    if not facts.coordinators:
+        lines.append("no live coordinator: nothing advances until one runs (phibroker coordinator)")
+    if not meta.get("launched"):
+        lines.append("not started yet: no coordinator has taken its submit")
+    for unit in live_units(facts):
+        lines.append(_unit_blocker(facts, unit))
+    lines += _waiting(facts)
+    deadline = meta.get("deadline")
+    if deadline and deadline > now:
+        lines.append(f"workflow deadline: it times out at {clock_text(deadline)} (in {span(deadline - now)})")
+    elif deadline:
+        lines.append(f"workflow deadline passed {span(now - deadline)} ago: it times out when a coordinator runs")
+    if len(lines) == 1:
+        lines.append("nothing is live or waiting: the coordinator has yet to apply its last change")
+    return lines
+
+
+def _unit_blocker(facts: Facts, unit: str) -> str:
+    """One line for a live unit: its gate, its retry, a dead worker holding it, or where it waits."""
+    rec, now = facts.units[unit], facts.now
+    if rec.get("approval"):
+        request = facts.approvals.get(str(rec["approval"])) or {}
+        deadline = request.get("deadline")
+        until = f"times out at {clock_text(deadline)} (in {span(deadline - now)})" if deadline else "no timeout"
+        return f"{unit} waits for a human decision: phibroker approve {rec['approval']} (or reject); {until}"
+    if rec.get("state") == "retrying":
+        due = facts.timers.get(timer_member("retry", facts.id, unit, rec.get("attempt")))
+        error = f" ({rec['error']})" if rec.get("error") else ""
+        attempt = int(rec.get("attempt") or 1)
+        if due is None:
+            return f"{unit} is retrying after attempt {attempt} failed{error}, but its retry timer is missing"
+        when = f"{clock_text(due)} (in {span(due - now)})"
+        return f"{unit} is retrying: attempt {attempt} failed{error}; attempt {attempt + 1} fires at {when}"
+    return _delivery(facts, unit)
+
+
+def _delivery(facts: Facts, unit: str) -> str:
+    """A ready or running unit: who holds its stream entry, and whether they are alive."""
+    rec, now = facts.units[unit], facts.now
+    state, agent = rec.get("state"), facts.plan.agent_of(unit)
+    alive = {c: i for c, i in facts.workers.items() if i.get("agent") == agent and i["expires"] > now}
+    owner = facts.pending.get(facts.entries.get(unit) or str(rec.get("entry") or ""))
+    if owner and owner["consumer"] not in alive:
+        lease = facts.workers.get(owner["consumer"], {})
+        lapsed = f"lease lapsed {span(now - lease['expires'])} ago" if lease.get("expires") else "no lease"
+        when = f"once a {agent} worker runs (none is alive)"
+        if alive:  # each live worker looks for dead ones every max(0.25, min(reclaim_after / 2, 5)) s
+            every = min(max(0.25, min(float(i.get("reclaim_after") or 30.0) / 2, 5.0)) for i in alive.values())
+            when = f"within {span(every)} by a live {agent} worker"
+        return f"{unit} ({state}) is pending on dead worker {owner['consumer']} ({lapsed}); reclaimed {when}"
+    timeout = facts.timers.get(timer_member("deadline", facts.id, unit, rec.get("dispatch")))
+    limit = f"; its timeout fires at {clock_text(timeout)} (in {span(timeout - now)})" if timeout else ""
+    if state == "ready" and not alive:
+        start = f"start one: phibroker worker --agent {agent}"
+        return f"{unit} is ready, but agent {agent} has no live worker ({start}){limit}"
+    if state == "ready" and owner:
+        info = alive[owner["consumer"]]
+        busy = f"{info.get('in_flight')}/{info.get('concurrency')} busy"
+        return f"{unit} is ready, delivered to {owner['consumer']}, waiting for a free slot ({busy}){limit}"
+    if state == "ready":
+        health = facts.streams.get(str(agent)) or {}
+        lag = "unknown" if health.get("lag") is None else health["lag"]
+        return f"{unit} is ready, queued on {agent}'s stream (lag {lag}) for {len(alive)} live worker(s){limit}"
+    worker = str(rec.get("worker"))
+    ran = f" for {span(now - rec['started'])}" if rec.get("started") else ""
+    lapsed = "" if worker in alive else " (its lease has lapsed)"
+    return f"{unit} is running on {worker}{lapsed}{ran}{limit}"
+
+
+def _waiting(facts: Facts, limit: int = 10) -> list[str]:
+    """Pending tasks held by a dependency that is live now, with the state of each unfinished one."""
+    state = {t: facts.units.get(t, {}).get("state", "pending") for t in facts.plan.deps}
+    lines = []
+    for task, deps in facts.plan.deps.items():
+        open_deps = [d for d in deps if state[d] not in TASK_TERMINAL]
+        if state[task] == "pending" and any(state[d] in UNIT_LIVE for d in open_deps):
+            lines.append(f"{task} (pending) waits on " + ", ".join(f"{d} ({state[d]})" for d in open_deps))
+    if len(lines) > limit:
+        lines = lines[:limit] + [f"… and {len(lines) - limit} more pending tasks"]
+    return lines
+
+
+def why(settings: Settings, wf_id: str) -> list[str]:
+    """`phibroker why ID`: the lines of `explain`, over facts read once."""
+    broker = Broker(settings)
+    try:
+        with reaching(settings):
+            return explain(read_facts(broker, wf_id))
+    finally:
+        broker.close()

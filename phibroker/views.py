@@ -1,0 +1,178 @@
+"""What `watch`, `agents` and `why` read: bounded, read-only queries over the broker's connection.
+
+Bounded reads only (COUNT, HRANDFIELD, caps chosen by the caller), never SCAN: a watcher must not slow
+the broker it watches. Nothing here writes, so the read-only `watch` user of `acl generate` runs all of it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from phibroker import wire
+from phibroker.broker import Broker, parse_leases, parse_meta, parse_units, parse_value
+from phibroker.errors import DecodeError
+from phibroker.keys import WORKERS_GROUP
+
+
+class Views:
+    def __init__(self, broker: Broker):
+        self.redis = broker.redis
+        self.keys = broker.keys
+        self.settings = broker.settings
+
+    def overview(self, events: int, running: int, approvals: int) -> dict[str, Any]:
+        """One round trip: Redis's clock, worker and coordinator leases, subscriptions, the newest
+        `events` entries of the log (oldest event first), the newest running workflows, and up to
+        `approvals` open approvals with the counts of both."""
+        keys = self.keys
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.time()
+        pipe.hgetall(keys.agents)
+        pipe.hgetall(keys.coordinators)
+        pipe.hgetall(keys.subs)
+        pipe.xrevrange(keys.events, count=max(1, events))
+        pipe.zrevrange(keys.running, 0, max(1, running) - 1)
+        pipe.zcard(keys.running)
+        pipe.hrandfield(keys.approvals, max(1, approvals), withvalues=True)
+        pipe.hlen(keys.approvals)
+        (secs, micros), agents, coordinators, subs, entries, ids, n_running, sample, n_approvals = pipe.execute()
+        log: list[dict[str, Any]] = []
+        for _, fields in reversed(entries):
+            try:
+                log += wire.decode_events(fields[wire.FIELD], self.settings.max_message_bytes * 4)
+            except (DecodeError, KeyError):
+                continue
+        limit = self.settings.max_message_bytes
+        return {
+            "now": secs + micros / 1e6,
+            "agents": parse_leases(agents),
+            "coordinators": parse_leases(coordinators),
+            "subs": {k.decode(): json.loads(v) for k, v in subs.items()},
+            "events": log,
+            "running": [i.decode() for i in ids],
+            "running_total": int(n_running),
+            "approvals": [wire.unpack(bytes(v), limit) for v in (sample or [])[1::2]],
+            "approvals_total": int(n_approvals),
+        }
+
+    def workflow_heads(self, wf_ids: Sequence[str]) -> list[dict[str, Any]]:
+        """Per workflow: its meta fields but the spec, how many unit fields it holds and how big its
+        spec is, so the caller can bound what it reads next. Empty for an unknown workflow."""
+        names = ("name", "state", "created_at", "finished_at", "deadline", "seq", "error")
+        pipe = self.redis.pipeline(transaction=False)
+        for wf_id in wf_ids:
+            pipe.hmget(self.keys.wf(wf_id), *names)
+            pipe.hlen(self.keys.wf_tasks(wf_id))
+            pipe.hstrlen(self.keys.wf(wf_id), "spec")
+        replies = pipe.execute()
+        out: list[dict[str, Any]] = []
+        for i in range(0, len(replies), 3):
+            values, fields, spec_size = replies[i : i + 3]
+            if values[1] is None:
+                out.append({})
+                continue
+            head = {n: parse_value(n, v) for n, v in zip(names, values, strict=True) if v is not None}
+            head.update(fields=int(fields), spec_size=int(spec_size))
+            out.append(head)
+        return out
+
+    def workflow_bodies(
+        self, specs: Sequence[str], units: Sequence[str]
+    ) -> tuple[list[str | None], list[dict[str, dict[str, Any]]]]:
+        """The specs of some workflows and the unit states of others, in one round trip; the caller
+        bounds their size (see `workflow_heads`)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for wf_id in specs:
+            pipe.hget(self.keys.wf(wf_id), "spec")
+        for wf_id in units:
+            pipe.hgetall(self.keys.wf_tasks(wf_id))
+        replies = pipe.execute()
+        texts = [None if raw is None else raw.decode() for raw in replies[: len(specs)]]
+        return texts, [parse_units(raw) for raw in replies[len(specs) :]]
+
+    def stream_health(self, streams: Sequence[str]) -> list[dict[str, Any] | None]:
+        """Per stream of the `workers` group (agent and subscription streams): length, entries added,
+        the group's pending and lag (None where Redis cannot tell), and entries trimmed unread.
+        None for a stream that does not exist yet."""
+        pipe = self.redis.pipeline(transaction=False)
+        for stream in streams:
+            pipe.xinfo_stream(stream)
+            pipe.xinfo_groups(stream)
+        replies = pipe.execute(raise_on_error=False)
+        out: list[dict[str, Any] | None] = []
+        for i in range(0, len(replies), 2):
+            info, groups = replies[i], replies[i + 1]
+            if isinstance(info, Exception) or isinstance(groups, Exception):
+                out.append(None)
+                continue
+            group = next((g for g in groups if g["name"] in (WORKERS_GROUP, WORKERS_GROUP.encode())), None)
+            added, length = int(info.get("entries-added") or 0), int(info["length"])
+            read = int(group.get("entries-read") or 0) if group else 0
+            lag = group.get("lag") if group else None
+            out.append(
+                {
+                    "length": length,
+                    "added": added,
+                    "pending": int(group["pending"]) if group else 0,
+                    "lag": None if lag is None else int(lag),
+                    "dropped": max(0, added - length - read),
+                }
+            )
+        return out
+
+    def workflow_state(self, wf_id: str) -> tuple[float, dict[str, Any], dict[str, dict[str, Any]]]:
+        """Redis's clock, the workflow's meta and its units (no results, no history)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.time()
+        pipe.hgetall(self.keys.wf(wf_id))
+        pipe.hgetall(self.keys.wf_tasks(wf_id))
+        (secs, micros), meta, units = pipe.execute()
+        return secs + micros / 1e6, parse_meta(meta), parse_units(units)
+
+    def timer_dues(self, members: Sequence[str]) -> list[float | None]:
+        """When each named timer is due (seconds), None where it is not set: ZMSCORE on exact members."""
+        if not members:
+            return []
+        return [None if s is None else float(s) / 1000 for s in self.redis.zmscore(self.keys.timers, list(members))]
+
+    def approval_requests(self, request_ids: Sequence[str]) -> list[dict[str, Any] | None]:
+        if not request_ids:
+            return []
+        raw: Any = self.redis.hmget(self.keys.approvals, list(request_ids))
+        return [None if v is None else wire.unpack(v, self.settings.max_message_bytes) for v in raw]
+
+    def pending_owners(self, stream: str, entry_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """For each entry id still pending in the `workers` group: its consumer, idle ms, deliveries."""
+        pipe = self.redis.pipeline(transaction=False)
+        for entry_id in entry_ids:
+            pipe.xpending_range(stream, WORKERS_GROUP, min=entry_id, max=entry_id, count=1)
+        out: dict[str, dict[str, Any]] = {}
+        for rows in pipe.execute(raise_on_error=False):
+            if isinstance(rows, Exception):
+                continue
+            for r in rows:
+                out[r["message_id"].decode()] = {
+                    "consumer": r["consumer"].decode(),
+                    "idle": r["time_since_delivered"],
+                    "deliveries": r["times_delivered"],
+                }
+        return out
+
+    def find_dispatches(self, stream: str, dispatches: dict[str, float], count: int = 200) -> dict[str, str]:
+        """The stream entries of dispatches (id -> when it was dispatched, Redis seconds): read from a
+        second before the earliest, at most `count` entries. Dispatch id -> entry id, where found."""
+        if not dispatches:
+            return {}
+        start = max(0, int(min(dispatches.values()) * 1000) - 1000)
+        found: dict[str, str] = {}
+        rows: Any = self.redis.xrange(stream, min=f"{start}-0", count=count)
+        for entry_id, fields in rows:
+            try:
+                message = wire.TaskMessage.decode(fields[wire.FIELD], self.settings.max_message_bytes)
+            except (DecodeError, KeyError):
+                continue
+            if message.id in dispatches:
+                found[message.id] = entry_id.decode()
+        return found
