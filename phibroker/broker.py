@@ -22,10 +22,10 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from phibroker import scripts, wire
-from phibroker.engine import PACKED, SEP, Transition, unpack_group
 from phibroker.errors import BrokerUnavailable, DecodeError
 from phibroker.keys import WORKERS_GROUP, Keys
 from phibroker.settings import Settings
+from phibroker.state import PACKED, SEP, Transition, unpack_group
 
 # What a lost connection looks like; loops back off and carry on, the CLI exits 3.
 CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, InvalidResponse, ConnectionResetError, BrokenPipeError)

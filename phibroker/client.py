@@ -16,11 +16,11 @@ from typing import Any
 from phibroker import signing, wire
 from phibroker import workflow as workflows
 from phibroker.broker import Broker, reaching
-from phibroker.engine import WF_TERMINAL, new_workflow_fields, split_unit
 from phibroker.errors import ApprovalError, DecodeError, InvalidInput, UnknownWorkflow
 from phibroker.events import add_trigger
 from phibroker.settings import Settings
 from phibroker.spec import NAME_PATTERN
+from phibroker.state import WF_TERMINAL, new_workflow_fields, split_unit
 
 _ID = re.compile(NAME_PATTERN)
 

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from functools import cached_property
 from typing import Any
 
-from phibroker import engine, signing, wire
+from phibroker import engine, signing, state, wire
 from phibroker import workflow as workflows
 from phibroker.broker import CONNECTION_ERRORS, Broker, Entry, parse_units
 from phibroker.errors import DecodeError, InvalidInput, PhibrokerError, SignatureError, WorkflowFileError
@@ -65,7 +65,7 @@ class Coordinator:
         self.name = f"{socket.gethostname()}:{os.getpid()}:{wire.short_id()[:6]}"
         self.require_signed = require_signed
         self.router = Router(self.broker)
-        self.runs: OrderedDict[str, engine.Run] = OrderedDict()
+        self.runs: OrderedDict[str, state.Run] = OrderedDict()
         self.specs: OrderedDict[str, workflows.Workflow] = OrderedDict()
         self.cache_size = cache_size
         self.stopping = threading.Event()
@@ -276,7 +276,7 @@ class Coordinator:
         if finished:  # the sweep walks running workflows only: whatever a dead coordinator left, now
             self.redrive(finished)
 
-    def _decide_safely(self, run: engine.Run, items: list[Op], now: float) -> bool:
+    def _decide_safely(self, run: state.Run, items: list[Op], now: float) -> bool:
         """`_decide`, but an input the engine cannot take goes to the DLQ instead of stopping every
         coordinator that reads it (the entry would come back to each of them)."""
         try:
@@ -288,28 +288,28 @@ class Coordinator:
                 raw = wire.pack(body[0].to_map()) if kind == "result" else wire.pack({"kind": kind, "body": body})
                 self.broker.dead_letter(reason, raw, self.keys.results, run.id)
             self.runs.pop(run.id, None)
-            run.tx = engine.Transition()
+            run.tx = state.Transition()
             return False
 
-    def _decide(self, run: engine.Run, items: list[Op], now: float) -> bool:
+    def _decide(self, run: state.Run, items: list[Op], now: float) -> bool:
         """Apply the inputs to the run in memory; True if there is something to commit."""
-        run.tx = engine.Transition()
+        run.tx = state.Transition()
         run._released = 0
         for kind, body in items:
             self._apply(run, kind, body, now)
         return run.tx.changed
 
-    def _stale(self, quiet: list[str], runs: dict[str, engine.Run]) -> list[str]:
+    def _stale(self, quiet: list[str], runs: dict[str, state.Run]) -> list[str]:
         """Of the runs where nothing happened, those whose cache lags Redis: a no-op must be a real one."""
         if not quiet:
             return []
         current = self.broker.versions(quiet)
         return [wf_id for wf_id, version in zip(quiet, current, strict=True) if version != runs[wf_id].version]
 
-    def _apply(self, run: engine.Run, kind: str, body: Any, now: float) -> None:
+    def _apply(self, run: state.Run, kind: str, body: Any, now: float) -> None:
         if kind == "result":
             result, sender = body
-            if self.identities and engine.unit_agent(run.workflow, result.unit) != sender:
+            if self.identities and state.unit_agent(run.workflow, result.unit) != sender:
                 reason = f"forged result: agent {sender!r} answered {result.unit!r} of another agent"
                 self.broker.dead_letter(reason, wire.pack(result.to_map()), self.keys.results, result.id)
                 return
@@ -345,7 +345,7 @@ class Coordinator:
         params = {**workflow.spec.params, **(data if isinstance(data, dict) else {"data": data})}
         chain = [*event.get("chain", []), f"{event.get('type')}@{event.get('id')}"]
         depth = int(event.get("depth") or 0) + 1
-        fields = engine.new_workflow_fields(workflow, params, time.time(), depth=depth, chain=chain)
+        fields = state.new_workflow_fields(workflow, params, time.time(), depth=depth, chain=chain)
         if self.broker.submit_workflow(str(body["wf"]), fields):
             log.info("trigger %s started %s on %s", name, body["wf"], event.get("type"))
 
@@ -398,7 +398,7 @@ class Coordinator:
         log.info("workflow file signed by %s", signer)
         return None
 
-    def _refuse(self, run: engine.Run, body: dict[str, Any], refusal: str, now: float) -> None:
+    def _refuse(self, run: state.Run, body: dict[str, Any], refusal: str, now: float) -> None:
         log.warning("refused decision on %s/%s: %s", run.id, body.get("task"), refusal)
         run.event(
             "approval.refused",
@@ -417,14 +417,14 @@ class Coordinator:
                 raw = wire.pack(result.to_map())
                 self.broker.dead_letter(f"unknown workflow {wf_id!r}", raw, self.keys.results, result.id)
 
-    def _runs(self, wf_ids: list[str]) -> dict[str, engine.Run]:
+    def _runs(self, wf_ids: list[str]) -> dict[str, state.Run]:
         """Cached runs, and the missing ones loaded in one round trip."""
         missing = [w for w in wf_ids if w not in self.runs]
         if missing:
             for wf_id, (meta, units, results) in zip(missing, self.broker.load_runs(missing), strict=True):
                 if not meta.get("spec"):
                     continue
-                self.runs[wf_id] = engine.Run(
+                self.runs[wf_id] = state.Run(
                     wf_id,
                     self._workflow(meta["spec"]),
                     meta,

@@ -29,9 +29,9 @@ from rich.text import Text
 from phibroker import workflow as workflows
 from phibroker.broker import CONNECTION_ERRORS
 from phibroker.client import Client
-from phibroker.engine import TASK_TERMINAL, WF_TERMINAL
 from phibroker.errors import BrokerUnavailable, PhibrokerError
 from phibroker.settings import Settings
+from phibroker.state import TASK_TERMINAL, WF_TERMINAL
 
 REFERENCE_AGENTS = ("webc", "dc", "vssc", "kalic", "cmdc")
 DEFAULT_URL = str(Settings.model_fields["redis_url"].default)

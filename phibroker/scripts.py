@@ -53,7 +53,7 @@ return version
 # KEYS: meta, tasks, history   ARGV: consumer, then per message: unit, dispatch id, entry id, lost record
 # Returns per message: a token (>= 1), or 0 (stale: cancelled, superseded or finished), or -1 (a
 # duplicate stream entry of a dispatch another entry already started).
-# Packed fields (see engine.PACKED), parts joined by \31: `unit|dispatch` = id, attempt, dispatched;
+# Packed fields (see state.PACKED), parts joined by \31: `unit|dispatch` = id, attempt, dispatched;
 # `unit|run` = token, started, entry, worker.
 START = r"""
 local meta, tasks, history = KEYS[1], KEYS[2], KEYS[3]

@@ -24,10 +24,10 @@ from rich.text import Text
 
 from phibroker import dag
 from phibroker.broker import CONNECTION_ERRORS, Broker, reaching
-from phibroker.engine import TASK_TERMINAL, WF_TERMINAL, split_unit
 from phibroker.errors import UnknownWorkflow
 from phibroker.settings import Settings
 from phibroker.spec import parse_duration
+from phibroker.state import TASK_TERMINAL, WF_TERMINAL, split_unit
 from phibroker.views import Views
 
 REFRESH = 0.5  # seconds between frames

@@ -25,11 +25,11 @@ from phibroker import wire
 from phibroker import workflow as workflows
 from phibroker.agent import Agent, Context, Event, Outcome, failure
 from phibroker.broker import CONNECTION_ERRORS, Broker, Entry
-from phibroker.engine import WF_TERMINAL, new_workflow_fields
 from phibroker.errors import DecodeError, PhibrokerError
 from phibroker.events import Router, register_subscriptions
 from phibroker.keys import WORKERS_GROUP
 from phibroker.settings import Settings
+from phibroker.state import WF_TERMINAL, new_workflow_fields
 
 log = logging.getLogger("phibroker.worker")
 

@@ -8,16 +8,16 @@ from pathlib import Path
 import msgpack
 import redis
 
-from phibroker import engine, workflow
+from phibroker import engine, state, workflow
 from phibroker.client import Client
 from phibroker.settings import Settings
 from tests.conftest import Processes
 from tests.test_failures import flow
 
 
-def make_run(text: str, limit: int = 1 << 20) -> engine.Run:
+def make_run(text: str, limit: int = 1 << 20) -> state.Run:
     wf = workflow.check(workflow.decode(text, ".yaml"))
-    return engine.Run("wf", wf, {"version": 1, "params": wf.spec.params}, {}, {}, limit=limit)
+    return state.Run("wf", wf, {"version": 1, "params": wf.spec.params}, {}, {}, limit=limit)
 
 
 def test_a_new_attempt_clears_the_previous_attempts_run_in_redis_too() -> None:
@@ -25,9 +25,9 @@ def test_a_new_attempt_clears_the_previous_attempts_run_in_redis_too() -> None:
     engine.start(run, 1.0)
     run.units["A"].update(state="running", token=2, entry="1-0", worker="w")  # reclaimed once
     engine._unit_failed(run, "A", "boom", 2.0, retryable=True)
-    run.tx = engine.Transition()
-    engine.apply_timer(run, engine.timer_member("retry", "wf", "A", 1), 5.0)
-    assert run.tx.fields()["A|run"] == engine.pack_group({"token": 0}, "run")
+    run.tx = state.Transition()
+    engine.apply_timer(run, state.timer_member("retry", "wf", "A", 1), 5.0)
+    assert run.tx.fields()["A|run"] == state.pack_group({"token": 0}, "run")
 
 
 def test_a_partition_over_the_size_limit_fails_its_task_once() -> None:

@@ -1,0 +1,338 @@
+"""A workflow run's state as a coordinator holds it, and what one transition writes: pure, no Redis.
+
+A `Run` is one workflow's state as the coordinator last read it; `engine` applies each input to it and
+records what changed in `run.tx` (a `Transition`), which the coordinator commits with one script call.
+
+Units are what a worker runs: `Task`, `Task#3` (a partition of a mapped task), `Task!undo` (its
+compensation). Their state lives in one hash, one field per `unit|attribute` (or per packed group).
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from phibroker import wire
+from phibroker.workflow import Workflow
+
+TASK_TERMINAL = frozenset({"succeeded", "failed", "skipped", "cancelled", "compensated"})
+UNIT_LIVE = frozenset({"ready", "running", "retrying"})
+WF_TERMINAL = frozenset({"succeeded", "failed", "cancelled", "timed_out"})
+WF_WINDING_DOWN = WF_TERMINAL | {"compensating"}
+
+
+# A unit's attributes that always change together share one hash field (`unit|dispatch`, `unit|run`,
+# `unit|end`), values joined by SEP: a task then writes six fields in its life instead of thirteen,
+# and HSET on a big hash is most of what Redis spends on a task.
+SEP = "\x1f"
+PACKED: dict[str, tuple[str, ...]] = {
+    "dispatch": ("dispatch", "attempt", "dispatched"),  # written by the coordinator when it dispatches
+    "run": ("token", "started", "entry", "worker"),  # written by the start script (scripts.START)
+    # written by the coordinator when the unit ends; `answered`: the token of the result that ended it
+    "end": ("finished", "seq", "answered"),
+}
+GROUP_OF = {attribute: group for group, attributes in PACKED.items() for attribute in attributes}
+_TYPES: dict[str, type] = {
+    "attempt": int,
+    "dispatched": float,
+    "token": int,
+    "started": float,
+    "finished": float,
+    "seq": int,
+    "answered": int,
+}
+
+
+def pack_group(record: Mapping[str, Any], group: str) -> str:
+    values = [record.get(a) for a in PACKED[group]]
+    return SEP.join(["" if v is None else str(v) for v in values])
+
+
+def unpack_group(group: str, text: str) -> dict[str, Any]:
+    """The attributes of one packed field, typed; a missing or empty part is None."""
+    out: dict[str, Any] = {}
+    for attribute, part in zip(PACKED[group], text.split(SEP), strict=False):
+        kind = _TYPES.get(attribute)
+        out[attribute] = None if part == "" else (kind(float(part)) if kind is int else kind(part) if kind else part)
+    return out
+
+
+def unit_of(task: str, partition: int | None = None) -> str:
+    return task if partition is None else f"{task}#{partition}"
+
+
+def undo_unit(task: str) -> str:
+    return f"{task}!undo"
+
+
+def split_unit(unit: str) -> tuple[str, int | None, bool]:
+    """`Task#2` -> (Task, 2, False); `Task!undo` -> (Task, None, True)."""
+    if unit.endswith("!undo"):
+        return unit[:-5], None, True
+    task, sep, part = unit.rpartition("#")
+    if sep and part.isdigit():
+        return task, int(part), False
+    return unit, None, False
+
+
+def unit_agent(workflow: Workflow, unit: str) -> str | None:
+    """The agent that runs a unit: the task's, or its compensation's when that names another."""
+    task, _, is_undo = split_unit(unit)
+    spec = workflow.tasks.get(task)
+    if spec is None:
+        return None
+    if is_undo and spec.compensate is not None and spec.compensate.agent:
+        return spec.compensate.agent
+    return spec.agent
+
+
+def timer_member(kind: str, wf_id: str, *parts: Any) -> str:
+    """Timers are named by what they are for, so re-adding one replaces it and removing needs no lookup."""
+    return "|".join([kind, wf_id, *map(str, parts)])
+
+
+def new_workflow_fields(
+    workflow: Workflow, params: dict[str, Any], now: float, depth: int = 0, chain: list[str] | None = None
+) -> dict[str, Any]:
+    """The workflow hash of a new run; the coordinator launches it on the submit message."""
+    return {
+        "name": workflow.name,
+        "state": "running",
+        "version": 0,
+        "launched": 0,
+        "created_at": now,
+        "depth": depth,
+        "chain": chain or [],
+        "spec": workflow.spec_json,
+        "params": params,
+    }
+
+
+@dataclass
+class Transition:
+    """Everything one input changes: fields for the workflow's hashes, and an outbox for the rest."""
+
+    id: str = field(default_factory=wire.new_id)  # names its outbox entry
+    created: float = field(default_factory=time.time)  # lets a sweep tell a stale outbox from a fresh one
+    writes: dict[str, Any] = field(default_factory=dict)  # tasks hash: `unit|attribute` -> value
+    # packed fields to write (`unit|group` -> the unit's record): packed once, when the transition is
+    # committed, however many times the transition changed them
+    packed: dict[str, tuple[dict[str, Any], str]] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)  # workflow hash
+    results: dict[str, bytes] = field(default_factory=dict)
+    history: list[bytes] = field(default_factory=list)
+    # the outbox: effects outside the workflow's slot, drained after the commit
+    dispatches: list[tuple[str, bytes]] = field(default_factory=list)  # (agent, encoded TaskMessage)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    timers_add: dict[str, float] = field(default_factory=dict)
+    timers_del: list[str] = field(default_factory=list)
+    approvals_set: dict[str, bytes] = field(default_factory=dict)
+    approvals_del: list[str] = field(default_factory=list)
+    finished: bool = False  # the workflow reached its end state
+    bulk: bool = False  # part of a release chunked over several transitions: dispatched on the bulk lanes
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.writes or self.packed or self.meta or self.results or self.history or self.has_outbox)
+
+    def fields(self) -> dict[str, Any]:
+        """Every field of the tasks hash this transition writes."""
+        return {**self.writes, **{name: pack_group(record, group) for name, (record, group) in self.packed.items()}}
+
+    @property
+    def has_outbox(self) -> bool:
+        return bool(
+            self.dispatches
+            or self.events
+            or self.timers_add
+            or self.timers_del
+            or self.approvals_set
+            or self.approvals_del
+            or self.finished
+        )
+
+    def outbox(self) -> dict[str, Any]:
+        return {
+            "created": self.created,
+            "dispatches": self.dispatches,
+            "events": self.events,
+            "timers_add": self.timers_add,
+            "timers_del": self.timers_del,
+            "approvals_set": self.approvals_set,
+            "approvals_del": self.approvals_del,
+            "finished": self.finished,
+            "bulk": self.bulk,
+        }
+
+
+class Candidates:
+    """Tasks that may be ready to run, handed out in file order without sorting them all each time
+    (a chunked release of a ten-thousand-task fan-out asks for the next ones again and again)."""
+
+    def __init__(self, order: Mapping[str, int]):
+        self._order = order
+        self._members: set[str] = set()
+        self._heap: list[tuple[int, str]] = []
+
+    def __bool__(self) -> bool:
+        return bool(self._members)
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def __contains__(self, task: object) -> bool:
+        return task in self._members
+
+    def add(self, task: str) -> None:
+        if task not in self._members:
+            self._members.add(task)
+            heapq.heappush(self._heap, (self._order[task], task))
+
+    def pop(self) -> str:
+        """The first in file order; raises IndexError when there is none."""
+        while True:
+            _, task = heapq.heappop(self._heap)
+            if task in self._members:  # else discarded, or a stale copy of one added again
+                self._members.remove(task)
+                return task
+
+    def clear(self) -> None:
+        self._members.clear()
+        self._heap.clear()
+
+
+class Run:
+    """One workflow's state, as read from Redis, plus counters derived from it."""
+
+    def __init__(
+        self,
+        wf_id: str,
+        workflow: Workflow,
+        meta: dict[str, Any],
+        units: dict[str, dict[str, Any]],
+        raw_results: dict[str, bytes],
+        limit: int = 1024 * 1024,
+        max_release: int = 1000,
+    ):
+        self.id = wf_id
+        self.workflow = workflow
+        self.meta = meta
+        self.units = units
+        self.raw_results = raw_results
+        self.limit = limit  # message size limit
+        self.max_release = max_release
+        self.tx = Transition()
+        self.rand = random.Random()
+        self._decoded: dict[str, Any] = {}
+        self.depth = int(meta.get("depth") or 0)  # how many events led to this run (storm guard)
+        self.chain: list[str] = meta.get("chain") or []
+        self._released = 0
+        deps = workflow.deps
+        self.open_deps = {t: sum(1 for d in ds if self.state(d) not in TASK_TERMINAL) for t, ds in deps.items()}
+        self.open_tasks = sum(1 for t in deps if self.state(t) not in TASK_TERMINAL)
+        self.candidates = Candidates(workflow.order_index)
+        for task, count in self.open_deps.items():
+            if self.state(task) == "pending" and (count == 0 or workflow.tasks[task].trigger == "one_success"):
+                self.candidates.add(task)
+
+    # -- reading -----------------------------------------------------------------------------------
+    @property
+    def version(self) -> int:
+        return int(self.meta.get("version", 0))
+
+    @property
+    def wf_state(self) -> str:
+        return str(self.meta.get("state", "running"))
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return self.meta.get("params") or {}
+
+    def unit(self, unit: str) -> dict[str, Any]:
+        return self.units.setdefault(unit, {})
+
+    def state(self, unit: str) -> str:
+        return self.units.get(unit, {}).get("state", "pending")
+
+    def result(self, unit: str) -> Any:
+        if unit not in self._decoded:
+            raw = self.raw_results.get(unit)
+            self._decoded[unit] = None if raw is None else wire.unpack(raw, max(len(raw), 1))
+        return self._decoded[unit]
+
+    def scope(self, result: Any = None) -> dict[str, Any]:
+        """What `${...}`, `when` and `expect` see."""
+        return {"params": self.params, "tasks": _TaskView(self), "result": result}
+
+    # -- writing -----------------------------------------------------------------------------------
+    def set(self, unit: str, **values: Any) -> None:
+        record = self.unit(unit)
+        record.update(values)
+        for name, value in values.items():
+            group = GROUP_OF.get(name)
+            if group is None:
+                self.tx.writes[f"{unit}|{name}"] = "" if value is None else value
+            else:
+                self.tx.packed[f"{unit}|{group}"] = (record, group)
+
+    def set_meta(self, **values: Any) -> None:
+        self.meta.update(values)
+        self.tx.meta.update({k: ("" if v is None else v) for k, v in values.items()})
+
+    def store_result(self, unit: str, raw: bytes) -> None:
+        self.raw_results[unit] = raw
+        self._decoded.pop(unit, None)
+        self.tx.results[unit] = raw
+
+    def event(self, type_: str, now: float, task: str | None = None, data: Any = None, **fields: Any) -> None:
+        """Every state change is an event; `data` is a handler's own payload, `fields` ours."""
+        self.tx.events.append(
+            {
+                "id": wire.new_id(),
+                "type": type_,
+                "workflow": self.id,
+                "task": task,
+                "data": fields if data is None else data,
+                "ts": now,
+                "depth": self.depth,
+                "chain": self.chain,
+            }
+        )
+
+    def record_attempt(self, unit: str, now: float, error: str | None, applied: bool, **extra: Any) -> None:
+        record = self.units.get(unit, {})
+        entry = {
+            "unit": unit,
+            "attempt": record.get("attempt", 0),
+            "worker": extra.pop("worker", record.get("worker")),
+            "dispatched": record.get("dispatched"),
+            "started": extra.pop("started", record.get("started")),
+            "finished": now,
+            "error": error,
+            "applied": applied,
+            **extra,
+        }
+        self.tx.history.append(wire.pack(entry))
+
+
+class _TaskView(Mapping[str, Any]):
+    """`tasks.NAME.result` / `tasks.NAME.state` for expressions, read lazily from the run."""
+
+    def __init__(self, run: Run):
+        self._run = run
+
+    def __getitem__(self, name: str) -> dict[str, Any]:
+        if name not in self._run.workflow.tasks:
+            raise KeyError(name)
+        state = self._run.state(name)
+        return {"state": state, "result": self._run.result(name) if state == "succeeded" else None}
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._run.workflow.tasks)
+
+    def __len__(self) -> int:
+        return len(self._run.workflow.tasks)
