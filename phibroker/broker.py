@@ -629,7 +629,17 @@ class Broker:
                 block=None if block is None else max(1, int(block * 1000)),
             )
 
-        *_, claimed, read = self._pipeline(build)
+        # Not through `_pipeline`: running it all again after a NOSCRIPT would read a second batch and
+        # strand the first (delivered to this consumer, never handled). Only the claim is redone.
+        pipe = self.redis.pipeline(transaction=False)
+        build(pipe)
+        *acked, claimed, read = pipe.execute(raise_on_error=False)
+        if isinstance(claimed, NoScriptError):
+            self._load_scripts()
+            claimed = self._script(scripts.CLAIM_TIMERS, [self.keys.timers], [claim_ms, timer_limit])
+        for reply in (*acked, claimed, read):
+            if isinstance(reply, Exception):
+                raise reply  # what the read delivered is re-read by the coordinator's own recovery
         return (*_claimed(claimed), _entries(read))
 
     # -- reading state ---------------------------------------------------------------------------

@@ -4,8 +4,10 @@ Stateless by design: everything lives in Redis, and what it keeps in memory is a
 each workflow's version. Several coordinators share the inbox through one consumer group; the one
 that commits a transition first wins, the other re-reads and finds nothing left to do.
 
-The loop, like rq's `work()`: maintain (lease, take over from the dead, sweep) -> claim due timers ->
-read the inbox -> apply everything to each workflow in one transition -> commit -> drain -> ack.
+The loop, like rq's `work()`: maintain (lease, take over from the dead, sweep) -> one round trip that
+acks the last round, claims due timers and reads the inbox -> apply each workflow's inputs in one
+transition -> commit (with the dispatches) -> drain. The inbox has two lanes: small workflows' results
+are handled first, a big release's (`results:bulk`) a slice at a time after them.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from phibroker.settings import Settings
 log = logging.getLogger("phibroker.coordinator")
 
 TIMER_BATCH = 500  # timers one round claims at most
+BULK_BUDGET = 0.1  # seconds of bulk-lane work a round may do before its chores (lease, timers) come round
 
 _CRASH_AT, _, _CRASH_COUNT = os.environ.get("PHIBROKER_CRASH_AT", "").partition(":")
 _crash_hits: dict[str, int] = defaultdict(int)
@@ -76,6 +79,8 @@ class Coordinator:
         self._clock = (0.0, time.monotonic())  # Redis's clock at the last read, and the monotonic one then
         self._next_due: float | None = None  # when the next timer is due, as far as we know
         self._more_timers = False  # the last claim hit its limit: more may be due
+        self._held: list[Entry] = []  # bulk-lane entries read but not handled yet (BULK_BUDGET ran out)
+        self._held_timers: list[str] = []  # claimed timers waiting for the held results to be applied
 
     # -- the loop ----------------------------------------------------------------------------------
     def run(self, burst: bool = False) -> None:
@@ -94,6 +99,7 @@ class Coordinator:
                     log.warning("Redis unreachable (%s); retrying in %.1fs", exc, backoff)
                     self._recovering = True
                     self.runs.clear()
+                    self._held = []  # pending on us: the recovery read brings them back
                     self.stopping.wait(backoff)
                     backoff = min(backoff * 2, 5.0)
                     continue
@@ -103,22 +109,16 @@ class Coordinator:
             self._leave()
 
     def step(self) -> int:
-        """One round: due timers and one read of both inbox lanes. Returns how many items it handled.
+        """One round: due timers and one read of the inbox lanes. Returns how many items it handled.
 
         The round's acks, timer claim and read share one round trip; the read blocks only until the
         next timer is due, as far as this coordinator knows (others' new timers wait one block)."""
         block = self._block()
         acks, self._acks = self._acks, defaultdict(list)
+        lanes = (self.keys.results,) if self._held else self.keys.inboxes  # no more bulk while some is held
         began = time.monotonic()
         clock, next_due, timers, read = self.broker.poll(
-            self.keys.inboxes,
-            COORDINATORS_GROUP,
-            self.name,
-            self.settings.batch_size,
-            block,
-            self._recovering,
-            acks,
-            TIMER_BATCH,
+            lanes, COORDINATORS_GROUP, self.name, self.settings.batch_size, block, self._recovering, acks, TIMER_BATCH
         )
         waited = time.monotonic() - began
         now = clock + waited  # Redis's clock, carried past the read: results finish after they were read
@@ -129,24 +129,28 @@ class Coordinator:
             self._recovering = False
         if block and not read and waited < block / 2:
             self.stopping.wait(block)  # the embedded broker answers an empty blocking read at once
-        if not read and not timers:
+        if not read and not timers and not self._held and not self._held_timers:
             return 0
         crash_point("after_read")
-        # The inbox first, then the timers (a `continue` releases the next chunk of a big fan-out),
-        # then the bulk lane a slice at a time: a small workflow's next task goes out before them.
+        # The inbox first, then the `continue` timers (the next chunk of a big release), then the bulk
+        # lane a slice at a time: a small workflow's next task goes out before a big one's. The other
+        # timers (deadlines above all) come after every result read before them.
         offset = now - time.monotonic()
-        inbox = [entry for stream, entry in read if stream == self.keys.results]
-        self.process(now, self.keys.results, inbox)
-        if timers:
-            self.process(offset + time.monotonic(), self.keys.results, [], timers)
-        bulk = [entry for stream, entry in read if stream == self.keys.results_bulk]
-        if bulk:
-            self.process_bulk(offset, bulk)
+        self.process(now, self.keys.results, [entry for stream, entry in read if stream == self.keys.results])
+        releases = [t for t in timers if t.startswith("continue|")]
+        if releases:
+            self.process(offset + time.monotonic(), self.keys.results, [], releases)
+        self._held_timers += [t for t in timers if not t.startswith("continue|")]
+        bulk = self._held + [entry for stream, entry in read if stream == self.keys.results_bulk]
+        self._held = self.process_bulk(offset, bulk) if bulk else []
+        if self._held_timers and not self._held:
+            fired, self._held_timers = self._held_timers, []
+            self.process(offset + time.monotonic(), self.keys.results, [], fired)
         return len(read) + len(timers)
 
     def _block(self) -> float | None:
         """How long the next read may block: until the next known timer, at most `coordinator_block`."""
-        if self._recovering or self._more_timers:
+        if self._recovering or self._more_timers or self._held or self._held_timers:
             return None
         block = self.settings.coordinator_block
         if self._next_due is not None:
@@ -162,24 +166,27 @@ class Coordinator:
         """Apply the entries and timers; their acks go with the next round's read."""
         ops: dict[str, list[Op]] = defaultdict(list)
         for entry in entries:
-            self._collect(entry, ops)
+            self._collect(entry, ops, stream)
         for member in timers:
             ops[member.split("|")[1]].append(("timer", member))
         if ops or timers:
             self.execute(now, ops, fired=timers)
-        crash_point("before_ack")
-        self._acks[stream] += [e.id for e in entries]
+        if entries:
+            crash_point("before_ack")
+            self._acks[stream] += [e.id for e in entries]
 
-    def process_bulk(self, offset: float, entries: list[Entry]) -> None:
+    def process_bulk(self, offset: float, entries: list[Entry]) -> list[Entry]:
         """The bulk lane, `bulk_slice` results at a time, with a look at the inbox between slices: a
         small workflow's result waits behind one slice of a fan-out's, never behind all of them.
+        After BULK_BUDGET seconds the rest is returned, to be handled after the next round's chores.
 
         `offset` turns the monotonic clock into Redis's, so slices handled later are stamped later."""
+        stop_at = time.monotonic() + BULK_BUDGET
         ops: dict[str, list[Op]] = defaultdict(list)
         taken: list[Entry] = []
         size = 0
         for index, entry in enumerate(entries):
-            size += self._collect(entry, ops)
+            size += self._collect(entry, ops, self.keys.results_bulk)
             taken.append(entry)
             if size < self.settings.bulk_slice and index < len(entries) - 1:
                 continue
@@ -187,14 +194,18 @@ class Coordinator:
             crash_point("before_ack")
             self._acks[self.keys.results_bulk] += [e.id for e in taken]
             ops, taken, size = defaultdict(list), [], 0
-            if index < len(entries) - 1:
-                cut_in = self.broker.read_group(
-                    self.keys.results, COORDINATORS_GROUP, self.name, self.settings.batch_size, None
-                )
-                if cut_in:
-                    self.process(offset + time.monotonic(), self.keys.results, cut_in)
+            if index == len(entries) - 1:
+                break
+            if time.monotonic() > stop_at:
+                return entries[index + 1 :]
+            cut_in = self.broker.read_group(
+                self.keys.results, COORDINATORS_GROUP, self.name, self.settings.batch_size, None
+            )
+            if cut_in:
+                self.process(offset + time.monotonic(), self.keys.results, cut_in)
+        return []
 
-    def _collect(self, entry: Entry, ops: dict[str, list[Op]]) -> int:
+    def _collect(self, entry: Entry, ops: dict[str, list[Op]], stream: str) -> int:
         """Decode one inbox entry into `ops`; returns how many inputs it added."""
         try:
             if entry.raw is None:
@@ -202,20 +213,20 @@ class Coordinator:
             message = wire.Inbox.decode(entry.raw, self.settings.max_message_bytes * 4)
         except DecodeError as exc:
             log.warning("dead-lettering inbox entry %s: %s", entry.id, exc.reason)
-            self.broker.dead_letter(exc.reason, entry.raw, self.keys.results, entry.id)
+            self.broker.dead_letter(exc.reason, entry.raw, stream, entry.id)
             return 0
         if message.kind == "results":
             refusal = self.check_sender(message)
             if refusal:
                 log.warning("dead-lettering inbox entry %s: %s", entry.id, refusal)
-                self.broker.dead_letter(refusal, entry.raw, self.keys.results, entry.id)
+                self.broker.dead_letter(refusal, entry.raw, stream, entry.id)
                 return 0
             for result in message.results:
                 ops[result.wf].append(("result", (result, message.agent)))
             return len(message.results)
         wf_id = message.body.get("wf")
         if not isinstance(wf_id, str):
-            self.broker.dead_letter("control message without a workflow id", entry.raw, self.keys.results, entry.id)
+            self.broker.dead_letter("control message without a workflow id", entry.raw, stream, entry.id)
             return 0
         if message.kind == "trigger":
             self._start_triggered(message.body)
@@ -504,19 +515,27 @@ class Coordinator:
                     self.broker.drop_lease(table, name)
 
     def take_over(self) -> int:
-        """Claim the inbox entries of coordinators whose lease lapsed; they are processed as ours."""
+        """Claim the inbox entries of coordinators whose lease lapsed; they are processed as ours.
+
+        Our own entries left pending far longer than a round takes are read again too: a reply lost
+        on the way (the client retried the read) leaves them delivered to us but never handled."""
         clock, leases = self.broker.leases(self.keys.coordinators)
         dead: set[str] = set()
         taken = 0
+        stranded_ms = 3 * self.settings.coordinator_takeover * 1000
         for inbox in self.keys.inboxes:
             pending = self.broker.pending_of(inbox, COORDINATORS_GROUP)
             gone = {p["consumer"] for p in pending if leases.get(p["consumer"], {}).get("expires", 0) < clock}
             gone.discard(self.name)
-            ids = [p["id"] for p in pending if p["consumer"] in gone]
+            ours = {e.id for e in self._held} if inbox == self.keys.results_bulk else set()
+            ours |= set(self._acks[inbox])  # held for later, or handled and acked with the next read
+            stranded = [p["id"] for p in pending if p["consumer"] == self.name and p["idle"] > stranded_ms]
+            ids = [p["id"] for p in pending if p["consumer"] in gone] + [i for i in stranded if i not in ours]
             if not ids:
                 continue
             entries = self.broker.claim(inbox, COORDINATORS_GROUP, self.name, ids, min_idle_ms=500)
-            log.info("took over %d entries of %s from %s", len(entries), inbox, ", ".join(sorted(gone)))
+            whose = ", ".join(sorted(gone)) or "this coordinator (stranded)"
+            log.info("took over %d entries of %s from %s", len(entries), inbox, whose)
             if entries:
                 self.process(clock, inbox, entries)
             dead |= gone

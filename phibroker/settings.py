@@ -49,7 +49,7 @@ class Settings(BaseSettings):
     # Retention
     retention: float = 7 * 24 * 3600.0  # seconds a finished workflow stays readable
     events_maxlen: int = 100_000
-    stream_maxlen: int = 10_000  # past this length, task streams and the results stream lose their acked entries
+    stream_maxlen: int = 10_000  # past this length, task and inbox streams lose their acked entries
     trim_every: float = 10.0  # how often a coordinator trims them
     dead_worker_memory: float = 3600.0  # a dead worker stays listed by `agents` this long
     sub_maxlen: int = 10_000

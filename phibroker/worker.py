@@ -1,11 +1,12 @@
 """The agent worker: fetch, start, handle, settle — and keep a lease so the dead can be told from the slow.
 
 The main loop reads like rq's `work()`: maintain (reclaim from dead workers) -> stop requested? ->
-fetch (own pending entries first, then new ones, COUNT = free slots + a small prefetch) -> start
-(one script call marks a batch running and hands out fencing tokens) -> hand each to the pool.
-Handlers run on a thread pool and know no Redis; a settler thread turns their outcomes into one
-results entry per batch, then acks. A heartbeat thread renews the lease, also while handlers run,
-and raises `ctx.cancelled` when the workflow no longer wants a task.
+fetch (own pending entries first, then new ones from the task lane and the bulk lane, COUNT = free
+slots + a small prefetch) -> start (one script call marks a batch running and hands out fencing
+tokens) -> hand each to a handler thread. Handlers know no Redis; their outcomes are settled in
+batches (one inbox entry per lane, then the acks), by the handler's own thread when it can, else by
+a settler thread. A heartbeat thread renews the lease, also while handlers run, and raises
+`ctx.cancelled` when the workflow no longer wants a task.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ class HandlerThreads:
             job, arg = item
             try:
                 job(arg)
-            except Exception:  # a job reports its own failures; this keeps the thread for the next one
+            except BaseException:  # noqa: BLE001 - a job reports its own failures; the thread stays for the next
                 log.exception("handler thread: %s failed", getattr(job, "__name__", job))
 
     def shutdown(self) -> None:
@@ -179,7 +180,7 @@ class Worker:
         if self.free_slots() <= 0:
             with self.slots:
                 self.slots.wait_for(lambda: self.free_slots() > 0 or self.stopping.is_set(), self.settings.worker_block)
-                if not self.backlog or self.backlog[0].stream == self.bulk:
+                if self.backlog and self.backlog[0].stream == self.bulk:
                     # Busy with a big release: wait a moment for more slots, so one start script (and
                     # one read) serves a batch instead of each slot as it frees.
                     want = max(1, self.concurrency // 2)
@@ -413,7 +414,7 @@ class Worker:
                 if self.stopping.is_set() and self.active == 0 and not self.running:
                     return
                 continue
-            if self.active:
+            if self.active and first[0].item.stream == self.bulk:
                 # A bulk lane's outcome, others about to follow: gather them for a moment, so a big
                 # release settles in a few large entries rather than one small entry per handler.
                 time.sleep(SETTLE_GATHER)

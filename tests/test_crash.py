@@ -66,6 +66,27 @@ def test_a_coordinator_killed_at_any_point_loses_nothing(
     assert_once(status, settings, ledger)
 
 
+FAN_OUT = "name: wide\ntasks:\n  A: {agent: probe, command: work}\n" + "".join(
+    f"  T{i:03d}: {{agent: probe, command: work, depends_on: [A]}}\n" for i in range(150)
+)
+
+
+@pytest.mark.parametrize("point", ["after_commit:5", "after_drain:5", "before_ack:4"])
+def test_a_coordinator_killed_in_a_big_release_loses_nothing(
+    point: str, procs: Processes, client: Client, settings: Settings, tmp_path: Path
+) -> None:
+    """150 units go out in chunks on the bulk lanes and come back on the inbox's bulk lane, handled a
+    slice at a time: a kill between any two steps of that still runs each task once."""
+    ledger = tmp_path / "ledger"
+    procs.worker("probe", app="tests.apps.probe", PROBE_LEDGER=str(ledger))
+    doomed = procs.coordinator(PHIBROKER_CRASH_AT=point)
+    wf_id = client.submit(flow(tmp_path, FAN_OUT))
+    assert doomed.wait(timeout=30) == 137, procs.output()
+    procs.coordinator()
+    status = client.wait(wf_id, timeout=60)
+    assert_once(status, settings, ledger)
+
+
 def running_on(client: Client, wf_id: str, task: str, procs: Processes) -> str:
     deadline = time.monotonic() + 20
     while True:

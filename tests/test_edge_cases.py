@@ -8,10 +8,12 @@ from pathlib import Path
 import msgpack
 import redis
 
-from phibroker import engine, state, workflow
+from phibroker import engine, state, wire, workflow
 from phibroker.client import Client
+from phibroker.coordinator import Coordinator
+from phibroker.keys import WORKERS_GROUP
 from phibroker.settings import Settings
-from tests.conftest import Processes
+from tests.conftest import Processes, until
 from tests.test_failures import flow
 
 
@@ -105,3 +107,75 @@ def test_a_handler_that_exits_or_emits_garbage_fails_its_attempt_and_the_worker_
     assert tasks["Exit"]["state"] == "failed" and tasks["Exit"]["error"] == "SystemExit: 3"
     assert tasks["Emit"]["state"] == "failed" and tasks["Emit"]["error"].startswith("TypeError")
     assert tasks["Fine"]["state"] == "succeeded" and worker.poll() is None
+
+
+def _coordinator(settings: Settings) -> Coordinator:
+    """A coordinator driven round by round from the test (`step()`), its inbox groups created."""
+    coordinator = Coordinator(settings)
+    for inbox in settings.keys.inboxes:
+        coordinator.broker.ensure_group(inbox, "coordinators")
+    return coordinator
+
+
+def _answer_bulk_lane(settings: Settings, client: Client, agent: str, count: int) -> list[str]:
+    """Act as a worker on an agent's bulk lane: read, start and answer `count` tasks on the inbox's bulk lane."""
+    broker, keys = client.broker, settings.keys
+    read = broker.read_groups([keys.agent_bulk(agent)], WORKERS_GROUP, "stand-in", count, None)
+    messages = [(entry, wire.TaskMessage.decode(entry.raw or b"", 1 << 20)) for _, entry in read]
+    by_wf: dict[str, list[tuple[str, str, str, bytes]]] = {}
+    for entry, message in messages:
+        by_wf.setdefault(message.wf, []).append((message.unit, message.id, f"bulk/{entry.id}", b""))
+    tokens = broker.start_many("stand-in", by_wf)
+    now = time.time()
+    results = [
+        wire.Result(id=m.id, wf=m.wf, unit=m.unit, token=token, ok=True, worker="stand-in", started=now, finished=now)
+        for (_, m), token in zip(messages, [t for wf in by_wf for t in tokens[wf]], strict=True)
+    ]
+    broker.add(keys.results_bulk, wire.Inbox(kind="results", results=results, agent=agent).encode(1 << 26))
+    return [m.unit for _, m in messages]
+
+
+def test_a_result_read_in_the_same_round_as_its_deadline_wins(
+    settings: Settings, client: Client, tmp_path: Path
+) -> None:
+    """Bulk-lane results are handled a slice at a time after the inbox: the deadline timers claimed in
+    the same round must wait for them, or on-time results would count as late."""
+    tasks = "".join(f"  T{i:03d}: {{agent: probe, command: noop, timeout: 1s}}\n" for i in range(80))
+    wf_id = client.submit(flow(tmp_path, f"name: wide\ntasks:\n{tasks}"))
+    coordinator = _coordinator(settings)
+    stream = settings.keys.agent_bulk("probe")
+    until(lambda: coordinator.step() >= 0 and client.broker.redis.xlen(stream) == 80)
+    answered = _answer_bulk_lane(settings, client, "probe", 80)
+    assert len(answered) == 80
+    time.sleep(1.3)  # every deadline is due: the next round claims them and reads the results together
+    until(lambda: coordinator.step() >= 0 and client.status(wf_id)["state"] != "running")
+    status = client.status(wf_id)
+    assert status["state"] == "succeeded", [t.get("error") for t in status["tasks"].values() if t.get("error")]
+    assert all(len(t["history"]) == 1 for t in status["tasks"].values())
+
+
+def test_a_dead_coordinators_bulk_lane_entries_are_taken_over(
+    procs: Processes, settings: Settings, client: Client, tmp_path: Path
+) -> None:
+    tasks = "".join(f"  T{i:03d}: {{agent: probe, command: noop}}\n" for i in range(80))
+    wf_id = client.submit(flow(tmp_path, f"name: wide\ntasks:\n{tasks}"))
+    doomed = _coordinator(settings)
+    stream = settings.keys.agent_bulk("probe")
+    until(lambda: doomed.step() >= 0 and client.broker.redis.xlen(stream) == 80)
+    _answer_bulk_lane(settings, client, "probe", 80)
+    read = client.broker.read_groups([settings.keys.results_bulk], "coordinators", doomed.name, 10, None)
+    assert len(read) == 1  # delivered to the doomed coordinator, which dies before handling it
+    procs.coordinator()  # its lease lapses after the 1 s takeover time
+    assert client.wait(wf_id, timeout=30)["state"] == "succeeded", procs.output()
+
+
+def test_a_round_that_meets_a_flushed_script_cache_keeps_what_it_read(settings: Settings, client: Client) -> None:
+    """After a Redis restart or SCRIPT FLUSH the timer claim answers NOSCRIPT: only the claim runs
+    again, and the entry the same round trip read is handed over, not left pending on nobody's list."""
+    broker, inbox = client.broker, settings.keys.results
+    broker.ensure_group(inbox, "coordinators")
+    broker.add(inbox, wire.Inbox(kind="kick", body={"wf": "nothing"}).encode(1 << 20))
+    broker.redis.script_flush()
+    _, _, timers, read = broker.poll([inbox], "coordinators", "c1", 10, None, False, {}, 10)
+    assert timers == [] and [stream for stream, _ in read] == [inbox]
+    assert broker.redis.xpending(inbox, "coordinators")["pending"] == 1  # that very entry, delivered once
