@@ -49,6 +49,7 @@ class Sizes:
     rq_forking_jobs: int = 300  # the forking worker does ~55 jobs/s: 2,000 would take half a minute a run
     rq_chain: int = 100
     celery_tasks: int = 2_000
+    dramatiq_tasks: int = 2_000
 
 
 QUICK = Sizes(
@@ -66,6 +67,7 @@ QUICK = Sizes(
     rq_forking_jobs=50,
     rq_chain=30,
     celery_tasks=300,
+    dramatiq_tasks=300,
 )
 
 
@@ -110,6 +112,7 @@ class Bench:
         self.attempt("validation", lambda: self.validation(files))
         self.attempt("rq", self.rq)
         self.attempt("celery", self.celery)
+        self.attempt("dramatiq", self.dramatiq)
         self.ratios()
 
     def bare_batched(self) -> None:
@@ -187,12 +190,23 @@ class Bench:
         rate = compare.celery_throughput(self.url, n, self.logs)
         self.record("celery.group", f"Celery group + results, solo pool ({n:,})", "tasks/s", rate)
 
+    def dramatiq(self) -> None:
+        if not compare.dramatiq_installed():
+            note = "dramatiq: not installed (pip install 'dramatiq[redis]' for this comparison)"
+            if note not in self.results.notes:
+                self.results.notes.append(note)
+            return
+        n = self.sizes.dramatiq_tasks
+        rate = compare.dramatiq_throughput(self.url, n, self.logs)
+        self.record("dramatiq.group", f"dramatiq group + results, 1 process × 8 threads ({n:,})", "tasks/s", rate)
+
     def ratios(self) -> None:
         """This run's phibroker figures over this run's yardsticks."""
         v = self.run_values
         pairs = [
             ("ratio.fanout_bare", "fan-out ÷ bare batched", "pb.fanout", "bare.batched"),
             ("ratio.fanout_celery", "fan-out ÷ Celery", "pb.fanout", "celery.group"),
+            ("ratio.fanout_dramatiq", "fan-out ÷ dramatiq", "pb.fanout", "dramatiq.group"),
             ("ratio.fanout_rq", "fan-out ÷ RQ SimpleWorker", "pb.fanout", "rq.simple"),
             ("ratio.hop_bare", "chain hop p50 ÷ bare hop p50", "pb.chain_p50", "bare.hop"),
         ]

@@ -1,9 +1,10 @@
-"""The same no-op work through RQ (a dependency already) and Celery (when installed), on the same Redis.
+"""The same no-op work through RQ (a dependency already), Celery and dramatiq (the `[bench]` extra), on
+the same Redis.
 
-Issue 10 states phibroker's targets as multiples of these (≥ 150× RQ SimpleWorker, ≥ 60× Celery), so
-they run in the same `make bench`, interleaved with phibroker's runs. RQ's rate is taken from its jobs'
-own `started_at`/`ended_at` (the burst worker's start-up is not counted); Celery's from sending the
-group to having every result.
+Issue 10 states phibroker's targets as multiples of these (≥ 150× RQ SimpleWorker, ≥ 60× Celery, ≥ 15×
+dramatiq), so they run in the same `make bench`, interleaved with phibroker's runs. RQ's rate is taken
+from its jobs' own `started_at`/`ended_at` (the burst worker's start-up is not counted); Celery's and
+dramatiq's from sending the group to having every result, with a warm worker.
 """
 
 from __future__ import annotations
@@ -96,5 +97,31 @@ def celery_throughput(url: str, n: int, logs: Logs) -> float:
         return n / (time.perf_counter() - started)
     except Exception as exc:
         raise RuntimeError(f"celery: {exc}\n{logs.tail(log)}") from exc
+    finally:
+        stop(process)
+
+
+# -- dramatiq --------------------------------------------------------------------------------------------
+def dramatiq_installed() -> bool:
+    return importlib.util.find_spec("dramatiq") is not None
+
+
+def dramatiq_throughput(url: str, n: int, logs: Logs) -> float:
+    """Tasks/s of a `group` of `n` no-op messages with results, one worker process of 8 threads."""
+    os.environ["BENCH_REDIS_URL"] = url
+    import dramatiq
+
+    from benchmarks.dramatiq_app import noop as dramatiq_noop
+
+    args = ["-m", "dramatiq", "benchmarks.dramatiq_app", "--processes", "1", "--threads", "8"]
+    process, log = spawn(args, logs, "dramatiq-worker", {"BENCH_REDIS_URL": url})
+    try:
+        dramatiq_noop.send().get_result(block=True, timeout=60_000)  # the worker is up and warm
+        started = time.perf_counter()
+        group = dramatiq.group(dramatiq_noop.message() for _ in range(n)).run()
+        group.wait(timeout=int(TIMEOUT * 1000))
+        return n / (time.perf_counter() - started)
+    except Exception as exc:
+        raise RuntimeError(f"dramatiq: {exc}\n{logs.tail(log)}") from exc
     finally:
         stop(process)

@@ -57,6 +57,7 @@ TARGETS = [
     Target("fan-out ÷ bare batched round trip", "ratio.fanout_bare", 0.8, True, "×"),
     Target("fan-out ÷ Celery group", "ratio.fanout_celery", 60, True, "×"),
     Target("fan-out ÷ RQ SimpleWorker", "ratio.fanout_rq", 150, True, "×"),
+    Target("fan-out ÷ dramatiq group", "ratio.fanout_dramatiq", 15, True, "×"),
     Target("chain hop p50 ÷ bare hop p50", "ratio.hop_bare", 1.2, False, "×"),
     Target("chain hop p99", "pb.chain_p99", 2.0, False, "ms"),
     Target("1,000 workflows × 10 tasks", "pb.many", 15_000, True, "tasks/s"),
