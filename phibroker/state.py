@@ -181,12 +181,6 @@ class Candidates:
     def __bool__(self) -> bool:
         return bool(self._members)
 
-    def __len__(self) -> int:
-        return len(self._members)
-
-    def __contains__(self, task: object) -> bool:
-        return task in self._members
-
     def add(self, task: str) -> None:
         if task not in self._members:
             self._members.add(task)
