@@ -80,7 +80,8 @@ class Coordinator:
         self._next_due: float | None = None  # when the next timer is due, as far as we know
         self._more_timers = False  # the last claim hit its limit: more may be due
         self._held: list[Entry] = []  # bulk-lane entries read but not handled yet (BULK_BUDGET ran out)
-        self._held_timers: list[str] = []  # claimed timers waiting for the held results to be applied
+        self._held_timers: dict[str, None] = {}  # claimed timers waiting for held results of their workflow
+        self._held_wfs: set[str] | None = None  # the workflows of the held entries, once read
 
     # -- the loop ----------------------------------------------------------------------------------
     def run(self, burst: bool = False) -> None:
@@ -99,12 +100,13 @@ class Coordinator:
                     log.warning("Redis unreachable (%s); retrying in %.1fs", exc, backoff)
                     self._recovering = True
                     self.runs.clear()
-                    self._held = []  # pending on us: the recovery read brings them back
+                    self._held, self._held_wfs = [], None  # pending on us: the recovery read brings them back
                     self.stopping.wait(backoff)
                     backoff = min(backoff * 2, 5.0)
                     continue
                 if burst and not worked:
                     return
+            self._finish_held()
         finally:
             self._leave()
 
@@ -117,15 +119,27 @@ class Coordinator:
         acks, self._acks = self._acks, defaultdict(list)
         lanes = (self.keys.results,) if self._held else self.keys.inboxes  # no more bulk while some is held
         began = time.monotonic()
-        clock, next_due, timers, read = self.broker.poll(
-            lanes, COORDINATORS_GROUP, self.name, self.settings.batch_size, block, self._recovering, acks, TIMER_BATCH
-        )
+        try:
+            clock, next_due, timers, read = self.broker.poll(
+                lanes,
+                COORDINATORS_GROUP,
+                self.name,
+                self.settings.batch_size,
+                block,
+                self._recovering,
+                acks,
+                TIMER_BATCH,
+            )
+        except BaseException:
+            for stream, ids in acks.items():  # not sent: they go with the next round
+                self._acks[stream][:0] = ids
+            raise
         waited = time.monotonic() - began
         now = clock + waited  # Redis's clock, carried past the read: results finish after they were read
         self._clock = (now, time.monotonic())
         self._next_due = next_due
         self._more_timers = len(timers) >= TIMER_BATCH
-        if self._recovering and not read:
+        if self._recovering and not read and lanes == self.keys.inboxes:
             self._recovering = False
         if block and not read and waited < block / 2:
             self.stopping.wait(block)  # the embedded broker answers an empty blocking read at once
@@ -134,19 +148,26 @@ class Coordinator:
         crash_point("after_read")
         # The inbox first, then the `continue` timers (the next chunk of a big release), then the bulk
         # lane a slice at a time: a small workflow's next task goes out before a big one's. The other
-        # timers (deadlines above all) come after every result read before them.
+        # timers (deadlines above all) of a workflow with bulk results still held wait for them: a
+        # result read before its deadline fired is applied first.
         offset = now - time.monotonic()
+        carried = len(self._held) + len(self._held_timers)
         self.process(now, self.keys.results, [entry for stream, entry in read if stream == self.keys.results])
         releases = [t for t in timers if t.startswith("continue|")]
         if releases:
             self.process(offset + time.monotonic(), self.keys.results, [], releases)
-        self._held_timers += [t for t in timers if not t.startswith("continue|")]
+        self._held_timers.update(dict.fromkeys(t for t in timers if not t.startswith("continue|")))
         bulk = self._held + [entry for stream, entry in read if stream == self.keys.results_bulk]
         self._held = self.process_bulk(offset, bulk) if bulk else []
-        if self._held_timers and not self._held:
-            fired, self._held_timers = self._held_timers, []
-            self.process(offset + time.monotonic(), self.keys.results, [], fired)
-        return len(read) + len(timers)
+        if not self._held:
+            self._held_wfs = None
+        waiting = self._workflows_held() if self._held else set()
+        due = [t for t in self._held_timers if t.split("|")[1] not in waiting]
+        if due:
+            for member in due:
+                del self._held_timers[member]
+            self.process(offset + time.monotonic(), self.keys.results, [], due)
+        return len(read) + len(timers) + carried  # held work counts: a burst run does not stop on it
 
     def _block(self) -> float | None:
         """How long the next read may block: until the next known timer, at most `coordinator_block`."""
@@ -175,13 +196,14 @@ class Coordinator:
             crash_point("before_ack")
             self._acks[stream] += [e.id for e in entries]
 
-    def process_bulk(self, offset: float, entries: list[Entry]) -> list[Entry]:
+    def process_bulk(self, offset: float, entries: list[Entry], budget: float | None = None) -> list[Entry]:
         """The bulk lane, `bulk_slice` results at a time, with a look at the inbox between slices: a
         small workflow's result waits behind one slice of a fan-out's, never behind all of them.
-        After BULK_BUDGET seconds the rest is returned, to be handled after the next round's chores.
+        After `budget` seconds (BULK_BUDGET) the rest is returned, to be handled after the next round's
+        chores.
 
         `offset` turns the monotonic clock into Redis's, so slices handled later are stamped later."""
-        stop_at = time.monotonic() + BULK_BUDGET
+        stop_at = time.monotonic() + (BULK_BUDGET if budget is None else budget)
         ops: dict[str, list[Op]] = defaultdict(list)
         taken: list[Entry] = []
         size = 0
@@ -204,6 +226,31 @@ class Coordinator:
             if cut_in:
                 self.process(offset + time.monotonic(), self.keys.results, cut_in)
         return []
+
+    def _workflows_held(self) -> set[str]:
+        """The workflows with results in the held bulk entries, read once per held batch (no bulk entry
+        is read while some are held, so the set only ever over-counts)."""
+        if self._held_wfs is None:
+            self._held_wfs = set()
+            for entry in self._held:
+                try:
+                    message = wire.Inbox.decode(entry.raw or b"", self.settings.max_message_bytes * 4)
+                except DecodeError:
+                    continue
+                self._held_wfs.update(result.wf for result in message.results)
+        return self._held_wfs
+
+    def _finish_held(self) -> None:
+        """On a clean stop: the held bulk results, then the timers that waited for them."""
+        try:
+            if self._held:
+                self.process_bulk(time.time() - time.monotonic(), self._held, budget=float("inf"))
+                self._held, self._held_wfs = [], None
+            if self._held_timers:
+                fired, self._held_timers = list(self._held_timers), {}
+                self.process(time.time(), self.keys.results, [], fired)
+        except CONNECTION_ERRORS as exc:  # left pending: the next coordinator takes them over
+            log.warning("stopping with held work left for another coordinator: %s", exc)
 
     def _collect(self, entry: Entry, ops: dict[str, list[Op]], stream: str) -> int:
         """Decode one inbox entry into `ops`; returns how many inputs it added."""

@@ -384,7 +384,7 @@ class Worker:
             caused = event.caused()
             wire.pack_limited(caused, self.settings.max_message_bytes, "events emitted by a reaction")
             return caused
-        except Exception as exc:  # noqa: BLE001 - a failing reaction is kept, not retried forever
+        except BaseException as exc:  # noqa: BLE001 - a failing reaction (SystemExit too) is kept, not retried forever
             reason = f"{type(exc).__name__}: {exc}"
             log.warning("subscription %s failed on %s: %s", reaction.subscription, event.type, reason)
             self.broker.dead_letter(

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import msgpack
+import pytest
 import redis
 
 from phibroker import engine, state, wire, workflow
@@ -117,8 +119,9 @@ def _coordinator(settings: Settings) -> Coordinator:
     return coordinator
 
 
-def _answer_bulk_lane(settings: Settings, client: Client, agent: str, count: int) -> list[str]:
-    """Act as a worker on an agent's bulk lane: read, start and answer `count` tasks on the inbox's bulk lane."""
+def _answer_bulk_lane(settings: Settings, client: Client, agent: str, count: int, per_entry: int) -> list[str]:
+    """Act as a worker on an agent's bulk lane: read, start and answer `count` tasks, `per_entry` results
+    to an entry of the inbox's bulk lane."""
     broker, keys = client.broker, settings.keys
     read = broker.read_groups([keys.agent_bulk(agent)], WORKERS_GROUP, "stand-in", count, None)
     messages = [(entry, wire.TaskMessage.decode(entry.raw or b"", 1 << 20)) for _, entry in read]
@@ -131,24 +134,31 @@ def _answer_bulk_lane(settings: Settings, client: Client, agent: str, count: int
         wire.Result(id=m.id, wf=m.wf, unit=m.unit, token=token, ok=True, worker="stand-in", started=now, finished=now)
         for (_, m), token in zip(messages, [t for wf in by_wf for t in tokens[wf]], strict=True)
     ]
-    broker.add(keys.results_bulk, wire.Inbox(kind="results", results=results, agent=agent).encode(1 << 26))
+    for start in range(0, len(results), per_entry):
+        inbox = wire.Inbox(kind="results", results=results[start : start + per_entry], agent=agent)
+        broker.add(keys.results_bulk, inbox.encode(1 << 26))
     return [m.unit for _, m in messages]
 
 
-def test_a_result_read_in_the_same_round_as_its_deadline_wins(
-    settings: Settings, client: Client, tmp_path: Path
+@pytest.mark.parametrize(("per_entry", "budget"), [(80, 0.1), (1, 0.0)], ids=["one-round", "held-over-rounds"])
+def test_a_result_read_before_its_deadline_fired_wins(
+    per_entry: int, budget: float, settings: Settings, client: Client, tmp_path: Path, monkeypatch: Any
 ) -> None:
-    """Bulk-lane results are handled a slice at a time after the inbox: the deadline timers claimed in
-    the same round must wait for them, or on-time results would count as late."""
+    """Bulk-lane results are handled a slice at a time after the inbox, and past the round's budget
+    over the next rounds: the deadline timers claimed meanwhile wait for them, or on-time results
+    would count as late."""
+    monkeypatch.setattr("phibroker.coordinator.BULK_BUDGET", budget)
     tasks = "".join(f"  T{i:03d}: {{agent: probe, command: noop, timeout: 1s}}\n" for i in range(80))
     wf_id = client.submit(flow(tmp_path, f"name: wide\ntasks:\n{tasks}"))
     coordinator = _coordinator(settings)
     stream = settings.keys.agent_bulk("probe")
     until(lambda: coordinator.step() >= 0 and client.broker.redis.xlen(stream) == 80)
-    answered = _answer_bulk_lane(settings, client, "probe", 80)
-    assert len(answered) == 80
+    assert len(_answer_bulk_lane(settings, client, "probe", 80, per_entry)) == 80
     time.sleep(1.3)  # every deadline is due: the next round claims them and reads the results together
-    until(lambda: coordinator.step() >= 0 and client.status(wf_id)["state"] != "running")
+    coordinator.step()
+    if budget == 0.0:  # one slice handled, the rest and every deadline of the workflow held for later rounds
+        assert len(coordinator._held) == 80 - settings.bulk_slice and len(coordinator._held_timers) == 80
+    coordinator.run(burst=True)  # returns once nothing is left, held work included
     status = client.status(wf_id)
     assert status["state"] == "succeeded", [t.get("error") for t in status["tasks"].values() if t.get("error")]
     assert all(len(t["history"]) == 1 for t in status["tasks"].values())
@@ -162,10 +172,10 @@ def test_a_dead_coordinators_bulk_lane_entries_are_taken_over(
     doomed = _coordinator(settings)
     stream = settings.keys.agent_bulk("probe")
     until(lambda: doomed.step() >= 0 and client.broker.redis.xlen(stream) == 80)
-    _answer_bulk_lane(settings, client, "probe", 80)
+    _answer_bulk_lane(settings, client, "probe", 80, 80)
     read = client.broker.read_groups([settings.keys.results_bulk], "coordinators", doomed.name, 10, None)
-    assert len(read) == 1  # delivered to the doomed coordinator, which dies before handling it
-    procs.coordinator()  # its lease lapses after the 1 s takeover time
+    assert len(read) == 1  # delivered to the doomed coordinator, which dies before handling it (it holds no lease)
+    procs.coordinator()
     assert client.wait(wf_id, timeout=30)["state"] == "succeeded", procs.output()
 
 
@@ -179,3 +189,20 @@ def test_a_round_that_meets_a_flushed_script_cache_keeps_what_it_read(settings: 
     _, _, timers, read = broker.poll([inbox], "coordinators", "c1", 10, None, False, {}, 10)
     assert timers == [] and [stream for stream, _ in read] == [inbox]
     assert broker.redis.xpending(inbox, "coordinators")["pending"] == 1  # that very entry, delivered once
+
+
+def test_an_entry_stranded_on_a_live_coordinator_is_read_again(
+    settings: Settings, client: Client, tmp_path: Path
+) -> None:
+    """A read whose reply was lost (the client retried it) leaves an entry delivered to a coordinator
+    that never saw it; its lease stays alive, so no one else takes it: the coordinator itself must."""
+    coordinator = _coordinator(settings)
+    coordinator.step()  # the start-up recovery read: nothing pending yet
+    wf_id = client.submit(flow(tmp_path, "name: s\ntasks:\n  A: {agent: probe, command: noop}\n"))
+    lost = client.broker.read_groups([settings.keys.results], "coordinators", coordinator.name, 10, None)
+    assert len(lost) == 1  # the submit, delivered behind the coordinator's back
+    coordinator.step()
+    assert "A" not in client.broker.read_workflow(wf_id)[1]  # never handled
+    time.sleep(3 * settings.coordinator_takeover + 0.5)
+    assert coordinator.take_over() == 1
+    assert client.broker.read_workflow(wf_id)[1]["A"]["state"] == "ready"
