@@ -9,6 +9,7 @@ run once, after the timed runs, since they change Redis's settings or take long.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import time
 import traceback
@@ -181,24 +182,25 @@ class Bench:
         self.record("rq.chain", f"RQ chain hop p50 ({s.rq_chain} jobs, depends_on)", "ms", hop)
 
     def celery(self) -> None:
-        if not compare.celery_installed():
-            note = "Celery: not installed (pip install celery for this comparison)"
-            if note not in self.results.notes:
-                self.results.notes.append(note)
-            return
-        n = self.sizes.celery_tasks
-        rate = compare.celery_throughput(self.url, n, self.logs)
-        self.record("celery.group", f"Celery group + results, solo pool ({n:,})", "tasks/s", rate)
+        if self._installed("celery", "Celery", "celery"):
+            n = self.sizes.celery_tasks
+            rate = compare.celery_throughput(self.url, n, self.logs)
+            self.record("celery.group", f"Celery group + results, solo pool ({n:,})", "tasks/s", rate)
 
     def dramatiq(self) -> None:
-        if not compare.dramatiq_installed():
-            note = "dramatiq: not installed (pip install 'dramatiq[redis]' for this comparison)"
-            if note not in self.results.notes:
-                self.results.notes.append(note)
-            return
-        n = self.sizes.dramatiq_tasks
-        rate = compare.dramatiq_throughput(self.url, n, self.logs)
-        self.record("dramatiq.group", f"dramatiq group + results, 1 process × 8 threads ({n:,})", "tasks/s", rate)
+        if self._installed("dramatiq", "dramatiq", "'dramatiq[redis]'"):
+            n = self.sizes.dramatiq_tasks
+            rate = compare.dramatiq_throughput(self.url, n, self.logs)
+            self.record("dramatiq.group", f"dramatiq group + results, 1 process × 8 threads ({n:,})", "tasks/s", rate)
+
+    def _installed(self, module: str, name: str, requirement: str) -> bool:
+        """An optional yardstick (the `[bench]` extra); without it, a note says how to add it."""
+        if importlib.util.find_spec(module) is not None:
+            return True
+        note = f"{name}: not installed (pip install {requirement} for this comparison)"
+        if note not in self.results.notes:
+            self.results.notes.append(note)
+        return False
 
     def ratios(self) -> None:
         """This run's phibroker figures over this run's yardsticks."""

@@ -9,7 +9,6 @@ dramatiq's from sending the group to having every result, with a warm worker.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import time
 import uuid
@@ -74,10 +73,6 @@ def rq_chain_hop(url: str, n: int, logs: Logs) -> float:
 
 
 # -- Celery ----------------------------------------------------------------------------------------------
-def celery_installed() -> bool:
-    return importlib.util.find_spec("celery") is not None
-
-
 def celery_throughput(url: str, n: int, logs: Logs) -> float:
     """Tasks/s of a `group` of `n` no-op tasks with results, one solo-pool worker, on our Redis."""
     os.environ["BENCH_REDIS_URL"] = url
@@ -102,10 +97,6 @@ def celery_throughput(url: str, n: int, logs: Logs) -> float:
 
 
 # -- dramatiq --------------------------------------------------------------------------------------------
-def dramatiq_installed() -> bool:
-    return importlib.util.find_spec("dramatiq") is not None
-
-
 def dramatiq_throughput(url: str, n: int, logs: Logs) -> float:
     """Tasks/s of a `group` of `n` no-op messages with results, one worker process of 8 threads."""
     os.environ["BENCH_REDIS_URL"] = url
