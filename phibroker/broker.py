@@ -114,6 +114,19 @@ def parse_meta(raw: dict[bytes, bytes]) -> dict[str, Any]:
     return meta
 
 
+def _read(
+    target: Any, streams: Sequence[str], group: str, consumer: str, count: int, block: float | None, pending: bool
+) -> Any:
+    """XREADGROUP on the client or a pipeline: new entries (`>`), or this consumer's own pending ones (`0`)."""
+    return target.xreadgroup(
+        group,
+        consumer,
+        {stream: "0" if pending else ">" for stream in streams},
+        count=max(1, count),
+        block=None if block is None else max(1, int(block * 1000)),
+    )
+
+
 def _entries(reply: Any) -> list[tuple[str, Entry]]:
     """An XREADGROUP reply over several streams as (stream, entry) pairs."""
     return [
@@ -219,31 +232,13 @@ class Broker:
         self, stream: str, group: str, consumer: str, count: int, block: float | None, pending: bool = False
     ) -> list[Entry]:
         """Read up to `count` entries: new ones (`>`), or this consumer's own pending ones (`0`)."""
-        reply = self.redis.xreadgroup(
-            group,
-            consumer,
-            {stream: "0" if pending else ">"},
-            count=max(1, count),
-            block=None if block is None else max(1, int(block * 1000)),
-        )
-        entries = []
-        for _, items in reply or ():
-            for entry_id, fields in items:
-                entries.append(Entry(entry_id.decode(), _raw_of(fields)))
-        return entries
+        return [entry for _, entry in self.read_groups([stream], group, consumer, count, block, pending)]
 
     def read_groups(
         self, streams: Sequence[str], group: str, consumer: str, count: int, block: float | None, pending: bool = False
     ) -> list[tuple[str, Entry]]:
         """`read_group` over several streams in one call: (stream, entry) pairs."""
-        reply = self.redis.xreadgroup(
-            group,
-            consumer,
-            {stream: "0" if pending else ">" for stream in streams},
-            count=max(1, count),
-            block=None if block is None else max(1, int(block * 1000)),
-        )
-        return _entries(reply)
+        return _entries(_read(self.redis, streams, group, consumer, count, block, pending))
 
     def ack(self, stream: str, group: str, ids: Sequence[str]) -> None:
         if ids:
@@ -621,13 +616,7 @@ class Broker:
                 if ids:
                     pipe.xack(stream, group, *ids)
             pipe.evalsha(_SHAS[scripts.CLAIM_TIMERS], 1, self.keys.timers, claim_ms, timer_limit)
-            pipe.xreadgroup(
-                group,
-                consumer,
-                {stream: "0" if pending else ">" for stream in streams},
-                count=max(1, count),
-                block=None if block is None else max(1, int(block * 1000)),
-            )
+            _read(pipe, streams, group, consumer, count, block, pending)
 
         # Not through `_pipeline`: running it all again after a NOSCRIPT would read a second batch and
         # strand the first (delivered to this consumer, never handled). Only the claim is redone.

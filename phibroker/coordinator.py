@@ -162,7 +162,7 @@ class Coordinator:
         if not self._held:
             self._held_wfs = None
         waiting = self._workflows_held() if self._held else set()
-        due = [t for t in self._held_timers if t.split("|")[1] not in waiting]
+        due = [t for t in self._held_timers if state.timer_workflow(t) not in waiting]
         if due:
             for member in due:
                 del self._held_timers[member]
@@ -189,7 +189,7 @@ class Coordinator:
         for entry in entries:
             self._collect(entry, ops, stream)
         for member in timers:
-            ops[member.split("|")[1]].append(("timer", member))
+            ops[state.timer_workflow(member)].append(("timer", member))
         if ops or timers:
             self.execute(now, ops, fired=timers)
         if entries:

@@ -95,6 +95,11 @@ def timer_member(kind: str, wf_id: str, *parts: Any) -> str:
     return "|".join([kind, wf_id, *map(str, parts)])
 
 
+def timer_workflow(member: str) -> str:
+    """The workflow a timer belongs to (see `timer_member`)."""
+    return member.split("|")[1]
+
+
 def new_workflow_fields(
     workflow: Workflow, params: dict[str, Any], now: float, depth: int = 0, chain: list[str] | None = None
 ) -> dict[str, Any]:
