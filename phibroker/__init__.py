@@ -1,6 +1,12 @@
-"""phibroker: workflows for teams of AI agents, on Redis Streams."""
+"""phibroker: workflows for teams of AI agents, on Redis Streams.
 
+The public API: `Agent` for the commands and subscriptions a worker serves, `Client` to submit and
+follow workflows, `Retryable` for a handler's "try again", `PhibrokerError` for what callers catch.
+"""
+
+from phibroker.agent import Agent
+from phibroker.client import Client
 from phibroker.errors import PhibrokerError, Retryable
 
-__all__ = ["PhibrokerError", "Retryable"]
+__all__ = ["Agent", "Client", "PhibrokerError", "Retryable", "__version__"]
 __version__ = "0.1.0"

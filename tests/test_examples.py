@@ -213,6 +213,13 @@ def check_vulnerability_fix(run: Run) -> None:
     tasks = succeeded(run, run.wait(run.submit(target=str(run.vulnerable_source()))))
     assert tasks["Scan"]["result"]["finding_count"] == 2 and tasks["Verify"]["result"]["fixed"] is True
     assert tasks["Ship"]["result"]["release"] == tasks["Fix"]["result"]["release"]
+    # Its default target, examples/sample-app, as a user submits it from the repository: fixed in copies only
+    sample = EXAMPLES / "sample-app" / "app.py"
+    before = sample.read_bytes()
+    shipped = succeeded(run, run.wait(run.submit()))
+    scan = shipped["Scan"]["result"]
+    assert scan["target"] == str(sample.parent) and scan["by_rule"] == {"shell-injection": 1, "weak-hash": 1, "eval": 1}
+    assert shipped["Verify"]["result"]["fixed"] is True and sample.read_bytes() == before
 
 
 def check_complete_dag(run: Run) -> None:
@@ -286,6 +293,7 @@ def test_example_reaches_its_end_state(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     assert example in EXPECTATIONS, f"examples/{example}.yaml has no expectation in tests/test_examples.py"
+    monkeypatch.chdir(REPO)  # the workers' folder: relative paths in examples (examples/sample-app) are the repo's
     run = Run(procs, client, settings, tmp_path, monkeypatch, example)
     run.start()
     EXPECTATIONS[example](run)
