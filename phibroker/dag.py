@@ -206,9 +206,39 @@ def _side_nodes(deps: Deps, side_edges: Sequence[SideEdge]) -> list[str]:
     return list(extra)
 
 
+def _node_lines(task: str, labels: Mapping[str, str], states: Mapping[str, str] | None) -> list[str]:
+    """What a task's box says, one entry per line: its name, its label, its state in a run."""
+    lines = [task]
+    if task in labels:
+        lines.append(labels[task])
+    if states is not None:
+        lines.append(states.get(task, "unknown"))
+    return lines
+
+
 def _dot_text(text: str) -> str:
     """Text safe inside a DOT double-quoted string."""
     return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+STATE_COLOURS: dict[str, str] = {
+    "pending": "#f1f3f5",
+    "ready": "#fff3bf",
+    "running": "#a5d8ff",
+    "retrying": "#ffd8a8",
+    "succeeded": "#b2f2bb",
+    "failed": "#ffa8a8",
+    "skipped": "#dee2e6",
+    "cancelled": "#ced4da",
+    "compensated": "#d0bfff",
+}
+"""The fill of a task in the drawing of a run, by its state: so a glance tells done, busy and broken apart."""
+
+_OTHER_STATE_COLOUR = "#ffffff"
+
+
+def _state_colour(state: str) -> str:
+    return STATE_COLOURS.get(state, _OTHER_STATE_COLOUR)
 
 
 def to_dot(
@@ -216,19 +246,18 @@ def to_dot(
     name: str = "workflow",
     labels: Mapping[str, str] | None = None,
     side_edges: Sequence[SideEdge] = (),
+    states: Mapping[str, str] | None = None,
 ) -> str:
     """The workflow as Graphviz DOT, for `dot -Tsvg`: edges go from dependency to dependent.
 
-    `labels` adds a second line to a task's box; `side_edges` are drawn dashed, and their non-task ends
-    as notes. Deterministic (declaration order); ends with a newline.
+    `labels` adds a second line to a task's box; `states` (the tasks of a run) adds the state as the last
+    line and fills the box with its `STATE_COLOURS` colour. `side_edges` are drawn dashed, and their
+    non-task ends as notes. Deterministic (declaration order); ends with a newline.
     """
     labels = labels or {}
-    lines = [f'digraph "{_dot_text(name)}" {{', "    rankdir=LR;", "    node [shape=box, style=rounded];"]
-    for task in deps:
-        if task in labels:
-            lines.append(f'    "{_dot_text(task)}" [label="{_dot_text(task)}\\n{_dot_text(labels[task])}"];')
-        else:
-            lines.append(f'    "{_dot_text(task)}";')
+    style = 'style="rounded,filled", fillcolor="white"' if states is not None else "style=rounded"
+    lines = [f'digraph "{_dot_text(name)}" {{', "    rankdir=LR;", f"    node [shape=box, {style}];"]
+    lines += [_dot_node(task, labels, states) for task in deps]
     for node in _side_nodes(deps, side_edges):
         lines.append(f'    "{_dot_text(node)}" [shape=note];')
     for task, needs in deps.items():
@@ -239,6 +268,17 @@ def to_dot(
         lines.append(f'    "{_dot_text(source)}" -> "{_dot_text(target)}" [{attrs}];')
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+def _dot_node(task: str, labels: Mapping[str, str], states: Mapping[str, str] | None) -> str:
+    """A task's box: a bare name, or a label of several lines and, in a run, the fill of its state."""
+    if task not in labels and states is None:
+        return f'    "{_dot_text(task)}";'
+    text = "\\n".join(_dot_text(line) for line in _node_lines(task, labels, states))
+    attrs = f'label="{text}"'
+    if states is not None and task in states:
+        attrs += f', fillcolor="{_state_colour(states[task])}"'
+    return f'    "{_dot_text(task)}" [{attrs}];'
 
 
 _MERMAID_SAFE = re.compile(r"[A-Za-z0-9_]+")
@@ -279,12 +319,15 @@ def to_mermaid(
     deps: Deps,
     labels: Mapping[str, str] | None = None,
     side_edges: Sequence[SideEdge] = (),
+    states: Mapping[str, str] | None = None,
 ) -> str:
     """The workflow as a Mermaid flowchart, for Markdown renderers: edges go from dependency to dependent.
 
     Node ids are the task names when they match `[A-Za-z0-9_]+` (and are not Mermaid keywords such as
     `end`); other names get an id with each other character replaced by `_`, made unique with `_2`, `_3`...
     Every node shows its real name as its label, `id["name"]`, plus `<br/>` and `labels[name]` if given.
+    `states` (the tasks of a run) adds `<br/>` and the state, and puts each task in the class of its
+    state, one `classDef` per state shown, filled with its `STATE_COLOURS` colour.
     `side_edges` are dotted `-.->` edges; their non-task ends are drawn as flags, `id>"name"]`.
     Deterministic (declaration order); ends with a newline.
     """
@@ -293,9 +336,7 @@ def to_mermaid(
     ids = _mermaid_ids([*deps, *extra])
     lines = ["flowchart LR"]
     for task in deps:
-        text = _mermaid_text(task)
-        if task in labels:
-            text += "<br/>" + _mermaid_text(labels[task])
+        text = "<br/>".join(_mermaid_text(line) for line in _node_lines(task, labels, states))
         lines.append(f'    {ids[task]}["{text}"]')
     for node in extra:
         lines.append(f'    {ids[node]}>"{_mermaid_text(node)}"]')
@@ -305,4 +346,20 @@ def to_mermaid(
     for source, target, label in side_edges:
         arrow = f'-.->|"{_mermaid_text(label)}"|' if label else "-.->"
         lines.append(f"    {ids[source]} {arrow} {ids[target]}")
+    if states is not None:
+        lines += _mermaid_state_classes([task for task in deps if task in states], states, ids)
     return "\n".join(lines) + "\n"
+
+
+def _mermaid_state_classes(tasks: Sequence[str], states: Mapping[str, str], ids: Mapping[str, str]) -> list[str]:
+    """A `classDef` per state shown (in `STATE_COLOURS` order, others after) and the tasks in each."""
+    members: dict[str, list[str]] = {}
+    for task in tasks:
+        members.setdefault(states[task], []).append(ids[task])
+    order = [s for s in STATE_COLOURS if s in members] + [s for s in members if s not in STATE_COLOURS]
+    lines = []
+    for state in order:
+        name = _MERMAID_UNSAFE_CHAR.sub("_", state) or "_"
+        lines.append(f"    classDef {name} fill:{_state_colour(state)},stroke:#495057")
+        lines.append(f"    class {','.join(members[state])} {name}")
+    return lines

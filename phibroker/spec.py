@@ -1,13 +1,16 @@
-"""The workflow file's schema (DESIGN §1) as pydantic models: shape, names and durations.
+"""The workflow file's schema as pydantic models: shape, names and durations.
 
 Graph and reference checks live in `workflow.py`; this module only says what a well-formed file is.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from dataclasses import fields as dataclass_fields
 from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, with_config
@@ -200,21 +203,55 @@ def _kind_problem(task: Task) -> str | None:
     return None
 
 
+_UNKNOWN_FIELD = ("unexpected_keyword_argument", "extra_forbidden")
+
+# Which model a mapping at each place of the file is ("*" stands for a task's name): the fields an
+# unknown field may have been meant as.
+_SECTIONS: dict[tuple[str, ...], type] = {
+    (): WorkflowSpec,
+    ("tasks", "*"): Task,
+    ("tasks", "*", "retry"): RetryOverride,
+    ("tasks", "*", "compensate"): Compensate,
+    ("tasks", "*", "approval"): Approval,
+    ("tasks", "*", "map"): MapSpec,
+    ("defaults",): Defaults,
+    ("defaults", "retry"): RetryOverride,
+    ("on",): EventTrigger,
+}
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """` (did you mean 'X'?)` for the closest choice, or "" when none is close: most typos are one slip."""
+    match = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
 def _first_error(exc: ValidationError) -> str:
-    """Pydantic's first error as one line: `task 'Deploy': unknown field 'agnt'`."""
-    err = exc.errors(include_url=False)[0]
+    """Pydantic's first error as one line: `task 'Deploy': unknown field 'agnt' (did you mean 'agent'?)`.
+
+    An unknown field goes first: a misspelt `taks:` also makes `tasks` missing, and the typo is the news.
+    """
+    errors = exc.errors(include_url=False)
+    err = next((e for e in errors if e["type"] in _UNKNOWN_FIELD), errors[0])
     loc = [str(part) for part in err["loc"]]
     if len(loc) >= 2 and loc[0] == "tasks":
         place, rest = f"task {loc[1]!r}", loc[2:]
     else:
         place, rest = "workflow", loc
     field_name = ".".join(rest)
-    if err["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
-        return f"{place}: unknown field {field_name!r}"
+    if err["type"] in _UNKNOWN_FIELD:
+        return f"{place}: unknown field {field_name!r}{_field_hint(loc)}"
     if err["type"] == "missing" or err["type"] == "missing_argument":
         return f"{place}: missing field {field_name!r}"
     message = err["msg"].removeprefix("Value error, ")
     return f"{place}: {field_name}: {message}" if field_name else f"{place}: {message}"
+
+
+def _field_hint(loc: list[str]) -> str:
+    """The did-you-mean for an unknown field at `loc`, from the fields of the section it sits in."""
+    section = tuple("*" if i == 1 and loc[0] == "tasks" else part for i, part in enumerate(loc[:-1]))
+    model = _SECTIONS.get(section)
+    return did_you_mean(loc[-1], (f.name for f in dataclass_fields(model))) if model else ""
 
 
 def retry_policy(spec: WorkflowSpec, task: Task) -> RetryPolicy:

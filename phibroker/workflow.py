@@ -27,15 +27,18 @@ from phibroker.errors import (
 )
 from phibroker.expr import Expression, Reference, Template, compile_expression, compile_template, task_of
 from phibroker.spec import (
+    NAME_PATTERN,
     RetryPolicy,
     Task,
     WorkflowSpec,
     coerce_param,
+    did_you_mean,
     parse_spec,
     retry_policy,
     task_timeout,
 )
 
+_RUN_ID = re.compile(NAME_PATTERN)
 _TASK_FIELDS = ("result", "state")  # what `tasks.NAME.` may reach
 _EVENT_ROOTS = frozenset({"event", "type", "data", "workflow", "task", "ts"})
 
@@ -136,7 +139,7 @@ class Workflow:
         """The file's params with overrides applied (already typed by the caller)."""
         unknown = [k for k in overrides if k not in self.spec.params]
         if unknown:
-            hint = _did_you_mean(unknown[0], self.spec.params)
+            hint = did_you_mean(unknown[0], self.spec.params)
             declared = ", ".join(self.spec.params) or "none"
             raise WorkflowFileError(f"unknown param {unknown[0]!r}{hint} (the file declares: {declared})")
         return {**self.spec.params, **overrides}
@@ -153,6 +156,22 @@ def load(path: str | Path) -> Workflow:
         workflow = check(decode(text, path.suffix.lower()))
     workflow.path, workflow.text = path, text
     return workflow
+
+
+def names_a_file(target: str) -> bool:
+    """Whether a FILE|ID argument means a workflow file: an existing path, or a name no run id can be
+    (a workflow file's suffix, a path), so a mistyped file name is reported as a missing file."""
+    path = Path(target)
+    return path.exists() or path.suffix.lower() in (".yaml", ".yml", ".json") or not _RUN_ID.match(target)
+
+
+def from_stored(spec_json: str) -> Workflow:
+    """The Workflow of a run, rebuilt from the spec JSON stored with it (a run outlives its file)."""
+    try:
+        source = json.loads(spec_json)
+    except json.JSONDecodeError as exc:
+        raise WorkflowFileError(f"the stored spec is not JSON: {exc.msg}") from None
+    return check(source)
 
 
 @contextmanager
@@ -183,15 +202,30 @@ def decode(text: bytes | str, suffix: str = "") -> Any:
     try:
         return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise WorkflowFileError(f"invalid YAML{where}: {exc.problem or exc}") from None
+        raise WorkflowFileError(_yaml_problem(text, exc)) from None
     except yaml.YAMLError as exc:
         raise WorkflowFileError(f"invalid YAML: {exc}") from None
 
 
+_YAML_LINE_BREAK = re.compile(r"\r\n|[\r\n\x85\u2028\u2029]")  # what PyYAML counts as a new line
+
+
+def _yaml_problem(text: str, exc: yaml.MarkedYAMLError) -> str:
+    """One line for a YAML syntax error. A tab in the indentation is named as such: PyYAML only says
+    "found character that cannot start any token", and an editor shows the tab as spaces."""
+    mark = exc.problem_mark
+    if mark is None:
+        return f"invalid YAML: {exc.problem or exc}"
+    lines = _YAML_LINE_BREAK.split(text)
+    line = lines[mark.line] if mark.line < len(lines) else ""
+    indent = line[: len(line) - len(line.lstrip(" \t"))]
+    if "\t" in indent and mark.column <= len(indent):
+        return f"invalid YAML at line {mark.line + 1}: tabs are not allowed in YAML indentation, use spaces"
+    return f"invalid YAML at line {mark.line + 1}, column {mark.column + 1}: {exc.problem or exc}"
+
+
 def check(data: Any) -> Workflow:
-    """Every check of DESIGN §1 in order: shape, graph, expressions, references."""
+    """Every check a workflow file gets, in order: shape, graph, expressions, references."""
     with _collector_paused():
         spec = parse_spec(data)
         workflow = Workflow(spec, data)
@@ -279,13 +313,13 @@ def _check_references(
         if root == "params":
             if len(ref.path) < 2 or not _param_exists(workflow.spec.params, ref):
                 name = ref.path[1] if len(ref.path) > 1 else ""
-                hint = _did_you_mean(name, workflow.spec.params)
+                hint = did_you_mean(name, workflow.spec.params)
                 raise WorkflowFileError(f"{where} names no declared param{hint} (declare it under params:)")
         elif root == "tasks":
             target = task_of(ref, workflow.tasks)
             if target is None:
                 name = ref.path[1] if len(ref.path) > 1 else ""
-                hint = _did_you_mean(name, workflow.tasks)
+                hint = did_you_mean(name, workflow.tasks)
                 raise WorkflowFileError(f"{where} names no task{hint}")
             if upstream is None:
                 upstream = dag.ancestors(workflow.deps, task)
@@ -302,11 +336,6 @@ def _check_references(
 def _param_exists(params: Mapping[str, Any], ref: Reference) -> bool:
     rest = ref.path[1:]
     return any(".".join(rest[:n]) in params for n in range(len(rest), 0, -1))
-
-
-def _did_you_mean(word: str, choices: Mapping[str, Any] | list[str]) -> str:
-    match = difflib.get_close_matches(word, list(choices), n=1)
-    return f" (did you mean {match[0]!r}?)" if match else ""
 
 
 def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from phibroker.dag import (
+    STATE_COLOURS,
     Deps,
     ancestors,
     critical_path,
@@ -214,6 +215,54 @@ def test_to_mermaid_ids_for_unsafe_names() -> None:
         "    fetch_data_2 --> fetch_data_3\n"
         "    fetch_data --> end_2\n"
     )
+
+
+SMALL_STATES = {"Research": "succeeded", "Implement": "failed", "Review": "skipped"}
+
+
+def test_to_dot_of_a_run_fills_each_task_with_its_state() -> None:
+    assert to_dot(SMALL, "ship", SMALL_LABELS, states=SMALL_STATES) == (
+        'digraph "ship" {\n'
+        "    rankdir=LR;\n"
+        '    node [shape=box, style="rounded,filled", fillcolor="white"];\n'
+        '    "Research" [label="Research\\nwebc · research\\nsucceeded", fillcolor="#b2f2bb"];\n'
+        '    "Implement" [label="Implement\\ncoder · implement\\nfailed", fillcolor="#ffa8a8"];\n'
+        '    "Review" [label="Review\\nskipped", fillcolor="#dee2e6"];\n'
+        '    "Research" -> "Implement";\n'
+        '    "Implement" -> "Review";\n'
+        '    "Research" -> "Review";\n'
+        "}\n"
+    )
+
+
+def test_to_mermaid_of_a_run_puts_each_task_in_its_state_class() -> None:
+    states = {**SMALL_STATES, "Review": "succeeded"}
+    assert to_mermaid(SMALL, SMALL_LABELS, SMALL_SIDE, states=states) == (
+        "flowchart LR\n"
+        '    Research["Research<br/>webc · research<br/>succeeded"]\n'
+        '    Implement["Implement<br/>coder · implement<br/>failed"]\n'
+        '    Review["Review<br/>succeeded"]\n'
+        '    sub_page_oncall>"sub:page_oncall"]\n'
+        "    Research --> Implement\n"
+        "    Implement --> Review\n"
+        "    Research --> Review\n"
+        '    Review -.->|"on failure"| sub_page_oncall\n'
+        "    classDef succeeded fill:#b2f2bb,stroke:#495057\n"
+        "    class Research,Review succeeded\n"
+        "    classDef failed fill:#ffa8a8,stroke:#495057\n"
+        "    class Implement failed\n"
+    )
+
+
+def test_every_task_state_has_its_own_colour() -> None:
+    task_states = ["pending", "ready", "running", "retrying", "succeeded", "failed", "skipped", "cancelled"]
+    assert set(STATE_COLOURS) == {*task_states, "compensated"}
+    assert len(set(STATE_COLOURS.values())) == len(STATE_COLOURS)
+
+
+def test_a_task_missing_from_the_states_is_drawn_as_unknown() -> None:
+    assert '"b" [label="b\\nunknown"];' in to_dot({"a": [], "b": ["a"]}, states={"a": "running"})
+    assert 'b["b<br/>unknown"]' in to_mermaid({"a": [], "b": ["a"]}, states={"a": "running"})
 
 
 # --- properties ------------------------------------------------------------------------------------------

@@ -52,7 +52,28 @@ def test_every_example_is_valid(path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("name: w\ntasks: {A: {agent: a, comand: x}}", "task 'A': unknown field 'comand'"),
+        ("name: w\ntasks: {A: {agent: a, comand: x}}", "task 'A': unknown field 'comand' (did you mean 'command'?)"),
+        ("name: w\ntaks: {A: {agent: a, command: x}}", "workflow: unknown field 'taks' (did you mean 'tasks'?)"),
+        (
+            "name: w\ntasks: {A: {agent: a, command: x, retry: {max_atempts: 2}}}",
+            "task 'A': unknown field 'retry.max_atempts' (did you mean 'max_attempts'?)",
+        ),
+        (
+            "name: w\ndefaults: {timeout: 1s, retyr: {}}\ntasks: {A: {agent: a, command: x}}",
+            "workflow: unknown field 'defaults.retyr' (did you mean 'retry'?)",
+        ),
+        (
+            "name: w\non: {evnt: x}\ntasks: {A: {agent: a, command: x}}",
+            "unknown field 'on.evnt' (did you mean 'event'?)",
+        ),
+        (
+            "name: w\ntasks:\n  A:\n\tagent: a\n    command: x\n",
+            "invalid YAML at line 4: tabs are not allowed in YAML indentation, use spaces",
+        ),
+        (
+            "name: w\ntasks:\n  A:\n    agent: a\n  \tcommand: x\n",
+            "invalid YAML at line 5: tabs are not allowed in YAML indentation, use spaces",
+        ),
         (
             "name: w\ntasks: {A: {agent: a, command: x, depends_on: [Bee]}, Be: {agent: a, command: x}}",
             "depends on unknown task 'Bee' (did you mean 'Be'?)",
@@ -89,6 +110,16 @@ def test_every_example_is_valid(path: Path) -> None:
 )
 def test_invalid_files_give_one_clear_line(text: str, expected: str) -> None:
     assert expected in error_of(text)
+
+
+def test_an_unknown_field_far_from_any_is_named_without_a_guess() -> None:
+    assert error_of("name: w\ntasks: {A: {agent: a, command: x, zzzzzz: 1}}") == "task 'A': unknown field 'zzzzzz'"
+
+
+def test_a_tab_inside_a_value_is_not_an_indentation_error() -> None:
+    wf = check('name: w\ntasks:\n  A: {agent: a, command: x, payload: {text: "a\tb"}}\n')
+    assert wf.tasks["A"].payload == {"text": "a\tb"}
+    assert "column" in error_of("name: w\ntasks: {A: {agent: a, command: x}\n")  # other errors keep theirs
 
 
 def test_typed_errors_carry_their_fields() -> None:
@@ -154,6 +185,19 @@ def test_validate_json_and_exit_codes(tmp_path: Path) -> None:
     assert result.stderr.strip() == "error: dependency cycle: A -> A"
     missing = run_cli("validate", str(tmp_path / "nope.yaml"))
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1
+
+
+def test_validate_names_a_misspelt_field_and_a_tab(tmp_path: Path) -> None:
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("name: w\ntasks:\n  Research:\n    agent: webc\n    comand: research\n")
+    result = run_cli("validate", str(typo))
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == "error: task 'Research': unknown field 'comand' (did you mean 'command'?)\n"
+    tabs = tmp_path / "tabs.yaml"
+    tabs.write_text("name: w\ntasks:\n  Research:\n\tagent: webc\n\tcommand: research\n")
+    result = run_cli("validate", str(tabs))
+    assert result.returncode == 2
+    assert result.stderr == "error: invalid YAML at line 4: tabs are not allowed in YAML indentation, use spaces\n"
 
 
 def test_graph_formats() -> None:
