@@ -268,6 +268,12 @@ class Run:
         return {"params": self.params, "tasks": _TaskView(self), "result": result}
 
     # -- writing -----------------------------------------------------------------------------------
+    def begin(self) -> Transition:
+        """A fresh transition for the next batch of inputs (and a fresh release budget)."""
+        self.tx = Transition()
+        self._released = 0
+        return self.tx
+
     def set(self, unit: str, **values: Any) -> None:
         record = self.unit(unit)
         record.update(values)

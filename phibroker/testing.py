@@ -1,4 +1,5 @@
-"""A private `redis-server` on a free port, for the test suite, the benchmarks and anyone's own tests.
+"""Test harnesses, for our tests and users' own: a private `redis-server` on a free port, and a
+`Simulation` that drives a workflow through the engine in memory.
 
 Tests and benchmarks must never touch a Redis someone else runs (or its data): each session starts its
 own, and stops it at the end.
@@ -11,7 +12,16 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
+
+from phibroker import engine
+from phibroker.agent import Agent, Context
+from phibroker.state import WF_TERMINAL, Run, new_workflow_fields, timer_member
+from phibroker.wire import TaskMessage, unpack
+from phibroker.workflow import Workflow, load
 
 
 def free_port() -> int:
@@ -75,3 +85,156 @@ class RedisServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class Simulation:
+    """A run driven through the real engine in memory: no Redis, no processes, a virtual clock.
+
+    For unit tests of the engine and of users' own workflows (as dramatiq's StubBroker or Temporal's
+    test environment serve theirs): every dispatch runs the matching `Agent`'s handler at once, its
+    result goes through the same transition a coordinator applies, and retries, deadlines and
+    approval timeouts fire on a clock that jumps to the next due time.
+
+        sim = Simulation("examples/saga.yaml", [vssc, cmdc])
+        assert sim.run()["state"] == "failed"
+    """
+
+    worker = "simulation"
+
+    def __init__(
+        self,
+        source: str | Path | Workflow,
+        agents: Iterable[Agent] = (),
+        params: Mapping[str, Any] | None = None,
+        *,
+        run_id: str = "sim",
+        start: float = 1_000_000.0,
+        seed: int = 0,
+        limit: int = 1 << 20,
+    ):
+        workflow = source if isinstance(source, Workflow) else load(source)
+        self.agents = {agent.name: agent for agent in agents}
+        self.now = start
+        self.limit = limit
+        meta = new_workflow_fields(workflow, workflow.params_with(params or {}), start)
+        self.run_state = Run(run_id, workflow, meta, {}, {}, limit=limit)
+        self.run_state.rand.seed(seed)
+        self.queue: deque[TaskMessage] = deque()
+        self.timers: dict[str, float] = {}
+        self.approvals: dict[str, dict[str, Any]] = {}
+        self.events: list[dict[str, Any]] = []
+        self.history: list[bytes] = []
+        self._apply(engine.start)
+
+    # -- driving -----------------------------------------------------------------------------------
+    def run(self, max_steps: int = 1_000_000) -> dict[str, Any]:
+        """Step until the run ends, or waits for a person with nothing else due first; its status."""
+        for _ in range(max_steps):
+            if self.ended or self._waiting_for_a_person() or not self.step():
+                return self.status()
+        raise RuntimeError(f"{self.run_state.id} did not settle in {max_steps} steps")
+
+    def step(self) -> bool:
+        """Run the next dispatched attempt, or fire the next timer; False when nothing is left."""
+        if self.queue:
+            self._execute(self.queue.popleft())
+            return True
+        if not self.timers:
+            return False
+        member = min(self.timers, key=self.timers.__getitem__)
+        self._fire(member)
+        return True
+
+    def advance(self, seconds: float) -> dict[str, Any]:
+        """Let `seconds` pass: whatever is due by then runs (an approval may time out); the status."""
+        until = self.now + seconds
+        while not self.ended:
+            if self.queue:
+                self._execute(self.queue.popleft())
+                continue
+            due = [m for m, at in self.timers.items() if at <= until]
+            if not due:
+                break
+            self._fire(min(due, key=self.timers.__getitem__))
+        self.now = max(self.now, until)
+        return self.status()
+
+    def approve(self, task: str, approver: str = "stryk", comment: str | None = None) -> dict[str, Any]:
+        """Decide the open approval of `task` as `approver` (no signature: nothing leaves memory)."""
+        return self._decide(task, "approve", approver, comment=comment)
+
+    def reject(self, task: str, reason: str, approver: str = "stryk") -> dict[str, Any]:
+        return self._decide(task, "reject", approver, reason=reason)
+
+    def cancel(self, reason: str = "cancelled by request") -> dict[str, Any]:
+        self._apply(lambda run, now: engine.cancel(run, now, reason))
+        return self.run()
+
+    # -- reading -----------------------------------------------------------------------------------
+    @property
+    def ended(self) -> bool:
+        return self.run_state.wf_state in WF_TERMINAL
+
+    def status(self) -> dict[str, Any]:
+        """The run as `status --json` shows it."""
+        from phibroker.client import status_document
+
+        run = self.run_state
+        units = {name: dict(record) for name, record in run.units.items()}
+        return status_document(run.id, dict(run.meta), units, dict(run.raw_results), self.history, self.limit)
+
+    def event_types(self, task: str | None = None) -> list[str]:
+        """The types of the events published so far, of one task or all."""
+        return [e["type"] for e in self.events if task is None or e.get("task") == task]
+
+    # -- inside ------------------------------------------------------------------------------------
+    def _apply(self, step: Callable[[Run, float], Any]) -> Any:
+        """One input applied to the run, and its transition carried out as a coordinator would."""
+        tx = self.run_state.begin()
+        value = step(self.run_state, self.now)
+        self.history += tx.history
+        self.events += tx.events
+        self.queue.extend(TaskMessage.decode(raw, self.limit) for _, raw in tx.dispatches)
+        self.timers.update(tx.timers_add)
+        for member in tx.timers_del:
+            self.timers.pop(member, None)
+        self.approvals.update({k: unpack(v, self.limit) for k, v in tx.approvals_set.items()})
+        for request in tx.approvals_del:
+            self.approvals.pop(request, None)
+        return value
+
+    def _execute(self, message: TaskMessage) -> None:
+        agent = self.agents.get(message.agent)
+        if agent is None:
+            known = ", ".join(sorted(self.agents)) or "none"
+            raise LookupError(f"{message.unit} needs agent {message.agent!r}; the simulation has: {known}")
+        ctx = Context.for_message(message, token=message.attempt)
+        outcome = agent.execute(message.command, ctx, message.payload, self.limit)
+        outcome.started = outcome.finished = self.now  # handlers take no virtual time
+        result = outcome.result(ctx, self.worker)
+        self._apply(lambda run, now: engine.apply_result(run, result, now))
+
+    def _fire(self, member: str) -> None:
+        self.now = max(self.now, self.timers.pop(member))
+        self._apply(lambda run, now: engine.apply_timer(run, member, now))
+
+    def _waiting_for_a_person(self) -> bool:
+        """An approval is open and nothing but its timeout (or a later timer) would happen next."""
+        if self.queue or not self.approvals:
+            return False
+        first = min(self.timers.values(), default=None)
+        timeouts = [
+            self.timers.get(timer_member("approval", self.run_state.id, r["task"], r["id"]))
+            for r in self.approvals.values()
+        ]
+        return first is None or first in timeouts
+
+    def _decide(self, task: str, decision: str, approver: str, **words: str | None) -> dict[str, Any]:
+        request = next((r for r in self.approvals.values() if r["task"] == task), None)
+        if request is None:
+            raise LookupError(f"no open approval for task {task!r}")
+        body = {"task": task, "approval": request["id"], "approver": approver, "decision": decision, **words}
+        refusal = self._apply(lambda run, now: engine.decide(run, body, now))
+        if refusal:
+            raise ValueError(f"decision refused: {refusal}")
+        return self.run()

@@ -29,22 +29,9 @@ def test_a_new_attempt_clears_the_previous_attempts_run_in_redis_too() -> None:
     engine.start(run, 1.0)
     run.units["A"].update(state="running", token=2, entry="1-0", worker="w")  # reclaimed once
     engine._unit_failed(run, "A", "boom", 2.0, retryable=True)
-    run.tx = state.Transition()
+    run.begin()
     engine.apply_timer(run, state.timer_member("retry", "wf", "A", 1), 5.0)
     assert run.tx.fields()["A|run"] == state.pack_group({"token": 0}, "run")
-
-
-def test_a_partition_over_the_size_limit_fails_its_task_once() -> None:
-    text = (
-        "name: w\nfailure: best_effort\nparams: {items: []}\ntasks:\n"
-        "  M: {agent: a, command: c, map: {over: '${params.items}', partitions: 3}}\n"
-        "  Other: {agent: a, command: c}\n"
-    )
-    run = make_run(text, limit=600)
-    run.meta["params"] = {"items": ["x" * 1000] * 3}  # every partition over the limit, Other under it
-    engine.start(run, 1.0)
-    assert run.state("M") == "failed" and run.open_tasks == 1
-    assert [e["type"] for e in run.tx.events].count("task.failed") == 1
 
 
 def test_more_units_than_one_release_are_all_released_without_any_result(
