@@ -166,7 +166,7 @@ def test_a_bridge_killed_mid_job_loses_nothing_and_the_job_runs_once(
     status = client.wait(wf_id, timeout=40)
     assert status["state"] == "succeeded", procs.output()
     task = status["tasks"]["A"]
-    assert task["attempts"] == 1  # the reclaim is a new attempt of the same dispatch, not a retry
+    assert task["attempts"] == 2  # the reclaim is a run of its own (of the same dispatch, not a retry)
     lost, ran = task["history"]
     assert lost["applied"] is False and lost["error"].startswith("lost: worker cmdc@")
     assert ran["applied"] is True
@@ -293,3 +293,16 @@ def test_map_pairs() -> None:
     for bad in (["build=notdotted"], ["bad name=a.b"], ["x=a.b", "x=a.c"], []):
         with pytest.raises(InvalidInput):
             parse_map(bad)
+
+
+def test_without_rq_installed_the_bridge_says_which_extra_to_install() -> None:
+    """RQ is an optional extra: a bridge started without it is one line and exit 2, not a traceback."""
+    script = (
+        "import sys; sys.modules['rq'] = None\n"  # what a missing package looks like to an import
+        "from phibroker.cli import main\n"
+        "main(['rq-bridge', '--agent', 'cmdc', '--queue', 'q'])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()]
+    assert "pip install 'phibroker[rq]'" in done.stderr
