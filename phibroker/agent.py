@@ -63,6 +63,24 @@ class Context:
     events: list[dict[str, Any]] = field(default_factory=list)
     last_heartbeat: float = field(default_factory=time.time)
 
+    @classmethod
+    def for_message(cls, message: wire.TaskMessage, token: int) -> Context:
+        """The context of one attempt of `message`, fenced by `token`."""
+        return cls(
+            workflow_id=message.wf,
+            task=message.task,
+            unit=message.unit,
+            attempt=message.attempt,
+            agent=message.agent,
+            command=message.command,
+            inputs=message.inputs,
+            partition=(message.partition[0], message.partition[1]) if message.partition else None,
+            result=message.result,
+            deadline=message.deadline,
+            token=token,
+            dispatch_id=message.id,
+        )
+
     @property
     def idempotency_key(self) -> str:
         """The same on every attempt of this unit: key side effects on it to apply them once."""
@@ -167,6 +185,23 @@ class Outcome:
     started: float = 0.0
     finished: float = 0.0
 
+    def result(self, ctx: Context, worker: str) -> wire.Result:
+        """The result message of the attempt `ctx` ran; a failed attempt's events are never published."""
+        return wire.Result(
+            id=ctx.dispatch_id,
+            wf=ctx.workflow_id,
+            unit=ctx.unit,
+            token=ctx.token,
+            ok=self.ok,
+            worker=worker,
+            started=self.started,
+            finished=self.finished,
+            value=self.value,
+            error=self.error,
+            retry=self.retry,
+            events=ctx.events if self.ok else [],
+        )
+
 
 class Agent:
     """An agent's commands and subscriptions: `@agent.command("scan")`, `@agent.on("task.failed")`."""
@@ -247,16 +282,15 @@ def failure(exc: BaseException, started: float) -> Outcome:
 
 
 def load_agent(name: str, app: str | None = None) -> Agent:
-    """The agent NAME from `module:attr`, from `module` (any Agent named NAME in it), or from `workers.NAME`."""
-    import importlib
+    """The agent NAME from `module:attr`, from `module` (any Agent named NAME in it), or from `workers.NAME`.
 
+    The current folder is searched first, as `celery -A` and `rq worker` do: a user's agents module
+    beside them imports without setting PYTHONPATH.
+    """
     from phibroker.errors import InvalidInput
 
     module_name, _, attr = (app or f"workers.{name}").partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise InvalidInput(f"cannot import {module_name!r} for agent {name!r}: {exc}") from None
+    module = _import_app(module_name, name, default=app is None)
     if attr:
         found = getattr(module, attr, None)
         if not isinstance(found, Agent):
@@ -264,7 +298,31 @@ def load_agent(name: str, app: str | None = None) -> Agent:
         if found.name != name:
             raise InvalidInput(f"{module_name}:{attr} is agent {found.name!r}, not {name!r}")
         return found
-    for value in vars(module).values():
-        if isinstance(value, Agent) and value.name == name:
-            return value
-    raise InvalidInput(f"no Agent named {name!r} in module {module_name!r}")
+    agents = [value for value in vars(module).values() if isinstance(value, Agent)]
+    for agent in agents:
+        if agent.name == name:
+            return agent
+    has = ", ".join(sorted(repr(agent.name) for agent in agents)) or "none"
+    raise InvalidInput(f"no Agent named {name!r} in module {module_name!r} (it has: {has})")
+
+
+def _import_app(module_name: str, agent: str, default: bool) -> Any:
+    """Import the module holding the agent, from the current folder first; a failure says what was tried."""
+    import importlib
+    import os
+    import sys
+
+    from phibroker.errors import InvalidInput
+
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        return importlib.import_module(module_name)
+    except ImportError as exc:
+        if default and exc.name in (module_name, module_name.partition(".")[0]):
+            raise InvalidInput(
+                f"no module {module_name!r}: {agent!r} is not a reference agent; "
+                f"pass --app MODULE, the module (in {cwd} or on PYTHONPATH) that holds Agent({agent!r})"
+            ) from None
+        raise InvalidInput(f"cannot import {module_name!r} for agent {agent!r} (searched {cwd} first): {exc}") from None

@@ -34,7 +34,7 @@ _SHAS = {
     source: hashlib.sha1(source.encode()).hexdigest()  # noqa: S324 - the name Redis gives a script
     for source in (scripts.CREATE, scripts.APPLY, scripts.START, scripts.CLAIM_TIMERS, scripts.LEASE, scripts.XADD_MANY)
 }
-_INT_FIELDS = frozenset({"attempt", "token", "seq", "parts", "version", "launched", "depth"})
+_INT_FIELDS = frozenset({"attempt", "token", "seq", "parts", "version", "launched", "depth", "reclaims"})
 _FLOAT_FIELDS = frozenset({"dispatched", "started", "finished", "deadline", "created_at", "finished_at", "retry_at"})
 _RAW_FIELDS = frozenset({"decision"})
 _META_JSON = frozenset({"params", "chain"})
@@ -64,6 +64,9 @@ def _next_id(entry_id: str) -> str:
     return f"{ms}-{seq + 1}"
 
 
+HINT = "start one with `make dev` (or `phibroker dev`), or set PHIBROKER_REDIS_URL"
+
+
 def connect(settings: Settings) -> redis.Redis:
     """A client whose socket timeout stays above every blocking read, with a short retry for blips."""
     try:
@@ -77,7 +80,26 @@ def connect(settings: Settings) -> redis.Redis:
             driver_info=None,  # no CLIENT SETINFO: per-agent ACL users need not be granted it
         )
     except ValueError as exc:
-        raise BrokerUnavailable(f"bad Redis URL {settings.redis_url!r}: {exc}") from None
+        raise BrokerUnavailable(
+            f"bad Redis URL {settings.redis_url!r} ({exc}): set PHIBROKER_REDIS_URL (or --redis) to redis://HOST:PORT/DB"
+        ) from None
+
+
+def unusable(settings: Settings, exc: Exception) -> BrokerUnavailable | None:
+    """What a failure to reach or select the broker means to a user, or None for any other error.
+
+    A database index the server does not have is refused only when the connection is made (SELECT),
+    as a ResponseError: it is as fatal as an address where nothing listens, so it reads the same way.
+    """
+    url = settings.redis_url
+    if isinstance(exc, CONNECTION_ERRORS):
+        return BrokerUnavailable(f"cannot reach Redis at {url} ({str(exc).rstrip('.')}): {HINT}")
+    if isinstance(exc, ResponseError) and "DB index" in str(exc):
+        return BrokerUnavailable(
+            f"Redis at {url} refuses that database ({exc}): use one it has (/0 is always there) "
+            "in PHIBROKER_REDIS_URL (or --redis)"
+        )
+    return None
 
 
 def parse_value(name: str, raw: bytes) -> Any:
@@ -162,11 +184,14 @@ def parse_leases(raw: dict[bytes, bytes]) -> dict[str, dict[str, Any]]:
 
 @contextmanager
 def reaching(settings: Settings) -> Iterator[None]:
-    """A lost connection becomes BrokerUnavailable (exit 3), naming the URL."""
+    """A lost connection or a missing database becomes BrokerUnavailable (exit 3), naming the URL."""
     try:
         yield
-    except CONNECTION_ERRORS as exc:
-        raise BrokerUnavailable(f"cannot reach Redis at {settings.redis_url}: {exc}") from None
+    except (*CONNECTION_ERRORS, ResponseError) as exc:
+        error = unusable(settings, exc)
+        if error is None:
+            raise
+        raise error from None
 
 
 class Broker:
@@ -208,10 +233,9 @@ class Broker:
             self.redis.script_load(source)
 
     def ping(self) -> None:
-        try:
+        """Fail now, in one line, if the broker cannot be used: before a loop, not inside it."""
+        with reaching(self.settings):
             self.redis.ping()
-        except CONNECTION_ERRORS as exc:
-            raise BrokerUnavailable(f"cannot reach Redis at {self.settings.redis_url}: {exc}") from None
 
     def close(self) -> None:
         self.redis.close()
@@ -305,6 +329,17 @@ class Broker:
             dispatch_id = dispatch.decode().split(SEP, 1)[0] if dispatch else None
             out.append((wf_state.decode() if wf_state else None, state.decode() if state else None, dispatch_id))
         return out  # type: ignore[return-value]
+
+    def unit_runs(self, pairs: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
+        """The attempt and the run (token, started, entry, worker) each (workflow, unit) holds now: what a
+        worker reclaiming a unit's entry records about the run it replaces."""
+        pipe = self.redis.pipeline(transaction=False)
+        for wf_id, unit in pairs:
+            pipe.hmget(self.keys.wf_tasks(wf_id), f"{unit}|dispatch", f"{unit}|run")
+        return [
+            {**unpack_group("dispatch", (dispatch or b"").decode()), **unpack_group("run", (run or b"").decode())}
+            for dispatch, run in pipe.execute()
+        ]
 
     def dead_letter(self, reason: str, raw: bytes | None, source: str, entry_id: str, **extra: Any) -> None:
         """Keep a message that cannot be handled, with why; a huge one keeps its first MiB."""

@@ -18,6 +18,7 @@ from phibroker import workflow as workflows
 from phibroker.errors import InvalidInput, PhibrokerError
 from phibroker.settings import Settings
 from phibroker.spec import parse_duration
+from phibroker.state import WF_TERMINAL
 
 
 class _Group(click.Group):
@@ -60,20 +61,32 @@ def validate(file: str, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("target", metavar="FILE|ID")
 @click.option("--format", "fmt", type=click.Choice(["dot", "mermaid"]), default="dot", show_default=True)
 @click.pass_obj
-def graph(settings: Settings, file: str, fmt: str) -> None:
-    """Print the DAG of FILE for Graphviz or Mermaid; where a broker answers, the subscriptions that
-    react to its events are drawn as dashed side edges."""
+def graph(settings: Settings, target: str, fmt: str) -> None:
+    """Print the DAG of FILE, or of the run ID with the state of each task, for Graphviz or Mermaid;
+    where a broker answers, the subscriptions that react to its events are drawn as dashed side edges."""
     from phibroker.events import graph_edges
 
-    wf = workflows.load(file)
+    states: dict[str, str] | None = None
+    if workflows.names_a_file(target):
+        wf = workflows.load(target)
+    else:
+        from phibroker.client import Client
+        from phibroker.errors import UnknownWorkflow
+
+        with Client(settings) as client:
+            try:
+                wf, doc = client.workflow(target), client.status(target)
+            except UnknownWorkflow:
+                raise InvalidInput(f"{target!r} is neither a workflow file nor the id of a run") from None
+        states = {name: task["state"] for name, task in doc["tasks"].items()}
     edges = graph_edges(settings, wf)
     if fmt == "dot":
-        click.echo(dag.to_dot(wf.deps, name=wf.name, labels=wf.labels(), side_edges=edges), nl=False)
+        click.echo(dag.to_dot(wf.deps, name=wf.name, labels=wf.labels(), side_edges=edges, states=states), nl=False)
     else:
-        click.echo(dag.to_mermaid(wf.deps, labels=wf.labels(), side_edges=edges), nl=False)
+        click.echo(dag.to_mermaid(wf.deps, labels=wf.labels(), side_edges=edges, states=states), nl=False)
 
 
 @main.command()
@@ -105,7 +118,9 @@ def submit(
             click.echo(json.dumps({"id": wf_id}) if as_json else wf_id)
             return
         click.echo(f"submitted {wf_id}; waiting for it to end", err=True)
-        status = client.wait(wf_id, timeout=limit, on_progress=_progress_printer())
+        status = client.wait(wf_id, timeout=limit, on_progress=_progress_printer(client.live_agents))
+    if status["state"] not in WF_TERMINAL:
+        click.echo(f"stopped waiting; the run goes on (phibroker status {wf_id})", err=True)
     if as_json:
         click.echo(json.dumps(status, default=str))
     else:
@@ -139,25 +154,27 @@ def list_(settings: Settings, limit: int, as_json: bool) -> None:
 
     with Client(settings) as client:
         rows = client.list(limit)
-    _show(
-        rows,
-        as_json,
-        "no workflows",
-        lambda r: f"{r['id']:<40} {r['state'] or '?':<17} {_took(r['created_at'], r['finished_at'])}",
-    )
+    paint = _painter()
+
+    def line(row: dict[str, Any]) -> str:
+        state = paint(f"{row['state'] or '?':<17}", row["state"])
+        return f"{row['id']:<40} {state} {_took(row['created_at'], row['finished_at'])}"
+
+    _show(rows, as_json, "no workflows", line)
 
 
 @main.command()
 @click.argument("wf_id", metavar="ID")
 @click.option("--reason", help="recorded with the cancellation")
+@click.option("--json", "as_json", is_flag=True, help='stdout: {"id": ..., "ok": true}')
 @click.pass_obj
-def cancel(settings: Settings, wf_id: str, reason: str | None) -> None:
+def cancel(settings: Settings, wf_id: str, reason: str | None, as_json: bool) -> None:
     """Cancel workflow ID: nothing new starts, running tasks are asked to stop, compensations run."""
     from phibroker.client import Client
 
     with Client(settings) as client:
         client.cancel(wf_id, reason)
-    click.echo(f"cancelling {wf_id}")
+    click.echo(json.dumps({"id": wf_id, "ok": True}) if as_json else f"cancelling {wf_id}")
 
 
 @main.command()
@@ -183,8 +200,10 @@ def worker(
         settings = settings.model_copy(update={"reclaim_after": _duration(reclaim_after, "--reclaim-after")})
     if concurrency < 1:
         raise InvalidInput("--concurrency must be at least 1")
+    agent = load_agent(agent_name, app)
+    _reachable(settings)
     _logging()
-    runner = Worker(load_agent(agent_name, app), settings, concurrency=concurrency)
+    runner = Worker(agent, settings, concurrency=concurrency)
     _long_running()
     _stop_on_signals(runner.stop)
     if not runner.work(burst=burst):
@@ -200,6 +219,7 @@ def coordinator(settings: Settings, require_signed: bool, burst: bool) -> None:
     """Run a coordinator: results in, DAG progress, dispatches out. Several may run at once."""
     from phibroker.coordinator import Coordinator
 
+    _reachable(settings)
     _logging()
     runner = Coordinator(settings, require_signed=require_signed)
     _long_running()
@@ -212,8 +232,9 @@ def coordinator(settings: Settings, require_signed: bool, burst: bool) -> None:
 @click.option("--no-example", is_flag=True, help="only run the broker, the coordinator and the workers")
 @click.option("--once", is_flag=True, help="stop everything once the example ends; exit 1 unless it succeeded")
 @click.option("--app", help="MODULE holding the agents (default: the reference agents in the workers package)")
+@click.option("--fresh", is_flag=True, help="start dev's redis-server empty: removes $PHIBROKER_HOME/dev-data")
 @click.pass_obj
-def dev(settings: Settings, example: str | None, no_example: bool, once: bool, app: str | None) -> None:
+def dev(settings: Settings, example: str | None, no_example: bool, once: bool, app: str | None, fresh: bool) -> None:
     """A first try: a broker, the coordinator, the reference workers and an example workflow."""
     from pathlib import Path
 
@@ -224,7 +245,7 @@ def dev(settings: Settings, example: str | None, no_example: bool, once: bool, a
     chosen = None if no_example else Path(example) if example else find_example()
     if not no_example and chosen is None:
         raise InvalidInput("examples/complete-dag.yaml not found; pass --example FILE or --no-example")
-    sys.exit(DevServer(settings, app=app, example=chosen, once=once).run())
+    sys.exit(DevServer(settings, app=app, example=chosen, once=once, fresh=fresh).run())
 
 
 @main.command()
@@ -248,32 +269,46 @@ def approvals(settings: Settings, as_json: bool) -> None:
 @main.command()
 @click.argument("approval_id", metavar="ID")
 @click.option("--comment", help="recorded with the approval")
+@click.option("--json", "as_json", is_flag=True, help="stdout: the verdict as one JSON object")
 @click.pass_obj
-def approve(settings: Settings, approval_id: str, comment: str | None) -> None:
+def approve(settings: Settings, approval_id: str, comment: str | None, as_json: bool) -> None:
     """Approve request ID, signed with your key (made on first use)."""
-    _decide(settings, approval_id, "approve", comment=comment)
+    _decide(settings, approval_id, "approve", as_json, comment=comment)
 
 
 @main.command()
 @click.argument("approval_id", metavar="ID")
 @click.option("--reason", required=True, help="why: recorded, and the gate task fails with it")
+@click.option("--json", "as_json", is_flag=True, help="stdout: the verdict as one JSON object")
 @click.pass_obj
-def reject(settings: Settings, approval_id: str, reason: str) -> None:
+def reject(settings: Settings, approval_id: str, reason: str, as_json: bool) -> None:
     """Reject request ID, signed with your key."""
-    _decide(settings, approval_id, "reject", reason=reason)
+    _decide(settings, approval_id, "reject", as_json, reason=reason)
 
 
 def _decide(
-    settings: Settings, approval_id: str, decision: str, comment: str | None = None, reason: str | None = None
+    settings: Settings,
+    approval_id: str,
+    decision: str,
+    as_json: bool,
+    comment: str | None = None,
+    reason: str | None = None,
 ) -> None:
+    """Send a signed decision and say the verdict: granted, rejected, or sent (no coordinator answered)."""
     from phibroker.client import Client
 
     with Client(settings) as client:
         outcome = client.decide(approval_id, decision, comment=comment, reason=reason)
-    if outcome["type"] == "approval.sent":
+    verdict = outcome["type"].split(".")[1]
+    if verdict == "sent":
         click.echo(f"{decision} {approval_id}: sent; no coordinator has answered yet", err=True)
-    else:
-        click.echo(f"{approval_id}: {outcome['type'].split('.')[1]}")
+    if as_json:
+        data = outcome.get("data") or {}
+        essentials = {"id": approval_id, "decision": decision, "state": verdict}
+        where = {"workflow": outcome.get("workflow"), "task": outcome.get("task"), "approver": data.get("approver")}
+        click.echo(json.dumps({**essentials, **where}))
+    elif verdict != "sent":
+        click.echo(f"{approval_id}: {verdict}")
 
 
 @main.group()
@@ -493,7 +528,10 @@ def rq_bridge(
     settings: Settings, agent_name: str, queue_name: str, pairs: tuple[str, ...], concurrency: int, rq_redis: str | None
 ) -> None:
     """Serve an agent's tasks with RQ: each task runs as an RQ job, its outcome becomes the task's result."""
-    from phibroker.rqbridge import Bridge, parse_map
+    try:
+        from phibroker.rqbridge import Bridge, parse_map
+    except ImportError as exc:
+        raise InvalidInput(f"rq-bridge needs RQ ({exc}): pip install 'phibroker[rq]'") from None
 
     if concurrency < 1:
         raise InvalidInput("--concurrency must be at least 1")
@@ -531,13 +569,14 @@ def agents(settings: Settings, as_json: bool) -> None:
 
 @main.command()
 @click.argument("wf_id", metavar="ID")
+@click.option("--json", "as_json", is_flag=True, help='stdout: {"id", "state", "lines": [...]}')
 @click.pass_obj
-def why(settings: Settings, wf_id: str) -> None:
+def why(settings: Settings, wf_id: str, as_json: bool) -> None:
     """What workflow ID waits on: dependencies, workers, retries, approvals, deadlines."""
     from phibroker import diagnose
 
-    for line in diagnose.why(settings, wf_id):
-        click.echo(line)
+    report = diagnose.why_report(settings, wf_id)
+    click.echo(json.dumps(report) if as_json else "\n".join(report["lines"]))
 
 
 @main.group()
@@ -602,6 +641,17 @@ def _show(rows: list[dict[str, Any]], as_json: bool, empty: str, line: Callable[
         click.echo(empty)
 
 
+def _reachable(settings: Settings) -> None:
+    """A long-running command checks the broker once at start: a bad URL is one line, not a loop's traceback."""
+    from phibroker.broker import Broker
+
+    broker = Broker(settings)
+    try:
+        broker.ping()
+    finally:
+        broker.close()
+
+
 def _long_running() -> None:
     """A coordinator or worker makes short-lived objects by the thousand per batch, few in cycles:
     what is loaded by now is kept out of the cyclic collector's walks, and it runs ten times rarer."""
@@ -636,8 +686,11 @@ def _duration(text: str, option: str) -> float:
         raise InvalidInput(f"{option}: {exc}") from None
 
 
-def _progress_printer() -> Any:
+def _progress_printer(live_agents: Callable[[], set[str]]) -> Callable[[dict[str, Any]], None]:
+    """`submit --wait`'s progress on stderr, plus what the user can act on while it waits: an agent
+    with work and no live worker, an approval to decide (each said once)."""
     last = [""]
+    said: set[str] = set()
 
     def show(status: dict[str, Any]) -> None:
         tasks = status["tasks"].values()
@@ -647,23 +700,62 @@ def _progress_printer() -> Any:
         if line != last[0]:
             click.echo(f"  {line}", err=True)
             last[0] = line
+        for note in _waiting_notes(status, live_agents, said):
+            click.echo(note, err=True)
 
     return show
 
 
+def _waiting_notes(status: dict[str, Any], live_agents: Callable[[], set[str]], said: set[str]) -> list[str]:
+    """What a run waits on that only the user can give: a worker for an agent, or a decision. `said`
+    keeps what was already told, so each is told once; leases are read only while something may lack one."""
+    notes = []
+    busy = {t["agent"] for t in status["tasks"].values() if t["agent"] and t["state"] in ("ready", "running")}
+    unsaid = {agent for agent in busy if f"agent {agent}" not in said}
+    if unsaid:
+        for agent in sorted(unsaid - live_agents()):
+            said.add(f"agent {agent}")
+            notes.append(f"no live worker for agent {agent}: start one with phibroker worker --agent {agent}")
+    for name, task in status["tasks"].items():
+        request = (task.get("approval") or {}).get("request")
+        if request and task["state"] == "running" and f"approval {request}" not in said:
+            said.add(f"approval {request}")
+            notes.append(
+                f"approval {request} ({name}) waits: phibroker approve {request}"
+                f" / phibroker reject {request} --reason ..."
+            )
+    return notes
+
+
 def _print_status(doc: dict[str, Any]) -> None:
+    paint = _painter()
     took = _took(doc["created_at"], doc["finished_at"])
-    click.echo(f"{doc['id']} ({doc['name']}): {doc['state']} {took}")
+    click.echo(f"{doc['id']} ({doc['name']}): {paint(str(doc['state']), doc['state'])} {took}")
     if doc.get("error"):
         click.echo(f"  {doc['error']}")
     width = max((len(n) for n in doc["tasks"]), default=4)
     for name, task in doc["tasks"].items():
-        line = f"  {name:<{width}}  {task['state']:<11} {task['agent'] or 'approval':<8} attempts {task['attempts']}"
+        state = paint(f"{task['state']:<11}", task["state"])
+        line = f"  {name:<{width}}  {state} {task['agent'] or 'approval':<8} attempts {task['attempts']}"
         if task["started_at"] and task["finished_at"]:
             line += f"  {task['finished_at'] - task['started_at']:.2f}s"
         if task["error"] and task["state"] not in ("succeeded",):
             line += f"  {task['error']}"
         click.echo(line)
+
+
+def _painter() -> Callable[[str, str | None], str]:
+    """Colours a state's text on a terminal; through a pipe, or with NO_COLOR set, text stays plain."""
+    if os.environ.get("NO_COLOR") or not sys.stdout.isatty():
+        return lambda text, state: text
+    from phibroker.styles import STATE_STYLES
+
+    def paint(text: str, state: str | None) -> str:
+        words = STATE_STYLES.get(state or "", "").split()  # a colour, perhaps with `bold` or `dim`
+        colour = next((w for w in words if w not in ("bold", "dim")), None)
+        return click.style(text, fg=colour, bold="bold" in words or None, dim="dim" in words or None) if words else text
+
+    return paint
 
 
 def _took(created: float | None, finished: float | None) -> str:

@@ -21,6 +21,7 @@ from phibroker.events import add_trigger
 from phibroker.settings import Settings
 from phibroker.spec import NAME_PATTERN
 from phibroker.state import WF_TERMINAL, new_workflow_fields, split_unit
+from phibroker.views import Views
 
 _ID = re.compile(NAME_PATTERN)
 
@@ -67,10 +68,15 @@ class Client:
         return wf_id
 
     def cancel(self, wf_id: str, reason: str | None = None) -> None:
-        """Ask the coordinators to cancel: nothing new starts, running tasks see `ctx.cancelled`."""
+        """Ask the coordinators to cancel: nothing new starts, running tasks see `ctx.cancelled`.
+
+        A run that has ended is refused (InvalidInput): nothing would change, and saying so beats silence."""
         with reaching(self.settings):
-            if not self.broker.workflow_exists(wf_id):
+            (head,) = Views(self.broker).workflow_heads([wf_id])
+            if not head:
                 raise UnknownWorkflow(wf_id)
+            if head.get("state") in WF_TERMINAL:
+                raise InvalidInput(f"run {wf_id} has already ended ({head['state']})")
             body = {"wf": wf_id, "reason": reason or "cancelled by request"}
             self.broker.send_to_coordinators(wire.Inbox(kind="cancel", body=body))
 
@@ -221,6 +227,14 @@ class Client:
             raise UnknownWorkflow(wf_id)
         return status_document(wf_id, meta, units, results, history, self.settings.max_message_bytes)
 
+    def workflow(self, wf_id: str) -> workflows.Workflow:
+        """The workflow a run was submitted with, rebuilt from the spec stored with the run."""
+        with reaching(self.settings):
+            (spec,), _ = Views(self.broker).workflow_bodies([wf_id], [])
+        if spec is None:
+            raise UnknownWorkflow(wf_id)
+        return workflows.from_stored(spec)
+
     def wait(
         self,
         wf_id: str,
@@ -245,6 +259,12 @@ class Client:
                 return status
             with reaching(self.settings):
                 self.broker.wait_done(wf_id, remaining)
+
+    def live_agents(self) -> set[str]:
+        """The agents that have at least one worker whose lease has not lapsed (by Redis's clock)."""
+        with reaching(self.settings):
+            now, leases = self.broker.leases(self.settings.keys.agents)
+        return {str(info.get("agent")) for info in leases.values() if info.get("expires", 0) > now}
 
     def list(self, limit: int = 50) -> list[dict[str, Any]]:
         """Recent workflows, newest first."""

@@ -435,11 +435,20 @@ class Coordinator:
 
     def verify_decision(self, body: dict[str, Any]) -> str | None:
         """Why a decision is refused (forged, tampered, expired, untrusted), or None."""
+        trusted = self.trusted()
         try:
-            signing.verify_decision(body, self.trusted(), time.time())
+            signing.verify_decision(body, trusted, time.time())
         except SignatureError as exc:
-            return str(exc)
+            return str(exc) + self._local_key_note(body, trusted)
         return None
+
+    def _local_key_note(self, body: dict[str, Any], trusted: dict[str, str]) -> str:
+        """Why a key in $PHIBROKER_HOME that signed fine yesterday is refused today: a trust list now exists."""
+        local = signing.local_public_keys(self.settings.home)
+        key = str(body.get("key", "")).lower()
+        if local.get(str(body.get("approver"))) != key or trusted.get(str(body.get("approver"))) == key:
+            return ""
+        return " (a trust list is set, so local keys count only once trusted)"
 
     def verify_source(self, meta: dict[str, Any]) -> str | None:
         """`--require-signed`: the stored file text carries a trusted signature and is what runs."""

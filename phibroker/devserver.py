@@ -4,6 +4,8 @@ It uses the Redis at the configured URL if one answers, else starts one *at that
 `redis-server` if installed, else fakeredis's TCP server in a thread), runs the coordinator and one worker
 per reference agent as child processes logging to files, submits an example workflow and shows it
 running. Everything it started stops on Ctrl-C or SIGTERM, in order: processes first, then the broker.
+A `redis-server` it starts keeps its data in an append-only file under `$PHIBROKER_HOME/dev-data`, so
+runs, approvals and trusted keys outlive a restart; `fresh` starts it empty.
 """
 
 from __future__ import annotations
@@ -27,19 +29,18 @@ from rich.table import Table
 from rich.text import Text
 
 from phibroker import workflow as workflows
-from phibroker.broker import CONNECTION_ERRORS
+from phibroker.broker import CONNECTION_ERRORS, unusable
 from phibroker.client import Client
 from phibroker.errors import BrokerUnavailable, PhibrokerError
 from phibroker.settings import Settings
 from phibroker.state import TASK_TERMINAL, WF_TERMINAL
+from phibroker.styles import STATE_STYLES as STYLES
 
 REFERENCE_AGENTS = ("webc", "dc", "vssc", "kalic", "cmdc")
 DEFAULT_URL = str(Settings.model_fields["redis_url"].default)
 DEFAULT_NAMESPACE = str(Settings.model_fields["namespace"].default)
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 STOP_WAIT = 10.0  # seconds a child gets after SIGTERM before it is killed
-STYLES = {"succeeded": "green", "failed": "bold red", "running": "yellow", "retrying": "magenta",
-          "ready": "cyan", "skipped": "dim", "pending": "dim", "cancelled": "red", "compensated": "blue"}  # fmt: skip
 
 
 def find_example(name: str = "complete-dag.yaml") -> Path | None:
@@ -75,12 +76,21 @@ class Child:
 class DevServer:
     """Owns what `dev` started — a broker perhaps, and the processes — so that `stop()` can undo it all."""
 
-    def __init__(self, settings: Settings, app: str | None = None, example: Path | None = None, once: bool = False):
+    def __init__(
+        self,
+        settings: Settings,
+        app: str | None = None,
+        example: Path | None = None,
+        once: bool = False,
+        fresh: bool = False,
+    ):
         self.settings = settings
         self.app = app
         self.example = example
         self.once = once
+        self.fresh = fresh
         self.logs = settings.home / "dev-logs"
+        self.data = settings.home / "dev-data"
         self.console = Console(highlight=False, soft_wrap=True)  # long paths and URLs stay whole
         self.client = Client(settings)
         self.children: list[Child] = []
@@ -140,14 +150,17 @@ class DevServer:
         if self._answers():
             self.broker_line = f"Using the Redis already running at {url}"
             self.console.print(self.broker_line)
+            if self.fresh:
+                self.console.print("  (--fresh: dev did not start this Redis, so its data stays)", style="dim")
             return
         host, port = self._local_address()
         self.logs.mkdir(parents=True, exist_ok=True)
         binary = shutil.which("redis-server")
         if binary:
-            args = [binary, "--port", str(port), "--bind", "127.0.0.1" if host == "localhost" else host]
-            self.redis_server = self._spawn("redis-server", args + ["--save", "", "--appendonly", "no"])
+            self.redis_server = self._spawn("redis-server", self._redis_server_args(binary, host, port))
             self.broker_line = f"Started redis-server at {url} (stopped on exit)"
+            kept = "started empty" if self.fresh else "kept across restarts; `phibroker dev --fresh` starts empty"
+            self.broker_note = f"  (its data: {shown_path(self.data)}/, {kept})"
         else:
             import fakeredis
 
@@ -171,14 +184,27 @@ class DevServer:
         if self.broker_note:
             self.console.print(self.broker_note, style="dim")
 
+    def _redis_server_args(self, binary: str, host: str, port: int) -> list[str]:
+        """A redis-server that logs every write to an AOF in the dev data folder (emptied first if fresh):
+        Ctrl-C then `make dev` again finds the runs, approvals and keys where they were."""
+        if self.fresh:
+            shutil.rmtree(self.data, ignore_errors=True)
+        self.data.mkdir(parents=True, exist_ok=True)
+        bind = "127.0.0.1" if host == "localhost" else host
+        persistence = ["--save", "", "--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(self.data)]
+        return [binary, "--port", str(port), "--bind", bind, *persistence]
+
     def _answers(self) -> bool:
+        """Whether a Redis answers at the URL; one that answers but cannot be used (a database it does
+        not have, a password it refuses) ends the run: starting another one there would fail anyway."""
         try:
-            self.client.broker.ping()
+            self.client.broker.redis.ping()
             return True
-        except BrokerUnavailable:
+        except CONNECTION_ERRORS:
             return False
         except Exception as exc:  # noqa: BLE001 - whatever else it says, it is not a Redis we can use
-            raise BrokerUnavailable(f"{self.settings.redis_url} answers, but not as Redis: {exc}") from None
+            reason = unusable(self.settings, exc)
+            raise reason or BrokerUnavailable(f"{self.settings.redis_url} answers, but not as Redis: {exc}") from None
 
     def _local_address(self) -> tuple[str, int]:
         """Where to start a broker; only on this machine, and only for a plain redis:// URL."""

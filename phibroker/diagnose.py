@@ -204,16 +204,18 @@ def _delivery(facts: Facts, unit: str) -> str:
     state, agent = rec.get("state"), facts.plan.agent_of(unit)
     alive = {c: i for c, i in facts.workers.items() if i.get("agent") == agent and i["expires"] > now}
     owner = facts.pending.get(facts.entries.get(unit) or str(rec.get("entry") or ""))
+    timeout = facts.timers.get(timer_member("deadline", facts.id, unit, rec.get("dispatch")))
+    limit = f"; its timeout fires at {clock_text(timeout)} (in {span(timeout - now)})" if timeout else ""
+    if state == "running":
+        return _running(facts, unit, str(agent), alive, owner) + limit
     if owner and owner["consumer"] not in alive:
         lease = facts.workers.get(owner["consumer"], {})
         lapsed = f"lease lapsed {span(now - lease['expires'])} ago" if lease.get("expires") else "no lease"
+        every = _reclaim_every(alive)
         when = f"once a {agent} worker runs (none is alive)"
-        if alive:  # each live worker looks for dead ones every max(0.25, min(reclaim_after / 2, 5)) s
-            every = min(max(0.25, min(float(i.get("reclaim_after") or 30.0) / 2, 5.0)) for i in alive.values())
+        if every:
             when = f"within {span(every)} by a live {agent} worker"
         return f"{unit} ({state}) is pending on dead worker {owner['consumer']} ({lapsed}); reclaimed {when}"
-    timeout = facts.timers.get(timer_member("deadline", facts.id, unit, rec.get("dispatch")))
-    limit = f"; its timeout fires at {clock_text(timeout)} (in {span(timeout - now)})" if timeout else ""
     if state == "ready" and not alive:
         start = f"start one: phibroker worker --agent {agent}"
         return f"{unit} is ready, but agent {agent} has no live worker ({start}){limit}"
@@ -221,14 +223,55 @@ def _delivery(facts: Facts, unit: str) -> str:
         info = alive[owner["consumer"]]
         busy = f"{info.get('in_flight')}/{info.get('concurrency')} busy"
         return f"{unit} is ready, delivered to {owner['consumer']}, waiting for a free slot ({busy}){limit}"
-    if state == "ready":
-        health = facts.streams.get(str(agent)) or {}
-        lag = "unknown" if health.get("lag") is None else health["lag"]
-        return f"{unit} is ready, queued on {agent}'s stream (lag {lag}) for {len(alive)} live worker(s){limit}"
-    worker = str(rec.get("worker"))
+    health = facts.streams.get(str(agent)) or {}
+    lag = "unknown" if health.get("lag") is None else health["lag"]
+    return f"{unit} is ready, queued on {agent}'s stream (lag {lag}) for {len(alive)} live worker(s){limit}"
+
+
+def _running(
+    facts: Facts, unit: str, agent: str, alive: dict[str, dict[str, Any]], owner: dict[str, Any] | None
+) -> str:
+    """A running unit: on whom, for how long, and — when that worker has gone silent (stopped, frozen,
+    cut off) — when its lease lapses and that the task then runs again on another worker."""
+    rec, now = facts.units[unit], facts.now
+    worker = str(owner["consumer"] if owner else rec.get("worker"))
     ran = f" for {span(now - rec['started'])}" if rec.get("started") else ""
-    lapsed = "" if worker in alive else " (its lease has lapsed)"
-    return f"{unit} is running on {worker}{lapsed}{ran}{limit}"
+    lease = facts.workers.get(worker)
+    silence = None if lease is None else _silence(lease, now)
+    if lease is not None and silence is None:
+        return f"{unit} is running on {worker}{ran}"
+    every = _reclaim_every({c: i for c, i in alive.items() if c != worker})
+    again = f"the task runs again once another worker of {agent} reclaims it"
+    if every:
+        again += f" (within {span(every)})"
+    else:
+        again += f" (none is alive: start one with phibroker worker --agent {agent})"
+    head = f"{unit}: running on {worker}{ran}"
+    if lease is None or silence is None:
+        return f"{head}; its worker holds no lease — {again}"
+    expires = float(lease["expires"])
+    silent = f"{head}; its worker has been silent for {span(silence)}"
+    if expires > now:
+        return f"{silent} — its lease lapses in {span(expires - now)}, then {again}"
+    return f"{silent} — its lease lapsed {span(now - expires)} ago, {again}"
+
+
+def _silence(lease: Mapping[str, Any], now: float) -> float | None:
+    """How long a worker has not renewed its lease, once it has missed two renewals (a live worker
+    renews every max(0.05, min(reclaim_after / 4, 2)) s) or the lease has lapsed; None while it renews."""
+    reclaim_after = float(lease.get("reclaim_after") or 30.0)
+    expires = float(lease["expires"])
+    silence = now - (expires - reclaim_after)
+    renew = max(0.05, min(reclaim_after / 4, 2.0))
+    return silence if silence > 2 * renew or expires <= now else None
+
+
+def _reclaim_every(workers: Mapping[str, Mapping[str, Any]]) -> float | None:
+    """How often the soonest of these live workers looks for dead ones' entries (None: no live worker):
+    each does every max(0.25, min(reclaim_after / 2, 5)) s."""
+    if not workers:
+        return None
+    return min(max(0.25, min(float(i.get("reclaim_after") or 30.0) / 2, 5.0)) for i in workers.values())
 
 
 def _waiting(facts: Facts, limit: int = 10) -> list[str]:
@@ -244,11 +287,17 @@ def _waiting(facts: Facts, limit: int = 10) -> list[str]:
     return lines
 
 
-def why(settings: Settings, wf_id: str) -> list[str]:
-    """`phibroker why ID`: the lines of `explain`, over facts read once."""
+def why_report(settings: Settings, wf_id: str) -> dict[str, Any]:
+    """`phibroker why ID [--json]`: the run's state and the lines of `explain`, over facts read once."""
     broker = Broker(settings)
     try:
         with reaching(settings):
-            return explain(read_facts(broker, wf_id))
+            facts = read_facts(broker, wf_id)
     finally:
         broker.close()
+    return {"id": wf_id, "state": facts.meta.get("state"), "lines": explain(facts)}
+
+
+def why(settings: Settings, wf_id: str) -> list[str]:
+    """The lines of `why_report`."""
+    return list(why_report(settings, wf_id)["lines"])

@@ -458,11 +458,12 @@ def _retry_due(run: Run, unit: str, error: str, retryable: bool, now: float) -> 
     if run.workflow.tasks[task].approval is not None or (_winding(run) and not is_undo):
         return None
     policy = run.workflow.retry(task)
-    attempt = int(run.unit(unit).get("attempt") or 1)
+    record = run.unit(unit)
+    tries = int(record.get("attempt") or 1) - int(record.get("reclaims") or 0)  # reclaims are not retries
     text = error.lower()
-    if attempt >= policy.max_attempts or not (retryable or any(n.lower() in text for n in policy.retry_on)):
+    if tries >= policy.max_attempts or not (retryable or any(n.lower() in text for n in policy.retry_on)):
         return None
-    return now + retry_delay(attempt, policy.base_delay, policy.max_delay, policy.jitter, run.rand)
+    return now + retry_delay(tries, policy.base_delay, policy.max_delay, policy.jitter, run.rand)
 
 
 def _task_failed(run: Run, task: str, error: str, now: float) -> None:

@@ -165,6 +165,7 @@ def add_trigger(broker: Broker, workflow: Workflow) -> str:
     on = workflow.spec.on
     if on is None:
         raise WorkflowFileError(f"{workflow.name}: no `on:` section, so no event can start it")
+    refuse_self_trigger(workflow)
     info = {
         "event": on.event,
         "where": on.where,
@@ -173,6 +174,34 @@ def add_trigger(broker: Broker, workflow: Workflow) -> str:
     }
     broker.register_trigger(workflow.name, info)
     return workflow.name
+
+
+def own_event_types(workflow: Workflow) -> list[str]:
+    """The event types a run of WORKFLOW publishes itself (types its handlers emit are known only at run time)."""
+    tasks = workflow.tasks.values()
+    types = {f"workflow.{s}" for s in ("submitted", "refused", "succeeded", "failed", "cancelled", "timed_out")}
+    if any(spec.approval for spec in tasks):
+        types |= {"workflow.waiting_approval", "approval.refused", *_GATE_EVENTS}
+    if any(not spec.approval for spec in tasks):
+        types |= {f"task.{s}" for s in _TASK_EVENTS}
+    if any(spec.compensate for spec in tasks):
+        types |= {"workflow.compensating", "task.compensated", "task.compensation_failed"}
+    return sorted(types)
+
+
+def refuse_self_trigger(workflow: Workflow) -> None:
+    """An `on:` without `where` that matches the workflow's own events would start a run per run, without end."""
+    on = workflow.spec.on
+    if on is None or on.where:
+        return
+    own = [t for t in own_event_types(workflow) if matches(on.event, t)]
+    if own:
+        shown = ", ".join(own[:3]) + (f" and {len(own) - 3} more" if len(own) > 3 else "")
+        example = f" (e.g. where: \"data.name != '{workflow.name}'\")" if on.event.startswith("workflow.") else ""
+        raise WorkflowFileError(
+            f"{workflow.name}: `on: {on.event}` matches events its own runs publish ({shown}), so each run "
+            f"would start another: add a `where` that leaves them out{example}"
+        )
 
 
 # -- graph: subscriptions beside the DAG ---------------------------------------------------------------

@@ -55,6 +55,9 @@ return version
 # duplicate stream entry of a dispatch another entry already started).
 # Packed fields (see state.PACKED), parts joined by \31: `unit|dispatch` = id, attempt, dispatched;
 # `unit|run` = token, started, entry, worker.
+# A reclaimed entry starts again as the next attempt of the same dispatch: every run counts, and the
+# attempt it replaces goes to the history with the lost record the worker built. `unit|reclaims`
+# counts them, so a reclaim does not use up the retry budget.
 START = r"""
 local meta, tasks, history = KEYS[1], KEYS[2], KEYS[3]
 local wf_state = redis.call('HGET', meta, 'state')
@@ -80,7 +83,10 @@ for i = 2, #ARGV, 4 do
     local previous, _, started_entry = string.match(run, '^([^\31]*)\31([^\31]*)\31([^\31]*)')
     if started_entry == entry then
       token = (tonumber(previous) or 0) + 1
-      redis.call('HSET', tasks, f .. 'run', token .. '\31' .. ts .. '\31' .. entry .. '\31' .. consumer)
+      local id, attempt, dispatched = string.match(current, '^([^\31]*)\31([^\31]*)\31([^\31]*)')
+      redis.call('HSET', tasks, f .. 'run', token .. '\31' .. ts .. '\31' .. entry .. '\31' .. consumer,
+        f .. 'dispatch', id .. '\31' .. ((tonumber(attempt) or 1) + 1) .. '\31' .. dispatched)
+      redis.call('HINCRBY', tasks, f .. 'reclaims', 1)
       redis.call('HINCRBY', meta, 'version', 1)
       if lost ~= '' then redis.call('RPUSH', history, lost) end
     else

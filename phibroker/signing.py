@@ -170,13 +170,22 @@ def _canonical(fields: Mapping[str, Any]) -> bytes:
     return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+def _trust_hint(name: str, key_hex: str, replaces: bool = False) -> str:
+    """The command that trusts the key a refused signature was made with: what the operator types next."""
+    if not _HEX_KEY.fullmatch(key_hex):
+        return ""
+    when = f"if it is {name}'s new key" if replaces else "to trust it"
+    return f"; {when}: phibroker keys trust {name} {key_hex.lower()}"
+
+
 def _verify(trusted: Mapping[str, str], name: str, key_hex: str, signature: str, data: bytes) -> None:
     """Check that NAME is trusted with exactly KEY_HEX and that SIGNATURE over DATA is theirs."""
     trusted_hex = trusted.get(name)
     if trusted_hex is None:
-        raise SignatureError(f"untrusted key: {name!r} is not in the trust list")
+        raise SignatureError(f"untrusted key: {name!r} is not in the trust list{_trust_hint(name, key_hex)}")
     if not _HEX_KEY.fullmatch(key_hex) or not hmac.compare_digest(trusted_hex.lower(), key_hex.lower()):
-        raise SignatureError(f"untrusted key: signed by a key that is not the one trusted for {name!r}")
+        hint = _trust_hint(name, key_hex, replaces=True)
+        raise SignatureError(f"untrusted key: signed by a key that is not the one trusted for {name!r}{hint}")
     if not _HEX_SIG.fullmatch(signature):
         raise SignatureError(f"bad signature: not a hex Ed25519 signature (by {name!r})")
     try:

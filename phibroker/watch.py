@@ -28,6 +28,7 @@ from phibroker.errors import UnknownWorkflow
 from phibroker.settings import Settings
 from phibroker.spec import parse_duration
 from phibroker.state import TASK_TERMINAL, WF_TERMINAL, split_unit
+from phibroker.styles import STATE_STYLES as STYLES
 from phibroker.views import Views
 
 REFRESH = 0.5  # seconds between frames
@@ -38,8 +39,6 @@ RUNNING_READ = 50  # newest running workflows looked at
 APPROVALS_READ = 20
 UNIT_FIELDS_BUDGET = 50_000  # unit fields read a frame, over all workflows; past it, progress is approximate
 SPEC_CAP = 1 << 20  # a bigger spec is never read by the view (its workflow shows no total or ETA)
-STYLES = {"succeeded": "green", "failed": "bold red", "running": "yellow", "waiting_approval": "cyan",
-          "compensating": "magenta", "cancelled": "red", "timed_out": "red"}  # fmt: skip
 
 
 # -- what a spec tells the view ------------------------------------------------------------------------

@@ -114,6 +114,7 @@ class Worker:
         self.pool = HandlerThreads(self.concurrency, f"phi-{agent.name}")
         self.backlog: deque[Fetched] = deque()
         self.reactions: deque[Reaction] = deque()
+        self.reacting: set[tuple[str, str]] = set()  # (subscription stream, entry id) of reactions running
         self.sub_streams: dict[str, str] = {}  # subscription stream -> subscription name
         self.router = Router(self.broker)
         self.running: dict[tuple[str, str], Running] = {}  # (lane, entry id) -> attempt, until settled
@@ -151,6 +152,7 @@ class Worker:
             while not self.stopping.is_set():
                 try:
                     self.maintain()
+                    recovering = self._recovering  # such a read sees only our own pending entries
                     fetched = self.fetch()
                     self.launch()
                     backoff = 0.1
@@ -160,7 +162,7 @@ class Worker:
                     self.stopping.wait(backoff)
                     backoff = min(backoff * 2, 5.0)
                     continue
-                if burst and not fetched and not self.backlog and not self.reactions and self._idle():
+                if burst and not (fetched or recovering) and not self.backlog and not self.reactions and self._idle():
                     break
         finally:
             clean = self.shutdown()
@@ -189,11 +191,15 @@ class Worker:
         if self.backlog or self.reactions:
             return 0
         count = self.free_slots() + self.settings.prefetch
+        if self._recovering:
+            count += len(self.running)  # our own pending entries include the ones we run: read past them
         block = None if self._recovering else self.settings.worker_block
         began = time.monotonic()
         streams = [*self.lanes, *self.sub_streams]
         read = self.broker.read_groups(streams, WORKERS_GROUP, self.consumer, count, block, pending=self._recovering)
-        if self._recovering and not read:
+        if self._recovering and all(pair in self.running or pair in self.reacting for pair in _pairs(read)):
+            # Nothing of ours we do not run already. Stop now: each such read counts a delivery of
+            # every entry it returns, and a reclaimed task must not look delivered too often.
             self._recovering = False
         if not read and block and time.monotonic() - began < block / 2:
             # The embedded broker answers an empty blocking read at once; don't spin on it.
@@ -206,8 +212,9 @@ class Worker:
         return len(read)
 
     def accept_reaction(self, stream: str, entry: Entry) -> None:
-        if any(r.entry.id == entry.id and r.stream == stream for r in self.reactions):
-            return  # entry ids repeat across streams: a reaction is its stream and its id
+        key = (stream, entry.id)  # entry ids repeat across streams: a reaction is its stream and its id
+        if key in self.reacting or any((r.stream, r.entry.id) == key for r in self.reactions):
+            return  # queued or running already: a recovery read returns it again
         name = self.sub_streams[stream]
         try:
             events = wire.decode_events(entry.raw or b"", self.settings.max_message_bytes * 4)
@@ -241,29 +248,39 @@ class Worker:
             if message.id in self.settled:
                 acks.append(entry.id)
                 continue
-            lost = b""
-            if lost_from:
-                lost = wire.pack(
-                    {
-                        "unit": message.unit,
-                        "attempt": message.attempt,
-                        "worker": lost_from,
-                        "finished": time.time(),
-                        "error": f"lost: worker {lost_from} stopped renewing its lease",
-                        "applied": False,
-                    }
-                )
-            fresh.append(Fetched(stream, entry, message, lost))
+            fresh.append(Fetched(stream, entry, message))
+        if lost_from and fresh:
+            self._record_lost(fresh, lost_from)
         if stream == self.stream:
             self.backlog.extendleft(reversed(fresh))
         else:
             self.backlog.extend(fresh)
         self.broker.ack(stream, WORKERS_GROUP, acks)
 
+    def _record_lost(self, items: list[Fetched], consumer: str) -> None:
+        """A history record for each run a reclaim replaces, with its attempt and start as the start
+        script stored them: the lost run keeps its place and its started_at in the task's history."""
+        runs = self.broker.unit_runs([(item.message.wf, item.message.unit) for item in items])
+        now = time.time()
+        for item, run in zip(items, runs, strict=True):
+            item.lost = wire.pack(
+                {
+                    "unit": item.message.unit,
+                    "attempt": run.get("attempt") or item.message.attempt,
+                    "worker": consumer,
+                    "dispatched": run.get("dispatched"),
+                    "started": run.get("started") if run.get("entry") == item.ref else None,
+                    "finished": now,
+                    "error": f"lost: worker {consumer} stopped renewing its lease",
+                    "applied": False,
+                }
+            )
+
     def launch(self) -> None:
         """Mark a batch started (fencing tokens from one script call per workflow), then run it."""
         while self.reactions and self.free_slots() > 0:
             reaction = self.reactions.popleft()
+            self.reacting.add((reaction.stream, reaction.entry.id))
             with self.slots:
                 self.active += 1
             self.pool.submit(self._react, reaction)
@@ -287,22 +304,10 @@ class Worker:
                     stale[item.stream].append(item.entry.id)
                     continue
                 message = item.message
-                ctx = Context(
-                    workflow_id=message.wf,
-                    task=message.task,
-                    unit=message.unit,
-                    attempt=message.attempt,
-                    agent=message.agent,
-                    command=message.command,
-                    inputs=message.inputs,
-                    partition=tuple(message.partition) if message.partition else None,  # type: ignore[arg-type]
-                    result=message.result,
-                    deadline=message.deadline,
-                    token=token,
-                    dispatch_id=message.id,
-                )
+                ctx = Context.for_message(message, token)
+                ctx.attempt += token - 1  # each reclaim of this dispatch started a run of its own
                 runnable.append(Running(item, ctx))
-                started.append(self._started_event(message, token))
+                started.append(self._started_event(message, token, ctx.attempt))
         for stream, ids in stale.items():
             self.broker.ack(stream, WORKERS_GROUP, ids)
         if started:  # before the handlers run: a task's start is published no later than its end
@@ -372,6 +377,7 @@ class Worker:
         except CONNECTION_ERRORS as exc:
             log.warning("reaction left for redelivery: %s", exc)
         finally:
+            self.reacting.discard((reaction.stream, reaction.entry.id))
             with self.slots:
                 self.active -= 1
                 self.slots.notify_all()
@@ -429,20 +435,7 @@ class Worker:
         for r, o in batch:
             # a bulk lane's results go to the inbox's bulk lane: a small workflow's never wait behind them
             inbox[self.keys.results_bulk if r.item.stream == self.bulk else self.keys.results].append(
-                wire.Result(
-                    id=r.item.message.id,
-                    wf=r.item.message.wf,
-                    unit=r.item.message.unit,
-                    token=r.ctx.token,
-                    ok=o.ok,
-                    worker=self.consumer,
-                    started=o.started,
-                    finished=o.finished,
-                    value=o.value,
-                    error=o.error,
-                    retry=o.retry,
-                    events=r.ctx.events if o.ok else [],  # a failed attempt's events are never published
-                )
+                o.result(r.ctx, self.consumer)
             )
         envelopes = {target: self._envelopes(results) for target, results in inbox.items()}
         acks: dict[str, list[str]] = defaultdict(list)
@@ -634,7 +627,7 @@ class Worker:
         thread.start()
         self._threads.append(thread)
 
-    def _started_event(self, message: wire.TaskMessage, token: int) -> dict[str, Any]:
+    def _started_event(self, message: wire.TaskMessage, token: int, attempt: int) -> dict[str, Any]:
         return {
             "id": wire.new_id(),
             "type": "task.started",
@@ -642,7 +635,7 @@ class Worker:
             "task": message.task,
             "data": {
                 "unit": message.unit,
-                "attempt": message.attempt,
+                "attempt": attempt,
                 "token": token,
                 "worker": self.consumer,
             },
@@ -665,3 +658,8 @@ def _salvage_ids(raw: bytes | None, limit: int) -> dict[str, str] | None:
     if not all(isinstance(v, str) for v in ids.values()):
         return None
     return {"wf": ids["wf"], "unit": ids["unit"], "dispatch": ids["id"]}  # type: ignore[dict-item]
+
+
+def _pairs(read: list[tuple[str, Entry]]) -> list[tuple[str, str]]:
+    """A read's entries as (stream, entry id): how running work is keyed."""
+    return [(stream, entry.id) for stream, entry in read]

@@ -45,10 +45,12 @@ def test_examples_run_to_success_in_dependency_order(example: str, procs: Proces
             continue
         assert task["state"] == "succeeded"
         assert task["attempts"] == 1 and len(task["history"]) == 1
-        for dep in deps[name]:
-            dep_task = status["tasks"][dep]
-            if dep_task["finished_at"] is not None and task["started_at"] is not None:
-                assert task["started_at"] >= dep_task["finished_at"], (name, dep)
+        # Its one attempt was handed the result of each dependency that succeeded, so it was dispatched
+        # after they ended. No clocks compared: a task's start is stamped by Redis and its dependency's
+        # end by a coordinator's estimate of Redis's clock, a few ms apart on a busy machine.
+        succeeded = sorted(dep for dep in deps[name] if status["tasks"][dep]["state"] == "succeeded")
+        if task["agent"] is not None:
+            assert task["result"]["inputs"] == succeeded, (name, task["result"])
 
 
 def test_independent_tasks_overlap_and_fan_in_gets_every_input(procs: Processes, client: Client) -> None:

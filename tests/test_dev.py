@@ -193,3 +193,40 @@ def test_render_shows_each_task_with_its_state_agent_and_time() -> None:
     assert lines[2].split() == ["Research", "succeeded", "webc", "1.50s"]
     assert lines[3].split()[:5] == ["Approve", "running", "(try", "2)", "-"]
     assert lines[4].split() == ["Deploy", "pending", "cmdc"]
+
+
+@pytest.mark.skipif(not shutil.which("redis-server"), reason="redis-server is not installed")
+def test_the_redis_server_dev_starts_keeps_runs_and_keys_and_fresh_starts_empty(tmp_path: Path) -> None:
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    settings = Settings(redis_url=url)
+
+    def serve(*args: str) -> Dev:
+        dev = Dev(tmp_path, url, "--no-example", *args)
+        assert dev.wait(until="Ctrl-C stops everything") is None, dev.output
+        return dev
+
+    def stop(dev: Dev) -> None:
+        dev.process.send_signal(signal.SIGINT)
+        assert dev.wait() == 0, dev.output
+        dev.assert_nothing_left(port)
+
+    dev = serve()
+    with Client(settings) as client:
+        wf_id = client.submit(REPO / "examples" / "complete-dag.yaml")
+        assert client.wait(wf_id, timeout=60)["state"] == "succeeded", dev.output
+        client.broker.trust_key("alice", "ab" * 32)
+    stop(dev)
+
+    dev = serve()
+    assert "kept across restarts" in dev.output
+    with Client(settings) as client:
+        assert [(row["id"], row["state"]) for row in client.list()] == [(wf_id, "succeeded")]
+        assert client.broker.trusted_keys() == {"alice": "ab" * 32}
+    stop(dev)
+
+    dev = serve("--fresh")
+    assert "started empty" in dev.output
+    with Client(settings) as client:
+        assert client.list() == [] and client.broker.trusted_keys() == {}
+    stop(dev)

@@ -13,8 +13,11 @@ probe = Agent("probe")
 
 
 @probe.command()
-def work(ctx: Context, sleep: float = 0.0, value: Any = None, **extra: Any) -> dict[str, Any]:
-    """Records its run; `ledger` (a file) gets one line per effect, keyed by the idempotency key."""
+def work(ctx: Context, sleep: float = 0.0, value: Any = None, fail_on: int = 0, **extra: Any) -> dict[str, Any]:
+    """Records its run; `ledger` (a file) gets one line per effect, keyed by the idempotency key;
+    attempt `fail_on` fails at once (retryable)."""
+    if ctx.attempt == fail_on:
+        raise Retryable(f"attempt {ctx.attempt} fails on purpose")
     started = time.time()
     if sleep:
         ctx.cancelled.wait(sleep)
