@@ -162,8 +162,13 @@ class DevServer:
             kept = "started empty" if self.fresh else "kept across restarts; `phibroker dev --fresh` starts empty"
             self.broker_note = f"  (its data: {shown_path(self.data)}/, {kept})"
         else:
-            import fakeredis
-
+            try:
+                import fakeredis
+            except ImportError:
+                raise BrokerUnavailable(
+                    "no redis-server here and no embedded broker: install redis-server (apt-get install"
+                    " redis-server), or pip install 'phibroker[embedded]'"
+                ) from None
             try:
                 self.embedded = fakeredis.TcpFakeServer((host, port), server_type="redis")
             except OSError as exc:
@@ -171,7 +176,10 @@ class DevServer:
             self.embedded_thread = threading.Thread(target=self.embedded.serve_forever, name="phi-embedded-broker")
             self.embedded_thread.start()
             self.broker_line = f"Started the embedded broker (fakeredis) at {url}"
-            self.broker_note = "  (inside this process: fine for a try; install redis-server for real work)"
+            self.broker_note = (
+                "  (inside this process, about 20× slower than redis-server and keeping nothing:"
+                " fine for a try; install redis-server for real work)"
+            )
         deadline = time.monotonic() + 10
         while not self._answers():
             if self.redis_server and self.redis_server.process.poll() is not None:

@@ -21,7 +21,7 @@ from phibroker import engine
 from phibroker.agent import Agent, Context
 from phibroker.state import WF_TERMINAL, Run, new_workflow_fields, timer_member
 from phibroker.wire import TaskMessage, unpack
-from phibroker.workflow import Workflow, load
+from phibroker.workflow import Workflow, check, load
 
 
 def free_port() -> int:
@@ -95,7 +95,7 @@ class Simulation:
     result goes through the same transition a coordinator applies, and retries, deadlines and
     approval timeouts fire on a clock that jumps to the next due time.
 
-        sim = Simulation("examples/saga.yaml", [vssc, cmdc])
+        sim = Simulation("examples/saga.yaml", [vssc, kalic, cmdc])  # a file, or the same as a dict
         assert sim.run()["state"] == "failed"
     """
 
@@ -103,7 +103,7 @@ class Simulation:
 
     def __init__(
         self,
-        source: str | Path | Workflow,
+        source: str | Path | Workflow | Mapping[str, Any],
         agents: Iterable[Agent] = (),
         params: Mapping[str, Any] | None = None,
         *,
@@ -112,7 +112,10 @@ class Simulation:
         seed: int = 0,
         limit: int = 1 << 20,
     ):
-        workflow = source if isinstance(source, Workflow) else load(source)
+        if isinstance(source, Workflow):
+            workflow = source
+        else:
+            workflow = check(source) if isinstance(source, Mapping) else load(source)
         self.agents = {agent.name: agent for agent in agents}
         self.now = start
         self.limit = limit

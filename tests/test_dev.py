@@ -150,6 +150,31 @@ def test_embedded_broker_without_redis_server(tmp_path: Path) -> None:
     dev.assert_nothing_left(port)
 
 
+def test_without_redis_server_or_the_embedded_extra_dev_says_what_to_install(tmp_path: Path) -> None:
+    bin_dir, hidden = tmp_path / "bin", tmp_path / "hidden"
+    bin_dir.mkdir()
+    hidden.mkdir()
+    (bin_dir / "python").symlink_to(sys.executable)
+    (hidden / "fakeredis.py").write_text("raise ImportError(\"No module named 'fakeredis'\")\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "phibroker", "dev", "--once"],
+        cwd=REPO,
+        env={
+            **os.environ,
+            "PATH": str(bin_dir),
+            "PYTHONPATH": f"{hidden}:{REPO}",
+            "PHIBROKER_HOME": str(tmp_path),
+            "PHIBROKER_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+        },  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert done.stderr.splitlines()[-1].startswith("error: no redis-server here and no embedded broker")
+    assert "pip install 'phibroker[embedded]'" in done.stderr
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_or_sigterm_stops_everything_it_started(tmp_path: Path, signum: int) -> None:
     port = free_port()
