@@ -30,7 +30,7 @@ TIMEOUT = 120.0
 
 
 def connect(url: str) -> redis.Redis:
-    """RESP2 (the reply shapes below) and no socket timeout under blocking reads, as REDIS-FACTS says."""
+    """RESP2 (the reply shapes below), and no socket timeout under blocking reads (it would cut them off)."""
     return redis.Redis.from_url(url, protocol=2, socket_timeout=None)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import redis
 
-from phibroker import scripts
+from phibroker.store import scripts
 
 MAX_LEN = 100_000
 

@@ -21,9 +21,9 @@ import redis
 
 from benchmarks.harness import Logs, percentile, rss_mib, spawn, stop, wait_for
 from phibroker import workflow as workflows
-from phibroker.broker import Broker
-from phibroker.client import Client
+from phibroker.runtime.client import Client
 from phibroker.settings import Settings
+from phibroker.store.broker import Broker
 
 AGENT, APP, COMMAND = "probe", "tests.apps.probe", "noop"
 CONCURRENCY = 64  # handler threads: agents wait on I/O (models, tools), so a worker runs many at once

@@ -4,9 +4,9 @@ The public API: `Agent` for the commands and subscriptions a worker serves, `Cli
 follow workflows, `Retryable` for a handler's "try again", `PhibrokerError` for what callers catch.
 """
 
-from phibroker.agent import Agent
-from phibroker.client import Client
 from phibroker.errors import PhibrokerError, Retryable
+from phibroker.runtime.agent import Agent
+from phibroker.runtime.client import Client
 
 __all__ = ["Agent", "Client", "PhibrokerError", "Retryable", "__version__"]
 __version__ = "0.1.0"

@@ -85,5 +85,5 @@ class BrokerUnavailable(PhibrokerError):
     exit_code = 3
 
 
-class Retryable(Exception):  # noqa: N818 - a signal, named as DESIGN §3 spells it
+class Retryable(Exception):  # noqa: N818 - a signal to try again, not an error to report
     """Raised by a handler to ask for another attempt while attempts remain."""

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from phibroker import engine
-from phibroker.agent import Agent, Context
-from phibroker.state import WF_TERMINAL, Run, new_workflow_fields, timer_member
+from phibroker.engine.state import WF_TERMINAL, Run, new_workflow_fields, timer_member
+from phibroker.runtime.agent import Agent, Context
 from phibroker.wire import TaskMessage, unpack
 from phibroker.workflow import Workflow, check, load
 
@@ -180,7 +180,7 @@ class Simulation:
 
     def status(self) -> dict[str, Any]:
         """The run as `status --json` shows it."""
-        from phibroker.client import status_document
+        from phibroker.runtime.client import status_document
 
         run = self.run_state
         units = {name: dict(record) for name, record in run.units.items()}

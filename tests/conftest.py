@@ -148,7 +148,7 @@ def procs(settings: Settings, tmp_path: Path) -> Iterator[Processes]:
 
 @pytest.fixture
 def client(settings: Settings) -> Iterator[Any]:
-    from phibroker.client import Client
+    from phibroker.runtime.client import Client
 
     with Client(settings) as c:
         yield c

@@ -17,7 +17,7 @@ import pytest
 import redis
 import yaml
 
-from phibroker.client import Client
+from phibroker.runtime.client import Client
 from tests.conftest import Processes, RedisServer, _have_redis, short_settings
 
 

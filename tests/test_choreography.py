@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import redis
 
-from phibroker.client import Client
+from phibroker.runtime.client import Client
 from phibroker.settings import Settings
 from tests.conftest import Processes, until
 from tests.test_core import events_of

@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from phibroker import wire
-from phibroker.client import Client
+from phibroker.runtime.client import Client
 from phibroker.settings import Settings
 from tests.conftest import Processes
 

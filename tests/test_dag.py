@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from phibroker.dag import (
+from phibroker.errors import CycleError
+from phibroker.workflow.dag import (
     STATE_COLOURS,
     Deps,
     ancestors,
@@ -22,7 +23,6 @@ from phibroker.dag import (
     to_mermaid,
     topological_order,
 )
-from phibroker.errors import CycleError
 
 DIAMOND: Deps = {"A": [], "B": ["A"], "C": ["A"], "D": ["B", "C"]}
 

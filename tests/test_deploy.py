@@ -23,11 +23,12 @@ import yaml
 from click.testing import CliRunner
 from redis.exceptions import NoPermissionError
 
-from phibroker import acl, scripts
 from phibroker.cli import main
 from phibroker.errors import InvalidInput
 from phibroker.keys import WORKERS_GROUP, Keys
+from phibroker.security import acl
 from phibroker.settings import Settings
+from phibroker.store import scripts
 from tests.conftest import REPO, Processes, RedisServer, _have_redis, until
 
 DEPLOY = REPO / "deploy"

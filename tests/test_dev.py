@@ -22,9 +22,9 @@ import pytest
 import redis
 from rich.console import Console
 
-from phibroker.client import Client
-from phibroker.devserver import render
+from phibroker.runtime.client import Client
 from phibroker.settings import Settings
+from phibroker.tools.devserver import render
 from tests.conftest import REPO, RedisServer, free_port
 
 # The reference agents when they are there, else the stand-ins with the same commands.

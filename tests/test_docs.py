@@ -29,9 +29,10 @@ import pytest
 import redis
 import yaml
 
-from phibroker import diagnose, wire
-from phibroker.client import Client
+from phibroker import wire
+from phibroker.runtime.client import Client
 from phibroker.settings import Settings
+from phibroker.tools import diagnose
 from tests.conftest import REPO, Processes, until
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]

@@ -10,10 +10,11 @@ import msgpack
 import pytest
 import redis
 
-from phibroker import engine, state, wire, workflow
-from phibroker.client import Client
-from phibroker.coordinator import Coordinator
+from phibroker import engine, wire, workflow
+from phibroker.engine import state
 from phibroker.keys import WORKERS_GROUP
+from phibroker.runtime.client import Client
+from phibroker.runtime.coordinator import Coordinator
 from phibroker.settings import Settings
 from tests.conftest import Processes, until
 from tests.test_failures import flow
@@ -28,7 +29,9 @@ def test_a_new_attempt_clears_the_previous_attempts_run_in_redis_too() -> None:
     run = make_run("name: w\ntasks:\n  A: {agent: a, command: c, retry: {base_delay: 1s}}\n")
     engine.start(run, 1.0)
     run.units["A"].update(state="running", token=2, entry="1-0", worker="w")  # reclaimed once
-    engine._unit_failed(run, "A", "boom", 2.0, retryable=True)
+    dispatch = run.units["A"]["dispatch"]
+    failed = wire.Result(dispatch, "wf", "A", token=2, ok=False, worker="w", started=1.5, finished=2.0, retry=True)
+    assert engine.apply_result(run, failed, 2.0) and run.state("A") == "retrying"
     run.begin()
     engine.apply_timer(run, state.timer_member("retry", "wf", "A", 1), 5.0)
     assert run.tx.fields()["A|run"] == state.pack_group({"token": 0}, "run")
@@ -134,7 +137,7 @@ def test_a_result_read_before_its_deadline_fired_wins(
     """Bulk-lane results are handled a slice at a time after the inbox, and past the round's budget
     over the next rounds: the deadline timers claimed meanwhile wait for them, or on-time results
     would count as late."""
-    monkeypatch.setattr("phibroker.coordinator.BULK_BUDGET", budget)
+    monkeypatch.setattr("phibroker.runtime.coordinator.BULK_BUDGET", budget)
     tasks = "".join(f"  T{i:03d}: {{agent: probe, command: noop, timeout: 1s}}\n" for i in range(80))
     wf_id = client.submit(flow(tmp_path, f"name: wide\ntasks:\n{tasks}"))
     coordinator = _coordinator(settings)

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from phibroker import workflow as workflows
-from phibroker.client import Client
+from phibroker.runtime.client import Client
 from phibroker.settings import Settings
 from tests.conftest import REPO, Processes
 

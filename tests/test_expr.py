@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from phibroker.errors import ExpressionError
-from phibroker.expr import (
+from phibroker.workflow.expr import (
     ROOTS_WORKFLOW,
     Expression,
     Reference,

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from phibroker.client import Client
+from phibroker.runtime.client import Client
 from phibroker.settings import Settings
 from tests.conftest import Processes
 from tests.test_core import events_of

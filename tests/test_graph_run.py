@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from phibroker.client import Client
-from phibroker.dag import STATE_COLOURS
+from phibroker.runtime.client import Client
 from phibroker.settings import Settings
+from phibroker.workflow.dag import STATE_COLOURS
 from tests.conftest import Processes, until
 from tests.test_core import cli
 from tests.test_failures import flow

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from phibroker import wire
-from phibroker.client import Client
+from phibroker.runtime.client import Client
 from phibroker.settings import Settings
 from tests.conftest import Processes
 from tests.test_failures import flow

@@ -10,9 +10,10 @@ from typing import Any
 
 import pytest
 
-from phibroker import signing, wire
-from phibroker.client import Client
+from phibroker import wire
 from phibroker.errors import ApprovalError
+from phibroker.runtime.client import Client
+from phibroker.security import signing
 from phibroker.settings import Settings
 from tests.conftest import Processes
 from tests.test_core import events_of

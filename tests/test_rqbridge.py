@@ -15,10 +15,8 @@ import redis
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
 
-from phibroker.agent import Context
-from phibroker.client import Client
 from phibroker.errors import InvalidInput, MessageTooLarge, Retryable
-from phibroker.rqbridge import (
+from phibroker.interop.rq import (
     Bridge,
     JobStopped,
     job_error,
@@ -27,6 +25,8 @@ from phibroker.rqbridge import (
     parse_exc_string,
     parse_map,
 )
+from phibroker.runtime.agent import Context
+from phibroker.runtime.client import Client
 from phibroker.settings import Settings
 from tests.conftest import REPO, Processes, until
 
@@ -279,7 +279,7 @@ def test_rq_error_text_is_parsed_into_type_and_message() -> None:
 
 
 def test_job_errors_keep_the_type_name_and_retryable() -> None:
-    from phibroker.engine import describe_exception
+    from phibroker.engine.transitions import describe_exception
 
     error = job_error("ValueError", "boom", False, "Traceback ...\nValueError: boom", "phi-x")
     described = describe_exception(error)

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from phibroker import signing
 from phibroker.errors import InvalidInput, SignatureError
-from phibroker.signing import KeyPair
+from phibroker.security import signing
+from phibroker.security.signing import KeyPair
 
 NOW = 1_700_000_000.0
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from phibroker.client import Client
+from phibroker.runtime.client import Client
 from phibroker.settings import Settings
 from tests.conftest import REPO, Processes, RedisServer, free_port, until
 from tests.test_failures import flow

@@ -10,8 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from phibroker import signing
-from phibroker.client import Client
+from phibroker.runtime.client import Client
+from phibroker.security import signing
 from phibroker.settings import Settings
 from tests.conftest import Processes
 from tests.test_failures import flow

@@ -17,10 +17,10 @@ from typing import Any
 from click.testing import CliRunner
 
 from phibroker.cli import main
-from phibroker.client import Client
-from phibroker.diagnose import Facts, explain
+from phibroker.runtime.client import Client
 from phibroker.settings import Settings
-from phibroker.watch import plan_of
+from phibroker.tools.diagnose import Facts, explain
+from phibroker.tools.watch import plan_of
 from tests.conftest import Processes, until
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")

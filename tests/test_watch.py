@@ -18,14 +18,13 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from phibroker import dag
 from phibroker import workflow as workflows
-from phibroker.broker import Broker
-from phibroker.client import Client
-from phibroker.diagnose import Facts, explain, worker_rows
-from phibroker.events import subscription_edges
+from phibroker.runtime.client import Client
+from phibroker.runtime.events import subscription_edges
 from phibroker.settings import Settings
-from phibroker.watch import (
+from phibroker.store.broker import Broker
+from phibroker.tools.diagnose import Facts, explain, worker_rows
+from phibroker.tools.watch import (
     AgentRow,
     Snapshot,
     SubRow,
@@ -35,6 +34,7 @@ from phibroker.watch import (
     render,
     snapshot,
 )
+from phibroker.workflow import dag
 from tests.conftest import Processes, free_port, until
 
 NOW = 1_800_000_000.0

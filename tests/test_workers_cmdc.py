@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from phibroker import wire
-from phibroker.agent import Context
+from phibroker.runtime.agent import Context
 from workers import cmdc
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from phibroker.agent import Context
+from phibroker.runtime.agent import Context
 from workers import dc
 
 

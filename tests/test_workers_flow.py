@@ -10,7 +10,7 @@ from typing import Any
 import msgpack
 import pytest
 
-from phibroker.agent import Agent, Context, load_agent
+from phibroker.runtime.agent import Agent, Context, load_agent
 
 NAMES = ["webc", "dc", "vssc", "kalic", "cmdc"]
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from phibroker.agent import Context
+from phibroker.runtime.agent import Context
 from workers import kalic
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import msgpack
 import pytest
 
-from phibroker.agent import Context, load_agent
+from phibroker.runtime.agent import Context, load_agent
 from workers import cmdc, dc, kalic
 
 VULNERABLE = """\

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from phibroker.agent import Context
+from phibroker.runtime.agent import Context
 from workers import kalic, vssc
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from phibroker.agent import Context
+from phibroker.runtime.agent import Context
 from workers import webc
 
 

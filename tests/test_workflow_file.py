@@ -11,7 +11,7 @@ import pytest
 
 from phibroker import workflow
 from phibroker.errors import CycleError, UnknownDependencyError, WorkflowFileError
-from phibroker.spec import coerce_param, parse_duration
+from phibroker.workflow.spec import coerce_param, parse_duration
 
 EXAMPLES = sorted(Path(__file__).parent.parent.joinpath("examples").glob("*.yaml"))
 

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from phibroker.agent import Context
+from phibroker.runtime.agent import Context
 
 WORKSPACE_ENV = "PHIBROKER_WORKSPACE"
 MAX_ITEMS = 50  # results travel through Redis: every list in them is capped

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
-from phibroker.agent import Agent, Context
+from phibroker.runtime.agent import Agent, Context
 from workers._common import inputs_with, safe_name, workspace_root
 
 agent = Agent("cmdc")

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from phibroker.agent import Agent, Context
+from phibroker.runtime.agent import Agent, Context
 from workers._common import SEVERITY_RANK, severity_counts, workflow_dir, worst_severity
 
 agent = Agent("dc")

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from phibroker.agent import Agent, Context
+from phibroker.runtime.agent import Agent, Context
 from workers._common import MAX_ITEMS, SEVERITY_RANK, inputs_with, severity_counts, walk_files
 
 agent = Agent("kalic")

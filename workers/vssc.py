@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from phibroker.agent import Agent, Context
+from phibroker.runtime.agent import Agent, Context
 from workers._common import MAX_ITEMS, input_results, short_hash, slugify, workflow_dir
 
 agent = Agent("vssc")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from phibroker.agent import Agent, Context
+from phibroker.runtime.agent import Agent, Context
 
 agent = Agent("webc")
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import redis
 
-from phibroker.agent import Agent, Context, Event
 from phibroker.errors import Retryable
+from phibroker.runtime.agent import Agent, Context, Event
 
 emitter = Agent("emitter")
 listener = Agent("listener")

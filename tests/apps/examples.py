@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from phibroker.agent import Agent, Context
+from phibroker.runtime.agent import Agent, Context
 
 webc = Agent("webc")
 dc = Agent("dc")

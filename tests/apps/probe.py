@@ -6,8 +6,8 @@ import os
 import time
 from typing import Any
 
-from phibroker.agent import Agent, Context
 from phibroker.errors import Retryable
+from phibroker.runtime.agent import Agent, Context
 
 probe = Agent("probe")
 

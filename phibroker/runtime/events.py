@@ -15,13 +15,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from phibroker import dag, wire
-from phibroker.broker import Broker
+from phibroker import wire
 from phibroker.errors import BrokerUnavailable, ExpressionError, InvalidInput, WorkflowFileError
-from phibroker.expr import Expression, compile_expression
 from phibroker.keys import WORKERS_GROUP
 from phibroker.settings import Settings
-from phibroker.workflow import Workflow
+from phibroker.store.broker import Broker
+from phibroker.workflow import Workflow, dag
+from phibroker.workflow.expr import Expression, compile_expression
 
 log = logging.getLogger("phibroker.events")
 

@@ -1,7 +1,7 @@
 """The Redis side of phibroker: streams, groups, scripts, timers, outboxes, leases. The only redis import.
 
 Every method batches: one pipeline or one script call serves many messages, because round trips, not
-Redis, bound a Python client (REDIS-FACTS: ~180 µs a trip; batching is the 13× step).
+Redis, bound a Python client (~180 µs a trip here; batching both sides was a 13× step).
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ from redis.exceptions import InvalidResponse, NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from phibroker import scripts, wire
+from phibroker import wire
+from phibroker.engine.state import PACKED, SEP, Transition, unpack_group
 from phibroker.errors import BrokerUnavailable, DecodeError
 from phibroker.keys import WORKERS_GROUP, Keys
 from phibroker.settings import Settings
-from phibroker.state import PACKED, SEP, Transition, unpack_group
+from phibroker.store import scripts
 
 # What a lost connection looks like; loops back off and carry on, the CLI exits 3.
 CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, InvalidResponse, ConnectionResetError, BrokenPipeError)
@@ -410,7 +411,7 @@ class Broker:
     def trim_acked(self, stream: str, group: str, keep: int) -> int:
         """Once a stream holds more than `keep` entries, drop those its group has acked.
 
-        Never an entry still pending or unread (REDIS-FACTS: trimming pending entries loses them):
+        Never an entry still pending or unread (trimming deletes pending entries too, and they are lost):
         the cut is the oldest pending entry, or the one after the last delivered."""
         try:
             if int(self.redis.xlen(stream)) <= keep:

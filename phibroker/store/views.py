@@ -11,9 +11,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from phibroker import wire
-from phibroker.broker import Broker, parse_leases, parse_meta, parse_units, parse_value
 from phibroker.errors import DecodeError
 from phibroker.keys import WORKERS_GROUP
+from phibroker.store.broker import Broker, parse_leases, parse_meta, parse_units, parse_value
 
 
 class Views:

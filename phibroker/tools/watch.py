@@ -22,14 +22,14 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from phibroker import dag
-from phibroker.broker import CONNECTION_ERRORS, Broker, reaching
+from phibroker.engine.state import TASK_TERMINAL, WF_TERMINAL, split_unit
 from phibroker.errors import UnknownWorkflow
 from phibroker.settings import Settings
-from phibroker.spec import parse_duration
-from phibroker.state import TASK_TERMINAL, WF_TERMINAL, split_unit
-from phibroker.styles import STATE_STYLES as STYLES
-from phibroker.views import Views
+from phibroker.store.broker import CONNECTION_ERRORS, Broker, reaching
+from phibroker.store.views import Views
+from phibroker.tools.styles import STATE_STYLES as STYLES
+from phibroker.workflow import dag
+from phibroker.workflow.spec import parse_duration
 
 REFRESH = 0.5  # seconds between frames
 RATE_SMOOTHING = 3.0  # seconds: messages/s is a moving average over about this long

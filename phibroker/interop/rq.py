@@ -59,10 +59,10 @@ from rq.timeouts import BaseDeathPenalty
 from phibroker.errors import InvalidInput, Retryable
 
 if TYPE_CHECKING:
-    from phibroker.agent import Context
-    from phibroker.broker import Broker
+    from phibroker.runtime.agent import Context
+    from phibroker.runtime.worker import Worker
     from phibroker.settings import Settings
-    from phibroker.worker import Worker
+    from phibroker.store.broker import Broker
 
 log = logging.getLogger("phibroker.rqbridge")
 
@@ -215,9 +215,9 @@ class Bridge:
         rq_redis_url: str | None = None,
         keep: int = KEEP,
     ):
-        from phibroker.agent import Agent
-        from phibroker.broker import CONNECTION_ERRORS, Broker
-        from phibroker.worker import Worker
+        from phibroker.runtime.agent import Agent
+        from phibroker.runtime.worker import Worker
+        from phibroker.store.broker import CONNECTION_ERRORS, Broker
 
         self.settings = settings
         self.mapping = dict(mapping)

@@ -23,13 +23,15 @@ from collections.abc import Iterable, Sequence
 from functools import cached_property
 from typing import Any
 
-from phibroker import engine, signing, state, wire
+from phibroker import engine, wire
 from phibroker import workflow as workflows
-from phibroker.broker import CONNECTION_ERRORS, Broker, Entry, parse_units
+from phibroker.engine import state
 from phibroker.errors import DecodeError, InvalidInput, PhibrokerError, SignatureError, WorkflowFileError
-from phibroker.events import Router
 from phibroker.keys import COORDINATORS_GROUP, WORKERS_GROUP
+from phibroker.runtime.events import Router
+from phibroker.security import signing
 from phibroker.settings import Settings
+from phibroker.store.broker import CONNECTION_ERRORS, Broker, Entry, parse_units
 
 log = logging.getLogger("phibroker.coordinator")
 

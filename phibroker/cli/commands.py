@@ -13,12 +13,13 @@ from typing import Any
 
 import click
 
-from phibroker import __version__, dag
+from phibroker import __version__
 from phibroker import workflow as workflows
+from phibroker.engine.state import WF_TERMINAL
 from phibroker.errors import InvalidInput, PhibrokerError
 from phibroker.settings import Settings
-from phibroker.spec import parse_duration
-from phibroker.state import WF_TERMINAL
+from phibroker.workflow import dag
+from phibroker.workflow.spec import parse_duration
 
 
 class _Group(click.Group):
@@ -67,14 +68,14 @@ def validate(file: str, as_json: bool) -> None:
 def graph(settings: Settings, target: str, fmt: str) -> None:
     """Print the DAG of FILE, or of the run ID with the state of each task, for Graphviz or Mermaid;
     where a broker answers, the subscriptions that react to its events are drawn as dashed side edges."""
-    from phibroker.events import graph_edges
+    from phibroker.runtime.events import graph_edges
 
     states: dict[str, str] | None = None
     if workflows.names_a_file(target):
         wf = workflows.load(target)
     else:
-        from phibroker.client import Client
         from phibroker.errors import UnknownWorkflow
+        from phibroker.runtime.client import Client
 
         with Client(settings) as client:
             try:
@@ -107,7 +108,7 @@ def submit(
     as_json: bool,
 ) -> None:
     """Validate FILE and submit it."""
-    from phibroker.client import Client
+    from phibroker.runtime.client import Client
 
     wf = workflows.load(file)
     overrides = wf.parse_overrides(params)
@@ -134,7 +135,7 @@ def submit(
 @click.pass_obj
 def status(settings: Settings, wf_id: str, as_json: bool) -> None:
     """The workflow ID and every task."""
-    from phibroker.client import Client
+    from phibroker.runtime.client import Client
 
     with Client(settings) as client:
         doc = client.status(wf_id)
@@ -150,7 +151,7 @@ def status(settings: Settings, wf_id: str, as_json: bool) -> None:
 @click.pass_obj
 def list_(settings: Settings, limit: int, as_json: bool) -> None:
     """Running and recent workflows, newest first."""
-    from phibroker.client import Client
+    from phibroker.runtime.client import Client
 
     with Client(settings) as client:
         rows = client.list(limit)
@@ -170,7 +171,7 @@ def list_(settings: Settings, limit: int, as_json: bool) -> None:
 @click.pass_obj
 def cancel(settings: Settings, wf_id: str, reason: str | None, as_json: bool) -> None:
     """Cancel workflow ID: nothing new starts, running tasks are asked to stop, compensations run."""
-    from phibroker.client import Client
+    from phibroker.runtime.client import Client
 
     with Client(settings) as client:
         client.cancel(wf_id, reason)
@@ -193,8 +194,8 @@ def worker(
     burst: bool,
 ) -> None:
     """Run the commands and subscriptions of one agent."""
-    from phibroker.agent import load_agent
-    from phibroker.worker import Worker
+    from phibroker.runtime.agent import load_agent
+    from phibroker.runtime.worker import Worker
 
     if reclaim_after:
         settings = settings.model_copy(update={"reclaim_after": _duration(reclaim_after, "--reclaim-after")})
@@ -217,7 +218,7 @@ def worker(
 @click.pass_obj
 def coordinator(settings: Settings, require_signed: bool, burst: bool) -> None:
     """Run a coordinator: results in, DAG progress, dispatches out. Several may run at once."""
-    from phibroker.coordinator import Coordinator
+    from phibroker.runtime.coordinator import Coordinator
 
     _reachable(settings)
     _logging()
@@ -238,7 +239,7 @@ def dev(settings: Settings, example: str | None, no_example: bool, once: bool, a
     """A first try: a broker, the coordinator, the reference workers and an example workflow."""
     from pathlib import Path
 
-    from phibroker.devserver import DevServer, find_example
+    from phibroker.tools.devserver import DevServer, find_example
 
     if example and no_example:
         raise InvalidInput("--example and --no-example exclude each other")
@@ -253,7 +254,7 @@ def dev(settings: Settings, example: str | None, no_example: bool, once: bool, a
 @click.pass_obj
 def approvals(settings: Settings, as_json: bool) -> None:
     """Open approval requests."""
-    from phibroker.client import Client
+    from phibroker.runtime.client import Client
 
     with Client(settings) as client:
         requests = client.approvals()
@@ -295,7 +296,7 @@ def _decide(
     reason: str | None = None,
 ) -> None:
     """Send a signed decision and say the verdict: granted, rejected, or sent (no coordinator answered)."""
-    from phibroker.client import Client
+    from phibroker.runtime.client import Client
 
     with Client(settings) as client:
         outcome = client.decide(approval_id, decision, comment=comment, reason=reason)
@@ -322,7 +323,7 @@ def keys() -> None:
 @click.pass_obj
 def keys_generate(settings: Settings, name: str | None, force: bool) -> None:
     """Make a key pair; prints the public line to give to whoever runs the coordinators."""
-    from phibroker import signing
+    from phibroker.security import signing
 
     key = signing.generate(settings.home, name or signing.default_name(), overwrite=force)
     click.echo(f"{key.name} {key.public_hex}")
@@ -336,8 +337,8 @@ def keys_trust(settings: Settings, source: str, public_hex: str | None) -> None:
     """Add a public key to the trust list (a .pub file, or NAME HEX)."""
     from pathlib import Path
 
-    from phibroker import signing
-    from phibroker.broker import Broker
+    from phibroker.security import signing
+    from phibroker.store.broker import Broker
 
     line = f"{source} {public_hex}" if public_hex else _read(Path(source))
     name, key_hex = signing.parse_public(line)
@@ -351,8 +352,8 @@ def keys_trust(settings: Settings, source: str, public_hex: str | None) -> None:
 @click.pass_obj
 def keys_list(settings: Settings) -> None:
     """Local keys, and the trust list in Redis (or what a coordinator trusts without one)."""
-    from phibroker import signing
-    from phibroker.broker import Broker
+    from phibroker.security import signing
+    from phibroker.store.broker import Broker
 
     local = signing.local_public_keys(settings.home)
     for name, key_hex in local.items():
@@ -374,7 +375,7 @@ def sign(settings: Settings, file: str, name: str | None) -> None:
     """Sign FILE (writes FILE.sig) so a `coordinator --require-signed` runs it."""
     from pathlib import Path
 
-    from phibroker import signing
+    from phibroker.security import signing
 
     workflows.load(file)  # only valid files are worth signing
     key, created = signing.load_or_create(settings.home, name or signing.default_name())
@@ -400,7 +401,7 @@ def triggers() -> None:
 @click.pass_obj
 def triggers_add(settings: Settings, file: str) -> None:
     """Register FILE: each event matching its `on:` starts it once, with the event's data as params."""
-    from phibroker.client import Client
+    from phibroker.runtime.client import Client
 
     with Client(settings) as client:
         click.echo(f"trigger {client.add_trigger(file)} registered")
@@ -411,7 +412,7 @@ def triggers_add(settings: Settings, file: str) -> None:
 @click.pass_obj
 def triggers_list(settings: Settings, as_json: bool) -> None:
     """Registered triggers."""
-    from phibroker.client import Client
+    from phibroker.runtime.client import Client
 
     with Client(settings) as client:
         rows = client.triggers()
@@ -428,7 +429,7 @@ def triggers_list(settings: Settings, as_json: bool) -> None:
 @click.pass_obj
 def triggers_remove(settings: Settings, name: str) -> None:
     """Stop starting workflow NAME on events."""
-    from phibroker.client import Client
+    from phibroker.runtime.client import Client
 
     with Client(settings) as client:
         client.remove_trigger(name)
@@ -440,7 +441,7 @@ def triggers_remove(settings: Settings, name: str) -> None:
 @click.pass_obj
 def subs(settings: Settings, as_json: bool) -> None:
     """Event subscriptions: who listens to what, and how far behind each is."""
-    from phibroker.client import Client
+    from phibroker.runtime.client import Client
 
     with Client(settings) as client:
         rows = client.subscriptions()
@@ -466,7 +467,7 @@ def dlq() -> None:
 @click.pass_obj
 def dlq_list(settings: Settings, limit: int, as_json: bool) -> None:
     """The newest dead letters."""
-    from phibroker.client import Client
+    from phibroker.runtime.client import Client
 
     with Client(settings) as client:
         rows = client.dead_letters(limit)
@@ -483,7 +484,7 @@ def dlq_list(settings: Settings, limit: int, as_json: bool) -> None:
 @click.pass_obj
 def dlq_show(settings: Settings, entry_id: str) -> None:
     """One dead letter, its message decoded where it decodes."""
-    from phibroker.client import Client
+    from phibroker.runtime.client import Client
 
     with Client(settings) as client:
         click.echo(json.dumps(client.dead_letter(entry_id), indent=2, default=repr))
@@ -494,7 +495,7 @@ def dlq_show(settings: Settings, entry_id: str) -> None:
 @click.pass_obj
 def dlq_retry(settings: Settings, entry_ids: tuple[str, ...]) -> None:
     """Put dead letters back on the streams they came from."""
-    from phibroker.client import Client
+    from phibroker.runtime.client import Client
 
     with Client(settings) as client:
         for entry_id in entry_ids:
@@ -507,7 +508,7 @@ def dlq_retry(settings: Settings, entry_ids: tuple[str, ...]) -> None:
 @click.pass_obj
 def dlq_purge(settings: Settings, entry_ids: tuple[str, ...], everything: bool) -> None:
     """Delete dead letters: the ones named, or --all."""
-    from phibroker.client import Client
+    from phibroker.runtime.client import Client
 
     if not entry_ids and not everything:
         raise InvalidInput("name dead letters to purge, or pass --all")
@@ -529,7 +530,7 @@ def rq_bridge(
 ) -> None:
     """Serve an agent's tasks with RQ: each task runs as an RQ job, its outcome becomes the task's result."""
     try:
-        from phibroker.rqbridge import Bridge, parse_map
+        from phibroker.interop.rq import Bridge, parse_map
     except ImportError as exc:
         raise InvalidInput(f"rq-bridge needs RQ ({exc}): pip install 'phibroker[rq]'") from None
 
@@ -551,7 +552,7 @@ def rq_bridge(
 @click.pass_obj
 def watch(settings: Settings, wf_id: str | None, agent_name: str | None, once: bool) -> None:
     """Live view: agents' streams, workers, lag and pending; workflows with progress; recent events."""
-    from phibroker import watch as view
+    from phibroker.tools import watch as view
 
     view.watch(settings, workflow=wf_id, agent=agent_name, once=once)
 
@@ -561,7 +562,7 @@ def watch(settings: Settings, wf_id: str | None, agent_name: str | None, once: b
 @click.pass_obj
 def agents(settings: Settings, as_json: bool) -> None:
     """Every worker lease: who runs where, how busy, the last heartbeat, and alive or dead."""
-    from phibroker import diagnose
+    from phibroker.tools import diagnose
 
     rows = diagnose.agents(settings)
     click.echo(json.dumps(rows) if as_json else "\n".join(diagnose.agent_lines(rows)))
@@ -573,7 +574,7 @@ def agents(settings: Settings, as_json: bool) -> None:
 @click.pass_obj
 def why(settings: Settings, wf_id: str, as_json: bool) -> None:
     """What workflow ID waits on: dependencies, workers, retries, approvals, deadlines."""
-    from phibroker import diagnose
+    from phibroker.tools import diagnose
 
     report = diagnose.why_report(settings, wf_id)
     click.echo(json.dumps(report) if as_json else "\n".join(report["lines"]))
@@ -614,7 +615,7 @@ def acl_generate(
     """Write users.acl, one USER.env per user and identities.json, with fresh random secrets."""
     from pathlib import Path
 
-    from phibroker import acl as acls
+    from phibroker.security import acl as acls
 
     names = acls.parse_agents(agents)
     bundle = acls.generate(
@@ -643,7 +644,7 @@ def _show(rows: list[dict[str, Any]], as_json: bool, empty: str, line: Callable[
 
 def _reachable(settings: Settings) -> None:
     """A long-running command checks the broker once at start: a bad URL is one line, not a loop's traceback."""
-    from phibroker.broker import Broker
+    from phibroker.store.broker import Broker
 
     broker = Broker(settings)
     try:
@@ -748,7 +749,7 @@ def _painter() -> Callable[[str, str | None], str]:
     """Colours a state's text on a terminal; through a pipe, or with NO_COLOR set, text stays plain."""
     if os.environ.get("NO_COLOR") or not sys.stdout.isatty():
         return lambda text, state: text
-    from phibroker.styles import STATE_STYLES
+    from phibroker.tools.styles import STATE_STYLES
 
     def paint(text: str, state: str | None) -> str:
         words = STATE_STYLES.get(state or "", "").split()  # a colour, perhaps with `bold` or `dim`

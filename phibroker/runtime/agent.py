@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from phibroker import wire
-from phibroker.engine import describe_exception
+from phibroker.engine.transitions import describe_exception
 from phibroker.errors import MessageTooLarge, Retryable
 
 Handler = Callable[..., Any]
@@ -221,7 +221,7 @@ class Agent:
     def on(self, event: str, name: str | None = None, where: str | None = None) -> Callable[[Handler], Handler]:
         """Subscribe to events: an exact type or `prefix.*`, optionally filtered by a `where` expression."""
         if where is not None:
-            from phibroker.expr import compile_expression
+            from phibroker.workflow.expr import compile_expression
 
             compile_expression(where)  # a bad filter fails here, at import, not at the first event
 

@@ -29,12 +29,12 @@ from rich.table import Table
 from rich.text import Text
 
 from phibroker import workflow as workflows
-from phibroker.broker import CONNECTION_ERRORS, unusable
-from phibroker.client import Client
+from phibroker.engine.state import TASK_TERMINAL, WF_TERMINAL
 from phibroker.errors import BrokerUnavailable, PhibrokerError
+from phibroker.runtime.client import Client
 from phibroker.settings import Settings
-from phibroker.state import TASK_TERMINAL, WF_TERMINAL
-from phibroker.styles import STATE_STYLES as STYLES
+from phibroker.store.broker import CONNECTION_ERRORS, unusable
+from phibroker.tools.styles import STATE_STYLES as STYLES
 
 REFERENCE_AGENTS = ("webc", "dc", "vssc", "kalic", "cmdc")
 DEFAULT_URL = str(Settings.model_fields["redis_url"].default)
@@ -45,7 +45,7 @@ STOP_WAIT = 10.0  # seconds a child gets after SIGTERM before it is killed
 
 def find_example(name: str = "complete-dag.yaml") -> Path | None:
     """The repository's examples folder (editable install), else ./examples."""
-    for base in (Path(__file__).resolve().parent.parent, Path.cwd()):
+    for base in (Path(__file__).resolve().parents[2], Path.cwd()):
         if (base / "examples" / name).is_file():
             return base / "examples" / name
     return None

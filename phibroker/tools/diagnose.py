@@ -10,12 +10,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from phibroker.broker import Broker, reaching
+from phibroker.engine.state import TASK_TERMINAL, UNIT_LIVE, WF_TERMINAL, split_unit, timer_member
 from phibroker.errors import UnknownWorkflow
 from phibroker.settings import Settings
-from phibroker.state import TASK_TERMINAL, UNIT_LIVE, WF_TERMINAL, split_unit, timer_member
-from phibroker.views import Views
-from phibroker.watch import Plan, clock_text, plan_of, span
+from phibroker.store.broker import Broker, reaching
+from phibroker.store.views import Views
+from phibroker.tools.watch import Plan, clock_text, plan_of, span
 
 # -- agents -------------------------------------------------------------------------------------------
 

@@ -18,15 +18,15 @@ from typing import Any
 
 import yaml
 
-from phibroker import dag
 from phibroker.errors import (
     CycleError,
     ExpressionError,
     UnknownDependencyError,
     WorkflowFileError,
 )
-from phibroker.expr import Expression, Reference, Template, compile_expression, compile_template, task_of
-from phibroker.spec import (
+from phibroker.workflow import dag
+from phibroker.workflow.expr import Expression, Reference, Template, compile_expression, compile_template, task_of
+from phibroker.workflow.spec import (
     NAME_PATTERN,
     RetryPolicy,
     Task,

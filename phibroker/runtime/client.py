@@ -13,15 +13,16 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from phibroker import signing, wire
+from phibroker import wire
 from phibroker import workflow as workflows
-from phibroker.broker import Broker, reaching
+from phibroker.engine.state import WF_TERMINAL, new_workflow_fields, split_unit
 from phibroker.errors import ApprovalError, DecodeError, InvalidInput, UnknownWorkflow
-from phibroker.events import add_trigger
+from phibroker.runtime.events import add_trigger
+from phibroker.security import signing
 from phibroker.settings import Settings
-from phibroker.spec import NAME_PATTERN
-from phibroker.state import WF_TERMINAL, new_workflow_fields, split_unit
-from phibroker.views import Views
+from phibroker.store.broker import Broker, reaching
+from phibroker.store.views import Views
+from phibroker.workflow.spec import NAME_PATTERN
 
 _ID = re.compile(NAME_PATTERN)
 

@@ -24,13 +24,13 @@ from typing import Any
 
 from phibroker import wire
 from phibroker import workflow as workflows
-from phibroker.agent import Agent, Context, Event, Outcome, failure
-from phibroker.broker import CONNECTION_ERRORS, Broker, Entry
+from phibroker.engine.state import WF_TERMINAL, new_workflow_fields
 from phibroker.errors import DecodeError, PhibrokerError
-from phibroker.events import Router, register_subscriptions
 from phibroker.keys import WORKERS_GROUP
+from phibroker.runtime.agent import Agent, Context, Event, Outcome, failure
+from phibroker.runtime.events import Router, register_subscriptions
 from phibroker.settings import Settings
-from phibroker.state import WF_TERMINAL, new_workflow_fields
+from phibroker.store.broker import CONNECTION_ERRORS, Broker, Entry
 
 log = logging.getLogger("phibroker.worker")
 

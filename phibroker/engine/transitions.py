@@ -14,8 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from phibroker import wire
-from phibroker.errors import DecodeError, MessageTooLarge
-from phibroker.state import (
+from phibroker.engine.state import (
     TASK_TERMINAL,
     UNIT_LIVE,
     WF_WINDING_DOWN,
@@ -25,6 +24,7 @@ from phibroker.state import (
     undo_unit,
     unit_of,
 )
+from phibroker.errors import DecodeError, MessageTooLarge
 
 
 def retry_delay(attempt: int, base: float, maximum: float, jitter: float, rand: random.Random) -> float:

@@ -1,0 +1,31 @@
+"""The state machine of a run: a run's state (state), what each input does to it (transitions). Pure."""
+
+from phibroker.engine.transitions import (
+    advance,
+    apply_result,
+    apply_timer,
+    cancel,
+    decide,
+    describe_exception,
+    error_text,
+    lost,
+    refuse,
+    retry_delay,
+    start,
+    wind_down,
+)
+
+__all__ = [
+    "advance",
+    "apply_result",
+    "apply_timer",
+    "cancel",
+    "decide",
+    "describe_exception",
+    "error_text",
+    "lost",
+    "refuse",
+    "retry_delay",
+    "start",
+    "wind_down",
+]

@@ -1,0 +1,1 @@
+"""Signatures and Redis ACL users; uses the leaf modules only."""

@@ -1,0 +1,1 @@
+"""The only package that talks to Redis: the connection, scripts, and what each role reads and writes."""
