@@ -23,7 +23,7 @@ from benchmarks.harness import Logs, percentile, rss_mib, spawn, stop, wait_for
 from phibroker import workflow as workflows
 from phibroker.runtime.client import Client
 from phibroker.settings import Settings
-from phibroker.store.broker import Broker
+from phibroker.store.client import ClientStore
 
 AGENT, APP, COMMAND = "probe", "tests.apps.probe", "noop"
 CONCURRENCY = 64  # handler threads: agents wait on I/O (models, tools), so a worker runs many at once
@@ -86,7 +86,7 @@ class Deployment:
 
     def _leases_held(self) -> bool:
         self.check_alive()
-        broker: Broker = self.client.broker
+        broker: ClientStore = self.client.broker
         now, workers = broker.leases(self.settings.keys.agents)
         _, coordinators = broker.leases(self.settings.keys.coordinators)
         worker_up = any(info.get("agent") == AGENT and info["expires"] > now for info in workers.values())

@@ -240,18 +240,18 @@ def test_the_redis_server_dev_starts_keeps_runs_and_keys_and_fresh_starts_empty(
     with Client(settings) as client:
         wf_id = client.submit(REPO / "examples" / "complete-dag.yaml")
         assert client.wait(wf_id, timeout=60)["state"] == "succeeded", dev.output
-        client.broker.trust_key("alice", "ab" * 32)
+        client.registry.trust_key("alice", "ab" * 32)
     stop(dev)
 
     dev = serve()
     assert "kept across restarts" in dev.output
     with Client(settings) as client:
         assert [(row["id"], row["state"]) for row in client.list()] == [(wf_id, "succeeded")]
-        assert client.broker.trusted_keys() == {"alice": "ab" * 32}
+        assert client.registry.trusted_keys() == {"alice": "ab" * 32}
     stop(dev)
 
     dev = serve("--fresh")
     assert "started empty" in dev.output
     with Client(settings) as client:
-        assert client.list() == [] and client.broker.trusted_keys() == {}
+        assert client.list() == [] and client.registry.trusted_keys() == {}
     stop(dev)

@@ -22,7 +22,8 @@ from phibroker import workflow as workflows
 from phibroker.runtime.client import Client
 from phibroker.runtime.events import subscription_edges
 from phibroker.settings import Settings
-from phibroker.store.broker import Broker
+from phibroker.store.connection import Connection
+from phibroker.store.registry import Registry
 from phibroker.tools.diagnose import Facts, explain, worker_rows
 from phibroker.tools.watch import (
     AgentRow,
@@ -327,7 +328,7 @@ def test_watch_once_shows_a_real_run(procs: Processes, client: Client, settings:
 
 
 def test_snapshot_measures_messages_per_second(settings: Settings) -> None:
-    broker = Broker(settings)
+    broker = Connection(settings)
     stream = settings.keys.agent_tasks("pump")
     broker.ensure_group(stream, "workers")
     broker.publish([{"type": "task.dispatched", "workflow": "w", "task": "t", "data": {"agent": "pump"}, "ts": 1.0}])
@@ -418,7 +419,7 @@ def test_why_finds_a_ready_entry_held_by_a_dead_worker(
     procs.coordinator()
     wf_id = client.submit(tmp_path / "one.yaml")
     until(lambda: states(client, wf_id)["A"] == "ready", procs)
-    broker = Broker(settings)
+    broker = Connection(settings)
     stream = settings.keys.agent_tasks("probe")
     broker.ensure_group(stream, "workers")
     (entry,) = broker.read_group(stream, "workers", "probe@gone:1:x", count=10, block=None)
@@ -432,7 +433,7 @@ def test_why_finds_a_ready_entry_held_by_a_dead_worker(
 
 def test_graph_draws_subscriptions_when_a_broker_answers(settings: Settings, tmp_path: Path) -> None:
     (tmp_path / "ship.yaml").write_text(FLOW)
-    Broker(settings).register_subscription("ops.page", {"agent": "ops", "event": "task.failed", "where": None})
+    Registry(settings).register_subscription("ops.page", {"agent": "ops", "event": "task.failed", "where": None})
     drawn = cli(settings, "graph", str(tmp_path / "ship.yaml"), "--format", "mermaid")
     assert drawn.returncode == 0 and 'ship -.->|"task.failed (any task)"| sub_ops_page' in drawn.stdout
     began = time.monotonic()

@@ -338,13 +338,13 @@ def keys_trust(settings: Settings, source: str, public_hex: str | None) -> None:
     from pathlib import Path
 
     from phibroker.security import signing
-    from phibroker.store.broker import Broker
+    from phibroker.store.registry import Registry
 
     line = f"{source} {public_hex}" if public_hex else _read(Path(source))
     name, key_hex = signing.parse_public(line)
-    broker = Broker(settings)
-    broker.ping()
-    broker.trust_key(name, key_hex)
+    registry = Registry(settings)
+    registry.ping()
+    registry.trust_key(name, key_hex)
     click.echo(f"trusted {name}")
 
 
@@ -353,14 +353,14 @@ def keys_trust(settings: Settings, source: str, public_hex: str | None) -> None:
 def keys_list(settings: Settings) -> None:
     """Local keys, and the trust list in Redis (or what a coordinator trusts without one)."""
     from phibroker.security import signing
-    from phibroker.store.broker import Broker
+    from phibroker.store.registry import Registry
 
     local = signing.local_public_keys(settings.home)
     for name, key_hex in local.items():
         click.echo(f"local    {name} {key_hex}")
-    broker = Broker(settings)
-    broker.ping()
-    trusted = broker.trusted_keys()
+    registry = Registry(settings)
+    registry.ping()
+    trusted = registry.trusted_keys()
     for name, key_hex in trusted.items():
         click.echo(f"trusted  {name} {key_hex}")
     if not trusted:
@@ -644,13 +644,13 @@ def _show(rows: list[dict[str, Any]], as_json: bool, empty: str, line: Callable[
 
 def _reachable(settings: Settings) -> None:
     """A long-running command checks the broker once at start: a bad URL is one line, not a loop's traceback."""
-    from phibroker.store.broker import Broker
+    from phibroker.store.connection import Connection
 
-    broker = Broker(settings)
+    connection = Connection(settings)
     try:
-        broker.ping()
+        connection.ping()
     finally:
-        broker.close()
+        connection.close()
 
 
 def _long_running() -> None:

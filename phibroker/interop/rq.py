@@ -33,7 +33,7 @@ enqueues its task as an RQ job and waits for the job's outcome:
   the job if it is still queued, or sends RQ's stop-job command if it runs.
 - The job's RQ timeout is what remains of the task's deadline (none without one).
 
-The bridge speaks to RQ through a connection from a `Broker` (the phibroker Redis, or `--rq-redis`).
+The bridge speaks to RQ through a phibroker `Connection` (the phibroker Redis, or `--rq-redis`).
 Module-level imports stay light: the callbacks are imported in every RQ work horse.
 """
 
@@ -62,7 +62,7 @@ if TYPE_CHECKING:
     from phibroker.runtime.agent import Context
     from phibroker.runtime.worker import Worker
     from phibroker.settings import Settings
-    from phibroker.store.broker import Broker
+    from phibroker.store.connection import Connection
 
 log = logging.getLogger("phibroker.rqbridge")
 
@@ -217,7 +217,7 @@ class Bridge:
     ):
         from phibroker.runtime.agent import Agent
         from phibroker.runtime.worker import Worker
-        from phibroker.store.broker import CONNECTION_ERRORS, Broker
+        from phibroker.store.connection import CONNECTION_ERRORS, Connection
 
         self.settings = settings
         self.mapping = dict(mapping)
@@ -226,9 +226,9 @@ class Bridge:
         for command, function in self.mapping.items():
             self.agent.command(command)(self._handler(command, function))
         self.worker: Worker = Worker(self.agent, settings, concurrency=concurrency)
-        self.rq_broker: Broker = self.worker.broker
+        self.rq_broker: Connection = self.worker.broker
         if rq_redis_url:
-            self.rq_broker = Broker(settings.model_copy(update={"redis_url": rq_redis_url}))
+            self.rq_broker = Connection(settings.model_copy(update={"redis_url": rq_redis_url}))
         self.connection = self.rq_broker.redis
         self.queue = Queue(queue, connection=self.connection)
         self.connection_errors: tuple[type[BaseException], ...] = CONNECTION_ERRORS

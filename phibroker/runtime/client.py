@@ -20,7 +20,9 @@ from phibroker.errors import ApprovalError, DecodeError, InvalidInput, UnknownWo
 from phibroker.runtime.events import add_trigger
 from phibroker.security import signing
 from phibroker.settings import Settings
-from phibroker.store.broker import Broker, reaching
+from phibroker.store.client import ClientStore
+from phibroker.store.connection import reaching
+from phibroker.store.registry import Registry
 from phibroker.store.views import Views
 from phibroker.workflow.spec import NAME_PATTERN
 
@@ -28,9 +30,10 @@ _ID = re.compile(NAME_PATTERN)
 
 
 class Client:
-    def __init__(self, settings: Settings | None = None, broker: Broker | None = None):
+    def __init__(self, settings: Settings | None = None, broker: ClientStore | None = None):
         self.settings = settings or Settings()
-        self.broker = broker or Broker(self.settings)
+        self.broker = broker or ClientStore(self.settings)
+        self.registry = Registry(self.settings, client=self.broker.redis)
 
     @classmethod
     def from_url(cls, url: str, namespace: str = "phi") -> Client:
@@ -149,11 +152,11 @@ class Client:
         """Register a workflow file with `on:`: a matching event starts it with the event's data as params."""
         workflow = source if isinstance(source, workflows.Workflow) else workflows.load(source)
         with reaching(self.settings):
-            return add_trigger(self.broker, workflow)
+            return add_trigger(self.registry, workflow)
 
     def triggers(self) -> list[dict[str, Any]]:
         with reaching(self.settings):
-            _, triggers = self.broker.choreography()
+            _, triggers = self.registry.choreography()
         return [
             {"name": name, "event": info["event"], "where": info.get("where"), "added": info.get("added")}
             for name, info in sorted(triggers.items())
@@ -161,18 +164,18 @@ class Client:
 
     def remove_trigger(self, name: str) -> None:
         with reaching(self.settings):
-            if not self.broker.remove_trigger(name):
+            if not self.registry.remove_trigger(name):
                 raise InvalidInput(f"no trigger named {name!r}")
 
     def subscriptions(self) -> list[dict[str, Any]]:
         """Every registered subscription with its stream's length, lag, pending and dropped events."""
         with reaching(self.settings):
-            subs, _ = self.broker.choreography()
+            subs, _ = self.registry.choreography()
             return [
                 {
                     "name": name,
                     **{k: info.get(k) for k in ("agent", "event", "where")},
-                    **self.broker.subscription_health(name),
+                    **self.registry.subscription_health(name),
                 }
                 for name, info in sorted(subs.items())
             ]

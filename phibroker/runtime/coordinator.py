@@ -31,7 +31,9 @@ from phibroker.keys import COORDINATORS_GROUP, WORKERS_GROUP
 from phibroker.runtime.events import Router
 from phibroker.security import signing
 from phibroker.settings import Settings
-from phibroker.store.broker import CONNECTION_ERRORS, Broker, Entry, parse_units
+from phibroker.store.connection import CONNECTION_ERRORS, Entry, parse_units
+from phibroker.store.coordinator import CoordinatorStore
+from phibroker.store.registry import Registry
 
 log = logging.getLogger("phibroker.coordinator")
 
@@ -60,16 +62,17 @@ class Coordinator:
     def __init__(
         self,
         settings: Settings,
-        broker: Broker | None = None,
+        broker: CoordinatorStore | None = None,
         require_signed: bool = False,
         cache_size: int = 2000,
     ):
         self.settings = settings
-        self.broker = broker or Broker(settings)
+        self.broker = broker or CoordinatorStore(settings)
+        self.registry = Registry(settings, client=self.broker.redis)
         self.keys = settings.keys
         self.name = f"{socket.gethostname()}:{os.getpid()}:{wire.short_id()[:6]}"
         self.require_signed = require_signed
-        self.router = Router(self.broker)
+        self.router = Router(self.registry)
         self.runs: OrderedDict[str, state.Run] = OrderedDict()
         self.specs: OrderedDict[str, workflows.Workflow] = OrderedDict()
         self.cache_size = cache_size
@@ -329,7 +332,7 @@ class Coordinator:
             quiet += [wf_id for wf_id in idle if wf_id not in stale]
             pending = {wf_id: pending[wf_id] for wf_id in stale}
         if drains or fired:
-            self.broker.drain(drains, dispatched=True, fired=list(fired))
+            self.broker.drain(drains, dispatched=True, fired=list(fired), route=self.router.routes)
             crash_point("after_drain")
         if quiet:  # nothing new to do: maybe a dead coordinator left its outbox undrained
             self.redrive(quiet, older_than=1.0)
@@ -396,7 +399,7 @@ class Coordinator:
     def _start_triggered(self, body: dict[str, Any]) -> None:
         """An event matched a trigger: start its workflow, with the event's data as params, once."""
         name, event = str(body.get("trigger")), body.get("event") or {}
-        info = self.broker.trigger(name)
+        info = self.registry.trigger(name)
         if info is None:
             log.warning("trigger %s was removed; event %s ignored", name, event.get("id"))
             return
@@ -433,7 +436,7 @@ class Coordinator:
 
     def trusted(self) -> dict[str, str]:
         """The trust list in Redis; with none configured, the local keys (read now, so new keys count)."""
-        return self.broker.trusted_keys() or signing.local_public_keys(self.settings.home)
+        return self.registry.trusted_keys() or signing.local_public_keys(self.settings.home)
 
     def verify_decision(self, body: dict[str, Any]) -> str | None:
         """Why a decision is refused (forged, tampered, expired, untrusted), or None."""
@@ -536,7 +539,7 @@ class Coordinator:
                 items.append((wf_id, entry_id, box))
         if items:
             log.info("re-driving %d outbox entries", len(items))
-            self.broker.drain(items)
+            self.broker.drain(items, route=self.router.routes)
         return len(items)
 
     # -- maintenance -------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ Every event goes to the `NS:events` log. Beside that, the `Router` copies each e
 every subscription whose type and `where` filter match (`NS:sub:NAME`, one group each, so no slow
 subscriber pins the global log), and turns each event that matches a workflow trigger into an inbox
 message that starts the workflow once. Events past the storm depth go to the DLQ with their chain
-instead. The router is attached to a broker, which calls it for whatever it publishes.
+instead. Whatever publishes events (a worker's settle, a coordinator's drain) is handed `Router.routes`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from phibroker import wire
 from phibroker.errors import BrokerUnavailable, ExpressionError, InvalidInput, WorkflowFileError
 from phibroker.keys import WORKERS_GROUP
 from phibroker.settings import Settings
-from phibroker.store.broker import Broker
+from phibroker.store.registry import Registry
 from phibroker.workflow import Workflow, dag
 from phibroker.workflow.expr import Expression, compile_expression
 
@@ -68,18 +68,17 @@ def compile_where(source: str | None, what: str) -> Expression | None:
 class Router:
     """Decides where events go beyond the log; re-reads subscriptions and triggers every `refresh` s."""
 
-    def __init__(self, broker: Broker, refresh: float = 1.0):
-        self.broker = broker
-        self.settings = broker.settings
-        self.keys = broker.keys
+    def __init__(self, registry: Registry, refresh: float = 1.0):
+        self.registry = registry
+        self.settings = registry.settings
+        self.keys = registry.keys
         self.refresh = refresh
         self.subscriptions: list[Filter] = []
         self.triggers: list[Filter] = []
         self._loaded = 0.0
-        broker.router = self.routes
 
     def load(self) -> None:
-        subs, triggers = self.broker.choreography()
+        subs, triggers = self.registry.choreography()
         self.subscriptions = [_filter(name, info) for name, info in subs.items()]
         self.triggers = [_filter(name, info) for name, info in triggers.items()]
         self._loaded = time.monotonic()
@@ -147,20 +146,20 @@ def trigger_workflow_id(trigger: str, event: Mapping[str, Any]) -> str:
 # -- registration ----------------------------------------------------------------------------------
 
 
-def register_subscriptions(broker: Broker, agent: str, subscriptions: Mapping[str, Any]) -> list[str]:
+def register_subscriptions(registry: Registry, agent: str, subscriptions: Mapping[str, Any]) -> list[str]:
     """Record an agent's subscriptions and create their streams' groups at `$` (events from now on)."""
     streams = []
     for sub in subscriptions.values():
         compile_where(sub.where, sub.name)
         info = {"agent": agent, "event": sub.event, "where": sub.where, "registered": time.time()}
-        broker.register_subscription(sub.name, info)
-        stream = broker.keys.sub(sub.name)
-        broker.ensure_group(stream, WORKERS_GROUP, start="$")
+        registry.register_subscription(sub.name, info)
+        stream = registry.keys.sub(sub.name)
+        registry.ensure_group(stream, WORKERS_GROUP, start="$")
         streams.append(stream)
     return streams
 
 
-def add_trigger(broker: Broker, workflow: Workflow) -> str:
+def add_trigger(registry: Registry, workflow: Workflow) -> str:
     """Register a workflow file with `on:` so matching events start it."""
     on = workflow.spec.on
     if on is None:
@@ -172,7 +171,7 @@ def add_trigger(broker: Broker, workflow: Workflow) -> str:
         "spec": workflow.spec_json,
         "added": time.time(),
     }
-    broker.register_trigger(workflow.name, info)
+    registry.register_trigger(workflow.name, info)
     return workflow.name
 
 
@@ -260,7 +259,7 @@ def _emits(workflow: Workflow, task: str, rule: Filter) -> bool:
 def graph_edges(settings: Settings, workflow: Workflow, timeout: float = 0.5) -> list[dag.SideEdge]:
     """The side edges `graph` draws, or none when no broker answers within `timeout` seconds."""
     try:
-        subscriptions = Broker(settings).registered_subscriptions(timeout)
+        subscriptions = Registry(settings).registered_subscriptions(timeout)
     except BrokerUnavailable:
         return []
     return subscription_edges(workflow, subscriptions)

@@ -30,7 +30,9 @@ from phibroker.keys import WORKERS_GROUP
 from phibroker.runtime.agent import Agent, Context, Event, Outcome, failure
 from phibroker.runtime.events import Router, register_subscriptions
 from phibroker.settings import Settings
-from phibroker.store.broker import CONNECTION_ERRORS, Broker, Entry
+from phibroker.store.connection import CONNECTION_ERRORS, Entry
+from phibroker.store.registry import Registry
+from phibroker.store.worker import WorkerStore
 
 log = logging.getLogger("phibroker.worker")
 
@@ -101,10 +103,11 @@ class HandlerThreads:
 
 
 class Worker:
-    def __init__(self, agent: Agent, settings: Settings, concurrency: int = 4, broker: Broker | None = None):
+    def __init__(self, agent: Agent, settings: Settings, concurrency: int = 4, broker: WorkerStore | None = None):
         self.agent = agent
         self.settings = settings
-        self.broker = broker or Broker(settings)
+        self.broker = broker or WorkerStore(settings)
+        self.registry = Registry(settings, client=self.broker.redis)
         self.keys = settings.keys
         self.stream = self.keys.agent_tasks(agent.name)
         self.bulk = self.keys.agent_bulk(agent.name)  # big releases: read beside the stream, so never ahead of it
@@ -116,7 +119,7 @@ class Worker:
         self.reactions: deque[Reaction] = deque()
         self.reacting: set[tuple[str, str]] = set()  # (subscription stream, entry id) of reactions running
         self.sub_streams: dict[str, str] = {}  # subscription stream -> subscription name
-        self.router = Router(self.broker)
+        self.router = Router(self.registry)
         self.running: dict[tuple[str, str], Running] = {}  # (lane, entry id) -> attempt, until settled
         self.active = 0  # handlers executing now
         self.slots = threading.Condition()
@@ -142,7 +145,7 @@ class Worker:
         for lane in self.lanes:
             self.broker.ensure_group(lane, WORKERS_GROUP)
         self.renew_lease()
-        streams = register_subscriptions(self.broker, self.agent.name, self.agent.subscriptions)
+        streams = register_subscriptions(self.registry, self.agent.name, self.agent.subscriptions)
         self.sub_streams = dict(zip(streams, self.agent.subscriptions, strict=True))
         log.info("worker %s serving %s (%s)", self.consumer, self.agent.name, ", ".join(self.agent.commands))
         self._spawn(self._settle_loop, "settler")
@@ -371,7 +374,7 @@ class Worker:
                 if not already:
                     emitted += self._react_to(reaction, event)
             if emitted:
-                self.broker.publish(emitted)
+                self.broker.publish(emitted, self.router.routes)
             self.broker.mark_seen(reaction.subscription, ids, keep=self.settings.retention)
             self.broker.ack(reaction.stream, WORKERS_GROUP, [reaction.entry.id])
         except CONNECTION_ERRORS as exc:
@@ -446,7 +449,7 @@ class Worker:
         delay = 0.1
         while True:
             try:
-                self.broker.settle(envelopes, WORKERS_GROUP, acks, events)
+                self.broker.settle(envelopes, WORKERS_GROUP, acks, events, self.router.routes)
                 break
             except CONNECTION_ERRORS as exc:
                 log.warning("cannot settle %d results yet (%s)", len(batch), exc)

@@ -13,11 +13,11 @@ from typing import Any
 from phibroker import wire
 from phibroker.errors import DecodeError
 from phibroker.keys import WORKERS_GROUP
-from phibroker.store.broker import Broker, parse_leases, parse_meta, parse_units, parse_value
+from phibroker.store.connection import Connection, parse_leases, parse_meta, parse_units, parse_value
 
 
 class Views:
-    def __init__(self, broker: Broker):
+    def __init__(self, broker: Connection):
         self.redis = broker.redis
         self.keys = broker.keys
         self.settings = broker.settings

@@ -33,7 +33,7 @@ from phibroker.engine.state import TASK_TERMINAL, WF_TERMINAL
 from phibroker.errors import BrokerUnavailable, PhibrokerError
 from phibroker.runtime.client import Client
 from phibroker.settings import Settings
-from phibroker.store.broker import CONNECTION_ERRORS, unusable
+from phibroker.store.connection import CONNECTION_ERRORS, unusable
 from phibroker.tools.styles import STATE_STYLES as STYLES
 
 REFERENCE_AGENTS = ("webc", "dc", "vssc", "kalic", "cmdc")

@@ -13,7 +13,8 @@ from typing import Any
 from phibroker.engine.state import TASK_TERMINAL, UNIT_LIVE, WF_TERMINAL, split_unit, timer_member
 from phibroker.errors import UnknownWorkflow
 from phibroker.settings import Settings
-from phibroker.store.broker import Broker, reaching
+from phibroker.store.client import ClientStore
+from phibroker.store.connection import reaching
 from phibroker.store.views import Views
 from phibroker.tools.watch import Plan, clock_text, plan_of, span
 
@@ -47,7 +48,7 @@ def worker_rows(now: float, leases: Mapping[str, Mapping[str, Any]]) -> list[dic
 
 def agents(settings: Settings) -> list[dict[str, Any]]:
     """`phibroker agents`: the worker leases, read once."""
-    broker = Broker(settings)
+    broker = ClientStore(settings)
     try:
         with reaching(settings):
             now, leases = broker.leases(settings.keys.agents)
@@ -104,7 +105,7 @@ def live_units(facts: Facts) -> list[str]:
     return sorted(out, key=lambda u: (order[split_unit(u)[0]], u))
 
 
-def read_facts(broker: Broker, wf_id: str) -> Facts:
+def read_facts(broker: ClientStore, wf_id: str) -> Facts:
     """Everything `explain` looks at, read-only: units, leases, timers, approvals, pending entries."""
     views = Views(broker)
     now, meta, units = views.workflow_state(wf_id)
@@ -289,7 +290,7 @@ def _waiting(facts: Facts, limit: int = 10) -> list[str]:
 
 def why_report(settings: Settings, wf_id: str) -> dict[str, Any]:
     """`phibroker why ID [--json]`: the run's state and the lines of `explain`, over facts read once."""
-    broker = Broker(settings)
+    broker = ClientStore(settings)
     try:
         with reaching(settings):
             facts = read_facts(broker, wf_id)

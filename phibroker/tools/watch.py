@@ -25,7 +25,8 @@ from rich.text import Text
 from phibroker.engine.state import TASK_TERMINAL, WF_TERMINAL, split_unit
 from phibroker.errors import UnknownWorkflow
 from phibroker.settings import Settings
-from phibroker.store.broker import CONNECTION_ERRORS, Broker, reaching
+from phibroker.store.client import ClientStore
+from phibroker.store.connection import CONNECTION_ERRORS, reaching
 from phibroker.store.views import Views
 from phibroker.tools.styles import STATE_STYLES as STYLES
 from phibroker.workflow import dag
@@ -179,7 +180,7 @@ class Snapshot:
 
 
 def snapshot(
-    broker: Broker, previous: Snapshot | None = None, workflow: str | None = None, agent: str | None = None
+    broker: ClientStore, previous: Snapshot | None = None, workflow: str | None = None, agent: str | None = None
 ) -> Snapshot:
     """Read what the view shows, in four pipelined round trips; rates come from `previous`."""
     views = Views(broker)
@@ -540,7 +541,7 @@ def watch(
 ) -> None:
     """`phibroker watch`: redraw about twice a second until Ctrl-C; `once` prints one frame."""
     console = console or Console()
-    broker = Broker(settings)
+    broker = ClientStore(settings)
     try:
         with reaching(settings):
             current = snapshot(broker, None, workflow, agent)

@@ -1,0 +1,103 @@
+"""What a client reads and asks of the broker: runs, approvals, events, dead letters."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from phibroker import wire
+from phibroker.errors import DecodeError
+from phibroker.store.connection import Connection, parse_meta, parse_units
+
+
+class ClientStore(Connection):
+    """What a client reads and asks of the broker: runs, approvals, events, dead letters."""
+
+    def dead_letters(self, limit: int = 100) -> list[tuple[str, dict[str, Any]]]:
+        """Newest first: (DLQ entry id, record)."""
+        rows = self.redis.xrevrange(self.keys.dlq, count=limit)
+        return [(i.decode(), wire.unpack(f[wire.FIELD], 1 << 26)) for i, f in rows]
+
+    def read_dead_letter(self, entry_id: str) -> dict[str, Any] | None:
+        rows = self.redis.xrange(self.keys.dlq, min=entry_id, max=entry_id)
+        return wire.unpack(rows[0][1][wire.FIELD], 1 << 26) if rows else None
+
+    def remove_dead_letters(self, entry_ids: Sequence[str]) -> int:
+        return int(self.redis.xdel(self.keys.dlq, *entry_ids)) if entry_ids else 0
+
+    def purge_dead_letters(self) -> int:
+        count = int(self.redis.xlen(self.keys.dlq))
+        self.redis.delete(self.keys.dlq)
+        return count
+
+    def read_workflow(
+        self, wf_id: str
+    ) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, bytes], list[bytes]]:
+        """Everything `status` shows: meta, units, raw results, history records."""
+        keys = self.keys
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(keys.wf(wf_id))
+        pipe.hgetall(keys.wf_tasks(wf_id))
+        pipe.hgetall(keys.wf_results(wf_id))
+        pipe.lrange(keys.wf_history(wf_id), 0, -1)
+        meta, units, results, history = pipe.execute()
+        return (
+            parse_meta(meta),
+            parse_units(units),
+            {k.decode(): v for k, v in results.items()},
+            history,
+        )
+
+    def workflow_exists(self, wf_id: str) -> bool:
+        return bool(self.redis.exists(self.keys.wf(wf_id)))
+
+    def wait_done(self, wf_id: str, timeout: float) -> bool:
+        """Block until the workflow's end (or the timeout); never consumes the signal other waiters need."""
+        key = self.keys.wf_done(wf_id)
+        return self.redis.blmove(key, key, timeout=max(0.01, timeout), src="RIGHT", dest="LEFT") is not None
+
+    def recent_workflows(self, limit: int) -> list[tuple[str, dict[str, Any]]]:
+        ids = [i.decode() for i in self.redis.zrevrange(self.keys.workflows, 0, limit - 1)]
+        pipe = self.redis.pipeline(transaction=False)
+        for wf_id in ids:
+            pipe.hmget(self.keys.wf(wf_id), "name", "state", "created_at", "finished_at")
+        rows = []
+        for wf_id, values in zip(ids, pipe.execute(), strict=True):
+            if values[0] is None:
+                continue  # expired by retention; the index is trimmed in maintenance
+            name, state, created, finished = (v.decode() if v else None for v in values)
+            rows.append(
+                (
+                    wf_id,
+                    {
+                        "name": name,
+                        "state": state,
+                        "created_at": float(created) if created else None,
+                        "finished_at": float(finished) if finished else None,
+                    },
+                )
+            )
+        return rows
+
+    def approvals(self) -> dict[str, dict[str, Any]]:
+        raw = self.redis.hgetall(self.keys.approvals)
+        return {k.decode(): wire.unpack(v, self.settings.max_message_bytes) for k, v in raw.items()}
+
+    def last_event_id(self) -> str:
+        newest = self.redis.xrevrange(self.keys.events, count=1)
+        return newest[0][0].decode() if newest else "0-0"
+
+    def read_events(self, after: str, block: float | None, count: int = 500) -> tuple[str, list[dict[str, Any]]]:
+        """Events after the entry id `after` (waiting up to `block` seconds); returns the new last id."""
+        reply = self.redis.xread(
+            {self.keys.events: after}, count=count, block=None if block is None else max(1, int(block * 1000))
+        )
+        events: list[dict[str, Any]] = []
+        for _, items in reply or ():
+            for entry_id, fields in items:
+                after = entry_id.decode()
+                try:
+                    events += wire.decode_events(fields[wire.FIELD], self.settings.max_message_bytes * 4)
+                except (DecodeError, KeyError):
+                    continue
+        return after, events

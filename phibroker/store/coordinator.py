@@ -1,0 +1,243 @@
+"""What a coordinator does with the broker: poll its inbox and timers, commit transitions, drain outboxes."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from redis.exceptions import NoScriptError, ResponseError
+
+from phibroker import wire
+from phibroker.engine.state import Transition
+from phibroker.keys import WORKERS_GROUP
+from phibroker.store import scripts
+from phibroker.store.connection import (
+    META_JSON,
+    SHAS,
+    Connection,
+    Entry,
+    Route,
+    entries_of,
+    id_order,
+    next_id,
+    parse_meta,
+    xreadgroup,
+)
+
+
+def _claimed(reply: list[Any]) -> tuple[float, float | None, list[str]]:
+    """CLAIM_TIMERS's reply: Redis's clock (s), the next due time (s, None: no timer), the claimed timers."""
+    next_due = float(reply[1])
+    return int(reply[0]) / 1e6, None if next_due < 0 else next_due / 1000, [m.decode() for m in reply[2:]]
+
+
+class CoordinatorStore(Connection):
+    """What a coordinator does with the broker: poll its inbox and timers, commit transitions, drain outboxes."""
+
+    def trim_acked(self, stream: str, group: str, keep: int) -> int:
+        """Once a stream holds more than `keep` entries, drop those its group has acked.
+
+        Never an entry still pending or unread (trimming deletes pending entries too, and they are lost):
+        the cut is the oldest pending entry, or the one after the last delivered."""
+        try:
+            if int(self.redis.xlen(stream)) <= keep:
+                return 0
+            info = next((g for g in self.redis.xinfo_groups(stream) if g["name"] in (group, group.encode())), None)
+            if info is None:
+                return 0
+            last = info["last-delivered-id"]
+            cut = next_id(last.decode() if isinstance(last, bytes) else str(last))
+            if int(info.get("pending") or 0):
+                oldest = self.redis.xpending(stream, group)["min"]
+                cut = min(cut, oldest.decode() if isinstance(oldest, bytes) else str(oldest), key=id_order)
+            return int(self.redis.xtrim(stream, minid=cut, approximate=True))
+        except ResponseError:
+            return 0  # the stream or group went away meanwhile
+
+    def load_runs(self, wf_ids: Sequence[str]) -> list[tuple[dict[str, Any], dict[bytes, bytes], dict[bytes, bytes]]]:
+        """Meta (parsed), raw unit fields and raw results of several workflows, in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for wf_id in wf_ids:
+            pipe.hgetall(self.keys.wf(wf_id))
+            pipe.hgetall(self.keys.wf_tasks(wf_id))
+            pipe.hgetall(self.keys.wf_results(wf_id))
+        replies = pipe.execute()
+        return [(parse_meta(replies[i]), replies[i + 1], replies[i + 2]) for i in range(0, len(replies), 3)]
+
+    def commit(self, transitions: Sequence[tuple[str, int, Transition]]) -> list[int]:
+        """Commit transitions, one script call each, pipelined: the new version, or -1 where the
+        workflow's version moved on since it was read (nothing was written then).
+
+        The dispatches ride in the same round trip, right behind the scripts: a worker can only see
+        them after the commit, and those of a transition that lost the version race name a dispatch
+        id the workflow never recorded, so the start script refuses them. They stay in the outbox
+        too, so a crash before the drain re-sends them (workers drop the copies by dispatch id)."""
+        ttl = int(self.settings.retention)
+        calls = []
+        for wf_id, version, tx in transitions:
+            args: list[Any] = [version]
+            for pairs in (tx.fields(), tx.meta):
+                args.append(len(pairs))
+                for name, value in pairs.items():
+                    args += [name, json.dumps(value) if name in META_JSON else value]
+            args.append(len(tx.results))
+            for unit, raw in tx.results.items():
+                args += [unit, raw]
+            args.append(len(tx.history))
+            args += tx.history
+            args += [tx.id, wire.pack(tx.outbox()) if tx.has_outbox else b"", "1" if tx.finished else "0", ttl]
+            calls.append((self.keys.wf_keys(wf_id), args))
+
+        dispatches = self._by_stream([(tx.dispatches, tx.bulk) for _, _, tx in transitions])
+
+        def build(pipe: Any) -> None:
+            for keys, args in calls:
+                pipe.evalsha(SHAS[scripts.APPLY], len(keys), *keys, *args)
+            self._dispatch(pipe, dispatches)
+
+        return [int(v) for v in self._pipeline(build)[: len(calls)]]
+
+    def _by_stream(self, batches: Iterable[tuple[Iterable[tuple[str, bytes]], bool]]) -> dict[str, list[bytes]]:
+        """Dispatches grouped by agent stream, each stream's group created before its first entry.
+
+        A transition's dispatches go to the agents' bulk lanes when it releases more than
+        `bulk_after` units for one agent, or is part of a release chunked over several transitions
+        (`bulk`): workers read both lanes at once, so a small workflow's next task never waits behind
+        a ten-thousand-task fan-out (one FIFO per agent made a chain 30× slower)."""
+        streams: dict[str, list[bytes]] = {}
+        for batch, bulk in batches:
+            per_agent: dict[str, list[bytes]] = {}
+            for agent, raw in batch:
+                per_agent.setdefault(agent, []).append(raw)
+            for agent, raws in per_agent.items():
+                big = bulk or len(raws) > self.settings.bulk_after
+                lane = self.keys.agent_bulk(agent) if big else self.keys.agent_tasks(agent)
+                streams.setdefault(lane, []).extend(raws)
+        for stream in streams:
+            if stream not in self._groups:
+                self.ensure_group(stream, WORKERS_GROUP)
+        return streams
+
+    def _dispatch(self, pipe: Any, streams: dict[str, list[bytes]]) -> None:
+        for stream, raws in streams.items():
+            for start in range(0, len(raws), 1000):
+                pipe.evalsha(SHAS[scripts.XADD_MANY], 1, stream, wire.FIELD, *raws[start : start + 1000])
+
+    def versions(self, wf_ids: Sequence[str]) -> list[int | None]:
+        pipe = self.redis.pipeline(transaction=False)
+        for wf_id in wf_ids:
+            pipe.hget(self.keys.wf(wf_id), "version")
+        return [None if v is None else int(v) for v in pipe.execute()]
+
+    def outboxes(self, wf_ids: Iterable[str]) -> dict[str, dict[str, bytes]]:
+        ids = list(wf_ids)
+        pipe = self.redis.pipeline(transaction=False)
+        for wf_id in ids:
+            pipe.hgetall(self.keys.wf_outbox(wf_id))
+        return {
+            wf_id: {k.decode(): v for k, v in raw.items()}
+            for wf_id, raw in zip(ids, pipe.execute(), strict=True)
+            if raw
+        }
+
+    def drain(
+        self,
+        items: Sequence[tuple[str, str, dict[str, Any]]],
+        dispatched: bool = False,
+        fired: Sequence[str] = (),
+        route: Route | None = None,
+    ) -> None:
+        """Carry out outbox entries (wf id, entry id, decoded outbox), then remove them.
+
+        `dispatched`: the commit already sent the dispatches. Dispatches carry their id, so a redrive
+        after a crash only makes duplicates that consumers drop. `fired`: timers handled by these
+        transitions, removed before the timers they set (which may be the same ones, set again).
+        `route`: where the outboxes' events go beyond the log.
+        """
+        streams = (
+            {}
+            if dispatched
+            else self._by_stream([(box.get("dispatches") or (), bool(box.get("bulk"))) for _, _, box in items])
+        )
+
+        def build(pipe: Any) -> None:
+            if fired:
+                pipe.zrem(self.keys.timers, *fired)
+            self._dispatch(pipe, streams)
+            for wf_id, entry_id, box in items:
+                self._carry_out(pipe, wf_id, box, route)
+                pipe.hdel(self.keys.wf_outbox(wf_id), entry_id)
+
+        self._pipeline(build)
+
+    def _carry_out(self, pipe: Any, wf_id: str, box: dict[str, Any], route: Route | None) -> None:
+        """An outbox's effects other than dispatches: events, timers, approvals, the running index."""
+        keys = self.keys
+        if box.get("events"):
+            self._publish(pipe, box["events"], route)
+        if box.get("timers_add"):
+            pipe.zadd(keys.timers, {m: int(due * 1000) for m, due in box["timers_add"].items()})
+        if box.get("timers_del"):
+            pipe.zrem(keys.timers, *box["timers_del"])
+        if box.get("approvals_set"):
+            pipe.hset(keys.approvals, mapping=box["approvals_set"])
+        if box.get("approvals_del"):
+            pipe.hdel(keys.approvals, *box["approvals_del"])
+        if box.get("finished"):
+            pipe.zrem(keys.running, wf_id)
+
+    def running_chunk(self, start: int, count: int) -> list[str]:
+        return [i.decode() for i in self.redis.zrange(self.keys.running, start, start + count - 1)]
+
+    def sweep_states(self, wf_ids: Sequence[str]) -> list[tuple[bool, bool, float, int]]:
+        """Per workflow: exists, started, created_at, outbox entries."""
+        pipe = self.redis.pipeline(transaction=False)
+        for wf_id in wf_ids:
+            pipe.hmget(self.keys.wf(wf_id), "launched", "created_at")
+            pipe.hlen(self.keys.wf_outbox(wf_id))
+        replies = pipe.execute()
+        out = []
+        for i in range(0, len(replies), 2):
+            started, created = replies[i]
+            out.append((created is not None, bool(started and started != b"0"), float(created or 0), replies[i + 1]))
+        return out
+
+    def forget_running(self, wf_id: str) -> None:
+        self.redis.zrem(self.keys.running, wf_id)
+
+    def poll(
+        self,
+        streams: Sequence[str],
+        group: str,
+        consumer: str,
+        count: int,
+        block: float | None,
+        pending: bool,
+        acks: Mapping[str, Sequence[str]],
+        timer_limit: int = 500,
+    ) -> tuple[float, float | None, list[str], list[tuple[str, Entry]]]:
+        """A coordinator's round in one round trip: ack what the last round handled, claim the due
+        timers for `timer_claim` seconds, then read the streams (as `read_groups`, blocking up to
+        `block`). Returns Redis's clock, when the next timer is due, the claimed timers and the entries."""
+        claim_ms = int(self.settings.timer_claim * 1000)
+
+        def build(pipe: Any) -> None:
+            for stream, ids in acks.items():
+                if ids:
+                    pipe.xack(stream, group, *ids)
+            pipe.evalsha(SHAS[scripts.CLAIM_TIMERS], 1, self.keys.timers, claim_ms, timer_limit)
+            xreadgroup(pipe, streams, group, consumer, count, block, pending)
+
+        # Not through `_pipeline`: running it all again after a NOSCRIPT would read a second batch and
+        # strand the first (delivered to this consumer, never handled). Only the claim is redone.
+        pipe = self.redis.pipeline(transaction=False)
+        build(pipe)
+        *acked, claimed, read = pipe.execute(raise_on_error=False)
+        if isinstance(claimed, NoScriptError):
+            self._load_scripts()
+            claimed = self._script(scripts.CLAIM_TIMERS, [self.keys.timers], [claim_ms, timer_limit])
+        for reply in (*acked, claimed, read):
+            if isinstance(reply, Exception):
+                raise reply  # what the read delivered is re-read by the coordinator's own recovery
+        return (*_claimed(claimed), entries_of(read))
