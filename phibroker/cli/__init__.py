@@ -1,5 +1,10 @@
-"""The `phibroker` command: thin click commands over the library."""
+"""The `phibroker` command: thin click commands, one module per group, over the library.
 
-from phibroker.cli.commands import main
+Each command parses its options, calls one library function, and turns a `PhibrokerError` into one
+line on stderr and its exit code. Importing the modules registers their commands on `main`.
+"""
+
+from phibroker.cli import approvals, choreography, ops, processes, runs  # noqa: F401 - registers the commands
+from phibroker.cli.app import main
 
 __all__ = ["main"]

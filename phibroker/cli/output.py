@@ -1,0 +1,99 @@
+"""How runs are shown on a terminal: status tables, progress while waiting, colours."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+
+def progress_printer(live_agents: Callable[[], set[str]]) -> Callable[[dict[str, Any]], None]:
+    """`submit --wait`'s progress on stderr, plus what the user can act on while it waits: an agent
+    with work and no live worker, an approval to decide (each said once)."""
+    last = [""]
+    said: set[str] = set()
+
+    def show(status: dict[str, Any]) -> None:
+        tasks = status["tasks"].values()
+        done = sum(1 for t in tasks if t["state"] in ("succeeded", "failed", "skipped", "cancelled", "compensated"))
+        running = sum(1 for t in tasks if t["state"] in ("running", "ready", "retrying"))
+        line = f"{status['state']}: {done}/{len(status['tasks'])} tasks done, {running} in flight"
+        if line != last[0]:
+            click.echo(f"  {line}", err=True)
+            last[0] = line
+        for note in waiting_notes(status, live_agents, said):
+            click.echo(note, err=True)
+
+    return show
+
+
+def waiting_notes(status: dict[str, Any], live_agents: Callable[[], set[str]], said: set[str]) -> list[str]:
+    """What a run waits on that only the user can give: a worker for an agent, or a decision. `said`
+    keeps what was already told, so each is told once; leases are read only while something may lack one."""
+    notes = []
+    busy = {t["agent"] for t in status["tasks"].values() if t["agent"] and t["state"] in ("ready", "running")}
+    unsaid = {agent for agent in busy if f"agent {agent}" not in said}
+    if unsaid:
+        for agent in sorted(unsaid - live_agents()):
+            said.add(f"agent {agent}")
+            notes.append(f"no live worker for agent {agent}: start one with phibroker worker --agent {agent}")
+    for name, task in status["tasks"].items():
+        request = (task.get("approval") or {}).get("request")
+        if request and task["state"] == "running" and f"approval {request}" not in said:
+            said.add(f"approval {request}")
+            notes.append(
+                f"approval {request} ({name}) waits: phibroker approve {request}"
+                f" / phibroker reject {request} --reason ..."
+            )
+    return notes
+
+
+def print_status(doc: dict[str, Any]) -> None:
+    paint = painter()
+    age = took(doc["created_at"], doc["finished_at"])
+    click.echo(f"{doc['id']} ({doc['name']}): {paint(str(doc['state']), doc['state'])} {age}")
+    if doc.get("error"):
+        click.echo(f"  {doc['error']}")
+    width = max((len(n) for n in doc["tasks"]), default=4)
+    for name, task in doc["tasks"].items():
+        state = paint(f"{task['state']:<11}", task["state"])
+        line = f"  {name:<{width}}  {state} {task['agent'] or 'approval':<8} attempts {task['attempts']}"
+        if task["started_at"] and task["finished_at"]:
+            line += f"  {task['finished_at'] - task['started_at']:.2f}s"
+        if task["error"] and task["state"] not in ("succeeded",):
+            line += f"  {task['error']}"
+        click.echo(line)
+
+
+def painter() -> Callable[[str, str | None], str]:
+    """Colours a state's text on a terminal; through a pipe, or with NO_COLOR set, text stays plain."""
+    if os.environ.get("NO_COLOR") or not sys.stdout.isatty():
+        return lambda text, state: text
+    from phibroker.tools.styles import STATE_STYLES
+
+    def paint(text: str, state: str | None) -> str:
+        words = STATE_STYLES.get(state or "", "").split()  # a colour, perhaps with `bold` or `dim`
+        colour = next((w for w in words if w not in ("bold", "dim")), None)
+        return click.style(text, fg=colour, bold="bold" in words or None, dim="dim" in words or None) if words else text
+
+    return paint
+
+
+def took(created: float | None, finished: float | None) -> str:
+    if not created:
+        return ""
+    end = finished or time.time()
+    verb = "took" if finished else "for"
+    return f"({verb} {end - created:.1f}s)"
+
+
+def seconds(value: float) -> str:
+    if value >= 3600:
+        return f"{value / 3600:.1f}h"
+    if value >= 60:
+        return f"{value / 60:.1f}m"
+    return f"{value:g}s"

@@ -1,0 +1,167 @@
+"""Workflow files and runs: validate, graph, submit, status, list, cancel, why."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from phibroker import workflow as workflows
+from phibroker.cli.app import (
+    duration,
+    main,
+    show_rows,
+)
+from phibroker.cli.output import painter, print_status, progress_printer, seconds, took
+from phibroker.engine.state import WF_TERMINAL
+from phibroker.errors import InvalidInput
+from phibroker.settings import Settings
+from phibroker.workflow import dag
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="print levels and critical path as JSON")
+def validate(file: str, as_json: bool) -> None:
+    """Check FILE; print what runs in parallel and the critical path."""
+    wf = workflows.load(file)
+    path, length = wf.critical_path
+    if as_json:
+        click.echo(json.dumps({"levels": wf.levels, "critical_path": path, "length": length}))
+        return
+    click.echo(f"{wf.name}: valid, {len(wf.tasks)} tasks in {len(wf.levels)} levels")
+    for number, level in enumerate(wf.levels, 1):
+        shown = ", ".join(level[:12]) + (f", … (+{len(level) - 12})" if len(level) > 12 else "")
+        click.echo(f"  {number:>3}. {shown}")
+    click.echo(f"critical path ({seconds(length)}): {' -> '.join(path)}")
+
+
+@main.command()
+@click.argument("target", metavar="FILE|ID")
+@click.option("--format", "fmt", type=click.Choice(["dot", "mermaid"]), default="dot", show_default=True)
+@click.pass_obj
+def graph(settings: Settings, target: str, fmt: str) -> None:
+    """Print the DAG of FILE, or of the run ID with the state of each task, for Graphviz or Mermaid;
+    where a broker answers, the subscriptions that react to its events are drawn as dashed side edges."""
+    from phibroker.runtime.events import graph_edges
+
+    states: dict[str, str] | None = None
+    if workflows.names_a_file(target):
+        wf = workflows.load(target)
+    else:
+        from phibroker.errors import UnknownWorkflow
+        from phibroker.runtime.client import Client
+
+        with Client(settings) as client:
+            try:
+                wf, doc = client.workflow(target), client.status(target)
+            except UnknownWorkflow:
+                raise InvalidInput(f"{target!r} is neither a workflow file nor the id of a run") from None
+        states = {name: task["state"] for name, task in doc["tasks"].items()}
+    edges = graph_edges(settings, wf)
+    if fmt == "dot":
+        click.echo(dag.to_dot(wf.deps, name=wf.name, labels=wf.labels(), side_edges=edges, states=states), nl=False)
+    else:
+        click.echo(dag.to_mermaid(wf.deps, labels=wf.labels(), side_edges=edges, states=states), nl=False)
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE", help="override a param")
+@click.option("--id", "wf_id", help="the workflow id; submitting the same id again is a no-op")
+@click.option("--wait", is_flag=True, help="wait for the end; exit 1 unless it succeeded")
+@click.option("--timeout", help="with --wait: stop waiting after this long (10s, 5m, ...)")
+@click.option("--json", "as_json", is_flag=True, help="stdout: one JSON object")
+@click.pass_obj
+def submit(
+    settings: Settings,
+    file: str,
+    params: tuple[str, ...],
+    wf_id: str | None,
+    wait: bool,
+    timeout: str | None,
+    as_json: bool,
+) -> None:
+    """Validate FILE and submit it."""
+    from phibroker.runtime.client import Client
+
+    wf = workflows.load(file)
+    overrides = wf.parse_overrides(params)
+    limit = duration(timeout, "--timeout") if timeout else None
+    with Client(settings) as client:
+        wf_id = client.submit(wf, overrides, id=wf_id)
+        if not wait:
+            click.echo(json.dumps({"id": wf_id}) if as_json else wf_id)
+            return
+        click.echo(f"submitted {wf_id}; waiting for it to end", err=True)
+        status = client.wait(wf_id, timeout=limit, on_progress=progress_printer(client.live_agents))
+    if status["state"] not in WF_TERMINAL:
+        click.echo(f"stopped waiting; the run goes on (phibroker status {wf_id})", err=True)
+    if as_json:
+        click.echo(json.dumps(status, default=str))
+    else:
+        print_status(status)
+    sys.exit(0 if status["state"] == "succeeded" else 1)
+
+
+@main.command()
+@click.argument("wf_id", metavar="ID")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def status(settings: Settings, wf_id: str, as_json: bool) -> None:
+    """The workflow ID and every task."""
+    from phibroker.runtime.client import Client
+
+    with Client(settings) as client:
+        doc = client.status(wf_id)
+    if as_json:
+        click.echo(json.dumps(doc, default=str))
+    else:
+        print_status(doc)
+
+
+@main.command(name="list")
+@click.option("--limit", default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def list_(settings: Settings, limit: int, as_json: bool) -> None:
+    """Running and recent workflows, newest first."""
+    from phibroker.runtime.client import Client
+
+    with Client(settings) as client:
+        rows = client.list(limit)
+    paint = painter()
+
+    def line(row: dict[str, Any]) -> str:
+        state = paint(f"{row['state'] or '?':<17}", row["state"])
+        return f"{row['id']:<40} {state} {took(row['created_at'], row['finished_at'])}"
+
+    show_rows(rows, as_json, "no workflows", line)
+
+
+@main.command()
+@click.argument("wf_id", metavar="ID")
+@click.option("--reason", help="recorded with the cancellation")
+@click.option("--json", "as_json", is_flag=True, help='stdout: {"id": ..., "ok": true}')
+@click.pass_obj
+def cancel(settings: Settings, wf_id: str, reason: str | None, as_json: bool) -> None:
+    """Cancel workflow ID: nothing new starts, running tasks are asked to stop, compensations run."""
+    from phibroker.runtime.client import Client
+
+    with Client(settings) as client:
+        client.cancel(wf_id, reason)
+    click.echo(json.dumps({"id": wf_id, "ok": True}) if as_json else f"cancelling {wf_id}")
+
+
+@main.command()
+@click.argument("wf_id", metavar="ID")
+@click.option("--json", "as_json", is_flag=True, help='stdout: {"id", "state", "lines": [...]}')
+@click.pass_obj
+def why(settings: Settings, wf_id: str, as_json: bool) -> None:
+    """What workflow ID waits on: dependencies, workers, retries, approvals, deadlines."""
+    from phibroker.tools import diagnose
+
+    report = diagnose.why_report(settings, wf_id)
+    click.echo(json.dumps(report) if as_json else "\n".join(report["lines"]))
