@@ -1,4 +1,4 @@
-"""`python -m benchmarks [--runs N] [--quick] [--json PATH]`: every figure of issue 10 in one run.
+"""`python -m benchmarks [--runs N] [--quick] [--json PATH]`: every speed figure and target in one run.
 
 One private redis-server for the whole run. Each run measures every workload once, alternating the
 yardstick and phibroker (A B A B…), because this 2-core machine drifts: figures taken minutes apart are
@@ -36,7 +36,7 @@ class Sizes:
     hops: int = 1_000
     fan_out: int = 10_000
     chain: int = 1_000
-    short_chain: int = 200  # issue 3's chain
+    short_chain: int = 200  # the chain whose hop is compared with the bare hop
     workflows: int = 1_000
     width: int = 10
     fair_hops: int = 20

@@ -2,7 +2,7 @@
 
 It does the least any design on Redis Streams must do for a task — put it on a stream, have another
 process read it through a consumer group, write a result, ack — so phibroker's figures are divided by
-it (issue 10). Three shapes: both sides batched (XADDs pipelined ×100, COUNT 100 reads, result XADDs
+it. Three shapes: both sides batched (XADDs pipelined ×100, COUNT 100 reads, result XADDs
 pipelined with one XACK per read), unbatched (one XADD per task, one result XADD and one XACK per task),
 and a chain (one task at a time: the hop). The producer runs in the benchmark process; the consumer is
 `python -m benchmarks.bare consume URL TASKS RESULTS MODE`.

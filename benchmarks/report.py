@@ -1,5 +1,5 @@
-"""What a run prints and saves: the figures (median, min–max), the targets of issue 10 with their ratios
-and MET/MISSED, the issue 2/3 figures, and the same as one JSON document.
+"""What a run prints and saves: the figures (median, min–max), the speed targets with their ratios and
+MET/MISSED, the validation and round-trip figures, and the same as one JSON document.
 
 Ratios between systems are taken per run (phibroker's run i over the yardstick's run i, measured minutes
 apart) and then the median, because the machine drifts more between runs than within one.
@@ -35,7 +35,7 @@ class Results:
 
 @dataclass
 class Target:
-    """One line of issue 10's targets: a measured median against its goal."""
+    """One speed target: a measured median against its goal."""
 
     label: str
     key: str  # the figure it reads
@@ -68,12 +68,12 @@ TARGETS = [
     Target("worker RSS growth 1k→10k workflows", "mem.worker_growth", 10.0, False, "%"),
 ]
 
-# The issue 2 and 3 figures: the same workloads, shown beside their yardsticks.
+# Validation and round-trip figures: the same workloads, shown beside their yardsticks.
 EARLIER = [
-    ("issue 2: load + check 100k-task JSON", "val.json", None),
-    ("issue 2: load + check 10k-task YAML", "val.yaml", None),
-    ("issue 3: 10k fan-out (bare batched beside it)", "pb.fanout", "bare.batched"),
-    ("issue 3: 200-task chain hop p50 (bare hop beside it)", "pb.chain200_p50", "bare.hop"),
+    ("load + check 100k-task JSON", "val.json", None),
+    ("load + check 10k-task YAML", "val.yaml", None),
+    ("10k fan-out (bare batched beside it)", "pb.fanout", "bare.batched"),
+    ("200-task chain hop p50 (bare hop beside it)", "pb.chain200_p50", "bare.hop"),
 ]
 
 
@@ -92,7 +92,7 @@ def judge_all(results: Results) -> list[dict[str, Any]]:
 
 
 def print_targets(rows: list[dict[str, Any]]) -> None:
-    print("\nTargets (issue 10): measured median vs goal")
+    print("\nTargets: measured median vs goal")
     print(f"  {'target':<42} {'measured':>12} {'goal':>14} {'of goal':>8}  verdict")
     for row in rows:
         measured = "—" if row["measured"] is None else fmt(row["measured"], row["unit"])
@@ -103,7 +103,7 @@ def print_targets(rows: list[dict[str, Any]]) -> None:
 
 
 def print_earlier(results: Results) -> None:
-    print("\nIssue 2/3 figures (same workloads)")
+    print("\nValidation and round trips (same workloads)")
     for label, key, beside in EARLIER:
         figure = results.figures.get(key)
         if figure is None or not figure.values:

@@ -1,7 +1,7 @@
 """Loading and checking big workflow files, in-process: `phibroker.workflow.load(path)`, timed whole.
 
 `load` is what `validate`, `submit` and every coordinator run on a file, so a 100,000-task file must
-pass every check (schema, names, dependencies, cycle, references) in under a second (issue 2).
+pass every check (schema, names, dependencies, cycle, references) in under a second.
 """
 
 from __future__ import annotations

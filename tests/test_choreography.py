@@ -11,6 +11,7 @@ import pytest
 import redis
 
 from phibroker.runtime.client import Client
+from phibroker.security import signing
 from phibroker.settings import Settings
 from tests.conftest import Processes, until
 from tests.test_core import events_of
@@ -190,3 +191,30 @@ def test_an_orphaned_subscription_stays_within_its_retention_and_counts_drops(
     row = health()
     assert row["length"] <= 200  # approximate trimming works in whole nodes of 100 entries
     assert row["dropped"] >= 400 and row["pending"] == 0
+
+
+def test_runs_a_reaction_or_a_trigger_starts_from_signed_files_pass_require_signed(
+    procs: Processes, client: Client, settings: Settings, tmp_path: Path
+) -> None:
+    """Every way of starting a run carries a signed file's signature: a coordinator that refuses
+    unsigned files runs what a reaction and a trigger start from signed ones."""
+    key = signing.generate(settings.home, "stryk")
+    launched = tmp_path / "launched.yaml"
+    launched.write_text("name: launched\ntasks:\n  A: {agent: emitter, command: announce, payload: {kind: done}}\n")
+    triggered = tmp_path / "triaged.yaml"
+    triggered.write_text(TRIGGERED)
+    announce = tmp_path / "announce.yaml"
+    announce.write_text(ANNOUNCE)
+    for path in (launched, triggered, announce):
+        signing.sign_file(key, path)
+    client.add_trigger(triggered)
+    procs.spawn("signed-coordinator", "coordinator", "--require-signed")
+    procs.worker("emitter", app=APP)
+    procs.worker("starter", app=APP, STARTER_FILE=str(launched))
+    listening(client, {"starter.launch"}, procs)
+    first = client.wait(client.submit(announce, params={"severity": "high"}), timeout=30)
+    assert first["state"] == "succeeded", first["error"]
+    until(lambda: {r["name"] for r in client.list()} >= {"announce", "launched", "triaged"}, procs)
+    for row in client.list():
+        status = client.wait(row["id"], timeout=30)
+        assert status["state"] == "succeeded", (row["name"], status["error"])

@@ -16,6 +16,8 @@ from phibroker.keys import WORKERS_GROUP
 from phibroker.runtime.client import Client
 from phibroker.runtime.coordinator import Coordinator
 from phibroker.settings import Settings
+from phibroker.store.coordinator import CoordinatorStore
+from phibroker.store.worker import WorkerStore
 from tests.conftest import Processes, until
 from tests.test_failures import flow
 
@@ -112,7 +114,7 @@ def _coordinator(settings: Settings) -> Coordinator:
 def _answer_bulk_lane(settings: Settings, client: Client, agent: str, count: int, per_entry: int) -> list[str]:
     """Act as a worker on an agent's bulk lane: read, start and answer `count` tasks, `per_entry` results
     to an entry of the inbox's bulk lane."""
-    broker, keys = client.broker, settings.keys
+    broker, keys = WorkerStore(settings, client=client.broker.redis), settings.keys
     read = broker.read_groups([keys.agent_bulk(agent)], WORKERS_GROUP, "stand-in", count, None)
     messages = [(entry, wire.TaskMessage.decode(entry.raw or b"", 1 << 20)) for _, entry in read]
     by_wf: dict[str, list[tuple[str, str, str, bytes]]] = {}
@@ -172,7 +174,7 @@ def test_a_dead_coordinators_bulk_lane_entries_are_taken_over(
 def test_a_round_that_meets_a_flushed_script_cache_keeps_what_it_read(settings: Settings, client: Client) -> None:
     """After a Redis restart or SCRIPT FLUSH the timer claim answers NOSCRIPT: only the claim runs
     again, and the entry the same round trip read is handed over, not left pending on nobody's list."""
-    broker, inbox = client.broker, settings.keys.results
+    broker, inbox = CoordinatorStore(settings, client=client.broker.redis), settings.keys.results
     broker.ensure_group(inbox, "coordinators")
     broker.add(inbox, wire.Inbox(kind="kick", body={"wf": "nothing"}).encode(1 << 20))
     broker.redis.script_flush()
@@ -194,5 +196,5 @@ def test_an_entry_stranded_on_a_live_coordinator_is_read_again(
     coordinator.step()
     assert "A" not in client.broker.read_workflow(wf_id)[1]  # never handled
     time.sleep(3 * settings.coordinator_takeover + 0.5)
-    assert coordinator.take_over() == 1
+    assert coordinator.maintenance.take_over() == 1
     assert client.broker.read_workflow(wf_id)[1]["A"]["state"] == "ready"

@@ -7,7 +7,6 @@ cancels and decisions to them the same way, so every state change has one author
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -15,18 +14,16 @@ from typing import Any
 
 from phibroker import wire
 from phibroker import workflow as workflows
-from phibroker.engine.state import WF_TERMINAL, new_workflow_fields, split_unit
+from phibroker.engine.state import WF_TERMINAL, split_unit
 from phibroker.errors import ApprovalError, DecodeError, InvalidInput, UnknownWorkflow
 from phibroker.runtime.events import add_trigger
+from phibroker.runtime.submission import submission
 from phibroker.security import signing
 from phibroker.settings import Settings
 from phibroker.store.client import ClientStore
 from phibroker.store.connection import reaching
 from phibroker.store.registry import Registry
 from phibroker.store.views import Views
-from phibroker.workflow.spec import NAME_PATTERN
-
-_ID = re.compile(NAME_PATTERN)
 
 
 class Client:
@@ -61,12 +58,7 @@ class Client:
 
         `depth` and `chain` say which events led here (set by reactions; the storm guard reads them)."""
         workflow = source if isinstance(source, workflows.Workflow) else workflows.load(source)
-        values = workflow.params_with(params or {})
-        if id is not None and not _ID.match(id):
-            raise InvalidInput(f"workflow id {id!r}: use letters, digits, '_', '.', '-'")
-        wf_id = id or f"{workflow.name}-{wire.short_id()}"
-        fields = new_workflow_fields(workflow, values, time.time(), depth, chain)
-        fields.update(_signature_fields(workflow))
+        wf_id, fields = submission(workflow, workflow.params_with(params or {}), id, depth, chain or ())
         with reaching(self.settings):
             self.broker.submit_workflow(wf_id, fields)
         return wf_id
@@ -286,24 +278,6 @@ def _dead_letter_row(entry_id: str, record: dict[str, Any]) -> dict[str, Any]:
         "size": record.get("size", len(record.get("raw") or b"")),
         "truncated": bool(record.get("truncated")),
         **{k: record[k] for k in ("agent", "subscription", "chain") if k in record},
-    }
-
-
-def _signature_fields(workflow: workflows.Workflow) -> dict[str, Any]:
-    """A signed file travels with its text and detached signature, for `coordinator --require-signed`."""
-    if workflow.path is None or workflow.text is None:
-        return {}
-    sig = signing.sig_path(workflow.path)
-    if not sig.exists():
-        return {}
-    try:
-        signature = json.loads(sig.read_text())
-    except (OSError, ValueError) as exc:
-        raise InvalidInput(f"{sig}: unreadable signature: {exc}") from None
-    return {
-        "source_text": workflow.text.decode("utf-8"),
-        "source_suffix": workflow.path.suffix.lower(),
-        "signature": json.dumps(signature),
     }
 
 

@@ -1,4 +1,4 @@
-"""The coordinator (the "DC"): results in, transitions, outbox out, timers, leases.
+"""The coordinator (the "DC"): results in, transitions, outbox out, timers.
 
 Stateless by design: everything lives in Redis, and what it keeps in memory is a cache checked by
 each workflow's version. Several coordinators share the inbox through one consumer group; the one
@@ -8,6 +8,9 @@ The loop, like rq's `work()`: maintain (lease, take over from the dead, sweep) -
 acks the last round, claims due timers and reads the inbox -> apply each workflow's inputs in one
 transition -> commit (with the dispatches) -> drain. The inbox has two lanes: small workflows' results
 are handled first, a big release's (`results:bulk`) a slice at a time after them.
+
+Two parts live beside it: the checks of who may send what (`gate.SecurityGate`) and the chores that
+keep a fleet of coordinators whole (`maintenance.Maintenance`).
 """
 
 from __future__ import annotations
@@ -19,17 +22,18 @@ import socket
 import threading
 import time
 from collections import OrderedDict, defaultdict
-from collections.abc import Iterable, Sequence
-from functools import cached_property
+from collections.abc import Sequence
 from typing import Any
 
 from phibroker import engine, wire
 from phibroker import workflow as workflows
 from phibroker.engine import state
-from phibroker.errors import DecodeError, InvalidInput, PhibrokerError, SignatureError, WorkflowFileError
-from phibroker.keys import COORDINATORS_GROUP, WORKERS_GROUP
+from phibroker.errors import DecodeError, PhibrokerError
+from phibroker.keys import COORDINATORS_GROUP
 from phibroker.runtime.events import Router
-from phibroker.security import signing
+from phibroker.runtime.gate import SecurityGate
+from phibroker.runtime.maintenance import Maintenance
+from phibroker.runtime.submission import submission
 from phibroker.settings import Settings
 from phibroker.store.connection import CONNECTION_ERRORS, Entry, parse_units
 from phibroker.store.coordinator import CoordinatorStore
@@ -59,6 +63,8 @@ Op = tuple[str, Any]  # ("result", Result) | ("submit", None) | ("timer", member
 
 
 class Coordinator:
+    """One coordinator: its rounds, with a security gate to check inputs and maintenance to run chores."""
+
     def __init__(
         self,
         settings: Settings,
@@ -71,15 +77,14 @@ class Coordinator:
         self.registry = Registry(settings, client=self.broker.redis)
         self.keys = settings.keys
         self.name = f"{socket.gethostname()}:{os.getpid()}:{wire.short_id()[:6]}"
-        self.require_signed = require_signed
         self.router = Router(self.registry)
+        self.gate = SecurityGate(settings, self.registry, require_signed)
+        self.maintenance = Maintenance(settings, self.broker, self.name, self.router, self.process, self.holding)
         self.runs: OrderedDict[str, state.Run] = OrderedDict()
         self.specs: OrderedDict[str, workflows.Workflow] = OrderedDict()
         self.cache_size = cache_size
         self.stopping = threading.Event()
         self._recovering = True  # read our own pending entries first (after a restart or an error)
-        self._next: dict[str, float] = defaultdict(float)  # maintenance chores: when each is next due
-        self._sweep_cursor = 0
         self._acks: defaultdict[str, list[str]] = defaultdict(list)  # handled inbox entries, acked next round
         self._clock = (0.0, time.monotonic())  # Redis's clock at the last read, and the monotonic one then
         self._next_due: float | None = None  # when the next timer is due, as far as we know
@@ -98,7 +103,7 @@ class Coordinator:
         try:
             while not self.stopping.is_set():
                 try:
-                    self.maintain()
+                    self.maintenance.tick()
                     worked = self.step()
                     backoff = 0.1
                 except CONNECTION_ERRORS as exc:
@@ -232,6 +237,13 @@ class Coordinator:
                 self.process(offset + time.monotonic(), self.keys.results, cut_in)
         return []
 
+    def holding(self, inbox: str) -> set[str]:
+        """The entries of `inbox` this coordinator holds: read for later, or handled and acked with the
+        next read. Pending however long, they are not stranded."""
+        ours = {e.id for e in self._held} if inbox == self.keys.results_bulk else set()
+        ours |= set(self._acks[inbox])
+        return ours
+
     def _workflows_held(self) -> set[str]:
         """The workflows with results in the held bulk entries, read once per held batch (no bulk entry
         is read while some are held, so the set only ever over-counts)."""
@@ -268,7 +280,7 @@ class Coordinator:
             self.broker.dead_letter(exc.reason, entry.raw, stream, entry.id)
             return 0
         if message.kind == "results":
-            refusal = self.check_sender(message)
+            refusal = self.gate.check_sender(message)
             if refusal:
                 log.warning("dead-lettering inbox entry %s: %s", entry.id, refusal)
                 self.broker.dead_letter(refusal, entry.raw, stream, entry.id)
@@ -284,7 +296,7 @@ class Coordinator:
             self._start_triggered(message.body)
             return 0
         if message.kind == "decide":
-            refusal = self.verify_decision(message.body)
+            refusal = self.gate.verify_decision(message.body)
             if refusal:
                 ops[wf_id].append(("refused", {**message.body, "refusal": refusal}))
                 return 1
@@ -335,9 +347,9 @@ class Coordinator:
             self.broker.drain(drains, dispatched=True, fired=list(fired), route=self.router.routes)
             crash_point("after_drain")
         if quiet:  # nothing new to do: maybe a dead coordinator left its outbox undrained
-            self.redrive(quiet, older_than=1.0)
+            self.maintenance.redrive(quiet, older_than=1.0)
         if finished:  # the sweep walks running workflows only: whatever a dead coordinator left, now
-            self.redrive(finished)
+            self.maintenance.redrive(finished)
 
     def _decide_safely(self, run: state.Run, items: list[Op], now: float) -> bool:
         """`_decide`, but an input the engine cannot take goes to the DLQ instead of stopping every
@@ -372,15 +384,15 @@ class Coordinator:
     def _apply(self, run: state.Run, kind: str, body: Any, now: float) -> None:
         if kind == "result":
             result, sender = body
-            if self.identities and state.unit_agent(run.workflow, result.unit) != sender:
-                reason = f"forged result: agent {sender!r} answered {result.unit!r} of another agent"
+            reason = self.gate.check_answerer(run, result, sender)
+            if reason:
                 self.broker.dead_letter(reason, wire.pack(result.to_map()), self.keys.results, result.id)
                 return
             engine.apply_result(run, result, now)
         elif kind == "timer":
             engine.apply_timer(run, body, now)
         elif kind in ("submit", "kick"):
-            refusal = self.verify_source(run.meta) if self.require_signed and not run.meta.get("launched") else None
+            refusal = self.gate.check_start(run.meta)
             if refusal:
                 engine.refuse(run, refusal, now)
             else:
@@ -408,67 +420,9 @@ class Coordinator:
         params = {**workflow.spec.params, **(data if isinstance(data, dict) else {"data": data})}
         chain = [*event.get("chain", []), f"{event.get('type')}@{event.get('id')}"]
         depth = int(event.get("depth") or 0) + 1
-        fields = state.new_workflow_fields(workflow, params, time.time(), depth=depth, chain=chain)
-        if self.broker.submit_workflow(str(body["wf"]), fields):
+        wf_id, fields = submission(workflow, params, str(body["wf"]), depth, chain, signed=info.get("signed") or {})
+        if self.broker.submit_workflow(wf_id, fields):
             log.info("trigger %s started %s on %s", name, body["wf"], event.get("type"))
-
-    @cached_property
-    def identities(self) -> dict[str, bytes]:
-        """agent -> secret, from the identities file; empty: results are not checked."""
-        path = self.settings.identities
-        if path is None:
-            return {}
-        try:
-            return {agent: str(secret).encode() for agent, secret in json.loads(path.read_text()).items()}
-        except (OSError, ValueError, AttributeError) as exc:
-            raise InvalidInput(f"identities file {path}: {exc}") from None
-
-    def check_sender(self, message: wire.Inbox) -> str | None:
-        """With identities configured, results must be signed by the agent they claim to come from."""
-        if not self.identities:
-            return None
-        secret = self.identities.get(message.agent or "")
-        if secret is None:
-            return f"forged result: unknown agent {message.agent!r}"
-        if not message.signed_by(secret):
-            return f"forged result: bad signature for agent {message.agent!r}"
-        return None
-
-    def trusted(self) -> dict[str, str]:
-        """The trust list in Redis; with none configured, the local keys (read now, so new keys count)."""
-        return self.registry.trusted_keys() or signing.local_public_keys(self.settings.home)
-
-    def verify_decision(self, body: dict[str, Any]) -> str | None:
-        """Why a decision is refused (forged, tampered, expired, untrusted), or None."""
-        trusted = self.trusted()
-        try:
-            signing.verify_decision(body, trusted, time.time())
-        except SignatureError as exc:
-            return str(exc) + self._local_key_note(body, trusted)
-        return None
-
-    def _local_key_note(self, body: dict[str, Any], trusted: dict[str, str]) -> str:
-        """Why a key in $PHIBROKER_HOME that signed fine yesterday is refused today: a trust list now exists."""
-        local = signing.local_public_keys(self.settings.home)
-        key = str(body.get("key", "")).lower()
-        if local.get(str(body.get("approver"))) != key or trusted.get(str(body.get("approver"))) == key:
-            return ""
-        return " (a trust list is set, so local keys count only once trusted)"
-
-    def verify_source(self, meta: dict[str, Any]) -> str | None:
-        """`--require-signed`: the stored file text carries a trusted signature and is what runs."""
-        text, raw_signature = meta.get("source_text"), meta.get("signature")
-        if not text or not raw_signature:
-            return "refused: the workflow file is not signed (phibroker sign FILE)"
-        try:
-            signer = signing.verify_file_bytes(text.encode(), json.loads(raw_signature), self.trusted())
-            source = workflows.decode(text, str(meta.get("source_suffix") or ""))
-        except (SignatureError, WorkflowFileError, ValueError) as exc:
-            return f"refused: {exc}"
-        if source != json.loads(meta["spec"]):
-            return "refused: tampered: the submitted spec differs from the signed file"
-        log.info("workflow file signed by %s", signer)
-        return None
 
     def _refuse(self, run: state.Run, body: dict[str, Any], refusal: str, now: float) -> None:
         log.warning("refused decision on %s/%s: %s", run.id, body.get("task"), refusal)
@@ -524,109 +478,7 @@ class Coordinator:
                 self.specs.popitem(last=False)
         return workflow
 
-    def redrive(self, wf_ids: Iterable[str], older_than: float = 0.0) -> int:
-        """Carry out outbox entries left behind by a coordinator that died between commit and drain."""
-        now = time.time()
-        items = []
-        for wf_id, entries in self.broker.outboxes(wf_ids).items():
-            for entry_id, raw in entries.items():
-                try:
-                    box = wire.unpack(raw, 1 << 30)
-                except DecodeError:
-                    continue
-                if older_than and now - float(box.get("created") or 0) < older_than:
-                    continue
-                items.append((wf_id, entry_id, box))
-        if items:
-            log.info("re-driving %d outbox entries", len(items))
-            self.broker.drain(items, route=self.router.routes)
-        return len(items)
-
-    # -- maintenance -------------------------------------------------------------------------------
-    def maintain(self) -> None:
-        now = time.monotonic()
-        takeover = self.settings.coordinator_takeover
-        if now >= self._next["lease"]:
-            self._next["lease"] = now + takeover / 4
-            info = {"host": socket.gethostname(), "pid": os.getpid(), "takeover": takeover}
-            self.broker.renew_lease(self.keys.coordinators, self.name, takeover, info)
-        if now >= self._next["takeover"]:
-            self._next["takeover"] = now + takeover / 2
-            self.take_over()
-        if now >= self._next["sweep"]:
-            self._next["sweep"] = now + max(1.0, takeover)
-            self.sweep()
-        if now >= self._next["trim"]:
-            self._next["trim"] = now + self.settings.trim_every
-            self.trim()
-
-    def trim(self) -> None:
-        """Keep streams from growing: drop what every reader has acked, and forget long-dead workers."""
-        clock, leases = self.broker.leases(self.keys.agents)
-        agents = {str(info.get("agent")) for info in leases.values() if info.get("agent")}
-        streams = [(inbox, COORDINATORS_GROUP) for inbox in self.keys.inboxes]
-        for agent in sorted(agents):
-            streams += [(self.keys.agent_tasks(agent), WORKERS_GROUP), (self.keys.agent_bulk(agent), WORKERS_GROUP)]
-        for stream, group in streams:
-            self.broker.trim_acked(stream, group, keep=self.settings.stream_maxlen)
-        _, coordinators = self.broker.leases(self.keys.coordinators)
-        for table, held in ((self.keys.agents, leases), (self.keys.coordinators, coordinators)):
-            for name, info in held.items():
-                if clock - float(info.get("expires", 0)) > self.settings.dead_worker_memory:
-                    self.broker.drop_lease(table, name)
-
-    def take_over(self) -> int:
-        """Claim the inbox entries of coordinators whose lease lapsed; they are processed as ours.
-
-        Our own entries left pending far longer than a round takes are read again too: a reply lost
-        on the way (the client retried the read) leaves them delivered to us but never handled."""
-        clock, leases = self.broker.leases(self.keys.coordinators)
-        dead: set[str] = set()
-        taken = 0
-        stranded_ms = 3 * self.settings.coordinator_takeover * 1000
-        for inbox in self.keys.inboxes:
-            pending = self.broker.pending_of(inbox, COORDINATORS_GROUP)
-            gone = {p["consumer"] for p in pending if leases.get(p["consumer"], {}).get("expires", 0) < clock}
-            gone.discard(self.name)
-            ours = {e.id for e in self._held} if inbox == self.keys.results_bulk else set()
-            ours |= set(self._acks[inbox])  # held for later, or handled and acked with the next read
-            stranded = [p["id"] for p in pending if p["consumer"] == self.name and p["idle"] > stranded_ms]
-            ids = [p["id"] for p in pending if p["consumer"] in gone] + [i for i in stranded if i not in ours]
-            if not ids:
-                continue
-            entries = self.broker.claim(inbox, COORDINATORS_GROUP, self.name, ids, min_idle_ms=500)
-            whose = ", ".join(sorted(gone)) or "this coordinator (stranded)"
-            log.info("took over %d entries of %s from %s", len(entries), inbox, whose)
-            if entries:
-                self.process(clock, inbox, entries)
-            dead |= gone
-            taken += len(entries)
-        for consumer in dead:
-            self.broker.drop_lease(self.keys.coordinators, consumer)
-        return taken
-
-    def sweep(self, chunk: int = 500) -> None:
-        """Walk the running index a chunk at a time: re-drive stale outboxes, re-kick unstarted runs."""
-        ids = self.broker.running_chunk(self._sweep_cursor, chunk)
-        self._sweep_cursor = 0 if len(ids) < chunk else self._sweep_cursor + chunk
-        if not ids:
-            return
-        states = self.broker.sweep_states(ids)
-        now = time.time()
-        kicks = []
-        stale_outboxes = []
-        for wf_id, (exists, started, created, outbox_len) in zip(ids, states, strict=True):
-            if not exists:
-                self.broker.forget_running(wf_id)
-            elif not started and now - created > self.settings.coordinator_takeover:
-                kicks.append(wf_id)
-            elif outbox_len:
-                stale_outboxes.append(wf_id)
-        if stale_outboxes:
-            self.redrive(stale_outboxes, older_than=self.settings.coordinator_takeover)
-        for wf_id in kicks:
-            self.broker.send_to_coordinators(wire.Inbox(kind="kick", body={"wf": wf_id}))
-
+    # -- stopping ---------------------------------------------------------------------------------
     def _leave(self) -> None:
         try:
             for stream, ids in self._acks.items():

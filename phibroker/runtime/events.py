@@ -18,6 +18,7 @@ from typing import Any
 from phibroker import wire
 from phibroker.errors import BrokerUnavailable, ExpressionError, InvalidInput, WorkflowFileError
 from phibroker.keys import WORKERS_GROUP
+from phibroker.runtime.submission import signature_fields
 from phibroker.settings import Settings
 from phibroker.store.registry import Registry
 from phibroker.workflow import Workflow, dag
@@ -169,6 +170,7 @@ def add_trigger(registry: Registry, workflow: Workflow) -> str:
         "event": on.event,
         "where": on.where,
         "spec": workflow.spec_json,
+        "signed": signature_fields(workflow),  # a signed file's starts pass `coordinator --require-signed`
         "added": time.time(),
     }
     registry.register_trigger(workflow.name, info)

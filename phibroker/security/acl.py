@@ -218,7 +218,7 @@ def coordinator_user(keys: Keys) -> User:
             # XADD_MANY, a dispatch batch in one call. EVALSHA asks read and write on the keys it
             # declares, but the script's own XADDs are checked against the rules above: no reads.
             Grant(("evalsha",), (f"~{keys.agent_tasks('*')}", f"~{keys.agent_bulk('*')}")),
-            # Trimming what workers acked, and forgetting long-dead workers (Coordinator.trim).
+            # Trimming what workers acked, and forgetting long-dead workers (Maintenance.trim).
             Grant(
                 ("xlen", "xinfo|groups", "xpending", "xtrim"), (f"~{keys.agent_tasks('*')}", f"~{keys.agent_bulk('*')}")
             ),

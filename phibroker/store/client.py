@@ -80,8 +80,20 @@ class ClientStore(Connection):
         return rows
 
     def approvals(self) -> dict[str, dict[str, Any]]:
+        """Open approval requests: those whose gate still waits on them. The table is cleaned after the
+        transition that decided or timed out a gate, so a request seen there may already be closed."""
         raw = self.redis.hgetall(self.keys.approvals)
-        return {k.decode(): wire.unpack(v, self.settings.max_message_bytes) for k, v in raw.items()}
+        requests = {k.decode(): wire.unpack(v, self.settings.max_message_bytes) for k, v in raw.items()}
+        pipe = self.redis.pipeline(transaction=False)
+        for request in requests.values():
+            task = request.get("task")
+            pipe.hmget(self.keys.wf_tasks(str(request.get("workflow"))), f"{task}|state", f"{task}|approval")
+        gates = pipe.execute() if requests else []
+        return {
+            request_id: request
+            for (request_id, request), (state, waits_on) in zip(requests.items(), gates, strict=True)
+            if state == b"running" and waits_on == request_id.encode()
+        }
 
     def last_event_id(self) -> str:
         newest = self.redis.xrevrange(self.keys.events, count=1)

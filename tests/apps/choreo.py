@@ -74,3 +74,12 @@ def on_ping(event: Event) -> None:
 def on_pong(event: Event) -> None:
     count("pong.on_pong", event)
     event.emit("ping", {"n": event.depth})
+
+
+starter = Agent("starter")
+
+
+@starter.on("scan.finished", name="starter.launch")
+def launch(event: Event) -> None:
+    """Starts the workflow file named in STARTER_FILE, caused by the event."""
+    event.submit(os.environ["STARTER_FILE"], id=f"launched-{event.id}")

@@ -1,0 +1,167 @@
+"""A worker's outcomes on their way to the coordinators: gathered, batched into inbox entries, acked.
+
+Handler threads settle their own outcomes when no other thread is settling, a settler thread takes
+what they leave (and a long task's `task.started` event), and one lock keeps the results of a worker in
+order. Settling is what a worker does after a handler ran; it knows nothing of fetching or starting.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict, defaultdict
+from typing import TYPE_CHECKING, Any
+
+from phibroker import wire
+from phibroker.keys import WORKERS_GROUP
+from phibroker.runtime.agent import Agent, Outcome
+from phibroker.runtime.events import Router
+from phibroker.runtime.slots import Slots
+from phibroker.settings import Settings
+from phibroker.store.connection import CONNECTION_ERRORS
+from phibroker.store.worker import WorkerStore
+
+if TYPE_CHECKING:
+    from phibroker.runtime.worker import Running
+
+log = logging.getLogger("phibroker.worker")  # settling logs as the worker it settles for
+
+# Under a big release, how long a worker waits to gather freed slots into one start, and outcomes
+# into one settle: a round trip per task costs more CPU than the task itself (no-op tasks).
+SETTLE_GATHER = 0.001
+
+
+class Settler:
+    """The outcomes handlers left, the `task.started` events not yet sent, and the dispatches answered."""
+
+    def __init__(
+        self,
+        agent: Agent,
+        consumer: str,
+        settings: Settings,
+        broker: WorkerStore,
+        router: Router,
+        bulk: str,
+        running: dict[tuple[str, str], Running],
+        slots: Slots,
+        stopping: threading.Event,
+    ):
+        self.agent = agent
+        self.consumer = consumer
+        self.settings = settings
+        self.keys = settings.keys
+        self.broker = broker
+        self.router = router
+        self.bulk = bulk
+        self.running = running  # the worker's table: settled attempts leave it here
+        self.slots = slots
+        self.stopping = stopping
+        self.outcomes: queue.SimpleQueue[tuple[Running, Outcome]] = queue.SimpleQueue()
+        self.unpublished: list[dict[str, Any]] = []  # `task.started` events, sent with the next settle
+        self.unpublished_lock = threading.Lock()
+        self.settling = threading.Lock()  # one settle at a time: results stay in order per worker
+        self.settled: OrderedDict[str, None] = OrderedDict()  # dispatch ids already answered
+        self.abandoned = threading.Event()
+        self.handled = 0
+
+    def started(self, events: list[dict[str, Any]]) -> None:
+        """`task.started` events to send with the next settle."""
+        with self.unpublished_lock:
+            self.unpublished += events
+
+    def settle_queued(self) -> None:
+        """Settle what is queued from this thread, unless another is settling already: one thread hop
+        less than handing every outcome to the settler."""
+        while not self.outcomes.empty() and self.settling.acquire(blocking=False):
+            try:
+                batch = self._take_outcomes()
+                if batch:
+                    self.settle(batch)
+            finally:
+                self.settling.release()
+
+    def _take_outcomes(self, first: tuple[Running, Outcome] | None = None) -> list[tuple[Running, Outcome]]:
+        batch = [first] if first is not None else []
+        while len(batch) < 1000:
+            try:
+                batch.append(self.outcomes.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def settle_loop(self) -> None:
+        """Settle what handler threads left (they settle their own when they can), and publish
+        `task.started` events within 0.2 s when no outcome carries them (a long task's start)."""
+        while True:
+            try:
+                first = self.outcomes.get(timeout=0.2)
+            except queue.Empty:
+                if self.unpublished:
+                    with self.settling:
+                        self.settle([])
+                if self.stopping.is_set() and self.slots.busy == 0 and not self.running:
+                    return
+                continue
+            if self.slots.busy and first[0].item.stream == self.bulk:
+                # A bulk lane's outcome, others about to follow: gather them for a moment, so a big
+                # release settles in a few large entries rather than one small entry per handler.
+                time.sleep(SETTLE_GATHER)
+            with self.settling:
+                self.settle(self._take_outcomes(first))
+
+    def settle(self, batch: list[tuple[Running, Outcome]]) -> None:
+        """One results entry for the batch, then the acks; retried until Redis takes it."""
+        if self.abandoned.is_set():
+            return
+        inbox: dict[str, list[wire.Result]] = defaultdict(list)
+        for r, o in batch:
+            # a bulk lane's results go to the inbox's bulk lane: a small workflow's never wait behind them
+            inbox[self.keys.results_bulk if r.item.stream == self.bulk else self.keys.results].append(
+                o.result(r.ctx, self.consumer)
+            )
+        envelopes = {target: self._envelopes(results) for target, results in inbox.items()}
+        acks: dict[str, list[str]] = defaultdict(list)
+        for running, _ in batch:
+            acks[running.item.stream].append(running.item.entry.id)
+        with self.unpublished_lock:
+            events, self.unpublished = self.unpublished, []
+        delay = 0.1
+        while True:
+            try:
+                self.broker.settle(envelopes, WORKERS_GROUP, acks, events, self.router.routes)
+                break
+            except CONNECTION_ERRORS as exc:
+                log.warning("cannot settle %d results yet (%s)", len(batch), exc)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        for running, _ in batch:
+            self.running.pop((running.item.stream, running.item.entry.id), None)
+            self.settled[running.item.message.id] = None
+        while len(self.settled) > 50_000:
+            self.settled.popitem(last=False)
+        self.handled += len(batch)
+
+    def _envelopes(self, results: list[wire.Result]) -> list[bytes]:
+        """Split results into inbox entries under the size limit (each result already is)."""
+        limit = self.settings.max_message_bytes
+        out: list[bytes] = []
+        chunk: list[wire.Result] = []
+        size = 0
+        for result in results:
+            weight = len(result.value or b"") + len(wire.pack(result.events)) + len(str(result.error or "")) + 512
+            if chunk and size + weight > limit:
+                out.append(self._envelope(chunk))
+                chunk, size = [], 0
+            chunk.append(result)
+            size += weight
+        if chunk:
+            out.append(self._envelope(chunk))
+        return out
+
+    def _envelope(self, results: list[wire.Result]) -> bytes:
+        """An inbox entry naming this agent, signed when it has a secret (coordinators may require it)."""
+        secret = self.settings.agent_secret.encode() if self.settings.agent_secret else None
+        inbox = wire.Inbox(kind="results", results=results, agent=self.agent.name)
+        return inbox.encode(self.settings.max_message_bytes * 4, secret)

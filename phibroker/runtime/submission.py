@@ -1,0 +1,62 @@
+"""A new run as it is written to the broker: one builder for the client, reactions and triggered starts.
+
+Every way of starting a run — `Client.submit`, `event.submit(...)` in a reaction, a trigger matching an
+event — checks the id the same way, records which events led to it (the storm guard reads `depth` and
+`chain`), and carries a signed file's text and signature, so `coordinator --require-signed` runs a
+signed workflow whoever started it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from phibroker import wire
+from phibroker import workflow as workflows
+from phibroker.engine.state import new_workflow_fields
+from phibroker.errors import InvalidInput
+from phibroker.security import signing
+from phibroker.workflow.spec import NAME_PATTERN
+
+_ID = re.compile(NAME_PATTERN)
+
+
+def submission(
+    workflow: workflows.Workflow,
+    params: Mapping[str, Any],
+    wf_id: str | None = None,
+    depth: int = 0,
+    chain: Sequence[str] = (),
+    signed: Mapping[str, Any] | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """The id and the workflow hash of a new run with these (already merged) params.
+
+    `signed`: the signature fields to carry, when the workflow was rebuilt from a stored spec; by
+    default they are read beside the workflow's file."""
+    if wf_id is not None and not _ID.match(wf_id):
+        raise InvalidInput(f"workflow id {wf_id!r}: use letters, digits, '_', '.', '-'")
+    wf_id = wf_id or f"{workflow.name}-{wire.short_id()}"
+    fields = new_workflow_fields(workflow, dict(params), time.time(), depth, list(chain))
+    fields.update(signature_fields(workflow) if signed is None else signed)
+    return wf_id, fields
+
+
+def signature_fields(workflow: workflows.Workflow) -> dict[str, Any]:
+    """A signed file travels with its text and detached signature, for `coordinator --require-signed`."""
+    if workflow.path is None or workflow.text is None:
+        return {}
+    sig = signing.sig_path(workflow.path)
+    if not sig.exists():
+        return {}
+    try:
+        signature = json.loads(sig.read_text())
+    except (OSError, ValueError) as exc:
+        raise InvalidInput(f"{sig}: unreadable signature: {exc}") from None
+    return {
+        "source_text": workflow.text.decode("utf-8"),
+        "source_suffix": workflow.path.suffix.lower(),
+        "signature": json.dumps(signature),
+    }
