@@ -12,7 +12,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev]' --config-settings editable_mode=compat  # the checkout on sys.path: a clone folder named phibroker cannot shadow the package
 	touch $@
 
 dev: install
@@ -23,7 +23,7 @@ test: install
 
 # the benchmark also measures Celery beside phibroker: the `[bench]` extra
 $(VENV)/.bench-installed: $(VENV)/.installed
-	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	$(BIN)/pip install --quiet -e '.[dev,bench]' --config-settings editable_mode=compat
 	touch $@
 
 bench: $(VENV)/.bench-installed

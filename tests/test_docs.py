@@ -263,6 +263,44 @@ def test_yaml_block(block: Block, tmp_path: Path) -> None:
     check_yaml_block(block, tmp_path)
 
 
+def workflow_blocks() -> list[Any]:
+    """The yaml blocks that are whole workflow files naming only the reference agents."""
+    found = []
+    for block in ALL_BLOCKS:
+        try:
+            data = yaml.safe_load(block.text) if block.language == "yaml" else None
+        except yaml.YAMLError:
+            continue  # test_yaml_block names it
+        tasks = data.get("tasks") if isinstance(data, dict) else None
+        if isinstance(tasks, dict) and all(t.get("agent") in (None, *AGENTS) for t in tasks.values()):
+            found.append(pytest.param(block, id=block.name))
+    return found
+
+
+@pytest.mark.parametrize("block", workflow_blocks())
+def test_a_workflow_block_runs_to_success_on_the_reference_agents(
+    block: Block, procs: Processes, client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Copied as it stands, a documented workflow runs, not only validates (a gate is approved as stryk)."""
+    path = tmp_path / "flow.yaml"
+    path.write_text(block.text, encoding="utf-8")
+    procs.coordinator()
+    for agent in AGENTS:
+        procs.worker(agent, app=f"workers.{agent}", PHIBROKER_WORKSPACE=str(tmp_path / "workspace"))
+    monkeypatch.setenv("PHIBROKER_APPROVER", "stryk")
+    wf_id = client.submit(path)
+
+    def ended() -> dict[str, Any] | None:
+        for request in client.approvals():
+            if request["workflow"] == wf_id:
+                client.approve(request["id"], comment="approved by the docs test")
+        status = client.wait(wf_id, timeout=0.5)
+        return status if status["state"] in ("succeeded", "failed", "cancelled", "timed_out") else None
+
+    status = until(ended, procs, timeout=90)
+    assert status["state"] == "succeeded", f"{block.name}: {status.get('error')}"
+
+
 # -- sh blocks --------------------------------------------------------------------------------------
 
 ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")

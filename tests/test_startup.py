@@ -86,6 +86,14 @@ def test_an_app_that_does_not_import_says_what_was_tried(app_dir: Path, user_env
     assert "'broken_agents'" in broken and "No module named 'not_installed_dependency_xyz'" in broken
 
 
+def test_a_syntax_error_or_a_file_name_for_app_is_one_line(app_dir: Path, user_env: dict[str, str]) -> None:
+    (app_dir / "typo_agents.py").write_text("from phibroker import Agent\nagent = = Agent('greeter')\n")
+    typo = one_error_line(run_cli("worker", "--agent", "greeter", "--app", "typo_agents", cwd=app_dir, env=user_env), 2)
+    assert f"{app_dir / 'typo_agents.py'}:2: invalid syntax" in typo
+    named = run_cli("worker", "--agent", "greeter", "--app", "first_hour_agents.py", cwd=app_dir, env=user_env)
+    assert "did you mean --app first_hour_agents?" in one_error_line(named, 2)
+
+
 def test_an_unknown_agent_suggests_app_or_names_the_agents_there(app_dir: Path, user_env: dict[str, str]) -> None:
     default = one_error_line(run_cli("worker", "--agent", "no_such_agent", cwd=app_dir, env=user_env), 2)
     assert "workers.no_such_agent" in default and "--app MODULE" in default

@@ -324,3 +324,22 @@ def test_status_and_list_colour_states_on_a_terminal_and_never_through_a_pipe(
         shown = on_a_terminal(procs, *args)
         assert f"{green}succeeded" in shown, repr(shown)
         assert ANSI.sub("", shown).replace("\r\n", "\n") == piped.stdout
+
+
+def test_a_task_for_a_command_one_worker_lacks_goes_to_one_that_has_it(
+    procs: Processes, client: Client, tmp_path: Path
+) -> None:
+    """Two versions of an agent side by side (a rolling deploy, or a dev worker beside the reference
+    one): every task runs on a worker that has its command, none fails as unknown."""
+    coordinator_up(procs, client)
+    procs.worker("fleet", app="tests.apps.fleet:old")
+    procs.worker("fleet", app="tests.apps.fleet:new")
+    fleet = lambda: [w for w in json.loads(phibroker(procs, "agents", "--json").stdout) if w["agent"] == "fleet"]  # noqa: E731
+    until(lambda: len([w for w in fleet() if w["alive"]]) == 2, procs)
+    tasks = "".join(f"  T{i}: {{agent: fleet, command: {'two' if i % 2 else 'one'}}}\n" for i in range(20))
+    status = client.wait(client.submit(flow(tmp_path, f"name: fleet\ntasks:\n{tasks}")), timeout=60)
+    assert status["state"] == "succeeded", procs.output()
+    assert {name: t["result"] for name, t in status["tasks"].items()} == {
+        f"T{i}": "two" if i % 2 else "one" for i in range(20)
+    }
+    assert "handed" in procs.output()  # the old worker did receive some of the new command's tasks

@@ -154,7 +154,8 @@ def decide(run: Run, body: Mapping[str, Any], now: float) -> str | None:
         return "already decided"
     approvers = run.workflow.tasks[task].approval.approvers  # type: ignore[union-attr]
     if approvers and body["approver"] not in approvers:
-        return f"{body['approver']!r} may not decide this (approvers: {', '.join(approvers)})"
+        names = ", ".join(approvers)
+        return f"{body['approver']!r} may not decide this (approvers: {names}; set PHIBROKER_APPROVER to one of them)"
     run.tx.approvals_del.append(request)
     run.tx.timers_del.append(timer_member("approval", run.id, task, request))
     signed = str(body.get("signature", ""))[:16]  # lets the deciding client find its own verdict

@@ -325,4 +325,9 @@ def _import_app(module_name: str, agent: str, default: bool) -> Any:
                 f"no module {module_name!r}: {agent!r} is not a reference agent; "
                 f"pass --app MODULE, the module (in {cwd} or on PYTHONPATH) that holds Agent({agent!r})"
             ) from None
-        raise InvalidInput(f"cannot import {module_name!r} for agent {agent!r} (searched {cwd} first): {exc}") from None
+        hint = f" (did you mean --app {module_name[:-3]}?)" if module_name.endswith(".py") else ""
+        raise InvalidInput(
+            f"cannot import {module_name!r} for agent {agent!r} (searched {cwd} first): {exc}{hint}"
+        ) from None
+    except SyntaxError as exc:
+        raise InvalidInput(f"cannot import {module_name!r}: {exc.filename}:{exc.lineno}: {exc.msg}") from None

@@ -219,7 +219,7 @@ class Worker:
         take = min(self.slots.free, len(self.backlog))
         if take <= 0:
             return
-        batch = [self.backlog.popleft() for _ in range(take)]
+        batch = self._hand_over([self.backlog.popleft() for _ in range(take)])
         by_wf: dict[str, list[Fetched]] = defaultdict(list)
         for item in batch:
             by_wf[item.message.wf].append(item)
@@ -315,12 +315,43 @@ class Worker:
             self._next_reclaim = now + max(0.25, min(self.settings.reclaim_after / 2, 5.0))
             self.reclaim()
 
+    def _hand_over(self, batch: list[Fetched]) -> list[Fetched]:
+        """Tasks for a command this worker lacks go to a live worker of the agent that has it (a fleet in
+        the middle of a rolling deploy, or a developer's worker beside the reference one); the rest run
+        here. With no such worker, a task runs here and fails as an unknown command."""
+        foreign = [item for item in batch if item.message.command not in self.agent.commands]
+        if not foreign:
+            return batch
+        clock, leases = self.broker.leases(self.keys.agents)
+        handed = set()
+        for item in foreign:
+            target = next((name for name in sorted(leases) if self._serves(leases[name], name, item, clock)), None)
+            if target and self.broker.claim(item.stream, WORKERS_GROUP, target, [item.entry.id], 0):
+                log.info(
+                    "handed %s (%s) to %s, which has that command", item.message.unit, item.message.command, target
+                )
+                handed.add((item.stream, item.entry.id))
+        return [item for item in batch if (item.stream, item.entry.id) not in handed]
+
+    def _serves(self, lease: dict[str, Any], name: str, item: Fetched, clock: float) -> bool:
+        """Whether the worker holding `lease` is another live one of this agent with the item's command."""
+        return (
+            name != self.consumer
+            and lease.get("agent") == self.agent.name
+            and lease["expires"] > clock
+            and not lease.get("stopping")
+            and item.message.command in (lease.get("commands") or ())
+        )
+
     def reclaim(self) -> int:
-        """Take over the entries of workers whose lease lapsed: tasks run again as a new attempt."""
+        """Take over the entries of workers whose lease lapsed: tasks run again as a new attempt. Entries
+        another worker handed to this one (or any of ours we do not hold) are read again too."""
         clock, leases = self.broker.leases(self.keys.agents)
         claimed = 0
         for stream in [*self.lanes, *self.reactor.streams]:
             pending = self.broker.pending_of(stream, WORKERS_GROUP)
+            if stream in self.lanes and self._unheld(stream, pending):
+                self._recovering = True
             dead = {
                 p["consumer"]
                 for p in pending
@@ -334,6 +365,13 @@ class Worker:
                     if stream == self.stream:
                         self.broker.drop_lease(self.keys.agents, consumer)
         return claimed
+
+    def _unheld(self, stream: str, pending: list[dict[str, Any]]) -> bool:
+        """Whether entries pending on this worker are neither running nor waiting in its backlog."""
+        mine = {p["id"] for p in pending if p["consumer"] == self.consumer}
+        held = {entry_id for lane, entry_id in self.running if lane == stream}
+        held |= {item.entry.id for item in self.backlog if item.stream == stream}
+        return bool(mine - held)
 
     def _take_over(self, stream: str, consumer: str, rows: list[dict[str, Any]]) -> int:
         worn = [p["id"] for p in rows if p["deliveries"] >= self.settings.max_deliveries]
