@@ -149,7 +149,7 @@ def test_a_result_read_before_its_deadline_fired_wins(
     time.sleep(1.3)  # every deadline is due: the next round claims them and reads the results together
     coordinator.step()
     if budget == 0.0:  # one slice handled, the rest and every deadline of the workflow held for later rounds
-        assert len(coordinator._held) == 80 - settings.bulk_slice and len(coordinator._held_timers) == 80
+        assert len(coordinator.held.entries) == 80 - settings.bulk_slice and len(coordinator.held.timers) == 80
     coordinator.run(burst=True)  # returns once nothing is left, held work included
     status = client.status(wf_id)
     assert status["state"] == "succeeded", [t.get("error") for t in status["tasks"].values() if t.get("error")]

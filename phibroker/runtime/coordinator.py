@@ -9,33 +9,34 @@ acks the last round, claims due timers and reads the inbox -> apply each workflo
 transition -> commit (with the dispatches) -> drain. The inbox has two lanes: small workflows' results
 are handled first, a big release's (`results:bulk`) a slice at a time after them.
 
-Two parts live beside it: the checks of who may send what (`gate.SecurityGate`) and the chores that
-keep a fleet of coordinators whole (`maintenance.Maintenance`).
+Beside it live the checks of who may send what (`gate.SecurityGate`), the chores that keep a fleet of
+coordinators whole (`maintenance.Maintenance`), the cache of runs and workflow files (`runs.RunCache`)
+and the bulk-lane work held over to later rounds (`bulk.HeldWork`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
 import threading
 import time
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
 from phibroker import engine, wire
-from phibroker import workflow as workflows
 from phibroker.engine import state
 from phibroker.errors import DecodeError, PhibrokerError
 from phibroker.keys import COORDINATORS_GROUP
+from phibroker.runtime.bulk import HeldWork
 from phibroker.runtime.events import Router
 from phibroker.runtime.gate import SecurityGate
 from phibroker.runtime.maintenance import Maintenance
+from phibroker.runtime.runs import RunCache
 from phibroker.runtime.submission import submission
 from phibroker.settings import Settings
-from phibroker.store.connection import CONNECTION_ERRORS, Entry, parse_units
+from phibroker.store.connection import CONNECTION_ERRORS, Entry
 from phibroker.store.coordinator import CoordinatorStore
 from phibroker.store.registry import Registry
 
@@ -80,18 +81,14 @@ class Coordinator:
         self.router = Router(self.registry)
         self.gate = SecurityGate(settings, self.registry, require_signed)
         self.maintenance = Maintenance(settings, self.broker, self.name, self.router, self.process, self.holding)
-        self.runs: OrderedDict[str, state.Run] = OrderedDict()
-        self.specs: OrderedDict[str, workflows.Workflow] = OrderedDict()
-        self.cache_size = cache_size
+        self.cache = RunCache(settings, self.broker, cache_size)
+        self.held = HeldWork(settings)
         self.stopping = threading.Event()
         self._recovering = True  # read our own pending entries first (after a restart or an error)
         self._acks: defaultdict[str, list[str]] = defaultdict(list)  # handled inbox entries, acked next round
         self._clock = (0.0, time.monotonic())  # Redis's clock at the last read, and the monotonic one then
         self._next_due: float | None = None  # when the next timer is due, as far as we know
         self._more_timers = False  # the last claim hit its limit: more may be due
-        self._held: list[Entry] = []  # bulk-lane entries read but not handled yet (BULK_BUDGET ran out)
-        self._held_timers: dict[str, None] = {}  # claimed timers waiting for held results of their workflow
-        self._held_wfs: set[str] | None = None  # the workflows of the held entries, once read
 
     # -- the loop ----------------------------------------------------------------------------------
     def run(self, burst: bool = False) -> None:
@@ -109,8 +106,8 @@ class Coordinator:
                 except CONNECTION_ERRORS as exc:
                     log.warning("Redis unreachable (%s); retrying in %.1fs", exc, backoff)
                     self._recovering = True
-                    self.runs.clear()
-                    self._held, self._held_wfs = [], None  # pending on us: the recovery read brings them back
+                    self.cache.clear()
+                    self.held.drop()
                     self.stopping.wait(backoff)
                     backoff = min(backoff * 2, 5.0)
                     continue
@@ -127,7 +124,7 @@ class Coordinator:
         next timer is due, as far as this coordinator knows (others' new timers wait one block)."""
         block = self._block()
         acks, self._acks = self._acks, defaultdict(list)
-        lanes = (self.keys.results,) if self._held else self.keys.inboxes  # no more bulk while some is held
+        lanes = (self.keys.results,) if self.held.entries else self.keys.inboxes  # no more bulk while some is held
         began = time.monotonic()
         try:
             clock, next_due, timers, read = self.broker.poll(
@@ -153,7 +150,7 @@ class Coordinator:
             self._recovering = False
         if block and not read and waited < block / 2:
             self.stopping.wait(block)  # the embedded broker answers an empty blocking read at once
-        if not read and not timers and not self._held and not self._held_timers:
+        if not read and not timers and not self.held:
             return 0
         crash_point("after_read")
         # The inbox first, then the `continue` timers (the next chunk of a big release), then the bulk
@@ -161,27 +158,22 @@ class Coordinator:
         # timers (deadlines above all) of a workflow with bulk results still held wait for them: a
         # result read before its deadline fired is applied first.
         offset = now - time.monotonic()
-        carried = len(self._held) + len(self._held_timers)
+        carried = len(self.held)
         self.process(now, self.keys.results, [entry for stream, entry in read if stream == self.keys.results])
         releases = [t for t in timers if t.startswith("continue|")]
         if releases:
             self.process(offset + time.monotonic(), self.keys.results, [], releases)
-        self._held_timers.update(dict.fromkeys(t for t in timers if not t.startswith("continue|")))
-        bulk = self._held + [entry for stream, entry in read if stream == self.keys.results_bulk]
-        self._held = self.process_bulk(offset, bulk) if bulk else []
-        if not self._held:
-            self._held_wfs = None
-        waiting = self._workflows_held() if self._held else set()
-        due = [t for t in self._held_timers if state.timer_workflow(t) not in waiting]
+        self.held.wait(t for t in timers if not t.startswith("continue|"))
+        bulk = self.held.entries + [entry for stream, entry in read if stream == self.keys.results_bulk]
+        self.held.keep(self.process_bulk(offset, bulk) if bulk else [])
+        due = self.held.due_timers()
         if due:
-            for member in due:
-                del self._held_timers[member]
             self.process(offset + time.monotonic(), self.keys.results, [], due)
         return len(read) + len(timers) + carried  # held work counts: a burst run does not stop on it
 
     def _block(self) -> float | None:
         """How long the next read may block: until the next known timer, at most `coordinator_block`."""
-        if self._recovering or self._more_timers or self._held or self._held_timers:
+        if self._recovering or self._more_timers or self.held:
             return None
         block = self.settings.coordinator_block
         if self._next_due is not None:
@@ -240,32 +232,18 @@ class Coordinator:
     def holding(self, inbox: str) -> set[str]:
         """The entries of `inbox` this coordinator holds: read for later, or handled and acked with the
         next read. Pending however long, they are not stranded."""
-        ours = {e.id for e in self._held} if inbox == self.keys.results_bulk else set()
+        ours = self.held.ids() if inbox == self.keys.results_bulk else set()
         ours |= set(self._acks[inbox])
         return ours
-
-    def _workflows_held(self) -> set[str]:
-        """The workflows with results in the held bulk entries, read once per held batch (no bulk entry
-        is read while some are held, so the set only ever over-counts)."""
-        if self._held_wfs is None:
-            self._held_wfs = set()
-            for entry in self._held:
-                try:
-                    message = wire.Inbox.decode(entry.raw or b"", self.settings.max_message_bytes * 4)
-                except DecodeError:
-                    continue
-                self._held_wfs.update(result.wf for result in message.results)
-        return self._held_wfs
 
     def _finish_held(self) -> None:
         """On a clean stop: the held bulk results, then the timers that waited for them."""
         try:
-            if self._held:
-                self.process_bulk(time.time() - time.monotonic(), self._held, budget=float("inf"))
-                self._held, self._held_wfs = [], None
-            if self._held_timers:
-                fired, self._held_timers = list(self._held_timers), {}
-                self.process(time.time(), self.keys.results, [], fired)
+            if self.held.entries:
+                self.process_bulk(time.time() - time.monotonic(), self.held.entries, budget=float("inf"))
+                self.held.drop()
+            if self.held.timers:
+                self.process(time.time(), self.keys.results, [], self.held.take_timers())
         except CONNECTION_ERRORS as exc:  # left pending: the next coordinator takes them over
             log.warning("stopping with held work left for another coordinator: %s", exc)
 
@@ -314,7 +292,7 @@ class Coordinator:
         quiet: list[str] = []
         finished: list[str] = []
         while pending:
-            runs = self._runs(list(pending))
+            runs = self.cache.load(list(pending))
             commits, idle = [], []
             for wf_id, items in pending.items():
                 run = runs.get(wf_id)
@@ -324,7 +302,7 @@ class Coordinator:
                     commits.append(run)
                 else:
                     idle.append(wf_id)
-            stale = self._stale(idle, runs)
+            stale = self.cache.stale(idle, runs)
             versions = self.broker.commit([(run.id, run.version, run.tx) for run in commits]) if commits else []
             crash_point("after_commit")
             for run, version in zip(commits, versions, strict=True):
@@ -337,10 +315,10 @@ class Coordinator:
                 if run.tx.has_outbox:
                     drains.append((run.id, run.tx.id, run.tx.outbox()))
                 if run.tx.finished:
-                    self.runs.pop(run.id, None)
+                    self.cache.forget(run.id)
                     finished.append(run.id)
             for wf_id in stale:
-                self.runs.pop(wf_id, None)
+                self.cache.forget(wf_id)
             quiet += [wf_id for wf_id in idle if wf_id not in stale]
             pending = {wf_id: pending[wf_id] for wf_id in stale}
         if drains or fired:
@@ -362,7 +340,7 @@ class Coordinator:
             for kind, body in items:
                 raw = wire.pack(body[0].to_map()) if kind == "result" else wire.pack({"kind": kind, "body": body})
                 self.broker.dead_letter(reason, raw, self.keys.results, run.id)
-            self.runs.pop(run.id, None)
+            self.cache.forget(run.id)
             run.tx = state.Transition()
             return False
 
@@ -373,13 +351,6 @@ class Coordinator:
         for kind, body in items:
             self._apply(run, kind, body, now)
         return run.tx.changed
-
-    def _stale(self, quiet: list[str], runs: dict[str, state.Run]) -> list[str]:
-        """Of the runs where nothing happened, those whose cache lags Redis: a no-op must be a real one."""
-        if not quiet:
-            return []
-        current = self.broker.versions(quiet)
-        return [wf_id for wf_id, version in zip(quiet, current, strict=True) if version != runs[wf_id].version]
 
     def _apply(self, run: state.Run, kind: str, body: Any, now: float) -> None:
         if kind == "result":
@@ -415,7 +386,7 @@ class Coordinator:
         if info is None:
             log.warning("trigger %s was removed; event %s ignored", name, event.get("id"))
             return
-        workflow = self._workflow(info["spec"])
+        workflow = self.cache.workflow(info["spec"])
         data = event.get("data")
         params = {**workflow.spec.params, **(data if isinstance(data, dict) else {"data": data})}
         chain = [*event.get("chain", []), f"{event.get('type')}@{event.get('id')}"]
@@ -442,41 +413,6 @@ class Coordinator:
                 result, _ = body
                 raw = wire.pack(result.to_map())
                 self.broker.dead_letter(f"unknown workflow {wf_id!r}", raw, self.keys.results, result.id)
-
-    def _runs(self, wf_ids: list[str]) -> dict[str, state.Run]:
-        """Cached runs, and the missing ones loaded in one round trip."""
-        missing = [w for w in wf_ids if w not in self.runs]
-        if missing:
-            for wf_id, (meta, units, results) in zip(missing, self.broker.load_runs(missing), strict=True):
-                if not meta.get("spec"):
-                    continue
-                self.runs[wf_id] = state.Run(
-                    wf_id,
-                    self._workflow(meta["spec"]),
-                    meta,
-                    parse_units(units),
-                    {k.decode(): v for k, v in results.items()},
-                    limit=self.settings.max_message_bytes,
-                    max_release=self.settings.max_release,
-                )
-        found = {}
-        for wf_id in wf_ids:
-            if wf_id in self.runs:
-                self.runs.move_to_end(wf_id)
-                found[wf_id] = self.runs[wf_id]
-        while len(self.runs) > self.cache_size:
-            self.runs.popitem(last=False)
-        return found
-
-    def _workflow(self, spec_text: str) -> workflows.Workflow:
-        """Checked specs, cached by their text: a thousand runs of one file are checked once."""
-        workflow = self.specs.get(spec_text)
-        if workflow is None:
-            workflow = workflows.check(json.loads(spec_text))
-            self.specs[spec_text] = workflow
-            if len(self.specs) > 256:
-                self.specs.popitem(last=False)
-        return workflow
 
     # -- stopping ---------------------------------------------------------------------------------
     def _leave(self) -> None:

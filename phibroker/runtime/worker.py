@@ -1,13 +1,12 @@
 """The agent worker: fetch, start, handle, settle — and keep a lease so the dead can be told from the slow.
 
-The main loop reads like rq's `work()`: maintain (reclaim from dead workers) -> stop requested? ->
-fetch (own pending entries first, then new ones from the task lane and the bulk lane, COUNT = free
-slots + a small prefetch) -> start (one script call marks a batch running and hands out fencing
-tokens) -> hand each to a handler thread. Handlers know no Redis; their outcomes are settled in
-batches (one inbox entry per lane, then the acks), by the handler's own thread when it can, else by
-a settler thread (`settler`). A heartbeat thread renews the lease, also while handlers run, and raises
-`ctx.cancelled` when the workflow no longer wants a task. The same read returns the agent's subscription
-entries, which its `Reactor` runs in the same slots (`slots`) beside the tasks.
+The main loop reads like rq's `work()`: maintain (take over dead workers' entries: `reclaim`) -> stop requested? ->
+fetch (own pending entries first, then new ones from the task lane and the bulk lane, COUNT = free slots + a small
+prefetch) -> start (one script call marks a batch running and hands out fencing tokens) -> hand each to a handler
+thread. Handlers know no Redis; their outcomes are settled in batches (one inbox entry per lane, then the acks), by
+the handler's own thread when it can, else by a settler thread (`settler`). A heartbeat thread renews the lease,
+also while handlers run, and raises `ctx.cancelled` when the workflow no longer wants a task. The same read returns
+the agent's subscription entries, which its `Reactor` runs in the same slots (`slots`) beside the tasks.
 """
 
 from __future__ import annotations
@@ -28,6 +27,7 @@ from phibroker.keys import WORKERS_GROUP
 from phibroker.runtime.agent import Agent, Context, failure
 from phibroker.runtime.events import Router
 from phibroker.runtime.reactor import Reactor
+from phibroker.runtime.reclaim import Reclaimer
 from phibroker.runtime.settler import SETTLE_GATHER, Settler
 from phibroker.runtime.slots import HandlerThreads, Slots
 from phibroker.settings import Settings
@@ -79,8 +79,20 @@ class Worker:
         self.settler = Settler(
             agent, self.consumer, settings, self.broker, self.router, self.bulk, self.running, self.slots, self.stopping
         )
-        self._recovering = True
-        self._next_reclaim = 0.0
+        self.reclaimer = Reclaimer(
+            agent,
+            self.consumer,
+            settings,
+            self.broker,
+            self.lanes,
+            self.reactor,
+            self.running,
+            self.backlog,
+            self.accept,
+            self._dead_letter,
+            self._recover,
+        )
+        self._recovering = True  # read our own pending entries first (at start, after an error, when unheld)
         self._threads: list[threading.Thread] = []
 
     # -- the loop ----------------------------------------------------------------------------------
@@ -101,7 +113,7 @@ class Worker:
         try:
             while not self.stopping.is_set():
                 try:
-                    self.maintain()
+                    self.reclaimer.maintain()
                     recovering = self._recovering  # such a read sees only our own pending entries
                     fetched = self.fetch()
                     self.launch()
@@ -128,6 +140,9 @@ class Worker:
         """Stop reading; running handlers get `stop_grace` seconds to finish."""
         self.stopping.set()
         self.slots.wake()
+
+    def _recover(self) -> None:
+        self._recovering = True
 
     def fetch(self) -> int:
         """Read what free slots can take, plus a prefetch; wait for a slot when all are busy."""
@@ -187,31 +202,12 @@ class Worker:
                 continue
             fresh.append(Fetched(stream, entry, message))
         if lost_from and fresh:
-            self._record_lost(fresh, lost_from)
+            self.reclaimer.record_lost(fresh, lost_from)
         if stream == self.stream:
             self.backlog.extendleft(reversed(fresh))
         else:
             self.backlog.extend(fresh)
         self.broker.ack(stream, WORKERS_GROUP, acks)
-
-    def _record_lost(self, items: list[Fetched], consumer: str) -> None:
-        """A history record for each run a reclaim replaces, with its attempt and start as the start
-        script stored them: the lost run keeps its place and its started_at in the task's history."""
-        runs = self.broker.unit_runs([(item.message.wf, item.message.unit) for item in items])
-        now = time.time()
-        for item, run in zip(items, runs, strict=True):
-            item.lost = wire.pack(
-                {
-                    "unit": item.message.unit,
-                    "attempt": run.get("attempt") or item.message.attempt,
-                    "worker": consumer,
-                    "dispatched": run.get("dispatched"),
-                    "started": run.get("started") if run.get("entry") == item.ref else None,
-                    "finished": now,
-                    "error": f"lost: worker {consumer} stopped renewing its lease",
-                    "applied": False,
-                }
-            )
 
     def launch(self) -> None:
         """Mark a batch started (fencing tokens from one script call per workflow), then run it."""
@@ -219,7 +215,7 @@ class Worker:
         take = min(self.slots.free, len(self.backlog))
         if take <= 0:
             return
-        batch = self._hand_over([self.backlog.popleft() for _ in range(take)])
+        batch = self.reclaimer.hand_over([self.backlog.popleft() for _ in range(take)])
         by_wf: dict[str, list[Fetched]] = defaultdict(list)
         for item in batch:
             by_wf[item.message.wf].append(item)
@@ -309,86 +305,6 @@ class Worker:
             if wants_stop:
                 r.ctx.cancelled.set()
 
-    def maintain(self) -> None:
-        now = time.monotonic()
-        if now >= self._next_reclaim:
-            self._next_reclaim = now + max(0.25, min(self.settings.reclaim_after / 2, 5.0))
-            self.reclaim()
-
-    def _hand_over(self, batch: list[Fetched]) -> list[Fetched]:
-        """Tasks for a command this worker lacks go to a live worker of the agent that has it (a fleet in
-        the middle of a rolling deploy, or a developer's worker beside the reference one); the rest run
-        here. With no such worker, a task runs here and fails as an unknown command."""
-        foreign = [item for item in batch if item.message.command not in self.agent.commands]
-        if not foreign:
-            return batch
-        clock, leases = self.broker.leases(self.keys.agents)
-        handed = set()
-        for item in foreign:
-            target = next((name for name in sorted(leases) if self._serves(leases[name], name, item, clock)), None)
-            if target and self.broker.claim(item.stream, WORKERS_GROUP, target, [item.entry.id], 0):
-                log.info(
-                    "handed %s (%s) to %s, which has that command", item.message.unit, item.message.command, target
-                )
-                handed.add((item.stream, item.entry.id))
-        return [item for item in batch if (item.stream, item.entry.id) not in handed]
-
-    def _serves(self, lease: dict[str, Any], name: str, item: Fetched, clock: float) -> bool:
-        """Whether the worker holding `lease` is another live one of this agent with the item's command."""
-        return (
-            name != self.consumer
-            and lease.get("agent") == self.agent.name
-            and lease["expires"] > clock
-            and not lease.get("stopping")
-            and item.message.command in (lease.get("commands") or ())
-        )
-
-    def reclaim(self) -> int:
-        """Take over the entries of workers whose lease lapsed: tasks run again as a new attempt. Entries
-        another worker handed to this one (or any of ours we do not hold) are read again too."""
-        clock, leases = self.broker.leases(self.keys.agents)
-        claimed = 0
-        for stream in [*self.lanes, *self.reactor.streams]:
-            pending = self.broker.pending_of(stream, WORKERS_GROUP)
-            if stream in self.lanes and self._unheld(stream, pending):
-                self._recovering = True
-            dead = {
-                p["consumer"]
-                for p in pending
-                if p["consumer"] != self.consumer and leases.get(p["consumer"], {}).get("expires", 0) < clock
-            }
-            for consumer in sorted(dead):
-                rows = [p for p in pending if p["consumer"] == consumer]
-                claimed += self._take_over(stream, consumer, rows)
-                if len(pending) < 1000:  # we saw all of its pending entries: forgetting it loses none
-                    self.broker.drop_consumer(stream, WORKERS_GROUP, consumer)
-                    if stream == self.stream:
-                        self.broker.drop_lease(self.keys.agents, consumer)
-        return claimed
-
-    def _unheld(self, stream: str, pending: list[dict[str, Any]]) -> bool:
-        """Whether entries pending on this worker are neither running nor waiting in its backlog."""
-        mine = {p["id"] for p in pending if p["consumer"] == self.consumer}
-        held = {entry_id for lane, entry_id in self.running if lane == stream}
-        held |= {item.entry.id for item in self.backlog if item.stream == stream}
-        return bool(mine - held)
-
-    def _take_over(self, stream: str, consumer: str, rows: list[dict[str, Any]]) -> int:
-        worn = [p["id"] for p in rows if p["deliveries"] >= self.settings.max_deliveries]
-        fresh = [p["id"] for p in rows if p["deliveries"] < self.settings.max_deliveries]
-        for entry in self.broker.claim(stream, WORKERS_GROUP, self.consumer, worn, 200):
-            self._dead_letter(entry, f"delivered {self.settings.max_deliveries} times without a result", stream)
-            self.broker.ack(stream, WORKERS_GROUP, [entry.id])
-        entries = self.broker.claim(stream, WORKERS_GROUP, self.consumer, fresh, 200)
-        if stream in self.lanes:
-            self.accept(stream, entries, lost_from=consumer)
-        else:
-            for entry in entries:
-                self.reactor.accept_reaction(stream, entry)
-        if entries:
-            log.info("reclaimed %d entries of %s from %s", len(entries), stream, consumer)
-        return len(entries)
-
     def _dead_letter(self, entry: Entry, reason: str, stream: str | None = None) -> None:
         """Keep the raw bytes and the reason; if the message names its task, fail that task."""
         stream = stream or self.stream
@@ -456,12 +372,7 @@ class Worker:
             "type": "task.started",
             "workflow": message.wf,
             "task": message.task,
-            "data": {
-                "unit": message.unit,
-                "attempt": attempt,
-                "token": token,
-                "worker": self.consumer,
-            },
+            "data": {"unit": message.unit, "attempt": attempt, "token": token, "worker": self.consumer},
             "ts": time.time(),
             "depth": message.depth,
         }

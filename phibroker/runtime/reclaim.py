@@ -1,0 +1,161 @@
+"""A worker's dealings with the other workers of its agent: taking over what dead ones left, handing on.
+
+A worker whose lease lapsed leaves its entries pending in the groups; a live one claims them and runs its
+tasks again as a new attempt, after a history record for the attempt that was lost. A task for a command
+this worker does not have goes to a live worker that has it. Both read the leases and claim entries, and
+neither is part of the worker's loop of fetching, starting and settling, so they live here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from phibroker import wire
+from phibroker.keys import WORKERS_GROUP
+from phibroker.runtime.agent import Agent
+from phibroker.runtime.reactor import Reactor
+from phibroker.settings import Settings
+from phibroker.store.connection import Entry
+from phibroker.store.worker import WorkerStore
+
+if TYPE_CHECKING:
+    from phibroker.runtime.worker import Fetched, Running
+
+log = logging.getLogger("phibroker.worker")  # reclaiming logs as the worker it reclaims for
+
+
+class Reclaimer:
+    """Takes over the entries of dead workers and hands tasks to the workers that have their command."""
+
+    def __init__(
+        self,
+        agent: Agent,
+        consumer: str,
+        settings: Settings,
+        broker: WorkerStore,
+        lanes: tuple[str, str],
+        reactor: Reactor,
+        running: dict[tuple[str, str], Running],
+        backlog: deque[Fetched],
+        accept: Callable[[str, list[Entry], str | None], None],
+        dead_letter: Callable[[Entry, str, str], None],
+        recover: Callable[[], None],
+    ):
+        self.agent = agent
+        self.consumer = consumer
+        self.settings = settings
+        self.keys = settings.keys
+        self.broker = broker
+        self.lanes = lanes
+        self.stream = lanes[0]  # the task stream: a dead worker's lease goes with its consumer there
+        self.reactor = reactor
+        self.running = running  # the worker's table and backlog, read to tell which of our entries we hold
+        self.backlog = backlog
+        self.accept = accept  # the worker decodes what we claim into its backlog
+        self.dead_letter = dead_letter
+        self.recover = recover  # the worker reads its own pending entries again on its next fetch
+        self._next_reclaim = 0.0
+
+    def maintain(self) -> None:
+        """Reclaim when due: often enough to take over soon after a lease lapses, seldom enough to cost little."""
+        now = time.monotonic()
+        if now >= self._next_reclaim:
+            self._next_reclaim = now + max(0.25, min(self.settings.reclaim_after / 2, 5.0))
+            self.reclaim()
+
+    def reclaim(self) -> int:
+        """Take over the entries of workers whose lease lapsed: tasks run again as a new attempt. Entries
+        another worker handed to this one (or any of ours we do not hold) are read again too."""
+        clock, leases = self.broker.leases(self.keys.agents)
+        claimed = 0
+        for stream in [*self.lanes, *self.reactor.streams]:
+            pending = self.broker.pending_of(stream, WORKERS_GROUP)
+            if stream in self.lanes and self._unheld(stream, pending):
+                self.recover()
+            dead = {
+                p["consumer"]
+                for p in pending
+                if p["consumer"] != self.consumer and leases.get(p["consumer"], {}).get("expires", 0) < clock
+            }
+            for consumer in sorted(dead):
+                rows = [p for p in pending if p["consumer"] == consumer]
+                claimed += self._take_over(stream, consumer, rows)
+                if len(pending) < 1000:  # we saw all of its pending entries: forgetting it loses none
+                    self.broker.drop_consumer(stream, WORKERS_GROUP, consumer)
+                    if stream == self.stream:
+                        self.broker.drop_lease(self.keys.agents, consumer)
+        return claimed
+
+    def _unheld(self, stream: str, pending: list[dict[str, Any]]) -> bool:
+        """Whether entries pending on this worker are neither running nor waiting in its backlog."""
+        mine = {p["id"] for p in pending if p["consumer"] == self.consumer}
+        held = {entry_id for lane, entry_id in self.running if lane == stream}
+        held |= {item.entry.id for item in self.backlog if item.stream == stream}
+        return bool(mine - held)
+
+    def _take_over(self, stream: str, consumer: str, rows: list[dict[str, Any]]) -> int:
+        worn = [p["id"] for p in rows if p["deliveries"] >= self.settings.max_deliveries]
+        fresh = [p["id"] for p in rows if p["deliveries"] < self.settings.max_deliveries]
+        for entry in self.broker.claim(stream, WORKERS_GROUP, self.consumer, worn, 200):
+            self.dead_letter(entry, f"delivered {self.settings.max_deliveries} times without a result", stream)
+            self.broker.ack(stream, WORKERS_GROUP, [entry.id])
+        entries = self.broker.claim(stream, WORKERS_GROUP, self.consumer, fresh, 200)
+        if stream in self.lanes:
+            self.accept(stream, entries, consumer)  # the lost attempts are recorded (`record_lost`)
+        else:
+            for entry in entries:
+                self.reactor.accept_reaction(stream, entry)
+        if entries:
+            log.info("reclaimed %d entries of %s from %s", len(entries), stream, consumer)
+        return len(entries)
+
+    def record_lost(self, items: list[Fetched], consumer: str) -> None:
+        """A history record for each run a reclaim replaces, with its attempt and start as the start
+        script stored them: the lost run keeps its place and its started_at in the task's history."""
+        runs = self.broker.unit_runs([(item.message.wf, item.message.unit) for item in items])
+        now = time.time()
+        for item, run in zip(items, runs, strict=True):
+            item.lost = wire.pack(
+                {
+                    "unit": item.message.unit,
+                    "attempt": run.get("attempt") or item.message.attempt,
+                    "worker": consumer,
+                    "dispatched": run.get("dispatched"),
+                    "started": run.get("started") if run.get("entry") == item.ref else None,
+                    "finished": now,
+                    "error": f"lost: worker {consumer} stopped renewing its lease",
+                    "applied": False,
+                }
+            )
+
+    def hand_over(self, batch: list[Fetched]) -> list[Fetched]:
+        """Tasks for a command this worker lacks go to a live worker of the agent that has it (a fleet in
+        the middle of a rolling deploy, or a developer's worker beside the reference one); the rest run
+        here. With no such worker, a task runs here and fails as an unknown command."""
+        foreign = [item for item in batch if item.message.command not in self.agent.commands]
+        if not foreign:
+            return batch
+        clock, leases = self.broker.leases(self.keys.agents)
+        handed = set()
+        for item in foreign:
+            target = next((name for name in sorted(leases) if self._serves(leases[name], name, item, clock)), None)
+            if target and self.broker.claim(item.stream, WORKERS_GROUP, target, [item.entry.id], 0):
+                log.info(
+                    "handed %s (%s) to %s, which has that command", item.message.unit, item.message.command, target
+                )
+                handed.add((item.stream, item.entry.id))
+        return [item for item in batch if (item.stream, item.entry.id) not in handed]
+
+    def _serves(self, lease: dict[str, Any], name: str, item: Fetched, clock: float) -> bool:
+        """Whether the worker holding `lease` is another live one of this agent with the item's command."""
+        return (
+            name != self.consumer
+            and lease.get("agent") == self.agent.name
+            and lease["expires"] > clock
+            and not lease.get("stopping")
+            and item.message.command in (lease.get("commands") or ())
+        )
