@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from phibroker import engine
+from phibroker.engine.records import status_document
 from phibroker.engine.state import WF_TERMINAL, Run, new_workflow_fields, timer_member
 from phibroker.runtime.agent import Agent, Context
 from phibroker.wire import TaskMessage, unpack
@@ -180,8 +181,6 @@ class Simulation:
 
     def status(self) -> dict[str, Any]:
         """The run as `status --json` shows it."""
-        from phibroker.runtime.client import status_document
-
         run = self.run_state
         units = {name: dict(record) for name, record in run.units.items()}
         return status_document(run.id, dict(run.meta), units, dict(run.raw_results), self.history, self.limit)

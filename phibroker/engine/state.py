@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from phibroker import wire
+from phibroker.engine import records
+from phibroker.engine.records import split_unit
 from phibroker.workflow import Workflow
 
 TASK_TERMINAL = frozenset({"succeeded", "failed", "skipped", "cancelled", "compensated"})
@@ -59,24 +61,6 @@ def unpack_group(group: str, text: str) -> dict[str, Any]:
         kind = _TYPES.get(attribute)
         out[attribute] = None if part == "" else (kind(float(part)) if kind is int else kind(part) if kind else part)
     return out
-
-
-def unit_of(task: str, partition: int | None = None) -> str:
-    return task if partition is None else f"{task}#{partition}"
-
-
-def undo_unit(task: str) -> str:
-    return f"{task}!undo"
-
-
-def split_unit(unit: str) -> tuple[str, int | None, bool]:
-    """`Task#2` -> (Task, 2, False); `Task!undo` -> (Task, None, True)."""
-    if unit.endswith("!undo"):
-        return unit[:-5], None, True
-    task, sep, part = unit.rpartition("#")
-    if sep and part.isdigit():
-        return task, int(part), False
-    return unit, None, False
 
 
 def unit_agent(workflow: Workflow, unit: str) -> str | None:
@@ -296,32 +280,24 @@ class Run:
     def event(self, type_: str, now: float, task: str | None = None, data: Any = None, **fields: Any) -> None:
         """Every state change is an event; `data` is a handler's own payload, `fields` ours."""
         self.tx.events.append(
-            {
-                "id": wire.new_id(),
-                "type": type_,
-                "workflow": self.id,
-                "task": task,
-                "data": fields if data is None else data,
-                "ts": now,
-                "depth": self.depth,
-                "chain": self.chain,
-            }
+            records.event(type_, self.id, task, fields if data is None else data, self.depth, self.chain, ts=now)
         )
 
     def record_attempt(self, unit: str, now: float, error: str | None, applied: bool, **extra: Any) -> None:
         record = self.units.get(unit, {})
-        entry = {
-            "unit": unit,
-            "attempt": record.get("attempt", 0),
-            "worker": extra.pop("worker", record.get("worker")),
-            "dispatched": record.get("dispatched"),
-            "started": extra.pop("started", record.get("started")),
-            "finished": now,
-            "error": error,
-            "applied": applied,
-            **extra,
-        }
-        self.tx.history.append(wire.pack(entry))
+        self.tx.history.append(
+            records.attempt(
+                unit,
+                record.get("attempt", 0),
+                extra.pop("worker", record.get("worker")),
+                record.get("dispatched"),
+                extra.pop("started", record.get("started")),
+                now,
+                error,
+                applied,
+                **extra,
+            )
+        )
 
 
 class _TaskView(Mapping[str, Any]):

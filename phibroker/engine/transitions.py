@@ -14,15 +14,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from phibroker import wire
+from phibroker.engine.records import split_unit, undo_unit, unit_of
 from phibroker.engine.state import (
     TASK_TERMINAL,
     UNIT_LIVE,
     WF_WINDING_DOWN,
     Run,
-    split_unit,
     timer_member,
-    undo_unit,
-    unit_of,
 )
 from phibroker.errors import DecodeError, MessageTooLarge
 

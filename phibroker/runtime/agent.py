@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from phibroker import wire
+from phibroker.engine import records
 from phibroker.engine.transitions import describe_exception
 from phibroker.errors import MessageTooLarge, Retryable
 
@@ -159,17 +160,7 @@ class Event:
     def caused(self) -> list[dict[str, Any]]:
         """The emitted events as full events: ids, causation and depth filled in."""
         return [
-            {
-                "id": wire.new_id(),
-                "type": e["type"],
-                "workflow": self.workflow,
-                "task": None,
-                "data": e["data"],
-                "ts": time.time(),
-                "depth": self.depth + 1,
-                "chain": self.caused_chain,
-                "cause": self.id,
-            }
+            records.event(e["type"], self.workflow, None, e["data"], self.depth + 1, self.caused_chain, cause=self.id)
             for e in self.emitted
         ]
 

@@ -6,7 +6,6 @@ cancels and decisions to them the same way, so every state change has one author
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -14,7 +13,8 @@ from typing import Any
 
 from phibroker import wire
 from phibroker import workflow as workflows
-from phibroker.engine.state import WF_TERMINAL, split_unit
+from phibroker.engine.records import status_document
+from phibroker.engine.state import WF_TERMINAL
 from phibroker.errors import ApprovalError, DecodeError, InvalidInput, UnknownWorkflow
 from phibroker.runtime.events import add_trigger
 from phibroker.runtime.submission import submission
@@ -279,95 +279,3 @@ def _dead_letter_row(entry_id: str, record: dict[str, Any]) -> dict[str, Any]:
         "truncated": bool(record.get("truncated")),
         **{k: record[k] for k in ("agent", "subscription", "chain") if k in record},
     }
-
-
-def status_document(
-    wf_id: str,
-    meta: dict[str, Any],
-    units: dict[str, dict[str, Any]],
-    results: dict[str, bytes],
-    history: list[bytes],
-    limit: int,
-) -> dict[str, Any]:
-    """Build `status --json` from what Redis holds; pure, so it is tested without a broker."""
-    spec_tasks: dict[str, Any] = json.loads(meta["spec"]).get("tasks", {})
-    attempts_of: dict[str, list[dict[str, Any]]] = {name: [] for name in spec_tasks}
-    for raw in history:
-        record = wire.unpack(raw, limit)
-        task, partition, is_undo = split_unit(str(record.get("unit", "")))
-        if task not in attempts_of:
-            continue
-        entry = {
-            "attempt": record.get("attempt"),
-            "worker": record.get("worker"),
-            "started_at": record.get("started"),
-            "finished_at": record.get("finished"),
-            "error": record.get("error"),
-            "applied": record.get("applied", True),
-        }
-        if partition is not None:
-            entry["partition"] = partition
-        if is_undo:
-            entry["compensation"] = True
-        if record.get("traceback"):
-            entry["traceback"] = record["traceback"]
-        attempts_of[task].append(entry)
-    tasks: dict[str, dict[str, Any]] = {}
-    for name, spec in spec_tasks.items():
-        unit = units.get(name, {})
-        row: dict[str, Any] = {
-            "state": unit.get("state", "pending"),
-            "agent": spec.get("agent"),
-            "attempts": int(unit.get("attempt") or 0),
-            "started_at": unit.get("started"),
-            "finished_at": unit.get("finished"),
-            "result": _decode(results.get(name), limit),
-            "error": unit.get("error"),
-            "history": attempts_of[name],
-        }
-        parts = int(unit.get("parts") or 0)
-        if parts:
-            partitions = [units.get(f"{name}#{i}", {}) for i in range(parts)]
-            row["partitions"] = [
-                {
-                    "index": i,
-                    "state": p.get("state", "pending"),
-                    "attempts": int(p.get("attempt") or 0),
-                    "worker": p.get("worker"),
-                    "error": p.get("error"),
-                }
-                for i, p in enumerate(partitions)
-            ]
-            started = [p["started"] for p in partitions if p.get("started")]
-            row["started_at"] = min(started) if started else None
-            row["attempts"] = max((int(p.get("attempt") or 0) for p in partitions), default=0)
-            if row["state"] == "ready" and any(p.get("state") == "running" for p in partitions):
-                row["state"] = "running"
-        if spec.get("approval") is not None:
-            decision = unit.get("decision")
-            row["approval"] = {
-                "request": unit.get("approval"),
-                "decision": _decode(decision, limit) if decision else _decode(results.get(name), limit),
-            }
-        undo = units.get(f"{name}!undo")
-        if undo:
-            row["compensation"] = {
-                "state": undo.get("state"),
-                "attempts": int(undo.get("attempt") or 0),
-                "error": unit.get("undo_error") or undo.get("error"),
-            }
-        tasks[name] = row
-    return {
-        "id": wf_id,
-        "name": meta.get("name"),
-        "state": meta.get("state"),
-        "created_at": meta.get("created_at"),
-        "finished_at": meta.get("finished_at"),
-        "params": meta.get("params"),
-        "error": meta.get("error"),
-        "tasks": tasks,
-    }
-
-
-def _decode(raw: bytes | None, limit: int) -> Any:
-    return None if raw is None else wire.unpack(raw, max(limit, len(raw)))

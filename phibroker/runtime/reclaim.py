@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from phibroker import wire
+from phibroker.engine import records
 from phibroker.keys import WORKERS_GROUP
 from phibroker.runtime.agent import Agent
 from phibroker.runtime.reactor import Reactor
@@ -119,17 +119,15 @@ class Reclaimer:
         runs = self.broker.unit_runs([(item.message.wf, item.message.unit) for item in items])
         now = time.time()
         for item, run in zip(items, runs, strict=True):
-            item.lost = wire.pack(
-                {
-                    "unit": item.message.unit,
-                    "attempt": run.get("attempt") or item.message.attempt,
-                    "worker": consumer,
-                    "dispatched": run.get("dispatched"),
-                    "started": run.get("started") if run.get("entry") == item.ref else None,
-                    "finished": now,
-                    "error": f"lost: worker {consumer} stopped renewing its lease",
-                    "applied": False,
-                }
+            item.lost = records.attempt(
+                item.message.unit,
+                run.get("attempt") or item.message.attempt,
+                consumer,
+                run.get("dispatched"),
+                run.get("started") if run.get("entry") == item.ref else None,
+                now,
+                f"lost: worker {consumer} stopped renewing its lease",
+                applied=False,
             )
 
     def hand_over(self, batch: list[Fetched]) -> list[Fetched]:

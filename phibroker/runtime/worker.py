@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from phibroker import wire
+from phibroker.engine import records
 from phibroker.engine.state import WF_TERMINAL
 from phibroker.errors import DecodeError, PhibrokerError
 from phibroker.keys import WORKERS_GROUP
@@ -367,15 +368,8 @@ class Worker:
         self._threads.append(thread)
 
     def _started_event(self, message: wire.TaskMessage, token: int, attempt: int) -> dict[str, Any]:
-        return {
-            "id": wire.new_id(),
-            "type": "task.started",
-            "workflow": message.wf,
-            "task": message.task,
-            "data": {"unit": message.unit, "attempt": attempt, "token": token, "worker": self.consumer},
-            "ts": time.time(),
-            "depth": message.depth,
-        }
+        data = {"unit": message.unit, "attempt": attempt, "token": token, "worker": self.consumer}
+        return records.event("task.started", message.wf, message.task, data, message.depth)
 
 
 def _salvage_ids(raw: bytes | None, limit: int) -> dict[str, str] | None:

@@ -10,7 +10,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from phibroker.engine.state import TASK_TERMINAL, UNIT_LIVE, WF_TERMINAL, split_unit, timer_member
+from phibroker.engine.records import split_unit
+from phibroker.engine.state import TASK_TERMINAL, UNIT_LIVE, WF_TERMINAL, timer_member
 from phibroker.errors import UnknownWorkflow
 from phibroker.settings import Settings
 from phibroker.store.client import ClientStore

@@ -22,7 +22,8 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from phibroker.engine.state import TASK_TERMINAL, WF_TERMINAL, split_unit
+from phibroker.engine.records import split_unit
+from phibroker.engine.state import TASK_TERMINAL, WF_TERMINAL
 from phibroker.errors import UnknownWorkflow
 from phibroker.settings import Settings
 from phibroker.store.client import ClientStore

@@ -1,0 +1,175 @@
+"""The one home of a run's record shapes: events, attempts in the history, and the status document.
+
+Every event and history entry is built here, whoever publishes or writes it (a transition, a worker's
+start mark, a reaction, a reclaim), and `status --json` is read from them here, so a field is added or
+renamed in one place.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from phibroker import wire
+
+
+def unit_of(task: str, partition: int | None = None) -> str:
+    return task if partition is None else f"{task}#{partition}"
+
+
+def undo_unit(task: str) -> str:
+    return f"{task}!undo"
+
+
+def split_unit(unit: str) -> tuple[str, int | None, bool]:
+    """`Task#2` -> (Task, 2, False); `Task!undo` -> (Task, None, True)."""
+    if unit.endswith("!undo"):
+        return unit[:-5], None, True
+    task, sep, part = unit.rpartition("#")
+    if sep and part.isdigit():
+        return task, int(part), False
+    return unit, None, False
+
+
+def event(
+    type_: str,
+    workflow: str | None,
+    task: str | None,
+    data: Any,
+    depth: int = 0,
+    chain: list[str] | None = None,
+    ts: float | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """An event: `type`, `workflow`, `task`, `data`, `ts`, a unique `id`, and what caused it."""
+    record = {
+        "id": wire.new_id(),
+        "type": type_,
+        "workflow": workflow,
+        "task": task,
+        "data": data,
+        "ts": time.time() if ts is None else ts,
+        "depth": depth,
+        "chain": chain or [],
+    }
+    record.update(extra)
+    return record
+
+
+def attempt(
+    unit: str,
+    number: Any,
+    worker: Any,
+    dispatched: Any,
+    started: Any,
+    finished: float,
+    error: str | None,
+    applied: bool,
+    **extra: Any,
+) -> bytes:
+    """One attempt of a unit in the run's history, packed as it is stored."""
+    record = {
+        "unit": unit,
+        "attempt": number,
+        "worker": worker,
+        "dispatched": dispatched,
+        "started": started,
+        "finished": finished,
+        "error": error,
+        "applied": applied,
+        **extra,
+    }
+    return wire.pack(record)
+
+
+def status_document(
+    wf_id: str,
+    meta: dict[str, Any],
+    units: dict[str, dict[str, Any]],
+    results: dict[str, bytes],
+    history: list[bytes],
+    limit: int,
+) -> dict[str, Any]:
+    """Build `status --json` from what Redis holds; pure, so it is tested without a broker."""
+    spec_tasks: dict[str, Any] = json.loads(meta["spec"]).get("tasks", {})
+    attempts_of: dict[str, list[dict[str, Any]]] = {name: [] for name in spec_tasks}
+    for raw in history:
+        record = wire.unpack(raw, limit)
+        task, partition, is_undo = split_unit(str(record.get("unit", "")))
+        if task not in attempts_of:
+            continue
+        entry = {
+            "attempt": record.get("attempt"),
+            "worker": record.get("worker"),
+            "started_at": record.get("started"),
+            "finished_at": record.get("finished"),
+            "error": record.get("error"),
+            "applied": record.get("applied", True),
+        }
+        if partition is not None:
+            entry["partition"] = partition
+        if is_undo:
+            entry["compensation"] = True
+        if record.get("traceback"):
+            entry["traceback"] = record["traceback"]
+        attempts_of[task].append(entry)
+    tasks: dict[str, dict[str, Any]] = {}
+    for name, spec in spec_tasks.items():
+        unit = units.get(name, {})
+        row: dict[str, Any] = {
+            "state": unit.get("state", "pending"),
+            "agent": spec.get("agent"),
+            "attempts": int(unit.get("attempt") or 0),
+            "started_at": unit.get("started"),
+            "finished_at": unit.get("finished"),
+            "result": _decode(results.get(name), limit),
+            "error": unit.get("error"),
+            "history": attempts_of[name],
+        }
+        parts = int(unit.get("parts") or 0)
+        if parts:
+            partitions = [units.get(f"{name}#{i}", {}) for i in range(parts)]
+            row["partitions"] = [
+                {
+                    "index": i,
+                    "state": p.get("state", "pending"),
+                    "attempts": int(p.get("attempt") or 0),
+                    "worker": p.get("worker"),
+                    "error": p.get("error"),
+                }
+                for i, p in enumerate(partitions)
+            ]
+            started = [p["started"] for p in partitions if p.get("started")]
+            row["started_at"] = min(started) if started else None
+            row["attempts"] = max((int(p.get("attempt") or 0) for p in partitions), default=0)
+            if row["state"] == "ready" and any(p.get("state") == "running" for p in partitions):
+                row["state"] = "running"
+        if spec.get("approval") is not None:
+            decision = unit.get("decision")
+            row["approval"] = {
+                "request": unit.get("approval"),
+                "decision": _decode(decision, limit) if decision else _decode(results.get(name), limit),
+            }
+        undo = units.get(f"{name}!undo")
+        if undo:
+            row["compensation"] = {
+                "state": undo.get("state"),
+                "attempts": int(undo.get("attempt") or 0),
+                "error": unit.get("undo_error") or undo.get("error"),
+            }
+        tasks[name] = row
+    return {
+        "id": wf_id,
+        "name": meta.get("name"),
+        "state": meta.get("state"),
+        "created_at": meta.get("created_at"),
+        "finished_at": meta.get("finished_at"),
+        "params": meta.get("params"),
+        "error": meta.get("error"),
+        "tasks": tasks,
+    }
+
+
+def _decode(raw: bytes | None, limit: int) -> Any:
+    return None if raw is None else wire.unpack(raw, max(limit, len(raw)))
