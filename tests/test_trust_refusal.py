@@ -3,11 +3,8 @@ key's name and the command that trusts it, and that command makes the next `appr
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 from phibroker.runtime.client import Client
@@ -15,7 +12,7 @@ from phibroker.security import signing
 from phibroker.settings import Settings
 from tests.conftest import Processes
 from tests.test_failures import flow
-from tests.test_patterns import open_request
+from tests.test_patterns import cli, open_request
 
 GATE = """
 name: gate
@@ -23,19 +20,6 @@ tasks:
   Build: {agent: probe, command: work}
   Approve: {approval: {message: "Ship it?", approvers: [stryk]}, depends_on: [Build]}
 """
-
-
-def cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {
-        **os.environ,
-        "PHIBROKER_REDIS_URL": settings.redis_url,
-        "PHIBROKER_NAMESPACE": settings.namespace,
-        "PHIBROKER_HOME": str(settings.home),
-        "PHIBROKER_APPROVER": "stryk",
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "phibroker", *args], capture_output=True, text=True, timeout=60, env=env
-    )
 
 
 def test_a_local_key_left_off_the_trust_list_is_refused_with_the_command_that_trusts_it(
