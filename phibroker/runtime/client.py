@@ -21,7 +21,7 @@ from phibroker.runtime.submission import submission
 from phibroker.security import signing
 from phibroker.settings import Settings
 from phibroker.store.client import ClientStore
-from phibroker.store.connection import reaching
+from phibroker.store.connection import lease_alive, reaching
 from phibroker.store.registry import Registry
 from phibroker.store.views import Views
 
@@ -260,7 +260,7 @@ class Client:
         """The agents that have at least one worker whose lease has not lapsed (by Redis's clock)."""
         with reaching(self.settings):
             now, leases = self.broker.leases(self.settings.keys.agents)
-        return {str(info.get("agent")) for info in leases.values() if info.get("expires", 0) > now}
+        return {str(info.get("agent")) for info in leases.values() if lease_alive(info, now)}
 
     def list(self, limit: int = 50) -> list[dict[str, Any]]:
         """Recent workflows, newest first."""

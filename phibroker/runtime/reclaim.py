@@ -19,7 +19,7 @@ from phibroker.keys import WORKERS_GROUP
 from phibroker.runtime.agent import Agent
 from phibroker.runtime.reactor import Reactor
 from phibroker.settings import Settings
-from phibroker.store.connection import Entry
+from phibroker.store.connection import Entry, lease_alive
 from phibroker.store.worker import WorkerStore
 
 if TYPE_CHECKING:
@@ -70,16 +70,21 @@ class Reclaimer:
     def reclaim(self) -> int:
         """Take over the entries of workers whose lease lapsed: tasks run again as a new attempt. Entries
         another worker handed to this one (or any of ours we do not hold) are read again too."""
+        # What this worker holds, taken before the pending entries are read (the settler thread removes
+        # settled work from `running` meanwhile; set() copies the dict in one step).
+        held = set(self.running) | {(item.stream, item.entry.id) for item in self.backlog}
         clock, leases = self.broker.leases(self.keys.agents)
         claimed = 0
         for stream in [*self.lanes, *self.reactor.streams]:
             pending = self.broker.pending_of(stream, WORKERS_GROUP)
-            if stream in self.lanes and self._unheld(stream, pending):
+            if stream in self.lanes and any(
+                p["consumer"] == self.consumer and (stream, p["id"]) not in held for p in pending
+            ):
                 self.recover()
             dead = {
                 p["consumer"]
                 for p in pending
-                if p["consumer"] != self.consumer and leases.get(p["consumer"], {}).get("expires", 0) < clock
+                if p["consumer"] != self.consumer and not lease_alive(leases.get(p["consumer"], {}), clock)
             }
             for consumer in sorted(dead):
                 rows = [p for p in pending if p["consumer"] == consumer]
@@ -89,13 +94,6 @@ class Reclaimer:
                     if stream == self.stream:
                         self.broker.drop_lease(self.keys.agents, consumer)
         return claimed
-
-    def _unheld(self, stream: str, pending: list[dict[str, Any]]) -> bool:
-        """Whether entries pending on this worker are neither running nor waiting in its backlog."""
-        mine = {p["id"] for p in pending if p["consumer"] == self.consumer}
-        held = {entry_id for lane, entry_id in self.running if lane == stream}
-        held |= {item.entry.id for item in self.backlog if item.stream == stream}
-        return bool(mine - held)
 
     def _take_over(self, stream: str, consumer: str, rows: list[dict[str, Any]]) -> int:
         worn = [p["id"] for p in rows if p["deliveries"] >= self.settings.max_deliveries]
@@ -133,14 +131,17 @@ class Reclaimer:
     def hand_over(self, batch: list[Fetched]) -> list[Fetched]:
         """Tasks for a command this worker lacks go to a live worker of the agent that has it (a fleet in
         the middle of a rolling deploy, or a developer's worker beside the reference one); the rest run
-        here. With no such worker, a task runs here and fails as an unknown command."""
-        foreign = [item for item in batch if item.message.command not in self.agent.commands]
+        here. With no such worker, a task runs here and fails as an unknown command. A reclaimed task
+        runs here too: its lost attempt is recorded by this worker's start mark. The receiver reads a
+        handed task at its next reclaim tick."""
+        foreign = [item for item in batch if item.message.command not in self.agent.commands and not item.lost]
         if not foreign:
             return batch
         clock, leases = self.broker.leases(self.keys.agents)
         handed = set()
         for item in foreign:
-            target = next((name for name in sorted(leases) if self._serves(leases[name], name, item, clock)), None)
+            able = [name for name in leases if self._serves(leases[name], name, item, clock)]
+            target = min(able, key=lambda name: (leases[name].get("in_flight") or 0, name), default=None)
             if target and self.broker.claim(item.stream, WORKERS_GROUP, target, [item.entry.id], 0):
                 log.info(
                     "handed %s (%s) to %s, which has that command", item.message.unit, item.message.command, target
@@ -153,7 +154,7 @@ class Reclaimer:
         return (
             name != self.consumer
             and lease.get("agent") == self.agent.name
-            and lease["expires"] > clock
+            and lease_alive(lease, clock)
             and not lease.get("stopping")
             and item.message.command in (lease.get("commands") or ())
         )

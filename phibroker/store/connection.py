@@ -178,6 +178,11 @@ def parse_leases(raw: dict[bytes, bytes]) -> dict[str, dict[str, Any]]:
     return leases
 
 
+def lease_alive(lease: dict[str, Any], clock: float) -> bool:
+    """Whether a lease (as `parse_leases` returns it) was renewed within its time, by Redis's `clock`."""
+    return float(lease.get("expires") or 0) > clock
+
+
 @contextmanager
 def reaching(settings: Settings) -> Iterator[None]:
     """A lost connection or a missing database becomes BrokerUnavailable (exit 3), naming the URL."""
