@@ -17,6 +17,7 @@ from phibroker import workflow as workflows
 from phibroker.runtime.client import Client
 from phibroker.settings import Settings
 from tests.conftest import REPO, Processes
+from tests.test_core import events_of
 
 EXAMPLES = REPO / "examples"
 TERMINAL = ("succeeded", "failed", "cancelled", "timed_out")
@@ -100,11 +101,23 @@ def succeeded(run: Run, status: dict[str, Any], *skipped: str) -> dict[str, Any]
 # -- one expectation per example ----------------------------------------------------------------------
 
 
+def happened_before(run: Run, wf_id: str, first: tuple[str, str, str], then: tuple[str, str, str]) -> bool:
+    """Whether the event (type, task, unit) `first` precedes `then` in the events log: one order, written
+    by the transitions themselves, where the times of a worker's and a coordinator's clock could disagree."""
+    seen = []
+    for event in events_of(run.settings, wf_id):
+        data = event.get("data") if isinstance(event.get("data"), dict) else {}
+        seen.append((event["type"], event["task"], data.get("unit", event["task"])))
+    return seen.index(first) < seen.index(then)
+
+
 def check_sequential_pipeline(run: Run) -> None:
-    tasks = succeeded(run, run.wait(run.submit()))
+    wf_id = run.submit()
+    tasks = succeeded(run, run.wait(wf_id))
     order = ["Research", "Requirements", "Implement", "UnitTests"]
     for before, after in zip(order, order[1:], strict=False):
-        assert tasks[after]["started_at"] >= tasks[before]["finished_at"], (before, after)
+        done, sent = ("task.succeeded", before, before), ("task.dispatched", after, after)
+        assert happened_before(run, wf_id, done, sent), (before, after)
     assert tasks["Research"]["result"]["source_count"] >= 2
     assert tasks["Requirements"]["result"]["requirement_count"] >= 1
     assert tasks["UnitTests"]["result"]["output_tail"].count("PASS") == 1
@@ -113,11 +126,13 @@ def check_sequential_pipeline(run: Run) -> None:
 
 
 def check_fan_out_fan_in(run: Run) -> None:
-    tasks = succeeded(run, run.wait(run.submit()))
+    wf_id = run.submit()
+    tasks = succeeded(run, run.wait(wf_id))
     builds = ["BuildAPI", "BuildWorker", "BuildWebUI"]
     audit = tasks["AuditAll"]
     assert sorted(audit["result"]["targets"]) == sorted(tasks[b]["result"]["workspace"] for b in builds)
-    assert all(audit["started_at"] >= tasks[b]["finished_at"] for b in builds)
+    sent = ("task.dispatched", "AuditAll", "AuditAll")
+    assert all(happened_before(run, wf_id, ("task.succeeded", b, b), sent) for b in builds)
 
 
 def check_scatter_gather(run: Run) -> None:
@@ -163,7 +178,8 @@ def check_retry_backoff(run: Run) -> None:
 
 
 def check_saga(run: Run) -> None:
-    status = run.wait(run.submit())
+    wf_id = run.submit()
+    status = run.wait(wf_id)
     assert status["state"] == "failed", run.fail(status)
     tasks = status["tasks"]
     assert tasks["SmokeTest"]["state"] == "failed" and "HTTP 503" in tasks["SmokeTest"]["error"]
@@ -172,8 +188,11 @@ def check_saga(run: Run) -> None:
     undo_deploy = [h for h in tasks["Deploy"]["history"] if h.get("compensation")]
     undo_build = [h for h in tasks["Build"]["history"] if h.get("compensation")]
     assert len(undo_deploy) == len(undo_build) == 1 and not undo_deploy[0]["error"] and not undo_build[0]["error"]
-    assert undo_deploy[0]["finished_at"] <= undo_build[0]["started_at"]  # newest first, one at a time
-    assert undo_deploy[0]["started_at"] >= tasks["SmokeTest"]["finished_at"]
+    # newest first, one at a time, and only once the smoke test failed
+    undone, undo_build_sent = ("task.compensated", "Deploy", "Deploy"), ("task.dispatched", "Build", "Build!undo")
+    assert happened_before(run, wf_id, undone, undo_build_sent)
+    failed, undo_deploy_sent = ("task.failed", "SmokeTest", "SmokeTest"), ("task.dispatched", "Deploy", "Deploy!undo")
+    assert happened_before(run, wf_id, failed, undo_deploy_sent)
     assert not Path(tasks["Deploy"]["result"]["current"]).is_symlink()  # no release was live before: none now
     build = tasks["Build"]["result"]
     assert not any((Path(build["workspace"]) / name).exists() for name in build["files"])

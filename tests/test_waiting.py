@@ -330,16 +330,23 @@ def test_a_task_for_a_command_one_worker_lacks_goes_to_one_that_has_it(
     procs: Processes, client: Client, tmp_path: Path
 ) -> None:
     """Two versions of an agent side by side (a rolling deploy, or a dev worker beside the reference
-    one): every task runs on a worker that has its command, none fails as unknown."""
+    one): the new version is paused, so the old one reads every task; it runs what it can and hands the
+    rest to the new one (whose lease holds meanwhile), and every task runs where its command is."""
     coordinator_up(procs, client)
-    procs.worker("fleet", app="tests.apps.fleet:old")
-    procs.worker("fleet", app="tests.apps.fleet:new")
+    new = procs.worker("fleet", app="tests.apps.fleet:new", PHIBROKER_RECLAIM_AFTER="60")
     fleet = lambda: [w for w in json.loads(phibroker(procs, "agents", "--json").stdout) if w["agent"] == "fleet"]  # noqa: E731
-    until(lambda: len([w for w in fleet() if w["alive"]]) == 2, procs)
-    tasks = "".join(f"  T{i}: {{agent: fleet, command: {'two' if i % 2 else 'one'}}}\n" for i in range(20))
-    status = client.wait(client.submit(flow(tmp_path, f"name: fleet\ntasks:\n{tasks}")), timeout=60)
+    until(lambda: len([w for w in fleet() if w["alive"]]) == 1, procs)
+    new.send_signal(signal.SIGSTOP)
+    try:
+        procs.worker("fleet", app="tests.apps.fleet:old")
+        until(lambda: len([w for w in fleet() if w["alive"]]) == 2, procs)
+        tasks = "".join(f"  T{i}: {{agent: fleet, command: {'two' if i % 2 else 'one'}}}\n" for i in range(20))
+        wf_id = client.submit(flow(tmp_path, f"name: fleet\ntasks:\n{tasks}"))
+        until(lambda: procs.output().count("handed T") == 10, procs, timeout=60)
+    finally:
+        new.send_signal(signal.SIGCONT)
+    status = client.wait(wf_id, timeout=60)
     assert status["state"] == "succeeded", procs.output()
     assert {name: t["result"] for name, t in status["tasks"].items()} == {
         f"T{i}": "two" if i % 2 else "one" for i in range(20)
     }
-    assert "handed" in procs.output()  # the old worker did receive some of the new command's tasks

@@ -107,6 +107,7 @@ class Transition:
 
     id: str = field(default_factory=wire.new_id)  # names its outbox entry
     created: float = field(default_factory=time.time)  # lets a sweep tell a stale outbox from a fresh one
+    owner: str = ""  # the coordinator that commits it, and drains it unless its lease lapses first
     writes: dict[str, Any] = field(default_factory=dict)  # tasks hash: `unit|attribute` -> value
     # packed fields to write (`unit|group` -> the unit's record): packed once, when the transition is
     # committed, however many times the transition changed them
@@ -147,6 +148,7 @@ class Transition:
     def outbox(self) -> dict[str, Any]:
         return {
             "created": self.created,
+            "owner": self.owner,
             "dispatches": self.dispatches,
             "events": self.events,
             "timers_add": self.timers_add,
@@ -252,9 +254,9 @@ class Run:
         return {"params": self.params, "tasks": _TaskView(self), "result": result}
 
     # -- writing -----------------------------------------------------------------------------------
-    def begin(self) -> Transition:
+    def begin(self, owner: str = "") -> Transition:
         """A fresh transition for the next batch of inputs (and a fresh release budget)."""
-        self.tx = Transition()
+        self.tx = Transition(owner=owner)
         self._released = 0
         return self.tx
 

@@ -341,13 +341,12 @@ class Coordinator:
                 raw = wire.pack(body[0].to_map()) if kind == "result" else wire.pack({"kind": kind, "body": body})
                 self.broker.dead_letter(reason, raw, self.keys.results, run.id)
             self.cache.forget(run.id)
-            run.tx = state.Transition()
+            run.begin(self.name)
             return False
 
     def _decide(self, run: state.Run, items: list[Op], now: float) -> bool:
         """Apply the inputs to the run in memory; True if there is something to commit."""
-        run.tx = state.Transition()
-        run._released = 0
+        run.begin(self.name)
         for kind, body in items:
             self._apply(run, kind, body, now)
         return run.tx.changed

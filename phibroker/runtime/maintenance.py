@@ -20,7 +20,7 @@ from phibroker.errors import DecodeError
 from phibroker.keys import COORDINATORS_GROUP, WORKERS_GROUP
 from phibroker.runtime.events import Router
 from phibroker.settings import Settings
-from phibroker.store.connection import Entry
+from phibroker.store.connection import Entry, lease_alive
 from phibroker.store.coordinator import CoordinatorStore
 
 log = logging.getLogger("phibroker.coordinator")
@@ -137,7 +137,10 @@ class Maintenance:
             self.broker.send_to_coordinators(wire.Inbox(kind="kick", body={"wf": wf_id}))
 
     def redrive(self, wf_ids: Iterable[str], older_than: float = 0.0) -> int:
-        """Carry out outbox entries left behind by a coordinator that died between commit and drain."""
+        """Carry out outbox entries left behind by a coordinator that died between commit and drain.
+
+        Another coordinator's entry waits while that one's lease holds: it drains its own outboxes
+        right after its commits, and carrying one out twice would send its events and dispatches twice."""
         now = time.time()
         items = []
         for wf_id, entries in self.broker.outboxes(wf_ids).items():
@@ -149,6 +152,11 @@ class Maintenance:
                 if older_than and now - float(box.get("created") or 0) < older_than:
                     continue
                 items.append((wf_id, entry_id, box))
+        owners = {str(box.get("owner") or "") for _, _, box in items} - {"", self.name}
+        if owners:
+            clock, leases = self.broker.leases(self.keys.coordinators)
+            alive = {name for name in owners if lease_alive(leases.get(name, {}), clock)}
+            items = [item for item in items if str(item[2].get("owner") or "") not in alive]
         if items:
             log.info("re-driving %d outbox entries", len(items))
             self.broker.drain(items, route=self.router.routes)
