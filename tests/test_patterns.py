@@ -215,6 +215,8 @@ def test_cli_approvals_approve_and_exit_codes(gate: Any, settings: Settings, cli
 
     rows = json.loads(listed.stdout)
     assert {"id", "workflow", "task", "message", "deadline"} == set(rows[0])
+    shown = cli(settings, "approvals").stdout  # who may decide, and the time left as a person reads it
+    assert f"{request['id']}  {wf_id} / Approve:" in shown and "(approvers: stryk; times out in " in shown
     approved = cli(settings, "approve", request["id"], "--comment", "ok")
     assert approved.returncode == 0, approved.stderr
     assert client.wait(wf_id, timeout=30)["state"] == "succeeded"

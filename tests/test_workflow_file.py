@@ -97,6 +97,7 @@ def test_every_example_is_valid(path: Path) -> None:
         ("name: w\ntasks: {'bad name': {agent: a, command: x}}", "task 'bad name': a name may only use"),
         ("name: w\ntasks: {A: {agent: 'a b', command: x}}", "task 'A': agent"),
         ("name: w\ntasks: {A: {agent: a}}", "needs `agent` and `command`"),
+        ("name: w\ntasks: {}", "workflow: tasks is empty (at least 1 needed)"),
         ("name: w\ntasks: {A: {approval: {message: hi}, agent: a}}", "an approval gate takes no agent"),
         ("name: w\ntasks: {A: {agent: a, command: x, payload: {v: '${oops'}}}", "bad expression"),
         ("name: w\ntasks: [1, 2]", "tasks"),

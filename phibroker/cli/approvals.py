@@ -23,16 +23,20 @@ from phibroker.settings import Settings
 def approvals(settings: Settings, as_json: bool) -> None:
     """Open approval requests."""
     from phibroker.runtime.client import Client
+    from phibroker.tools.watch import span
 
     with Client(settings) as client:
         requests = client.approvals()
-    rows = [{k: r.get(k) for k in ("id", "workflow", "task", "message", "deadline")} for r in requests]
+    if as_json:  # the documented shape, nothing more
+        requests = [{k: r.get(k) for k in ("id", "workflow", "task", "message", "deadline")} for r in requests]
 
     def line(row: dict[str, Any]) -> str:
-        due = f" (times out in {row['deadline'] - time.time():.0f}s)" if row["deadline"] else ""
-        return f"{row['id']}  {row['workflow']} / {row['task']}: {row['message']}{due}"
+        notes = [f"approvers: {', '.join(row['approvers'])}" if row.get("approvers") else "anyone may decide"]
+        if row.get("deadline"):
+            notes.append(f"times out in {span(row['deadline'] - time.time())}")
+        return f"{row['id']}  {row['workflow']} / {row['task']}: {row['message']}  ({'; '.join(notes)})"
 
-    show_rows(rows, as_json, "no open approvals", line)
+    show_rows(requests, as_json, "no open approvals", line)
 
 
 @main.command()

@@ -243,6 +243,8 @@ def _first_error(exc: ValidationError) -> str:
         return f"{place}: unknown field {field_name!r}{_field_hint(loc)}"
     if err["type"] == "missing" or err["type"] == "missing_argument":
         return f"{place}: missing field {field_name!r}"
+    if err["type"] == "too_short":
+        return f"{place}: {field_name} is empty (at least {err.get('ctx', {}).get('min_length', 1)} needed)"
     message = err["msg"].removeprefix("Value error, ")
     return f"{place}: {field_name}: {message}" if field_name else f"{place}: {message}"
 
