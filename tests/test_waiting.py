@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -337,6 +338,9 @@ def test_a_task_for_a_command_one_worker_lacks_goes_to_one_that_has_it(
     fleet = lambda: [w for w in json.loads(phibroker(procs, "agents", "--json").stdout) if w["agent"] == "fleet"]  # noqa: E731
     until(lambda: len([w for w in fleet() if w["alive"]]) == 1, procs)
     new.send_signal(signal.SIGSTOP)
+    # A read the paused worker had blocking when it stopped would still be served by Redis: wait out
+    # its BLOCK (PHIBROKER_WORKER_BLOCK, 0.5 s here), which the server ends whether the client runs or not.
+    time.sleep(procs.settings.worker_block * 3)
     try:
         procs.worker("fleet", app="tests.apps.fleet:old")
         until(lambda: len([w for w in fleet() if w["alive"]]) == 2, procs)
