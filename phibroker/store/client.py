@@ -48,9 +48,6 @@ class ClientStore(Connection):
             history,
         )
 
-    def workflow_exists(self, wf_id: str) -> bool:
-        return bool(self.redis.exists(self.keys.wf(wf_id)))
-
     def wait_done(self, wf_id: str, timeout: float) -> bool:
         """Block until the workflow's end (or the timeout); never consumes the signal other waiters need."""
         key = self.keys.wf_done(wf_id)
