@@ -36,6 +36,7 @@ class Settings(BaseSettings):
     coordinator_takeover: float = 5.0  # a coordinator silent this long is presumed dead
     max_deliveries: int = 10  # deliveries of one task message before it is dead-lettered as `lost`
     stop_grace: float = 30.0  # SIGTERM: how long running handlers may finish
+    cancel_grace: float = 30.0  # a run winding down waits this long for its stopped tasks to answer
     timer_claim: float = 10.0  # a claimed timer fires again if its coordinator dies before finishing it
 
     # Limits

@@ -170,8 +170,13 @@ class Simulation:
     def reject(self, task: str, reason: str, approver: str = "stryk") -> dict[str, Any]:
         return self._decide(task, "reject", approver, reason=reason)
 
-    def cancel(self, reason: str = "cancelled by request") -> dict[str, Any]:
-        self._apply(lambda run, now: engine.cancel(run, now, reason))
+    def cancel(self, reason: str = "cancelled by request", tasks: Iterable[str] = ()) -> dict[str, Any]:
+        """Cancel the run, or only `tasks` of it (as `phibroker cancel ID --task T`); then run on."""
+        names = list(tasks)
+        if names:
+            self._apply(lambda run, now: engine.cancel_tasks(run, names, now, reason))
+        else:
+            self._apply(lambda run, now: engine.cancel(run, now, reason))
         return self.run()
 
     # -- reading -----------------------------------------------------------------------------------
@@ -206,6 +211,9 @@ class Simulation:
         return value
 
     def _execute(self, message: TaskMessage) -> None:
+        if self.run_state.units.get(message.unit, {}).get("stop"):  # asked to stop before it started
+            self._apply(lambda run, now: engine.declined(run, message.unit, message.id, now))
+            return
         agent = self.agents.get(message.agent)
         if agent is None:
             known = ", ".join(sorted(self.agents)) or "none"

@@ -232,9 +232,10 @@ _RESULT_REQUIRED = frozenset({"id", "wf", "unit", "token", "ok", "worker", "star
 class Inbox:
     """One entry of the coordinators' inbox: a batch of results, or a control message.
 
-    kinds: `results` (from a worker), `submit`, `cancel`, `decide` (an approval decision), `lost`
-    (a task message dead-lettered by a worker), `kick` (start a workflow again), `trigger` (an event
-    matched a workflow trigger). Results travel as one packed blob, so a worker can sign exactly those
+    kinds: `results` (from a worker), `submit`, `cancel` (the run, or `tasks` of it), `decide` (an
+    approval decision), `lost` (a task message dead-lettered by a worker), `declined` (a worker would not
+    start a unit asked to stop), `kick` (start a workflow again), `trigger` (an event matched a workflow
+    trigger). Results travel as one packed blob, so a worker can sign exactly those
     bytes with its agent's secret (`agent`, `sig`) and a coordinator can check them before decoding.
     """
 

@@ -211,17 +211,19 @@ def test_saga_compensates_newest_first_one_at_a_time_past_a_failing_one(
 
 def test_workflow_timeout_stops_tasks_and_compensates(procs: Processes, client: Client, tmp_path: Path) -> None:
     start(procs)
-    path = flow(tmp_path, SAGA.format(timeout="1500ms", b_undo="undo", d_command="work"))
+    path = flow(tmp_path, SAGA.format(timeout="1500ms", b_undo="undo", d_command="hold"))
     status = run(procs, client, path)
     assert status["state"] == "timed_out"
     assert status["tasks"]["D"]["state"] == "cancelled"
+    assert "stopped when asked" in status["tasks"]["D"]["history"][-1]["error"]
     assert [status["tasks"][t]["state"] for t in "ABC"] == ["compensated"] * 3
     assert status["finished_at"] - status["created_at"] < 5
 
 
 def test_cancel_mid_run(procs: Processes, client: Client, tmp_path: Path, settings: Settings) -> None:
+    """The run stays `cancelling` until D's handler stopped; only then are A, B and C undone."""
     start(procs)
-    path = flow(tmp_path, SAGA.format(timeout="1h", b_undo="undo", d_command="work"))
+    path = flow(tmp_path, SAGA.format(timeout="1h", b_undo="undo", d_command="hold"))
     wf_id = client.submit(path)
     deadline = time.monotonic() + 20
     while client.status(wf_id)["tasks"]["D"]["state"] != "running":
@@ -232,8 +234,26 @@ def test_cancel_mid_run(procs: Processes, client: Client, tmp_path: Path, settin
     assert status["state"] == "cancelled" and status["error"] == "changed my mind"
     assert status["tasks"]["D"]["state"] == "cancelled"
     assert [status["tasks"][t]["state"] for t in "ABC"] == ["compensated"] * 3
-    time.sleep(1.0)
-    late = client.status(wf_id)["tasks"]["D"]["history"]
-    assert late and not late[-1]["applied"]
+    stopped = status["tasks"]["D"]["history"][-1]
+    undo_c = [h for h in status["tasks"]["C"]["history"] if h.get("compensation")][0]
+    assert stopped["applied"] and stopped["finished_at"] <= undo_c["started_at"]
     types = [e["type"] for e in events_of(settings, wf_id)]
-    assert "workflow.compensating" in types and types[-1] == "workflow.cancelled"
+    assert types.index("task.cancelled") < types.index("workflow.compensating")
+    assert types[-1] == "workflow.cancelled"
+
+
+def test_a_stopped_handler_that_returns_anyway_succeeded(procs: Processes, client: Client, tmp_path: Path) -> None:
+    """Asked to stop, a handler may still finish its work: its result counts, and is compensated."""
+    start(procs)
+    text = SAGA.format(timeout="1h", b_undo="undo", d_command="work").replace(
+        "payload: {sleep: 5}}", "payload: {sleep: 5}, compensate: {command: undo}}"
+    )
+    wf_id = client.submit(flow(tmp_path, text))
+    deadline = time.monotonic() + 20
+    while client.status(wf_id)["tasks"]["D"]["state"] != "running":
+        assert time.monotonic() < deadline, procs.output()
+        time.sleep(0.02)
+    client.cancel(wf_id, "changed my mind")
+    status = client.wait(wf_id, timeout=30)
+    assert status["state"] == "cancelled"
+    assert [status["tasks"][t]["state"] for t in "ABCD"] == ["compensated"] * 4

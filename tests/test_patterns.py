@@ -58,7 +58,7 @@ def test_expect_fails_the_attempt(procs: Processes, client: Client, tmp_path: Pa
     status = run(procs, client, path)
     a = status["tasks"]["A"]
     assert (a["state"], a["attempts"], a["error"]) == ("failed", 2, "ExpectationFailed: result.value > 5")
-    assert status["tasks"]["B"]["state"] == "cancelled" and status["state"] == "failed"
+    assert status["tasks"]["B"]["state"] == "upstream_failed" and status["state"] == "failed"
 
 
 def test_best_effort_runs_what_can_and_lists_failures(procs: Processes, client: Client, tmp_path: Path) -> None:
@@ -71,7 +71,7 @@ def test_best_effort_runs_what_can_and_lists_failures(procs: Processes, client: 
     )
     status = run(procs, client, path)
     states = {name: task["state"] for name, task in status["tasks"].items()}
-    assert states == {"A": "failed", "B": "succeeded", "C": "skipped", "D": "succeeded"}
+    assert states == {"A": "failed", "B": "succeeded", "C": "upstream_failed", "D": "succeeded"}
     assert status["state"] == "failed" and status["error"] == "failed: A"
 
 
@@ -152,7 +152,7 @@ def test_reject_fails_the_gate_and_the_workflow(gate: Any, client: Client) -> No
     status = client.wait(wf_id, timeout=30)
     assert status["state"] == "failed"
     assert status["tasks"]["Approve"]["error"] == "rejected: too risky"
-    assert status["tasks"]["Deploy"]["state"] == "cancelled"
+    assert status["tasks"]["Deploy"]["state"] == "upstream_failed"
 
 
 def test_approval_timeout_fails_the_gate(gate: Any, client: Client) -> None:

@@ -124,7 +124,7 @@ def test_an_approval_waits_for_a_person_then_approve_or_reject_or_timeout(tmp_pa
     assert forgotten.advance(59 * 60)["state"] == "waiting_approval"
     doc = forgotten.advance(61)
     assert doc["state"] == "failed" and doc["tasks"]["Gate"]["error"] == "timeout"
-    assert states(doc)["Ship"] == "cancelled"
+    assert states(doc)["Ship"] == "upstream_failed"
 
 
 def test_map_scatters_in_order_and_gathers(tmp_path: Path) -> None:

@@ -21,10 +21,15 @@ from phibroker.engine import records
 from phibroker.engine.records import split_unit
 from phibroker.workflow import Workflow
 
-TASK_TERMINAL = frozenset({"succeeded", "failed", "skipped", "cancelled", "compensated"})
+TASK_TERMINAL = frozenset({"succeeded", "failed", "skipped", "cancelled", "compensated", "upstream_failed"})
 UNIT_LIVE = frozenset({"ready", "running", "retrying"})
 WF_TERMINAL = frozenset({"succeeded", "failed", "cancelled", "timed_out"})
-WF_WINDING_DOWN = WF_TERMINAL | {"compensating"}
+# `cancelling`: running tasks were asked to stop and the run waits for them (or for `cancel_grace`);
+# `compensating`: the saga's compensations run. Nothing new starts in either, except, while a run that
+# failed is cancelling, the tasks whose trigger rule fires on failure (clean-up and handlers).
+WF_WINDING_DOWN = WF_TERMINAL | {"cancelling", "compensating"}
+# Rules that may fire before every upstream is done; the others wait for all of them.
+EARLY_RULES = frozenset({"one_success", "one_failed"})
 
 
 # A unit's attributes that always change together share one hash field (`unit|dispatch`, `unit|run`,
@@ -122,6 +127,9 @@ class Transition:
     timers_del: list[str] = field(default_factory=list)
     approvals_set: dict[str, bytes] = field(default_factory=dict)
     approvals_del: list[str] = field(default_factory=list)
+    # running units asked to stop, (agent, unit, dispatch id): their workers are told at once, besides
+    # reading the unit's `stop` field at their next heartbeat
+    stops: list[tuple[str, str, str]] = field(default_factory=list)
     finished: bool = False  # the workflow reached its end state
     bulk: bool = False  # part of a release chunked over several transitions: dispatched on the bulk lanes
 
@@ -142,6 +150,7 @@ class Transition:
             or self.timers_del
             or self.approvals_set
             or self.approvals_del
+            or self.stops
             or self.finished
         )
 
@@ -155,6 +164,7 @@ class Transition:
             "timers_del": self.timers_del,
             "approvals_set": self.approvals_set,
             "approvals_del": self.approvals_del,
+            "stops": self.stops,
             "finished": self.finished,
             "bulk": self.bulk,
         }
@@ -202,6 +212,7 @@ class Run:
         raw_results: dict[str, bytes],
         limit: int = 1024 * 1024,
         max_release: int = 1000,
+        cancel_grace: float = 30.0,
     ):
         self.id = wf_id
         self.workflow = workflow
@@ -210,19 +221,30 @@ class Run:
         self.raw_results = raw_results
         self.limit = limit  # message size limit
         self.max_release = max_release
+        self.cancel_grace = cancel_grace  # how long stopped tasks may take before they count as cancelled
         self.tx = Transition()
         self.rand = random.Random()
         self._decoded: dict[str, Any] = {}
         self.depth = int(meta.get("depth") or 0)  # how many events led to this run (storm guard)
         self.chain: list[str] = meta.get("chain") or []
         self._released = 0
-        deps = workflow.deps
+        self.candidates = Candidates(workflow.order_index)
+        self.recount()
+
+    def recount(self) -> None:
+        """Derive the scheduler's counters from the units' states (on load, and when a run re-opens)."""
+        deps = self.workflow.deps
         self.open_deps = {t: sum(1 for d in ds if self.state(d) not in TASK_TERMINAL) for t, ds in deps.items()}
         self.open_tasks = sum(1 for t in deps if self.state(t) not in TASK_TERMINAL)
-        self.candidates = Candidates(workflow.order_index)
+        self.candidates.clear()
         for task, count in self.open_deps.items():
-            if self.state(task) == "pending" and (count == 0 or workflow.tasks[task].trigger == "one_success"):
+            if self.state(task) == "pending" and (count == 0 or self.fires_early(task)):
                 self.candidates.add(task)
+
+    def fires_early(self, task: str) -> bool:
+        """Whether the task's rule may decide before all its upstreams are done (worth a look at each end)."""
+        rule = self.workflow.tasks[task].trigger
+        return not isinstance(rule, str) or rule in EARLY_RULES
 
     # -- reading -----------------------------------------------------------------------------------
     @property
@@ -311,8 +333,10 @@ class _TaskView(Mapping[str, Any]):
     def __getitem__(self, name: str) -> dict[str, Any]:
         if name not in self._run.workflow.tasks:
             raise KeyError(name)
-        state = self._run.state(name)
-        return {"state": state, "result": self._run.result(name) if state == "succeeded" else None}
+        run = self._run
+        state = run.state(name)
+        error = run.units.get(name, {}).get("error") if state in ("failed", "upstream_failed") else None
+        return {"state": state, "result": run.result(name) if state == "succeeded" else None, "error": error}
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._run.workflow.tasks)

@@ -18,11 +18,18 @@ from phibroker.engine.records import split_unit, undo_unit, unit_of
 from phibroker.engine.state import (
     TASK_TERMINAL,
     UNIT_LIVE,
+    WF_TERMINAL,
     WF_WINDING_DOWN,
     Run,
     timer_member,
+    unit_agent,
 )
 from phibroker.errors import DecodeError, MessageTooLarge
+from phibroker.workflow.spec import AtLeast, TriggerRule
+
+# Rules that fire when an upstream failed: while a failed run winds down these still start (clean-up,
+# handlers); every other task that has not started by then never will.
+HANDLER_RULES = frozenset({"all_done", "one_failed", "all_failed", "always"})
 
 
 def retry_delay(attempt: int, base: float, maximum: float, jitter: float, rand: random.Random) -> float:
@@ -114,10 +121,8 @@ def apply_timer(run: Run, member: str, now: float) -> None:
     parts = rest.split("|")[1:]  # after the workflow id
     if kind == "retry":
         unit, attempt = parts[0], int(parts[1])
-        is_undo = split_unit(unit)[2]
         if run.state(unit) == "retrying" and run.units[unit].get("attempt") == attempt:
-            if is_undo or not _winding(run):
-                _dispatch_unit(run, unit, now)
+            _dispatch_unit(run, unit, now)
     elif kind == "deadline":
         unit, dispatch = parts
         if run.state(unit) in ("ready", "running") and run.units[unit].get("dispatch") == dispatch:
@@ -125,8 +130,12 @@ def apply_timer(run: Run, member: str, now: float) -> None:
     elif kind == "continue":  # the next chunk of a big release
         run.tx.bulk = True
     elif kind == "wf_deadline":
-        if run.wf_state not in WF_WINDING_DOWN:
+        if run.wf_state not in WF_WINDING_DOWN or _failing(run):
             wind_down(run, "timed_out", now, reason="the workflow's deadline passed")
+    elif kind == "grace":  # stopped tasks had their time: they count as cancelled, late results ignored
+        for task in run.workflow.tasks:
+            if run.state(task) not in TASK_TERMINAL and _asked_to_stop(run, task):
+                _stop_task(run, task, now, "did not stop within cancel_grace", force=True)
     elif kind == "approval":
         task, request = parts
         if run.state(task) == "running" and run.units[task].get("approval") == request:
@@ -137,11 +146,38 @@ def apply_timer(run: Run, member: str, now: float) -> None:
 
 
 def cancel(run: Run, now: float, reason: str = "cancelled") -> bool:
-    if run.wf_state in WF_WINDING_DOWN or not run.meta.get("launched"):
+    """Cancel the run: nothing new starts, running tasks are asked to stop. A run that failed and
+    is still winding down (its failure handlers running) is stopped outright, and stays failed."""
+    if not run.meta.get("launched") or (run.wf_state in WF_WINDING_DOWN and not _failing(run)):
         return False
-    wind_down(run, "cancelled", now, reason=reason)
+    if _failing(run):  # it failed already: it stays failed, for the reason it failed
+        reason = str(run.meta.get("error") or reason)
+    wind_down(run, "failed" if _failing(run) else "cancelled", now, reason=reason, handlers=False)
     advance(run, now)
     return True
+
+
+def cancel_tasks(run: Run, tasks: list[str], now: float, reason: str) -> list[str]:
+    """Cancel some tasks of a running run (a region): pending ones at once, running ones asked to stop.
+
+    A cancelled task counts as skipped for its dependents' rules and does not fail the run. Returns the
+    tasks it cancelled or asked to stop (those already ended are left as they are)."""
+    if run.wf_state in WF_WINDING_DOWN:
+        return []
+    touched = [t for t in tasks if t in run.workflow.tasks and run.state(t) not in TASK_TERMINAL]
+    for task in touched:
+        _cancel_or_stop(run, task, now, reason)
+    advance(run, now)
+    return touched
+
+
+def declined(run: Run, unit: str, dispatch: str, now: float) -> None:
+    """A worker refused to start a unit that was asked to stop before it started: it is cancelled."""
+    record = run.units.get(unit)
+    if record is not None and record.get("stop") and record.get("dispatch") == dispatch:
+        if record.get("state") in ("ready", "running"):
+            _unit_failed(run, unit, "cancelled before it started", now)
+            advance(run, now)
 
 
 def decide(run: Run, body: Mapping[str, Any], now: float) -> str | None:
@@ -172,7 +208,12 @@ def decide(run: Run, body: Mapping[str, Any], now: float) -> str | None:
     else:
         run.event("approval.rejected", now, task, approval=request, approver=body["approver"], decision=signed)
         run.set(task, decision=wire.pack(decision))
-        _unit_failed(run, task, f"rejected: {body.get('reason') or 'no reason given'}", now, worker=body["approver"])
+        reason = f"rejected: {body.get('reason') or 'no reason given'}"
+        if run.workflow.tasks[task].approval.on_reject == "skip":  # type: ignore[union-attr]
+            run.record_attempt(task, now, reason, True, worker=body["approver"])
+            _skip(run, task, now, reason)
+        else:
+            _unit_failed(run, task, reason, now, worker=body["approver"])
     advance(run, now)
     return None
 
@@ -188,23 +229,25 @@ def lost(run: Run, unit: str, dispatch: str, reason: str, now: float) -> None:
 
 
 def advance(run: Run, now: float) -> None:
-    """Release what can run, skip what cannot, and end the workflow when nothing is left."""
-    if run.wf_state == "compensating":
+    """Release what can run, decide what never will, and end the workflow when nothing is left."""
+    if run.wf_state in WF_TERMINAL or run.wf_state == "compensating":
         return
-    if not _winding(run):
-        while run.candidates and run._released < run.max_release:
-            task = run.candidates.pop()
-            if run.state(task) == "pending":
-                _consider(run, task, now)
-        if run.candidates:  # more than one transition may release: go on in the next one
-            run.tx.timers_add[timer_member("continue", run.id)] = now
-            run.tx.bulk = True
-    if run.open_tasks == 0 and run.wf_state not in WF_WINDING_DOWN:
-        failed = [t for t in run.workflow.tasks if run.state(t) == "failed"]
-        if failed:
-            wind_down(run, "failed", now, reason="failed: " + ", ".join(failed))
+    while run.candidates and run._released < run.max_release:
+        task = run.candidates.pop()
+        if run.state(task) == "pending":
+            _consider(run, task, now)
+    if run.candidates:  # more than one transition may release: go on in the next one
+        run.tx.timers_add[timer_member("continue", run.id)] = now
+        run.tx.bulk = True
+    if run.open_tasks == 0:
+        if run.wf_state == "cancelling":
+            _wound_down(run, now)
         else:
-            _finish(run, "succeeded", now)
+            failed = _failures(run)
+            if failed:
+                wind_down(run, "failed", now, reason="failed: " + ", ".join(failed))
+            else:
+                _finish(run, "succeeded", now)
     if run.wf_state in ("running", "waiting_approval"):
         gates = any(run.state(t) == "running" for t in run.workflow.gates)
         wanted = "waiting_approval" if gates else "running"
@@ -214,14 +257,38 @@ def advance(run: Run, now: float) -> None:
                 run.event("workflow.waiting_approval", now)
 
 
+def _failures(run: Run) -> list[str]:
+    """The tasks that fail the run: any failed one, or with `outcome: leaves` the leaves that did not
+    succeed or get skipped (a failure handled downstream is handled)."""
+    if run.workflow.spec.outcome == "leaves":
+        fine = ("succeeded", "skipped")
+        leaves = [t for t, users in run.workflow.dependents.items() if not users]
+        return [t for t in leaves if run.state(t) not in fine and not _deliberately_cancelled(run, t)]
+    return [t for t in run.workflow.tasks if run.state(t) == "failed"]
+
+
+def _deliberately_cancelled(run: Run, task: str) -> bool:
+    """Cancelled by `cancel --task`, `cancel_rest` or `end`: that counts as skipped, not as a failure."""
+    return run.state(task) == "cancelled" and bool(run.units.get(task, {}).get("deliberate"))
+
+
 def _consider(run: Run, task: str, now: float) -> None:
     spec = run.workflow.tasks[task]
     states = [run.state(d) for d in spec.depends_on]
-    verdict = _trigger(spec.trigger, states)
+    verdict = trigger_verdict(spec.trigger, states)
     if verdict == "wait":
         return
     if verdict == "skip":
         _skip(run, task, now, "upstream: " + _upstream_summary(spec.depends_on, states))
+        return
+    if verdict == "upstream_failed":
+        reason = "upstream failed: " + _upstream_summary(spec.depends_on, states)
+        run.set(task, state="upstream_failed", finished=now, error=reason)
+        run.event("task.upstream_failed", now, task, reason=reason)
+        _task_terminal(run, task)
+        return
+    if run.wf_state == "cancelling" and not (_failing(run) and spec.trigger in HANDLER_RULES):
+        _cancel_task(run, task, now, str(run.meta.get("error") or "the run is ending"))
         return
     when = run.workflow.when.get(task)
     if when is not None and not when.test(run.scope()):
@@ -233,21 +300,49 @@ def _consider(run: Run, task: str, now: float) -> None:
         _scatter(run, task, now)
     else:
         _dispatch_unit(run, task, now)
+    if spec.cancel_rest:  # a race: the first (or best K) won, the others are called off
+        for upstream in spec.depends_on:
+            if run.state(upstream) not in TASK_TERMINAL:
+                _cancel_or_stop(run, upstream, now, f"cancel_rest: {task} started")
 
 
-def _trigger(rule: str, states: list[str]) -> str:
-    """run / skip / wait, by the task's trigger rule over its dependencies' states."""
-    if rule == "one_success":
-        if "succeeded" in states:
-            return "run"
-        return "skip" if all(s in TASK_TERMINAL for s in states) else "wait"
-    if not all(s in TASK_TERMINAL for s in states):
-        return "wait"
-    if rule == "all_done":
+def trigger_verdict(rule: TriggerRule, states: list[str]) -> str:
+    """`run`, `skip`, `upstream_failed` or `wait`, by a task's rule over its upstreams' states.
+
+    Airflow's decisions (its `trigger_rule_dep.py`), with two differences: only `one_success`,
+    `one_failed` and `{at_least: K}` decide before every upstream is done (`always` waits too), and a
+    cancelled upstream counts as skipped. A rule that can no longer fire gives `upstream_failed` when an
+    upstream failed, else `skip`. A task without upstreams runs, whatever its rule.
+    """
+    if not states:
         return "run"
-    if rule == "none_failed":
-        return "skip" if any(s in ("failed", "cancelled") for s in states) else "run"
-    return "run" if all(s == "succeeded" for s in states) else "skip"
+    succeeded = sum(1 for s in states if s in ("succeeded", "compensated"))
+    failed = sum(1 for s in states if s in ("failed", "upstream_failed"))
+    skipped = sum(1 for s in states if s in ("skipped", "cancelled"))
+    open_ = len(states) - succeeded - failed - skipped
+    cannot_fire = "upstream_failed" if failed else "skip"
+    if isinstance(rule, AtLeast) or rule == "one_success":
+        needed = rule.at_least if isinstance(rule, AtLeast) else 1
+        if succeeded >= needed:
+            return "run"
+        return "wait" if succeeded + open_ >= needed else cannot_fire
+    if rule == "one_failed":
+        return "run" if failed else "wait" if open_ else "skip"
+    if open_:
+        return "wait"
+    if rule in ("all_done", "always"):
+        return "run"
+    if rule == "all_failed":
+        return "skip" if succeeded or skipped else "run"
+    if rule == "none_skipped":
+        return "skip" if skipped else "run"
+    if failed:
+        return "upstream_failed"  # all_success, none_failed, none_failed_min_one_success
+    if rule == "all_success":
+        return "skip" if skipped else "run"
+    if rule == "none_failed_min_one_success":
+        return "run" if succeeded else "skip"
+    return "run"  # none_failed
 
 
 def _upstream_summary(deps: list[str], states: list[str]) -> str:
@@ -258,6 +353,47 @@ def _skip(run: Run, task: str, now: float, reason: str) -> None:
     run.set(task, state="skipped", finished=now, error=reason)
     run.event("task.skipped", now, task, reason=reason)
     _task_terminal(run, task)
+
+
+def _cancel_task(run: Run, task: str, now: float, reason: str, deliberate: bool = False) -> None:
+    """A task ends cancelled: it never started, or it stopped when asked."""
+    run.set(task, state="cancelled", finished=now, error=reason)
+    if deliberate:
+        run.set(task, deliberate=1)
+    run.event("task.cancelled", now, task, reason=reason)
+    _task_terminal(run, task)
+
+
+def _cancel_or_stop(run: Run, task: str, now: float, reason: str) -> None:
+    """A deliberate cancel of one task: at once if it has not started, else it is asked to stop."""
+    if run.state(task) == "pending":
+        _cancel_task(run, task, now, reason, deliberate=True)
+    else:
+        run.set(task, deliberate=1)
+        _stop_task(run, task, now, reason)
+
+
+def _stop_task(run: Run, task: str, now: float, reason: str, force: bool = False) -> None:
+    """Ask a started task to stop: an open gate closes, a retry waiting for its time is called off, and
+    running units are asked to stop (they end when their worker answers; `force`: now, their late
+    results ignored). The task ends cancelled once none of its units is live."""
+    record = run.units.get(task, {})
+    if run.workflow.tasks[task].approval is not None and record.get("approval") and run.state(task) == "running":
+        request = record["approval"]
+        run.tx.approvals_del.append(request)
+        run.tx.timers_del.append(timer_member("approval", run.id, task, request))
+        run.set(task, approval=None)
+    else:
+        parts = int(record.get("parts") or 0)
+        units = [unit_of(task, i) for i in range(parts)] if parts else [task]
+        for unit in units:
+            _stop_unit(run, unit, now, reason, force)
+        if any(run.state(u) in UNIT_LIVE for u in units):
+            return
+        if parts and all(run.state(u) == "succeeded" for u in units):
+            _gather(run, task, units, now)
+            return
+    _cancel_task(run, task, now, reason, deliberate=bool(record.get("deliberate")))
 
 
 def _dispatch_unit(run: Run, unit: str, now: float) -> None:
@@ -306,6 +442,8 @@ def _dispatch_unit(run: Run, unit: str, now: float) -> None:
         run.set(unit, token=0, started=None, entry=None, worker=None)
     if record.get("answered") is not None:
         run.set(unit, answered=None)
+    if record.get("stop"):
+        run.set(unit, stop=None)
     record["token"] = 0
     run.set(unit, state="ready", attempt=attempt, dispatch=dispatch_id, dispatched=now)
     try:
@@ -329,7 +467,12 @@ def _scatter(run: Run, task: str, now: float) -> None:
         return
     spec_map = run.workflow.tasks[task].map
     assert spec_map is not None
-    count = max(1, min(spec_map.partitions, len(items)))
+    if not items:  # nothing to do is done: the result is the empty list
+        run.set(task, attempt=0)
+        run.store_result(task, wire.pack([]))
+        _task_succeeded(run, task, now)
+        return
+    count = min(spec_map.partitions, len(items))
     run.set(task, state="ready", parts=count, attempt=1, dispatched=now)
     run.store_result(f"{task}#items", wire.pack(items))
     for index in range(count):
@@ -389,11 +532,17 @@ def _unit_succeeded(run: Run, unit: str, result: wire.Result, now: float) -> Non
         _task_succeeded(run, task, now)
         return
     run.set(unit, state="succeeded", finished=now)
-    count = int(run.units[task]["parts"])
-    parts = [unit_of(task, i) for i in range(count)]
+    parts = [unit_of(task, i) for i in range(int(run.units[task]["parts"]))]
     if all(run.state(p) == "succeeded" for p in parts):
-        run.store_result(task, wire.pack([run.result(p) for p in parts]))
-        _task_succeeded(run, task, now)
+        _gather(run, task, parts, now)
+    elif run.units[task].get("stop") and not any(run.state(p) in UNIT_LIVE for p in parts):
+        _cancel_task(run, task, now, str(run.units[task]["stop"]), bool(run.units[task].get("deliberate")))
+
+
+def _gather(run: Run, task: str, parts: list[str], now: float) -> None:
+    """Every partition of a mapped task succeeded: its result is theirs, in order."""
+    run.store_result(task, wire.pack([run.result(p) for p in parts]))
+    _task_succeeded(run, task, now)
 
 
 def _task_succeeded(run: Run, task: str, now: float) -> None:
@@ -402,6 +551,8 @@ def _task_succeeded(run: Run, task: str, now: float) -> None:
     run.set(task, state="succeeded", finished=now, seq=seq)
     run.event("task.succeeded", now, task, attempt=run.units[task].get("attempt"))
     _task_terminal(run, task)
+    if run.workflow.tasks[task].end and run.wf_state in ("running", "waiting_approval"):
+        wind_down(run, "succeeded", now, reason=f"{task} ended the run")
 
 
 def _unit_failed(
@@ -418,6 +569,9 @@ def _unit_failed(
     record = run.unit(unit)
     if record.get("dispatch"):
         run.tx.timers_del.append(timer_member("deadline", run.id, unit, record["dispatch"]))
+    if record.get("stop"):  # asked to stop, it did: cancelled, not failed, and not retried
+        _stopped(run, unit, error, now, worker)
+        return
     due = _retry_due(run, unit, error, retryable, now)
     extra: dict[str, Any] = {"traceback": traceback} if traceback else {}
     if worker:
@@ -442,9 +596,21 @@ def _unit_failed(
     if partition is not None:
         run.set(unit, state="failed", error=error, finished=now)
         for index in range(int(run.units[task]["parts"])):
-            _stop_unit(run, unit_of(task, index), now)
+            _stop_unit(run, unit_of(task, index), now, "another partition failed", force=True)
         error = f"partition {partition}: {error}"
     _task_failed(run, task, error, now)  # a plain task's unit is the task: it is marked failed there
+
+
+def _stopped(run: Run, unit: str, error: str, now: float, worker: str | None) -> None:
+    """A unit asked to stop ended without a result: cancelled, and its task once no unit is live."""
+    task, partition, _ = split_unit(unit)
+    run.record_attempt(unit, now, error, True, **({"worker": worker} if worker else {}))
+    if partition is not None:
+        run.set(unit, state="cancelled", finished=now, error=error)
+        if any(run.state(unit_of(task, i)) in UNIT_LIVE for i in range(int(run.units[task]["parts"]))):
+            return
+    record = run.units[task]
+    _cancel_task(run, task, now, str(record.get("stop") or error), bool(record.get("deliberate")))
 
 
 def _retry_due(run: Run, unit: str, error: str, retryable: bool, now: float) -> float | None:
@@ -454,8 +620,10 @@ def _retry_due(run: Run, unit: str, error: str, retryable: bool, now: float) -> 
     is `timeout`, so the entry `timeout` matches it.
     """
     task, _, is_undo = split_unit(unit)
-    if run.workflow.tasks[task].approval is not None or (_winding(run) and not is_undo):
+    if run.workflow.tasks[task].approval is not None:
         return None
+    if run.wf_state == "cancelling" and not _failing(run):
+        return None  # cancelled or timed out: nothing starts again
     policy = run.workflow.retry(task)
     record = run.unit(unit)
     tries = int(record.get("attempt") or 1) - int(record.get("reclaims") or 0)  # reclaims are not retries
@@ -471,59 +639,94 @@ def _task_failed(run: Run, task: str, error: str, now: float) -> None:
     run.set(task, state="failed", error=error, finished=now)
     run.event("task.failed", now, task, error=error)
     _task_terminal(run, task)
-    if run.workflow.spec.failure == "fail_fast" and not _winding(run):
+    if run.workflow.spec.failure == "fail_fast" and run.wf_state in ("running", "waiting_approval"):
         wind_down(run, "failed", now, reason=f"task {task} failed: {error}")
 
 
 def _task_terminal(run: Run, task: str) -> None:
     """Count the task done and offer its dependents to the scheduler."""
     run.open_tasks -= 1
-    succeeded = run.state(task) == "succeeded"
     for child in run.workflow.dependents[task]:
         run.open_deps[child] -= 1
-        if run.open_deps[child] == 0 or (succeeded and run.workflow.tasks[child].trigger == "one_success"):
+        if run.open_deps[child] == 0 or run.fires_early(child):
             run.candidates.add(child)
 
 
-def _stop_unit(run: Run, unit: str, now: float) -> None:
-    """Cancel a unit that has not ended: its worker sees `ctx.cancelled`, its late result is ignored."""
+def _stop_unit(run: Run, unit: str, now: float, reason: str, force: bool = False) -> None:
+    """Stop a live unit. One waiting to retry is cancelled at once; one dispatched is asked to stop (its
+    worker sees `ctx.cancelled`, or declines to start it) and ends when its worker answers: a result
+    is applied, an error makes it cancelled. `force`: cancelled now, whatever it still sends ignored."""
     record = run.units.get(unit)
     if record is None or record.get("state") not in UNIT_LIVE:
         return
     if record.get("state") == "retrying":
         run.tx.timers_del.append(timer_member("retry", run.id, unit, record.get("attempt")))
-    elif record.get("dispatch"):
+    elif not record.get("stop"):
+        run.set(unit, stop=reason)
+        run.tx.stops.append((str(unit_agent(run.workflow, unit)), unit, str(record.get("dispatch"))))
+        if not force:
+            _grace_timer(run, now)
+            return
+    if record.get("dispatch"):
         run.tx.timers_del.append(timer_member("deadline", run.id, unit, record["dispatch"]))
     run.set(unit, state="cancelled", finished=now)
 
 
-def wind_down(run: Run, outcome: str, now: float, reason: str) -> None:
-    """Fail, time out or cancel: nothing new starts, live units stop, then compensations run."""
-    run.set_meta(outcome=outcome, error=reason, state="compensating")
-    for task, spec in run.workflow.tasks.items():
+def _asked_to_stop(run: Run, task: str) -> bool:
+    parts = int(run.units.get(task, {}).get("parts") or 0)
+    units = [unit_of(task, i) for i in range(parts)] if parts else [task]
+    return any(run.units.get(u, {}).get("stop") and run.state(u) in UNIT_LIVE for u in units)
+
+
+def _grace_timer(run: Run, now: float) -> None:
+    """While a run winds down, stopped tasks get `cancel_grace` to answer before they count as cancelled."""
+    if run.wf_state == "cancelling":
+        run.tx.timers_add.setdefault(timer_member("grace", run.id), now + run.cancel_grace)
+
+
+def wind_down(run: Run, outcome: str, now: float, reason: str, handlers: bool = True) -> None:
+    """Fail, time out, cancel, or end early (`succeeded`): nothing new starts, running tasks are asked
+    to stop, and once all have stopped the run compensates (not after an early end) and ends.
+
+    A failure (`handlers`) leaves pending tasks to the scheduler, which starts those whose rule fires
+    on failure and cancels the rest as their upstreams end; otherwise pending tasks end at once.
+    """
+    error = {} if outcome == "succeeded" else {"error": reason}
+    run.set_meta(outcome=outcome, state="cancelling", **error)
+    keep_pending = handlers and outcome == "failed"
+    for task in run.workflow.tasks:
         state = run.state(task)
-        if state in TASK_TERMINAL:
+        if state in TASK_TERMINAL or (state == "pending" and keep_pending):
             continue
-        if spec.approval is not None and run.units.get(task, {}).get("approval") and state == "running":
-            request = run.units[task]["approval"]
-            run.tx.approvals_del.append(request)
-            run.tx.timers_del.append(timer_member("approval", run.id, task, request))
-        if spec.map is not None and run.units.get(task, {}).get("parts"):
-            for index in range(int(run.units[task]["parts"])):
-                _stop_unit(run, unit_of(task, index), now)
-        _stop_unit(run, task, now)
-        run.set(task, state="cancelled", finished=now)
-        run.event("task.cancelled", now, task, reason=reason)
-        run.open_tasks -= 1
-    run.candidates.clear()
+        if state == "pending":
+            if outcome == "succeeded":
+                _skip(run, task, now, reason)
+            else:
+                _cancel_task(run, task, now, reason)
+        else:
+            _stop_task(run, task, now, reason)
+    if not keep_pending:
+        run.candidates.clear()
+    if not run.open_tasks:
+        _wound_down(run, now)
+
+
+def _wound_down(run: Run, now: float) -> None:
+    """Every task has ended: compensate what succeeded (newest first), then end."""
+    run.tx.timers_del.append(timer_member("grace", run.id))
+    outcome = str(run.meta.get("outcome") or "failed")
+    if outcome == "failed" and run.workflow.spec.outcome == "leaves" and not _failures(run):
+        outcome = "succeeded"  # every leaf succeeded or was skipped: the failure was handled
+        run.set_meta(outcome=outcome)
+    if outcome == "succeeded":
+        _finish(run, outcome, now)
+        return
     undo = [t for t, spec in run.workflow.tasks.items() if spec.compensate is not None and run.state(t) == "succeeded"]
     undo.sort(key=lambda t: int(run.units[t].get("seq") or 0), reverse=True)
-    run.set_meta(undo=",".join(undo))
+    run.set_meta(undo=",".join(undo), state="compensating")
     if undo:
         run.event("workflow.compensating", now, tasks=undo)
-        _next_compensation(run, now)
-    else:
-        _finish(run, outcome, now)
+    _next_compensation(run, now)
 
 
 def _next_compensation(run: Run, now: float) -> None:
@@ -548,8 +751,9 @@ def _finish(run: Run, state: str, now: float) -> None:
     run.event(f"workflow.{state}", now, **data)
 
 
-def _winding(run: Run) -> bool:
-    return run.wf_state in WF_WINDING_DOWN
+def _failing(run: Run) -> bool:
+    """A run that failed and winds down: its failure handlers may still start."""
+    return run.wf_state == "cancelling" and run.meta.get("outcome") == "failed"
 
 
 def describe_exception(exc: BaseException) -> dict[str, str]:

@@ -368,7 +368,11 @@ class Coordinator:
             else:
                 engine.start(run, now)
         elif kind == "cancel":
-            engine.cancel(run, now, str(body.get("reason") or "cancelled by request"))
+            reason = str(body.get("reason") or "cancelled by request")
+            if body.get("tasks"):
+                engine.cancel_tasks(run, list(body["tasks"]), now, reason)
+            else:
+                engine.cancel(run, now, reason)
         elif kind == "decide":
             refusal = engine.decide(run, body, now)
             if refusal:
@@ -377,6 +381,8 @@ class Coordinator:
             self._refuse(run, body, body["refusal"], now)
         elif kind == "lost":
             engine.lost(run, body["unit"], body["dispatch"], str(body.get("reason")), now)
+        elif kind == "declined":
+            engine.declined(run, body["unit"], body["dispatch"], now)
 
     def _start_triggered(self, body: dict[str, Any]) -> None:
         """An event matched a trigger: start its workflow, with the event's data as params, once."""

@@ -44,6 +44,7 @@ class RunCache:
                     {k.decode(): v for k, v in results.items()},
                     limit=self.settings.max_message_bytes,
                     max_release=self.settings.max_release,
+                    cancel_grace=self.settings.cancel_grace,
                 )
         found = {}
         for wf_id in wf_ids:

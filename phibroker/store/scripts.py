@@ -52,7 +52,8 @@ return version
 # Mark attempts started before their handlers run, and hand out fencing tokens.
 # KEYS: meta, tasks, history   ARGV: consumer, then per message: unit, dispatch id, entry id, lost record
 # Returns per message: a token (>= 1), or 0 (stale: cancelled, superseded or finished), or -1 (a
-# duplicate stream entry of a dispatch another entry already started).
+# duplicate stream entry of a dispatch another entry already started), or -2 (asked to stop before it
+# (re)started: the worker declines it, and tells the coordinator).
 # Packed fields (see state.PACKED), parts joined by \31: `unit|dispatch` = id, attempt, dispatched;
 # `unit|run` = token, started, entry, worker.
 # A reclaimed entry starts again as the next attempt of the same dispatch: every run counts, and the
@@ -75,6 +76,8 @@ for i = 2, #ARGV, 4 do
   local token = 0
   if finished or not current or string.sub(current, 1, #dispatch + 1) ~= dispatch .. '\31' then
     token = 0
+  elseif (redis.call('HGET', tasks, f .. 'stop') or '') ~= '' and (state == 'ready' or state == 'running') then
+    token = -2
   elseif state == 'ready' then
     token = 1
     redis.call('HSET', tasks, f .. 'state', 'running', f .. 'run', '1\31' .. ts .. '\31' .. entry .. '\31' .. consumer)

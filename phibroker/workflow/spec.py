@@ -11,7 +11,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from dataclasses import fields as dataclass_fields
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, with_config
 
@@ -41,8 +41,20 @@ def parse_duration(value: Any) -> float:
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
-TriggerRule = Literal["all_success", "all_done", "none_failed", "one_success"]
+RuleName = Literal[
+    "all_success",
+    "all_done",
+    "all_failed",
+    "one_success",
+    "one_failed",
+    "none_failed",
+    "none_failed_min_one_success",
+    "none_skipped",
+    "always",
+]
 FailureMode = Literal["fail_fast", "best_effort"]
+Outcome = Literal["all", "leaves"]
+DEFAULT_RETRY_ON = ("timeout", "unavailable", "busy")
 
 
 _FORBID = ConfigDict(extra="forbid")
@@ -57,7 +69,7 @@ class RetryPolicy:
     base_delay: Duration = 1.0
     max_delay: Duration = 60.0
     jitter: Annotated[float, Field(ge=0.0, le=10.0)] = 0.1
-    retry_on: list[str] = field(default_factory=list)
+    retry_on: list[str] = field(default_factory=lambda: list(DEFAULT_RETRY_ON))
 
 
 @with_config(_FORBID)
@@ -88,6 +100,7 @@ class Approval:
     message: str = "Approve?"
     timeout: Duration | None = None
     approvers: list[Name] = field(default_factory=list)
+    on_reject: Literal["fail", "skip"] = "fail"  # skip: a rejection skips the gate, so rules can branch
 
 
 @with_config(_FORBID)
@@ -97,6 +110,17 @@ class MapSpec:
 
     over: Any
     partitions: Annotated[int, Field(ge=1, le=10_000)] = 4
+
+
+@with_config(_FORBID)
+@dataclass(slots=True)
+class AtLeast:
+    """`trigger: {at_least: K}`: a quorum, run once K upstreams succeeded."""
+
+    at_least: Annotated[int, Field(ge=1)]
+
+
+TriggerRule = RuleName | AtLeast
 
 
 @with_config(_FORBID)
@@ -114,10 +138,12 @@ class Task:
     when: str | None = None
     expect: str | None = None
     trigger: TriggerRule = "all_success"
+    cancel_rest: bool = False
     compensate: Compensate | None = None
     approval: Approval | None = None
     map: MapSpec | None = None
     estimate: Duration | None = None
+    end: bool = False  # its success ends the run as succeeded: the rest stops or is skipped
 
     @property
     def is_gate(self) -> bool:
@@ -149,6 +175,7 @@ class WorkflowSpec:
     params: dict[str, Any] = field(default_factory=dict)
     timeout: Duration | None = None
     failure: FailureMode = "fail_fast"
+    outcome: Outcome = "all"
     defaults: Defaults = field(default_factory=Defaults)
     on: EventTrigger | None = None
 
@@ -167,7 +194,9 @@ def parse_spec(data: Any) -> WorkflowSpec:
         raise WorkflowFileError(_first_error(exc)) from None
     _check_names(spec)
     for name, task in spec.tasks.items():
-        if task.approval is None and task.agent and task.command and len(set(task.depends_on)) == len(task.depends_on):
+        plain = task.approval is None and task.agent and task.command and isinstance(task.trigger, str)
+        plain = plain and not task.cancel_rest
+        if plain and len(set(task.depends_on)) == len(task.depends_on):
             continue  # the common case, decided without a call (100k tasks load in well under a second)
         problem = _kind_problem(task)
         if problem:
@@ -200,6 +229,10 @@ def _kind_problem(task: Task) -> str | None:
         return "a task needs `agent` and `command` (or `approval` for a human gate)"
     if len(set(task.depends_on)) != len(task.depends_on):
         return "depends_on names a task twice"
+    if task.cancel_rest and not (task.trigger == "one_success" or isinstance(task.trigger, AtLeast)):
+        return "cancel_rest needs trigger one_success or {at_least: K}"
+    if isinstance(task.trigger, AtLeast) and task.trigger.at_least > len(task.depends_on):
+        return f"trigger at_least {task.trigger.at_least} but the task has {len(task.depends_on)} upstreams"
     return None
 
 
@@ -214,6 +247,7 @@ _SECTIONS: dict[tuple[str, ...], type] = {
     ("tasks", "*", "compensate"): Compensate,
     ("tasks", "*", "approval"): Approval,
     ("tasks", "*", "map"): MapSpec,
+    ("tasks", "*", "trigger"): AtLeast,
     ("defaults",): Defaults,
     ("defaults", "retry"): RetryOverride,
     ("on",): EventTrigger,
@@ -238,6 +272,9 @@ def _first_error(exc: ValidationError) -> str:
         place, rest = f"task {loc[1]!r}", loc[2:]
     else:
         place, rest = "workflow", loc
+    if rest[:1] == ["trigger"]:  # a union: pydantic names its members, the user wants the choices
+        rules = ", ".join(get_args(RuleName))
+        return f"{place}: trigger: one of {rules}, or {{at_least: K}} with K >= 1"
     field_name = ".".join(rest)
     if err["type"] in _UNKNOWN_FIELD:
         return f"{place}: unknown field {field_name!r}{_field_hint(loc)}"

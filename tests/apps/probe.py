@@ -36,6 +36,14 @@ def work(ctx: Context, sleep: float = 0.0, value: Any = None, fail_on: int = 0, 
 
 
 @probe.command()
+def hold(ctx: Context, sleep: float = 5.0, **extra: Any) -> dict[str, Any]:
+    """Waits up to `sleep` seconds; stops with an error when the run asks it to."""
+    if ctx.cancelled.wait(sleep):
+        raise RuntimeError("stopped when asked")
+    return {"task": ctx.task}
+
+
+@probe.command()
 def noop(ctx: Context, **extra: Any) -> None:
     return None
 
