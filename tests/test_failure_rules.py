@@ -84,7 +84,13 @@ def test_best_effort_runs_every_branch_that_still_can(w: Agent) -> None:
         },
         [w],
     ).run()
-    assert states(doc) == {"A": "failed", "B": "upstream_failed", "C": "upstream_failed", "X": "succeeded", "Y": "succeeded"}
+    assert states(doc) == {
+        "A": "failed",
+        "B": "upstream_failed",
+        "C": "upstream_failed",
+        "X": "succeeded",
+        "Y": "succeeded",
+    }
     assert doc["state"] == "failed" and doc["error"] == "failed: A"
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import click
 
@@ -28,10 +30,36 @@ class _Group(click.Group):
             sys.exit(exc.exit_code)
 
 
+class _Setting(click.Option):
+    """A global option named after its setting, whose help ends with the value a command would use
+    now: its environment variable's, else the default (a password in a URL shown as ***)."""
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        record = super().get_help_record(ctx)
+        if record is None:
+            return None
+        names, text = record
+        value = os.environ.get(str(self.envvar))
+        source = f"from ${self.envvar}" if value else f"default, or ${self.envvar}"
+        shown = _without_password(value or str(Settings.model_fields[str(self.name)].default))
+        return names, f"{text} [now: {shown} ({source})]"
+
+
+def _without_password(url: str) -> str:
+    try:
+        parts = urlsplit(url)
+        if not parts.password:
+            return url
+    except ValueError:
+        return url
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return urlunsplit(parts._replace(netloc=user + parts.netloc.rpartition("@")[2]))
+
+
 @click.group(cls=_Group)
 @click.version_option(__version__, prog_name="phibroker")
-@click.option("--redis", "redis_url", envvar="PHIBROKER_REDIS_URL", help="Redis URL [redis://localhost:6379/0]")
-@click.option("--namespace", envvar="PHIBROKER_NAMESPACE", help="key prefix [phi]")
+@click.option("--redis", "redis_url", cls=_Setting, envvar="PHIBROKER_REDIS_URL", metavar="URL", help="Redis URL")
+@click.option("--namespace", cls=_Setting, envvar="PHIBROKER_NAMESPACE", metavar="NS", help="key prefix")
 @click.pass_context
 def main(ctx: click.Context, redis_url: str | None, namespace: str | None) -> None:
     """Workflows for teams of AI agents, on Redis Streams."""

@@ -60,10 +60,19 @@ def triggers_remove(settings: Settings, name: str) -> None:
     click.echo(f"trigger {name} removed")
 
 
-@main.command()
+@main.group(invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def subs(ctx: click.Context, as_json: bool) -> None:
+    """Event subscriptions: who listens to what, and how far behind each is."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(subs_list, as_json=as_json)
+
+
+@subs.command("list")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
-def subs(settings: Settings, as_json: bool) -> None:
+def subs_list(settings: Settings, as_json: bool) -> None:
     """Event subscriptions: who listens to what, and how far behind each is."""
     from phibroker.runtime.client import Client
 
@@ -78,6 +87,18 @@ def subs(settings: Settings, as_json: bool) -> None:
         )
 
     show_rows(rows, as_json, "no subscriptions", line)
+
+
+@subs.command("remove")
+@click.argument("name")
+@click.pass_obj
+def subs_remove(settings: Settings, name: str) -> None:
+    """Forget subscription NAME and the events queued for it (refused while a live worker serves it)."""
+    from phibroker.runtime.client import Client
+
+    with Client(settings) as client:
+        client.remove_subscription(name)
+    click.echo(f"subscription {name} removed")
 
 
 @main.group()

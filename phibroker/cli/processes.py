@@ -75,7 +75,7 @@ def coordinator(settings: Settings, require_signed: bool, burst: bool) -> None:
 @click.option("--no-example", is_flag=True, help="only run the broker, the coordinator and the workers")
 @click.option("--once", is_flag=True, help="stop everything once the example ends; exit 1 unless it succeeded")
 @click.option("--app", help="MODULE holding the agents (default: the reference agents in the workers package)")
-@click.option("--fresh", is_flag=True, help="start dev's redis-server empty: removes $PHIBROKER_HOME/dev-data")
+@click.option("--fresh", is_flag=True, help="start dev's redis-server empty: removes $PHIBROKER_HOME/dev-data/PORT")
 @click.pass_obj
 def dev(settings: Settings, example: str | None, no_example: bool, once: bool, app: str | None, fresh: bool) -> None:
     """A first try: a broker, the coordinator, the reference workers and an example workflow."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
 
 import click
 
@@ -12,10 +11,9 @@ from phibroker import workflow as workflows
 from phibroker.cli.app import (
     duration,
     main,
-    show_rows,
 )
-from phibroker.cli.output import painter, print_status, progress_printer, seconds, took
-from phibroker.engine.state import WF_TERMINAL
+from phibroker.cli.output import print_status, progress_printer, run_lines, seconds, warn_unserved
+from phibroker.engine.state import WF_TERMINAL, WF_WINDING_DOWN
 from phibroker.errors import InvalidInput
 from phibroker.settings import Settings
 from phibroker.workflow import dag
@@ -92,11 +90,12 @@ def submit(
     limit = duration(timeout, "--timeout") if timeout else None
     with Client(settings) as client:
         wf_id = client.submit(wf, overrides, id=wf_id)
+        told = warn_unserved(client, wf)
         if not wait:
             click.echo(json.dumps({"id": wf_id}) if as_json else wf_id)
             return
         click.echo(f"submitted {wf_id}; waiting for it to end", err=True)
-        status = client.wait(wf_id, timeout=limit, on_progress=progress_printer(client.live_agents))
+        status = client.wait(wf_id, timeout=limit, on_progress=progress_printer(client.live_agents, told))
     if status["state"] not in WF_TERMINAL:
         click.echo(f"stopped waiting; the run goes on (phibroker status {wf_id})", err=True)
     if as_json:
@@ -122,37 +121,46 @@ def status(settings: Settings, wf_id: str, as_json: bool) -> None:
         print_status(doc)
 
 
+RUN_STATES = sorted(WF_WINDING_DOWN | {"running", "waiting_approval"})
+
+
 @main.command(name="list")
-@click.option("--limit", default=20, show_default=True)
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--state", "states", multiple=True, type=click.Choice(RUN_STATES), help="only runs in this state (repeatable)"
+)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
-def list_(settings: Settings, limit: int, as_json: bool) -> None:
-    """Running and recent workflows, newest first."""
+def list_(settings: Settings, limit: int, states: tuple[str, ...], as_json: bool) -> None:
+    """Running and recent workflows, newest first: state, when submitted, how long they took."""
     from phibroker.runtime.client import Client
 
     with Client(settings) as client:
-        rows = client.list(limit)
-    paint = painter()
-
-    def line(row: dict[str, Any]) -> str:
-        state = paint(f"{row['state'] or '?':<17}", row["state"])
-        return f"{row['id']:<40} {state} {took(row['created_at'], row['finished_at'])}"
-
-    show_rows(rows, as_json, "no workflows", line)
+        rows = client.list(limit, states)
+    if as_json:
+        click.echo(json.dumps(rows))
+    elif rows:
+        click.echo("\n".join(run_lines(rows)))
+    else:
+        click.echo("no workflows" + (f" in state {' or '.join(states)}" if states else ""))
 
 
 @main.command()
 @click.argument("wf_id", metavar="ID")
 @click.option("--reason", help="recorded with the cancellation")
+@click.option("--task", "tasks", multiple=True, metavar="TASK", help="cancel only this task (repeat for a region)")
 @click.option("--json", "as_json", is_flag=True, help='stdout: {"id": ..., "ok": true}')
 @click.pass_obj
-def cancel(settings: Settings, wf_id: str, reason: str | None, as_json: bool) -> None:
-    """Cancel workflow ID: nothing new starts, running tasks are asked to stop, compensations run."""
+def cancel(settings: Settings, wf_id: str, reason: str | None, tasks: tuple[str, ...], as_json: bool) -> None:
+    """Cancel workflow ID: nothing new starts, running tasks are asked to stop, compensations run.
+
+    With --task, only those tasks: they count as skipped for what depends on them, and the run goes on."""
     from phibroker.runtime.client import Client
 
     with Client(settings) as client:
-        client.cancel(wf_id, reason)
-    click.echo(json.dumps({"id": wf_id, "ok": True}) if as_json else f"cancelling {wf_id}")
+        client.cancel(wf_id, reason, tasks)
+    what = f"{', '.join(tasks)} of {wf_id}" if tasks else wf_id
+    click.echo(json.dumps({"id": wf_id, "ok": True}) if as_json else f"cancelling {what}")
 
 
 @main.command()

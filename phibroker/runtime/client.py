@@ -7,7 +7,7 @@ cancels and decisions to them the same way, so every state change has one author
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from phibroker.store.client import ClientStore
 from phibroker.store.connection import lease_alive, reaching
 from phibroker.store.registry import Registry
 from phibroker.store.views import Views
+from phibroker.workflow.spec import did_you_mean
 
 
 class Client:
@@ -63,17 +64,26 @@ class Client:
             self.broker.submit_workflow(wf_id, fields)
         return wf_id
 
-    def cancel(self, wf_id: str, reason: str | None = None) -> None:
+    def cancel(self, wf_id: str, reason: str | None = None, tasks: Sequence[str] = ()) -> None:
         """Ask the coordinators to cancel: nothing new starts, running tasks see `ctx.cancelled`.
 
-        A run that has ended is refused (InvalidInput): nothing would change, and saying so beats silence."""
+        With `tasks`, only those (a region): each counts as skipped for its dependents, the run goes
+        on. A run that has ended is refused (InvalidInput): nothing would change, and saying so beats
+        silence; so is a task the run does not have."""
         with reaching(self.settings):
             (head,) = Views(self.broker).workflow_heads([wf_id])
             if not head:
                 raise UnknownWorkflow(wf_id)
             if head.get("state") in WF_TERMINAL:
                 raise InvalidInput(f"run {wf_id} has already ended ({head['state']})")
-            body = {"wf": wf_id, "reason": reason or "cancelled by request"}
+            if tasks:
+                known = self.status(wf_id)["tasks"]
+                unknown = [t for t in tasks if t not in known]
+                if unknown:
+                    raise InvalidInput(f"run {wf_id} has no task {unknown[0]!r}{did_you_mean(unknown[0], known)}")
+            body: dict[str, Any] = {"wf": wf_id, "reason": reason or "cancelled by request"}
+            if tasks:
+                body["tasks"] = list(tasks)
             self.broker.send_to_coordinators(wire.Inbox(kind="cancel", body=body))
 
     # -- approvals -------------------------------------------------------------------------------
@@ -158,6 +168,27 @@ class Client:
         with reaching(self.settings):
             if not self.registry.remove_trigger(name):
                 raise InvalidInput(f"no trigger named {name!r}")
+
+    def remove_subscription(self, name: str) -> None:
+        """Forget a subscription and drop its stream: events stop reaching it. Refused while a live worker
+        serves it, because that worker reads the stream and registers it again when it starts."""
+        with reaching(self.settings):
+            subs, _ = self.registry.choreography()
+            if name not in subs:
+                raise InvalidInput(f"no subscription named {name!r} (phibroker subs lists them)")
+            now, leases = self.broker.leases(self.settings.keys.agents)
+            serving = sorted(
+                worker
+                for worker, info in leases.items()
+                if lease_alive(info, now) and name in (info.get("subscriptions") or ())
+            )
+            if serving:
+                workers = ("live worker " if len(serving) == 1 else "live workers ") + ", ".join(serving)
+                raise InvalidInput(
+                    f"subscription {name!r} is served by {workers}: stop them, or drop the handler from the"
+                    " agent, first (a worker registers its subscriptions again when it starts)"
+                )
+            self.registry.remove_subscription(name)
 
     def subscriptions(self) -> list[dict[str, Any]]:
         """Every registered subscription with its stream's length, lag, pending and dropped events."""
@@ -262,11 +293,38 @@ class Client:
             now, leases = self.broker.leases(self.settings.keys.agents)
         return {str(info.get("agent")) for info in leases.values() if lease_alive(info, now)}
 
-    def list(self, limit: int = 50) -> list[dict[str, Any]]:
-        """Recent workflows, newest first."""
+    def unserved(self, workflow: workflows.Workflow) -> list[dict[str, Any]]:
+        """The agent commands of `workflow` that no live worker advertises (a typo, or a worker not
+        started): `{"agent", "command", "tasks", "workers", "commands"}`, where `workers` counts the
+        agent's live workers and `commands` lists what they serve. Empty while no worker lease is known
+        at all: a fleet that starts after the work arrives is no mistake."""
         with reaching(self.settings):
-            rows = self.broker.recent_workflows(limit)
-        return [{"id": wf_id, **row} for wf_id, row in rows]
+            now, leases = self.broker.leases(self.settings.keys.agents)
+        if not leases:
+            return []
+        live = [info for info in leases.values() if lease_alive(info, now) and not info.get("stopping")]
+        wanted: dict[tuple[str, str], list[str]] = {}
+        for name, task in workflow.tasks.items():
+            if task.agent and task.command:
+                wanted.setdefault((task.agent, task.command), []).append(name)
+        gaps = []
+        for (agent, command), tasks in wanted.items():
+            mine = [info for info in live if info.get("agent") == agent]
+            if any("commands" not in info or command in info["commands"] for info in mine):
+                continue  # a lease without `commands` may serve anything: it cannot say
+            commands = sorted({c for info in mine for c in info["commands"]})
+            gaps.append(
+                {"agent": agent, "command": command, "tasks": tasks, "workers": len(mine), "commands": commands}
+            )
+        return gaps
+
+    def list(self, limit: int = 50, states: Collection[str] = ()) -> list[dict[str, Any]]:
+        """Recent workflows, newest first, only those in `states` if any are named. Each row is
+        `{"id", "name", "state", "created_at", "finished_at", "parent"}`; `parent` is `{"id", "task"}` for
+        a run another run started as a child, and null for every run now, since none does."""
+        with reaching(self.settings):
+            rows = Views(self.broker).recent_workflows(limit, states)
+        return [{**row, "parent": None} for row in rows]
 
 
 def _dead_letter_row(entry_id: str, record: dict[str, Any]) -> dict[str, Any]:

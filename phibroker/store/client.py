@@ -53,29 +53,6 @@ class ClientStore(Connection):
         key = self.keys.wf_done(wf_id)
         return self.redis.blmove(key, key, timeout=max(0.01, timeout), src="RIGHT", dest="LEFT") is not None
 
-    def recent_workflows(self, limit: int) -> list[tuple[str, dict[str, Any]]]:
-        ids = [i.decode() for i in self.redis.zrevrange(self.keys.workflows, 0, limit - 1)]
-        pipe = self.redis.pipeline(transaction=False)
-        for wf_id in ids:
-            pipe.hmget(self.keys.wf(wf_id), "name", "state", "created_at", "finished_at")
-        rows = []
-        for wf_id, values in zip(ids, pipe.execute(), strict=True):
-            if values[0] is None:
-                continue  # expired by retention; the index is trimmed in maintenance
-            name, state, created, finished = (v.decode() if v else None for v in values)
-            rows.append(
-                (
-                    wf_id,
-                    {
-                        "name": name,
-                        "state": state,
-                        "created_at": float(created) if created else None,
-                        "finished_at": float(finished) if finished else None,
-                    },
-                )
-            )
-        return rows
-
     def approvals(self) -> dict[str, dict[str, Any]]:
         """Open approval requests: those whose gate still waits on them. The table is cleaned after the
         transition that decided or timed out a gate, so a request seen there may already be closed."""

@@ -32,6 +32,15 @@ class Registry(Connection):
     def register_subscription(self, name: str, info: dict[str, Any]) -> None:
         self.redis.hset(self.keys.subs, name, json.dumps(info))
 
+    def remove_subscription(self, name: str) -> bool:
+        """Forget a subscription, with its stream (the events queued for it) and the ids it has seen."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hdel(self.keys.subs, name)
+        pipe.delete(self.keys.sub(name))
+        pipe.delete(self.keys.sub_seen(name))  # apart: the two keys may live in different cluster slots
+        removed, _, _ = pipe.execute()
+        return bool(removed)
+
     def register_trigger(self, name: str, info: dict[str, Any]) -> None:
         self.redis.hset(self.keys.triggers, name, json.dumps(info))
 

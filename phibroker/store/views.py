@@ -1,4 +1,4 @@
-"""What `watch`, `agents` and `why` read: bounded, read-only queries over the broker's connection.
+"""What `watch`, `agents`, `list` and `why` read: bounded, read-only queries over the broker's connection.
 
 Bounded reads only (COUNT, HRANDFIELD, caps chosen by the caller), never SCAN: a watcher must not slow
 the broker it watches. Nothing here writes, so the read-only `watch` user of `acl generate` runs all of it.
@@ -7,13 +7,15 @@ the broker it watches. Nothing here writes, so the read-only `watch` user of `ac
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from phibroker import wire
 from phibroker.errors import DecodeError
 from phibroker.keys import WORKERS_GROUP
 from phibroker.store.connection import Connection, parse_leases, parse_meta, parse_units, parse_value
+
+_ROW_FIELDS = ("name", "state", "created_at", "finished_at")  # a run's line in `list`
 
 
 class Views:
@@ -56,6 +58,28 @@ class Views:
             "approvals": [wire.unpack(bytes(v), limit) for v in (sample or [])[1::2]],
             "approvals_total": int(n_approvals),
         }
+
+    def recent_workflows(self, limit: int, states: Collection[str] = ()) -> list[dict[str, Any]]:
+        """Up to `limit` runs, newest first: id, name, state, created_at, finished_at. With `states`, only
+        runs in one of them: the index is read a page at a time until enough are found or it ends."""
+        page = limit if not states else max(limit, 500)
+        rows: list[dict[str, Any]] = []
+        start = 0
+        while len(rows) < limit:
+            ids = [i.decode() for i in self.redis.zrevrange(self.keys.workflows, start, start + page - 1)]
+            pipe = self.redis.pipeline(transaction=False)
+            for wf_id in ids:
+                pipe.hmget(self.keys.wf(wf_id), *_ROW_FIELDS)
+            for wf_id, values in zip(ids, pipe.execute() if ids else [], strict=True):
+                if values[0] is None:
+                    continue  # expired by retention; maintenance trims the index
+                row = {n: None if v is None else parse_value(n, v) for n, v in zip(_ROW_FIELDS, values, strict=True)}
+                if not states or row["state"] in states:
+                    rows.append({"id": wf_id, **row})
+            if len(ids) < page:
+                break
+            start += page
+        return rows[:limit]
 
     def workflow_heads(self, wf_ids: Sequence[str]) -> list[dict[str, Any]]:
         """Per workflow: its meta fields but the spec, how many unit fields it holds and how big its

@@ -4,8 +4,9 @@ It uses the Redis at the configured URL if one answers, else starts one *at that
 `redis-server` if installed, else fakeredis's TCP server in a thread), runs the coordinator and one worker
 per reference agent as child processes logging to files, submits an example workflow and shows it
 running. Everything it started stops on Ctrl-C or SIGTERM, in order: processes first, then the broker.
-A `redis-server` it starts keeps its data in an append-only file under `$PHIBROKER_HOME/dev-data`, so
-runs, approvals and trusted keys outlive a restart; `fresh` starts it empty.
+A `redis-server` it starts keeps its data in an append-only file under `$PHIBROKER_HOME/dev-data/PORT`
+(one folder per port, so two dev brokers never share a file), so runs, approvals and trusted keys
+outlive a restart; `fresh` starts it empty.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from phibroker.runtime.client import Client
 from phibroker.settings import Settings
 from phibroker.store.connection import CONNECTION_ERRORS, unusable
 from phibroker.tools.styles import STATE_STYLES as STYLES
+from phibroker.tools.styles import duration_text
 
 REFERENCE_AGENTS = ("webc", "dc", "vssc", "kalic", "cmdc")
 DEFAULT_URL = str(Settings.model_fields["redis_url"].default)
@@ -90,7 +92,6 @@ class DevServer:
         self.once = once
         self.fresh = fresh
         self.logs = settings.home / "dev-logs"
-        self.data = settings.home / "dev-data"
         self.console = Console(highlight=False, soft_wrap=True)  # long paths and URLs stay whole
         self.client = Client(settings)
         self.children: list[Child] = []
@@ -160,7 +161,7 @@ class DevServer:
             self.redis_server = self._spawn("redis-server", self._redis_server_args(binary, host, port))
             self.broker_line = f"Started redis-server at {url} (stopped on exit)"
             kept = "started empty" if self.fresh else "kept across restarts; `phibroker dev --fresh` starts empty"
-            self.broker_note = f"  (its data: {shown_path(self.data)}/, {kept})"
+            self.broker_note = f"  (its data: {shown_path(self.data_dir(port))}/, {kept})"
         else:
             try:
                 import fakeredis
@@ -192,14 +193,20 @@ class DevServer:
         if self.broker_note:
             self.console.print(self.broker_note, style="dim")
 
+    def data_dir(self, port: int) -> Path:
+        """Where the redis-server dev starts on `port` keeps its AOF: one folder per port, since two
+        servers writing one AOF would corrupt it."""
+        return self.settings.home / "dev-data" / str(port)
+
     def _redis_server_args(self, binary: str, host: str, port: int) -> list[str]:
-        """A redis-server that logs every write to an AOF in the dev data folder (emptied first if fresh):
-        Ctrl-C then `make dev` again finds the runs, approvals and keys where they were."""
+        """A redis-server that logs every write to an AOF in the port's dev data folder (emptied first if
+        fresh): Ctrl-C then `make dev` again finds the runs, approvals and keys where they were."""
+        data = self.data_dir(port)
         if self.fresh:
-            shutil.rmtree(self.data, ignore_errors=True)
-        self.data.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(data, ignore_errors=True)
+        data.mkdir(parents=True, exist_ok=True)
         bind = "127.0.0.1" if host == "localhost" else host
-        persistence = ["--save", "", "--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(self.data)]
+        persistence = ["--save", "", "--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(data)]
         return [binary, "--port", str(port), "--bind", bind, *persistence]
 
     def _answers(self) -> bool:
@@ -381,7 +388,7 @@ def render(status: dict[str, Any]) -> Group:
     for name, task in status["tasks"].items():
         took = ""
         if task["started_at"]:
-            took = f"{max(0.0, (task['finished_at'] or time.time()) - task['started_at']):.2f}s"
+            took = duration_text((task["finished_at"] or time.time()) - task["started_at"], digits=2)
         attempts = f" (try {task['attempts']})" if task["attempts"] > 1 else ""
         table.add_row(name, Text(task["state"] + attempts, STYLES.get(task["state"], "")), task["agent"] or "-", took)
     return Group(header, table)
@@ -390,5 +397,4 @@ def render(status: dict[str, Any]) -> Group:
 def _elapsed(status: dict[str, Any]) -> str:
     if not status.get("created_at"):
         return ""
-    seconds = (status["finished_at"] or time.time()) - status["created_at"]
-    return f"{seconds:.1f}s" if seconds < 60 else f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+    return duration_text((status["finished_at"] or time.time()) - status["created_at"])

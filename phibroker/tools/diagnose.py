@@ -17,6 +17,7 @@ from phibroker.settings import Settings
 from phibroker.store.client import ClientStore
 from phibroker.store.connection import reaching
 from phibroker.store.views import Views
+from phibroker.tools.styles import aligned
 from phibroker.tools.watch import Plan, clock_text, plan_of, span
 
 # -- agents -------------------------------------------------------------------------------------------
@@ -61,16 +62,13 @@ def agents(settings: Settings) -> list[dict[str, Any]]:
 def agent_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
     if not rows:
         return ["no workers"]
-    width = max(len(str(r["agent"])) for r in rows)
-    lines = []
+    cells = []
     for r in rows:
         state = ("alive" + (", stopping" if r["stopping"] else "")) if r["alive"] else "DEAD"
         beat = "never" if r["since_heartbeat"] is None else f"{span(r['since_heartbeat'])} ago"
-        lines.append(
-            f"{str(r['agent']):<{width}}  {r['consumer']}  pid {r['pid']}  {r['in_flight']}/{r['concurrency']} busy"
-            f"  heartbeat {beat}  {state}"
-        )
-    return lines
+        busy = f"{r['in_flight']}/{r['concurrency']} busy"
+        cells.append([str(r["agent"]), r["consumer"], f"pid {r['pid']}", busy, f"heartbeat {beat}", state])
+    return ["  ".join(line) for line in aligned(cells)]
 
 
 # -- why ----------------------------------------------------------------------------------------------

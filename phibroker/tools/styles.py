@@ -1,8 +1,10 @@
-"""How states look on a terminal: one colour per workflow or task state, shared by every view.
+"""How states, durations and tables look on a terminal, shared by every view.
 
-Rich style strings; a plain dict so a command that only prints text imports nothing heavy for it."""
+Rich style strings and plain text helpers, so a command that only prints text imports nothing heavy for it."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 STATE_STYLES: dict[str, str] = {
     "succeeded": "green",
@@ -18,3 +20,35 @@ STATE_STYLES: dict[str, str] = {
     "skipped": "dim",
     "pending": "dim",
 }
+
+
+def duration_text(seconds: float, digits: int = 1) -> str:
+    """A duration for humans: `12ms` below 50 ms (where `0.0s` would say nothing), `1.5s`, `3m05s`, `2h10m`."""
+    seconds = max(0.0, seconds)
+    if seconds < 0.05:
+        return f"{seconds * 1000:.0f}ms" if seconds >= 0.0005 else "<1ms"
+    if seconds < 60:
+        return f"{seconds:.{digits}f}s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+    return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
+
+
+def ago(seconds: float) -> str:
+    """How long ago, to the minute (`just now`, `3m ago`, `5h ago`, `2d ago`): a listing printed twice
+    in a row reads the same."""
+    if seconds < 60:
+        return "just now"
+    if seconds < 3600:
+        return f"{int(seconds // 60)}m ago"
+    if seconds < 86400:
+        return f"{int(seconds // 3600)}h ago"
+    return f"{int(seconds // 86400)}d ago"
+
+
+def aligned(rows: Sequence[Sequence[str]]) -> list[list[str]]:
+    """The cells padded to their column's width, but the last column's (no trailing blanks): joined with
+    two spaces they line up, and a caller may colour a cell once it is padded."""
+    columns = max((len(row) for row in rows), default=0)
+    widths = [max(len(row[i]) for row in rows if i < len(row)) for i in range(columns)]
+    return [[cell if i == len(row) - 1 else cell.ljust(widths[i]) for i, cell in enumerate(row)] for row in rows]
