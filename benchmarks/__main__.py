@@ -1,4 +1,4 @@
-"""`python -m benchmarks [--runs N] [--quick] [--json PATH]`: every speed figure and target in one run.
+"""`python -m benchmarks [--runs N] [--quick] [--only NAME]... [--json PATH]`: every speed figure and target in one run.
 
 One private redis-server for the whole run. Each run measures every workload once, alternating the
 yardstick and phibroker (A B A B…), because this 2-core machine drifts: figures taken minutes apart are
@@ -24,6 +24,22 @@ from benchmarks.report import Results
 from benchmarks.slowlog import SlowlogWatch
 
 T = TypeVar("T")
+WORKLOADS = (  # the names `--only` takes, as each run prints them
+    "bare.batched",
+    "phibroker.fan-out",
+    "bare.hop",
+    "phibroker.chain",
+    "bare.unbatched",
+    "phibroker.many",
+    "phibroker.fairness",
+    "phibroker.cancel",
+    "validation",
+    "rq",
+    "celery",
+    "dramatiq",
+    "lua",
+    "memory",
+)
 DEFAULT_JSON = Path(__file__).resolve().parent / "last-run.json"
 
 
@@ -41,6 +57,7 @@ class Sizes:
     width: int = 10
     fair_hops: int = 20
     fair_fan_out: int = 10_000
+    cancels: int = 100
     lua_fan_out: int = 50_000
     memory_total: int = 10_000
     memory_checkpoint: int = 1_000
@@ -61,6 +78,7 @@ QUICK = Sizes(
     chain=200,
     workflows=200,
     fair_fan_out=2_000,
+    cancels=20,
     lua_fan_out=10_000,
     memory_total=2_000,
     memory_checkpoint=200,
@@ -75,10 +93,11 @@ QUICK = Sizes(
 class Bench:
     """Runs the workloads against one Redis and records every figure in `results`."""
 
-    def __init__(self, redis_url: str, sizes: Sizes, logs: Logs):
+    def __init__(self, redis_url: str, sizes: Sizes, logs: Logs, only: frozenset[str] = frozenset()):
         self.url = redis_url
         self.sizes = sizes
         self.logs = logs
+        self.only = only  # the workloads to run (by the names `attempt` prints); empty: all of them
         self.results = Results()
         self.run_values: dict[str, float] = {}  # this run's figures, for run-by-run ratios
 
@@ -88,6 +107,8 @@ class Bench:
 
     def attempt(self, key: str, work: Callable[[], T]) -> T | None:
         """Run one workload; a failure is reported and recorded, and the other workloads go on."""
+        if self.only and key not in self.only:
+            return None
         started = time.monotonic()
         try:
             value = work()
@@ -110,6 +131,7 @@ class Bench:
         self.attempt("bare.unbatched", self.bare_unbatched)
         self.attempt("phibroker.many", self.many)
         self.attempt("phibroker.fairness", self.fairness)
+        self.attempt("phibroker.cancel", self.cancel)
         self.attempt("validation", lambda: self.validation(files))
         self.attempt("rq", self.rq)
         self.attempt("celery", self.celery)
@@ -166,6 +188,14 @@ class Bench:
         self.record("pb.fair_alone", f"phibroker {s.fair_hops}-hop chain alone", "ms", alone)
         self.record("pb.fair_behind", f"… right after a {s.fair_fan_out:,} fan-out", "ms", behind)
         self.record("pb.fair_ratio", "… ratio (behind ÷ alone)", "×", behind / alone)
+
+    def cancel(self) -> None:
+        n = self.sizes.cancels
+        with workloads.deployed(self.url, self.logs, agent=workloads.HOLDER, app=workloads.HOLDER_APP) as deployment:
+            latencies = workloads.cancel_latency(deployment, n)
+        label = f"phibroker cancel → handler sees ctx.cancelled ({n} cancels)"
+        self.record("pb.cancel_p50", f"{label}, p50", "ms", percentile(latencies, 50))
+        self.record("pb.cancel_p99", f"{label}, p99", "ms", percentile(latencies, 99))
 
     def validation(self, files: validation.Files) -> None:
         s = self.sizes
@@ -259,6 +289,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=3, help="runs of each workload (default 3)")
     parser.add_argument("--quick", action="store_true", help="1 run, smaller sizes (a smoke test, not the targets)")
     parser.add_argument(
+        "--only",
+        action="append",
+        choices=WORKLOADS,
+        metavar="NAME",
+        help=f"run only this workload (repeatable): {', '.join(WORKLOADS)}",
+    )
+    parser.add_argument(
         "--json", type=Path, default=DEFAULT_JSON, help=f"where to write the figures [{DEFAULT_JSON.name}]"
     )
     return parser.parse_args(argv)
@@ -272,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"phibroker benchmarks: {runs} run(s){' (quick sizes)' if args.quick else ''}; logs in {logs.directory}")
     files = validation.Files(sizes.json_tasks, sizes.yaml_tasks)
     with RedisServer() as server:
-        bench = Bench(server.url, sizes, logs)
+        bench = Bench(server.url, sizes, logs, frozenset(args.only or ()))
         if args.quick:
             bench.results.notes.append("--quick: smaller sizes and 1 run; a smoke test, not the targets' figures")
         print(f"private redis-server on port {server.port}")

@@ -62,6 +62,8 @@ TARGETS = [
     Target("chain hop p99", "pb.chain_p99", 2.0, False, "ms"),
     Target("1,000 workflows × 10 tasks", "pb.many", 15_000, True, "tasks/s"),
     Target("fairness: chain behind fan-out ÷ alone", "pb.fair_ratio", 3.0, False, "×"),
+    Target("cancel → handler sees ctx.cancelled, p50", "pb.cancel_p50", 100.0, False, "ms"),
+    Target("cancel → handler sees ctx.cancelled, p99", "pb.cancel_p99", 250.0, False, "ms"),
     Target("longest Lua call (EVALSHA)", "lua.max", 10.0, False, "ms"),
     Target("load + check 100k-task JSON", "val.json", 1.0, False, "s"),
     Target("coordinator RSS growth 1k→10k workflows", "mem.coordinator_growth", 10.0, False, "%"),

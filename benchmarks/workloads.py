@@ -2,12 +2,14 @@
 
 Every figure comes from the workflow's own clock (`created_at` → `finished_at` from `Client.status()`,
 units' `finished` for chain hops), so it covers the whole path a user waits on: submit, coordinator,
-dispatch, worker, result, transition. The agent is `probe` from `tests.apps.probe`, its `noop` command.
+dispatch, worker, result, transition. The agent is `probe` from `tests.apps.probe`, its `noop` command;
+the cancel workload's is `holder` from `benchmarks.holder`, whose handler waits to be cancelled.
 """
 
 from __future__ import annotations
 
 import functools
+import shutil
 import tempfile
 import time
 import uuid
@@ -26,14 +28,15 @@ from phibroker.settings import Settings
 from phibroker.store.client import ClientStore
 
 AGENT, APP, COMMAND = "probe", "tests.apps.probe", "noop"
+HOLDER, HOLDER_APP = "holder", "benchmarks.holder"
 CONCURRENCY = 64  # handler threads: agents wait on I/O (models, tools), so a worker runs many at once
 TIMEOUT = 120.0  # the longest any one workflow may take before the workload counts as hung
 WARM_UP_TIMEOUT = 30.0
 
 
 # -- workflows ----------------------------------------------------------------------------------------
-def _task(*deps: str) -> dict[str, Any]:
-    task: dict[str, Any] = {"agent": AGENT, "command": COMMAND}
+def _task(*deps: str, agent: str = AGENT) -> dict[str, Any]:
+    task: dict[str, Any] = {"agent": agent, "command": COMMAND}
     if deps:
         task["depends_on"] = list(deps)
     return task
@@ -54,20 +57,27 @@ def chain(n: int) -> workflows.Workflow:
 
 
 @functools.cache
-def independent(n: int) -> workflows.Workflow:
-    tasks = {f"t{i:02d}": _task() for i in range(n)}
+def independent(n: int, agent: str = AGENT) -> workflows.Workflow:
+    tasks = {f"t{i:02d}": _task(agent=agent) for i in range(n)}
     return workflows.check({"name": f"flat-{n}", "tasks": tasks})
+
+
+def holding(marks: Path) -> workflows.Workflow:
+    """One task whose handler waits to be cancelled, noting in `marks` when it starts and when it is told."""
+    task = {"agent": HOLDER, "command": "hold", "payload": {"marks": str(marks)}}
+    return workflows.check({"name": "hold", "tasks": {"Hold": task}})
 
 
 # -- one coordinator and one worker ---------------------------------------------------------------------
 class Deployment:
     """One coordinator and one worker in a namespace of their own, warm before anything is timed."""
 
-    def __init__(self, redis_url: str, logs: Logs, concurrency: int = CONCURRENCY):
+    def __init__(self, redis_url: str, logs: Logs, concurrency: int = CONCURRENCY, agent: str = AGENT, app: str = APP):
         self.home = tempfile.mkdtemp(prefix="phibroker-bench-home-")
         self.settings = Settings(redis_url=redis_url, namespace=f"bench{uuid.uuid4().hex[:8]}", home=Path(self.home))
         self.logs = logs
         self.concurrency = concurrency
+        self.agent, self.app = agent, app
         self.client = Client(self.settings)
         self.processes: dict[str, tuple[Any, Path]] = {}
 
@@ -78,10 +88,10 @@ class Deployment:
             "PHIBROKER_HOME": self.home,
         }
         self.processes["coordinator"] = spawn(["-m", "phibroker", "coordinator"], self.logs, "coordinator", env)
-        worker = ["-m", "phibroker", "worker", "--agent", AGENT, "--app", APP, "--concurrency", str(self.concurrency)]
-        self.processes["worker"] = spawn(worker, self.logs, "worker", env)
+        worker = ["-m", "phibroker", "worker", "--agent", self.agent, "--app", self.app]
+        self.processes["worker"] = spawn([*worker, "--concurrency", str(self.concurrency)], self.logs, "worker", env)
         wait_for(self._leases_held, 30, "coordinator and worker leases", every=0.05)
-        warm_up = self.submit(independent(1))  # scripts loaded, groups created, every code path imported
+        warm_up = self.submit(independent(1, self.agent))  # scripts loaded, groups created, code paths imported
         self.wait(warm_up, WARM_UP_TIMEOUT)
 
     def _leases_held(self) -> bool:
@@ -89,7 +99,7 @@ class Deployment:
         broker: ClientStore = self.client.broker
         now, workers = broker.leases(self.settings.keys.agents)
         _, coordinators = broker.leases(self.settings.keys.coordinators)
-        worker_up = any(info.get("agent") == AGENT and info["expires"] > now for info in workers.values())
+        worker_up = any(info.get("agent") == self.agent and info["expires"] > now for info in workers.values())
         return worker_up and any(info["expires"] > now for info in coordinators.values())
 
     def check_alive(self) -> None:
@@ -110,15 +120,16 @@ class Deployment:
     def submit(self, workflow: workflows.Workflow) -> str:
         return self.client.submit(workflow)
 
-    def wait(self, wf_id: str, timeout: float = TIMEOUT) -> dict[str, Any]:
-        """Block on the workflow's end signal (no status reads while it runs); then its status."""
+    def wait(self, wf_id: str, timeout: float = TIMEOUT, expect: str | None = "succeeded") -> dict[str, Any]:
+        """Block on the workflow's end signal (no status reads while it runs); then its status, which must
+        be `expect` (None: however it ended)."""
         deadline = time.monotonic() + timeout
         while not self.client.broker.wait_done(wf_id, 1.0):
             self.check_alive()
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{wf_id} did not finish within {timeout:.0f} s (hung?)")
         status = self.client.status(wf_id)
-        if status["state"] != "succeeded":
+        if expect is not None and status["state"] != expect:
             raise RuntimeError(f"{wf_id} ended {status['state']}: {status.get('error')}")
         return status
 
@@ -143,8 +154,10 @@ def _forget_namespace(url: str, namespace: str) -> None:
 
 
 @contextmanager
-def deployed(redis_url: str, logs: Logs, concurrency: int = CONCURRENCY) -> Iterator[Deployment]:
-    deployment = Deployment(redis_url, logs, concurrency)
+def deployed(
+    redis_url: str, logs: Logs, concurrency: int = CONCURRENCY, agent: str = AGENT, app: str = APP
+) -> Iterator[Deployment]:
+    deployment = Deployment(redis_url, logs, concurrency, agent, app)
     try:
         deployment.start()
         yield deployment
@@ -192,6 +205,28 @@ def fairness(deployment: Deployment, hops: int, fan: int) -> tuple[float, float]
     behind = elapsed(deployment.run(chain(hops))) * 1000
     deployment.wait(big)
     return alone, behind
+
+
+def cancel_latency(deployment: Deployment, n: int) -> list[float]:
+    """`n` times, one after another: a task whose handler waits to be cancelled, cancelled once it runs.
+    Returns, in ms, the time from `Client.cancel` returning to the handler seeing `ctx.cancelled` (both
+    read time.time() on this host). One more round before them warms the cancel path and is not counted."""
+    marks = Path(tempfile.mkdtemp(prefix="phibroker-bench-cancel-"))
+    workflow = holding(marks)
+    latencies = []
+    try:
+        for _ in range(n + 1):
+            wf_id = deployment.submit(workflow)
+            started, seen = marks / f"{wf_id}.started", marks / f"{wf_id}.seen"
+            wait_for(started.exists, TIMEOUT, f"{wf_id}'s handler to start", every=0.005)
+            deployment.client.cancel(wf_id, "benchmark")
+            cancelled = time.time()
+            wait_for(seen.exists, TIMEOUT, f"{wf_id}'s handler to see the cancel", every=0.005)
+            latencies.append((float(seen.read_text()) - cancelled) * 1000)
+            deployment.wait(wf_id, expect=None)  # each cancel alone: the next starts on a quiet broker
+    finally:
+        shutil.rmtree(marks, ignore_errors=True)
+    return latencies[1:]
 
 
 @dataclass

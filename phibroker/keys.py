@@ -85,6 +85,10 @@ class Keys:
         """The agent's second lane, for big releases; its workers read it beside `agent_tasks`."""
         return f"{self.namespace}:agent:{agent}:bulk"
 
+    def agent_stops(self, agent: str) -> str:
+        """The pub/sub channel on which the agent's workers hear that a running unit must stop."""
+        return f"{self.namespace}:agent:{agent}:stops"
+
     def sub(self, name: str) -> str:
         return f"{self.namespace}:sub:{name}"
 

@@ -7,10 +7,11 @@ which the worker settles. That keeps handlers testable without a broker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,12 +28,34 @@ class CancelFlag:
 
     def __init__(self) -> None:
         self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[], None]] = []
 
     def __bool__(self) -> bool:
         return self._event.is_set()
 
     def set(self) -> None:
-        self._event.set()
+        with self._lock:
+            if self._event.is_set():
+                return
+            self._event.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
+
+    def on_set(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once the flag is set, on the thread that sets it; now if it is set already."""
+        with self._lock:
+            if not self._event.is_set():
+                self._callbacks.append(callback)
+                return
+        callback()
+
+    def forget(self, callback: Callable[[], None]) -> None:
+        """Drop a callback that is no longer wanted (its handler ended before the flag was set)."""
+        with self._lock:
+            if callback in self._callbacks:
+                self._callbacks.remove(callback)
 
     def is_set(self) -> bool:
         return self._event.is_set()
@@ -232,17 +255,18 @@ class Agent:
         return handler(ctx, **payload)
 
     def execute(self, command: str, ctx: Context, payload: dict[str, Any], limit: int) -> Outcome:
-        """Run one handler to its end (async ones on a private loop) and capture what happened."""
+        """Run one handler to its end (async ones on a private loop, their task cancelled with
+        `ctx.cancelled`) and capture what happened."""
         started = time.time()
         try:
             value = self.call(command, ctx, payload)
             if inspect.isawaitable(value):
-                value = asyncio.run(_awaited(value))
+                value = asyncio.run(_cancellable(value, ctx.cancelled))
             # Emitted events travel with the result: check them now, as part of this attempt.
             wire.pack_limited(ctx.events, limit, f"events emitted by {ctx.task}")
             return finish(value, started, limit, f"result of {ctx.task}")
         except BaseException as exc:  # noqa: BLE001 - a handler's failure (SystemExit too) is data, never a crash
-            return failure(exc, started)
+            return failure(exc, started, cancelled=ctx.cancelled.is_set())
 
 
 class UnknownCommand(Exception):  # noqa: N818 - reads as the error a user sees
@@ -251,6 +275,22 @@ class UnknownCommand(Exception):  # noqa: N818 - reads as the error a user sees
 
 async def _awaited(value: Any) -> Any:
     return await value
+
+
+async def _cancellable(value: Awaitable[Any], flag: CancelFlag) -> Any:
+    """Await a handler as a task of its own, cancelled (asyncio.CancelledError inside it) once `flag` is set."""
+    task = asyncio.ensure_future(value)
+    loop = asyncio.get_running_loop()
+
+    def cancel() -> None:
+        with contextlib.suppress(RuntimeError):  # the handler ended and its loop closed meanwhile
+            loop.call_soon_threadsafe(task.cancel)
+
+    flag.on_set(cancel)
+    try:
+        return await task
+    finally:
+        flag.forget(cancel)
 
 
 def finish(value: Any, started: float, limit: int, what: str) -> Outcome:
@@ -262,11 +302,17 @@ def finish(value: Any, started: float, limit: int, what: str) -> Outcome:
     return Outcome(ok=True, value=raw, started=started, finished=time.time())
 
 
-def failure(exc: BaseException, started: float) -> Outcome:
+def failure(exc: BaseException, started: float, cancelled: bool = False) -> Outcome:
+    """A failed attempt. One that was asked to stop (`cancelled`) fails as `Cancelled`, whatever it
+    raised on its way out (asyncio.CancelledError for an async handler), and asks for no retry."""
+    error = describe_exception(exc)
+    if cancelled:
+        raised = error["type"] + (f": {error['message']}" if error["message"] else "")
+        error = {**error, "type": "Cancelled", "message": f"asked to stop (the handler raised {raised})"}
     return Outcome(
         ok=False,
-        error=describe_exception(exc),
-        retry=isinstance(exc, Retryable),
+        error=error,
+        retry=isinstance(exc, Retryable) and not cancelled,
         started=started,
         finished=time.time(),
     )

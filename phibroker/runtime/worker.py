@@ -5,8 +5,9 @@ fetch (own pending entries first, then new ones from the task lane and the bulk 
 prefetch) -> start (one script call marks a batch running and hands out fencing tokens) -> hand each to a handler
 thread. Handlers know no Redis; their outcomes are settled in batches (one inbox entry per lane, then the acks), by
 the handler's own thread when it can, else by a settler thread (`settler`). A heartbeat thread renews the lease,
-also while handlers run, and raises `ctx.cancelled` when the workflow no longer wants a task. The same read returns
-the agent's subscription entries, which its `Reactor` runs in the same slots (`slots`) beside the tasks.
+also while handlers run; a listener thread raises `ctx.cancelled` when the workflow no longer wants a task, and the
+heartbeat checks for what it missed (`cancels`). The same read returns the agent's subscription entries, which its
+`Reactor` runs in the same slots (`slots`) beside the tasks.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ from typing import Any
 
 from phibroker import wire
 from phibroker.engine import records
-from phibroker.engine.state import WF_TERMINAL
 from phibroker.errors import DecodeError, PhibrokerError
 from phibroker.keys import WORKERS_GROUP
 from phibroker.runtime.agent import Agent, Context, failure
+from phibroker.runtime.cancels import Cancels
 from phibroker.runtime.events import Router
 from phibroker.runtime.reactor import Reactor
 from phibroker.runtime.reclaim import Reclaimer
@@ -93,6 +94,7 @@ class Worker:
             self._dead_letter,
             self._recover,
         )
+        self.cancels = Cancels(agent.name, self.broker, self.running, self._finished, self._rest)
         self._recovering = True  # read our own pending entries first (at start, after an error, when unheld)
         self._threads: list[threading.Thread] = []
 
@@ -110,6 +112,7 @@ class Worker:
         log.info("worker %s serving %s (%s)", self.consumer, self.agent.name, ", ".join(self.agent.commands))
         self._spawn(self.settler.settle_loop, "settler")
         self._spawn(self._heartbeat_loop, "heartbeat")
+        self._spawn(self.cancels.listen, "stops")
         backoff = 0.1
         try:
             while not self.stopping.is_set():
@@ -229,8 +232,11 @@ class Worker:
         runnable: list[Running] = []
         for wf, items in by_wf.items():
             for item, token in zip(items, tokens[wf], strict=True):
-                if token <= 0:  # cancelled, superseded, finished, or a duplicate entry
+                if token <= 0:  # cancelled, superseded, finished, a duplicate entry, or asked to stop
                     stale[item.stream].append(item.entry.id)
+                    if token == -2:
+                        body = {"wf": wf, "unit": item.message.unit, "dispatch": item.message.id}
+                        self.broker.send_to_coordinators(wire.Inbox(kind="declined", body=body))
                     continue
                 message = item.message
                 ctx = Context.for_message(message, token)
@@ -243,6 +249,7 @@ class Worker:
             self.settler.started(started)
         for running in runnable:
             self.running[(running.item.stream, running.item.entry.id)] = running
+            self.cancels.started(running.ctx)
             self.slots.take()
             self.pool.submit(self._handle, running)
         if runnable:
@@ -254,7 +261,7 @@ class Worker:
         try:
             outcome = self.agent.execute(message.command, running.ctx, message.payload, self.settings.max_message_bytes)
         except BaseException as exc:  # noqa: BLE001 - whatever happens, the attempt gets an outcome
-            outcome = failure(exc, time.time())
+            outcome = failure(exc, time.time(), cancelled=running.ctx.cancelled.is_set())
         finally:
             self.slots.give()
         self.settler.outcomes.put((running, outcome))
@@ -279,32 +286,26 @@ class Worker:
         self.broker.renew_lease(self.keys.agents, self.consumer, self.settings.reclaim_after, info)
 
     def _heartbeat_loop(self) -> None:
-        while not (self.stopping.is_set() and self.slots.busy == 0 and not self.running):
+        while not self._finished():
             try:
                 self.renew_lease()
-                self.check_cancellations()
+                self.cancels.check()
             except CONNECTION_ERRORS as exc:
                 log.warning("heartbeat failed: %s", exc)
             except PhibrokerError as exc:
                 log.warning("heartbeat: %s", exc)
-            time.sleep(self.settings.lease_renew)
+            self._rest(self.settings.lease_renew)
 
-    def check_cancellations(self) -> None:
-        """Raise `ctx.cancelled` where the workflow stopped, superseded or timed out the attempt."""
-        running = [r for r in list(self.running.values()) if not r.ctx.cancelled]
-        if not running:
-            return
-        states = self.broker.unit_states([(r.ctx.workflow_id, r.ctx.unit) for r in running])
-        now = time.time()
-        for r, (wf_state, unit_state, dispatch) in zip(running, states, strict=True):
-            wants_stop = (
-                unit_state not in ("running", "ready")
-                or dispatch != r.item.message.id
-                or wf_state in WF_TERMINAL
-                or (r.ctx.deadline is not None and now > r.ctx.deadline)
-            )
-            if wants_stop:
-                r.ctx.cancelled.set()
+    def _finished(self) -> bool:
+        """Stopped, and every handler settled: the lease and the listener have nothing left to serve."""
+        return self.stopping.is_set() and self.slots.busy == 0 and not self.running
+
+    def _rest(self, seconds: float) -> None:
+        """Sleep up to `seconds`; a stop wakes it at once, and it returns as soon as the worker is finished."""
+        until = time.monotonic() + seconds
+        self.stopping.wait(seconds)
+        while not self._finished() and time.monotonic() < until:
+            time.sleep(0.05)
 
     def _dead_letter(self, entry: Entry, reason: str, stream: str | None = None) -> None:
         """Keep the raw bytes and the reason; if the message names its task, fail that task."""

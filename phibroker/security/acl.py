@@ -89,9 +89,14 @@ class Grant:
 
     commands: tuple[str, ...]
     keys: tuple[str, ...] = ()  # ACL key patterns with their prefix: `~k`, `%R~k`, `%W~k`
+    channels: tuple[str, ...] = ()  # pub/sub channel patterns (stop notices)
 
     def rules(self) -> list[str]:
-        return [*self.keys, *(f"+{command}" for command in self.commands)]
+        return [
+            *self.keys,
+            *(f"&{channel}" for channel in self.channels),
+            *(f"+{command}" for command in self.commands),
+        ]
 
 
 @dataclass(frozen=True)
@@ -129,7 +134,11 @@ def agent_user(keys: Keys, agent: str, subscriptions: Iterable[str] = ()) -> Use
         name=agent,
         role="agent",
         agent=agent,
-        root=Grant((*BASICS, *CONSUMER, "zmscore", "zadd", "zremrangebyscore"), tuple(own)),
+        root=Grant(
+            (*BASICS, *CONSUMER, "zmscore", "zadd", "zremrangebyscore", "subscribe"),
+            tuple(own),
+            (keys.agent_stops(agent),),  # its own stop notices only
+        ),
         selectors=(
             # START (fencing) and CREATE (a reaction's submit); unit_states reads; nothing else of a workflow.
             Grant(
@@ -189,6 +198,7 @@ def coordinator_user(keys: Keys) -> User:
                 "xlen",
                 "xinfo|groups",
                 "xtrim",
+                "publish",
             ),
             (
                 f"~{ns}:wf:*",
@@ -204,6 +214,7 @@ def coordinator_user(keys: Keys) -> User:
                 f"%R~{keys.triggers}",
                 f"%R~{keys.trusted_keys}",
             ),
+            (keys.agent_stops("*"),),  # stop notices to every agent's workers
         ),
         selectors=(
             Grant(

@@ -24,6 +24,7 @@ from phibroker.store.connection import (
     parse_meta,
     xreadgroup,
 )
+from phibroker.store.worker import StopNotice
 
 
 def _claimed(reply: list[Any]) -> tuple[float, float | None, list[str]]:
@@ -172,10 +173,16 @@ class CoordinatorStore(Connection):
         self._pipeline(build)
 
     def _carry_out(self, pipe: Any, wf_id: str, box: dict[str, Any], route: Route | None) -> None:
-        """An outbox's effects other than dispatches: events, timers, approvals, the running index."""
+        """An outbox's effects other than dispatches: events, stop notices, timers, approvals, the running index.
+
+        Stop notices go out on the agents' channels after the commit, so a worker that hears one and
+        reads the unit's state finds the stop already written. A redrive publishes them again: a worker
+        hearing a stop twice, or for an attempt it no longer runs, does nothing more."""
         keys = self.keys
         if box.get("events"):
             self._publish(pipe, box["events"], route)
+        for agent, unit, dispatch in box.get("stops") or ():
+            pipe.publish(keys.agent_stops(agent), StopNotice(wf_id, unit, dispatch).encode())
         if box.get("timers_add"):
             pipe.zadd(keys.timers, {m: int(due * 1000) for m, due in box["timers_add"].items()})
         if box.get("timers_del"):

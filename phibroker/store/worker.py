@@ -1,15 +1,83 @@
-"""What a worker does with the broker: mark attempts started, settle results, give work back."""
+"""What a worker does with the broker: mark attempts started, settle results, give work back, hear stops."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal, NamedTuple
+
+from redis.exceptions import NoPermissionError
 
 from phibroker import wire
 from phibroker.engine.state import SEP, unpack_group
+from phibroker.errors import BrokerUnavailable, DecodeError
 from phibroker.store import scripts
 from phibroker.store.connection import SHAS, Connection, Entry, Route
+
+_NOTICE_LIMIT = 4096  # a stop notice is three ids; anything bigger on the channel is not one
+
+
+class StopNotice(NamedTuple):
+    """A running unit must stop: published by the coordinator that committed the stop, after the commit."""
+
+    wf: str
+    unit: str
+    dispatch: str
+
+    def encode(self) -> bytes:
+        return wire.pack(list(self))
+
+    @classmethod
+    def decode(cls, raw: bytes) -> StopNotice | None:
+        """The notice, or None for anything else found on the channel."""
+        try:
+            value = wire.unpack(raw, _NOTICE_LIMIT)
+        except DecodeError:
+            return None
+        if not (isinstance(value, list) and len(value) == 3 and all(isinstance(v, str) for v in value)):
+            return None
+        return cls(*value)
+
+
+class StopFeed:
+    """One subscription to an agent's stop notices. Pub/sub keeps nothing for a subscriber that is away,
+    so `get` says "subscribed" after each (re)subscription (redis-py reconnects and subscribes again by
+    itself): whatever was published before then must be looked up in the units' states."""
+
+    def __init__(self, client: Any, channel: str):
+        self.channel = channel
+        self._pubsub = client.pubsub()
+        self._pubsub.subscribe(channel)
+
+    def get(self, timeout: float) -> StopNotice | Literal["subscribed"] | None:
+        """The next notice, "subscribed", or None when nothing came within `timeout` seconds.
+
+        Raises BrokerUnavailable when the Redis user may not subscribe (ACL users made before stop notices)."""
+        try:
+            message = self._pubsub.get_message(timeout=timeout)
+        except NoPermissionError as exc:
+            raise BrokerUnavailable(
+                f"may not subscribe to {self.channel} ({exc}): run `phibroker acl generate` again for these users"
+            ) from None
+        if message is None:
+            return None
+        if message["type"] == "subscribe":
+            return "subscribed"
+        if message["type"] == "message":
+            return StopNotice.decode(message["data"])
+        return None
+
+    def close(self) -> None:
+        self._pubsub.close()
+
+
+class UnitState(NamedTuple):
+    """What a worker's heartbeat reads to tell whether a running attempt is still wanted."""
+
+    workflow: str | None  # the workflow's state
+    state: str | None  # the unit's
+    dispatch: str | None  # the dispatch id the unit runs under now
+    stop: str | None  # why the unit was asked to stop, if it was
 
 
 class WorkerStore(Connection):
@@ -47,19 +115,29 @@ class WorkerStore(Connection):
         pipe.xack(stream, group, *[e.id for e in entries])
         pipe.execute()
 
-    def unit_states(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[str | None, str | None, str | None]]:
-        """(workflow state, unit state, unit dispatch id) for each (workflow, unit)."""
+    def unit_states(self, pairs: Sequence[tuple[str, str]]) -> list[UnitState]:
+        """The workflow's state and the unit's state, dispatch id and stop reason, for each (workflow, unit)."""
         pipe = self.redis.pipeline(transaction=False)
         for wf_id, unit in pairs:
             pipe.hget(self.keys.wf(wf_id), "state")
-            pipe.hmget(self.keys.wf_tasks(wf_id), f"{unit}|state", f"{unit}|dispatch")
+            pipe.hmget(self.keys.wf_tasks(wf_id), f"{unit}|state", f"{unit}|dispatch", f"{unit}|stop")
         replies = pipe.execute()
         out = []
         for i in range(0, len(replies), 2):
-            wf_state, (state, dispatch) = replies[i], replies[i + 1]
-            dispatch_id = dispatch.decode().split(SEP, 1)[0] if dispatch else None
-            out.append((wf_state.decode() if wf_state else None, state.decode() if state else None, dispatch_id))
-        return out  # type: ignore[return-value]
+            wf_state, (state, dispatch, stop) = replies[i], replies[i + 1]
+            out.append(
+                UnitState(
+                    wf_state.decode() if wf_state else None,
+                    state.decode() if state else None,
+                    dispatch.decode().split(SEP, 1)[0] if dispatch else None,
+                    stop.decode() if stop else None,
+                )
+            )
+        return out
+
+    def stop_notices(self, agent: str) -> StopFeed:
+        """Subscribe to the agent's stop notices (a connection of its own); raises if Redis is away."""
+        return StopFeed(self.redis, self.keys.agent_stops(agent))
 
     def unit_runs(self, pairs: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
         """The attempt and the run (token, started, entry, worker) each (workflow, unit) holds now: what a
