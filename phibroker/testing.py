@@ -179,6 +179,13 @@ class Simulation:
             self._apply(lambda run, now: engine.cancel(run, now, reason))
         return self.run()
 
+    def retry(self, from_task: str | None = None) -> dict[str, Any]:
+        """Re-open the ended run (as `phibroker retry ID [--from TASK]`); then run on."""
+        refusal = self._apply(lambda run, now: engine.reopen(run, now, from_task))
+        if refusal:
+            raise ValueError(refusal)
+        return self.run()
+
     # -- reading -----------------------------------------------------------------------------------
     @property
     def ended(self) -> bool:

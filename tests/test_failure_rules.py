@@ -247,3 +247,55 @@ def test_unavailable_and_busy_errors_retry_by_default(w: Agent) -> None:
 
     doc = Simulation({"name": "d", "tasks": {"A": {"agent": "w", "command": "flaky"}}}, [agent]).run()
     assert doc["state"] == "succeeded" and calls == [1, 2, 3]
+
+
+def test_retry_runs_what_did_not_succeed_and_keeps_every_attempt() -> None:
+    agent, fixed = Agent("w"), [False]
+
+    @agent.command("ok")
+    def ok(ctx: Any) -> str:
+        return ctx.task
+
+    @agent.command("fragile")
+    def fragile(ctx: Any) -> str:
+        if not fixed[0]:
+            raise ValueError("not yet")
+        return "fixed"
+
+    sim = Simulation(
+        {
+            "name": "redrive",
+            "tasks": {"A": task("ok"), "B": task("fragile", "A"), "C": task("ok", "B"), "D": task("ok", "A")},
+        },
+        [agent],
+    )
+    assert states(sim.run()) == {"A": "succeeded", "B": "failed", "C": "upstream_failed", "D": "cancelled"}
+    fixed[0] = True
+    doc = sim.retry()
+    assert doc["state"] == "succeeded" and set(states(doc).values()) == {"succeeded"}
+    assert doc["tasks"]["A"]["attempts"] == 1 and doc["tasks"]["B"]["attempts"] == 2
+    assert [h["error"] for h in doc["tasks"]["B"]["history"]] == ["ValueError: not yet", None]
+    assert sim.event_types().count("workflow.retried") == 1
+    with pytest.raises(ValueError, match="only a failed, cancelled or timed-out run"):
+        sim.retry()
+
+
+def test_retry_from_a_task_runs_it_and_everything_below_it_again(w: Agent) -> None:
+    sim = Simulation(
+        {"name": "from", "tasks": {"A": task(), "B": task("boom", "A"), "C": task("ok", "B")}},
+        [w],
+    )
+    sim.run()
+    doc = sim.retry(from_task="A")
+    assert doc["tasks"]["A"]["attempts"] == 2 and doc["tasks"]["B"]["attempts"] == 2
+    assert doc["state"] == "failed"
+
+
+def test_a_compensated_run_is_not_retried(w: Agent) -> None:
+    sim = Simulation(
+        {"name": "undone", "tasks": {"A": task("ok", compensate={"command": "ok"}), "B": task("boom", "A")}},
+        [w],
+    )
+    assert sim.run()["tasks"]["A"]["state"] == "compensated"
+    with pytest.raises(ValueError, match="was compensated"):
+        sim.retry()

@@ -24,7 +24,7 @@ def flow(tmp_path: Path, text: str) -> Path:
 def run(procs: Processes, client: Client, path: Path, timeout: float = 60, **params: Any) -> dict[str, Any]:
     wf_id = client.submit(path, params=params)
     status = client.wait(wf_id, timeout=timeout)
-    assert status["state"] not in ("running", "compensating", "waiting_approval"), procs.output()
+    assert status["state"] not in ("running", "cancelling", "compensating", "waiting_approval"), procs.output()
     return status
 
 
@@ -257,3 +257,49 @@ def test_a_stopped_handler_that_returns_anyway_succeeded(procs: Processes, clien
     status = client.wait(wf_id, timeout=30)
     assert status["state"] == "cancelled"
     assert [status["tasks"][t]["state"] for t in "ABCD"] == ["compensated"] * 4
+
+
+def test_a_queued_task_asked_to_stop_is_declined_not_left_to_the_grace_period(
+    procs: Processes, client: Client, tmp_path: Path
+) -> None:
+    """B waits in the stream behind A on a one-slot worker; when the run is cancelled, the worker
+    declines B instead of starting it, so the run ends without waiting out `cancel_grace` (30 s)."""
+    procs.coordinator()
+    procs.worker("probe", app="tests.apps.probe", concurrency=1)
+    path = flow(
+        tmp_path,
+        "name: queued\ntasks:\n  A: {agent: probe, command: hold, payload: {sleep: 60}}\n"
+        "  B: {agent: probe, command: hold, payload: {sleep: 60}}\n",
+    )
+    wf_id = client.submit(path)
+    deadline = time.monotonic() + 20
+    while "running" not in {t["state"] for t in client.status(wf_id)["tasks"].values()}:
+        assert time.monotonic() < deadline, procs.output()
+        time.sleep(0.02)
+    client.cancel(wf_id)
+    status = client.wait(wf_id, timeout=20)
+    assert status["state"] == "cancelled", procs.output()
+    assert sorted(t["state"] for t in status["tasks"].values()) == ["cancelled", "cancelled"]
+    errors = {t["error"] for t in status["tasks"].values()}
+    assert errors == {"cancelled by request"}
+
+
+def test_fail_fast_lets_the_clean_up_run_to_its_end_on_real_workers(
+    procs: Processes, client: Client, tmp_path: Path
+) -> None:
+    """Build fails while Lint runs: Lint is asked to stop, Deploy never runs, and the all_done clean-up
+    runs to its end although the run is already winding down."""
+    start(procs)
+    path = flow(
+        tmp_path,
+        "name: cleanup\ntasks:\n"
+        "  Build: {agent: probe, command: fail, retry: {max_attempts: 1}}\n"
+        "  Lint: {agent: probe, command: hold, payload: {sleep: 60}}\n"
+        "  Deploy: {agent: probe, command: work, depends_on: [Build, Lint]}\n"
+        "  Cleanup: {agent: probe, command: work, depends_on: [Build], trigger: all_done, payload: {sleep: 1}}\n",
+    )
+    status = run(procs, client, path)
+    states = {name: t["state"] for name, t in status["tasks"].items()}
+    assert states == {"Build": "failed", "Lint": "cancelled", "Deploy": "upstream_failed", "Cleanup": "succeeded"}
+    assert status["state"] == "failed" and status["error"].startswith("task Build failed")
+    assert status["tasks"]["Cleanup"]["history"][-1]["applied"]

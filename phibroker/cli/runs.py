@@ -17,17 +17,24 @@ from phibroker.engine.state import WF_TERMINAL, WF_WINDING_DOWN
 from phibroker.errors import InvalidInput
 from phibroker.settings import Settings
 from phibroker.workflow import dag
+from phibroker.workflow.rules import review_rules
 
 
 @main.command()
 @click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--json", "as_json", is_flag=True, help="print levels and critical path as JSON")
+@click.option("--json", "as_json", is_flag=True, help="print levels, critical path and each task's rule as JSON")
 def validate(file: str, as_json: bool) -> None:
-    """Check FILE; print what runs in parallel and the critical path."""
+    """Check FILE; print what runs in parallel and the critical path. Warns on stderr about trigger
+    rules that can never fire or have no effect (the file is still valid)."""
     wf = workflows.load(file)
     path, length = wf.critical_path
+    review = review_rules(wf)
+    for warning in review.warnings:
+        click.echo(f"warning: {warning}", err=True)
     if as_json:
-        click.echo(json.dumps({"levels": wf.levels, "critical_path": path, "length": length}))
+        tasks = {name: {"trigger": note.as_json()} for name, note in review.tasks.items()}
+        doc = {"levels": wf.levels, "critical_path": path, "length": length, "tasks": tasks}
+        click.echo(json.dumps({**doc, "warnings": review.warnings}))
         return
     click.echo(f"{wf.name}: valid, {len(wf.tasks)} tasks in {len(wf.levels)} levels")
     for number, level in enumerate(wf.levels, 1):
@@ -161,6 +168,33 @@ def cancel(settings: Settings, wf_id: str, reason: str | None, tasks: tuple[str,
         client.cancel(wf_id, reason, tasks)
     what = f"{', '.join(tasks)} of {wf_id}" if tasks else wf_id
     click.echo(json.dumps({"id": wf_id, "ok": True}) if as_json else f"cancelling {what}")
+
+
+@main.command()
+@click.argument("wf_id", metavar="ID")
+@click.option(
+    "--from", "from_task", metavar="TASK", help="run again from this task (default: every task that did not succeed)"
+)
+@click.option("--wait", is_flag=True, help="wait for the end; exit 1 unless it succeeded")
+@click.option("--json", "as_json", is_flag=True, help="stdout: the status, as status --json")
+@click.pass_obj
+def retry(settings: Settings, wf_id: str, from_task: str | None, wait: bool, as_json: bool) -> None:
+    """Run an ended run again from a step: TASK (or every task that did not succeed) and all below it.
+
+    Succeeded tasks upstream keep their results; the history keeps every earlier attempt."""
+    from phibroker.runtime.client import Client
+
+    with Client(settings) as client:
+        status = client.retry(wf_id, from_task)
+        click.echo(f"re-opened {wf_id}" + (f" from {from_task}" if from_task else ""), err=True)
+        if wait:
+            status = client.wait(wf_id, on_progress=progress_printer(client.live_agents, set()))
+    if as_json:
+        click.echo(json.dumps(status, default=str))
+    elif wait:
+        print_status(status)
+    if wait:
+        sys.exit(0 if status["state"] == "succeeded" else 1)
 
 
 @main.command()

@@ -131,6 +131,7 @@ class Transition:
     # reading the unit's `stop` field at their next heartbeat
     stops: list[tuple[str, str, str]] = field(default_factory=list)
     finished: bool = False  # the workflow reached its end state
+    reopened: bool = False  # an ended workflow runs again (`retry`): its keys stop expiring
     bulk: bool = False  # part of a release chunked over several transitions: dispatched on the bulk lanes
 
     @property
@@ -152,6 +153,7 @@ class Transition:
             or self.approvals_del
             or self.stops
             or self.finished
+            or self.reopened
         )
 
     def outbox(self) -> dict[str, Any]:
@@ -166,6 +168,7 @@ class Transition:
             "approvals_del": self.approvals_del,
             "stops": self.stops,
             "finished": self.finished,
+            "reopened": self.reopened,
             "bulk": self.bulk,
         }
 

@@ -25,11 +25,8 @@ from phibroker.engine.state import (
     unit_agent,
 )
 from phibroker.errors import DecodeError, MessageTooLarge
+from phibroker.workflow.rules import HANDLER_RULES
 from phibroker.workflow.spec import AtLeast, TriggerRule
-
-# Rules that fire when an upstream failed: while a failed run winds down these still start (clean-up,
-# handlers); every other task that has not started by then never will.
-HANDLER_RULES = frozenset({"all_done", "one_failed", "all_failed", "always"})
 
 
 def retry_delay(attempt: int, base: float, maximum: float, jitter: float, rand: random.Random) -> float:
@@ -178,6 +175,48 @@ def declined(run: Run, unit: str, dispatch: str, now: float) -> None:
         if record.get("state") in ("ready", "running"):
             _unit_failed(run, unit, "cancelled before it started", now)
             advance(run, now)
+
+
+def reopen(run: Run, now: float, from_task: str | None = None) -> str | None:
+    """`retry`: run an ended run again from `from_task` (or from every task that did not succeed),
+    with everything downstream; what succeeded upstream keeps its result. Returns why it cannot."""
+    if run.wf_state not in ("failed", "cancelled", "timed_out"):
+        return f"run {run.id} is {run.wf_state}: only a failed, cancelled or timed-out run can be retried"
+    if any(r.get("state") == "compensated" or split_unit(u)[2] for u, r in run.units.items()):
+        return f"run {run.id} was compensated: what it did was undone, so it cannot go on from where it stopped"
+    tasks = run.workflow.tasks
+    if from_task is not None and from_task not in tasks:
+        return f"run {run.id} has no task {from_task!r}"
+    starts = [from_task] if from_task else [t for t in tasks if run.state(t) != "succeeded"]
+    again = _downstream(run, starts)
+    for task in again:
+        parts = int(run.units.get(task, {}).get("parts") or 0)
+        for unit in [task, *(unit_of(task, i) for i in range(parts))]:
+            if unit in run.units:
+                run.set(unit, state="pending", error=None, finished=None, stop=None, deliberate=None, approval=None)
+    timeout = run.workflow.spec.timeout
+    deadline = now + timeout if timeout else None
+    run.set_meta(state="running", outcome=None, error=None, finished_at=None, undo="", deadline=deadline)
+    if deadline is not None:
+        run.tx.timers_add[timer_member("wf_deadline", run.id)] = deadline
+    run.tx.reopened = True
+    ordered = [t for t in tasks if t in again]
+    run.event("workflow.retried", now, tasks=ordered, **({"from": from_task} if from_task else {}))
+    run.recount()
+    advance(run, now)
+    return None
+
+
+def _downstream(run: Run, starts: list[str]) -> set[str]:
+    """The tasks and every task that depends on them, however far down."""
+    seen = set(starts)
+    stack = list(starts)
+    while stack:
+        for user in run.workflow.dependents[stack.pop()]:
+            if user not in seen:
+                seen.add(user)
+                stack.append(user)
+    return seen
 
 
 def decide(run: Run, body: Mapping[str, Any], now: float) -> str | None:

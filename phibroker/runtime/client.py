@@ -86,6 +86,34 @@ class Client:
                 body["tasks"] = list(tasks)
             self.broker.send_to_coordinators(wire.Inbox(kind="cancel", body=body))
 
+    def retry(self, wf_id: str, from_task: str | None = None, timeout: float = 30.0) -> dict[str, Any]:
+        """Re-open an ended run: `from_task` (or every task that did not succeed) and everything below
+        it run again; succeeded tasks upstream keep their results. Returns the status once the run is
+        re-opened (or after `timeout`, the request still queued). Refused (InvalidInput) for a run
+        that is still going or whose compensations ran, and for a task the run does not have."""
+        with reaching(self.settings):
+            status = self.status(wf_id)
+            if status["state"] not in ("failed", "cancelled", "timed_out"):
+                raise InvalidInput(
+                    f"run {wf_id} is {status['state']}: only a failed, cancelled or timed-out run can be retried"
+                )
+            if any(t["state"] == "compensated" or t.get("compensation") for t in status["tasks"].values()):
+                raise InvalidInput(f"run {wf_id} was compensated: what it did was undone, so it cannot be retried")
+            if from_task is not None and from_task not in status["tasks"]:
+                raise InvalidInput(f"run {wf_id} has no task {from_task!r}{did_you_mean(from_task, status['tasks'])}")
+            body: dict[str, Any] = {"wf": wf_id}
+            if from_task is not None:
+                body["from"] = from_task
+            ended_at = status.get("finished_at")
+            self.broker.send_to_coordinators(wire.Inbox(kind="retry", body=body))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = self.status(wf_id)
+            if status["state"] not in WF_TERMINAL or status.get("finished_at") != ended_at:
+                break
+            time.sleep(0.02)
+        return status
+
     # -- approvals -------------------------------------------------------------------------------
     def approvals(self) -> list[dict[str, Any]]:
         """Open approval requests, oldest first: id, workflow, task, message, deadline, approvers."""

@@ -381,6 +381,10 @@ class Coordinator:
             self._refuse(run, body, body["refusal"], now)
         elif kind == "lost":
             engine.lost(run, body["unit"], body["dispatch"], str(body.get("reason")), now)
+        elif kind == "retry":
+            refusal = engine.reopen(run, now, body.get("from"))
+            if refusal:
+                log.warning("retry of %s refused: %s", run.id, refusal)
         elif kind == "declined":
             engine.declined(run, body["unit"], body["dispatch"], now)
 

@@ -87,7 +87,8 @@ class CoordinatorStore(Connection):
                 args += [unit, raw]
             args.append(len(tx.history))
             args += tx.history
-            args += [tx.id, wire.pack(tx.outbox()) if tx.has_outbox else b"", "1" if tx.finished else "0", ttl]
+            outbox = wire.pack(tx.outbox()) if tx.has_outbox else b""
+            args += [tx.id, outbox, "1" if tx.finished else "0", ttl, "1" if tx.reopened else "0"]
             calls.append((self.keys.wf_keys(wf_id), args))
 
         dispatches = self._by_stream([(tx.dispatches, tx.bulk) for _, _, tx in transitions])
@@ -193,6 +194,8 @@ class CoordinatorStore(Connection):
             pipe.hdel(keys.approvals, *box["approvals_del"])
         if box.get("finished"):
             pipe.zrem(keys.running, wf_id)
+        elif box.get("reopened"):
+            pipe.zadd(keys.running, {wf_id: box.get("created") or 0})
 
     def running_chunk(self, start: int, count: int) -> list[str]:
         return [i.decode() for i in self.redis.zrange(self.keys.running, start, start + count - 1)]

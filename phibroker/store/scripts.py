@@ -16,7 +16,9 @@ return 1
 # Commit a transition if nobody changed the workflow since it was read (the version).
 # KEYS: meta, tasks, results, history, outbox, done
 # ARGV: version, n, task pairs..., n, meta pairs..., n, result pairs..., n, history items...,
-#       outbox id, outbox blob ('' for none), finished ('1'/'0'), ttl seconds
+#       outbox id, outbox blob ('' for none), finished ('1'/'0'), ttl seconds, reopened ('1'/'0')
+# A finished workflow's keys expire after the ttl; a reopened one (`retry`) keeps them again and its
+# end signal is taken back, so waiters wait for its next end.
 APPLY = """
 local meta, tasks, results, history, outbox, done = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 if (redis.call('HGET', meta, 'version') or '') ~= ARGV[1] then return -1 end
@@ -45,6 +47,9 @@ if ARGV[i + 2] == '1' then
   for _, key in ipairs(KEYS) do
     if key ~= outbox then redis.call('EXPIRE', key, ttl) end
   end
+elseif ARGV[i + 4] == '1' then
+  redis.call('DEL', done)
+  for _, key in ipairs(KEYS) do redis.call('PERSIST', key) end
 end
 return version
 """
