@@ -131,6 +131,8 @@ class TaskMessage:
     deadline: float | None = None
     result: Any = None  # compensations: the result being undone
     depth: int = 0  # how many events led to this workflow (storm guard)
+    iteration: int = 1  # a looping task's iteration, from 1
+    previous: Any = None  # a looping task: the previous iteration's result
 
     def encode(self, limit: int) -> bytes:
         envelope = {
@@ -149,6 +151,8 @@ class TaskMessage:
             "result": self.result,
             "depth": self.depth,
         }
+        if self.iteration != 1:
+            envelope.update(iteration=self.iteration, previous=self.previous)
         return pack_limited(envelope, limit, f"task message {self.wf}/{self.unit}")
 
     @classmethod
@@ -173,6 +177,8 @@ _TASK_SCHEMA = {
     "deadline": _NUM,
     "result": _ANY,
     "depth": _INT,
+    "iteration": _INT,
+    "previous": _ANY,
 }
 _TASK_REQUIRED = frozenset({"v", "id", "wf", "unit", "task", "agent", "command", "attempt", "payload", "inputs"})
 
@@ -193,9 +199,14 @@ class Result:
     error: dict[str, str] | None = None  # type, message, traceback
     retry: bool = False  # the handler raised Retryable
     events: list[dict[str, Any]] = field(default_factory=list)  # emitted with ctx.emit: type, data
+    # sent with ctx.signal: wf, name, data; and tasks added with ctx.spawn / ctx.spawn_workflow
+    signals: list[dict[str, Any]] = field(default_factory=list)
+    spawns: list[dict[str, Any]] = field(default_factory=list)
 
     def to_map(self) -> dict[str, Any]:
+        extra = {k: v for k, v in (("signals", self.signals), ("spawns", self.spawns)) if v}
         return {
+            **extra,
             "id": self.id,
             "wf": self.wf,
             "unit": self.unit,
@@ -224,6 +235,8 @@ _RESULT_SCHEMA = {
     "error": _MAP,
     "retry": _BOOL,
     "events": _LIST,
+    "signals": _LIST,
+    "spawns": _LIST,
 }
 _RESULT_REQUIRED = frozenset({"id", "wf", "unit", "token", "ok", "worker", "started", "finished"})
 

@@ -83,6 +83,9 @@ def attempt(
     return wire.pack(record)
 
 
+OUTPUT = "@output"  # the results-hash field that holds the run's `output`
+
+
 def status_document(
     wf_id: str,
     meta: dict[str, Any],
@@ -151,6 +154,10 @@ def status_document(
                 "request": unit.get("approval"),
                 "decision": _decode(decision, limit) if decision else _decode(results.get(name), limit),
             }
+        if spec.get("loop") is not None:
+            row["iterations"] = int(unit.get("iteration") or 1) if row["attempts"] else 0
+        if spec.get("signal") is not None and row["state"] == "running":
+            row["waiting_for"] = f"signal {spec['signal']['name']}"
         undo = units.get(f"{name}!undo")
         if undo:
             row["compensation"] = {
@@ -167,6 +174,7 @@ def status_document(
         "finished_at": meta.get("finished_at"),
         "params": meta.get("params"),
         "error": meta.get("error"),
+        "output": _decode(results.get(OUTPUT), limit),
         "tasks": tasks,
     }
 

@@ -339,7 +339,9 @@ class _TaskView(Mapping[str, Any]):
         run = self._run
         state = run.state(name)
         error = run.units.get(name, {}).get("error") if state in ("failed", "upstream_failed") else None
-        return {"state": state, "result": run.result(name) if state == "succeeded" else None, "error": error}
+        iterations = int(run.units.get(name, {}).get("iteration") or (1 if state == "succeeded" else 0))
+        result = run.result(name) if state == "succeeded" else None
+        return {"state": state, "result": result, "error": error, "iterations": iterations}
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._run.workflow.tasks)

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from phibroker import wire
-from phibroker.engine.records import split_unit, undo_unit, unit_of
+from phibroker.engine.records import OUTPUT, split_unit, undo_unit, unit_of
 from phibroker.engine.state import (
     TASK_TERMINAL,
     UNIT_LIVE,
@@ -338,7 +338,7 @@ def _consider(run: Run, task: str, now: float) -> None:
     elif spec.map is not None:
         _scatter(run, task, now)
     else:
-        _dispatch_unit(run, task, now)
+        _start(run, task, now)
     if spec.cancel_rest:  # a race: the first (or best K) won, the others are called off
         for upstream in spec.depends_on:
             if run.state(upstream) not in TASK_TERMINAL:
@@ -472,6 +472,9 @@ def _dispatch_unit(run: Run, unit: str, now: float) -> None:
         result=result,
         depth=run.depth,
     )
+    iteration = int(run.units.get(unit, {}).get("iteration") or 1)
+    if iteration > 1 and not is_undo:
+        message.iteration, message.previous = iteration, run.result(task)
     record = run.unit(unit)
     if record.get("error") is not None:
         run.set(unit, error=None)
@@ -568,7 +571,7 @@ def _unit_succeeded(run: Run, unit: str, result: wire.Result, now: float) -> Non
         return
     run.store_result(unit, result.value or wire.pack(None))
     if partition is None:  # the unit is the task
-        _task_succeeded(run, task, now)
+        _task_done(run, task, now)
         return
     run.set(unit, state="succeeded", finished=now)
     parts = [unit_of(task, i) for i in range(int(run.units[task]["parts"]))]
@@ -576,6 +579,31 @@ def _unit_succeeded(run: Run, unit: str, result: wire.Result, now: float) -> Non
         _gather(run, task, parts, now)
     elif run.units[task].get("stop") and not any(run.state(p) in UNIT_LIVE for p in parts):
         _cancel_task(run, task, now, str(run.units[task]["stop"]), bool(run.units[task].get("deliberate")))
+
+
+def _task_done(run: Run, task: str, now: float) -> None:
+    """The task's work ended well and its result is stored: a loop checks `until` and goes round
+    again (the result becomes the next iteration's `ctx.previous`), anything else succeeds."""
+    until = run.workflow.loop_until.get(task)
+    if until is not None and not run.units[task].get("stop"):
+        record = run.units[task]
+        iteration = int(record.get("iteration") or 1)
+        scope = {**run.scope(result=run.result(task)), "iteration": iteration}
+        if not until.test(scope):
+            limit = run.workflow.tasks[task].loop.max_iterations  # type: ignore[union-attr]
+            if iteration >= limit:
+                _task_failed(run, task, f"loop exhausted after {iteration} iterations", now)
+                return
+            run.set(task, iteration=iteration + 1, tries_before=int(record.get("attempt") or 0))
+            run.event("task.iterated", now, task, iteration=iteration + 1)
+            _start(run, task, now)
+            return
+    _task_succeeded(run, task, now)
+
+
+def _start(run: Run, task: str, now: float) -> None:
+    """Start a task's work: its agent's handler, or a sub-workflow's child run."""
+    _dispatch_unit(run, task, now)
 
 
 def _gather(run: Run, task: str, parts: list[str], now: float) -> None:
@@ -665,7 +693,8 @@ def _retry_due(run: Run, unit: str, error: str, retryable: bool, now: float) -> 
         return None  # cancelled or timed out: nothing starts again
     policy = run.workflow.retry(task)
     record = run.unit(unit)
-    tries = int(record.get("attempt") or 1) - int(record.get("reclaims") or 0)  # reclaims are not retries
+    # reclaims are not retries, and each iteration of a loop has the whole budget
+    tries = int(record.get("attempt") or 1) - int(record.get("reclaims") or 0) - int(record.get("tries_before") or 0)
     text = error.lower()
     if tries >= policy.max_attempts or not (retryable or any(n.lower() in text for n in policy.retry_on)):
         return None
@@ -780,6 +809,11 @@ def _next_compensation(run: Run, now: float) -> None:
 
 
 def _finish(run: Run, state: str, now: float) -> None:
+    if state == "succeeded" and run.workflow.output is not None:
+        try:
+            run.store_result(OUTPUT, wire.pack(run.workflow.output.render(run.scope())))
+        except (TypeError, ValueError, MessageTooLarge) as exc:  # an output that does not pack
+            run.set_meta(output_error=f"{type(exc).__name__}: {exc}")
     run.set_meta(state=state, finished_at=now)
     run.tx.timers_del.append(timer_member("wf_deadline", run.id))
     run.tx.timers_del.append(timer_member("continue", run.id))

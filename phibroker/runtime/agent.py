@@ -84,6 +84,8 @@ class Context:
     token: int = 1  # the fencing token of this attempt
     dispatch_id: str = ""  # the dispatch this attempt answers (bridges key external jobs on it)
     cancelled: CancelFlag = field(default_factory=CancelFlag)
+    iteration: int = 1  # a looping task: which iteration this is, from 1
+    previous: Any = None  # a looping task: the previous iteration's result (None at first)
     events: list[dict[str, Any]] = field(default_factory=list)
     last_heartbeat: float = field(default_factory=time.time)
 
@@ -103,6 +105,8 @@ class Context:
             deadline=message.deadline,
             token=token,
             dispatch_id=message.id,
+            iteration=message.iteration,
+            previous=message.previous,
         )
 
     @property

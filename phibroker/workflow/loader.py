@@ -39,7 +39,7 @@ from phibroker.workflow.spec import (
 )
 
 _RUN_ID = re.compile(NAME_PATTERN)
-_TASK_FIELDS = ("result", "state")  # what `tasks.NAME.` may reach
+_TASK_FIELDS = ("result", "state", "error", "iterations")  # what `tasks.NAME.` may reach
 _EVENT_ROOTS = frozenset({"event", "type", "data", "workflow", "task", "ts"})
 
 
@@ -55,6 +55,8 @@ class Workflow:
         self.payload: dict[str, Template] = {}
         self.approval_message: dict[str, Template] = {}
         self.map_over: dict[str, Template] = {}
+        self.loop_until: dict[str, Expression] = {}
+        self.output: Template | None = None
         self.trigger_where: Expression | None = None
         self._retry: dict[str, RetryPolicy] = {}
         self.path: Path | None = None  # the file it came from, and its bytes (for signatures)
@@ -265,6 +267,11 @@ def _compile(workflow: Workflow) -> None:
             workflow.map_over[name] = _template(workflow, name, "map.over", task.map.over)
         if task.compensate is not None and task.compensate.payload:
             _template(workflow, name, "compensate.payload", task.compensate.payload)
+        if task.loop is not None:
+            until = _expression(workflow, name, "loop.until", task.loop.until, extra_roots={"result", "iteration"})
+            workflow.loop_until[name] = until
+    if spec.output is not None:
+        workflow.output = _output(workflow, spec.output)
     if spec.on is not None and spec.on.where is not None:
         try:
             where = compile_expression(spec.on.where)
@@ -274,6 +281,23 @@ def _compile(workflow: Workflow) -> None:
             if ref.path[0] not in _EVENT_ROOTS:
                 raise WorkflowFileError(f"on.where: {ref} is not part of an event (use event.data.X)")
         workflow.trigger_where = where
+
+
+def _output(workflow: Workflow, value: Any) -> Template:
+    """The run's `output`: it may read any task, as the run is over when it is rendered."""
+    try:
+        template = compile_template(value)
+    except ExpressionError as exc:
+        raise WorkflowFileError(f"output: {exc}") from None
+    for ref in template.references:
+        if ref.path[0] == "tasks" and task_of(ref, workflow.tasks) is None:
+            name = ref.path[1] if len(ref.path) > 1 else ""
+            raise WorkflowFileError(f"output: ${{{ref}}} names no task{did_you_mean(name, workflow.tasks)}")
+        if ref.path[0] == "params" and not _param_exists(workflow.spec.params, ref):
+            raise WorkflowFileError(f"output: ${{{ref}}} names no declared param")
+        if ref.path[0] not in ("tasks", "params"):
+            raise WorkflowFileError(f"output: ${{{ref}}}: unknown name {ref.path[0]!r} (use params or tasks)")
+    return template
 
 
 def _template(workflow: Workflow, task: str, field: str, value: Any) -> Template:
@@ -327,7 +351,8 @@ def _check_references(
                 raise WorkflowFileError(f"{where}: {target!r} is not upstream of {task!r} (add it to depends_on)")
             rest = ref.path[1 + len(target.split(".")) :]
             if not rest or rest[0] not in _TASK_FIELDS:
-                raise WorkflowFileError(f"{where}: write tasks.{target}.result or tasks.{target}.state")
+                fields = " or ".join(f"tasks.{target}.{f}" for f in _TASK_FIELDS)
+                raise WorkflowFileError(f"{where}: write {fields}")
         else:
             allowed = ", ".join(sorted({"params", "tasks", *extra_roots}))
             raise WorkflowFileError(f"{where}: unknown name {root!r} (use one of: {allowed})")

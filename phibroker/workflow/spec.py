@@ -114,6 +114,24 @@ class MapSpec:
 
 @with_config(_FORBID)
 @dataclass(slots=True)
+class Loop:
+    """Run the task again, one iteration after another, until `until` holds on its result."""
+
+    until: str
+    max_iterations: Annotated[int, Field(ge=1, le=100_000)] = 10
+
+
+@with_config(_FORBID)
+@dataclass(slots=True)
+class Signal:
+    """A gate that waits for a named signal (`phibroker signal ID NAME`); its result is the data."""
+
+    name: Name
+    timeout: Duration | None = None
+
+
+@with_config(_FORBID)
+@dataclass(slots=True)
 class AtLeast:
     """`trigger: {at_least: K}`: a quorum, run once K upstreams succeeded."""
 
@@ -144,10 +162,16 @@ class Task:
     map: MapSpec | None = None
     estimate: Duration | None = None
     end: bool = False  # its success ends the run as succeeded: the rest stops or is skipped
+    loop: Loop | None = None
+    signal: Signal | None = None
+    # a sub-workflow: a file (relative to this one) when written, the embedded workflow once submitted
+    workflow: str | dict[str, Any] | None = None
+    params: dict[str, Any] = field(default_factory=dict)  # the sub-workflow's, templated
 
     @property
     def is_gate(self) -> bool:
-        return self.approval is not None
+        """Waits for a person or a signal: no agent runs it."""
+        return self.approval is not None or self.signal is not None
 
 
 @with_config(_FORBID)
@@ -176,6 +200,7 @@ class WorkflowSpec:
     timeout: Duration | None = None
     failure: FailureMode = "fail_fast"
     outcome: Outcome = "all"
+    output: Any = None  # the run's result, templated over its tasks: `status --json` "output"
     defaults: Defaults = field(default_factory=Defaults)
     on: EventTrigger | None = None
 
@@ -194,8 +219,9 @@ def parse_spec(data: Any) -> WorkflowSpec:
         raise WorkflowFileError(_first_error(exc)) from None
     _check_names(spec)
     for name, task in spec.tasks.items():
-        plain = task.approval is None and task.agent and task.command and isinstance(task.trigger, str)
-        plain = plain and not task.cancel_rest
+        plain = task.agent and task.command and isinstance(task.trigger, str) and not task.cancel_rest
+        plain = plain and task.approval is None and task.signal is None and task.workflow is None and not task.params
+        plain = plain and not (task.loop and task.map)
         if plain and len(set(task.depends_on)) == len(task.depends_on):
             continue  # the common case, decided without a call (100k tasks load in well under a second)
         problem = _kind_problem(task)
@@ -220,13 +246,25 @@ def _check_names(spec: WorkflowSpec) -> None:
                 raise WorkflowFileError(f"task {name!r}: depends_on {dep!r} is not a valid task name")
 
 
+_KINDS = {"approval": "an approval gate", "signal": "a signal gate", "workflow": "a sub-workflow task"}
+
+
 def _kind_problem(task: Task) -> str | None:
-    if task.approval is not None:
-        extra = [f for f in ("agent", "command", "map", "compensate", "expect") if getattr(task, f)]
+    kinds = [k for k in _KINDS if getattr(task, k) is not None]
+    if len(kinds) > 1:
+        return f"a task is one of: agent task, {', '.join(_KINDS.values())} (this one has {' and '.join(kinds)})"
+    if kinds:
+        allowed = {"loop"} if kinds == ["workflow"] else set()
+        extra = [f for f in ("agent", "command", "map", "compensate", "expect", "loop") if getattr(task, f)]
+        extra = [f for f in extra if f not in allowed]
         if extra:
-            return f"an approval gate takes no {', '.join(extra)}"
+            return f"{_KINDS[kinds[0]]} takes no {', '.join(extra)}"
     elif task.agent is None or task.command is None:
-        return "a task needs `agent` and `command` (or `approval` for a human gate)"
+        return "a task needs `agent` and `command` (or `approval`, `signal` or `workflow`)"
+    if task.params and kinds != ["workflow"]:
+        return "`params` are a sub-workflow's: only a task with `workflow:` takes them"
+    if task.loop is not None and task.map is not None:
+        return "a mapped task cannot loop (loop a task that maps in a sub-workflow)"
     if len(set(task.depends_on)) != len(task.depends_on):
         return "depends_on names a task twice"
     if task.cancel_rest and not (task.trigger == "one_success" or isinstance(task.trigger, AtLeast)):
@@ -248,6 +286,8 @@ _SECTIONS: dict[tuple[str, ...], type] = {
     ("tasks", "*", "approval"): Approval,
     ("tasks", "*", "map"): MapSpec,
     ("tasks", "*", "trigger"): AtLeast,
+    ("tasks", "*", "loop"): Loop,
+    ("tasks", "*", "signal"): Signal,
     ("defaults",): Defaults,
     ("defaults", "retry"): RetryOverride,
     ("on",): EventTrigger,
