@@ -128,6 +128,8 @@ class Simulation:
         self.approvals: dict[str, dict[str, Any]] = {}
         self.events: list[dict[str, Any]] = []
         self.history: list[bytes] = []
+        self.signals_sent: list[dict[str, Any]] = []  # ctx.signal to other runs: wf, name, data, sender
+        self._inbox: deque[dict[str, Any]] = deque()  # ctx.signal to this run, delivered in order
         self._apply(engine.start)
 
     # -- driving -----------------------------------------------------------------------------------
@@ -140,6 +142,10 @@ class Simulation:
 
     def step(self) -> bool:
         """Run the next dispatched attempt, or fire the next timer; False when nothing is left."""
+        if self._inbox:
+            sent = self._inbox.popleft()
+            self._apply(lambda run, now: engine.signal(run, sent["name"], sent.get("data"), now, sent.get("sender")))
+            return True
         if self.queue:
             self._execute(self.queue.popleft())
             return True
@@ -186,6 +192,11 @@ class Simulation:
             raise ValueError(refusal)
         return self.run()
 
+    def signal(self, name: str, data: Any = None) -> dict[str, Any]:
+        """Send the run a signal (as `phibroker signal ID NAME --data JSON`); then run on."""
+        self._apply(lambda run, now: engine.signal(run, name, data, now, "simulation"))
+        return self.run()
+
     # -- reading -----------------------------------------------------------------------------------
     @property
     def ended(self) -> bool:
@@ -215,6 +226,11 @@ class Simulation:
         self.approvals.update({k: unpack(v, self.limit) for k, v in tx.approvals_set.items()})
         for request in tx.approvals_del:
             self.approvals.pop(request, None)
+        for sent in tx.signals:  # ctx.signal: to this run it arrives, to any other it is only recorded
+            if sent["wf"] == self.run_state.id:
+                self._inbox.append(sent)
+            else:
+                self.signals_sent.append(sent)
         return value
 
     def _execute(self, message: TaskMessage) -> None:
@@ -236,15 +252,16 @@ class Simulation:
         self._apply(lambda run, now: engine.apply_timer(run, member, now))
 
     def _waiting_for_a_person(self) -> bool:
-        """An approval is open and nothing but its timeout (or a later timer) would happen next."""
-        if self.queue or not self.approvals:
+        """An approval or a signal gate is open and nothing but its timeout (or a later timer) would
+        happen next: the run waits for someone outside."""
+        run = self.run_state
+        gates = [t for named in run.workflow.signal_gates.values() for t in named]
+        waiting = [timer_member("signal", run.id, t) for t in gates if run.state(t) == "running"]
+        waiting += [timer_member("approval", run.id, r["task"], r["id"]) for r in self.approvals.values()]
+        if self.queue or self._inbox or not waiting:
             return False
         first = min(self.timers.values(), default=None)
-        timeouts = [
-            self.timers.get(timer_member("approval", self.run_state.id, r["task"], r["id"]))
-            for r in self.approvals.values()
-        ]
-        return first is None or first in timeouts
+        return first is None or first in {self.timers.get(m) for m in waiting}
 
     def _decide(self, task: str, decision: str, approver: str, **words: str | None) -> dict[str, Any]:
         request = next((r for r in self.approvals.values() if r["task"] == task), None)

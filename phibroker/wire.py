@@ -247,9 +247,10 @@ class Inbox:
 
     kinds: `results` (from a worker), `submit`, `cancel` (the run, or `tasks` of it), `decide` (an
     approval decision), `lost` (a task message dead-lettered by a worker), `declined` (a worker would not
-    start a unit asked to stop), `kick` (start a workflow again), `retry` (re-open an ended run), `trigger`
-    (an event matched a workflow trigger). Results travel as one packed blob, so a worker can sign exactly those
-    bytes with its agent's secret (`agent`, `sig`) and a coordinator can check them before decoding.
+    start a unit asked to stop), `kick` (start a workflow again), `retry` (re-open an ended run),
+    `signal` (for a signal gate), `trigger` (an event matched a workflow trigger). Results travel as
+    one packed blob, so a worker can sign exactly those bytes with its agent's secret (`agent`, `sig`)
+    and a coordinator can check them before decoding.
     """
 
     kind: str
@@ -326,6 +327,7 @@ _BODY_FIELDS = {  # what each control message must name
     "lost": ("wf", "unit", "dispatch"),
     "declined": ("wf", "unit", "dispatch"),
     "retry": ("wf",),
+    "signal": ("wf", "name"),
     "trigger": ("wf", "trigger"),
 }
 _INBOX_KINDS = frozenset({"results", *_BODY_FIELDS})

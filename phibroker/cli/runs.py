@@ -17,7 +17,7 @@ from phibroker.engine.state import WF_TERMINAL, WF_WINDING_DOWN
 from phibroker.errors import InvalidInput
 from phibroker.settings import Settings
 from phibroker.workflow import dag
-from phibroker.workflow.rules import review_rules
+from phibroker.workflow.rules import explain_rules, rule_warnings
 
 
 @main.command()
@@ -28,13 +28,13 @@ def validate(file: str, as_json: bool) -> None:
     rules that can never fire or have no effect (the file is still valid)."""
     wf = workflows.load(file)
     path, length = wf.critical_path
-    review = review_rules(wf)
-    for warning in review.warnings:
+    warnings = rule_warnings(wf)
+    for warning in warnings:
         click.echo(f"warning: {warning}", err=True)
     if as_json:
-        tasks = {name: {"trigger": note.as_json()} for name, note in review.tasks.items()}
+        tasks = {name: {"trigger": note.as_json()} for name, note in explain_rules(wf).items()}
         doc = {"levels": wf.levels, "critical_path": path, "length": length, "tasks": tasks}
-        click.echo(json.dumps({**doc, "warnings": review.warnings}))
+        click.echo(json.dumps({**doc, "warnings": warnings}))
         return
     click.echo(f"{wf.name}: valid, {len(wf.tasks)} tasks in {len(wf.levels)} levels")
     for number, level in enumerate(wf.levels, 1):
@@ -195,6 +195,26 @@ def retry(settings: Settings, wf_id: str, from_task: str | None, wait: bool, as_
         print_status(status)
     if wait:
         sys.exit(0 if status["state"] == "succeeded" else 1)
+
+
+@main.command()
+@click.argument("wf_id", metavar="ID")
+@click.argument("name")
+@click.option("--data", default="null", metavar="JSON", help="the signal's data: the gate's result")
+@click.option("--json", "as_json", is_flag=True, help='stdout: {"id": ..., "signal": ..., "ok": true}')
+@click.pass_obj
+def signal(settings: Settings, wf_id: str, name: str, data: str, as_json: bool) -> None:
+    """Send run ID the signal NAME: the first `signal: {name: NAME}` gate waiting takes it (or the
+    next to open: a signal that comes early is kept)."""
+    from phibroker.runtime.client import Client
+
+    try:
+        value = json.loads(data)
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"--data is not JSON: {exc.msg} at character {exc.pos}") from None
+    with Client(settings) as client:
+        client.signal(wf_id, name, value)
+    click.echo(json.dumps({"id": wf_id, "signal": name, "ok": True}) if as_json else f"signalled {name} to {wf_id}")
 
 
 @main.command()

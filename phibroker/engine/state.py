@@ -130,6 +130,7 @@ class Transition:
     # running units asked to stop, (agent, unit, dispatch id): their workers are told at once, besides
     # reading the unit's `stop` field at their next heartbeat
     stops: list[tuple[str, str, str]] = field(default_factory=list)
+    signals: list[dict[str, Any]] = field(default_factory=list)  # sent by handlers (ctx.signal): wf, name, data
     finished: bool = False  # the workflow reached its end state
     reopened: bool = False  # an ended workflow runs again (`retry`): its keys stop expiring
     bulk: bool = False  # part of a release chunked over several transitions: dispatched on the bulk lanes
@@ -152,6 +153,7 @@ class Transition:
             or self.approvals_set
             or self.approvals_del
             or self.stops
+            or self.signals
             or self.finished
             or self.reopened
         )
@@ -167,6 +169,7 @@ class Transition:
             "approvals_set": self.approvals_set,
             "approvals_del": self.approvals_del,
             "stops": self.stops,
+            "signals": self.signals,
             "finished": self.finished,
             "reopened": self.reopened,
             "bulk": self.bulk,

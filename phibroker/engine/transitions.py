@@ -133,6 +133,10 @@ def apply_timer(run: Run, member: str, now: float) -> None:
         for task in run.workflow.tasks:
             if run.state(task) not in TASK_TERMINAL and _asked_to_stop(run, task):
                 _stop_task(run, task, now, "did not stop within cancel_grace", force=True)
+    elif kind == "signal":
+        task = parts[0]
+        if run.state(task) == "running" and run.workflow.tasks[task].signal is not None:
+            _unit_failed(run, task, "timeout", now)
     elif kind == "approval":
         task, request = parts
         if run.state(task) == "running" and run.units[task].get("approval") == request:
@@ -335,6 +339,8 @@ def _consider(run: Run, task: str, now: float) -> None:
         return
     if spec.approval is not None:
         _open_gate(run, task, now)
+    elif spec.signal is not None:
+        _await_signal(run, task, now)
     elif spec.map is not None:
         _scatter(run, task, now)
     else:
@@ -417,11 +423,14 @@ def _stop_task(run: Run, task: str, now: float, reason: str, force: bool = False
     running units are asked to stop (they end when their worker answers; `force`: now, their late
     results ignored). The task ends cancelled once none of its units is live."""
     record = run.units.get(task, {})
-    if run.workflow.tasks[task].approval is not None and record.get("approval") and run.state(task) == "running":
+    spec = run.workflow.tasks[task]
+    if spec.approval is not None and record.get("approval") and run.state(task) == "running":
         request = record["approval"]
         run.tx.approvals_del.append(request)
         run.tx.timers_del.append(timer_member("approval", run.id, task, request))
         run.set(task, approval=None)
+    elif spec.signal is not None and run.state(task) == "running":
+        run.tx.timers_del.append(timer_member("signal", run.id, task))
     else:
         parts = int(record.get("parts") or 0)
         units = [unit_of(task, i) for i in range(parts)] if parts else [task]
@@ -523,6 +532,55 @@ def _scatter(run: Run, task: str, now: float) -> None:
         _dispatch_unit(run, unit_of(task, index), now)
 
 
+def _await_signal(run: Run, task: str, now: float) -> None:
+    """A signal gate opens: it takes a signal kept for it already, or waits (until its timeout)."""
+    signal = run.workflow.tasks[task].signal
+    assert signal is not None
+    run.set(task, state="running", attempt=1, dispatched=now, started=now)
+    kept = _kept_signals(run, signal.name)
+    if kept:
+        _take_signal(run, task, signal.name, kept, now)
+        return
+    if signal.timeout:
+        run.tx.timers_add[timer_member("signal", run.id, task)] = now + signal.timeout
+    run.event("task.waiting", now, task, waiting_for=f"signal {signal.name}")
+
+
+def signal(run: Run, name: str, data: Any, now: float, sender: str | None = None) -> bool:
+    """A named signal for the run: the first gate waiting for it takes it, else it is kept, in order,
+    for the next gate of that name. False when the run has ended (the signal is dropped)."""
+    if run.wf_state in WF_TERMINAL:
+        return False
+    kept = [*_kept_signals(run, name), {"data": data, "sender": sender, "at": now}]
+    waiting = [t for t in run.workflow.signal_gates.get(name, ()) if run.state(t) == "running"]
+    if waiting:
+        _take_signal(run, waiting[0], name, kept, now)
+    else:
+        run.store_result(_signal_field(name), wire.pack(kept))
+        run.event("signal.kept", now, name=name)
+    advance(run, now)
+    return True
+
+
+def _take_signal(run: Run, task: str, name: str, kept: list[dict[str, Any]], now: float) -> None:
+    first, rest = kept[0], kept[1:]
+    run.store_result(_signal_field(name), wire.pack(rest))
+    run.tx.timers_del.append(timer_member("signal", run.id, task))
+    run.store_result(task, wire.pack(first["data"]))
+    run.record_attempt(task, now, None, True, worker=first.get("sender") or "signal")
+    run.event("signal.received", now, task, name=name)
+    _task_done(run, task, now)
+
+
+def _kept_signals(run: Run, name: str) -> list[dict[str, Any]]:
+    return list(run.result(_signal_field(name)) or [])
+
+
+def _signal_field(name: str) -> str:
+    """Signals that came before their gate, kept in the results hash beside the tasks' results."""
+    return f"@signal:{name}"
+
+
 def _partition(run: Run, task: str, index: int, count: int) -> list[Any]:
     items = run.result(f"{task}#items") or []
     size, extra = divmod(len(items), count)
@@ -563,6 +621,7 @@ def _unit_succeeded(run: Run, unit: str, result: wire.Result, now: float) -> Non
     run.record_attempt(unit, now, None, True, worker=result.worker, started=result.started, token=result.token)
     for emitted in result.events:
         run.event(str(emitted.get("type")), now, task, data=emitted.get("data"))
+    run.tx.signals.extend(result.signals)  # ctx.signal: sent once this result is applied
     if is_undo:
         run.set(unit, state="succeeded", finished=now)
         run.set(task, state="compensated")
@@ -687,7 +746,7 @@ def _retry_due(run: Run, unit: str, error: str, retryable: bool, now: float) -> 
     is `timeout`, so the entry `timeout` matches it.
     """
     task, _, is_undo = split_unit(unit)
-    if run.workflow.tasks[task].approval is not None:
+    if run.workflow.tasks[task].is_gate:  # a person's or a signal's answer is not retried
         return None
     if run.wf_state == "cancelling" and not _failing(run):
         return None  # cancelled or timed out: nothing starts again

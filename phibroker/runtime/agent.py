@@ -87,6 +87,7 @@ class Context:
     iteration: int = 1  # a looping task: which iteration this is, from 1
     previous: Any = None  # a looping task: the previous iteration's result (None at first)
     events: list[dict[str, Any]] = field(default_factory=list)
+    signals: list[dict[str, Any]] = field(default_factory=list)
     last_heartbeat: float = field(default_factory=time.time)
 
     @classmethod
@@ -121,6 +122,11 @@ class Context:
     def emit(self, type_: str, data: Any = None) -> None:
         """An event published with this attempt's result, and only if that result is applied."""
         self.events.append({"type": type_, "data": data})
+
+    def signal(self, workflow_id: str, name: str, data: Any = None) -> None:
+        """Signal run `workflow_id`'s gate `name` (as `phibroker signal`), sent with this attempt's
+        result and only if that result is applied: a retried attempt signals nothing twice."""
+        self.signals.append({"wf": workflow_id, "name": name, "data": data, "sender": f"{self.agent}/{self.task}"})
 
 
 @dataclass
@@ -218,6 +224,7 @@ class Outcome:
             error=self.error,
             retry=self.retry,
             events=ctx.events if self.ok else [],
+            signals=ctx.signals if self.ok else [],
         )
 
 
@@ -267,7 +274,7 @@ class Agent:
             if inspect.isawaitable(value):
                 value = asyncio.run(_cancellable(value, ctx.cancelled))
             # Emitted events travel with the result: check them now, as part of this attempt.
-            wire.pack_limited(ctx.events, limit, f"events emitted by {ctx.task}")
+            wire.pack_limited([ctx.events, ctx.signals], limit, f"events and signals sent by {ctx.task}")
             return finish(value, started, limit, f"result of {ctx.task}")
         except BaseException as exc:  # noqa: BLE001 - a handler's failure (SystemExit too) is data, never a crash
             return failure(exc, started, cancelled=ctx.cancelled.is_set())

@@ -114,6 +114,20 @@ class Client:
             time.sleep(0.02)
         return status
 
+    def signal(self, wf_id: str, name: str, data: Any = None) -> None:
+        """Send run `wf_id` the signal `name`: the first gate waiting for it takes `data` as its result;
+        sent before any gate waits, it is kept for the run. Refused (InvalidInput) for a run that ended."""
+        with reaching(self.settings):
+            (head,) = Views(self.broker).workflow_heads([wf_id])
+            if not head:
+                raise UnknownWorkflow(wf_id)
+            if head.get("state") in WF_TERMINAL:
+                raise InvalidInput(
+                    f"run {wf_id} has already ended ({head['state']}): no gate will take signal {name!r}"
+                )
+            body = {"wf": wf_id, "name": name, "data": data}
+            self.broker.send_to_coordinators(wire.Inbox(kind="signal", body=body))
+
     # -- approvals -------------------------------------------------------------------------------
     def approvals(self) -> list[dict[str, Any]]:
         """Open approval requests, oldest first: id, workflow, task, message, deadline, approvers."""

@@ -381,6 +381,8 @@ class Coordinator:
             self._refuse(run, body, body["refusal"], now)
         elif kind == "lost":
             engine.lost(run, body["unit"], body["dispatch"], str(body.get("reason")), now)
+        elif kind == "signal":
+            engine.signal(run, str(body["name"]), body.get("data"), now, body.get("sender"))
         elif kind == "retry":
             refusal = engine.reopen(run, now, body.get("from"))
             if refusal:

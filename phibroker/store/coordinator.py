@@ -182,6 +182,10 @@ class CoordinatorStore(Connection):
         keys = self.keys
         if box.get("events"):
             self._publish(pipe, box["events"], route)
+        for sent in box.get("signals") or ():  # a handler's ctx.signal, to whichever run it names
+            body = {"wf": sent["wf"], "name": sent["name"], "data": sent.get("data"), "sender": sent.get("sender")}
+            inbox = wire.Inbox(kind="signal", body=body)
+            pipe.xadd(keys.results, {wire.FIELD: inbox.encode(self.settings.max_message_bytes)})
         for agent, unit, dispatch in box.get("stops") or ():
             pipe.publish(keys.agent_stops(agent), StopNotice(wf_id, unit, dispatch).encode())
         if box.get("timers_add"):

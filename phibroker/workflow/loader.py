@@ -85,6 +85,15 @@ class Workflow:
         return [name for name, task in self.tasks.items() if task.approval is not None]
 
     @cached_property
+    def signal_gates(self) -> dict[str, list[str]]:
+        """Signal name -> the gates waiting for it, in file order (the first waiting takes a signal)."""
+        out: dict[str, list[str]] = {}
+        for name, task in self.tasks.items():
+            if task.signal is not None:
+                out.setdefault(task.signal.name, []).append(name)
+        return out
+
+    @cached_property
     def order_index(self) -> dict[str, int]:
         """Declaration order: ties among ready tasks go to the one written first."""
         return {name: i for i, name in enumerate(self.tasks)}
@@ -118,6 +127,10 @@ class Workflow:
         for name, task in self.tasks.items():
             if task.approval is not None:
                 out[name] = "approval: " + ", ".join(task.approval.approvers or ["anyone trusted"])
+            elif task.signal is not None:
+                out[name] = f"signal: {task.signal.name}"
+            elif task.workflow is not None:
+                out[name] = "workflow: " + (task.workflow if isinstance(task.workflow, str) else "embedded")
             else:
                 out[name] = f"{task.agent} · {task.command}" + (" (map)" if task.map else "")
         return out
