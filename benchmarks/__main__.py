@@ -60,6 +60,8 @@ class Sizes:
     cancels: int = 100
     lua_fan_out: int = 50_000
     memory_total: int = 10_000
+    iterations: int = 1_000  # a loop's, and a planner's children below
+    children: int = 1_000
     memory_checkpoint: int = 1_000
     json_tasks: int = 100_000
     yaml_tasks: int = 10_000
@@ -81,6 +83,8 @@ QUICK = Sizes(
     cancels=20,
     lua_fan_out=10_000,
     memory_total=2_000,
+    iterations=200,
+    children=200,
     memory_checkpoint=200,
     rq_jobs=300,
     rq_forking_jobs=50,
@@ -265,6 +269,16 @@ class Bench:
                 self.results.add(
                     "pb.fanout_big", f"phibroker fan-out {s.lua_fan_out:,} (slowlog on)", "tasks/s", outcome
                 )
+            longest = max(longest, watch.longest.ms)
+        for label, workflow in (
+            (f"loop of {s.iterations:,} iterations", workloads.looping(s.iterations)),
+            (f"spawn of {s.children:,} children", workloads.spawning(s.children)),
+        ):
+            with workloads.deployed(self.url, self.logs) as deployment, SlowlogWatch(self.url) as watch:
+                seconds, size = workloads.unfolding(deployment, workflow)
+            note = f"{watch.longest.script}, of {watch.longest.calls:,} EVALSHA calls; the run took {seconds:.1f} s"
+            self.results.add(f"lua.{label}", f"longest EVALSHA during a {label}", "ms", watch.longest.ms, note)
+            self.results.add(f"mem.run.{label}", f"Redis memory of one {label} run", "KiB", size / 1024)
             longest = max(longest, watch.longest.ms)
         self.results.add("lua.max", "longest EVALSHA of all", "ms", longest)
 

@@ -170,6 +170,31 @@ def elapsed(status: dict[str, Any]) -> float:
     return float(status["finished_at"]) - float(status["created_at"])
 
 
+def looping(n: int) -> workflows.Workflow:
+    """One task that runs `n` iterations, one after another (`loop:`)."""
+    until = {"until": f"iteration >= {n}", "max_iterations": n}
+    return workflows.check({"name": f"loop-{n}", "tasks": {"L": {**_task(), "loop": until}}})
+
+
+def spawning(n: int) -> workflows.Workflow:
+    """One planner task whose handler spawns `n` children at once (`ctx.spawn`), then a join."""
+    plan = {"agent": AGENT, "command": "spawner", "payload": {"children": n}}
+    return workflows.check({"name": f"spawn-{n}", "tasks": {"Plan": plan, "Join": _task("Plan")}})
+
+
+def run_bytes(deployment: Deployment, wf_id: str) -> int:
+    """What one run holds in Redis (MEMORY USAGE of its keys): bounded, whatever unfolds at run time."""
+    keys = deployment.client.settings.keys.wf_keys(wf_id)
+    r = deployment.client.broker.redis
+    return sum(int(r.memory_usage(key) or 0) for key in keys)
+
+
+def unfolding(deployment: Deployment, workflow: workflows.Workflow) -> tuple[float, int]:
+    """A run that grows at run time: its seconds, and the bytes it holds once done."""
+    status = deployment.run(workflow)
+    return elapsed(status), run_bytes(deployment, status["id"])
+
+
 # -- the workloads: each returns one run's figures ------------------------------------------------------
 def fan_out_throughput(deployment: Deployment, n: int) -> float:
     workflow = fan_out(n)

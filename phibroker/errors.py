@@ -29,6 +29,14 @@ class CycleError(WorkflowFileError):
         super().__init__("dependency cycle: " + " -> ".join(path))
 
 
+class IncludeCycleError(WorkflowFileError):
+    """Sub-workflow files include each other (or one includes itself)."""
+
+    def __init__(self, chain: list[str]):
+        self.chain = chain
+        super().__init__("sub-workflow files include themselves: " + " -> ".join(chain))
+
+
 class UnknownDependencyError(WorkflowFileError):
     """A task depends on a task that does not exist."""
 

@@ -45,11 +45,15 @@ class Settings(BaseSettings):
     # units one transition dispatches: keeps every script call short, and a big release from holding up
     # the inbox; more follow in the next transitions, on the bulk lanes
     max_release: int = 64
+    max_children: int = 1000  # tasks one handler may spawn (ctx.spawn): a run's size stays bounded
+    max_depth: int = 10  # how deep sub-workflow runs may nest (a run's child's child ...)
     storm_depth: int = 16  # events caused by events deeper than this go to the DLQ
 
     # Retention
     retention: float = 7 * 24 * 3600.0  # seconds a finished workflow stays readable
     events_maxlen: int = 100_000
+    events_max_age: float = 7 * 24 * 3600.0  # the log keeps events as long as finished runs stay readable
+    events_max_bytes: int = 256 * MiB  # handlers' events can be big: a capped count alone does not cap memory
     stream_maxlen: int = 10_000  # past this length, task and inbox streams lose their acked entries
     trim_every: float = 10.0  # how often a coordinator trims them
     dead_worker_memory: float = 3600.0  # a dead worker stays listed by `agents` this long

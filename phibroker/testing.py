@@ -19,10 +19,10 @@ from typing import Any
 
 from phibroker import engine
 from phibroker.engine.records import status_document
-from phibroker.engine.state import WF_TERMINAL, Run, new_workflow_fields, timer_member
+from phibroker.engine.state import WF_TERMINAL, Run, new_workflow_fields, timer_member, timer_workflow
 from phibroker.runtime.agent import Agent, Context
-from phibroker.wire import TaskMessage, unpack
-from phibroker.workflow import Workflow, check, load
+from phibroker.wire import Inbox, TaskMessage, unpack
+from phibroker.workflow import Workflow, check, from_stored, load
 
 
 def free_port() -> int:
@@ -98,6 +98,9 @@ class Simulation:
 
         sim = Simulation("examples/saga.yaml", [vssc, kalic, cmdc])  # a file, or the same as a dict
         assert sim.run()["state"] == "failed"
+
+    A `workflow:` task's child runs are driven beside the run, as a coordinator drives them:
+    `sim.runs` holds every run by id and `sim.status(child_id)` shows one.
     """
 
     worker = "simulation"
@@ -120,16 +123,20 @@ class Simulation:
         self.agents = {agent.name: agent for agent in agents}
         self.now = start
         self.limit = limit
+        self.seed = seed
         meta = new_workflow_fields(workflow, workflow.params_with(params or {}), start)
         self.run_state = Run(run_id, workflow, meta, {}, {}, limit=limit)
         self.run_state.rand.seed(seed)
+        self.runs: dict[str, Run] = {run_id: self.run_state}  # the run and its child runs
         self.queue: deque[TaskMessage] = deque()
         self.timers: dict[str, float] = {}
         self.approvals: dict[str, dict[str, Any]] = {}
         self.events: list[dict[str, Any]] = []
         self.history: list[bytes] = []
+        self.histories: dict[str, list[bytes]] = {run_id: self.history}
         self.signals_sent: list[dict[str, Any]] = []  # ctx.signal to other runs: wf, name, data, sender
-        self._inbox: deque[dict[str, Any]] = deque()  # ctx.signal to this run, delivered in order
+        self._inbox: deque[dict[str, Any]] = deque()  # ctx.signal to these runs, delivered in order
+        self._messages: deque[Inbox] = deque()  # between runs: a child's end, a cancel of a child
         self._apply(engine.start)
 
     # -- driving -----------------------------------------------------------------------------------
@@ -141,13 +148,9 @@ class Simulation:
         raise RuntimeError(f"{self.run_state.id} did not settle in {max_steps} steps")
 
     def step(self) -> bool:
-        """Run the next dispatched attempt, or fire the next timer; False when nothing is left."""
-        if self._inbox:
-            sent = self._inbox.popleft()
-            self._apply(lambda run, now: engine.signal(run, sent["name"], sent.get("data"), now, sent.get("sender")))
-            return True
-        if self.queue:
-            self._execute(self.queue.popleft())
+        """Deliver the next message, run the next dispatched attempt, or fire the next timer; False
+        when nothing is left."""
+        if self._work_now():
             return True
         if not self.timers:
             return False
@@ -159,8 +162,7 @@ class Simulation:
         """Let `seconds` pass: whatever is due by then runs (an approval may time out); the status."""
         until = self.now + seconds
         while not self.ended:
-            if self.queue:
-                self._execute(self.queue.popleft())
+            if self._work_now():
                 continue
             due = [m for m, at in self.timers.items() if at <= until]
             if not due:
@@ -202,22 +204,25 @@ class Simulation:
     def ended(self) -> bool:
         return self.run_state.wf_state in WF_TERMINAL
 
-    def status(self) -> dict[str, Any]:
-        """The run as `status --json` shows it."""
-        run = self.run_state
+    def status(self, run_id: str | None = None) -> dict[str, Any]:
+        """The run (or one of its child runs) as `status --json` shows it."""
+        run = self.runs[run_id or self.run_state.id]
         units = {name: dict(record) for name, record in run.units.items()}
-        return status_document(run.id, dict(run.meta), units, dict(run.raw_results), self.history, self.limit)
+        history = self.histories[run.id]
+        return status_document(run.id, dict(run.meta), units, dict(run.raw_results), history, self.limit)
 
     def event_types(self, task: str | None = None) -> list[str]:
         """The types of the events published so far, of one task or all."""
         return [e["type"] for e in self.events if task is None or e.get("task") == task]
 
     # -- inside ------------------------------------------------------------------------------------
-    def _apply(self, step: Callable[[Run, float], Any]) -> Any:
-        """One input applied to the run, and its transition carried out as a coordinator would."""
-        tx = self.run_state.begin()
-        value = step(self.run_state, self.now)
-        self.history += tx.history
+    def _apply(self, step: Callable[[Run, float], Any], run: Run | None = None) -> Any:
+        """One input applied to the run (or a child run), and its transition carried out as a
+        coordinator would."""
+        run = run or self.run_state
+        tx = run.begin()
+        value = step(run, self.now)
+        self.histories[run.id] += tx.history
         self.events += tx.events
         self.queue.extend(TaskMessage.decode(raw, self.limit) for _, raw in tx.dispatches)
         self.timers.update(tx.timers_add)
@@ -226,16 +231,56 @@ class Simulation:
         self.approvals.update({k: unpack(v, self.limit) for k, v in tx.approvals_set.items()})
         for request in tx.approvals_del:
             self.approvals.pop(request, None)
-        for sent in tx.signals:  # ctx.signal: to this run it arrives, to any other it is only recorded
-            if sent["wf"] == self.run_state.id:
+        for sent in tx.signals:  # ctx.signal: to these runs it arrives, to any other it is only recorded
+            if sent["wf"] in self.runs:
                 self._inbox.append(sent)
             else:
                 self.signals_sent.append(sent)
+        self._messages.extend(Inbox.decode(raw, self.limit * 4) for raw in tx.inbox)
+        for child_id, fields in tx.child_runs:
+            self._create(child_id, fields)
         return value
 
+    def _create(self, run_id: str, fields: Mapping[str, Any]) -> None:
+        """A child run, created once (as the create script does) and started."""
+        if run_id in self.runs:
+            return
+        meta = dict(fields)
+        child = Run(run_id, from_stored(meta["spec"]), meta, {}, {}, limit=self.limit)
+        child.rand.seed(self.seed)
+        self.runs[run_id] = child
+        self.histories[run_id] = []
+        self._apply(engine.start, child)
+
+    def _work_now(self) -> bool:
+        """Deliver one message between runs, or one signal, or run one dispatched attempt: False if none."""
+        if self._messages:
+            message = self._messages.popleft()
+            target = self.runs.get(str(message.body["wf"]))
+            if target is not None:
+                self._deliver(message, target)
+            return True
+        if self._inbox:
+            sent = self._inbox.popleft()
+            name, data, sender = sent["name"], sent.get("data"), sent.get("sender")
+            self._apply(lambda run, now: engine.signal(run, name, data, now, sender), self.runs[sent["wf"]])
+            return True
+        if self.queue:
+            self._execute(self.queue.popleft())
+            return True
+        return False
+
+    def _deliver(self, message: Inbox, target: Run) -> None:
+        body = message.body
+        if message.kind == "child":
+            self._apply(lambda run, now: engine.child_ended(run, body, now), target)
+        elif message.kind == "cancel":
+            reason = str(body.get("reason") or "cancelled by request")
+            self._apply(lambda run, now: engine.cancel(run, now, reason), target)
+
     def _execute(self, message: TaskMessage) -> None:
-        if self.run_state.units.get(message.unit, {}).get("stop"):  # asked to stop before it started
-            self._apply(lambda run, now: engine.declined(run, message.unit, message.id, now))
+        if self.runs[message.wf].units.get(message.unit, {}).get("stop"):  # asked to stop before it started
+            self._apply(lambda run, now: engine.declined(run, message.unit, message.id, now), self.runs[message.wf])
             return
         agent = self.agents.get(message.agent)
         if agent is None:
@@ -245,26 +290,33 @@ class Simulation:
         outcome = agent.execute(message.command, ctx, message.payload, self.limit)
         outcome.started = outcome.finished = self.now  # handlers take no virtual time
         result = outcome.result(ctx, self.worker)
-        self._apply(lambda run, now: engine.apply_result(run, result, now))
+        self._apply(lambda run, now: engine.apply_result(run, result, now), self.runs[message.wf])
 
     def _fire(self, member: str) -> None:
         self.now = max(self.now, self.timers.pop(member))
-        self._apply(lambda run, now: engine.apply_timer(run, member, now))
+        target = self.runs.get(timer_workflow(member))
+        if target is not None:
+            self._apply(lambda run, now: engine.apply_timer(run, member, now), target)
 
     def _waiting_for_a_person(self) -> bool:
         """An approval or a signal gate is open and nothing but its timeout (or a later timer) would
         happen next: the run waits for someone outside."""
-        run = self.run_state
-        gates = [t for named in run.workflow.signal_gates.values() for t in named]
-        waiting = [timer_member("signal", run.id, t) for t in gates if run.state(t) == "running"]
-        waiting += [timer_member("approval", run.id, r["task"], r["id"]) for r in self.approvals.values()]
-        if self.queue or self._inbox or not waiting:
+        waiting = [
+            timer_member("signal", run.id, t)
+            for run in self.runs.values()
+            for named in run.workflow.signal_gates.values()
+            for t in named
+            if run.state(t) == "running"
+        ]
+        waiting += [timer_member("approval", r["workflow"], r["task"], r["id"]) for r in self.approvals.values()]
+        if self.queue or self._inbox or self._messages or not waiting:
             return False
         first = min(self.timers.values(), default=None)
         return first is None or first in {self.timers.get(m) for m in waiting}
 
     def _decide(self, task: str, decision: str, approver: str, **words: str | None) -> dict[str, Any]:
-        request = next((r for r in self.approvals.values() if r["task"] == task), None)
+        main = self.run_state.id
+        request = next((r for r in self.approvals.values() if r["task"] == task and r["workflow"] == main), None)
         if request is None:
             raise LookupError(f"no open approval for task {task!r}")
         body = {"task": task, "approval": request["id"], "approver": approver, "decision": decision, **words}

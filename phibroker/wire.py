@@ -54,14 +54,46 @@ def pack(value: Any) -> bytes:
         raise TypeError(f"not msgpack-serialisable: {exc}") from None
 
 
+# msgpack unpacks containers up to 1024 deep but packs only 511: deeper data could be decoded and then
+# neither re-packed (a dead letter, a dispatch, a stored result) nor dumped as JSON, so it is refused here.
+MAX_DEPTH = 500
+# The bytes that open a map or an array (fixmap, fixarray, array 16/32, map 16/32): every level of
+# nesting takes at least one, so a message with few of them is shallow without walking it.
+_OPENERS = bytes([*range(0x80, 0xA0), 0xDC, 0xDD, 0xDE, 0xDF])
+_NOT_OPENERS = bytes(b for b in range(256) if b not in _OPENERS)
+
+
+def nests_deeper(value: Any, limit: int) -> bool:
+    """Whether maps and lists nest more than `limit` levels (the value itself is level 1); walked level
+    by level, never recursively, and never past `limit`."""
+    level = [value] if type(value) in (dict, list) else []
+    for _ in range(limit):
+        nested = []
+        for container in level:
+            for item in container.values() if type(container) is dict else container:
+                if type(item) is dict or type(item) is list:
+                    nested.append(item)
+        if not nested:
+            return False
+        level = nested
+    return True
+
+
+def _may_nest_deeper(raw: bytes) -> bool:
+    """Cheap (no walk, ~1 ns a byte, nothing for a short message): whether `raw` has enough bytes that
+    open a container to nest past MAX_DEPTH."""
+    return len(raw) > MAX_DEPTH and len(raw.translate(None, _NOT_OPENERS)) > MAX_DEPTH
+
+
 def unpack(raw: bytes, limit: int) -> Any:
-    """Unpack untrusted bytes: size capped first, no ext types, no timestamps, bounded containers."""
+    """Unpack untrusted bytes: size capped first, no ext types, no timestamps, bounded containers and
+    nesting."""
     if not raw:
         raise DecodeError(raw, "empty message (no `m` field)")
     if len(raw) > limit:
         raise DecodeError(raw, f"{len(raw)} bytes, over the {limit}-byte limit")
     try:
-        return msgpack.unpackb(
+        value = msgpack.unpackb(
             raw,
             raw=False,
             strict_map_key=True,
@@ -72,8 +104,13 @@ def unpack(raw: bytes, limit: int) -> Any:
             max_ext_len=0,
             timestamp=0,
         )
+    except msgpack.StackError:
+        raise DecodeError(raw, f"nested deeper than {MAX_DEPTH} levels") from None
     except (ValueError, TypeError, msgpack.ExtraData, msgpack.UnpackException, RecursionError) as exc:
         raise DecodeError(raw, f"not msgpack: {type(exc).__name__}: {exc}") from None
+    if _may_nest_deeper(raw) and nests_deeper(value, MAX_DEPTH):
+        raise DecodeError(raw, f"nested deeper than {MAX_DEPTH} levels")
+    return value
 
 
 def pack_limited(value: Any, limit: int, what: str) -> bytes:
@@ -248,7 +285,8 @@ class Inbox:
     kinds: `results` (from a worker), `submit`, `cancel` (the run, or `tasks` of it), `decide` (an
     approval decision), `lost` (a task message dead-lettered by a worker), `declined` (a worker would not
     start a unit asked to stop), `kick` (start a workflow again), `retry` (re-open an ended run),
-    `signal` (for a signal gate), `trigger` (an event matched a workflow trigger). Results travel as
+    `signal` (for a signal gate), `child` (a child run of a `workflow:` task ended: its state, error and
+    packed output), `trigger` (an event matched a workflow trigger). Results travel as
     one packed blob, so a worker can sign exactly those bytes with its agent's secret (`agent`, `sig`)
     and a coordinator can check them before decoding.
     """
@@ -328,6 +366,7 @@ _BODY_FIELDS = {  # what each control message must name
     "declined": ("wf", "unit", "dispatch"),
     "retry": ("wf",),
     "signal": ("wf", "name"),
+    "child": ("wf", "task", "child", "state"),
     "trigger": ("wf", "trigger"),
 }
 _INBOX_KINDS = frozenset({"results", *_BODY_FIELDS})

@@ -256,7 +256,7 @@ def test_to_mermaid_of_a_run_puts_each_task_in_its_state_class() -> None:
 
 def test_every_task_state_has_its_own_colour() -> None:
     task_states = ["pending", "ready", "running", "retrying", "succeeded", "failed", "skipped", "cancelled"]
-    assert set(STATE_COLOURS) == {*task_states, "compensated"}
+    assert set(STATE_COLOURS) == {*task_states, "upstream_failed", "compensated", "cancelling"}
     assert len(set(STATE_COLOURS.values())) == len(STATE_COLOURS)
 
 

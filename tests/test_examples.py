@@ -3,7 +3,10 @@ real redis-server, a real coordinator and one real worker process per agent the 
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -51,11 +54,16 @@ class Run:
         return EXAMPLES / f"{self.example}.yaml"
 
     def start(self) -> None:
-        """A coordinator and a reference worker for each agent the example names (tasks and compensations)."""
+        """A coordinator and a reference worker for each agent the example names (tasks, compensations and
+        its sub-workflows' tasks)."""
         self.procs.coordinator()
         agents = set()
-        for task in workflows.load(self.path).spec.tasks.values():
-            agents.update(a for a in (task.agent, task.compensate and task.compensate.agent) if a)
+        loaded = [workflows.load(self.path)]
+        while loaded:
+            workflow = loaded.pop()
+            loaded += workflow.subworkflows.values()
+            for task in workflow.spec.tasks.values():
+                agents.update(a for a in (task.agent, task.compensate and task.compensate.agent) if a)
         workspace = str(self.tmp_path / "workspace")
         for agent in sorted(agents):
             self.procs.worker(agent, app=f"workers.{agent}", PHIBROKER_WORKSPACE=workspace)
@@ -285,6 +293,102 @@ def check_rq_bridge(run: Run) -> None:
     assert tasks["SmokeTest"]["result"]["output_tail"] == "smoke test of inventory-service passed"
 
 
+def check_sub_team(run: Run) -> None:
+    wf_id = run.submit()
+    status = run.wait(wf_id)
+    tasks = succeeded(run, status)
+    child = run.client.status(tasks["Review"]["child"])
+    assert child["parent"] == {"id": wf_id, "task": "Review"} and child["state"] == "succeeded"
+    assert child["params"]["workspace"] == tasks["Implement"]["result"]["workspace"]
+    verdict = tasks["Review"]["result"]
+    assert verdict == child["output"] == {"component": "rate limiter", "vulnerabilities": 0, "tests_passed": True}
+    assert status["output"] == {"release": tasks["Implement"]["result"]["release"], "review": verdict}
+    assert child["tasks"]["UnitTests"]["result"]["output_tail"].count("PASS") == 1
+
+
+def check_critique_revise(run: Run) -> None:
+    tasks = succeeded(run, run.wait(wf_id := run.submit()))
+    draft = tasks["Draft"]
+    assert draft["iterations"] == 3 and draft["result"]["version"] == 3  # scores 4, 6, then 8: the target
+    assert [h["attempt"] for h in draft["history"]] == [1, 2, 3]
+    assert draft["result"]["score"] == 8 and draft["result"]["addressed"].startswith("cite at least 2 sources")
+    assert tasks["Review"]["result"]["score"] == 8 and tasks["Review"]["result"]["passed"] is True
+    status = run.client.status(wf_id)
+    assert status["output"] == draft["result"]["text"] and status["output"].startswith("# API rate limiting\n")
+    assert Path(draft["result"]["path"]).read_text(encoding="utf-8") == status["output"]
+    iterated = [e["data"]["iteration"] for e in events_of(run.settings, wf_id) if e["type"] == "task.iterated"]
+    assert iterated == [2, 3]
+    # A target no draft reaches (the rubric gives 10 at most): the loop runs out and fails the task
+    exhausted = run.wait(run.submit(target=11))
+    assert exhausted["state"] == "failed", run.fail(exhausted)
+    assert exhausted["tasks"]["Draft"]["error"] == "loop exhausted after 5 iterations"
+
+
+def serve(run: Run, *agents: str) -> None:
+    """Workers for agents the file does not name: those of the tasks a planner spawns."""
+    for agent in agents:
+        run.procs.worker(agent, app=f"workers.{agent}", PHIBROKER_WORKSPACE=str(run.tmp_path / "workspace"))
+
+
+def check_plan_and_execute(run: Run) -> None:
+    serve(run, "webc", "vssc", "kalic")
+    wf_id = run.submit()
+    tasks = succeeded(run, run.wait(wf_id))
+    steps = ["research", "requirements", "implement_orders_api", "implement_admin_ui_for_oauth2_login", "audit"]
+    assert [s["name"] for s in tasks["Plan"]["result"]["steps"]] == steps
+    assert sorted(tasks) == sorted(["Plan", "Report", *(f"Plan/{s}" for s in steps)])
+    audit = tasks["Plan/audit"]["result"]
+    builds = [tasks[f"Plan/{s}"]["result"]["workspace"] for s in steps[2:4]]
+    assert audit["targets"] == builds and audit["vulnerabilities_found"] == 0
+    for child, after in (("research", "requirements"), ("requirements", "implement_admin_ui_for_oauth2_login")):
+        done, sent = (
+            ("task.succeeded", f"Plan/{child}", f"Plan/{child}"),
+            ("task.dispatched", f"Plan/{after}", f"Plan/{after}"),
+        )
+        assert happened_before(run, wf_id, done, sent), (child, after)
+    plan_done = ("task.succeeded", "Plan", "Plan")
+    assert happened_before(run, wf_id, ("task.succeeded", "Plan/audit", "Plan/audit"), plan_done)
+    assert happened_before(run, wf_id, plan_done, ("task.dispatched", "Report", "Report"))
+    report = tasks["Report"]["result"]
+    assert report["missing"] == [] and sorted(report["steps"]) == sorted(f"Plan/{s}" for s in steps)
+    assert report["steps"]["Plan/audit"].startswith("vulnerabilities_found: 0")
+    assert run.client.status(wf_id)["output"] == {"report": report["path"], "vulnerabilities": 0}
+
+
+def signal(run: Run, wf_id: str, data: dict[str, Any]) -> None:
+    """What CI does when the build ends: `phibroker signal ID ci-done --data JSON`."""
+    args = [sys.executable, "-m", "phibroker", "signal", wf_id, "ci-done", "--data", json.dumps(data)]
+    sent = subprocess.run(args, env=run.procs.env(), capture_output=True, text=True, timeout=60, check=False)
+    assert sent.returncode == 0, sent.stderr
+
+
+def waiting_for_ci(run: Run, wf_id: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 30
+    while (status := run.client.status(wf_id))["tasks"]["CI"].get("waiting_for") != "signal ci-done":
+        assert status["state"] == "running" and time.monotonic() < deadline, run.fail(status)
+        time.sleep(0.05)
+    return status
+
+
+def check_wait_for_ci(run: Run) -> None:
+    green, red = run.submit(), run.submit()
+    status = waiting_for_ci(run, green)
+    assert status["tasks"]["Deploy"]["state"] == "pending"
+    started = status["tasks"]["StartCI"]["result"]
+    assert started["status"] == "queued" and Path(started["request"]).is_file()
+    assert started["notify"].startswith(f"phibroker signal {green} ci-done --data ")
+    signal(run, green, {"build": started["build"], "passed": True})
+    tasks = succeeded(run, run.wait(green))
+    assert tasks["CI"]["result"] == {"build": started["build"], "passed": True}
+    release = tasks["Build"]["result"]["release"]
+    assert tasks["Deploy"]["result"]["release"] == release and run.client.status(green)["output"] == release
+    # A red build: the gate passes its verdict on and the deploy is skipped
+    waiting_for_ci(run, red)
+    signal(run, red, {"build": "ci-red", "passed": False})
+    tasks = succeeded(run, run.wait(red), "Deploy")
+    assert tasks["CI"]["result"]["passed"] is False and run.client.status(red)["output"] is None
+
+
 EXPECTATIONS: dict[str, Callable[[Run], None]] = {
     "sequential-pipeline": check_sequential_pipeline,
     "fan-out-fan-in": check_fan_out_fan_in,
@@ -299,6 +403,10 @@ EXPECTATIONS: dict[str, Callable[[Run], None]] = {
     "complete-dag": check_complete_dag,
     "audit-repository": check_audit_repository,
     "rq-bridge": check_rq_bridge,
+    "critique-revise": check_critique_revise,
+    "plan-and-execute": check_plan_and_execute,
+    "wait-for-ci": check_wait_for_ci,
+    "sub-team": check_sub_team,
 }
 
 

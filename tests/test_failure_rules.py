@@ -299,3 +299,22 @@ def test_a_compensated_run_is_not_retried(w: Agent) -> None:
     assert sim.run()["tasks"]["A"]["state"] == "compensated"
     with pytest.raises(ValueError, match="was compensated"):
         sim.retry()
+
+
+def test_retry_gives_the_tasks_it_runs_again_a_fresh_retry_budget() -> None:
+    agent, calls = Agent("w"), []
+
+    @agent.command("flaky")
+    def flaky(ctx: Any) -> str:
+        calls.append(ctx.attempt)
+        if len(calls) < 4:
+            raise ConnectionError("unavailable")
+        return "done"
+
+    sim = Simulation(
+        {"name": "budget", "tasks": {"A": {"agent": "w", "command": "flaky", "retry": {"max_attempts": 2}}}},
+        [agent],
+    )
+    assert sim.run()["state"] == "failed" and calls == [1, 2]
+    doc = sim.retry()
+    assert doc["state"] == "succeeded" and calls == [1, 2, 3, 4]  # two more tries, not one

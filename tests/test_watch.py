@@ -377,7 +377,7 @@ tasks:
 
 def test_why_names_every_blocker(procs: Processes, client: Client, settings: Settings, tmp_path: Path) -> None:
     (tmp_path / "stuck.yaml").write_text(STUCK)
-    procs.coordinator()
+    procs.coordinator(PHIBROKER_CANCEL_GRACE="1")  # the killed worker's task will never say it stopped
     worker = procs.worker("probe", app="tests.apps.probe")
     wf_id = client.submit(tmp_path / "stuck.yaml")
     wanted = {"Orphan": "ready", "Flaky": "retrying", "Gate": "running", "Long": "running", "After": "pending"}

@@ -1,7 +1,8 @@
-"""cmdc: run_tests (success, failure, timeout, cancellation), log analysis and merge, deploy/rollback."""
+"""cmdc: run_tests (success, failure, timeout, cancellation), log analysis and merge, deploy/rollback, start_ci."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import threading
@@ -211,3 +212,28 @@ def test_deploy_without_a_release_fails(tmp_path: Path) -> None:
 
 def test_rollback_without_a_result_does_nothing() -> None:
     assert cmdc.rollback(ctx(command="rollback")) == {"restored": None, "changed": False}
+
+
+def test_start_ci_queues_a_build_and_says_how_to_report_it(tmp_path: Path) -> None:
+    context = ctx(inputs={"Build": {"release": "ui-abcdef12"}}, command="start_ci")
+    result = cmdc.start_ci(context, workspace=str(tmp_path))
+    assert result["status"] == "queued" and result["release"] == "ui-abcdef12" and result["signal"] == "ci-done"
+    assert (
+        result["build"].startswith("ci-")
+        and result["build"] == cmdc.start_ci(context, workspace=str(tmp_path))["build"]
+    )
+    assert (
+        result["notify"] == f'phibroker signal wf ci-done --data \'{{"build": "{result["build"]}", "passed": true}}\''
+    )
+    request = json.loads(Path(result["request"]).read_text(encoding="utf-8"))
+    assert Path(result["request"]).parent == tmp_path / "ci" / "queue" and request["workflow"] == "wf"
+    other = cmdc.start_ci(ctx(command="start_ci"), release="ui-abcdef13", workspace=str(tmp_path))
+    assert other["build"] != result["build"]  # another release, another build
+    assert sorted(p.name for p in (tmp_path / "ci" / "queue").iterdir()) == sorted(
+        f"{b}.json" for b in (result["build"], other["build"])
+    )
+
+
+def test_start_ci_without_a_release_fails(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="start_ci needs a `release`"):
+        cmdc.start_ci(ctx(command="start_ci"), workspace=str(tmp_path))

@@ -1,4 +1,4 @@
-"""kalic: each static rule on crafted files, the dependency and license checks, the audit, verify_fix."""
+"""kalic: each static rule on crafted files, the dependency and license checks, the audit, verify_fix, review."""
 
 from __future__ import annotations
 
@@ -151,3 +151,25 @@ def test_verify_fix_prefers_the_fixed_copies_of_an_input(tmp_path: Path) -> None
 
 def test_verify_fix_without_findings_is_fixed() -> None:
     assert kalic.verify_fix(ctx(), findings=None)["fixed"] is True
+
+
+def test_review_scores_a_draft_against_the_rubric() -> None:
+    bare = kalic.review(ctx(), text="Some words about limits.")
+    assert bare["score"] == 0 and bare["passed"] is False and len(bare["notes"]) == 5
+    text = (
+        "# Rate limiting\n\nThis note explains rate limiting for the team that builds the public API gateway.\n\n"
+        "## Buckets\n\nRefill at a steady rate [1].\n\n## Answers\n\nSay 429 and when to retry [2].\n\n"
+        "## References\n\n1. Buckets\n2. Answers\n"
+    )
+    review = kalic.review(ctx(), text=text, topic="rate limiting", target=8)
+    assert review["score"] == 8 and review["passed"] is True
+    assert review["notes"] == ["end with a `## Conclusion` that says what to do"]
+    assert kalic.review(ctx(), text=text, topic="caching")["criteria"]["title"] is False  # another topic's title
+
+
+def test_review_takes_the_draft_from_its_inputs() -> None:
+    draft = {"topic": "rate limiting", "text": "# Rate limiting\n\nShort.\n"}
+    review = kalic.review(ctx({"Draft": draft}), target=2)
+    assert review["criteria"]["title"] is True and review["score"] == 2 and review["passed"] is True
+    with pytest.raises(ValueError, match="review needs a `text`.*got: Other"):
+        kalic.review(ctx({"Other": {"score": 1}}))

@@ -1,8 +1,10 @@
-"""cmdc: run commands (without a shell), read and analyse logs, and deploy releases by an atomic symlink switch."""
+"""cmdc: run commands (without a shell), read and analyse logs, queue CI builds, and deploy releases by an atomic
+symlink switch."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import re
@@ -18,7 +20,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from phibroker.runtime.agent import Agent, Context
-from workers._common import inputs_with, safe_name, workspace_root
+from workers._common import inputs_with, safe_name, short_hash, workspace_root
 
 agent = Agent("cmdc")
 
@@ -346,3 +348,36 @@ def publish_report(
         "bytes": len(data),
         "sha256": hashlib.sha256(data).hexdigest(),
     }
+
+
+# -- start_ci ---------------------------------------------------------------------------------------
+
+
+@agent.command("start_ci")
+def start_ci(
+    ctx: Context,
+    release: str | None = None,
+    pipeline: str = "ci",
+    signal: str = "ci-done",
+    workspace: str | None = None,
+    **_: Any,
+) -> dict[str, Any]:
+    """Queue a CI build of the release and return at once: the build is a request file in
+    `<workspace>/ci/queue/` that a CI system (or a person) picks up, and its verdict comes back to the
+    run as a signal, the command for which the result spells out (`notify`)."""
+    chosen = release or next((str(r["release"]) for r in inputs_with(ctx, "release")), None)
+    if not chosen:
+        raise ValueError(
+            "start_ci needs a `release` (in the payload or in an input's result, such as vssc's implement)"
+        )
+    release = safe_name(chosen)
+    build = f"{safe_name(pipeline)}-{short_hash([ctx.workflow_id.encode(), release.encode()])}"
+    verdict = json.dumps({"build": build, "passed": True})
+    notify = f"phibroker signal {ctx.workflow_id} {signal} --data '{verdict}'"
+    request = {"build": build, "release": release, "workflow": ctx.workflow_id, "signal": signal, "notify": notify}
+    queue = workspace_root(workspace) / "ci" / "queue"
+    queue.mkdir(parents=True, exist_ok=True)
+    temporary = queue / f".{build}.{os.getpid()}-{os.urandom(4).hex()}"
+    temporary.write_text(json.dumps(request, indent=2) + "\n", encoding="utf-8")
+    os.replace(temporary, queue / f"{build}.json")
+    return {**request, "status": "queued", "request": str(queue / f"{build}.json")}

@@ -1,5 +1,6 @@
-"""dc: documents a person reads — a requirements document that cites its research sources, and an audit
-report that merges kalic's checks."""
+"""dc: documents a person reads — a requirements document that cites its research sources, an audit
+report that merges kalic's checks, a draft revised until its review passes — and plans whose steps it
+spawns at run time."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from typing import Any
 
 from phibroker.runtime.agent import Agent, Context
 from workers._common import SEVERITY_RANK, severity_counts, workflow_dir, worst_severity
+from workers._planning import components_of, plan_steps, render_report
+from workers._writing import assess, compose, next_parts
 
 agent = Agent("dc")
 
@@ -429,3 +432,58 @@ def report(
         "max_severity": worst,
         "checks": {c.label: c.total for c in checks},
     }
+
+
+# -- draft: an article revised round by round (a `loop:` task) -------------------------------------
+
+
+@agent.command("draft")
+def draft(
+    ctx: Context, topic: str, notes: list[str] | None = None, workspace: str | None = None, **_: Any
+) -> dict[str, Any]:
+    """A short article on the topic from the research inputs, scored against the review rubric. In a
+    loop each iteration revises `ctx.previous`, fixing the first of its notes (or of the payload's
+    `notes`, a reviewer's), so the score climbs two points a round; written to <workspace>/<wf>/draft.md."""
+    sources = merge_sources(research_inputs(ctx))
+    previous = ctx.previous if isinstance(ctx.previous, dict) else {}
+    asked = notes if notes is not None else previous.get("notes")
+    parts, addressed = next_parts(asked, sources)
+    text = compose(topic, sources, parts)
+    path = workflow_dir(ctx, workspace) / "draft.md"
+    write_atomically(path, text)
+    review = assess(text, topic)
+    return {"topic": topic, "version": ctx.iteration, "text": text, "path": str(path), "addressed": addressed, **review}
+
+
+# -- plan: steps spawned at run time, and the report over them --------------------------------------
+
+
+@agent.command("plan")
+def plan(ctx: Context, goal: str, components: list[str] | None = None, audit: bool = True, **_: Any) -> dict[str, Any]:
+    """Spawn the steps that reach the goal as children of this task (research, requirements, one
+    implement per component, an audit of what was built); the task ends once they all have."""
+    steps = plan_steps(goal, components or components_of(goal), audit)
+    for step in steps:
+        ctx.spawn(
+            step["name"],
+            step["command"],
+            agent=step["agent"],
+            payload=step.get("payload"),
+            depends_on=step.get("depends_on", ()),
+        )
+    listed = [{k: step.get(k, []) for k in ("name", "agent", "command", "depends_on")} for step in steps]
+    return {"goal": goal, "steps": listed, "step_count": len(steps)}
+
+
+@agent.command("plan_report")
+def plan_report(ctx: Context, workspace: str | None = None, **_: Any) -> dict[str, Any]:
+    """A markdown table of what each planned step returned, from the plan among the inputs and its
+    children's results (`ctx.inputs["Plan/NAME"]`); written to <workspace>/<wf>/plan-report.md."""
+    plans = [(t, r) for t, r in ctx.inputs.items() if isinstance(r, dict) and isinstance(r.get("steps"), list)]
+    if not plans:
+        got = ", ".join(ctx.inputs) or "no inputs at all"
+        raise ValueError(f"plan_report needs a plan among its inputs (dc's plan result); got: {got}")
+    markdown, steps, missing = render_report(plans, ctx.inputs)
+    path = workflow_dir(ctx, workspace) / "plan-report.md"
+    write_atomically(path, markdown)
+    return {"path": str(path), "markdown": markdown, "steps": steps, "missing": missing}

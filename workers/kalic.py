@@ -1,4 +1,5 @@
-"""kalic: static security checks of Python code, dependency manifests and license headers.
+"""kalic: static security checks of Python code, dependency manifests and license headers, and reviews
+of written drafts against a rubric.
 
 Everything is read with the standard library (`ast`, `tomllib`); nothing is executed or installed.
 Findings are `{"file", "line", "rule", "severity", "message"}` with `file` an absolute path, so another
@@ -17,6 +18,7 @@ from typing import Any
 
 from phibroker.runtime.agent import Agent, Context
 from workers._common import MAX_ITEMS, SEVERITY_RANK, inputs_with, severity_counts, walk_files
+from workers._writing import assess
 
 agent = Agent("kalic")
 
@@ -418,3 +420,19 @@ def verify_fix(ctx: Context, findings: list[Finding] | None = None, **_: Any) ->
         if (item.get("rule"), item.get("line")) in rescans[checked]:
             remaining.append({**item, "checked": checked})
     return {"fixed": not remaining, "remaining": remaining[:MAX_ITEMS], "checked": sorted(rescans)[:MAX_ITEMS]}
+
+
+@agent.command("review")
+def review(
+    ctx: Context, text: str | None = None, topic: str | None = None, target: int = 8, **_: Any
+) -> dict[str, Any]:
+    """Score a draft 0-10 against the writing rubric (workers/_writing.py), with a note per criterion
+    missed; the draft is the payload's `text`, else the first input result with a `text`."""
+    drafts = inputs_with(ctx, "text")
+    if text is None and not drafts:
+        got = ", ".join(ctx.inputs) or "no inputs at all"
+        raise ValueError(f"review needs a `text` (in the payload or an input's result, such as dc's draft); got: {got}")
+    chosen = text if text is not None else str(drafts[0]["text"])
+    about = topic if topic is not None else str(drafts[0].get("topic") or "") if drafts else ""
+    verdict = assess(chosen, about)
+    return {**verdict, "target": int(target), "passed": verdict["score"] >= int(target)}

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from phibroker.errors import PhibrokerError
-from phibroker.tools.styles import ago, aligned, duration_text
+from phibroker.engine.state import TASK_TERMINAL
+from phibroker.errors import PhibrokerError, UnknownWorkflow
+from phibroker.tools.styles import ago, aligned, duration_text, task_notes, task_tree
+from phibroker.workflow.render import SUBFLOW_SEP
 
 if TYPE_CHECKING:
     from phibroker.runtime.client import Client
@@ -29,7 +32,7 @@ def progress_printer(
 
     def show(status: dict[str, Any]) -> None:
         tasks = status["tasks"].values()
-        done = sum(1 for t in tasks if t["state"] in ("succeeded", "failed", "skipped", "cancelled", "compensated"))
+        done = sum(1 for t in tasks if t["state"] in TASK_TERMINAL)
         running = sum(1 for t in tasks if t["state"] in ("running", "ready", "retrying"))
         line = f"{status['state']}: {done}/{len(status['tasks'])} tasks done, {running} in flight"
         if line != last[0]:
@@ -42,7 +45,7 @@ def progress_printer(
 
 
 def waiting_notes(status: dict[str, Any], live_agents: Callable[[], set[str]], said: set[str]) -> list[str]:
-    """What a run waits on that only the user can give: a worker for an agent, or a decision. `said`
+    """What a run waits on that only the user can give: a worker for an agent, a decision, a signal. `said`
     keeps what was already told, so each is told once; leases are read only while something may lack one."""
     notes = []
     busy = {t["agent"] for t in status["tasks"].values() if t["agent"] and t["state"] in ("ready", "running")}
@@ -59,6 +62,11 @@ def waiting_notes(status: dict[str, Any], live_agents: Callable[[], set[str]], s
                 f"approval {request} ({name}) waits: phibroker approve {request}"
                 f" / phibroker reject {request} --reason ..."
             )
+        waiting = str(task.get("waiting_for") or "")
+        if waiting.startswith("signal ") and task["state"] == "running" and f"{name} {waiting}" not in said:
+            said.add(f"{name} {waiting}")
+            signal = waiting.removeprefix("signal ")
+            notes.append(f"{name} waits for signal {signal}: phibroker signal {status['id']} {signal} --data '...'")
     return notes
 
 
@@ -88,21 +96,74 @@ def warn_unserved(client: Client, workflow: Workflow) -> set[str]:
     return told
 
 
-def print_status(doc: dict[str, Any]) -> None:
+def print_status(doc: dict[str, Any], workflow: Workflow | None = None) -> None:
+    """A run and its tasks, for a terminal: spawned children indented under their parent, how far a
+    loop went, what a gate or a `workflow:` task waits for, a task asked to stop, and the run's
+    `output`. `workflow` (the run's) gives each loop its `max_iterations`."""
     paint = painter()
     age = run_time(doc["created_at"], doc["finished_at"])
     click.echo(f"{doc['id']} ({doc['name']}): {paint(str(doc['state']), doc['state'])}" + (f" ({age})" if age else ""))
     if doc.get("error"):
         click.echo(f"  {doc['error']}")
-    width = max((len(n) for n in doc["tasks"]), default=4)
-    for name, task in doc["tasks"].items():
-        state = paint(f"{task['state']:<11}", task["state"])
-        line = f"  {name:<{width}}  {state} {task['agent'] or 'approval':<8} attempts {task['attempts']}"
+    if doc.get("parent"):
+        click.echo(f"  child run of {doc['parent']['id']} (task {doc['parent']['task']})")
+    limits = {n: t.loop.max_iterations for n, t in workflow.tasks.items() if t.loop} if workflow else {}
+    rows = task_tree(doc["tasks"])
+    width = max((len(name) + 2 * depth for name, depth, _ in rows), default=4)
+    state_width = max([11, *(len(str(t["state"])) for t in doc["tasks"].values())])
+    for name, depth, spawned in rows:
+        task = doc["tasks"][name]
+        state = paint(f"{task['state']:<{state_width}}", task["state"])
+        shown = "  " * depth + name
+        line = f"  {shown:<{width}}  {state} {runner(task):<8} attempts {task['attempts']}"
         if task["started_at"] and task["finished_at"]:
             line += f"  {duration_text(task['finished_at'] - task['started_at'], digits=2)}"
+        notes = task_notes(task, limits.get(name), spawned)
         if task["error"] and task["state"] not in ("succeeded",):
-            line += f"  {task['error']}"
-        click.echo(line)
+            notes.append(str(task["error"]))
+        click.echo("  ".join([line, *notes]))
+    if doc.get("output") is not None:
+        click.echo(f"output: {clipped(json.dumps(doc['output'], default=str), OUTPUT_SHOWN)}")
+
+
+OUTPUT_SHOWN = 300  # characters of a run's output `status` prints; `status --json` has it whole
+
+
+def runner(task: Mapping[str, Any]) -> str:
+    """Who runs a task: its agent, or what kind of task it is when no agent does."""
+    if task.get("agent"):
+        return str(task["agent"])
+    return "approval" if "approval" in task else "workflow" if "child" in task else "signal"
+
+
+def clipped(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def looped_workflow(client: Client, doc: dict[str, Any]) -> Workflow | None:
+    """The run's workflow when its status shows a loop, for `print_status` to tell each loop's
+    `max_iterations` (else None: one read fewer); None too when it cannot be read."""
+    if not any("iterations" in task for task in doc["tasks"].values()):
+        return None
+    try:
+        return client.workflow(str(doc["id"]))
+    except PhibrokerError:
+        return None
+
+
+def drawn_states(client: Client, doc: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """The state each task of a run's drawing shows: its own, `cancelling` while it is asked to stop,
+    and for a `workflow:` task, its child run's tasks too, as `TASK::CHILD_TASK` (see `render.Figure`)."""
+    states = {}
+    for name, task in doc["tasks"].items():
+        states[prefix + name] = "cancelling" if task.get("stopping") else str(task["state"])
+        if task.get("child"):
+            try:
+                child = client.status(str(task["child"]))
+            except UnknownWorkflow:  # not created yet, or expired
+                continue
+            states.update(drawn_states(client, child, prefix + name + SUBFLOW_SEP))
+    return states
 
 
 def painter() -> Callable[[str, str | None], str]:
@@ -130,24 +191,49 @@ def run_time(created: float | None, finished: float | None) -> str:
 
 def run_lines(rows: list[dict[str, Any]]) -> list[str]:
     """`list`: a line per run, in columns: id, name, state (coloured on a terminal), when it was
-    submitted, how long it took."""
+    submitted, how long it took. A child run of a `workflow:` task comes right under its parent."""
     paint = painter()
     now = time.time()
+    rows, depths = nested(rows)
     cells = [
         [
-            row["id"],
+            "  " * (depth - 1) + "└ " + row["id"] if depth else row["id"],
             row["name"] or "?",
             row["state"] or "?",
             ago(now - row["created_at"]) if row["created_at"] else "",
             run_time(row["created_at"], row["finished_at"]),
         ]
-        for row in rows
+        for row, depth in zip(rows, depths, strict=True)
     ]
     lines = []
     for row, padded in zip(rows, aligned(cells), strict=True):
         padded[2] = paint(padded[2], row["state"])
         lines.append("  ".join(padded).rstrip())
     return lines
+
+
+def nested(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[int]]:
+    """The rows with each child run right under its parent (when the parent is listed too), oldest
+    child first, and how deep each one sits."""
+    listed = {row["id"] for row in rows}
+    children: dict[str, list[dict[str, Any]]] = {}
+    for row in reversed(rows):
+        parent = (row.get("parent") or {}).get("id")
+        if parent in listed:
+            children.setdefault(str(parent), []).append(row)
+    out: list[dict[str, Any]] = []
+    depths: list[int] = []
+
+    def place(row: dict[str, Any], depth: int) -> None:
+        out.append(row)
+        depths.append(depth)
+        for child in children.get(row["id"], ()):
+            place(child, depth + 1)
+
+    for row in rows:
+        if (row.get("parent") or {}).get("id") not in listed:
+            place(row, 0)
+    return out, depths
 
 
 def seconds(value: float) -> str:

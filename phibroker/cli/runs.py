@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import Any
 
 import click
 
@@ -12,11 +13,19 @@ from phibroker.cli.app import (
     duration,
     main,
 )
-from phibroker.cli.output import print_status, progress_printer, run_lines, seconds, warn_unserved
+from phibroker.cli.output import (
+    drawn_states,
+    looped_workflow,
+    print_status,
+    progress_printer,
+    run_lines,
+    seconds,
+    warn_unserved,
+)
 from phibroker.engine.state import WF_TERMINAL, WF_WINDING_DOWN
 from phibroker.errors import InvalidInput
 from phibroker.settings import Settings
-from phibroker.workflow import dag
+from phibroker.workflow import drawing
 from phibroker.workflow.rules import explain_rules, rule_warnings
 
 
@@ -41,6 +50,8 @@ def validate(file: str, as_json: bool) -> None:
         shown = ", ".join(level[:12]) + (f", … (+{len(level) - 12})" if len(level) > 12 else "")
         click.echo(f"  {number:>3}. {shown}")
     click.echo(f"critical path ({seconds(length)}): {' -> '.join(path)}")
+    for line in drawing.summary(wf):
+        click.echo(line)
 
 
 @main.command()
@@ -53,6 +64,7 @@ def graph(settings: Settings, target: str, fmt: str) -> None:
     from phibroker.runtime.events import graph_edges
 
     states: dict[str, str] | None = None
+    doc: dict[str, Any] | None = None
     if workflows.names_a_file(target):
         wf = workflows.load(target)
     else:
@@ -64,12 +76,13 @@ def graph(settings: Settings, target: str, fmt: str) -> None:
                 wf, doc = client.workflow(target), client.status(target)
             except UnknownWorkflow:
                 raise InvalidInput(f"{target!r} is neither a workflow file nor the id of a run") from None
-        states = {name: task["state"] for name, task in doc["tasks"].items()}
-    edges = graph_edges(settings, wf)
+            states = drawn_states(client, doc)
+    figure = drawing.figure(wf, doc)
+    edges = [*graph_edges(settings, wf), *(drawing.spawn_edges(doc) if doc else ())]
     if fmt == "dot":
-        click.echo(dag.to_dot(wf.deps, name=wf.name, labels=wf.labels(), side_edges=edges, states=states), nl=False)
+        click.echo(drawing.to_dot(figure, wf.name, edges, states), nl=False)
     else:
-        click.echo(dag.to_mermaid(wf.deps, labels=wf.labels(), side_edges=edges, states=states), nl=False)
+        click.echo(drawing.to_mermaid(figure, edges, states), nl=False)
 
 
 @main.command()
@@ -108,7 +121,7 @@ def submit(
     if as_json:
         click.echo(json.dumps(status, default=str))
     else:
-        print_status(status)
+        print_status(status, wf)
     sys.exit(0 if status["state"] == "succeeded" else 1)
 
 
@@ -122,10 +135,11 @@ def status(settings: Settings, wf_id: str, as_json: bool) -> None:
 
     with Client(settings) as client:
         doc = client.status(wf_id)
+        workflow = None if as_json else looped_workflow(client, doc)
     if as_json:
         click.echo(json.dumps(doc, default=str))
     else:
-        print_status(doc)
+        print_status(doc, workflow)
 
 
 RUN_STATES = sorted(WF_WINDING_DOWN | {"running", "waiting_approval"})
@@ -212,6 +226,10 @@ def signal(settings: Settings, wf_id: str, name: str, data: str, as_json: bool) 
         value = json.loads(data)
     except json.JSONDecodeError as exc:
         raise InvalidInput(f"--data is not JSON: {exc.msg} at character {exc.pos}") from None
+    except RecursionError:
+        raise InvalidInput("--data nests too deep") from None
+    except ValueError as exc:  # a number of more than 4300 digits
+        raise InvalidInput(f"--data: {str(exc).partition(':')[0]}") from None
     with Client(settings) as client:
         client.signal(wf_id, name, value)
     click.echo(json.dumps({"id": wf_id, "signal": name, "ok": True}) if as_json else f"signalled {name} to {wf_id}")

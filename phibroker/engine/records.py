@@ -95,7 +95,7 @@ def status_document(
     limit: int,
 ) -> dict[str, Any]:
     """Build `status --json` from what Redis holds; pure, so it is tested without a broker."""
-    spec_tasks: dict[str, Any] = json.loads(meta["spec"]).get("tasks", {})
+    spec_tasks: dict[str, Any] = {**json.loads(meta["spec"]).get("tasks", {}), **(meta.get("children") or {})}
     attempts_of: dict[str, list[dict[str, Any]]] = {name: [] for name in spec_tasks}
     for raw in history:
         record = wire.unpack(raw, limit)
@@ -158,6 +158,11 @@ def status_document(
             row["iterations"] = int(unit.get("iteration") or 1) if row["attempts"] else 0
         if spec.get("signal") is not None and row["state"] == "running":
             row["waiting_for"] = f"signal {spec['signal']['name']}"
+        if spec.get("workflow") is not None:
+            row["child"] = unit.get("child")  # the latest child run's id
+        stops = [unit.get("stop"), *(units.get(f"{name}#{i}", {}).get("stop") for i in range(parts))]
+        if row["state"] in ("ready", "running", "retrying") and any(stops):
+            row["stopping"] = next(s for s in stops if s)  # asked to stop (a cancel, an end, a failure)
         undo = units.get(f"{name}!undo")
         if undo:
             row["compensation"] = {
@@ -175,8 +180,15 @@ def status_document(
         "params": meta.get("params"),
         "error": meta.get("error"),
         "output": _decode(results.get(OUTPUT), limit),
+        "parent": parent_of(meta),
         "tasks": tasks,
     }
+
+
+def parent_of(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """`{"id", "task"}` of the run whose `workflow:` task started this one, or None."""
+    parent = meta.get("parent")
+    return {"id": parent, "task": meta.get("parent_task")} if parent else None
 
 
 def _decode(raw: bytes | None, limit: int) -> Any:

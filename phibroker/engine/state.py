@@ -90,10 +90,19 @@ def timer_workflow(member: str) -> str:
 
 
 def new_workflow_fields(
-    workflow: Workflow, params: dict[str, Any], now: float, depth: int = 0, chain: list[str] | None = None
+    workflow: Workflow,
+    params: dict[str, Any],
+    now: float,
+    depth: int = 0,
+    chain: list[str] | None = None,
+    parent: tuple[str, str] | None = None,
+    nesting: int = 0,
 ) -> dict[str, Any]:
-    """The workflow hash of a new run; the coordinator launches it on the submit message."""
-    return {
+    """The workflow hash of a new run; the coordinator launches it on the submit message.
+
+    `parent`: (run id, task) of the run whose `workflow:` task started this one as its child;
+    `nesting`: how many runs it sits in (bounded by the `max_depth` setting)."""
+    fields: dict[str, Any] = {
         "name": workflow.name,
         "state": "running",
         "version": 0,
@@ -104,6 +113,9 @@ def new_workflow_fields(
         "spec": workflow.spec_json,
         "params": params,
     }
+    if parent is not None:
+        fields.update(parent=parent[0], parent_task=parent[1], nesting=nesting)
+    return fields
 
 
 @dataclass
@@ -114,6 +126,9 @@ class Transition:
     created: float = field(default_factory=time.time)  # lets a sweep tell a stale outbox from a fresh one
     owner: str = ""  # the coordinator that commits it, and drains it unless its lease lapses first
     writes: dict[str, Any] = field(default_factory=dict)  # tasks hash: `unit|attribute` -> value
+    # tasks-hash fields that must still start as they did when this run was read, or the commit is
+    # refused and the run read again: a worker's start script changes a unit without a new version
+    guards: dict[str, str] = field(default_factory=dict)
     # packed fields to write (`unit|group` -> the unit's record): packed once, when the transition is
     # committed, however many times the transition changed them
     packed: dict[str, tuple[dict[str, Any], str]] = field(default_factory=dict)
@@ -131,6 +146,8 @@ class Transition:
     # reading the unit's `stop` field at their next heartbeat
     stops: list[tuple[str, str, str]] = field(default_factory=list)
     signals: list[dict[str, Any]] = field(default_factory=list)  # sent by handlers (ctx.signal): wf, name, data
+    child_runs: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (id, workflow hash) to create
+    inbox: list[bytes] = field(default_factory=list)  # encoded wire.Inbox messages for other runs
     finished: bool = False  # the workflow reached its end state
     reopened: bool = False  # an ended workflow runs again (`retry`): its keys stop expiring
     bulk: bool = False  # part of a release chunked over several transitions: dispatched on the bulk lanes
@@ -154,6 +171,8 @@ class Transition:
             or self.approvals_del
             or self.stops
             or self.signals
+            or self.child_runs
+            or self.inbox
             or self.finished
             or self.reopened
         )
@@ -170,6 +189,8 @@ class Transition:
             "approvals_del": self.approvals_del,
             "stops": self.stops,
             "signals": self.signals,
+            "child_runs": self.child_runs,
+            "inbox": self.inbox,
             "finished": self.finished,
             "reopened": self.reopened,
             "bulk": self.bulk,
@@ -181,7 +202,7 @@ class Candidates:
     (a chunked release of a ten-thousand-task fan-out asks for the next ones again and again)."""
 
     def __init__(self, order: Mapping[str, int]):
-        self._order = order
+        self.order = order
         self._members: set[str] = set()
         self._heap: list[tuple[int, str]] = []
 
@@ -191,7 +212,7 @@ class Candidates:
     def add(self, task: str) -> None:
         if task not in self._members:
             self._members.add(task)
-            heapq.heappush(self._heap, (self._order[task], task))
+            heapq.heappush(self._heap, (self.order[task], task))
 
     def pop(self) -> str:
         """The first in file order; raises IndexError when there is none."""
@@ -219,22 +240,28 @@ class Run:
         limit: int = 1024 * 1024,
         max_release: int = 1000,
         cancel_grace: float = 30.0,
+        max_children: int = 1000,
+        max_depth: int = 10,
     ):
         self.id = wf_id
-        self.workflow = workflow
+        self.base = workflow  # the file's tasks; `workflow` adds those spawned at run time
+        self.workflow = workflow.with_children(meta.get("children") or {})
         self.meta = meta
         self.units = units
         self.raw_results = raw_results
         self.limit = limit  # message size limit
         self.max_release = max_release
         self.cancel_grace = cancel_grace  # how long stopped tasks may take before they count as cancelled
+        self.max_children = max_children  # tasks one handler may spawn
+        self.max_depth = max_depth  # how deep child runs may nest
+        self.nesting = int(meta.get("nesting") or 0)  # how many runs this one sits in
         self.tx = Transition()
         self.rand = random.Random()
         self._decoded: dict[str, Any] = {}
         self.depth = int(meta.get("depth") or 0)  # how many events led to this run (storm guard)
         self.chain: list[str] = meta.get("chain") or []
         self._released = 0
-        self.candidates = Candidates(workflow.order_index)
+        self.candidates = Candidates(self.workflow.order_index)
         self.recount()
 
     def recount(self) -> None:
@@ -246,6 +273,27 @@ class Run:
         for task, count in self.open_deps.items():
             if self.state(task) == "pending" and (count == 0 or self.fires_early(task)):
                 self.candidates.add(task)
+
+    def grow(self, children: dict[str, dict[str, Any]]) -> None:
+        """Tasks spawned at run time join the run (their specs are kept in the workflow hash)."""
+        kept = {**(self.meta.get("children") or {}), **children}
+        self.set_meta(children=kept)
+        self.workflow = self.workflow.with_children(children)
+        self.candidates.order = self.workflow.order_index  # spawned tasks come last: the heap stays valid
+        for child, needs in self.workflow.deps.items():
+            if child in children:
+                self.open_deps[child] = sum(1 for d in needs if self.state(d) not in TASK_TERMINAL)
+                self.open_tasks += 1
+
+    def shrink(self, dropped: set[str]) -> None:
+        """Spawned tasks leave the run (their parent runs again, and spawns anew); call `recount` after."""
+        kept = {k: v for k, v in (self.meta.get("children") or {}).items() if k not in dropped}
+        self.set_meta(children=kept)
+        self.workflow = self.base.with_children(kept)
+        self.candidates.order = self.workflow.order_index
+        for name in dropped:  # reset in Redis too: a child spawned again under this name starts afresh
+            if name in self.units:
+                self.set(name, state="pending", error=None, finished=None, stop=None, spawned=None, iteration=None)
 
     def fires_early(self, task: str) -> bool:
         """Whether the task's rule may decide before all its upstreams are done (worth a look at each end)."""
@@ -343,8 +391,13 @@ class _TaskView(Mapping[str, Any]):
         state = run.state(name)
         error = run.units.get(name, {}).get("error") if state in ("failed", "upstream_failed") else None
         iterations = int(run.units.get(name, {}).get("iteration") or (1 if state == "succeeded" else 0))
-        result = run.result(name) if state == "succeeded" else None
-        return {"state": state, "result": result, "error": error, "iterations": iterations}
+        looping = run.workflow.tasks[name].loop is not None and iterations > 1
+        result = run.result(name) if state == "succeeded" or looping else None  # a loop: the last iteration's
+        view = {"state": state, "result": result, "error": error, "iterations": iterations}
+        spawned = run.workflow.children_of.get(name)
+        if spawned:  # `tasks.T.children.NAME.result`
+            view["children"] = {child.rsplit("/", 1)[1]: self[child] for child in spawned}
+        return view
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._run.workflow.tasks)

@@ -8,6 +8,7 @@ thrown away and made again.
 
 from __future__ import annotations
 
+import json
 import random
 import traceback
 from collections.abc import Mapping
@@ -21,10 +22,12 @@ from phibroker.engine.state import (
     WF_TERMINAL,
     WF_WINDING_DOWN,
     Run,
+    new_workflow_fields,
     timer_member,
     unit_agent,
 )
-from phibroker.errors import DecodeError, MessageTooLarge
+from phibroker.errors import DecodeError, MessageTooLarge, WorkflowFileError
+from phibroker.workflow.children import SpawnError, descendants, plan_children
 from phibroker.workflow.rules import HANDLER_RULES
 from phibroker.workflow.spec import AtLeast, TriggerRule
 
@@ -102,9 +105,17 @@ def apply_result(run: Run, result: wire.Result, now: float) -> bool:
     if error is None and not is_undo and task in run.workflow.expect:
         if not run.workflow.expect[task].test(run.scope(result=value)):
             error = f"ExpectationFailed: {run.workflow.expect[task].source}"
+    children: dict[str, dict[str, Any]] = {}
+    if error is None and result.spawns:
+        try:
+            if partition is not None or is_undo:
+                raise SpawnError("only a plain task's handler may spawn (not a partition or a compensation)")
+            children = plan_children(run.workflow, task, result.spawns, run.max_children)
+        except SpawnError as exc:
+            error = f"SpawnError: {exc}"
     run.set(unit, answered=result.token)  # so a second copy of this result is known as one
     if error is None:
-        _unit_succeeded(run, unit, result, now)
+        _unit_succeeded(run, unit, result, now, children)
     else:
         tb = (result.error or {}).get("traceback") if not result.ok else None
         _unit_failed(run, unit, error, now, retryable=result.retry, worker=result.worker, traceback=tb)
@@ -193,11 +204,18 @@ def reopen(run: Run, now: float, from_task: str | None = None) -> str | None:
         return f"run {run.id} has no task {from_task!r}"
     starts = [from_task] if from_task else [t for t in tasks if run.state(t) != "succeeded"]
     again = _downstream(run, starts)
+    dropped = {c for t in again for c in descendants(run.workflow, t)}  # spawned again if their parent is
+    if dropped:
+        run.shrink(dropped)
+        again -= dropped
+        tasks = run.workflow.tasks
     for task in again:
         parts = int(run.units.get(task, {}).get("parts") or 0)
         for unit in [task, *(unit_of(task, i) for i in range(parts))]:
-            if unit in run.units:
+            if unit in run.units:  # a fresh retry budget, as clearing a task does in Airflow
+                attempts = int(run.units[unit].get("attempt") or 0)
                 run.set(unit, state="pending", error=None, finished=None, stop=None, deliberate=None, approval=None)
+                run.set(unit, tries_before=attempts, reclaims=0, spawned=None, iteration=None)
     timeout = run.workflow.spec.timeout
     deadline = now + timeout if timeout else None
     run.set_meta(state="running", outcome=None, error=None, finished_at=None, undo="", deadline=deadline)
@@ -321,6 +339,10 @@ def _consider(run: Run, task: str, now: float) -> None:
     verdict = trigger_verdict(spec.trigger, states)
     if verdict == "wait":
         return
+    if verdict != "upstream_failed" and run.wf_state == "cancelling":
+        if not (verdict == "run" and _failing(run) and spec.trigger in HANDLER_RULES):
+            _cancel_task(run, task, now, str(run.meta.get("error") or "the run is ending"))  # never starts now
+            return
     if verdict == "skip":
         _skip(run, task, now, "upstream: " + _upstream_summary(spec.depends_on, states))
         return
@@ -328,10 +350,7 @@ def _consider(run: Run, task: str, now: float) -> None:
         reason = "upstream failed: " + _upstream_summary(spec.depends_on, states)
         run.set(task, state="upstream_failed", finished=now, error=reason)
         run.event("task.upstream_failed", now, task, reason=reason)
-        _task_terminal(run, task)
-        return
-    if run.wf_state == "cancelling" and not (_failing(run) and spec.trigger in HANDLER_RULES):
-        _cancel_task(run, task, now, str(run.meta.get("error") or "the run is ending"))
+        _task_terminal(run, task, now)
         return
     when = run.workflow.when.get(task)
     if when is not None and not when.test(run.scope()):
@@ -397,7 +416,7 @@ def _upstream_summary(deps: list[str], states: list[str]) -> str:
 def _skip(run: Run, task: str, now: float, reason: str) -> None:
     run.set(task, state="skipped", finished=now, error=reason)
     run.event("task.skipped", now, task, reason=reason)
-    _task_terminal(run, task)
+    _task_terminal(run, task, now)
 
 
 def _cancel_task(run: Run, task: str, now: float, reason: str, deliberate: bool = False) -> None:
@@ -406,7 +425,7 @@ def _cancel_task(run: Run, task: str, now: float, reason: str, deliberate: bool 
     if deliberate:
         run.set(task, deliberate=1)
     run.event("task.cancelled", now, task, reason=reason)
-    _task_terminal(run, task)
+    _task_terminal(run, task, now)
 
 
 def _cancel_or_stop(run: Run, task: str, now: float, reason: str) -> None:
@@ -431,6 +450,14 @@ def _stop_task(run: Run, task: str, now: float, reason: str, force: bool = False
         run.set(task, approval=None)
     elif spec.signal is not None and run.state(task) == "running":
         run.tx.timers_del.append(timer_member("signal", run.id, task))
+    elif record.get("spawned"):  # its handler is done; it waits for its children: they stop instead
+        run.set(task, stop=reason)
+        for child in run.workflow.children_of[task]:
+            if run.state(child) == "pending":
+                _cancel_task(run, child, now, reason)
+            elif run.state(child) not in TASK_TERMINAL:
+                _stop_task(run, child, now, reason, force)
+        return  # it ends when the last child has (`_children_settled`)
     else:
         parts = int(record.get("parts") or 0)
         units = [unit_of(task, i) for i in range(parts)] if parts else [task]
@@ -475,7 +502,7 @@ def _dispatch_unit(run: Run, unit: str, now: float) -> None:
         command=str(command),
         attempt=attempt,
         payload=payload,
-        inputs={d: run.result(d) for d in spec.depends_on if run.state(d) == "succeeded"},
+        inputs=_inputs(run, spec.depends_on),
         partition=None if partition is None or count is None else [partition, count],
         deadline=deadline,
         result=result,
@@ -507,6 +534,17 @@ def _dispatch_unit(run: Run, unit: str, now: float) -> None:
     if deadline is not None:
         run.tx.timers_add[timer_member("deadline", run.id, unit, dispatch_id)] = deadline
     run.event("task.dispatched", now, task, unit=unit, agent=agent, command=command, attempt=attempt)
+
+
+def _inputs(run: Run, upstreams: list[str]) -> dict[str, Any]:
+    """The results a task gets: its succeeded upstreams', and those of the children they spawned."""
+    inputs = {d: run.result(d) for d in upstreams if run.state(d) == "succeeded"}
+    for upstream in upstreams:
+        if upstream in run.workflow.children_of:
+            for child in descendants(run.workflow, upstream):
+                if run.state(child) == "succeeded":
+                    inputs[child] = run.result(child)
+    return inputs
 
 
 def _scatter(run: Run, task: str, now: float) -> None:
@@ -614,7 +652,9 @@ def _open_gate(run: Run, task: str, now: float) -> None:
 # -- outcomes --------------------------------------------------------------------------------------
 
 
-def _unit_succeeded(run: Run, unit: str, result: wire.Result, now: float) -> None:
+def _unit_succeeded(
+    run: Run, unit: str, result: wire.Result, now: float, children: dict[str, dict[str, Any]] | None = None
+) -> None:
     task, partition, is_undo = split_unit(unit)
     if run.workflow.timeout(task):  # else no deadline timer was set
         run.tx.timers_del.append(timer_member("deadline", run.id, unit, result.id))
@@ -629,6 +669,9 @@ def _unit_succeeded(run: Run, unit: str, result: wire.Result, now: float) -> Non
         _next_compensation(run, now)
         return
     run.store_result(unit, result.value or wire.pack(None))
+    if children:
+        _adopt(run, task, children, now)
+        return
     if partition is None:  # the unit is the task
         _task_done(run, task, now)
         return
@@ -638,6 +681,33 @@ def _unit_succeeded(run: Run, unit: str, result: wire.Result, now: float) -> Non
         _gather(run, task, parts, now)
     elif run.units[task].get("stop") and not any(run.state(p) in UNIT_LIVE for p in parts):
         _cancel_task(run, task, now, str(run.units[task]["stop"]), bool(run.units[task].get("deliberate")))
+
+
+def _adopt(run: Run, task: str, children: dict[str, dict[str, Any]], now: float) -> None:
+    """The handler spawned children: they join the run as tasks, and the task waits for them all."""
+    run.grow(children)
+    run.set(task, spawned=len(run.workflow.children_of[task]))
+    run.event("task.spawned", now, task, children=list(children))
+    for child in children:  # those with no sibling to wait for can start now
+        if not run.workflow.deps[child]:
+            run.candidates.add(child)
+
+
+def _children_settled(run: Run, task: str, now: float) -> None:
+    """Every child of a spawning task has ended: it succeeds once all did (and then its dependents
+    run), fails with the first child that failed, or ends cancelled if it was asked to stop."""
+    ended = [(c, run.state(c)) for c in run.workflow.children_of[task]]
+    record = run.units[task]
+    if record.get("stop"):
+        _cancel_task(run, task, now, str(record["stop"]), bool(record.get("deliberate")))
+        return
+    failed = next(((c, s) for c, s in ended if s not in ("succeeded", "skipped")), None)
+    if failed is None:
+        _task_done(run, task, now)
+        return
+    child, state = failed
+    why = run.units.get(child, {}).get("error") or state
+    _task_failed(run, task, f"child {child.rsplit('/', 1)[1]} {'failed' if state == 'failed' else state}: {why}", now)
 
 
 def _task_done(run: Run, task: str, now: float) -> None:
@@ -655,6 +725,10 @@ def _task_done(run: Run, task: str, now: float) -> None:
                 return
             run.set(task, iteration=iteration + 1, tries_before=int(record.get("attempt") or 0))
             run.event("task.iterated", now, task, iteration=iteration + 1)
+            spawned = set(descendants(run.workflow, task))
+            if spawned:  # each iteration plans afresh: the last one's children make way
+                run.shrink(spawned)
+                run.set(task, spawned=None)
             _start(run, task, now)
             return
     _task_succeeded(run, task, now)
@@ -662,7 +736,10 @@ def _task_done(run: Run, task: str, now: float) -> None:
 
 def _start(run: Run, task: str, now: float) -> None:
     """Start a task's work: its agent's handler, or a sub-workflow's child run."""
-    _dispatch_unit(run, task, now)
+    if _is_subworkflow(run, task):
+        _start_child(run, task, now)
+    else:
+        _dispatch_unit(run, task, now)
 
 
 def _gather(run: Run, task: str, parts: list[str], now: float) -> None:
@@ -676,8 +753,9 @@ def _task_succeeded(run: Run, task: str, now: float) -> None:
     run.set_meta(seq=seq)
     run.set(task, state="succeeded", finished=now, seq=seq)
     run.event("task.succeeded", now, task, attempt=run.units[task].get("attempt"))
-    _task_terminal(run, task)
-    if run.workflow.tasks[task].end and run.wf_state in ("running", "waiting_approval"):
+    ends_the_run = run.workflow.tasks[task].end
+    _task_terminal(run, task, now)  # may start a loop's next iteration, which drops this task if it was a child
+    if ends_the_run and run.wf_state in ("running", "waiting_approval"):
         wind_down(run, "succeeded", now, reason=f"{task} ended the run")
 
 
@@ -765,29 +843,40 @@ def _task_failed(run: Run, task: str, error: str, now: float) -> None:
         return  # another unit of the task failed it already
     run.set(task, state="failed", error=error, finished=now)
     run.event("task.failed", now, task, error=error)
-    _task_terminal(run, task)
+    _task_terminal(run, task, now)
     if run.workflow.spec.failure == "fail_fast" and run.wf_state in ("running", "waiting_approval"):
         wind_down(run, "failed", now, reason=f"task {task} failed: {error}")
 
 
-def _task_terminal(run: Run, task: str) -> None:
+def _task_terminal(run: Run, task: str, now: float) -> None:
     """Count the task done and offer its dependents to the scheduler."""
     run.open_tasks -= 1
     for child in run.workflow.dependents[task]:
         run.open_deps[child] -= 1
         if run.open_deps[child] == 0 or run.fires_early(child):
             run.candidates.add(child)
+    parent, slash, _ = task.rpartition("/")
+    if slash and run.state(parent) not in TASK_TERMINAL:
+        if all(run.state(c) in TASK_TERMINAL for c in run.workflow.children_of[parent]):
+            _children_settled(run, parent, now)
 
 
 def _stop_unit(run: Run, unit: str, now: float, reason: str, force: bool = False) -> None:
-    """Stop a live unit. One waiting to retry is cancelled at once; one dispatched is asked to stop (its
-    worker sees `ctx.cancelled`, or declines to start it) and ends when its worker answers: a result
-    is applied, an error makes it cancelled. `force`: cancelled now, whatever it still sends ignored."""
+    """Stop a live unit. One waiting to retry, or not started yet, is cancelled at once; one started is
+    asked to stop (its worker sees `ctx.cancelled`) and ends when its worker answers: a result is
+    applied, an error makes it cancelled. `force`: cancelled now, whatever it still sends ignored."""
+    if _is_subworkflow(run, unit):
+        _stop_child(run, unit, now, reason, force)
+        return
     record = run.units.get(unit)
     if record is None or record.get("state") not in UNIT_LIVE:
         return
     if record.get("state") == "retrying":
         run.tx.timers_del.append(timer_member("retry", run.id, unit, record.get("attempt")))
+    elif record.get("state") == "ready" and not record.get("token"):
+        # Not started as far as this run knows: cancelled now, guarded against a start meanwhile (the
+        # commit then fails, the run is read again, and the unit is asked to stop instead).
+        run.tx.guards[f"{unit}|state"] = "ready"
     elif not record.get("stop"):
         run.set(unit, stop=reason)
         run.tx.stops.append((str(unit_agent(run.workflow, unit)), unit, str(record.get("dispatch"))))
@@ -881,11 +970,137 @@ def _finish(run: Run, state: str, now: float) -> None:
     if state != "succeeded":
         data["error"] = run.meta.get("error")
     run.event(f"workflow.{state}", now, **data)
+    _tell_parent(run, state)
 
 
 def _failing(run: Run) -> bool:
     """A run that failed and winds down: its failure handlers may still start."""
     return run.wf_state == "cancelling" and run.meta.get("outcome") == "failed"
+
+
+# -- sub-workflows ---------------------------------------------------------------------------------
+
+
+def child_ended(run: Run, body: Mapping[str, Any], now: float) -> bool:
+    """A child run of a `workflow:` task ended (its `child` notice): the task succeeds with the child's
+    `output` (a loop may go round again) or fails with its error. A late or repeated notice, or one
+    for a child the task no longer waits for, changes nothing (False)."""
+    task, child, state = str(body["task"]), str(body["child"]), str(body["state"])
+    record = run.units.get(task)
+    if record is None or record.get("child") != child or record.get("state") not in UNIT_LIVE:
+        return False
+    if state not in WF_TERMINAL:
+        return False
+    error = None
+    output = body.get("output")
+    if state == "succeeded" and output is not None:
+        try:  # checked now: dependents decode it for their inputs and templates
+            if not isinstance(output, bytes):
+                raise DecodeError(output, "not packed bytes")
+            wire.unpack(output, max(run.limit, len(output)))
+        except DecodeError as exc:
+            error = f"DecodeError: the output of child {child} does not decode: {exc.reason}"
+    if state == "succeeded" and error is None:
+        run.record_attempt(task, now, None, True, worker=child)
+        run.store_result(task, output if isinstance(output, bytes) else wire.pack(None))
+        _task_done(run, task, now)
+    else:
+        error = error or f"child {child} {state.replace('_', ' ')}: {body.get('error') or state}"
+        if record.get("stop"):  # asked to stop, it did: cancelled
+            _unit_failed(run, task, error, now, worker=child)
+        else:  # not retried: the child's own tasks had their retries
+            run.record_attempt(task, now, error, True, worker=child)
+            _task_failed(run, task, error, now)
+    advance(run, now)
+    return True
+
+
+def _is_subworkflow(run: Run, unit: str) -> bool:
+    spec = run.workflow.tasks.get(unit)
+    return spec is not None and spec.workflow is not None
+
+
+def _start_child(run: Run, task: str, now: float) -> None:
+    """A `workflow:` task's work: a child run, created through the outbox, that the task waits for
+    without holding a worker slot. Its id comes from the parent's (`PARENT.TASK`, then `.N` for the
+    Nth start, as a loop's next iteration), so an outbox carried out twice creates it once."""
+    record = run.unit(task)
+    attempt = int(record.get("attempt") or 0) + 1
+    child = f"{run.id}.{task}" if attempt == 1 else f"{run.id}.{task}.{attempt}"
+    if record.get("error") is not None:
+        run.set(task, error=None)
+    if record.get("stop"):
+        run.set(task, stop=None)
+    run.set(task, state="running", attempt=attempt, dispatch=child, dispatched=now, started=now, child=child)
+    nesting = run.nesting + 1
+    if nesting > run.max_depth:
+        error = f"sub-workflow runs nest {nesting} deep, over max_depth {run.max_depth}"
+        run.record_attempt(task, now, error, True)
+        _task_failed(run, task, error, now)
+        return
+    template = run.workflow.sub_params.get(task)
+    try:
+        sub = run.workflow.subworkflow(task)
+        given = template.render(run.scope()) if template is not None else dict(run.workflow.tasks[task].params)
+        params = sub.params_with(given)
+    except WorkflowFileError as exc:
+        run.record_attempt(task, now, str(exc), True)
+        _task_failed(run, task, f"sub-workflow: {exc}", now)
+        return
+    fields = new_workflow_fields(sub, params, now, run.depth, run.chain, parent=(run.id, task), nesting=nesting)
+    fields.update(_signed_part(run, task))
+    run.tx.child_runs.append((child, fields))
+    run._released += 1
+    run.event("task.child_started", now, task, child=child, attempt=attempt)
+
+
+def _signed_part(run: Run, task: str) -> dict[str, Any]:
+    """A signed run's child carries the same signed texts (the outermost file and those it embeds)
+    and the path of tasks to its own spec in them, so `coordinator --require-signed` checks it as it
+    checked its parent."""
+    if not run.meta.get("signature"):
+        return {}
+    fields = {k: run.meta[k] for k in ("source_text", "source_suffix", "signature", "source_parts") if run.meta.get(k)}
+    fields["source_path"] = json.dumps([*json.loads(run.meta.get("source_path") or "[]"), task])
+    return fields
+
+
+def _stop_child(run: Run, task: str, now: float, reason: str, force: bool) -> None:
+    """Stop a `workflow:` task: its child run is cancelled (a message through the outbox) and the
+    task ends when the child has, or at once with `force` (a late notice is then ignored)."""
+    record = run.units.get(task)
+    if record is None or record.get("state") not in UNIT_LIVE:
+        return
+    if not record.get("stop"):
+        run.set(task, stop=reason)
+        body = {"wf": str(record.get("child")), "reason": f"parent {run.id}: {reason}"}
+        run.tx.inbox.append(wire.Inbox(kind="cancel", body=body).encode(run.limit))
+        if not force:
+            _grace_timer(run, now)
+            return
+    run.set(task, state="cancelled", finished=now)
+
+
+def _tell_parent(run: Run, state: str) -> None:
+    """A child run ended: its parent hears of it through the inbox, once the end is committed. The
+    notice carries the state, the error and the packed output (too big an output fails it)."""
+    parent = run.meta.get("parent")
+    if not parent:
+        return
+    output = run.raw_results.get(OUTPUT) if state == "succeeded" else None
+    error = run.meta.get("error")
+    if output is not None and len(output) > run.limit:
+        state, error = "failed", f"its output is {len(output)} bytes, over the {run.limit}-byte limit"
+        output = None
+    body = {
+        "wf": str(parent),
+        "task": str(run.meta.get("parent_task")),
+        "child": run.id,
+        "state": state,
+        "error": None if error is None else str(error),
+        "output": output,
+    }
+    run.tx.inbox.append(wire.Inbox(kind="child", body=body).encode(run.limit * 2))
 
 
 def describe_exception(exc: BaseException) -> dict[str, str]:

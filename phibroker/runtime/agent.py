@@ -13,12 +13,14 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from phibroker import wire
 from phibroker.engine import records
 from phibroker.engine.transitions import describe_exception
 from phibroker.errors import MessageTooLarge, Retryable
+from phibroker.workflow import load as load_workflow
 
 Handler = Callable[..., Any]
 
@@ -88,6 +90,7 @@ class Context:
     previous: Any = None  # a looping task: the previous iteration's result (None at first)
     events: list[dict[str, Any]] = field(default_factory=list)
     signals: list[dict[str, Any]] = field(default_factory=list)
+    spawns: list[dict[str, Any]] = field(default_factory=list)
     last_heartbeat: float = field(default_factory=time.time)
 
     @classmethod
@@ -122,6 +125,34 @@ class Context:
     def emit(self, type_: str, data: Any = None) -> None:
         """An event published with this attempt's result, and only if that result is applied."""
         self.events.append({"type": type_, "data": data})
+
+    def spawn(
+        self,
+        name: str,
+        command: str,
+        agent: str | None = None,
+        payload: dict[str, Any] | None = None,
+        depends_on: list[str] | tuple[str, ...] = (),
+        retry: dict[str, Any] | None = None,
+        timeout: str | float | None = None,
+    ) -> str:
+        """Add a task to the run, `TASK/NAME`, run by `agent` (this one by default) after the children
+        it `depends_on`; this task succeeds once all its children have, and only then do its dependents
+        run. Like `emit`, it takes effect only if this attempt's result is applied. Returns the name."""
+        child: dict[str, Any] = {"name": name, "agent": agent or self.agent, "command": command}
+        extra = {"payload": payload, "depends_on": list(depends_on), "retry": retry, "timeout": timeout}
+        child.update({k: v for k, v in extra.items() if v})
+        self.spawns.append(child)
+        return f"{self.task}/{name}"
+
+    def spawn_workflow(
+        self, name: str, workflow: str | Path | dict[str, Any], params: dict[str, Any] | None = None
+    ) -> str:
+        """Add a sub-workflow to the run as child `TASK/NAME`: a file (relative to the worker's current
+        directory, read now) or a workflow as a dict. Its `output` is the child's result."""
+        source = load_workflow(workflow).source if isinstance(workflow, str | Path) else workflow
+        self.spawns.append({"name": name, "workflow": source, "params": params or {}})
+        return f"{self.task}/{name}"
 
     def signal(self, workflow_id: str, name: str, data: Any = None) -> None:
         """Signal run `workflow_id`'s gate `name` (as `phibroker signal`), sent with this attempt's
@@ -225,6 +256,7 @@ class Outcome:
             retry=self.retry,
             events=ctx.events if self.ok else [],
             signals=ctx.signals if self.ok else [],
+            spawns=ctx.spawns if self.ok else [],
         )
 
 
@@ -274,7 +306,7 @@ class Agent:
             if inspect.isawaitable(value):
                 value = asyncio.run(_cancellable(value, ctx.cancelled))
             # Emitted events travel with the result: check them now, as part of this attempt.
-            wire.pack_limited([ctx.events, ctx.signals], limit, f"events and signals sent by {ctx.task}")
+            wire.pack_limited([ctx.events, ctx.signals, ctx.spawns], limit, f"what {ctx.task} emitted and spawned")
             return finish(value, started, limit, f"result of {ctx.task}")
         except BaseException as exc:  # noqa: BLE001 - a handler's failure (SystemExit too) is data, never a crash
             return failure(exc, started, cancelled=ctx.cancelled.is_set())

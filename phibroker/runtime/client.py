@@ -24,7 +24,7 @@ from phibroker.store.client import ClientStore
 from phibroker.store.connection import lease_alive, reaching
 from phibroker.store.registry import Registry
 from phibroker.store.views import Views
-from phibroker.workflow.spec import did_you_mean
+from phibroker.workflow.spec import MAX_DEPTH, did_you_mean, is_name
 
 
 class Client:
@@ -117,6 +117,10 @@ class Client:
     def signal(self, wf_id: str, name: str, data: Any = None) -> None:
         """Send run `wf_id` the signal `name`: the first gate waiting for it takes `data` as its result;
         sent before any gate waits, it is kept for the run. Refused (InvalidInput) for a run that ended."""
+        if not is_name(name):
+            raise InvalidInput(f"signal name {name!r}: use letters, digits, '_', '.', '-'")
+        if wire.nests_deeper(data, MAX_DEPTH):
+            raise InvalidInput(f"signal {name}: the data nests deeper than {MAX_DEPTH} levels")
         with reaching(self.settings):
             (head,) = Views(self.broker).workflow_heads([wf_id])
             if not head:
@@ -363,10 +367,9 @@ class Client:
     def list(self, limit: int = 50, states: Collection[str] = ()) -> list[dict[str, Any]]:
         """Recent workflows, newest first, only those in `states` if any are named. Each row is
         `{"id", "name", "state", "created_at", "finished_at", "parent"}`; `parent` is `{"id", "task"}` for
-        a run another run started as a child, and null for every run now, since none does."""
+        a child run that a `workflow:` task started, else null."""
         with reaching(self.settings):
-            rows = Views(self.broker).recent_workflows(limit, states)
-        return [{**row, "parent": None} for row in rows]
+            return Views(self.broker).recent_workflows(limit, states)
 
 
 def _dead_letter_row(entry_id: str, record: dict[str, Any]) -> dict[str, Any]:

@@ -93,13 +93,13 @@ class Coordinator:
     # -- the loop ----------------------------------------------------------------------------------
     def run(self, burst: bool = False) -> None:
         """Work until stopped; `burst` returns once there is nothing left to do (tests, benchmarks)."""
-        for inbox in self.keys.inboxes:
-            self.broker.ensure_group(inbox, COORDINATORS_GROUP)
         log.info("coordinator %s started on %s", self.name, self.settings.redis_url)
         backoff = 0.1
         try:
             while not self.stopping.is_set():
                 try:
+                    for inbox in self.keys.inboxes:  # in the loop: a full Redis refuses even an existing group
+                        self.broker.ensure_group(inbox, COORDINATORS_GROUP)
                     self.maintenance.tick()
                     worked = self.step()
                     backoff = 0.1
@@ -305,6 +305,8 @@ class Coordinator:
             stale = self.cache.stale(idle, runs)
             versions = self.broker.commit([(run.id, run.version, run.tx) for run in commits]) if commits else []
             crash_point("after_commit")
+            if any(run.tx.finished and run.meta.get("parent") for run in commits):
+                crash_point("after_child_end")  # a child's end committed, its parent not yet told
             for run, version in zip(commits, versions, strict=True):
                 if version < 0:
                     stale.append(run.id)
@@ -334,6 +336,8 @@ class Coordinator:
         coordinator that reads it (the entry would come back to each of them)."""
         try:
             return self._decide(run, items, now)
+        except CONNECTION_ERRORS:
+            raise  # Redis out of reach or saying no (full, busy): the inputs are fine, the round is retried
         except Exception as exc:  # noqa: BLE001 - one bad input must not stop the coordinator
             log.exception("cannot apply inputs of %s; dead-lettering them", run.id)
             reason = f"coordinator error on {run.id}: {type(exc).__name__}: {exc}"
@@ -381,6 +385,9 @@ class Coordinator:
             self._refuse(run, body, body["refusal"], now)
         elif kind == "lost":
             engine.lost(run, body["unit"], body["dispatch"], str(body.get("reason")), now)
+        elif kind == "child":  # a child run of a `workflow:` task ended
+            crash_point("child_notice")
+            engine.child_ended(run, body, now)
         elif kind == "signal":
             engine.signal(run, str(body["name"]), body.get("data"), now, body.get("sender"))
         elif kind == "retry":

@@ -95,11 +95,42 @@ class SecurityGate:
         if not text or not raw_signature:
             return "refused: the workflow file is not signed (phibroker sign FILE)"
         try:
-            signer = signing.verify_file_bytes(text.encode(), json.loads(raw_signature), self.trusted())
+            trusted = self.trusted()
+            signer = signing.verify_file_bytes(text.encode(), json.loads(raw_signature), trusted)
             source = workflows.decode(text, str(meta.get("source_suffix") or ""))
+            source = _embed_signed(source, json.loads(meta.get("source_parts") or "{}"), trusted)
+            for task in json.loads(meta.get("source_path") or "[]"):  # a child run: its spec within
+                source = _task_field(source, task, "workflow")
         except (SignatureError, WorkflowFileError, ValueError) as exc:
             return f"refused: {exc}"
         if source != json.loads(meta["spec"]):
             return "refused: tampered: the submitted spec differs from the signed file"
         log.info("workflow file signed by %s", signer)
         return None
+
+
+def _task_field(source: Any, task: str, name: str) -> Any:
+    """`source.tasks.TASK.NAME`, or None where the decoded file has no such thing."""
+    tasks = source.get("tasks") if isinstance(source, dict) else None
+    spec = tasks.get(task) if isinstance(tasks, dict) else None
+    return spec.get(name) if isinstance(spec, dict) else None
+
+
+def _embed_signed(source: Any, parts: dict[str, Any], trusted: dict[str, str]) -> Any:
+    """The signed file with each `workflow: FILE` replaced by that file's signed text, decoded (and
+    embedding its own): what its run's spec must be. An unsigned sub-workflow file is refused."""
+    tasks = source.get("tasks") if isinstance(source, dict) else None
+    if not isinstance(tasks, dict):
+        return source
+    embedded = {}
+    for name, task in tasks.items():
+        if not isinstance(task, dict) or not isinstance(task.get("workflow"), str):
+            continue
+        part = parts.get(name)
+        if not isinstance(part, dict) or not part.get("source_text") or not part.get("signature"):
+            raise SignatureError(f"the sub-workflow {task['workflow']} of task {name!r} is not signed")
+        text = str(part["source_text"])
+        signing.verify_file_bytes(text.encode(), json.loads(part["signature"]), trusted)
+        child = workflows.decode(text, str(part.get("source_suffix") or ""))
+        embedded[name] = {**task, "workflow": _embed_signed(child, part.get("parts") or {}, trusted)}
+    return {**source, "tasks": {**tasks, **embedded}} if embedded else source

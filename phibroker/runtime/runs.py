@@ -45,6 +45,8 @@ class RunCache:
                     limit=self.settings.max_message_bytes,
                     max_release=self.settings.max_release,
                     cancel_grace=self.settings.cancel_grace,
+                    max_children=self.settings.max_children,
+                    max_depth=self.settings.max_depth,
                 )
         found = {}
         for wf_id in wf_ids:

@@ -36,7 +36,7 @@ def submission(
 
     `signed`: the signature fields to carry, when the workflow was rebuilt from a stored spec; by
     default they are read beside the workflow's file."""
-    if wf_id is not None and not _ID.match(wf_id):
+    if wf_id is not None and not _ID.fullmatch(wf_id):
         raise InvalidInput(f"workflow id {wf_id!r}: use letters, digits, '_', '.', '-'")
     wf_id = wf_id or f"{workflow.name}-{wire.short_id()}"
     fields = new_workflow_fields(workflow, dict(params), time.time(), depth, list(chain))
@@ -45,18 +45,29 @@ def submission(
 
 
 def signature_fields(workflow: workflows.Workflow) -> dict[str, Any]:
-    """A signed file travels with its text and detached signature, for `coordinator --require-signed`."""
-    if workflow.path is None or workflow.text is None:
+    """A signed file travels with its text and detached signature, for `coordinator --require-signed`;
+    so do the signed files it embeds (`workflow: FILE`), by task in `source_parts`, each with its own."""
+    signed = _signed(workflow)
+    if signed is None:
         return {}
+    parts = signed.pop("parts")
+    return {**signed, "source_parts": json.dumps(parts)} if parts else signed
+
+
+def _signed(workflow: workflows.Workflow) -> dict[str, Any] | None:
+    if workflow.path is None or workflow.text is None:
+        return None
     sig = signing.sig_path(workflow.path)
     if not sig.exists():
-        return {}
+        return None
     try:
         signature = json.loads(sig.read_text())
     except (OSError, ValueError) as exc:
         raise InvalidInput(f"{sig}: unreadable signature: {exc}") from None
+    parts = {task: part for task, child in workflow.subworkflows.items() if (part := _signed(child)) is not None}
     return {
         "source_text": workflow.text.decode("utf-8"),
         "source_suffix": workflow.path.suffix.lower(),
         "signature": json.dumps(signature),
+        "parts": parts,
     }

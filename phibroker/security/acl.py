@@ -234,6 +234,7 @@ def coordinator_user(keys: Keys) -> User:
                 ("xlen", "xinfo|groups", "xpending", "xtrim"), (f"~{keys.agent_tasks('*')}", f"~{keys.agent_bulk('*')}")
             ),
             Grant(("hgetall", "hdel"), (f"~{keys.agents}",)),
+            Grant(("xtrim", "memory|usage"), (f"%W~{keys.events}",)),  # the log's age and size bounds
         ),
     )
 
@@ -263,7 +264,8 @@ def admin_user(keys: Keys) -> User:
     return User(
         name=ADMIN,
         role=ADMIN,
-        root=Grant((*BASICS, *READS, *writes, "multi", "exec", "discard"), (f"~{keys.namespace}:*",)),
+        # SCRIPT KILL: a runaway script makes Redis answer BUSY to everyone until someone stops it
+        root=Grant((*BASICS, *READS, *writes, "multi", "exec", "discard", "script|kill"), (f"~{keys.namespace}:*",)),
     )
 
 
@@ -281,7 +283,7 @@ class Bundle:
 
 
 def check_name(name: str, what: str) -> str:
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise InvalidInput(f"{what} {name!r}: use letters, digits, '_', '.', '-'")
     return name
 

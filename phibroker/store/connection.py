@@ -16,6 +16,7 @@ from typing import Any
 
 import redis
 from redis.backoff import ExponentialBackoff
+from redis.client import Pipeline
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import InvalidResponse, NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -28,8 +29,91 @@ from phibroker.keys import Keys
 from phibroker.settings import Settings
 from phibroker.store import scripts
 
-# What a lost connection looks like; loops back off and carry on, the CLI exits 3.
+
+class Refused(RedisConnectionError):
+    """Redis answered, but will not serve commands for now: out of memory, a script running too long,
+    loading its data, a replica, a cluster slot moving. It is `ConnectionError` on purpose: every loop
+    treats it as a broker it cannot reach (back off, retry), and the CLI exits 3."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code} {message}")
+        self.code = code
+
+
+# The error codes that say "not now" rather than "never": what the command asked is fine, the server
+# is not able to do it at the moment (see REFUSAL_HINTS for what each one means to an operator).
+REFUSAL_HINTS = {
+    "OOM": "it is out of memory (maxmemory, noeviction): free some or raise the limit",
+    "BUSY": "a script has run too long: `SCRIPT KILL` it (the admin user may)",
+    "LOADING": "it is loading its data set: try again in a moment",
+    "READONLY": "it is a read-only replica: point PHIBROKER_REDIS_URL at the master",
+    "MASTERDOWN": "its link to the master is down",
+    "TRYAGAIN": "a cluster slot is moving",
+    "CLUSTERDOWN": "the cluster is down",
+    "NOREPLICAS": "too few replicas answer for it to take writes",
+    "MISCONF": "it cannot save to disk, so it refuses writes",
+}
+
+# What a broker out of reach looks like; loops back off and carry on, the CLI exits 3.
 CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, InvalidResponse, ConnectionResetError, BrokenPipeError)
+
+
+def refusal(exc: BaseException) -> Refused | None:
+    """`exc` as a Refused when Redis said "not now" (OOM, BUSY, ...), else None."""
+    if isinstance(exc, Refused):
+        return exc
+    if not isinstance(exc, ResponseError):
+        return None
+    text = str(exc).rpartition(" of pipeline caused error: ")[2]  # redis-py names the command before it
+    code = exc.status_code or text.partition(" ")[0]
+    if code not in REFUSAL_HINTS:
+        return None
+    return Refused(code, text.removeprefix(f"{code} "))
+
+
+@contextmanager
+def refusals() -> Iterator[None]:
+    """Inside, a "not now" reply raises Refused; any other error passes as it is (for what does not go
+    through the client's commands: pub/sub)."""
+    try:
+        yield
+    except ResponseError as exc:
+        refused = refusal(exc)
+        if refused is None:
+            raise
+        raise refused from exc
+
+
+class _Pipeline(Pipeline):
+    """A pipeline whose replies and errors say Refused where Redis said "not now"."""
+
+    def execute(self, raise_on_error: bool = True) -> list[Any]:
+        try:
+            replies = super().execute(raise_on_error)
+        except ResponseError as exc:
+            refused = refusal(exc)
+            if refused is None:
+                raise
+            raise refused from exc
+        return [refusal(reply) or reply if isinstance(reply, ResponseError) else reply for reply in replies]
+
+
+class _Client(redis.Redis):
+    """redis-py's client, but a "not now" reply (OOM, BUSY, ...) raises Refused, whichever command or
+    pipeline met it: one place, so no loop anywhere dies of a full or busy Redis."""
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        try:
+            return super().execute_command(*args, **options)
+        except ResponseError as exc:
+            refused = refusal(exc)
+            if refused is None:
+                raise
+            raise refused from exc
+
+    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
+        return _Pipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
+
 
 SHAS = {
     source: hashlib.sha1(source.encode()).hexdigest()  # noqa: S324 - the name Redis gives a script
@@ -38,8 +122,9 @@ SHAS = {
 _INT_FIELDS = frozenset({"attempt", "token", "seq", "parts", "version", "launched", "depth", "reclaims"})
 _FLOAT_FIELDS = frozenset({"dispatched", "started", "finished", "deadline", "created_at", "finished_at", "retry_at"})
 _RAW_FIELDS = frozenset({"decision"})
-META_JSON = frozenset({"params", "chain"})
-_BIG_FIELDS = ("spec", "source_text", "signature")  # written without Lua (scripts.CREATE); `spec` stays text
+META_JSON = frozenset({"params", "chain", "children"})
+# written without Lua (scripts.CREATE); `spec` stays text
+_BIG_FIELDS = ("spec", "source_text", "signature", "source_parts")
 HINT = "start one with `make dev` (or `phibroker dev`), or set PHIBROKER_REDIS_URL"
 
 # Where published events go beyond the log (subscription streams, trigger starts): stream, entry, cap.
@@ -72,7 +157,7 @@ def next_id(entry_id: str) -> str:
 def connect(settings: Settings) -> redis.Redis:
     """A client whose socket timeout stays above every blocking read, with a short retry for blips."""
     try:
-        return redis.Redis.from_url(
+        return _Client.from_url(
             settings.redis_url,
             protocol=2,
             socket_timeout=max(10.0, settings.worker_block * 4),
@@ -88,12 +173,19 @@ def connect(settings: Settings) -> redis.Redis:
 
 
 def unusable(settings: Settings, exc: Exception) -> BrokerUnavailable | None:
-    """What a failure to reach or select the broker means to a user, or None for any other error.
+    """What a failure to reach, select or use the broker means to a user, or None for any other error.
 
+    Redis saying "not now" (OOM, BUSY, ...) reads as such, with what an operator can do about it.
     A database index the server does not have is refused only when the connection is made (SELECT),
     as a ResponseError: it is as fatal as an address where nothing listens, so it reads the same way.
     """
     url = settings.redis_url
+    refused = refusal(exc)
+    if refused is not None:
+        detail = str(refused).removeprefix(f"{refused.code} ").split(". script:")[0].rstrip(".")
+        return BrokerUnavailable(
+            f"Redis at {url} refuses commands for now ({refused.code}: {detail}): {REFUSAL_HINTS[refused.code]}"
+        )
     if isinstance(exc, CONNECTION_ERRORS):
         return BrokerUnavailable(f"cannot reach Redis at {url} ({str(exc).rstrip('.')}): {HINT}")
     if isinstance(exc, ResponseError) and "DB index" in str(exc):
@@ -185,7 +277,8 @@ def lease_alive(lease: dict[str, Any], clock: float) -> bool:
 
 @contextmanager
 def reaching(settings: Settings) -> Iterator[None]:
-    """A lost connection or a missing database becomes BrokerUnavailable (exit 3), naming the URL."""
+    """A lost connection, a missing database or a refusal (full, busy) becomes BrokerUnavailable (exit 3),
+    naming the URL."""
     try:
         yield
     except (*CONNECTION_ERRORS, ResponseError) as exc:
@@ -213,10 +306,13 @@ class Connection:
             self._load_scripts()
             return self.redis.evalsha(SHAS[source], len(keys), *keys, *args)
 
-    def _pipeline(self, build: Callable[[Any], None]) -> list[Any]:
-        """Run the commands `build` queues as one pipeline; errors raise, NOSCRIPT reloads and reruns."""
+    def _pipeline(self, build: Callable[[Any], None], transaction: bool = False) -> list[Any]:
+        """Run the commands `build` queues as one pipeline; errors raise, NOSCRIPT reloads and reruns.
+
+        Without `transaction`, each command stands alone: one refused (OOM) does not stop the next.
+        With it (MULTI/EXEC), a refused command discards them all."""
         for attempt in (1, 2):
-            pipe = self.redis.pipeline(transaction=False)
+            pipe = self.redis.pipeline(transaction=transaction)
             build(pipe)
             replies = pipe.execute(raise_on_error=False)
             if attempt == 1 and any(isinstance(r, NoScriptError) for r in replies):
@@ -351,9 +447,18 @@ class Connection:
         return secs + micros / 1e6, parse_leases(raw)
 
     def submit_workflow(self, wf_id: str, fields: dict[str, Any]) -> bool:
-        """Write a new workflow, index it and tell the coordinators, in one round trip.
+        """Write a new workflow, index it and tell the coordinators, in one round trip, all or nothing
+        (MULTI/EXEC): a full Redis refuses the whole run, never leaves half of one that `list` shows
+        and `status` does not know.
 
-        False if the id exists (the coordinators are told again: starting is idempotent)."""
+        False if the id exists (the coordinators are told again: starting is idempotent).
+        Only after Redis lost its scripts (NOSCRIPT) does the create script fail alone; the
+        transaction then runs again, and until it has, the run reads as unknown everywhere."""
+        return bool(self._pipeline(lambda pipe: self._submit(pipe, wf_id, fields), transaction=True)[-2])
+
+    def _submit(self, pipe: Any, wf_id: str, fields: dict[str, Any]) -> None:
+        """Queue the commands of `submit_workflow` on a pipeline; the create script's reply is the
+        second to last (a coordinator draining an outbox creates child runs this way)."""
         keys = self.keys
         created_at = float(fields["created_at"])
         args: list[Any] = []
@@ -362,16 +467,12 @@ class Connection:
             if name not in big:
                 args += [name, json.dumps(value) if name in META_JSON else value]
         kick = wire.Inbox(kind="submit", body={"wf": wf_id}).encode(self.settings.max_message_bytes)
-
-        def build(pipe: Any) -> None:
-            pipe.zadd(keys.workflows, {wf_id: created_at}, nx=True)
-            pipe.zadd(keys.running, {wf_id: created_at}, nx=True)
-            for name, value in big.items():  # first: the coordinator reads them on the kick
-                pipe.hsetnx(keys.wf(wf_id), name, value)
-            pipe.evalsha(SHAS[scripts.CREATE], 1, keys.wf(wf_id), *args)
-            pipe.xadd(keys.results, {wire.FIELD: kick})
-
-        return bool(self._pipeline(build)[2 + len(big)])
+        pipe.zadd(keys.workflows, {wf_id: created_at}, nx=True)
+        pipe.zadd(keys.running, {wf_id: created_at}, nx=True)
+        for name, value in big.items():  # first: the coordinator reads them on the kick
+            pipe.hsetnx(keys.wf(wf_id), name, value)
+        pipe.evalsha(SHAS[scripts.CREATE], 1, keys.wf(wf_id), *args)
+        pipe.xadd(keys.results, {wire.FIELD: kick})
 
     def send_to_coordinators(self, message: wire.Inbox) -> None:
         """Into the coordinators' inbox; their group reads it from the start, whenever they come."""

@@ -56,6 +56,35 @@ class CoordinatorStore(Connection):
         except ResponseError:
             return 0  # the stream or group went away meanwhile
 
+    def trim_events(self, oldest_ms: int, max_bytes: int) -> None:
+        """Bound the events log by age (entries before `oldest_ms`, Redis's clock) and by size: past
+        `max_bytes` (sampled, MEMORY USAGE), its oldest entries go in proportion. Nobody holds entries of
+        it pending (it has no groups), so trimming loses nothing a reader owes an ack for."""
+        events = self.keys.events
+        self.redis.xtrim(events, minid=f"{oldest_ms}-0", approximate=True)
+        try:
+            used = int(self.redis.memory_usage(events, samples=16) or 0)
+        except ResponseError:
+            return  # a broker without MEMORY (the embedded one): the count cap on XADD still holds
+        if used > max_bytes:
+            length = int(self.redis.xlen(events))
+            self.redis.xtrim(events, maxlen=int(length * max_bytes / used), approximate=True)
+
+    def forget_expired_runs(self, created_before: float, start: int, count: int) -> tuple[int, int]:
+        """Drop from the `workflows` index (what `list` reads) the runs whose keys expired: of those
+        created before `created_before`, `count` from the `start`-th. Returns (looked at, dropped).
+        Runs that old but still there (a long run, or one kept by a retry) stay."""
+        ids = self.redis.zrangebyscore(self.keys.workflows, "-inf", f"({created_before}", start=start, num=count)
+        if not ids:
+            return 0, 0
+        pipe = self.redis.pipeline(transaction=False)
+        for wf_id in ids:
+            pipe.hexists(self.keys.wf(wf_id.decode()), "state")
+        gone = [wf_id for wf_id, there in zip(ids, pipe.execute(), strict=True) if not there]
+        if gone:
+            self.redis.zrem(self.keys.workflows, *gone)
+        return len(ids), len(gone)
+
     def load_runs(self, wf_ids: Sequence[str]) -> list[tuple[dict[str, Any], dict[bytes, bytes], dict[bytes, bytes]]]:
         """Meta (parsed), raw unit fields and raw results of several workflows, in one round trip."""
         pipe = self.redis.pipeline(transaction=False)
@@ -77,7 +106,9 @@ class CoordinatorStore(Connection):
         ttl = int(self.settings.retention)
         calls = []
         for wf_id, version, tx in transitions:
-            args: list[Any] = [version]
+            args: list[Any] = [version, len(tx.guards)]
+            for field, prefix in tx.guards.items():
+                args += [field, prefix]
             for pairs in (tx.fields(), tx.meta):
                 args.append(len(pairs))
                 for name, value in pairs.items():
@@ -174,7 +205,8 @@ class CoordinatorStore(Connection):
         self._pipeline(build)
 
     def _carry_out(self, pipe: Any, wf_id: str, box: dict[str, Any], route: Route | None) -> None:
-        """An outbox's effects other than dispatches: events, stop notices, timers, approvals, the running index.
+        """An outbox's effects other than dispatches: events, stop notices, child runs, messages to other
+        runs, timers, approvals, the running index.
 
         Stop notices go out on the agents' channels after the commit, so a worker that hears one and
         reads the unit's state finds the stop already written. A redrive publishes them again: a worker
@@ -188,6 +220,10 @@ class CoordinatorStore(Connection):
             pipe.xadd(keys.results, {wire.FIELD: inbox.encode(self.settings.max_message_bytes)})
         for agent, unit, dispatch in box.get("stops") or ():
             pipe.publish(keys.agent_stops(agent), StopNotice(wf_id, unit, dispatch).encode())
+        for child_id, fields in box.get("child_runs") or ():  # a `workflow:` task's child: created once
+            self._submit(pipe, child_id, fields)
+        for raw in box.get("inbox") or ():  # to other runs: a child's end, a parent's cancel
+            pipe.xadd(keys.results, {wire.FIELD: raw})
         if box.get("timers_add"):
             pipe.zadd(keys.timers, {m: int(due * 1000) for m, due in box["timers_add"].items()})
         if box.get("timers_del"):

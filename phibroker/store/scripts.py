@@ -13,16 +13,22 @@ redis.call('HSET', KEYS[1], unpack(ARGV))
 return 1
 """
 
-# Commit a transition if nobody changed the workflow since it was read (the version).
+# Commit a transition if nobody changed the workflow since it was read (the version), and the fields
+# it guards still read as it saw them: what a worker's start script wrote (which moves no version).
 # KEYS: meta, tasks, results, history, outbox, done
-# ARGV: version, n, task pairs..., n, meta pairs..., n, result pairs..., n, history items...,
+# ARGV: version, n, guard pairs (tasks field, the prefix it must still have)..., n, task pairs..., n, meta pairs...,
+#       n, result pairs..., n, history items...,
 #       outbox id, outbox blob ('' for none), finished ('1'/'0'), ttl seconds, reopened ('1'/'0')
 # A finished workflow's keys expire after the ttl; a reopened one (`retry`) keeps them again and its
 # end signal is taken back, so waiters wait for its next end.
 APPLY = """
 local meta, tasks, results, history, outbox, done = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 if (redis.call('HGET', meta, 'version') or '') ~= ARGV[1] then return -1 end
-local i = 2
+local i = 3 + 2 * tonumber(ARGV[2])
+for g = 3, i - 1, 2 do
+  local value = redis.call('HGET', tasks, ARGV[g]) or ''
+  if string.sub(value, 1, #ARGV[g + 1]) ~= ARGV[g + 1] then return -1 end
+end
 local function each_chunk(width, fn)
   local n = tonumber(ARGV[i]); i = i + 1
   local done_items = 0

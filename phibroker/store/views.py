@@ -16,6 +16,7 @@ from phibroker.keys import WORKERS_GROUP
 from phibroker.store.connection import Connection, parse_leases, parse_meta, parse_units, parse_value
 
 _ROW_FIELDS = ("name", "state", "created_at", "finished_at")  # a run's line in `list`
+_PARENT_FIELDS = ("parent", "parent_task")  # set on a child run of a `workflow:` task
 
 
 class Views:
@@ -60,8 +61,9 @@ class Views:
         }
 
     def recent_workflows(self, limit: int, states: Collection[str] = ()) -> list[dict[str, Any]]:
-        """Up to `limit` runs, newest first: id, name, state, created_at, finished_at. With `states`, only
-        runs in one of them: the index is read a page at a time until enough are found or it ends."""
+        """Up to `limit` runs, newest first: id, name, state, created_at, finished_at, parent (`{"id",
+        "task"}` of a child run's parent, else None). With `states`, only runs in one of them: the index is
+        read a page at a time until enough are found or it ends."""
         page = limit if not states else max(limit, 500)
         rows: list[dict[str, Any]] = []
         start = 0
@@ -69,11 +71,13 @@ class Views:
             ids = [i.decode() for i in self.redis.zrevrange(self.keys.workflows, start, start + page - 1)]
             pipe = self.redis.pipeline(transaction=False)
             for wf_id in ids:
-                pipe.hmget(self.keys.wf(wf_id), *_ROW_FIELDS)
+                pipe.hmget(self.keys.wf(wf_id), *_ROW_FIELDS, *_PARENT_FIELDS)
             for wf_id, values in zip(ids, pipe.execute() if ids else [], strict=True):
                 if values[0] is None:
                     continue  # expired by retention; maintenance trims the index
-                row = {n: None if v is None else parse_value(n, v) for n, v in zip(_ROW_FIELDS, values, strict=True)}
+                row = {n: None if v is None else parse_value(n, v) for n, v in zip(_ROW_FIELDS, values, strict=False)}
+                parent, task = values[len(_ROW_FIELDS) :]
+                row["parent"] = {"id": parent.decode(), "task": task.decode() if task else None} if parent else None
                 if not states or row["state"] in states:
                     rows.append({"id": wf_id, **row})
             if len(ids) < page:

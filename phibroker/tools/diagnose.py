@@ -90,6 +90,7 @@ class Facts:
     entries: dict[str, str] = field(default_factory=dict)  # unit -> its attempt's stream entry
     pending: dict[str, dict[str, Any]] = field(default_factory=dict)  # entry -> consumer, idle, deliveries
     streams: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # agent -> stream health
+    children: dict[str, dict[str, Any]] = field(default_factory=dict)  # child run id -> its head ({} unknown)
 
 
 def live_units(facts: Facts) -> list[str]:
@@ -110,7 +111,7 @@ def read_facts(broker: ClientStore, wf_id: str) -> Facts:
     now, meta, units = views.workflow_state(wf_id)
     if not meta.get("spec"):
         raise UnknownWorkflow(wf_id)
-    facts = Facts(wf_id, now, meta, plan_of(meta["spec"]), units)
+    facts = Facts(wf_id, now, meta, plan_of(meta["spec"], meta.get("children")), units)
     if meta.get("state") in WF_TERMINAL:
         return facts
     _, facts.workers = broker.leases(broker.keys.agents)
@@ -122,9 +123,15 @@ def read_facts(broker: ClientStore, wf_id: str) -> Facts:
         rec = units[unit]
         if rec.get("state") == "retrying":
             members.append(timer_member("retry", wf_id, unit, rec.get("attempt")))
+        elif unit in facts.plan.signals:
+            members.append(timer_member("signal", wf_id, unit))
         elif rec.get("dispatch"):
             members.append(timer_member("deadline", wf_id, unit, rec["dispatch"]))
+    if meta.get("state") == "cancelling":
+        members.append(timer_member("grace", wf_id))
     facts.timers = dict(zip(members, views.timer_dues(members), strict=True))
+    children = [str(units[u]["child"]) for u in live if units[u].get("child")]
+    facts.children = dict(zip(children, views.workflow_heads(children), strict=True))
     requests = [str(units[u]["approval"]) for u in live if units[u].get("approval")]
     facts.approvals = dict(zip(requests, views.approval_requests(requests), strict=True))
     by_agent: dict[str, list[str]] = {}
@@ -160,15 +167,19 @@ def explain(facts: Facts) -> list[str]:
     done = sum(1 for t in plan.deps if facts.units.get(t, {}).get("state") in TASK_TERMINAL)
     if state in WF_TERMINAL:
         error = f": {meta['error']}" if meta.get("error") else ""
-        return [f"{facts.id} {state}{error} — it has ended; nothing blocks it"]
+        return [f"{facts.id} {state}{error} — it has ended; nothing blocks it", *_upstream_failures(facts)]
     lines = [f"{facts.id} ({meta.get('name')}) is {state}: {done}/{len(plan.deps)} tasks done"]
     if not facts.coordinators:
         lines.append("no live coordinator: nothing advances until one runs (phibroker coordinator)")
     if not meta.get("launched"):
         lines.append("not started yet: no coordinator has taken its submit")
+    if state == "cancelling":
+        lines.append(_cancelling(facts))
     for unit in live_units(facts):
-        lines.append(_unit_blocker(facts, unit))
+        stop = facts.units[unit].get("stop")
+        lines.append(_unit_blocker(facts, unit) + (f"; asked to stop: {stop}" if stop else ""))
     lines += _waiting(facts)
+    lines += _upstream_failures(facts)
     deadline = meta.get("deadline")
     if deadline and deadline > now:
         lines.append(f"workflow deadline: it times out at {clock_text(deadline)} (in {span(deadline - now)})")
@@ -179,9 +190,36 @@ def explain(facts: Facts) -> list[str]:
     return lines
 
 
+def _cancelling(facts: Facts) -> str:
+    """A run winding down: the tasks it waits to stop, and when `cancel_grace` gives up on them."""
+    why = facts.meta.get("error") or "it ends early: a task with end: true succeeded"
+    stopping = [u for u in live_units(facts) if facts.units[u].get("stop")]
+    if not stopping:
+        return f"cancelling ({why}): no task is left to stop; it ends when a coordinator applies that"
+    due = facts.timers.get(timer_member("grace", facts.id))
+    if due is None:
+        grace = ""
+    elif due > facts.now:
+        grace = f"; cancel_grace ends at {clock_text(due)} (in {span(due - facts.now)}), then they count as cancelled"
+    else:
+        grace = f"; cancel_grace ended {span(facts.now - due)} ago: they count as cancelled when a coordinator runs"
+    return f"cancelling ({why}): waits for {', '.join(stopping)} to stop{grace}"
+
+
 def _unit_blocker(facts: Facts, unit: str) -> str:
-    """One line for a live unit: its gate, its retry, a dead worker holding it, or where it waits."""
+    """One line for a live unit: its gate, its child run or children, its retry, a dead worker holding
+    it, or where it waits."""
     rec, now = facts.units[unit], facts.now
+    if unit in facts.plan.signals and rec.get("state") == "running":
+        return _signal_gate(facts, unit)
+    if rec.get("child") and facts.plan.kinds.get(unit) == "workflow":
+        child = str(rec["child"])
+        head = facts.children.get(child)
+        if not head:
+            return f"{unit} waits for its child run {child}, which a coordinator has yet to create"
+        return f"{unit} waits for its child run {child} ({head.get('state')}): phibroker why {child}"
+    if rec.get("spawned"):
+        return _spawner(facts, unit)
     if rec.get("approval"):
         request = facts.approvals.get(str(rec["approval"])) or {}
         deadline = request.get("deadline")
@@ -196,6 +234,54 @@ def _unit_blocker(facts: Facts, unit: str) -> str:
         when = f"{clock_text(due)} (in {span(due - now)})"
         return f"{unit} is retrying: attempt {attempt} failed{error}; attempt {attempt + 1} fires at {when}"
     return _delivery(facts, unit)
+
+
+def _signal_gate(facts: Facts, unit: str) -> str:
+    """A signal gate that waits: the command that sends its signal, and when it times out."""
+    name = facts.plan.signals[unit]
+    due = facts.timers.get(timer_member("signal", facts.id, unit))
+    until = f"times out at {clock_text(due)} (in {span(max(0.0, due - facts.now))})" if due else "no timeout"
+    return f"{unit} waits for signal {name}: phibroker signal {facts.id} {name} --data '...'; {until}"
+
+
+def _spawner(facts: Facts, unit: str) -> str:
+    """A task whose handler spawned children: it waits for every one of them to end."""
+    children = [t for t in facts.plan.deps if t.rpartition("/")[0] == unit]
+    state = {c: facts.units.get(c, {}).get("state", "pending") for c in children}
+    open_ = [f"{c} ({state[c]})" for c in children if state[c] not in TASK_TERMINAL]
+    shown = ", ".join(open_[:5]) + (f", … (+{len(open_) - 5})" if len(open_) > 5 else "")
+    return f"{unit} waits for {len(open_)} of the {len(children)} children it spawned: {shown}"
+
+
+def _upstream_failures(facts: Facts, limit: int = 10) -> list[str]:
+    """Each task that never ran because an upstream failed, with the failed tasks behind it."""
+    state = {t: facts.units.get(t, {}).get("state", "pending") for t in facts.plan.deps}
+    broken = [t for t in facts.plan.deps if state[t] == "upstream_failed"]
+    lines = [f"{t} is upstream_failed (never ran): {_failed_behind(facts, state, t)}" for t in broken[:limit]]
+    if len(broken) > limit:
+        lines.append(f"… and {len(broken) - limit} more upstream_failed tasks")
+    return lines
+
+
+def _failed_behind(facts: Facts, state: Mapping[str, str], task: str) -> str:
+    """The failed tasks upstream of `task`, reached through the upstream_failed ones between."""
+    failed, seen, stack = [], {task}, list(facts.plan.deps[task])
+    while stack:
+        dep = stack.pop()
+        if dep in seen:
+            continue
+        seen.add(dep)
+        if state[dep] == "failed":
+            failed.append(dep)
+        elif state[dep] == "upstream_failed":
+            stack.extend(facts.plan.deps[dep])
+    order = {t: i for i, t in enumerate(facts.plan.deps)}
+    return "; ".join(_failure(facts, t) for t in sorted(failed, key=order.__getitem__)) or "an upstream failed"
+
+
+def _failure(facts: Facts, task: str) -> str:
+    error = facts.units.get(task, {}).get("error")
+    return f"{task} failed" + (f": {error}" if error else "")
 
 
 def _delivery(facts: Facts, unit: str) -> str:

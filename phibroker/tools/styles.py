@@ -4,13 +4,16 @@ Rich style strings and plain text helpers, so a command that only prints text im
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 STATE_STYLES: dict[str, str] = {
     "succeeded": "green",
     "failed": "bold red",
     "timed_out": "red",
     "cancelled": "red",
+    "upstream_failed": "dim red",
+    "cancelling": "bold magenta",
     "running": "yellow",
     "retrying": "magenta",
     "compensating": "magenta",
@@ -20,6 +23,45 @@ STATE_STYLES: dict[str, str] = {
     "skipped": "dim",
     "pending": "dim",
 }
+
+
+def task_notes(task: Mapping[str, Any], max_iterations: int | None = None, spawned: int = 0) -> list[str]:
+    """What a task's state alone does not tell (a `status --json` row): its loop's iteration, the
+    signal it waits for, its child run, the children it spawned, and a stop it was asked for."""
+    notes = []
+    if task.get("iterations"):
+        notes.append(f"iteration {task['iterations']}" + (f"/{max_iterations}" if max_iterations else ""))
+    if task.get("waiting_for"):
+        notes.append(f"waiting for {task['waiting_for']}")
+    if task.get("child"):
+        notes.append(f"child run {task['child']}")
+    if spawned:
+        notes.append(f"spawned {spawned}")
+    if task.get("stopping"):
+        notes.append(f"stopping: {task['stopping']}")
+    return notes
+
+
+def task_tree(names: Iterable[str]) -> list[tuple[str, int, int]]:
+    """(name, depth, how many children) per task, each child a handler spawned (`T/NAME`) right
+    under its parent, in the order given."""
+    ordered = list(names)
+    known = set(ordered)
+    children: dict[str, list[str]] = {}
+    roots = []
+    for name in ordered:
+        parent, slash, _ = name.rpartition("/")
+        if slash and parent in known:
+            children.setdefault(parent, []).append(name)
+        else:
+            roots.append(name)
+    out: list[tuple[str, int, int]] = []
+    stack = [(name, 0) for name in reversed(roots)]
+    while stack:
+        name, depth = stack.pop()
+        out.append((name, depth, len(children.get(name, ()))))
+        stack.extend((child, depth + 1) for child in reversed(children.get(name, ())))
+    return out
 
 
 def duration_text(seconds: float, digits: int = 1) -> str:

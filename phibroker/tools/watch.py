@@ -23,15 +23,16 @@ from rich.table import Table
 from rich.text import Text
 
 from phibroker.engine.records import split_unit
-from phibroker.engine.state import TASK_TERMINAL, WF_TERMINAL
+from phibroker.engine.state import TASK_TERMINAL, UNIT_LIVE, WF_TERMINAL
 from phibroker.errors import UnknownWorkflow
 from phibroker.settings import Settings
 from phibroker.store.client import ClientStore
 from phibroker.store.connection import CONNECTION_ERRORS, reaching
 from phibroker.store.views import Views
 from phibroker.tools.styles import STATE_STYLES as STYLES
+from phibroker.tools.styles import task_notes, task_tree
 from phibroker.workflow import dag
-from phibroker.workflow.spec import parse_duration
+from phibroker.workflow.spec import Loop, parse_duration
 
 REFRESH = 0.5  # seconds between frames
 RATE_SMOOTHING = 3.0  # seconds: messages/s is a moving average over about this long
@@ -55,6 +56,9 @@ class Plan:
     commands: dict[str, str | None]
     undo_agents: dict[str, str]  # tasks with a compensation -> the agent that runs it
     estimates: dict[str, float]
+    kinds: dict[str, str] = field(default_factory=dict)  # a task no agent runs -> approval, signal or workflow
+    loops: dict[str, int] = field(default_factory=dict)  # a looping task -> its max_iterations
+    signals: dict[str, str] = field(default_factory=dict)  # a signal gate -> the signal it waits for
 
     def agent_of(self, unit: str) -> str | None:
         task, _, is_undo = split_unit(unit)
@@ -65,8 +69,9 @@ class Plan:
         return {a for a in self.agents.values() if a} | set(self.undo_agents.values())
 
 
-def plan_of(spec_text: str) -> Plan:
-    tasks: dict[str, dict[str, Any]] = json.loads(spec_text).get("tasks") or {}
+def plan_of(spec_text: str, children: Mapping[str, dict[str, Any]] | None = None) -> Plan:
+    """The plan of a spec, plus the tasks its run's handlers spawned (`children`, as the run keeps them)."""
+    tasks: dict[str, dict[str, Any]] = {**(json.loads(spec_text).get("tasks") or {}), **(children or {})}
     estimates = {}
     for name, task in tasks.items():
         if task.get("estimate") is not None:
@@ -84,7 +89,17 @@ def plan_of(spec_text: str) -> Plan:
             if isinstance(task.get("compensate"), dict)
         },
         estimates=estimates,
+        kinds={name: kind for name, task in tasks.items() for kind in GATE_KINDS if task.get(kind) is not None},
+        loops={name: _max_iterations(task["loop"]) for name, task in tasks.items() if task.get("loop")},
+        signals={name: str(task["signal"].get("name")) for name, task in tasks.items() if task.get("signal")},
     )
+
+
+GATE_KINDS = ("approval", "signal", "workflow")  # the tasks no agent runs, by the field that says so
+
+
+def _max_iterations(loop: Mapping[str, Any]) -> int:
+    return int(loop.get("max_iterations") or Loop(until="true").max_iterations)
 
 
 def remaining_time(plan: Plan, units: Mapping[str, Mapping[str, Any]], now: float) -> tuple[float, bool]:
@@ -110,7 +125,7 @@ def remaining_time(plan: Plan, units: Mapping[str, Mapping[str, Any]], now: floa
         unit = units.get(task, {})
         if task in plan.estimates:
             weight = plan.estimates[task]
-        elif plan.agents[task] is None:
+        elif plan.agents[task] is None and plan.kinds.get(task) != "workflow":
             weight, gated = 0.0, True
         else:
             same = by_command.get(plan.commands[task])
@@ -154,6 +169,16 @@ class WorkflowRow:
 
 
 @dataclass(frozen=True)
+class TaskRow:
+    """A task of the one workflow watched; a child a handler spawned sits under its parent (`depth`)."""
+
+    name: str
+    depth: int
+    state: str
+    notes: str  # iteration 3/5, waiting for signal NAME, child run ID, spawned N, stopping: why, the error
+
+
+@dataclass(frozen=True)
 class SubRow:
     name: str
     agent: str
@@ -178,6 +203,7 @@ class Snapshot:
     subscriptions: list[SubRow]
     note: str = ""
     plans: dict[str, Plan] = field(default_factory=dict, repr=False)  # reused by the next snapshot
+    tasks: list[TaskRow] = field(default_factory=list)  # the tasks of the one workflow watched
 
 
 def snapshot(
@@ -188,9 +214,10 @@ def snapshot(
     head = views.overview(EVENT_ENTRIES, RUNNING_READ, APPROVALS_READ)
     now = head["now"]
     ids = [workflow] if workflow else head["running"]
-    plans, rows = _read_workflows(views, ids, previous.plans if previous else {}, now)
+    plans, rows, units = _read_workflows(views, ids, previous.plans if previous else {}, now)
     if workflow and not rows:
         raise UnknownWorkflow(workflow)
+    tasks = task_rows(plans[workflow], units[workflow]) if workflow in plans and workflow in units else []
     if agent:
         rows = [r for r in rows if r.id in plans and agent in plans[r.id].all_agents]
     events = [e for e in head["events"] if _shown_event(e, workflow, agent, plans)][-EVENTS_SHOWN:]
@@ -224,6 +251,7 @@ def snapshot(
         ],
         note=" · ".join(f for f in (workflow and f"workflow {workflow}", agent and f"agent {agent}") if f),
         plans=plans,
+        tasks=tasks,
     )
 
 
@@ -240,9 +268,10 @@ def _merged(tasks: dict[str, Any] | None, bulk: dict[str, Any] | None) -> dict[s
 
 def _read_workflows(
     views: Views, ids: list[str], known: Mapping[str, Plan], now: float
-) -> tuple[dict[str, Plan], list[WorkflowRow]]:
+) -> tuple[dict[str, Plan], list[WorkflowRow], dict[str, dict[str, dict[str, Any]]]]:
     """Rows for the workflows `ids`: sizes first, then specs not seen before (under SPEC_CAP) and unit
-    states (UNIT_FIELDS_BUDGET in all). Returns the plans to keep for the next frame, and the rows."""
+    states (UNIT_FIELDS_BUDGET in all). Returns the plans to keep for the next frame, the rows, and
+    the units read."""
     heads = views.workflow_heads(ids)
     cached = {i: known[i] for i in ids if i in known}
     unread = [i for i, h in zip(ids, heads, strict=True) if h and i not in cached and 0 < h["spec_size"] <= SPEC_CAP]
@@ -260,7 +289,33 @@ def _read_workflows(
         for wf_id, wf_head in zip(ids, heads, strict=True)
         if wf_head
     ]
-    return plans, rows
+    return plans, rows, by_id
+
+
+def task_rows(plan: Plan, units: Mapping[str, Mapping[str, Any]]) -> list[TaskRow]:
+    """The watched workflow's tasks, as `status` shows them: the file's in order, each with the
+    children its handler spawned (read from the units: their specs are not in the plan) under it."""
+    names = [*plan.deps, *spawned_tasks(plan, units)]
+    rows = []
+    for name, depth, spawned in task_tree(names):
+        unit = units.get(name, {})
+        state = str(unit.get("state", "pending"))
+        parts = [units.get(f"{name}#{i}", {}) for i in range(int(unit.get("parts") or 0))]
+        if state == "ready" and any(p.get("state") == "running" for p in parts):
+            state = "running"
+        view: dict[str, Any] = {"child": unit.get("child")}
+        if name in plan.loops and unit.get("attempt"):
+            view["iterations"] = int(unit.get("iteration") or 1)
+        if name in plan.signals and state == "running":
+            view["waiting_for"] = f"signal {plan.signals[name]}"
+        stop = unit.get("stop") or next((p["stop"] for p in parts if p.get("stop")), None)
+        if stop and state in UNIT_LIVE:
+            view["stopping"] = stop
+        notes = task_notes(view, plan.loops.get(name), spawned)
+        if unit.get("error") and state in ("failed", "upstream_failed", "retrying"):
+            notes.append(str(unit["error"]))
+        rows.append(TaskRow(name, depth, state, "  ".join(notes)))
+    return rows
 
 
 def _workflow_row(
@@ -271,11 +326,17 @@ def _workflow_row(
     if plan is None or units is None:  # too big to read whole: tasks succeeded so far, no ETA
         total = len(plan.deps) if plan else None
         return WorkflowRow(wf_id, state, int(head.get("seq") or 0), total, elapsed, None)
-    done = sum(1 for t in plan.deps if units.get(t, {}).get("state") in TASK_TERMINAL)
+    tasks = [*plan.deps, *spawned_tasks(plan, units)]
+    done = sum(1 for t in tasks if units.get(t, {}).get("state") in TASK_TERMINAL)
     if state in WF_TERMINAL:
-        return WorkflowRow(wf_id, state, done, len(plan.deps), elapsed, 0.0)
+        return WorkflowRow(wf_id, state, done, len(tasks), elapsed, 0.0)
     eta, gated = remaining_time(plan, units, now)
-    return WorkflowRow(wf_id, state, done, len(plan.deps), elapsed, eta, gated)
+    return WorkflowRow(wf_id, state, done, len(tasks), elapsed, eta, gated)
+
+
+def spawned_tasks(plan: Plan, units: Mapping[str, Any]) -> list[str]:
+    """The tasks handlers spawned in a run (`T/NAME`), by name: the plan, read once, does not have them."""
+    return sorted({task for task, _, _ in map(split_unit, units) if "/" in task and task not in plan.deps})
 
 
 def _agent_names(head: dict[str, Any], plans: dict[str, Plan], workflow: str | None, agent: str | None) -> list[str]:
@@ -357,8 +418,10 @@ def render(snap: Snapshot, height: int | None = None) -> Group:
         header.append(f"  {snap.note}", "cyan")
     header.append(f"  {snap.source}", "dim")
     header.no_wrap, header.overflow = True, "ellipsis"
-    n_wf, n_ap, n_ev = _fit(snap, height)
+    n_wf, n_tasks, n_ap, n_ev = _fit(snap, height)
     parts: list[Any] = [header, _agents_table(snap), _workflows_table(snap, snap.workflows[:n_wf])]
+    if n_tasks:
+        parts.append(_tasks_table(snap.tasks, n_tasks))
     if snap.approvals:
         parts.append(_approvals_table(snap, snap.approvals[:n_ap]))
     if snap.subscriptions:
@@ -367,14 +430,15 @@ def render(snap: Snapshot, height: int | None = None) -> Group:
     return Group(*parts)
 
 
-def _fit(snap: Snapshot, height: int | None) -> tuple[int, int, int]:
-    """How many workflows, approvals and events fit in `height` lines; agents and subscriptions always show.
+def _fit(snap: Snapshot, height: int | None) -> tuple[int, int, int, int]:
+    """How many workflows, tasks, approvals and events fit in `height` lines; agents and subscriptions
+    always show.
 
     Every row is one line (nothing wraps); each table adds a title and a header line (events: no header),
-    and the workflows and approvals tables an "… N more" line when they hold back rows.
+    and the workflows, tasks and approvals tables an "… N more" line when they hold back rows.
     """
     if height is None:
-        return len(snap.workflows), len(snap.approvals), len(snap.events)
+        return len(snap.workflows), len(snap.tasks), len(snap.approvals), len(snap.events)
     free = height - 1 - (1 + 2 + max(1, len(snap.agents))) - 2 - 1  # the cursor line, header, agents, titles
     free -= (2 + len(snap.subscriptions)) if snap.subscriptions else 0
     approvals = 0
@@ -383,7 +447,10 @@ def _fit(snap: Snapshot, height: int | None) -> tuple[int, int, int]:
         free -= 2 + approvals + (snap.approvals_total > approvals)
     workflows = min(len(snap.workflows), max(1, free // 2))
     free -= max(1, workflows) + (snap.running_total > workflows)
-    return workflows, approvals, min(len(snap.events), max(2, free))
+    tasks = max(0, min(len(snap.tasks), free * 2 // 3 - 3))  # the table is left out when no row fits
+    if tasks:
+        free -= 2 + tasks + (len(snap.tasks) > tasks)
+    return workflows, tasks, approvals, min(len(snap.events), max(2, free))
 
 
 def _table(title: str, *columns: str, header: bool = True) -> Table:
@@ -447,6 +514,15 @@ def _workflows_table(snap: Snapshot, rows: Sequence[WorkflowRow]) -> Table:
         _row(table, Text("none running", "dim"))
     elif hidden > 0 and not snap.note:
         _row(table, Text(f"… {hidden} more", "dim"))
+    return table
+
+
+def _tasks_table(rows: Sequence[TaskRow], shown: int) -> Table:
+    table = _table(f"Tasks ({len(rows)})", "task:8", "state:7-16", "detail:6")
+    for t in rows[:shown]:
+        _row(table, "  " * t.depth + t.name, Text(t.state, STYLES.get(t.state, "")), t.notes)
+    if len(rows) > shown:
+        _row(table, Text(f"… {len(rows) - shown} more", "dim"))
     return table
 
 

@@ -1,20 +1,20 @@
-"""Workflow graph algorithms (order, levels, cycles, critical path, drawings), kept pure so they are fast and
+"""Workflow graph algorithms (order, levels, cycles, critical path), kept pure so they are fast and
 testable without Redis. Iterative and O(V+E): workflows can have 100k tasks in chains as deep."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Collection, Mapping, Sequence
 from heapq import heappop, heappush
 from itertools import chain, filterfalse
 
 from phibroker.errors import CycleError
+from phibroker.workflow.render import STATE_COLOURS as STATE_COLOURS  # drawings: see render
+from phibroker.workflow.render import SideEdge as SideEdge
+from phibroker.workflow.render import to_dot as to_dot
+from phibroker.workflow.render import to_mermaid as to_mermaid
 
 Deps = Mapping[str, Sequence[str]]
 """Task name -> names of the tasks it depends on; iteration order is the file's declaration order."""
-
-SideEdge = tuple[str, str, str]
-"""(source, target, label): an extra dashed edge; its ends may be non-task nodes such as "sub:page_oncall"."""
 
 
 def _declared_in_order(deps: Deps) -> bool:
@@ -194,172 +194,3 @@ def ready(deps: Deps, finished: Collection[str], started: Collection[str] = ()) 
     done = set(finished)
     busy = set(started)
     return [task for task, needs in deps.items() if task not in done and task not in busy and done.issuperset(needs)]
-
-
-def _side_nodes(deps: Deps, side_edges: Sequence[SideEdge]) -> list[str]:
-    """Ends of side edges that are not tasks, once each, in order of first appearance."""
-    extra: dict[str, None] = {}
-    for source, target, _ in side_edges:
-        for node in (source, target):
-            if node not in deps:
-                extra[node] = None
-    return list(extra)
-
-
-def _node_lines(task: str, labels: Mapping[str, str], states: Mapping[str, str] | None) -> list[str]:
-    """What a task's box says, one entry per line: its name, its label, its state in a run."""
-    lines = [task]
-    if task in labels:
-        lines.append(labels[task])
-    if states is not None:
-        lines.append(states.get(task, "unknown"))
-    return lines
-
-
-def _dot_text(text: str) -> str:
-    """Text safe inside a DOT double-quoted string."""
-    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-STATE_COLOURS: dict[str, str] = {
-    "pending": "#f1f3f5",
-    "ready": "#fff3bf",
-    "running": "#a5d8ff",
-    "retrying": "#ffd8a8",
-    "succeeded": "#b2f2bb",
-    "failed": "#ffa8a8",
-    "skipped": "#dee2e6",
-    "cancelled": "#ced4da",
-    "compensated": "#d0bfff",
-}
-"""The fill of a task in the drawing of a run, by its state: so a glance tells done, busy and broken apart."""
-
-_OTHER_STATE_COLOUR = "#ffffff"
-
-
-def _state_colour(state: str) -> str:
-    return STATE_COLOURS.get(state, _OTHER_STATE_COLOUR)
-
-
-def to_dot(
-    deps: Deps,
-    name: str = "workflow",
-    labels: Mapping[str, str] | None = None,
-    side_edges: Sequence[SideEdge] = (),
-    states: Mapping[str, str] | None = None,
-) -> str:
-    """The workflow as Graphviz DOT, for `dot -Tsvg`: edges go from dependency to dependent.
-
-    `labels` adds a second line to a task's box; `states` (the tasks of a run) adds the state as the last
-    line and fills the box with its `STATE_COLOURS` colour. `side_edges` are drawn dashed, and their
-    non-task ends as notes. Deterministic (declaration order); ends with a newline.
-    """
-    labels = labels or {}
-    style = 'style="rounded,filled", fillcolor="white"' if states is not None else "style=rounded"
-    lines = [f'digraph "{_dot_text(name)}" {{', "    rankdir=LR;", f"    node [shape=box, {style}];"]
-    lines += [_dot_node(task, labels, states) for task in deps]
-    for node in _side_nodes(deps, side_edges):
-        lines.append(f'    "{_dot_text(node)}" [shape=note];')
-    for task, needs in deps.items():
-        for dep in needs:
-            lines.append(f'    "{_dot_text(dep)}" -> "{_dot_text(task)}";')
-    for source, target, label in side_edges:
-        attrs = f'style=dashed, label="{_dot_text(label)}"' if label else "style=dashed"
-        lines.append(f'    "{_dot_text(source)}" -> "{_dot_text(target)}" [{attrs}];')
-    lines.append("}")
-    return "\n".join(lines) + "\n"
-
-
-def _dot_node(task: str, labels: Mapping[str, str], states: Mapping[str, str] | None) -> str:
-    """A task's box: a bare name, or a label of several lines and, in a run, the fill of its state."""
-    if task not in labels and states is None:
-        return f'    "{_dot_text(task)}";'
-    text = "\\n".join(_dot_text(line) for line in _node_lines(task, labels, states))
-    attrs = f'label="{text}"'
-    if states is not None and task in states:
-        attrs += f', fillcolor="{_state_colour(states[task])}"'
-    return f'    "{_dot_text(task)}" [{attrs}];'
-
-
-_MERMAID_SAFE = re.compile(r"[A-Za-z0-9_]+")
-_MERMAID_UNSAFE_CHAR = re.compile(r"[^A-Za-z0-9_]")
-_MERMAID_KEYWORDS = frozenset(
-    {"end", "graph", "flowchart", "subgraph", "style", "class", "classdef", "click", "linkstyle", "direction"}
-)
-
-
-def _mermaid_ids(names: Sequence[str]) -> dict[str, str]:
-    """A Mermaid node id per name: the name itself when it is `[A-Za-z0-9_]+` and not a keyword, otherwise
-    the name with each other character replaced by `_`, suffixed `_2`, `_3`... until unique."""
-
-    def plain(n: str) -> bool:
-        return bool(_MERMAID_SAFE.fullmatch(n)) and n.lower() not in _MERMAID_KEYWORDS
-
-    ids = {n: n for n in names if plain(n)}
-    used = set(ids.values())
-    for n in names:
-        if n in ids:
-            continue
-        base = _MERMAID_UNSAFE_CHAR.sub("_", n) or "_"
-        candidate, k = base, 1
-        while candidate in used or candidate.lower() in _MERMAID_KEYWORDS:
-            k += 1
-            candidate = f"{base}_{k}"
-        ids[n] = candidate
-        used.add(candidate)
-    return ids
-
-
-def _mermaid_text(text: str) -> str:
-    """Text safe inside a quoted Mermaid label (entity codes for the characters that end one)."""
-    return text.replace('"', "#quot;").replace("|", "#124;")
-
-
-def to_mermaid(
-    deps: Deps,
-    labels: Mapping[str, str] | None = None,
-    side_edges: Sequence[SideEdge] = (),
-    states: Mapping[str, str] | None = None,
-) -> str:
-    """The workflow as a Mermaid flowchart, for Markdown renderers: edges go from dependency to dependent.
-
-    Node ids are the task names when they match `[A-Za-z0-9_]+` (and are not Mermaid keywords such as
-    `end`); other names get an id with each other character replaced by `_`, made unique with `_2`, `_3`...
-    Every node shows its real name as its label, `id["name"]`, plus `<br/>` and `labels[name]` if given.
-    `states` (the tasks of a run) adds `<br/>` and the state, and puts each task in the class of its
-    state, one `classDef` per state shown, filled with its `STATE_COLOURS` colour.
-    `side_edges` are dotted `-.->` edges; their non-task ends are drawn as flags, `id>"name"]`.
-    Deterministic (declaration order); ends with a newline.
-    """
-    labels = labels or {}
-    extra = _side_nodes(deps, side_edges)
-    ids = _mermaid_ids([*deps, *extra])
-    lines = ["flowchart LR"]
-    for task in deps:
-        text = "<br/>".join(_mermaid_text(line) for line in _node_lines(task, labels, states))
-        lines.append(f'    {ids[task]}["{text}"]')
-    for node in extra:
-        lines.append(f'    {ids[node]}>"{_mermaid_text(node)}"]')
-    for task, needs in deps.items():
-        for dep in needs:
-            lines.append(f"    {ids[dep]} --> {ids[task]}")
-    for source, target, label in side_edges:
-        arrow = f'-.->|"{_mermaid_text(label)}"|' if label else "-.->"
-        lines.append(f"    {ids[source]} {arrow} {ids[target]}")
-    if states is not None:
-        lines += _mermaid_state_classes([task for task in deps if task in states], states, ids)
-    return "\n".join(lines) + "\n"
-
-
-def _mermaid_state_classes(tasks: Sequence[str], states: Mapping[str, str], ids: Mapping[str, str]) -> list[str]:
-    """A `classDef` per state shown (in `STATE_COLOURS` order, others after) and the tasks in each."""
-    members: dict[str, list[str]] = {}
-    for task in tasks:
-        members.setdefault(states[task], []).append(ids[task])
-    order = [s for s in STATE_COLOURS if s in members] + [s for s in members if s not in STATE_COLOURS]
-    lines = []
-    for state in order:
-        name = _MERMAID_UNSAFE_CHAR.sub("_", state) or "_"
-        lines.append(f"    classDef {name} fill:{_state_colour(state)},stroke:#495057")
-        lines.append(f"    class {','.join(members[state])} {name}")
-    return lines

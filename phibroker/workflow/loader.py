@@ -6,40 +6,45 @@ analysis and its compiled expressions. Nothing here touches Redis.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import gc
 import json
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Hashable, Iterator, Mapping
 from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import TypeAdapter
 
 from phibroker.errors import (
     CycleError,
     ExpressionError,
+    IncludeCycleError,
     UnknownDependencyError,
     WorkflowFileError,
 )
+from phibroker.wire import nests_deeper
 from phibroker.workflow import dag
 from phibroker.workflow.expr import Expression, Reference, Template, compile_expression, compile_template, task_of
 from phibroker.workflow.spec import (
-    NAME_PATTERN,
+    MAX_DEPTH,
     RetryPolicy,
     Task,
     WorkflowSpec,
     coerce_param,
     did_you_mean,
+    is_name,
     parse_spec,
     retry_policy,
     task_timeout,
 )
 
-_RUN_ID = re.compile(NAME_PATTERN)
-_TASK_FIELDS = ("result", "state", "error", "iterations")  # what `tasks.NAME.` may reach
+_TASK = TypeAdapter(Task)
+_TASK_FIELDS = ("result", "state", "error", "iterations", "children")  # what `tasks.NAME.` may reach
 _EVENT_ROOTS = frozenset({"event", "type", "data", "workflow", "task", "ts"})
 
 
@@ -61,6 +66,9 @@ class Workflow:
         self._retry: dict[str, RetryPolicy] = {}
         self.path: Path | None = None  # the file it came from, and its bytes (for signatures)
         self.text: bytes | None = None
+        # `workflow:` tasks: the checked sub-workflow each runs, and its templated params
+        self.subworkflows: dict[str, Workflow] = {}
+        self.sub_params: dict[str, Template] = {}
 
     @cached_property
     def spec_json(self) -> str:
@@ -83,6 +91,30 @@ class Workflow:
     def gates(self) -> list[str]:
         """The approval gates, looked at after every transition."""
         return [name for name, task in self.tasks.items() if task.approval is not None]
+
+    @cached_property
+    def children_of(self) -> dict[str, list[str]]:
+        """Task -> the tasks its handler spawned (`T/NAME`), in the order they came."""
+        out: dict[str, list[str]] = {}
+        for name in self.tasks:
+            parent, slash, _ = name.rpartition("/")
+            if slash:
+                out.setdefault(parent, []).append(name)
+        return out
+
+    def with_children(self, children: Mapping[str, Mapping[str, Any]]) -> Workflow:
+        """This workflow plus tasks spawned at run time (checked by `children.plan_children`): what one
+        run schedules. Their payloads are data, never templates: a planner's text is not expanded."""
+        if not children:
+            return self
+        tasks = {**self.spec.tasks, **{name: _TASK.validate_python(dict(spec)) for name, spec in children.items()}}
+        grown = Workflow(dataclasses.replace(self.spec, tasks=tasks), self.source)
+        shared = ("when", "expect", "payload", "approval_message", "map_over", "loop_until", "output", "path", "text")
+        for name in (*shared, "trigger_where", "sub_params"):
+            setattr(grown, name, getattr(self, name))
+        grown.__dict__["spec_json"] = self.spec_json
+        grown.subworkflows = dict(self.subworkflows)  # its own: spawned tasks' are added on first use
+        return grown
 
     @cached_property
     def signal_gates(self) -> dict[str, list[str]]:
@@ -111,6 +143,13 @@ class Workflow:
         estimates = {n: t.estimate for n, t in self.tasks.items() if t.estimate is not None}
         return dag.critical_path(self.deps, estimates)
 
+    def subworkflow(self, task: str) -> Workflow:
+        """The checked sub-workflow a `workflow:` task runs; one added at run time is checked on first use."""
+        child = self.subworkflows.get(task)
+        if child is None:
+            child = self.subworkflows[task] = check(self.tasks[task].workflow)
+        return child
+
     def retry(self, task: str) -> RetryPolicy:
         """The merged policy, built on first use: most tasks of a big file never fail."""
         policy = self._retry.get(task)
@@ -130,7 +169,11 @@ class Workflow:
             elif task.signal is not None:
                 out[name] = f"signal: {task.signal.name}"
             elif task.workflow is not None:
-                out[name] = "workflow: " + (task.workflow if isinstance(task.workflow, str) else "embedded")
+                child = self.subworkflows.get(name)
+                if child is not None:  # named by its file when it came from one, else by its name
+                    out[name] = "workflow: " + (child.path.name if child.path else child.name)
+                else:
+                    out[name] = "workflow: " + (task.workflow if isinstance(task.workflow, str) else "embedded")
             else:
                 out[name] = f"{task.agent} · {task.command}" + (" (map)" if task.map else "")
         return out
@@ -157,18 +200,31 @@ class Workflow:
             hint = did_you_mean(unknown[0], self.spec.params)
             declared = ", ".join(self.spec.params) or "none"
             raise WorkflowFileError(f"unknown param {unknown[0]!r}{hint} (the file declares: {declared})")
+        if nests_deeper(dict(overrides), MAX_DEPTH + 1):
+            raise WorkflowFileError(f"params nest deeper than {MAX_DEPTH} levels")
         return {**self.spec.params, **overrides}
 
 
 def load(path: str | Path) -> Workflow:
-    """Read, decode and check a workflow file; any problem is one WorkflowFileError line."""
+    """Read, decode and check a workflow file; any problem is one WorkflowFileError line.
+
+    Its `workflow: FILE` tasks (relative to it) are loaded, checked and embedded now: a run carries
+    its sub-workflows, so later edits of their files change nothing for it."""
     path = Path(path)
     try:
-        text = path.read_bytes()
+        text = _read(path)
     except OSError as exc:
         raise WorkflowFileError(f"{path}: {exc.strerror or exc}") from None
+    return _load(path, text, ((path.resolve(), path.name),))
+
+
+# The files being loaded, outermost first: (resolved path, the name it was written as).
+_Including = tuple[tuple[Path, str], ...]
+
+
+def _load(path: Path, text: bytes, including: _Including) -> Workflow:
     with _collector_paused():
-        workflow = check(decode(text, path.suffix.lower()))
+        workflow = _check(decode(text, path.suffix.lower()), path.parent, including)
     workflow.path, workflow.text = path, text
     return workflow
 
@@ -177,7 +233,7 @@ def names_a_file(target: str) -> bool:
     """Whether a FILE|ID argument means a workflow file: an existing path, or a name no run id can be
     (a workflow file's suffix, a path), so a mistyped file name is reported as a missing file."""
     path = Path(target)
-    return path.exists() or path.suffix.lower() in (".yaml", ".yml", ".json") or not _RUN_ID.match(target)
+    return path.exists() or path.suffix.lower() in (".yaml", ".yml", ".json") or not is_name(target)
 
 
 def from_stored(spec_json: str) -> Workflow:
@@ -202,24 +258,65 @@ def _collector_paused() -> Iterator[None]:
             gc.enable()
 
 
+# What a workflow file may make the parsers do; past each, a one-line error in bounded time and memory.
+MAX_FILE_BYTES = 16 * 1024 * 1024  # a generated 100,000-task file is ~12 MB; YAML takes ~50x its size to decode
+MAX_ALIASES = 10_000  # `*name` uses: a hand-written file shares a block tens of times, a generated one never
+MAX_ALIAS_NODES = 1_000_000  # nodes the aliases add once expanded (a billion laughs: 10^9 from 400 bytes)
+_TOO_DEEP = f"maps and lists nest deeper than {MAX_DEPTH} levels"
+
+
+def _read(path: Path) -> bytes:
+    """The file, or just enough of it to tell that it is too big (a 10 GB file is not read whole)."""
+    with path.open("rb") as file:
+        return file.read(MAX_FILE_BYTES + 1)
+
+
 def decode(text: bytes | str, suffix: str = "") -> Any:
-    """YAML or JSON by suffix (JSON if it starts with `{` otherwise); duplicate keys are errors."""
+    """YAML or JSON by suffix (JSON if it starts with `{` otherwise); duplicate keys are errors.
+
+    Bounded: the size, what YAML aliases expand to, and the nesting, each checked before it costs."""
+    if len(text) > MAX_FILE_BYTES:
+        raise WorkflowFileError(f"the file is over {MAX_FILE_BYTES >> 20} MiB, the limit for a workflow file")
     if isinstance(text, bytes):
         try:
             text = text.decode("utf-8")
         except UnicodeDecodeError:
             raise WorkflowFileError("the file is not UTF-8 text") from None
     if suffix == ".json" or (suffix not in (".yaml", ".yml") and text.lstrip().startswith("{")):
-        try:
-            return json.loads(text, object_pairs_hook=_unique_pairs)
-        except json.JSONDecodeError as exc:
-            raise WorkflowFileError(f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+        data = _decode_json(text)
+    else:
+        data = _decode_yaml(text)
+    if nests_deeper(data, MAX_DEPTH):
+        raise WorkflowFileError(_TOO_DEEP)
+    return data
+
+
+def _decode_json(text: str) -> Any:
     try:
-        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        return json.loads(text, object_pairs_hook=_unique_pairs)
+    except json.JSONDecodeError as exc:
+        raise WorkflowFileError(f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    except RecursionError:  # the decoder recurses once a level
+        raise WorkflowFileError(_TOO_DEEP) from None
+    except ValueError as exc:  # a number of more than 4300 digits
+        raise WorkflowFileError(f"invalid JSON: {str(exc).partition(':')[0]}") from None
+
+
+def _decode_yaml(text: str) -> Any:
+    loader = _UniqueKeyLoader(text)
+    loader.anchored = "&" in text  # no anchor, no alias: nothing to expand
+    try:
+        return loader.get_single_data()
     except yaml.MarkedYAMLError as exc:
         raise WorkflowFileError(_yaml_problem(text, exc)) from None
     except yaml.YAMLError as exc:
-        raise WorkflowFileError(f"invalid YAML: {exc}") from None
+        raise WorkflowFileError(f"invalid YAML: {' '.join(str(exc).split())}") from None
+    except RecursionError:  # the pure-Python parser (no libyaml) recurses a few times a level
+        raise WorkflowFileError(_TOO_DEEP) from None
+    except ValueError as exc:  # a number of more than 4300 digits
+        raise WorkflowFileError(f"invalid YAML: {str(exc).partition(':')[0]}") from None
+    finally:
+        loader.dispose()
 
 
 _YAML_LINE_BREAK = re.compile(r"\r\n|[\r\n\x85\u2028\u2029]")  # what PyYAML counts as a new line
@@ -239,14 +336,84 @@ def _yaml_problem(text: str, exc: yaml.MarkedYAMLError) -> str:
     return f"invalid YAML at line {mark.line + 1}, column {mark.column + 1}: {exc.problem or exc}"
 
 
-def check(data: Any) -> Workflow:
-    """Every check a workflow file gets, in order: shape, graph, expressions, references."""
+def check(data: Any, base: str | Path | None = None) -> Workflow:
+    """Every check a workflow file gets, in order: shape, graph, expressions, references, sub-workflows.
+
+    A `workflow: FILE` task is read relative to `base` (the current directory by default) and
+    embedded; one already embedded (a mapping) is checked as it is."""
+    return _check(data, Path(base or "."), ())
+
+
+def _check(data: Any, base: Path, including: _Including) -> Workflow:
     with _collector_paused():
         spec = parse_spec(data)
         workflow = Workflow(spec, data)
         _check_dependencies(workflow)
         _compile(workflow)
+        _embed(workflow, base, including)
     return workflow
+
+
+def _embed(workflow: Workflow, base: Path, including: _Including) -> None:
+    """Check each `workflow:` task's sub-workflow and its params; a file's decoded text replaces its
+    name in the source, so what a run stores (and a signature covers) is what runs."""
+    embedded: dict[str, dict[str, Any]] = {}
+    for name, task in workflow.tasks.items():
+        if task.workflow is None:
+            continue
+        extra = [f for f in ("retry", "timeout") if getattr(task, f) is not None]
+        if extra:
+            raise WorkflowFileError(
+                f"task {name!r}: a sub-workflow task takes no {', '.join(extra)} (set them in the sub-workflow)"
+            )
+        if isinstance(task.workflow, str):
+            child = _include(name, task.workflow, base, including)
+            task.workflow = embedded[name] = child.source
+        else:
+            try:
+                child = _check(task.workflow, base, including)
+            except IncludeCycleError:
+                raise
+            except WorkflowFileError as exc:
+                raise WorkflowFileError(f"task {name!r}: workflow: {exc}") from None
+        workflow.subworkflows[name] = child
+        workflow.sub_params[name] = _sub_params(workflow, name, task.params, child)
+    if embedded:
+        tasks = workflow.source["tasks"]
+        tasks = {**tasks, **{name: {**tasks[name], "workflow": child} for name, child in embedded.items()}}
+        workflow.source = {**workflow.source, "tasks": tasks}
+
+
+def _include(task: str, target: str, base: Path, including: _Including) -> Workflow:
+    """Load the sub-workflow file `target` (relative to `base`); a file that includes itself, directly
+    or through others, is an IncludeCycleError naming the chain."""
+    path = base / target
+    resolved = path.resolve()
+    if any(resolved == seen for seen, _ in including):
+        start = next(i for i, (seen, _) in enumerate(including) if seen == resolved)
+        raise IncludeCycleError([name for _, name in including[start:]] + [target])
+    try:
+        text = _read(path)
+    except OSError as exc:
+        raise WorkflowFileError(f"task {task!r}: workflow {target}: {exc.strerror or exc}") from None
+    try:
+        return _load(path, text, (*including, (resolved, target)))
+    except IncludeCycleError:
+        raise
+    except WorkflowFileError as exc:
+        raise WorkflowFileError(f"task {task!r}: workflow {target}: {exc}") from None
+
+
+def _sub_params(workflow: Workflow, task: str, params: dict[str, Any], child: Workflow) -> Template:
+    """A sub-workflow's params: each one the child declares, templated like a payload."""
+    for key in params:
+        if key not in child.spec.params:
+            hint = did_you_mean(key, child.spec.params)
+            declared = ", ".join(child.spec.params) or "none"
+            raise WorkflowFileError(
+                f"task {task!r}: params: {child.name} has no param {key!r}{hint} (it declares: {declared})"
+            )
+    return _template(workflow, task, "params", params)
 
 
 def _check_dependencies(workflow: Workflow) -> None:
@@ -360,6 +527,8 @@ def _check_references(
                 raise WorkflowFileError(f"{where} names no task{hint}")
             if upstream is None:
                 upstream = dag.ancestors(workflow.deps, task)
+                if workflow.tasks[task].loop is not None:  # a loop reads its own last iteration
+                    upstream.add(task)
             if target not in upstream:
                 raise WorkflowFileError(f"{where}: {target!r} is not upstream of {task!r} (add it to depends_on)")
             rest = ref.path[1 + len(target.split(".")) :]
@@ -388,12 +557,27 @@ def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 class _UniqueKeyLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
-    """PyYAML's safe loader (the C one when built) that refuses duplicate keys instead of keeping the last."""
+    """PyYAML's safe loader (the C one when built) that refuses duplicate keys instead of keeping the last,
+    and checks what aliases expand to before building anything."""
+
+    anchored = True  # whether the text may hold anchors (and so aliases)
+
+    def get_single_data(self) -> Any:
+        node = self.get_single_node()
+        if node is None:
+            return None
+        if self.anchored:
+            _check_aliases(node)
+        return self.construct_document(node)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base`: the safe constructor merges, and keys written here win
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):
+                break  # a list or map as a key: the safe constructor's own error says so
             if key in seen:
                 mark = key_node.start_mark
                 raise WorkflowFileError(f"duplicate key {key!r} at line {mark.line + 1}")
@@ -401,10 +585,56 @@ class _UniqueKeyLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: 
         return super().construct_mapping(node, deep=deep)
 
 
+def _check_aliases(root: yaml.Node) -> None:
+    """Aliases turn a small file huge (a billion laughs) or endless (an alias inside its own anchor).
+    Count the nodes they stand for without expanding them: each shared node is walked once."""
+    sizes: dict[int, int] = {}  # id(node) -> how many nodes it is, expanded
+    walking: set[int] = set()  # the nodes on the way down to here: meeting one again is a loop
+    aliases = 0
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, walked = stack.pop()
+        key = id(node)
+        if walked:
+            sizes[key] = 1 + sum(sizes[id(child)] for child in _children(node))
+            walking.discard(key)
+        elif key in sizes:
+            aliases += 1
+            if aliases > MAX_ALIASES:
+                raise WorkflowFileError(f"the YAML uses more than {MAX_ALIASES:,} aliases")
+        elif key in walking:
+            line = node.start_mark.line + 1
+            raise WorkflowFileError(f"invalid YAML at line {line}: an alias refers to a node it is inside of")
+        elif isinstance(node, yaml.ScalarNode):
+            sizes[key] = 1
+        else:
+            walking.add(key)
+            stack.append((node, True))
+            stack.extend((child, False) for child in _children(node))
+    added = sizes[id(root)] - len(sizes)
+    if added > MAX_ALIAS_NODES:
+        raise WorkflowFileError(f"YAML aliases expand to {added:,} more nodes, over the limit of {MAX_ALIAS_NODES:,}")
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [child for pair in node.value for child in pair]
+    return node.value if isinstance(node, yaml.SequenceNode) else []
+
+
+def _not_json(loader: Any, node: yaml.Node) -> Any:
+    """A workflow file holds what JSON can: a set, bytes or a date would pass `validate`, then fail to submit."""
+    kind = node.tag.rpartition(":")[2]
+    problem = f"!!{kind} values are not allowed: a workflow file holds JSON values (quote it as a string)"
+    raise yaml.constructor.ConstructorError(None, None, problem, node.start_mark)
+
+
 def _yaml12_booleans(loader: Any) -> None:
-    """Only true/false are booleans (YAML 1.2), so `on:` stays the key `on`, not True."""
+    """Only true/false are booleans (YAML 1.2), so `on:` stays the key `on`, not True; and a date stays
+    text (YAML 1.2 has no timestamps), as in JSON."""
+    dropped = ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:timestamp")
     resolvers = {
-        first: [(tag, regexp) for tag, regexp in entries if tag != "tag:yaml.org,2002:bool"]
+        first: [(tag, regexp) for tag, regexp in entries if tag not in dropped]
         for first, entries in loader.yaml_implicit_resolvers.items()
     }
     loader.yaml_implicit_resolvers = resolvers
@@ -414,3 +644,5 @@ def _yaml12_booleans(loader: Any) -> None:
 
 
 _yaml12_booleans(_UniqueKeyLoader)
+for _tag in ("binary", "set", "omap", "pairs", "timestamp"):
+    _UniqueKeyLoader.add_constructor(f"tag:yaml.org,2002:{_tag}", _not_json)

@@ -16,11 +16,22 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, with_config
 
 from phibroker.errors import WorkflowFileError
+from phibroker.wire import nests_deeper
 
+# For pydantic's (Rust) regexes, where `$` is the very end. Python's `$` also matches before a final
+# newline: test names with `is_name` (fullmatch), never `re.match(NAME_PATTERN, ...)`.
 NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
 _NAME = re.compile(NAME_PATTERN)
+# Maps and lists inside maps and lists: a workflow file needs 4 levels for itself and a payload a few
+# more; JSON or YAML nested far deeper is an attack on the parsers (recursion, then the wire's limit).
+MAX_DEPTH = 100
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def is_name(value: str) -> bool:
+    """A task, agent, command, param, signal or run name: letters, digits, '_', '.', '-', nothing else."""
+    return _NAME.fullmatch(value) is not None
 
 
 def parse_duration(value: Any) -> float:
@@ -207,6 +218,7 @@ class WorkflowSpec:
 
 _SPEC = TypeAdapter(WorkflowSpec)
 _NAMES_ONLY = re.compile(r"[A-Za-z0-9_.\-\n]*")
+_NAME_RULE = "may only use letters, digits, '_', '.', '-'"
 
 
 def parse_spec(data: Any) -> WorkflowSpec:
@@ -218,6 +230,9 @@ def parse_spec(data: Any) -> WorkflowSpec:
     except ValidationError as exc:
         raise WorkflowFileError(_first_error(exc)) from None
     _check_names(spec)
+    for key in spec.params:
+        if not is_name(key):
+            raise WorkflowFileError(f"params: {key!r}: a param name {_NAME_RULE}")
     for name, task in spec.tasks.items():
         plain = task.agent and task.command and isinstance(task.trigger, str) and not task.cancel_rest
         plain = plain and task.approval is None and task.signal is None and task.workflow is None and not task.params
@@ -236,13 +251,14 @@ def _check_names(spec: WorkflowSpec) -> None:
     for task in spec.tasks.values():
         names.extend(task.depends_on)
     joined = "\n".join(names)
-    if _NAMES_ONLY.fullmatch(joined) and "" not in (names[0], names[-1]) and "\n\n" not in joined:
+    separators = joined.count("\n") == len(names) - 1  # so no name holds a newline of its own
+    if separators and _NAMES_ONLY.fullmatch(joined) and "" not in (names[0], names[-1]) and "\n\n" not in joined:
         return
     for name, task in spec.tasks.items():
-        if not _NAME.match(name):
-            raise WorkflowFileError(f"task {name!r}: a name may only use letters, digits, '_', '.', '-'")
+        if not is_name(name):
+            raise WorkflowFileError(f"task {name!r}: a name {_NAME_RULE}")
         for dep in task.depends_on:
-            if not _NAME.match(dep):
+            if not is_name(dep):
                 raise WorkflowFileError(f"task {name!r}: depends_on {dep!r} is not a valid task name")
 
 
@@ -369,9 +385,11 @@ def coerce_param(name: str, raw: str, default: Any) -> Any:
         kind = "list" if isinstance(default, list) else "map"
         try:
             value = json.loads(raw)
-        except json.JSONDecodeError:
-            raise ValueError(f"param {name!r} wants a JSON {kind}, got {raw!r}") from None
+        except (ValueError, RecursionError):  # RecursionError: nested ~1000 deep
+            raise ValueError(f"param {name!r} wants a JSON {kind}, got {raw[:80]!r}") from None
         if not isinstance(value, type(default)):
-            raise ValueError(f"param {name!r} wants a JSON {kind}, got {raw!r}")
+            raise ValueError(f"param {name!r} wants a JSON {kind}, got {raw[:80]!r}")
+        if nests_deeper(value, MAX_DEPTH):
+            raise ValueError(f"param {name!r}: nested deeper than {MAX_DEPTH} levels")
         return value
     return raw

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 from phibroker.errors import Retryable
@@ -33,6 +34,24 @@ def work(ctx: Context, sleep: float = 0.0, value: Any = None, fail_on: int = 0, 
         "value": value,
         "cancelled": bool(ctx.cancelled),
     }
+
+
+@probe.command()
+def spawner(ctx: Context, children: int = 3, chain: bool = False, **extra: Any) -> dict[str, Any]:
+    """Plans `children` `work` steps (one after another with `chain`), recorded in the ledger like work."""
+    for i in range(children):
+        ctx.spawn(f"c{i}", command="work", depends_on=[f"c{i - 1}"] if chain and i else [])
+    return work(ctx, **extra)
+
+
+@probe.command()
+def stubborn(ctx: Context, sleep: float = 1.0, **extra: Any) -> dict[str, Any]:
+    """Its first attempt ignores a stop and answers `sleep` seconds late; later attempts answer at once."""
+    if ctx.attempt == 1:
+        time.sleep(sleep)
+        if extra.get("marker"):
+            Path(extra["marker"]).touch()
+    return {"attempt": ctx.attempt}
 
 
 @probe.command()
