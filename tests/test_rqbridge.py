@@ -279,7 +279,7 @@ def test_rq_error_text_is_parsed_into_type_and_message() -> None:
 
 
 def test_job_errors_keep_the_type_name_and_retryable() -> None:
-    from phibroker.engine.transitions import describe_exception
+    from phibroker.engine.records import describe_exception
 
     error = job_error("ValueError", "boom", False, "Traceback ...\nValueError: boom", "phi-x")
     described = describe_exception(error)

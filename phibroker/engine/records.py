@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import time
+import traceback
+from collections.abc import Mapping
 from typing import Any
 
 from phibroker import wire
@@ -193,3 +195,20 @@ def parent_of(meta: dict[str, Any]) -> dict[str, Any] | None:
 
 def _decode(raw: bytes | None, limit: int) -> Any:
     return None if raw is None else wire.unpack(raw, max(limit, len(raw)))
+
+
+def error_text(error: Mapping[str, Any] | None) -> str:
+    """A result's error as the one line a task's `error` shows: `Type: message`."""
+    if not error:
+        return "error"
+    kind, message = error.get("type") or "Error", error.get("message") or ""
+    return f"{kind}: {message}" if message else str(kind)
+
+
+def describe_exception(exc: BaseException) -> dict[str, str]:
+    """An exception as a result's error: type, message and the traceback, kept in the history."""
+    return {
+        "type": type(exc).__name__,
+        "message": str(exc),
+        "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-8000:],
+    }

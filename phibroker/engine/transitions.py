@@ -9,13 +9,11 @@ thrown away and made again.
 from __future__ import annotations
 
 import json
-import random
-import traceback
 from collections.abc import Mapping
 from typing import Any
 
 from phibroker import wire
-from phibroker.engine.records import OUTPUT, split_unit, undo_unit, unit_of
+from phibroker.engine.records import OUTPUT, error_text, split_unit, undo_unit, unit_of
 from phibroker.engine.state import (
     TASK_TERMINAL,
     UNIT_LIVE,
@@ -28,22 +26,7 @@ from phibroker.engine.state import (
 )
 from phibroker.errors import DecodeError, MessageTooLarge, WorkflowFileError
 from phibroker.workflow.children import SpawnError, descendants, plan_children
-from phibroker.workflow.rules import HANDLER_RULES
-from phibroker.workflow.spec import AtLeast, TriggerRule
-
-
-def retry_delay(attempt: int, base: float, maximum: float, jitter: float, rand: random.Random) -> float:
-    """Delay before retry n (n = 1 for the first retry): min(max, base·2^(n-1)) plus 0..jitter×that."""
-    delay = min(maximum, base * (2 ** (attempt - 1)))
-    return delay + rand.uniform(0.0, jitter * delay)
-
-
-def error_text(error: Mapping[str, Any] | None) -> str:
-    if not error:
-        return "error"
-    kind, message = error.get("type") or "Error", error.get("message") or ""
-    return f"{kind}: {message}" if message else str(kind)
-
+from phibroker.workflow.rules import HANDLER_RULES, trigger_verdict, upstream_summary
 
 # -- inputs ---------------------------------------------------------------------------------------
 
@@ -344,10 +327,10 @@ def _consider(run: Run, task: str, now: float) -> None:
             _cancel_task(run, task, now, str(run.meta.get("error") or "the run is ending"))  # never starts now
             return
     if verdict == "skip":
-        _skip(run, task, now, "upstream: " + _upstream_summary(spec.depends_on, states))
+        _skip(run, task, now, "upstream: " + upstream_summary(spec.depends_on, states))
         return
     if verdict == "upstream_failed":
-        reason = "upstream failed: " + _upstream_summary(spec.depends_on, states)
+        reason = "upstream failed: " + upstream_summary(spec.depends_on, states)
         run.set(task, state="upstream_failed", finished=now, error=reason)
         run.event("task.upstream_failed", now, task, reason=reason)
         _task_terminal(run, task, now)
@@ -368,49 +351,6 @@ def _consider(run: Run, task: str, now: float) -> None:
         for upstream in spec.depends_on:
             if run.state(upstream) not in TASK_TERMINAL:
                 _cancel_or_stop(run, upstream, now, f"cancel_rest: {task} started")
-
-
-def trigger_verdict(rule: TriggerRule, states: list[str]) -> str:
-    """`run`, `skip`, `upstream_failed` or `wait`, by a task's rule over its upstreams' states.
-
-    Airflow's decisions (its `trigger_rule_dep.py`), with two differences: only `one_success`,
-    `one_failed` and `{at_least: K}` decide before every upstream is done (`always` waits too), and a
-    cancelled upstream counts as skipped. A rule that can no longer fire gives `upstream_failed` when an
-    upstream failed, else `skip`. A task without upstreams runs, whatever its rule.
-    """
-    if not states:
-        return "run"
-    succeeded = sum(1 for s in states if s in ("succeeded", "compensated"))
-    failed = sum(1 for s in states if s in ("failed", "upstream_failed"))
-    skipped = sum(1 for s in states if s in ("skipped", "cancelled"))
-    open_ = len(states) - succeeded - failed - skipped
-    cannot_fire = "upstream_failed" if failed else "skip"
-    if isinstance(rule, AtLeast) or rule == "one_success":
-        needed = rule.at_least if isinstance(rule, AtLeast) else 1
-        if succeeded >= needed:
-            return "run"
-        return "wait" if succeeded + open_ >= needed else cannot_fire
-    if rule == "one_failed":
-        return "run" if failed else "wait" if open_ else "skip"
-    if open_:
-        return "wait"
-    if rule in ("all_done", "always"):
-        return "run"
-    if rule == "all_failed":
-        return "skip" if succeeded or skipped else "run"
-    if rule == "none_skipped":
-        return "skip" if skipped else "run"
-    if failed:
-        return "upstream_failed"  # all_success, none_failed, none_failed_min_one_success
-    if rule == "all_success":
-        return "skip" if skipped else "run"
-    if rule == "none_failed_min_one_success":
-        return "run" if succeeded else "skip"
-    return "run"  # none_failed
-
-
-def _upstream_summary(deps: list[str], states: list[str]) -> str:
-    return ", ".join(f"{d} {s}" for d, s in zip(deps, states, strict=True) if s != "succeeded") or "not satisfied"
 
 
 def _skip(run: Run, task: str, now: float, reason: str) -> None:
@@ -835,7 +775,7 @@ def _retry_due(run: Run, unit: str, error: str, retryable: bool, now: float) -> 
     text = error.lower()
     if tries >= policy.max_attempts or not (retryable or any(n.lower() in text for n in policy.retry_on)):
         return None
-    return now + retry_delay(tries, policy.base_delay, policy.max_delay, policy.jitter, run.rand)
+    return now + policy.delay(tries, run.rand)
 
 
 def _task_failed(run: Run, task: str, error: str, now: float) -> None:
@@ -1101,12 +1041,3 @@ def _tell_parent(run: Run, state: str) -> None:
         "output": output,
     }
     run.tx.inbox.append(wire.Inbox(kind="child", body=body).encode(run.limit * 2))
-
-
-def describe_exception(exc: BaseException) -> dict[str, str]:
-    """An exception as a result's error: type, message and the traceback, kept in the history."""
-    return {
-        "type": type(exc).__name__,
-        "message": str(exc),
-        "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-8000:],
-    }

@@ -18,7 +18,7 @@ from typing import Any
 
 from phibroker import wire
 from phibroker.engine import records
-from phibroker.engine.transitions import describe_exception
+from phibroker.engine.records import describe_exception
 from phibroker.errors import MessageTooLarge, Retryable
 from phibroker.workflow import load as load_workflow
 

@@ -1,7 +1,7 @@
 """Each task's trigger rule in plain words, and the rules in a file that can never fire or never matter.
 
-The engine's `trigger_verdict` decides when a task runs; this says the same to a person, for
-`phibroker validate`. Words as the engine counts: `failed` includes `upstream_failed`, `skipped`
+`trigger_verdict` is what the engine decides when a task's upstreams change; the rest says the same to
+a person, for `phibroker validate`. Words as the engine counts: `failed` includes `upstream_failed`, `skipped`
 includes `cancelled`. A warning is given only where the file alone makes it certain.
 """
 
@@ -11,11 +11,56 @@ from dataclasses import dataclass
 from typing import Any
 
 from phibroker.workflow.loader import Workflow
-from phibroker.workflow.spec import AtLeast, Task
+from phibroker.workflow.spec import AtLeast, Task, TriggerRule
 
 # Rules that fire when an upstream failed: while a failed run winds down these still start (clean-up,
 # handlers); every other task that has not started by then never will.
 HANDLER_RULES = frozenset({"all_done", "one_failed", "all_failed", "always"})
+
+
+def trigger_verdict(rule: TriggerRule, states: list[str]) -> str:
+    """`run`, `skip`, `upstream_failed` or `wait`, by a task's rule over its upstreams' states.
+
+    Airflow's decisions (its `trigger_rule_dep.py`), with two differences: only `one_success`,
+    `one_failed` and `{at_least: K}` decide before every upstream is done (`always` waits too), and a
+    cancelled upstream counts as skipped. A rule that can no longer fire gives `upstream_failed` when an
+    upstream failed, else `skip`. A task without upstreams runs, whatever its rule.
+    """
+    if not states:
+        return "run"
+    succeeded = sum(1 for s in states if s in ("succeeded", "compensated"))
+    failed = sum(1 for s in states if s in ("failed", "upstream_failed"))
+    skipped = sum(1 for s in states if s in ("skipped", "cancelled"))
+    open_ = len(states) - succeeded - failed - skipped
+    cannot_fire = "upstream_failed" if failed else "skip"
+    if isinstance(rule, AtLeast) or rule == "one_success":
+        needed = rule.at_least if isinstance(rule, AtLeast) else 1
+        if succeeded >= needed:
+            return "run"
+        return "wait" if succeeded + open_ >= needed else cannot_fire
+    if rule == "one_failed":
+        return "run" if failed else "wait" if open_ else "skip"
+    if open_:
+        return "wait"
+    if rule in ("all_done", "always"):
+        return "run"
+    if rule == "all_failed":
+        return "skip" if succeeded or skipped else "run"
+    if rule == "none_skipped":
+        return "skip" if skipped else "run"
+    if failed:
+        return "upstream_failed"  # all_success, none_failed, none_failed_min_one_success
+    if rule == "all_success":
+        return "skip" if skipped else "run"
+    if rule == "none_failed_min_one_success":
+        return "run" if succeeded else "skip"
+    return "run"  # none_failed
+
+
+def upstream_summary(deps: list[str], states: list[str]) -> str:
+    """The upstreams that did not succeed, as a skip or an upstream_failed gives its reason."""
+    return ", ".join(f"{d} {s}" for d, s in zip(deps, states, strict=True) if s != "succeeded") or "not satisfied"
+
 
 # Rules that leave a task `upstream_failed` (which counts as failed below it) when an upstream failed.
 _PASS_FAILURE_ON = frozenset({"all_success", "none_failed", "none_failed_min_one_success", "one_success", "at_least"})

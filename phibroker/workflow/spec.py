@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import random
 import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -81,6 +82,11 @@ class RetryPolicy:
     max_delay: Duration = 60.0
     jitter: Annotated[float, Field(ge=0.0, le=10.0)] = 0.1
     retry_on: list[str] = field(default_factory=lambda: list(DEFAULT_RETRY_ON))
+
+    def delay(self, retry: int, rand: random.Random) -> float:
+        """Before retry n (n = 1 for the first): min(max_delay, base_delay·2^(n-1)) plus 0..jitter×that."""
+        delay = min(self.max_delay, self.base_delay * (2 ** (retry - 1)))
+        return delay + rand.uniform(0.0, self.jitter * delay)
 
 
 @with_config(_FORBID)
