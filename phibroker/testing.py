@@ -125,8 +125,7 @@ class Simulation:
         self.limit = limit
         self.seed = seed
         meta = new_workflow_fields(workflow, workflow.params_with(params or {}), start)
-        self.run_state = Run(run_id, workflow, meta, {}, {}, limit=limit)
-        self.run_state.rand.seed(seed)
+        self.run_state = self._new_run(run_id, workflow, meta)
         self.runs: dict[str, Run] = {run_id: self.run_state}  # the run and its child runs
         self.queue: deque[TaskMessage] = deque()
         self.timers: dict[str, float] = {}
@@ -246,8 +245,7 @@ class Simulation:
         if run_id in self.runs:
             return
         meta = dict(fields)
-        child = Run(run_id, from_stored(meta["spec"]), meta, {}, {}, limit=self.limit)
-        child.rand.seed(self.seed)
+        child = self._new_run(run_id, from_stored(meta["spec"]), meta)
         self.runs[run_id] = child
         self.histories[run_id] = []
         self._apply(engine.start, child)
@@ -277,6 +275,12 @@ class Simulation:
         elif message.kind == "cancel":
             reason = str(body.get("reason") or "cancelled by request")
             self._apply(lambda run, now: engine.cancel(run, now, reason), target)
+
+    def _new_run(self, run_id: str, workflow: Workflow, meta: dict[str, Any]) -> Run:
+        run = Run(run_id, workflow, meta, {}, {}, limit=self.limit)
+        run.rand.seed(self.seed)
+        run.fresh = False  # no start script here: a result's token is taken as the one handed out
+        return run
 
     def _execute(self, message: TaskMessage) -> None:
         if self.runs[message.wf].units.get(message.unit, {}).get("stop"):  # asked to stop before it started

@@ -256,6 +256,9 @@ class Run:
         self.max_depth = max_depth  # how deep child runs may nest
         self.nesting = int(meta.get("nesting") or 0)  # how many runs this one sits in
         self.tx = Transition()
+        # read from Redis after the inputs now applied to it: what it says of a unit's start is the
+        # truth (the coordinator clears this once the run is held over to later inputs)
+        self.fresh = True
         self.rand = random.Random()
         self._decoded: dict[str, Any] = {}
         self.depth = int(meta.get("depth") or 0)  # how many events led to this run (storm guard)

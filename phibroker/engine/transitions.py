@@ -15,6 +15,7 @@ from typing import Any
 from phibroker import wire
 from phibroker.engine.records import OUTPUT, error_text, split_unit, undo_unit, unit_of
 from phibroker.engine.state import (
+    SEP,
     TASK_TERMINAL,
     UNIT_LIVE,
     WF_TERMINAL,
@@ -63,7 +64,7 @@ def apply_result(run: Run, result: wire.Result, now: float) -> bool:
         record is not None
         and record.get("dispatch") == result.id
         and record.get("state") in ("ready", "running")
-        and (record.get("token", 0) in (0, result.token))
+        and _fenced(run, unit, record.get("token"), result.token)
     )
     if not current:
         # The very result applied already, read again (a coordinator died before acking it).
@@ -103,6 +104,18 @@ def apply_result(run: Run, result: wire.Result, now: float) -> bool:
         tb = (result.error or {}).get("traceback") if not result.ok else None
         _unit_failed(run, unit, error, now, retryable=result.retry, worker=result.worker, traceback=tb)
     advance(run, now)
+    return True
+
+
+def _fenced(run: Run, unit: str, known: int | None, token: int) -> bool:
+    """Whether `token` is the fencing token the start script gave this attempt. A run read from Redis
+    after the result came knows it; a run held since may not (the start script moves no version), so
+    the commit is guarded on it: a token never issued fails the commit, and the run read again refuses it."""
+    if known == token:
+        return True
+    if run.fresh or known not in (0, None):
+        return False
+    run.tx.guards[f"{unit}|run"] = f"{token}{SEP}"
     return True
 
 

@@ -323,6 +323,8 @@ class Coordinator:
                 self.cache.forget(wf_id)
             quiet += [wf_id for wf_id in idle if wf_id not in stale]
             pending = {wf_id: pending[wf_id] for wf_id in stale}
+            for run in runs.values():  # those kept in the cache take later inputs: no longer fresh
+                run.fresh = False
         if drains or fired:
             self.broker.drain(drains, dispatched=True, fired=list(fired), route=self.router.routes)
             crash_point("after_drain")
