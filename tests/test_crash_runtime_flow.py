@@ -39,7 +39,8 @@ def test_a_coordinator_killed_around_a_spawn_runs_each_child_once(
     assert doomed.wait(timeout=30) == 137, procs.output()
     procs.coordinator()
     status = client.wait(wf_id, timeout=60)
-    assert status["state"] == "succeeded", procs.output()
+    ends = {name: (task["state"], task["error"]) for name, task in status["tasks"].items()}
+    assert status["state"] == "succeeded", f"{ends}\n{procs.output()}"
     names = ["Plan", "Report", "Plan/c0", "Plan/c1", "Plan/c2", "Plan/c3"]
     assert list(status["tasks"]) == names
     for name in names:
@@ -102,6 +103,9 @@ def test_a_cancel_racing_a_result_leaves_one_story(
             assert client.status(wf_id)["state"] == "succeeded"
             continue
         status = client.wait(wf_id, timeout=30)
+        if status["state"] == "succeeded":  # the run ended between the check and the cancel's arrival
+            assert [t["state"] for t in status["tasks"].values()] == ["succeeded", "succeeded"]
+            continue
         assert status["state"] == "cancelled", procs.output()
         a = status["tasks"]["A"]
         assert a["state"] in ("compensated", "cancelled")

@@ -255,3 +255,25 @@ def test_a_loop_whose_handler_spawns_a_reviewer_each_round() -> None:
     assert doc["state"] == "succeeded" and doc["tasks"]["Draft"]["iterations"] == 3
     assert doc["tasks"]["Draft"]["result"] == {"iteration": 3, "last": 2}
     assert doc["tasks"]["Draft/review"]["result"] == {"score": 9}
+
+
+def test_a_second_copy_of_the_spawning_result_is_a_duplicate() -> None:
+    """A coordinator that dies before acking re-reads the result: the task, still waiting for its
+    children, must know it as the copy it is, not spawn them again."""
+    from phibroker import engine, wire
+    from phibroker.engine.state import Run, new_workflow_fields
+    from phibroker.workflow import check
+
+    workflow = check({"name": "twice", "tasks": {"Plan": {"agent": "dc", "command": "plan"}}})
+    run = Run("r", workflow, new_workflow_fields(workflow, {}, 0.0), {}, {})
+    run.begin()
+    engine.start(run, 0.0)
+    message = wire.TaskMessage.decode(run.tx.dispatches[0][1], 1 << 20)
+    spawns = [{"name": "step", "agent": "dc", "command": "do"}]
+    result = wire.Result(message.id, "r", "Plan", 1, True, "w", 0.0, 0.0, wire.pack(None), spawns=spawns)
+    run.units["Plan"].update(state="running", token=1)  # what the start script wrote
+    run.begin()
+    assert engine.apply_result(run, result, 1.0)
+    run.begin()
+    assert not engine.apply_result(run, result, 2.0)
+    assert run.workflow.children_of["Plan"] == ["Plan/step"] and run.state("Plan") == "running"

@@ -20,7 +20,8 @@ from phibroker.workflow.spec import parse_duration
 
 
 class _Group(click.Group):
-    """Every PhibrokerError becomes `error: ...` on stderr and its exit code, never a traceback."""
+    """Every PhibrokerError becomes `error: ...` on stderr and its exit code, never a traceback; so does
+    a broker out of reach or saying "not now" (full, busy, loading) wherever a command met it: exit 3."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -28,6 +29,14 @@ class _Group(click.Group):
         except PhibrokerError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
+        except Exception as exc:
+            from phibroker.store.connection import unusable
+
+            error = unusable(ctx.obj if isinstance(ctx.obj, Settings) else Settings(), exc)
+            if error is None:
+                raise
+            click.echo(f"error: {error}", err=True)
+            sys.exit(error.exit_code)
 
 
 class _Setting(click.Option):

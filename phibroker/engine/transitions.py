@@ -64,6 +64,7 @@ def apply_result(run: Run, result: wire.Result, now: float) -> bool:
         record is not None
         and record.get("dispatch") == result.id
         and record.get("state") in ("ready", "running")
+        and record.get("answered") is None  # a task waiting for its children has had its result
         and _fenced(run, unit, record.get("token"), result.token)
     )
     if not current:

@@ -63,7 +63,7 @@ class Cancels:
                     elif item is not None:
                         self.stop(item.dispatch)
             except CONNECTION_ERRORS as exc:
-                log.warning("stop notices: Redis unreachable (%s); subscribing again in %.1fs", exc, backoff)
+                log.warning("stop notices: Redis unavailable (%s); subscribing again in %.1fs", exc, backoff)
                 self.rest(backoff)
                 backoff = min(backoff * 2, 5.0)
             except PhibrokerError as exc:

@@ -104,7 +104,7 @@ class Coordinator:
                     worked = self.step()
                     backoff = 0.1
                 except CONNECTION_ERRORS as exc:
-                    log.warning("Redis unreachable (%s); retrying in %.1fs", exc, backoff)
+                    log.warning("Redis unavailable (%s); retrying in %.1fs", exc, backoff)
                     self._recovering = True
                     self.cache.clear()
                     self.held.drop()

@@ -51,6 +51,7 @@ class Maintenance:
         self.holding = holding
         self._next: dict[str, float] = defaultdict(float)  # when each chore is next due
         self._sweep_cursor = 0
+        self._index_cursor = 0  # old runs still there, which the walk of the `workflows` index steps over
 
     def tick(self) -> None:
         """Run the chores that are due: lease, take-over, sweep, trim."""
@@ -71,7 +72,8 @@ class Maintenance:
             self.trim()
 
     def trim(self) -> None:
-        """Keep streams from growing: drop what every reader has acked, and forget long-dead workers."""
+        """Keep streams and indexes from growing: drop what every reader has acked, bound the events log
+        by age and size, forget expired runs and long-dead workers."""
         clock, leases = self.broker.leases(self.keys.agents)
         agents = {str(info.get("agent")) for info in leases.values() if info.get("agent")}
         streams = [(inbox, COORDINATORS_GROUP) for inbox in self.keys.inboxes]
@@ -84,6 +86,21 @@ class Maintenance:
             for name, info in held.items():
                 if clock - float(info.get("expires", 0)) > self.settings.dead_worker_memory:
                     self.broker.drop_lease(table, name)
+        oldest_ms = int((clock - self.settings.events_max_age) * 1000)
+        self.broker.trim_events(max(0, oldest_ms), self.settings.events_max_bytes)
+        self.forget_expired_runs()
+
+    def forget_expired_runs(self, page: int = 1000, pages: int = 10) -> None:
+        """Drop from the `workflows` index the runs whose keys expired (retention), oldest first, up to
+        `pages` pages a trim: else `list` reads past ever more dead ids. Runs that old but still there
+        are stepped over (the cursor counts them) until the walk reaches the end and starts again."""
+        created_before = time.time() - self.settings.retention
+        for _ in range(pages):
+            seen, dropped = self.broker.forget_expired_runs(created_before, self._index_cursor, page)
+            if seen < page:
+                self._index_cursor = 0
+                return
+            self._index_cursor += seen - dropped
 
     def take_over(self) -> int:
         """Claim the inbox entries of coordinators whose lease lapsed; they are processed as ours.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,10 @@ from phibroker.store.registry import Registry
 from phibroker.store.worker import WorkerStore
 
 log = logging.getLogger("phibroker.worker")  # reactions log as the worker they run in
+
+
+class BrokerAway(Exception):  # noqa: N818 - not the handler's failure: Redis was out of reach or said no
+    """A reaction's submit met a broker it cannot use now: the reaction is left for redelivery, not dead-lettered."""
 
 
 @dataclass(slots=True)
@@ -52,6 +57,7 @@ class Reactor:
         router: Router,
         slots: Slots,
         pool: HandlerThreads,
+        recover: Callable[[], None],
     ):
         self.agent = agent
         self.settings = settings
@@ -60,6 +66,7 @@ class Reactor:
         self.router = router
         self.slots = slots
         self.pool = pool
+        self.recover = recover  # the worker reads its own pending entries again: a reaction left for redelivery
         self.streams: dict[str, str] = {}  # subscription stream -> subscription name
         self.reactions: deque[Reaction] = deque()
         self.reacting: set[tuple[str, str]] = set()  # (subscription stream, entry id) of reactions running
@@ -96,6 +103,7 @@ class Reactor:
         An event is marked seen only after its handler ran, so a crash re-runs it (at least once),
         while a copy routed twice (an outbox re-driven after a coordinator died) runs once.
         """
+        left = False
         try:
             ids = [str(e.get("id")) for e in reaction.events]
             seen = self.broker.seen(reaction.subscription, ids)
@@ -107,11 +115,14 @@ class Reactor:
                 self.broker.publish(emitted, self.router.routes)
             self.broker.mark_seen(reaction.subscription, ids, keep=self.settings.retention)
             self.broker.ack(reaction.stream, WORKERS_GROUP, [reaction.entry.id])
-        except CONNECTION_ERRORS as exc:
+        except (*CONNECTION_ERRORS, BrokerAway) as exc:
             log.warning("reaction left for redelivery: %s", exc)
+            left = True
         finally:
             self.reacting.discard((reaction.stream, reaction.entry.id))
             self.slots.give()
+        if left:  # after the discard: the worker's next read returns the entry, and it must not look running
+            self.recover()
 
     def _react_to(self, reaction: Reaction, raw_event: dict[str, Any]) -> list[dict[str, Any]]:
         """One event through one handler; a failure goes to the DLQ tagged with the subscription."""
@@ -121,6 +132,8 @@ class Reactor:
             caused = event.caused()
             wire.pack_limited(caused, self.settings.max_message_bytes, "events emitted by a reaction")
             return caused
+        except BrokerAway:
+            raise
         except BaseException as exc:  # noqa: BLE001 - a failing reaction (SystemExit too) is kept, not retried forever
             reason = f"{type(exc).__name__}: {exc}"
             log.warning("subscription %s failed on %s: %s", reaction.subscription, event.type, reason)
@@ -133,5 +146,8 @@ class Reactor:
         """`event.submit(...)` from a reaction: a workflow caused by that event."""
         workflow = source if isinstance(source, workflows.Workflow) else workflows.load(source)
         wf_id, fields = submission(workflow, workflow.params_with(params), wf_id, depth, chain)
-        self.broker.submit_workflow(wf_id, fields)
+        try:
+            self.broker.submit_workflow(wf_id, fields)
+        except CONNECTION_ERRORS as exc:
+            raise BrokerAway(str(exc)) from exc
         return wf_id

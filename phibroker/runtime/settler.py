@@ -12,6 +12,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict, defaultdict
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from phibroker import wire
@@ -112,7 +113,7 @@ class Settler:
                 self.settle(self._take_outcomes(first))
 
     def settle(self, batch: list[tuple[Running, Outcome]]) -> None:
-        """One results entry for the batch, then the acks; retried until Redis takes it."""
+        """One results entry per lane for the batch, then the acks; each retried until Redis takes it."""
         if self.abandoned.is_set():
             return
         inbox: dict[str, list[wire.Result]] = defaultdict(list)
@@ -127,15 +128,9 @@ class Settler:
             acks[running.item.stream].append(running.item.entry.id)
         with self.unpublished_lock:
             events, self.unpublished = self.unpublished, []
-        delay = 0.1
-        while True:
-            try:
-                self.broker.settle(envelopes, WORKERS_GROUP, acks, events, self.router.routes)
-                break
-            except CONNECTION_ERRORS as exc:
-                log.warning("cannot settle %d results yet (%s)", len(batch), exc)
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        # The acks only once the results are stored: a refused XADD must not leave its task acked.
+        _until_done("store results", len(batch), lambda: self.broker.settle(envelopes, events, self.router.routes))
+        _until_done("ack tasks", len(batch), lambda: self.broker.ack_many(WORKERS_GROUP, acks))
         for running, _ in batch:
             self.running.pop((running.item.stream, running.item.entry.id), None)
             self.settled[running.item.message.id] = None
@@ -165,3 +160,16 @@ class Settler:
         secret = self.settings.agent_secret.encode() if self.settings.agent_secret else None
         inbox = wire.Inbox(kind="results", results=results, agent=self.agent.name)
         return inbox.encode(self.settings.max_message_bytes * 4, secret)
+
+
+def _until_done(what: str, count: int, call: Callable[[], None]) -> None:
+    """Call until Redis takes it, backing off while it is out of reach or refuses (full, busy)."""
+    delay = 0.1
+    while True:
+        try:
+            call()
+            return
+        except CONNECTION_ERRORS as exc:
+            log.warning("cannot %s (%d) yet (%s); retrying in %.1fs", what, count, exc, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)

@@ -76,7 +76,9 @@ class Worker:
         self.pool = HandlerThreads(self.concurrency, f"phi-{agent.name}")
         self.backlog: deque[Fetched] = deque()
         self.router = Router(self.registry)
-        self.reactor = Reactor(agent, settings, self.broker, self.registry, self.router, self.slots, self.pool)
+        self.reactor = Reactor(
+            agent, settings, self.broker, self.registry, self.router, self.slots, self.pool, self._recover
+        )
         self.running: dict[tuple[str, str], Running] = {}  # (lane, entry id) -> attempt, until settled
         self.settler = Settler(
             agent, self.consumer, settings, self.broker, self.router, self.bulk, self.running, self.slots, self.stopping
@@ -105,10 +107,7 @@ class Worker:
         Returns False when handlers were still running at the end of the grace period: their tasks
         are left unacked for other workers, and the caller should exit without waiting for them.
         """
-        for lane in self.lanes:
-            self.broker.ensure_group(lane, WORKERS_GROUP)
-        self.renew_lease()
-        self.reactor.register()
+        self._until_registered()
         log.info("worker %s serving %s (%s)", self.consumer, self.agent.name, ", ".join(self.agent.commands))
         self._spawn(self.settler.settle_loop, "settler")
         self._spawn(self._heartbeat_loop, "heartbeat")
@@ -123,7 +122,7 @@ class Worker:
                     self.launch()
                     backoff = 0.1
                 except CONNECTION_ERRORS as exc:
-                    log.warning("Redis unreachable (%s); retrying in %.1fs", exc, backoff)
+                    log.warning("Redis unavailable (%s); retrying in %.1fs", exc, backoff)
                     self._recovering = True
                     self.stopping.wait(backoff)
                     backoff = min(backoff * 2, 5.0)
@@ -139,6 +138,22 @@ class Worker:
         finally:
             clean = self.shutdown()
         return clean
+
+    def _until_registered(self) -> None:
+        """Groups, lease and subscriptions, retried while Redis is out of reach or says no (a full one
+        refuses even the XGROUP CREATE of a group that exists), until it takes them or we are stopped."""
+        backoff = 0.1
+        while not self.stopping.is_set():
+            try:
+                for lane in self.lanes:
+                    self.broker.ensure_group(lane, WORKERS_GROUP)
+                self.renew_lease()
+                self.reactor.register()
+                return
+            except CONNECTION_ERRORS as exc:
+                log.warning("cannot register yet (%s); retrying in %.1fs", exc, backoff)
+                self.stopping.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
 
     def stop(self) -> None:
         """Stop reading; running handlers get `stop_grace` seconds to finish."""
@@ -223,10 +238,16 @@ class Worker:
         by_wf: dict[str, list[Fetched]] = defaultdict(list)
         for item in batch:
             by_wf[item.message.wf].append(item)
-        tokens = self.broker.start_many(
-            self.consumer,
-            {wf: [(i.message.unit, i.message.id, i.ref, i.lost) for i in items] for wf, items in by_wf.items()},
-        )
+        try:
+            tokens = self.broker.start_many(
+                self.consumer,
+                {wf: [(i.message.unit, i.message.id, i.ref, i.lost) for i in items] for wf, items in by_wf.items()},
+            )
+        except CONNECTION_ERRORS:
+            # Kept for the next try rather than read again: each read of our own pending entries counts
+            # a delivery, and a Redis that stays full for a minute must not make them look lost.
+            self.backlog.extendleft(reversed(batch))
+            raise
         stale: dict[str, list[str]] = defaultdict(list)
         started = []
         runnable: list[Running] = []
@@ -294,6 +315,8 @@ class Worker:
                 log.warning("heartbeat failed: %s", exc)
             except PhibrokerError as exc:
                 log.warning("heartbeat: %s", exc)
+            except Exception:  # noqa: BLE001 - without its heartbeat, a live worker's tasks are taken from it
+                log.exception("heartbeat failed")
             self._rest(self.settings.lease_renew)
 
     def _finished(self) -> bool:

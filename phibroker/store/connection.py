@@ -17,8 +17,8 @@ from typing import Any
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.client import Pipeline
+from redis.exceptions import BusyLoadingError, InvalidResponse, NoScriptError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import InvalidResponse, NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
@@ -62,6 +62,8 @@ def refusal(exc: BaseException) -> Refused | None:
     """`exc` as a Refused when Redis said "not now" (OOM, BUSY, ...), else None."""
     if isinstance(exc, Refused):
         return exc
+    if isinstance(exc, BusyLoadingError):  # LOADING: redis-py reads it as a lost connection, and retries
+        return Refused("LOADING", str(exc))
     if not isinstance(exc, ResponseError):
         return None
     text = str(exc).rpartition(" of pipeline caused error: ")[2]  # redis-py names the command before it

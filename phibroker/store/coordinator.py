@@ -181,7 +181,8 @@ class CoordinatorStore(Connection):
         fired: Sequence[str] = (),
         route: Route | None = None,
     ) -> None:
-        """Carry out outbox entries (wf id, entry id, decoded outbox), then remove them.
+        """Carry out outbox entries (wf id, entry id, decoded outbox), then, once every effect was
+        written, remove them.
 
         `dispatched`: the commit already sent the dispatches. Dispatches carry their id, so a redrive
         after a crash only makes duplicates that consumers drop. `fired`: timers handled by these
@@ -194,15 +195,22 @@ class CoordinatorStore(Connection):
             else self._by_stream([(box.get("dispatches") or (), bool(box.get("bulk"))) for _, _, box in items])
         )
 
-        def build(pipe: Any) -> None:
+        def effects(pipe: Any) -> None:
             if fired:
                 pipe.zrem(self.keys.timers, *fired)
             self._dispatch(pipe, streams)
-            for wf_id, entry_id, box in items:
+            for wf_id, _, box in items:
                 self._carry_out(pipe, wf_id, box, route)
+
+        def done(pipe: Any) -> None:
+            for wf_id, entry_id, _ in items:
                 pipe.hdel(self.keys.wf_outbox(wf_id), entry_id)
 
-        self._pipeline(build)
+        # Two round trips, not one: a Redis that refuses a write (out of memory) still takes the rest of
+        # a pipeline, and an outbox entry removed while its effects were refused would be lost.
+        self._pipeline(effects)
+        if items:
+            self._pipeline(done)
 
     def _carry_out(self, pipe: Any, wf_id: str, box: dict[str, Any], route: Route | None) -> None:
         """An outbox's effects other than dispatches: events, stop notices, child runs, messages to other

@@ -12,7 +12,7 @@ from phibroker import wire
 from phibroker.engine.state import SEP, unpack_group
 from phibroker.errors import BrokerUnavailable, DecodeError
 from phibroker.store import scripts
-from phibroker.store.connection import SHAS, Connection, Entry, Route
+from phibroker.store.connection import SHAS, Connection, Entry, Route, refusals
 
 _NOTICE_LIMIT = 4096  # a stop notice is three ids; anything bigger on the channel is not one
 
@@ -47,14 +47,21 @@ class StopFeed:
     def __init__(self, client: Any, channel: str):
         self.channel = channel
         self._pubsub = client.pubsub()
-        self._pubsub.subscribe(channel)
+        try:
+            with refusals():
+                self._pubsub.subscribe(channel)
+        except Exception:
+            self._pubsub.close()
+            raise
 
     def get(self, timeout: float) -> StopNotice | Literal["subscribed"] | None:
         """The next notice, "subscribed", or None when nothing came within `timeout` seconds.
 
-        Raises BrokerUnavailable when the Redis user may not subscribe (ACL users made before stop notices)."""
+        Raises BrokerUnavailable when the Redis user may not subscribe (ACL users made before stop notices),
+        Refused when Redis says "not now" (a busy script: pub/sub is not served by the client's commands)."""
         try:
-            message = self._pubsub.get_message(timeout=timeout)
+            with refusals():
+                message = self._pubsub.get_message(timeout=timeout)
         except NoPermissionError as exc:
             raise BrokerUnavailable(
                 f"may not subscribe to {self.channel} ({exc}): run `phibroker acl generate` again for these users"
@@ -84,15 +91,13 @@ class WorkerStore(Connection):
     """What a worker does with the broker: mark attempts started, settle results, give work back."""
 
     def settle(
-        self,
-        inbox: Mapping[str, Sequence[bytes]],
-        group: str,
-        acks: dict[str, list[str]],
-        events: list[dict[str, Any]],
-        route: Route | None = None,
+        self, inbox: Mapping[str, Sequence[bytes]], events: list[dict[str, Any]], route: Route | None = None
     ) -> None:
-        """Results first (inbox stream -> entries), then the acks (stream -> entry ids) — a crash in
-        between re-delivers, never loses — and any events waiting to be published, in one round trip."""
+        """Results (inbox stream -> entries) and any events waiting to be published, in one round trip.
+
+        No acks here: the caller acks the tasks (`ack_many`) only once this returned. In one
+        non-transactional pipeline a full Redis refuses the XADD and takes the XACK, and the task
+        stays `running` with its result nowhere."""
 
         def build(pipe: Any) -> None:
             if events:
@@ -100,11 +105,19 @@ class WorkerStore(Connection):
             for target, entries in inbox.items():
                 for raw in entries:
                     pipe.xadd(target, {wire.FIELD: raw})
+
+        self._pipeline(build)
+
+    def ack_many(self, group: str, acks: Mapping[str, Sequence[str]]) -> None:
+        """Ack entries of several streams (stream -> entry ids) in one round trip."""
+
+        def build(pipe: Any) -> None:
             for stream, ids in acks.items():
                 if ids:
                     pipe.xack(stream, group, *ids)
 
-        self._pipeline(build)
+        if any(acks.values()):
+            self._pipeline(build)
 
     def requeue(self, stream: str, group: str, entries: Sequence[Entry]) -> None:
         """Give unstarted entries back: copies at the stream's end and the originals acked, atomically."""
