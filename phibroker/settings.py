@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     stop_grace: float = 30.0  # SIGTERM: how long running handlers may finish
     cancel_grace: float = 30.0  # a run winding down waits this long for its stopped tasks to answer
     timer_claim: float = 10.0  # a claimed timer fires again if its coordinator dies before finishing it
+    # how often a coordinator looks for tasks nobody holds (a Redis that lost its last writes), which
+    # are dispatched again once they stayed so for two looks and `reclaim_after`
+    reconcile_every: float = 5.0
 
     # Limits
     max_message_bytes: int = 1 * MiB

@@ -260,8 +260,8 @@ class Simulation:
             return True
         if self._inbox:
             sent = self._inbox.popleft()
-            name, data, sender = sent["name"], sent.get("data"), sent.get("sender")
-            self._apply(lambda run, now: engine.signal(run, name, data, now, sender), self.runs[sent["wf"]])
+            name, data, sender, sid = sent["name"], sent.get("data"), sent.get("sender"), str(sent.get("id") or "")
+            self._apply(lambda run, now: engine.signal(run, name, data, now, sender, sid), self.runs[sent["wf"]])
             return True
         if self.queue:
             self._execute(self.queue.popleft())

@@ -284,11 +284,11 @@ class Inbox:
 
     kinds: `results` (from a worker), `submit`, `cancel` (the run, or `tasks` of it), `decide` (an
     approval decision), `lost` (a task message dead-lettered by a worker), `declined` (a worker would not
-    start a unit asked to stop), `kick` (start a workflow again), `retry` (re-open an ended run),
-    `signal` (for a signal gate), `child` (a child run of a `workflow:` task ended: its state, error and
-    packed output), `trigger` (an event matched a workflow trigger). Results travel as
-    one packed blob, so a worker can sign exactly those bytes with its agent's secret (`agent`, `sig`)
-    and a coordinator can check them before decoding.
+    start a unit asked to stop), `redispatch` (a unit nobody holds: run it again), `kick` (start a
+    workflow again), `retry` (re-open an ended run), `signal` (for a signal gate), `child` (a child run
+    of a `workflow:` task ended: its state, error and packed output), `trigger` (an event matched a
+    workflow trigger). Results travel as one packed blob, so a worker can sign exactly those bytes with
+    its agent's secret (`agent`, `sig`) and a coordinator can check them before decoding.
     """
 
     kind: str
@@ -364,6 +364,7 @@ _BODY_FIELDS = {  # what each control message must name
     "decide": ("wf",),
     "lost": ("wf", "unit", "dispatch"),
     "declined": ("wf", "unit", "dispatch"),
+    "redispatch": ("wf", "unit", "dispatch"),
     "retry": ("wf",),
     "signal": ("wf", "name"),
     "child": ("wf", "task", "child", "state"),

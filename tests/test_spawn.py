@@ -277,3 +277,84 @@ def test_a_second_copy_of_the_spawning_result_is_a_duplicate() -> None:
     run.begin()
     assert not engine.apply_result(run, result, 2.0)
     assert run.workflow.children_of["Plan"] == ["Plan/step"] and run.state("Plan") == "running"
+
+
+def test_under_fail_fast_a_failed_child_fails_its_parent_and_the_handlers_run() -> None:
+    agent = Agent("dc")
+
+    @agent.command("plan")
+    def plan(ctx: Any) -> None:
+        ctx.spawn("a", command="bad")
+        ctx.spawn("b", command="ok", depends_on=["a"])
+
+    @agent.command("bad")
+    def bad(ctx: Any) -> None:
+        raise ValueError("nope")
+
+    @agent.command("ok")
+    def ok(ctx: Any) -> str:
+        return "ok"
+
+    spec = {
+        "name": "handled",
+        "outcome": "leaves",
+        "defaults": {"retry": {"max_attempts": 1}},
+        "tasks": {
+            "Plan": {"agent": "dc", "command": "plan"},
+            "Handle": {"agent": "dc", "command": "ok", "depends_on": ["Plan"], "trigger": "one_failed"},
+        },
+    }
+    doc = Simulation(spec, [agent]).run()
+    assert (
+        doc["tasks"]["Plan"]["state"] == "failed"
+        and doc["tasks"]["Plan"]["error"] == "child a failed: ValueError: nope"
+    )
+    assert doc["tasks"]["Handle"]["state"] == "succeeded"
+    assert doc["state"] == "succeeded" and doc["error"] is None  # the only leaf handled it; children are not leaves
+
+
+def test_a_child_cancelled_on_purpose_counts_as_skipped() -> None:
+    agent = Agent("dc")
+
+    @agent.command("plan")
+    def plan(ctx: Any) -> None:
+        ctx.spawn("keep", command="ok")
+        ctx.spawn("drop", command="ok", depends_on=["keep"])
+
+    @agent.command("ok")
+    def ok(ctx: Any) -> str:
+        return "ok"
+
+    sim = Simulation({"name": "drop", "tasks": {"Plan": {"agent": "dc", "command": "plan"}}}, [agent])
+    sim.step()  # Plan spawns; its children wait in the queue
+    doc = sim.cancel("not needed", tasks=["Plan/drop"])
+    assert doc["state"] == "succeeded"
+    assert {n: t["state"] for n, t in doc["tasks"].items()} == {
+        "Plan": "succeeded",
+        "Plan/keep": "succeeded",
+        "Plan/drop": "cancelled",
+    }
+
+
+def test_retry_from_a_spawned_task_is_refused_with_its_parent_named() -> None:
+    agent = Agent("dc")
+
+    @agent.command("plan")
+    def plan(ctx: Any) -> None:
+        ctx.spawn("a", command="bad")
+
+    @agent.command("bad")
+    def bad(ctx: Any) -> None:
+        raise ValueError("nope")
+
+    sim = Simulation(
+        {
+            "name": "r",
+            "defaults": {"retry": {"max_attempts": 1}},
+            "tasks": {"Plan": {"agent": "dc", "command": "plan"}},
+        },
+        [agent],
+    )
+    assert sim.run()["state"] == "failed"
+    with pytest.raises(ValueError, match="Plan/a was spawned by Plan: retry --from Plan runs it again"):
+        sim.retry(from_task="Plan/a")

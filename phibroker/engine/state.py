@@ -296,7 +296,8 @@ class Run:
         self.candidates.order = self.workflow.order_index
         for name in dropped:  # reset in Redis too: a child spawned again under this name starts afresh
             if name in self.units:
-                self.set(name, state="pending", error=None, finished=None, stop=None, spawned=None, iteration=None)
+                fresh = {"error": None, "finished": None, "stop": None, "spawned": None, "iteration": None}
+                self.set(name, state="pending", deliberate=None, tries_before=None, **fresh)
 
     def fires_early(self, task: str) -> bool:
         """Whether the task's rule may decide before all its upstreams are done (worth a look at each end)."""

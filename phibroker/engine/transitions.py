@@ -28,6 +28,7 @@ from phibroker.engine.state import (
 from phibroker.errors import DecodeError, MessageTooLarge, WorkflowFileError
 from phibroker.workflow.children import SpawnError, descendants, plan_children
 from phibroker.workflow.rules import HANDLER_RULES, trigger_verdict, upstream_summary
+from phibroker.workflow.spec import TriggerRule
 
 # -- inputs ---------------------------------------------------------------------------------------
 
@@ -130,8 +131,10 @@ def apply_timer(run: Run, member: str, now: float) -> None:
             _dispatch_unit(run, unit, now)
     elif kind == "deadline":
         unit, dispatch = parts
-        if run.state(unit) in ("ready", "running") and run.units[unit].get("dispatch") == dispatch:
-            _unit_failed(run, unit, "timeout", now)
+        record = run.units[unit] if unit in run.units else {}
+        if record.get("state") in ("ready", "running") and record.get("dispatch") == dispatch:
+            if record.get("answered") is None:  # else it has its result and waits for its children
+                _unit_failed(run, unit, "timeout", now)
     elif kind == "continue":  # the next chunk of a big release
         run.tx.bulk = True
     elif kind == "wf_deadline":
@@ -189,9 +192,12 @@ def declined(run: Run, unit: str, dispatch: str, now: float) -> None:
             advance(run, now)
 
 
-def reopen(run: Run, now: float, from_task: str | None = None) -> str | None:
+def reopen(run: Run, now: float, from_task: str | None = None, request: str = "") -> str | None:
     """`retry`: run an ended run again from `from_task` (or from every task that did not succeed),
-    with everything downstream; what succeeded upstream keeps its result. Returns why it cannot."""
+    with everything downstream; what succeeded upstream keeps its result. Returns why it cannot.
+    `request` names the retry: a copy of one already applied changes nothing."""
+    if request and request == run.meta.get("retried_by"):
+        return f"run {run.id} was re-opened by this request already"
     if run.wf_state not in ("failed", "cancelled", "timed_out"):
         return f"run {run.id} is {run.wf_state}: only a failed, cancelled or timed-out run can be retried"
     if any(r.get("state") == "compensated" or split_unit(u)[2] for u, r in run.units.items()):
@@ -199,6 +205,9 @@ def reopen(run: Run, now: float, from_task: str | None = None) -> str | None:
     tasks = run.workflow.tasks
     if from_task is not None and from_task not in tasks:
         return f"run {run.id} has no task {from_task!r}"
+    if from_task is not None and "/" in from_task:
+        parent = from_task.rsplit("/", 1)[0]
+        return f"{from_task} was spawned by {parent}: retry --from {parent} runs it again"
     starts = [from_task] if from_task else [t for t in tasks if run.state(t) != "succeeded"]
     again = _downstream(run, starts)
     dropped = {c for t in again for c in descendants(run.workflow, t)}  # spawned again if their parent is
@@ -216,6 +225,7 @@ def reopen(run: Run, now: float, from_task: str | None = None) -> str | None:
     timeout = run.workflow.spec.timeout
     deadline = now + timeout if timeout else None
     run.set_meta(state="running", outcome=None, error=None, finished_at=None, undo="", deadline=deadline)
+    run.set_meta(grace_at=None, retried_by=request or None)
     if deadline is not None:
         run.tx.timers_add[timer_member("wf_deadline", run.id)] = deadline
     run.tx.reopened = True
@@ -278,9 +288,38 @@ def decide(run: Run, body: Mapping[str, Any], now: float) -> str | None:
 
 def lost(run: Run, unit: str, dispatch: str, reason: str, now: float) -> None:
     """A worker dead-lettered this unit's message (undecodable, or delivered too often)."""
-    if run.state(unit) in ("ready", "running") and run.units[unit].get("dispatch") == dispatch:
+    record = run.units.get(unit, {})
+    live = record.get("state") in ("ready", "running") and record.get("answered") is None
+    if live and record.get("dispatch") == dispatch:
         _unit_failed(run, unit, f"lost: {reason}", now)
         advance(run, now)
+
+
+def redispatch(run: Run, unit: str, dispatch: str, token: int, reason: str, now: float, limit: int = 10) -> None:
+    """Nobody holds this attempt any more (Redis lost the writes that said who did): run it again as a
+    new attempt, which counts as a reclaim, not a retry; after `limit` of them the unit fails as lost.
+    `token` is the one the reconciler saw (0: not started); the commit is guarded on it, so an attempt
+    that started or was reclaimed meanwhile is left alone."""
+    record = run.units.get(unit, {})
+    live = record.get("state") in ("ready", "running") and record.get("answered") is None
+    if not live or record.get("dispatch") != dispatch or run.wf_state in WF_TERMINAL:
+        return
+    known = int(record.get("token") or 0)
+    if known != token and (run.fresh or known):
+        return  # started or reclaimed since the reconciler looked
+    if token:
+        run.tx.guards[f"{unit}|run"] = f"{token}{SEP}"
+    else:
+        run.tx.guards[f"{unit}|state"] = "ready"
+    reclaims = int(record.get("reclaims") or 0) + 1
+    if record.get("stop") or reclaims >= limit:  # asked to stop: it ends as stopped (cancelled)
+        _unit_failed(run, unit, f"lost: {reason}", now)
+        advance(run, now)
+        return
+    run.record_attempt(unit, now, f"lost: {reason}", False)
+    run.tx.timers_del.append(timer_member("deadline", run.id, unit, dispatch))
+    run.set(unit, reclaims=reclaims, token=0, started=None, entry=None, worker=None)
+    _dispatch_unit(run, unit, now)
 
 
 # -- the scheduler ---------------------------------------------------------------------------------
@@ -320,7 +359,9 @@ def _failures(run: Run) -> list[str]:
     succeed or get skipped (a failure handled downstream is handled)."""
     if run.workflow.spec.outcome == "leaves":
         fine = ("succeeded", "skipped")
-        leaves = [t for t, users in run.workflow.dependents.items() if not users]
+        leaves = [
+            t for t, users in run.workflow.dependents.items() if not users and "/" not in t
+        ]  # a parent speaks for its children
         return [t for t in leaves if run.state(t) not in fine and not _deliberately_cancelled(run, t)]
     return [t for t in run.workflow.tasks if run.state(t) == "failed"]
 
@@ -337,7 +378,7 @@ def _consider(run: Run, task: str, now: float) -> None:
     if verdict == "wait":
         return
     if verdict != "upstream_failed" and run.wf_state == "cancelling":
-        if not (verdict == "run" and _failing(run) and spec.trigger in HANDLER_RULES):
+        if not (verdict == "run" and _failing(run) and _handles_failure(spec.trigger)):
             _cancel_task(run, task, now, str(run.meta.get("error") or "the run is ending"))  # never starts now
             return
     if verdict == "skip":
@@ -407,7 +448,9 @@ def _stop_task(run: Run, task: str, now: float, reason: str, force: bool = False
     elif record.get("spawned"):  # its handler is done; it waits for its children: they stop instead
         run.set(task, stop=reason)
         for child in run.workflow.children_of[task]:
-            if run.state(child) == "pending":
+            if run.state(child) == "pending" and run.meta.get("outcome") == "succeeded":
+                _skip(run, child, now, reason)  # `end: true`: what will not run now is skipped
+            elif run.state(child) == "pending":
                 _cancel_task(run, child, now, reason)
             elif run.state(child) not in TASK_TERMINAL:
                 _stop_task(run, child, now, reason, force)
@@ -415,6 +458,8 @@ def _stop_task(run: Run, task: str, now: float, reason: str, force: bool = False
     else:
         parts = int(record.get("parts") or 0)
         units = [unit_of(task, i) for i in range(parts)] if parts else [task]
+        if parts and not record.get("stop"):  # the partitions' answers end the task: they look here
+            run.set(task, stop=reason)
         for unit in units:
             _stop_unit(run, unit, now, reason, force)
         if any(run.state(u) in UNIT_LIVE for u in units):
@@ -538,11 +583,15 @@ def _await_signal(run: Run, task: str, now: float) -> None:
     run.event("task.waiting", now, task, waiting_for=f"signal {signal.name}")
 
 
-def signal(run: Run, name: str, data: Any, now: float, sender: str | None = None) -> bool:
+def signal(run: Run, name: str, data: Any, now: float, sender: str | None = None, signal_id: str = "") -> bool:
     """A named signal for the run: the first gate waiting for it takes it, else it is kept, in order,
-    for the next gate of that name. False when the run has ended (the signal is dropped)."""
-    if run.wf_state in WF_TERMINAL:
+    for the next gate of that name. False when the run has ended, or it had this signal (by its id)
+    already: an inbox entry read again, an outbox carried out twice."""
+    seen = list(run.result(SIGNAL_IDS) or [])
+    if run.wf_state in WF_TERMINAL or (signal_id and signal_id in seen):
         return False
+    if signal_id:
+        run.store_result(SIGNAL_IDS, wire.pack([*seen, signal_id][-KEEP_SIGNAL_IDS:]))
     kept = [*_kept_signals(run, name), {"data": data, "sender": sender, "at": now}]
     waiting = [t for t in run.workflow.signal_gates.get(name, ()) if run.state(t) == "running"]
     if waiting:
@@ -566,6 +615,10 @@ def _take_signal(run: Run, task: str, name: str, kept: list[dict[str, Any]], now
 
 def _kept_signals(run: Run, name: str) -> list[dict[str, Any]]:
     return list(run.result(_signal_field(name)) or [])
+
+
+SIGNAL_IDS = "@signal-ids"  # the results-hash field of the ids of the signals a run has had, newest last
+KEEP_SIGNAL_IDS = 1000  # a copy of a signal comes soon after it: the last thousand ids tell copies apart
 
 
 def _signal_field(name: str) -> str:
@@ -648,20 +701,28 @@ def _adopt(run: Run, task: str, children: dict[str, dict[str, Any]], now: float)
 
 
 def _children_settled(run: Run, task: str, now: float) -> None:
-    """Every child of a spawning task has ended: it succeeds once all did (and then its dependents
-    run), fails with the first child that failed, or ends cancelled if it was asked to stop."""
-    ended = [(c, run.state(c)) for c in run.workflow.children_of[task]]
+    """Every child of a spawning task has ended: it fails with the first child that failed (the cause,
+    even while the run winds down), ends cancelled if it was asked to stop, fails if a child was
+    cancelled by the run ending, and else succeeds (a child cancelled on purpose counts as skipped)."""
+    children = run.workflow.children_of[task]
     record = run.units[task]
+    failed = next((c for c in children if run.state(c) in ("failed", "upstream_failed")), None)
+    if failed is not None:
+        _task_failed(run, task, _child_error(run, failed, "failed"), now)
+        return
     if record.get("stop"):
         _cancel_task(run, task, now, str(record["stop"]), bool(record.get("deliberate")))
         return
-    failed = next(((c, s) for c, s in ended if s not in ("succeeded", "skipped")), None)
-    if failed is None:
+    fine = ("succeeded", "skipped")
+    lost = next((c for c in children if run.state(c) not in fine and not _deliberately_cancelled(run, c)), None)
+    if lost is None:
         _task_done(run, task, now)
-        return
-    child, state = failed
-    why = run.units.get(child, {}).get("error") or state
-    _task_failed(run, task, f"child {child.rsplit('/', 1)[1]} {'failed' if state == 'failed' else state}: {why}", now)
+    else:
+        _task_failed(run, task, _child_error(run, lost, run.state(lost)), now)
+
+
+def _child_error(run: Run, child: str, how: str) -> str:
+    return f"child {child.rsplit('/', 1)[1]} {how}: {run.units[child].get('error')}"
 
 
 def _task_done(run: Run, task: str, now: float) -> None:
@@ -831,12 +892,12 @@ def _stop_unit(run: Run, unit: str, now: float, reason: str, force: bool = False
         # Not started as far as this run knows: cancelled now, guarded against a start meanwhile (the
         # commit then fails, the run is read again, and the unit is asked to stop instead).
         run.tx.guards[f"{unit}|state"] = "ready"
-    elif not record.get("stop"):
-        run.set(unit, stop=reason)
-        run.tx.stops.append((str(unit_agent(run.workflow, unit)), unit, str(record.get("dispatch"))))
-        if not force:
-            _grace_timer(run, now)
-            return
+    elif not force:  # asked to stop: it ends when its worker answers (or the grace ends)
+        if not record.get("stop"):
+            run.set(unit, stop=reason)
+            run.tx.stops.append((str(unit_agent(run.workflow, unit)), unit, str(record.get("dispatch"))))
+        _grace_timer(run, now)
+        return
     if record.get("dispatch"):
         run.tx.timers_del.append(timer_member("deadline", run.id, unit, record["dispatch"]))
     run.set(unit, state="cancelled", finished=now)
@@ -849,9 +910,11 @@ def _asked_to_stop(run: Run, task: str) -> bool:
 
 
 def _grace_timer(run: Run, now: float) -> None:
-    """While a run winds down, stopped tasks get `cancel_grace` to answer before they count as cancelled."""
-    if run.wf_state == "cancelling":
-        run.tx.timers_add.setdefault(timer_member("grace", run.id), now + run.cancel_grace)
+    """While a run winds down, stopped tasks get `cancel_grace` from the first stop to answer before
+    they count as cancelled (later stops do not push it back)."""
+    if run.wf_state == "cancelling" and not run.meta.get("grace_at"):
+        run.set_meta(grace_at=now + run.cancel_grace)
+        run.tx.timers_add[timer_member("grace", run.id)] = now + run.cancel_grace
 
 
 def wind_down(run: Run, outcome: str, now: float, reason: str, handlers: bool = True) -> None:
@@ -887,7 +950,7 @@ def _wound_down(run: Run, now: float) -> None:
     outcome = str(run.meta.get("outcome") or "failed")
     if outcome == "failed" and run.workflow.spec.outcome == "leaves" and not _failures(run):
         outcome = "succeeded"  # every leaf succeeded or was skipped: the failure was handled
-        run.set_meta(outcome=outcome)
+        run.set_meta(outcome=outcome, error=None)
     if outcome == "succeeded":
         _finish(run, outcome, now)
         return
@@ -925,6 +988,10 @@ def _finish(run: Run, state: str, now: float) -> None:
         data["error"] = run.meta.get("error")
     run.event(f"workflow.{state}", now, **data)
     _tell_parent(run, state)
+
+
+def _handles_failure(rule: TriggerRule) -> bool:
+    return isinstance(rule, str) and rule in HANDLER_RULES
 
 
 def _failing(run: Run) -> bool:
@@ -1029,9 +1096,9 @@ def _stop_child(run: Run, task: str, now: float, reason: str, force: bool) -> No
         run.set(task, stop=reason)
         body = {"wf": str(record.get("child")), "reason": f"parent {run.id}: {reason}"}
         run.tx.inbox.append(wire.Inbox(kind="cancel", body=body).encode(run.limit))
-        if not force:
-            _grace_timer(run, now)
-            return
+    if not force:  # it ends when the child has (or the grace ends)
+        _grace_timer(run, now)
+        return
     run.set(task, state="cancelled", finished=now)
 
 

@@ -157,7 +157,9 @@ class Context:
     def signal(self, workflow_id: str, name: str, data: Any = None) -> None:
         """Signal run `workflow_id`'s gate `name` (as `phibroker signal`), sent with this attempt's
         result and only if that result is applied: a retried attempt signals nothing twice."""
-        self.signals.append({"wf": workflow_id, "name": name, "data": data, "sender": f"{self.agent}/{self.task}"})
+        sent = {"wf": workflow_id, "name": name, "data": data, "sender": f"{self.agent}/{self.task}"}
+        sent["id"] = f"{self.dispatch_id}.{self.token}.{len(self.signals)}"  # the same on a redrive, so sent once
+        self.signals.append(sent)
 
 
 @dataclass

@@ -101,7 +101,10 @@ class Client:
                 raise InvalidInput(f"run {wf_id} was compensated: what it did was undone, so it cannot be retried")
             if from_task is not None and from_task not in status["tasks"]:
                 raise InvalidInput(f"run {wf_id} has no task {from_task!r}{did_you_mean(from_task, status['tasks'])}")
-            body: dict[str, Any] = {"wf": wf_id}
+            if from_task is not None and "/" in from_task:
+                parent = from_task.rsplit("/", 1)[0]
+                raise InvalidInput(f"{from_task} was spawned by {parent}: retry --from {parent} runs it again")
+            body: dict[str, Any] = {"wf": wf_id, "id": wire.new_id()}  # a copy of it is known
             if from_task is not None:
                 body["from"] = from_task
             ended_at = status.get("finished_at")
@@ -129,7 +132,7 @@ class Client:
                 raise InvalidInput(
                     f"run {wf_id} has already ended ({head['state']}): no gate will take signal {name!r}"
                 )
-            body = {"wf": wf_id, "name": name, "data": data}
+            body = {"wf": wf_id, "name": name, "data": data, "id": wire.new_id()}  # a copy of it is known
             self.broker.send_to_coordinators(wire.Inbox(kind="signal", body=body))
 
     # -- approvals -------------------------------------------------------------------------------

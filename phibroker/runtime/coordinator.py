@@ -80,7 +80,16 @@ class Coordinator:
         self.name = f"{socket.gethostname()}:{os.getpid()}:{wire.short_id()[:6]}"
         self.router = Router(self.registry)
         self.gate = SecurityGate(settings, self.registry, require_signed)
-        self.maintenance = Maintenance(settings, self.broker, self.name, self.router, self.process, self.holding)
+        self.maintenance = Maintenance(
+            settings,
+            self.broker,
+            self.name,
+            self.router,
+            self.process,
+            self.holding,
+            lambda spec: self.cache.workflow(spec),
+            self._forget_all,
+        )
         self.cache = RunCache(settings, self.broker, cache_size)
         self.held = HeldWork(settings)
         self.stopping = threading.Event()
@@ -105,9 +114,7 @@ class Coordinator:
                     backoff = 0.1
                 except CONNECTION_ERRORS as exc:
                     log.warning("Redis unavailable (%s); retrying in %.1fs", exc, backoff)
-                    self._recovering = True
-                    self.cache.clear()
-                    self.held.drop()
+                    self._forget_all()
                     self.stopping.wait(backoff)
                     backoff = min(backoff * 2, 5.0)
                     continue
@@ -116,6 +123,13 @@ class Coordinator:
             self._finish_held()
         finally:
             self._leave()
+
+    def _forget_all(self) -> None:
+        """Redis was out of reach or restarted: runs may have moved on (or back) meanwhile, and what we
+        read of the inbox is read again."""
+        self._recovering = True
+        self.cache.clear()
+        self.held.drop()
 
     def step(self) -> int:
         """One round: due timers and one read of the inbox lanes. Returns how many items it handled.
@@ -391,13 +405,17 @@ class Coordinator:
             crash_point("child_notice")
             engine.child_ended(run, body, now)
         elif kind == "signal":
-            engine.signal(run, str(body["name"]), body.get("data"), now, body.get("sender"))
+            engine.signal(run, str(body["name"]), body.get("data"), now, body.get("sender"), str(body.get("id") or ""))
         elif kind == "retry":
-            refusal = engine.reopen(run, now, body.get("from"))
+            refusal = engine.reopen(run, now, body.get("from"), str(body.get("id") or ""))
             if refusal:
                 log.warning("retry of %s refused: %s", run.id, refusal)
         elif kind == "declined":
             engine.declined(run, body["unit"], body["dispatch"], now)
+        elif kind == "redispatch":  # the reconciler found nobody holding this attempt (Maintenance)
+            token, limit = int(body.get("token") or 0), self.settings.max_deliveries
+            reason = str(body.get("reason") or "nobody holds it")
+            engine.redispatch(run, body["unit"], body["dispatch"], token, reason, now, limit)
 
     def _start_triggered(self, body: dict[str, Any]) -> None:
         """An event matched a trigger: start its workflow, with the event's data as params, once."""

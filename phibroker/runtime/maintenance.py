@@ -2,8 +2,10 @@
 
 A coordinator can die at any point, so each live one renews its lease, takes over the inbox entries a
 dead one left pending, walks the running workflows for outboxes nobody drained (re-drive) and runs
-nobody started, trims the streams, and forgets workers and coordinators long gone. Each chore has its
-own period; the loop calls `tick()` once a round and the chores that are due run.
+nobody started, trims the streams, and forgets workers and coordinators long gone. Redis itself can
+lose its last writes (a restart from an older AOF, a failover to a lagging replica), so a reconciler
+also looks for tasks nobody holds any more (`Reconciler`). Each chore has its own period; the loop
+calls `tick()` once a round and the chores that are due run.
 """
 
 from __future__ import annotations
@@ -14,14 +16,17 @@ import socket
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from phibroker import wire
+from phibroker.engine.state import WF_TERMINAL, unit_agent
 from phibroker.errors import DecodeError
 from phibroker.keys import COORDINATORS_GROUP, WORKERS_GROUP
 from phibroker.runtime.events import Router
 from phibroker.settings import Settings
-from phibroker.store.connection import Entry, lease_alive
+from phibroker.store.connection import Entry, lease_alive, parse_units
 from phibroker.store.coordinator import CoordinatorStore
+from phibroker.workflow import Workflow
 
 log = logging.getLogger("phibroker.coordinator")
 
@@ -41,6 +46,8 @@ class Maintenance:
         router: Router,
         process: Callable[[float, str, list[Entry]], None],
         holding: Callable[[str], set[str]],
+        workflow: Callable[[str], Workflow],
+        restarted: Callable[[], None],
     ):
         self.settings = settings
         self.broker = broker
@@ -52,15 +59,19 @@ class Maintenance:
         self._next: dict[str, float] = defaultdict(float)  # when each chore is next due
         self._sweep_cursor = 0
         self._index_cursor = 0  # old runs still there, which the walk of the `workflows` index steps over
+        self.reconciler = Reconciler(settings, broker, workflow)
+        self.restarted = restarted  # Redis restarted: what the coordinator holds in memory may be ahead of it
+        self._run_id: str | None = None
 
     def tick(self) -> None:
-        """Run the chores that are due: lease, take-over, sweep, trim."""
+        """Run the chores that are due: lease, take-over, sweep, trim, reconcile."""
         now = time.monotonic()
         takeover = self.settings.coordinator_takeover
         if now >= self._next["lease"]:
             self._next["lease"] = now + takeover / 4
             info = {"host": socket.gethostname(), "pid": os.getpid(), "takeover": takeover}
             self.broker.renew_lease(self.keys.coordinators, self.name, takeover, info)
+            self.check_restart()
         if now >= self._next["takeover"]:
             self._next["takeover"] = now + takeover / 2
             self.take_over()
@@ -70,6 +81,18 @@ class Maintenance:
         if now >= self._next["trim"]:
             self._next["trim"] = now + self.settings.trim_every
             self.trim()
+        if now >= self._next["reconcile"]:
+            self._next["reconcile"] = now + self.settings.reconcile_every
+            self.reconciler.reconcile()
+
+    def check_restart(self) -> None:
+        """A new run id: Redis restarted, perhaps from older data than the runs this coordinator holds
+        (the client's own retries can hide the restart from the loop)."""
+        run_id = self.broker.server_run_id()
+        if run_id and self._run_id and run_id != self._run_id:
+            log.warning("Redis restarted (run id %s); reading every run afresh", run_id[:8])
+            self.restarted()
+        self._run_id = run_id or self._run_id
 
     def trim(self) -> None:
         """Keep streams and indexes from growing: drop what every reader has acked, bound the events log
@@ -178,3 +201,153 @@ class Maintenance:
             log.info("re-driving %d outbox entries", len(items))
             self.broker.drain(items, route=self.router.routes)
         return len(items)
+
+
+LANE_LIMIT = 1000  # pending or unread entries of a lane the reconciler reads; past it, it waits for a later pass
+
+
+class Reconciler:
+    """Finds the units nobody holds and has them dispatched again (DESIGN §13, convergence).
+
+    A Redis that lost its last writes can leave a unit `ready` or `running` with its message nowhere:
+    never added, its delivery or its start forgotten, its result lost after the entry was acked. Such a
+    unit, older than `reclaim_after`, has no unread or pending entry in its agent's lanes, and no live
+    worker's lease lists its dispatch as held. It is a suspect; seen so again a pass later, once the
+    coordinators have handled every inbox entry there was at the first sighting (a result on its way is
+    applied first), a `redispatch` message asks for a new attempt, committed like any other input.
+    Each pass reads a chunk of the running workflows, and at most LANE_LIMIT entries of a lane."""
+
+    def __init__(self, settings: Settings, broker: CoordinatorStore, workflow: Callable[[str], Workflow]):
+        self.settings = settings
+        self.broker = broker
+        self.keys = settings.keys
+        self.workflow = workflow
+        self._cursor = 0
+        self._cycle = 0  # full walks of the running index: suspects not seen again within one are dropped
+        # (wf, unit) -> (dispatch, token, inbox marks when first seen, cycle)
+        self._suspects: dict[tuple[str, str], tuple[str, int, dict[str, str], int]] = {}
+
+    def reconcile(self, chunk: int = 50) -> int:
+        """One pass over the next chunk of running workflows; returns how many units it sent again."""
+        ids = self.broker.running_chunk(self._cursor, chunk)
+        self._cursor = 0 if len(ids) < chunk else self._cursor + chunk
+        found = self.unheld(ids) if ids else {}
+        marks = self.broker.inbox_marks() if found else {}
+        handled: dict[tuple[tuple[str, str], ...], bool] = {}
+        sent = 0
+        for key, (dispatch, token) in found.items():
+            seen = self._suspects.get(key)
+            if seen is None or seen[:2] != (dispatch, token):
+                self._suspects[key] = (dispatch, token, marks, self._cycle)
+                continue
+            signature = tuple(sorted(seen[2].items()))
+            if signature not in handled:
+                handled[signature] = self.broker.inbox_handled(seen[2], COORDINATORS_GROUP)
+            if not handled[signature]:
+                continue
+            wf_id, unit = key
+            log.warning("%s of %s: nobody holds dispatch %s; dispatching it again", unit, wf_id, dispatch)
+            body = {"wf": wf_id, "unit": unit, "dispatch": dispatch, "token": token, "reason": "nobody holds it"}
+            self.broker.send_to_coordinators(wire.Inbox(kind="redispatch", body=body))
+            del self._suspects[key]
+            sent += 1
+        chunk_ids = set(ids)
+        for key in [
+            k for k, v in self._suspects.items() if k not in found and (k[0] in chunk_ids or v[3] < self._cycle - 1)
+        ]:
+            del self._suspects[key]
+        if self._cursor == 0:
+            self._cycle += 1
+        return sent
+
+    def unheld(self, wf_ids: list[str]) -> dict[tuple[str, str], tuple[str, int]]:
+        """The units of these workflows that nobody holds: (wf, unit) -> (dispatch, token)."""
+        clock, leases = self.broker.leases(self.keys.agents)
+        by_agent: dict[str, list[tuple[str, str, dict[str, Any]]]] = defaultdict(list)
+        for wf_id, (spec, wf_state, outbox, raw) in zip(wf_ids, self.broker.unit_tables(wf_ids), strict=True):
+            if not spec or wf_state in WF_TERMINAL or outbox:  # an outbox is re-driven before anything else
+                continue
+            workflow = self.workflow(spec)
+            for unit, record in parse_units(raw).items():
+                if _maybe_unheld(record, clock, self.settings.reclaim_after):
+                    agent = unit_agent(workflow, unit)
+                    if agent:
+                        by_agent[agent].append((wf_id, unit, record))
+        found = {}
+        for agent, units in by_agent.items():
+            for wf_id, unit, record in self._unheld_of(agent, units, clock, leases):
+                found[(wf_id, unit)] = (str(record["dispatch"]), int(record.get("token") or 0))
+        return found
+
+    def _unheld_of(
+        self, agent: str, units: list[tuple[str, str, dict[str, Any]]], clock: float, leases: dict[str, dict[str, Any]]
+    ) -> list[tuple[str, str, dict[str, Any]]]:
+        """Of one agent's units, those no live worker lists and whose message is neither pending nor unread."""
+        held: set[str] = set()
+        for lease in leases.values():
+            if lease.get("agent") == agent and lease_alive(lease, clock):
+                if "dispatches" not in lease or lease.get("dispatches_more"):
+                    return []  # a worker that does not say everything it holds: nothing can be told
+                held.update(lease["dispatches"])
+        units = [u for u in units if u[2]["dispatch"] not in held]
+        if not units:
+            return []
+        lanes = {"": self.keys.agent_tasks(agent), "bulk/": self.keys.agent_bulk(agent)}
+        views = {prefix: self.broker.lane(stream, WORKERS_GROUP, LANE_LIMIT) for prefix, stream in lanes.items()}
+        if any(view is not None and len(view[0]) >= LANE_LIMIT for view in views.values()):
+            return []  # more pending than we read: come back when the workers caught up
+        started, waiting = [], []
+        for wf_id, unit, record in units:
+            ref = str(record.get("entry") or "")
+            prefix = "bulk/" if ref.startswith("bulk/") else ""
+            view = views[prefix]
+            if ref and int(record.get("token") or 0):
+                if view is None or ref.removeprefix(prefix) not in view[0]:
+                    started.append((wf_id, unit, record))
+            else:
+                waiting.append((wf_id, unit, record))
+        if waiting:
+            live = self._live_dispatches(lanes, views)
+            if live is None:
+                return started
+            started += [u for u in waiting if u[2]["dispatch"] not in live]
+        return started
+
+    def _live_dispatches(self, lanes: dict[str, str], views: dict[str, tuple[set[str], str] | None]) -> set[str] | None:
+        """The dispatch ids of the lanes' pending and unread entries; None when there are too many to read."""
+        live: set[str] = set()
+        for prefix, stream in lanes.items():
+            view = views[prefix]
+            if view is None:
+                continue
+            pending, delivered = view
+            unread = self.broker.entries_after(stream, delivered, LANE_LIMIT)
+            if len(unread) >= LANE_LIMIT:
+                return None
+            for entry in [*self.broker.entries(stream, pending), *unread]:
+                dispatch = _dispatch_of(entry.raw, self.settings.max_message_bytes)
+                if dispatch:
+                    live.add(dispatch)
+        return live
+
+
+def _maybe_unheld(record: dict[str, Any], clock: float, margin: float) -> bool:
+    """A unit sent to an agent (not a gate, not a child run), live and unanswered for `margin` seconds."""
+    if record.get("state") not in ("ready", "running") or not record.get("dispatch") or record.get("child"):
+        return False
+    if record.get("answered") is not None:  # it had its result and waits for its children
+        return False
+    since = max(float(record.get("dispatched") or 0), float(record.get("started") or 0))
+    return clock - since > margin
+
+
+def _dispatch_of(raw: bytes | None, limit: int) -> str | None:
+    """The dispatch id a task message carries, if it has one."""
+    if not raw:
+        return None
+    try:
+        envelope = wire.unpack(raw, limit)
+    except DecodeError:
+        return None
+    value = envelope.get("id") if isinstance(envelope, dict) else None
+    return value if isinstance(value, str) else None

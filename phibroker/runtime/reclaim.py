@@ -3,12 +3,15 @@
 A worker whose lease lapsed leaves its entries pending in the groups; a live one claims them and runs its
 tasks again as a new attempt, after a history record for the attempt that was lost. A task for a command
 this worker does not have goes to a live worker that has it. Both read the leases and claim entries, and
-neither is part of the worker's loop of fetching, starting and settling, so they live here.
+neither is part of the worker's loop of fetching, starting and settling, so they live here, with the
+check that what this worker holds is still its own after its lease lapsed (`Ownership`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -158,3 +161,55 @@ class Reclaimer:
             and not lease.get("stopping")
             and item.message.command in (lease.get("commands") or ())
         )
+
+
+class Ownership:
+    """Whether the entries this worker holds are still its own.
+
+    A worker paused past its lease (SIGSTOP, a long pause, a partition) may find that another worker
+    claimed its entries meanwhile, and a restarted Redis may have forgotten their delivery. Starting such
+    an entry again fences out the worker that claimed it, and acking it leaves that worker's attempt
+    with nothing pending: if that worker dies, nobody reclaims the task. So after a lapse (our lease ran
+    out before we renewed it) or a restart, whatever we held before is checked against the group's
+    pending list before we start or ack it, and what is no longer ours is dropped, neither started nor
+    acked. Each item carries the `epoch` it was read in; a lapse or a restart starts a new one."""
+
+    def __init__(self, broker: WorkerStore, consumer: str, ttl: float):
+        self.broker = broker
+        self.consumer = consumer
+        self.ttl = ttl * 0.8  # a renewal can take a while to land: suspect a lapse a little early
+        self.epoch = 0
+        self._valid_until = math.inf  # monotonic: when our lease, as last renewed, may have run out
+        self._lock = threading.Lock()
+
+    def renewed(self, began: float) -> None:
+        """Our lease was renewed by a call that began at `began` (monotonic)."""
+        with self._lock:
+            if began > self._valid_until:
+                self.epoch += 1
+                log.warning("our lease lapsed for %.1fs: checking what we hold", began - self._valid_until)
+            self._valid_until = began + self.ttl
+
+    def lost_track(self) -> None:
+        """Redis restarted: what it remembers of our entries may be older than what we hold."""
+        with self._lock:
+            self.epoch += 1
+
+    def keep(self, items: list[Fetched]) -> list[Fetched]:
+        """The items still pending on us; the others are dropped, left to whoever holds them now."""
+        overdue = time.monotonic() > self._valid_until
+        doubtful = [item for item in items if overdue or item.epoch != self.epoch]
+        if not doubtful:
+            return items
+        epoch = self.epoch  # taken before the check: a lapse during it leaves the items in doubt
+        owned = self.broker.owned([(item.stream, item.entry.id) for item in doubtful], WORKERS_GROUP, self.consumer)
+        gone = set()
+        for item, ours in zip(doubtful, owned, strict=True):
+            if ours:
+                item.epoch = epoch
+            else:
+                gone.add(id(item))
+                log.warning(
+                    "%s (%s) is no longer ours: dropped, neither started nor acked", item.message.unit, item.ref
+                )
+        return [item for item in items if id(item) not in gone]

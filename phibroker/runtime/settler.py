@@ -13,7 +13,7 @@ import threading
 import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from phibroker import wire
 from phibroker.keys import WORKERS_GROUP
@@ -25,9 +25,11 @@ from phibroker.store.connection import CONNECTION_ERRORS
 from phibroker.store.worker import WorkerStore
 
 if TYPE_CHECKING:
-    from phibroker.runtime.worker import Running
+    from phibroker.runtime.worker import Fetched, Running
 
 log = logging.getLogger("phibroker.worker")  # settling logs as the worker it settles for
+
+T = TypeVar("T")
 
 # Under a big release, how long a worker waits to gather freed slots into one start, and outcomes
 # into one settle: a round trip per task costs more CPU than the task itself (no-op tasks).
@@ -66,6 +68,8 @@ class Settler:
         self.settled: OrderedDict[str, None] = OrderedDict()  # dispatch ids already answered
         self.abandoned = threading.Event()
         self.handled = 0
+        # the items still ours, of those about to be acked (the worker's Ownership check)
+        self.ours: Callable[[list[Fetched]], list[Fetched]] = lambda items: items
 
     def started(self, events: list[dict[str, Any]]) -> None:
         """`task.started` events to send with the next settle."""
@@ -123,13 +127,13 @@ class Settler:
                 o.result(r.ctx, self.consumer)
             )
         envelopes = {target: self._envelopes(results) for target, results in inbox.items()}
-        acks: dict[str, list[str]] = defaultdict(list)
-        for running, _ in batch:
-            acks[running.item.stream].append(running.item.entry.id)
         with self.unpublished_lock:
             events, self.unpublished = self.unpublished, []
         # The acks only once the results are stored: a refused XADD must not leave its task acked.
         _until_done("store results", len(batch), lambda: self.broker.settle(envelopes, events, self.router.routes))
+        acks: dict[str, list[str]] = defaultdict(list)
+        for item in _until_done("check ownership", len(batch), lambda: self.ours([r.item for r, _ in batch])):
+            acks[item.stream].append(item.entry.id)
         _until_done("ack tasks", len(batch), lambda: self.broker.ack_many(WORKERS_GROUP, acks))
         for running, _ in batch:
             self.running.pop((running.item.stream, running.item.entry.id), None)
@@ -162,13 +166,12 @@ class Settler:
         return inbox.encode(self.settings.max_message_bytes * 4, secret)
 
 
-def _until_done(what: str, count: int, call: Callable[[], None]) -> None:
+def _until_done(what: str, count: int, call: Callable[[], T]) -> T:
     """Call until Redis takes it, backing off while it is out of reach or refuses (full, busy)."""
     delay = 0.1
     while True:
         try:
-            call()
-            return
+            return call()
         except CONNECTION_ERRORS as exc:
             log.warning("cannot %s (%d) yet (%s); retrying in %.1fs", what, count, exc, delay)
             time.sleep(delay)

@@ -29,7 +29,7 @@ from phibroker.runtime.agent import Agent, Context, failure
 from phibroker.runtime.cancels import Cancels
 from phibroker.runtime.events import Router
 from phibroker.runtime.reactor import Reactor
-from phibroker.runtime.reclaim import Reclaimer
+from phibroker.runtime.reclaim import Ownership, Reclaimer
 from phibroker.runtime.settler import SETTLE_GATHER, Settler
 from phibroker.runtime.slots import HandlerThreads, Slots
 from phibroker.settings import Settings
@@ -39,6 +39,8 @@ from phibroker.store.worker import WorkerStore
 
 log = logging.getLogger("phibroker.worker")
 
+LEASE_DISPATCHES = 1000  # dispatch ids a lease lists as held; past that it says there are more
+
 
 @dataclass(slots=True)
 class Fetched:
@@ -46,6 +48,7 @@ class Fetched:
     entry: Entry
     message: wire.TaskMessage
     lost: bytes = b""  # a history record for the attempt this reclaim replaces
+    epoch: int = 0  # the Ownership epoch it was read (or last found ours) in
 
     @property
     def ref(self) -> str:
@@ -97,6 +100,9 @@ class Worker:
             self._recover,
         )
         self.cancels = Cancels(agent.name, self.broker, self.running, self._finished, self._rest)
+        self.ownership = Ownership(self.broker, self.consumer, settings.reclaim_after)
+        self.settler.ours = self._ours
+        self._run_id: str | None = None  # the Redis server's, to notice a restart
         self._recovering = True  # read our own pending entries first (at start, after an error, when unheld)
         self._threads: list[threading.Thread] = []
 
@@ -219,7 +225,7 @@ class Worker:
             if message.id in self.settler.settled:
                 acks.append(entry.id)
                 continue
-            fresh.append(Fetched(stream, entry, message))
+            fresh.append(Fetched(stream, entry, message, epoch=self.ownership.epoch))
         if lost_from and fresh:
             self.reclaimer.record_lost(fresh, lost_from)
         if stream == self.stream:
@@ -236,9 +242,10 @@ class Worker:
             return
         batch = self.reclaimer.hand_over([self.backlog.popleft() for _ in range(take)])
         by_wf: dict[str, list[Fetched]] = defaultdict(list)
-        for item in batch:
-            by_wf[item.message.wf].append(item)
         try:
+            batch = self.ownership.keep(batch)  # after a lapse: never start what another worker claimed
+            for item in batch:
+                by_wf[item.message.wf].append(item)
             tokens = self.broker.start_many(
                 self.consumer,
                 {wf: [(i.message.unit, i.message.id, i.ref, i.lost) for i in items] for wf, items in by_wf.items()},
@@ -290,8 +297,14 @@ class Worker:
             self.settler.settle_queued()
         # else the settler sends it, with those of the handlers still running (see Settler.settle_loop)
 
+    def _ours(self, items: list[Fetched]) -> list[Fetched]:
+        """What the settler may ack: the items still pending on us (see Ownership)."""
+        return self.ownership.keep(items)
+
     # -- liveness ----------------------------------------------------------------------------------
     def renew_lease(self) -> None:
+        held = [running.item.message.id for running in list(self.running.values())]
+        held += [item.message.id for item in list(self.backlog)]
         info = {
             "agent": self.agent.name,
             "host": socket.gethostname(),
@@ -303,13 +316,31 @@ class Worker:
             "handled": self.settler.handled,
             "commands": sorted(self.agent.commands),
             "subscriptions": sorted(self.agent.subscriptions),
+            # what the reconciler must not dispatch again, even with no entry pending (a Redis that
+            # restarted from older data forgot the delivery, not the handler running it)
+            "dispatches": held[:LEASE_DISPATCHES],
+            "dispatches_more": len(held) > LEASE_DISPATCHES,
         }
+        began = time.monotonic()
         self.broker.renew_lease(self.keys.agents, self.consumer, self.settings.reclaim_after, info)
+        self.ownership.renewed(began)
+
+    def _check_restart(self) -> None:
+        """A new server run id: Redis restarted, perhaps from older data. Our own pending entries are read
+        again, and what we hold is checked before it is started or acked (the client's own retries can
+        hide the restart from the loop)."""
+        run_id = self.broker.server_run_id()
+        if run_id and self._run_id and run_id != self._run_id:
+            log.warning("Redis restarted (run id %s); reading our pending entries again", run_id[:8])
+            self.ownership.lost_track()
+            self._recovering = True
+        self._run_id = run_id or self._run_id
 
     def _heartbeat_loop(self) -> None:
         while not self._finished():
             try:
                 self.renew_lease()
+                self._check_restart()
                 self.cancels.check()
             except CONNECTION_ERRORS as exc:
                 log.warning("heartbeat failed: %s", exc)
@@ -352,10 +383,11 @@ class Worker:
         """Give unstarted entries back at once, let running handlers finish within the grace period."""
         self.stopping.set()
         try:
+            ours = self._ours(list(self.backlog))  # after a lapse, what another worker claimed is not ours to give
             for lane in self.lanes:
                 # Reclaimed entries stay pending on us (a copy would be refused: the unit is running
                 # under the original entry); others reclaim them once our lease is gone.
-                unstarted = [item.entry for item in self.backlog if item.stream == lane and not item.lost]
+                unstarted = [item.entry for item in ours if item.stream == lane and not item.lost]
                 if unstarted:
                     self.broker.requeue(lane, WORKERS_GROUP, unstarted)
             self.backlog.clear()

@@ -37,8 +37,9 @@ IDENTITIES_PATH = "/etc/phibroker/identities.json"  # where coordinators read it
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 # Key-less commands every phibroker process sends: health checks, Redis's clock (leases, and TIME
-# inside scripts), and loading the scripts after a restart (EVALSHA answers NOSCRIPT).
-BASICS = ("ping", "time", "script|load", "script|exists")
+# inside scripts), loading the scripts after a restart (EVALSHA answers NOSCRIPT), and INFO for the
+# server's run id (a restart may have lost the last writes: workers re-read their pending entries).
+BASICS = ("ping", "time", "script|load", "script|exists", "info")
 # A consumer of its own streams: read, ack, give back (requeue: MULTI/EXEC), reclaim from the dead.
 CONSUMER = (
     "xreadgroup",
@@ -197,6 +198,7 @@ def coordinator_user(keys: Keys) -> User:
                 "zmscore",
                 "xlen",
                 "xinfo|groups",
+                "xrevrange",
                 "xtrim",
                 "publish",
             ),
@@ -229,9 +231,11 @@ def coordinator_user(keys: Keys) -> User:
             # XADD_MANY, a dispatch batch in one call. EVALSHA asks read and write on the keys it
             # declares, but the script's own XADDs are checked against the rules above: no reads.
             Grant(("evalsha",), (f"~{keys.agent_tasks('*')}", f"~{keys.agent_bulk('*')}")),
-            # Trimming what workers acked, and forgetting long-dead workers (Maintenance.trim).
+            # Trimming what workers acked, forgetting long-dead workers (Maintenance.trim), and finding
+            # the tasks nobody holds (Reconciler: which dispatches are pending or unread).
             Grant(
-                ("xlen", "xinfo|groups", "xpending", "xtrim"), (f"~{keys.agent_tasks('*')}", f"~{keys.agent_bulk('*')}")
+                ("xlen", "xinfo|groups", "xpending", "xtrim", "xrange"),
+                (f"~{keys.agent_tasks('*')}", f"~{keys.agent_bulk('*')}"),
             ),
             Grant(("hgetall", "hdel"), (f"~{keys.agents}",)),
             Grant(("xtrim", "memory|usage"), (f"%W~{keys.events}",)),  # the log's age and size bounds

@@ -24,7 +24,7 @@ from phibroker.store.connection import (
     parse_meta,
     xreadgroup,
 )
-from phibroker.store.worker import StopNotice
+from phibroker.store.worker import StopNotice, groups_made_again, server_run_id
 
 
 def _claimed(reply: list[Any]) -> tuple[float, float | None, list[str]]:
@@ -223,7 +223,7 @@ class CoordinatorStore(Connection):
         if box.get("events"):
             self._publish(pipe, box["events"], route)
         for sent in box.get("signals") or ():  # a handler's ctx.signal, to whichever run it names
-            body = {"wf": sent["wf"], "name": sent["name"], "data": sent.get("data"), "sender": sent.get("sender")}
+            body = {k: sent.get(k) for k in ("wf", "name", "data", "sender", "id")}
             inbox = wire.Inbox(kind="signal", body=body)
             pipe.xadd(keys.results, {wire.FIELD: inbox.encode(self.settings.max_message_bytes)})
         for agent, unit, dispatch in box.get("stops") or ():
@@ -261,6 +261,84 @@ class CoordinatorStore(Connection):
             out.append((created is not None, bool(started and started != b"0"), float(created or 0), replies[i + 1]))
         return out
 
+    def server_run_id(self) -> str | None:
+        return server_run_id(self.redis)
+
+    def pending_of(self, stream: str, group: str, count: int = 1000) -> list[dict[str, Any]]:
+        with groups_made_again(self, [stream], group):
+            return super().pending_of(stream, group, count)
+
+    def unit_tables(self, wf_ids: Sequence[str]) -> list[tuple[str | None, str | None, int, dict[bytes, bytes]]]:
+        """Per workflow: its spec text, its state, how many outbox entries wait, and its raw unit fields
+        (what the reconciler reads; results and history stay where they are)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for wf_id in wf_ids:
+            pipe.hmget(self.keys.wf(wf_id), "spec", "state")
+            pipe.hlen(self.keys.wf_outbox(wf_id))
+            pipe.hgetall(self.keys.wf_tasks(wf_id))
+        replies = pipe.execute()
+        out = []
+        for i in range(0, len(replies), 3):
+            spec, wf_state = replies[i]
+            out.append(
+                (spec.decode() if spec else None, wf_state.decode() if wf_state else None, *replies[i + 1 : i + 3])
+            )
+        return out
+
+    def lane(self, stream: str, group: str, limit: int) -> tuple[set[str], str] | None:
+        """A task lane as its group sees it: the ids of up to `limit` pending entries, and the last
+        entry delivered (those after it are unread). None when the lane or its group is not there."""
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.xinfo_groups(stream)
+            pipe.xpending_range(stream, group, min="-", max="+", count=limit)
+            groups, rows = pipe.execute()
+        except ResponseError:
+            return None
+        info = next((g for g in groups if g["name"] in (group, group.encode())), None)
+        if info is None:
+            return None
+        last = info["last-delivered-id"]
+        return {r["message_id"].decode() for r in rows}, last.decode() if isinstance(last, bytes) else str(last)
+
+    def entries(self, stream: str, ids: Iterable[str]) -> list[Entry]:
+        """The entries of `stream` with these ids (one read each, in one round trip); gone ones left out."""
+        pipe = self.redis.pipeline(transaction=False)
+        for entry_id in ids:
+            pipe.xrange(stream, entry_id, entry_id, count=1)
+        return [Entry(eid.decode(), fields.get(wire.FIELD)) for reply in pipe.execute() for eid, fields in reply]
+
+    def entries_after(self, stream: str, after: str, limit: int) -> list[Entry]:
+        """Up to `limit` entries of `stream` past the id `after`."""
+        reply = self.redis.xrange(stream, f"({after}", "+", count=limit)
+        return [Entry(eid.decode(), fields.get(wire.FIELD)) for eid, fields in reply]
+
+    def inbox_marks(self) -> dict[str, str]:
+        """The newest entry of each inbox lane ("0-0" for an empty one): what `inbox_handled` waits for."""
+        pipe = self.redis.pipeline(transaction=False)
+        for inbox in self.keys.inboxes:
+            pipe.xrevrange(inbox, "+", "-", count=1)
+        return {
+            inbox: reply[0][0].decode() if reply else "0-0"
+            for inbox, reply in zip(self.keys.inboxes, pipe.execute(), strict=True)
+        }
+
+    def inbox_handled(self, marks: dict[str, str], group: str) -> bool:
+        """Whether the coordinators have read and acked every inbox entry up to `marks`: whatever a
+        worker had sent by then was applied (a coordinator acks an entry after its commit)."""
+        for inbox, mark in marks.items():
+            if mark == "0-0":
+                continue
+            view = self.lane(inbox, group, 1)
+            if view is None:
+                continue
+            pending, delivered = view
+            if id_order(delivered) < id_order(mark):
+                return False
+            if pending and id_order(min(pending, key=id_order)) <= id_order(mark):
+                return False
+        return True
+
     def forget_running(self, wf_id: str) -> None:
         self.redis.zrem(self.keys.running, wf_id)
 
@@ -297,5 +375,6 @@ class CoordinatorStore(Connection):
             claimed = self._script(scripts.CLAIM_TIMERS, [self.keys.timers], [claim_ms, timer_limit])
         for reply in (*acked, claimed, read):
             if isinstance(reply, Exception):
-                raise reply  # what the read delivered is re-read by the coordinator's own recovery
+                with groups_made_again(self, streams, group):
+                    raise reply  # what the read delivered is re-read by the coordinator's own recovery
         return (*_claimed(claimed), entries_of(read))

@@ -94,8 +94,10 @@ for i = 2, #ARGV, 4 do
     redis.call('HSET', tasks, f .. 'state', 'running', f .. 'run', '1\31' .. ts .. '\31' .. entry .. '\31' .. consumer)
   elseif state == 'running' then
     local run = redis.call('HGET', tasks, f .. 'run') or ''
-    local previous, _, started_entry = string.match(run, '^([^\31]*)\31([^\31]*)\31([^\31]*)')
-    if started_entry == entry then
+    local previous, _, started_entry, starter = string.match(run, '^([^\31]*)\31([^\31]*)\31([^\31]*)\31?(.*)')
+    if started_entry == entry and starter == consumer then
+      token = tonumber(previous) or 0  -- this worker asking again (its first call's reply was lost): the same
+    elseif started_entry == entry then
       token = (tonumber(previous) or 0) + 1
       local id, attempt, dispatched = string.match(current, '^([^\31]*)\31([^\31]*)\31([^\31]*)')
       redis.call('HSET', tasks, f .. 'run', token .. '\31' .. ts .. '\31' .. entry .. '\31' .. consumer,

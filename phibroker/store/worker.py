@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, Literal, NamedTuple
 
-from redis.exceptions import NoPermissionError
+from redis.exceptions import NoPermissionError, ResponseError
 
 from phibroker import wire
 from phibroker.engine.state import SEP, unpack_group
 from phibroker.errors import BrokerUnavailable, DecodeError
 from phibroker.store import scripts
-from phibroker.store.connection import SHAS, Connection, Entry, Route, refusals
+from phibroker.store.connection import SHAS, Connection, Entry, Refused, Route, refusals
 
 _NOTICE_LIMIT = 4096  # a stop notice is three ids; anything bigger on the channel is not one
 
@@ -87,8 +88,60 @@ class UnitState(NamedTuple):
     stop: str | None  # why the unit was asked to stop, if it was
 
 
+@contextmanager
+def groups_made_again(connection: Connection, streams: Sequence[str], group: str) -> Iterator[None]:
+    """A consumer group Redis no longer has (a restart from data older than the group) is made again,
+    reading its stream from the start, and the call fails as Refused: loops back off and try again."""
+    try:
+        yield
+    except ResponseError as exc:
+        if not str(exc).startswith("NOGROUP"):
+            raise
+        connection._groups.difference_update(streams)
+        for stream in streams:
+            connection.ensure_group(stream, group)
+        raise Refused("NOGROUP", f"{exc}; made again") from exc
+
+
+def server_run_id(client: Any) -> str | None:
+    """The Redis server's run id, new at each start: a change says it restarted and may have lost its
+    last writes (an older AOF, a lagging replica). None where the user may not ask (ACL without INFO)."""
+    try:
+        return str(client.info("server").get("run_id") or "") or None
+    except NoPermissionError:
+        return None
+
+
 class WorkerStore(Connection):
     """What a worker does with the broker: mark attempts started, settle results, give work back."""
+
+    def server_run_id(self) -> str | None:
+        return server_run_id(self.redis)
+
+    def read_groups(
+        self, streams: Sequence[str], group: str, consumer: str, count: int, block: float | None, pending: bool = False
+    ) -> list[tuple[str, Entry]]:
+        with groups_made_again(self, streams, group):
+            return super().read_groups(streams, group, consumer, count, block, pending)
+
+    def pending_of(self, stream: str, group: str, count: int = 1000) -> list[dict[str, Any]]:
+        with groups_made_again(self, [stream], group):
+            return super().pending_of(stream, group, count)
+
+    def owned(self, pairs: Sequence[tuple[str, str]], group: str, consumer: str) -> list[bool]:
+        """For each (stream, entry id): is it still pending on `consumer`? Another worker may have
+        claimed it, or a restarted Redis forgotten its delivery."""
+        if not pairs:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for stream, entry_id in pairs:
+            pipe.xpending_range(stream, group, min=entry_id, max=entry_id, count=1, consumername=consumer)
+        owned = []
+        for rows in pipe.execute(raise_on_error=False):
+            if isinstance(rows, Exception) and "NOGROUP" not in str(rows):
+                raise rows  # out of reach or saying "not now": asked again, never taken for "not ours"
+            owned.append(bool(rows) and not isinstance(rows, Exception))
+        return owned
 
     def settle(
         self, inbox: Mapping[str, Sequence[bytes]], events: list[dict[str, Any]], route: Route | None = None
@@ -117,7 +170,8 @@ class WorkerStore(Connection):
                     pipe.xack(stream, group, *ids)
 
         if any(acks.values()):
-            self._pipeline(build)
+            with groups_made_again(self, [stream for stream, ids in acks.items() if ids], group):
+                self._pipeline(build)
 
     def requeue(self, stream: str, group: str, entries: Sequence[Entry]) -> None:
         """Give unstarted entries back: copies at the stream's end and the originals acked, atomically."""
