@@ -220,6 +220,23 @@ _TASK_SCHEMA = {
 _TASK_REQUIRED = frozenset({"v", "id", "wf", "unit", "task", "agent", "command", "attempt", "payload", "inputs"})
 
 
+def salvage_ids(raw: bytes | None, limit: int) -> dict[str, str] | None:
+    """From a task message that may not pass its checks, the ids that say which attempt it is:
+    `wf`, `unit` and `dispatch` (what a dead letter reports, what the reconciler looks for)."""
+    if not raw:
+        return None
+    try:
+        envelope = unpack(raw, limit)
+    except DecodeError:
+        return None
+    if not isinstance(envelope, dict):
+        return None
+    ids = {k: envelope.get(k) for k in ("wf", "unit", "id")}
+    if not all(isinstance(v, str) for v in ids.values()):
+        return None
+    return {"wf": ids["wf"], "unit": ids["unit"], "dispatch": ids["id"]}  # type: ignore[dict-item]
+
+
 @dataclass(slots=True)
 class Result:
     """The outcome of one attempt. `value` stays packed bytes: the coordinator stores it as it came."""

@@ -325,7 +325,8 @@ class Reconciler:
             if len(unread) >= LANE_LIMIT:
                 return None
             for entry in [*self.broker.entries(stream, pending), *unread]:
-                dispatch = _dispatch_of(entry.raw, self.settings.max_message_bytes)
+                ids = wire.salvage_ids(entry.raw, self.settings.max_message_bytes)
+                dispatch = ids["dispatch"] if ids else None
                 if dispatch:
                     live.add(dispatch)
         return live
@@ -339,15 +340,3 @@ def _maybe_unheld(record: dict[str, Any], clock: float, margin: float) -> bool:
         return False
     since = max(float(record.get("dispatched") or 0), float(record.get("started") or 0))
     return clock - since > margin
-
-
-def _dispatch_of(raw: bytes | None, limit: int) -> str | None:
-    """The dispatch id a task message carries, if it has one."""
-    if not raw:
-        return None
-    try:
-        envelope = wire.unpack(raw, limit)
-    except DecodeError:
-        return None
-    value = envelope.get("id") if isinstance(envelope, dict) else None
-    return value if isinstance(value, str) else None

@@ -369,7 +369,7 @@ class Worker:
         self.broker.dead_letter(reason, entry.raw, stream, entry.id, agent=self.agent.name, **extra)
         if stream not in self.lanes:
             return
-        ids = _salvage_ids(entry.raw, self.settings.max_message_bytes)
+        ids = wire.salvage_ids(entry.raw, self.settings.max_message_bytes)
         if ids:
             self.broker.send_to_coordinators(wire.Inbox(kind="lost", body={**ids, "reason": reason}))
 
@@ -426,22 +426,6 @@ class Worker:
     def _started_event(self, message: wire.TaskMessage, token: int, attempt: int) -> dict[str, Any]:
         data = {"unit": message.unit, "attempt": attempt, "token": token, "worker": self.consumer}
         return records.event("task.started", message.wf, message.task, data, message.depth)
-
-
-def _salvage_ids(raw: bytes | None, limit: int) -> dict[str, str] | None:
-    """From a message that failed its checks, the ids that say which task it was, if they are there."""
-    if not raw:
-        return None
-    try:
-        envelope = wire.unpack(raw, limit)
-    except DecodeError:
-        return None
-    if not isinstance(envelope, dict):
-        return None
-    ids = {k: envelope.get(k) for k in ("wf", "unit", "id")}
-    if not all(isinstance(v, str) for v in ids.values()):
-        return None
-    return {"wf": ids["wf"], "unit": ids["unit"], "dispatch": ids["id"]}  # type: ignore[dict-item]
 
 
 def _pairs(read: list[tuple[str, Entry]]) -> list[tuple[str, str]]:
