@@ -105,10 +105,11 @@ def groups_made_again(connection: Connection, streams: Sequence[str], group: str
 
 def server_run_id(client: Any) -> str | None:
     """The Redis server's run id, new at each start: a change says it restarted and may have lost its
-    last writes (an older AOF, a lagging replica). None where the user may not ask (ACL without INFO)."""
+    last writes (an older AOF, a lagging replica). None where the user may not ask (ACL without INFO)
+    or the server cannot say (the embedded broker has no INFO)."""
     try:
         return str(client.info("server").get("run_id") or "") or None
-    except NoPermissionError:
+    except ResponseError:  # NOPERM, or an unknown command; a refusal (Refused) is a ConnectionError
         return None
 
 
