@@ -482,3 +482,21 @@ def test_a_signed_parent_runs_its_signed_children_under_require_signed(
     (tmp_path / "child.yaml").write_text(CHILD.replace("command: work", "command: noop"))
     tampered = ended(client, client.submit(parent), procs)
     assert tampered["state"] == "failed" and "tampered" in tampered["error"]
+
+
+def test_a_child_whose_parent_no_longer_waits_does_not_run(procs: Processes, client: Client, tmp_path: Path) -> None:
+    """A coordinator that died between the parent's commit and creating the child leaves that creation to
+    a redrive; if the parent was cancelled or ended meanwhile, the child must not run as an orphan."""
+    from phibroker import workflow as workflows
+    from phibroker.runtime.submission import submission
+
+    up(procs)
+    wf_id = client.submit(files(tmp_path, main=MAIN, child=CHILD))
+    assert ended(client, wf_id, procs)["state"] == "succeeded"
+    late = workflows.load(tmp_path / "child.yaml")
+    child_id, fields = submission(late, late.params_with({"value": 1}), f"{wf_id}.Sub.late")
+    fields.update(parent=wf_id, parent_task="Sub", nesting=1)
+    client.broker.submit_workflow(child_id, fields)
+    status = ended(client, child_id, procs)
+    assert status["state"] == "failed" and "no longer waits for it" in status["error"]
+    assert all(task["attempts"] == 0 for task in status["tasks"].values())

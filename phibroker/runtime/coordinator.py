@@ -382,7 +382,7 @@ class Coordinator:
         elif kind == "timer":
             engine.apply_timer(run, body, now)
         elif kind in ("submit", "kick"):
-            refusal = self.gate.check_start(run.meta)
+            refusal = self.gate.check_start(run.meta) or self._orphaned(run)
             if refusal:
                 engine.refuse(run, refusal, now)
             else:
@@ -416,6 +416,18 @@ class Coordinator:
             token, limit = int(body.get("token") or 0), self.settings.max_deliveries
             reason = str(body.get("reason") or "nobody holds it")
             engine.redispatch(run, body["unit"], body["dispatch"], token, reason, now, limit)
+
+    def _orphaned(self, run: state.Run) -> str | None:
+        """Why a child run must not start: its parent's task no longer waits for it (the parent was
+        cancelled or ended before the child's creation was carried out, after a coordinator died)."""
+        parent_id, task = run.meta.get("parent"), run.meta.get("parent_task")
+        if not parent_id or run.meta.get("launched"):
+            return None
+        parent = self.cache.load([str(parent_id)]).get(str(parent_id))
+        record = parent.units.get(str(task), {}) if parent is not None else {}
+        if record.get("child") == run.id and record.get("state") in state.UNIT_LIVE and not record.get("stop"):
+            return None
+        return f"its parent {parent_id}'s task {task} no longer waits for it"
 
     def _start_triggered(self, body: dict[str, Any]) -> None:
         """An event matched a trigger: start its workflow, with the event's data as params, once."""
