@@ -1,4 +1,4 @@
-"""Convergence (DESIGN §13): after Redis loses its last writes every run still ends, and a worker paused
+"""Convergence: after Redis loses its last writes every run still ends, and a worker paused
 past its lease never starts or acks work it no longer owns. Real processes on a real redis-server.
 
 No clock is compared: each wait is generous, and what is checked is where the runs and entries end up."""

@@ -1,4 +1,4 @@
-"""Failures, joins and cancellation as DAG users expect them (DESIGN §8), on the real engine in memory.
+"""Failures, joins and cancellation as DAG users expect them, on the real engine in memory.
 
 Each test is a small workflow run by `phibroker.testing.Simulation`: what a user would write to check
 their own error handling. The case-by-case agreement with Airflow's rules is in test_trigger_rules.py;

@@ -1,4 +1,4 @@
-"""Hostile files and messages fail fast: one line, exit 2, bounded time and memory (DESIGN §13).
+"""Hostile files and messages fail fast: one line, exit 2, bounded time and memory.
 
 Each file is run through the real CLI in a process whose address space is capped, so a blow-up
 (the issue saw 2.7 GB) fails the test instead of the machine; the subprocess timeout is generous and

@@ -1,4 +1,4 @@
-"""Showing what unfolds at run time (DESIGN §7, §8): `validate` and `graph` draw loops, signal gates
+"""Showing what unfolds at run time: `validate` and `graph` draw loops, signal gates
 and sub-workflows; `status`, `watch` and `why` tell iterations, spawned children, what a gate waits
 for, a child run, an upstream failure and a run that is cancelling. Through the CLI, on real processes."""
 

@@ -1,4 +1,4 @@
-"""Signal gates (DESIGN §7): a run waits for something outside — CI, a person, another run — and
+"""Signal gates: a run waits for something outside — CI, a person, another run — and
 `phibroker signal ID NAME --data JSON`, `Client.signal` or a handler's `ctx.signal` wakes it."""
 
 from __future__ import annotations

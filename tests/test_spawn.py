@@ -1,4 +1,4 @@
-"""Work planned at run time (DESIGN §7): a handler's `ctx.spawn` adds tasks to the running task, which
+"""Work planned at run time: a handler's `ctx.spawn` adds tasks to the running task, which
 waits for them; its dependents then see their results. In memory here; on real processes and under
 kill -9 in test_spawn_live.py."""
 

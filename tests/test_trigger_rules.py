@@ -108,7 +108,7 @@ AIRFLOW = [
     Case("trigger_rule_dep.py:always-any-states", "always", up(failed=1, skipped=1, upstream_failed=1), RUNS),
 ]
 
-# DESIGN §8: a cancelled upstream counts as skipped, so each row with skipped upstreams holds with cancelled ones.
+# A cancelled upstream counts as skipped, so each row with skipped upstreams holds with cancelled ones.
 CANCELLED = [
     Case(
         c.source + "[cancelled]",
@@ -430,7 +430,7 @@ def test_fail_fast_still_runs_the_rules_that_fire_on_failure(rule: Rule, upstrea
     assert doc["state"] == "failed"
 
 
-# DESIGN §8: only a task cancelled by cancel_rest, `cancel --task` or `end` counts as skipped for its
+# Only a task cancelled by cancel_rest, `cancel --task` or `end` counts as skipped for its
 # dependents; under fail_fast, tasks that will now never start are cancelled.
 @pytest.mark.parametrize("stopped", [GATE, OK], ids=["open-gate", "dispatched-task"])
 def test_fail_fast_cancels_what_would_have_run_after_a_stopped_task(stopped: dict[str, Any]) -> None:

@@ -210,7 +210,7 @@ LANE_LIMIT = 1000  # pending or unread entries of a lane the reconciler reads; p
 
 
 class Reconciler:
-    """Finds the units nobody holds and has them dispatched again (DESIGN §13, convergence).
+    """Finds the units nobody holds and has them dispatched again.
 
     A Redis that lost its last writes can leave a unit `ready` or `running` with its message nowhere:
     never added, its delivery or its start forgotten, its result lost after the entry was acked. Such a
