@@ -11,7 +11,6 @@ from redis.exceptions import NoScriptError, ResponseError
 from phibroker import wire
 from phibroker.engine.state import Transition
 from phibroker.keys import WORKERS_GROUP
-from phibroker.settings import Settings
 from phibroker.store import scripts
 from phibroker.store.connection import (
     META_JSON,
@@ -36,11 +35,6 @@ def _claimed(reply: list[Any]) -> tuple[float, float | None, list[str]]:
 
 class CoordinatorStore(Connection):
     """What a coordinator does with the broker: poll its inbox and timers, commit transitions, drain outboxes."""
-
-    def __init__(self, settings: Settings, client: Any = None):
-        super().__init__(settings, client)
-        # outbox entries (wf id, entry id) carried out, removed with the next poll
-        self.carried_out: list[tuple[str, str]] = []
 
     def trim_acked(self, stream: str, group: str, keep: int) -> int:
         """Once a stream holds more than `keep` entries, drop those its group has acked.
@@ -208,10 +202,15 @@ class CoordinatorStore(Connection):
             for wf_id, _, box in items:
                 self._carry_out(pipe, wf_id, box, route)
 
-        # The entries are removed only once every effect was written (a Redis that refuses a write, out
-        # of memory, still takes the rest of a pipeline): with the next poll, which costs no round trip.
+        def done(pipe: Any) -> None:
+            for wf_id, entry_id, _ in items:
+                pipe.hdel(self.keys.wf_outbox(wf_id), entry_id)
+
+        # Two round trips, not one: a Redis that refuses a write (out of memory) still takes the rest of
+        # a pipeline, and an outbox entry removed while its effects were refused would be lost.
         self._pipeline(effects)
-        self.carried_out += [(wf_id, entry_id) for wf_id, entry_id, _ in items]
+        if items:
+            self._pipeline(done)
 
     def _carry_out(self, pipe: Any, wf_id: str, box: dict[str, Any], route: Route | None) -> None:
         """An outbox's effects other than dispatches: events, stop notices, child runs, messages to other
@@ -359,11 +358,7 @@ class CoordinatorStore(Connection):
         `block`). Returns Redis's clock, when the next timer is due, the claimed timers and the entries."""
         claim_ms = int(self.settings.timer_claim * 1000)
 
-        carried_out, self.carried_out = self.carried_out, []
-
         def build(pipe: Any) -> None:
-            for wf_id, entry_id in carried_out:
-                pipe.hdel(self.keys.wf_outbox(wf_id), entry_id)
             for stream, ids in acks.items():
                 if ids:
                     pipe.xack(stream, group, *ids)
@@ -374,11 +369,7 @@ class CoordinatorStore(Connection):
         # strand the first (delivered to this consumer, never handled). Only the claim is redone.
         pipe = self.redis.pipeline(transaction=False)
         build(pipe)
-        try:
-            *acked, claimed, read = pipe.execute(raise_on_error=False)
-        except BaseException:
-            self.carried_out = carried_out + self.carried_out  # removed with a later poll
-            raise
+        *acked, claimed, read = pipe.execute(raise_on_error=False)
         if isinstance(claimed, NoScriptError):
             self._load_scripts()
             claimed = self._script(scripts.CLAIM_TIMERS, [self.keys.timers], [claim_ms, timer_limit])
