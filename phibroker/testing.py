@@ -170,12 +170,15 @@ class Simulation:
         self.now = max(self.now, until)
         return self.status()
 
-    def approve(self, task: str, approver: str = "stryk", comment: str | None = None) -> dict[str, Any]:
-        """Decide the open approval of `task` as `approver` (no signature: nothing leaves memory)."""
-        return self._decide(task, "approve", approver, comment=comment)
+    def approve(
+        self, task: str, approver: str = "stryk", comment: str | None = None, run_id: str | None = None
+    ) -> dict[str, Any]:
+        """Decide the open approval of `task` as `approver` (no signature: nothing leaves memory), in
+        the run or, with `run_id`, in one of its child runs; then run on."""
+        return self._decide(task, "approve", approver, run_id, comment=comment)
 
-    def reject(self, task: str, reason: str, approver: str = "stryk") -> dict[str, Any]:
-        return self._decide(task, "reject", approver, reason=reason)
+    def reject(self, task: str, reason: str, approver: str = "stryk", run_id: str | None = None) -> dict[str, Any]:
+        return self._decide(task, "reject", approver, run_id, reason=reason)
 
     def cancel(self, reason: str = "cancelled by request", tasks: Iterable[str] = ()) -> dict[str, Any]:
         """Cancel the run, or only `tasks` of it (as `phibroker cancel ID --task T`); then run on."""
@@ -193,9 +196,10 @@ class Simulation:
             raise ValueError(refusal)
         return self.run()
 
-    def signal(self, name: str, data: Any = None) -> dict[str, Any]:
-        """Send the run a signal (as `phibroker signal ID NAME --data JSON`); then run on."""
-        self._apply(lambda run, now: engine.signal(run, name, data, now, "simulation"))
+    def signal(self, name: str, data: Any = None, run_id: str | None = None) -> dict[str, Any]:
+        """Send the run (or, with `run_id`, one of its child runs) a signal, as `phibroker signal ID
+        NAME --data JSON`; then run on."""
+        self._apply(lambda run, now: engine.signal(run, name, data, now, "simulation"), self._run(run_id))
         return self.run()
 
     # -- reading -----------------------------------------------------------------------------------
@@ -205,7 +209,7 @@ class Simulation:
 
     def status(self, run_id: str | None = None) -> dict[str, Any]:
         """The run (or one of its child runs) as `status --json` shows it."""
-        run = self.runs[run_id or self.run_state.id]
+        run = self._run(run_id)
         units = {name: dict(record) for name, record in run.units.items()}
         history = self.histories[run.id]
         return status_document(run.id, dict(run.meta), units, dict(run.raw_results), history, self.limit)
@@ -318,13 +322,20 @@ class Simulation:
         first = min(self.timers.values(), default=None)
         return first is None or first in {self.timers.get(m) for m in waiting}
 
-    def _decide(self, task: str, decision: str, approver: str, **words: str | None) -> dict[str, Any]:
-        main = self.run_state.id
-        request = next((r for r in self.approvals.values() if r["task"] == task and r["workflow"] == main), None)
+    def _run(self, run_id: str | None) -> Run:
+        if run_id is not None and run_id not in self.runs:
+            raise LookupError(f"no run {run_id!r} (the simulation has: {', '.join(sorted(self.runs))})")
+        return self.runs[run_id or self.run_state.id]
+
+    def _decide(
+        self, task: str, decision: str, approver: str, run_id: str | None, **words: str | None
+    ) -> dict[str, Any]:
+        target = self._run(run_id)
+        request = next((r for r in self.approvals.values() if r["task"] == task and r["workflow"] == target.id), None)
         if request is None:
-            raise LookupError(f"no open approval for task {task!r}")
+            raise LookupError(f"no open approval for task {task!r} in {target.id}")
         body = {"task": task, "approval": request["id"], "approver": approver, "decision": decision, **words}
-        refusal = self._apply(lambda run, now: engine.decide(run, body, now))
+        refusal = self._apply(lambda run, now: engine.decide(run, body, now), target)
         if refusal:
             raise ValueError(f"decision refused: {refusal}")
         return self.run()

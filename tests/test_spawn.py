@@ -358,3 +358,34 @@ def test_retry_from_a_spawned_task_is_refused_with_its_parent_named() -> None:
     assert sim.run()["state"] == "failed"
     with pytest.raises(ValueError, match="Plan/a was spawned by Plan: retry --from Plan runs it again"):
         sim.retry(from_task="Plan/a")
+
+
+def test_a_handler_hands_work_to_a_spawned_workflow_file_or_dict(tmp_path: Any) -> None:
+    (tmp_path / "review.yaml").write_text(
+        "name: review\nparams: {text: ''}\noutput: {seen: '${tasks.Read.result}'}\n"
+        "tasks:\n  Read: {agent: dc, command: echo, payload: {text: '${params.text}'}}\n"
+    )
+    agent = Agent("dc")
+
+    @agent.command("plan")
+    def plan(ctx: Any) -> str:
+        ctx.spawn_workflow("file", tmp_path / "review.yaml", params={"text": "from a file"})
+        ctx.spawn_workflow("inline", {"name": "inline", "tasks": {"Read": {"agent": "dc", "command": "echo"}}})
+        return "planned"
+
+    @agent.command("echo")
+    def echo(ctx: Any, text: str = "inline") -> str:
+        return text
+
+    @agent.command("sum")
+    def total(ctx: Any) -> list[str]:
+        return sorted(ctx.inputs)
+
+    flow = spec()
+    flow["tasks"]["Plan"]["payload"] = {}
+    doc = Simulation(flow, [agent], run_id="p").run()
+    assert doc["state"] == "succeeded", {name: task["error"] for name, task in doc["tasks"].items()}
+    assert doc["tasks"]["Plan/file"]["result"] == {"seen": "from a file"}
+    assert doc["tasks"]["Plan/file"]["child"] == "p~Plan/file"
+    assert doc["tasks"]["Plan/inline"]["result"] is None  # a workflow without `output`
+    assert doc["tasks"]["Report"]["result"] == ["Plan", "Plan/file", "Plan/inline"]

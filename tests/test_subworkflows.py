@@ -163,20 +163,20 @@ def test_the_task_succeeds_with_the_child_runs_output(tmp_path: Path) -> None:
     status = sim.run()
     assert status["state"] == "succeeded" and status["parent"] is None
     review = status["tasks"]["Review"]
-    assert review["child"] == "p1.Review" and review["result"] == {"verdict": "ok", "level": 2}
-    assert review["agent"] is None and [h["worker"] for h in review["history"]] == ["p1.Review"]
+    assert review["child"] == "p1~Review" and review["result"] == {"verdict": "ok", "level": 2}
+    assert review["agent"] is None and [h["worker"] for h in review["history"]] == ["p1~Review"]
     assert status["tasks"]["Publish"]["result"] == {"published": {"verdict": "ok", "level": 2}}
     assert status["output"] == {"verdict": "ok", "level": 2}
-    child = sim.status("p1.Review")
+    child = sim.status("p1~Review")
     assert child["parent"] == {"id": "p1", "task": "Review"} and child["state"] == "succeeded"
     assert child["params"] == {"text": "all about tides", "level": 2}
-    assert calls == ["draft", "check:p1.Review", "publish"]
+    assert calls == ["draft", "check:p1~Review", "publish"]
 
 
 @pytest.mark.parametrize(
     ("verdict", "error"),
     [
-        ("boom", "child p1.Review failed: task Check failed: ValueError: the checker broke"),
+        ("boom", "child p1~Review failed: task Check failed: ValueError: the checker broke"),
         ("fine", None),
     ],
 )
@@ -188,7 +188,7 @@ def test_a_failed_child_fails_the_task_with_its_error(tmp_path: Path, verdict: s
     if error:
         assert status["state"] == "failed" and review["state"] == "failed" and review["attempts"] == 1
         assert status["tasks"]["Publish"]["state"] == "upstream_failed"
-        assert sim.status("p1.Review")["state"] == "failed"
+        assert sim.status("p1~Review")["state"] == "failed"
 
 
 GATED = """\
@@ -199,13 +199,23 @@ tasks:
 """
 
 
+def test_a_child_runs_gate_is_decided_in_the_simulation_by_its_run_id(tmp_path: Path) -> None:
+    parent = files(tmp_path, p="name: p\ntasks:\n  Sub: {workflow: gated.yaml}\n", gated=GATED)
+    sim = Simulation(parent, [team()], run_id="p1")
+    sim.run()
+    with pytest.raises(LookupError, match="no open approval for task 'Wait' in p1$"):
+        sim.approve("Wait")
+    status = sim.approve("Wait", run_id="p1~Sub")
+    assert status["state"] == "succeeded" and sim.status("p1~Sub")["tasks"]["Check"]["state"] == "succeeded"
+
+
 def test_cancelling_the_parent_cancels_the_child(tmp_path: Path) -> None:
     parent = files(tmp_path, p="name: p\ntasks:\n  Sub: {workflow: gated.yaml}\n", gated=GATED)
     sim = Simulation(parent, [team()], run_id="p1")
-    assert sim.run()["state"] == "running" and sim.status("p1.Sub")["state"] == "waiting_approval"
+    assert sim.run()["state"] == "running" and sim.status("p1~Sub")["state"] == "waiting_approval"
     status = sim.cancel("enough")
     assert status["state"] == "cancelled" and status["tasks"]["Sub"]["state"] == "cancelled"
-    child = sim.status("p1.Sub")
+    child = sim.status("p1~Sub")
     assert child["state"] == "cancelled" and child["error"] == "parent p1: enough"
 
 
@@ -218,7 +228,7 @@ def test_cancelling_the_workflow_task_cancels_the_child_and_the_run_goes_on(tmp_
     assert status["state"] == "succeeded", status
     states = {name: task["state"] for name, task in status["tasks"].items()}
     assert states == {"Sub": "cancelled", "After": "skipped", "Other": "succeeded"}
-    assert sim.status("p1.Sub")["state"] == "cancelled"
+    assert sim.status("p1~Sub")["state"] == "cancelled"
 
 
 def test_a_stopped_task_whose_child_does_not_end_is_cancelled_after_cancel_grace(tmp_path: Path) -> None:
@@ -228,14 +238,14 @@ def test_a_stopped_task_whose_child_does_not_end_is_cancelled_after_cancel_grace
     run.begin()
     engine.cancel(run, sim.now, "stop")  # its outbox is not carried out: the child never hears of it
     cancels = [Inbox.decode(raw, 1 << 20) for raw in run.tx.inbox]
-    assert [(m.kind, m.body["wf"]) for m in cancels] == [("cancel", "sim.Sub")]
+    assert [(m.kind, m.body["wf"]) for m in cancels] == [("cancel", "sim~Sub")]
     assert run.wf_state == "cancelling" and run.state("Sub") == "running"
     grace = next(member for member in run.tx.timers_add if member.startswith("grace|"))
     run.begin()
     engine.apply_timer(run, grace, sim.now + 30)
     assert run.wf_state == "cancelled" and run.state("Sub") == "cancelled"
     assert run.units["Sub"]["error"] == "did not stop within cancel_grace"
-    notice = {"wf": "sim", "task": "Sub", "child": "sim.Sub", "state": "cancelled", "error": "late"}
+    notice = {"wf": "sim", "task": "Sub", "child": "sim~Sub", "state": "cancelled", "error": "late"}
     run.begin()
     assert engine.child_ended(run, notice, sim.now + 31) is False and not run.tx.changed
 
@@ -250,19 +260,19 @@ def test_a_looped_workflow_task_starts_each_child_after_the_last_ended(tmp_path:
     status = sim.run()
     assert status["state"] == "succeeded" and status["output"] == 3
     sub = status["tasks"]["Sub"]
-    assert sub["iterations"] == 3 and sub["child"] == "p.Sub.3" and sub["result"]["verdict"] == "3"
-    assert sorted(sim.runs) == ["p", "p.Sub", "p.Sub.2", "p.Sub.3"]
+    assert sub["iterations"] == 3 and sub["child"] == "p~Sub@3" and sub["result"]["verdict"] == "3"
+    assert sorted(sim.runs) == ["p", "p~Sub", "p~Sub@2", "p~Sub@3"]
     starts = [e["data"]["child"] for e in sim.events if e["type"] == "task.child_started"]
     ends = [e["workflow"] for e in sim.events if e["type"] == "workflow.succeeded" and e["workflow"] != "p"]
-    assert starts == ends == ["p.Sub", "p.Sub.2", "p.Sub.3"]
+    assert starts == ends == ["p~Sub", "p~Sub@2", "p~Sub@3"]
     order = [
         (e["type"], e.get("workflow")) for e in sim.events if e["type"] in ("task.child_started", "workflow.succeeded")
     ]
     assert order[:4] == [
         ("task.child_started", "p"),
-        ("workflow.succeeded", "p.Sub"),
+        ("workflow.succeeded", "p~Sub"),
         ("task.child_started", "p"),
-        ("workflow.succeeded", "p.Sub.2"),
+        ("workflow.succeeded", "p~Sub@2"),
     ]
 
 
@@ -272,16 +282,16 @@ def test_nesting_deeper_than_max_depth_fails_the_task_with_one_line(tmp_path: Pa
     sim = Simulation(files(tmp_path, **levels), [team()], run_id="r")
     status = sim.run()
     assert status["state"] == "failed"
-    deepest = sim.status("r" + ".In" * 10)
+    deepest = sim.status("r" + "~In" * 10)
     assert deepest["tasks"]["In"]["error"] == "sub-workflow runs nest 11 deep, over max_depth 10"
-    assert "r" + ".In" * 11 not in sim.runs
+    assert "r" + "~In" * 11 not in sim.runs
 
 
 def test_a_late_or_repeated_notice_changes_nothing(tmp_path: Path) -> None:
     sim = Simulation(files(tmp_path, parent=PARENT, review=REVIEW), [team()], run_id="p1")
     before = sim.run()
     run = sim.runs["p1"]
-    notice = {"wf": "p1", "task": "Review", "child": "p1.Review", "state": "failed", "error": "late"}
+    notice = {"wf": "p1", "task": "Review", "child": "p1~Review", "state": "failed", "error": "late"}
     stranger = {**notice, "child": "someone-else", "state": "succeeded"}
     for body in (notice, stranger):
         run.begin()
@@ -298,7 +308,18 @@ def test_a_child_run_can_have_its_own_child(tmp_path: Path) -> None:
     sim = Simulation(parent, [team()], run_id="p")
     status = sim.run()
     assert status["state"] == "succeeded" and status["output"] == {"verdict": "ok", "level": 1}
-    assert sim.status("p.Review.Inner")["parent"] == {"id": "p.Review", "task": "Inner"}
+    assert sim.status("p~Review~Inner")["parent"] == {"id": "p~Review", "task": "Inner"}
+
+
+def test_dotted_task_names_give_each_child_run_its_own_id(tmp_path: Path) -> None:
+    """Task `a.b` of the parent and task `b` of the child run for task `a` are different runs."""
+    outer = "name: outer\ntasks:\n  a: {workflow: inner.yaml}\n  a.b: {workflow: review.yaml}\n"
+    inner = "name: inner\ntasks:\n  b: {workflow: review.yaml}\n"
+    calls: list[str] = []
+    sim = Simulation(files(tmp_path, outer=outer, inner=inner, review=REVIEW), [team(calls)], run_id="r")
+    assert sim.run()["state"] == "succeeded"
+    assert sorted(calls) == ["check:r~a.b", "check:r~a~b"]
+    assert sim.status("r~a~b")["parent"] == {"id": "r~a", "task": "b"}
 
 
 # -- real processes -------------------------------------------------------------------------------------
@@ -347,7 +368,7 @@ def test_a_sub_workflow_runs_as_a_child_run_listed_under_its_parent(
     status = ended(client, wf_id, procs)
     assert status["state"] == "succeeded" and status["output"] == {"got": 7}, procs.output()
     child_id = status["tasks"]["Sub"]["child"]
-    assert child_id == f"{wf_id}.Sub" and status["tasks"]["Sub"]["result"] == {"got": 7}
+    assert child_id == f"{wf_id}~Sub" and status["tasks"]["Sub"]["result"] == {"got": 7}
     child = json.loads(phibroker(procs, "status", child_id, "--json").stdout)
     assert child["parent"] == {"id": wf_id, "task": "Sub"} and child["state"] == "succeeded"
     assert child["params"] == {"value": 7} and child["tasks"]["Work"]["result"]["value"] == 7
@@ -380,7 +401,7 @@ def test_cancelling_the_parent_cancels_its_child_run(procs: Processes, client: C
     up(procs)
     holding = CHILD.replace('command: work, payload: {value: "${params.value}"}', "command: hold, payload: {sleep: 60}")
     wf_id = client.submit(files(tmp_path, main=MAIN, child=holding))
-    child_id = f"{wf_id}.Sub"
+    child_id = f"{wf_id}~Sub"
     until(lambda: task_state(client, child_id, "Work") == "running", procs)
     client.cancel(wf_id, reason="enough")
     status = ended(client, wf_id, procs, timeout=30)
@@ -400,7 +421,7 @@ def test_a_looped_workflow_task_runs_its_children_one_after_another(
     sub = status["tasks"]["Sub"]
     assert status["state"] == "succeeded" and sub["iterations"] == 3, procs.output()
     wf_id = status["id"]
-    children = [client.status(c) for c in (f"{wf_id}.Sub", f"{wf_id}.Sub.2", f"{wf_id}.Sub.3")]
+    children = [client.status(c) for c in (f"{wf_id}~Sub", f"{wf_id}~Sub@2", f"{wf_id}~Sub@3")]
     assert sub["child"] == children[-1]["id"] and all(c["state"] == "succeeded" for c in children)
     for before, after in zip(children, children[1:], strict=False):
         assert after["created_at"] >= before["finished_at"]
@@ -435,7 +456,7 @@ def test_a_coordinator_killed_between_a_childs_end_and_its_parent_loses_nothing(
     doomed = procs.coordinator(PHIBROKER_CRASH_AT=point)
     wf_id = client.submit(files(tmp_path, main=MAIN, child=CHILD))
     assert doomed.wait(timeout=30) == 137, procs.output()
-    assert client.status(f"{wf_id}.Sub")["state"] == "succeeded"
+    assert client.status(f"{wf_id}~Sub")["state"] == "succeeded"
     assert client.status(wf_id)["tasks"]["Sub"]["state"] == "running"
     procs.coordinator()
     status = ended(client, wf_id, procs)
@@ -448,7 +469,7 @@ def test_a_coordinator_killed_between_a_childs_end_and_its_parent_loses_nothing(
         ("task.succeeded", "Sub"),
         ("workflow.succeeded", None),
     ]
-    assert sorted(line.split()[0] for line in ledger_lines(ledger)) == [f"{wf_id}.Sub:Work", f"{wf_id}:First"]
+    assert sorted(line.split()[0] for line in ledger_lines(ledger)) == [f"{wf_id}:First", f"{wf_id}~Sub:Work"]
 
 
 def test_nesting_over_max_depth_fails_the_task(procs: Processes, client: Client, tmp_path: Path) -> None:
@@ -484,6 +505,37 @@ def test_a_signed_parent_runs_its_signed_children_under_require_signed(
     assert tampered["state"] == "failed" and "tampered" in tampered["error"]
 
 
+def test_a_spawned_workflow_runs_under_require_signed_only_from_a_signed_file(
+    procs: Processes, client: Client, settings: Settings, tmp_path: Path
+) -> None:
+    """What a handler spawns is not covered by its parent's signature: the file it names must be signed."""
+    procs.spawn("signed-coordinator", "coordinator", "--require-signed")
+    procs.worker("probe", app="tests.apps.probe")
+    key = signing.generate(settings.home, "stryk")
+    child = files(tmp_path, child=CHILD)
+
+    def delegating(name: str, **payload: Any) -> Path:
+        text = f"name: {name}\noutput: ${{tasks.Plan.children.sub.result}}\ntasks:\n"
+        text += f"  Plan: {{agent: probe, command: delegate, payload: {json.dumps(payload)}}}\n"
+        path = files(tmp_path, **{name: text})
+        signing.sign_file(key, path)
+        return path
+
+    unsigned = ended(client, client.submit(delegating("unsigned", file=str(child), value=3)), procs)
+    assert unsigned["state"] == "failed"
+    refusal = "refused: the workflow file is not signed (phibroker sign FILE)"
+    assert unsigned["tasks"]["Plan/sub"]["error"].endswith(refusal)
+    inline = ended(client, client.submit(delegating("inline", inline=True)), procs)
+    assert inline["state"] == "failed" and "not signed" in inline["tasks"]["Plan/sub"]["error"]
+    signing.sign_file(key, child)
+    signed = ended(client, client.submit(delegating("signed", file=str(child), value=3)), procs)
+    assert signed["state"] == "succeeded" and signed["output"] == {"got": 3}, procs.output()
+    assert client.status(signed["tasks"]["Plan/sub"]["child"])["parent"] == {"id": signed["id"], "task": "Plan/sub"}
+    child.write_text(CHILD.replace("command: work", "command: noop"))  # edited after signing
+    tampered = ended(client, client.submit(delegating("tampered", file=str(child), value=3)), procs)
+    assert tampered["state"] == "failed" and "tampered" in tampered["tasks"]["Plan/sub"]["error"]
+
+
 def test_a_child_whose_parent_no_longer_waits_does_not_run(procs: Processes, client: Client, tmp_path: Path) -> None:
     """A coordinator that died between the parent's commit and creating the child leaves that creation to
     a redrive; if the parent was cancelled or ended meanwhile, the child must not run as an orphan."""
@@ -494,7 +546,7 @@ def test_a_child_whose_parent_no_longer_waits_does_not_run(procs: Processes, cli
     wf_id = client.submit(files(tmp_path, main=MAIN, child=CHILD))
     assert ended(client, wf_id, procs)["state"] == "succeeded"
     late = workflows.load(tmp_path / "child.yaml")
-    child_id, fields = submission(late, late.params_with({"value": 1}), f"{wf_id}.Sub.late")
+    child_id, fields = submission(late, late.params_with({"value": 1}), f"{wf_id}-Sub-late")
     fields.update(parent=wf_id, parent_task="Sub", nesting=1)
     client.broker.submit_workflow(child_id, fields)
     status = ended(client, child_id, procs)

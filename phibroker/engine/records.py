@@ -24,6 +24,14 @@ def undo_unit(task: str) -> str:
     return f"{task}!undo"
 
 
+def child_run_id(parent: str, task: str, start: int = 1) -> str:
+    """A `workflow:` task's child run: `PARENT~TASK`, then `PARENT~TASK@N` for its Nth start (a loop's
+    next iteration, a retry). Neither `~` nor `@` may appear in a task name, so no two tasks, at any
+    depth, share an id (a dot would: task `a.b` of R and task `b` of R's child for `a`)."""
+    child = f"{parent}~{task}"
+    return child if start == 1 else f"{child}@{start}"
+
+
 def split_unit(unit: str) -> tuple[str, int | None, bool]:
     """`Task#2` -> (Task, 2, False); `Task!undo` -> (Task, None, True)."""
     if unit.endswith("!undo"):

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from phibroker import wire
-from phibroker.engine.records import OUTPUT, error_text, split_unit, undo_unit, unit_of
+from phibroker.engine.records import OUTPUT, child_run_id, error_text, split_unit, undo_unit, unit_of
 from phibroker.engine.state import (
     SEP,
     TASK_TERMINAL,
@@ -27,6 +27,7 @@ from phibroker.engine.state import (
 )
 from phibroker.errors import DecodeError, MessageTooLarge, WorkflowFileError
 from phibroker.workflow.children import SpawnError, descendants, plan_children
+from phibroker.workflow.loader import SIGNED
 from phibroker.workflow.rules import HANDLER_RULES, trigger_verdict, upstream_summary
 from phibroker.workflow.spec import TriggerRule
 
@@ -1043,11 +1044,11 @@ def _is_subworkflow(run: Run, unit: str) -> bool:
 
 def _start_child(run: Run, task: str, now: float) -> None:
     """A `workflow:` task's work: a child run, created through the outbox, that the task waits for
-    without holding a worker slot. Its id comes from the parent's (`PARENT.TASK`, then `.N` for the
-    Nth start, as a loop's next iteration), so an outbox carried out twice creates it once."""
+    without holding a worker slot. Its id comes from the parent's (`child_run_id`), so an
+    outbox carried out twice creates it once."""
     record = run.unit(task)
     attempt = int(record.get("attempt") or 0) + 1
-    child = f"{run.id}.{task}" if attempt == 1 else f"{run.id}.{task}.{attempt}"
+    child = child_run_id(run.id, task, attempt)
     if record.get("error") is not None:
         run.set(task, error=None)
     if record.get("stop"):
@@ -1078,7 +1079,11 @@ def _start_child(run: Run, task: str, now: float) -> None:
 def _signed_part(run: Run, task: str) -> dict[str, Any]:
     """A signed run's child carries the same signed texts (the outermost file and those it embeds)
     and the path of tasks to its own spec in them, so `coordinator --require-signed` checks it as it
-    checked its parent."""
+    checked its parent. A spawned workflow carries the signed file it came from, if any: what a
+    handler adds is not covered by its parent's signature."""
+    spawned = (run.meta.get("children") or {}).get(task)
+    if spawned is not None:
+        return dict(spawned.get(SIGNED) or {})
     if not run.meta.get("signature"):
         return {}
     fields = {k: run.meta[k] for k in ("source_text", "source_suffix", "signature", "source_parts") if run.meta.get(k)}

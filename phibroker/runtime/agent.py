@@ -20,6 +20,7 @@ from phibroker import wire
 from phibroker.engine import records
 from phibroker.engine.records import describe_exception
 from phibroker.errors import MessageTooLarge, Retryable
+from phibroker.runtime.submission import signature_fields
 from phibroker.workflow import load as load_workflow
 
 Handler = Callable[..., Any]
@@ -149,9 +150,17 @@ class Context:
         self, name: str, workflow: str | Path | dict[str, Any], params: dict[str, Any] | None = None
     ) -> str:
         """Add a sub-workflow to the run as child `TASK/NAME`: a file (relative to the worker's current
-        directory, read now) or a workflow as a dict. Its `output` is the child's result."""
-        source = load_workflow(workflow).source if isinstance(workflow, str | Path) else workflow
-        self.spawns.append({"name": name, "workflow": source, "params": params or {}})
+        directory, read now) or a workflow as a dict. Its `output` is the child's result.
+
+        A signed file carries its signature along, so a coordinator run with `--require-signed` runs
+        it; a dict or an unsigned file is refused there, as any unsigned run is."""
+        spawn: dict[str, Any] = {"name": name, "params": params or {}}
+        if isinstance(workflow, str | Path):
+            loaded = load_workflow(workflow)
+            spawn.update(workflow=loaded.source, signed=signature_fields(loaded))
+        else:
+            spawn["workflow"] = workflow
+        self.spawns.append(spawn)
         return f"{self.task}/{name}"
 
     def signal(self, workflow_id: str, name: str, data: Any = None) -> None:

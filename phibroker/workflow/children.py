@@ -15,12 +15,13 @@ from pydantic import TypeAdapter, ValidationError
 
 from phibroker.errors import InvalidInput
 from phibroker.workflow import dag
-from phibroker.workflow.loader import Workflow
+from phibroker.workflow.loader import SIGNED, Workflow, task_fields
 from phibroker.workflow.spec import NAME_PATTERN, Task
 
 MAX_CHILDREN = 1000  # per spawning task: a run's size stays bounded whatever a planner asks for
 _NAME = re.compile(NAME_PATTERN)
 _TASK = TypeAdapter(Task)
+_SIGNED_FIELDS = {"source_text", "source_suffix", "signature", "source_parts"}
 _FIELDS = ("agent", "command", "payload", "depends_on", "retry", "timeout", "workflow", "params")
 
 
@@ -49,19 +50,34 @@ def plan_children(
                 raise SpawnError(f"child {name!r} depends on {dep!r}, which is no child of {parent}")
         fields["depends_on"] = [f"{parent}/{dep}" for dep in fields.get("depends_on", ())]
         try:
-            task = _TASK.validate_python(fields)
+            task = _TASK.validate_python(task_fields(fields))
         except ValidationError as exc:
             error = exc.errors(include_url=False)[0]
             where = ".".join(str(p) for p in error["loc"])
             raise SpawnError(f"child {name!r}: {where + ': ' if where else ''}{error['msg']}") from None
         if task.workflow is None and not (task.agent and task.command):
             raise SpawnError(f"child {name!r} needs agent and command, or a workflow")
-        planned[f"{parent}/{name}"] = fields
+        signed = _signed(spawn.get("signed"), name) if task.workflow is not None else {}
+        planned[f"{parent}/{name}"] = {**fields, SIGNED: signed} if signed else fields
     deps = {name: spec["depends_on"] for name, spec in planned.items()}
     cycle = dag.find_cycle({**deps, **{d: [] for ds in deps.values() for d in ds if d not in deps}})
     if cycle:
         raise SpawnError("children depend on each other in a cycle: " + " -> ".join(cycle))
     return planned
+
+
+def _signed(value: Any, name: str) -> dict[str, str]:
+    """The signed file a spawned workflow came from (its text, detached signature, embedded parts):
+    checked by a coordinator run with `--require-signed` as any signed run; here only its shape."""
+    if not value:
+        return {}
+    if (
+        not isinstance(value, dict)
+        or not set(value) <= _SIGNED_FIELDS
+        or not all(isinstance(v, str) for v in value.values())
+    ):
+        raise SpawnError(f"child {name!r}: malformed signature fields")
+    return dict(value)
 
 
 def descendants(workflow: Workflow, task: str) -> list[str]:

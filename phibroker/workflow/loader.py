@@ -45,6 +45,15 @@ _TASK_FIELDS = ("result", "state", "error", "iterations", "children")  # what `t
 _EVENT_ROOTS = frozenset({"event", "type", "data", "workflow", "task", "ts"})
 
 
+SIGNED = "signed"
+"""A spawned workflow's key for the signed file it came from, kept beside its task spec."""
+
+
+def task_fields(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """A spawned child's task spec, without the signed file its workflow came from."""
+    return {k: v for k, v in spec.items() if k != SIGNED}
+
+
 class Workflow:
     """A checked workflow: the spec plus everything derived from it once."""
 
@@ -104,7 +113,8 @@ class Workflow:
         run schedules. Their payloads are data, never templates: a planner's text is not expanded."""
         if not children:
             return self
-        tasks = {**self.spec.tasks, **{name: _TASK.validate_python(dict(spec)) for name, spec in children.items()}}
+        spawned = {name: _TASK.validate_python(task_fields(spec)) for name, spec in children.items()}
+        tasks = {**self.spec.tasks, **spawned}
         grown = Workflow(dataclasses.replace(self.spec, tasks=tasks), self.source)
         shared = ("when", "expect", "payload", "approval_message", "map_over", "loop_until", "output", "path", "text")
         for name in (*shared, "trigger_where", "sub_params"):

@@ -45,6 +45,16 @@ def spawner(ctx: Context, children: int = 3, chain: bool = False, **extra: Any) 
 
 
 @probe.command()
+def delegate(ctx: Context, file: str = "", inline: bool = False, value: Any = None, **extra: Any) -> dict[str, Any]:
+    """Hands the work to a sub-workflow: `file` (read now), or with `inline` one given as a dict."""
+    if inline:
+        ctx.spawn_workflow("sub", {"name": "inline", "tasks": {"Step": {"agent": "probe", "command": "work"}}})
+    else:
+        ctx.spawn_workflow("sub", file, params={"value": value})
+    return {"delegated": True}
+
+
+@probe.command()
 def stubborn(ctx: Context, sleep: float = 1.0, **extra: Any) -> dict[str, Any]:
     """Its first attempt ignores a stop and answers `sleep` seconds late; later attempts answer at once."""
     if ctx.attempt == 1:
