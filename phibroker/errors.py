@@ -79,6 +79,11 @@ class MessageTooLarge(PhibrokerError):
         super().__init__(f"{what} is {size} bytes, over the {limit}-byte limit")
 
 
+class OutputRefused(PhibrokerError):
+    """`ctx.stream` could not append: the run's output is full (`output_max_bytes`), or the run is gone.
+    What the stream already holds stays."""
+
+
 class DecodeError(PhibrokerError):
     """A stream entry could not be decoded into a valid message."""
 

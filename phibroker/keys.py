@@ -118,6 +118,11 @@ class Keys:
         """Gets one element when the workflow ends, so waiters block instead of polling."""
         return f"{self.namespace}:wf:{{{wf_id}}}:done"
 
+    def wf_output(self, wf_id: str) -> str:
+        """The run's output stream: what its handlers stream and log, and its events, in order. Made by
+        the run's first transition and kept as long as the run's other keys."""
+        return f"{self.namespace}:wf:{{{wf_id}}}:out"
+
     def wf_keys(self, wf_id: str) -> list[str]:
         """Every key of one workflow, in the order the scripts take them."""
         return [
@@ -127,4 +132,5 @@ class Keys:
             self.wf_history(wf_id),
             self.wf_outbox(wf_id),
             self.wf_done(wf_id),
+            self.wf_output(wf_id),
         ]

@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     max_children: int = 1000  # tasks one handler may spawn (ctx.spawn): a run's size stays bounded
     max_depth: int = 10  # how deep sub-workflow runs may nest (a run's child's child ...)
     storm_depth: int = 16  # events caused by events deeper than this go to the DLQ
+    # bytes of handler chunks and log records one run's output stream takes (`ctx.stream`); past it,
+    # more is refused and what is stored stays
+    output_max_bytes: int = 64 * MiB
 
     # Retention
     retention: float = 7 * 24 * 3600.0  # seconds a finished workflow stays readable

@@ -170,6 +170,11 @@ class TaskMessage:
     depth: int = 0  # how many events led to this workflow (storm guard)
     iteration: int = 1  # a looping task's iteration, from 1
     previous: Any = None  # a looping task: the previous iteration's result
+    # What the task's retry policy does with this attempt's failure, so a worker can count it as
+    # `retrying` or `failed`: attempts it may still make after this one, and its `retry_on` (None: the default)
+    retries_left: int = 0
+    retry_on: list[str] | None = None
+    traceparent: str | None = None  # the run's W3C trace context: the attempt's span is a child of the run's
 
     def encode(self, limit: int) -> bytes:
         envelope = {
@@ -190,6 +195,12 @@ class TaskMessage:
         }
         if self.iteration != 1:
             envelope.update(iteration=self.iteration, previous=self.previous)
+        if self.retries_left:
+            envelope["retries_left"] = self.retries_left
+        if self.retry_on is not None:
+            envelope["retry_on"] = self.retry_on
+        if self.traceparent:
+            envelope["traceparent"] = self.traceparent
         return pack_limited(envelope, limit, f"task message {self.wf}/{self.unit}")
 
     @classmethod
@@ -216,6 +227,9 @@ _TASK_SCHEMA = {
     "depth": _INT,
     "iteration": _INT,
     "previous": _ANY,
+    "retries_left": _INT,
+    "retry_on": _LIST,
+    "traceparent": _STR,
 }
 _TASK_REQUIRED = frozenset({"v", "id", "wf", "unit", "task", "agent", "command", "attempt", "payload", "inputs"})
 

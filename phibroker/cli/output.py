@@ -242,3 +242,31 @@ def seconds(value: float) -> str:
     if value >= 60:
         return f"{value / 60:.1f}m"
     return f"{value:g}s"
+
+
+LOG_STATES = {"WARNING": "retrying", "ERROR": "failed", "CRITICAL": "failed"}  # a level's colour
+_EVENT_SHOWN = 200  # characters of an event's data a `logs` line shows; `logs --json` has it whole
+
+
+def output_line(record: Mapping[str, Any], paint: Callable[[str, str | None], str]) -> str:
+    """`logs`: one record of a run's output on a line: the time, the unit with its attempt, then the
+    chunk, the log record, or the event with its data."""
+    ts = float(record.get("ts") or 0)
+    when = time.strftime("%H:%M:%S", time.localtime(ts)) + f".{int(ts % 1 * 1000):03d}"
+    who = str(record.get("unit") or record.get("task") or "run")
+    if record.get("attempt") is not None:
+        who += f" [{record['attempt']}]"
+    data: Any = record.get("data")
+    if record["kind"] == "chunk":
+        text = data.rstrip("\n") if isinstance(data, str) else json.dumps(data, default=str)
+    elif record["kind"] == "log":
+        level = str(data.get("level"))
+        text = f"{paint(level, LOG_STATES.get(level))} {data.get('logger')}: {data.get('message')}"
+    else:
+        kind = str(data.get("type"))
+        details = data.get("data")
+        if isinstance(details, dict):
+            details = {k: v for k, v in details.items() if k not in ("unit", "attempt")}
+        shown = f" {clipped(json.dumps(details, default=str), _EVENT_SHOWN)}" if details else ""
+        text = paint(f"● {kind}", kind.rpartition(".")[2]) + shown
+    return f"{when}  {who}  {text}"

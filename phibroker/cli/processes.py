@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
 
 import click
 
@@ -19,6 +20,9 @@ from phibroker.cli.app import (
 from phibroker.errors import InvalidInput
 from phibroker.settings import Settings
 
+if TYPE_CHECKING:
+    from phibroker.runtime.telemetry import Telemetry
+
 
 @main.command()
 @click.option("--agent", "agent_name", required=True, help="the agent whose tasks this worker runs")
@@ -26,6 +30,7 @@ from phibroker.settings import Settings
 @click.option("--concurrency", default=4, show_default=True, help="handlers running at once")
 @click.option("--reclaim-after", help="presume a silent worker dead after this long [30s]")
 @click.option("--burst", is_flag=True, help="exit once the stream is empty")
+@click.option("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics at http://HOST:PORT/metrics")
 @click.pass_obj
 def worker(
     settings: Settings,
@@ -34,6 +39,7 @@ def worker(
     concurrency: int,
     reclaim_after: str | None,
     burst: bool,
+    metrics_port: int | None,
 ) -> None:
     """Run the commands and subscriptions of one agent."""
     from phibroker.runtime.agent import load_agent
@@ -45,8 +51,9 @@ def worker(
         raise InvalidInput("--concurrency must be at least 1")
     agent = load_agent(agent_name, app)
     reachable(settings)
+    telemetry = _metrics(metrics_port)
     setup_logging()
-    runner = Worker(agent, settings, concurrency=concurrency)
+    runner = Worker(agent, settings, concurrency=concurrency, telemetry=telemetry)
     long_running()
     stop_on_signals(runner.stop)
     if not runner.work(burst=burst):
@@ -57,17 +64,30 @@ def worker(
 @main.command()
 @click.option("--require-signed", is_flag=True, help="refuse workflow files without a trusted signature")
 @click.option("--burst", is_flag=True, help="exit once there is nothing left to do")
+@click.option("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics at http://HOST:PORT/metrics")
 @click.pass_obj
-def coordinator(settings: Settings, require_signed: bool, burst: bool) -> None:
+def coordinator(settings: Settings, require_signed: bool, burst: bool, metrics_port: int | None) -> None:
     """Run a coordinator: results in, DAG progress, dispatches out. Several may run at once."""
     from phibroker.runtime.coordinator import Coordinator
 
     reachable(settings)
+    telemetry = _metrics(metrics_port)
     setup_logging()
-    runner = Coordinator(settings, require_signed=require_signed)
+    runner = Coordinator(settings, require_signed=require_signed, telemetry=telemetry)
     long_running()
     stop_on_signals(runner.stopping.set)
     runner.run(burst=burst)
+
+
+def _metrics(port: int | None) -> Telemetry | None:
+    """The process's metrics, served on `port` (all interfaces) before any work starts; None without one."""
+    if port is None:
+        return None
+    from phibroker.runtime.telemetry import Telemetry
+
+    telemetry = Telemetry()
+    telemetry.serve(port)
+    return telemetry
 
 
 @main.command()

@@ -16,6 +16,8 @@ from phibroker.cli.app import (
 from phibroker.cli.output import (
     drawn_states,
     looped_workflow,
+    output_line,
+    painter,
     print_status,
     progress_printer,
     run_lines,
@@ -140,6 +142,31 @@ def status(settings: Settings, wf_id: str, as_json: bool) -> None:
         click.echo(json.dumps(doc, default=str))
     else:
         print_status(doc, workflow)
+
+
+@main.command()
+@click.argument("wf_id", metavar="ID")
+@click.option("--task", metavar="TASK", help="only this task's output, log records and events")
+@click.option("--follow", "-f", is_flag=True, help="go on until the run ends; exit 1 unless it succeeded")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
+@click.pass_obj
+def logs(settings: Settings, wf_id: str, task: str | None, follow: bool, as_json: bool) -> None:
+    """What run ID's tasks streamed (ctx.stream) and logged, and its state changes, in order."""
+    from phibroker.runtime.client import Client
+    from phibroker.workflow.spec import did_you_mean
+
+    paint = painter()
+    with Client(settings) as client:
+        if task is not None and not follow:
+            known = client.status(wf_id)["tasks"]
+            if task not in known:
+                raise InvalidInput(f"run {wf_id} has no task {task!r}{did_you_mean(task, known)}")
+        for record in client.stream(wf_id, task=task, follow=follow):
+            click.echo(json.dumps(record, default=str) if as_json else output_line(record, paint))
+        if follow:
+            state = client.status(wf_id)["state"]
+    if follow:
+        sys.exit(0 if state == "succeeded" else 1)
 
 
 RUN_STATES = sorted(WF_WINDING_DOWN | {"running", "waiting_approval"})

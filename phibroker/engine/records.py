@@ -7,6 +7,7 @@ renamed in one place.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import traceback
@@ -14,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from phibroker import wire
+from phibroker.errors import DecodeError
 
 
 def unit_of(task: str, partition: int | None = None) -> str:
@@ -205,6 +207,15 @@ def _decode(raw: bytes | None, limit: int) -> Any:
     return None if raw is None else wire.unpack(raw, max(limit, len(raw)))
 
 
+def child_traceparent(parent: str, child_id: str) -> str | None:
+    """A child run's W3C trace context: its parent run's trace, and a span id of its own derived from
+    its id (a transition is pure: deciding the child's start again gives it the same one)."""
+    parts = parent.split("-")
+    if len(parts) != 4 or len(parts[1]) != 32:
+        return None
+    return f"00-{parts[1]}-{hashlib.blake2b(child_id.encode(), digest_size=8).hexdigest()}-{parts[3]}"
+
+
 def error_text(error: Mapping[str, Any] | None) -> str:
     """A result's error as the one line a task's `error` shows: `Type: message`."""
     if not error:
@@ -219,4 +230,48 @@ def describe_exception(exc: BaseException) -> dict[str, str]:
         "type": type(exc).__name__,
         "message": str(exc),
         "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-8000:],
+    }
+
+
+# -- a run's output stream: what handlers stream and log, and the run's events -------------------------
+OUTPUT_KINDS = ("chunk", "log", "event")
+
+
+def output_record(unit: str, partition: int | None, attempt: int, seq: int, data: Any, ts: float) -> bytes:
+    """A chunk or a log record, packed as the output stream stores it (its kind is the entry's `k`)."""
+    task = split_unit(unit)[0]
+    record = {"task": task, "unit": unit, "partition": partition, "attempt": attempt, "seq": seq, "ts": ts}
+    return wire.pack({**record, "data": data})
+
+
+def output_records(kind: str, raw: bytes, limit: int) -> list[dict[str, Any]]:
+    """What one output-stream entry holds, as `Client.stream` yields it: a chunk or a log record, or a
+    transition's events, one record each (`data` is the event). Raises DecodeError for a damaged entry."""
+    if kind == "event":
+        return [_event_record(event) for event in wire.decode_events(raw, limit)]
+    record = wire.unpack(raw, limit)
+    if kind not in OUTPUT_KINDS or not isinstance(record, dict):
+        raise DecodeError(raw, f"not an output record ({kind})")
+    return [
+        {
+            "kind": kind,
+            **{k: record.get(k) for k in ("task", "unit", "partition", "attempt", "seq", "ts")},
+            "data": record.get("data"),
+        }
+    ]
+
+
+def _event_record(event: dict[str, Any]) -> dict[str, Any]:
+    data = event.get("data")
+    details = data if isinstance(data, dict) else {}
+    unit = details.get("unit") if isinstance(details.get("unit"), str) else event.get("task")
+    return {
+        "kind": "event",
+        "task": event.get("task"),
+        "unit": unit,
+        "partition": split_unit(unit)[1] if unit else None,
+        "attempt": details.get("attempt") if isinstance(details.get("attempt"), int) else None,
+        "seq": None,
+        "ts": event.get("ts"),
+        "data": event,
     }

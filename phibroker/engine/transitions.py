@@ -13,7 +13,15 @@ from collections.abc import Mapping
 from typing import Any
 
 from phibroker import wire
-from phibroker.engine.records import OUTPUT, child_run_id, error_text, split_unit, undo_unit, unit_of
+from phibroker.engine.records import (
+    OUTPUT,
+    child_run_id,
+    child_traceparent,
+    error_text,
+    split_unit,
+    undo_unit,
+    unit_of,
+)
 from phibroker.engine.state import (
     SEP,
     TASK_TERMINAL,
@@ -29,7 +37,7 @@ from phibroker.errors import DecodeError, MessageTooLarge, WorkflowFileError
 from phibroker.workflow.children import SpawnError, descendants, plan_children
 from phibroker.workflow.loader import SIGNED
 from phibroker.workflow.rules import HANDLER_RULES, trigger_verdict, upstream_summary
-from phibroker.workflow.spec import TriggerRule
+from phibroker.workflow.spec import DEFAULT_RETRY_ON, TriggerRule, retries_error
 
 # -- inputs ---------------------------------------------------------------------------------------
 
@@ -524,6 +532,12 @@ def _dispatch_unit(run: Run, unit: str, now: float) -> None:
         run.set(unit, stop=None)
     record["token"] = 0
     run.set(unit, state="ready", attempt=attempt, dispatch=dispatch_id, dispatched=now)
+    policy = run.workflow.retry(task)  # told to the worker, which counts a failed attempt as retrying or not
+    message.retries_left = max(0, policy.max_attempts - _tries(record))
+    if tuple(policy.retry_on) != DEFAULT_RETRY_ON:
+        message.retry_on = list(policy.retry_on)
+    if run.meta.get("traceparent"):
+        message.traceparent = str(run.meta["traceparent"])
     try:
         raw = message.encode(run.limit)
     except (MessageTooLarge, TypeError) as exc:
@@ -845,13 +859,16 @@ def _retry_due(run: Run, unit: str, error: str, retryable: bool, now: float) -> 
     if run.wf_state == "cancelling" and not _failing(run):
         return None  # cancelled or timed out: nothing starts again
     policy = run.workflow.retry(task)
-    record = run.unit(unit)
-    # reclaims are not retries, and each iteration of a loop has the whole budget
-    tries = int(record.get("attempt") or 1) - int(record.get("reclaims") or 0) - int(record.get("tries_before") or 0)
-    text = error.lower()
-    if tries >= policy.max_attempts or not (retryable or any(n.lower() in text for n in policy.retry_on)):
+    tries = _tries(run.unit(unit))
+    if tries >= policy.max_attempts or not retries_error(policy.retry_on, error, retryable):
         return None
     return now + policy.delay(tries, run.rand)
+
+
+def _tries(record: Mapping[str, Any]) -> int:
+    """The attempts of a unit that count against its retry budget: reclaims are not retries, and each
+    iteration of a loop has the whole budget."""
+    return int(record.get("attempt") or 1) - int(record.get("reclaims") or 0) - int(record.get("tries_before") or 0)
 
 
 def _task_failed(run: Run, task: str, error: str, now: float) -> None:
@@ -1071,6 +1088,9 @@ def _start_child(run: Run, task: str, now: float) -> None:
         return
     fields = new_workflow_fields(sub, params, now, run.depth, run.chain, parent=(run.id, task), nesting=nesting)
     fields.update(_signed_part(run, task))
+    traceparent = child_traceparent(str(run.meta.get("traceparent") or ""), child)
+    if traceparent:  # a child run's attempts join its parent's trace
+        fields["traceparent"] = traceparent
     run.tx.child_runs.append((child, fields))
     run._released += 1
     run.event("task.child_started", now, task, child=child, attempt=attempt)

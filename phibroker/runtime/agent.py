@@ -8,22 +8,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import inspect
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from phibroker import wire
 from phibroker.engine import records
 from phibroker.engine.records import describe_exception
 from phibroker.errors import MessageTooLarge, Retryable
-from phibroker.runtime.submission import signature_fields
 from phibroker.workflow import load as load_workflow
 
+if TYPE_CHECKING:
+    from phibroker.runtime.output import AttemptOutput
+
 Handler = Callable[..., Any]
+
+STREAM_CHUNK_LIMIT = 64 * 1024  # bytes of one `ctx.stream` chunk, packed
+# The output of the attempt whose handler runs here (its thread, or its asyncio tasks): where its log
+# records go.
+current_output: contextvars.ContextVar[AttemptOutput | None] = contextvars.ContextVar("phibroker_output", default=None)
 
 
 class CancelFlag:
@@ -93,6 +101,8 @@ class Context:
     signals: list[dict[str, Any]] = field(default_factory=list)
     spawns: list[dict[str, Any]] = field(default_factory=list)
     last_heartbeat: float = field(default_factory=time.time)
+    output: AttemptOutput | None = None  # the run's output stream, given by the worker
+    streamed: list[Any] = field(default_factory=list)  # with no worker (a handler called by a test): the chunks
 
     @classmethod
     def for_message(cls, message: wire.TaskMessage, token: int) -> Context:
@@ -122,6 +132,17 @@ class Context:
     def heartbeat(self) -> None:
         """Say "still alive" from a long handler; the worker's lease is renewed meanwhile anyway."""
         self.last_heartbeat = time.time()
+
+    def stream(self, chunk: Any) -> None:
+        """Append `chunk` (a str or any msgpack value, at most 64 KiB packed) to the run's output stream
+        now, not with the result: `phibroker logs ID` and `Client.stream` show it as it comes, tagged
+        with this attempt. Raises MessageTooLarge for a bigger chunk, OutputRefused once the run's
+        output is full (`output_max_bytes`; what it holds stays)."""
+        if self.output is not None:
+            self.output.chunk(chunk)
+            return
+        wire.pack_limited(chunk, STREAM_CHUNK_LIMIT, f"a chunk streamed by {self.unit}")
+        self.streamed.append(chunk)
 
     def emit(self, type_: str, data: Any = None) -> None:
         """An event published with this attempt's result, and only if that result is applied."""
@@ -154,6 +175,8 @@ class Context:
 
         A signed file carries its signature along, so a coordinator run with `--require-signed` runs
         it; a dict or an unsigned file is refused there, as any unsigned run is."""
+        from phibroker.runtime.submission import signature_fields  # submission's tracing imports this module
+
         spawn: dict[str, Any] = {"name": name, "params": params or {}}
         if isinstance(workflow, str | Path):
             loaded = load_workflow(workflow)
@@ -312,6 +335,7 @@ class Agent:
         """Run one handler to its end (async ones on a private loop, their task cancelled with
         `ctx.cancelled`) and capture what happened."""
         started = time.time()
+        attached = current_output.set(ctx.output)  # the handler's log records go to its attempt's output
         try:
             value = self.call(command, ctx, payload)
             if inspect.isawaitable(value):
@@ -321,6 +345,8 @@ class Agent:
             return finish(value, started, limit, f"result of {ctx.task}")
         except BaseException as exc:  # noqa: BLE001 - a handler's failure (SystemExit too) is data, never a crash
             return failure(exc, started, cancelled=ctx.cancelled.is_set())
+        finally:
+            current_output.reset(attached)
 
 
 class UnknownCommand(Exception):  # noqa: N818 - reads as the error a user sees

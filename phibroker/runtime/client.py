@@ -7,13 +7,13 @@ cancels and decisions to them the same way, so every state change has one author
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from phibroker import wire
 from phibroker import workflow as workflows
-from phibroker.engine.records import status_document
+from phibroker.engine.records import output_records, status_document
 from phibroker.engine.state import WF_TERMINAL
 from phibroker.errors import ApprovalError, DecodeError, InvalidInput, UnknownWorkflow
 from phibroker.runtime.events import add_trigger
@@ -336,6 +336,55 @@ class Client:
             with reaching(self.settings):
                 self.broker.wait_done(wf_id, remaining)
 
+    def stream(self, wf_id: str, task: str | None = None, follow: bool = False) -> Iterator[dict[str, Any]]:
+        """The run's output in order, from its start: what its handlers streamed (`kind: chunk`) and
+        logged (`log`, `data` = `{"level", "logger", "message"}`), and its events (`event`, `data` = the
+        event). Each record is a dict with `kind`, `task`, `unit`, `partition`, `attempt`, `seq` (per
+        attempt, from 1; None for events), `data` and `ts`. Kept as long as the run. `follow` waits for
+        more until the run ends; `task` keeps that task's records only."""
+        with reaching(self.settings):
+            if self.broker.run_state(wf_id) is None:
+                raise UnknownWorkflow(wf_id)
+        after = "0-0"
+        seen: set[str] = set()  # event ids: a worker may write a task's start twice
+        while True:
+            with reaching(self.settings):  # the end's events are written with it: read them after this
+                ended = not follow or self.broker.run_state(wf_id) in WF_TERMINAL
+            while True:
+                with reaching(self.settings):
+                    entries = self.broker.read_output(wf_id, after, _PAGE)
+                yield from self._records(entries, task, seen)
+                if entries:
+                    after = entries[-1][0]
+                if len(entries) < _PAGE:
+                    break
+            if ended:
+                return
+            with reaching(self.settings):
+                entries = self.broker.read_output(wf_id, after, _PAGE, block=1.0)
+            yield from self._records(entries, task, seen)
+            if entries:
+                after = entries[-1][0]
+
+    def _records(
+        self, entries: list[tuple[str, str, bytes]], task: str | None, seen: set[str]
+    ) -> Iterator[dict[str, Any]]:
+        limit = self.settings.max_message_bytes * 4
+        for _, kind, raw in entries:
+            try:
+                records = output_records(kind, raw, limit)
+            except DecodeError:
+                continue  # a damaged entry: the rest still reads
+            for record in records:
+                if task is not None and record["task"] != task:
+                    continue
+                if record["kind"] == "event":
+                    event_id = str(record["data"].get("id"))
+                    if event_id in seen:
+                        continue
+                    seen.add(event_id)
+                yield record
+
     def live_agents(self) -> set[str]:
         """The agents that have at least one worker whose lease has not lapsed (by Redis's clock)."""
         with reaching(self.settings):
@@ -373,6 +422,9 @@ class Client:
         a child run that a `workflow:` task started, else null."""
         with reaching(self.settings):
             return Views(self.broker).recent_workflows(limit, states)
+
+
+_PAGE = 1000  # output entries read at once
 
 
 def _dead_letter_row(entry_id: str, record: dict[str, Any]) -> dict[str, Any]:

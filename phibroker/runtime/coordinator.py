@@ -35,14 +35,17 @@ from phibroker.runtime.gate import SecurityGate
 from phibroker.runtime.maintenance import Maintenance
 from phibroker.runtime.runs import RunCache
 from phibroker.runtime.submission import submission
+from phibroker.runtime.telemetry import Telemetry, agent_lags, workflow_agents
 from phibroker.settings import Settings
 from phibroker.store.connection import CONNECTION_ERRORS, Entry
 from phibroker.store.coordinator import CoordinatorStore
 from phibroker.store.registry import Registry
+from phibroker.store.views import Views
 
 log = logging.getLogger("phibroker.coordinator")
 
 TIMER_BATCH = 500  # timers one round claims at most
+LAG_REFRESH = 1.0  # seconds between two looks at the agents' stream lag (`--metrics-port`)
 BULK_BUDGET = 0.1  # seconds of bulk-lane work a round may do before its chores (lease, timers) come round
 
 _CRASH_AT, _, _CRASH_COUNT = os.environ.get("PHIBROKER_CRASH_AT", "").partition(":")
@@ -72,8 +75,11 @@ class Coordinator:
         broker: CoordinatorStore | None = None,
         require_signed: bool = False,
         cache_size: int = 2000,
+        telemetry: Telemetry | None = None,
     ):
         self.settings = settings
+        self.telemetry = telemetry  # the metrics it serves, if any (`--metrics-port`)
+        self._agents: set[str] = set()  # whose stream lag it reports
         self.broker = broker or CoordinatorStore(settings)
         self.registry = Registry(settings, client=self.broker.redis)
         self.keys = settings.keys
@@ -103,6 +109,8 @@ class Coordinator:
     def run(self, burst: bool = False) -> None:
         """Work until stopped; `burst` returns once there is nothing left to do (tests, benchmarks)."""
         log.info("coordinator %s started on %s", self.name, self.settings.redis_url)
+        if self.telemetry is not None:
+            self.telemetry.refresh_every(LAG_REFRESH, self._refresh_lag, lambda exc: log.warning("stream lag: %s", exc))
         backoff = 0.1
         try:
             while not self.stopping.is_set():
@@ -333,6 +341,8 @@ class Coordinator:
                 if run.tx.finished:
                     self.cache.forget(run.id)
                     finished.append(run.id)
+                    if self.telemetry is not None:
+                        self.telemetry.run_ended(str(run.meta.get("state")))
             for wf_id in stale:
                 self.cache.forget(wf_id)
             quiet += [wf_id for wf_id in idle if wf_id not in stale]
@@ -464,8 +474,20 @@ class Coordinator:
                 raw = wire.pack(result.to_map())
                 self.broker.dead_letter(f"unknown workflow {wf_id!r}", raw, self.keys.results, result.id)
 
+    def _refresh_lag(self) -> None:
+        """`phibroker_stream_lag` of each agent it knows of: a live worker's, or one a workflow it
+        handled names (an agent with no worker at all is the one whose lag matters most)."""
+        _, leases = self.broker.leases(self.keys.agents)
+        self._agents |= {str(info["agent"]) for info in leases.values() if info.get("agent")}
+        for workflow in list(self.cache.specs.values()):
+            self._agents |= workflow_agents(workflow)
+        assert self.telemetry is not None
+        self.telemetry.set_lags(agent_lags(Views(self.broker), self.keys, self._agents))
+
     # -- stopping ---------------------------------------------------------------------------------
     def _leave(self) -> None:
+        if self.telemetry is not None:
+            self.telemetry.stop()
         try:
             for stream, ids in self._acks.items():
                 self.broker.ack(stream, COORDINATORS_GROUP, ids)

@@ -20,6 +20,8 @@ from phibroker.keys import WORKERS_GROUP
 from phibroker.runtime.agent import Agent, Outcome
 from phibroker.runtime.events import Router
 from phibroker.runtime.slots import Slots
+from phibroker.runtime.telemetry import Telemetry, attempt_outcome
+from phibroker.runtime.tracing import attempt_settled
 from phibroker.settings import Settings
 from phibroker.store.connection import CONNECTION_ERRORS
 from phibroker.store.worker import WorkerStore
@@ -50,6 +52,7 @@ class Settler:
         running: dict[tuple[str, str], Running],
         slots: Slots,
         stopping: threading.Event,
+        telemetry: Telemetry | None = None,
     ):
         self.agent = agent
         self.consumer = consumer
@@ -61,6 +64,7 @@ class Settler:
         self.running = running  # the worker's table: settled attempts leave it here
         self.slots = slots
         self.stopping = stopping
+        self.telemetry = telemetry
         self.outcomes: queue.SimpleQueue[tuple[Running, Outcome]] = queue.SimpleQueue()
         self.unpublished: list[dict[str, Any]] = []  # `task.started` events, sent with the next settle
         self.unpublished_lock = threading.Lock()
@@ -135,9 +139,14 @@ class Settler:
         for item in _until_done("check ownership", len(batch), lambda: self.ours([r.item for r, _ in batch])):
             acks[item.stream].append(item.entry.id)
         _until_done("ack tasks", len(batch), lambda: self.broker.ack_many(WORKERS_GROUP, acks))
-        for running, _ in batch:
+        for running, outcome in batch:
             self.running.pop((running.item.stream, running.item.entry.id), None)
             self.settled[running.item.message.id] = None
+            if self.telemetry is not None:
+                message = running.item.message
+                self.telemetry.finished(self.agent.name, message.command, attempt_outcome(message, outcome))
+            if running.span is not None:
+                attempt_settled(running.span, running.ctx, outcome)
         while len(self.settled) > 50_000:
             self.settled.popitem(last=False)
         self.handled += len(batch)

@@ -9,6 +9,7 @@ signed workflow whoever started it.
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -40,8 +41,16 @@ def submission(
         raise InvalidInput(f"workflow id {wf_id!r}: use letters, digits, '_', '.', '-'")
     wf_id = wf_id or f"{workflow.name}-{wire.short_id()}"
     fields = new_workflow_fields(workflow, dict(params), time.time(), depth, list(chain))
+    fields["traceparent"] = new_traceparent()  # the run's trace, fixed now: its attempts' spans join it
     fields.update(signature_fields(workflow) if signed is None else signed)
     return wf_id, fields
+
+
+def new_traceparent() -> str:
+    """A run's W3C trace context: a new trace id, and the span id its attempts' spans name as their
+    parent (see `tracing`). Sampled: whether spans are kept is the user's sampler's call (a parent-based
+    one follows the flag)."""
+    return f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-01"
 
 
 def signature_fields(workflow: workflows.Workflow) -> dict[str, Any]:

@@ -28,10 +28,13 @@ from phibroker.keys import WORKERS_GROUP
 from phibroker.runtime.agent import Agent, Context, failure
 from phibroker.runtime.cancels import Cancels
 from phibroker.runtime.events import Router
+from phibroker.runtime.output import AttemptOutput, capture_logs
 from phibroker.runtime.reactor import Reactor
 from phibroker.runtime.reclaim import Ownership, Reclaimer
 from phibroker.runtime.settler import SETTLE_GATHER, Settler
 from phibroker.runtime.slots import HandlerThreads, Slots
+from phibroker.runtime.telemetry import Telemetry
+from phibroker.runtime.tracing import Span, attempt_span, current, tracing
 from phibroker.settings import Settings
 from phibroker.store.connection import CONNECTION_ERRORS, Entry
 from phibroker.store.registry import Registry
@@ -60,11 +63,23 @@ class Fetched:
 class Running:
     item: Fetched
     ctx: Context
+    span: Span | None = None  # the attempt's trace span, ended when it is settled (`tracing`)
 
 
 class Worker:
-    def __init__(self, agent: Agent, settings: Settings, concurrency: int = 4, broker: WorkerStore | None = None):
+    def __init__(
+        self,
+        agent: Agent,
+        settings: Settings,
+        concurrency: int = 4,
+        broker: WorkerStore | None = None,
+        telemetry: Telemetry | None = None,
+    ):
         self.agent = agent
+        self.telemetry = telemetry  # the metrics it serves, if any (`--metrics-port`)
+        if telemetry is not None:
+            telemetry.serving(agent.name)
+        self.tracing = tracing()  # a tracer provider is set: attempts make spans (checked again by the heartbeat)
         self.settings = settings
         self.broker = broker or WorkerStore(settings)
         self.registry = Registry(settings, client=self.broker.redis)
@@ -84,7 +99,16 @@ class Worker:
         )
         self.running: dict[tuple[str, str], Running] = {}  # (lane, entry id) -> attempt, until settled
         self.settler = Settler(
-            agent, self.consumer, settings, self.broker, self.router, self.bulk, self.running, self.slots, self.stopping
+            agent,
+            self.consumer,
+            settings,
+            self.broker,
+            self.router,
+            self.bulk,
+            self.running,
+            self.slots,
+            self.stopping,
+            telemetry,
         )
         self.reclaimer = Reclaimer(
             agent,
@@ -114,6 +138,7 @@ class Worker:
         are left unacked for other workers, and the caller should exit without waiting for them.
         """
         self._until_registered()
+        capture_logs()  # handlers' log records into their tasks' output
         log.info("worker %s serving %s (%s)", self.consumer, self.agent.name, ", ".join(self.agent.commands))
         self._spawn(self.settler.settle_loop, "settler")
         self._spawn(self._heartbeat_loop, "heartbeat")
@@ -267,10 +292,14 @@ class Worker:
                         self.broker.send_to_coordinators(wire.Inbox(kind="declined", body=body))
                     continue
                 message = item.message
+                if item.lost and token > 1 and self.telemetry is not None:  # its start recorded the lost attempt
+                    self.telemetry.finished(self.agent.name, message.command, "lost")
                 ctx = Context.for_message(message, token)
                 ctx.attempt += token - 1  # each reclaim of this dispatch started a run of its own
+                event = self._started_event(message, token, ctx.attempt)
+                ctx.output = AttemptOutput(self.broker, self.settings, ctx, event)  # ctx.stream, its log records
                 runnable.append(Running(item, ctx))
-                started.append(self._started_event(message, token, ctx.attempt))
+                started.append(event)
         for stream, ids in stale.items():
             self.broker.ack(stream, WORKERS_GROUP, ids)
         if started:  # before the handlers run: a task's start is published no later than its end
@@ -286,12 +315,21 @@ class Worker:
     def _handle(self, running: Running) -> None:
         """Runs on a pool thread: the handler, then its outcome queued for the settler."""
         message = running.item.message
+        if self.telemetry is not None:
+            self.telemetry.handler_started(self.agent.name)
+        if self.tracing:
+            running.span = attempt_span(running.ctx, message.traceparent)
         try:
-            outcome = self.agent.execute(message.command, running.ctx, message.payload, self.settings.max_message_bytes)
+            with current(running.span):  # the handler's own spans nest under the attempt's
+                outcome = self.agent.execute(
+                    message.command, running.ctx, message.payload, self.settings.max_message_bytes
+                )
         except BaseException as exc:  # noqa: BLE001 - whatever happens, the attempt gets an outcome
             outcome = failure(exc, time.time(), cancelled=running.ctx.cancelled.is_set())
         finally:
             self.slots.give()
+        if self.telemetry is not None:
+            self.telemetry.handler_ended(self.agent.name, message.command, outcome.finished - outcome.started)
         self.settler.outcomes.put((running, outcome))
         if running.item.stream != self.bulk or not self.slots.busy:
             self.settler.settle_queued()
@@ -339,6 +377,7 @@ class Worker:
     def _heartbeat_loop(self) -> None:
         while not self._finished():
             try:
+                self.tracing = tracing()
                 self.renew_lease()
                 self._check_restart()
                 self.cancels.check()

@@ -122,8 +122,9 @@ class User:
 
 def agent_user(keys: Keys, agent: str, subscriptions: Iterable[str] = ()) -> User:
     """A worker of `agent`: its task stream and its subscriptions' streams and seen-sets (own keys), the
-    START and CREATE scripts on workflow meta/tasks/history (never results or outbox), XADD only into
-    the results, events, DLQ and subscription streams (routing), its lease, and the choreography tables."""
+    START, CREATE and OUTPUT scripts on workflow meta/tasks/history/output (never results or outbox), XADD
+    only into the results, events, DLQ, subscription and output streams, its lease, and the choreography
+    tables."""
     own = [
         f"~{keys.agent_tasks(agent)}",
         f"~{keys.agent_bulk(agent)}",
@@ -141,10 +142,16 @@ def agent_user(keys: Keys, agent: str, subscriptions: Iterable[str] = ()) -> Use
             (keys.agent_stops(agent),),  # its own stop notices only
         ),
         selectors=(
-            # START (fencing) and CREATE (a reaction's submit); unit_states reads; nothing else of a workflow.
+            # START (fencing), CREATE (a reaction's submit) and OUTPUT (ctx.stream, log records, a task's
+            # start); unit_states reads; nothing else of a workflow.
             Grant(
-                ("evalsha", "exists", "hexists", "hget", "hmget", "hset", "hsetnx", "hincrby", "rpush"),
-                (f"~{keys.wf('*')}", f"~{keys.wf_tasks('*')}", f"~{keys.wf_history('*')}"),
+                ("evalsha", "exists", "hexists", "hget", "hmget", "hset", "hsetnx", "hincrby", "rpush", "xadd"),
+                (
+                    f"~{keys.wf('*')}",
+                    f"~{keys.wf_tasks('*')}",
+                    f"~{keys.wf_history('*')}",
+                    f"~{keys.wf_output('*')}",
+                ),
             ),
             # Results, events, dead letters, routed copies and trigger starts: append only.
             Grant(

@@ -87,3 +87,22 @@ class ClientStore(Connection):
                 except (DecodeError, KeyError):
                     continue
         return after, events
+
+    def run_state(self, wf_id: str) -> str | None:
+        """The run's state; None for a run that is not there."""
+        state = self.redis.hget(self.keys.wf(wf_id), "state")
+        return state.decode() if state is not None else None
+
+    def read_output(
+        self, wf_id: str, after: str, count: int = 1000, block: float | None = None
+    ) -> list[tuple[str, str, bytes]]:
+        """Up to `count` entries of the run's output stream past the entry id `after` ("0-0": from its
+        start), as (entry id, kind, blob); with `block`, waits up to that many seconds for the first."""
+        reply = self.redis.xread(
+            {self.keys.wf_output(wf_id): after}, count=count, block=None if block is None else max(1, int(block * 1000))
+        )
+        return [
+            (entry_id.decode(), (fields.get(b"k") or b"").decode(), fields.get(b"m") or b"")
+            for _, items in reply or ()
+            for entry_id, fields in items
+        ]

@@ -119,7 +119,15 @@ class _Client(redis.Redis):
 
 SHAS = {
     source: hashlib.sha1(source.encode()).hexdigest()  # noqa: S324 - the name Redis gives a script
-    for source in (scripts.CREATE, scripts.APPLY, scripts.START, scripts.CLAIM_TIMERS, scripts.LEASE, scripts.XADD_MANY)
+    for source in (
+        scripts.CREATE,
+        scripts.APPLY,
+        scripts.START,
+        scripts.CLAIM_TIMERS,
+        scripts.LEASE,
+        scripts.XADD_MANY,
+        scripts.OUTPUT,
+    )
 }
 _INT_FIELDS = frozenset({"attempt", "token", "seq", "parts", "version", "launched", "depth", "reclaims"})
 _FLOAT_FIELDS = frozenset({"dispatched", "started", "finished", "deadline", "created_at", "finished_at", "retry_at"})

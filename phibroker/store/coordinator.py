@@ -120,6 +120,7 @@ class CoordinatorStore(Connection):
             args += tx.history
             outbox = wire.pack(tx.outbox()) if tx.has_outbox else b""
             args += [tx.id, outbox, "1" if tx.finished else "0", ttl, "1" if tx.reopened else "0"]
+            args.append(wire.encode_events(tx.events) if tx.events else b"")  # into the run's output stream
             calls.append((self.keys.wf_keys(wf_id), args))
 
         dispatches = self._by_stream([(tx.dispatches, tx.bulk) for _, _, tx in transitions])

@@ -15,10 +15,13 @@ return 1
 
 # Commit a transition if nobody changed the workflow since it was read (the version), and the fields
 # it guards still read as it saw them: what a worker's start script wrote (which moves no version).
-# KEYS: meta, tasks, results, history, outbox, done
+# KEYS: meta, tasks, results, history, outbox, done, output
 # ARGV: version, n, guard pairs (tasks field, the prefix it must still have)..., n, task pairs..., n, meta pairs...,
 #       n, result pairs..., n, history items...,
-#       outbox id, outbox blob ('' for none), finished ('1'/'0'), ttl seconds, reopened ('1'/'0')
+#       outbox id, outbox blob ('' for none), finished ('1'/'0'), ttl seconds, reopened ('1'/'0'),
+#       events blob ('' for none)
+# The transition's events go to the run's output stream with the commit itself: in the order of the
+# state changes, and before any task it releases can stream a chunk.
 # A finished workflow's keys expire after the ttl; a reopened one (`retry`) keeps them again and its
 # end signal is taken back, so waiters wait for its next end.
 APPLY = """
@@ -46,6 +49,7 @@ each_chunk(2, function(a) redis.call('HSET', meta, unpack(a)) end)
 each_chunk(2, function(a) redis.call('HSET', results, unpack(a)) end)
 each_chunk(1, function(a) redis.call('RPUSH', history, unpack(a)) end)
 if ARGV[i + 1] ~= '' then redis.call('HSET', outbox, ARGV[i], ARGV[i + 1]) end
+if (ARGV[i + 5] or '') ~= '' then redis.call('XADD', KEYS[7], '*', 'k', 'event', 'm', ARGV[i + 5]) end
 local version = redis.call('HINCRBY', meta, 'version', 1)
 if ARGV[i + 2] == '1' then
   local ttl = tonumber(ARGV[i + 3])
@@ -58,6 +62,32 @@ elseif ARGV[i + 4] == '1' then
   for _, key in ipairs(KEYS) do redis.call('PERSIST', key) end
 end
 return version
+"""
+
+# Append to a run's output stream (kind, blob pairs: `k` and `m` of each entry), only while the run's
+# keys are there: its first transition made the stream, and it expires with them, so an entry added
+# later keeps their time to live. Chunks and log records count against the run's `limit` (bytes, in
+# the meta field `output_bytes`); events (`limit` 0) are never refused.
+# KEYS: meta, output   ARGV: limit, then kind, blob...
+# Returns {1, bytes used}: added; {0, bytes used}: over the limit, nothing added; {-1, 0}: no such run.
+OUTPUT = """
+if redis.call('EXISTS', KEYS[2]) == 0 then return {-1, 0} end
+local limit = tonumber(ARGV[1])
+local size = 0
+if limit > 0 then
+  for i = 2, #ARGV, 2 do
+    if ARGV[i] ~= 'event' then size = size + #ARGV[i + 1] end
+  end
+end
+local used = tonumber(redis.call('HGET', KEYS[1], 'output_bytes') or '0')
+if size > 0 then
+  if used + size > limit then return {0, used} end
+  used = redis.call('HINCRBY', KEYS[1], 'output_bytes', size)
+end
+for i = 2, #ARGV, 2 do
+  redis.call('XADD', KEYS[2], '*', 'k', ARGV[i], 'm', ARGV[i + 1])
+end
+return {1, used}
 """
 
 # Mark attempts started before their handlers run, and hand out fencing tokens.

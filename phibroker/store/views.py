@@ -150,6 +150,31 @@ class Views:
             )
         return out
 
+    def workers_lag(self, streams: Sequence[str]) -> list[int | None]:
+        """Per stream, the entries the `workers` group has still to read (XINFO GROUPS' lag): all of
+        them while no worker has made the group, 0 for a stream not made yet, None where Redis cannot
+        tell (entries deleted past the group's last read)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for stream in streams:
+            pipe.xlen(stream)
+            pipe.xinfo_groups(stream)
+        replies = pipe.execute(raise_on_error=False)
+        out: list[int | None] = []
+        for length, groups in zip(replies[::2], replies[1::2], strict=True):
+            if isinstance(length, Exception):
+                raise length
+            if isinstance(groups, Exception):
+                if length:  # the stream exists: Redis refused the look
+                    raise groups
+                out.append(0)  # no such stream
+                continue
+            group = next((g for g in groups if g["name"] in (WORKERS_GROUP, WORKERS_GROUP.encode())), None)
+            if group is None:
+                out.append(int(length))
+            else:
+                out.append(None if group.get("lag") is None else int(group["lag"]))
+        return out
+
     def workflow_state(self, wf_id: str) -> tuple[float, dict[str, Any], dict[str, dict[str, Any]]]:
         """Redis's clock, the workflow's meta and its units (no results, no history)."""
         pipe = self.redis.pipeline(transaction=False)

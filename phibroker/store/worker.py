@@ -156,11 +156,31 @@ class WorkerStore(Connection):
         def build(pipe: Any) -> None:
             if events:
                 self._publish(pipe, events, route)
+                self._record_events(pipe, events)
             for target, entries in inbox.items():
                 for raw in entries:
                     pipe.xadd(target, {wire.FIELD: raw})
 
         self._pipeline(build)
+
+    def _record_events(self, pipe: Any, events: list[dict[str, Any]]) -> None:
+        """Events into their runs' output streams (one entry per run), beside the log."""
+        per_run: dict[str, list[dict[str, Any]]] = {}
+        for event in events:
+            if event.get("workflow"):
+                per_run.setdefault(str(event["workflow"]), []).append(event)
+        for wf_id, batch in per_run.items():
+            keys = (self.keys.wf(wf_id), self.keys.wf_output(wf_id))
+            pipe.evalsha(SHAS[scripts.OUTPUT], 2, *keys, 0, "event", wire.encode_events(batch))
+
+    def append_output(self, wf_id: str, entries: Sequence[tuple[str, bytes]], limit: int) -> tuple[int, int]:
+        """Append (kind, blob) entries to the run's output stream at once; chunks and log records count
+        against `limit` bytes for the run. Returns (1 added | 0 over the limit | -1 no such run, bytes used)."""
+        args: list[Any] = [limit]
+        for kind, blob in entries:
+            args += [kind, blob]
+        added, used = self._script(scripts.OUTPUT, [self.keys.wf(wf_id), self.keys.wf_output(wf_id)], args)
+        return int(added), int(used)
 
     def ack_many(self, group: str, acks: Mapping[str, Sequence[str]]) -> None:
         """Ack entries of several streams (stream -> entry ids) in one round trip."""

@@ -9,7 +9,7 @@ import difflib
 import json
 import random
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from dataclasses import fields as dataclass_fields
 from typing import Annotated, Any, Literal, get_args
@@ -87,6 +87,14 @@ class RetryPolicy:
         """Before retry n (n = 1 for the first): min(max_delay, base_delay·2^(n-1)) plus 0..jitter×that."""
         delay = min(self.max_delay, self.base_delay * (2 ** (retry - 1)))
         return delay + rand.uniform(0.0, self.jitter * delay)
+
+
+def retries_error(retry_on: Sequence[str], error: str, retryable: bool) -> bool:
+    """Whether a policy with this `retry_on` retries a failure (attempts left aside): the handler raised
+    `Retryable`, or an entry is a case-insensitive substring of the error's `Type: message`. The
+    coordinator decides with it, and a worker uses it to count an attempt as `retrying` or `failed`."""
+    text = error.lower()
+    return retryable or any(str(entry).lower() in text for entry in retry_on)
 
 
 @with_config(_FORBID)

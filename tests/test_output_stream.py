@@ -1,0 +1,228 @@
+"""A task's live output: `ctx.stream` chunks, its handler's log records and the run's events, in one
+stream per run, read by `phibroker logs` and `Client.stream` (real Redis, real worker and coordinator)."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from phibroker import Client
+from phibroker import workflow as workflows
+from phibroker.settings import Settings
+from tests.conftest import Processes, until
+from tests.test_core import cli
+
+APP = "tests.apps.streamer"
+RETRY = {"max_attempts": 3, "base_delay": 0.1, "jitter": 0}
+RECORD_KEYS = {"kind", "task", "unit", "partition", "attempt", "seq", "data", "ts"}
+
+
+def flow(name: str, tasks: dict[str, Any]) -> workflows.Workflow:
+    steps = {n: {"agent": "streamer", **t} for n, t in tasks.items()}
+    return workflows.check({"name": name, "tasks": steps})
+
+
+def lines_of(done: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+def what(records: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    """Each record in short: (kind, unit, attempt, chunk | log message | event type)."""
+    out = []
+    for r in records:
+        shown = r["data"]["type"] if r["kind"] == "event" else r["data"]
+        if r["kind"] == "log":
+            shown = (r["data"]["level"], r["data"]["message"])
+        out.append((r["kind"], r["unit"], r["attempt"], shown))
+    return out
+
+
+def test_logs_replays_chunks_logs_and_events_in_order(procs: Processes, settings: Settings, client: Client) -> None:
+    procs.coordinator()
+    procs.worker("streamer", app=APP)
+    speak = {"command": "speak", "payload": {"words": ["a", "b", "c"]}, "retry": RETRY}
+    after = {"command": "speak_async", "payload": {"words": ["x", "y"]}, "depends_on": ["Speak"]}
+    wf_id = client.submit(flow("talk", {"Speak": speak, "After": after}))
+    assert client.wait(wf_id, timeout=60)["state"] == "succeeded", procs.output()
+
+    records = lines_of(cli(settings, "logs", wf_id, "--json"))
+    assert all(RECORD_KEYS <= set(r) for r in records)
+    shown = what(records)
+    speak_part = [s for s in shown if s[1] == "Speak"]
+    assert speak_part == [
+        ("event", "Speak", 1, "task.dispatched"),
+        ("event", "Speak", 1, "task.started"),
+        ("log", "Speak", 1, ("INFO", "attempt 1 begins")),
+        ("chunk", "Speak", 1, "a"),
+        ("chunk", "Speak", 1, "b"),
+        ("log", "Speak", 1, ("WARNING", "attempt 1 gives up")),
+        ("event", "Speak", 1, "task.retrying"),
+        ("event", "Speak", 2, "task.dispatched"),
+        ("event", "Speak", 2, "task.started"),
+        ("log", "Speak", 2, ("INFO", "attempt 2 begins")),
+        ("chunk", "Speak", 2, "a"),
+        ("chunk", "Speak", 2, "b"),
+        ("chunk", "Speak", 2, "c"),
+        ("chunk", "Speak", 2, {"done": True, "attempt": 2}),
+        ("event", "Speak", 2, "task.succeeded"),
+    ], shown
+    # each attempt numbers its chunks and log records from 1; the debug record never came
+    for attempt in (1, 2):
+        seqs = [r["seq"] for r in records if r["unit"] == "Speak" and r["attempt"] == attempt and r["kind"] != "event"]
+        assert seqs == list(range(1, len(seqs) + 1))
+    assert not any(r["kind"] == "log" and "below INFO" in r["data"]["message"] for r in records)
+    logged = next(r for r in records if r["kind"] == "log")
+    assert logged["data"]["logger"] == "streamer.speak" and logged["task"] == "Speak"
+    # the async handler's records come from its asyncio tasks, after what released it
+    after_part = [s for s in shown if s[1] == "After"]
+    assert [s for s in after_part if s[0] != "event"] == [
+        ("log", "After", 1, ("INFO", "part x")),
+        ("chunk", "After", 1, "x"),
+        ("log", "After", 1, ("INFO", "part y")),
+        ("chunk", "After", 1, "y"),
+    ]
+    assert shown.index(("event", "Speak", 2, "task.succeeded")) < shown.index(after_part[0])
+    assert shown[0][3] == "workflow.submitted" and shown[-1][3] == "workflow.succeeded"
+    event_ids = [r["data"]["id"] for r in records if r["kind"] == "event"]
+    assert len(event_ids) == len(set(event_ids))
+
+    # one task, the same records; the human form says the same in lines
+    only = lines_of(cli(settings, "logs", wf_id, "--task", "After", "--json"))
+    assert what(only) == after_part
+    human = cli(settings, "logs", wf_id)
+    assert human.returncode == 0, human.stderr
+    assert "Speak [1]  a" in human.stdout and "Speak [2]  c" in human.stdout
+    assert "INFO streamer.speak: attempt 2 begins" in human.stdout and "● task.retrying" in human.stdout
+
+    # the stream expires with the run's other keys
+    keys = settings.keys
+    ttls = [client.broker.redis.ttl(key) for key in (keys.wf(wf_id), keys.wf_output(wf_id))]
+    assert all(ttl > 0 for ttl in ttls) and abs(ttls[0] - ttls[1]) <= 2
+
+    # from the public API, replayed from the start after the run ended
+    with Client.from_url(settings.redis_url, namespace=settings.namespace) as public:
+        assert list(public.stream(wf_id)) == records
+        assert list(public.stream(wf_id, follow=True)) == records  # ended: it stops at once
+
+    unknown = cli(settings, "logs", "no-such-run")
+    assert unknown.returncode == 2
+    assert unknown.stderr.strip() == "error: no workflow with id 'no-such-run'"
+    assert cli(settings, "logs", wf_id, "--task", "Nope").returncode == 2
+
+
+def test_logs_follow_prints_chunks_as_they_come(procs: Processes, settings: Settings, tmp_path: Path) -> None:
+    procs.coordinator()
+    procs.worker("streamer", app=APP)
+    gate = tmp_path / "gate"
+    speak = {"command": "speak", "payload": {"words": ["one", "two", "last"], "fail_first": False, "gate": str(gate)}}
+    with Client(settings) as client:
+        wf_id = client.submit(flow("follow", {"Speak": speak}))
+        env = {**os.environ, "PHIBROKER_REDIS_URL": settings.redis_url, "PHIBROKER_NAMESPACE": settings.namespace}
+        follower = subprocess.Popen(
+            [sys.executable, "-m", "phibroker", "logs", wf_id, "--follow", "--json"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        lines: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+        reader = threading.Thread(target=lambda: [lines.put(json.loads(line)) for line in follower.stdout or ()])
+        reader.start()
+        try:
+            seen: list[dict[str, Any]] = []
+
+            def saw_two() -> bool:
+                while not lines.empty():
+                    seen.append(lines.get())
+                return any(r["kind"] == "chunk" and r["data"] == "two" for r in seen)
+
+            until(saw_two, procs, timeout=60)
+            assert follower.poll() is None and client.status(wf_id)["state"] == "running"
+            gate.touch()
+            assert follower.wait(timeout=60) == 0, follower.stderr.read() if follower.stderr else ""
+            reader.join(timeout=10)
+            while not lines.empty():
+                seen.append(lines.get())
+        finally:
+            if follower.poll() is None:
+                follower.kill()
+    chunks = [r["data"] for r in seen if r["kind"] == "chunk"]
+    assert chunks == ["one", "two", "last", {"done": True, "attempt": 1}]
+    assert seen[-1]["kind"] == "event" and seen[-1]["data"]["type"] == "workflow.succeeded"
+
+
+def test_chunk_and_run_limits(procs: Processes, settings: Settings, client: Client) -> None:
+    procs.coordinator()
+    procs.worker("streamer", app=APP, PHIBROKER_OUTPUT_MAX_BYTES="5000")
+    once = {"max_attempts": 1}
+    big = client.submit(flow("big", {"Big": {"command": "big", "retry": once}}))
+    flood = client.submit(flow("flood", {"Flood": {"command": "flood", "retry": once}}))
+    assert client.wait(big, timeout=60)["state"] == "failed", procs.output()
+    status = client.wait(flood, timeout=60)
+    assert status["state"] == "succeeded", procs.output()
+
+    # a chunk over 64 KiB fails the handler with one clear line; the chunk before it stays
+    error = client.status(big)["tasks"]["Big"]["error"]
+    assert error == "MessageTooLarge: a chunk streamed by Big is 70005 bytes, over the 65536-byte limit"
+    assert [r["data"] for r in client.stream(big) if r["kind"] == "chunk"] == ["small first"]
+    failed = cli(settings, "logs", big, "--follow")  # an ended run: printed at once, exit as submit --wait
+    assert failed.returncode == 1 and "small first" in failed.stdout
+
+    # past the run's limit, more is refused and nothing stored is lost
+    result = status["tasks"]["Flood"]["result"]
+    stored = result["stored"]
+    assert 0 < stored < 100
+    assert "output is full" in result["refused"] and "output_max_bytes (5000)" in result["refused"]
+    chunks = [r for r in client.stream(flood) if r["kind"] == "chunk"]
+    assert [c["data"][:5] for c in chunks] == [f"{i:05d}" for i in range(stored)]
+    assert all(len(c["data"]) == 1000 for c in chunks) and [c["seq"] for c in chunks] == list(range(1, stored + 1))
+
+
+CAPTURE = """
+import logging, sys
+from phibroker.runtime.agent import current_output
+from phibroker.runtime.output import capture_logs
+
+class Sink:
+    def __init__(self):
+        self.records = []
+    def log(self, record):
+        self.records.append((record.levelname, record.getMessage()))
+
+logging.basicConfig(level=logging.WARNING, stream=sys.stdout, format="printed %(message)s")
+capture_logs()
+sink = Sink()
+current_output.set(sink)
+log = logging.getLogger("handler")
+log.debug("debug"); log.info("info"); log.warning("warning")
+current_output.set(None)
+log.info("elsewhere")
+print(sink.records)
+"""
+
+
+def test_a_process_logging_at_warning_still_gives_a_task_its_info_records() -> None:
+    done = subprocess.run([sys.executable, "-c", CAPTURE], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["printed warning", "[('INFO', 'info'), ('WARNING', 'warning')]"]
+
+
+def test_without_a_worker_chunks_are_kept_and_checked() -> None:
+    from phibroker.errors import MessageTooLarge
+    from phibroker.runtime.agent import Context
+
+    ctx = Context(workflow_id="w", task="T", unit="T#1", attempt=1, agent="a", command="c")
+    ctx.stream("hello")
+    ctx.stream({"n": 1})
+    with pytest.raises(MessageTooLarge, match="^a chunk streamed by T#1 is 70005 bytes, over the 65536-byte limit$"):
+        ctx.stream(b"x" * 70_000)
+    assert ctx.streamed == ["hello", {"n": 1}]
