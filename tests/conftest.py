@@ -72,6 +72,12 @@ def until(check: Any, procs: Processes | None = None, timeout: float = 20) -> An
     return value
 
 
+def aof_tail(directory: Path) -> Path:
+    """The file Redis appends to: the newest incremental AOF (Redis 7), or the single AOF (older)."""
+    parts = sorted((directory / "appendonlydir").glob("*.incr.aof"), key=lambda p: int(p.name.split(".")[-3]))
+    return parts[-1] if parts else directory / "appendonly.aof"
+
+
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -18,7 +18,7 @@ import yaml
 from phibroker.keys import WORKERS_GROUP
 from phibroker.runtime.client import Client
 from phibroker.settings import Settings
-from tests.conftest import Processes, RedisServer, _have_redis, short_settings, until
+from tests.conftest import Processes, RedisServer, _have_redis, aof_tail, short_settings, until
 
 TERMINAL = ("succeeded", "failed", "cancelled", "timed_out")
 FAST = {"PHIBROKER_RECONCILE_EVERY": "0.5"}  # coordinators look for unheld tasks often: the tests take seconds
@@ -49,12 +49,6 @@ def _state(client: Client, wf_id: str) -> str:
         return "running"
 
 
-def _aof_tail(directory: Path) -> Path:
-    """The file Redis appends to: the newest incremental AOF (Redis 7), or the single AOF (older)."""
-    parts = sorted((directory / "appendonlydir").glob("*.incr.aof"), key=lambda p: int(p.name.split(".")[-3]))
-    return parts[-1] if parts else directory / "appendonly.aof"
-
-
 def layers(tasks: int = 15, width: int = 5) -> dict[str, Any]:
     spec: dict[str, Any] = {}
     for i in range(tasks):
@@ -81,7 +75,7 @@ def test_runs_end_after_redis_loses_its_last_writes(aof_server: RedisServer, tmp
         r = redis.Redis.from_url(settings.redis_url)
         until(lambda: r.hlen(settings.keys.agents) >= 4 and r.hlen(settings.keys.coordinators) >= 4, procs)
         with Client(settings) as client:
-            tail = _aof_tail(aof_server.directory)
+            tail = aof_tail(aof_server.directory)
             sizes: list[tuple[float, int]] = []
             ids: list[str] = []
             began = time.monotonic()

@@ -122,10 +122,13 @@ def die(ctx: Context, **extra: Any) -> None:
 
 
 @probe.command()
-def effect(ctx: Context, sleep: float = 0.0, **extra: Any) -> dict[str, Any]:
-    """An idempotent side effect keyed by ctx.idempotency_key, in a Redis ledger (chaos tests)."""
+def effect(ctx: Context, sleep: float = 0.0, failures: int = 0, **extra: Any) -> dict[str, Any]:
+    """An idempotent side effect keyed by ctx.idempotency_key, in a Redis ledger (chaos tests); its
+    first `failures` attempts fail (retryable) before the effect."""
     import redis
 
+    if ctx.attempt <= failures:
+        raise Retryable(f"attempt {ctx.attempt} fails on purpose")
     started = time.time()
     if sleep:
         ctx.cancelled.wait(sleep)
