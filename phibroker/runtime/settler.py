@@ -16,7 +16,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from phibroker import wire
-from phibroker.keys import WORKERS_GROUP
 from phibroker.runtime.agent import Agent, Outcome
 from phibroker.runtime.events import Router
 from phibroker.runtime.slots import Slots
@@ -133,12 +132,14 @@ class Settler:
         envelopes = {target: self._envelopes(results) for target, results in inbox.items()}
         with self.unpublished_lock:
             events, self.unpublished = self.unpublished, []
-        # The acks only once the results are stored: a refused XADD must not leave its task acked.
-        _until_done("store results", len(batch), lambda: self.broker.settle(envelopes, events, self.router.routes))
+        # Only what is still pending on this worker is acked (a late result is stored all the same), and
+        # with the results, in one transaction: a refused XADD must not leave its task acked.
         acks: dict[str, list[str]] = defaultdict(list)
         for item in _until_done("check ownership", len(batch), lambda: self.ours([r.item for r, _ in batch])):
             acks[item.stream].append(item.entry.id)
-        _until_done("ack tasks", len(batch), lambda: self.broker.ack_many(WORKERS_GROUP, acks))
+        _until_done(
+            "store results", len(batch), lambda: self.broker.settle(envelopes, events, self.router.routes, acks)
+        )
         for running, outcome in batch:
             self.running.pop((running.item.stream, running.item.entry.id), None)
             self.settled[running.item.message.id] = None

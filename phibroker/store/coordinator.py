@@ -182,8 +182,7 @@ class CoordinatorStore(Connection):
         fired: Sequence[str] = (),
         route: Route | None = None,
     ) -> None:
-        """Carry out outbox entries (wf id, entry id, decoded outbox), then, once every effect was
-        written, remove them.
+        """Carry out outbox entries (wf id, entry id, decoded outbox) and remove them, atomically.
 
         `dispatched`: the commit already sent the dispatches. Dispatches carry their id, so a redrive
         after a crash only makes duplicates that consumers drop. `fired`: timers handled by these
@@ -196,22 +195,20 @@ class CoordinatorStore(Connection):
             else self._by_stream([(box.get("dispatches") or (), bool(box.get("bulk"))) for _, _, box in items])
         )
 
-        def effects(pipe: Any) -> None:
+        def carried_out(pipe: Any) -> None:
             if fired:
                 pipe.zrem(self.keys.timers, *fired)
             self._dispatch(pipe, streams)
             for wf_id, _, box in items:
                 self._carry_out(pipe, wf_id, box, route)
-
-        def done(pipe: Any) -> None:
             for wf_id, entry_id, _ in items:
                 pipe.hdel(self.keys.wf_outbox(wf_id), entry_id)
 
-        # Two round trips, not one: a Redis that refuses a write (out of memory) still takes the rest of
-        # a pipeline, and an outbox entry removed while its effects were refused would be lost.
-        self._pipeline(effects)
-        if items:
-            self._pipeline(done)
+        # One transaction: the effects and the removal of their outbox entries happen together or not
+        # at all. A Redis that refuses a write (out of memory) refuses it as it is queued and EXEC then
+        # does nothing, so no entry goes with its effects refused; and a coordinator killed midway
+        # leaves no entry carried out but still there, for the next one to carry out again.
+        self._pipeline(carried_out, transaction=True)
 
     def _carry_out(self, pipe: Any, wf_id: str, box: dict[str, Any], route: Route | None) -> None:
         """An outbox's effects other than dispatches: events, stop notices, child runs, messages to other

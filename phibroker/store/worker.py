@@ -12,6 +12,7 @@ from redis.exceptions import NoPermissionError, ResponseError
 from phibroker import wire
 from phibroker.engine.state import SEP, unpack_group
 from phibroker.errors import BrokerUnavailable, DecodeError
+from phibroker.keys import WORKERS_GROUP
 from phibroker.store import scripts
 from phibroker.store.connection import SHAS, Connection, Entry, Refused, Route, refusals
 
@@ -145,13 +146,20 @@ class WorkerStore(Connection):
         return owned
 
     def settle(
-        self, inbox: Mapping[str, Sequence[bytes]], events: list[dict[str, Any]], route: Route | None = None
+        self,
+        inbox: Mapping[str, Sequence[bytes]],
+        events: list[dict[str, Any]],
+        route: Route | None = None,
+        acks: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
-        """Results (inbox stream -> entries) and any events waiting to be published, in one round trip.
+        """Results (inbox stream -> entries), any events waiting to be published, and the acks of the
+        settled tasks (stream -> entry ids), in one round trip.
 
-        No acks here: the caller acks the tasks (`ack_many`) only once this returned. In one
-        non-transactional pipeline a full Redis refuses the XADD and takes the XACK, and the task
-        stays `running` with its result nowhere."""
+        One transaction (MULTI/EXEC): a full Redis refuses a write as it is queued and EXEC then does
+        nothing, so a task is never acked with its result nowhere (a plain pipeline would take the XACK
+        and refuse the XADD). A group Redis lost is made again and the call raises Refused: the results
+        are sent again with the acks, and the coordinator drops the copies."""
+        acked = [stream for stream, ids in (acks or {}).items() if ids]
 
         def build(pipe: Any) -> None:
             if events:
@@ -160,8 +168,11 @@ class WorkerStore(Connection):
             for target, entries in inbox.items():
                 for raw in entries:
                     pipe.xadd(target, {wire.FIELD: raw})
+            for stream in acked:
+                pipe.xack(stream, WORKERS_GROUP, *(acks or {})[stream])
 
-        self._pipeline(build)
+        with groups_made_again(self, acked, WORKERS_GROUP):
+            self._pipeline(build, transaction=True)
 
     def _record_events(self, pipe: Any, events: list[dict[str, Any]]) -> None:
         """Events into their runs' output streams (one entry per run), beside the log."""
@@ -181,18 +192,6 @@ class WorkerStore(Connection):
             args += [kind, blob]
         added, used = self._script(scripts.OUTPUT, [self.keys.wf(wf_id), self.keys.wf_output(wf_id)], args)
         return int(added), int(used)
-
-    def ack_many(self, group: str, acks: Mapping[str, Sequence[str]]) -> None:
-        """Ack entries of several streams (stream -> entry ids) in one round trip."""
-
-        def build(pipe: Any) -> None:
-            for stream, ids in acks.items():
-                if ids:
-                    pipe.xack(stream, group, *ids)
-
-        if any(acks.values()):
-            with groups_made_again(self, [stream for stream, ids in acks.items() if ids], group):
-                self._pipeline(build)
 
     def requeue(self, stream: str, group: str, entries: Sequence[Entry]) -> None:
         """Give unstarted entries back: copies at the stream's end and the originals acked, atomically."""
