@@ -20,6 +20,8 @@ from opentelemetry.trace import StatusCode
 
 from phibroker import Agent, Client
 from phibroker.runtime.agent import Context
+from phibroker.runtime.coordinator import Coordinator
+from phibroker.runtime.run_span_ids import RunSpanIds
 from phibroker.runtime.worker import Worker
 from phibroker.settings import Settings
 from tests.conftest import Processes, until
@@ -61,7 +63,7 @@ def broken(ctx: Context, **extra: Any) -> None:
 def exporter() -> Iterator[InMemorySpanExporter]:
     provider = trace.get_tracer_provider()
     if not isinstance(provider, TracerProvider):  # the first SDK setup in this process: set it, as users do
-        provider = TracerProvider()
+        provider = TracerProvider(id_generator=RunSpanIds())  # OTEL_PYTHON_ID_GENERATOR=phibroker
         trace.set_tracer_provider(provider)
     memory = InMemorySpanExporter()
     provider.add_span_processor(SimpleSpanProcessor(memory))
@@ -159,3 +161,58 @@ def test_a_child_runs_attempts_join_its_parents_trace(
     (span,) = until(lambda: [s for s in exporter.get_finished_spans() if s.name == "invoke_agent traced"], procs)
     assert span.context.trace_id == trace_id
     assert span.parent is not None and span.parent.span_id == child_span
+
+
+@pytest.fixture
+def coordinator(settings: Settings) -> Iterator[Coordinator]:
+    """A coordinator in this process, so the run spans it emits reach the exporter."""
+    running = Coordinator(settings)
+    thread = threading.Thread(target=running.run, daemon=True)
+    thread.start()
+    try:
+        yield running
+    finally:
+        running.stopping.set()
+        thread.join(timeout=60)
+
+
+def test_a_run_is_one_span_whose_direct_children_are_its_attempts(
+    client: Client, worker: Worker, coordinator: Coordinator, exporter: InMemorySpanExporter, tmp_path: Path
+) -> None:
+    (tmp_path / "inner.yaml").write_text("name: inner\ntasks:\n  Ask: {agent: traced, command: ask}\n")
+    path = tmp_path / "outer.yaml"
+    path.write_text(
+        "name: outer\ntasks:\n  A: {agent: traced, command: ask}\n"
+        "  Sub: {workflow: inner.yaml, depends_on: [A]}\n  B: {agent: traced, command: broken, depends_on: [Sub]}\n"
+    )
+    wf_id = client.submit(path)
+    status = client.wait(wf_id, timeout=60)
+    assert status["state"] == "failed"
+    child = status["tasks"]["Sub"]["child"]
+
+    def runs() -> dict[str, ReadableSpan] | None:
+        spans = [s for s in exporter.get_finished_spans() if s.name.startswith("invoke_workflow")]
+        found = {str((s.attributes or {}).get("phibroker.run_id")): s for s in spans}
+        return found if len(found) == 2 else None
+
+    found = until(runs)
+    outer, inner = found[wf_id], found[child]
+    assert [s.name for s in exporter.get_finished_spans()].count("invoke_workflow outer") == 1
+    assert outer.parent is None and outer.status.status_code == StatusCode.ERROR
+    assert outer.attributes is not None and outer.attributes["gen_ai.operation.name"] == "invoke_workflow"
+    assert inner.parent is not None and inner.parent.span_id == outer.context.span_id
+    assert inner.status.status_code == StatusCode.UNSET and inner.context.trace_id == outer.context.trace_id
+    assert outer.start_time == int(status["created_at"] * 1e9) and outer.end_time == int(status["finished_at"] * 1e9)
+    attempts = [s for s in exporter.get_finished_spans() if s.name == "invoke_agent traced"]
+    assert len(attempts) == 3
+    for span in attempts:
+        run = found[str((span.attributes or {})["phibroker.run_id"])]
+        assert span.parent is not None and span.parent.span_id == run.context.span_id  # a direct child
+
+
+def test_the_id_generator_is_found_by_the_name_users_set() -> None:
+    """`OTEL_PYTHON_ID_GENERATOR=phibroker` finds it: the SDK's configurator loads this entry point."""
+    from importlib.metadata import entry_points
+
+    (point,) = entry_points(group="opentelemetry_id_generator", name="phibroker")
+    assert point.load() is RunSpanIds

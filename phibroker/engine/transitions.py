@@ -1089,8 +1089,8 @@ def _start_child(run: Run, task: str, now: float) -> None:
     fields = new_workflow_fields(sub, params, now, run.depth, run.chain, parent=(run.id, task), nesting=nesting)
     fields.update(_signed_part(run, task))
     traceparent = child_traceparent(str(run.meta.get("traceparent") or ""), child)
-    if traceparent:  # a child run's attempts join its parent's trace
-        fields["traceparent"] = traceparent
+    if traceparent:  # a child run's spans join its parent's trace, its own span under its parent run's
+        fields.update(traceparent=traceparent, parent_traceparent=run.meta["traceparent"])
     run.tx.child_runs.append((child, fields))
     run._released += 1
     run.event("task.child_started", now, task, child=child, attempt=attempt)

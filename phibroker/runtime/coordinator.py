@@ -36,6 +36,7 @@ from phibroker.runtime.maintenance import Maintenance
 from phibroker.runtime.runs import RunCache
 from phibroker.runtime.submission import submission
 from phibroker.runtime.telemetry import Telemetry, agent_lags, workflow_agents
+from phibroker.runtime.tracing import run_ended, tracing
 from phibroker.settings import Settings
 from phibroker.store.connection import CONNECTION_ERRORS, Entry
 from phibroker.store.coordinator import CoordinatorStore
@@ -343,6 +344,8 @@ class Coordinator:
                     finished.append(run.id)
                     if self.telemetry is not None:
                         self.telemetry.run_ended(str(run.meta.get("state")))
+                    if tracing():
+                        run_ended(run.id, run.meta)
             for wf_id in stale:
                 self.cache.forget(wf_id)
             quiet += [wf_id for wf_id in idle if wf_id not in stale]

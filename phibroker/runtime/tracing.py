@@ -11,20 +11,23 @@ the handler's start to the attempt's settlement, and it is the current span in t
 (and so in an async handler's task, which copies that thread's context): the spans a handler makes, an
 LLM client's, nest under it.
 
-The run's own span is not emitted. Its span id must be known when the run is built, because attempts
-name it as their parent long before the run ends and any coordinator may see the end, yet the API
-makes a span only through `start_span`, whose ids the SDK's id generator picks (a chosen trace id
-only by way of a parent). So no span the API can make carries the id the attempts name: they hang
-under a parent a tracing backend never receives, and a run span waits for a way to emit one with a
-chosen id (the SDK's, not the API's).
+The run's own span, `invoke_workflow NAME`, is emitted once, by the coordinator whose commit ended
+the run, from `created_at` to `finished_at`. Its ids are the ones the run's `traceparent` fixed when
+it was built, since attempts named it as their parent long before; the API cannot choose a span's
+ids, so the SDK's id generator must: `RunSpanIds` (`OTEL_PYTHON_ID_GENERATOR=phibroker`) gives the
+span being made the ids pinned here and random ones to every other span. With another generator the
+run's span gets ids of its own and the attempts hang under a parent no backend receives.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from contextlib import AbstractContextManager
+from contextvars import ContextVar
 from typing import Any
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -35,6 +38,12 @@ from phibroker.runtime.agent import Context, Outcome
 _tracer = trace.get_tracer("phibroker")  # a proxy: it follows a provider the user sets later
 _propagator = TraceContextTextMapPropagator()
 _NOTHING = contextlib.nullcontext()
+_pinned: ContextVar[tuple[int, int] | None] = ContextVar("phibroker_pinned_span_ids", default=None)
+
+
+def pinned_ids() -> tuple[int, int] | None:
+    """The (trace id, span id) the span being made right now must have (a run's own), or None."""
+    return _pinned.get()
 
 
 def tracing() -> bool:
@@ -80,3 +89,49 @@ def attempt_settled(span: Span, ctx: Context, outcome: Outcome) -> None:
         span.set_attribute("error.type", str(error.get("type") or "Error"))
         span.set_status(Status(StatusCode.ERROR, error_text(error)))
     span.end()
+
+
+def run_ended(run_id: str, meta: Mapping[str, Any]) -> None:
+    """Emit the span of a run that has just ended (its meta after the commit), with the ids its
+    `traceparent` fixed; a sub-workflow's run under its parent run's span."""
+    ids = _ids(meta.get("traceparent"))
+    if ids is None:
+        return
+    above = meta.get("parent_traceparent")
+    parent = _propagator.extract({"traceparent": str(above)}) if above else otel_context.Context()
+    state = str(meta.get("state"))
+    token = _pinned.set(ids)
+    try:
+        span = _tracer.start_span(
+            f"invoke_workflow {meta.get('name')}",
+            context=parent,
+            kind=SpanKind.INTERNAL,
+            start_time=_nanoseconds(meta.get("created_at")),
+            attributes={
+                "gen_ai.operation.name": "invoke_workflow",
+                "phibroker.run_id": run_id,
+                "phibroker.state": state,
+            },
+        )
+    finally:
+        _pinned.reset(token)
+    if state != "succeeded":
+        span.set_status(Status(StatusCode.ERROR, str(meta.get("error") or state)))
+    span.end(end_time=_nanoseconds(meta.get("finished_at")))
+
+
+def _ids(traceparent: Any) -> tuple[int, int] | None:
+    parts = str(traceparent or "").split("-")
+    if len(parts) != 4 or len(parts[1]) != 32 or len(parts[2]) != 16:
+        return None
+    try:
+        return int(parts[1], 16), int(parts[2], 16)
+    except ValueError:
+        return None
+
+
+def _nanoseconds(seconds: Any) -> int | None:
+    try:
+        return int(float(seconds) * 1e9)
+    except (TypeError, ValueError):
+        return None
