@@ -84,6 +84,12 @@ class OutputRefused(PhibrokerError):
     What the stream already holds stays."""
 
 
+class BudgetExhausted(PhibrokerError):
+    """Raised by the `ctx.spend` call that passes a `fail` budget (the task's or the run's): the task
+    is asked to stop and fails with this line (`budget_exhausted: tokens 120512 > 100000`), and no
+    `retry_on` retries it."""
+
+
 class DecodeError(PhibrokerError):
     """A stream entry could not be decoded into a valid message."""
 

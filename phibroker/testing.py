@@ -100,7 +100,9 @@ class Simulation:
         assert sim.run()["state"] == "failed"
 
     A `workflow:` task's child runs are driven beside the run, as a coordinator drives them:
-    `sim.runs` holds every run by id and `sim.status(child_id)` shows one.
+    `sim.runs` holds every run by id and `sim.status(child_id)` shows one. A handler's `ctx.spend`
+    goes through the engine at once, as a coordinator takes a worker's report: budgets stop it
+    (`ctx.cancelled`, BudgetExhausted) or open a request to approve while it runs.
     """
 
     worker = "simulation"
@@ -136,6 +138,7 @@ class Simulation:
         self.signals_sent: list[dict[str, Any]] = []  # ctx.signal to other runs: wf, name, data, sender
         self._inbox: deque[dict[str, Any]] = deque()  # ctx.signal to these runs, delivered in order
         self._messages: deque[Inbox] = deque()  # between runs: a child's end, a cancel of a child
+        self._running: dict[str, Context] = {}  # the attempt whose handler runs now, by dispatch id
         self._apply(engine.start)
 
     # -- driving -----------------------------------------------------------------------------------
@@ -234,6 +237,9 @@ class Simulation:
         self.approvals.update({k: unpack(v, self.limit) for k, v in tx.approvals_set.items()})
         for request in tx.approvals_del:
             self.approvals.pop(request, None)
+        for _, _, dispatch in tx.stops:  # a running handler is asked to stop (a budget passed)
+            if dispatch in self._running:
+                self._running[dispatch].cancelled.set()
         for sent in tx.signals:  # ctx.signal: to these runs it arrives, to any other it is only recorded
             if sent["wf"] in self.runs:
                 self._inbox.append(sent)
@@ -294,11 +300,26 @@ class Simulation:
         if agent is None:
             known = ", ".join(sorted(self.agents)) or "none"
             raise LookupError(f"{message.unit} needs agent {message.agent!r}; the simulation has: {known}")
+        record = self.runs[message.wf].units[message.unit]
+        if record.get("state") == "ready" and record.get("dispatch") == message.id:  # as a start script marks it
+            record.update(state="running", token=message.attempt, started=self.now, worker=self.worker)
         ctx = Context.for_message(message, token=message.attempt)
-        outcome = agent.execute(message.command, ctx, message.payload, self.limit)
+        ctx.reporter = self._spent
+        self._running[message.id] = ctx
+        try:
+            outcome = agent.execute(message.command, ctx, message.payload, self.limit)
+        finally:
+            del self._running[message.id]
         outcome.started = outcome.finished = self.now  # handlers take no virtual time
         result = outcome.result(ctx, self.worker)
         self._apply(lambda run, now: engine.apply_result(run, result, now), self.runs[message.wf])
+
+    def _spent(self, ctx: Context, tokens: int, cost: float) -> None:
+        """A handler's `ctx.spend`: its attempt's totals, as a worker reports them to the coordinators."""
+        total_tokens, total_cost = ctx.spent()
+        body = {"wf": ctx.workflow_id, "unit": ctx.unit, "dispatch": ctx.dispatch_id, "attempt": ctx.attempt}
+        body.update(tokens=total_tokens, cost=total_cost)
+        self._apply(lambda run, now: engine.spend(run, body, now), self.runs[ctx.workflow_id])
 
     def _fire(self, member: str) -> None:
         self.now = max(self.now, self.timers.pop(member))

@@ -175,6 +175,10 @@ class TaskMessage:
     retries_left: int = 0
     retry_on: list[str] | None = None
     traceparent: str | None = None  # the run's W3C trace context: the attempt's span is a child of the run's
+    # The budgets over this attempt (the task's own first, then the run's), so the `ctx.spend` call that
+    # passes a `fail` one raises: scope, on_exceed, tokens, cost (the limits in force) and `spent` before
+    # this attempt, [tokens, cost]
+    budgets: list[dict[str, Any]] | None = None
 
     def encode(self, limit: int) -> bytes:
         envelope = {
@@ -201,6 +205,8 @@ class TaskMessage:
             envelope["retry_on"] = self.retry_on
         if self.traceparent:
             envelope["traceparent"] = self.traceparent
+        if self.budgets:
+            envelope["budgets"] = self.budgets
         return pack_limited(envelope, limit, f"task message {self.wf}/{self.unit}")
 
     @classmethod
@@ -230,6 +236,7 @@ _TASK_SCHEMA = {
     "retries_left": _INT,
     "retry_on": _LIST,
     "traceparent": _STR,
+    "budgets": _LIST,
 }
 _TASK_REQUIRED = frozenset({"v", "id", "wf", "unit", "task", "agent", "command", "attempt", "payload", "inputs"})
 
@@ -270,9 +277,12 @@ class Result:
     # sent with ctx.signal: wf, name, data; and tasks added with ctx.spawn / ctx.spawn_workflow
     signals: list[dict[str, Any]] = field(default_factory=list)
     spawns: list[dict[str, Any]] = field(default_factory=list)
+    # what the attempt spent (ctx.spend), its final totals: `attempt`, `tokens`, `cost`; sent with
+    # `spend` messages as it happened too, and here so nothing is lost if one of those is
+    spend: dict[str, Any] | None = None
 
     def to_map(self) -> dict[str, Any]:
-        extra = {k: v for k, v in (("signals", self.signals), ("spawns", self.spawns)) if v}
+        extra = {k: v for k, v in (("signals", self.signals), ("spawns", self.spawns), ("spend", self.spend)) if v}
         return {
             **extra,
             "id": self.id,
@@ -305,6 +315,7 @@ _RESULT_SCHEMA = {
     "events": _LIST,
     "signals": _LIST,
     "spawns": _LIST,
+    "spend": _MAP,
 }
 _RESULT_REQUIRED = frozenset({"id", "wf", "unit", "token", "ok", "worker", "started", "finished"})
 
@@ -318,8 +329,10 @@ class Inbox:
     start a unit asked to stop), `redispatch` (a unit nobody holds: run it again), `kick` (start a
     workflow again), `retry` (re-open an ended run), `signal` (for a signal gate), `child` (a child run
     of a `workflow:` task ended: its state, error and packed output), `trigger` (an event matched a
-    workflow trigger). Results travel as one packed blob, so a worker can sign exactly those bytes with
-    its agent's secret (`agent`, `sig`) and a coordinator can check them before decoding.
+    workflow trigger), `spend` (a running attempt's totals so far, from `ctx.spend`: `attempt`, `tokens`,
+    `cost`). Results travel as one packed blob, so a worker can sign exactly those bytes with its
+    agent's secret (`agent`, `sig`) and a coordinator can check them before decoding; a worker's other
+    messages (`spend`) are signed over their packed body.
     """
 
     kind: str
@@ -342,8 +355,10 @@ class Inbox:
         return pack_limited(envelope, limit, f"{self.kind} message")
 
     def signature(self, secret: bytes) -> str:
-        """HMAC over the id, the claimed agent and the results blob: who sent exactly these results."""
-        message = f"{self.id}|{self.agent}|".encode() + self.blob
+        """HMAC over the id, the claimed agent and the results blob (the body, for any other kind): who
+        sent exactly this."""
+        signed = self.blob if self.kind == "results" else pack(self.body)
+        message = f"{self.id}|{self.agent}|".encode() + signed
         return hmac.new(secret, message, hashlib.sha256).hexdigest()
 
     def signed_by(self, secret: bytes) -> bool:
@@ -400,6 +415,7 @@ _BODY_FIELDS = {  # what each control message must name
     "signal": ("wf", "name"),
     "child": ("wf", "task", "child", "state"),
     "trigger": ("wf", "trigger"),
+    "spend": ("wf", "unit", "dispatch"),
 }
 _INBOX_KINDS = frozenset({"results", *_BODY_FIELDS})
 

@@ -14,7 +14,7 @@ import click
 
 from phibroker.engine.state import TASK_TERMINAL
 from phibroker.errors import PhibrokerError, UnknownWorkflow
-from phibroker.tools.styles import ago, aligned, duration_text, task_notes, task_tree
+from phibroker.tools.styles import ago, aligned, duration_text, spend_text, task_notes, task_tree
 from phibroker.workflow.render import SUBFLOW_SEP
 
 if TYPE_CHECKING:
@@ -105,6 +105,8 @@ def print_status(doc: dict[str, Any], workflow: Workflow | None = None) -> None:
     click.echo(f"{doc['id']} ({doc['name']}): {paint(str(doc['state']), doc['state'])}" + (f" ({age})" if age else ""))
     if doc.get("error"):
         click.echo(f"  {doc['error']}")
+    if spend_text(doc.get("spend")):
+        click.echo(f"  spent {spend_text(doc.get('spend'))}")
     if doc.get("parent"):
         click.echo(f"  child run of {doc['parent']['id']} (task {doc['parent']['task']})")
     limits = {n: t.loop.max_iterations for n, t in workflow.tasks.items() if t.loop} if workflow else {}
@@ -191,7 +193,8 @@ def run_time(created: float | None, finished: float | None) -> str:
 
 def run_lines(rows: list[dict[str, Any]]) -> list[str]:
     """`list`: a line per run, in columns: id, name, state (coloured on a terminal), when it was
-    submitted, how long it took. A child run of a `workflow:` task comes right under its parent."""
+    submitted, how long it took, and what it spent if anything (rows with `spend`). A child run of a
+    `workflow:` task comes right under its parent."""
     paint = painter()
     now = time.time()
     rows, depths = nested(rows)
@@ -202,6 +205,7 @@ def run_lines(rows: list[dict[str, Any]]) -> list[str]:
             row["state"] or "?",
             ago(now - row["created_at"]) if row["created_at"] else "",
             run_time(row["created_at"], row["finished_at"]),
+            spend_text(row.get("spend")),
         ]
         for row, depth in zip(rows, depths, strict=True)
     ]

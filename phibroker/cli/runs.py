@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from typing import Any
@@ -43,8 +44,14 @@ def validate(file: str, as_json: bool) -> None:
     for warning in warnings:
         click.echo(f"warning: {warning}", err=True)
     if as_json:
-        tasks = {name: {"trigger": note.as_json()} for name, note in explain_rules(wf).items()}
+        notes = explain_rules(wf)
+        tasks: dict[str, dict[str, Any]] = {name: {"trigger": note.as_json()} for name, note in notes.items()}
+        for name, task in wf.tasks.items():
+            if task.budget is not None:
+                tasks[name]["budget"] = dataclasses.asdict(task.budget)
         doc = {"levels": wf.levels, "critical_path": path, "length": length, "tasks": tasks}
+        if wf.spec.budget is not None:  # only then: the keys above are a contract
+            doc["budget"] = dataclasses.asdict(wf.spec.budget)
         click.echo(json.dumps({**doc, "warnings": warnings}))
         return
     click.echo(f"{wf.name}: valid, {len(wf.tasks)} tasks in {len(wf.levels)} levels")
@@ -54,6 +61,17 @@ def validate(file: str, as_json: bool) -> None:
     click.echo(f"critical path ({seconds(length)}): {' -> '.join(path)}")
     for line in drawing.summary(wf):
         click.echo(line)
+    for line in budget_lines(wf):
+        click.echo(line)
+
+
+def budget_lines(wf: workflows.Workflow) -> list[str]:
+    """`validate`'s lines on budgets: the run's, and the tasks' own (none set: no line)."""
+    lines = [f"run budget: {wf.spec.budget.describe()}"] if wf.spec.budget else []
+    own = [f"{name} {task.budget.describe()}" for name, task in wf.tasks.items() if task.budget]
+    if own:
+        lines.append(f"task budgets: {'; '.join(own)}")
+    return lines
 
 
 @main.command()
@@ -184,7 +202,7 @@ def list_(settings: Settings, limit: int, states: tuple[str, ...], as_json: bool
     from phibroker.runtime.client import Client
 
     with Client(settings) as client:
-        rows = client.list(limit, states)
+        rows = client.list(limit, states, spend=not as_json)  # `--json` rows keep their documented keys
     if as_json:
         click.echo(json.dumps(rows))
     elif rows:

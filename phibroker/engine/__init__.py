@@ -14,6 +14,7 @@ from phibroker.engine.transitions import (
     refuse,
     reopen,
     signal,
+    spend,
     start,
     wind_down,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "refuse",
     "reopen",
     "signal",
+    "spend",
     "start",
     "wind_down",
 ]

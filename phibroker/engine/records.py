@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from phibroker import wire
+from phibroker.engine import budgets
 from phibroker.errors import DecodeError
 
 
@@ -141,6 +142,7 @@ def status_document(
             "result": _decode(results.get(name), limit),
             "error": unit.get("error"),
             "history": attempts_of[name],
+            "spend": spend_of(unit.get("spent")),
         }
         parts = int(unit.get("parts") or 0)
         if parts:
@@ -193,8 +195,16 @@ def status_document(
         "error": meta.get("error"),
         "output": _decode(results.get(OUTPUT), limit),
         "parent": parent_of(meta),
+        "spend": spend_of(meta.get("spent")),
         "tasks": tasks,
     }
+
+
+def spend_of(kept: Any) -> dict[str, Any]:
+    """`{"tokens", "cost"}`: what a task or a run spent (`ctx.spend`; tokens are tokens + input + output),
+    from the sum the engine keeps as `"TOKENS COST"`."""
+    tokens, cost = budgets.parse(kept)
+    return {"tokens": tokens, "cost": cost}
 
 
 def parent_of(meta: dict[str, Any]) -> dict[str, Any] | None:

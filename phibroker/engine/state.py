@@ -297,6 +297,7 @@ class Run:
         for name in dropped:  # reset in Redis too: a child spawned again under this name starts afresh
             if name in self.units:
                 fresh = {"error": None, "finished": None, "stop": None, "spawned": None, "iteration": None}
+                fresh["exhausted"] = None
                 self.set(name, state="pending", deliberate=None, tries_before=None, **fresh)
 
     def fires_early(self, task: str) -> bool:

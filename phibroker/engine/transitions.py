@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from phibroker import wire
+from phibroker.engine import budgets
 from phibroker.engine.records import (
     OUTPUT,
     child_run_id,
@@ -85,10 +86,13 @@ def apply_result(run: Run, result: wire.Result, now: float) -> bool:
             run.record_attempt(
                 unit, now, reason, False, worker=result.worker, started=result.started, token=result.token
             )
+        if _result_spend(run, result, now):  # what it spent was spent all the same
+            advance(run, now)
         return False
     # What the start script wrote; the cache learns it from the result, Redis has it already.
     assert record is not None
     record.update(token=result.token, worker=result.worker, started=result.started)
+    _result_spend(run, result, now)
     task, partition, is_undo = split_unit(unit)
     error = None if result.ok else error_text(result.error)
     value: Any = None
@@ -109,10 +113,12 @@ def apply_result(run: Run, result: wire.Result, now: float) -> bool:
         except SpawnError as exc:
             error = f"SpawnError: {exc}"
     run.set(unit, answered=result.token)  # so a second copy of this result is known as one
-    if error is None:
+    exhausted = _exhausted_line(run, unit)  # past a `fail` budget: it fails whatever it answered
+    if error is None and exhausted is None:
         _unit_succeeded(run, unit, result, now, children)
     else:
         tb = (result.error or {}).get("traceback") if not result.ok else None
+        error = error or str(exhausted)
         _unit_failed(run, unit, error, now, retryable=result.retry, worker=result.worker, traceback=tb)
     advance(run, now)
     return True
@@ -224,6 +230,7 @@ def reopen(run: Run, now: float, from_task: str | None = None, request: str = ""
         run.shrink(dropped)
         again -= dropped
         tasks = run.workflow.tasks
+    _fresh_allowance(run, again)
     for task in again:
         parts = int(run.units.get(task, {}).get("parts") or 0)
         for unit in [task, *(unit_of(task, i) for i in range(parts))]:
@@ -260,6 +267,9 @@ def _downstream(run: Run, starts: list[str]) -> set[str]:
 def decide(run: Run, body: Mapping[str, Any], now: float) -> str | None:
     """An approval decision the coordinator already verified; returns why it was refused, or None."""
     task, request = body["task"], body["approval"]
+    if request and request == run.meta.get("budget_request"):
+        _decide_budget(run, body, now)
+        return None
     record = run.units.get(task, {})
     if run.state(task) != "running" or record.get("approval") != request:
         return "already decided"
@@ -338,11 +348,12 @@ def advance(run: Run, now: float) -> None:
     """Release what can run, decide what never will, and end the workflow when nothing is left."""
     if run.wf_state in WF_TERMINAL or run.wf_state == "compensating":
         return
-    while run.candidates and run._released < run.max_release:
+    held = bool(run.meta.get("budget_request"))  # a person decides on a budget: no new task starts meanwhile
+    while run.candidates and not held and run._released < run.max_release:
         task = run.candidates.pop()
         if run.state(task) == "pending":
             _consider(run, task, now)
-    if run.candidates:  # more than one transition may release: go on in the next one
+    if run.candidates and not held:  # more than one transition may release: go on in the next one
         run.tx.timers_add[timer_member("continue", run.id)] = now
         run.tx.bulk = True
     if run.open_tasks == 0:
@@ -355,7 +366,7 @@ def advance(run: Run, now: float) -> None:
             else:
                 _finish(run, "succeeded", now)
     if run.wf_state in ("running", "waiting_approval"):
-        gates = any(run.state(t) == "running" for t in run.workflow.gates)
+        gates = held or any(run.state(t) == "running" for t in run.workflow.gates)
         wanted = "waiting_approval" if gates else "running"
         if wanted != run.wf_state:
             run.set_meta(state=wanted)
@@ -538,6 +549,8 @@ def _dispatch_unit(run: Run, unit: str, now: float) -> None:
         message.retry_on = list(policy.retry_on)
     if run.meta.get("traceparent"):
         message.traceparent = str(run.meta["traceparent"])
+    if not is_undo:  # a budget never stops a compensation: what it spends only counts
+        message.budgets = _limits(run, task) or None
     try:
         raw = message.encode(run.limit)
     except (MessageTooLarge, TypeError) as exc:
@@ -725,6 +738,9 @@ def _children_settled(run: Run, task: str, now: float) -> None:
     if failed is not None:
         _task_failed(run, task, _child_error(run, failed, "failed"), now)
         return
+    if record.get("exhausted"):  # it passed a `fail` budget (a late report of its own handler's)
+        _task_failed(run, task, str(record["exhausted"]), now)
+        return
     if record.get("stop"):
         _cancel_task(run, task, now, str(record["stop"]), bool(record.get("deliberate")))
         return
@@ -803,6 +819,10 @@ def _unit_failed(
     record = run.unit(unit)
     if record.get("dispatch"):
         run.tx.timers_del.append(timer_member("deadline", run.id, unit, record["dispatch"]))
+    exhausted = _exhausted_line(run, unit)
+    if exhausted is not None:  # past a `fail` budget: it fails with the budget's line, never retried
+        _budget_failed(run, unit, exhausted, now, worker, traceback)
+        return
     if record.get("stop"):  # asked to stop, it did: cancelled, not failed, and not retried
         _stopped(run, unit, error, now, worker)
         return
@@ -856,6 +876,8 @@ def _retry_due(run: Run, unit: str, error: str, retryable: bool, now: float) -> 
     task, _, is_undo = split_unit(unit)
     if run.workflow.tasks[task].is_gate:  # a person's or a signal's answer is not retried
         return None
+    if error.startswith(("budget_exhausted", "BudgetExhausted")):  # whatever `retry_on` says
+        return None
     if run.wf_state == "cancelling" and not _failing(run):
         return None  # cancelled or timed out: nothing starts again
     policy = run.workflow.retry(task)
@@ -874,6 +896,10 @@ def _tries(record: Mapping[str, Any]) -> int:
 def _task_failed(run: Run, task: str, error: str, now: float) -> None:
     if run.state(task) in TASK_TERMINAL:
         return  # another unit of the task failed it already
+    _fail_task(run, task, error, now)
+
+
+def _fail_task(run: Run, task: str, error: str, now: float) -> None:
     run.set(task, state="failed", error=error, finished=now)
     run.event("task.failed", now, task, error=error)
     _task_terminal(run, task, now)
@@ -944,6 +970,7 @@ def wind_down(run: Run, outcome: str, now: float, reason: str, handlers: bool = 
     """
     error = {} if outcome == "succeeded" else {"error": reason}
     run.set_meta(outcome=outcome, state="cancelling", **error)
+    _close_budget_request(run)  # nothing new starts now anyway; failure handlers must not wait for it
     keep_pending = handlers and outcome == "failed"
     for task in run.workflow.tasks:
         state = run.state(task)
@@ -997,6 +1024,7 @@ def _finish(run: Run, state: str, now: float) -> None:
             run.store_result(OUTPUT, wire.pack(run.workflow.output.render(run.scope())))
         except (TypeError, ValueError, MessageTooLarge) as exc:  # an output that does not pack
             run.set_meta(output_error=f"{type(exc).__name__}: {exc}")
+    _close_budget_request(run)
     run.set_meta(state=state, finished_at=now)
     run.tx.timers_del.append(timer_member("wf_deadline", run.id))
     run.tx.timers_del.append(timer_member("continue", run.id))
@@ -1015,6 +1043,227 @@ def _handles_failure(rule: TriggerRule) -> bool:
 def _failing(run: Run) -> bool:
     """A run that failed and winds down: its failure handlers may still start."""
     return run.wf_state == "cancelling" and run.meta.get("outcome") == "failed"
+
+
+# -- budgets ---------------------------------------------------------------------------------------
+#
+# A task's `budget` bounds what that task spends (all its attempts, partitions and loop iterations
+# together); the file's top-level `budget` bounds what the whole run spends, every task included, those
+# with a budget of their own too. When one report passes both, the task's own acts. Passing a `fail`
+# limit fails the task (asked to stop; it fails when its worker answers). Passing an `ask` limit opens a
+# request, one at a time per run: meanwhile no new task starts (those running go on), approve raises
+# that limit by its file's size, reject leaves it where it is, acting as `fail` from then on.
+
+
+def spend(run: Run, body: Mapping[str, Any], now: float) -> bool:
+    """A running attempt's spend so far (`ctx.spend`: its totals, never a delta), counted for its unit,
+    its task and the run, then held against their budgets. A copy, or a report older than one taken,
+    changes nothing (False)."""
+    totals = budgets.reported(body.get("tokens"), body.get("cost"))
+    attempt, unit = body.get("attempt"), str(body.get("unit"))
+    if totals is None or type(attempt) is not int or not _record_spend(run, unit, attempt, totals):
+        return False
+    _check_budgets(run, unit, now)
+    advance(run, now)
+    return True
+
+
+def _result_spend(run: Run, result: wire.Result, now: float) -> bool:
+    """The final totals a result carries (the reports on the way may have been lost); True if they added any."""
+    given = result.spend or {}
+    totals = budgets.reported(given.get("tokens"), given.get("cost"))
+    attempt = given.get("attempt")
+    if totals is None or type(attempt) is not int or not _record_spend(run, result.unit, attempt, totals):
+        return False
+    _check_budgets(run, result.unit, now)
+    return True
+
+
+def _record_spend(run: Run, unit: str, attempt: int, totals: budgets.Spend) -> bool:
+    """Keep an attempt's totals on its unit and add what they add to its task's and the run's sums.
+    An attempt this run never dispatched is ignored (one a reclaim started since the run was read
+    moved its version: the commit fails, and the run read again knows it)."""
+    record = run.units.get(unit)
+    if record is None or not 0 < attempt <= int(record.get("attempt") or 0):
+        return False
+    merged = budgets.merge(record.get("spend"), attempt, totals)
+    if merged is None:
+        return False
+    detail, added = merged
+    task = split_unit(unit)[0]
+    run.set(unit, spend=detail)
+    run.set(task, spent=budgets.text(budgets.add(budgets.parse(run.unit(task).get("spent")), added)))
+    run.set_meta(spent=budgets.text(budgets.add(budgets.parse(run.meta.get("spent")), added)))
+    return True
+
+
+def _scopes(run: Run, task: str) -> list[tuple[str, Any, dict[str, Any]]]:
+    """(scope, budget, the record its state lives in) for the budgets over a task: its own, then the run's."""
+    spec = run.workflow.tasks.get(task)
+    found = [("task", spec.budget if spec else None, run.unit(task)), ("run", run.workflow.spec.budget, run.meta)]
+    return [(scope, budget, holder) for scope, budget, holder in found if budget is not None]
+
+
+def _standing(budget: Any, holder: dict[str, Any]) -> tuple[budgets.Spend, tuple[Any, Any], str]:
+    """What counts against a budget (spent since the run was last re-opened), its limit in force, and
+    what passing it does (`fail` once a person rejected raising it)."""
+    counted = budgets.less(budgets.parse(holder.get("spent")), budgets.parse(holder.get("budget_base")))
+    limit = budgets.limit_of(budget, int(holder.get("budget_raised") or 0))
+    return counted, limit, "fail" if holder.get("budget_refused") else str(budget.on_exceed)
+
+
+def _limits(run: Run, task: str) -> list[dict[str, Any]]:
+    """The budgets over a task as its task message carries them, for the worker's own check."""
+    out = []
+    for scope, budget, holder in _scopes(run, task):
+        counted, (tokens, cost), how = _standing(budget, holder)
+        out.append({"scope": scope, "on_exceed": how, "tokens": tokens, "cost": cost, "spent": list(counted)})
+    return out
+
+
+def _check_budgets(run: Run, unit: str, now: float) -> None:
+    """Act on the first budget over the unit's task that is passed now (the task's own first): `fail`
+    stops and fails the task; `ask` opens a request unless one is open already, and then the next
+    budget passed acts instead (in a failed run winding down, `ask` acts as `fail`). A compensation is
+    never stopped by a budget; nor is a task that ended, nor one of a run that is being cancelled."""
+    task, _, is_undo = split_unit(unit)
+    enforcing = run.wf_state in ("running", "waiting_approval") or _failing(run)
+    if is_undo or not enforcing or run.state(task) in TASK_TERMINAL or task not in run.workflow.tasks:
+        return
+    for scope, budget, holder in _scopes(run, task):
+        counted, limit, how = _standing(budget, holder)
+        line = budgets.over(counted, limit)
+        if line is None:
+            continue
+        if how == "fail" or run.wf_state == "cancelling":  # a failed run's handlers cannot wait for a person
+            _exhaust(run, task, f"budget_exhausted: {line}", now)
+            return
+        if not run.meta.get("budget_request"):
+            _ask_budget(run, scope, task, line, now)
+            return
+
+
+def _exhaust(run: Run, task: str, line: str, now: float) -> None:
+    """A `fail` budget is passed: the task's live units are asked to stop (their workers are told at
+    once), and it fails with `line` when none is live any more."""
+    record = run.unit(task)
+    if record.get("exhausted"):
+        return
+    run.set(task, exhausted=line)
+    if record.get("spawned"):  # its handler is done, its children stop; it fails once they have
+        _stop_task(run, task, now, line)
+        return
+    parts = int(record.get("parts") or 0)
+    units = [unit_of(task, i) for i in range(parts)] if parts else [task]
+    for unit in units:
+        _stop_unit(run, unit, now, line)
+    if not any(run.state(u) in UNIT_LIVE for u in units):  # none had started, or it waited to retry
+        _fail_task(run, task, line, now)  # not `_task_failed`: a plain task's unit was just marked cancelled
+
+
+def _exhausted_line(run: Run, unit: str) -> str | None:
+    """`budget_exhausted: ...` if the unit's task passed a `fail` budget (never for a compensation)."""
+    task, _, is_undo = split_unit(unit)
+    line = None if is_undo else run.units.get(task, {}).get("exhausted")
+    return str(line) if line else None
+
+
+def _budget_failed(
+    run: Run, unit: str, line: str, now: float, worker: str | None = None, traceback: str | None = None
+) -> None:
+    """A unit of a task past its `fail` budget answered, or was given up on: it fails with the budget's
+    line, and its task too once none of its units is live."""
+    task, partition, _ = split_unit(unit)
+    extra: dict[str, Any] = {"traceback": traceback} if traceback else {}
+    run.record_attempt(unit, now, line, True, **({"worker": worker} if worker else {}), **extra)
+    if partition is not None:
+        run.set(unit, state="failed", error=line, finished=now)
+        if any(run.state(unit_of(task, i)) in UNIT_LIVE for i in range(int(run.units[task]["parts"]))):
+            return
+    _task_failed(run, task, line, now)
+
+
+def _ask_budget(run: Run, scope: str, task: str, line: str, now: float) -> None:
+    """An `ask` budget is passed: a request, decided like any approval (`phibroker approve ID`), names the
+    task whose report passed it; the run waits at it."""
+    request = wire.new_id()
+    message = f"budget exceeded: {line} ({f'task {task}' if scope == 'task' else 'the run'}'s budget)"
+    run.set_meta(budget_request=request, budget_ask=json.dumps({"scope": scope, "task": task, "line": line}))
+    run.tx.approvals_set[request] = wire.pack(
+        {
+            "id": request,
+            "workflow": run.id,
+            "task": task,
+            "message": message,
+            "deadline": None,
+            "approvers": [],
+            "requested_at": now,
+            "budget": scope,
+        }
+    )
+    run.event("approval.requested", now, task, approval=request, message=message, approvers=[], budget=scope)
+
+
+def _decide_budget(run: Run, body: Mapping[str, Any], now: float) -> None:
+    """A budget request decided: approve raises the limit passed by its file's size and work goes on
+    (asked again at once if what was spent meanwhile passes the new one: the task's, if it still runs,
+    the run's in any case); reject keeps the limit, which acts as `fail` from then on, and the task that
+    passed it fails."""
+    request = str(body["approval"])
+    ask = json.loads(str(run.meta.get("budget_ask") or "{}"))
+    scope, task = ask.get("scope"), str(ask.get("task"))
+    _close_budget_request(run)
+    holder = run.unit(task) if scope == "task" else run.meta
+    change = (lambda **values: run.set(task, **values)) if scope == "task" else run.set_meta
+    signed = str(body.get("signature", ""))[:16]  # lets the deciding client find its own verdict
+    who = {"approval": request, "approver": body["approver"], "decision": signed, "budget": scope}
+    if body["decision"] == "approve":
+        run.event("approval.granted", now, task, **who)
+        change(budget_raised=int(holder.get("budget_raised") or 0) + 1)
+        if task in run.workflow.tasks and run.state(task) not in TASK_TERMINAL:
+            _check_budgets(run, task, now)
+        elif scope == "run":  # the run's tasks to come would spend past it: ask again now, not then
+            counted, limit, _ = _standing(run.workflow.spec.budget, run.meta)
+            line = budgets.over(counted, limit)
+            if line is not None:
+                _ask_budget(run, "run", task, line, now)
+    else:
+        run.event("approval.rejected", now, task, reason=body.get("reason"), **who)
+        change(budget_refused=1)
+        if task in run.workflow.tasks:
+            _budget_refused(run, task, f"budget_exhausted: {ask.get('line')}", now)
+    advance(run, now)
+
+
+def _budget_refused(run: Run, task: str, line: str, now: float) -> None:
+    """A person would not raise the budget the task passed: it fails as past a `fail` one. Still live,
+    it is asked to stop; succeeded meanwhile, it fails now (nothing after it started: the run held)."""
+    if run.state(task) not in TASK_TERMINAL:
+        _exhaust(run, task, line, now)
+    elif run.state(task) == "succeeded":
+        run.set(task, state="failed", error=line)
+        run.event("task.failed", now, task, error=line)
+        if run.workflow.spec.failure == "fail_fast" and run.wf_state in ("running", "waiting_approval"):
+            wind_down(run, "failed", now, reason=f"task {task} failed: {line}")
+
+
+def _close_budget_request(run: Run) -> None:
+    request = run.meta.get("budget_request")
+    if request:
+        run.tx.approvals_del.append(str(request))
+        run.set_meta(budget_request=None, budget_ask=None)
+
+
+def _fresh_allowance(run: Run, tasks: set[str]) -> None:
+    """A re-opened run counts spend against its budgets afresh (what was spent stays in the sums):
+    its own budget and those of the tasks that run again, with no raise and no refusal left."""
+    fresh = {"budget_raised": None, "budget_refused": None}
+    if run.workflow.spec.budget is not None:
+        run.set_meta(budget_base=budgets.text(budgets.parse(run.meta.get("spent"))), **fresh)
+    for task in tasks:
+        record = run.units.get(task, {})
+        if record.get("spent") or record.get("exhausted"):
+            run.set(task, budget_base=budgets.text(budgets.parse(record.get("spent"))), exhausted=None, **fresh)
 
 
 # -- sub-workflows ---------------------------------------------------------------------------------

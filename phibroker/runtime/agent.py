@@ -19,14 +19,19 @@ from typing import TYPE_CHECKING, Any
 
 from phibroker import wire
 from phibroker.engine import records
+from phibroker.engine.budgets import Spend, exhausted, reported
 from phibroker.engine.records import describe_exception
-from phibroker.errors import MessageTooLarge, Retryable
+from phibroker.errors import BudgetExhausted, MessageTooLarge, Retryable
 from phibroker.workflow import load as load_workflow
 
 if TYPE_CHECKING:
     from phibroker.runtime.output import AttemptOutput
 
 Handler = Callable[..., Any]
+# Told of each `ctx.spend` call, on the handler's thread: the context (its `usage`, the totals so far),
+# and what this call added as (tokens + input + output, cost). The worker sends a `spend` message.
+SpendReporter = Callable[["Context", int, float], None]
+USAGE_KEYS = ("tokens", "input_tokens", "output_tokens", "cost")
 
 STREAM_CHUNK_LIMIT = 64 * 1024  # bytes of one `ctx.stream` chunk, packed
 # The output of the attempt whose handler runs here (its thread, or its asyncio tasks): where its log
@@ -103,6 +108,11 @@ class Context:
     last_heartbeat: float = field(default_factory=time.time)
     output: AttemptOutput | None = None  # the run's output stream, given by the worker
     streamed: list[Any] = field(default_factory=list)  # with no worker (a handler called by a test): the chunks
+    # what `ctx.spend` reported so far in this attempt: tokens, input_tokens, output_tokens, cost
+    usage: dict[str, Any] = field(default_factory=lambda: dict.fromkeys(USAGE_KEYS, 0))
+    budgets: list[dict[str, Any]] = field(default_factory=list)  # the limits over it (the task message's)
+    reporter: SpendReporter | None = None  # tells the coordinators of each report, given by the worker
+    _spending: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def for_message(cls, message: wire.TaskMessage, token: int) -> Context:
@@ -122,6 +132,7 @@ class Context:
             dispatch_id=message.id,
             iteration=message.iteration,
             previous=message.previous,
+            budgets=list(message.budgets or []),
         )
 
     @property
@@ -143,6 +154,32 @@ class Context:
             return
         wire.pack_limited(chunk, STREAM_CHUNK_LIMIT, f"a chunk streamed by {self.unit}")
         self.streamed.append(chunk)
+
+    def spend(self, tokens: int = 0, input_tokens: int = 0, output_tokens: int = 0, cost: float = 0.0) -> None:
+        """Report what this attempt used just now (an LLM call's tokens, its price), as it happens: it
+        counts against the task's and the run's `budget` (tokens are tokens + input + output) and shows
+        in `status`. The call that passes a `fail` budget raises BudgetExhausted and sets `ctx.cancelled`
+        (so does any call after it); past an `ask` budget the run waits for a person while this goes on."""
+        added = {"tokens": tokens, "input_tokens": input_tokens, "output_tokens": output_tokens, "cost": cost}
+        for name, value in added.items():
+            sane = type(value) is int or (name == "cost" and type(value) is float)
+            if not sane or value < 0 or (name == "cost" and reported(0, value) is None):
+                kind = "a number" if name == "cost" else "a whole number"
+                raise ValueError(f"ctx.spend: {name} must be {kind}, 0 or more (got {value!r})")
+        with self._spending:
+            for name, value in added.items():
+                self.usage[name] += value
+            if self.reporter is not None:
+                self.reporter(self, tokens + input_tokens + output_tokens, float(cost))
+            line = exhausted(self.budgets, self.spent())
+        if line is not None:
+            self.cancelled.set()
+            raise BudgetExhausted(line)
+
+    def spent(self) -> Spend:
+        """This attempt's totals as budgets count them: (tokens + input + output, cost)."""
+        usage = self.usage
+        return usage["tokens"] + usage["input_tokens"] + usage["output_tokens"], round(float(usage["cost"]), 9)
 
     def emit(self, type_: str, data: Any = None) -> None:
         """An event published with this attempt's result, and only if that result is applied."""
@@ -276,6 +313,7 @@ class Outcome:
 
     def result(self, ctx: Context, worker: str) -> wire.Result:
         """The result message of the attempt `ctx` ran; a failed attempt's events are never published."""
+        tokens, cost = ctx.spent()
         return wire.Result(
             id=ctx.dispatch_id,
             wf=ctx.workflow_id,
@@ -291,6 +329,7 @@ class Outcome:
             events=ctx.events if self.ok else [],
             signals=ctx.signals if self.ok else [],
             spawns=ctx.spawns if self.ok else [],
+            spend={"attempt": ctx.attempt, "tokens": tokens, "cost": cost} if tokens or cost else None,
         )
 
 
@@ -384,9 +423,10 @@ def finish(value: Any, started: float, limit: int, what: str) -> Outcome:
 
 def failure(exc: BaseException, started: float, cancelled: bool = False) -> Outcome:
     """A failed attempt. One that was asked to stop (`cancelled`) fails as `Cancelled`, whatever it
-    raised on its way out (asyncio.CancelledError for an async handler), and asks for no retry."""
+    raised on its way out (asyncio.CancelledError for an async handler), and asks for no retry; but
+    BudgetExhausted, which asked for that stop itself, stays what it is."""
     error = describe_exception(exc)
-    if cancelled:
+    if cancelled and not isinstance(exc, BudgetExhausted):
         raised = error["type"] + (f": {error['message']}" if error["message"] else "")
         error = {**error, "type": "Cancelled", "message": f"asked to stop (the handler raised {raised})"}
     return Outcome(

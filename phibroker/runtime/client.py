@@ -336,16 +336,18 @@ class Client:
             with reaching(self.settings):
                 self.broker.wait_done(wf_id, remaining)
 
-    def stream(self, wf_id: str, task: str | None = None, follow: bool = False) -> Iterator[dict[str, Any]]:
+    def stream(
+        self, wf_id: str, task: str | None = None, follow: bool = False, after: str = "0-0"
+    ) -> Iterator[dict[str, Any]]:
         """The run's output in order, from its start: what its handlers streamed (`kind: chunk`) and
         logged (`log`, `data` = `{"level", "logger", "message"}`), and its events (`event`, `data` = the
         event). Each record is a dict with `kind`, `task`, `unit`, `partition`, `attempt`, `seq` (per
-        attempt, from 1; None for events), `data` and `ts`. Kept as long as the run. `follow` waits for
-        more until the run ends; `task` keeps that task's records only."""
+        attempt, from 1; None for events), `data`, `ts` and `id` (its stream entry's id; the events of
+        one state change share one). Kept as long as the run. `follow` waits for
+        more until the run ends; `task` keeps that task's records only; `after` starts past that entry."""
         with reaching(self.settings):
             if self.broker.run_state(wf_id) is None:
                 raise UnknownWorkflow(wf_id)
-        after = "0-0"
         seen: set[str] = set()  # event ids: a worker may write a task's start twice
         while True:
             with reaching(self.settings):  # the end's events are written with it: read them after this
@@ -370,12 +372,13 @@ class Client:
         self, entries: list[tuple[str, str, bytes]], task: str | None, seen: set[str]
     ) -> Iterator[dict[str, Any]]:
         limit = self.settings.max_message_bytes * 4
-        for _, kind, raw in entries:
+        for entry_id, kind, raw in entries:
             try:
                 records = output_records(kind, raw, limit)
             except DecodeError:
                 continue  # a damaged entry: the rest still reads
             for record in records:
+                record["id"] = entry_id  # where it is in the stream: a reader resumes after it
                 if task is not None and record["task"] != task:
                     continue
                 if record["kind"] == "event":
@@ -416,12 +419,13 @@ class Client:
             )
         return gaps
 
-    def list(self, limit: int = 50, states: Collection[str] = ()) -> list[dict[str, Any]]:
+    def list(self, limit: int = 50, states: Collection[str] = (), spend: bool = False) -> list[dict[str, Any]]:
         """Recent workflows, newest first, only those in `states` if any are named. Each row is
         `{"id", "name", "state", "created_at", "finished_at", "parent"}`; `parent` is `{"id", "task"}` for
-        a child run that a `workflow:` task started, else null."""
+        a child run that a `workflow:` task started, else null. With `spend`, rows add `"spend": {"tokens",
+        "cost"}`, what the run spent (`ctx.spend`)."""
         with reaching(self.settings):
-            return Views(self.broker).recent_workflows(limit, states)
+            return Views(self.broker).recent_workflows(limit, states, spend)
 
 
 _PAGE = 1000  # output entries read at once

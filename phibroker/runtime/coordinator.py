@@ -301,6 +301,14 @@ class Coordinator:
             if refusal:
                 ops[wf_id].append(("refused", {**message.body, "refusal": refusal}))
                 return 1
+        if message.kind == "spend":  # a worker's, like results: signed by its agent when identities are set
+            refusal = self.gate.check_sender(message)
+            if refusal:
+                log.warning("dead-lettering inbox entry %s: %s", entry.id, refusal)
+                self.broker.dead_letter(refusal, entry.raw, stream, entry.id)
+                return 0
+            ops[wf_id].append(("spend", (message.body, message.agent)))
+            return 1
         ops[wf_id].append((message.kind, message.body))
         return 1
 
@@ -394,6 +402,13 @@ class Coordinator:
             engine.apply_result(run, result, now)
         elif kind == "timer":
             engine.apply_timer(run, body, now)
+        elif kind == "spend":  # a running attempt's totals so far (ctx.spend)
+            report, sender = body
+            if self.gate.identities and state.unit_agent(run.workflow, str(report["unit"])) != sender:
+                reason = f"forged spend: agent {sender!r} reported for {report['unit']!r} of another agent"
+                self.broker.dead_letter(reason, wire.pack(report), self.keys.results, str(report.get("dispatch")))
+                return
+            engine.spend(run, report, now)
         elif kind in ("submit", "kick"):
             refusal = self.gate.check_start(run.meta) or self._orphaned(run)
             if refusal:

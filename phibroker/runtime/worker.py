@@ -298,6 +298,7 @@ class Worker:
                 ctx.attempt += token - 1  # each reclaim of this dispatch started a run of its own
                 event = self._started_event(message, token, ctx.attempt)
                 ctx.output = AttemptOutput(self.broker, self.settings, ctx, event)  # ctx.stream, its log records
+                ctx.reporter = self._report_spend
                 runnable.append(Running(item, ctx))
                 started.append(event)
         for stream, ids in stale.items():
@@ -334,6 +335,22 @@ class Worker:
         if running.item.stream != self.bulk or not self.slots.busy:
             self.settler.settle_queued()
         # else the settler sends it, with those of the handlers still running (see Settler.settle_loop)
+
+    def _report_spend(self, ctx: Context, tokens: int, cost: float) -> None:
+        """A `ctx.spend` call, on its handler's thread: counted in the metrics, and the attempt's totals
+        sent to the coordinators at once, signed like results. One Redis does not take now is dropped
+        with a warning: the attempt's result carries its final totals."""
+        if self.telemetry is not None:
+            self.telemetry.spent(self.agent.name, tokens, cost)
+        total_tokens, total_cost = ctx.spent()
+        body = {"wf": ctx.workflow_id, "unit": ctx.unit, "dispatch": ctx.dispatch_id, "attempt": ctx.attempt}
+        body.update(tokens=total_tokens, cost=total_cost)
+        secret = self.settings.agent_secret.encode() if self.settings.agent_secret else None
+        message = wire.Inbox(kind="spend", body=body, agent=self.agent.name)
+        try:
+            self.broker.add(self.keys.results, message.encode(self.settings.max_message_bytes, secret))
+        except CONNECTION_ERRORS as exc:
+            log.warning("spend of %s/%s not sent now (%s); its result carries it", ctx.workflow_id, ctx.unit, exc)
 
     def _ours(self, items: list[Fetched]) -> list[Fetched]:
         """What the settler may ack: the items still pending on us (see Ownership)."""

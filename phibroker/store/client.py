@@ -54,19 +54,23 @@ class ClientStore(Connection):
         return self.redis.blmove(key, key, timeout=max(0.01, timeout), src="RIGHT", dest="LEFT") is not None
 
     def approvals(self) -> dict[str, dict[str, Any]]:
-        """Open approval requests: those whose gate still waits on them. The table is cleaned after the
-        transition that decided or timed out a gate, so a request seen there may already be closed."""
+        """Open approval requests: those whose gate still waits on them, or whose run waits on them (a
+        passed `ask` budget). The table is cleaned after the transition that decided or timed out a
+        request, so a request seen there may already be closed."""
         raw = self.redis.hgetall(self.keys.approvals)
         requests = {k.decode(): wire.unpack(v, self.settings.max_message_bytes) for k, v in raw.items()}
         pipe = self.redis.pipeline(transaction=False)
         for request in requests.values():
-            task = request.get("task")
-            pipe.hmget(self.keys.wf_tasks(str(request.get("workflow"))), f"{task}|state", f"{task}|approval")
+            task, wf_id = request.get("task"), str(request.get("workflow"))
+            if request.get("budget"):
+                pipe.hmget(self.keys.wf(wf_id), "state", "budget_request")
+            else:
+                pipe.hmget(self.keys.wf_tasks(wf_id), f"{task}|state", f"{task}|approval")
         gates = pipe.execute() if requests else []
         return {
             request_id: request
             for (request_id, request), (state, waits_on) in zip(requests.items(), gates, strict=True)
-            if state == b"running" and waits_on == request_id.encode()
+            if state in (b"running", b"waiting_approval") and waits_on == request_id.encode()
         }
 
     def last_event_id(self) -> str:

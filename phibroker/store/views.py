@@ -11,6 +11,7 @@ from collections.abc import Collection, Sequence
 from typing import Any
 
 from phibroker import wire
+from phibroker.engine.records import spend_of
 from phibroker.errors import DecodeError
 from phibroker.keys import WORKERS_GROUP
 from phibroker.store.connection import Connection, parse_leases, parse_meta, parse_units, parse_value
@@ -60,10 +61,11 @@ class Views:
             "approvals_total": int(n_approvals),
         }
 
-    def recent_workflows(self, limit: int, states: Collection[str] = ()) -> list[dict[str, Any]]:
+    def recent_workflows(self, limit: int, states: Collection[str] = (), spend: bool = False) -> list[dict[str, Any]]:
         """Up to `limit` runs, newest first: id, name, state, created_at, finished_at, parent (`{"id",
-        "task"}` of a child run's parent, else None). With `states`, only runs in one of them: the index is
-        read a page at a time until enough are found or it ends."""
+        "task"}` of a child run's parent, else None), and with `spend` what each spent (`{"tokens",
+        "cost"}`). With `states`, only runs in one of them: the index is read a page
+        at a time until enough are found or it ends."""
         page = limit if not states else max(limit, 500)
         rows: list[dict[str, Any]] = []
         start = 0
@@ -71,13 +73,15 @@ class Views:
             ids = [i.decode() for i in self.redis.zrevrange(self.keys.workflows, start, start + page - 1)]
             pipe = self.redis.pipeline(transaction=False)
             for wf_id in ids:
-                pipe.hmget(self.keys.wf(wf_id), *_ROW_FIELDS, *_PARENT_FIELDS)
+                pipe.hmget(self.keys.wf(wf_id), *_ROW_FIELDS, *_PARENT_FIELDS, *(("spent",) if spend else ()))
             for wf_id, values in zip(ids, pipe.execute() if ids else [], strict=True):
                 if values[0] is None:
                     continue  # expired by retention; maintenance trims the index
                 row = {n: None if v is None else parse_value(n, v) for n, v in zip(_ROW_FIELDS, values, strict=False)}
-                parent, task = values[len(_ROW_FIELDS) :]
+                parent, task = values[len(_ROW_FIELDS) : len(_ROW_FIELDS) + 2]
                 row["parent"] = {"id": parent.decode(), "task": task.decode() if task else None} if parent else None
+                if spend:
+                    row["spend"] = spend_of(values[-1].decode() if values[-1] else None)
                 if not states or row["state"] in states:
                     rows.append({"id": wf_id, **row})
             if len(ids) < page:
@@ -88,7 +92,7 @@ class Views:
     def workflow_heads(self, wf_ids: Sequence[str]) -> list[dict[str, Any]]:
         """Per workflow: its meta fields but the spec, how many unit fields it holds and how big its
         spec is, so the caller can bound what it reads next. Empty for an unknown workflow."""
-        names = ("name", "state", "created_at", "finished_at", "deadline", "seq", "error")
+        names = ("name", "state", "created_at", "finished_at", "deadline", "seq", "error", "spent")
         pipe = self.redis.pipeline(transaction=False)
         for wf_id in wf_ids:
             pipe.hmget(self.keys.wf(wf_id), *names)

@@ -6,6 +6,7 @@ Each is a read-only reader plus a pure function over what it read — `agents()`
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -175,6 +176,8 @@ def explain(facts: Facts) -> list[str]:
         lines.append("not started yet: no coordinator has taken its submit")
     if state == "cancelling":
         lines.append(_cancelling(facts))
+    if meta.get("budget_request"):
+        lines.append(_budget_request(meta))
     for unit in live_units(facts):
         stop = facts.units[unit].get("stop")
         lines.append(_unit_blocker(facts, unit) + (f"; asked to stop: {stop}" if stop else ""))
@@ -188,6 +191,17 @@ def explain(facts: Facts) -> list[str]:
     if len(lines) == 1:
         lines.append("nothing is live or waiting: the coordinator has yet to apply its last change")
     return lines
+
+
+def _budget_request(meta: dict[str, Any]) -> str:
+    """A passed `ask` budget: no new task starts until someone decides."""
+    try:
+        ask = json.loads(str(meta.get("budget_ask") or "{}"))
+    except ValueError:
+        ask = {}
+    whose = f"task {ask.get('task')}'s budget" if ask.get("scope") == "task" else "the run's budget"
+    request = meta["budget_request"]
+    return f"{whose} is passed ({ask.get('line')}): no new task starts until phibroker approve {request} (or reject)"
 
 
 def _cancelling(facts: Facts) -> str:

@@ -7,6 +7,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from phibroker.workflow.spec import plain
+
 STATE_STYLES: dict[str, str] = {
     "succeeded": "green",
     "failed": "bold red",
@@ -27,7 +29,7 @@ STATE_STYLES: dict[str, str] = {
 
 def task_notes(task: Mapping[str, Any], max_iterations: int | None = None, spawned: int = 0) -> list[str]:
     """What a task's state alone does not tell (a `status --json` row): its loop's iteration, the
-    signal it waits for, its child run, the children it spawned, and a stop it was asked for."""
+    signal it waits for, its child run, the children it spawned, what it spent, and a stop it was asked for."""
     notes = []
     if task.get("iterations"):
         notes.append(f"iteration {task['iterations']}" + (f"/{max_iterations}" if max_iterations else ""))
@@ -37,9 +39,19 @@ def task_notes(task: Mapping[str, Any], max_iterations: int | None = None, spawn
         notes.append(f"child run {task['child']}")
     if spawned:
         notes.append(f"spawned {spawned}")
+    if spend_text(task.get("spend")):
+        notes.append(f"spent {spend_text(task.get('spend'))}")
     if task.get("stopping"):
         notes.append(f"stopping: {task['stopping']}")
     return notes
+
+
+def spend_text(spend: Mapping[str, Any] | None) -> str:
+    """`120512 tokens, cost 0.42` (a `status --json` "spend"), the part that is not zero; "" for nothing."""
+    spend = spend or {}
+    parts = [f"{spend['tokens']} tokens" if spend.get("tokens") else ""]
+    parts.append(f"cost {plain(spend['cost'])}" if spend.get("cost") else "")
+    return ", ".join(p for p in parts if p)
 
 
 def task_tree(names: Iterable[str]) -> list[tuple[str, int, int]]:

@@ -22,7 +22,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from phibroker.engine.records import split_unit
+from phibroker.engine.records import spend_of, split_unit
 from phibroker.engine.state import TASK_TERMINAL, UNIT_LIVE, WF_TERMINAL
 from phibroker.errors import UnknownWorkflow
 from phibroker.settings import Settings
@@ -30,7 +30,7 @@ from phibroker.store.client import ClientStore
 from phibroker.store.connection import CONNECTION_ERRORS, reaching
 from phibroker.store.views import Views
 from phibroker.tools.styles import STATE_STYLES as STYLES
-from phibroker.tools.styles import task_notes, task_tree
+from phibroker.tools.styles import spend_text, task_notes, task_tree
 from phibroker.workflow import dag
 from phibroker.workflow.spec import Loop, parse_duration
 
@@ -166,6 +166,7 @@ class WorkflowRow:
     elapsed: float
     eta: float | None  # seconds; None: unknown
     gated: bool = False  # the ETA leaves out a human decision
+    spent: str = ""  # what it spent (ctx.spend), `120512 tokens, cost 0.42`; "" for nothing
 
 
 @dataclass(frozen=True)
@@ -303,7 +304,7 @@ def task_rows(plan: Plan, units: Mapping[str, Mapping[str, Any]]) -> list[TaskRo
         parts = [units.get(f"{name}#{i}", {}) for i in range(int(unit.get("parts") or 0))]
         if state == "ready" and any(p.get("state") == "running" for p in parts):
             state = "running"
-        view: dict[str, Any] = {"child": unit.get("child")}
+        view: dict[str, Any] = {"child": unit.get("child"), "spend": spend_of(unit.get("spent"))}
         if name in plan.loops and unit.get("attempt"):
             view["iterations"] = int(unit.get("iteration") or 1)
         if name in plan.signals and state == "running":
@@ -323,15 +324,16 @@ def _workflow_row(
 ) -> WorkflowRow:
     state = str(head.get("state") or "?")
     elapsed = max(0.0, (head.get("finished_at") or now) - (head.get("created_at") or now))
+    spent = spend_text(spend_of(head.get("spent")))
     if plan is None or units is None:  # too big to read whole: tasks succeeded so far, no ETA
         total = len(plan.deps) if plan else None
-        return WorkflowRow(wf_id, state, int(head.get("seq") or 0), total, elapsed, None)
+        return WorkflowRow(wf_id, state, int(head.get("seq") or 0), total, elapsed, None, spent=spent)
     tasks = [*plan.deps, *spawned_tasks(plan, units)]
     done = sum(1 for t in tasks if units.get(t, {}).get("state") in TASK_TERMINAL)
     if state in WF_TERMINAL:
-        return WorkflowRow(wf_id, state, done, len(tasks), elapsed, 0.0)
+        return WorkflowRow(wf_id, state, done, len(tasks), elapsed, 0.0, spent=spent)
     eta, gated = remaining_time(plan, units, now)
-    return WorkflowRow(wf_id, state, done, len(tasks), elapsed, eta, gated)
+    return WorkflowRow(wf_id, state, done, len(tasks), elapsed, eta, gated, spent)
 
 
 def spawned_tasks(plan: Plan, units: Mapping[str, Any]) -> list[str]:
@@ -497,7 +499,9 @@ def _agents_table(snap: Snapshot) -> Table:
 
 def _workflows_table(snap: Snapshot, rows: Sequence[WorkflowRow]) -> Table:
     title = f"Workflows ({snap.running_total} running)" if not snap.note else "Workflows"
-    table = _table(title, "workflow:12", "state:7-16", "progress:4-12", "done:n", "elapsed:n", "ETA:n9")
+    spending = any(w.spent for w in rows)  # a column only when some run reports what it spends
+    columns = ["workflow:12", "state:7-16", "progress:4-12", "done:n", "elapsed:n", "ETA:n9"]
+    table = _table(title, *columns, *(["spent:6-30"] if spending else []))
     for w in rows:
         total = w.total if w.total is not None else 0
         bar = ProgressBar(total=max(1, total), completed=w.done if total else 0, width=None)
@@ -508,7 +512,8 @@ def _workflows_table(snap: Snapshot, rows: Sequence[WorkflowRow]) -> Table:
             eta = Text("ended", "dim")
         else:
             eta = Text(span(w.eta) + ("+gate" if w.gated else ""))
-        _row(table, _Middle(w.id), Text(w.state, STYLES.get(w.state, "")), bar, done, span(w.elapsed), eta)
+        cells = [_Middle(w.id), Text(w.state, STYLES.get(w.state, "")), bar, done, span(w.elapsed), eta]
+        _row(table, *cells, *([w.spent] if spending else []))
     hidden = snap.running_total - len(rows)
     if not rows:
         _row(table, Text("none running", "dim"))

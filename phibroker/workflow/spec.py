@@ -157,6 +157,33 @@ class Signal:
 
 @with_config(_FORBID)
 @dataclass(slots=True)
+class Budget:
+    """What a task, or a whole run, may spend (`ctx.spend`): tokens (tokens + input + output), cost, or
+    both; past a limit the task fails (`fail`) or the run waits for a person (`ask`)."""
+
+    tokens: Annotated[int, Field(ge=1, strict=True)] | None = None
+    cost: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    on_exceed: Literal["fail", "ask"] = "fail"
+
+    def __post_init__(self) -> None:
+        if self.tokens is None and self.cost is None:
+            raise ValueError("give tokens, cost or both")
+
+    def describe(self) -> str:
+        """`tokens 100000, cost 5 (fail)`: what `validate` shows."""
+        limits = [f"{kind} {plain(value)}" for kind, value in (("tokens", self.tokens), ("cost", self.cost)) if value]
+        return f"{', '.join(limits)} ({self.on_exceed})"
+
+
+def plain(number: float) -> str:
+    """A number as people write it: `120512`, `0.42`, never `1.2e+05` nor `0.30000000000000004`."""
+    if float(number).is_integer():
+        return str(int(number))
+    return repr(round(float(number), 9))
+
+
+@with_config(_FORBID)
+@dataclass(slots=True)
 class AtLeast:
     """`trigger: {at_least: K}`: a quorum, run once K upstreams succeeded."""
 
@@ -192,6 +219,7 @@ class Task:
     # a sub-workflow: a file (relative to this one) when written, the embedded workflow once submitted
     workflow: str | dict[str, Any] | None = None
     params: dict[str, Any] = field(default_factory=dict)  # the sub-workflow's, templated
+    budget: Budget | None = None  # what this task may spend, all its attempts together
 
     @property
     def is_gate(self) -> bool:
@@ -228,6 +256,7 @@ class WorkflowSpec:
     output: Any = None  # the run's result, templated over its tasks: `status --json` "output"
     defaults: Defaults = field(default_factory=Defaults)
     on: EventTrigger | None = None
+    budget: Budget | None = None  # what the whole run may spend, every task together
 
 
 _SPEC = TypeAdapter(WorkflowSpec)
@@ -285,7 +314,7 @@ def _kind_problem(task: Task) -> str | None:
         return f"a task is one of: agent task, {', '.join(_KINDS.values())} (this one has {' and '.join(kinds)})"
     if kinds:
         allowed = {"loop"} if kinds == ["workflow"] else set()
-        extra = [f for f in ("agent", "command", "map", "compensate", "expect", "loop") if getattr(task, f)]
+        extra = [f for f in ("agent", "command", "map", "compensate", "expect", "loop", "budget") if getattr(task, f)]
         extra = [f for f in extra if f not in allowed]
         if extra:
             return f"{_KINDS[kinds[0]]} takes no {', '.join(extra)}"
@@ -318,6 +347,8 @@ _SECTIONS: dict[tuple[str, ...], type] = {
     ("tasks", "*", "trigger"): AtLeast,
     ("tasks", "*", "loop"): Loop,
     ("tasks", "*", "signal"): Signal,
+    ("tasks", "*", "budget"): Budget,
+    ("budget",): Budget,
     ("defaults",): Defaults,
     ("defaults", "retry"): RetryOverride,
     ("on",): EventTrigger,
