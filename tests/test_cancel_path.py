@@ -221,3 +221,20 @@ def test_the_heartbeat_reads_a_stop_reason_and_spares_a_failure_handler(settings
     assert unwanted(asked, ctx, now=0) and not unwanted(cancelling, ctx, now=0)
     assert not unwanted(asked._replace(stop=None), ctx, now=0)
     assert unwanted(asked._replace(stop=None, dispatch="d2"), ctx, now=0)
+
+
+def test_a_cancel_read_with_the_submit_cancels_the_run(procs: Processes, client: Client, tmp_path: Path) -> None:
+    """A run cancelled right after its submit: the coordinator reads both in one round (here it starts
+    after both were sent), releases the first task and cancels it in the same transition."""
+    path = tmp_path / "flow.yaml"
+    path.write_text(
+        "name: quick\ntasks:\n  Work: {agent: nobody, command: work}\n  Then: {agent: nobody, command: work, depends_on: [Work]}\n"
+    )
+    ids = [client.submit(path) for _ in range(5)]
+    for wf_id in ids:
+        client.cancel(wf_id)
+    procs.coordinator()
+    for wf_id in ids:
+        status = client.wait(wf_id, timeout=30)
+        assert status["state"] == "cancelled", procs.output()
+        assert {t["state"] for t in status["tasks"].values()} == {"cancelled"}

@@ -341,6 +341,12 @@ class Run:
         self._released = 0
         return self.tx
 
+    def written(self, unit: str, name: str) -> bool:
+        """Whether this transition has set the unit's field: Redis does not hold it yet, so nothing
+        outside the coordinator (a worker's start script) can have changed it since."""
+        group = GROUP_OF.get(name)
+        return f"{unit}|{group}" in self.tx.packed if group else f"{unit}|{name}" in self.tx.writes
+
     def set(self, unit: str, **values: Any) -> None:
         record = self.unit(unit)
         record.update(values)

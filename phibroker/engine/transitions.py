@@ -934,8 +934,10 @@ def _stop_unit(run: Run, unit: str, now: float, reason: str, force: bool = False
         run.tx.timers_del.append(timer_member("retry", run.id, unit, record.get("attempt")))
     elif record.get("state") == "ready" and not record.get("token"):
         # Not started as far as this run knows: cancelled now, guarded against a start meanwhile (the
-        # commit then fails, the run is read again, and the unit is asked to stop instead).
-        run.tx.guards[f"{unit}|state"] = "ready"
+        # commit then fails, the run is read again, and the unit is asked to stop instead). A unit made
+        # ready by this very transition cannot have started: Redis does not even hold it as ready yet.
+        if not run.written(unit, "state"):
+            run.tx.guards[f"{unit}|state"] = "ready"
     elif not force:  # asked to stop: it ends when its worker answers (or the grace ends)
         if not record.get("stop"):
             run.set(unit, stop=reason)

@@ -46,6 +46,9 @@ from phibroker.store.views import Views
 log = logging.getLogger("phibroker.coordinator")
 
 TIMER_BATCH = 500  # timers one round claims at most
+MAX_COMMIT_TRIES = 100
+"""A run's inputs are applied again when its commit lost a race (its version moved on, or a worker
+started a unit it guarded); a few tries settle any real race."""
 LAG_REFRESH = 1.0  # seconds between two looks at the agents' stream lag (`--metrics-port`)
 BULK_BUDGET = 0.1  # seconds of bulk-lane work a round may do before its chores (lease, timers) come round
 
@@ -322,7 +325,15 @@ class Coordinator:
         drains: list[tuple[str, str, dict[str, Any]]] = []
         quiet: list[str] = []
         finished: list[str] = []
+        tries = 0
         while pending:
+            tries += 1
+            if tries > MAX_COMMIT_TRIES:  # a commit that can never pass must not hang the loop
+                for wf_id, items in pending.items():
+                    reason = f"commit refused {MAX_COMMIT_TRIES} times in a row"
+                    log.error("%s: %s; dead-lettering its inputs", wf_id, reason)
+                    self._dead_letter_inputs(wf_id, items, reason)
+                break
             runs = self.cache.load(list(pending))
             commits, idle = [], []
             for wf_id, items in pending.items():
@@ -377,13 +388,15 @@ class Coordinator:
             raise  # Redis out of reach or saying no (full, busy): the inputs are fine, the round is retried
         except Exception as exc:  # noqa: BLE001 - one bad input must not stop the coordinator
             log.exception("cannot apply inputs of %s; dead-lettering them", run.id)
-            reason = f"coordinator error on {run.id}: {type(exc).__name__}: {exc}"
-            for kind, body in items:
-                raw = wire.pack(body[0].to_map()) if kind == "result" else wire.pack({"kind": kind, "body": body})
-                self.broker.dead_letter(reason, raw, self.keys.results, run.id)
-            self.cache.forget(run.id)
+            self._dead_letter_inputs(run.id, items, f"coordinator error on {run.id}: {type(exc).__name__}: {exc}")
             run.begin(self.name)
             return False
+
+    def _dead_letter_inputs(self, wf_id: str, items: list[Op], reason: str) -> None:
+        for kind, body in items:
+            raw = wire.pack(body[0].to_map()) if kind == "result" else wire.pack({"kind": kind, "body": body})
+            self.broker.dead_letter(reason, raw, self.keys.results, wf_id)
+        self.cache.forget(wf_id)
 
     def _decide(self, run: state.Run, items: list[Op], now: float) -> bool:
         """Apply the inputs to the run in memory; True if there is something to commit."""
