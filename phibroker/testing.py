@@ -45,17 +45,26 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> None:
+        """Start it and wait until it answers. On its first start, a port another process took
+        meanwhile (tests run side by side) makes it exit at once: it starts again on another free port.
+        Started again later (`restart`), it keeps its port: its clients know that one."""
+        movable = self.process is None
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed (apt-get install -y redis-server)")
-        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--dir", str(self.directory)]
-        args += ["--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "everysec"]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.answers():
-                return
-            time.sleep(0.02)
+            args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--dir", str(self.directory)]
+            args += ["--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "everysec"]
+            self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            while time.monotonic() < deadline and self.process.poll() is None:
+                if self.answers() and self.process.poll() is None:
+                    return
+                time.sleep(0.02)
+            if self.process.poll() is not None and movable:  # it could not bind: the port was taken
+                self.port = free_port()
+            elif self.process.poll() is not None:
+                time.sleep(0.1)  # the port is still held (by its last run, or by another): try again
         raise RuntimeError(f"redis-server did not start on port {self.port}")
 
     def answers(self) -> bool:
