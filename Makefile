@@ -19,7 +19,7 @@ dev: install
 	$(BIN)/phibroker dev
 
 test: install
-	$(BIN)/pytest
+	$(BIN)/pytest -n 3  # three at a time: most tests wait on real processes, so even two cores keep up
 
 # the benchmark also measures Celery beside phibroker: the `[bench]` extra
 $(VENV)/.bench-installed: $(VENV)/.installed

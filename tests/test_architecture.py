@@ -83,6 +83,13 @@ def test_nothing_imports_the_cli_but_the_entry_points() -> None:
         assert not [t for t in imports(path) if t.startswith("phibroker.cli")], f"{module} imports the cli"
 
 
+def test_nothing_imports_the_web_page_but_the_cli() -> None:
+    for module, path in MODULES.items():
+        if layer(module) in ("cli", "web", "__main__"):
+            continue
+        assert not [t for t in imports(path) if t.startswith("phibroker.web")], f"{module} imports the web page"
+
+
 def test_the_public_api_is_importable_as_documented() -> None:
     from phibroker import Agent, Client, PhibrokerError, Retryable, __version__
 

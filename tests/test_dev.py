@@ -119,6 +119,7 @@ def test_uses_a_redis_that_answers_and_leaves_it_running(redis_server: RedisServ
     dev = Dev(tmp_path, redis_server.url, "--once", namespace=namespace)
     assert dev.wait() == 0, dev.output
     assert f"Using the Redis already running at {redis_server.url}" in dev.output
+    assert "The web page: http://127.0.0.1:" in dev.output
     assert "complete-dag succeeded" in dev.output
     dev.assert_nothing_left()
     assert redis.Redis.from_url(redis_server.url).ping()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -43,6 +44,7 @@ DEFAULT_URL = str(Settings.model_fields["redis_url"].default)
 DEFAULT_NAMESPACE = str(Settings.model_fields["namespace"].default)
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 STOP_WAIT = 10.0  # seconds a child gets after SIGTERM before it is killed
+WEB_PORT = 8265  # `phibroker ui`'s default
 
 
 def find_example(name: str = "complete-dag.yaml") -> Path | None:
@@ -96,6 +98,8 @@ class DevServer:
         self.client = Client(settings)
         self.children: list[Child] = []
         self.redis_server: Child | None = None
+        self.page: Child | None = None  # `phibroker ui`, and where it answers
+        self.page_url = ""
         self.embedded: Any = None  # a fakeredis.TcpFakeServer serving from self.embedded_thread
         self.embedded_thread: threading.Thread | None = None
         self.broker_line = ""
@@ -116,6 +120,7 @@ class DevServer:
             self.find_or_start_broker()
             self.start_processes()
             self.wait_until_up()
+            self.start_page()
             status = None
             if self.example and checked:
                 wf_id = self.client.submit(checked)
@@ -262,6 +267,28 @@ class DevServer:
         self.console.print(f"Started {text}")
         self.console.print(f"  (their logs: {shown_path(self.logs)}/)", style="dim")
 
+    def start_page(self) -> None:
+        """`phibroker ui --allow-actions` on 8265, or any free port if that one is taken."""
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", WEB_PORT))
+                port = WEB_PORT
+            except OSError:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+        self.page = self._spawn("ui", [sys.executable, "-m", "phibroker", "ui", "--port", str(port), "--allow-actions"])
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            self._check_stop()
+            self.check_children()
+            with socket.socket() as knock:
+                if knock.connect_ex(("127.0.0.1", port)) == 0:
+                    self.page_url = f"http://127.0.0.1:{port}/"
+                    self.console.print(f"The web page: {self.page_url} (runs, DAGs, approvals, agents)")
+                    return
+            self.stopping.wait(0.1)
+        self.console.print(f"The web page did not answer in 30s; see {shown_path(self.page.log)}", style="dim")
+
     def _spawn(self, name: str, args: list[str]) -> Child:
         """A child in its own process group: a terminal's Ctrl-C reaches only us, and we stop it in order."""
         env = {
@@ -279,7 +306,7 @@ class DevServer:
 
     def check_children(self) -> None:
         """A child that exits on its own (a bad --app, a crash) ends the run with its log's last lines."""
-        for child in self.children + ([self.redis_server] if self.redis_server else []):
+        for child in self.children + [c for c in (self.page, self.redis_server) if c]:
             if child.process.poll() is not None:
                 raise PhibrokerError(
                     f"{child.name} exited with code {child.process.returncode}; "
@@ -330,7 +357,10 @@ class DevServer:
             lines.append(f"  source {shown_path(Path(sys.prefix))}/bin/activate")
         research = find_example("parallel-research.yaml")
         lines.append(f"  phibroker submit {shown_path(research) if research else 'FILE.yaml'} --wait")
-        lines += ["  phibroker list", "[bold]Ctrl-C stops everything.[/]"]
+        lines.append("  phibroker list")
+        if self.page_url:
+            lines.append(f"Or open {self.page_url} in a browser.")
+        lines.append("[bold]Ctrl-C stops everything.[/]")
         self.console.print("\n".join(lines))
 
     # -- stopping ----------------------------------------------------------------------------------
@@ -339,7 +369,7 @@ class DevServer:
         started = bool(self.children or self.redis_server or self.embedded)
         if started:
             self._say(("\n" if self.stopping.is_set() else "") + "Stopping what dev started…")
-        self._terminate(self.children)
+        self._terminate(self.children + ([self.page] if self.page else []))
         self.client.close()
         if self.redis_server:
             self._terminate([self.redis_server])
