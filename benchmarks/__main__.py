@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from benchmarks import bare, compare, report, validation, workloads
+from benchmarks import bare, compare, report, validation, web, workloads
 from benchmarks.harness import Logs, RedisServer, percentile
 from benchmarks.report import Results
 from benchmarks.slowlog import SlowlogWatch
@@ -27,18 +27,21 @@ T = TypeVar("T")
 WORKLOADS = (  # the names `--only` takes, as each run prints them
     "bare.batched",
     "phibroker.fan-out",
+    "phibroker.fan-out+metrics",
     "bare.hop",
     "phibroker.chain",
     "bare.unbatched",
     "phibroker.many",
     "phibroker.fairness",
     "phibroker.cancel",
+    "phibroker.output",
     "validation",
     "rq",
     "celery",
     "dramatiq",
     "lua",
     "memory",
+    "web",
 )
 DEFAULT_JSON = Path(__file__).resolve().parent / "last-run.json"
 
@@ -70,6 +73,11 @@ class Sizes:
     rq_chain: int = 100
     celery_tasks: int = 2_000
     dramatiq_tasks: int = 2_000
+    chunks: int = 10_000  # streamed by one task, read as they come
+    chunk_runs: int = 20  # runs whose chunks' delay to a following reader is measured
+    web_runs: int = 1_000  # runs in the web page's list
+    web_dag: int = 500  # tasks of the DAG it draws
+    web_hops: int = 50  # the chain whose events its stream carries
 
 
 QUICK = Sizes(
@@ -91,6 +99,11 @@ QUICK = Sizes(
     rq_chain=30,
     celery_tasks=300,
     dramatiq_tasks=300,
+    chunks=2_000,
+    chunk_runs=5,
+    web_runs=200,
+    web_dag=100,
+    web_hops=20,
 )
 
 
@@ -130,12 +143,14 @@ class Bench:
         self.run_values = {}
         self.attempt("bare.batched", self.bare_batched)
         self.attempt("phibroker.fan-out", self.fan_out)
+        self.attempt("phibroker.fan-out+metrics", self.fan_out_metrics)
         self.attempt("bare.hop", self.bare_hop)
         self.attempt("phibroker.chain", self.chain)
         self.attempt("bare.unbatched", self.bare_unbatched)
         self.attempt("phibroker.many", self.many)
         self.attempt("phibroker.fairness", self.fairness)
         self.attempt("phibroker.cancel", self.cancel)
+        self.attempt("phibroker.output", self.output)
         self.attempt("validation", lambda: self.validation(files))
         self.attempt("rq", self.rq)
         self.attempt("celery", self.celery)
@@ -166,6 +181,13 @@ class Bench:
             rate = workloads.fan_out_throughput(deployment, n)
         note = f"1 coordinator + 1 worker --concurrency {workloads.CONCURRENCY}"
         self.record("pb.fanout", f"phibroker fan-out {n:,}", "tasks/s", rate, note)
+
+    def fan_out_metrics(self) -> None:
+        """The same fan-out with both processes serving metrics and no tracing SDK: what telemetry costs."""
+        n = self.sizes.fan_out
+        with workloads.deployed(self.url, self.logs, metrics=True) as deployment:
+            rate = workloads.fan_out_throughput(deployment, n)
+        self.record("pb.fanout_metrics", f"phibroker fan-out {n:,}, --metrics-port on", "tasks/s", rate)
 
     def chain(self) -> None:
         s = self.sizes
@@ -200,6 +222,15 @@ class Bench:
         label = f"phibroker cancel → handler sees ctx.cancelled ({n} cancels)"
         self.record("pb.cancel_p50", f"{label}, p50", "ms", percentile(latencies, 50))
         self.record("pb.cancel_p99", f"{label}, p99", "ms", percentile(latencies, 99))
+
+    def output(self) -> None:
+        s = self.sizes
+        with workloads.deployed(self.url, self.logs, agent=workloads.TALKER, app=workloads.TALKER_APP) as deployment:
+            rate, delays = workloads.live_output(deployment, s.chunks, s.chunk_runs)
+        self.record("pb.chunks", f"ctx.stream to a following reader ({s.chunks:,} chunks)", "chunks/s", rate)
+        label = f"ctx.stream chunk → reader following the run ({len(delays)} chunks of {s.chunk_runs} runs)"
+        self.record("pb.chunk_p50", f"{label}, p50", "ms", percentile(delays, 50))
+        self.record("pb.chunk_p99", f"{label}, p99", "ms", percentile(delays, 99))
 
     def validation(self, files: validation.Files) -> None:
         s = self.sizes
@@ -245,6 +276,7 @@ class Bench:
             ("ratio.fanout_dramatiq", "fan-out ÷ dramatiq", "pb.fanout", "dramatiq.group"),
             ("ratio.fanout_rq", "fan-out ÷ RQ SimpleWorker", "pb.fanout", "rq.simple"),
             ("ratio.hop_bare", "chain hop p50 ÷ bare hop p50", "pb.chain_p50", "bare.hop"),
+            ("ratio.metrics", "fan-out with metrics ÷ without", "pb.fanout_metrics", "pb.fanout"),
         ]
         for key, name, top, bottom in pairs:
             if v.get(top) and v.get(bottom):
@@ -281,6 +313,20 @@ class Bench:
             self.results.add(f"mem.run.{label}", f"Redis memory of one {label} run", "KiB", size / 1024)
             longest = max(longest, watch.longest.ms)
         self.results.add("lua.max", "longest EVALSHA of all", "ms", longest)
+
+    def web(self) -> None:
+        """The web page: each route's median and slowest request, and the delay of its event stream."""
+        s = self.sizes
+        with workloads.deployed(self.url, self.logs) as deployment:
+            timings = web.page_timings(deployment, s.web_runs, s.web_dag)
+            delays = web.stream_delays(deployment, s.web_hops)
+        for label, (p50, worst) in timings.items():
+            name = f"web page {label}, slowest of {web.REPEATS}"
+            self.results.add(f"web.{label}", name, "ms", worst, f"p50 {p50:.0f} ms")
+        self.results.add("web.max", "web page, slowest request of all", "ms", max(w for _, w in timings.values()))
+        label = f"web page event stream, delay after the event ({len(delays)} events of a {s.web_hops}-task chain)"
+        self.results.add("web.sse_p50", f"{label}, p50", "ms", percentile(delays, 50))
+        self.results.add("web.sse_max", f"{label}, max", "ms", max(delays))
 
     def memory(self) -> None:
         s = self.sizes
@@ -333,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         print("  once", flush=True)
         bench.attempt("lua", bench.longest_lua)
         bench.attempt("memory", bench.memory)
+        bench.attempt("web", bench.web)
     files.close()
     results = bench.results
     rows = report.judge_all(results)

@@ -68,6 +68,10 @@ TARGETS = [
     Target("load + check 100k-task JSON", "val.json", 1.0, False, "s"),
     Target("coordinator RSS growth 1k→10k workflows", "mem.coordinator_growth", 10.0, False, "%"),
     Target("worker RSS growth 1k→10k workflows", "mem.worker_growth", 10.0, False, "%"),
+    Target("fan-out with metrics ÷ without (no tracing SDK)", "ratio.metrics", 0.95, True, "×"),
+    Target("ctx.stream chunk → following reader, p50", "pb.chunk_p50", 10, False, "ms"),
+    Target("web page: slowest request (1,000 runs, 500-task DAG)", "web.max", 200, False, "ms"),
+    Target("web page: event stream delay, max", "web.sse_max", 250, False, "ms"),
 ]
 
 # Validation and round-trip figures: the same workloads, shown beside their yardsticks.

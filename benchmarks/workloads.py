@@ -26,9 +26,11 @@ from phibroker import workflow as workflows
 from phibroker.runtime.client import Client
 from phibroker.settings import Settings
 from phibroker.store.client import ClientStore
+from phibroker.testing import free_port
 
 AGENT, APP, COMMAND = "probe", "tests.apps.probe", "noop"
 HOLDER, HOLDER_APP = "holder", "benchmarks.holder"
+TALKER, TALKER_APP = "talker", "benchmarks.talker"
 CONCURRENCY = 64  # handler threads: agents wait on I/O (models, tools), so a worker runs many at once
 TIMEOUT = 120.0  # the longest any one workflow may take before the workload counts as hung
 WARM_UP_TIMEOUT = 30.0
@@ -72,12 +74,21 @@ def holding(marks: Path) -> workflows.Workflow:
 class Deployment:
     """One coordinator and one worker in a namespace of their own, warm before anything is timed."""
 
-    def __init__(self, redis_url: str, logs: Logs, concurrency: int = CONCURRENCY, agent: str = AGENT, app: str = APP):
+    def __init__(
+        self,
+        redis_url: str,
+        logs: Logs,
+        concurrency: int = CONCURRENCY,
+        agent: str = AGENT,
+        app: str = APP,
+        metrics: bool = False,
+    ):
         self.home = tempfile.mkdtemp(prefix="phibroker-bench-home-")
         self.settings = Settings(redis_url=redis_url, namespace=f"bench{uuid.uuid4().hex[:8]}", home=Path(self.home))
         self.logs = logs
         self.concurrency = concurrency
         self.agent, self.app = agent, app
+        self.metrics = metrics  # both processes serve `--metrics-port` (no tracing SDK is configured)
         self.client = Client(self.settings)
         self.processes: dict[str, tuple[Any, Path]] = {}
 
@@ -87,8 +98,10 @@ class Deployment:
             "PHIBROKER_NAMESPACE": self.settings.namespace,
             "PHIBROKER_HOME": self.home,
         }
-        self.processes["coordinator"] = spawn(["-m", "phibroker", "coordinator"], self.logs, "coordinator", env)
-        worker = ["-m", "phibroker", "worker", "--agent", self.agent, "--app", self.app]
+        metrics = (lambda: ["--metrics-port", str(free_port())]) if self.metrics else list
+        coordinator = ["-m", "phibroker", "coordinator", *metrics()]
+        self.processes["coordinator"] = spawn(coordinator, self.logs, "coordinator", env)
+        worker = ["-m", "phibroker", "worker", "--agent", self.agent, "--app", self.app, *metrics()]
         self.processes["worker"] = spawn([*worker, "--concurrency", str(self.concurrency)], self.logs, "worker", env)
         wait_for(self._leases_held, 30, "coordinator and worker leases", every=0.05)
         warm_up = self.submit(independent(1, self.agent))  # scripts loaded, groups created, code paths imported
@@ -155,9 +168,14 @@ def _forget_namespace(url: str, namespace: str) -> None:
 
 @contextmanager
 def deployed(
-    redis_url: str, logs: Logs, concurrency: int = CONCURRENCY, agent: str = AGENT, app: str = APP
+    redis_url: str,
+    logs: Logs,
+    concurrency: int = CONCURRENCY,
+    agent: str = AGENT,
+    app: str = APP,
+    metrics: bool = False,
 ) -> Iterator[Deployment]:
-    deployment = Deployment(redis_url, logs, concurrency, agent, app)
+    deployment = Deployment(redis_url, logs, concurrency, agent, app, metrics)
     try:
         deployment.start()
         yield deployment
@@ -279,3 +297,28 @@ def memory(deployment: Deployment, total: int, checkpoint: int, batch: int = 500
             )
     r.close()
     return points
+
+
+def live_output(deployment: Deployment, chunks: int, firsts: int) -> tuple[float, list[float]]:
+    """Chunks/s through `ctx.stream` to a reader following the run (`Client.stream(follow=True)`, what
+    `logs --follow` reads), over one task streaming `chunks`; and, over `firsts` runs one after another,
+    the delay (ms) from a chunk's sending to its arrival at a reader already following."""
+    burst = workflows.check(
+        {"name": "talk", "tasks": {"Talk": {"agent": TALKER, "command": "talk", "payload": {"chunks": chunks}}}}
+    )
+    wf_id = deployment.submit(burst)
+    arrived = [time.time() for r in deployment.client.stream(wf_id, follow=True) if r["kind"] == "chunk"]
+    rate = (len(arrived) - 1) / (arrived[-1] - arrived[0]) if len(arrived) > 1 else 0.0
+    one = workflows.check(
+        {
+            "name": "talk-one",
+            "tasks": {"Talk": {"agent": TALKER, "command": "talk", "payload": {"chunks": 3, "pause": 0.05}}},
+        }
+    )
+    delays = []
+    for _ in range(firsts):
+        wf_id = deployment.submit(one)
+        for record in deployment.client.stream(wf_id, follow=True):
+            if record["kind"] == "chunk":
+                delays.append((time.time() - float(record["data"]["sent"])) * 1000)
+    return rate, delays

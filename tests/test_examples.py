@@ -389,6 +389,27 @@ def check_wait_for_ci(run: Run) -> None:
     assert tasks["CI"]["result"]["passed"] is False and run.client.status(red)["output"] is None
 
 
+def check_live_report(run: Run) -> None:
+    wf_id = run.submit(target=str(run.vulnerable_source()))
+    status = run.wait(wf_id, approve=False)
+    tasks = succeeded(run, status)
+    report = tasks["Report"]["result"]
+    assert status["output"] == report["path"]
+    records = list(run.client.stream(wf_id, task="Report"))
+    chunks = [r["data"] for r in records if r["kind"] == "chunk"]
+    assert len(chunks) > 3 and "".join(chunks).replace("\n", "") == report["markdown"].replace("\n", "")
+    assert chunks[0].startswith("# Audit report: legacy-src")
+    logged = [r["data"]["message"] for r in records if r["kind"] == "log"]
+    assert logged == [f"report written: {report['total_findings']} findings, {len(chunks)} sections"]
+    events = [r["data"]["type"] for r in records if r["kind"] == "event"]
+    assert events.index("task.started") < events.index("task.succeeded")
+    words = len(report["markdown"].split())
+    assert (
+        0 < tasks["Report"]["spend"]["tokens"] <= words
+        and status["spend"]["tokens"] == tasks["Report"]["spend"]["tokens"]
+    )
+
+
 EXPECTATIONS: dict[str, Callable[[Run], None]] = {
     "sequential-pipeline": check_sequential_pipeline,
     "fan-out-fan-in": check_fan_out_fan_in,
@@ -402,6 +423,7 @@ EXPECTATIONS: dict[str, Callable[[Run], None]] = {
     "vulnerability-fix": check_vulnerability_fix,
     "complete-dag": check_complete_dag,
     "audit-repository": check_audit_repository,
+    "live-report": check_live_report,
     "rq-bridge": check_rq_bridge,
     "critique-revise": check_critique_revise,
     "plan-and-execute": check_plan_and_execute,

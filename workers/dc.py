@@ -4,6 +4,7 @@ spawns at run time."""
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections import Counter
@@ -17,6 +18,7 @@ from workers._planning import components_of, plan_steps, render_report
 from workers._writing import assess, compose, next_parts
 
 agent = Agent("dc")
+log = logging.getLogger("workers.dc")
 
 MAX_REQUIREMENTS = 30
 
@@ -407,18 +409,25 @@ def report(
     heading = title or (f"Audit report: {name}" if name else "Audit report")
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     origin = [f"Target `{target}`"] if target else []
-    parts = [f"# {heading}", "", " · ".join([*origin, f"workflow `{ctx.workflow_id}`", stamp]), ""]
-    parts += [verdict(total, by_severity, worst, threshold), ""]
-    parts += scope_section(inventory)
-    parts += summary_section(checks, columns, by_severity)
-    parts += findings_section(top, root, hidden)
-    parts += widespread_section(rules, wide, listed, root)
-    parts += recommendations(rules, listed, root, inventory)
-    parts += [
-        "_Static checks by kalic: patterns in the source, nothing was run. A finding is a lead to review in its "
-        "context (a deliberate test fixture, say), not a proof of exploitability._"
+    sections = [
+        [f"# {heading}", "", " · ".join([*origin, f"workflow `{ctx.workflow_id}`", stamp]), ""],
+        [verdict(total, by_severity, worst, threshold), ""],
+        scope_section(inventory),
+        summary_section(checks, columns, by_severity),
+        findings_section(top, root, hidden),
+        widespread_section(rules, wide, listed, root),
+        recommendations(rules, listed, root, inventory),
+        [
+            "_Static checks by kalic: patterns in the source, nothing was run. A finding is a lead to review in "
+            "its context (a deliberate test fixture, say), not a proof of exploitability._"
+        ],
     ]
-    markdown = "\n".join(parts) + "\n"
+    written = ["\n".join(section) for section in sections if "".join(section).strip()]
+    for text in written:  # section by section, as a model writes: `phibroker logs ID --follow` shows them
+        ctx.stream(text + "\n")
+        ctx.spend(output_tokens=len(text.split()))  # its words stand for a model's output tokens
+    log.info("report written: %d findings, %d sections", total, len(written))
+    markdown = "\n".join(line for section in sections for line in section) + "\n"
     path = workflow_dir(ctx, workspace) / REPORT_FILE
     write_atomically(path, markdown)
     shown_markdown, truncated = cap(markdown, path)
