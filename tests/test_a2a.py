@@ -13,6 +13,8 @@ import asyncio
 import signal
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -286,6 +288,14 @@ def test_skills_params_and_follow_ups_are_checked_and_cancel_task_cancels_the_ru
                 await first(a2a.send_message(SendMessageRequest(message=sent)))
         with pytest.raises(TaskNotFoundError):
             await a2a.get_task(GetTaskRequest(id="no-such-run"))
+        outsider = tmp_path / "outsider.yaml"  # a run of the broker that is no skill of this agent
+        outsider.write_text("name: outsider\ntasks:\n  Hold: {agent: probe, command: hold}\n")
+        outside_run = client.submit(outsider)
+        with pytest.raises(TaskNotFoundError):
+            await a2a.get_task(GetTaskRequest(id=outside_run))
+        with pytest.raises(TaskNotFoundError):
+            await a2a.cancel_task(CancelTaskRequest(id=outside_run))
+        assert client.status(outside_run)["state"] != "cancelled"
 
         sent = SendMessageRequest(message=message({}, skill="hold"), configuration=_at_once())
         task = (await first(a2a.send_message(sent))).task
@@ -314,6 +324,11 @@ def test_skills_params_and_follow_ups_are_checked_and_cancel_task_cancels_the_ru
         assert MessageToDict(final.status.message)["parts"][0]["text"]
 
     with_client(url, body, streaming=False)
+    card = f"{url}/.well-known/agent-card.json"
+    assert urllib.request.urlopen(card, timeout=10).status == 200
+    rebound = urllib.request.Request(card, headers={"Host": "evil.example:8266"})  # DNS rebinding
+    with pytest.raises(urllib.error.HTTPError, match="400"):
+        urllib.request.urlopen(rebound, timeout=10)
 
 
 # -- a2a-bridge ----------------------------------------------------------------------------------------

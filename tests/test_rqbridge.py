@@ -88,7 +88,7 @@ def test_cmdc_steps_run_as_rq_jobs(procs: Processes, client: Client, settings: S
     start(procs, settings)
     example = client.submit(REPO / "examples" / "rq-bridge.yaml")
     wf_id = submit(client, tmp_path, FLOW)
-    status = client.wait(wf_id, timeout=30)
+    status = client.wait(wf_id, timeout=120)
     assert status["state"] == "succeeded", procs.output()
     tasks = status["tasks"]
     assert tasks["A"]["result"]["sum"] == 3 and tasks["B"]["result"]["sum"] == 13
@@ -111,7 +111,7 @@ def test_cmdc_steps_run_as_rq_jobs(procs: Processes, client: Client, settings: S
     failed = FailedJobRegistry(queue_of(settings), connection=conn).get_job_ids()
     assert len(failed) == 1 and job_of(client, settings, wf_id, "C").id not in failed
 
-    done = client.wait(example, timeout=30)
+    done = client.wait(example, timeout=120)
     assert done["state"] == "succeeded", procs.output()
     smoke = done["tasks"]["SmokeTest"]["result"]
     assert smoke["passed"] and smoke["output_tail"] == "smoke test of inventory-service passed"
@@ -128,7 +128,7 @@ def test_a_failing_job_is_retried_by_phibroker_then_fails_with_rq_error_text(
         "name: rq-fails\ntasks:\n  A:\n    agent: cmdc\n    command: fail\n    payload: {message: disk full}\n"
         "    retry: {max_attempts: 3, base_delay: 100ms, max_delay: 100ms, retry_on: ['valueerror: disk']}\n",
     )
-    status = client.wait(wf_id, timeout=30)
+    status = client.wait(wf_id, timeout=120)
     assert status["state"] == "failed", procs.output()
     task = status["tasks"]["A"]
     assert task["attempts"] == 3 and task["error"] == "ValueError: disk full"

@@ -261,7 +261,7 @@ def output_line(record: Mapping[str, Any], paint: Callable[[str, str | None], st
     if record.get("attempt") is not None:
         who += f" [{record['attempt']}]"
     data: Any = record.get("data")
-    if record["kind"] == "chunk":
+    if record["kind"] == "chunk" or not isinstance(data, dict):  # a record of another shape: its data as it is
         text = data.rstrip("\n") if isinstance(data, str) else json.dumps(data, default=str)
     elif record["kind"] == "log":
         level = str(data.get("level"))

@@ -23,4 +23,10 @@ def ui(settings: Settings, host: str, port: int, allow_actions: bool) -> None:
     sock = web.listen(host, port)
     mode = "actions on" if allow_actions else "read-only; --allow-actions to act from the page"
     click.echo(f"phibroker ui at {web.address(sock)} ({mode}); Ctrl-C stops it", err=True)
+    if allow_actions and not web.is_loopback(sock):
+        click.echo(
+            "warning: actions on a page others can reach: anyone who loads it may approve with your key; "
+            "listen on 127.0.0.1 behind a proxy that authenticates (see the README)",
+            err=True,
+        )
     web.serve(settings, sock, allow_actions)

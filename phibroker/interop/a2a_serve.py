@@ -70,6 +70,7 @@ from a2a.types import (
 )
 from google.protobuf.json_format import MessageToDict
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 
 from phibroker import workflow as workflows
 from phibroker.engine.records import output_records
@@ -92,6 +93,7 @@ from phibroker.interop.a2a_tasks import (
 from phibroker.runtime.client import Client
 from phibroker.settings import Settings
 from phibroker.store.connection import reaching
+from phibroker.tools.loopback import LoopbackOnly, is_loopback_address
 
 log = logging.getLogger("phibroker.a2a")
 
@@ -123,8 +125,16 @@ class RunHandler(RequestHandler):
         except PhibrokerError as exc:
             raise InvalidParamsError(message=str(exc)) from None
 
-    async def snapshot(self, wf_id: str) -> Task:
+    async def status(self, wf_id: str) -> dict[str, Any]:
+        """A run's status, if it is a run of a skill served here: the others are not this agent's tasks
+        (an A2A client must not read, answer or cancel the broker's other runs through it)."""
         status = await self.call(self.client.status, wf_id)
+        if status.get("name") not in self.skills:
+            raise TaskNotFoundError(message=f"no task {wf_id!r} of this agent's skills")
+        return status
+
+    async def snapshot(self, wf_id: str) -> Task:
+        status = await self.status(wf_id)
         return task_of(status, await self.approvals_of(status))
 
     async def approvals_of(self, status: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -182,7 +192,7 @@ class RunHandler(RequestHandler):
     async def on_subscribe_to_task(
         self, params: SubscribeToTaskRequest, context: ServerCallContext
     ) -> AsyncIterator[Event]:
-        await self.call(self.client.status, params.id)  # an unknown run is an error before the stream
+        await self.status(params.id)  # an unknown run is an error before the stream
         async for event in self.watch(params.id):
             yield event
 
@@ -252,7 +262,7 @@ class RunHandler(RequestHandler):
                 message='a follow-up answers a gate: one data part {"decision": "approve"|"reject", ...}'
                 ' or {"signal": NAME, "data": ...}'
             )
-        status = await self.call(self.client.status, wf_id)
+        status = await self.status(wf_id)
         gates = open_gates(status, await self.approvals_of(status))
         if "decision" in data:
             return await self.decide(wf_id, data, [g for g in gates if g["kind"] == "approval"])
@@ -310,6 +320,10 @@ class RunHandler(RequestHandler):
                     yield chunk
                 if progress.ended:
                     status = await self.call(self.client.status, wf_id)
+                    if status["state"] not in WF_TERMINAL:  # the stream said so, the run does not: an
+                        progress.ended = None  # agent may write to the stream, only coordinators end runs
+                        continue
+                    progress.ended = str(status["state"])
                     if progress.ended == "succeeded":
                         yield TaskArtifactUpdateEvent(
                             task_id=wf_id,
@@ -399,13 +413,14 @@ class RunHandler(RequestHandler):
 # -- serving ------------------------------------------------------------------------------------------
 
 
-def app(settings: Settings, directory: Path, base_url: str) -> Starlette:
-    """The agent card, the JSON-RPC endpoint (`/`) and the HTTP+JSON one (`/message:send`, `/tasks/...`)."""
+def app(settings: Settings, directory: Path, base_url: str, local: bool = False) -> Starlette:
+    """The agent card, the JSON-RPC endpoint (`/`) and the HTTP+JSON one (`/message:send`, `/tasks/...`).
+    `local` (it listens on a loopback address): only requests made to a loopback host are answered."""
     skills = load_skills(directory)
     card = agent_card(skills, base_url)
     handler = RunHandler(Client(settings), skills)
     routes = [*create_agent_card_routes(card), *create_jsonrpc_routes(handler, "/"), *create_rest_routes(handler)]
-    return Starlette(routes=routes)
+    return Starlette(routes=routes, middleware=[Middleware(LoopbackOnly)] if local else [])
 
 
 def public_url(host: str, port: int) -> str:
@@ -420,6 +435,6 @@ def public_url(host: str, port: int) -> str:
 def serve(settings: Settings, directory: Path, host: str, port: int, url: str | None = None) -> None:
     """Serve until SIGINT/SIGTERM (uvicorn's own handling)."""
     base = url or public_url(host, port)
-    application = app(settings, directory, base)
+    application = app(settings, directory, base, local=is_loopback_address(host))
     log.info("a2a serve: %s (workflows of %s)", base, directory)
     uvicorn.run(application, host=host, port=port, log_level="warning")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import socket
 import threading
 import time
@@ -46,9 +47,10 @@ from phibroker.store.views import Views
 log = logging.getLogger("phibroker.coordinator")
 
 TIMER_BATCH = 500  # timers one round claims at most
-MAX_COMMIT_TRIES = 100
+MAX_COMMIT_TRIES = 1000
 """A run's inputs are applied again when its commit lost a race (its version moved on, or a worker
-started a unit it guarded); a few tries settle any real race."""
+started a unit it guarded); a few tries settle any real race, and after ten each waits a little longer
+(up to 50 ms), so only a commit that can never pass reaches the limit (seconds later)."""
 LAG_REFRESH = 1.0  # seconds between two looks at the agents' stream lag (`--metrics-port`)
 BULK_BUDGET = 0.1  # seconds of bulk-lane work a round may do before its chores (lease, timers) come round
 
@@ -328,6 +330,8 @@ class Coordinator:
         tries = 0
         while pending:
             tries += 1
+            if tries > 10:  # racing another coordinator on a busy run: let it commit first
+                time.sleep(random.uniform(0, min(0.001 * tries, 0.05)))
             if tries > MAX_COMMIT_TRIES:  # a commit that can never pass must not hang the loop
                 for wf_id, items in pending.items():
                     reason = f"commit refused {MAX_COMMIT_TRIES} times in a row"

@@ -316,11 +316,11 @@ class Worker:
     def _handle(self, running: Running) -> None:
         """Runs on a pool thread: the handler, then its outcome queued for the settler."""
         message = running.item.message
-        if self.telemetry is not None:
-            self.telemetry.handler_started(self.agent.name)
-        if self.tracing:
-            running.span = attempt_span(running.ctx, message.traceparent)
-        try:
+        try:  # the telemetry too: a user's span processor that raises must not leave the slot taken
+            if self.telemetry is not None:
+                self.telemetry.handler_started(self.agent.name)
+            if self.tracing:
+                running.span = attempt_span(running.ctx, message.traceparent)
             with current(running.span):  # the handler's own spans nest under the attempt's
                 outcome = self.agent.execute(
                     message.command, running.ctx, message.payload, self.settings.max_message_bytes

@@ -40,11 +40,16 @@ def address(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 
 
+def is_loopback(sock: socket.socket) -> bool:
+    """Whether only this machine can reach the page (then requests must name a loopback Host too)."""
+    return ipaddress.ip_address(sock.getsockname()[0]).is_loopback
+
+
 def serve(settings: Settings, sock: socket.socket, allow_actions: bool = False) -> None:
     """Serve the page on `sock` until SIGINT or SIGTERM."""
     import uvicorn
 
-    local = ipaddress.ip_address(sock.getsockname()[0]).is_loopback
+    local = is_loopback(sock)
     config = uvicorn.Config(
         create_app(settings, allow_actions, local),
         log_level="warning",
@@ -55,4 +60,4 @@ def serve(settings: Settings, sock: socket.socket, allow_actions: bool = False) 
     uvicorn.Server(config).run(sockets=[sock])
 
 
-__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "address", "create_app", "listen", "serve"]
+__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "address", "create_app", "is_loopback", "listen", "serve"]

@@ -6,24 +6,21 @@ The JSON routes answer exactly what the CLI's `--json` prints (`list`, `status`,
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Awaitable, Callable
 from functools import cache
 from html import escape
 from pathlib import Path
 from string import Template
 from typing import Any
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote, unquote
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import Headers
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from phibroker.engine.state import WF_WINDING_DOWN
 from phibroker.errors import BrokerUnavailable, InvalidInput, PhibrokerError, UnknownWorkflow
@@ -31,6 +28,7 @@ from phibroker.runtime.client import Client
 from phibroker.settings import Settings
 from phibroker.store.connection import unusable
 from phibroker.tools import diagnose
+from phibroker.tools.loopback import LoopbackOnly
 from phibroker.web import actions, graph, sse, views
 from phibroker.web.site import HEADERS, Site, json_response
 from phibroker.workflow.render import STATE_COLOURS
@@ -67,30 +65,6 @@ def create_app(settings: Settings, allow_actions: bool = False, local: bool = Tr
     )
     app.state.site = site
     return app
-
-
-class LoopbackOnly:
-    """Refuses a request whose `Host` is not a loopback name or address (400)."""
-
-    def __init__(self, app: ASGIApp):
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        host = Headers(scope=scope).get("host", "") if scope["type"] == "http" else "localhost"
-        if not loopback(host):
-            refusal = PlainTextResponse(f"Host {host!r}: this page answers only at a loopback address", 400)
-            await refusal(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
-
-
-def loopback(host: str) -> bool:
-    """`localhost`, `127.0.0.1:8265`, `[::1]:8265`: yes; any other name or address: no."""
-    try:
-        name = urlsplit("//" + host).hostname or ""
-        return name == "localhost" or ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
 
 
 # -- answers -------------------------------------------------------------------------------------------
