@@ -228,7 +228,8 @@ def test_a_cancel_read_with_the_submit_cancels_the_run(procs: Processes, client:
     after both were sent), releases the first task and cancels it in the same transition."""
     path = tmp_path / "flow.yaml"
     path.write_text(
-        "name: quick\ntasks:\n  Work: {agent: nobody, command: work}\n  Then: {agent: nobody, command: work, depends_on: [Work]}\n"
+        "name: quick\ntasks:\n  Work: {agent: nobody, command: work}\n"
+        "  Then: {agent: nobody, command: work, depends_on: [Work]}\n"
     )
     ids = [client.submit(path) for _ in range(5)]
     for wf_id in ids:
