@@ -408,3 +408,40 @@ def test_a_bridge_killed_mid_task_loses_nothing_and_sends_the_task_once(
     assert status["tasks"]["Slow"]["result"] == {"slept": 4}
     assert len([line for line in lines(ledger) if line.startswith("execute ")]) == 1  # sent once
     assert "found remote task " in procs.output()
+
+
+SPEND = """\
+name: spend
+budget: {tokens: 50000, on_exceed: ask}
+tasks:
+  Think: {agent: spender, command: spend, payload: {steps: 3, tokens: 40000, pause: 0.3}}
+"""
+
+
+def test_a_passed_ask_budget_is_input_required_and_a_follow_up_answers_it(
+    procs: Processes, client: Client, tmp_path: Path
+) -> None:
+    procs.coordinator()
+    procs.worker("spender", app="tests.apps.spender")
+    flows = tmp_path / "flows"
+    flows.mkdir()
+    (flows / "spend.yaml").write_text(SPEND)
+    url = a2a_serve(procs, flows, free_port())
+
+    async def body(a2a: A2AClient) -> None:
+        sent = SendMessageRequest(message=message({}, skill="spend"), configuration=_at_once())
+        task = (await first(a2a.send_message(sent))).task
+        deadline = asyncio.get_running_loop().time() + 60
+        while (got := await a2a.get_task(GetTaskRequest(id=task.id))).status.state != S.TASK_STATE_INPUT_REQUIRED:
+            assert asyncio.get_running_loop().time() < deadline, procs.output()
+            await asyncio.sleep(0.1)
+        asked = MessageToDict(got.status.message)["parts"][0]["data"]
+        assert asked["kind"] == "approval" and asked["message"].startswith("budget exceeded: tokens 80000 > 50000")
+        answer = message({"decision": "approve", "comment": "go on"}, task_id=task.id)
+        await collect(a2a.send_message(SendMessageRequest(message=answer)))
+        while (got := await a2a.get_task(GetTaskRequest(id=task.id))).status.state != S.TASK_STATE_COMPLETED:
+            assert asyncio.get_running_loop().time() < deadline, procs.output()
+            await asyncio.sleep(0.1)
+
+    with_client(url, body, streaming=False)
+    assert client.status(client.list(limit=1)[0]["id"])["state"] == "succeeded"

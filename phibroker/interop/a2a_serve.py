@@ -138,10 +138,9 @@ class RunHandler(RequestHandler):
         return task_of(status, await self.approvals_of(status))
 
     async def approvals_of(self, status: dict[str, Any]) -> dict[str, dict[str, Any]]:
-        """The open approval requests of this run (read only when one of its gates waits on one)."""
-        if not any(
-            t["state"] == "running" and (t.get("approval") or {}).get("request") for t in status["tasks"].values()
-        ):
+        """The open approval requests of this run: a gate's, or a passed `ask` budget's (read only while
+        the run can wait for one)."""
+        if status["state"] not in ("running", "waiting_approval"):
             return {}
         return {r["id"]: r for r in await self.call(self.client.approvals) if r.get("workflow") == status["id"]}
 

@@ -211,6 +211,9 @@ def open_gates(status: dict[str, Any], approvals: dict[str, dict[str, Any]]) -> 
         waiting = str(task.get("waiting_for") or "")
         if waiting.startswith("signal "):
             gates.append({"kind": "signal", "name": waiting.removeprefix("signal ")})
+    for request in approvals.values():  # a passed `ask` budget: the run waits for a person, gate or not
+        if request.get("budget"):
+            gates.append({"kind": "approval", "id": request["id"], "message": request.get("message")})
     return gates
 
 
