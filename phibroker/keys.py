@@ -1,6 +1,8 @@
 """Every Redis name phibroker uses, built from the namespace in one place.
 
-Every key of one workflow carries its `{ID}` hash tag, so a transition script touches one cluster slot.
+Every key of one workflow carries its `{ID}` hash tag, so a transition script touches one cluster slot;
+an agent's two lanes share the tag `{AGENT}`, and the inbox's two lanes `{results}`, so one read covers
+both on a Redis Cluster too.
 """
 
 from __future__ import annotations
@@ -19,13 +21,13 @@ class Keys:
     @property
     def results(self) -> str:
         """The coordinators' inbox: worker results and control messages (submit, cancel, decide)."""
-        return f"{self.namespace}:results"
+        return f"{self.namespace}:{{results}}"
 
     @property
     def results_bulk(self) -> str:
         """The inbox's second lane: results of tasks from the agents' bulk lanes, read a slice at a
         time between looks at `results`, so a big fan-out's results never hold up a small workflow's."""
-        return f"{self.namespace}:results:bulk"
+        return f"{self.namespace}:{{results}}:bulk"
 
     @property
     def inboxes(self) -> tuple[str, str]:
@@ -79,11 +81,11 @@ class Keys:
         return f"{self.namespace}:trusted"
 
     def agent_tasks(self, agent: str) -> str:
-        return f"{self.namespace}:agent:{agent}:tasks"
+        return f"{self.namespace}:agent:{{{agent}}}:tasks"
 
     def agent_bulk(self, agent: str) -> str:
         """The agent's second lane, for big releases; its workers read it beside `agent_tasks`."""
-        return f"{self.namespace}:agent:{agent}:bulk"
+        return f"{self.namespace}:agent:{{{agent}}}:bulk"
 
     def agent_stops(self, agent: str) -> str:
         """The pub/sub channel on which the agent's workers hear that a running unit must stop."""

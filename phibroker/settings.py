@@ -15,13 +15,18 @@ MiB = 1024 * 1024
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PHIBROKER_", extra="ignore")
 
+    # redis://HOST:PORT/DB (rediss:// for TLS), or a Redis Cluster from any of its nodes:
+    # redis+cluster://HOST:PORT[,HOST:PORT...]/ (rediss+cluster:// for TLS)
     redis_url: str = "redis://localhost:6379/0"
     namespace: str = Field(default="phi", pattern=r"^[A-Za-z0-9_.-]+$")
     home: Path = Path("~/.phibroker").expanduser()
 
-    # Identity: a worker signs its results with its agent's secret; coordinators check them against
-    # the identities file (JSON: agent -> secret). Without that file, results are not checked.
+    # Identity: a worker signs what it sends with its agent's secret, a client (submit, cancel, retry,
+    # signal) with its own; coordinators check them against the identities file (JSON: name -> role
+    # and secret). Without that file, nothing is checked.
     agent_secret: str | None = None
+    client_name: str = Field(default="client", pattern=r"^[A-Za-z0-9_.-]+$")
+    client_secret: str | None = None
     identities: Path | None = None
 
     # Reads: blocking reads return as soon as anything arrives, so the block only bounds idle loops.

@@ -1,5 +1,5 @@
-"""Test harnesses, for our tests and users' own: a private `redis-server` on a free port, and a
-`Simulation` that drives a workflow through the engine in memory.
+"""Test harnesses, for our tests and users' own: a private `redis-server` on a free port (or a Redis
+Cluster of them), and a `Simulation` that drives a workflow through the engine in memory.
 
 Tests and benchmarks must never touch a Redis someone else runs (or its data): each session starts its
 own, and stops it at the end.
@@ -34,10 +34,14 @@ def free_port() -> int:
 class RedisServer:
     """`redis-server` on a free port in a directory of its own; `restart()` keeps its AOF when on."""
 
-    def __init__(self, directory: Path | None = None, appendonly: bool = False):
+    def __init__(self, directory: Path | None = None, appendonly: bool = False, cluster_node_timeout: int = 0):
         self.directory = directory or Path(tempfile.mkdtemp(prefix="phibroker-redis-"))
         self.appendonly = appendonly
         self.port = free_port()
+        # a node of a Redis Cluster (`RedisCluster`) when set: its bus on a free port of its own, since
+        # the default (port + 10000) may be taken or past 65535
+        self.cluster_node_timeout = cluster_node_timeout
+        self.bus_port = free_port() if cluster_node_timeout else 0
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -56,6 +60,9 @@ class RedisServer:
         while time.monotonic() < deadline:
             args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--dir", str(self.directory)]
             args += ["--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "everysec"]
+            if self.cluster_node_timeout:
+                args += ["--cluster-enabled", "yes", "--cluster-port", str(self.bus_port)]
+                args += ["--cluster-node-timeout", str(self.cluster_node_timeout)]
             self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             while time.monotonic() < deadline and self.process.poll() is None:
                 if self.answers() and self.process.poll() is None:
@@ -63,6 +70,7 @@ class RedisServer:
                 time.sleep(0.02)
             if self.process.poll() is not None and movable:  # it could not bind: the port was taken
                 self.port = free_port()
+                self.bus_port = free_port() if self.cluster_node_timeout else 0
             elif self.process.poll() is not None:
                 time.sleep(0.1)  # the port is still held (by its last run, or by another): try again
         raise RuntimeError(f"redis-server did not start on port {self.port}")
@@ -90,6 +98,78 @@ class RedisServer:
         self.start()
 
     def __enter__(self) -> RedisServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class RedisCluster:
+    """A Redis Cluster on free ports: `masters` masters with `replicas` replicas each, every node a
+    `RedisServer` in a directory of its own, the slots spread by `redis-cli --cluster create`.
+
+        with RedisCluster() as cluster:
+            settings = Settings(redis_url=cluster.url)
+
+    `node_timeout` (ms) is how long a master may stay silent before its replica takes over: short
+    enough for a failover test, long enough that a loaded machine does not fail a master over by itself.
+    """
+
+    def __init__(self, directory: Path | None = None, masters: int = 3, replicas: int = 1, node_timeout: int = 5000):
+        if masters < 3:
+            raise ValueError("Redis Cluster needs at least 3 masters")
+        self.directory = directory or Path(tempfile.mkdtemp(prefix="phibroker-cluster-"))
+        self.replicas = replicas
+        self.nodes = [
+            RedisServer(self.directory / f"node-{i}", cluster_node_timeout=node_timeout)
+            for i in range(masters * (1 + replicas))
+        ]
+
+    @property
+    def url(self) -> str:
+        """Every node as a seed, so a client starts whichever of them is down."""
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{node.port}" for node in self.nodes) + "/"
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Start every node, join them into one cluster and wait until every node sees all slots served."""
+        binary = shutil.which("redis-cli")
+        if binary is None:
+            raise RuntimeError("redis-cli is not installed (apt-get install -y redis-server)")
+        for node in self.nodes:
+            node.directory.mkdir(parents=True, exist_ok=True)
+            node.start()
+        addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+        args = [binary, "--cluster", "create", *addresses, "--cluster-replicas", str(self.replicas), "--cluster-yes"]
+        made = subprocess.run(args, capture_output=True, timeout=timeout, check=False)
+        if made.returncode != 0:
+            self.stop()
+            raise RuntimeError(f"redis-cli --cluster create failed: {made.stdout.decode()[-2000:]}")
+        deadline = time.monotonic() + timeout
+        while not self.ready():
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("the Redis Cluster did not come up")
+            time.sleep(0.1)
+
+    def ready(self) -> bool:
+        """Every node says the cluster is ok, and every replica is in sync with its master."""
+        for node in self.nodes:
+            info = self.command(node, "CLUSTER", "INFO") + self.command(node, "INFO", "replication")
+            if "cluster_state:ok" not in info or "master_link_status:down" in info:
+                return False
+        return True
+
+    def command(self, node: RedisServer, *args: str) -> str:
+        """A command to one node, by `redis-cli`: its reply as text ("" when the node does not answer)."""
+        reply = subprocess.run(["redis-cli", "-p", str(node.port), *args], capture_output=True, timeout=10, check=False)
+        return reply.stdout.decode(errors="replace")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop(kill=True)
+
+    def __enter__(self) -> RedisCluster:
         self.start()
         return self
 

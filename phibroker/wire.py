@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import itertools
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -331,8 +332,9 @@ class Inbox:
     of a `workflow:` task ended: its state, error and packed output), `trigger` (an event matched a
     workflow trigger), `spend` (a running attempt's totals so far, from `ctx.spend`: `attempt`, `tokens`,
     `cost`). Results travel as one packed blob, so a worker can sign exactly those bytes with its
-    agent's secret (`agent`, `sig`) and a coordinator can check them before decoding; a worker's other
-    messages (`spend`) are signed over their packed body.
+    agent's secret (`agent`, `sig`) and a coordinator can check them before decoding; every other
+    message is signed over its packed body, by whoever sent it: `agent` names the sender's identity
+    (an agent, a client, a coordinator), not only agents.
     """
 
     kind: str
@@ -364,6 +366,13 @@ class Inbox:
     def signed_by(self, secret: bytes) -> bool:
         return self.sig is not None and hmac.compare_digest(self.sig, self.signature(secret))
 
+    def signed_as(self, sender: tuple[str, bytes] | None, limit: int) -> bytes:
+        """Encoded, and signed by `sender` (name, secret) unless it already names another sender."""
+        if sender is not None and self.agent in (None, sender[0]):
+            self.agent = sender[0]
+            return self.encode(limit, sender[1])
+        return self.encode(limit)
+
     @classmethod
     def decode(cls, raw: bytes, limit: int) -> Inbox:
         e = _check(unpack(raw, limit), _INBOX_SCHEMA, _INBOX_REQUIRED, "inbox message")
@@ -389,6 +398,14 @@ class Inbox:
             sig=e.get("sig"),
             blob=blob,
         )
+
+
+def submit_signature(secret: bytes, wf_id: str, sender: str, fields: Mapping[str, Any]) -> str:
+    """HMAC of who asked for a run and what it runs: its id, spec, params and the run it reports to.
+    `fields` as written, or as read back (params stored as JSON text, read back as a map)."""
+    covered = [wf_id, sender, str(fields.get("spec") or ""), json.dumps(fields.get("params") or {})]
+    covered += [str(fields.get("parent") or ""), str(fields.get("parent_task") or "")]
+    return hmac.new(secret, b"submit|" + pack(covered), hashlib.sha256).hexdigest()
 
 
 def _result(item: Any) -> Result:

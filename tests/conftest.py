@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 
 from phibroker.settings import Settings
-from phibroker.testing import RedisServer, free_port
+from phibroker.testing import RedisCluster, RedisServer, free_port
 
-__all__ = ["RedisServer", "free_port"]
+__all__ = ["RedisCluster", "RedisServer", "free_port"]
 
 
 def _have_redis() -> bool:
@@ -43,6 +43,16 @@ def redis_server() -> Iterator[RedisServer]:
             yield server
         finally:
             server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisCluster]:
+    """A Redis Cluster of 3 masters and 3 replicas on free ports, for the session."""
+    if not _have_redis():
+        pytest.skip("redis-server is not installed")
+    with tempfile.TemporaryDirectory(prefix="phibroker-cluster-") as directory:
+        with RedisCluster(Path(directory)) as cluster:
+            yield cluster
 
 
 def short_settings(redis_url: str, home: Path, prefix: str = "t") -> Settings:

@@ -222,7 +222,7 @@ def test_a_message_that_keeps_killing_workers_is_dead_lettered_and_its_task_fail
     assert status["tasks"]["A"]["error"] == "lost: delivered 3 times without a result"
     (letter,) = client.dead_letters()
     assert letter["reason"] == "delivered 3 times without a result"
-    assert letter["source"].endswith(":agent:probe:tasks")
+    assert letter["source"].endswith(":agent:{probe}:tasks")
 
 
 def hostile_messages() -> dict[str, bytes]:

@@ -1,5 +1,6 @@
-"""Per-agent identity: with an identities file, a coordinator applies only results signed by the agent
-that owns the task; a forged one goes to the DLQ and the task waits for its real worker."""
+"""Identities: with an identities file, a coordinator applies only results signed by the agent that owns
+the task (a forged one goes to the DLQ and the task waits for its real worker); with one that names
+roles, only what a client signed starts, cancels or signals a run."""
 
 from __future__ import annotations
 
@@ -7,11 +8,16 @@ import json
 import time
 from pathlib import Path
 
+import pytest
+
 from phibroker import wire
+from phibroker.errors import InvalidInput
 from phibroker.runtime.client import Client
+from phibroker.runtime.gate import SecurityGate
 from phibroker.settings import Settings
-from tests.conftest import Processes
+from tests.conftest import Processes, until
 from tests.test_failures import flow
+from tests.test_subworkflows import CHILD, MAIN, files, task_state
 
 
 def test_forged_results_are_refused(procs: Processes, client: Client, settings: Settings, tmp_path: Path) -> None:
@@ -43,3 +49,84 @@ def test_forged_results_are_refused(procs: Processes, client: Client, settings: 
     procs.worker("probe", app="tests.apps.probe", PHIBROKER_AGENT_SECRET="probe-secret")
     status = client.wait(wf_id, timeout=30)
     assert status["state"] == "succeeded" and status["tasks"]["A"]["result"]["task"] == "A"
+
+
+ROLES = {
+    "probe": {"role": "agent", "secret": "probe-secret"},
+    "other": {"role": "agent", "secret": "other-secret"},
+    "ops": {"role": "client", "secret": "ops-secret"},
+    "coordinator": {"role": "coordinator", "secret": "coordinator-secret"},
+}
+
+
+def test_with_roles_only_a_client_starts_cancels_or_signals_runs_and_coordinators_sign_their_own(
+    procs: Processes, client: Client, settings: Settings, tmp_path: Path
+) -> None:
+    """A file that names roles: runs, cancels and signals need a client's signature, a worker's reports
+    its agent's; child runs, their ends and a parent's cancel still flow, signed by the coordinators."""
+    identities = tmp_path / "identities.json"
+    identities.write_text(json.dumps(ROLES))
+    procs.coordinator(PHIBROKER_IDENTITIES=str(identities))
+    procs.worker("probe", app="tests.apps.probe", PHIBROKER_AGENT_SECRET="probe-secret")
+    ops = Client(settings.model_copy(update={"client_name": "ops", "client_secret": "ops-secret"}))
+    parent = files(tmp_path, main=MAIN, child=CHILD)
+    status = ops.wait(ops.submit(parent), timeout=60)
+    assert status["state"] == "succeeded" and status["output"] == {"got": 7}, procs.output()
+
+    unsigned = client.wait(client.submit(parent), timeout=60)  # `client` has no secret
+    assert unsigned["state"] == "failed", procs.output()
+    assert unsigned["error"] == "refused: not submitted by a client identity (set PHIBROKER_CLIENT_SECRET)"
+
+    holding = CHILD.replace('command: work, payload: {value: "${params.value}"}', "command: hold, payload: {sleep: 60}")
+    wf_id = ops.submit(files(tmp_path, main=MAIN, child=holding))
+    child_id = f"{wf_id}~Sub"
+    until(lambda: task_state(client, child_id, "Work") == "running", procs, timeout=30)
+    client.cancel(wf_id, reason="unsigned")  # refused: the run goes on
+    client.signal(wf_id, "nothing")
+    other = Client(settings.model_copy(update={"client_name": "other", "client_secret": "other-secret"}))
+    other.cancel(wf_id, reason="an agent's")  # signed, but by an agent
+    reasons = until(
+        lambda: sorted(r["reason"] for r in client.dead_letters()) if len(client.dead_letters()) >= 4 else None
+    )
+    assert reasons == [
+        "forged cancel: 'other' is agent; only client or coordinator may send it",
+        "forged cancel: not signed (only client or coordinator identities may send it)",
+        "forged signal: not signed (only client or coordinator identities may send it)",
+        "forged submit: not signed (only client or coordinator identities may send it)",  # the sweep's kick refuses it
+    ]
+    assert client.status(wf_id)["state"] == "running"
+    ops.cancel(wf_id, reason="enough")  # the parent's cancel reaches its child, signed by a coordinator
+    assert ops.wait(wf_id, timeout=30)["state"] == "cancelled"
+    child = ops.wait(child_id, timeout=30)
+    assert child["state"] == "cancelled" and child["error"] == f"parent {wf_id}: enough", procs.output()
+    assert len(client.dead_letters()) == 4
+
+
+@pytest.mark.parametrize(
+    "text, error",
+    [
+        ('{"a": {"role": "boss", "secret": "x"}}', "'a': give a role (agent, client, coordinator) and a secret"),
+        ('{"a": {"role": "agent"}}', "'a': give a role (agent, client, coordinator) and a secret"),
+        ('{"a": {"role": "agent", "secret": "x"}}', "no identity has the coordinator role"),
+        ("[1, 2]", "not a JSON object of identities"),
+    ],
+)
+def test_an_identities_file_names_roles_or_is_refused_in_one_line(text: str, error: str, tmp_path: Path) -> None:
+    path = tmp_path / "identities.json"
+    path.write_text(text)
+    gate = SecurityGate(Settings(identities=path), registry=None)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput) as refused:
+        gate.signer()
+    assert str(refused.value) == f"identities file {path}: {error}"
+
+
+def test_the_older_form_names_agents_and_checks_only_what_workers_send(tmp_path: Path) -> None:
+    path = tmp_path / "identities.json"
+    path.write_text(json.dumps({"probe": "probe-secret"}))
+    gate = SecurityGate(Settings(identities=path), registry=None)  # type: ignore[arg-type]
+    assert gate.signer() is None and not gate.with_roles
+    assert gate.check_sender(wire.Inbox(kind="cancel", body={"wf": "w"})) is None
+    lost = wire.Inbox(kind="lost", body={"wf": "w", "unit": "A", "dispatch": "d"})
+    assert gate.check_sender(lost) == "forged lost: not signed (only agent identities may send it)"
+    lost.agent = "probe"
+    assert gate.check_sender(wire.Inbox.decode(lost.encode(1 << 20, b"probe-secret"), 1 << 20)) is None

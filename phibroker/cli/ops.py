@@ -37,7 +37,8 @@ def agents(settings: Settings, as_json: bool) -> None:
 
 @main.group()
 def acl() -> None:
-    """Redis ACL users for production: one per agent, the coordinators, a read-only `watch`, an `admin`."""
+    """Redis ACL users for production: one per agent, the coordinators, a `client` (submitter), an
+    `approver`, a read-only `watch`, an `admin`."""
 
 
 @acl.command("generate")
@@ -54,6 +55,13 @@ def acl() -> None:
     metavar="AGENT=NAME",
     help="a subscription of AGENT named other than AGENT.function",
 )
+@click.option(
+    "--submitter",
+    "submitters",
+    multiple=True,
+    metavar="AGENT",
+    help="an agent whose reactions submit runs: its identity is a client's too",
+)
 @click.option("--force", is_flag=True, help="replace existing files: every password and secret changes")
 @click.pass_obj
 def acl_generate(
@@ -65,6 +73,7 @@ def acl_generate(
     tls: bool,
     identities_path: str,
     subscriptions: tuple[str, ...],
+    submitters: tuple[str, ...],
     force: bool,
 ) -> None:
     """Write users.acl, one USER.env per user and identities.json, with fresh random secrets."""
@@ -81,6 +90,7 @@ def acl_generate(
         tls=tls,
         identities_path=identities_path,
         subscriptions=acls.parse_subscriptions(subscriptions, names),
+        submitters=submitters,
     )
     for path in acls.write(Path(out_dir), bundle, force=force):
         click.echo(str(path))

@@ -31,6 +31,8 @@ class Client:
     def __init__(self, settings: Settings | None = None, broker: ClientStore | None = None):
         self.settings = settings or Settings()
         self.broker = broker or ClientStore(self.settings)
+        if self.settings.client_secret:  # coordinators with identities act only on what a client signed
+            self.broker.sign_as(self.settings.client_name, self.settings.client_secret.encode())
         self.registry = Registry(self.settings, client=self.broker.redis)
 
     @classmethod

@@ -92,6 +92,9 @@ class Coordinator:
         self.name = f"{socket.gethostname()}:{os.getpid()}:{wire.short_id()[:6]}"
         self.router = Router(self.registry)
         self.gate = SecurityGate(settings, self.registry, require_signed)
+        signer = self.gate.signer()  # kicks, child runs' ends, parents' cancels: signed like a client's
+        if signer is not None:
+            self.broker.sign_as(*signer)
         self.maintenance = Maintenance(
             settings,
             self.broker,
@@ -110,6 +113,9 @@ class Coordinator:
         self._clock = (0.0, time.monotonic())  # Redis's clock at the last read, and the monotonic one then
         self._next_due: float | None = None  # when the next timer is due, as far as we know
         self._more_timers = False  # the last claim hit its limit: more may be due
+        # inputs refused as forged, by the object: a run read again after a lost commit race decides
+        # them again, and they are dead-lettered once, after the round's commits
+        self._forged: dict[int, tuple[str, bytes, str]] = {}
 
     # -- the loop ----------------------------------------------------------------------------------
     def run(self, burst: bool = False) -> None:
@@ -285,12 +291,12 @@ class Coordinator:
             log.warning("dead-lettering inbox entry %s: %s", entry.id, exc.reason)
             self.broker.dead_letter(exc.reason, entry.raw, stream, entry.id)
             return 0
+        refusal = self.gate.check_sender(message)
+        if refusal:
+            log.warning("dead-lettering inbox entry %s: %s", entry.id, refusal)
+            self.broker.dead_letter(refusal, entry.raw, stream, entry.id)
+            return 0
         if message.kind == "results":
-            refusal = self.gate.check_sender(message)
-            if refusal:
-                log.warning("dead-lettering inbox entry %s: %s", entry.id, refusal)
-                self.broker.dead_letter(refusal, entry.raw, stream, entry.id)
-                return 0
             for result in message.results:
                 ops[result.wf].append(("result", (result, message.agent)))
             return len(message.results)
@@ -306,13 +312,8 @@ class Coordinator:
             if refusal:
                 ops[wf_id].append(("refused", {**message.body, "refusal": refusal}))
                 return 1
-        if message.kind == "spend":  # a worker's, like results: signed by its agent when identities are set
-            refusal = self.gate.check_sender(message)
-            if refusal:
-                log.warning("dead-lettering inbox entry %s: %s", entry.id, refusal)
-                self.broker.dead_letter(refusal, entry.raw, stream, entry.id)
-                return 0
-            ops[wf_id].append(("spend", (message.body, message.agent)))
+        if message.kind in ("spend", "lost", "declined"):  # a worker's: about its own agent's units only
+            ops[wf_id].append((message.kind, (message.body, message.agent)))
             return 1
         ops[wf_id].append((message.kind, message.body))
         return 1
@@ -324,6 +325,7 @@ class Coordinator:
         `fired` timers are removed in the drain, before the timers the transitions set: a transition
         may set the very timer that fired again (`continue`, more units to release)."""
         pending = dict(ops)
+        self._forged = {}  # a round cut short left its refusals unsent: their entries are read again
         drains: list[tuple[str, str, dict[str, Any]]] = []
         quiet: list[str] = []
         finished: list[str] = []
@@ -375,6 +377,9 @@ class Coordinator:
             pending = {wf_id: pending[wf_id] for wf_id in stale}
             for run in runs.values():  # those kept in the cache take later inputs: no longer fresh
                 run.fresh = False
+        forged, self._forged = self._forged, {}
+        for reason, raw, entry in forged.values():
+            self.broker.dead_letter(reason, raw, self.keys.results, entry)
         if drains or fired:
             self.broker.drain(drains, dispatched=True, fired=list(fired), route=self.router.routes)
             crash_point("after_drain")
@@ -414,7 +419,7 @@ class Coordinator:
             result, sender = body
             reason = self.gate.check_answerer(run, result, sender)
             if reason:
-                self.broker.dead_letter(reason, wire.pack(result.to_map()), self.keys.results, result.id)
+                self._forged[id(result)] = (reason, wire.pack(result.to_map()), result.id)
                 return
             engine.apply_result(run, result, now)
         elif kind == "timer":
@@ -423,11 +428,11 @@ class Coordinator:
             report, sender = body
             if self.gate.identities and state.unit_agent(run.workflow, str(report["unit"])) != sender:
                 reason = f"forged spend: agent {sender!r} reported for {report['unit']!r} of another agent"
-                self.broker.dead_letter(reason, wire.pack(report), self.keys.results, str(report.get("dispatch")))
+                self._forged[id(report)] = (reason, wire.pack(report), str(report.get("dispatch")))
                 return
             engine.spend(run, report, now)
         elif kind in ("submit", "kick"):
-            refusal = self.gate.check_start(run.meta) or self._orphaned(run)
+            refusal = self.gate.check_start(run.id, run.meta) or self._orphaned(run)
             if refusal:
                 engine.refuse(run, refusal, now)
             else:
@@ -444,8 +449,15 @@ class Coordinator:
                 self._refuse(run, body, refusal, now)
         elif kind == "refused":
             self._refuse(run, body, body["refusal"], now)
-        elif kind == "lost":
-            engine.lost(run, body["unit"], body["dispatch"], str(body.get("reason")), now)
+        elif kind in ("lost", "declined"):
+            body, sender = body
+            reason = self.gate.check_unit(run, str(body["unit"]), sender, kind)
+            if reason:
+                self._forged[id(body)] = (reason, wire.pack(body), str(body["dispatch"]))
+            elif kind == "lost":
+                engine.lost(run, body["unit"], body["dispatch"], str(body.get("reason")), now)
+            else:
+                engine.declined(run, body["unit"], body["dispatch"], now)
         elif kind == "child":  # a child run of a `workflow:` task ended
             crash_point("child_notice")
             engine.child_ended(run, body, now)
@@ -455,8 +467,6 @@ class Coordinator:
             refusal = engine.reopen(run, now, body.get("from"), str(body.get("id") or ""))
             if refusal:
                 log.warning("retry of %s refused: %s", run.id, refusal)
-        elif kind == "declined":
-            engine.declined(run, body["unit"], body["dispatch"], now)
         elif kind == "redispatch":  # the reconciler found nobody holding this attempt (Maintenance)
             token, limit = int(body.get("token") or 0), self.settings.max_deliveries
             reason = str(body.get("reason") or "nobody holds it")
@@ -468,10 +478,12 @@ class Coordinator:
         parent_id, task = run.meta.get("parent"), run.meta.get("parent_task")
         if not parent_id or run.meta.get("launched"):
             return None
-        parent = self.cache.load([str(parent_id)]).get(str(parent_id))
-        record = parent.units.get(str(task), {}) if parent is not None else {}
-        if record.get("child") == run.id and record.get("state") in state.UNIT_LIVE and not record.get("stop"):
-            return None
+        for _ in ("cached", "read again"):  # another coordinator may have made the child since we cached it
+            parent = self.cache.load([str(parent_id)]).get(str(parent_id))
+            record = parent.units.get(str(task), {}) if parent is not None else {}
+            if record.get("child") == run.id and record.get("state") in state.UNIT_LIVE and not record.get("stop"):
+                return None
+            self.cache.forget(str(parent_id))
         return f"its parent {parent_id}'s task {task} no longer waits for it"
 
     def _start_triggered(self, body: dict[str, Any]) -> None:

@@ -1,17 +1,27 @@
 """The coordinator's security checks, in one place: who may send what it acts on.
 
-A coordinator trusts nothing it reads from the inbox. With an identities file, a result must be signed
-by the agent it claims to come from, and that agent must own the unit it answers; with
-`--require-signed`, a workflow starts only from a file text a trusted key signed; an approval decision
-counts only when a trusted key signed it. The loop asks the gate and acts on its answer; the gate
-decides, and changes nothing.
+A coordinator trusts nothing it reads from the inbox. With an identities file, every message is signed
+by the identity it names, and that identity's role may send its kind: what workers report (results,
+`lost`, `declined`, `spend`) comes from the agent that owns the unit it is about; cancels, retries,
+signals and runs come from a client; kicks, re-dispatches and a child run's end from a coordinator.
+With `--require-signed`, a workflow starts only from a file text a trusted key signed; an approval
+decision counts only when a trusted key signed it. The loop asks the gate and acts on its answer; the
+gate decides, and changes nothing.
+
+The identities file is JSON, one entry per identity: `{"NAME": {"role": "agent", "secret": "..."}}`,
+`role` one of agent, client, coordinator, or a list of them (an agent whose reactions submit runs is
+also a client). The older form `{"AGENT": "SECRET"}` names agents only; with it, only what workers send
+is checked.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
@@ -26,6 +36,53 @@ from phibroker.store.registry import Registry
 log = logging.getLogger("phibroker.coordinator")
 
 
+AGENT, CLIENT, COORDINATOR = "agent", "client", "coordinator"
+ROLES = frozenset({AGENT, CLIENT, COORDINATOR})
+# Who may send each kind of inbox message. `decide` is not here: a decision carries its approver's
+# Ed25519 signature, whoever carried it. `trigger`: an event matched a trigger where it was published,
+# by a worker settling results (its handler could emit that event anyway) or by a coordinator.
+SENDERS: Mapping[str, frozenset[str]] = {
+    "results": frozenset({AGENT}),
+    "lost": frozenset({AGENT}),
+    "declined": frozenset({AGENT}),
+    "spend": frozenset({AGENT}),
+    "submit": frozenset({CLIENT, COORDINATOR}),
+    "cancel": frozenset({CLIENT, COORDINATOR}),
+    "signal": frozenset({CLIENT, COORDINATOR}),
+    "retry": frozenset({CLIENT}),
+    "kick": frozenset({COORDINATOR}),
+    "redispatch": frozenset({COORDINATOR}),
+    "child": frozenset({COORDINATOR}),
+    "trigger": frozenset({AGENT, COORDINATOR}),
+}
+WORKER_KINDS = frozenset(kind for kind, roles in SENDERS.items() if roles == {AGENT})
+
+
+@dataclass(frozen=True)
+class Identity:
+    roles: frozenset[str]
+    secret: bytes
+
+
+def read_identities(text: str) -> tuple[dict[str, Identity], bool]:
+    """The identities, and whether the file names roles (else it is the older `agent -> secret` form)."""
+    data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object of identities")
+    out, with_roles = {}, False
+    for name, entry in data.items():
+        if isinstance(entry, str):
+            out[name] = Identity(frozenset({AGENT}), entry.encode())
+            continue
+        with_roles = True
+        role, secret = (entry.get("role"), entry.get("secret")) if isinstance(entry, dict) else (None, None)
+        roles = frozenset([role] if isinstance(role, str) else role if isinstance(role, list) else [])
+        if not roles or not roles <= ROLES or not isinstance(secret, str) or not secret:
+            raise ValueError(f"{name!r}: give a role ({', '.join(sorted(ROLES))}) and a secret")
+        out[name] = Identity(roles, secret.encode())
+    return out, with_roles
+
+
 class SecurityGate:
     """Answers "refused, and why" or None for each input a coordinator checks before applying it."""
 
@@ -35,38 +92,95 @@ class SecurityGate:
         self.require_signed = require_signed
 
     @cached_property
-    def identities(self) -> dict[str, bytes]:
-        """agent -> secret, from the identities file; empty: results are not checked."""
+    def _identities(self) -> tuple[dict[str, Identity], bool]:
         path = self.settings.identities
         if path is None:
-            return {}
+            return {}, False
         try:
-            return {agent: str(secret).encode() for agent, secret in json.loads(path.read_text()).items()}
-        except (OSError, ValueError, AttributeError) as exc:
+            return read_identities(path.read_text())
+        except (OSError, ValueError, AttributeError, TypeError) as exc:
             raise InvalidInput(f"identities file {path}: {exc}") from None
 
-    def check_sender(self, message: wire.Inbox) -> str | None:
-        """With identities configured, results must be signed by the agent they claim to come from."""
-        if not self.identities:
+    @property
+    def identities(self) -> dict[str, Identity]:
+        """name -> identity, from the identities file; empty: nothing is checked."""
+        return self._identities[0]
+
+    @property
+    def with_roles(self) -> bool:
+        """The file names roles: every kind of message is checked, not only what workers send."""
+        return self._identities[1]
+
+    def signer(self) -> tuple[str, bytes] | None:
+        """The coordinators' own identity (name, secret), to sign what they send each other; None
+        without a file that names roles. Such a file without a coordinator is refused: every kick and
+        child run's end would be."""
+        if not self.with_roles:
             return None
-        secret = self.identities.get(message.agent or "")
-        if secret is None:
-            return f"forged result: unknown agent {message.agent!r}"
-        if not message.signed_by(secret):
-            return f"forged result: bad signature for agent {message.agent!r}"
+        for name, identity in self.identities.items():
+            if COORDINATOR in identity.roles:
+                return name, identity.secret
+        raise InvalidInput(f"identities file {self.settings.identities}: no identity has the coordinator role")
+
+    def check_sender(self, message: wire.Inbox) -> str | None:
+        """With identities configured, a message is signed by the identity it names, whose role may
+        send its kind (a file without roles: what workers send, by their agent)."""
+        roles = SENDERS.get(message.kind)
+        if not self.identities or roles is None or (not self.with_roles and message.kind not in WORKER_KINDS):
+            return None
+        what = "result" if message.kind == "results" else message.kind
+        who = "agent" if message.kind in WORKER_KINDS else "identity"
+        if message.agent is None:
+            return f"forged {what}: not signed (only {' or '.join(sorted(roles))} identities may send it)"
+        identity = self.identities.get(message.agent)
+        if identity is None:
+            return f"forged {what}: unknown {who} {message.agent!r}"
+        if not message.signed_by(identity.secret):
+            return f"forged {what}: bad signature for {who} {message.agent!r}"
+        if not identity.roles & roles:
+            held = "/".join(sorted(identity.roles))
+            return f"forged {what}: {message.agent!r} is {held}; only {' or '.join(sorted(roles))} may send it"
         return None
 
     def check_answerer(self, run: state.Run, result: wire.Result, sender: str | None) -> str | None:
         """With identities configured, an agent answers only the units of its own tasks."""
-        if self.identities and state.unit_agent(run.workflow, result.unit) != sender:
-            return f"forged result: agent {sender!r} answered {result.unit!r} of another agent"
+        return self.check_unit(run, result.unit, sender, "result")
+
+    def check_unit(self, run: state.Run, unit: str, sender: str | None, what: str) -> str | None:
+        """With identities configured, a worker reports (results, `lost`, `declined`) only on its own
+        agent's units."""
+        if self.identities and state.unit_agent(run.workflow, unit) != sender:
+            verb = "answered" if what == "result" else "reported"
+            return f"forged {what}: agent {sender!r} {verb} {unit!r} of another agent"
         return None
 
-    def check_start(self, meta: dict[str, Any]) -> str | None:
-        """Why a run may not start (`--require-signed` and its file is not signed as it should be), or None.
+    def check_submitter(self, run_id: str, meta: dict[str, Any]) -> str | None:
+        """With a file that names roles, a run starts only if a client (or a coordinator: child runs,
+        triggers) signed its id, spec, params and parent when it was written: a copy of a signed file
+        written by an agent does not run, nor a run whose spec or params changed after it was asked for."""
+        if not self.with_roles:
+            return None
+        name = str(meta.get("submitter") or "")
+        identity = self.identities.get(name)
+        if not name or not meta.get("submit_sig"):
+            return "refused: not submitted by a client identity (set PHIBROKER_CLIENT_SECRET)"
+        if identity is None:
+            return f"refused: submitted by unknown identity {name!r}"
+        if not identity.roles & SENDERS["submit"]:
+            return f"refused: submitted by {name!r}, which is not a client"
+        expected = wire.submit_signature(identity.secret, run_id, name, meta)
+        if not hmac.compare_digest(expected, str(meta["submit_sig"])):
+            return f"refused: bad submit signature for {name!r} (the run was changed after it was submitted)"
+        return None
+
+    def check_start(self, run_id: str, meta: dict[str, Any]) -> str | None:
+        """Why a run may not start (not asked for by a client; `--require-signed` and its file is not
+        signed as it should be), or None.
 
         A run already launched was checked then: a later kick of it is not checked again."""
-        return self.verify_source(meta) if self.require_signed and not meta.get("launched") else None
+        if meta.get("launched"):
+            return None
+        return self.check_submitter(run_id, meta) or (self.verify_source(meta) if self.require_signed else None)
 
     def trusted(self) -> dict[str, str]:
         """The trust list in Redis; with none configured, the local keys (read now, so new keys count)."""

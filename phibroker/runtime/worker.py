@@ -82,6 +82,8 @@ class Worker:
         self.tracing = tracing()  # a tracer provider is set: attempts make spans (checked again by the heartbeat)
         self.settings = settings
         self.broker = broker or WorkerStore(settings)
+        if settings.agent_secret:  # `lost`, `declined`, a reaction's runs: signed like its results
+            self.broker.sign_as(agent.name, settings.agent_secret.encode())
         self.registry = Registry(settings, client=self.broker.redis)
         self.keys = settings.keys
         self.stream = self.keys.agent_tasks(agent.name)

@@ -2,8 +2,14 @@
 
 Pure: the rules are built from the namespace and the agent names with `keys.py`, and so are the files
 `phibroker acl generate` writes — `users.acl` for `aclfile`, one `<user>.env` per user (Redis URL with
-its credentials, namespace, and for agents the secret they sign results with) and `identities.json`
-(agent -> secret) for the coordinators. No Redis here.
+its credentials, namespace, and the secret its process signs with: an agent's results and reports, a
+client's runs, cancels, retries and signals) and `identities.json` (name -> role and secret) for the
+coordinators, which also holds the secret they sign their own messages with. No Redis here.
+
+The users, by process: one per agent (its workers), `coordinator`, `client` (submit, cancel, retry,
+signal, status, wait), `approver` (approvals, approve, reject), `watch` (read-only views) and `admin`
+(operators: trust list, triggers, dead letters, killing a runaway script; a client identity too).
+Only `coordinator` and `admin` may load scripts: every other user may only call what is loaded.
 
 How Redis decides: a command runs if the user's root permissions, or one of its selectors `(...)`,
 allow the command *and* every key it names (`~` read and write, `%R~` read, `%W~` write only). So
@@ -13,8 +19,10 @@ every key it declares). The `{*}` patterns match one key of a workflow each: `NS
 hash (a pattern ending in `}` cannot match `NS:wf:{ID}:results`), `NS:wf:{*}:tasks` only the unit states.
 
 What ACLs cannot do: tell a script's writes from direct ones (an agent allowed to run START may also
-HSET a workflow's unit states), or limit a hash to some fields (an agent's lease lives in the shared
-`NS:agents` hash). Forged outcomes are stopped by signed results (the identities file), not here.
+HSET a workflow's unit states, and its meta hash: a running run's spec), or limit a hash to some fields
+(an agent's lease lives in the shared `NS:agents` hash). Forged outcomes and control messages are
+stopped by signatures (the identities file), not here; what an agent's user may write of a running run
+is the gap a key layout separating agents' writes from coordinators' would close.
 """
 
 from __future__ import annotations
@@ -30,16 +38,20 @@ from pathlib import Path
 from phibroker.errors import InvalidInput
 from phibroker.keys import Keys
 
-COORDINATOR, WATCH, ADMIN = "coordinator", "watch", "admin"
-RESERVED = frozenset({COORDINATOR, WATCH, ADMIN, "default"})
+COORDINATOR, WATCH, ADMIN, CLIENT, APPROVER = "coordinator", "watch", "admin", "client", "approver"
+RESERVED = frozenset({COORDINATOR, WATCH, ADMIN, CLIENT, APPROVER, "default"})
 USERS_FILE, IDENTITIES_FILE = "users.acl", "identities.json"
 IDENTITIES_PATH = "/etc/phibroker/identities.json"  # where coordinators read it (compose, k8s, systemd)
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 # Key-less commands every phibroker process sends: health checks, Redis's clock (leases, and TIME
-# inside scripts), loading the scripts after a restart (EVALSHA answers NOSCRIPT), and INFO for the
-# server's run id (a restart may have lost the last writes: workers re-read their pending entries).
-BASICS = ("ping", "time", "script|load", "script|exists", "info")
+# inside scripts), and INFO for the server's run id (a restart may have lost the last writes: workers
+# re-read their pending entries).
+BASICS = ("ping", "time", "script|exists", "info")
+# Loading phibroker's scripts after a restart (EVALSHA answers NOSCRIPT): coordinators and the admin
+# only. A user who may load a script may run any Lua, a runaway loop included (Redis then answers BUSY
+# to everyone); the others wait for a coordinator to load them.
+LOADER = (*BASICS, "script|load")
 # A consumer of its own streams: read, ack, give back (requeue: MULTI/EXEC), reclaim from the dead.
 CONSUMER = (
     "xreadgroup",
@@ -105,7 +117,7 @@ class User:
     """One ACL user: who it is for, its root permissions and its selectors."""
 
     name: str
-    role: str  # agent | coordinator | watch | admin
+    role: str  # agent | coordinator | client | approver | watch | admin
     root: Grant
     selectors: tuple[Grant, ...] = ()
     agent: str | None = None
@@ -171,6 +183,36 @@ def agent_user(keys: Keys, agent: str, subscriptions: Iterable[str] = ()) -> Use
     )
 
 
+def client_user(keys: Keys, name: str = CLIENT) -> User:
+    """A submitter (`submit --wait`, `cancel`, `retry`, `signal`, `status`, `list`): reads the namespace,
+    creates runs (the CREATE script and a new run's big fields), indexes them, appends to the inbox, and
+    waits on a run's end. No script loading, no other writes."""
+    return User(
+        name=name,
+        role=CLIENT,
+        root=Grant((*BASICS, *READS, "multi", "exec", "discard"), (f"%R~{keys.namespace}:*",)),
+        selectors=(
+            # CREATE writes with HSET inside the script, and Redis checks a script's commands like direct
+            # ones: a client may HSET a run's meta hash (signed runs are checked once, at their start)
+            Grant(("evalsha", "hexists", "hset", "hsetnx"), (f"~{keys.wf('*')}",)),
+            Grant(("zadd",), (f"%W~{keys.workflows}", f"%W~{keys.running}")),
+            Grant(("xadd",), (f"%W~{keys.results}",)),
+            Grant(("blmove",), (f"~{keys.wf_done('*')}",)),  # waking on a run's end, never consuming it
+        ),
+    )
+
+
+def approver_user(keys: Keys) -> User:
+    """`approvals`, `approve`, `reject`: reads the namespace and appends decisions to the inbox. The
+    decision carries its approver's Ed25519 signature: the user only carries it."""
+    return User(
+        name=APPROVER,
+        role=APPROVER,
+        root=Grant(("ping", "time", *READS), (f"%R~{keys.namespace}:*",)),
+        selectors=(Grant(("xadd",), (f"%W~{keys.results}",)),),
+    )
+
+
 def coordinator_user(keys: Keys) -> User:
     """Every workflow's keys and the coordinators' own tables; append-only into agent, subscription and
     event streams; read-only on subscriptions, triggers and the trust list; no worker leases."""
@@ -180,11 +222,13 @@ def coordinator_user(keys: Keys) -> User:
         role=COORDINATOR,
         root=Grant(
             (
-                *BASICS,
+                *LOADER,
                 *CONSUMER,
                 "evalsha",
                 "exists",
                 "expire",
+                "persist",  # a retried run keeps its keys again (APPLY), and waiters wait for its next end
+                "del",
                 "hget",
                 "hmget",
                 "hgetall",
@@ -256,8 +300,10 @@ def watch_user(keys: Keys) -> User:
 
 
 def admin_user(keys: Keys) -> User:
-    """Operators: submit (and `--wait`), cancel, approve, `keys trust`, `triggers add|remove`, `dlq` —
-    data commands on the namespace's keys; no FLUSHALL, CONFIG, KEYS, SCAN, ACL or SHUTDOWN."""
+    """Operators: `keys trust`, `triggers add|remove`, `dlq`, and submit, cancel, approve (with a
+    client identity of its own) — data commands on the namespace's keys, and SCRIPT KILL / FUNCTION
+    KILL for a runaway script, SCRIPT FLUSH so nobody calls it again (coordinators load phibroker's
+    scripts again); no FLUSHALL, CONFIG, KEYS, SCAN, ACL or SHUTDOWN."""
     writes = (
         "xadd",
         "xdel",
@@ -276,7 +322,10 @@ def admin_user(keys: Keys) -> User:
         name=ADMIN,
         role=ADMIN,
         # SCRIPT KILL: a runaway script makes Redis answer BUSY to everyone until someone stops it
-        root=Grant((*BASICS, *READS, *writes, "multi", "exec", "discard", "script|kill"), (f"~{keys.namespace}:*",)),
+        root=Grant(
+            (*LOADER, *READS, *writes, "multi", "exec", "discard", "script|kill", "script|flush", "function|kill"),
+            (f"~{keys.namespace}:*",),
+        ),
     )
 
 
@@ -290,6 +339,7 @@ class Bundle:
     users: list[User]
     passwords: dict[str, str]
     agent_secrets: dict[str, str]
+    identities: dict[str, dict[str, object]] = field(default_factory=dict)  # identities.json: name -> role, secret
     files: dict[str, str] = field(default_factory=dict)
 
 
@@ -340,15 +390,24 @@ def generate(
     identities_path: str = IDENTITIES_PATH,
     subscriptions: Mapping[str, Sequence[str]] | None = None,
     token: Callable[[], str] | None = None,
+    submitters: Sequence[str] = (),
 ) -> Bundle:
-    """Users for these agents plus coordinator, watch and admin, with fresh random passwords and agent
-    secrets, and the text of every file. `token` makes secrets (tests pass a fixed one)."""
+    """Users for these agents plus coordinator, client, approver, watch and admin, with fresh random
+    passwords and secrets, and the text of every file. `submitters`: agents whose reactions submit runs
+    (their identity is a client's too). `token` makes secrets (tests pass a fixed one)."""
     keys = Keys(check_name(namespace, "namespace"))
     make = token or (lambda: secrets.token_urlsafe(32))
     subs = subscriptions or {}
+    unknown = [a for a in submitters if a not in agents]
+    if unknown:
+        raise InvalidInput(f"--submitter {unknown[0]!r}: name one of the --agents")
     users = [agent_user(keys, a, subs.get(a, ())) for a in agents]
-    users += [coordinator_user(keys), watch_user(keys), admin_user(keys)]
+    users += [coordinator_user(keys), client_user(keys), approver_user(keys), watch_user(keys), admin_user(keys)]
     bundle = Bundle(users, {u.name: make() for u in users}, {a: make() for a in agents})
+    for agent, secret in bundle.agent_secrets.items():
+        bundle.identities[agent] = {"role": ["agent", "client"] if agent in submitters else "agent", "secret": secret}
+    for name, role in ((CLIENT, "client"), (ADMIN, "client"), (COORDINATOR, "coordinator")):
+        bundle.identities[name] = {"role": role, "secret": make()}
     # The default user can do nothing and cannot log in (`resetpass` also drops `nopass`, so
     # protected mode stays meaningful); every process authenticates as its own user.
     lines = ["user default reset off resetpass"] + [u.line(bundle.passwords[u.name]) for u in users]
@@ -363,10 +422,13 @@ def generate(
         ]
         if user.agent is not None:
             env.append(f"PHIBROKER_AGENT_SECRET={bundle.agent_secrets[user.agent]}")
-        if user.role == COORDINATOR:
+        if user.role == COORDINATOR:  # its own secret is in the identities file
             env.append(f"PHIBROKER_IDENTITIES={identities_path}")
+        elif user.name in bundle.identities and user.agent is None:  # a client identity: client, admin
+            own = bundle.identities[user.name]["secret"]
+            env += [f"PHIBROKER_CLIENT_NAME={user.name}", f"PHIBROKER_CLIENT_SECRET={own}"]
         bundle.files[f"{user.name}.env"] = "\n".join(env) + "\n"
-    bundle.files[IDENTITIES_FILE] = json.dumps(bundle.agent_secrets, indent=2) + "\n"
+    bundle.files[IDENTITIES_FILE] = json.dumps(bundle.identities, indent=2) + "\n"
     return bundle
 
 

@@ -13,11 +13,26 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.client import Pipeline
-from redis.exceptions import BusyLoadingError, InvalidResponse, NoScriptError, ResponseError
+from redis.cluster import ClusterNode, ClusterPipeline, RedisCluster
+from redis.exceptions import (
+    AskError,
+    BusyLoadingError,
+    ClusterDownError,
+    InvalidResponse,
+    MasterDownError,
+    NoPermissionError,
+    NoScriptError,
+    RedisClusterException,
+    RedisClusterUnreachableError,
+    ResponseError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
@@ -52,6 +67,8 @@ REFUSAL_HINTS = {
     "CLUSTERDOWN": "the cluster is down",
     "NOREPLICAS": "too few replicas answer for it to take writes",
     "MISCONF": "it cannot save to disk, so it refuses writes",
+    # not a Redis reply: phibroker's scripts are gone (a restart) and this user may not load them
+    "UNLOADED": "phibroker's scripts are not loaded: a coordinator loads them (this user may only call them)",
 }
 
 # What a broker out of reach looks like; loops back off and carry on, the CLI exits 3.
@@ -64,6 +81,13 @@ def refusal(exc: BaseException) -> Refused | None:
         return exc
     if isinstance(exc, BusyLoadingError):  # LOADING: redis-py reads it as a lost connection, and retries
         return Refused("LOADING", str(exc))
+    # what a cluster says while a master fails over or a slot moves, once its client gave up retrying
+    if isinstance(exc, MasterDownError):
+        return Refused("MASTERDOWN", str(exc))
+    if isinstance(exc, (ClusterDownError, SlotNotCoveredError, RedisClusterUnreachableError)):
+        return Refused("CLUSTERDOWN", str(exc))
+    if isinstance(exc, TryAgainError):
+        return Refused("TRYAGAIN", str(exc))
     if not isinstance(exc, ResponseError):
         return None
     text = str(exc).rpartition(" of pipeline caused error: ")[2]  # redis-py names the command before it
@@ -79,7 +103,7 @@ def refusals() -> Iterator[None]:
     through the client's commands: pub/sub)."""
     try:
         yield
-    except ResponseError as exc:
+    except (ResponseError, RedisClusterException) as exc:
         refused = refusal(exc)
         if refused is None:
             raise
@@ -117,6 +141,56 @@ class _Client(redis.Redis):
         return _Pipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
 
 
+class _ClusterPipeline(ClusterPipeline):
+    """A cluster pipeline whose replies and errors say Refused where Redis said "not now"."""
+
+    def execute(self, raise_on_error: bool = True) -> list[Any]:
+        with refusals():
+            replies = super().execute(raise_on_error)
+        return [refusal(reply) or reply if isinstance(reply, ResponseError) else reply for reply in replies]
+
+
+class _ClusterClient(RedisCluster):
+    """redis-py's cluster client, with the same refusals as `_Client`: a cluster that says "not now"
+    (a master failing over, slots not served) once the client's own retries are spent is a broker out
+    of reach for a while, not a crash."""
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        with refusals():
+            return super().execute_command(*args, **options)
+
+    def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> Any:
+        pipe = super().pipeline(transaction, shard_hint)
+        pipe.__class__ = _ClusterPipeline  # adds nothing but `execute`; redis-py builds it with its own state
+        return pipe
+
+
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+
+
+def is_cluster_url(url: str) -> bool:
+    return url.partition("://")[0] in CLUSTER_SCHEMES
+
+
+def cluster_seeds(url: str) -> tuple[str, list[tuple[str, int]]]:
+    """`redis+cluster://[USER:PASSWORD@]HOST:PORT[,HOST:PORT...]/[?OPTIONS]` (or `rediss+cluster://`)
+    as the plain URL of its first node (what redis-py reads credentials and options from) and every
+    node it names. Raises ValueError saying what is wrong."""
+    parts = urlsplit(url)
+    credentials, _, hosts = parts.netloc.rpartition("@")
+    seeds = []
+    for address in hosts.split(","):
+        host, _, port = address.strip().rpartition(":")
+        host = unquote(host.strip("[]"))
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{address.strip() or 'an empty address'} is not HOST:PORT")
+        seeds.append((host, int(port)))
+    if parts.path not in ("", "/", "/0"):
+        raise ValueError("a cluster has database 0 only")
+    first = f"{CLUSTER_SCHEMES[parts.scheme]}://{credentials + '@' if credentials else ''}{hosts.split(',')[0]}/0"
+    return first + (f"?{parts.query}" if parts.query else ""), seeds
+
+
 SHAS = {
     source: hashlib.sha1(source.encode()).hexdigest()  # noqa: S324 - the name Redis gives a script
     for source in (
@@ -139,6 +213,14 @@ HINT = "start one with `make dev` (or `phibroker dev`), or set PHIBROKER_REDIS_U
 
 # Where published events go beyond the log (subscription streams, trigger starts): stream, entry, cap.
 Route = Callable[[list[dict[str, Any]]], list[tuple[str, bytes, int | None]]]
+
+# The commands one step of `Connection.in_order` queues on a pipeline, and whether they must be one
+# transaction (on a cluster: keys of one slot only).
+Step = tuple[Callable[[Any], None], bool]
+
+# How long a worker's read of streams in several cluster slots waits on its task lanes alone before it
+# looks at the others again (a cluster refuses one blocking read over several slots).
+SPREAD_BLOCK = 0.25
 
 
 @dataclass(slots=True)
@@ -164,21 +246,36 @@ def next_id(entry_id: str) -> str:
     return f"{ms}-{seq + 1}"
 
 
-def connect(settings: Settings) -> redis.Redis:
-    """A client whose socket timeout stays above every blocking read, with a short retry for blips."""
+def connect(settings: Settings, timeout: float | None = None, retries: int = 3) -> Any:
+    """A client whose socket timeout stays above every blocking read, with a short retry for blips:
+    redis-py's cluster client for a `redis+cluster://` URL (it asks the seeds for the cluster's nodes
+    at once, so an unreachable cluster fails here), else its plain client (which connects on first use).
+    `timeout` instead bounds every call (a one-off look that must not wait on a broker away)."""
+    url = settings.redis_url
+    options: dict[str, Any] = {
+        "protocol": 2,
+        "socket_timeout": timeout or max(10.0, settings.worker_block * 4),
+        "socket_connect_timeout": timeout or 3.0,
+        "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), retries),
+        "driver_info": None,  # no CLIENT SETINFO: per-agent ACL users need not be granted it
+    }
     try:
-        return _Client.from_url(
-            settings.redis_url,
-            protocol=2,
-            socket_timeout=max(10.0, settings.worker_block * 4),
-            socket_connect_timeout=3.0,
-            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3),
-            health_check_interval=30,
-            driver_info=None,  # no CLIENT SETINFO: per-agent ACL users need not be granted it
-        )
+        if not is_cluster_url(url):
+            return _Client.from_url(url, health_check_interval=30, **options)
+        first, seeds = cluster_seeds(url)
+        nodes = [ClusterNode(host, port) for host, port in seeds[1:]]
+        try:
+            return _ClusterClient(url=first, startup_nodes=nodes, **options)
+        except RedisClusterException as exc:
+            if "db" in str(exc) or "Unix" in str(exc):
+                raise ValueError(str(exc)) from None
+            raise BrokerUnavailable(
+                f"cannot reach the Redis Cluster at {url} ({str(exc).rstrip('.')}): {HINT}"
+            ) from None
     except ValueError as exc:
         raise BrokerUnavailable(
-            f"bad Redis URL {settings.redis_url!r} ({exc}): set PHIBROKER_REDIS_URL (or --redis) to redis://HOST:PORT/DB"
+            f"bad Redis URL {url!r} ({exc}): set PHIBROKER_REDIS_URL (or --redis) to redis://HOST:PORT/DB "
+            "or redis+cluster://HOST:PORT[,HOST:PORT...]/"
         ) from None
 
 
@@ -203,7 +300,15 @@ def unusable(settings: Settings, exc: Exception) -> BrokerUnavailable | None:
             f"Redis at {url} refuses that database ({exc}): use one it has (/0 is always there) "
             "in PHIBROKER_REDIS_URL (or --redis)"
         )
+    if isinstance(exc, AskError):  # MOVED too: a plain client sent to a node of a cluster
+        return BrokerUnavailable(CLUSTER_NODE.format(url=url))
     return None
+
+
+CLUSTER_NODE = (
+    "Redis at {url} is a node of a Redis Cluster: set PHIBROKER_REDIS_URL (or --redis) to "
+    "redis+cluster://HOST:PORT[,HOST:PORT...]/"
+)
 
 
 def parse_value(name: str, raw: bytes) -> Any:
@@ -305,7 +410,25 @@ class Connection:
         self.settings = settings
         self.keys: Keys = settings.keys
         self.redis: Any = client or connect(settings)  # redis-py types every reply as maybe-awaitable
+        # Redis Cluster: a pipeline keeps no order between nodes and a transaction holds one slot, so
+        # what must happen in order goes a step at a time (`in_order`); one server keeps one round trip
+        self.cluster = isinstance(self.redis, RedisCluster)
         self._groups: set[str] = set()
+        # who signs what this process sends the coordinators and the runs it writes: (name, secret)
+        self.sender: tuple[str, bytes] | None = None
+
+    def sign_as(self, name: str, secret: bytes) -> None:
+        """Sign inbox messages and new runs as this identity (an agent, a client, a coordinator): with
+        an identities file, coordinators refuse what nobody allowed to send it signed."""
+        self.sender = (name, secret)
+
+    def signed(self, raw: bytes) -> bytes:
+        """An encoded inbox message (one built where no secret is known: a transition's message to
+        another run, a trigger start) signed by this process's identity; unchanged without one."""
+        if self.sender is None:
+            return raw
+        limit = self.settings.max_message_bytes * 4
+        return wire.Inbox.decode(raw, limit).signed_as(self.sender, limit)
 
     # Scripts run by EVALSHA; a NOSCRIPT (a restarted or new Redis) loads them all and runs again.
     # redis-py's own Script objects would ask SCRIPT EXISTS before every pipeline: a round trip each.
@@ -334,14 +457,62 @@ class Connection:
             return list(replies)
         raise AssertionError("unreachable")
 
+    def in_order(self, steps: Sequence[Step]) -> list[Any]:
+        """Run the commands of `steps`, each step stored before the next is sent; the replies of all.
+
+        On one server that is one MULTI/EXEC of them all: in order, all or nothing (a refused write
+        discards them all), one round trip. On a cluster, a pipeline per step, a transaction where the
+        step asks for one: a refused write stops the steps after it, never those before."""
+        if not self.cluster:
+
+            def together(pipe: Any) -> None:
+                for build, _ in steps:
+                    build(pipe)
+
+            return self._pipeline(together, transaction=True)
+        replies: list[Any] = []
+        for build, transaction in steps:
+            replies += self._pipeline(build, transaction=transaction)
+        return replies
+
+    def clocked(self, key: str, build: Callable[[Any], None]) -> tuple[float, list[Any]]:
+        """Redis's clock (seconds) and the replies of the commands `build` queues, in one round trip.
+        On a cluster, TIME may not join a pipeline: it is asked first, of the node that holds `key`
+        (whose clock stamped what is read there), a second round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        if self.cluster:
+            secs, micros = self.redis.time(target_nodes=self.redis.get_node_from_key(key))
+        else:
+            pipe.time()
+        build(pipe)
+        replies = pipe.execute()
+        if not self.cluster:
+            (secs, micros), *replies = replies
+        return secs + micros / 1e6, replies
+
     def _load_scripts(self) -> None:
-        for source in SHAS:
-            self.redis.script_load(source)
+        """After NOSCRIPT. A user without SCRIPT LOAD (a worker, a client) waits as for a busy Redis
+        until a coordinator, which may load them, has."""
+        try:
+            for source in SHAS:
+                self.redis.script_load(source)
+        except NoPermissionError as exc:
+            raise Refused("UNLOADED", "phibroker's scripts are not loaded") from exc
 
     def ping(self) -> None:
-        """Fail now, in one line, if the broker cannot be used: before a loop, not inside it."""
+        """Fail now, in one line, if the broker cannot be used: before a loop, not inside it. A node
+        of a Redis Cluster behind a plain `redis://` URL would answer a ping, then redirect each
+        command elsewhere: it is asked whether it is one (a user that may not ask is not told)."""
         with reaching(self.settings):
             self.redis.ping()
+            if self.cluster:
+                return
+            try:
+                clustered = self.redis.info("cluster").get("cluster_enabled")
+            except ResponseError:
+                return  # NOPERM, or a broker without INFO (the embedded one)
+            if clustered:
+                raise BrokerUnavailable(CLUSTER_NODE.format(url=self.settings.redis_url))
 
     def close(self) -> None:
         self.redis.close()
@@ -366,8 +537,24 @@ class Connection:
     def read_groups(
         self, streams: Sequence[str], group: str, consumer: str, count: int, block: float | None, pending: bool = False
     ) -> list[tuple[str, Entry]]:
-        """`read_group` over several streams in one call: (stream, entry) pairs."""
-        return entries_of(xreadgroup(self.redis, streams, group, consumer, count, block, pending))
+        """`read_group` over several streams in one call: (stream, entry) pairs.
+
+        On a cluster, one read covers streams of one slot only (an agent's two lanes share one). Over
+        several, each slot's streams are read in one pipeline without blocking; when none had anything,
+        the first slot's streams (the task lanes) are read blocking, for at most SPREAD_BLOCK."""
+        slots: dict[int, list[str]] = {}
+        for stream in streams:
+            slots.setdefault(self.redis.keyslot(stream) if self.cluster else 0, []).append(stream)
+        if len(slots) <= 1:
+            return entries_of(xreadgroup(self.redis, streams, group, consumer, count, block, pending))
+        pipe = self.redis.pipeline(transaction=False)
+        for together in slots.values():
+            xreadgroup(pipe, together, group, consumer, count, None, pending)
+        found = [pair for reply in pipe.execute() for pair in entries_of(reply)]
+        if found or block is None:
+            return found
+        lanes = next(iter(slots.values()))
+        return entries_of(xreadgroup(self.redis, lanes, group, consumer, count, min(block, SPREAD_BLOCK), pending))
 
     def ack(self, stream: str, group: str, ids: Sequence[str]) -> None:
         if ids:
@@ -389,6 +576,7 @@ class Connection:
         pipe.xadd(self.keys.events, {wire.FIELD: wire.encode_events(events)}, maxlen=maxlen, approximate=True)
         if route is not None:
             for stream, raw, cap in route(events):
+                raw = self.signed(raw) if stream in self.keys.inboxes else raw  # a trigger start
                 pipe.xadd(stream, {wire.FIELD: raw}, maxlen=cap, approximate=True)
 
     def dead_letter(self, reason: str, raw: bytes | None, source: str, entry_id: str, **extra: Any) -> None:
@@ -450,40 +638,50 @@ class Connection:
 
     def leases(self, table: str) -> tuple[float, dict[str, dict[str, Any]]]:
         """Redis's clock, and every lease: name -> info plus `expires` (seconds)."""
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.time()
-        pipe.hgetall(table)
-        (secs, micros), raw = pipe.execute()
-        return secs + micros / 1e6, parse_leases(raw)
+        clock, (raw,) = self.clocked(table, lambda pipe: pipe.hgetall(table))
+        return clock, parse_leases(raw)
 
     def submit_workflow(self, wf_id: str, fields: dict[str, Any]) -> bool:
         """Write a new workflow, index it and tell the coordinators, in one round trip, all or nothing
         (MULTI/EXEC): a full Redis refuses the whole run, never leaves half of one that `list` shows
-        and `status` does not know.
+        and `status` does not know. On a cluster, in three steps (`in_order`): the index (where a
+        run not there yet reads as nothing), the run (one slot, all or nothing), then the kick.
 
         False if the id exists (the coordinators are told again: starting is idempotent).
         Only after Redis lost its scripts (NOSCRIPT) does the create script fail alone; the
         transaction then runs again, and until it has, the run reads as unknown everywhere."""
-        return bool(self._pipeline(lambda pipe: self._submit(pipe, wf_id, fields), transaction=True)[-2])
+        index, create, kick = self._submit_steps(wf_id, fields)
+        return bool(self.in_order([(index, False), (create, True), (kick, False)])[-2])
 
-    def _submit(self, pipe: Any, wf_id: str, fields: dict[str, Any]) -> None:
-        """Queue the commands of `submit_workflow` on a pipeline; the create script's reply is the
-        second to last (a coordinator draining an outbox creates child runs this way)."""
+    def _submit_steps(
+        self, wf_id: str, fields: dict[str, Any]
+    ) -> tuple[Callable[[Any], None], Callable[[Any], None], Callable[[Any], None]]:
+        """What `submit_workflow` queues, as three steps: index it, create it, kick the coordinators;
+        the create script's reply comes last of the second (a coordinator draining an outbox creates
+        child runs this way)."""
         keys = self.keys
         created_at = float(fields["created_at"])
+        if self.sender is not None:  # who asked for it, over what it runs: checked before it starts
+            name, secret = self.sender
+            fields = {**fields, "submitter": name, "submit_sig": wire.submit_signature(secret, wf_id, name, fields)}
         args: list[Any] = []
         big = {name: fields[name] for name in _BIG_FIELDS if name in fields}
         for name, value in fields.items():
             if name not in big:
                 args += [name, json.dumps(value) if name in META_JSON else value]
-        kick = wire.Inbox(kind="submit", body={"wf": wf_id}).encode(self.settings.max_message_bytes)
-        pipe.zadd(keys.workflows, {wf_id: created_at}, nx=True)
-        pipe.zadd(keys.running, {wf_id: created_at}, nx=True)
-        for name, value in big.items():  # first: the coordinator reads them on the kick
-            pipe.hsetnx(keys.wf(wf_id), name, value)
-        pipe.evalsha(SHAS[scripts.CREATE], 1, keys.wf(wf_id), *args)
-        pipe.xadd(keys.results, {wire.FIELD: kick})
+        kick = wire.Inbox(kind="submit", body={"wf": wf_id}).signed_as(self.sender, self.settings.max_message_bytes)
+
+        def index(pipe: Any) -> None:
+            pipe.zadd(keys.workflows, {wf_id: created_at}, nx=True)
+            pipe.zadd(keys.running, {wf_id: created_at}, nx=True)
+
+        def create(pipe: Any) -> None:
+            for name, value in big.items():  # first: the coordinator reads them on the kick
+                pipe.hsetnx(keys.wf(wf_id), name, value)
+            pipe.evalsha(SHAS[scripts.CREATE], 1, keys.wf(wf_id), *args)
+
+        return index, create, lambda pipe: pipe.xadd(keys.results, {wire.FIELD: kick})
 
     def send_to_coordinators(self, message: wire.Inbox) -> None:
         """Into the coordinators' inbox; their group reads it from the start, whenever they come."""
-        self.add(self.keys.results, message.encode(self.settings.max_message_bytes))
+        self.add(self.keys.results, message.signed_as(self.sender, self.settings.max_message_bytes))

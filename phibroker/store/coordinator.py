@@ -18,6 +18,7 @@ from phibroker.store.connection import (
     Connection,
     Entry,
     Route,
+    Step,
     entries_of,
     id_order,
     next_id,
@@ -102,7 +103,11 @@ class CoordinatorStore(Connection):
         The dispatches ride in the same round trip, right behind the scripts: a worker can only see
         them after the commit, and those of a transition that lost the version race name a dispatch
         id the workflow never recorded, so the start script refuses them. They stay in the outbox
-        too, so a crash before the drain re-sends them (workers drop the copies by dispatch id)."""
+        too, so a crash before the drain re-sends them (workers drop the copies by dispatch id).
+
+        On a cluster a pipeline keeps no order between nodes (a worker could start a task before the
+        commit that made it is stored): the dispatches of the transitions that passed go once the
+        commits have returned, a second round trip."""
         ttl = int(self.settings.retention)
         calls = []
         for wf_id, version, tx in transitions:
@@ -123,14 +128,17 @@ class CoordinatorStore(Connection):
             args.append(wire.encode_events(tx.events) if tx.events else b"")  # into the run's output stream
             calls.append((self.keys.wf_keys(wf_id), args))
 
-        dispatches = self._by_stream([(tx.dispatches, tx.bulk) for _, _, tx in transitions])
-
         def build(pipe: Any) -> None:
             for keys, args in calls:
                 pipe.evalsha(SHAS[scripts.APPLY], len(keys), *keys, *args)
-            self._dispatch(pipe, dispatches)
+            if not self.cluster:
+                self._dispatch(pipe, self._by_stream([(tx.dispatches, tx.bulk) for _, _, tx in transitions]))
 
-        return [int(v) for v in self._pipeline(build)[: len(calls)]]
+        versions = [int(v) for v in self._pipeline(build)[: len(calls)]]
+        if self.cluster:
+            passed = [(tx.dispatches, tx.bulk) for (_, _, tx), v in zip(transitions, versions, strict=True) if v >= 0]
+            self._pipeline(lambda pipe: self._dispatch(pipe, self._by_stream(passed)))
+        return versions
 
     def _by_stream(self, batches: Iterable[tuple[Iterable[tuple[str, bytes]], bool]]) -> dict[str, list[bytes]]:
         """Dispatches grouped by agent stream, each stream's group created before its first entry.
@@ -195,24 +203,62 @@ class CoordinatorStore(Connection):
             else self._by_stream([(box.get("dispatches") or (), bool(box.get("bulk"))) for _, _, box in items])
         )
 
+        children = [  # a `workflow:` task's child runs: created once (indexed, created, then kicked)
+            self._submit_steps(child_id, fields)
+            for _, _, box in items
+            for child_id, fields in box.get("child_runs") or ()
+        ]
+        stops = [
+            (self.keys.agent_stops(agent), StopNotice(wf_id, unit, dispatch).encode())
+            for wf_id, _, box in items
+            for agent, unit, dispatch in box.get("stops") or ()
+        ]
+
         def carried_out(pipe: Any) -> None:
             if fired:
                 pipe.zrem(self.keys.timers, *fired)
             self._dispatch(pipe, streams)
             for wf_id, _, box in items:
                 self._carry_out(pipe, wf_id, box, route)
+            for _, _, kick in children:
+                kick(pipe)
+
+        def removed(pipe: Any) -> None:
             for wf_id, entry_id, _ in items:
                 pipe.hdel(self.keys.wf_outbox(wf_id), entry_id)
 
-        # One transaction: the effects and the removal of their outbox entries happen together or not
-        # at all. A Redis that refuses a write (out of memory) refuses it as it is queued and EXEC then
-        # does nothing, so no entry goes with its effects refused; and a coordinator killed midway
-        # leaves no entry carried out but still there, for the next one to carry out again.
-        self._pipeline(carried_out, transaction=True)
+        if not self.cluster:
+            # One transaction: the effects and the removal of their outbox entries happen together or
+            # not at all. A Redis that refuses a write (out of memory) refuses it as it is queued and
+            # EXEC then does nothing, so no entry goes with its effects refused; and a coordinator
+            # killed midway leaves no entry carried out but still there, for the next one to carry out again.
+            def everything(pipe: Any) -> None:
+                for index, create, _ in children:
+                    index(pipe)
+                    create(pipe)
+                carried_out(pipe)
+                for channel, notice in stops:
+                    pipe.publish(channel, notice)
+                removed(pipe)
+
+            self._pipeline(everything, transaction=True)
+            return
+
+        # A cluster: the same order, a step at a time (a pipeline keeps none between nodes, a
+        # transaction holds one slot). Killed or refused midway, the entries stay, for a redrive.
+        def indexed(pipe: Any) -> None:
+            for index, _, _ in children:
+                index(pipe)
+
+        created: list[Step] = [(create, True) for _, create, _ in children]  # each run in its own slot
+        self.in_order([(indexed, False), *created, (carried_out, False)])
+        for channel, notice in stops:  # pub/sub does not go in a cluster's pipelines
+            self.redis.publish(channel, notice)
+        self.in_order([(removed, False)])
 
     def _carry_out(self, pipe: Any, wf_id: str, box: dict[str, Any], route: Route | None) -> None:
-        """An outbox's effects other than dispatches: events, stop notices, child runs, messages to other
-        runs, timers, approvals, the running index.
+        """An outbox's effects other than dispatches, child runs and stop notices: events, messages to
+        other runs, timers, approvals, the running index.
 
         Stop notices go out on the agents' channels after the commit, so a worker that hears one and
         reads the unit's state finds the stop already written. A redrive publishes them again: a worker
@@ -223,13 +269,9 @@ class CoordinatorStore(Connection):
         for sent in box.get("signals") or ():  # a handler's ctx.signal, to whichever run it names
             body = {k: sent.get(k) for k in ("wf", "name", "data", "sender", "id")}
             inbox = wire.Inbox(kind="signal", body=body)
-            pipe.xadd(keys.results, {wire.FIELD: inbox.encode(self.settings.max_message_bytes)})
-        for agent, unit, dispatch in box.get("stops") or ():
-            pipe.publish(keys.agent_stops(agent), StopNotice(wf_id, unit, dispatch).encode())
-        for child_id, fields in box.get("child_runs") or ():  # a `workflow:` task's child: created once
-            self._submit(pipe, child_id, fields)
+            pipe.xadd(keys.results, {wire.FIELD: inbox.signed_as(self.sender, self.settings.max_message_bytes)})
         for raw in box.get("inbox") or ():  # to other runs: a child's end, a parent's cancel
-            pipe.xadd(keys.results, {wire.FIELD: raw})
+            pipe.xadd(keys.results, {wire.FIELD: self.signed(raw)})
         if box.get("timers_add"):
             pipe.zadd(keys.timers, {m: int(due * 1000) for m, due in box["timers_add"].items()})
         if box.get("timers_del"):

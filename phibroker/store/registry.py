@@ -5,14 +5,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import redis
-from redis.backoff import ExponentialBackoff
 from redis.exceptions import ResponseError
-from redis.retry import Retry
 
 from phibroker.errors import BrokerUnavailable
 from phibroker.keys import WORKERS_GROUP
-from phibroker.store.connection import CONNECTION_ERRORS, Connection
+from phibroker.store.connection import CONNECTION_ERRORS, Connection, connect
 
 
 class Registry(Connection):
@@ -83,16 +80,7 @@ class Registry(Connection):
     def registered_subscriptions(self, timeout: float) -> dict[str, dict[str, Any]]:
         """Subscriptions over a one-off connection that gives up after `timeout` seconds and never
         retries, so `graph` draws at once when no broker answers."""
-        try:
-            quick = redis.Redis.from_url(
-                self.settings.redis_url,
-                protocol=2,
-                socket_timeout=timeout,
-                socket_connect_timeout=timeout,
-                retry=Retry(ExponentialBackoff(), 0),
-            )
-        except ValueError as exc:
-            raise BrokerUnavailable(f"bad Redis URL {self.settings.redis_url!r}: {exc}") from None
+        quick = connect(self.settings, timeout=timeout, retries=0)
         try:
             raw: Any = quick.hgetall(self.keys.subs)
         except CONNECTION_ERRORS as exc:

@@ -22,6 +22,7 @@ _PARENT_FIELDS = ("parent", "parent_task")  # set on a child run of a `workflow:
 
 class Views:
     def __init__(self, broker: Connection):
+        self.broker = broker
         self.redis = broker.redis
         self.keys = broker.keys
         self.settings = broker.settings
@@ -31,17 +32,19 @@ class Views:
         `events` entries of the log (oldest event first), the newest running workflows, and up to
         `approvals` open approvals with the counts of both."""
         keys = self.keys
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.time()
-        pipe.hgetall(keys.agents)
-        pipe.hgetall(keys.coordinators)
-        pipe.hgetall(keys.subs)
-        pipe.xrevrange(keys.events, count=max(1, events))
-        pipe.zrevrange(keys.running, 0, max(1, running) - 1)
-        pipe.zcard(keys.running)
-        pipe.hrandfield(keys.approvals, max(1, approvals), withvalues=True)
-        pipe.hlen(keys.approvals)
-        (secs, micros), agents, coordinators, subs, entries, ids, n_running, sample, n_approvals = pipe.execute()
+
+        def build(pipe: Any) -> None:
+            pipe.hgetall(keys.agents)
+            pipe.hgetall(keys.coordinators)
+            pipe.hgetall(keys.subs)
+            pipe.xrevrange(keys.events, count=max(1, events))
+            pipe.zrevrange(keys.running, 0, max(1, running) - 1)
+            pipe.zcard(keys.running)
+            pipe.hrandfield(keys.approvals, max(1, approvals), withvalues=True)
+            pipe.hlen(keys.approvals)
+
+        now, replies = self.broker.clocked(keys.agents, build)  # the clock that stamped the leases
+        agents, coordinators, subs, entries, ids, n_running, sample, n_approvals = replies
         log: list[dict[str, Any]] = []
         for _, fields in reversed(entries):
             try:
@@ -50,7 +53,7 @@ class Views:
                 continue
         limit = self.settings.max_message_bytes
         return {
-            "now": secs + micros / 1e6,
+            "now": now,
             "agents": parse_leases(agents),
             "coordinators": parse_leases(coordinators),
             "subs": {k.decode(): json.loads(v) for k, v in subs.items()},
@@ -181,12 +184,13 @@ class Views:
 
     def workflow_state(self, wf_id: str) -> tuple[float, dict[str, Any], dict[str, dict[str, Any]]]:
         """Redis's clock, the workflow's meta and its units (no results, no history)."""
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.time()
-        pipe.hgetall(self.keys.wf(wf_id))
-        pipe.hgetall(self.keys.wf_tasks(wf_id))
-        (secs, micros), meta, units = pipe.execute()
-        return secs + micros / 1e6, parse_meta(meta), parse_units(units)
+
+        def build(pipe: Any) -> None:
+            pipe.hgetall(self.keys.wf(wf_id))
+            pipe.hgetall(self.keys.wf_tasks(wf_id))
+
+        now, (meta, units) = self.broker.clocked(self.keys.wf(wf_id), build)
+        return now, parse_meta(meta), parse_units(units)
 
     def timer_dues(self, members: Sequence[str]) -> list[float | None]:
         """When each named timer is due (seconds), None where it is not set: ZMSCORE on exact members."""

@@ -7,6 +7,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal, NamedTuple
 
+from redis.cluster import RedisCluster
 from redis.exceptions import NoPermissionError, ResponseError
 
 from phibroker import wire
@@ -106,9 +107,15 @@ def groups_made_again(connection: Connection, streams: Sequence[str], group: str
 
 def server_run_id(client: Any) -> str | None:
     """The Redis server's run id, new at each start: a change says it restarted and may have lost its
-    last writes (an older AOF, a lagging replica). None where the user may not ask (ACL without INFO)
-    or the server cannot say (the embedded broker has no INFO)."""
+    last writes (an older AOF, a lagging replica). On a cluster, the run ids of all its masters: a
+    master restarted or failed over (a replica promoted may lack the last writes) changes it too.
+    None where the user may not ask (ACL without INFO) or the server cannot say (the embedded broker
+    has no INFO)."""
     try:
+        if isinstance(client, RedisCluster):
+            infos = client.info("server", target_nodes=RedisCluster.PRIMARIES)
+            infos = {"": infos} if "run_id" in infos else infos  # one master: its reply as it is
+            return ",".join(sorted(str(info.get("run_id") or "") for info in infos.values())) or None
         return str(client.info("server").get("run_id") or "") or None
     except ResponseError:  # NOPERM, or an unknown command; a refusal (Refused) is a ConnectionError
         return None
@@ -157,22 +164,25 @@ class WorkerStore(Connection):
 
         One transaction (MULTI/EXEC): a full Redis refuses a write as it is queued and EXEC then does
         nothing, so a task is never acked with its result nowhere (a plain pipeline would take the XACK
-        and refuse the XADD). A group Redis lost is made again and the call raises Refused: the results
-        are sent again with the acks, and the coordinator drops the copies."""
+        and refuse the XADD). On a cluster, results first and the acks once they are stored (`in_order`).
+        A group Redis lost is made again and the call raises Refused: the results are sent again with
+        the acks, and the coordinator drops the copies."""
         acked = [stream for stream, ids in (acks or {}).items() if ids]
 
-        def build(pipe: Any) -> None:
+        def results(pipe: Any) -> None:
             if events:
                 self._publish(pipe, events, route)
                 self._record_events(pipe, events)
             for target, entries in inbox.items():
                 for raw in entries:
                     pipe.xadd(target, {wire.FIELD: raw})
+
+        def acknowledged(pipe: Any) -> None:
             for stream in acked:
                 pipe.xack(stream, WORKERS_GROUP, *(acks or {})[stream])
 
         with groups_made_again(self, acked, WORKERS_GROUP):
-            self._pipeline(build, transaction=True)
+            self.in_order([(results, False), (acknowledged, False)])
 
     def _record_events(self, pipe: Any, events: list[dict[str, Any]]) -> None:
         """Events into their runs' output streams (one entry per run), beside the log."""

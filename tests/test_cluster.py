@@ -1,0 +1,214 @@
+"""phibroker on a Redis Cluster (3 masters and 3 replicas on free ports): real coordinator and worker
+processes run chains, fan-outs, retries, approvals, cancels and sub-workflows to their end, with one
+coordinator and with two, and the views answer on a `redis+cluster://` URL.
+
+No clock is compared: each wait is generous, and what is checked is how every run ended."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from phibroker import workflow
+from phibroker.errors import BrokerUnavailable
+from phibroker.runtime.client import Client
+from phibroker.settings import Settings
+from phibroker.store.connection import Connection, cluster_seeds
+from phibroker.workflow import Workflow, check
+from tests.conftest import Processes, RedisCluster, RedisServer, short_settings, until
+from tests.test_choreography import ANNOUNCE, TRIGGERED, listening
+
+ENDED = {b"succeeded", b"failed", b"cancelled", b"timed_out"}
+# 200 small runs: every kind of ordering the broker relies on (dispatch after commit, result before
+# ack, effects before their outbox entry's removal, a child run's creation before its kick)
+MIX = {"chain": 50, "fan-out": 50, "retry": 40, "sub-workflow": 30, "approval": 15, "cancel": 15}
+
+
+@pytest.fixture
+def settings(redis_cluster: RedisCluster, tmp_path: Path) -> Settings:
+    """The cluster, a namespace of its own; leases long enough that a process slowed by a loaded machine
+    keeps its own (what is checked is that runs end, not how fast a dead process is replaced)."""
+    short = short_settings(redis_cluster.url, tmp_path / "home", prefix="cl")
+    return short.model_copy(update={"reclaim_after": 10.0, "coordinator_takeover": 5.0})
+
+
+def phibroker(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    env = Processes(settings, Path()).env()
+    return subprocess.run(
+        [sys.executable, "-m", "phibroker", *args], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_a_cluster_url_names_its_seeds_and_a_bad_one_is_one_line(
+    redis_cluster: RedisCluster, settings: Settings
+) -> None:
+    assert cluster_seeds("rediss+cluster://u:p%40ss@a:7001,[::1]:7002/?ssl_cert_reqs=none") == (
+        "rediss://u:p%40ss@a:7001/0?ssl_cert_reqs=none",
+        [("a", 7001), ("::1", 7002)],
+    )
+    for url, says in (
+        ("redis+cluster://a:7001,b/", "b is not HOST:PORT"),
+        ("redis+cluster://a:7001/2", "database 0 only"),
+        ("redis+cluster://127.0.0.1:1/", "cannot reach the Redis Cluster"),
+    ):
+        with pytest.raises(BrokerUnavailable, match=says):
+            Connection(Settings(redis_url=url))
+    plain = Connection(Settings(redis_url=f"redis://127.0.0.1:{redis_cluster.nodes[0].port}/0"))
+    with pytest.raises(BrokerUnavailable, match="is a node of a Redis Cluster: set PHIBROKER_REDIS_URL"):
+        plain.ping()  # a plain client would be sent elsewhere (MOVED) by every command
+    plain.close()
+    bad = phibroker(settings.model_copy(update={"redis_url": "redis+cluster://a:7001/2"}), "list")
+    assert bad.returncode == 3 and bad.stdout == "" and bad.stderr.count("\n") == 1, bad.stderr
+
+
+def shapes(directory: Path) -> dict[str, Workflow]:
+    probe: dict[str, Any] = {"agent": "probe", "command": "work"}
+    (directory / "team.yaml").write_text(
+        "name: team\ntasks:\n  Check: {agent: probe, command: work}\n"
+        "  Sign: {agent: probe, command: work, depends_on: [Check]}\n"
+    )
+    (directory / "lead.yaml").write_text(
+        "name: lead\ntasks:\n  Draft: {agent: probe, command: work}\n"
+        "  Review: {workflow: team.yaml, depends_on: [Draft]}\n"
+        "  Ship: {agent: probe, command: work, depends_on: [Review]}\n"
+    )
+    fan = {"A": probe, **{f"B{i}": {**probe, "depends_on": ["A"]} for i in range(4)}}
+    flaky = {"agent": "probe", "command": "flaky", "payload": {"failures": 1}}
+    return {
+        "chain": check(
+            {
+                "name": "chain",
+                "tasks": {"A": probe, "B": {**probe, "depends_on": ["A"]}, "C": {**probe, "depends_on": ["B"]}},
+            }
+        ),
+        "fan-out": check(
+            {"name": "fan-out", "tasks": {**fan, "D": {**probe, "depends_on": [f"B{i}" for i in range(4)]}}}
+        ),
+        "retry": check(
+            {
+                "name": "retry",
+                "tasks": {
+                    "Flaky": {**flaky, "retry": {"max_attempts": 3, "base_delay": 0.05}},
+                    "After": {**probe, "depends_on": ["Flaky"]},
+                },
+            }
+        ),
+        "approval": check(
+            {
+                "name": "approval",
+                "tasks": {
+                    "Build": probe,
+                    "Gate": {"depends_on": ["Build"], "approval": {"message": "ship?", "timeout": "1h"}},
+                    "Ship": {**probe, "depends_on": ["Gate"]},
+                },
+            }
+        ),
+        "cancel": check(
+            {"name": "cancel", "tasks": {"Hold": {"agent": "probe", "command": "hold", "payload": {"sleep": 120}}}}
+        ),
+        "sub-workflow": workflow.load(directory / "lead.yaml"),
+    }
+
+
+def states(client: Client, ids: list[str]) -> list[bytes | None]:
+    pipe = client.broker.redis.pipeline(transaction=False)  # one pipeline over every node
+    for wf_id in ids:
+        pipe.hget(client.settings.keys.wf(wf_id), "state")
+    return list(pipe.execute())
+
+
+@pytest.mark.parametrize("coordinators", [1, 2])
+def test_every_kind_of_run_ends_on_a_cluster(
+    coordinators: int, settings: Settings, procs: Processes, client: Client, tmp_path: Path
+) -> None:
+    keys = settings.keys
+    for _ in range(coordinators):
+        procs.coordinator()
+    for _ in range(2):
+        procs.worker("probe", app="tests.apps.probe", concurrency=8)
+
+    def up() -> bool:
+        return (
+            len(client.broker.leases(keys.coordinators)[1]) >= coordinators
+            and len(client.broker.leases(keys.agents)[1]) >= 2
+        )
+
+    until(up, procs, timeout=60)
+    kinds = shapes(tmp_path)
+    ids = {kind: [client.submit(kinds[kind]) for _ in range(count)] for kind, count in MIX.items()}
+
+    every = [wf_id for group in ids.values() for wf_id in group]
+    cancelled: set[str] = set()
+    approved: set[str] = set()
+
+    def ended() -> bool:
+        """Cancel each `cancel` run once its task runs (a stop notice reaches its worker), approve each
+        approval once it waits; True once every run has ended."""
+        for wf_id in ids["cancel"]:
+            if wf_id not in cancelled and client.status(wf_id)["tasks"]["Hold"]["state"] == "running":
+                client.cancel(wf_id)
+                cancelled.add(wf_id)
+        for request in client.approvals():
+            if request["id"] not in approved:
+                client.approve(request["id"])
+                approved.add(request["id"])
+        return all(state in ENDED for state in states(client, every))
+
+    until(ended, procs, timeout=180)
+    assert len(cancelled) == MIX["cancel"] and len(approved) == MIX["approval"]
+
+    for kind, group in ids.items():
+        for wf_id in group:
+            status = client.status(wf_id)
+            assert status["state"] == ("cancelled" if kind == "cancel" else "succeeded"), (kind, status)
+            if kind != "cancel":
+                attempts = {name: task["attempts"] for name, task in status["tasks"].items() if task["agent"]}
+                assert attempts == {name: 2 if name == "Flaky" else 1 for name in attempts}, (kind, status)
+        if kind == "sub-workflow":
+            children = [client.status(client.status(wf_id)["tasks"]["Review"]["child"]) for wf_id in group]
+            assert {child["state"] for child in children} == {"succeeded"}
+
+    if coordinators == 1:  # the views, on the cluster's URL
+        wf_id = ids["sub-workflow"][0]
+        for args, says in (
+            (("status", wf_id), "succeeded"),
+            (("list", "--limit", "500"), wf_id),
+            (("watch", "--once"), "probe"),
+            (("why", wf_id), "ended"),
+            (("agents",), "alive"),
+        ):
+            shown = phibroker(settings, *args)
+            assert shown.returncode == 0 and says in shown.stdout, (args, shown.stdout, shown.stderr)
+
+
+def test_subscriptions_and_triggers_on_a_cluster(
+    procs: Processes, client: Client, settings: Settings, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """A listener's worker reads its task lanes and three subscription streams, each in a slot of its
+    own; a trigger starts a run from the events a drain routes."""
+    ledger = redis.Redis.from_url(redis_server.url)  # the test agents count on one server, with a plain client
+    key = f"{settings.namespace}:ledger"
+    (tmp_path / "triaged.yaml").write_text(TRIGGERED)
+    (tmp_path / "announce.yaml").write_text(ANNOUNCE)
+    client.add_trigger(tmp_path / "triaged.yaml")
+    procs.coordinator()
+    procs.worker("emitter", app="tests.apps.choreo")
+    procs.worker("listener", app="tests.apps.choreo", PROBE_LEDGER_URL=redis_server.url, PROBE_LEDGER_KEY=key)
+    listening(client, {"listener.on_scan", "listener.high", "listener.x"}, procs)
+    for severity in ("high", "low"):
+        run = client.submit(tmp_path / "announce.yaml", params={"count": 3, "severity": severity})
+        assert client.wait(run, timeout=60)["state"] == "succeeded"
+
+    def seen(name: str) -> list[int]:
+        return [int(n) for n in ledger.hvals(f"{key}:{name}")]
+
+    until(lambda: len(seen("listener.on_scan")) == 6 and len(seen("listener.high")) == 3, procs, timeout=60)
+    until(lambda: len([w for w in client.list() if w["name"] == "triaged"]) == 3, procs, timeout=60)
+    assert set(seen("listener.on_scan")) == set(seen("listener.high")) == {1}  # each event once
+    for row in [w for w in client.list() if w["name"] == "triaged"]:
+        assert client.wait(row["id"], timeout=60)["state"] == "succeeded"
