@@ -357,10 +357,10 @@ class Inbox:
         return pack_limited(envelope, limit, f"{self.kind} message")
 
     def signature(self, secret: bytes) -> str:
-        """HMAC over the id, the claimed agent and the results blob (the body, for any other kind): who
-        sent exactly this."""
+        """HMAC over the kind, the id, the claimed agent and the results blob (the body, for any other
+        kind): who sent exactly this (a signed `spend` cannot be passed off as a `lost`)."""
         signed = self.blob if self.kind == "results" else pack(self.body)
-        message = f"{self.id}|{self.agent}|".encode() + signed
+        message = f"{self.kind}|{self.id}|{self.agent}|".encode() + signed
         return hmac.new(secret, message, hashlib.sha256).hexdigest()
 
     def signed_by(self, secret: bytes) -> bool:

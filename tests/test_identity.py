@@ -130,3 +130,15 @@ def test_the_older_form_names_agents_and_checks_only_what_workers_send(tmp_path:
     assert gate.check_sender(lost) == "forged lost: not signed (only agent identities may send it)"
     lost.agent = "probe"
     assert gate.check_sender(wire.Inbox.decode(lost.encode(1 << 20, b"probe-secret"), 1 << 20)) is None
+
+
+def test_a_signed_message_cannot_be_passed_off_as_another_kind() -> None:
+    """The signature covers the kind: a worker's signed `spend` re-labelled `lost` (which would fail the
+    attempt it names) no longer verifies."""
+    secret = b"webc-secret"
+    body = {"wf": "w1", "unit": "Scan", "dispatch": "d1", "tokens": 10}
+    raw = wire.Inbox(kind="spend", body=body).signed_as(("webc", secret), 1 << 20)
+    message = wire.Inbox.decode(raw, 1 << 20)
+    assert message.signed_by(secret)
+    message.kind = "lost"
+    assert not message.signed_by(secret)

@@ -47,10 +47,11 @@ from phibroker.store.views import Views
 log = logging.getLogger("phibroker.coordinator")
 
 TIMER_BATCH = 500  # timers one round claims at most
-MAX_COMMIT_TRIES = 1000
+COMMIT_PATIENCE = 0.25
 """A run's inputs are applied again when its commit lost a race (its version moved on, or a worker
 started a unit it guarded); a few tries settle any real race, and after ten each waits a little longer
-(up to 50 ms), so only a commit that can never pass reaches the limit (seconds later)."""
+(up to 50 ms). A commit still refused after this share of `coordinator_takeover` can never pass: its
+inputs are dead-lettered, before this coordinator's silence lets another take over its outboxes."""
 LAG_REFRESH = 1.0  # seconds between two looks at the agents' stream lag (`--metrics-port`)
 BULK_BUDGET = 0.1  # seconds of bulk-lane work a round may do before its chores (lease, timers) come round
 
@@ -329,17 +330,17 @@ class Coordinator:
         drains: list[tuple[str, str, dict[str, Any]]] = []
         quiet: list[str] = []
         finished: list[str] = []
-        tries = 0
+        tries, began = 0, time.monotonic()
         while pending:
             tries += 1
             if tries > 10:  # racing another coordinator on a busy run: let it commit first
+                if time.monotonic() - began > self.settings.coordinator_takeover * COMMIT_PATIENCE:
+                    for wf_id, items in pending.items():  # a commit that can never pass must not hang the loop
+                        reason = f"commit refused {tries - 1} times in a row"
+                        log.error("%s: %s; dead-lettering its inputs", wf_id, reason)
+                        self._dead_letter_inputs(wf_id, items, reason)
+                    break
                 time.sleep(random.uniform(0, min(0.001 * tries, 0.05)))
-            if tries > MAX_COMMIT_TRIES:  # a commit that can never pass must not hang the loop
-                for wf_id, items in pending.items():
-                    reason = f"commit refused {MAX_COMMIT_TRIES} times in a row"
-                    log.error("%s: %s; dead-lettering its inputs", wf_id, reason)
-                    self._dead_letter_inputs(wf_id, items, reason)
-                break
             runs = self.cache.load(list(pending))
             commits, idle = [], []
             for wf_id, items in pending.items():

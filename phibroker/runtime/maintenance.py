@@ -91,7 +91,8 @@ class Maintenance:
         run_id = self.broker.server_run_id()
         if run_id and self._run_id and run_id != self._run_id:
             log.warning("Redis restarted (run id %s); reading every run afresh", run_id[:8])
-            self.restarted()
+            self.broker.load_scripts()  # workers and clients may not load them: on a cluster, a promoted
+            self.restarted()  # replica has none (SCRIPT LOAD is not replicated)
         self._run_id = run_id or self._run_id
 
     def trim(self) -> None:

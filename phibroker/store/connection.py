@@ -23,6 +23,7 @@ from redis.exceptions import (
     AskError,
     BusyLoadingError,
     ClusterDownError,
+    ClusterError,
     InvalidResponse,
     MasterDownError,
     NoPermissionError,
@@ -84,7 +85,7 @@ def refusal(exc: BaseException) -> Refused | None:
     # what a cluster says while a master fails over or a slot moves, once its client gave up retrying
     if isinstance(exc, MasterDownError):
         return Refused("MASTERDOWN", str(exc))
-    if isinstance(exc, (ClusterDownError, SlotNotCoveredError, RedisClusterUnreachableError)):
+    if isinstance(exc, (ClusterDownError, SlotNotCoveredError, RedisClusterUnreachableError, ClusterError)):
         return Refused("CLUSTERDOWN", str(exc))
     if isinstance(exc, TryAgainError):
         return Refused("TRYAGAIN", str(exc))
@@ -103,7 +104,7 @@ def refusals() -> Iterator[None]:
     through the client's commands: pub/sub)."""
     try:
         yield
-    except (ResponseError, RedisClusterException) as exc:
+    except (ResponseError, RedisClusterException, ClusterError) as exc:
         refused = refusal(exc)
         if refused is None:
             raise
@@ -414,6 +415,7 @@ class Connection:
         # what must happen in order goes a step at a time (`in_order`); one server keeps one round trip
         self.cluster = isinstance(self.redis, RedisCluster)
         self._groups: set[str] = set()
+        self._scripts_known = False  # Redis was seen to hold phibroker's scripts (forgotten on NOSCRIPT)
         # who signs what this process sends the coordinators and the runs it writes: (name, secret)
         self.sender: tuple[str, bytes] | None = None
 
@@ -436,7 +438,7 @@ class Connection:
         try:
             return self.redis.evalsha(SHAS[source], len(keys), *keys, *args)
         except NoScriptError:
-            self._load_scripts()
+            self.load_scripts()
             return self.redis.evalsha(SHAS[source], len(keys), *keys, *args)
 
     def _pipeline(self, build: Callable[[Any], None], transaction: bool = False) -> list[Any]:
@@ -449,7 +451,8 @@ class Connection:
             build(pipe)
             replies = pipe.execute(raise_on_error=False)
             if attempt == 1 and any(isinstance(r, NoScriptError) for r in replies):
-                self._load_scripts()
+                self._scripts_known = False
+                self.load_scripts()
                 continue
             for reply in replies:
                 if isinstance(reply, Exception):
@@ -490,7 +493,7 @@ class Connection:
             (secs, micros), *replies = replies
         return secs + micros / 1e6, replies
 
-    def _load_scripts(self) -> None:
+    def load_scripts(self) -> None:
         """After NOSCRIPT. A user without SCRIPT LOAD (a worker, a client) waits as for a busy Redis
         until a coordinator, which may load them, has."""
         try:
@@ -651,7 +654,18 @@ class Connection:
         Only after Redis lost its scripts (NOSCRIPT) does the create script fail alone; the
         transaction then runs again, and until it has, the run reads as unknown everywhere."""
         index, create, kick = self._submit_steps(wf_id, fields)
+        self._ensure_scripts()
         return bool(self.in_order([(index, False), (create, True), (kick, False)])[-2])
+
+    def _ensure_scripts(self) -> None:
+        """Before a transaction whose script must not fail alone: in a MULTI, a NOSCRIPT leaves the other
+        commands done, and a user that may not load scripts (a client) would leave half a run. Asked
+        once per connection, and again after a NOSCRIPT; a cluster answers per node, so it is not asked."""
+        if self._scripts_known or self.cluster:
+            return
+        if not all(self.redis.script_exists(*SHAS.values())):
+            self.load_scripts()  # a client may not: Refused, "unavailable" until a coordinator has
+        self._scripts_known = True
 
     def _submit_steps(
         self, wf_id: str, fields: dict[str, Any]

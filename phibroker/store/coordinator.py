@@ -411,7 +411,7 @@ class CoordinatorStore(Connection):
         build(pipe)
         *acked, claimed, read = pipe.execute(raise_on_error=False)
         if isinstance(claimed, NoScriptError):
-            self._load_scripts()
+            self.load_scripts()
             claimed = self._script(scripts.CLAIM_TIMERS, [self.keys.timers], [claim_ms, timer_limit])
         for reply in (*acked, claimed, read):
             if isinstance(reply, Exception):
