@@ -335,7 +335,7 @@ def test_streams_are_trimmed_below_what_readers_still_need(
     procs.close()
     procs.coordinator(**env)
     wf_id = client.submit(flow(tmp_path, "name: waiting\ntasks:\n  A: {agent: probe, command: noop}\n"))
-    time.sleep(1.0)
-    assert client.status(wf_id)["tasks"]["A"]["state"] == "ready"
+    until(lambda: client.status(wf_id)["tasks"]["A"]["state"] == "ready", procs)  # dispatched, nobody to run it
+    time.sleep(1.0)  # trims run meanwhile (every 0.2 s): the unread entry must survive them
     procs.worker("probe", app="tests.apps.probe", **env)
     assert client.wait(wf_id, timeout=30)["state"] == "succeeded"
