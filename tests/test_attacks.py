@@ -445,7 +445,8 @@ def test_forged_expired_replayed_and_re_pointed_approvals_are_refused(fleet: Fle
         return [e["data"]["reason"] for e in events if e["type"] == "approval.refused"]
 
     until(lambda: len(refusals(first)) >= 4 and refusals(second), fleet.procs)
-    assert any("expired" in r for r in refusals(first)) and refusals(first)[-1] == "already decided"
+    # two coordinators: each refusal is published by whichever read it, in no set order
+    assert any("expired" in r for r in refusals(first)) and "already decided" in refusals(first)
     assert any("bad signature" in r for r in refusals(second)), refusals(second)
     with fleet.client("watch") as watch:
         assert watch.status(second)["state"] == "waiting_approval"

@@ -51,8 +51,9 @@ class CoordinatorStore(Connection):
             last = info["last-delivered-id"]
             cut = next_id(last.decode() if isinstance(last, bytes) else str(last))
             if int(info.get("pending") or 0):
-                oldest = self.redis.xpending(stream, group)["min"]
-                cut = min(cut, oldest.decode() if isinstance(oldest, bytes) else str(oldest), key=id_order)
+                oldest = self.redis.xpending(stream, group)["min"]  # None if all were acked meanwhile
+                if oldest is not None:
+                    cut = min(cut, oldest.decode() if isinstance(oldest, bytes) else str(oldest), key=id_order)
             return int(self.redis.xtrim(stream, minid=cut, approximate=True))
         except ResponseError:
             return 0  # the stream or group went away meanwhile
