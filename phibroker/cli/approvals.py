@@ -22,13 +22,14 @@ from phibroker.settings import Settings
 @click.pass_obj
 def approvals(settings: Settings, as_json: bool) -> None:
     """Open approval requests."""
+    from phibroker.engine.records import approval_document
     from phibroker.runtime.client import Client
     from phibroker.tools.watch import span
 
     with Client(settings) as client:
         requests = client.approvals()
     if as_json:  # the documented shape, nothing more
-        requests = [{k: r.get(k) for k in ("id", "workflow", "task", "message", "deadline")} for r in requests]
+        requests = [approval_document(r) for r in requests]
 
     def line(row: dict[str, Any]) -> str:
         notes = [f"approvers: {', '.join(row['approvers'])}" if row.get("approvers") else "anyone may decide"]

@@ -207,6 +207,12 @@ def spend_of(kept: Any) -> dict[str, Any]:
     return {"tokens": tokens, "cost": cost}
 
 
+def approval_document(request: Mapping[str, Any]) -> dict[str, Any]:
+    """An open approval request as `approvals --json` shows it (and the page's and MCP's lists): the
+    documented fields, nothing more."""
+    return {k: request.get(k) for k in ("id", "workflow", "task", "message", "deadline")}
+
+
 def parent_of(meta: dict[str, Any]) -> dict[str, Any] | None:
     """`{"id", "task"}` of the run whose `workflow:` task started this one, or None."""
     parent = meta.get("parent")

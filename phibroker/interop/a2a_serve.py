@@ -73,9 +73,8 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
 from phibroker import workflow as workflows
-from phibroker.engine.records import output_records
 from phibroker.engine.state import WF_TERMINAL
-from phibroker.errors import BrokerUnavailable, DecodeError, InvalidInput, PhibrokerError, UnknownWorkflow
+from phibroker.errors import BrokerUnavailable, InvalidInput, PhibrokerError, UnknownWorkflow
 from phibroker.interop.a2a_parts import data_values
 from phibroker.interop.a2a_tasks import (
     ENDS,
@@ -92,12 +91,10 @@ from phibroker.interop.a2a_tasks import (
 )
 from phibroker.runtime.client import Client
 from phibroker.settings import Settings
-from phibroker.store.connection import reaching
 from phibroker.tools.loopback import LoopbackOnly, is_loopback_address
 
 log = logging.getLogger("phibroker.a2a")
 
-PAGE = 1000  # output entries read at once
 POLL = (0.05, 0.5)  # seconds between two reads of an idle output stream: first, and at most
 LISTED = 1000  # newest runs ListTasks looks through
 
@@ -354,31 +351,12 @@ class RunHandler(RequestHandler):
             records, after = await self.read(wf_id, after, seen)
 
     async def read(self, wf_id: str, after: str, seen: set[str]) -> tuple[list[dict[str, Any]], str]:
-        """Every output record past `after` (`Client.stream`'s records, an event once), and the entry id
-        to read on from. Never blocks in Redis: a watcher that goes away holds no thread."""
-        settings = self.client.settings
+        """Every output record past `after` (`Client.stream`'s records, an event once across calls), and
+        the entry id to read on from. Never blocks in Redis: a watcher that goes away holds no thread."""
 
         def read_all() -> tuple[list[dict[str, Any]], str]:
-            out: list[dict[str, Any]] = []
-            mark = after
-            while True:
-                with reaching(settings):
-                    entries = self.client.broker.read_output(wf_id, mark, PAGE)
-                for entry_id, kind, raw in entries:
-                    mark = entry_id
-                    try:
-                        records = output_records(kind, raw, settings.max_message_bytes * 4)
-                    except DecodeError:
-                        continue  # a damaged entry: the rest still reads
-                    for record in records:
-                        if record["kind"] == "event":
-                            event_id = str(record["data"].get("id"))
-                            if event_id in seen:
-                                continue
-                            seen.add(event_id)
-                        out.append(record)
-                if len(entries) < PAGE:
-                    return out, mark
+            records = list(self.client.stream(wf_id, after=after, seen=seen))
+            return records, str(records[-1]["id"]) if records else after
 
         return await self.call(read_all)
 

@@ -15,6 +15,7 @@ from typing import Any
 from mcp.server.mcpserver import MCPServer
 from mcp_types import CallToolResult, TextContent
 
+from phibroker.engine.records import approval_document
 from phibroker.errors import PhibrokerError
 from phibroker.runtime.client import Client
 from phibroker.settings import Settings
@@ -83,8 +84,7 @@ def server(settings: Settings) -> MCPServer:
     @app.tool()
     def list_approvals() -> CallToolResult:
         """Open approval requests: `{"approvals": [{"id", "workflow", "task", "message", "deadline"}]}`."""
-        keys = ("id", "workflow", "task", "message", "deadline")
-        return calling(lambda: {"approvals": [{k: r.get(k) for k in keys} for r in client.approvals()]})
+        return calling(lambda: {"approvals": [approval_document(r) for r in client.approvals()]})
 
     @app.tool()
     def approve(id: str, comment: str | None = None) -> CallToolResult:  # noqa: A002

@@ -339,18 +339,25 @@ class Client:
                 self.broker.wait_done(wf_id, remaining)
 
     def stream(
-        self, wf_id: str, task: str | None = None, follow: bool = False, after: str = "0-0"
+        self,
+        wf_id: str,
+        task: str | None = None,
+        follow: bool = False,
+        after: str = "0-0",
+        seen: set[str] | None = None,
     ) -> Iterator[dict[str, Any]]:
         """The run's output in order, from its start: what its handlers streamed (`kind: chunk`) and
         logged (`log`, `data` = `{"level", "logger", "message"}`), and its events (`event`, `data` = the
         event). Each record is a dict with `kind`, `task`, `unit`, `partition`, `attempt`, `seq` (per
         attempt, from 1; None for events), `data`, `ts` and `id` (its stream entry's id; the events of
         one state change share one). Kept as long as the run. `follow` waits for
-        more until the run ends; `task` keeps that task's records only; `after` starts past that entry."""
+        more until the run ends; `task` keeps that task's records only; `after` starts past that entry.
+        An event is yielded once (a worker may write a task's start twice); `seen`, the ids of the events
+        a reader had, lets it call again and get each event once across its calls."""
         with reaching(self.settings):
             if self.broker.run_state(wf_id) is None:
                 raise UnknownWorkflow(wf_id)
-        seen: set[str] = set()  # event ids: a worker may write a task's start twice
+        seen = set() if seen is None else seen
         while True:
             with reaching(self.settings):  # the end's events are written with it: read them after this
                 ended = not follow or self.broker.run_state(wf_id) in WF_TERMINAL

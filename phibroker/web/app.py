@@ -22,6 +22,7 @@ from starlette.responses import HTMLResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from phibroker.engine.records import approval_document
 from phibroker.engine.state import WF_WINDING_DOWN
 from phibroker.errors import BrokerUnavailable, InvalidInput, PhibrokerError, UnknownWorkflow
 from phibroker.runtime.client import Client
@@ -104,7 +105,7 @@ async def _json(read: Callable[..., Any], *args: Any) -> Response:
 async def _approvals(site: Site, request: Request) -> Response:
     """`approvals --json`: the documented fields of each open request, nothing more."""
     requests = await run_in_threadpool(site.client.approvals)
-    return json_response([{k: r.get(k) for k in ("id", "workflow", "task", "message", "deadline")} for r in requests])
+    return json_response([approval_document(r) for r in requests])
 
 
 async def _agents(site: Site, request: Request) -> Response:

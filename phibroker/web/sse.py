@@ -48,11 +48,11 @@ def records_after(
     while not stop.is_set():
         with reaching(client.settings):  # the end's events are written with it: read them after this
             ended = client.broker.run_state(wf_id) in WF_TERMINAL
-        for record in client.stream(wf_id, after=cursor):
+        for record in client.stream(wf_id, after=cursor, seen=seen):
             cursor = str(record["id"])
             repeat = repeat + 1 if cursor == previous else 0
             previous = cursor
-            if cursor == entry and repeat <= skip or _seen_before(record, seen):
+            if cursor == entry and repeat <= skip:
                 continue
             yield (f"{cursor}.{repeat}" if repeat else cursor), record
             if stop.is_set():
@@ -61,16 +61,6 @@ def records_after(
             return
         with reaching(client.settings):
             client.broker.read_output(wf_id, cursor, 1, block=WAIT)  # wakes on the next entry
-
-
-def _seen_before(record: dict[str, Any], seen: set[str]) -> bool:
-    if record.get("kind") != "event" or not isinstance(record.get("data"), dict):
-        return False
-    event_id = str(record["data"].get("id"))
-    if event_id in seen:
-        return True
-    seen.add(event_id)
-    return False
 
 
 def _position(after: str | None) -> tuple[str, int]:
