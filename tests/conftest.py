@@ -55,6 +55,19 @@ def redis_cluster() -> Iterator[RedisCluster]:
             yield cluster
 
 
+@pytest.fixture
+def aof_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A private redis-server writing an append-only file, for tests that restart it or cut that file."""
+    if not _have_redis():
+        pytest.skip("redis-server is not installed")
+    directory = tmp_path / "redis"
+    directory.mkdir()
+    server = RedisServer(directory, appendonly=True)
+    server.start()
+    yield server
+    server.stop(kill=True)
+
+
 def short_settings(redis_url: str, home: Path, prefix: str = "t") -> Settings:
     """A namespace of its own and short timeouts, so liveness tests take seconds, not minutes."""
     return Settings(

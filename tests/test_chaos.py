@@ -15,7 +15,6 @@ import random
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ import yaml
 from phibroker.keys import Keys
 from phibroker.runtime.client import Client
 from phibroker.workflow import check
-from tests.conftest import Processes, RedisServer, _have_redis, aof_tail, short_settings, until
+from tests.conftest import Processes, RedisServer, aof_tail, short_settings, until
 
 
 def layered_workflow(tasks: int = 500, width: int = 50, seed: int = 3) -> dict[str, Any]:
@@ -55,18 +54,6 @@ MAX_DELIVERIES = 2 * KILLS * WORKERS + 10
 claim the dead one's entries at most once (and read them back once as its own as it starts): no kill
 schedule can use this up, so a task that fails as `lost` is a real loss, however slow the machine (the
 margin covers a starved worker's lapsed lease)."""
-
-
-@pytest.fixture
-def aof_server(tmp_path: Path) -> Iterator[RedisServer]:
-    if not _have_redis():
-        pytest.skip("redis-server is not installed")
-    directory = tmp_path / "redis"
-    directory.mkdir()
-    server = RedisServer(directory, appendonly=True)
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.mark.parametrize("restart_redis", [False, True], ids=["kills", "kills+redis-restart"])

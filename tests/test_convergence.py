@@ -7,33 +7,19 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import redis
 import yaml
 
 from phibroker.keys import WORKERS_GROUP
 from phibroker.runtime.client import Client
 from phibroker.settings import Settings
-from tests.conftest import Processes, RedisServer, _have_redis, aof_tail, short_settings, until
+from tests.conftest import Processes, RedisServer, aof_tail, short_settings, until
 
 TERMINAL = ("succeeded", "failed", "cancelled", "timed_out")
 FAST = {"PHIBROKER_RECONCILE_EVERY": "0.5"}  # coordinators look for unheld tasks often: the tests take seconds
-
-
-@pytest.fixture
-def aof_server(tmp_path: Path) -> Iterator[RedisServer]:
-    if not _have_redis():
-        pytest.skip("redis-server is not installed")
-    directory = tmp_path / "redis"
-    directory.mkdir()
-    server = RedisServer(directory, appendonly=True)
-    server.start()
-    yield server
-    server.stop(kill=True)
 
 
 def _processes(settings: Settings, tmp_path: Path) -> Processes:
