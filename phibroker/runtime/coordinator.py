@@ -112,6 +112,7 @@ class Coordinator:
         self._recovering = True  # read our own pending entries first (after a restart or an error)
         self._acks: defaultdict[str, list[str]] = defaultdict(list)  # handled inbox entries, acked next round
         self._clock = (0.0, time.monotonic())  # Redis's clock at the last read, and the monotonic one then
+        self._stamped = 0.0  # the latest time a round was stamped with
         self._next_due: float | None = None  # when the next timer is due, as far as we know
         self._more_timers = False  # the last claim hit its limit: more may be due
         # inputs refused as forged, by the object: a run read again after a lost commit race decides
@@ -177,7 +178,7 @@ class Coordinator:
                 self._acks[stream][:0] = ids
             raise
         waited = time.monotonic() - began
-        now = clock + waited  # Redis's clock, carried past the read: results finish after they were read
+        now = self._not_before_last(clock + waited)  # carried past the read: results finish after they were read
         self._clock = (now, time.monotonic())
         self._next_due = next_due
         self._more_timers = len(timers) >= TIMER_BATCH
@@ -205,6 +206,15 @@ class Coordinator:
         if due:
             self.process(offset + time.monotonic(), self.keys.results, [], due)
         return len(read) + len(timers) + carried  # held work counts: a burst run does not stop on it
+
+    def _not_before_last(self, now: float) -> float:
+        """Redis's clock as read here is late or early by the read's round trip: a round is never
+        stamped before the previous one was, so what a round starts never seems to begin before what the
+        round before it ended (a loop's next child run, say). A step back of a second or more is the
+        clock's own, and kept."""
+        if self._stamped - 1.0 < now < self._stamped:
+            return self._stamped
+        return now
 
     def _block(self) -> float | None:
         """How long the next read may block: until the next known timer, at most `coordinator_block`."""
@@ -325,6 +335,7 @@ class Coordinator:
 
         `fired` timers are removed in the drain, before the timers the transitions set: a transition
         may set the very timer that fired again (`continue`, more units to release)."""
+        self._stamped = now
         pending = dict(ops)
         self._forged = {}  # a round cut short left its refusals unsent: their entries are read again
         drains: list[tuple[str, str, dict[str, Any]]] = []
