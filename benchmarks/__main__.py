@@ -60,6 +60,8 @@ class Sizes:
     width: int = 10
     fair_hops: int = 20
     fair_fan_out: int = 10_000
+    fair_runs: tuple[int, ...] = report.FAIR_RUN_COUNTS  # how many small runs go behind that fan-out
+    fair_run_tasks: int = 3  # each small run: a chain of this many tasks
     cancels: int = 100
     lua_fan_out: int = 50_000
     memory_total: int = 10_000
@@ -211,9 +213,24 @@ class Bench:
         s = self.sizes
         with workloads.deployed(self.url, self.logs) as deployment:
             alone, behind = workloads.fairness(deployment, s.fair_hops, s.fair_fan_out)
+            small = {
+                n: workloads.fairness_small_runs(deployment, n, s.fair_run_tasks, s.fair_fan_out) for n in s.fair_runs
+            }
         self.record("pb.fair_alone", f"phibroker {s.fair_hops}-hop chain alone", "ms", alone)
         self.record("pb.fair_behind", f"… right after a {s.fair_fan_out:,} fan-out", "ms", behind)
         self.record("pb.fair_ratio", "… ratio (behind ÷ alone)", "×", behind / alone)
+        for count, (alone_ms, behind_ms) in small.items():
+            self.record_small_runs(count, alone_ms, behind_ms)
+
+    def record_small_runs(self, count: int, alone: list[float], behind: list[float]) -> None:
+        """p50 and p99 of the small runs' submit → end, alone and behind the fan-out, and their ratios."""
+        s = self.sizes
+        runs = f"phibroker {count} run{'s' if count > 1 else ''} of a {s.fair_run_tasks}-task chain"
+        for q in (50, 99):
+            a, b = percentile(alone, q), percentile(behind, q)
+            self.record(f"pb.fair_runs{count}_alone_p{q}", f"{runs} alone, p{q} submit → end", "ms", a)
+            self.record(f"pb.fair_runs{count}_behind_p{q}", f"… right after a {s.fair_fan_out:,} fan-out", "ms", b)
+            self.record(f"pb.fair_runs{count}_ratio_p{q}", f"… ratio p{q} (behind ÷ alone)", "×", b / a)
 
     def cancel(self) -> None:
         n = self.sizes.cancels

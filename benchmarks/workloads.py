@@ -250,6 +250,22 @@ def fairness(deployment: Deployment, hops: int, fan: int) -> tuple[float, float]
     return alone, behind
 
 
+def small_runs(deployment: Deployment, count: int, tasks: int) -> list[float]:
+    """`count` chains of `tasks` submitted in a tight loop; each one's time, submit to end, in ms."""
+    ids = [deployment.submit(chain(tasks)) for _ in range(count)]
+    return [elapsed(deployment.wait(wf_id)) * 1000 for wf_id in ids]
+
+
+def fairness_small_runs(deployment: Deployment, count: int, tasks: int, fan: int) -> tuple[list[float], list[float]]:
+    """`count` small runs alone, then as many right behind a big fan-out on the same agent (each run's ms):
+    a big run must not starve the small ones users wait on."""
+    alone = small_runs(deployment, count, tasks)
+    big = deployment.submit(fan_out(fan))
+    behind = small_runs(deployment, count, tasks)
+    deployment.wait(big)
+    return alone, behind
+
+
 def cancel_latency(deployment: Deployment, n: int) -> list[float]:
     """`n` times, one after another: a task whose handler waits to be cancelled, cancelled once it runs.
     Returns, in ms, the time from `Client.cancel` returning to the handler seeing `ctx.cancelled` (both
