@@ -139,3 +139,29 @@ def test_a_good_url_still_starts_the_coordinator(settings: Settings, procs: Proc
     coordinator = procs.coordinator()
     until(lambda: client.broker.leases(settings.keys.coordinators)[1], procs)
     assert coordinator.poll() is None
+
+
+def test_commands_reach_redis_as_redis_py_would_send_them(settings: Settings) -> None:
+    """The store packs commands itself (one C call): every kind of argument arrives as redis-py's own
+    packer would have sent it, and a value Redis cannot hold is refused before anything is sent."""
+    from redis.exceptions import DataError
+
+    from phibroker.store.connection import connect
+
+    r = connect(settings)
+    values = {"float": 1796505205.6859123, "tiny": 1e-7, "big": 12345678901234567890, "text": "é ü", "raw": b"\x00\xff"}
+    r.hset("packer-check", mapping=values)
+    assert r.hgetall("packer-check") == {
+        b"float": b"1796505205.6859124",
+        b"tiny": b"1e-07",
+        b"big": b"12345678901234567890",
+        b"text": "é ü".encode(),
+        b"raw": b"\x00\xff",
+    }
+    r.xadd("packer-stream", {"m": b"x"})
+    assert r.xinfo_stream("packer-stream")["length"] == 1  # a two-word command name goes as two words
+    with pytest.raises(DataError):
+        r.set("packer-check-bool", True)  # type: ignore[arg-type]
+    assert r.exists("packer-check-bool") == 0
+    r.delete("packer-check", "packer-stream")
+    r.close()
