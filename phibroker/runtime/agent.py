@@ -40,29 +40,36 @@ current_output: contextvars.ContextVar[AttemptOutput | None] = contextvars.Conte
 
 
 class CancelFlag:
-    """`ctx.cancelled`: true once the workflow asks the task to stop; `wait(t)` sleeps unless it does."""
+    """`ctx.cancelled`: true once the workflow asks the task to stop; `wait(t)` sleeps unless it does.
+
+    The threading.Event a wait needs is made by the first `wait`: most handlers never wait on the flag,
+    and an Event (a Condition and its locks) for each attempt was a tenth of a worker's CPU per task."""
 
     def __init__(self) -> None:
-        self._event = threading.Event()
+        self._set = False
+        self._event: threading.Event | None = None
         self._lock = threading.Lock()
         self._callbacks: list[Callable[[], None]] = []
 
     def __bool__(self) -> bool:
-        return self._event.is_set()
+        return self._set
 
     def set(self) -> None:
         with self._lock:
-            if self._event.is_set():
+            if self._set:
                 return
-            self._event.set()
+            self._set = True
+            event = self._event
             callbacks, self._callbacks = self._callbacks, []
+        if event is not None:
+            event.set()
         for callback in callbacks:
             callback()
 
     def on_set(self, callback: Callable[[], None]) -> None:
         """Call `callback` once the flag is set, on the thread that sets it; now if it is set already."""
         with self._lock:
-            if not self._event.is_set():
+            if not self._set:
                 self._callbacks.append(callback)
                 return
         callback()
@@ -74,10 +81,16 @@ class CancelFlag:
                 self._callbacks.remove(callback)
 
     def is_set(self) -> bool:
-        return self._event.is_set()
+        return self._set
 
     def wait(self, timeout: float | None = None) -> bool:
-        return self._event.wait(timeout)
+        with self._lock:
+            if self._set:
+                return True
+            if self._event is None:
+                self._event = threading.Event()
+            event = self._event
+        return event.wait(timeout)
 
     def __repr__(self) -> str:
         return f"CancelFlag({self.is_set()})"
