@@ -230,9 +230,10 @@ class Reconciler:
 
     def reconcile(self, chunk: int = 50) -> int:
         """One pass over the next chunk of running workflows; returns how many units it sent again."""
-        ids = self.broker.running_chunk(self._cursor, chunk)
-        self._cursor = 0 if len(ids) < chunk else self._cursor + chunk
-        found = self.unheld(ids) if ids else {}
+        rows = self.broker.running_since(self._cursor, chunk)
+        self._cursor = 0 if len(rows) < chunk else self._cursor + chunk
+        ids = [wf_id for wf_id, _ in rows]
+        found = self.unheld(rows) if rows else {}
         marks = self.broker.inbox_marks() if found else {}
         handled: dict[tuple[tuple[str, str], ...], bool] = {}
         sent = 0
@@ -261,9 +262,15 @@ class Reconciler:
             self._cycle += 1
         return sent
 
-    def unheld(self, wf_ids: list[str]) -> dict[tuple[str, str], tuple[str, int]]:
-        """The units of these workflows that nobody holds: (wf, unit) -> (dispatch, token)."""
+    def unheld(self, rows: list[tuple[str, float]]) -> dict[tuple[str, str], tuple[str, int]]:
+        """The units of these workflows (id, created) that nobody holds: (wf, unit) -> (dispatch, token).
+        A run created less than `reclaim_after` ago has no unit dispatched that long ago: its unit table
+        (ten thousand fields for a big fan-out) is not read."""
         clock, leases = self.broker.leases(self.keys.agents)
+        margin = self.settings.reclaim_after
+        wf_ids = [wf_id for wf_id, created in rows if not clock - margin < created <= clock]
+        if not wf_ids:
+            return {}
         by_agent: dict[str, list[tuple[str, str, dict[str, Any]]]] = defaultdict(list)
         for wf_id, (spec, wf_state, outbox, raw) in zip(wf_ids, self.broker.unit_tables(wf_ids), strict=True):
             if not spec or wf_state in WF_TERMINAL or outbox:  # an outbox is re-driven before anything else

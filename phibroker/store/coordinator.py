@@ -287,7 +287,12 @@ class CoordinatorStore(Connection):
             pipe.zadd(keys.running, {wf_id: box.get("created") or 0})
 
     def running_chunk(self, start: int, count: int) -> list[str]:
-        return [i.decode() for i in self.redis.zrange(self.keys.running, start, start + count - 1)]
+        return [wf_id for wf_id, _ in self.running_since(start, count)]
+
+    def running_since(self, start: int, count: int) -> list[tuple[str, float]]:
+        """A chunk of the running index, oldest first: each run's id and when it was created."""
+        rows = self.redis.zrange(self.keys.running, start, start + count - 1, withscores=True)
+        return [(wf_id.decode(), float(created)) for wf_id, created in rows]
 
     def sweep_states(self, wf_ids: Sequence[str]) -> list[tuple[bool, bool, float, int]]:
         """Per workflow: exists, started, created_at, outbox entries."""
