@@ -1,6 +1,7 @@
 """`python -m benchmarks [--runs N] [--quick] [--only NAME]... [--json PATH]`: every speed figure and target in one run.
 
-One private redis-server for the whole run. Each run measures every workload once, alternating the
+One private redis-server for the whole run, and one private Redis Cluster (3 masters, 3 replicas)
+started the first time a workload needs it. Each run measures every workload once, alternating the
 yardstick and phibroker (A B A B…), because this 2-core machine drifts: figures taken minutes apart are
 comparable, figures taken a quarter of an hour apart are not. The longest-Lua-call and memory workloads
 run once, after the timed runs, since they change Redis's settings or take long.
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from benchmarks import bare, compare, report, validation, web, workloads
-from benchmarks.harness import Logs, RedisServer, percentile
+from benchmarks.harness import Logs, RedisCluster, RedisServer, percentile
 from benchmarks.report import Results
 from benchmarks.slowlog import SlowlogWatch
 
@@ -30,6 +31,7 @@ WORKLOADS = (  # the names `--only` takes, as each run prints them
     "phibroker.fan-out+metrics",
     "bare.hop",
     "phibroker.chain",
+    "phibroker.cluster",
     "bare.unbatched",
     "phibroker.many",
     "phibroker.fairness",
@@ -119,6 +121,19 @@ class Bench:
         self.only = only  # the workloads to run (by the names `attempt` prints); empty: all of them
         self.results = Results()
         self.run_values: dict[str, float] = {}  # this run's figures, for run-by-run ratios
+        self.cluster: RedisCluster | None = None  # started by the first workload that needs one
+
+    def cluster_url(self) -> str:
+        """The bench's Redis Cluster, started on first use: six nodes take seconds to join."""
+        if self.cluster is None:
+            cluster = RedisCluster()
+            cluster.start()
+            self.cluster = cluster
+        return self.cluster.url
+
+    def close(self) -> None:
+        if self.cluster is not None:
+            self.cluster.stop()
 
     def record(self, key: str, name: str, unit: str, value: float, note: str = "") -> None:
         self.results.add(key, name, unit, value, note)
@@ -148,6 +163,7 @@ class Bench:
         self.attempt("phibroker.fan-out+metrics", self.fan_out_metrics)
         self.attempt("bare.hop", self.bare_hop)
         self.attempt("phibroker.chain", self.chain)
+        self.attempt("phibroker.cluster", self.on_cluster)
         self.attempt("bare.unbatched", self.bare_unbatched)
         self.attempt("phibroker.many", self.many)
         self.attempt("phibroker.fairness", self.fairness)
@@ -200,6 +216,20 @@ class Bench:
         self.record("pb.chain_p50", f"phibroker {s.chain:,}-task chain, hop p50", "ms", percentile(hops, 50))
         self.record("pb.chain_p99", f"phibroker {s.chain:,}-task chain, hop p99", "ms", percentile(hops, 99))
         self.record("pb.chain_total", f"phibroker {s.chain:,}-task chain, total ÷ tasks", "ms", per_task)
+
+    def on_cluster(self) -> None:
+        """The fan-out and the chain of `fan_out` and `chain`, on a Redis Cluster: what spreading a
+        namespace's keys over three masters costs (a run's commit stays in one slot, its dispatches and
+        the inbox are elsewhere, so each effect is a round trip of its own)."""
+        s = self.sizes
+        with workloads.deployed(self.cluster_url(), self.logs) as deployment:
+            rate = workloads.fan_out_throughput(deployment, s.fan_out)
+            hops, _ = workloads.chain_hops(deployment, s.chain)
+        note = f"3 masters + 3 replicas; 1 coordinator + 1 worker --concurrency {workloads.CONCURRENCY}"
+        self.record("cl.fanout", f"Redis Cluster: phibroker fan-out {s.fan_out:,}", "tasks/s", rate, note)
+        chain = f"Redis Cluster: phibroker {s.chain:,}-task chain"
+        self.record("cl.chain_p50", f"{chain}, hop p50", "ms", percentile(hops, 50))
+        self.record("cl.chain_p99", f"{chain}, hop p99", "ms", percentile(hops, 99))
 
     def many(self) -> None:
         s = self.sizes
@@ -294,6 +324,7 @@ class Bench:
             ("ratio.fanout_rq", "fan-out ÷ RQ SimpleWorker", "pb.fanout", "rq.simple"),
             ("ratio.hop_bare", "chain hop p50 ÷ bare hop p50", "pb.chain_p50", "bare.hop"),
             ("ratio.metrics", "fan-out with metrics ÷ without", "pb.fanout_metrics", "pb.fanout"),
+            *report.CLUSTER_RATIOS,
         ]
         for key, name, top, bottom in pairs:
             if v.get(top) and v.get(bottom):
@@ -390,19 +421,23 @@ def main(argv: list[str] | None = None) -> int:
         if args.quick:
             bench.results.notes.append("--quick: smaller sizes and 1 run; a smoke test, not the targets' figures")
         print(f"private redis-server on port {server.port}")
-        for number in range(1, runs + 1):
-            print(f"  run {number}/{runs}", flush=True)
-            bench.run(files)
-        print("  once", flush=True)
-        bench.attempt("lua", bench.longest_lua)
-        bench.attempt("memory", bench.memory)
-        bench.attempt("web", bench.web)
+        try:
+            for number in range(1, runs + 1):
+                print(f"  run {number}/{runs}", flush=True)
+                bench.run(files)
+            print("  once", flush=True)
+            bench.attempt("lua", bench.longest_lua)
+            bench.attempt("memory", bench.memory)
+            bench.attempt("web", bench.web)
+        finally:
+            bench.close()
     files.close()
     results = bench.results
     rows = report.judge_all(results)
     report.print_figures(results)
     report.print_targets(rows)
     report.print_earlier(results)
+    report.print_cluster(results)
     for note in results.notes:
         print(f"\n{note}")
     options = {"runs": runs, "quick": args.quick, "sizes": asdict(sizes), "seconds": round(time.monotonic() - started)}

@@ -1,6 +1,7 @@
-"""What every benchmark stands on: a private redis-server, subprocesses, RSS, and median (min–max) figures.
+"""What every benchmark stands on: a private redis-server (and Redis Cluster), subprocesses, RSS, and
+median (min–max) figures.
 
-The Redis is our own (free port, no persistence) so no other process's load lands in our figures, and it
+The Redis is our own (free ports, no persistence) so no other process's load lands in our figures, and it
 is stopped at the end whatever happens.
 """
 
@@ -35,6 +36,22 @@ class RedisServer(testing.RedisServer):
 
     def stop(self, kill: bool = False) -> None:
         super().stop(kill)
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class RedisCluster(testing.RedisCluster):
+    """The benchmark's private Redis Cluster (3 masters, 3 replicas): every node stopped and its files
+    removed when it stops, or when it could not start."""
+
+    def start(self, timeout: float = 60.0) -> None:
+        try:
+            super().start(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        super().stop()
         shutil.rmtree(self.directory, ignore_errors=True)
 
 

@@ -96,6 +96,18 @@ EARLIER = [
 ]
 
 
+# The Redis Cluster's figures beside one server's of the same run: (label, cluster, one server, ratio).
+CLUSTER = [
+    ("fan-out", "cl.fanout", "pb.fanout", "ratio.cluster_fanout"),
+    ("chain hop p50", "cl.chain_p50", "pb.chain_p50", "ratio.cluster_hop"),
+    ("chain hop p99", "cl.chain_p99", "pb.chain_p99", "ratio.cluster_hop_p99"),
+]
+# What `Bench.ratios` takes of them, per run: (key, name, numerator, denominator).
+CLUSTER_RATIOS = [
+    (ratio, f"Redis Cluster ÷ one server, {label}", cluster, single) for label, cluster, single, ratio in CLUSTER
+]
+
+
 def print_figures(results: Results) -> None:
     print("\nFigures: median (min–max) over the runs")
     width = max(len(f.name) for f in results.figures.values()) if results.figures else 10
@@ -132,6 +144,25 @@ def print_earlier(results: Results) -> None:
         other = results.figures.get(beside) if beside else None
         if other is not None and other.values:
             text += f"   vs {spread(other)} {other.unit}"
+        print(f"  {label}: {text}")
+
+
+def print_cluster(results: Results) -> None:
+    """The cluster's figures, each beside one server's and their ratio when both ran in this bench."""
+    if not any(results.figures.get(cluster) for _, cluster, _, _ in CLUSTER):
+        return
+    print("\nRedis Cluster (3 masters + 3 replicas) beside one server, same runs")
+    for label, cluster, single, ratio in CLUSTER:
+        figure = results.figures.get(cluster)
+        if figure is None or not figure.values:
+            print(f"  {label}: —")
+            continue
+        text = f"{spread(figure)} {figure.unit}"
+        other, times = results.figures.get(single), results.figures.get(ratio)
+        if other is not None and other.values:
+            text += f"   vs {spread(other)} {other.unit} on one server"
+        if times is not None and times.values:
+            text += f"   (cluster ÷ one server: {spread(times)}×)"
         print(f"  {label}: {text}")
 
 

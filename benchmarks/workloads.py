@@ -26,6 +26,7 @@ from phibroker import workflow as workflows
 from phibroker.runtime.client import Client
 from phibroker.settings import Settings
 from phibroker.store.client import ClientStore
+from phibroker.store.connection import cluster_seeds, is_cluster_url
 from phibroker.testing import free_port
 
 AGENT, APP, COMMAND = "probe", "tests.apps.probe", "noop"
@@ -152,10 +153,10 @@ class Deployment:
 
 def _forget_namespace(url: str, namespace: str) -> None:
     """Drop a finished workload's keys, so Redis's memory does not grow from run to run."""
-    r = redis.Redis.from_url(url)
+    r = _plain_client(url)
     try:
         batch = []
-        for key in r.scan_iter(match=f"{namespace}:*", count=1000):
+        for key in r.scan_iter(match=f"{namespace}:*", count=1000, **_every_master(r)):
             batch.append(key)
             if len(batch) >= 1000:
                 r.unlink(*batch)
@@ -164,6 +165,19 @@ def _forget_namespace(url: str, namespace: str) -> None:
             r.unlink(*batch)
     finally:
         r.close()
+
+
+def _plain_client(url: str) -> Any:
+    """redis-py's own client of the bench's Redis: its cluster client for a `redis+cluster://` URL."""
+    if not is_cluster_url(url):
+        return redis.Redis.from_url(url)
+    seeds = [redis.cluster.ClusterNode(host, port) for host, port in cluster_seeds(url)[1]]
+    return redis.RedisCluster(startup_nodes=seeds)
+
+
+def _every_master(client: Any) -> dict[str, Any]:
+    """SCAN's options that make a cluster client look at every master's keys (a plain client has one server)."""
+    return {"target_nodes": redis.RedisCluster.PRIMARIES} if isinstance(client, redis.RedisCluster) else {}
 
 
 @contextmanager

@@ -1,11 +1,13 @@
 """phibroker on a Redis Cluster (3 masters and 3 replicas on free ports): real coordinator and worker
 processes run chains, fan-outs, retries, approvals, cancels and sub-workflows to their end, with one
-coordinator and with two, and the views answer on a `redis+cluster://` URL.
+coordinator and with two, and the views and the web page answer on a `redis+cluster://` URL.
 
 No clock is compared: each wait is generous, and what is checked is how every run ended."""
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,8 +22,9 @@ from phibroker.runtime.client import Client
 from phibroker.settings import Settings
 from phibroker.store.connection import Connection, cluster_seeds
 from phibroker.workflow import Workflow, check
-from tests.conftest import Processes, RedisCluster, RedisServer, short_settings, until
+from tests.conftest import Processes, RedisCluster, RedisServer, free_port, short_settings, until
 from tests.test_choreography import ANNOUNCE, TRIGGERED, listening
+from tests.test_web import GATED, answers, get, read_stream
 
 ENDED = {b"succeeded", b"failed", b"cancelled", b"timed_out"}
 # 200 small runs: every kind of ordering the broker relies on (dispatch after commit, result before
@@ -212,3 +215,69 @@ def test_subscriptions_and_triggers_on_a_cluster(
     assert set(seen("listener.on_scan")) == set(seen("listener.high")) == {1}  # each event once
     for row in [w for w in client.list() if w["name"] == "triaged"]:
         assert client.wait(row["id"], timeout=60)["state"] == "succeeded"
+
+
+CHAIN = """
+name: chain
+tasks:
+  A: {agent: probe, command: work}
+  B: {agent: probe, command: work, payload: {sleep: 1}, depends_on: [A]}
+  C: {agent: probe, command: work, depends_on: [B]}
+"""
+
+
+def ui(procs: Processes) -> str:
+    """A read-only `phibroker ui` on the cluster's URL; its base address once it answers."""
+    port = free_port()
+    procs.spawn("ui", "ui", "--port", str(port))
+    base = f"http://127.0.0.1:{port}"
+    until(lambda: answers(base + "/"), procs, timeout=60)
+    return base
+
+
+def test_the_web_page_on_a_cluster(settings: Settings, procs: Processes, client: Client, tmp_path: Path) -> None:
+    """The page's JSON answers what the CLI's `--json` prints, and a run's event stream, opened while
+    the run goes on, delivers every record of its output stream up to its end, then closes."""
+    procs.coordinator()
+    procs.worker("probe", app="tests.apps.probe", concurrency=4)
+    base = ui(procs)
+    until(lambda: "probe" in client.live_agents(), procs, timeout=60)
+    (tmp_path / "chain.yaml").write_text(CHAIN)
+    (tmp_path / "gated.yaml").write_text(GATED)
+
+    wf_id = client.submit(tmp_path / "chain.yaml")
+    messages = read_stream(f"{base}/api/runs/{wf_id}/stream")
+    assert client.status(wf_id)["state"] == "succeeded"
+    events = [m["event"] for m in messages]
+    assert events[0] == "workflow.submitted" and events[-1] == "workflow.succeeded", events
+    succeeded = [json.loads(m["data"])["task"] for m in messages if m["event"] == "task.succeeded"]
+    assert succeeded == ["A", "B", "C"]
+    assert [json.loads(m["data"]) for m in messages] == json.loads(json.dumps(list(client.stream(wf_id)), default=str))
+    resumed = read_stream(f"{base}/api/runs/{wf_id}/stream", {"Last-Event-ID": messages[2]["id"]})
+    assert resumed == messages[3:]
+
+    gated = client.submit(tmp_path / "gated.yaml")
+    until(lambda: client.status(gated)["state"] == "waiting_approval", procs, timeout=60)
+
+    def same(route: str, *command: str) -> bool:  # read twice, a moment apart: allow for a late write
+        shown = phibroker(settings, *command, "--json")
+        assert shown.returncode == 0, shown.stderr
+        return bool(get(base + route)[1] == json.loads(shown.stdout))
+
+    until(lambda: same("/api/runs", "list"), procs, timeout=60)
+    until(lambda: same("/api/runs?limit=1&state=succeeded", "list", "--limit", "1", "--state", "succeeded"), procs)
+    for run in (wf_id, gated):
+        until(lambda: same(f"/api/runs/{run}", "status", run), procs, timeout=60)  # noqa: B023 - called at once
+    until(lambda: same("/api/approvals", "approvals"), procs, timeout=60)
+    moving = ("last_heartbeat", "since_heartbeat", "expires", "handled", "in_flight")
+    shown = phibroker(settings, "agents", "--json")
+    steady = [[{k: v for k, v in row.items() if k not in moving} for row in rows]
+              for rows in (get(base + "/api/agents")[1], json.loads(shown.stdout))]  # fmt: skip
+    assert steady[0] == steady[1] and [row["agent"] for row in steady[0]] == ["probe"]
+    lanes = until(lambda: (lane := get(base + "/api/streams")[1]["probe"])["pending"] == 0 and lane, procs)
+    assert lanes["length"] == 4  # A, B, C and Build, each dispatched once
+    code, page = get(f"{base}/runs/{wf_id}")
+    drawn = re.findall(r'<g class="node [a-z]+" data-task="([^"]+)" data-state="([^"]+)"', page)
+    assert code == 200 and dict(drawn) == {"A": "succeeded", "B": "succeeded", "C": "succeeded"}
+    assert get(f"{base}/api/runs/no-such-run/stream")[0] == 404
+    client.cancel(gated)

@@ -27,7 +27,7 @@ from phibroker.engine.state import WF_WINDING_DOWN
 from phibroker.errors import BrokerUnavailable, InvalidInput, PhibrokerError, UnknownWorkflow
 from phibroker.runtime.client import Client
 from phibroker.settings import Settings
-from phibroker.store.connection import unusable
+from phibroker.store.connection import reaching, unusable
 from phibroker.tools import diagnose
 from phibroker.tools.loopback import LoopbackOnly
 from phibroker.web import actions, graph, sse, views
@@ -110,7 +110,15 @@ async def _approvals(site: Site, request: Request) -> Response:
 
 async def _agents(site: Site, request: Request) -> Response:
     """`agents --json`."""
-    return await _json(diagnose.agents, site.settings)
+    return await _json(_worker_rows, site)
+
+
+def _worker_rows(site: Site) -> list[dict[str, Any]]:
+    """What `diagnose.agents` reads, on the page's own connection: a connection per request would, on
+    a Redis Cluster, ask the nodes for the cluster's layout at every poll of the agents page."""
+    with reaching(site.settings):
+        now, leases = site.client.broker.leases(site.settings.keys.agents)
+    return diagnose.worker_rows(now, leases)
 
 
 # -- pages ---------------------------------------------------------------------------------------------
@@ -212,7 +220,7 @@ async def _streams(site: Site, request: Request) -> Response:
     """Per agent with a worker lease: its lanes' length, pending and lag."""
 
     def read() -> dict[str, Any]:
-        agents = sorted({str(row["agent"]) for row in diagnose.agents(site.settings) if row["agent"]})
+        agents = sorted({str(row["agent"]) for row in _worker_rows(site) if row["agent"]})
         return views.lanes(site.client, agents)
 
     return json_response(await run_in_threadpool(read))
