@@ -80,6 +80,11 @@ class Keys:
         """Public keys trusted to sign approval decisions and workflow files."""
         return f"{self.namespace}:trusted"
 
+    def applied(self, sender: str, message_id: str) -> str:
+        """A control message the coordinators applied (its sender's, by id), kept until it expires: the
+        inbox entry that carried it, so a copy added again is known."""
+        return f"{self.namespace}:applied:{sender}:{message_id}"
+
     def agent_tasks(self, agent: str) -> str:
         return f"{self.namespace}:agent:{{{agent}}}:tasks"
 
@@ -100,11 +105,13 @@ class Keys:
 
     # -- one workflow: all under the {ID} hash tag ---------------------------------------------
     def wf(self, wf_id: str) -> str:
-        """The workflow's meta hash: name, state, version, spec, params, times."""
+        """The workflow's meta hash: name, state, version, spec, params, times. Written by coordinators
+        and clients only; workers read it."""
         return f"{self.namespace}:wf:{{{wf_id}}}"
 
     def wf_tasks(self, wf_id: str) -> str:
-        """Per-unit state, one field per `unit|attribute`."""
+        """Per-unit state, one field per `unit|attribute`; beside them what workers count for the whole
+        run (`reclaims`, `output_bytes`) and its end as their start script reads it (`finished`)."""
         return f"{self.namespace}:wf:{{{wf_id}}}:tasks"
 
     def wf_results(self, wf_id: str) -> str:

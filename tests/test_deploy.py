@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -62,6 +62,9 @@ def test_each_agent_gets_its_own_keys_and_only_appends_to_shared_ones() -> None:
     assert allows(kalic, "xreadgroup", keys.agent_tasks("kalic"), "RW")
     assert allows(kalic, "zadd", keys.sub_seen("kalic.on_scan"), "W")
     assert allows(kalic, "evalsha", keys.wf_tasks("wf-1"), "RW")
+    assert allows(kalic, "hget", keys.wf("wf-1"), "R")  # a run's meta hash: read, never written
+    assert not any(allows(kalic, c, keys.wf("wf-1"), "W") for c in ("hset", "hsetnx", "hincrby", "evalsha"))
+    assert not allows(kalic, "zadd", keys.running, "W")  # its reactions' runs are the coordinators' to write
     assert allows(kalic, "xadd", keys.sub("listener.on_scan"), "W")  # routing into another subscription
     assert not allows(kalic, "xack", keys.sub("listener.on_scan"), "W")
     assert not allows(kalic, "zadd", keys.sub_seen("listener.on_scan"), "W")
@@ -105,7 +108,7 @@ def test_the_bundle_holds_a_user_line_and_an_env_file_per_user() -> None:
         **{a: "agent" for a in AGENTS},
         "kalic": ["agent", "client"],  # its reactions submit runs
         "client": "client",
-        "admin": "client",
+        "admin": "admin",  # a client that may cancel or retry any run
         "coordinator": "coordinator",
     }
     assert all(identities[a]["secret"] == bundle.agent_secrets[a] for a in AGENTS)
@@ -237,16 +240,22 @@ def parse_env(text: str) -> dict[str, str]:
 
 
 @contextmanager
-def deployed(directory: Path, agents: list[str]) -> Iterator[Deployment]:
-    """A redis-server loaded with the users `acl generate` writes for `agents` (and the tests' own
-    superuser), their env files and identities.json in `directory/secrets`."""
+def deployed(directory: Path, agents: list[str], submitters: Sequence[str] = ()) -> Iterator[Deployment]:
+    """A redis-server loaded with the users `acl generate` writes for `agents` (`submitters`: those whose
+    reactions submit runs) and the tests' own superuser, their env files and identities.json in
+    `directory/secrets`."""
     if not _have_redis():
         pytest.skip("redis-server is not installed")
     secrets = directory / "secrets"
     namespace = f"d{uuid.uuid4().hex[:8]}"
     server = AclRedis(directory, directory / "users.acl")
     bundle = acl.generate(
-        namespace, agents, host="127.0.0.1", port=server.port, identities_path=str(secrets / "identities.json")
+        namespace,
+        agents,
+        host="127.0.0.1",
+        port=server.port,
+        identities_path=str(secrets / "identities.json"),
+        submitters=submitters,
     )
     acl.write(secrets, bundle)
     root_line = f"user {ROOT_USER} on >{ROOT_PASSWORD} ~* &* +@all"

@@ -105,8 +105,8 @@ def test_with_roles_only_a_client_starts_cancels_or_signals_runs_and_coordinator
 @pytest.mark.parametrize(
     "text, error",
     [
-        ('{"a": {"role": "boss", "secret": "x"}}', "'a': give a role (agent, client, coordinator) and a secret"),
-        ('{"a": {"role": "agent"}}', "'a': give a role (agent, client, coordinator) and a secret"),
+        ('{"a": {"role": "boss", "secret": "x"}}', "'a': give a role (admin, agent, client, coordinator) and a secret"),
+        ('{"a": {"role": "agent"}}', "'a': give a role (admin, agent, client, coordinator) and a secret"),
         ('{"a": {"role": "agent", "secret": "x"}}', "no identity has the coordinator role"),
         ("[1, 2]", "not a JSON object of identities"),
     ],
@@ -142,3 +142,26 @@ def test_a_signed_message_cannot_be_passed_off_as_another_kind() -> None:
     assert message.signed_by(secret)
     message.kind = "lost"
     assert not message.signed_by(secret)
+
+
+def test_what_coordinators_send_each_other_outlives_an_outage_and_a_clients_cancel_does_not(tmp_path: Path) -> None:
+    """A client's signed cancel is good for minutes (a copy kept for later is refused); a parent's cancel
+    of its child, sent by a coordinator, stays good as long as runs are kept, so every coordinator
+    being down for an hour loses nothing."""
+    path = tmp_path / "identities.json"
+    roles = {"alice": {"role": "client", "secret": "a"}, "coord": {"role": "coordinator", "secret": "c"}}
+    path.write_text(json.dumps(roles))
+    gate = SecurityGate(Settings(identities=path), registry=None)  # type: ignore[arg-type]
+
+    def cancel(sender: str, secret: bytes, good_for: float) -> wire.Inbox:
+        raw = wire.Inbox(kind="cancel", body={"wf": "w"}).signed_as((sender, secret), 1 << 20, good_for)
+        return wire.Inbox.decode(raw, 1 << 20)
+
+    an_hour_later = time.time() + 3600
+    parents = cancel("coord", b"c", Settings().retention)
+    assert gate.check_sender(parents) is None and gate.check_expiry(parents, an_hour_later) is None
+    clients = cancel("alice", b"a", wire.CONTROL_TTL)
+    assert gate.check_sender(clients) is None
+    assert str(gate.check_expiry(clients, an_hour_later)).startswith("expired cancel")
+    long_lived = cancel("alice", b"a", Settings().retention)  # a client cannot date its own far ahead
+    assert str(gate.check_sender(long_lived)).startswith("forged cancel")

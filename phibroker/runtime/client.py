@@ -71,7 +71,9 @@ class Client:
 
         With `tasks`, only those (a region): each counts as skipped for its dependents, the run goes
         on. A run that has ended is refused (InvalidInput): nothing would change, and saying so beats
-        silence; so is a task the run does not have."""
+        silence; so is a task the run does not have. It is sent, not waited for: coordinators with an
+        identities file dead-letter the cancel of a run this identity did not submit (unless it is an
+        admin), and `phibroker dlq list` says so."""
         with reaching(self.settings):
             (head,) = Views(self.broker).workflow_heads([wf_id])
             if not head:
@@ -92,7 +94,9 @@ class Client:
         """Re-open an ended run: `from_task` (or every task that did not succeed) and everything below
         it run again; succeeded tasks upstream keep their results. Returns the status once the run is
         re-opened (or after `timeout`, the request still queued). Refused (InvalidInput) for a run
-        that is still going or whose compensations ran, and for a task the run does not have."""
+        that is still going or whose compensations ran, for a task the run does not have, and when a
+        coordinator dead-letters the request (with an identities file: a run this identity did not
+        submit, unless it is an admin)."""
         with reaching(self.settings):
             status = self.status(wf_id)
             if status["state"] not in ("failed", "cancelled", "timed_out"):
@@ -110,14 +114,32 @@ class Client:
             if from_task is not None:
                 body["from"] = from_task
             ended_at = status.get("finished_at")
-            self.broker.send_to_coordinators(wire.Inbox(kind="retry", body=body))
+            entry = self._send(wire.Inbox(kind="retry", body=body))
         deadline = time.monotonic() + timeout
+        look_at_dead_letters = time.monotonic() + _DLQ_EVERY
         while time.monotonic() < deadline:
             status = self.status(wf_id)
             if status["state"] not in WF_TERMINAL or status.get("finished_at") != ended_at:
                 break
+            if time.monotonic() > look_at_dead_letters:
+                refusal = self._refusal(entry)
+                if refusal:
+                    raise InvalidInput(f"retry of {wf_id} refused: {refusal}")
+                look_at_dead_letters = time.monotonic() + _DLQ_EVERY
             time.sleep(0.02)
         return status
+
+    def _send(self, message: wire.Inbox) -> str:
+        """Into the coordinators' inbox, signed as this client's identity; returns its inbox entry id."""
+        with reaching(self.settings):
+            raw = message.signed_as(self.broker.sender, self.settings.max_message_bytes)
+            return self.broker.add(self.settings.keys.results, raw)
+
+    def _refusal(self, entry: str) -> str | None:
+        """Why the coordinators dead-lettered the inbox entry `entry` (among the newest dead letters), or None."""
+        with reaching(self.settings):
+            rows = self.broker.dead_letters(_DLQ_LOOK)
+        return next((str(record.get("reason")) for _, record in rows if record.get("entry") == entry), None)
 
     def signal(self, wf_id: str, name: str, data: Any = None) -> None:
         """Send run `wf_id` the signal `name`: the first gate waiting for it takes `data` as its result;
@@ -438,6 +460,7 @@ class Client:
 
 
 _PAGE = 1000  # output entries read at once
+_DLQ_EVERY, _DLQ_LOOK = 0.5, 20  # a retry waiting to be re-opened looks this often at this many dead letters
 
 
 def _dead_letter_row(entry_id: str, record: dict[str, Any]) -> dict[str, Any]:

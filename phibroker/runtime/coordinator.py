@@ -94,8 +94,8 @@ class Coordinator:
         self.router = Router(self.registry)
         self.gate = SecurityGate(settings, self.registry, require_signed)
         signer = self.gate.signer()  # kicks, child runs' ends, parents' cancels: signed like a client's
-        if signer is not None:
-            self.broker.sign_as(*signer)
+        if signer is not None:  # and good for as long as runs are kept: every coordinator may be down a while
+            self.broker.sign_as(*signer, good_for=settings.retention)
         self.maintenance = Maintenance(
             settings,
             self.broker,
@@ -118,6 +118,8 @@ class Coordinator:
         # inputs refused as forged, by the object: a run read again after a lost commit race decides
         # them again, and they are dead-lettered once, after the round's commits
         self._forged: dict[int, tuple[str, bytes, str]] = {}
+        # dated control messages read this round, by their op: their ids are claimed before they apply
+        self._dated: dict[int, tuple[Op, wire.Inbox, Entry, str]] = {}
 
     # -- the loop ----------------------------------------------------------------------------------
     def run(self, burst: bool = False) -> None:
@@ -318,6 +320,9 @@ class Coordinator:
         if message.kind == "trigger":
             self._start_triggered(message.body)
             return 0
+        if message.kind == "submit" and "fields" in message.body:  # a reaction's run: its worker may not write it
+            self._start_asked(message, entry, stream)
+            return 0
         if message.kind == "decide":
             refusal = self.gate.verify_decision(message.body)
             if refusal:
@@ -326,7 +331,11 @@ class Coordinator:
         if message.kind in ("spend", "lost", "declined"):  # a worker's: about its own agent's units only
             ops[wf_id].append((message.kind, (message.body, message.agent)))
             return 1
-        ops[wf_id].append((message.kind, message.body))
+        owned = message.kind in ("cancel", "retry")  # by its run's submitter, a coordinator or an admin
+        op = (message.kind, (message.body, message.agent, entry.id, entry.raw) if owned else message.body)
+        ops[wf_id].append(op)
+        if self.gate.remembers(message):
+            self._dated[id(op)] = (op, message, entry, stream)
         return 1
 
     # -- transitions -------------------------------------------------------------------------------
@@ -336,7 +345,7 @@ class Coordinator:
         `fired` timers are removed in the drain, before the timers the transitions set: a transition
         may set the very timer that fired again (`continue`, more units to release)."""
         self._stamped = now
-        pending = dict(ops)
+        pending = self._without_copies(ops, now)
         self._forged = {}  # a round cut short left its refusals unsent: their entries are read again
         drains: list[tuple[str, str, dict[str, Any]]] = []
         quiet: list[str] = []
@@ -449,12 +458,8 @@ class Coordinator:
                 engine.refuse(run, refusal, now)
             else:
                 engine.start(run, now)
-        elif kind == "cancel":
-            reason = str(body.get("reason") or "cancelled by request")
-            if body.get("tasks"):
-                engine.cancel_tasks(run, list(body["tasks"]), now, reason)
-            else:
-                engine.cancel(run, now, reason)
+        elif kind in ("cancel", "retry"):
+            self._by_owner(run, kind, body, now)
         elif kind == "decide":
             refusal = engine.decide(run, body, now)
             if refusal:
@@ -475,14 +480,48 @@ class Coordinator:
             engine.child_ended(run, body, now)
         elif kind == "signal":
             engine.signal(run, str(body["name"]), body.get("data"), now, body.get("sender"), str(body.get("id") or ""))
-        elif kind == "retry":
-            refusal = engine.reopen(run, now, body.get("from"), str(body.get("id") or ""))
-            if refusal:
-                log.warning("retry of %s refused: %s", run.id, refusal)
         elif kind == "redispatch":  # the reconciler found nobody holding this attempt (Maintenance)
             token, limit = int(body.get("token") or 0), self.settings.max_deliveries
             reason = str(body.get("reason") or "nobody holds it")
             engine.redispatch(run, body["unit"], body["dispatch"], token, reason, now, limit)
+
+    def _by_owner(self, run: state.Run, kind: str, op: tuple[Any, ...], now: float) -> None:
+        """A cancel or a retry (its body, sender, inbox entry and raw bytes), from whoever may act on the
+        run (its submitter, a coordinator, an admin); another's is dead-lettered after the round."""
+        body, sender, entry, raw = op
+        refusal = self.gate.check_owner(run, kind, sender)
+        if refusal:
+            self._forged[id(body)] = (refusal, raw, entry)
+        elif kind == "retry":
+            refusal = engine.reopen(run, now, body.get("from"), str(body.get("id") or ""))
+            if refusal:
+                log.warning("retry of %s refused: %s", run.id, refusal)
+        elif body.get("tasks"):
+            engine.cancel_tasks(run, list(body["tasks"]), now, str(body.get("reason") or "cancelled by request"))
+        else:
+            engine.cancel(run, now, str(body.get("reason") or "cancelled by request"))
+
+    def _without_copies(self, ops: dict[str, list[Op]], now: float) -> dict[str, list[Op]]:
+        """The round's inputs but the copies of control messages applied before, dead-lettered here:
+        each dated message's id is claimed in Redis (one round trip for the round, none without any)
+        until it expires. The entry that claimed it is the one applied, read again after a crash too."""
+        dated, self._dated = self._dated, {}
+        present = {id(op) for items in ops.values() for op in items} if dated else set()
+        claims = [claim for key, claim in dated.items() if key in present]
+        if not claims:
+            return dict(ops)
+        keys = [self.gate.claim(message, now) for _, message, _, _ in claims]
+        holders = self.broker.claim_applied(
+            [(key, f"{stream} {entry.id}", ttl) for (key, ttl), (_, _, entry, stream) in zip(keys, claims, strict=True)]
+        )
+        copies = set()
+        for (op, message, entry, stream), holder in zip(claims, holders, strict=True):
+            if holder != f"{stream} {entry.id}":
+                reason = self.gate.replayed(message, holder.rpartition(" ")[2])
+                log.warning("dead-lettering inbox entry %s: %s", entry.id, reason)
+                self.broker.dead_letter(reason, entry.raw, stream, entry.id)
+                copies.add(id(op))
+        return {wf_id: kept for wf_id, items in ops.items() if (kept := [op for op in items if id(op) not in copies])}
 
     def _orphaned(self, run: state.Run) -> str | None:
         """Why a child run must not start: its parent's task no longer waits for it (the parent was
@@ -513,6 +552,15 @@ class Coordinator:
         wf_id, fields = submission(workflow, params, str(body["wf"]), depth, chain, signed=info.get("signed") or {})
         if self.broker.submit_workflow(wf_id, fields):
             log.info("trigger %s started %s on %s", name, body["wf"], event.get("type"))
+
+    def _start_asked(self, message: wire.Inbox, entry: Entry, stream: str) -> None:
+        """Write the run a reaction asked for, as its agent signed it: checked when it starts, as a client's."""
+        refusal = self.gate.check_asked_run(message)
+        if refusal:
+            log.warning("dead-lettering inbox entry %s: %s", entry.id, refusal)
+            self.broker.dead_letter(refusal, entry.raw, stream, entry.id)
+            return
+        self.broker.submit_workflow(str(message.body["wf"]), dict(message.body["fields"]), sign=False)
 
     def _refuse(self, run: state.Run, body: dict[str, Any], refusal: str, now: float) -> None:
         log.warning("refused decision on %s/%s: %s", run.id, body.get("task"), refusal)

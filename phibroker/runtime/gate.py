@@ -3,15 +3,20 @@
 A coordinator trusts nothing it reads from the inbox. With an identities file, every message is signed
 by the identity it names, and that identity's role may send its kind: what workers report (results,
 `lost`, `declined`, `spend`) comes from the agent that owns the unit it is about; cancels, retries,
-signals and runs come from a client; kicks, re-dispatches and a child run's end from a coordinator.
+signals and runs come from a client (a reaction's run is a `submit` carrying its fields, from an agent
+that is a client too: workers may not write runs, so coordinators write it); kicks, re-dispatches and a
+child run's end from a coordinator. What a client may send is dated and used once: a copy of a signed
+cancel, retry, signal or submit, added to the inbox again, is dead-lettered (`expires` in its body; the
+coordinators remember the ids they applied until then). A run is cancelled or retried only by whoever
+submitted it, a coordinator (a parent's cancel of its child) or an admin.
 With `--require-signed`, a workflow starts only from a file text a trusted key signed; an approval
 decision counts only when a trusted key signed it. The loop asks the gate and acts on its answer; the
 gate decides, and changes nothing.
 
 The identities file is JSON, one entry per identity: `{"NAME": {"role": "agent", "secret": "..."}}`,
-`role` one of agent, client, coordinator, or a list of them (an agent whose reactions submit runs is
-also a client). The older form `{"AGENT": "SECRET"}` names agents only; with it, only what workers send
-is checked.
+`role` one of agent, client, coordinator, admin, or a list of them (an agent whose reactions submit runs
+is also a client; an admin is a client that may cancel or retry any run). The older form
+`{"AGENT": "SECRET"}` names agents only; with it, only what workers send is checked.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import math
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -32,12 +39,13 @@ from phibroker.errors import InvalidInput, SignatureError, WorkflowFileError
 from phibroker.security import signing
 from phibroker.settings import Settings
 from phibroker.store.registry import Registry
+from phibroker.workflow.spec import NAME_PATTERN
 
 log = logging.getLogger("phibroker.coordinator")
 
 
-AGENT, CLIENT, COORDINATOR = "agent", "client", "coordinator"
-ROLES = frozenset({AGENT, CLIENT, COORDINATOR})
+AGENT, CLIENT, COORDINATOR, ADMIN = "agent", "client", "coordinator", "admin"
+ROLES = frozenset({AGENT, CLIENT, COORDINATOR, ADMIN})
 # Who may send each kind of inbox message. `decide` is not here: a decision carries its approver's
 # Ed25519 signature, whoever carried it. `trigger`: an event matched a trigger where it was published,
 # by a worker settling results (its handler could emit that event anyway) or by a coordinator.
@@ -56,6 +64,15 @@ SENDERS: Mapping[str, frozenset[str]] = {
     "trigger": frozenset({AGENT, COORDINATOR}),
 }
 WORKER_KINDS = frozenset(kind for kind, roles in SENDERS.items() if roles == {AGENT})
+# What a `submit` carrying a new run may hold (a reaction's: its worker may not write runs, so the
+# coordinators do): the fields `submission` builds, no parent (child runs are the coordinators'), and
+# nothing only a commit writes.
+ASKED_FIELDS = frozenset(
+    {"name", "state", "version", "launched", "created_at", "depth", "chain", "spec", "params", "traceparent"}
+    | {"source_text", "source_suffix", "signature", "source_parts", "submitter", "submit_sig"}
+)
+_ASKED_MAPS = {"params": dict, "chain": list}  # written as JSON; every other value as text or a number
+_RUN_ID = re.compile(NAME_PATTERN)
 
 
 @dataclass(frozen=True)
@@ -79,7 +96,7 @@ def read_identities(text: str) -> tuple[dict[str, Identity], bool]:
         roles = frozenset([role] if isinstance(role, str) else role if isinstance(role, list) else [])
         if not roles or not roles <= ROLES or not isinstance(secret, str) or not secret:
             raise ValueError(f"{name!r}: give a role ({', '.join(sorted(ROLES))}) and a secret")
-        out[name] = Identity(roles, secret.encode())
+        out[name] = Identity(roles | {CLIENT} if ADMIN in roles else roles, secret.encode())
     return out, with_roles
 
 
@@ -124,7 +141,8 @@ class SecurityGate:
 
     def check_sender(self, message: wire.Inbox) -> str | None:
         """With identities configured, a message is signed by the identity it names, whose role may
-        send its kind (a file without roles: what workers send, by their agent)."""
+        send its kind (a file without roles: what workers send, by their agent), and what a client may
+        send is not past its expiry."""
         roles = SENDERS.get(message.kind)
         if not self.identities or roles is None or (not self.with_roles and message.kind not in WORKER_KINDS):
             return None
@@ -140,6 +158,77 @@ class SecurityGate:
         if not identity.roles & roles:
             held = "/".join(sorted(identity.roles))
             return f"forged {what}: {message.agent!r} is {held}; only {' or '.join(sorted(roles))} may send it"
+        return self.check_expiry(message, time.time())
+
+    def check_expiry(self, message: wire.Inbox, now: float) -> str | None:
+        """With roles, what a client may send is good until the `expires` its sender signed, and never
+        dated further ahead than a message is good for: a copy kept for later is of no use. What the
+        coordinators send each other (a child's kick, a parent's cancel, a handler's signal) is good for
+        as long as runs are kept, so no outage of every coordinator loses it."""
+        if not self.with_roles or message.kind not in wire.DATED_KINDS:
+            return None
+        expires = message.body.get("expires")
+        if not isinstance(expires, int | float) or isinstance(expires, bool) or not math.isfinite(expires):
+            return f"undated {_control(message)}: signed without an expiry (a client older than the coordinators?)"
+        if now > expires:
+            return f"expired {_control(message)}: {now - expires:.0f} s past its expiry (send it again)"
+        coordinator = COORDINATOR in self.identities[str(message.agent)].roles
+        if expires - now > 2 * (self.settings.retention if coordinator else wire.CONTROL_TTL):
+            ahead = expires - now
+            return f"forged {_control(message)}: it expires {ahead:.0f} s from now (is its sender's clock ahead?)"
+        return None
+
+    def remembers(self, message: wire.Inbox) -> bool:
+        """Whether the coordinators apply this message once: a signed, dated one, under a file with roles."""
+        return self.with_roles and message.kind in wire.DATED_KINDS and message.agent is not None
+
+    def claim(self, message: wire.Inbox, now: float) -> tuple[str, int]:
+        """Where the coordinators remember that they applied this message (its sender's name and its id:
+        one sender cannot take another's ids), and for how many ms: until it expires."""
+        ttl = int((float(message.body["expires"]) - now) * 1000) + 1000
+        return self.settings.keys.applied(str(message.agent), message.id), max(ttl, 1000)
+
+    @staticmethod
+    def replayed(message: wire.Inbox, first: str) -> str:
+        """Why a copy of an applied message is dead-lettered; `first`: the inbox entry that was applied."""
+        return f"replayed {_control(message)}: message {message.id} was applied already (inbox entry {first})"
+
+    def check_owner(self, run: state.Run, kind: str, sender: str | None) -> str | None:
+        """With roles, a run is cancelled or retried only by whoever submitted it, a coordinator (a
+        parent's cancel of its child) or an admin: any other client is refused."""
+        if not self.with_roles:
+            return None
+        identity = self.identities.get(sender or "")
+        submitter = run.meta.get("submitter")
+        if (sender is not None and sender == submitter) or (identity and identity.roles & {COORDINATOR, ADMIN}):
+            return None
+        return (
+            f"refused {kind} of run {run.id!r} from {sender!r}: only its submitter ({submitter!r}),"
+            " a coordinator or an admin may"
+        )
+
+    def check_asked_run(self, message: wire.Inbox) -> str | None:
+        """Why the coordinators must not write the run a `submit` carries (a reaction's), or None: only a
+        new run's fields, as `submission` builds them, and with identities signed for the identity that
+        sends it (the signature itself is checked when the run starts, as a client's)."""
+        wf_id, fields = str(message.body["wf"]), message.body.get("fields")
+        if not _RUN_ID.fullmatch(wf_id):
+            return f"forged submit: run id {wf_id!r}: use letters, digits, '_', '.', '-'"
+        if not isinstance(fields, dict) or not all(isinstance(name, str) for name in fields):
+            return "forged submit: the run's fields are not a map of names"
+        extra = sorted(set(fields) - ASKED_FIELDS)
+        if extra:
+            return f"forged submit: a new run has no field {extra[0]!r}"
+        if (fields.get("state"), fields.get("version"), fields.get("launched")) != ("running", 0, 0):
+            return "forged submit: not a new run (its state, version or launched is not a new run's)"
+        if not isinstance(fields.get("spec"), str) or type(fields.get("created_at")) not in (int, float):
+            return "forged submit: a run needs its spec (text) and created_at (a number)"
+        for name, value in fields.items():
+            if not isinstance(value, _ASKED_MAPS.get(name, (str, int, float))) or isinstance(value, bool):
+                return f"forged submit: field {name!r} is a {type(value).__name__}"
+        submitter = fields.get("submitter")
+        if self.with_roles and submitter is not None and submitter != message.agent:
+            return f"forged submit: a run signed for {submitter!r} sent by {message.agent!r}"
         return None
 
     def check_answerer(self, run: state.Run, result: wire.Result, sender: str | None) -> str | None:
@@ -156,8 +245,9 @@ class SecurityGate:
 
     def check_submitter(self, run_id: str, meta: dict[str, Any]) -> str | None:
         """With a file that names roles, a run starts only if a client (or a coordinator: child runs,
-        triggers) signed its id, spec, params and parent when it was written: a copy of a signed file
-        written by an agent does not run, nor a run whose spec or params changed after it was asked for."""
+        triggers) signed its id, creation time, spec, params and parent when it was written: a copy of a
+        signed file written by an agent does not run, nor a run whose spec or params changed after it was
+        asked for, nor one created longer ago than runs are kept (a copy of an expired run, written again)."""
         if not self.with_roles:
             return None
         name = str(meta.get("submitter") or "")
@@ -171,6 +261,9 @@ class SecurityGate:
         expected = wire.submit_signature(identity.secret, run_id, name, meta)
         if not hmac.compare_digest(expected, str(meta["submit_sig"])):
             return f"refused: bad submit signature for {name!r} (the run was changed after it was submitted)"
+        age, kept = time.time() - float(meta.get("created_at") or 0), self.settings.retention
+        if age > kept:  # its keys would have expired: a copy written again, or nobody started it in time
+            return f"refused: submitted {age:.0f} s ago, longer than runs are kept ({kept:.0f} s): submit it again"
         return None
 
     def check_start(self, run_id: str, meta: dict[str, Any]) -> str | None:
@@ -221,6 +314,11 @@ class SecurityGate:
             return "refused: tampered: the submitted spec differs from the signed file"
         log.info("workflow file signed by %s", signer)
         return None
+
+
+def _control(message: wire.Inbox) -> str:
+    """`cancel of run 'ID' from 'NAME'`: what a refusal of a control message names."""
+    return f"{message.kind} of run {message.body.get('wf')!r} from {message.agent!r}"
 
 
 def _task_field(source: Any, task: str, name: str) -> Any:

@@ -143,11 +143,11 @@ class Reactor:
             return []
 
     def _submit(self, source: Any, params: dict[str, Any], wf_id: str | None, depth: int, chain: list[str]) -> str:
-        """`event.submit(...)` from a reaction: a workflow caused by that event."""
+        """`event.submit(...)` from a reaction: a workflow caused by that event, which the coordinators write."""
         workflow = source if isinstance(source, workflows.Workflow) else workflows.load(source)
         wf_id, fields = submission(workflow, workflow.params_with(params), wf_id, depth, chain)
         try:
-            self.broker.submit_workflow(wf_id, fields)
+            self.broker.ask_to_submit(wf_id, fields)
         except CONNECTION_ERRORS as exc:
             raise BrokerAway(str(exc)) from exc
         return wf_id

@@ -8,7 +8,8 @@ coordinators, which also holds the secret they sign their own messages with. No 
 
 The users, by process: one per agent (its workers), `coordinator`, `client` (submit, cancel, retry,
 signal, status, wait), `approver` (approvals, approve, reject), `watch` (read-only views) and `admin`
-(operators: trust list, triggers, dead letters, killing a runaway script; a client identity too).
+(operators: trust list, triggers, dead letters, killing a runaway script; its identity's role, `admin`,
+is a client's that may cancel or retry any run, where a client's may only touch the runs it submitted).
 Only `coordinator` and `admin` may load scripts: every other user may only call what is loaded.
 
 How Redis decides: a command runs if the user's root permissions, or one of its selectors `(...)`,
@@ -18,11 +19,14 @@ ack or trim it — and each script's keys sit together in one selector (EVALSHA 
 every key it declares). The `{*}` patterns match one key of a workflow each: `NS:wf:{*}` only the meta
 hash (a pattern ending in `}` cannot match `NS:wf:{ID}:results`), `NS:wf:{*}:tasks` only the unit states.
 
-What ACLs cannot do: tell a script's writes from direct ones (an agent allowed to run START may also
-HSET a workflow's unit states, and its meta hash: a running run's spec), or limit a hash to some fields
-(an agent's lease lives in the shared `NS:agents` hash). Forged outcomes and control messages are
-stopped by signatures (the identities file), not here; what an agent's user may write of a running run
-is the gap a key layout separating agents' writes from coordinators' would close.
+What agents write of a run is kept out of its meta hash (its spec, params, state and version), which
+only coordinators and clients write: a worker's scripts keep their counters in the tasks hash (a
+reclaim's `reclaims`, which moves the run's version as the commit script reads it; the output's
+`output_bytes`), read the run's end there (`finished`), and a reaction's run goes to the coordinators as
+a signed `submit` carrying its fields. What ACLs cannot do: tell a script's writes from direct ones (an
+agent allowed to run START may also HSET a workflow's unit states directly), or limit a hash to some
+fields (an agent's lease lives in the shared `NS:agents` hash). Forged outcomes and control messages
+are stopped by signatures (the identities file), not here.
 """
 
 from __future__ import annotations
@@ -134,9 +138,9 @@ class User:
 
 def agent_user(keys: Keys, agent: str, subscriptions: Iterable[str] = ()) -> User:
     """A worker of `agent`: its task stream and its subscriptions' streams and seen-sets (own keys), the
-    START, CREATE and OUTPUT scripts on workflow meta/tasks/history/output (never results or outbox), XADD
-    only into the results, events, DLQ, subscription and output streams, its lease, and the choreography
-    tables."""
+    START and OUTPUT scripts on workflow tasks/history/output, reads of the meta hash (never a write, nor
+    results or outbox), XADD only into the results, events, DLQ, subscription and output streams, its
+    lease, and the choreography tables. A reaction's run goes to the coordinators, who write it."""
     own = [
         f"~{keys.agent_tasks(agent)}",
         f"~{keys.agent_bulk(agent)}",
@@ -154,17 +158,13 @@ def agent_user(keys: Keys, agent: str, subscriptions: Iterable[str] = ()) -> Use
             (keys.agent_stops(agent),),  # its own stop notices only
         ),
         selectors=(
-            # START (fencing), CREATE (a reaction's submit) and OUTPUT (ctx.stream, log records, a task's
-            # start); unit_states reads; nothing else of a workflow.
+            # START (fencing) and OUTPUT (ctx.stream, log records, a task's start) and their counters
+            # in the tasks hash; unit_states reads; nothing else of a workflow.
             Grant(
-                ("evalsha", "exists", "hexists", "hget", "hmget", "hset", "hsetnx", "hincrby", "rpush", "xadd"),
-                (
-                    f"~{keys.wf('*')}",
-                    f"~{keys.wf_tasks('*')}",
-                    f"~{keys.wf_history('*')}",
-                    f"~{keys.wf_output('*')}",
-                ),
+                ("evalsha", "exists", "hget", "hmget", "hset", "hincrby", "rpush", "xadd"),
+                (f"~{keys.wf_tasks('*')}", f"~{keys.wf_history('*')}", f"~{keys.wf_output('*')}"),
             ),
+            Grant(("hget", "hmget"), (f"%R~{keys.wf('*')}",)),  # the run's state: read, never written
             # Results, events, dead letters, routed copies and trigger starts: append only.
             Grant(
                 ("xadd",),
@@ -178,7 +178,6 @@ def agent_user(keys: Keys, agent: str, subscriptions: Iterable[str] = ()) -> Use
             ),
             Grant(("evalsha", "hset", "hgetall", "hdel"), (f"~{keys.agents}",)),  # leases: LEASE, reclaim
             Grant(("hset", "hgetall"), (f"~{keys.subs}", f"%R~{keys.triggers}")),  # register; route
-            Grant(("zadd",), (f"%W~{keys.workflows}", f"%W~{keys.running}")),  # a reaction's submit
         ),
     )
 
@@ -289,6 +288,7 @@ def coordinator_user(keys: Keys) -> User:
                 (f"~{keys.agent_tasks('*')}", f"~{keys.agent_bulk('*')}"),
             ),
             Grant(("hgetall", "hdel"), (f"~{keys.agents}",)),
+            Grant(("set", "get"), (f"~{keys.applied('*', '*')}",)),  # the control messages applied, until they expire
             Grant(("xtrim", "memory|usage"), (f"%W~{keys.events}",)),  # the log's age and size bounds
         ),
     )
@@ -406,7 +406,7 @@ def generate(
     bundle = Bundle(users, {u.name: make() for u in users}, {a: make() for a in agents})
     for agent, secret in bundle.agent_secrets.items():
         bundle.identities[agent] = {"role": ["agent", "client"] if agent in submitters else "agent", "secret": secret}
-    for name, role in ((CLIENT, "client"), (ADMIN, "client"), (COORDINATOR, "coordinator")):
+    for name, role in ((CLIENT, "client"), (ADMIN, "admin"), (COORDINATOR, "coordinator")):
         bundle.identities[name] = {"role": role, "secret": make()}
     # The default user can do nothing and cannot log in (`resetpass` also drops `nopass`, so
     # protected mode stays meaningful); every process authenticates as its own user.

@@ -347,10 +347,13 @@ def parse_value(name: str, raw: bytes) -> Any:
 
 
 def parse_units(raw: dict[bytes, bytes]) -> dict[str, dict[str, Any]]:
-    """`unit|field` fields -> {unit: {attribute: value}}, packed fields unpacked, numbers typed."""
+    """`unit|field` fields -> {unit: {attribute: value}}, packed fields unpacked, numbers typed. The
+    run's own counters beside them (`reclaims`, `output_bytes`, `finished`: no `|`) are left out."""
     units: dict[str, dict[str, Any]] = {}
     for key, value in raw.items():
-        unit, _, name = key.decode().rpartition("|")
+        unit, bar, name = key.decode().rpartition("|")
+        if not bar:
+            continue
         record = units.setdefault(unit, {})
         if name in PACKED:
             record.update(unpack_group(name, value.decode()))
@@ -439,11 +442,14 @@ class Connection:
         self._scripts_known = False  # Redis was seen to hold phibroker's scripts (forgotten on NOSCRIPT)
         # who signs what this process sends the coordinators and the runs it writes: (name, secret)
         self.sender: tuple[str, bytes] | None = None
+        self.good_for = wire.CONTROL_TTL  # how long what it signs stays good (a copy later is refused)
 
-    def sign_as(self, name: str, secret: bytes) -> None:
+    def sign_as(self, name: str, secret: bytes, good_for: float = wire.CONTROL_TTL) -> None:
         """Sign inbox messages and new runs as this identity (an agent, a client, a coordinator): with
-        an identities file, coordinators refuse what nobody allowed to send it signed."""
+        an identities file, coordinators refuse what nobody allowed to send it signed. A dated message
+        (a cancel, a retry, ...) is good for `good_for` seconds after it was signed."""
         self.sender = (name, secret)
+        self.good_for = good_for
 
     def signed(self, raw: bytes) -> bytes:
         """An encoded inbox message (one built where no secret is known: a transition's message to
@@ -451,7 +457,7 @@ class Connection:
         if self.sender is None:
             return raw
         limit = self.settings.max_message_bytes * 4
-        return wire.Inbox.decode(raw, limit).signed_as(self.sender, limit)
+        return wire.Inbox.decode(raw, limit).signed_as(self.sender, limit, self.good_for)
 
     # Scripts run by EVALSHA; a NOSCRIPT (a restarted or new Redis) loads them all and runs again.
     # redis-py's own Script objects would ask SCRIPT EXISTS before every pipeline: a round trip each.
@@ -665,7 +671,7 @@ class Connection:
         clock, (raw,) = self.clocked(table, lambda pipe: pipe.hgetall(table))
         return clock, parse_leases(raw)
 
-    def submit_workflow(self, wf_id: str, fields: dict[str, Any]) -> bool:
+    def submit_workflow(self, wf_id: str, fields: dict[str, Any], sign: bool = True) -> bool:
         """Write a new workflow, index it and tell the coordinators, in one round trip, all or nothing
         (MULTI/EXEC): a full Redis refuses the whole run, never leaves half of one that `list` shows
         and `status` does not know. On a cluster, in three steps (`in_order`): the index (where a
@@ -673,8 +679,9 @@ class Connection:
 
         False if the id exists (the coordinators are told again: starting is idempotent).
         Only after Redis lost its scripts (NOSCRIPT) does the create script fail alone; the
-        transaction then runs again, and until it has, the run reads as unknown everywhere."""
-        index, create, kick = self._submit_steps(wf_id, fields)
+        transaction then runs again, and until it has, the run reads as unknown everywhere.
+        `sign` False: the fields carry their submitter's signature already (a reaction's run)."""
+        index, create, kick = self._submit_steps(wf_id, fields, sign)
         self._ensure_scripts()
         return bool(self.in_order([(index, False), (create, True), (kick, False)])[-2])
 
@@ -688,23 +695,32 @@ class Connection:
             self.load_scripts()  # a client may not: Refused, "unavailable" until a coordinator has
         self._scripts_known = True
 
+    def signed_fields(self, wf_id: str, fields: dict[str, Any]) -> dict[str, Any]:
+        """A new run's fields with who asks for it and their signature over what it runs (checked before
+        it starts), when this connection signs as someone."""
+        if self.sender is None:
+            return fields
+        name, secret = self.sender
+        return {**fields, "submitter": name, "submit_sig": wire.submit_signature(secret, wf_id, name, fields)}
+
     def _submit_steps(
-        self, wf_id: str, fields: dict[str, Any]
+        self, wf_id: str, fields: dict[str, Any], sign: bool = True
     ) -> tuple[Callable[[Any], None], Callable[[Any], None], Callable[[Any], None]]:
         """What `submit_workflow` queues, as three steps: index it, create it, kick the coordinators;
         the create script's reply comes last of the second (a coordinator draining an outbox creates
         child runs this way)."""
         keys = self.keys
         created_at = float(fields["created_at"])
-        if self.sender is not None:  # who asked for it, over what it runs: checked before it starts
-            name, secret = self.sender
-            fields = {**fields, "submitter": name, "submit_sig": wire.submit_signature(secret, wf_id, name, fields)}
+        if sign:
+            fields = self.signed_fields(wf_id, fields)
         args: list[Any] = []
         big = {name: fields[name] for name in _BIG_FIELDS if name in fields}
         for name, value in fields.items():
             if name not in big:
                 args += [name, json.dumps(value) if name in META_JSON else value]
-        kick = wire.Inbox(kind="submit", body={"wf": wf_id}).signed_as(self.sender, self.settings.max_message_bytes)
+        kick = wire.Inbox(kind="submit", body={"wf": wf_id}).signed_as(
+            self.sender, self.settings.max_message_bytes, self.good_for
+        )
 
         def index(pipe: Any) -> None:
             pipe.zadd(keys.workflows, {wf_id: created_at}, nx=True)
@@ -719,4 +735,4 @@ class Connection:
 
     def send_to_coordinators(self, message: wire.Inbox) -> None:
         """Into the coordinators' inbox; their group reads it from the start, whenever they come."""
-        self.add(self.keys.results, message.signed_as(self.sender, self.settings.max_message_bytes))
+        self.add(self.keys.results, message.signed_as(self.sender, self.settings.max_message_bytes, self.good_for))

@@ -9,7 +9,7 @@ from typing import Any
 from redis.exceptions import NoScriptError, ResponseError
 
 from phibroker import wire
-from phibroker.engine.state import Transition
+from phibroker.engine.state import WF_TERMINAL, Transition
 from phibroker.keys import WORKERS_GROUP
 from phibroker.store import scripts
 from phibroker.store.connection import (
@@ -26,6 +26,12 @@ from phibroker.store.connection import (
     xreadgroup,
 )
 from phibroker.store.worker import StopNotice, groups_made_again, server_run_id
+
+
+def run_version(committed: int | bytes, reclaims: bytes | None) -> int:
+    """A run's version as the commit script checks it: its commits (the meta hash's `version`) plus its
+    workers' reclaims (the tasks hash's `reclaims`; workers may not write the meta hash)."""
+    return int(committed) + int(reclaims or 0)
 
 
 def _claimed(reply: list[Any]) -> tuple[float, float | None, list[str]]:
@@ -88,14 +94,21 @@ class CoordinatorStore(Connection):
         return len(ids), len(gone)
 
     def load_runs(self, wf_ids: Sequence[str]) -> list[tuple[dict[str, Any], dict[bytes, bytes], dict[bytes, bytes]]]:
-        """Meta (parsed), raw unit fields and raw results of several workflows, in one round trip."""
+        """Meta (parsed, with the run's version: see `run_version`), raw unit fields and raw results of
+        several workflows, in one round trip."""
         pipe = self.redis.pipeline(transaction=False)
         for wf_id in wf_ids:
             pipe.hgetall(self.keys.wf(wf_id))
             pipe.hgetall(self.keys.wf_tasks(wf_id))
             pipe.hgetall(self.keys.wf_results(wf_id))
         replies = pipe.execute()
-        return [(parse_meta(replies[i]), replies[i + 1], replies[i + 2]) for i in range(0, len(replies), 3)]
+        out = []
+        for i in range(0, len(replies), 3):
+            meta, units = parse_meta(replies[i]), replies[i + 1]
+            if "version" in meta:
+                meta["version"] = run_version(meta["version"], units.get(b"reclaims"))
+            out.append((meta, units, replies[i + 2]))
+        return out
 
     def commit(self, transitions: Sequence[tuple[str, int, Transition]]) -> list[int]:
         """Commit transitions, one script call each, pipelined: the new version, or -1 where the
@@ -171,7 +184,9 @@ class CoordinatorStore(Connection):
         pipe = self.redis.pipeline(transaction=False)
         for wf_id in wf_ids:
             pipe.hget(self.keys.wf(wf_id), "version")
-        return [None if v is None else int(v) for v in pipe.execute()]
+            pipe.hget(self.keys.wf_tasks(wf_id), "reclaims")
+        replies = pipe.execute()
+        return [None if v is None else run_version(v, r) for v, r in zip(replies[::2], replies[1::2], strict=True)]
 
     def outboxes(self, wf_ids: Iterable[str]) -> dict[str, dict[str, bytes]]:
         ids = list(wf_ids)
@@ -270,7 +285,8 @@ class CoordinatorStore(Connection):
         for sent in box.get("signals") or ():  # a handler's ctx.signal, to whichever run it names
             body = {k: sent.get(k) for k in ("wf", "name", "data", "sender", "id")}
             inbox = wire.Inbox(kind="signal", body=body)
-            pipe.xadd(keys.results, {wire.FIELD: inbox.signed_as(self.sender, self.settings.max_message_bytes)})
+            raw = inbox.signed_as(self.sender, self.settings.max_message_bytes, self.good_for)
+            pipe.xadd(keys.results, {wire.FIELD: raw})
         for raw in box.get("inbox") or ():  # to other runs: a child's end, a parent's cancel
             pipe.xadd(keys.results, {wire.FIELD: self.signed(raw)})
         if box.get("timers_add"):
@@ -387,6 +403,48 @@ class CoordinatorStore(Connection):
 
     def forget_running(self, wf_id: str) -> None:
         self.redis.zrem(self.keys.running, wf_id)
+
+    def index_running_again(self, start: int, count: int) -> tuple[int, int]:
+        """A page of the `workflows` index, newest first (new runs shift it: a page read twice, none
+        skipped): its runs still going that the running index lacks are added there. Returns how many
+        runs the page held and how many were added. One that ended meanwhile is taken out again (its
+        own removal went before our add: its end is read now)."""
+        rows = self.redis.zrevrange(self.keys.workflows, start, start + count - 1, withscores=True)
+        going = [(wf_id, created) for (wf_id, created), state in zip(rows, self._states(rows), strict=True) if state]
+        if not going:
+            return len(rows), 0
+        pipe = self.redis.pipeline(transaction=False)
+        for wf_id, created in going:
+            pipe.zadd(self.keys.running, {wf_id: created}, nx=True)
+        added = [(wf_id, created) for (wf_id, created), new in zip(going, pipe.execute(), strict=True) if new]
+        ended = [wf_id for (wf_id, _), state in zip(added, self._states(added), strict=True) if not state]
+        if ended:
+            self.redis.zrem(self.keys.running, *ended)
+        return len(rows), len(added) - len(ended)
+
+    def _states(self, rows: Sequence[tuple[bytes, float]]) -> list[bool]:
+        """For each (run id, ...): whether the run is there and still going."""
+        pipe = self.redis.pipeline(transaction=False)
+        for wf_id, _ in rows:
+            pipe.hget(self.keys.wf(wf_id.decode()), "state")
+        return [state is not None and state.decode() not in WF_TERMINAL for state in pipe.execute()]
+
+    def set_timers_again(self, members: Sequence[str], clock: float) -> int:
+        """Timers due by `clock` (Redis's, seconds) that may have been lost, added where missing (one a
+        coordinator claimed keeps its claim): how many were missing. Firing one twice does nothing more."""
+        return int(self.redis.zadd(self.keys.timers, dict.fromkeys(members, int(clock * 1000)), nx=True))
+
+    def claim_applied(self, claims: Sequence[tuple[str, str, int]]) -> list[str]:
+        """For each (key, holder, ttl ms): set the key to `holder` for that long unless it is set, in one
+        round trip; returns who holds each key now (the holder given, where it was free)."""
+
+        def build(pipe: Any) -> None:
+            for key, holder, ttl in claims:
+                pipe.set(key, holder, nx=True, px=ttl)
+                pipe.get(key)
+
+        replies = self._pipeline(build)[1::2]
+        return [held.decode() if held else holder for (_, holder, _), held in zip(claims, replies, strict=True)]
 
     def poll(
         self,

@@ -15,6 +15,9 @@ return 1
 
 # Commit a transition if nobody changed the workflow since it was read (the version), and the fields
 # it guards still read as it saw them: what a worker's start script wrote (which moves no version).
+# A run's version is the meta hash's `version` (moved by each commit) plus the tasks hash's `reclaims`
+# (moved by a worker's reclaim, which may not write the meta hash): both only grow, so any move of
+# either moves it. A run that ends marks its tasks hash `finished`, which the start script reads.
 # KEYS: meta, tasks, results, history, outbox, done, output
 # ARGV: version, n, guard pairs (tasks field, the prefix it must still have)..., n, task pairs..., n, meta pairs...,
 #       n, result pairs..., n, history items...,
@@ -26,7 +29,9 @@ return 1
 # end signal is taken back, so waiters wait for its next end.
 APPLY = """
 local meta, tasks, results, history, outbox, done = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
-if (redis.call('HGET', meta, 'version') or '') ~= ARGV[1] then return -1 end
+local committed = redis.call('HGET', meta, 'version')
+local reclaims = tonumber(redis.call('HGET', tasks, 'reclaims') or '0')
+if not committed or tonumber(committed) + reclaims ~= tonumber(ARGV[1]) then return -1 end
 local i = 3 + 2 * tonumber(ARGV[2])
 for g = 3, i - 1, 2 do
   local value = redis.call('HGET', tasks, ARGV[g]) or ''
@@ -50,14 +55,16 @@ each_chunk(2, function(a) redis.call('HSET', results, unpack(a)) end)
 each_chunk(1, function(a) redis.call('RPUSH', history, unpack(a)) end)
 if ARGV[i + 1] ~= '' then redis.call('HSET', outbox, ARGV[i], ARGV[i + 1]) end
 if (ARGV[i + 5] or '') ~= '' then redis.call('XADD', KEYS[7], '*', 'k', 'event', 'm', ARGV[i + 5]) end
-local version = redis.call('HINCRBY', meta, 'version', 1)
+local version = redis.call('HINCRBY', meta, 'version', 1) + reclaims
 if ARGV[i + 2] == '1' then
   local ttl = tonumber(ARGV[i + 3])
+  redis.call('HSET', tasks, 'finished', '1')
   redis.call('RPUSH', done, '1')
   for _, key in ipairs(KEYS) do
     if key ~= outbox then redis.call('EXPIRE', key, ttl) end
   end
 elseif ARGV[i + 4] == '1' then
+  redis.call('HDEL', tasks, 'finished')
   redis.call('DEL', done)
   for _, key in ipairs(KEYS) do redis.call('PERSIST', key) end
 end
@@ -67,8 +74,9 @@ return version
 # Append to a run's output stream (kind, blob pairs: `k` and `m` of each entry), only while the run's
 # keys are there: its first transition made the stream, and it expires with them, so an entry added
 # later keeps their time to live. Chunks and log records count against the run's `limit` (bytes, in
-# the meta field `output_bytes`); events (`limit` 0) are never refused.
-# KEYS: meta, output   ARGV: limit, then kind, blob...
+# the tasks hash's `output_bytes`: workers may write it, not the meta hash); events (`limit` 0) are
+# never refused.
+# KEYS: tasks, output   ARGV: limit, then kind, blob...
 # Returns {1, bytes used}: added; {0, bytes used}: over the limit, nothing added; {-1, 0}: no such run.
 OUTPUT = """
 if redis.call('EXISTS', KEYS[2]) == 0 then return {-1, 0} end
@@ -91,7 +99,7 @@ return {1, used}
 """
 
 # Mark attempts started before their handlers run, and hand out fencing tokens.
-# KEYS: meta, tasks, history   ARGV: consumer, then per message: unit, dispatch id, entry id, lost record
+# KEYS: tasks, history   ARGV: consumer, then per message: unit, dispatch id, entry id, lost record
 # Returns per message: a token (>= 1), or 0 (stale: cancelled, superseded or finished), or -1 (a
 # duplicate stream entry of a dispatch another entry already started), or -2 (asked to stop before it
 # (re)started: the worker declines it, and tells the coordinator).
@@ -99,12 +107,12 @@ return {1, used}
 # `unit|run` = token, started, entry, worker.
 # A reclaimed entry starts again as the next attempt of the same dispatch: every run counts, and the
 # attempt it replaces goes to the history with the lost record the worker built. `unit|reclaims`
-# counts them, so a reclaim does not use up the retry budget.
+# counts them, so a reclaim does not use up the retry budget; the run's `reclaims` moves its version
+# (see APPLY), so a coordinator that read the run before commits nothing on that stale view. Workers
+# never write the meta hash: the run's end is read from the tasks hash's `finished`.
 START = r"""
-local meta, tasks, history = KEYS[1], KEYS[2], KEYS[3]
-local wf_state = redis.call('HGET', meta, 'state')
-local finished = wf_state == 'succeeded' or wf_state == 'failed' or wf_state == 'cancelled'
-  or wf_state == 'timed_out' or wf_state == false
+local tasks, history = KEYS[1], KEYS[2]
+local finished = redis.call('HGET', tasks, 'finished') == '1'
 local now = redis.call('TIME')
 local ts = tonumber(now[1]) + tonumber(now[2]) / 1000000
 local consumer = ARGV[1]
@@ -133,7 +141,7 @@ for i = 2, #ARGV, 4 do
       redis.call('HSET', tasks, f .. 'run', token .. '\31' .. ts .. '\31' .. entry .. '\31' .. consumer,
         f .. 'dispatch', id .. '\31' .. ((tonumber(attempt) or 1) + 1) .. '\31' .. dispatched)
       redis.call('HINCRBY', tasks, f .. 'reclaims', 1)
-      redis.call('HINCRBY', meta, 'version', 1)
+      redis.call('HINCRBY', tasks, 'reclaims', 1)
       if lost ~= '' then redis.call('RPUSH', history, lost) end
     else
       token = -1

@@ -191,7 +191,7 @@ class WorkerStore(Connection):
             if event.get("workflow"):
                 per_run.setdefault(str(event["workflow"]), []).append(event)
         for wf_id, batch in per_run.items():
-            keys = (self.keys.wf(wf_id), self.keys.wf_output(wf_id))
+            keys = (self.keys.wf_tasks(wf_id), self.keys.wf_output(wf_id))
             pipe.evalsha(SHAS[scripts.OUTPUT], 2, *keys, 0, "event", wire.encode_events(batch))
 
     def append_output(self, wf_id: str, entries: Sequence[tuple[str, bytes]], limit: int) -> tuple[int, int]:
@@ -200,7 +200,7 @@ class WorkerStore(Connection):
         args: list[Any] = [limit]
         for kind, blob in entries:
             args += [kind, blob]
-        added, used = self._script(scripts.OUTPUT, [self.keys.wf(wf_id), self.keys.wf_output(wf_id)], args)
+        added, used = self._script(scripts.OUTPUT, [self.keys.wf_tasks(wf_id), self.keys.wf_output(wf_id)], args)
         return int(added), int(used)
 
     def requeue(self, stream: str, group: str, entries: Sequence[Entry]) -> None:
@@ -256,11 +256,20 @@ class WorkerStore(Connection):
                 args: list[Any] = [consumer]
                 for unit, dispatch, entry, lost in batches[wf_id]:
                     args += [unit, dispatch, entry, lost]
-                keys = [self.keys.wf(wf_id), self.keys.wf_tasks(wf_id), self.keys.wf_history(wf_id)]
+                keys = [self.keys.wf_tasks(wf_id), self.keys.wf_history(wf_id)]
                 pipe.evalsha(SHAS[scripts.START], len(keys), *keys, *args)
 
         replies = self._pipeline(build)
         return {wf_id: [int(t) for t in tokens] for wf_id, tokens in zip(order, replies, strict=False)}
+
+    def ask_to_submit(self, wf_id: str, fields: dict[str, Any]) -> None:
+        """A run a reaction starts: a worker may not write runs, so it sends the coordinators a `submit`
+        carrying the run's fields (signed as its submitter's, checked when the run starts, as a client's),
+        and they write it. Bounded as the coordinators read their inbox: 4 × max_message_bytes."""
+        body = {"wf": wf_id, "fields": self.signed_fields(wf_id, fields)}
+        message = wire.Inbox(kind="submit", body=body)
+        raw = message.signed_as(self.sender, self.settings.max_message_bytes * 4, self.good_for)
+        self.add(self.keys.results, raw)
 
     def seen(self, subscription: str, event_ids: Sequence[str]) -> list[bool]:
         """For each event id: has this subscription already handled it (a copy routed twice)?"""
