@@ -29,9 +29,10 @@ from redis.exceptions import NoPermissionError, NoScriptError, ResponseError
 from phibroker import wire
 from phibroker import workflow as workflows
 from phibroker.engine import records
-from phibroker.errors import ApprovalError, DecodeError, InvalidInput
+from phibroker.errors import ApprovalError, DecodeError, InvalidInput, UnknownWorkflow
 from phibroker.keys import Keys
 from phibroker.runtime.client import Client
+from phibroker.runtime.events import trigger_workflow_id
 from phibroker.runtime.submission import submission
 from phibroker.security import signing
 from phibroker.settings import Settings
@@ -254,6 +255,53 @@ def test_forged_control_messages_do_not_cancel_or_steer_another_teams_run(fleet:
         "refused (unsigned, or an agent's)",
     )
     record(f"forged {', '.join(CONTROL[1:])}", "webc", "unchecked", "refused (unsigned, or an agent's)")
+
+
+RELEASED = """
+name: on-release
+params: {channel: none}
+on: {event: release.tagged, where: "data.channel == 'stable'"}
+tasks:
+  Announce: {agent: webc, command: step, payload: {target: "${params.channel}"}}
+"""
+
+
+def test_a_forged_trigger_starts_nothing_and_a_true_one_starts_its_run(fleet: Fleet, tmp_path: Path) -> None:
+    """An agent may send `trigger` messages (its worker routes the events it settles), so each is
+    checked again where it is applied: the event must pass the trigger's own filter and storm guard,
+    under the run id that event gives."""
+    path = tmp_path / "on-release.yaml"
+    path.write_text(RELEASED)
+    signing.sign_file(fleet.ops, path)
+    added = fleet.deployment.cli(fleet.procs, "admin", "triggers", "add", str(path))
+    assert added.returncode == 0, output_of(fleet.procs, added)
+    seen = len(fleet.dead_letters())
+    webc = fleet.store("webc", signed=True)
+
+    def event(channel: str, **fields: Any) -> dict[str, Any]:
+        return {"id": wire.new_id(), "type": "release.tagged", "data": {"channel": channel}, "depth": 0, **fields}
+
+    def send(ev: dict[str, Any], wf_id: str | None = None) -> str:
+        wf_id = wf_id or trigger_workflow_id("on-release", ev)
+        body = {"wf": wf_id, "trigger": "on-release", "event": ev}
+        webc.send_to_coordinators(wire.Inbox(kind="trigger", body=body))
+        return wf_id
+
+    forged = [
+        send(event("beta")),  # the filter says no
+        send(event("stable", type="release.other")),  # another event type
+        send(event("stable", depth=10**6)),  # past the storm guard
+        send(event("stable"), wf_id="on-release-chosen-by-webc"),  # a run id of its choosing
+    ]
+    reasons = reasons_since(fleet, seen, len(forged))
+    assert all(r.startswith("forged trigger:") for r in reasons), reasons
+    true_one = send(event("stable"))
+    with fleet.client("client") as client:
+        assert client.wait(true_one, timeout=60)["state"] == "succeeded"
+        for wf_id in forged:
+            with pytest.raises(UnknownWorkflow):
+                client.status(wf_id)
+    record("trigger message whose event the trigger's filter refuses", "webc", "started the run", "refused")
 
 
 def test_a_copy_of_a_signed_file_written_by_an_agent_does_not_run(fleet: Fleet) -> None:

@@ -31,7 +31,7 @@ from phibroker.engine import state
 from phibroker.errors import DecodeError, PhibrokerError
 from phibroker.keys import COORDINATORS_GROUP
 from phibroker.runtime.bulk import HeldWork
-from phibroker.runtime.events import Router
+from phibroker.runtime.events import Router, trigger_refusal
 from phibroker.runtime.gate import SecurityGate
 from phibroker.runtime.maintenance import Maintenance
 from phibroker.runtime.runs import RunCache
@@ -318,7 +318,7 @@ class Coordinator:
             self.broker.dead_letter("control message without a workflow id", entry.raw, stream, entry.id)
             return 0
         if message.kind == "trigger":
-            self._start_triggered(message.body)
+            self._start_triggered(message.body, entry, stream)
             return 0
         if message.kind == "submit" and "fields" in message.body:  # a reaction's run: its worker may not write it
             self._start_asked(message, entry, stream)
@@ -537,17 +537,24 @@ class Coordinator:
             self.cache.forget(str(parent_id))
         return f"its parent {parent_id}'s task {task} no longer waits for it"
 
-    def _start_triggered(self, body: dict[str, Any]) -> None:
+    def _start_triggered(self, body: dict[str, Any], entry: Entry, stream: str) -> None:
         """An event matched a trigger: start its workflow, with the event's data as params, once."""
-        name, event = str(body.get("trigger")), body.get("event") or {}
+        name = str(body.get("trigger"))
         info = self.registry.trigger(name)
         if info is None:
-            log.warning("trigger %s was removed; event %s ignored", name, event.get("id"))
+            log.warning("trigger %s was removed; its event is ignored", name)
             return
+        refusal = trigger_refusal(name, info, body, self.settings.storm_depth)
+        if refusal:
+            log.warning("dead-lettering inbox entry %s: %s", entry.id, refusal)
+            self.broker.dead_letter(refusal, entry.raw, stream, entry.id)
+            return
+        event = body["event"]
         workflow = self.cache.workflow(info["spec"])
         data = event.get("data")
         params = {**workflow.spec.params, **(data if isinstance(data, dict) else {"data": data})}
-        chain = [*event.get("chain", []), f"{event.get('type')}@{event.get('id')}"]
+        chain = event.get("chain")
+        chain = [*(chain if isinstance(chain, list) else []), f"{event.get('type')}@{event.get('id')}"]
         depth = int(event.get("depth") or 0) + 1
         wf_id, fields = submission(workflow, params, str(body["wf"]), depth, chain, signed=info.get("signed") or {})
         if self.broker.submit_workflow(wf_id, fields):

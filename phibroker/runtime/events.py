@@ -139,6 +139,22 @@ def _filter(name: str, info: Mapping[str, Any]) -> Filter:
     return Filter(name, str(info.get("event")), where)
 
 
+def trigger_refusal(name: str, info: Mapping[str, Any], body: Mapping[str, Any], storm_depth: int) -> str | None:
+    """Why a `trigger` message must not start its workflow, or None: whoever routed it (a worker
+    settling results may send them), the event it carries must pass the trigger's own filter and the
+    storm guard, and the run id must be the one that event gives."""
+    event = body.get("event")
+    if not isinstance(event, Mapping) or not _filter(name, info).wants(event):
+        wanted = f"{info.get('event')}" + (f" where {info['where']}" if info.get("where") else "")
+        return f"forged trigger: the event is not one trigger {name!r} wants ({wanted})"
+    depth = event.get("depth") or 0
+    if type(depth) is not int or depth >= storm_depth:
+        return f"forged trigger: event depth {depth!r} is past the storm guard ({storm_depth}) or not a number"
+    if body.get("wf") != trigger_workflow_id(name, event):
+        return f"forged trigger: run id {body.get('wf')!r} is not the one event {event.get('id')!r} gives"
+    return None
+
+
 def trigger_workflow_id(trigger: str, event: Mapping[str, Any]) -> str:
     """One workflow per (trigger, event): a re-routed event finds its workflow already there."""
     return f"{trigger}-{event.get('id')}"
