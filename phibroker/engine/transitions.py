@@ -1116,6 +1116,8 @@ def _standing(budget: Any, holder: dict[str, Any]) -> tuple[budgets.Spend, tuple
 
 def _limits(run: Run, task: str) -> list[dict[str, Any]]:
     """The budgets over a task as its task message carries them, for the worker's own check."""
+    if not run.workflow.budgeted:
+        return []
     out = []
     for scope, budget, holder in _scopes(run, task):
         counted, (tokens, cost), how = _standing(budget, holder)
@@ -1165,6 +1167,8 @@ def _exhaust(run: Run, task: str, line: str, now: float) -> None:
 
 def _exhausted_line(run: Run, unit: str) -> str | None:
     """`budget_exhausted: ...` if the unit's task passed a `fail` budget (never for a compensation)."""
+    if not run.workflow.budgeted:
+        return None
     task, _, is_undo = split_unit(unit)
     line = None if is_undo else run.units.get(task, {}).get("exhausted")
     return str(line) if line else None

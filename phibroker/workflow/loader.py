@@ -158,11 +158,20 @@ class Workflow:
         return child
 
     def retry(self, task: str) -> RetryPolicy:
-        """The merged policy, built on first use: most tasks of a big file never fail."""
-        policy = self._retry.get(task)
+        """The merged policy, built on first use: most tasks of a big file never fail, and those with no
+        `retry:` of their own share the file's."""
+        spec = self.tasks[task]
+        key = task if spec.retry is not None else ""
+        policy = self._retry.get(key)
         if policy is None:
-            policy = self._retry[task] = retry_policy(self.spec, self.tasks[task])
+            policy = self._retry[key] = retry_policy(self.spec, spec)
         return policy
+
+    @cached_property
+    def budgeted(self) -> bool:
+        """Whether any budget covers a task (the run's, or one of a task's): the budget checks on each
+        dispatch and result are skipped when none does."""
+        return self.spec.budget is not None or any(task.budget is not None for task in self.tasks.values())
 
     def timeout(self, task: str) -> float | None:
         return task_timeout(self.spec, self.tasks[task])
