@@ -195,3 +195,19 @@ def run(procs: Processes, *args: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "phibroker", *args], capture_output=True, text=True, timeout=60, env=procs.env()
     )
+
+
+def test_an_attempt_past_a_fail_budget_counts_as_failed_whatever_retry_on_says() -> None:
+    """The coordinator never retries it: a `retry_on` entry matching its text must not label it retrying."""
+    from phibroker import wire
+    from phibroker.errors import BudgetExhausted
+    from phibroker.runtime.agent import failure
+    from phibroker.runtime.telemetry import attempt_outcome
+
+    message = wire.TaskMessage(
+        id="d1", wf="w", unit="A", task="A", agent="writer", command="draft", attempt=1, retries_left=3
+    )
+    message.retry_on = ["budget"]
+    outcome = failure(BudgetExhausted("budget_exhausted: tokens 1200 > 1000"), 1.0)
+    assert attempt_outcome(message, outcome) == "failed"
+    assert attempt_outcome(message, failure(TimeoutError("budget of time"), 1.0)) == "retrying"  # any other error

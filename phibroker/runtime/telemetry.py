@@ -124,6 +124,8 @@ def attempt_outcome(message: wire.TaskMessage, outcome: Outcome) -> str:
         return "succeeded"
     if outcome.error and outcome.error.get("type") == "Cancelled":
         return "cancelled"
+    if outcome.error and outcome.error.get("type") == "BudgetExhausted":
+        return "failed"  # a `fail` budget passed: the coordinator never retries it, whatever retry_on says
     retry_on = DEFAULT_RETRY_ON if message.retry_on is None else message.retry_on
     if message.retries_left > 0 and retries_error(retry_on, error_text(outcome.error), outcome.retry):
         return "retrying"
