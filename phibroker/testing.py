@@ -13,7 +13,7 @@ import subprocess
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +34,16 @@ def free_port() -> int:
 class RedisServer:
     """`redis-server` on a free port in a directory of its own; `restart()` keeps its AOF when on."""
 
-    def __init__(self, directory: Path | None = None, appendonly: bool = False, cluster_node_timeout: int = 0):
+    def __init__(
+        self,
+        directory: Path | None = None,
+        appendonly: bool = False,
+        cluster_node_timeout: int = 0,
+        options: Sequence[str] = (),
+    ):
         self.directory = directory or Path(tempfile.mkdtemp(prefix="phibroker-redis-"))
         self.appendonly = appendonly
+        self.options = list(options)  # more `redis-server` arguments: `--aclfile PATH`, ...
         self.port = free_port()
         # a node of a Redis Cluster (`RedisCluster`) when set: its bus on a free port of its own, since
         # the default (port + 10000) may be taken or past 65535
@@ -63,6 +70,7 @@ class RedisServer:
             if self.cluster_node_timeout:
                 args += ["--cluster-enabled", "yes", "--cluster-port", str(self.bus_port)]
                 args += ["--cluster-node-timeout", str(self.cluster_node_timeout)]
+            args += self.options
             self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             while time.monotonic() < deadline and self.process.poll() is None:
                 if self.answers() and self.process.poll() is None:
@@ -79,7 +87,7 @@ class RedisServer:
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
                 sock.sendall(b"PING\r\n")
-                return sock.recv(64).startswith(b"+PONG")
+                return sock.recv(64).startswith((b"+PONG", b"-NOAUTH"))  # NOAUTH: it serves, ACL users only
         except OSError:
             return False
 
@@ -114,15 +122,34 @@ class RedisCluster:
 
     `node_timeout` (ms) is how long a master may stay silent before its replica takes over: short
     enough for a failover test, long enough that a loaded machine does not fail a master over by itself.
+    `aclfile` loads users on every node; `auth` (user, password) is then who the harness itself (and
+    each replica, to its master) logs in as: a user the file holds, allowed every command.
+    `kill_master` and `restart` make a master fail over, and bring the dead node back as a replica.
     """
 
-    def __init__(self, directory: Path | None = None, masters: int = 3, replicas: int = 1, node_timeout: int = 5000):
+    def __init__(
+        self,
+        directory: Path | None = None,
+        masters: int = 3,
+        replicas: int = 1,
+        node_timeout: int = 5000,
+        aclfile: Path | None = None,
+        auth: tuple[str, str] | None = None,
+    ):
         if masters < 3:
             raise ValueError("Redis Cluster needs at least 3 masters")
+        if aclfile is not None and auth is None:
+            raise ValueError("an aclfile needs `auth`: the user the harness and the replicas log in as")
         self.directory = directory or Path(tempfile.mkdtemp(prefix="phibroker-cluster-"))
         self.replicas = replicas
+        self.auth = auth
+        self.lost = 0  # bytes of writes masters acknowledged and their promoted replicas never had (`lose`)
+        options = ["--repl-diskless-sync-delay", "0"]  # a node back from the dead syncs at once
+        options += ["--aclfile", str(aclfile)] if aclfile else []
+        if auth:
+            options += ["--masteruser", auth[0], "--masterauth", auth[1]]
         self.nodes = [
-            RedisServer(self.directory / f"node-{i}", cluster_node_timeout=node_timeout)
+            RedisServer(self.directory / f"node-{i}", cluster_node_timeout=node_timeout, options=options)
             for i in range(masters * (1 + replicas))
         ]
 
@@ -130,6 +157,10 @@ class RedisCluster:
     def url(self) -> str:
         """Every node as a seed, so a client starts whichever of them is down."""
         return "redis+cluster://" + ",".join(f"127.0.0.1:{node.port}" for node in self.nodes) + "/"
+
+    @property
+    def live(self) -> list[RedisServer]:
+        return [node for node in self.nodes if node.process is not None]
 
     def start(self, timeout: float = 60.0) -> None:
         """Start every node, join them into one cluster and wait until every node sees all slots served."""
@@ -140,17 +171,13 @@ class RedisCluster:
             node.directory.mkdir(parents=True, exist_ok=True)
             node.start()
         addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
-        args = [binary, "--cluster", "create", *addresses, "--cluster-replicas", str(self.replicas), "--cluster-yes"]
+        args = [binary, *self._login(), "--cluster", "create", *addresses]
+        args += ["--cluster-replicas", str(self.replicas), "--cluster-yes"]
         made = subprocess.run(args, capture_output=True, timeout=timeout, check=False)
         if made.returncode != 0:
             self.stop()
             raise RuntimeError(f"redis-cli --cluster create failed: {made.stdout.decode()[-2000:]}")
-        deadline = time.monotonic() + timeout
-        while not self.ready():
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError("the Redis Cluster did not come up")
-            time.sleep(0.1)
+        self._wait(self.ready, timeout, "the Redis Cluster did not come up")
 
     def ready(self) -> bool:
         """Every node says the cluster is ok, and every replica is in sync with its master."""
@@ -162,8 +189,118 @@ class RedisCluster:
 
     def command(self, node: RedisServer, *args: str) -> str:
         """A command to one node, by `redis-cli`: its reply as text ("" when the node does not answer)."""
-        reply = subprocess.run(["redis-cli", "-p", str(node.port), *args], capture_output=True, timeout=10, check=False)
+        argv = ["redis-cli", "-p", str(node.port), *self._login(), *args]
+        reply = subprocess.run(argv, capture_output=True, timeout=10, check=False)
         return reply.stdout.decode(errors="replace")
+
+    def _login(self) -> list[str]:
+        return ["--user", self.auth[0], "--pass", self.auth[1], "--no-auth-warning"] if self.auth else []
+
+    def role(self, node: RedisServer) -> str:
+        """`master` or `slave` as the node says it now; "" for a node that does not answer."""
+        for line in self.command(node, "INFO", "replication").splitlines():
+            if line.startswith("role:"):
+                return line.partition(":")[2].strip()
+        return ""
+
+    def replicas_of(self, master: RedisServer) -> list[RedisServer]:
+        """The live nodes replicating `master`, as it lists them."""
+        info = self.command(master, "INFO", "replication")
+        ports = {part.partition("=")[2] for part in info.replace(",", "\n").splitlines() if part.startswith("port=")}
+        return [node for node in self.live if str(node.port) in ports]
+
+    def kill_master(
+        self, spare: Iterable[RedisServer] = (), lose: float = 0.0, timeout: float = 60.0
+    ) -> tuple[RedisServer, RedisServer]:
+        """kill -9 a master (none of `spare`, nor one a node of `spare` replicates) and wait until a
+        replica of it is promoted and every live node sees all slots served again: (killed, promoted).
+
+        What the master acknowledged and had not yet sent its replica is lost, as in production; on
+        one machine that is rarely anything. `lose` makes it certain: the replica's link is cut that
+        many seconds before the kill, so the master's last `lose` seconds of writes are gone (`lost`
+        counts their bytes)."""
+        master, promoted = self._victim({id(node) for node in spare})
+        if lose:
+            self._cut(master, promoted)
+            time.sleep(lose)
+            self.lost += self._offset(master, "master_repl_offset") - self._offset(promoted, "slave_repl_offset")
+        master.stop(kill=True)
+        self._wait(lambda: self.serving(promoted), timeout, f"no replica took over from port {master.port}")
+        if lose:
+            self.command(promoted, "CONFIG", "SET", "masterauth", self.auth[1] if self.auth else "")
+        return master, promoted
+
+    def _offset(self, node: RedisServer, field: str) -> int:
+        """A replication offset the node reports (INFO replication)."""
+        for line in self.command(node, "INFO", "replication").splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.partition(":")[2])
+        return 0
+
+    def _cut(self, master: RedisServer, replica: RedisServer) -> None:
+        """Drop the replica's link to its master, and keep it from logging in again (a wrong password)."""
+        self.command(replica, "CONFIG", "SET", "masterauth", "not-the-password")
+        self.command(master, "CLIENT", "KILL", "TYPE", "replica")
+
+        def cut() -> bool:
+            return "master_link_status:down" in self.command(replica, "INFO", "replication")
+
+        self._wait(cut, 10.0, f"the replica on port {replica.port} kept its link")
+
+    def _victim(self, spared: set[int]) -> tuple[RedisServer, RedisServer]:
+        """A live master not spared, with a replica not spared either: (master, replica)."""
+        for master in self.live:
+            if id(master) in spared or self.role(master) != "master":
+                continue
+            followers = [node for node in self.replicas_of(master) if id(node) not in spared]
+            if followers and len(followers) == len(self.replicas_of(master)):
+                return master, followers[0]
+        raise RuntimeError("no master with a replica to kill (of those not spared)")
+
+    def serving(self, promoted: RedisServer) -> bool:
+        """`promoted` is a master, and every live node sees all slots served."""
+        if self.role(promoted) != "master":
+            return False
+        return all("cluster_state:ok" in self.command(node, "CLUSTER", "INFO") for node in self.live)
+
+    def restart(self, node: RedisServer, timeout: float = 60.0) -> None:
+        """Start a killed node again: its cluster config makes it a replica of whoever took its slots.
+        Returns once every node is in sync."""
+        node.start()
+
+        def joined() -> bool:
+            return self.role(node) == "slave" and self.ready()
+
+        self._wait(joined, timeout, f"the node on port {node.port} did not join again as a replica")
+
+    def wait_replicated(self, timeout: float = 30.0) -> None:
+        """Return once every replica has what its master held when asked (by the offsets the replicas
+        confirm each second): what was written before is no longer lost with a master."""
+        for master in [node for node in self.live if self.role(node) == "master"]:
+            info = self.command(master, "INFO", "replication")
+            fields = dict(line.partition(":")[::2] for line in info.splitlines() if ":" in line)
+            if fields.get("connected_slaves", "0") != "0":
+                self._wait(self._caught_up(master, int(fields["master_repl_offset"])), timeout, "a replica lags")
+
+    def _caught_up(self, master: RedisServer, offset: int) -> Callable[[], bool]:
+        """Whether every replica of `master` has confirmed `offset`."""
+        return lambda: self._acked(master) >= offset
+
+    def _acked(self, master: RedisServer) -> int:
+        """The smallest offset a replica of `master` has confirmed."""
+        info = self.command(master, "INFO", "replication")
+        offsets = [
+            int(part.partition("=")[2]) for part in info.replace(",", "\n").splitlines() if part.startswith("offset=")
+        ]
+        return min(offsets, default=0)
+
+    def _wait(self, check: Callable[[], bool], timeout: float, failure: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not check():
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(failure)
+            time.sleep(0.1)
 
     def stop(self) -> None:
         for node in self.nodes:

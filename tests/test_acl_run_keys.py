@@ -15,6 +15,7 @@ from phibroker.keys import WORKERS_GROUP
 from phibroker.runtime.client import Client
 from phibroker.runtime.coordinator import Coordinator
 from phibroker.settings import Settings
+from phibroker.store.connection import parse_units
 from phibroker.store.worker import WorkerStore
 from tests.conftest import until
 
@@ -79,3 +80,28 @@ def test_a_run_that_ended_starts_nothing_and_its_counters_are_no_units(
     assert worker.start_many("w1", {wf_id: [start]}) == {wf_id: [1]}  # running again: it starts
     worker.append_output(wf_id, [("chunk", b"z")], limit=100)
     assert set(client.status(wf_id)["tasks"]) == {"A"}  # `reclaims`, `output_bytes`: not units
+
+
+@pytest.mark.parametrize("garbage", [b"x", b"9007199254740993", b"-1", b"5.0", b"0x10", b"1e300"])
+def test_a_count_overwritten_with_garbage_is_read_as_zero_alike_by_lua_and_python(
+    settings: Settings, dispatched: Dispatched, garbage: bytes
+) -> None:
+    """A worker's user may write the tasks hash: whatever it writes in `reclaims` or `output_bytes`,
+    the version the coordinator computes is the one the commit script checks (no run stalls), a
+    reclaim counts on from it, nothing raises, and the output limit fails closed."""
+    coordinator, worker, wf_id, start = dispatched
+    store, redis, tasks = coordinator.broker, worker.redis, settings.keys.wf_tasks(wf_id)
+    redis.hset(tasks, mapping={"reclaims": garbage, "output_bytes": garbage, "A|reclaims": garbage})
+    (read,) = store.versions([wf_id])
+    assert read is not None and store.commit([(wf_id, read, Transition())]) == [read + 1]
+    assert worker.start_many("w1", {wf_id: [start]}) == {wf_id: [1]}
+    assert worker.start_many("w2", {wf_id: [start]}) == {wf_id: [2]}  # a reclaim: counts start again
+    assert redis.hget(tasks, "reclaims") == b"1" and redis.hget(tasks, "A|reclaims") == b"1"
+    (read,) = store.versions([wf_id])
+    assert store.commit([(wf_id, read, Transition())]) == [read + 1]
+    redis.hset(tasks, mapping={"A|run": b"\xff" + garbage, "A|end": b"nan\x1fzz\x1f1e999"})
+    ((meta, units, _),) = store.load_runs([wf_id])
+    assert meta["version"] == read + 1 and parse_units(units)["A"]["finished"] is None  # no raise either
+    redis.hset(tasks, "output_bytes", garbage)
+    assert worker.append_output(wf_id, [("chunk", b"x")], limit=100)[0] == 0  # no more room
+    assert worker.append_output(wf_id, [("event", b"e")], limit=0)[0] == 1  # events always go

@@ -3,8 +3,8 @@
     cli -> web | interop | tools -> runtime -> store -> engine -> workflow -> leaves
     security -> leaves;  testing -> runtime and below
 
-A module may import its own layer and any layer below it; leaves (errors, keys, settings, wire) import
-leaves only. A change that breaks the rule fails here, naming the module and the import.
+A module may import its own layer and any layer below it; leaves (errors, keys, settings, wire, grants)
+import leaves only. A change that breaks the rule fails here, naming the module and the import.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "phibroker"
-LEAVES = {"errors", "keys", "settings", "wire"}
+LEAVES = {"errors", "keys", "settings", "wire", "grants"}
 RANK = {"leaves": 0, "workflow": 1, "engine": 2, "store": 3, "runtime": 4, "tools": 5, "interop": 5, "web": 5}
 RANK.update({"testing": 4.5, "cli": 6, "__main__": 7, "__init__": 4.5})
 

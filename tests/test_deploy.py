@@ -29,8 +29,9 @@ from phibroker.errors import InvalidInput
 from phibroker.keys import WORKERS_GROUP, Keys
 from phibroker.security import acl
 from phibroker.settings import Settings
-from phibroker.store import scripts
+from phibroker.store import scripts, views
 from phibroker.store.connection import SHAS
+from phibroker.store.roles import ROLES
 from tests.conftest import REPO, Processes, RedisServer, _have_redis, until
 
 DEPLOY = REPO / "deploy"
@@ -57,7 +58,7 @@ def allows(user: acl.User, command: str, key: str, need: str) -> bool:
 
 def test_each_agent_gets_its_own_keys_and_only_appends_to_shared_ones() -> None:
     keys = Keys("phi")
-    users = {u.name: u for u in acl.generate("phi", AGENTS).users}
+    users = {u.name: u for u in acl.generate("phi", AGENTS, roles=ROLES).users}
     kalic = users["kalic"]
     assert allows(kalic, "xreadgroup", keys.agent_tasks("kalic"), "RW")
     assert allows(kalic, "zadd", keys.sub_seen("kalic.on_scan"), "W")
@@ -83,7 +84,9 @@ def test_each_agent_gets_its_own_keys_and_only_appends_to_shared_ones() -> None:
 
 
 def test_the_bundle_holds_a_user_line_and_an_env_file_per_user() -> None:
-    bundle = acl.generate("phi", AGENTS, host="redis", port=6380, identities_path="/run/ids.json", submitters=["kalic"])
+    bundle = acl.generate(
+        "phi", AGENTS, host="redis", port=6380, identities_path="/run/ids.json", submitters=["kalic"], roles=ROLES
+    )
     users = [*AGENTS, "coordinator", "client", "approver", "watch", "admin"]
     assert set(bundle.files) == {"users.acl", "identities.json", *(f"{u}.env" for u in users)}
     lines = bundle.files["users.acl"].splitlines()
@@ -113,7 +116,7 @@ def test_the_bundle_holds_a_user_line_and_an_env_file_per_user() -> None:
     }
     assert all(identities[a]["secret"] == bundle.agent_secrets[a] for a in AGENTS)
     with pytest.raises(InvalidInput):
-        acl.generate("phi", AGENTS, submitters=["nobody"])
+        acl.generate("phi", AGENTS, submitters=["nobody"], roles=ROLES)
 
 
 @pytest.mark.parametrize(
@@ -131,7 +134,7 @@ def test_acl_generate_writes_the_files_and_keeps_them_unless_forced(tmp_path: Pa
     args = ["--namespace", "prod", "acl", "generate", "--agents", "webc,kalic", "--out", str(out)]
     first = runner.invoke(main, [*args, "--host", "redis", "--subscription", "kalic=audit-log"])
     assert first.exit_code == 0, first.output
-    assert {p.name for p in out.iterdir()} == set(acl.generate("prod", ["webc", "kalic"]).files)
+    assert {p.name for p in out.iterdir()} == set(acl.generate("prod", ["webc", "kalic"], roles=ROLES).files)
     assert (out / "users.acl").stat().st_mode & 0o777 == 0o644  # hashes only: Redis's own user reads it
     assert all((out / f).stat().st_mode & 0o777 == 0o600 for f in ("kalic.env", "identities.json"))
     assert "~prod:sub:audit-log " in (out / "users.acl").read_text()
@@ -256,6 +259,7 @@ def deployed(directory: Path, agents: list[str], submitters: Sequence[str] = ())
         port=server.port,
         identities_path=str(secrets / "identities.json"),
         submitters=submitters,
+        roles=ROLES,
     )
     acl.write(secrets, bundle)
     root_line = f"user {ROOT_USER} on >{ROOT_PASSWORD} ~* &* +@all"
@@ -529,7 +533,7 @@ def test_the_watch_user_cannot_write_anything(deployment: Deployment) -> None:
     root.script_load(scripts.LEASE)
     refused_all(watch_denials(keys, watch, "kalic"), "watch")
     # And no command it may run writes at all, by Redis's own flags.
-    commands = list(acl.watch_user(keys).root.commands)
+    commands = list(views.access(keys)[0].commands)
     conn = root.connection_pool.get_connection()
     try:
         conn.send_command("COMMAND", "INFO", *commands)
@@ -555,7 +559,7 @@ def test_the_watch_user_cannot_write_anything(deployment: Deployment) -> None:
 
 def generated() -> set[str]:
     """The files `acl generate` writes for the reference agents."""
-    return set(acl.generate("phi", AGENTS).files)
+    return set(acl.generate("phi", AGENTS, roles=ROLES).files)
 
 
 _help_checked: dict[tuple[str, ...], None] = {}

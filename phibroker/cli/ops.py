@@ -47,6 +47,12 @@ def acl() -> None:
 @click.option("--host", default="localhost", show_default=True, help="the Redis host the env files' URLs name")
 @click.option("--port", default=6379, show_default=True, help="the Redis port the env files' URLs name")
 @click.option("--tls", is_flag=True, help="rediss:// URLs")
+@click.option(
+    "--cluster",
+    "cluster_nodes",
+    metavar="HOST:PORT[,HOST:PORT...]",
+    help="nodes of a Redis Cluster: redis+cluster:// URLs naming them (instead of --host and --port)",
+)
 @click.option("--identities-path", default="/etc/phibroker/identities.json", show_default=True)
 @click.option(
     "--subscription",
@@ -71,26 +77,35 @@ def acl_generate(
     host: str,
     port: int,
     tls: bool,
+    cluster_nodes: str | None,
     identities_path: str,
     subscriptions: tuple[str, ...],
     submitters: tuple[str, ...],
     force: bool,
 ) -> None:
-    """Write users.acl, one USER.env per user and identities.json, with fresh random secrets."""
+    """Write users.acl, one USER.env per user and identities.json, with fresh random secrets. On a
+    Redis Cluster, load users.acl on every node (`aclfile`, or ACL LOAD on each)."""
     from pathlib import Path
 
+    from phibroker.errors import InvalidInput
     from phibroker.security import acl as acls
+    from phibroker.store.roles import ROLES
 
     names = acls.parse_agents(agents)
+    given = click.get_current_context().get_parameter_source
+    if cluster_nodes is not None and click.core.ParameterSource.COMMANDLINE in (given("host"), given("port")):
+        raise InvalidInput("--cluster names the nodes: leave out --host and --port")
     bundle = acls.generate(
         settings.namespace,
         names,
         host=host,
         port=port,
         tls=tls,
+        cluster=acls.parse_nodes(cluster_nodes) if cluster_nodes is not None else (),
         identities_path=identities_path,
         subscriptions=acls.parse_subscriptions(subscriptions, names),
         submitters=submitters,
+        roles=ROLES,
     )
     for path in acls.write(Path(out_dir), bundle, force=force):
         click.echo(str(path))

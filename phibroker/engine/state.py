@@ -10,6 +10,7 @@ compensation). Their state lives in one hash, one field per `unit|attribute` (or
 from __future__ import annotations
 
 import heapq
+import math
 import random
 import time
 from collections.abc import Iterator, Mapping
@@ -60,12 +61,24 @@ def pack_group(record: Mapping[str, Any], group: str) -> str:
 
 
 def unpack_group(group: str, text: str) -> dict[str, Any]:
-    """The attributes of one packed field, typed; a missing or empty part is None."""
+    """The attributes of one packed field, typed; a missing, empty or unreadable part is None."""
     out: dict[str, Any] = {}
     for attribute, part in zip(PACKED[group], text.split(SEP), strict=False):
         kind = _TYPES.get(attribute)
-        out[attribute] = None if part == "" else (kind(float(part)) if kind is int else kind(part) if kind else part)
+        out[attribute] = None if part == "" else number(kind, part) if kind else part
     return out
+
+
+def number(kind: type, text: str) -> int | float | None:
+    """`text` as an int or a float, None when it is not a finite number: the tasks hash is written by
+    workers too, and what one wrote there must not stop the coordinator that reads it."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    if not math.isfinite(value):
+        return None
+    return int(value) if kind is int else value
 
 
 def unit_agent(workflow: Workflow, unit: str) -> str | None:

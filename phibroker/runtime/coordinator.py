@@ -180,7 +180,7 @@ class Coordinator:
                 self._acks[stream][:0] = ids
             raise
         waited = time.monotonic() - began
-        now = self._not_before_last(clock + waited)  # carried past the read: results finish after they were read
+        now = self._not_before_last(clock)
         self._clock = (now, time.monotonic())
         self._next_due = next_due
         self._more_timers = len(timers) >= TIMER_BATCH
@@ -210,10 +210,10 @@ class Coordinator:
         return len(read) + len(timers) + carried  # held work counts: a burst run does not stop on it
 
     def _not_before_last(self, now: float) -> float:
-        """Redis's clock as read here is late or early by the read's round trip: a round is never
-        stamped before the previous one was, so what a round starts never seems to begin before what the
-        round before it ended (a loop's next child run, say). A step back of a second or more is the
-        clock's own, and kept."""
+        """A round is never stamped before the previous one was (on a cluster the clock as read here is
+        ahead of Redis's by a request's way, more in one round than the next), so what a round starts
+        never seems to begin before what the round before it ended (a loop's next child run, say). A
+        step back of a second or more is the clock's own, and kept."""
         if self._stamped - 1.0 < now < self._stamped:
             return self._stamped
         return now
@@ -563,6 +563,11 @@ class Coordinator:
     def _start_asked(self, message: wire.Inbox, entry: Entry, stream: str) -> None:
         """Write the run a reaction asked for, as its agent signed it: checked when it starts, as a client's."""
         refusal = self.gate.check_asked_run(message)
+        if refusal is None and self.broker.run_exists(str(message.body["wf"])):
+            # the same reaction asked again (its run's id makes that harmless); and a run that exists,
+            # whoever's, is never written to
+            log.info("submit of run %s, which exists already: nothing to write", message.body["wf"])
+            return
         if refusal:
             log.warning("dead-lettering inbox entry %s: %s", entry.id, refusal)
             self.broker.dead_letter(refusal, entry.raw, stream, entry.id)

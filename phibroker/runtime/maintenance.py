@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from phibroker import wire
-from phibroker.engine.state import WF_TERMINAL, unit_agent
+from phibroker.engine.state import WF_TERMINAL, timer_member, unit_agent
 from phibroker.errors import DecodeError
 from phibroker.keys import COORDINATORS_GROUP, WORKERS_GROUP
 from phibroker.runtime.events import Router
@@ -62,6 +62,7 @@ class Maintenance:
         self.reconciler = Reconciler(settings, broker, workflow)
         self.restarted = restarted  # Redis restarted: what the coordinator holds in memory may be ahead of it
         self._run_id: str | None = None
+        self._reindex: int | None = None  # after a failover, where the walk of the `workflows` index is
 
     def tick(self) -> None:
         """Run the chores that are due: lease, take-over, sweep, trim, reconcile."""
@@ -78,6 +79,8 @@ class Maintenance:
         if now >= self._next["sweep"]:
             self._next["sweep"] = now + max(1.0, takeover)
             self.sweep()
+        if self._reindex is not None:
+            self.reindex()
         if now >= self._next["trim"]:
             self._next["trim"] = now + self.settings.trim_every
             self.trim()
@@ -93,7 +96,21 @@ class Maintenance:
             log.warning("Redis restarted (run id %s); reading every run afresh", run_id[:8])
             self.broker.load_scripts()  # workers and clients may not load them: on a cluster, a promoted
             self.restarted()  # replica has none (SCRIPT LOAD is not replicated)
+            self._reindex = 0 if self.broker.cluster else None
         self._run_id = run_id or self._run_id
+
+    def reindex(self, page: int = 1000, pages: int = 5) -> None:
+        """After a failover, a few pages a tick: a cluster keeps no order between its masters, so a
+        run's last commit may be lost with one while its removal from the running index, on another,
+        stayed. Such a run, going again, is put back in that index, where the reconciler looks."""
+        for _ in range(pages):
+            start = self._reindex or 0
+            seen, added = self.broker.index_running_again(start, page)
+            if added:
+                log.warning("%d run(s) going again after a failover were not indexed as running; indexed", added)
+            self._reindex = None if seen < page else start + seen
+            if self._reindex is None:
+                return
 
     def trim(self) -> None:
         """Keep streams and indexes from growing: drop what every reader has acked, bound the events log
@@ -265,22 +282,29 @@ class Reconciler:
     def unheld(self, rows: list[tuple[str, float]]) -> dict[tuple[str, str], tuple[str, int]]:
         """The units of these workflows (id, created) that nobody holds: (wf, unit) -> (dispatch, token).
         A run created less than `reclaim_after` ago has no unit dispatched that long ago: its unit table
-        (ten thousand fields for a big fan-out) is not read."""
+        (ten thousand fields for a big fan-out) is not read. A unit waiting to retry long past its time
+        has its retry timer set again: a failover may have lost it."""
         clock, leases = self.broker.leases(self.keys.agents)
         margin = self.settings.reclaim_after
         wf_ids = [wf_id for wf_id, created in rows if not clock - margin < created <= clock]
         if not wf_ids:
             return {}
         by_agent: dict[str, list[tuple[str, str, dict[str, Any]]]] = defaultdict(list)
+        overdue = []
         for wf_id, (spec, wf_state, outbox, raw) in zip(wf_ids, self.broker.unit_tables(wf_ids), strict=True):
             if not spec or wf_state in WF_TERMINAL or outbox:  # an outbox is re-driven before anything else
                 continue
             workflow = self.workflow(spec)
             for unit, record in parse_units(raw).items():
-                if _maybe_unheld(record, clock, self.settings.reclaim_after):
+                if record.get("state") == "retrying" and clock - float(record.get("retry_at") or clock) > margin:
+                    overdue.append(timer_member("retry", wf_id, unit, record.get("attempt")))
+                elif _maybe_unheld(record, clock, self.settings.reclaim_after):
                     agent = unit_agent(workflow, unit)
                     if agent:
                         by_agent[agent].append((wf_id, unit, record))
+        missing = self.broker.set_timers_again(overdue, clock) if overdue else 0
+        if missing:
+            log.warning("%d retry timer(s) were gone, Redis having lost writes; set again", missing)
         found = {}
         for agent, units in by_agent.items():
             for wf_id, unit, record in self._unheld_of(agent, units, clock, leases):

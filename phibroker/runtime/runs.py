@@ -8,13 +8,17 @@ are cached by their text, so a thousand runs of one file are checked once.
 from __future__ import annotations
 
 import json
+import logging
 from collections import OrderedDict
+from typing import Any
 
 from phibroker import workflow as workflows
 from phibroker.engine import state
 from phibroker.settings import Settings
 from phibroker.store.connection import parse_units
 from phibroker.store.coordinator import CoordinatorStore
+
+log = logging.getLogger("phibroker.coordinator")
 
 SPEC_CACHE_SIZE = 256  # checked workflow files kept, by their text
 
@@ -36,18 +40,10 @@ class RunCache:
             for wf_id, (meta, units, results) in zip(missing, self.broker.load_runs(missing), strict=True):
                 if not meta.get("spec"):
                     continue
-                self.runs[wf_id] = state.Run(
-                    wf_id,
-                    self.workflow(meta["spec"]),
-                    meta,
-                    parse_units(units),
-                    {k.decode(): v for k, v in results.items()},
-                    limit=self.settings.max_message_bytes,
-                    max_release=self.settings.max_release,
-                    cancel_grace=self.settings.cancel_grace,
-                    max_children=self.settings.max_children,
-                    max_depth=self.settings.max_depth,
-                )
+                try:
+                    self.runs[wf_id] = self._run(wf_id, meta, units, results)
+                except Exception:  # noqa: BLE001 - one unreadable run must not stop the coordinator
+                    log.exception("cannot read run %s; its inputs are treated as a missing run's", wf_id)
         found = {}
         for wf_id in wf_ids:
             if wf_id in self.runs:
@@ -56,6 +52,22 @@ class RunCache:
         while len(self.runs) > self.cache_size:
             self.runs.popitem(last=False)
         return found
+
+    def _run(
+        self, wf_id: str, meta: dict[str, Any], units: dict[bytes, bytes], results: dict[bytes, bytes]
+    ) -> state.Run:
+        return state.Run(
+            wf_id,
+            self.workflow(meta["spec"]),
+            meta,
+            parse_units(units),
+            {k.decode(): v for k, v in results.items()},
+            limit=self.settings.max_message_bytes,
+            max_release=self.settings.max_release,
+            cancel_grace=self.settings.cancel_grace,
+            max_children=self.settings.max_children,
+            max_depth=self.settings.max_depth,
+        )
 
     def workflow(self, spec_text: str) -> workflows.Workflow:
         """Checked specs, cached by their text: a thousand runs of one file are checked once."""

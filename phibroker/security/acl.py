@@ -1,16 +1,22 @@
 """Redis ACL users for a production deployment: what each phibroker process may touch, and nothing more.
 
-Pure: the rules are built from the namespace and the agent names with `keys.py`, and so are the files
-`phibroker acl generate` writes — `users.acl` for `aclfile`, one `<user>.env` per user (Redis URL with
-its credentials, namespace, and the secret its process signs with: an agent's results and reports, a
-client's runs, cancels, retries and signals) and `identities.json` (name -> role and secret) for the
-coordinators, which also holds the secret they sign their own messages with. No Redis here.
+The rules are not written here: each store role declares the grants its code needs, beside that code
+(`access` in `store/worker.py`, `coordinator.py`, `client.py`, `views.py`, `registry.py`;
+`tests/test_acl_declarations.py` fails on a command a role sends that its declaration leaves out), and
+`generate` is handed them as `Roles` (security does not import the store) and makes the users of them.
+Pure: the files `phibroker acl generate` writes are made here too — `users.acl` for `aclfile`, one
+`<user>.env` per user (Redis URL with its credentials, namespace, and the secret its process signs
+with: an agent's results and reports, a client's runs, cancels, retries and signals) and
+`identities.json` (name -> role and secret) for the coordinators, which also holds the secret they sign
+their own messages with. No Redis here.
 
 The users, by process: one per agent (its workers), `coordinator`, `client` (submit, cancel, retry,
 signal, status, wait), `approver` (approvals, approve, reject), `watch` (read-only views) and `admin`
 (operators: trust list, triggers, dead letters, killing a runaway script; its identity's role, `admin`,
 is a client's that may cancel or retry any run, where a client's may only touch the runs it submitted).
-Only `coordinator` and `admin` may load scripts: every other user may only call what is loaded.
+Only `coordinator` and `admin` may load scripts: every other user may only call what is loaded. A user's
+first grant is its root permissions, with every grant that names no key (PING, MULTI); the others are
+its selectors, one per set of keys and channels.
 
 How Redis decides: a command runs if the user's root permissions, or one of its selectors `(...)`,
 allow the command *and* every key it names (`~` read and write, `%R~` read, `%W~` write only). So
@@ -36,10 +42,11 @@ import json
 import re
 import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from phibroker.errors import InvalidInput
+from phibroker.grants import Grant, Roles
 from phibroker.keys import Keys
 
 COORDINATOR, WATCH, ADMIN, CLIENT, APPROVER = "coordinator", "watch", "admin", "client", "approver"
@@ -48,72 +55,17 @@ USERS_FILE, IDENTITIES_FILE = "users.acl", "identities.json"
 IDENTITIES_PATH = "/etc/phibroker/identities.json"  # where coordinators read it (compose, k8s, systemd)
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
-# Key-less commands every phibroker process sends: health checks, Redis's clock (leases, and TIME
-# inside scripts), and INFO for the server's run id (a restart may have lost the last writes: workers
-# re-read their pending entries).
-BASICS = ("ping", "time", "script|exists", "info")
-# Loading phibroker's scripts after a restart (EVALSHA answers NOSCRIPT): coordinators and the admin
-# only. A user who may load a script may run any Lua, a runaway loop included (Redis then answers BUSY
-# to everyone); the others wait for a coordinator to load them.
-LOADER = (*BASICS, "script|load")
-# A consumer of its own streams: read, ack, give back (requeue: MULTI/EXEC), reclaim from the dead.
-CONSUMER = (
-    "xreadgroup",
-    "xack",
-    "xadd",
-    "xpending",
-    "xclaim",
-    "xautoclaim",
-    "xgroup|create",
-    "xgroup|delconsumer",
-    "multi",
-    "exec",
-    "discard",
-)
-# Everything `status`, `list`, `watch`, `approvals`, `subs`, `dlq list|show` read; not one write.
-READS = (
-    "exists",
-    "type",
-    "hget",
-    "hmget",
-    "hgetall",
-    "hlen",
-    "hstrlen",
-    "hexists",
-    "hrandfield",
-    "zrange",
-    "zrevrange",
-    "zrangebyscore",
-    "zcard",
-    "zscore",
-    "zmscore",
-    "lrange",
-    "llen",
-    "xrange",
-    "xrevrange",
-    "xread",
-    "xlen",
-    "xpending",
-    "xinfo|stream",
-    "xinfo|groups",
-    "xinfo|consumers",
-)
-
-
-@dataclass(frozen=True)
-class Grant:
-    """Commands on keys: a user's root permissions, or one selector."""
-
-    commands: tuple[str, ...]
-    keys: tuple[str, ...] = ()  # ACL key patterns with their prefix: `~k`, `%R~k`, `%W~k`
-    channels: tuple[str, ...] = ()  # pub/sub channel patterns (stop notices)
-
-    def rules(self) -> list[str]:
-        return [
-            *self.keys,
-            *(f"&{channel}" for channel in self.channels),
-            *(f"+{command}" for command in self.commands),
-        ]
+# What operators do by hand as `admin`, which no phibroker code sends: SCRIPT KILL / FUNCTION KILL for
+# a runaway script (Redis answers BUSY to everyone until someone stops it), SCRIPT FLUSH so nobody calls
+# it again, SCRIPT LOAD of phibroker's own (coordinators load them too). A user who may load a script
+# may run any Lua, a runaway loop included: nobody else may.
+OPERATOR = ("script|load", "script|kill", "script|flush", "function|kill")
+# What redis-py's cluster client asks of the nodes besides phibroker's own commands, granted to the
+# users of a Redis Cluster only: CLUSTER SLOTS, the map of slots to nodes (at start, after a MOVED or a
+# failover), COMMAND, where each command's keys are (at start), and ASKING, sent before a command an ASK
+# redirects while a slot moves between nodes. Facts about the cluster and the commands, nothing of the
+# data; ASKING only lets the next command reach a slot being imported.
+CLUSTER_BASICS = ("cluster|slots", "command", "asking")
 
 
 @dataclass(frozen=True)
@@ -136,197 +88,26 @@ class User:
         return " ".join(["user", self.name, "reset", "on", f"#{digest}", *self.rules()])
 
 
-def agent_user(keys: Keys, agent: str, subscriptions: Iterable[str] = ()) -> User:
-    """A worker of `agent`: its task stream and its subscriptions' streams and seen-sets (own keys), the
-    START and OUTPUT scripts on workflow tasks/history/output, reads of the meta hash (never a write, nor
-    results or outbox), XADD only into the results, events, DLQ, subscription and output streams, its
-    lease, and the choreography tables. A reaction's run goes to the coordinators, who write it."""
-    own = [
-        f"~{keys.agent_tasks(agent)}",
-        f"~{keys.agent_bulk(agent)}",
-        f"~{keys.sub(agent + '.')}*",
-    ]  # `AGENT.fn`: the default names
-    for name in subscriptions:
-        own += [f"~{keys.sub(name)}", f"~{keys.sub_seen(name)}"]
-    return User(
-        name=agent,
-        role="agent",
-        agent=agent,
-        root=Grant(
-            (*BASICS, *CONSUMER, "zmscore", "zadd", "zremrangebyscore", "subscribe"),
-            tuple(own),
-            (keys.agent_stops(agent),),  # its own stop notices only
-        ),
-        selectors=(
-            # START (fencing) and OUTPUT (ctx.stream, log records, a task's start) and their counters
-            # in the tasks hash; unit_states reads; nothing else of a workflow.
-            Grant(
-                ("evalsha", "exists", "hget", "hmget", "hset", "hincrby", "rpush", "xadd"),
-                (f"~{keys.wf_tasks('*')}", f"~{keys.wf_history('*')}", f"~{keys.wf_output('*')}"),
-            ),
-            Grant(("hget", "hmget"), (f"%R~{keys.wf('*')}",)),  # the run's state: read, never written
-            # Results, events, dead letters, routed copies and trigger starts: append only.
-            Grant(
-                ("xadd",),
-                (
-                    f"%W~{keys.results}",
-                    f"%W~{keys.results_bulk}",
-                    f"%W~{keys.events}",
-                    f"%W~{keys.dlq}",
-                    f"%W~{keys.sub('*')}",
-                ),
-            ),
-            Grant(("evalsha", "hset", "hgetall", "hdel"), (f"~{keys.agents}",)),  # leases: LEASE, reclaim
-            Grant(("hset", "hgetall"), (f"~{keys.subs}", f"%R~{keys.triggers}")),  # register; route
-        ),
-    )
+def user_of(name: str, role: str, grants: Sequence[Grant], agent: str | None = None) -> User:
+    """The user of a role's grants: the first is its root, and so is every grant that names no key or
+    channel; grants on the same keys and channels are one selector (Redis would try each alike)."""
+    places: dict[tuple[tuple[str, ...], tuple[str, ...]], dict[str, None]] = {}
+    root = (grants[0].keys, grants[0].channels)
+    for grant in grants:
+        place = (grant.keys, grant.channels) if grant.keys or grant.channels else root
+        places.setdefault(place, {}).update(dict.fromkeys(grant.commands))
+    first, *others = (Grant(tuple(commands), keys, channels) for (keys, channels), commands in places.items())
+    return User(name=name, role=role, root=first, selectors=tuple(others), agent=agent)
 
 
-def client_user(keys: Keys, name: str = CLIENT) -> User:
-    """A submitter (`submit --wait`, `cancel`, `retry`, `signal`, `status`, `list`): reads the namespace,
-    creates runs (the CREATE script and a new run's big fields), indexes them, appends to the inbox, and
-    waits on a run's end. No script loading, no other writes."""
-    return User(
-        name=name,
-        role=CLIENT,
-        root=Grant((*BASICS, *READS, "multi", "exec", "discard"), (f"%R~{keys.namespace}:*",)),
-        selectors=(
-            # CREATE writes with HSET inside the script, and Redis checks a script's commands like direct
-            # ones: a client may HSET a run's meta hash (signed runs are checked once, at their start)
-            Grant(("evalsha", "hexists", "hset", "hsetnx"), (f"~{keys.wf('*')}",)),
-            Grant(("zadd",), (f"%W~{keys.workflows}", f"%W~{keys.running}")),
-            Grant(("xadd",), (f"%W~{keys.results}",)),
-            Grant(("blmove",), (f"~{keys.wf_done('*')}",)),  # waking on a run's end, never consuming it
-        ),
-    )
-
-
-def approver_user(keys: Keys) -> User:
-    """`approvals`, `approve`, `reject`: reads the namespace and appends decisions to the inbox. The
-    decision carries its approver's Ed25519 signature: the user only carries it."""
-    return User(
-        name=APPROVER,
-        role=APPROVER,
-        root=Grant(("ping", "time", *READS), (f"%R~{keys.namespace}:*",)),
-        selectors=(Grant(("xadd",), (f"%W~{keys.results}",)),),
-    )
-
-
-def coordinator_user(keys: Keys) -> User:
-    """Every workflow's keys and the coordinators' own tables; append-only into agent, subscription and
-    event streams; read-only on subscriptions, triggers and the trust list; no worker leases."""
-    ns = keys.namespace
-    return User(
-        name=COORDINATOR,
-        role=COORDINATOR,
-        root=Grant(
-            (
-                *LOADER,
-                *CONSUMER,
-                "evalsha",
-                "exists",
-                "expire",
-                "persist",  # a retried run keeps its keys again (APPLY), and waiters wait for its next end
-                "del",
-                "hget",
-                "hmget",
-                "hgetall",
-                "hset",
-                "hsetnx",
-                "hexists",
-                "hdel",
-                "hlen",
-                "hincrby",
-                "rpush",
-                "lrange",
-                "zadd",
-                "zrem",
-                "zrange",
-                "zrevrange",
-                "zrangebyscore",
-                "zscore",
-                "zmscore",
-                "xlen",
-                "xinfo|groups",
-                "xrevrange",
-                "xtrim",
-                "publish",
-            ),
-            (
-                f"~{ns}:wf:*",
-                f"~{keys.results}",
-                f"~{keys.results_bulk}",
-                f"~{keys.timers}",
-                f"~{keys.running}",
-                f"~{keys.workflows}",
-                f"~{keys.approvals}",
-                f"~{keys.coordinators}",
-                f"%W~{keys.dlq}",
-                f"%R~{keys.subs}",
-                f"%R~{keys.triggers}",
-                f"%R~{keys.trusted_keys}",
-            ),
-            (keys.agent_stops("*"),),  # stop notices to every agent's workers
-        ),
-        selectors=(
-            Grant(
-                ("xadd", "xgroup|create"),
-                (
-                    f"%W~{keys.agent_tasks('*')}",
-                    f"%W~{keys.agent_bulk('*')}",
-                    f"%W~{keys.sub('*')}",
-                    f"%W~{keys.events}",
-                ),
-            ),
-            # XADD_MANY, a dispatch batch in one call. EVALSHA asks read and write on the keys it
-            # declares, but the script's own XADDs are checked against the rules above: no reads.
-            Grant(("evalsha",), (f"~{keys.agent_tasks('*')}", f"~{keys.agent_bulk('*')}")),
-            # Trimming what workers acked, forgetting long-dead workers (Maintenance.trim), and finding
-            # the tasks nobody holds (Reconciler: which dispatches are pending or unread).
-            Grant(
-                ("xlen", "xinfo|groups", "xpending", "xtrim", "xrange"),
-                (f"~{keys.agent_tasks('*')}", f"~{keys.agent_bulk('*')}"),
-            ),
-            Grant(("hgetall", "hdel"), (f"~{keys.agents}",)),
-            Grant(("set", "get"), (f"~{keys.applied('*', '*')}",)),  # the control messages applied, until they expire
-            Grant(("xtrim", "memory|usage"), (f"%W~{keys.events}",)),  # the log's age and size bounds
-        ),
-    )
-
-
-def watch_user(keys: Keys) -> User:
-    """`watch`, `status`, `list`, `approvals`, `subs`: read commands on read-only keys — no writes at all."""
-    return User(name=WATCH, role=WATCH, root=Grant(("ping", "time", *READS), (f"%R~{keys.namespace}:*",)))
-
-
-def admin_user(keys: Keys) -> User:
-    """Operators: `keys trust`, `triggers add|remove`, `dlq`, and submit, cancel, approve (with a
-    client identity of its own) — data commands on the namespace's keys, and SCRIPT KILL / FUNCTION
-    KILL for a runaway script, SCRIPT FLUSH so nobody calls it again (coordinators load phibroker's
-    scripts again); no FLUSHALL, CONFIG, KEYS, SCAN, ACL or SHUTDOWN."""
-    writes = (
-        "xadd",
-        "xdel",
-        "xack",
-        "xgroup|create",
-        "hset",
-        "hsetnx",
-        "hdel",
-        "zadd",
-        "zrem",
-        "del",
-        "blmove",
-        "evalsha",
-    )
-    return User(
-        name=ADMIN,
-        role=ADMIN,
-        # SCRIPT KILL: a runaway script makes Redis answer BUSY to everyone until someone stops it
-        root=Grant(
-            (*LOADER, *READS, *writes, "multi", "exec", "discard", "script|kill", "script|flush", "function|kill"),
-            (f"~{keys.namespace}:*",),
-        ),
-    )
+def users_of(roles: Roles, keys: Keys, agents: Sequence[str], subscriptions: Mapping[str, Sequence[str]]) -> list[User]:
+    """One user per agent, then coordinator, client, approver, watch and admin (and what operators
+    do by hand as admin), each of its role's grants."""
+    users = [user_of(a, "agent", roles.agent(keys, a, subscriptions.get(a, ())), agent=a) for a in agents]
+    users += [user_of(COORDINATOR, COORDINATOR, roles.coordinator(keys))]
+    users += [user_of(CLIENT, CLIENT, roles.client(keys)), user_of(APPROVER, APPROVER, roles.approver(keys))]
+    users += [user_of(WATCH, WATCH, roles.watch(keys))]
+    return [*users, user_of(ADMIN, ADMIN, [*roles.admin(keys), Grant(OPERATOR)])]
 
 
 # -- the files ---------------------------------------------------------------------------------------
@@ -391,18 +172,25 @@ def generate(
     subscriptions: Mapping[str, Sequence[str]] | None = None,
     token: Callable[[], str] | None = None,
     submitters: Sequence[str] = (),
+    cluster: Sequence[tuple[str, int]] = (),
+    *,
+    roles: Roles,
 ) -> Bundle:
-    """Users for these agents plus coordinator, client, approver, watch and admin, with fresh random
-    passwords and secrets, and the text of every file. `submitters`: agents whose reactions submit runs
-    (their identity is a client's too). `token` makes secrets (tests pass a fixed one)."""
+    """Users for these agents plus coordinator, client, approver, watch and admin, made of the grants
+    `roles` declares (the store's: `phibroker.store.roles.ROLES`), with fresh random passwords and
+    secrets, and the text of every file. `submitters`: agents whose reactions submit runs
+    (their identity is a client's too). `token` makes secrets (tests pass a fixed one). `cluster`: the
+    (host, port) of nodes of a Redis Cluster, named by the env files' `redis+cluster://` URLs instead
+    of `host` and `port`; every user may also ask what a cluster client asks (CLUSTER_BASICS)."""
     keys = Keys(check_name(namespace, "namespace"))
     make = token or (lambda: secrets.token_urlsafe(32))
     subs = subscriptions or {}
     unknown = [a for a in submitters if a not in agents]
     if unknown:
         raise InvalidInput(f"--submitter {unknown[0]!r}: name one of the --agents")
-    users = [agent_user(keys, a, subs.get(a, ())) for a in agents]
-    users += [coordinator_user(keys), client_user(keys), approver_user(keys), watch_user(keys), admin_user(keys)]
+    users = users_of(roles, keys, agents, subs)
+    if cluster:
+        users = [on_cluster(user) for user in users]
     bundle = Bundle(users, {u.name: make() for u in users}, {a: make() for a in agents})
     for agent, secret in bundle.agent_secrets.items():
         bundle.identities[agent] = {"role": ["agent", "client"] if agent in submitters else "agent", "secret": secret}
@@ -412,9 +200,10 @@ def generate(
     # protected mode stays meaningful); every process authenticates as its own user.
     lines = ["user default reset off resetpass"] + [u.line(bundle.passwords[u.name]) for u in users]
     bundle.files[USERS_FILE] = "\n".join(lines) + "\n"
-    scheme = "rediss" if tls else "redis"
+    scheme = ("rediss" if tls else "redis") + ("+cluster" if cluster else "")
+    address = ",".join(f"{h}:{p}" for h, p in cluster) + "/" if cluster else f"{host}:{port}/0"
     for user in users:
-        url = f"{scheme}://{user.name}:{bundle.passwords[user.name]}@{host}:{port}/0"
+        url = f"{scheme}://{user.name}:{bundle.passwords[user.name]}@{address}"
         env = [
             f"# phibroker: Redis ACL user {user.name!r} ({user.role}). Secret: keep it mode 600.",
             f"PHIBROKER_REDIS_URL={url}",
@@ -430,6 +219,22 @@ def generate(
         bundle.files[f"{user.name}.env"] = "\n".join(env) + "\n"
     bundle.files[IDENTITIES_FILE] = json.dumps(bundle.identities, indent=2) + "\n"
     return bundle
+
+
+def on_cluster(user: User) -> User:
+    """The same user, also allowed what a cluster client asks of every node."""
+    return replace(user, root=replace(user.root, commands=(*user.root.commands, *CLUSTER_BASICS)))
+
+
+def parse_nodes(text: str) -> list[tuple[str, int]]:
+    """`HOST:PORT[,HOST:PORT...]`, nodes of a Redis Cluster, as (host, port) pairs."""
+    nodes = []
+    for address in (part.strip() for part in text.split(",")):
+        host, _, port = address.rpartition(":")
+        if not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
+            raise InvalidInput(f"--cluster {address!r}: name the nodes as HOST:PORT[,HOST:PORT...]")
+        nodes.append((host, int(port)))
+    return nodes
 
 
 def write(directory: Path, bundle: Bundle, force: bool = False) -> list[Path]:

@@ -7,7 +7,51 @@ from typing import Any
 
 from phibroker import wire
 from phibroker.errors import DecodeError
+from phibroker.grants import Grant
+from phibroker.keys import Keys
+from phibroker.store import registry, views
 from phibroker.store.connection import Connection, parse_meta, parse_units
+
+
+def inbox(keys: Keys) -> list[Grant]:
+    """What a client sends the coordinators (`send_to_coordinators`): a new run's kick, cancels,
+    retries, signals, approval decisions. Append only: the inbox is theirs to read."""
+    return [Grant(("xadd",), (f"%W~{keys.results}",))]
+
+
+def access(keys: Keys) -> list[Grant]:
+    """What a client sends Redis (`submit --wait`, `cancel`, `retry`, `signal`, `status`, `list`): the
+    views' reads, and a new run (`submit_workflow`: the CREATE script, which writes with HSET and so
+    may HSET a run's meta hash, and its big fields), its place in the indexes, the inbox, and waiting on
+    a run's end without consuming it. SCRIPT EXISTS before a run's transaction, never SCRIPT LOAD."""
+    return [
+        *views.access(keys),
+        Grant(("info", "script|exists", "multi", "exec")),
+        Grant(("evalsha", "hexists", "hset", "hsetnx"), (f"~{keys.wf('*')}",)),
+        Grant(("zadd",), (f"%W~{keys.workflows}", f"%W~{keys.running}")),
+        *inbox(keys),
+        Grant(("blmove",), (f"~{keys.wf_done('*')}",)),
+    ]
+
+
+def approver_access(keys: Keys) -> list[Grant]:
+    """`approvals`, `approve`, `reject`: the views' reads, and decisions into the inbox (each carries
+    its approver's Ed25519 signature: the user only carries it)."""
+    return [*views.access(keys), *inbox(keys)]
+
+
+def dead_letter_edits(keys: Keys) -> list[Grant]:
+    """An operator's `dlq remove`, `purge` and `retry`: a dead letter's bytes go back to whichever
+    stream they came from."""
+    return [Grant(("xdel", "xlen", "del"), (f"~{keys.dlq}",)), Grant(("xadd",), (f"%W~{keys.namespace}:*",))]
+
+
+def admin_access(keys: Keys) -> list[Grant]:
+    """Operators (`keys trust`, `triggers`, `dlq`, and a client's commands on anyone's run): every
+    command a client, the registries' edits and the dead letters' send, on every key of the namespace."""
+    grants = [*access(keys), *registry.edits(keys), *dead_letter_edits(keys)]
+    commands = dict.fromkeys(command for grant in grants for command in grant.commands)
+    return [Grant(tuple(commands), (f"~{keys.namespace}:*",))]
 
 
 class ClientStore(Connection):

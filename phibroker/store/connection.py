@@ -45,7 +45,7 @@ except ImportError:  # redis-py without its C parser: its own packer then
     hiredis = None  # type: ignore[assignment]
 
 from phibroker import wire
-from phibroker.engine.state import PACKED, unpack_group
+from phibroker.engine.state import PACKED, number, unpack_group
 from phibroker.errors import BrokerUnavailable, DecodeError
 from phibroker.keys import Keys
 from phibroker.settings import Settings
@@ -288,7 +288,14 @@ def connect(settings: Settings, timeout: float | None = None, retries: int = 3) 
         nodes = [ClusterNode(host, port) for host, port in seeds[1:]]
         try:
             return _ClusterClient(url=first, startup_nodes=nodes, **options)
-        except RedisClusterException as exc:
+        except (RedisClusterException, NoPermissionError) as exc:
+            denied = _denied(exc)
+            if denied is not None:
+                hosts = urlsplit(url).netloc.rpartition("@")[2]
+                raise BrokerUnavailable(
+                    f"the Redis user may not ask the cluster at {hosts} what a cluster client must ({denied}): "
+                    "generate the users with `phibroker acl generate --cluster HOST:PORT,...`"
+                ) from None
             if "db" in str(exc) or "Unix" in str(exc):
                 raise ValueError(str(exc)) from None
             raise BrokerUnavailable(
@@ -299,6 +306,14 @@ def connect(settings: Settings, timeout: float | None = None, retries: int = 3) 
             f"bad Redis URL {url!r} ({exc}): set PHIBROKER_REDIS_URL (or --redis) to redis://HOST:PORT/DB "
             "or redis+cluster://HOST:PORT[,HOST:PORT...]/"
         ) from None
+
+
+def _denied(exc: BaseException) -> NoPermissionError | None:
+    """The NOPERM under an error, however deep redis-py wrapped it (a cluster client's start)."""
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, NoPermissionError):
+        cause = cause.__cause__ or cause.__context__
+    return cause
 
 
 def unusable(settings: Settings, exc: Exception) -> BrokerUnavailable | None:
@@ -338,11 +353,11 @@ def parse_value(name: str, raw: bytes) -> Any:
         return None
     if name in _RAW_FIELDS:
         return raw
-    text = raw.decode()
+    text = raw.decode(errors="replace")
     if name in _INT_FIELDS:
-        return int(float(text))
+        return number(int, text)
     if name in _FLOAT_FIELDS:
-        return float(text)
+        return number(float, text)
     return text
 
 
@@ -351,12 +366,12 @@ def parse_units(raw: dict[bytes, bytes]) -> dict[str, dict[str, Any]]:
     run's own counters beside them (`reclaims`, `output_bytes`, `finished`: no `|`) are left out."""
     units: dict[str, dict[str, Any]] = {}
     for key, value in raw.items():
-        unit, bar, name = key.decode().rpartition("|")
+        unit, bar, name = key.decode(errors="replace").rpartition("|")
         if not bar:
             continue
         record = units.setdefault(unit, {})
         if name in PACKED:
-            record.update(unpack_group(name, value.decode()))
+            record.update(unpack_group(name, value.decode(errors="replace")))
         else:
             record[name] = parse_value(name, value)
     return units

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -10,8 +11,9 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from phibroker import wire
 from phibroker.engine.state import WF_TERMINAL, Transition
-from phibroker.keys import WORKERS_GROUP
-from phibroker.store import scripts
+from phibroker.grants import BASICS, CONSUMER, Grant
+from phibroker.keys import WORKERS_GROUP, Keys
+from phibroker.store import registry, scripts
 from phibroker.store.connection import (
     META_JSON,
     SHAS,
@@ -30,14 +32,91 @@ from phibroker.store.worker import StopNotice, groups_made_again, server_run_id
 
 def run_version(committed: int | bytes, reclaims: bytes | None) -> int:
     """A run's version as the commit script checks it: its commits (the meta hash's `version`) plus its
-    workers' reclaims (the tasks hash's `reclaims`; workers may not write the meta hash)."""
-    return int(committed) + int(reclaims or 0)
+    workers' reclaims (the tasks hash's `reclaims`; workers may not write the meta hash). A worker's
+    user may write that field: what it writes there must neither stop a coordinator nor stall the run."""
+    return int(committed) + reclaim_count(reclaims)
+
+
+def reclaim_count(raw: bytes | None) -> int:
+    """The tasks hash's `reclaims` as the commit script reads it: up to 15 digits, else 0."""
+    return int(raw) if raw and raw.isdigit() and len(raw) <= 15 else 0
 
 
 def _claimed(reply: list[Any]) -> tuple[float, float | None, list[str]]:
     """CLAIM_TIMERS's reply: Redis's clock (s), the next due time (s, None: no timer), the claimed timers."""
     next_due = float(reply[1])
     return int(reply[0]) / 1e6, None if next_due < 0 else next_due / 1000, [m.decode() for m in reply[2:]]
+
+
+def access(keys: Keys) -> list[Grant]:
+    """What coordinators send Redis: every workflow's keys and their own tables (the inbox, timers,
+    indexes, approvals, their leases); append only into agent lanes, subscription streams, the events
+    log and the dead letters; the lanes' groups, looked at and trimmed; reads of the registries; stop
+    notices to every agent. They load phibroker's scripts (`load_scripts`): after a Redis restart the
+    other users wait for them. No worker lease but to forget a long-dead one."""
+    own = (
+        f"~{keys.namespace}:wf:*",
+        f"~{keys.results}",
+        f"~{keys.results_bulk}",
+        f"~{keys.timers}",
+        f"~{keys.running}",
+        f"~{keys.workflows}",
+        f"~{keys.approvals}",
+        f"~{keys.coordinators}",
+        f"%W~{keys.dlq}",
+    )
+    lanes = (f"~{keys.agent_tasks('*')}", f"~{keys.agent_bulk('*')}")
+    return [
+        Grant(
+            (
+                *BASICS,
+                "script|exists",
+                "script|load",
+                *CONSUMER,
+                "evalsha",
+                "exists",
+                "expire",
+                "persist",  # a retried run keeps its keys again (APPLY), and waiters wait for its next end
+                "del",
+                "hget",
+                "hmget",
+                "hgetall",
+                "hset",
+                "hsetnx",
+                "hexists",
+                "hdel",
+                "hlen",
+                "hincrby",
+                "rpush",
+                "zadd",
+                "zrem",
+                "zrange",
+                "zrevrange",
+                "zrangebyscore",
+                "xlen",
+                "xinfo|groups",
+                "xrevrange",
+                "xtrim",
+                "publish",
+            ),
+            own,
+            (keys.agent_stops("*"),),  # stop notices to every agent's workers
+        ),
+        # Dispatches (XADD_MANY's XADDs), events and their routed copies: append only.
+        Grant(
+            ("xadd",),
+            (f"%W~{keys.agent_tasks('*')}", f"%W~{keys.agent_bulk('*')}", f"%W~{keys.sub('*')}", f"%W~{keys.events}"),
+        ),
+        # XADD_MANY, a dispatch batch in one call (EVALSHA asks read and write on the keys it declares,
+        # but the script's own XADDs are checked against the grant above: no reads); each lane's group
+        # made before its first dispatch; trimming what workers acked (`trim_acked`), and finding the
+        # tasks nobody holds (`lane`, `entries`: which dispatches are pending or unread).
+        Grant(("evalsha", "xgroup|create", "xlen", "xinfo|groups", "xpending", "xtrim", "xrange"), lanes),
+        Grant(("hgetall", "hdel"), (f"~{keys.agents}",)),  # forgetting long-dead workers
+        Grant(("set", "get"), (f"~{keys.applied('*', '*')}",)),  # the control messages applied, until they expire
+        Grant(("xtrim", "memory|usage", "xlen"), (f"%W~{keys.events}",)),  # the log's age and size bounds
+        *registry.access(keys),
+    ]
 
 
 class CoordinatorStore(Connection):
@@ -302,6 +381,9 @@ class CoordinatorStore(Connection):
         elif box.get("reopened"):
             pipe.zadd(keys.running, {wf_id: box.get("created") or 0})
 
+    def run_exists(self, wf_id: str) -> bool:
+        return bool(self.redis.exists(self.keys.wf(wf_id)))
+
     def running_chunk(self, start: int, count: int) -> list[str]:
         return [wf_id for wf_id, _ in self.running_since(start, count)]
 
@@ -459,7 +541,12 @@ class CoordinatorStore(Connection):
     ) -> tuple[float, float | None, list[str], list[tuple[str, Entry]]]:
         """A coordinator's round in one round trip: ack what the last round handled, claim the due
         timers for `timer_claim` seconds, then read the streams (as `read_groups`, blocking up to
-        `block`). Returns Redis's clock, when the next timer is due, the claimed timers and the entries."""
+        `block`). Returns Redis's clock when the read returned, when the next timer is due, the claimed
+        timers and the entries.
+
+        On one server the clock is a TIME right behind the read, which Redis runs as the read returns; on
+        a cluster it is the claim's, taken before the read blocked, carried past it by the time the call
+        took (a little ahead of Redis's: by the request's way there)."""
         claim_ms = int(self.settings.timer_claim * 1000)
 
         def build(pipe: Any) -> None:
@@ -468,17 +555,27 @@ class CoordinatorStore(Connection):
                     pipe.xack(stream, group, *ids)
             pipe.evalsha(SHAS[scripts.CLAIM_TIMERS], 1, self.keys.timers, claim_ms, timer_limit)
             xreadgroup(pipe, streams, group, consumer, count, block, pending)
+            if not self.cluster:
+                pipe.time()
 
         # Not through `_pipeline`: running it all again after a NOSCRIPT would read a second batch and
         # strand the first (delivered to this consumer, never handled). Only the claim is redone.
+        began = time.monotonic()
         pipe = self.redis.pipeline(transaction=False)
         build(pipe)
-        *acked, claimed, read = pipe.execute(raise_on_error=False)
+        replies = pipe.execute(raise_on_error=False)
+        after = None if self.cluster else replies.pop()
+        *acked, claimed, read = replies
         if isinstance(claimed, NoScriptError):
             self.load_scripts()
             claimed = self._script(scripts.CLAIM_TIMERS, [self.keys.timers], [claim_ms, timer_limit])
-        for reply in (*acked, claimed, read):
+        for reply in (*acked, claimed, read, after):
             if isinstance(reply, Exception):
                 with groups_made_again(self, streams, group):
                     raise reply  # what the read delivered is re-read by the coordinator's own recovery
-        return (*_claimed(claimed), entries_of(read))
+        clock, next_due, timers = _claimed(claimed)
+        if after is None:
+            clock += time.monotonic() - began
+        else:
+            clock = int(after[0]) + int(after[1]) / 1e6
+        return clock, next_due, timers, entries_of(read)

@@ -8,8 +8,28 @@ from typing import Any
 from redis.exceptions import ResponseError
 
 from phibroker.errors import BrokerUnavailable
-from phibroker.keys import WORKERS_GROUP
+from phibroker.grants import Grant
+from phibroker.keys import WORKERS_GROUP, Keys
 from phibroker.store.connection import CONNECTION_ERRORS, Connection, connect
+
+
+def access(keys: Keys, agent: str | None = None) -> list[Grant]:
+    """What an agent's workers send the registries: they register their subscriptions and read the
+    routes (subscriptions, triggers) of the events they publish. Without `agent`, the coordinators':
+    they read the routes, a trigger they start and the trust list, never writing them. Clients and the
+    views read them as they read the rest (store/views.py)."""
+    if agent is not None:
+        return [Grant(("hset", "hgetall"), (f"~{keys.subs}", f"%R~{keys.triggers}"))]
+    return [Grant(("hget", "hgetall"), (f"%R~{keys.subs}", f"%R~{keys.triggers}", f"%R~{keys.trusted_keys}"))]
+
+
+def edits(keys: Keys) -> list[Grant]:
+    """An operator's: triggers added and removed, keys trusted and distrusted, a subscription
+    forgotten with its stream and the ids it has seen."""
+    return [
+        Grant(("hset", "hdel"), (f"~{keys.triggers}", f"~{keys.trusted_keys}", f"~{keys.subs}")),
+        Grant(("del",), (f"~{keys.sub('*')}",)),
+    ]
 
 
 class Registry(Connection):

@@ -16,8 +16,10 @@ return 1
 # Commit a transition if nobody changed the workflow since it was read (the version), and the fields
 # it guards still read as it saw them: what a worker's start script wrote (which moves no version).
 # A run's version is the meta hash's `version` (moved by each commit) plus the tasks hash's `reclaims`
-# (moved by a worker's reclaim, which may not write the meta hash): both only grow, so any move of
-# either moves it. A run that ends marks its tasks hash `finished`, which the start script reads.
+# (moved by a worker's reclaim, which may not write the meta hash), a count of up to 15 digits (anything
+# else counts as 0: a worker's user may write that hash, and must not stall the run's commits with a
+# value Lua and Python read differently). A run that ends marks its tasks hash `finished`, which the
+# start script reads.
 # KEYS: meta, tasks, results, history, outbox, done, output
 # ARGV: version, n, guard pairs (tasks field, the prefix it must still have)..., n, task pairs..., n, meta pairs...,
 #       n, result pairs..., n, history items...,
@@ -30,7 +32,8 @@ return 1
 APPLY = """
 local meta, tasks, results, history, outbox, done = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local committed = redis.call('HGET', meta, 'version')
-local reclaims = tonumber(redis.call('HGET', tasks, 'reclaims') or '0')
+local reclaims = redis.call('HGET', tasks, 'reclaims') or '0'
+reclaims = (string.match(reclaims, '^%d+$') and #reclaims <= 15) and tonumber(reclaims) or 0
 if not committed or tonumber(committed) + reclaims ~= tonumber(ARGV[1]) then return -1 end
 local i = 3 + 2 * tonumber(ARGV[2])
 for g = 3, i - 1, 2 do
@@ -87,10 +90,12 @@ if limit > 0 then
     if ARGV[i] ~= 'event' then size = size + #ARGV[i + 1] end
   end
 end
-local used = tonumber(redis.call('HGET', KEYS[1], 'output_bytes') or '0')
+local used = redis.call('HGET', KEYS[1], 'output_bytes') or '0'
+used = (string.match(used, '^%d+$') and #used <= 15) and tonumber(used) or limit  -- overwritten: no more room
 if size > 0 then
   if used + size > limit then return {0, used} end
-  used = redis.call('HINCRBY', KEYS[1], 'output_bytes', size)
+  used = used + size
+  redis.call('HSET', KEYS[1], 'output_bytes', string.format('%d', used))
 end
 for i = 2, #ARGV, 2 do
   redis.call('XADD', KEYS[2], '*', 'k', ARGV[i], 'm', ARGV[i + 1])
@@ -112,6 +117,11 @@ return {1, used}
 # never write the meta hash: the run's end is read from the tasks hash's `finished`.
 START = r"""
 local tasks, history = KEYS[1], KEYS[2]
+local function bump(field)  -- HINCRBY, but a count someone overwrote with garbage starts again at 1
+  local count = redis.call('HGET', tasks, field) or '0'
+  count = (string.match(count, '^%d+$') and #count <= 15) and tonumber(count) or 0
+  redis.call('HSET', tasks, field, string.format('%d', count + 1))
+end
 local finished = redis.call('HGET', tasks, 'finished') == '1'
 local now = redis.call('TIME')
 local ts = tonumber(now[1]) + tonumber(now[2]) / 1000000
@@ -140,8 +150,8 @@ for i = 2, #ARGV, 4 do
       local id, attempt, dispatched = string.match(current, '^([^\31]*)\31([^\31]*)\31([^\31]*)')
       redis.call('HSET', tasks, f .. 'run', token .. '\31' .. ts .. '\31' .. entry .. '\31' .. consumer,
         f .. 'dispatch', id .. '\31' .. ((tonumber(attempt) or 1) + 1) .. '\31' .. dispatched)
-      redis.call('HINCRBY', tasks, f .. 'reclaims', 1)
-      redis.call('HINCRBY', tasks, 'reclaims', 1)
+      bump(f .. 'reclaims')
+      bump('reclaims')
       if lost ~= '' then redis.call('RPUSH', history, lost) end
     else
       token = -1

@@ -13,11 +13,40 @@ from typing import Any
 from phibroker import wire
 from phibroker.engine.records import spend_of
 from phibroker.errors import DecodeError
-from phibroker.keys import WORKERS_GROUP
+from phibroker.grants import Grant
+from phibroker.keys import WORKERS_GROUP, Keys
 from phibroker.store.connection import Connection, parse_leases, parse_meta, parse_units, parse_value
 
 _ROW_FIELDS = ("name", "state", "created_at", "finished_at")  # a run's line in `list`
 _PARENT_FIELDS = ("parent", "parent_task")  # set on a child run of a `workflow:` task
+
+# The read commands the views, a client's reads (store/client.py) and the registry's send: not one
+# writes, by Redis's own flags (tests/test_deploy.py asks it).
+READS = (
+    "hget",
+    "hmget",
+    "hgetall",
+    "hlen",
+    "hstrlen",
+    "hrandfield",
+    "zrevrange",
+    "zcard",
+    "zmscore",
+    "lrange",
+    "xrange",
+    "xrevrange",
+    "xread",
+    "xlen",
+    "xpending",
+    "xinfo|stream",
+    "xinfo|groups",
+)
+
+
+def access(keys: Keys) -> list[Grant]:
+    """What the read-only views send Redis (`watch`, `status`, `list`, `agents`, `why`, `approvals`,
+    `subs`, `dlq list`): read commands on read-only keys, and the clock their leases are read by."""
+    return [Grant(("ping", "time", *READS), (f"%R~{keys.namespace}:*",))]
 
 
 class Views:

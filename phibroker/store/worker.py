@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal, NamedTuple
 
@@ -13,8 +13,9 @@ from redis.exceptions import NoPermissionError, ResponseError
 from phibroker import wire
 from phibroker.engine.state import SEP, unpack_group
 from phibroker.errors import BrokerUnavailable, DecodeError
-from phibroker.keys import WORKERS_GROUP
-from phibroker.store import scripts
+from phibroker.grants import BASICS, CONSUMER, Grant
+from phibroker.keys import WORKERS_GROUP, Keys
+from phibroker.store import registry, scripts
 from phibroker.store.connection import SHAS, Connection, Entry, Refused, Route, refusals
 
 _NOTICE_LIMIT = 4096  # a stop notice is three ids; anything bigger on the channel is not one
@@ -119,6 +120,47 @@ def server_run_id(client: Any) -> str | None:
         return str(client.info("server").get("run_id") or "") or None
     except ResponseError:  # NOPERM, or an unknown command; a refusal (Refused) is a ConnectionError
         return None
+
+
+def access(keys: Keys, agent: str, subscriptions: Iterable[str] = ()) -> list[Grant]:
+    """What the workers of `agent` send Redis: they consume its task lanes and its subscriptions'
+    streams (own keys: `AGENT.fn`, the default names, or those named), keep their seen-sets and hear
+    its stop notices; run START and OUTPUT on a run's tasks, history and output stream; read a run's
+    state, never writing its meta hash (nor its results or outbox); append results, events, dead
+    letters, routed copies and trigger starts; hold their leases; and register their subscriptions. A
+    reaction's run goes to the coordinators as a signed `submit`, who write it. Scripts are called,
+    never loaded."""
+    own = [f"~{keys.agent_tasks(agent)}", f"~{keys.agent_bulk(agent)}", f"~{keys.sub(agent + '.')}*"]
+    for name in subscriptions:
+        own += [f"~{keys.sub(name)}", f"~{keys.sub_seen(name)}"]
+    return [
+        # `seen` and `mark_seen` keep the seen-sets; `stop_notices` subscribes to its own channel only
+        Grant(
+            (*BASICS, *CONSUMER, "zmscore", "zadd", "zremrangebyscore", "subscribe"),
+            tuple(own),
+            (keys.agent_stops(agent),),
+        ),
+        # START (`start_many`), OUTPUT (`append_output`, `_record_events`) and their counters in the
+        # tasks hash; `unit_states` and `unit_runs` read it
+        Grant(
+            ("evalsha", "exists", "hget", "hmget", "hset", "rpush", "xadd"),
+            (f"~{keys.wf_tasks('*')}", f"~{keys.wf_history('*')}", f"~{keys.wf_output('*')}"),
+        ),
+        Grant(("hget",), (f"%R~{keys.wf('*')}",)),  # `unit_states`: the run's state, read, never written
+        # `settle`, `publish`, `dead_letter`, `ask_to_submit`: append only
+        Grant(
+            ("xadd",),
+            (
+                f"%W~{keys.results}",
+                f"%W~{keys.results_bulk}",
+                f"%W~{keys.events}",
+                f"%W~{keys.dlq}",
+                f"%W~{keys.sub('*')}",
+            ),
+        ),
+        Grant(("evalsha", "hset", "hgetall", "hdel"), (f"~{keys.agents}",)),  # leases: LEASE, reclaim's look
+        *registry.access(keys, agent),
+    ]
 
 
 class WorkerStore(Connection):
@@ -268,7 +310,9 @@ class WorkerStore(Connection):
         and they write it. Bounded as the coordinators read their inbox: 4 × max_message_bytes."""
         body = {"wf": wf_id, "fields": self.signed_fields(wf_id, fields)}
         message = wire.Inbox(kind="submit", body=body)
-        raw = message.signed_as(self.sender, self.settings.max_message_bytes * 4, self.good_for)
+        # good as long as runs are kept (the coordinators may all be down a while): the run's id makes
+        # a copy harmless, and its signature dates it
+        raw = message.signed_as(self.sender, self.settings.max_message_bytes * 4, self.settings.retention)
         self.add(self.keys.results, raw)
 
     def seen(self, subscription: str, event_ids: Sequence[str]) -> list[bool]:
