@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -76,6 +77,23 @@ class Settings(BaseSettings):
         return Keys(self.namespace)
 
     @property
+    def shown_url(self) -> str:
+        """The Redis URL as logs and messages show it: its password as ***."""
+        return without_password(self.redis_url)
+
+    @property
     def lease_renew(self) -> float:
         """How often a lease is renewed: well within the time after which it is presumed dead."""
         return max(0.05, min(self.reclaim_after / 4, 2.0))
+
+
+def without_password(url: str) -> str:
+    """`url` with its password as *** (a URL that does not parse is shown as it is)."""
+    try:
+        parts = urlsplit(url)
+        if not parts.password:
+            return url
+    except ValueError:
+        return url
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return urlunsplit(parts._replace(netloc=user + parts.netloc.rpartition("@")[2]))

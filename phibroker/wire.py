@@ -337,6 +337,9 @@ _RESULT_REQUIRED = frozenset({"id", "wf", "unit", "token", "ok", "worker", "star
 # child's end by what they name (a run started once, a dispatch, a child run of one attempt).
 DATED_KINDS = frozenset({"submit", "cancel", "retry", "signal"})
 CONTROL_TTL = 600.0  # seconds a client's signed control message is good for after it was signed
+# seconds a reaction's signed submit (a new run's fields) is good for: its run's id makes a copy harmless,
+# and the coordinators may all be down a while; one constant, so no worker's setting can outrun the gate's
+ASKED_RUN_TTL = 7 * 24 * 3600.0
 
 
 @dataclass(slots=True)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import redis
 
 from phibroker.runtime.client import Client
 from phibroker.settings import Settings
@@ -133,6 +134,23 @@ def test_a_bad_broker_url_is_one_line_and_exit_3(
         assert "cannot reach Redis" in line and "make dev" in line
     if kind == "no such database":
         assert "DB index is out of range" in line
+
+
+def test_a_password_in_the_url_never_shows_in_an_error_or_a_log(
+    redis_server: RedisServer, tmp_path: Path, procs: Processes
+) -> None:
+    """A URL's password is shown as *** wherever phibroker prints the URL: the one-line error of a
+    broker out of reach, and the coordinator's log line when it starts."""
+    unreachable = f"redis://ops:s3cret-pw@127.0.0.1:{free_port()}/0"
+    env = {**os.environ, "PHIBROKER_REDIS_URL": unreachable, "PHIBROKER_HOME": str(tmp_path / "home")}
+    line = one_error_line(run_cli("status", "x", cwd=tmp_path, env={**env, "PYTHONPATH": str(REPO)}), 3)
+    assert "s3cret-pw" not in line and "redis://ops:***@127.0.0.1" in line
+    root = redis.Redis.from_url(redis_server.url)
+    root.execute_command("ACL", "SETUSER", "ops", "on", ">s3cret-pw", "~*", "&*", "+@all")
+    root.close()
+    procs.coordinator(PHIBROKER_REDIS_URL=f"redis://ops:s3cret-pw@127.0.0.1:{redis_server.port}/0")
+    until(lambda: "started on redis://ops:***@" in procs.output(), procs)
+    assert "s3cret-pw" not in procs.output()
 
 
 def test_a_good_url_still_starts_the_coordinator(settings: Settings, procs: Processes, client: Client) -> None:

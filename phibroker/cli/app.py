@@ -9,13 +9,12 @@ import signal
 import sys
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import click
 
 from phibroker import __version__
 from phibroker.errors import InvalidInput, PhibrokerError
-from phibroker.settings import Settings
+from phibroker.settings import Settings, without_password
 from phibroker.workflow.spec import parse_duration
 
 
@@ -50,19 +49,8 @@ class _Setting(click.Option):
         names, text = record
         value = os.environ.get(str(self.envvar))
         source = f"from ${self.envvar}" if value else f"default, or ${self.envvar}"
-        shown = _without_password(value or str(Settings.model_fields[str(self.name)].default))
+        shown = without_password(value or str(Settings.model_fields[str(self.name)].default))
         return names, f"{text} [now: {shown} ({source})]"
-
-
-def _without_password(url: str) -> str:
-    try:
-        parts = urlsplit(url)
-        if not parts.password:
-            return url
-    except ValueError:
-        return url
-    user = f"{parts.username}:***@" if parts.username else ":***@"
-    return urlunsplit(parts._replace(netloc=user + parts.netloc.rpartition("@")[2]))
 
 
 @click.group(cls=_Group)

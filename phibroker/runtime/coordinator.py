@@ -124,7 +124,7 @@ class Coordinator:
     # -- the loop ----------------------------------------------------------------------------------
     def run(self, burst: bool = False) -> None:
         """Work until stopped; `burst` returns once there is nothing left to do (tests, benchmarks)."""
-        log.info("coordinator %s started on %s", self.name, self.settings.redis_url)
+        log.info("coordinator %s started on %s", self.name, self.settings.shown_url)
         if self.telemetry is not None:
             self.telemetry.refresh_every(LAG_REFRESH, self._refresh_lag, lambda exc: log.warning("stream lag: %s", exc))
         backoff = 0.1

@@ -174,7 +174,8 @@ class SecurityGate:
             return f"expired {_control(message)}: {now - expires:.0f} s past its expiry (send it again)"
         coordinator = COORDINATOR in self.identities[str(message.agent)].roles
         asked_run = message.kind == "submit" and "fields" in message.body  # a reaction's: one id, one run
-        if expires - now > 2 * (self.settings.retention if coordinator or asked_run else wire.CONTROL_TTL):
+        window = self.settings.retention if coordinator else wire.ASKED_RUN_TTL if asked_run else wire.CONTROL_TTL
+        if expires - now > 2 * window:
             ahead = expires - now
             return f"forged {_control(message)}: it expires {ahead:.0f} s from now (is its sender's clock ahead?)"
         return None

@@ -62,7 +62,8 @@ class Maintenance:
         self.reconciler = Reconciler(settings, broker, workflow)
         self.restarted = restarted  # Redis restarted: what the coordinator holds in memory may be ahead of it
         self._run_id: str | None = None
-        self._reindex: int | None = None  # after a failover, where the walk of the `workflows` index is
+        # on a cluster, after a failover and once at start: where the walk of the `workflows` index is
+        self._reindex: int | None = 0 if broker.cluster else None
 
     def tick(self) -> None:
         """Run the chores that are due: lease, take-over, sweep, trim, reconcile."""
@@ -99,8 +100,9 @@ class Maintenance:
             self._reindex = 0 if self.broker.cluster else None
         self._run_id = run_id or self._run_id
 
-    def reindex(self, page: int = 1000, pages: int = 5) -> None:
-        """After a failover, a few pages a tick: a cluster keeps no order between its masters, so a
+    def reindex(self, page: int = 1000, pages: int = 1) -> None:
+        """After a failover (or once when a coordinator starts on a cluster: no coordinator may have
+        been up to see one), a page a tick: a cluster keeps no order between its masters, so a
         run's last commit may be lost with one while its removal from the running index, on another,
         stayed. Such a run, going again, is put back in that index, where the reconciler looks."""
         for _ in range(pages):
@@ -297,7 +299,7 @@ class Reconciler:
             workflow = self.workflow(spec)
             for unit, record in parse_units(raw).items():
                 if record.get("state") == "retrying" and clock - float(record.get("retry_at") or clock) > margin:
-                    overdue.append(timer_member("retry", wf_id, unit, record.get("attempt")))
+                    overdue.append(timer_member("retry", wf_id, unit, int(record.get("attempt") or 1)))
                 elif _maybe_unheld(record, clock, self.settings.reclaim_after):
                     agent = unit_agent(workflow, unit)
                     if agent:

@@ -299,12 +299,12 @@ def connect(settings: Settings, timeout: float | None = None, retries: int = 3) 
             if "db" in str(exc) or "Unix" in str(exc):
                 raise ValueError(str(exc)) from None
             raise BrokerUnavailable(
-                f"cannot reach the Redis Cluster at {url} ({str(exc).rstrip('.')}): {HINT}"
+                f"cannot reach the Redis Cluster at {settings.shown_url} ({str(exc).rstrip('.')}): {HINT}"
             ) from None
     except ValueError as exc:
         raise BrokerUnavailable(
-            f"bad Redis URL {url!r} ({exc}): set PHIBROKER_REDIS_URL (or --redis) to redis://HOST:PORT/DB "
-            "or redis+cluster://HOST:PORT[,HOST:PORT...]/"
+            f"bad Redis URL {settings.shown_url!r} ({exc}): set PHIBROKER_REDIS_URL (or --redis) to "
+            "redis://HOST:PORT/DB or redis+cluster://HOST:PORT[,HOST:PORT...]/"
         ) from None
 
 
@@ -323,7 +323,7 @@ def unusable(settings: Settings, exc: Exception) -> BrokerUnavailable | None:
     A database index the server does not have is refused only when the connection is made (SELECT),
     as a ResponseError: it is as fatal as an address where nothing listens, so it reads the same way.
     """
-    url = settings.redis_url
+    url = settings.shown_url
     refused = refusal(exc)
     if refused is not None:
         detail = str(refused).removeprefix(f"{refused.code} ").split(". script:")[0].rstrip(".")
@@ -353,12 +353,20 @@ def parse_value(name: str, raw: bytes) -> Any:
         return None
     if name in _RAW_FIELDS:
         return raw
+    if name == "reclaims":  # a count workers keep: read as the start script reads it
+        return count_of(raw)
     text = raw.decode(errors="replace")
     if name in _INT_FIELDS:
         return number(int, text)
     if name in _FLOAT_FIELDS:
         return number(float, text)
     return text
+
+
+def count_of(raw: bytes | None) -> int:
+    """A count the scripts keep in the tasks hash (`reclaims`), as they read it: up to 15 ASCII digits,
+    anything else 0 (a worker's user may write that hash; Lua and Python must agree on what it holds)."""
+    return int(raw) if raw and raw.isdigit() and len(raw) <= 15 else 0
 
 
 def parse_units(raw: dict[bytes, bytes]) -> dict[str, dict[str, Any]]:
@@ -557,7 +565,7 @@ class Connection:
             except ResponseError:
                 return  # NOPERM, or a broker without INFO (the embedded one)
             if clustered:
-                raise BrokerUnavailable(CLUSTER_NODE.format(url=self.settings.redis_url))
+                raise BrokerUnavailable(CLUSTER_NODE.format(url=self.settings.shown_url))
 
     def close(self) -> None:
         self.redis.close()

@@ -21,6 +21,7 @@ from phibroker.store.connection import (
     Entry,
     Route,
     Step,
+    count_of,
     entries_of,
     id_order,
     next_id,
@@ -34,12 +35,7 @@ def run_version(committed: int | bytes, reclaims: bytes | None) -> int:
     """A run's version as the commit script checks it: its commits (the meta hash's `version`) plus its
     workers' reclaims (the tasks hash's `reclaims`; workers may not write the meta hash). A worker's
     user may write that field: what it writes there must neither stop a coordinator nor stall the run."""
-    return int(committed) + reclaim_count(reclaims)
-
-
-def reclaim_count(raw: bytes | None) -> int:
-    """The tasks hash's `reclaims` as the commit script reads it: up to 15 digits, else 0."""
-    return int(raw) if raw and raw.isdigit() and len(raw) <= 15 else 0
+    return int(committed) + count_of(reclaims)
 
 
 def _claimed(reply: list[Any]) -> tuple[float, float | None, list[str]]:
@@ -569,6 +565,7 @@ class CoordinatorStore(Connection):
         if isinstance(claimed, NoScriptError):
             self.load_scripts()
             claimed = self._script(scripts.CLAIM_TIMERS, [self.keys.timers], [claim_ms, timer_limit])
+            began = time.monotonic()  # this claim's clock was read after the read returned
         for reply in (*acked, claimed, read, after):
             if isinstance(reply, Exception):
                 with groups_made_again(self, streams, group):

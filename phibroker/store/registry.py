@@ -104,7 +104,7 @@ class Registry(Connection):
         try:
             raw: Any = quick.hgetall(self.keys.subs)
         except CONNECTION_ERRORS as exc:
-            raise BrokerUnavailable(f"cannot reach Redis at {self.settings.redis_url}: {exc}") from None
+            raise BrokerUnavailable(f"cannot reach Redis at {self.settings.shown_url}: {exc}") from None
         finally:
             quick.close()
         return {k.decode(): json.loads(v) for k, v in raw.items()}

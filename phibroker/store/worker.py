@@ -206,15 +206,18 @@ class WorkerStore(Connection):
 
         One transaction (MULTI/EXEC): a full Redis refuses a write as it is queued and EXEC then does
         nothing, so a task is never acked with its result nowhere (a plain pipeline would take the XACK
-        and refuse the XADD). On a cluster, results first and the acks once they are stored (`in_order`).
+        and refuse the XADD). On a cluster, step by step (`in_order`): the events first (a task's start is
+        in its run's output stream before its result can end the run there), the results, then the acks
+        once they are stored.
         A group Redis lost is made again and the call raises Refused: the results are sent again with
         the acks, and the coordinator drops the copies."""
         acked = [stream for stream, ids in (acks or {}).items() if ids]
 
+        def published(pipe: Any) -> None:
+            self._publish(pipe, events, route)
+            self._record_events(pipe, events)
+
         def results(pipe: Any) -> None:
-            if events:
-                self._publish(pipe, events, route)
-                self._record_events(pipe, events)
             for target, entries in inbox.items():
                 for raw in entries:
                     pipe.xadd(target, {wire.FIELD: raw})
@@ -224,7 +227,7 @@ class WorkerStore(Connection):
                 pipe.xack(stream, WORKERS_GROUP, *(acks or {})[stream])
 
         with groups_made_again(self, acked, WORKERS_GROUP):
-            self.in_order([(results, False), (acknowledged, False)])
+            self.in_order([*([(published, False)] if events else []), (results, False), (acknowledged, False)])
 
     def _record_events(self, pipe: Any, events: list[dict[str, Any]]) -> None:
         """Events into their runs' output streams (one entry per run), beside the log."""
@@ -310,9 +313,7 @@ class WorkerStore(Connection):
         and they write it. Bounded as the coordinators read their inbox: 4 × max_message_bytes."""
         body = {"wf": wf_id, "fields": self.signed_fields(wf_id, fields)}
         message = wire.Inbox(kind="submit", body=body)
-        # good as long as runs are kept (the coordinators may all be down a while): the run's id makes
-        # a copy harmless, and its signature dates it
-        raw = message.signed_as(self.sender, self.settings.max_message_bytes * 4, self.settings.retention)
+        raw = message.signed_as(self.sender, self.settings.max_message_bytes * 4, wire.ASKED_RUN_TTL)
         self.add(self.keys.results, raw)
 
     def seen(self, subscription: str, event_ids: Sequence[str]) -> list[bool]:

@@ -224,7 +224,7 @@ class DevServer:
             return False
         except Exception as exc:  # noqa: BLE001 - whatever else it says, it is not a Redis we can use
             reason = unusable(self.settings, exc)
-            raise reason or BrokerUnavailable(f"{self.settings.redis_url} answers, but not as Redis: {exc}") from None
+            raise reason or BrokerUnavailable(f"{self.settings.shown_url} answers, but not as Redis: {exc}") from None
 
     def _local_address(self) -> tuple[str, int]:
         """Where to start a broker; only on this machine, and only for a plain redis:// URL."""
@@ -232,7 +232,7 @@ class DevServer:
         host, port = parts.hostname or "localhost", parts.port or 6379
         if parts.scheme != "redis" or not (host in LOCAL_HOSTS or host.startswith("127.")):
             raise BrokerUnavailable(
-                f"nothing answers at {self.settings.redis_url}, and dev starts a broker only at redis://localhost:PORT"
+                f"nothing answers at {self.settings.shown_url}, and dev starts a broker only at redis://localhost:PORT"
             )
         return host, port
 
@@ -259,7 +259,7 @@ class DevServer:
                     leases = [*self.client.broker.leases(keys.coordinators)[1].values()]
                     leases += self.client.broker.leases(keys.agents)[1].values()
                 except CONNECTION_ERRORS as exc:
-                    raise BrokerUnavailable(f"lost Redis at {self.settings.redis_url}: {exc}") from None
+                    raise BrokerUnavailable(f"lost Redis at {self.settings.shown_url}: {exc}") from None
                 if pids <= {lease.get("pid") for lease in leases}:
                     break
                 self.check_children()

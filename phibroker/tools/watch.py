@@ -235,7 +235,7 @@ def snapshot(
     approvals = [a for a in head["approvals"] if not filtered or a.get("workflow") in shown]
     return Snapshot(
         taken=now,
-        source=f"{broker.settings.redis_url} · {broker.settings.namespace}",
+        source=f"{broker.settings.shown_url} · {broker.settings.namespace}",
         coordinators=sum(1 for c in head["coordinators"].values() if c["expires"] > now),
         agents=[
             _agent_row(name, h, head["agents"], now, before.get(name), then)
