@@ -13,6 +13,17 @@ redis.call('HSET', KEYS[1], unpack(ARGV))
 return 1
 """
 
+# A count the scripts keep in a run's tasks hash (`reclaims`, `output_bytes`), read as
+# `connection.count_of` reads it: up to 15 ASCII digits, else `otherwise` (a worker's user may write that
+# hash; Lua and Python must agree on what it holds). Prefixed to the scripts that read one.
+COUNT = """
+local function count_in(hash, field, otherwise)
+  local raw = redis.call('HGET', hash, field) or '0'
+  if string.match(raw, '^%d+$') and #raw <= 15 then return tonumber(raw) end
+  return otherwise
+end
+"""
+
 # Commit a transition if nobody changed the workflow since it was read (the version), and the fields
 # it guards still read as it saw them: what a worker's start script wrote (which moves no version).
 # A run's version is the meta hash's `version` (moved by each commit) plus the tasks hash's `reclaims`
@@ -29,11 +40,12 @@ return 1
 # state changes, and before any task it releases can stream a chunk.
 # A finished workflow's keys expire after the ttl; a reopened one (`retry`) keeps them again and its
 # end signal is taken back, so waiters wait for its next end.
-APPLY = """
+APPLY = (
+    COUNT
+    + """
 local meta, tasks, results, history, outbox, done = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local committed = redis.call('HGET', meta, 'version')
-local reclaims = redis.call('HGET', tasks, 'reclaims') or '0'
-reclaims = (string.match(reclaims, '^%d+$') and #reclaims <= 15) and tonumber(reclaims) or 0
+local reclaims = count_in(tasks, 'reclaims', 0)
 if not committed or tonumber(committed) + reclaims ~= tonumber(ARGV[1]) then return -1 end
 local i = 3 + 2 * tonumber(ARGV[2])
 for g = 3, i - 1, 2 do
@@ -73,6 +85,7 @@ elseif ARGV[i + 4] == '1' then
 end
 return version
 """
+)
 
 # Append to a run's output stream (kind, blob pairs: `k` and `m` of each entry), only while the run's
 # keys are there: its first transition made the stream, and it expires with them, so an entry added
@@ -81,7 +94,9 @@ return version
 # never refused.
 # KEYS: tasks, output   ARGV: limit, then kind, blob...
 # Returns {1, bytes used}: added; {0, bytes used}: over the limit, nothing added; {-1, 0}: no such run.
-OUTPUT = """
+OUTPUT = (
+    COUNT
+    + """
 if redis.call('EXISTS', KEYS[2]) == 0 then return {-1, 0} end
 local limit = tonumber(ARGV[1])
 local size = 0
@@ -90,8 +105,7 @@ if limit > 0 then
     if ARGV[i] ~= 'event' then size = size + #ARGV[i + 1] end
   end
 end
-local used = redis.call('HGET', KEYS[1], 'output_bytes') or '0'
-used = (string.match(used, '^%d+$') and #used <= 15) and tonumber(used) or limit  -- overwritten: no more room
+local used = count_in(KEYS[1], 'output_bytes', limit)  -- overwritten with garbage: no more room
 if size > 0 then
   if used + size > limit then return {0, used} end
   used = used + size
@@ -102,6 +116,7 @@ for i = 2, #ARGV, 2 do
 end
 return {1, used}
 """
+)
 
 # Mark attempts started before their handlers run, and hand out fencing tokens.
 # KEYS: tasks, history   ARGV: consumer, then per message: unit, dispatch id, entry id, lost record
@@ -115,12 +130,12 @@ return {1, used}
 # counts them, so a reclaim does not use up the retry budget; the run's `reclaims` moves its version
 # (see APPLY), so a coordinator that read the run before commits nothing on that stale view. Workers
 # never write the meta hash: the run's end is read from the tasks hash's `finished`.
-START = r"""
+START = (
+    COUNT
+    + r"""
 local tasks, history = KEYS[1], KEYS[2]
 local function bump(field)  -- HINCRBY, but a count someone overwrote with garbage starts again at 1
-  local count = redis.call('HGET', tasks, field) or '0'
-  count = (string.match(count, '^%d+$') and #count <= 15) and tonumber(count) or 0
-  redis.call('HSET', tasks, field, string.format('%d', count + 1))
+  redis.call('HSET', tasks, field, string.format('%d', count_in(tasks, field, 0) + 1))
 end
 local finished = redis.call('HGET', tasks, 'finished') == '1'
 local now = redis.call('TIME')
@@ -161,6 +176,7 @@ for i = 2, #ARGV, 4 do
 end
 return out
 """
+)
 
 # Claim due timers: push each one's due time forward by a lease, so a coordinator that dies before
 # finishing it leaves it to fire again, and two coordinators never fire one at once.
