@@ -10,9 +10,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +86,19 @@ def short_settings(redis_url: str, home: Path, prefix: str = "t") -> Settings:
 def settings(redis_server: RedisServer, tmp_path: Path) -> Settings:
     """Settings for one test: the session's Redis, a namespace of its own, short timeouts."""
     return short_settings(redis_server.url, tmp_path / "home")
+
+
+@contextmanager
+def working(worker: Any) -> Iterator[Any]:
+    """A `Worker` running in a thread of this process while inside; stopped, and its thread ended, after."""
+    thread = threading.Thread(target=worker.work, daemon=True)
+    thread.start()
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        thread.join(timeout=60)
+        assert not thread.is_alive()
 
 
 def until(check: Any, procs: Processes | None = None, timeout: float = 20) -> Any:

@@ -21,7 +21,7 @@ from phibroker.runtime.cancels import unwanted
 from phibroker.runtime.worker import Worker
 from phibroker.settings import Settings
 from phibroker.store.worker import UnitState, WorkerStore
-from tests.conftest import Processes, RedisServer, _have_redis, short_settings, until
+from tests.conftest import Processes, RedisServer, _have_redis, short_settings, until, working
 
 LONG = 120.0  # longer than any wait of these tests: a handler still waiting this long was never told
 
@@ -63,15 +63,8 @@ class SlowHeartbeat(Settings):
 def slow_heartbeat_worker(settings: Settings) -> Iterator[Worker]:
     """A `stopper` worker in this process, whose lease outlasts the test although it is renewed only once."""
     slow = SlowHeartbeat(**{**settings.model_dump(), "reclaim_after": 1200.0})
-    running = Worker(stopper, slow, concurrency=4)
-    thread = threading.Thread(target=running.work, daemon=True)
-    thread.start()
-    try:
+    with working(Worker(stopper, slow, concurrency=4)) as running:
         yield running
-    finally:
-        running.stop()
-        thread.join(timeout=60)
-        assert not thread.is_alive()
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from phibroker.runtime.coordinator import Coordinator
 from phibroker.runtime.run_span_ids import RunSpanIds
 from phibroker.runtime.worker import Worker
 from phibroker.settings import Settings
-from tests.conftest import Processes, until
+from tests.conftest import Processes, until, working
 
 traced = Agent("traced")
 handler_tracer = trace.get_tracer("a handler's own library")
@@ -74,14 +74,8 @@ def exporter() -> Iterator[InMemorySpanExporter]:
 @pytest.fixture
 def worker(settings: Settings, exporter: InMemorySpanExporter) -> Iterator[Worker]:
     exporter.clear()
-    running = Worker(traced, settings, concurrency=2)
-    thread = threading.Thread(target=running.work, daemon=True)
-    thread.start()
-    try:
+    with working(Worker(traced, settings, concurrency=2)) as running:
         yield running
-    finally:
-        running.stop()
-        thread.join(timeout=60)
 
 
 def traceparent(settings: Settings, wf_id: str) -> tuple[int, int]:
