@@ -11,7 +11,7 @@ import pytest
 
 from phibroker.runtime.client import Client
 from phibroker.settings import Settings
-from tests.conftest import Processes
+from tests.conftest import Processes, until
 from tests.test_core import events_of
 
 
@@ -174,9 +174,12 @@ def test_task_timeout_fails_or_retries_and_the_handler_sees_cancelled(
     )
     task = run(procs, client, twice)["tasks"]["A"]
     assert (task["state"], task["attempts"]) == ("failed", 2)
-    time.sleep(1.5)  # the stopped handlers answer late: recorded, not applied
-    late = [h for h in client.status(status["id"])["tasks"]["A"]["history"] if not h["applied"]]
-    assert late and "late result" in late[0]["error"]
+
+    def late() -> list[dict[str, Any]]:  # the stopped handler answers late: recorded, not applied
+        return [h for h in client.status(status["id"])["tasks"]["A"]["history"] if not h["applied"]]
+
+    until(late, procs)
+    assert "late result" in late()[0]["error"]
 
 
 SAGA = """
