@@ -145,12 +145,12 @@ local out = {}
 for i = 2, #ARGV, 4 do
   local unit, dispatch, entry, lost = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local f = unit .. '|'
-  local state = redis.call('HGET', tasks, f .. 'state')
-  local current = redis.call('HGET', tasks, f .. 'dispatch')
+  local fields = redis.call('HMGET', tasks, f .. 'state', f .. 'dispatch', f .. 'stop')
+  local state, current, stop = fields[1], fields[2], fields[3]
   local token = 0
   if finished or not current or string.sub(current, 1, #dispatch + 1) ~= dispatch .. '\31' then
     token = 0
-  elseif (redis.call('HGET', tasks, f .. 'stop') or '') ~= '' and (state == 'ready' or state == 'running') then
+  elseif (stop or '') ~= '' and (state == 'ready' or state == 'running') then
     token = -2
   elseif state == 'ready' then
     token = 1

@@ -140,7 +140,7 @@ def access(keys: Keys, agent: str, subscriptions: Iterable[str] = ()) -> list[Gr
             tuple(own),
             (keys.agent_stops(agent),),
         ),
-        # START (`start_many`), OUTPUT (`append_output`, `_record_events`) and their counters in the
+        # START (`start_many`), OUTPUT (`append_output`), `_record_events` and their counters in the
         # tasks hash; `unit_states` and `unit_runs` read it
         Grant(
             ("evalsha", "exists", "hget", "hmget", "hset", "rpush", "xadd"),
@@ -235,9 +235,8 @@ class WorkerStore(Connection):
         for event in events:
             if event.get("workflow"):
                 per_run.setdefault(str(event["workflow"]), []).append(event)
-        for wf_id, batch in per_run.items():
-            keys = (self.keys.wf_tasks(wf_id), self.keys.wf_output(wf_id))
-            pipe.evalsha(SHAS[scripts.OUTPUT], 2, *keys, 0, "event", wire.encode_events(batch))
+        for wf_id, batch in per_run.items():  # a run already gone keeps no stream (NOMKSTREAM)
+            pipe.xadd(self.keys.wf_output(wf_id), {"k": "event", "m": wire.encode_events(batch)}, nomkstream=True)
 
     def append_output(self, wf_id: str, entries: Sequence[tuple[str, bytes]], limit: int) -> tuple[int, int]:
         """Append (kind, blob) entries to the run's output stream at once; chunks and log records count
