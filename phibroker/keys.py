@@ -2,20 +2,28 @@
 
 Every key of one workflow carries its `{ID}` hash tag, so a transition script touches one cluster slot;
 an agent's two lanes share the tag `{AGENT}`, and the inbox's two lanes `{results}`, so one read covers
-both on a Redis Cluster too.
+both on a Redis Cluster too. On a cluster the events log is several streams, spread over the masters.
 """
 
 from __future__ import annotations
 
+import itertools
+import zlib
 from dataclasses import dataclass
+from functools import cache
 
 WORKERS_GROUP = "workers"
 COORDINATORS_GROUP = "coordinators"
+# The events log's streams on a Redis Cluster: every task's events go to the log, so one stream would
+# be the first key to saturate one master; on one server a single stream costs least.
+CLUSTER_EVENT_SHARDS = 8
+SLOTS = 16384
 
 
 @dataclass(frozen=True)
 class Keys:
     namespace: str = "phi"
+    event_shards: int = 1  # the events log's streams (Settings: CLUSTER_EVENT_SHARDS on a cluster)
 
     # -- streams and indexes shared by every workflow -------------------------------------------
     @property
@@ -51,7 +59,22 @@ class Keys:
 
     @property
     def events(self) -> str:
-        return f"{self.namespace}:events"
+        """The events log's first stream: its only one on one server."""
+        return self.event_logs[0]
+
+    @property
+    def event_logs(self) -> tuple[str, ...]:
+        """Every stream of the events log. Several are each in a slot of their own, spread evenly over
+        the slots (`spread_tags`), so each master of a cluster takes a share of every task's events."""
+        if self.event_shards <= 1:
+            return (f"{self.namespace}:events",)
+        return tuple(f"{self.namespace}:events:{{{tag}}}" for tag in spread_tags(self.event_shards))
+
+    def event_log(self, wf_id: str | None) -> str:
+        """The stream a run's events go to (the first one for events of no run): one run's events stay
+        in one stream, in order."""
+        logs = self.event_logs
+        return logs[zlib.crc32(wf_id.encode()) % len(logs)] if wf_id and len(logs) > 1 else logs[0]
 
     @property
     def subs(self) -> str:
@@ -143,3 +166,28 @@ class Keys:
             self.wf_done(wf_id),
             self.wf_output(wf_id),
         ]
+
+
+def key_slot(tag: str) -> int:
+    """The Redis Cluster slot of a key whose hash tag is `tag`: CRC16 (XMODEM) of it, mod 16384."""
+    crc = 0
+    for byte in tag.encode():
+        crc ^= byte << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021 if crc & 0x8000 else crc << 1) & 0xFFFF
+    return crc % SLOTS
+
+
+@cache
+def spread_tags(count: int) -> tuple[str, ...]:
+    """`count` hash tags, the k-th in the k-th of `count` even parts of the slots: a cluster whose masters
+    hold even ranges of slots (as `redis-cli --cluster create` makes them) has each tag's keys on
+    another master, as far as there are masters."""
+    return tuple(
+        next(
+            f"e{n}"
+            for n in itertools.count()
+            if part * SLOTS // count <= key_slot(f"e{n}") < (part + 1) * SLOTS // count
+        )
+        for part in range(count)
+    )

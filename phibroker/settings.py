@@ -8,9 +8,10 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from phibroker.keys import Keys
+from phibroker.keys import CLUSTER_EVENT_SHARDS, Keys
 
 MiB = 1024 * 1024
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}  # and the plain scheme of their nodes
 
 
 class Settings(BaseSettings):
@@ -74,7 +75,7 @@ class Settings(BaseSettings):
 
     @property
     def keys(self) -> Keys:
-        return Keys(self.namespace)
+        return Keys(self.namespace, CLUSTER_EVENT_SHARDS if is_cluster_url(self.redis_url) else 1)
 
     @property
     def shown_url(self) -> str:
@@ -85,6 +86,10 @@ class Settings(BaseSettings):
     def lease_renew(self) -> float:
         """How often a lease is renewed: well within the time after which it is presumed dead."""
         return max(0.05, min(self.reclaim_after / 4, 2.0))
+
+
+def is_cluster_url(url: str) -> bool:
+    return url.partition("://")[0] in CLUSTER_SCHEMES
 
 
 def without_password(url: str) -> str:

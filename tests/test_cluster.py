@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import redis
 
-from phibroker import workflow
+from phibroker import wire, workflow
 from phibroker.errors import BrokerUnavailable
 from phibroker.runtime.client import Client
 from phibroker.settings import Settings
@@ -175,6 +175,16 @@ def test_every_kind_of_run_ends_on_a_cluster(
         if kind == "sub-workflow":
             children = [client.status(client.status(wf_id)["tasks"]["Review"]["child"]) for wf_id in group]
             assert {child["state"] for child in children} == {"succeeded"}
+
+    if coordinators == 1:  # the events log: a run's events in one stream of it, its streams on every master
+        on = client.broker.redis
+        logged = {
+            log: {event.get("workflow") for _, f in on.xrange(log) for event in wire.decode_events(f[b"m"], 1 << 24)}
+            for log in keys.event_logs
+        }
+        for wf_id in every:
+            assert {log for log, runs in logged.items() if wf_id in runs} == {keys.event_log(wf_id)}, wf_id
+        assert len({on.get_node_from_key(log).name for log in keys.event_logs}) == 3
 
     if coordinators == 1:  # the views, on the cluster's URL
         wf_id = ids["sub-workflow"][0]

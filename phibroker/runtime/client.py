@@ -204,14 +204,14 @@ class Client:
                 comment=comment,
                 reason=reason,
             )
-            after = self.broker.last_event_id()
+            after = self.broker.last_event_id(request["workflow"])
             self.broker.send_to_coordinators(wire.Inbox(kind="decide", body=body))
-            return self._verdict(approval_id, body["signature"][:16], after, wait)
+            return self._verdict(approval_id, body["signature"][:16], request["workflow"], after, wait)
 
-    def _verdict(self, approval_id: str, decision: str, after: str, wait: float) -> dict[str, Any]:
+    def _verdict(self, approval_id: str, decision: str, wf_id: str, after: str, wait: float) -> dict[str, Any]:
         deadline = time.monotonic() + wait
         while (remaining := deadline - time.monotonic()) > 0:
-            after, events = self.broker.read_events(after, block=remaining)
+            after, events = self.broker.read_events(wf_id, after, block=remaining)
             for event in events:
                 data = event.get("data") or {}
                 if data.get("approval") != approval_id or data.get("decision") != decision:

@@ -117,14 +117,18 @@ class ClientStore(Connection):
             if state in (b"running", b"waiting_approval") and waits_on == request_id.encode()
         }
 
-    def last_event_id(self) -> str:
-        newest = self.redis.xrevrange(self.keys.events, count=1)
+    def last_event_id(self, wf_id: str) -> str:
+        """The newest entry of the events log's stream that takes the run's events."""
+        newest = self.redis.xrevrange(self.keys.event_log(wf_id), count=1)
         return newest[0][0].decode() if newest else "0-0"
 
-    def read_events(self, after: str, block: float | None, count: int = 500) -> tuple[str, list[dict[str, Any]]]:
-        """Events after the entry id `after` (waiting up to `block` seconds); returns the new last id."""
+    def read_events(
+        self, wf_id: str, after: str, block: float | None, count: int = 500
+    ) -> tuple[str, list[dict[str, Any]]]:
+        """Events after the entry id `after` in the stream that takes the run's events (others' too),
+        waiting up to `block` seconds; returns the new last id."""
         reply = self.redis.xread(
-            {self.keys.events: after}, count=count, block=None if block is None else max(1, int(block * 1000))
+            {self.keys.event_log(wf_id): after}, count=count, block=None if block is None else max(1, int(block * 1000))
         )
         events: list[dict[str, Any]] = []
         for _, items in reply or ():

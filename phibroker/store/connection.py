@@ -48,7 +48,7 @@ from phibroker import wire
 from phibroker.engine.state import PACKED, number, unpack_group
 from phibroker.errors import BrokerUnavailable, DecodeError
 from phibroker.keys import Keys
-from phibroker.settings import Settings
+from phibroker.settings import CLUSTER_SCHEMES, Settings, is_cluster_url
 from phibroker.store import scripts
 
 
@@ -184,13 +184,6 @@ class _ClusterClient(RedisCluster):
         pipe = super().pipeline(transaction, shard_hint)
         pipe.__class__ = _ClusterPipeline  # adds nothing but `execute`; redis-py builds it with its own state
         return pipe
-
-
-CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
-
-
-def is_cluster_url(url: str) -> bool:
-    return url.partition("://")[0] in CLUSTER_SCHEMES
 
 
 def cluster_seeds(url: str) -> tuple[str, list[tuple[str, int]]]:
@@ -624,9 +617,15 @@ class Connection:
         pipe.execute()
 
     def _publish(self, pipe: Any, events: list[dict[str, Any]], route: Route | None) -> None:
-        """Into the events log, and where `route` sends copies (subscription streams, trigger starts)."""
-        maxlen = self.settings.events_maxlen
-        pipe.xadd(self.keys.events, {wire.FIELD: wire.encode_events(events)}, maxlen=maxlen, approximate=True)
+        """Into the events log (an entry per stream of it: each run's into its own), and where `route`
+        sends copies (subscription streams, trigger starts)."""
+        logs = self.keys.event_logs
+        maxlen = max(1, self.settings.events_maxlen // len(logs))
+        per_log: dict[str, list[dict[str, Any]]] = {}
+        for event in events:
+            per_log.setdefault(self.keys.event_log(event.get("workflow")), []).append(event)
+        for log, batch in per_log.items():
+            pipe.xadd(log, {wire.FIELD: wire.encode_events(batch)}, maxlen=maxlen, approximate=True)
         if route is not None:
             for stream, raw, cap in route(events):
                 raw = self.signed(raw) if stream in self.keys.inboxes else raw  # a trigger start

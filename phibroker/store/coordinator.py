@@ -101,7 +101,12 @@ def access(keys: Keys) -> list[Grant]:
         # Dispatches (XADD_MANY's XADDs), events and their routed copies: append only.
         Grant(
             ("xadd",),
-            (f"%W~{keys.agent_tasks('*')}", f"%W~{keys.agent_bulk('*')}", f"%W~{keys.sub('*')}", f"%W~{keys.events}"),
+            (
+                f"%W~{keys.agent_tasks('*')}",
+                f"%W~{keys.agent_bulk('*')}",
+                f"%W~{keys.sub('*')}",
+                *(f"%W~{log}" for log in keys.event_logs),
+            ),
         ),
         # XADD_MANY, a dispatch batch in one call (EVALSHA asks read and write on the keys it declares,
         # but the script's own XADDs are checked against the grant above: no reads); each lane's group
@@ -110,7 +115,8 @@ def access(keys: Keys) -> list[Grant]:
         Grant(("evalsha", "xgroup|create", "xlen", "xinfo|groups", "xpending", "xtrim", "xrange"), lanes),
         Grant(("hgetall", "hdel"), (f"~{keys.agents}",)),  # forgetting long-dead workers
         Grant(("set", "get"), (f"~{keys.applied('*', '*')}",)),  # the control messages applied, until they expire
-        Grant(("xtrim", "memory|usage", "xlen"), (f"%W~{keys.events}",)),  # the log's age and size bounds
+        # the log's age and size bounds
+        Grant(("xtrim", "memory|usage", "xlen"), tuple(f"%W~{log}" for log in keys.event_logs)),
         *registry.access(keys),
     ]
 
@@ -141,17 +147,19 @@ class CoordinatorStore(Connection):
 
     def trim_events(self, oldest_ms: int, max_bytes: int) -> None:
         """Bound the events log by age (entries before `oldest_ms`, Redis's clock) and by size: past
-        `max_bytes` (sampled, MEMORY USAGE), its oldest entries go in proportion. Nobody holds entries of
-        it pending (it has no groups), so trimming loses nothing a reader owes an ack for."""
-        events = self.keys.events
-        self.redis.xtrim(events, minid=f"{oldest_ms}-0", approximate=True)
-        try:
-            used = int(self.redis.memory_usage(events, samples=16) or 0)
-        except ResponseError:
-            return  # a broker without MEMORY (the embedded one): the count cap on XADD still holds
-        if used > max_bytes:
-            length = int(self.redis.xlen(events))
-            self.redis.xtrim(events, maxlen=int(length * max_bytes / used), approximate=True)
+        `max_bytes` (sampled, MEMORY USAGE; each of its streams an even share), its oldest entries go in
+        proportion. Nobody holds entries of it pending (it has no groups), so trimming loses nothing a
+        reader owes an ack for."""
+        share = max_bytes // len(self.keys.event_logs)
+        for events in self.keys.event_logs:
+            self.redis.xtrim(events, minid=f"{oldest_ms}-0", approximate=True)
+            try:
+                used = int(self.redis.memory_usage(events, samples=16) or 0)
+            except ResponseError:
+                return  # a broker without MEMORY (the embedded one): the count cap on XADD still holds
+            if used > share:
+                length = int(self.redis.xlen(events))
+                self.redis.xtrim(events, maxlen=int(length * share / used), approximate=True)
 
     def forget_expired_runs(self, created_before: float, start: int, count: int) -> tuple[int, int]:
         """Drop from the `workflows` index (what `list` reads) the runs whose keys expired: of those

@@ -43,6 +43,17 @@ READS = (
 )
 
 
+def newest(logs: Sequence[Sequence[tuple[bytes, Any]]], count: int) -> list[tuple[bytes, Any]]:
+    """The `count` newest entries of the events log's streams (each read newest first), oldest first:
+    by their ids, which each master stamps from its own clock."""
+
+    def stamp(entry: tuple[bytes, Any]) -> tuple[int, ...]:
+        return tuple(int(part) for part in entry[0].split(b"-"))
+
+    merged = sorted((entry for entries in logs for entry in entries), key=stamp)
+    return merged[-count:] if count > 0 else []
+
+
 def access(keys: Keys) -> list[Grant]:
     """What the read-only views send Redis (`watch`, `status`, `list`, `agents`, `why`, `approvals`,
     `subs`, `dlq list`): read commands on read-only keys, and the clock their leases are read by."""
@@ -66,16 +77,19 @@ class Views:
             pipe.hgetall(keys.agents)
             pipe.hgetall(keys.coordinators)
             pipe.hgetall(keys.subs)
-            pipe.xrevrange(keys.events, count=max(1, events))
+            for log in keys.event_logs:
+                pipe.xrevrange(log, count=max(1, events))
             pipe.zrevrange(keys.running, 0, max(1, running) - 1)
             pipe.zcard(keys.running)
             pipe.hrandfield(keys.approvals, max(1, approvals), withvalues=True)
             pipe.hlen(keys.approvals)
 
         now, replies = self.broker.clocked(keys.agents, build)  # the clock that stamped the leases
-        agents, coordinators, subs, entries, ids, n_running, sample, n_approvals = replies
+        logs = len(keys.event_logs)
+        agents, coordinators, subs = replies[:3]
+        ids, n_running, sample, n_approvals = replies[3 + logs :]
         log: list[dict[str, Any]] = []
-        for _, fields in reversed(entries):
+        for _, fields in newest(replies[3 : 3 + logs], events):
             try:
                 log += wire.decode_events(fields[wire.FIELD], self.settings.max_message_bytes * 4)
             except (DecodeError, KeyError):

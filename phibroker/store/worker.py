@@ -153,7 +153,7 @@ def access(keys: Keys, agent: str, subscriptions: Iterable[str] = ()) -> list[Gr
             (
                 f"%W~{keys.results}",
                 f"%W~{keys.results_bulk}",
-                f"%W~{keys.events}",
+                *(f"%W~{log}" for log in keys.event_logs),
                 f"%W~{keys.dlq}",
                 f"%W~{keys.sub('*')}",
             ),
