@@ -301,6 +301,7 @@ def test_a_forged_trigger_starts_nothing_and_a_true_one_starts_its_run(fleet: Fl
     assert len(refused()) == len(forged), refused()
     true_one = send(event("stable"))
     with fleet.client("client") as client:
+        until(lambda: client.broker.run_state(true_one) is not None, fleet.procs)  # the coordinators start it
         assert client.wait(true_one, timeout=60)["state"] == "succeeded"
         for wf_id in forged:
             with pytest.raises(UnknownWorkflow):

@@ -76,10 +76,15 @@ class Reclaimer:
         # What this worker holds, taken before the pending entries are read (the settler thread removes
         # settled work from `running` meanwhile; set() copies the dict in one step).
         held = set(self.running) | {(item.stream, item.entry.id) for item in self.backlog}
-        clock, leases = self.broker.leases(self.keys.agents)
+        pendings = {
+            stream: self.broker.pending_of(stream, WORKERS_GROUP) for stream in [*self.lanes, *self.reactor.streams]
+        }
+        # the leases of the workers that hold this agent's entries, not the whole fleet's: the look grows
+        # with them, not with every worker of every agent
+        others = sorted({p["consumer"] for rows in pendings.values() for p in rows} - {self.consumer})
+        clock, leases = self.broker.leases(self.keys.agents, others) if others else (0.0, {})
         claimed = 0
-        for stream in [*self.lanes, *self.reactor.streams]:
-            pending = self.broker.pending_of(stream, WORKERS_GROUP)
+        for stream, pending in pendings.items():
             if stream in self.lanes and any(
                 p["consumer"] == self.consumer and (stream, p["id"]) not in held for p in pending
             ):

@@ -688,10 +688,15 @@ class Connection:
     def drop_lease(self, table: str, name: str) -> None:
         self.redis.hdel(table, name, f"{name}|expires")
 
-    def leases(self, table: str) -> tuple[float, dict[str, dict[str, Any]]]:
-        """Redis's clock, and every lease: name -> info plus `expires` (seconds)."""
-        clock, (raw,) = self.clocked(table, lambda pipe: pipe.hgetall(table))
-        return clock, parse_leases(raw)
+    def leases(self, table: str, names: Sequence[str] | None = None) -> tuple[float, dict[str, dict[str, Any]]]:
+        """Redis's clock, and every lease (or those of `names`, of which the missing ones are left out):
+        name -> info plus `expires` (seconds)."""
+        if names is None:
+            clock, (raw,) = self.clocked(table, lambda pipe: pipe.hgetall(table))
+            return clock, parse_leases(raw)
+        fields = [field for name in names for field in (name, f"{name}|expires")]
+        clock, (values,) = self.clocked(table, lambda pipe: pipe.hmget(table, fields))
+        return clock, parse_leases({f.encode(): v for f, v in zip(fields, values, strict=True) if v is not None})
 
     def submit_workflow(self, wf_id: str, fields: dict[str, Any], sign: bool = True) -> bool:
         """Write a new workflow, index it and tell the coordinators, in one round trip, all or nothing

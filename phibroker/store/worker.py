@@ -158,7 +158,8 @@ def access(keys: Keys, agent: str, subscriptions: Iterable[str] = ()) -> list[Gr
                 f"%W~{keys.sub('*')}",
             ),
         ),
-        Grant(("evalsha", "hset", "hgetall", "hdel"), (f"~{keys.agents}",)),  # leases: LEASE, reclaim's look
+        # leases: LEASE, reclaim's look (the holders of pending entries), hand_over's (every one)
+        Grant(("evalsha", "hset", "hgetall", "hmget", "hdel"), (f"~{keys.agents}",)),
         *registry.access(keys, agent),
     ]
 
