@@ -34,6 +34,7 @@ WORKLOADS = (  # the names `--only` takes, as each run prints them
     "phibroker.cluster",
     "bare.unbatched",
     "phibroker.many",
+    "phibroker.coordinators",
     "phibroker.fairness",
     "phibroker.cancel",
     "phibroker.output",
@@ -166,6 +167,7 @@ class Bench:
         self.attempt("phibroker.cluster", self.on_cluster)
         self.attempt("bare.unbatched", self.bare_unbatched)
         self.attempt("phibroker.many", self.many)
+        self.attempt("phibroker.coordinators", self.coordinators)
         self.attempt("phibroker.fairness", self.fairness)
         self.attempt("phibroker.cancel", self.cancel)
         self.attempt("phibroker.output", self.output)
@@ -238,6 +240,19 @@ class Bench:
         label = f"phibroker {s.workflows:,} workflows × {s.width}"
         self.record("pb.many", label, "tasks/s", rate)
         self.record("pb.many_p99", f"{label}, p99 workflow time", "ms", p99)
+
+    def coordinators(self) -> None:
+        """The `many` workload with 1, 2 and 3 coordinators, on one server and on the cluster. On two
+        cores more coordinators cannot go faster; what is measured is that they go no slower than
+        their share of the CPU, on either topology."""
+        s = self.sizes
+        for topology, url in (("pb", self.url), ("cl", self.cluster_url())):
+            for count in report.COORDINATOR_COUNTS:
+                with workloads.deployed(url, self.logs, coordinators=count) as deployment:
+                    rate, _ = workloads.many_workflows(deployment, s.workflows, s.width)
+                where = "Redis Cluster: " if topology == "cl" else ""
+                label = f"{where}phibroker {s.workflows:,} workflows × {s.width}, {count} coordinator(s)"
+                self.record(f"{topology}.many_c{count}", label, "tasks/s", rate)
 
     def fairness(self) -> None:
         s = self.sizes
@@ -325,6 +340,7 @@ class Bench:
             ("ratio.hop_bare", "chain hop p50 ÷ bare hop p50", "pb.chain_p50", "bare.hop"),
             ("ratio.metrics", "fan-out with metrics ÷ without", "pb.fanout_metrics", "pb.fanout"),
             *report.CLUSTER_RATIOS,
+            *report.COORDINATOR_RATIOS,
         ]
         for key, name, top, bottom in pairs:
             if v.get(top) and v.get(bottom):

@@ -102,9 +102,20 @@ CLUSTER = [
     ("chain hop p50", "cl.chain_p50", "pb.chain_p50", "ratio.cluster_hop"),
     ("chain hop p99", "cl.chain_p99", "pb.chain_p99", "ratio.cluster_hop_p99"),
 ]
+COORDINATOR_COUNTS = (1, 2, 3)
+CLUSTER += [
+    (f"workflows × tasks, {n} coordinator(s)", f"cl.many_c{n}", f"pb.many_c{n}", f"ratio.cluster_many_c{n}")
+    for n in COORDINATOR_COUNTS
+]
 # What `Bench.ratios` takes of them, per run: (key, name, numerator, denominator).
 CLUSTER_RATIOS = [
     (ratio, f"Redis Cluster ÷ one server, {label}", cluster, single) for label, cluster, single, ratio in CLUSTER
+]
+# More coordinators beside one, on each topology.
+COORDINATOR_RATIOS = [
+    (f"ratio.{topology}_c{n}", f"{where}{n} coordinators ÷ 1", f"{topology}.many_c{n}", f"{topology}.many_c1")
+    for topology, where in (("pb", "one server: "), ("cl", "Redis Cluster: "))
+    for n in COORDINATOR_COUNTS[1:]
 ]
 
 

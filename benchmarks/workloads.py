@@ -83,6 +83,7 @@ class Deployment:
         agent: str = AGENT,
         app: str = APP,
         metrics: bool = False,
+        coordinators: int = 1,
     ):
         self.home = tempfile.mkdtemp(prefix="phibroker-bench-home-")
         self.settings = Settings(redis_url=redis_url, namespace=f"bench{uuid.uuid4().hex[:8]}", home=Path(self.home))
@@ -90,6 +91,7 @@ class Deployment:
         self.concurrency = concurrency
         self.agent, self.app = agent, app
         self.metrics = metrics  # both processes serve `--metrics-port` (no tracing SDK is configured)
+        self.coordinators = coordinators
         self.client = Client(self.settings)
         self.processes: dict[str, tuple[Any, Path]] = {}
 
@@ -100,8 +102,9 @@ class Deployment:
             "PHIBROKER_HOME": self.home,
         }
         metrics = (lambda: ["--metrics-port", str(free_port())]) if self.metrics else list
-        coordinator = ["-m", "phibroker", "coordinator", *metrics()]
-        self.processes["coordinator"] = spawn(coordinator, self.logs, "coordinator", env)
+        for n in range(self.coordinators):  # `coordinator`, then `coordinator-2`...
+            name = "coordinator" + (f"-{n + 1}" if n else "")
+            self.processes[name] = spawn(["-m", "phibroker", "coordinator", *metrics()], self.logs, name, env)
         worker = ["-m", "phibroker", "worker", "--agent", self.agent, "--app", self.app, *metrics()]
         self.processes["worker"] = spawn([*worker, "--concurrency", str(self.concurrency)], self.logs, "worker", env)
         wait_for(self._leases_held, 30, "coordinator and worker leases", every=0.05)
@@ -114,7 +117,7 @@ class Deployment:
         now, workers = broker.leases(self.settings.keys.agents)
         _, coordinators = broker.leases(self.settings.keys.coordinators)
         worker_up = any(info.get("agent") == self.agent and info["expires"] > now for info in workers.values())
-        return worker_up and any(info["expires"] > now for info in coordinators.values())
+        return worker_up and sum(info["expires"] > now for info in coordinators.values()) >= self.coordinators
 
     def check_alive(self) -> None:
         for name, (process, log) in self.processes.items():
@@ -188,8 +191,9 @@ def deployed(
     agent: str = AGENT,
     app: str = APP,
     metrics: bool = False,
+    coordinators: int = 1,
 ) -> Iterator[Deployment]:
-    deployment = Deployment(redis_url, logs, concurrency, agent, app, metrics)
+    deployment = Deployment(redis_url, logs, concurrency, agent, app, metrics, coordinators)
     try:
         deployment.start()
         yield deployment
