@@ -24,9 +24,9 @@ import redis
 from benchmarks.harness import Logs, percentile, rss_mib, spawn, stop, wait_for
 from phibroker import workflow as workflows
 from phibroker.runtime.client import Client
-from phibroker.settings import Settings
+from phibroker.settings import Settings, is_cluster_url
 from phibroker.store.client import ClientStore
-from phibroker.store.connection import cluster_seeds, is_cluster_url
+from phibroker.store.connection import cluster_seeds
 from phibroker.testing import free_port
 
 AGENT, APP, COMMAND = "probe", "tests.apps.probe", "noop"

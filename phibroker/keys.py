@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import zlib
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, cached_property
 
 WORKERS_GROUP = "workers"
 COORDINATORS_GROUP = "coordinators"
@@ -57,12 +57,7 @@ class Keys:
     def approvals(self) -> str:
         return f"{self.namespace}:approvals"
 
-    @property
-    def events(self) -> str:
-        """The events log's first stream: its only one on one server."""
-        return self.event_logs[0]
-
-    @property
+    @cached_property
     def event_logs(self) -> tuple[str, ...]:
         """Every stream of the events log. Several are each in a slot of their own, spread evenly over
         the slots (`spread_tags`), so each master of a cluster takes a share of every task's events."""

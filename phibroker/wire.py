@@ -473,7 +473,7 @@ _INBOX_KINDS = frozenset({"results", *_BODY_FIELDS})
 
 
 def encode_events(events: list[dict[str, Any]]) -> bytes:
-    """A batch of events as one `NS:events` / `NS:sub:X` entry: one XADD per transition, not per event."""
+    """A batch of events as one entry of the events log or of `NS:sub:X`: one XADD per transition, not per event."""
     return pack({"v": VERSION, "events": events})
 
 

@@ -23,7 +23,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 def events_of(settings: Settings, wf_id: str) -> list[dict[str, Any]]:
     r = redis.Redis.from_url(settings.redis_url)
     out = []
-    for _, fields in r.xrange(settings.keys.events):
+    for _, fields in r.xrange(settings.keys.event_log(wf_id)):
         out += [e for e in wire.decode_events(fields[b"m"], 1 << 24) if e["workflow"] == wf_id]
     return out
 

@@ -515,14 +515,14 @@ def watch_denials(keys: Keys, watch: redis.Redis, agent: str) -> dict[str, Calla
     """What the read-only user must be refused (NOPERM): any write, even one that only moves a group."""
     stream = keys.agent_tasks(agent)
     return {
-        "XADD": lambda: watch.xadd(keys.events, {"m": b"x"}),
+        "XADD": lambda: watch.xadd(keys.event_logs[0], {"m": b"x"}),
         "HSET": lambda: watch.hset(keys.wf("wf-1"), "state", "cancelled"),
         "EVALSHA of a write script": lambda: watch.evalsha(sha(scripts.LEASE), 1, keys.agents, "me", 1000, "x"),
         "SCRIPT LOAD": lambda: watch.script_load(scripts.LEASE),
         "XREADGROUP (it moves the group)": lambda: watch.xreadgroup(WORKERS_GROUP, "w", {stream: ">"}),
         "XACK": lambda: watch.xack(stream, WORKERS_GROUP, "0-1"),
         "ZADD": lambda: watch.zadd(keys.timers, {"x": 1}),
-        "DEL": lambda: watch.delete(keys.events),
+        "DEL": lambda: watch.delete(keys.event_logs[0]),
         "FLUSHALL": lambda: watch.flushall(),
         "CONFIG GET": lambda: watch.config_get("*"),
     }

@@ -169,7 +169,8 @@ def events(settings: Settings) -> list[dict[str, Any]]:
     """Everything on the events log of the test's namespace."""
     r = redis.Redis.from_url(settings.redis_url)
     try:
-        return [e for _, f in r.xrange(settings.keys.events) for e in wire.decode_events(f[b"m"], 1 << 24)]
+        entries = [f for log in settings.keys.event_logs for _, f in r.xrange(log)]
+        return [e for f in entries for e in wire.decode_events(f[b"m"], 1 << 24)]
     finally:
         r.close()
 

@@ -78,7 +78,7 @@ def test_three_coordinators_publish_and_dispatch_each_thing_once(
 
     event_ids: Counter[str] = Counter()
     said: Counter[tuple[Any, ...]] = Counter()  # the same thing said twice under two ids
-    for _, fields in r.xrange(settings.keys.events):
+    for fields in (f for log in settings.keys.event_logs for _, f in r.xrange(log)):
         for event in wire.decode_events(fields[wire.FIELD], 1 << 26):
             event_ids[event["id"]] += 1
             said[(event["type"], event["workflow"], event["task"], *_unit_attempt(event))] += 1

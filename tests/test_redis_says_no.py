@@ -242,7 +242,7 @@ def test_expired_runs_leave_the_runs_index(procs: Processes, client: Client, roo
 
 def test_old_events_leave_the_log(procs: Processes, root: redis.Redis, settings: Settings) -> None:
     root.config_set("stream-node-max-entries", 10)  # small nodes, so an approximate trim is visible
-    events = settings.keys.events
+    (events,) = settings.keys.event_logs  # one server: one stream
     for i in range(50):
         root.xadd(events, {"m": b"old"}, id=f"{i + 1}-0")  # written in 1970: older than any bound
     recent = [root.xadd(events, {"m": b"recent"}) for _ in range(30)]
@@ -253,7 +253,7 @@ def test_old_events_leave_the_log(procs: Processes, root: redis.Redis, settings:
 
 
 def test_the_events_log_is_bounded_by_size(procs: Processes, root: redis.Redis, settings: Settings) -> None:
-    events = settings.keys.events
+    (events,) = settings.keys.event_logs
     for _ in range(100):
         root.xadd(events, {"m": b"x" * 20_000})  # big events, ~2 MB in all: few by count
     assert int(root.memory_usage(events, samples=0)) > 1_900_000

@@ -1,10 +1,11 @@
 """Choreography: subscriptions and triggers, and routing each published event to them.
 
-Every event goes to the `NS:events` log. Beside that, the `Router` copies each event into the stream of
-every subscription whose type and `where` filter match (`NS:sub:NAME`, one group each, so no slow
-subscriber pins the global log), and turns each event that matches a workflow trigger into an inbox
-message that starts the workflow once. Events past the storm depth go to the DLQ with their chain
-instead. Whatever publishes events (a worker's settle, a coordinator's drain) is handed `Router.routes`.
+Every event goes to the events log (`NS:events`; on a cluster the run's stream of it). Beside that, the
+`Router` copies each event into the stream of every subscription whose type and `where` filter match
+(`NS:sub:NAME`, one group each, so no slow subscriber pins the global log), and turns each event that
+matches a workflow trigger into an inbox message that starts the workflow once. Events past the storm
+depth go to the DLQ with their chain instead. Whatever publishes events (a worker's settle, a
+coordinator's drain) is handed `Router.routes`.
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ class Router:
             "reason": reason,
             "raw": wire.pack(event),
             "size": 0,
-            "source": self.keys.events,
+            "source": self.keys.event_log(event.get("workflow")),
             "entry": str(event.get("id")),
             "chain": chain,
             "subscription": ", ".join(targets),

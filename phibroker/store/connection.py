@@ -611,7 +611,7 @@ class Connection:
         return entry_id.decode()
 
     def publish(self, events: list[dict[str, Any]], route: Route | None = None) -> None:
-        """Events that need no transition (a worker's `task.started`): one entry for the batch."""
+        """Events that need no transition (a worker's `task.started`): one entry per stream of the log."""
         pipe = self.redis.pipeline(transaction=False)
         self._publish(pipe, events, route)
         pipe.execute()

@@ -156,7 +156,7 @@ class CoordinatorStore(Connection):
             try:
                 used = int(self.redis.memory_usage(events, samples=16) or 0)
             except ResponseError:
-                return  # a broker without MEMORY (the embedded one): the count cap on XADD still holds
+                continue  # a broker without MEMORY (the embedded one): the count cap on XADD still holds
             if used > share:
                 length = int(self.redis.xlen(events))
                 self.redis.xtrim(events, maxlen=int(length * share / used), approximate=True)

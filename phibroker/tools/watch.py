@@ -36,7 +36,7 @@ from phibroker.workflow.spec import Loop, parse_duration
 
 REFRESH = 0.5  # seconds between frames
 RATE_SMOOTHING = 3.0  # seconds: messages/s is a moving average over about this long
-EVENT_ENTRIES = 50  # newest log entries read a frame (one per transition: each may hold several events)
+EVENT_ENTRIES = 50  # newest log entries read a frame, of each stream of it (an entry per transition)
 EVENTS_SHOWN = 15
 RUNNING_READ = 50  # newest running workflows looked at
 APPROVALS_READ = 20
