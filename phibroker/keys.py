@@ -2,7 +2,8 @@
 
 Every key of one workflow carries its `{ID}` hash tag, so a transition script touches one cluster slot;
 an agent's two lanes share the tag `{AGENT}`, and the inbox's two lanes `{results}`, so one read covers
-both on a Redis Cluster too. On a cluster the events log is several streams, spread over the masters.
+both on a Redis Cluster too. On a cluster the events log and the timers are several keys each, spread
+over the masters.
 """
 
 from __future__ import annotations
@@ -14,16 +15,17 @@ from functools import cache, cached_property
 
 WORKERS_GROUP = "workers"
 COORDINATORS_GROUP = "coordinators"
-# The events log's streams on a Redis Cluster: every task's events go to the log, so one stream would
-# be the first key to saturate one master; on one server a single stream costs least.
-CLUSTER_EVENT_SHARDS = 8
+# The keys the events log and the timers are each spread over on a Redis Cluster: every task's events
+# go to the log (and many tasks' timeouts and retries to the timers), so one key would saturate one
+# master; on one server a single key costs least.
+CLUSTER_SHARDS = 8
 SLOTS = 16384
 
 
 @dataclass(frozen=True)
 class Keys:
     namespace: str = "phi"
-    event_shards: int = 1  # the events log's streams (Settings: CLUSTER_EVENT_SHARDS on a cluster)
+    shards: int = 1  # keys of the events log and of the timers (Settings: CLUSTER_SHARDS on a cluster)
 
     # -- streams and indexes shared by every workflow -------------------------------------------
     @property
@@ -49,9 +51,15 @@ class Keys:
     def running(self) -> str:
         return f"{self.namespace}:running"
 
-    @property
-    def timers(self) -> str:
-        return f"{self.namespace}:timers"
+    @cached_property
+    def timer_sets(self) -> tuple[str, ...]:
+        """Every sorted set of timers (retry backoffs, deadlines, approval timeouts), spread as
+        `event_logs` is."""
+        return self._spread("timers")
+
+    def timer_set(self, wf_id: str | None) -> str:
+        """The sorted set a run's timers go to."""
+        return self._shard_of(self.timer_sets, wf_id)
 
     @property
     def approvals(self) -> str:
@@ -61,15 +69,21 @@ class Keys:
     def event_logs(self) -> tuple[str, ...]:
         """Every stream of the events log. Several are each in a slot of their own, spread evenly over
         the slots (`spread_tags`), so each master of a cluster takes a share of every task's events."""
-        if self.event_shards <= 1:
-            return (f"{self.namespace}:events",)
-        return tuple(f"{self.namespace}:events:{{{tag}}}" for tag in spread_tags(self.event_shards))
+        return self._spread("events")
 
     def event_log(self, wf_id: str | None) -> str:
         """The stream a run's events go to (the first one for events of no run): one run's events stay
         in one stream, in order."""
-        logs = self.event_logs
-        return logs[zlib.crc32(wf_id.encode()) % len(logs)] if wf_id and len(logs) > 1 else logs[0]
+        return self._shard_of(self.event_logs, wf_id)
+
+    def _spread(self, name: str) -> tuple[str, ...]:
+        if self.shards <= 1:
+            return (f"{self.namespace}:{name}",)
+        return tuple(f"{self.namespace}:{name}:{{{tag}}}" for tag in spread_tags(self.shards))
+
+    @staticmethod
+    def _shard_of(keys: tuple[str, ...], wf_id: str | None) -> str:
+        return keys[zlib.crc32(wf_id.encode()) % len(keys)] if wf_id and len(keys) > 1 else keys[0]
 
     @property
     def subs(self) -> str:

@@ -8,7 +8,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from phibroker.keys import CLUSTER_EVENT_SHARDS, Keys
+from phibroker.keys import CLUSTER_SHARDS, Keys
 
 MiB = 1024 * 1024
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}  # and the plain scheme of their nodes
@@ -75,7 +75,7 @@ class Settings(BaseSettings):
 
     @property
     def keys(self) -> Keys:
-        return Keys(self.namespace, CLUSTER_EVENT_SHARDS if is_cluster_url(self.redis_url) else 1)
+        return Keys(self.namespace, CLUSTER_SHARDS if is_cluster_url(self.redis_url) else 1)
 
     @property
     def shown_url(self) -> str:

@@ -190,8 +190,8 @@ def test_a_lost_retry_timer_and_a_lost_index_entry_are_set_again(cluster: RedisC
             until(lambda: "probe" in client.live_agents(), procs, timeout=60)
             wf_id = client.submit(retried)
             timer = timer_member("retry", wf_id, "Flaky", 1)
-            until(lambda: broker.zscore(keys.timers, timer) is not None, procs, timeout=60)
-            assert broker.zrem(keys.timers, timer) == 1  # before it is due
+            until(lambda: broker.zscore(keys.timer_set(wf_id), timer) is not None, procs, timeout=60)
+            assert broker.zrem(keys.timer_set(wf_id), timer) == 1  # before it is due
             assert client.wait(wf_id, timeout=60)["tasks"]["Flaky"]["attempts"] == 2
 
             going = client.submit(held)

@@ -178,7 +178,8 @@ def test_a_round_that_meets_a_flushed_script_cache_keeps_what_it_read(settings: 
     broker.ensure_group(inbox, "coordinators")
     broker.add(inbox, wire.Inbox(kind="kick", body={"wf": "nothing"}).encode(1 << 20))
     broker.redis.script_flush()
-    _, _, timers, read = broker.poll([inbox], "coordinators", "c1", 10, None, False, {}, 10)
+    (timer_set,) = settings.keys.timer_sets
+    _, _, timers, read = broker.poll([inbox], "coordinators", "c1", 10, None, False, {}, timer_set, 10)
     assert timers == [] and [stream for stream, _ in read] == [inbox]
     assert broker.redis.xpending(inbox, "coordinators")["pending"] == 1  # that very entry, delivered once
 

@@ -113,8 +113,10 @@ class Coordinator:
         self._acks: defaultdict[str, list[str]] = defaultdict(list)  # handled inbox entries, acked next round
         self._clock = (0.0, time.monotonic())  # Redis's clock at the last read, and the monotonic one then
         self._stamped = 0.0  # the latest time a round was stamped with
-        self._next_due: float | None = None  # when the next timer is due, as far as we know
-        self._more_timers = False  # the last claim hit its limit: more may be due
+        # when each set's next timer is due, as far as we know (each claim tells its own set's)
+        self._dues: dict[str, float | None] = dict.fromkeys(self.keys.timer_sets)
+        self._more_timers: str | None = None  # the set whose last claim hit its limit: more may be due there
+        self._turn = 0  # the set claimed last when none was known to be due
         # inputs refused as forged, by the object: a run read again after a lost commit race decides
         # them again, and they are dead-lettered once, after the round's commits
         self._forged: dict[int, tuple[str, bytes, str]] = {}
@@ -161,6 +163,7 @@ class Coordinator:
         The round's acks, timer claim and read share one round trip; the read blocks only until the
         next timer is due, as far as this coordinator knows (others' new timers wait one block)."""
         block = self._block()
+        timer_set = self._timer_set()
         acks, self._acks = self._acks, defaultdict(list)
         lanes = (self.keys.results,) if self.held.entries else self.keys.inboxes  # no more bulk while some is held
         began = time.monotonic()
@@ -173,6 +176,7 @@ class Coordinator:
                 block,
                 self._recovering,
                 acks,
+                timer_set,
                 TIMER_BATCH,
             )
         except BaseException:
@@ -182,8 +186,8 @@ class Coordinator:
         waited = time.monotonic() - began
         now = self._not_before_last(clock)
         self._clock = (now, time.monotonic())
-        self._next_due = next_due
-        self._more_timers = len(timers) >= TIMER_BATCH
+        self._dues[timer_set] = next_due
+        self._more_timers = timer_set if len(timers) >= TIMER_BATCH else None
         if self._recovering and not read and lanes == self.keys.inboxes:
             self._recovering = False
         if block and not read and waited < block / 2:
@@ -223,14 +227,34 @@ class Coordinator:
         if self._recovering or self._more_timers or self.held:
             return None
         block = self.settings.coordinator_block
-        if self._next_due is not None:
-            clock, at = self._clock
-            block = min(block, self._next_due - (clock + time.monotonic() - at))
+        known = [due for due in self._dues.values() if due is not None]
+        if known:
+            block = min(block, min(known) - self._now())
         return block if block >= 0.001 else None
 
-    def _expect_timer(self, due: float) -> None:
+    def _timer_set(self) -> str:
+        """The set of timers this round claims (one a round: a claim per set would cost each round as
+        many): one whose last claim hit its limit, else the one due soonest if it is due, else the next
+        in turn, so a timer set by another coordinator is found within a turn of all the sets."""
+        if self._more_timers is not None:
+            return self._more_timers
+        now = self._now()
+        due = [(when, name) for name, when in self._dues.items() if when is not None and when <= now]
+        if due:
+            return min(due)[1]
+        sets = self.keys.timer_sets
+        self._turn = (self._turn + 1) % len(sets)
+        return sets[self._turn]
+
+    def _now(self) -> float:
+        """Redis's clock as of the last read, moved on by the time since."""
+        clock, at = self._clock
+        return clock + time.monotonic() - at
+
+    def _expect_timer(self, timer_set: str, due: float) -> None:
         """A transition set a timer: the next read must not block past it."""
-        self._next_due = due if self._next_due is None else min(self._next_due, due)
+        known = self._dues.get(timer_set)
+        self._dues[timer_set] = due if known is None else min(known, due)
 
     def process(self, now: float, stream: str, entries: list[Entry], timers: Sequence[str] = ()) -> None:
         """Apply the entries and timers; their acks go with the next round's read."""
@@ -382,7 +406,7 @@ class Coordinator:
                     continue
                 run.meta["version"] = version
                 if run.tx.timers_add:
-                    self._expect_timer(min(run.tx.timers_add.values()))
+                    self._expect_timer(self.keys.timer_set(run.id), min(run.tx.timers_add.values()))
                 if run.tx.has_outbox:
                     drains.append((run.id, run.tx.id, run.tx.outbox()))
                 if run.tx.finished:

@@ -47,7 +47,7 @@ from pathlib import Path
 
 from phibroker.errors import InvalidInput
 from phibroker.grants import Grant, Roles
-from phibroker.keys import CLUSTER_EVENT_SHARDS, Keys
+from phibroker.keys import CLUSTER_SHARDS, Keys
 
 COORDINATOR, WATCH, ADMIN, CLIENT, APPROVER = "coordinator", "watch", "admin", "client", "approver"
 RESERVED = frozenset({COORDINATOR, WATCH, ADMIN, CLIENT, APPROVER, "default"})
@@ -182,7 +182,7 @@ def generate(
     (their identity is a client's too). `token` makes secrets (tests pass a fixed one). `cluster`: the
     (host, port) of nodes of a Redis Cluster, named by the env files' `redis+cluster://` URLs instead
     of `host` and `port`; every user may also ask what a cluster client asks (CLUSTER_BASICS)."""
-    keys = Keys(check_name(namespace, "namespace"), CLUSTER_EVENT_SHARDS if cluster else 1)
+    keys = Keys(check_name(namespace, "namespace"), CLUSTER_SHARDS if cluster else 1)
     make = token or (lambda: secrets.token_urlsafe(32))
     subs = subscriptions or {}
     unknown = [a for a in submitters if a not in agents]

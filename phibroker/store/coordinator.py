@@ -54,7 +54,7 @@ def access(keys: Keys) -> list[Grant]:
         f"~{keys.namespace}:wf:*",
         f"~{keys.results}",
         f"~{keys.results_bulk}",
-        f"~{keys.timers}",
+        *(f"~{timers}" for timers in keys.timer_sets),
         f"~{keys.running}",
         f"~{keys.workflows}",
         f"~{keys.approvals}",
@@ -314,8 +314,8 @@ class CoordinatorStore(Connection):
         ]
 
         def carried_out(pipe: Any) -> None:
-            if fired:
-                pipe.zrem(self.keys.timers, *fired)
+            for timers, members in self._by_timer_set(fired).items():
+                pipe.zrem(timers, *members)
             self._dispatch(pipe, streams)
             for wf_id, _, box in items:
                 self._carry_out(pipe, wf_id, box, route)
@@ -373,9 +373,9 @@ class CoordinatorStore(Connection):
         for raw in box.get("inbox") or ():  # to other runs: a child's end, a parent's cancel
             pipe.xadd(keys.results, {wire.FIELD: self.signed(raw)})
         if box.get("timers_add"):
-            pipe.zadd(keys.timers, {m: int(due * 1000) for m, due in box["timers_add"].items()})
+            pipe.zadd(keys.timer_set(wf_id), {m: int(due * 1000) for m, due in box["timers_add"].items()})
         if box.get("timers_del"):
-            pipe.zrem(keys.timers, *box["timers_del"])
+            pipe.zrem(keys.timer_set(wf_id), *box["timers_del"])
         if box.get("approvals_set"):
             pipe.hset(keys.approvals, mapping=box["approvals_set"])
         if box.get("approvals_del"):
@@ -518,7 +518,18 @@ class CoordinatorStore(Connection):
     def set_timers_again(self, members: Sequence[str], clock: float) -> int:
         """Timers due by `clock` (Redis's, seconds) that may have been lost, added where missing (one a
         coordinator claimed keeps its claim): how many were missing. Firing one twice does nothing more."""
-        return int(self.redis.zadd(self.keys.timers, dict.fromkeys(members, int(clock * 1000)), nx=True))
+        pipe = self.redis.pipeline(transaction=False)
+        for timers, own in self._by_timer_set(members).items():
+            pipe.zadd(timers, dict.fromkeys(own, int(clock * 1000)), nx=True)
+        return sum(int(added) for added in pipe.execute())
+
+    def _by_timer_set(self, members: Iterable[str]) -> dict[str, list[str]]:
+        """Timers by the sorted set of their run (named in each member, see `state.timer_member`)."""
+        sets: dict[str, list[str]] = {}
+        for member in members:
+            wf_id = member.split("|")[1] if "|" in member else None
+            sets.setdefault(self.keys.timer_set(wf_id), []).append(member)
+        return sets
 
     def claim_applied(self, claims: Sequence[tuple[str, str, int]]) -> list[str]:
         """For each (key, holder, ttl ms): set the key to `holder` for that long unless it is set, in one
@@ -541,12 +552,13 @@ class CoordinatorStore(Connection):
         block: float | None,
         pending: bool,
         acks: Mapping[str, Sequence[str]],
+        timers: str,
         timer_limit: int = 500,
     ) -> tuple[float, float | None, list[str], list[tuple[str, Entry]]]:
         """A coordinator's round in one round trip: ack what the last round handled, claim the due
-        timers for `timer_claim` seconds, then read the streams (as `read_groups`, blocking up to
-        `block`). Returns Redis's clock when the read returned, when the next timer is due, the claimed
-        timers and the entries.
+        timers of the sorted set `timers` for `timer_claim` seconds, then read the streams (as
+        `read_groups`, blocking up to `block`). Returns Redis's clock when the read returned, when the
+        set's next timer is due, the claimed timers and the entries.
 
         On one server the clock is a TIME right behind the read, which Redis runs as the read returns; on
         a cluster it is the claim's, taken before the read blocked, carried past it by the time the call
@@ -557,7 +569,7 @@ class CoordinatorStore(Connection):
             for stream, ids in acks.items():
                 if ids:
                     pipe.xack(stream, group, *ids)
-            pipe.evalsha(SHAS[scripts.CLAIM_TIMERS], 1, self.keys.timers, claim_ms, timer_limit)
+            pipe.evalsha(SHAS[scripts.CLAIM_TIMERS], 1, timers, claim_ms, timer_limit)
             xreadgroup(pipe, streams, group, consumer, count, block, pending)
             if not self.cluster:
                 pipe.time()
@@ -572,15 +584,15 @@ class CoordinatorStore(Connection):
         *acked, claimed, read = replies
         if isinstance(claimed, NoScriptError):
             self.load_scripts()
-            claimed = self._script(scripts.CLAIM_TIMERS, [self.keys.timers], [claim_ms, timer_limit])
+            claimed = self._script(scripts.CLAIM_TIMERS, [timers], [claim_ms, timer_limit])
             began = time.monotonic()  # this claim's clock was read after the read returned
         for reply in (*acked, claimed, read, after):
             if isinstance(reply, Exception):
                 with groups_made_again(self, streams, group):
                     raise reply  # what the read delivered is re-read by the coordinator's own recovery
-        clock, next_due, timers = _claimed(claimed)
+        clock, next_due, due = _claimed(claimed)
         if after is None:
             clock += time.monotonic() - began
         else:
             clock = int(after[0]) + int(after[1]) / 1e6
-        return clock, next_due, timers, entries_of(read)
+        return clock, next_due, due, entries_of(read)

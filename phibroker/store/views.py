@@ -235,11 +235,13 @@ class Views:
         now, (meta, units) = self.broker.clocked(self.keys.wf(wf_id), build)
         return now, parse_meta(meta), parse_units(units)
 
-    def timer_dues(self, members: Sequence[str]) -> list[float | None]:
-        """When each named timer is due (seconds), None where it is not set: ZMSCORE on exact members."""
+    def timer_dues(self, wf_id: str, members: Sequence[str]) -> list[float | None]:
+        """When each named timer of the run is due (seconds), None where it is not set: ZMSCORE on exact
+        members."""
         if not members:
             return []
-        return [None if s is None else float(s) / 1000 for s in self.redis.zmscore(self.keys.timers, list(members))]
+        dues = self.redis.zmscore(self.keys.timer_set(wf_id), list(members))
+        return [None if s is None else float(s) / 1000 for s in dues]
 
     def approval_requests(self, request_ids: Sequence[str]) -> list[dict[str, Any] | None]:
         if not request_ids:

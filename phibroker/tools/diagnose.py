@@ -130,7 +130,7 @@ def read_facts(broker: ClientStore, wf_id: str) -> Facts:
             members.append(timer_member("deadline", wf_id, unit, rec["dispatch"]))
     if meta.get("state") == "cancelling":
         members.append(timer_member("grace", wf_id))
-    facts.timers = dict(zip(members, views.timer_dues(members), strict=True))
+    facts.timers = dict(zip(members, views.timer_dues(wf_id, members), strict=True))
     children = [str(units[u]["child"]) for u in live if units[u].get("child")]
     facts.children = dict(zip(children, views.workflow_heads(children), strict=True))
     requests = [str(units[u]["approval"]) for u in live if units[u].get("approval")]
