@@ -295,8 +295,16 @@ def test_dlq_cli_lists_shows_retries_and_purges(procs: Processes, settings: Sett
     (row,) = __import__("json").loads(listed.stdout)
     shown = cli(settings, "dlq", "show", row["id"])
     assert shown.returncode == 0 and "decode_error" in shown.stdout
-    retried = cli(settings, "dlq", "retry", row["id"])
-    assert retried.returncode == 0 and r.xlen(stream) == 2 and not client.dead_letters()
+    # a task lane's dead letter is not put back from its bytes (anyone may write a dead letter)
+    refused = cli(settings, "dlq", "retry", row["id"])
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert "phibroker retry" in refused.stderr and r.xlen(stream) == 1 and len(client.dead_letters()) == 1
+    inbox = settings.keys.results
+    letter = {"reason": "x", "raw": b"\xc1", "source": inbox, "entry": "1-0"}
+    kept = r.xadd(settings.keys.dlq, {"m": msgpack.packb(letter)}).decode()
+    before = r.xlen(inbox)
+    retried = cli(settings, "dlq", "retry", kept)
+    assert retried.returncode == 0 and r.xlen(inbox) == before + 1 and len(client.dead_letters()) == 1
     r.xadd(settings.keys.dlq, {"m": msgpack.packb({"reason": "x", "raw": b"", "source": "s", "entry": "1-0"})})
     assert cli(settings, "dlq", "purge").returncode == 2
     assert cli(settings, "dlq", "purge", "--all").returncode == 0 and not client.dead_letters()

@@ -139,7 +139,7 @@ def dlq_show(settings: Settings, entry_id: str) -> None:
 @click.argument("entry_ids", metavar="ID...", nargs=-1, required=True)
 @click.pass_obj
 def dlq_retry(settings: Settings, entry_ids: tuple[str, ...]) -> None:
-    """Put dead letters back on the streams they came from."""
+    """Put dead letters back on the inbox or subscription stream they came from (a task's: retry its run)."""
     from phibroker.runtime.client import Client
 
     with Client(settings) as client:

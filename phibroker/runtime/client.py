@@ -298,7 +298,11 @@ class Client:
         return row
 
     def retry_dead_letter(self, entry_id: str) -> str:
-        """Put a dead letter's bytes back on the stream it came from; returns that stream."""
+        """Put a dead letter's bytes back on the stream it came from; returns that stream. Only the
+        coordinators' inbox (which checks who signed what it reads) and subscription streams (which
+        agents may append to anyway) take them: any process may write a dead letter, so its bytes and
+        its `source` are not to be trusted with an agent's task lane."""
+        keys = self.settings.keys
         with reaching(self.settings):
             record = self.broker.read_dead_letter(entry_id)
             if record is None:
@@ -306,8 +310,13 @@ class Client:
             if record.get("truncated"):
                 raise InvalidInput(f"dead letter {entry_id!r} was too large to keep whole; it cannot be retried")
             source = str(record.get("source") or "")
-            if source.startswith(self.settings.keys.sub("")):
-                source = self.settings.keys.sub(str(record.get("subscription") or source.rsplit(":", 1)[-1]))
+            if source.startswith(keys.sub("")):
+                source = keys.sub(str(record.get("subscription") or source.rsplit(":", 1)[-1]))
+            elif source not in keys.inboxes:
+                raise InvalidInput(
+                    f"dead letter {entry_id!r} came from {source or 'nowhere'!r}: only the inbox's and the"
+                    " subscriptions' are put back (a task's: `phibroker retry RUN --from TASK`)"
+                )
             self.broker.add(source, record.get("raw") or b"")
             self.broker.remove_dead_letters([entry_id])
         return source
