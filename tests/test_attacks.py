@@ -592,6 +592,22 @@ def test_garbage_an_agent_writes_in_a_runs_tasks_hash_stops_no_coordinator(fleet
     record("garbage counts in a running run's tasks hash", "webc", "every coordinator died", "read as 0; run ends")
 
 
+def test_a_subscription_filter_too_big_to_run_on_every_event_is_ignored(fleet: Fleet) -> None:
+    """webc registers (its grant on the subscriptions hash allows it) a filter on every event whose one
+    reference has 60,000 parts: looking it up cost each routing process seconds per event, growing with
+    the square of the parts. A filter over 1,000 characters is ignored, so the run goes as it would."""
+    keys = fleet.deployment.keys
+    webc = fleet.deployment.client("webc")
+    where = "data" + ".a" * 60_000 + " == 1"
+    webc.hset(keys.subs, "webc.spy", json.dumps({"agent": "webc", "event": "*", "where": where}))
+    try:
+        untouched(fleet, fleet.submit())
+        assert fleet.alive(), fleet.procs.output()
+    finally:
+        fleet.deployment.client("admin").hdel(keys.subs, "webc.spy")
+    record("a 120 KB `where` on every event", "webc", "each event stalled every process", "ignored")
+
+
 def test_a_reaction_submit_for_a_run_that_exists_writes_nothing_to_it(fleet: Fleet) -> None:
     """A submitter agent asks the coordinators for a run under another's id: nothing of it is written."""
     keys = fleet.deployment.keys

@@ -395,3 +395,13 @@ def test_compile_template_arbitrary_text_only_raises_expression_error(text: str)
     except ExpressionError:
         return
     template.render({})
+
+
+def test_an_expression_too_long_or_a_reference_of_too_many_parts_is_one_clear_error() -> None:
+    with pytest.raises(ExpressionError, match="longer than 10,000 characters"):
+        compile_expression("x == " + "1" * 10_000)
+    with pytest.raises(ExpressionError, match="more than 64 parts"):
+        compile_expression("data" + ".a" * 64)
+    assert compile_expression("data" + ".a" * 63 + " == 1").test({"data": {"a": 1}}) is False
+    dotted = {"tasks": {"a.b.c": {"result": 7}}}  # names may contain dots: the longest key wins
+    assert compile_expression("tasks.a.b.c.result == 7").test(dotted)

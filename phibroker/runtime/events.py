@@ -28,6 +28,7 @@ from phibroker.workflow.expr import Expression, compile_expression
 log = logging.getLogger("phibroker.events")
 
 Route = tuple[str, bytes, int | None]  # stream, entry, maxlen
+WHERE_MAX = 1_000  # characters of a `where`: every process that routes events runs it on each event
 
 
 def matches(pattern: str, event_type: str) -> bool:
@@ -59,8 +60,11 @@ class Filter:
 
 
 def compile_where(source: str | None, what: str) -> Expression | None:
+    """A subscription's or trigger's `where`: at most WHERE_MAX characters, as it runs on every event."""
     if not source:
         return None
+    if isinstance(source, str) and len(source) > WHERE_MAX:
+        raise InvalidInput(f"{what}: where: longer than {WHERE_MAX:,} characters")
     try:
         return compile_expression(source)
     except ExpressionError as exc:

@@ -17,6 +17,12 @@ from phibroker.errors import ExpressionError
 ROOTS_WORKFLOW = frozenset({"params", "tasks"})
 
 _MAX_DEPTH = 64
+# Bounds that keep evaluating an expression cheap whoever wrote it (a subscription's filter runs on
+# every event, in every process that routes events): its length, a reference's parts, and how many
+# dotted parts one name may span (task and param names may contain dots; see `resolve`).
+MAX_SOURCE = 10_000
+_MAX_PATH = 64
+_MAX_NAME_PARTS = 16
 _INDEX = re.compile(r"[0-9]+")
 _PLAIN_SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
 _TOKEN = re.compile(
@@ -55,7 +61,8 @@ class Reference:
 def resolve(path: tuple[str, ...], scope: Mapping[str, Any]) -> Any:
     """Follow `path` through mapping keys and list indexes only; anything missing or odd is None.
 
-    Task and param names may contain dots, so at a mapping the longest run of segments that is a key wins.
+    Task and param names may contain dots, so at a mapping the longest run of segments that is a key
+    wins (of up to `_MAX_NAME_PARTS`: so the look costs in proportion to the path, not its square).
     """
     if not path:
         return None
@@ -63,7 +70,7 @@ def resolve(path: tuple[str, ...], scope: Mapping[str, Any]) -> Any:
     i = 1
     while i < len(path) and current is not None:
         if isinstance(current, Mapping):
-            for j in range(len(path), i, -1):
+            for j in range(min(len(path), i + _MAX_NAME_PARTS), i, -1):
                 key = ".".join(path[i:j])
                 if key in current:
                     current, i = current[key], j
@@ -81,7 +88,7 @@ def task_of(ref: Reference, task_names: Collection[str]) -> str | None:
     """The task a `tasks.` reference points to: the longest dotted run after "tasks" that is a known name."""
     if ref.path[0] != "tasks":
         return None
-    for j in range(len(ref.path), 1, -1):
+    for j in range(min(len(ref.path), 1 + _MAX_NAME_PARTS), 1, -1):
         name = ".".join(ref.path[1:j])
         if name in task_names:
             return name
@@ -419,6 +426,8 @@ class _Parser:
                 self.expect("]")
             else:
                 break
+            if len(segments) > _MAX_PATH:
+                raise self.error(f"a reference of more than {_MAX_PATH} parts")
         ref = Reference(tuple(segments))
         self.references.add(ref)
         return ref
@@ -443,6 +452,8 @@ class Expression:
 def compile_expression(source: str) -> Expression:
     if not isinstance(source, str):
         raise ExpressionError(repr(source), "an expression must be a string")
+    if len(source) > MAX_SOURCE:
+        raise ExpressionError(source[:40] + "...", f"longer than {MAX_SOURCE:,} characters")
     parser = _Parser(source)
     node = parser.expression()
     return Expression(source, node, frozenset(parser.references))
