@@ -90,19 +90,47 @@ def nests_deeper(value: Any, limit: int) -> bool:
     return True
 
 
-def _may_nest_deeper(raw: bytes) -> bool:
-    """Cheap (no walk, ~1 ns a byte, nothing for a short message): whether `raw` has enough bytes that
-    open a container to nest past MAX_DEPTH."""
-    return len(raw) > MAX_DEPTH and len(raw.translate(None, _NOT_OPENERS)) > MAX_DEPTH
+# The maps and lists an inbox message may unpack to: one per CONTAINER_BYTES of it, and FEW_CONTAINERS
+# for any. An empty map is one byte packed and ~64 in Python, so a message of nothing else took ~80
+# times its size in a coordinator's memory; this keeps it to ~20 times. (A result's value travels as
+# bytes inside its message, and is not counted here.)
+CONTAINER_BYTES = 4
+FEW_CONTAINERS = 4096
 
 
-def unpack(raw: bytes, limit: int) -> Any:
-    """Unpack untrusted bytes: size capped first, no ext types, no timestamps, bounded containers and
-    nesting."""
+def inbox_containers(raw: bytes) -> int:
+    return max(FEW_CONTAINERS, len(raw) // CONTAINER_BYTES)
+
+
+class _TooManyContainers(Exception):
+    pass
+
+
+def _counted(budget: int) -> dict[str, Any]:
+    """msgpack hooks that count the maps and lists unpacked, and stop past `budget`."""
+    seen = 0
+
+    def count(container: Any) -> Any:
+        nonlocal seen
+        seen += 1
+        if seen > budget:
+            raise _TooManyContainers
+        return container
+
+    return {"object_hook": count, "list_hook": count}
+
+
+def unpack(raw: bytes, limit: int, containers: int | None = None) -> Any:
+    """Unpack untrusted bytes: size capped first, no ext types, no timestamps, bounded containers (in
+    size, in nesting, and in number: at most `containers` maps and lists, if given)."""
     if not raw:
         raise DecodeError(raw, "empty message (no `m` field)")
     if len(raw) > limit:
         raise DecodeError(raw, f"{len(raw)} bytes, over the {limit}-byte limit")
+    # Cheap (~1 ns a byte, nothing for a short message): every container takes at least one of these
+    # bytes, so with few of them the message is neither deep nor made of many containers, and is not walked.
+    openers = len(raw.translate(None, _NOT_OPENERS)) if len(raw) > MAX_DEPTH else 0
+    budget = openers if containers is None else containers
     try:
         value = msgpack.unpackb(
             raw,
@@ -114,12 +142,15 @@ def unpack(raw: bytes, limit: int) -> Any:
             max_map_len=limit,
             max_ext_len=0,
             timestamp=0,
+            **(_counted(budget) if openers > budget else {}),
         )
+    except _TooManyContainers:
+        raise DecodeError(raw, f"more than {budget:,} maps and lists in {len(raw):,} bytes") from None
     except msgpack.StackError:
         raise DecodeError(raw, f"nested deeper than {MAX_DEPTH} levels") from None
     except (ValueError, TypeError, msgpack.ExtraData, msgpack.UnpackException, RecursionError) as exc:
         raise DecodeError(raw, f"not msgpack: {type(exc).__name__}: {exc}") from None
-    if _may_nest_deeper(raw) and nests_deeper(value, MAX_DEPTH):
+    if openers > MAX_DEPTH and nests_deeper(value, MAX_DEPTH):
         raise DecodeError(raw, f"nested deeper than {MAX_DEPTH} levels")
     return value
 
@@ -400,11 +431,11 @@ class Inbox:
 
     @classmethod
     def decode(cls, raw: bytes, limit: int) -> Inbox:
-        e = _check(unpack(raw, limit), _INBOX_SCHEMA, _INBOX_REQUIRED, "inbox message")
+        e = _check(unpack(raw, limit, inbox_containers(raw)), _INBOX_SCHEMA, _INBOX_REQUIRED, "inbox message")
         if e["kind"] not in _INBOX_KINDS:
             raise DecodeError(e, f"inbox message: unknown kind {e['kind']!r}")
         blob = e.get("results") or b""
-        items = unpack(blob, limit) if blob else []
+        items = unpack(blob, limit, inbox_containers(blob)) if blob else []
         if not isinstance(items, list):
             raise DecodeError(e, "inbox message: results is not a list")
         results = [_result(item) for item in items]

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 import redis
 from redis.exceptions import NoPermissionError, NoScriptError, ResponseError
@@ -606,6 +607,24 @@ def test_a_subscription_filter_too_big_to_run_on_every_event_is_ignored(fleet: F
     finally:
         fleet.deployment.client("admin").hdel(keys.subs, "webc.spy")
     record("a 120 KB `where` on every event", "webc", "each event stalled every process", "ignored")
+
+
+def test_an_inbox_message_of_millions_of_empty_maps_is_dead_lettered_before_it_fills_a_coordinator(
+    fleet: Fleet,
+) -> None:
+    """One byte packed, ~64 in Python: a 2 MB `decide` body of empty maps made a coordinator hold 80
+    times that per message (decides need no signature). An inbox message is refused past one map or list
+    per 4 bytes, and dead-lettered with why."""
+    keys = fleet.deployment.keys
+    seen = len(fleet.dead_letters())
+    body = {"approval": "x", "padding": [{}] * 2_000_000}
+    raw = msgpack.packb({"v": 1, "id": wire.new_id(), "kind": "decide", "body": body})
+    fleet.deployment.client("webc").xadd(keys.results, {wire.FIELD: raw})
+    (reason,) = reasons_since(fleet, seen, 1)
+    assert "maps and lists" in reason, reason
+    assert fleet.alive(), fleet.procs.output()
+    untouched(fleet, fleet.submit())
+    record("a 2 MB inbox message of empty maps", "webc", "~80× its size in a coordinator", "dead-lettered")
 
 
 def test_a_reaction_submit_for_a_run_that_exists_writes_nothing_to_it(fleet: Fleet) -> None:
