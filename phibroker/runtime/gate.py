@@ -245,7 +245,7 @@ class SecurityGate:
             return f"forged {what}: agent {sender!r} {verb} {unit!r} of another agent"
         return None
 
-    def check_submitter(self, run_id: str, meta: dict[str, Any]) -> str | None:
+    def check_submitter(self, run_id: str, meta: dict[str, Any], launched: bool = False) -> str | None:
         """With a file that names roles, a run starts only if a client (or a coordinator: child runs,
         triggers) signed its id, creation time, spec, params and parent when it was written: a copy of a
         signed file written by an agent does not run, nor a run whose spec or params changed after it was
@@ -264,7 +264,8 @@ class SecurityGate:
         if not hmac.compare_digest(expected, str(meta["submit_sig"])):
             return f"refused: bad submit signature for {name!r} (the run was changed after it was submitted)"
         age, kept = time.time() - float(meta.get("created_at") or 0), self.settings.retention
-        if age > kept:  # its keys would have expired: a copy written again, or nobody started it in time
+        # its keys would have expired: a copy written again, or nobody started it in time
+        if age > kept and not launched:
             return f"refused: submitted {age:.0f} s ago, longer than runs are kept ({kept:.0f} s): submit it again"
         return None
 
@@ -276,6 +277,16 @@ class SecurityGate:
         if meta.get("launched"):
             return None
         return self.check_submitter(run_id, meta) or (self.verify_source(meta) if self.require_signed else None)
+
+    def check_launched(self, run_id: str, meta: dict[str, Any]) -> str | None:
+        """Why a launched run, read again from Redis, must not go on, or None: the checks of its start
+        again (but its age), since a client's user may write runs. A spec rewritten after the run started
+        (a payload changed under `--require-signed`) no longer matches its signatures."""
+        if not meta.get("launched"):
+            return None  # its start checks it
+        return self.check_submitter(run_id, meta, launched=True) or (
+            self.verify_source(meta) if self.require_signed else None
+        )
 
     def trusted(self) -> dict[str, str]:
         """The trust list in Redis; with none configured, the local keys (read now, so new keys count)."""
