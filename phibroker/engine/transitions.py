@@ -110,6 +110,8 @@ def apply_result(run: Run, result: wire.Result, now: float) -> bool:
             if partition is not None or is_undo:
                 raise SpawnError("only a plain task's handler may spawn (not a partition or a compensation)")
             children = plan_children(run.workflow, task, result.spawns, run.max_children)
+            if run.signed_only:
+                _own_agent_only(children, unit_agent(run.workflow, unit))
         except SpawnError as exc:
             error = f"SpawnError: {exc}"
     run.set(unit, answered=result.token)  # so a second copy of this result is known as one
@@ -134,6 +136,17 @@ def _fenced(run: Run, unit: str, known: int | None, token: int) -> bool:
         return False
     run.tx.guards[f"{unit}|run"] = f"{token}{SEP}"
     return True
+
+
+def _own_agent_only(children: dict[str, dict[str, Any]], agent: str | None) -> None:
+    """Under `--require-signed`, a spawned task runs on its spawner's agent: another agent's, with a
+    payload the handler chose, would run what no signed file says (a signed sub-workflow may)."""
+    for name, spec in children.items():
+        if spec.get("workflow") is None and spec.get("agent") != agent:
+            raise SpawnError(
+                f"child {name.rsplit('/', 1)[1]!r} on agent {spec.get('agent')!r}: under --require-signed a"
+                f" spawned task runs on its spawner's agent ({agent!r}); spawn a signed workflow for others"
+            )
 
 
 def apply_timer(run: Run, member: str, now: float) -> None:

@@ -106,7 +106,7 @@ class Coordinator:
             lambda spec: self.cache.workflow(spec),
             self._forget_all,
         )
-        self.cache = RunCache(settings, self.broker, cache_size)
+        self.cache = RunCache(settings, self.broker, cache_size, require_signed)
         self.held = HeldWork(settings)
         self.stopping = threading.Event()
         self._recovering = True  # read our own pending entries first (after a restart or an error)

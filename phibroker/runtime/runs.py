@@ -26,9 +26,10 @@ SPEC_CACHE_SIZE = 256  # checked workflow files kept, by their text
 class RunCache:
     """The runs a coordinator has loaded, and the workflow files they were started from."""
 
-    def __init__(self, settings: Settings, broker: CoordinatorStore, cache_size: int = 2000):
+    def __init__(self, settings: Settings, broker: CoordinatorStore, cache_size: int = 2000, signed_only: bool = False):
         self.settings = settings
         self.broker = broker
+        self.signed_only = signed_only  # `--require-signed`: what runs is what signed files say
         self.runs: OrderedDict[str, state.Run] = OrderedDict()
         self.specs: OrderedDict[str, workflows.Workflow] = OrderedDict()
         self.cache_size = cache_size
@@ -66,6 +67,7 @@ class RunCache:
             max_release=self.settings.max_release,
             cancel_grace=self.settings.cancel_grace,
             max_children=self.settings.max_children,
+            signed_only=self.signed_only,
             max_depth=self.settings.max_depth,
         )
 

@@ -29,3 +29,11 @@ def _step(agent: Agent) -> None:
 
 for _agent in (webc, kalic, cmdc, dormant):
     _step(_agent)
+
+
+@webc.command("plan")
+def plan(ctx: Context, spawn: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a handler turned against its run might do: spawn `step` tasks for any agent, with any payload."""
+    for child in spawn:
+        ctx.spawn(child["name"], "step", agent=child.get("agent"), payload=child.get("payload"))
+    return {"spawned": len(spawn)}
