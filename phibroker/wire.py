@@ -92,9 +92,10 @@ def nests_deeper(value: Any, limit: int) -> bool:
 
 # The maps and lists an inbox message may unpack to: one per CONTAINER_BYTES of it, and FEW_CONTAINERS
 # for any. An empty map is one byte packed and ~64 in Python, so a message of nothing else took ~80
-# times its size in a coordinator's memory; this keeps it to ~20 times. (A result's value travels as
-# bytes inside its message, and is not counted here.)
-CONTAINER_BYTES = 4
+# times its size in a coordinator's memory; this keeps it to ~40 times, and lets through dense data
+# such as lists of pairs of small numbers (3 bytes each). (A result's value travels as bytes inside its
+# message, and is not counted here.)
+CONTAINER_BYTES = 2
 FEW_CONTAINERS = 4096
 
 

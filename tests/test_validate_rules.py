@@ -275,3 +275,13 @@ def test_every_rule_is_explained_in_one_line() -> None:
         "explains": "runs as soon as 1 of its 2 upstreams succeeded; once 1 no longer can, upstream_failed if "
         "one failed, else skipped; its success ends the run as succeeded (the rest stops or is skipped)",
     }
+
+
+def test_a_trigger_filter_too_long_to_run_on_every_event_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    path = tmp_path / "loud.yaml"
+    where = "event.data.channel == '" + "x" * 1_000 + "'"
+    tasks = {"Tell": {"agent": "webc", "command": "note"}}
+    path.write_text(yaml.safe_dump({"name": "loud", "on": {"event": "release.tagged", "where": where}, "tasks": tasks}))
+    result = run_cli("validate", str(path))
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "on.where: longer than 1,000 characters" in result.stderr

@@ -57,13 +57,21 @@ def start(run: Run, now: float) -> None:
 
 
 def refuse(run: Run, reason: str, now: float) -> None:
-    """The coordinator will not run this workflow (an unsigned or tampered file): it fails at once."""
-    if run.meta.get("launched"):
+    """The coordinator will not run this workflow (an unsigned or tampered file): it fails at once.
+    One that started (and was changed since) goes no further either: its live units are cancelled now,
+    those running told to stop, and no compensation runs, since its spec is not to be trusted."""
+    if run.wf_state in WF_TERMINAL:
         return
+    launched = run.meta.get("launched")
     run.set_meta(launched=1, error=reason)
     run.event("workflow.refused", now, reason=reason)
-    for task in run.workflow.tasks:
-        run.set(task, state="cancelled", error=reason)
+    if not launched:
+        for task in run.workflow.tasks:
+            run.set(task, state="cancelled", error=reason)
+    for unit, record in list(run.units.items()) if launched else ():
+        if record.get("state") in ("ready", "running") and record.get("token"):
+            run.tx.stops.append((str(unit_agent(run.workflow, unit)), unit, str(record.get("dispatch"))))
+        _stop_unit(run, unit, now, reason, force=True)
     _finish(run, "failed", now)
 
 
@@ -147,6 +155,23 @@ def _own_agent_only(children: dict[str, dict[str, Any]], agent: str | None) -> N
                 f"child {name.rsplit('/', 1)[1]!r} on agent {spec.get('agent')!r}: under --require-signed a"
                 f" spawned task runs on its spawner's agent ({agent!r}); spawn a signed workflow for others"
             )
+
+
+def foreign_children(run: Run) -> str | None:
+    """Under `--require-signed`, why the run's spawned tasks are not what its handlers may spawn (a task
+    on another agent than its spawner's: written into the run by someone else), or None."""
+    if not run.signed_only:
+        return None
+    by_parent: dict[str, dict[str, dict[str, Any]]] = {}
+    for name, spec in (run.meta.get("children") or {}).items():
+        if isinstance(spec, dict):
+            by_parent.setdefault(str(name).rsplit("/", 1)[0], {})[str(name)] = spec
+    try:
+        for parent, children in by_parent.items():
+            _own_agent_only(children, unit_agent(run.workflow, parent))
+    except SpawnError as exc:
+        return f"refused: tampered: {exc}"
+    return None
 
 
 def apply_timer(run: Run, member: str, now: float) -> None:

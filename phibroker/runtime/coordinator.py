@@ -116,7 +116,8 @@ class Coordinator:
         # when each set's next timer is due, as far as we know (each claim tells its own set's)
         self._dues: dict[str, float | None] = dict.fromkeys(self.keys.timer_sets)
         self._more_timers: str | None = None  # the set whose last claim hit its limit: more may be due there
-        self._turn = 0  # the set claimed last when none was known to be due
+        self._turn = 0  # the set claimed last in turn
+        self._round = 0
         # inputs refused as forged, by the object: a run read again after a lost commit race decides
         # them again, and they are dead-lettered once, after the round's commits
         self._forged: dict[int, tuple[str, bytes, str]] = {}
@@ -234,13 +235,15 @@ class Coordinator:
 
     def _timer_set(self) -> str:
         """The set of timers this round claims (one a round: a claim per set would cost each round as
-        many): one whose last claim hit its limit, else the one due soonest if it is due, else the next
-        in turn, so a timer set by another coordinator is found within a turn of all the sets."""
+        many): one whose last claim hit its limit, else, every other round, the one due soonest if it is
+        due, and the next in turn otherwise, so that a timer no coordinator knows of (set by one that
+        died) is found within two turns of all the sets, however busy the known ones are."""
         if self._more_timers is not None:
             return self._more_timers
+        self._round += 1
         now = self._now()
         due = [(when, name) for name, when in self._dues.items() if when is not None and when <= now]
-        if due:
+        if due and self._round % 2:
             return min(due)[1]
         sets = self.keys.timer_sets
         self._turn = (self._turn + 1) % len(sets)
@@ -389,12 +392,14 @@ class Coordinator:
             commits, idle = [], []
             for wf_id, items in pending.items():
                 run = runs.get(wf_id)
-                refusal = self.gate.check_launched(run.id, run.meta) if run is not None and run.fresh else None
+                refusal = self._refusal(run, items) if run is not None and run.fresh else None
                 if run is None:
                     self._unknown(wf_id, items)
-                elif refusal:  # changed since it started: nothing of it runs on (see Gate.check_launched)
-                    log.error("%s: %s; dead-lettering its inputs", wf_id, refusal)
-                    self._dead_letter_inputs(wf_id, items, refusal)
+                elif refusal:  # it goes no further, and its inputs with it
+                    log.error("%s: %s; the run fails", wf_id, refusal)
+                    run.begin(self.name)
+                    engine.refuse(run, refusal, now)
+                    (commits.append(run) if run.tx.changed else idle.append(wf_id))
                 elif self._decide_safely(run, items, now):
                     commits.append(run)
                 else:
@@ -449,6 +454,17 @@ class Coordinator:
             self._dead_letter_inputs(run.id, items, f"coordinator error on {run.id}: {type(exc).__name__}: {exc}")
             run.begin(self.name)
             return False
+
+    def _refusal(self, run: state.Run, items: list[Op]) -> str | None:
+        """Why a run read afresh from Redis must go no further, or None. A client's user may write runs:
+        under `--require-signed` one that started must still be its signed file (Gate.check_launched) and
+        its spawned tasks its handlers' own; one not started yet takes its start (submit, kick), which
+        checks it, and any other input only after the same checks."""
+        if run.meta.get("launched"):
+            return self.gate.check_launched(run.meta) or engine.foreign_children(run)
+        if all(kind in ("submit", "kick") for kind, _ in items):
+            return None
+        return self.gate.check_start(run.id, run.meta)
 
     def _dead_letter_inputs(self, wf_id: str, items: list[Op], reason: str) -> None:
         for kind, body in items:

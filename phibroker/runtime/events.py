@@ -23,12 +23,11 @@ from phibroker.runtime.submission import signature_fields
 from phibroker.settings import Settings
 from phibroker.store.registry import Registry
 from phibroker.workflow import Workflow, dag
-from phibroker.workflow.expr import Expression, compile_expression
+from phibroker.workflow.expr import WHERE_MAX, Expression, compile_expression
 
 log = logging.getLogger("phibroker.events")
 
 Route = tuple[str, bytes, int | None]  # stream, entry, maxlen
-WHERE_MAX = 1_000  # characters of a `where`: every process that routes events runs it on each event
 
 
 def matches(pattern: str, event_type: str) -> bool:

@@ -21,6 +21,7 @@ is also a client; an admin is a client that may cancel or retry any run). The ol
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import logging
@@ -73,6 +74,9 @@ ASKED_FIELDS = frozenset(
 )
 _ASKED_MAPS = {"params": dict, "chain": list}  # written as JSON; every other value as text or a number
 _RUN_ID = re.compile(NAME_PATTERN)
+# A run's fields its start checked under `--require-signed` (its spec and the signed file it came from)
+SIGNED_FIELDS = ("spec", "source_text", "source_suffix", "signature", "source_parts")
+VERDICTS_KEPT = 1000
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,7 @@ class SecurityGate:
         self.settings = settings
         self.registry = registry
         self.require_signed = require_signed
+        self._verdicts: dict[str, str | None] = {}  # check_launched's, by signed file and trust list
 
     @cached_property
     def _identities(self) -> tuple[dict[str, Identity], bool]:
@@ -245,7 +250,7 @@ class SecurityGate:
             return f"forged {what}: agent {sender!r} {verb} {unit!r} of another agent"
         return None
 
-    def check_submitter(self, run_id: str, meta: dict[str, Any], launched: bool = False) -> str | None:
+    def check_submitter(self, run_id: str, meta: dict[str, Any]) -> str | None:
         """With a file that names roles, a run starts only if a client (or a coordinator: child runs,
         triggers) signed its id, creation time, spec, params and parent when it was written: a copy of a
         signed file written by an agent does not run, nor a run whose spec or params changed after it was
@@ -264,8 +269,7 @@ class SecurityGate:
         if not hmac.compare_digest(expected, str(meta["submit_sig"])):
             return f"refused: bad submit signature for {name!r} (the run was changed after it was submitted)"
         age, kept = time.time() - float(meta.get("created_at") or 0), self.settings.retention
-        # its keys would have expired: a copy written again, or nobody started it in time
-        if age > kept and not launched:
+        if age > kept:  # its keys would have expired: a copy written again, or nobody started it in time
             return f"refused: submitted {age:.0f} s ago, longer than runs are kept ({kept:.0f} s): submit it again"
         return None
 
@@ -278,15 +282,22 @@ class SecurityGate:
             return None
         return self.check_submitter(run_id, meta) or (self.verify_source(meta) if self.require_signed else None)
 
-    def check_launched(self, run_id: str, meta: dict[str, Any]) -> str | None:
-        """Why a launched run, read again from Redis, must not go on, or None: the checks of its start
-        again (but its age), since a client's user may write runs. A spec rewritten after the run started
-        (a payload changed under `--require-signed`) no longer matches its signatures."""
-        if not meta.get("launched"):
-            return None  # its start checks it
-        return self.check_submitter(run_id, meta, launched=True) or (
-            self.verify_source(meta) if self.require_signed else None
-        )
+    def check_launched(self, meta: dict[str, Any]) -> str | None:
+        """Under `--require-signed`, why a launched run read again from Redis must go no further, or None:
+        its spec must still be its signed file's (a client's user may write runs, and rewrite a payload
+        after the start). Who submitted it is not asked again: a client's secret may have been rotated
+        since, and the client could sign again anyway. A verdict is kept per signed file and trust list:
+        a run is read again often where several coordinators share its inputs."""
+        if not self.require_signed:
+            return None
+        trusted = self.trusted()
+        signed = [str(meta.get(k) or "") for k in (*SIGNED_FIELDS, "source_path")]
+        key = hashlib.sha256("\0".join([*signed, json.dumps(trusted, sort_keys=True)]).encode()).hexdigest()
+        if key not in self._verdicts:
+            self._verdicts[key] = self.verify_source(meta, trusted)
+            while len(self._verdicts) > VERDICTS_KEPT:
+                del self._verdicts[next(iter(self._verdicts))]
+        return self._verdicts[key]
 
     def trusted(self) -> dict[str, str]:
         """The trust list in Redis; with none configured, the local keys (read now, so new keys count)."""
@@ -309,13 +320,15 @@ class SecurityGate:
             return ""
         return " (a trust list is set, so local keys count only once trusted)"
 
-    def verify_source(self, meta: dict[str, Any]) -> str | None:
-        """`--require-signed`: the stored file text carries a trusted signature and is what runs."""
+    def verify_source(self, meta: dict[str, Any], trusted: dict[str, str] | None = None) -> str | None:
+        """`--require-signed`: the stored file text carries a trusted signature and is what runs.
+        `trusted`: the trust list already read (a run read again: then nothing is logged)."""
         text, raw_signature = meta.get("source_text"), meta.get("signature")
         if not text or not raw_signature:
             return "refused: the workflow file is not signed (phibroker sign FILE)"
+        again = trusted is not None
         try:
-            trusted = self.trusted()
+            trusted = trusted if trusted is not None else self.trusted()
             signer = signing.verify_file_bytes(text.encode(), json.loads(raw_signature), trusted)
             source = workflows.decode(text, str(meta.get("source_suffix") or ""))
             source = _embed_signed(source, json.loads(meta.get("source_parts") or "{}"), trusted)
@@ -325,7 +338,8 @@ class SecurityGate:
             return f"refused: {exc}"
         if source != json.loads(meta["spec"]):
             return "refused: tampered: the submitted spec differs from the signed file"
-        log.info("workflow file signed by %s", signer)
+        if not again:
+            log.info("workflow file signed by %s", signer)
         return None
 
 

@@ -21,6 +21,7 @@ _MAX_DEPTH = 64
 # every event, in every process that routes events): its length, a reference's parts, and how many
 # dotted parts one name may span (task and param names may contain dots; see `resolve`).
 MAX_SOURCE = 10_000
+WHERE_MAX = 1_000  # a subscription's or trigger's `where`: each process that routes events runs it on each
 _MAX_PATH = 64
 _MAX_NAME_PARTS = 16
 _INDEX = re.compile(r"[0-9]+")

@@ -26,7 +26,15 @@ from phibroker.errors import (
 from phibroker.wire import nests_deeper
 from phibroker.workflow import dag
 from phibroker.workflow.decoding import collector_paused, decode, read_bounded
-from phibroker.workflow.expr import Expression, Reference, Template, compile_expression, compile_template, task_of
+from phibroker.workflow.expr import (
+    WHERE_MAX,
+    Expression,
+    Reference,
+    Template,
+    compile_expression,
+    compile_template,
+    task_of,
+)
 from phibroker.workflow.spec import (
     MAX_DEPTH,
     RetryPolicy,
@@ -378,6 +386,8 @@ def _compile(workflow: Workflow) -> None:
     if spec.output is not None:
         workflow.output = _output(workflow, spec.output)
     if spec.on is not None and spec.on.where is not None:
+        if len(spec.on.where) > WHERE_MAX:
+            raise WorkflowFileError(f"on.where: longer than {WHERE_MAX:,} characters (it runs on every event)")
         try:
             where = compile_expression(spec.on.where)
         except ExpressionError as exc:
