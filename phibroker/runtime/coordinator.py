@@ -399,7 +399,10 @@ class Coordinator:
                     log.error("%s: %s; the run fails", wf_id, refusal)
                     run.begin(self.name)
                     engine.refuse(run, refusal, now)
-                    (commits.append(run) if run.tx.changed else idle.append(wf_id))
+                    if run.tx.changed:
+                        commits.append(run)
+                    else:  # ended already
+                        idle.append(wf_id)
                 elif self._decide_safely(run, items, now):
                     commits.append(run)
                 else:
