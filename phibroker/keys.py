@@ -86,8 +86,14 @@ class Keys:
         return keys[zlib.crc32(wf_id.encode()) % len(keys)] if wf_id and len(keys) > 1 else keys[0]
 
     @property
-    def subs(self) -> str:
-        return f"{self.namespace}:subs"
+    def subscribers(self) -> str:
+        """The agents that registered subscriptions (a set): whose `subs_of` to read."""
+        return f"{self.namespace}:subscribers"
+
+    def subs_of(self, agent: str) -> str:
+        """An agent's subscriptions (name -> what it wants), a hash only its workers write: one agent
+        cannot change or silence another's."""
+        return f"{self.namespace}:subs:{agent}"
 
     @property
     def triggers(self) -> str:

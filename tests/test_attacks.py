@@ -33,12 +33,13 @@ from phibroker.engine import records
 from phibroker.errors import ApprovalError, DecodeError, InvalidInput, UnknownWorkflow
 from phibroker.keys import Keys
 from phibroker.runtime.client import Client
-from phibroker.runtime.events import trigger_workflow_id
+from phibroker.runtime.events import Router, trigger_workflow_id
 from phibroker.runtime.submission import submission
 from phibroker.security import signing
 from phibroker.settings import Settings
 from phibroker.store import scripts
 from phibroker.store.connection import SHAS
+from phibroker.store.registry import Registry
 from phibroker.store.worker import WorkerStore
 from tests.conftest import Processes, until
 from tests.test_core import events_of
@@ -659,13 +660,37 @@ def test_a_subscription_filter_too_big_to_run_on_every_event_is_ignored(fleet: F
     keys = fleet.deployment.keys
     webc = fleet.deployment.client("webc")
     where = "data" + ".a" * 60_000 + " == 1"
-    webc.hset(keys.subs, "webc.spy", json.dumps({"agent": "webc", "event": "*", "where": where}))
+    webc.sadd(keys.subscribers, "webc")
+    webc.hset(keys.subs_of("webc"), "webc.spy", json.dumps({"agent": "webc", "event": "*", "where": where}))
     try:
         untouched(fleet, fleet.submit())
         assert fleet.alive(), fleet.procs.output()
     finally:
-        fleet.deployment.client("admin").hdel(keys.subs, "webc.spy")
+        fleet.deployment.client("admin").hdel(keys.subs_of("webc"), "webc.spy")
     record("a 120 KB `where` on every event", "webc", "each event stalled every process", "ignored")
+
+
+def test_an_agent_can_neither_change_nor_silence_another_agents_subscription(fleet: Fleet) -> None:
+    """Each agent's subscriptions are a hash only its workers write: webc may not touch kalic's, and an
+    entry of the same name in its own hash (a filter nothing passes) does not stop kalic's from routing."""
+    keys = fleet.deployment.keys
+    kalic, webc = fleet.deployment.client("kalic"), fleet.deployment.client("webc")
+    wants = {"agent": "kalic", "event": "scan.done", "where": None}
+    kalic.sadd(keys.subscribers, "kalic")
+    kalic.hset(keys.subs_of("kalic"), "kalic.watch", json.dumps(wants))
+    with pytest.raises(NoPermissionError):
+        webc.hset(keys.subs_of("kalic"), "kalic.watch", json.dumps({**wants, "event": "nothing"}))
+    webc.sadd(keys.subscribers, "webc")
+    webc.hset(keys.subs_of("webc"), "kalic.watch", json.dumps({**wants, "event": "nothing"}))
+    try:
+        router = Router(Registry(fleet.settings("coordinator")))
+        routed = router.routes([{"id": wire.new_id(), "type": "scan.done", "data": {}, "depth": 0}])
+        assert keys.sub("kalic.watch") in {stream for stream, _, _ in routed}, routed
+    finally:
+        admin = fleet.deployment.client("admin")
+        admin.hdel(keys.subs_of("kalic"), "kalic.watch")
+        admin.hdel(keys.subs_of("webc"), "kalic.watch")
+    record("overwrite another agent's subscription", "webc", "its reactions stopped", "refused: NOPERM")
 
 
 def test_an_inbox_message_of_millions_of_empty_maps_is_dead_lettered_before_it_fills_a_coordinator(

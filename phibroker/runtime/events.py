@@ -83,8 +83,8 @@ class Router:
         self._loaded = 0.0
 
     def load(self) -> None:
-        subs, triggers = self.registry.choreography()
-        self.subscriptions = [_filter(name, info) for name, info in subs.items()]
+        subs, triggers = self.registry.routing()
+        self.subscriptions = [_filter(name, info) for name, info in subs]
         self.triggers = [_filter(name, info) for name, info in triggers.items()]
         self._loaded = time.monotonic()
 
@@ -173,7 +173,7 @@ def register_subscriptions(registry: Registry, agent: str, subscriptions: Mappin
     for sub in subscriptions.values():
         compile_where(sub.where, sub.name)
         info = {"agent": agent, "event": sub.event, "where": sub.where, "registered": time.time()}
-        registry.register_subscription(sub.name, info)
+        registry.register_subscription(agent, sub.name, info)
         stream = registry.keys.sub(sub.name)
         registry.ensure_group(stream, WORKERS_GROUP, start="$")
         streams.append(stream)

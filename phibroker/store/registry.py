@@ -18,16 +18,21 @@ def access(keys: Keys, agent: str | None = None) -> list[Grant]:
     routes (subscriptions, triggers) of the events they publish. Without `agent`, the coordinators':
     they read the routes, a trigger they start and the trust list, never writing them. Clients and the
     views read them as they read the rest (store/views.py)."""
+    every_sub = (f"%R~{keys.subscribers}", f"%R~{keys.subs_of('*')}")
     if agent is not None:
-        return [Grant(("hset", "hgetall"), (f"~{keys.subs}", f"%R~{keys.triggers}"))]
-    return [Grant(("hget", "hgetall"), (f"%R~{keys.subs}", f"%R~{keys.triggers}", f"%R~{keys.trusted_keys}"))]
+        return [
+            Grant(("hset",), (f"~{keys.subs_of(agent)}",)),
+            Grant(("sadd",), (f"%W~{keys.subscribers}",)),
+            Grant(("smembers", "hgetall"), (*every_sub, f"%R~{keys.triggers}")),
+        ]
+    return [Grant(("hget", "hgetall", "smembers"), (*every_sub, f"%R~{keys.triggers}", f"%R~{keys.trusted_keys}"))]
 
 
 def edits(keys: Keys) -> list[Grant]:
     """An operator's: triggers added and removed, keys trusted and distrusted, a subscription
     forgotten with its stream and the ids it has seen."""
     return [
-        Grant(("hset", "hdel"), (f"~{keys.triggers}", f"~{keys.trusted_keys}", f"~{keys.subs}")),
+        Grant(("hset", "hdel"), (f"~{keys.triggers}", f"~{keys.trusted_keys}", f"~{keys.subs_of('*')}")),
         Grant(("del",), (f"~{keys.sub('*')}",)),
     ]
 
@@ -36,27 +41,33 @@ class Registry(Connection):
     """The broker's registries: subscriptions, triggers and the trust list of approvers' keys."""
 
     def choreography(self) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
-        """Subscriptions and triggers: name -> info."""
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hgetall(self.keys.subs)
-        pipe.hgetall(self.keys.triggers)
-        subs, triggers = pipe.execute()
-        return (
-            {k.decode(): json.loads(v) for k, v in subs.items()},
-            {k.decode(): json.loads(v) for k, v in triggers.items()},
-        )
+        """Subscriptions (as `by_name`) and triggers: name -> info."""
+        return by_name(self.routing()[0]), self._triggers()
 
-    def register_subscription(self, name: str, info: dict[str, Any]) -> None:
-        self.redis.hset(self.keys.subs, name, json.dumps(info))
+    def routing(self) -> tuple[list[tuple[str, dict[str, Any]]], dict[str, dict[str, Any]]]:
+        """Every agent's subscription entries (a name two agents registered comes twice: a router routes
+        by each, and the subscription's seen-set runs the event once) and the triggers."""
+        return subscriptions(self.redis, self.keys), self._triggers()
+
+    def _triggers(self) -> dict[str, dict[str, Any]]:
+        return {k.decode(): json.loads(v) for k, v in self.redis.hgetall(self.keys.triggers).items()}
+
+    def register_subscription(self, agent: str, name: str, info: dict[str, Any]) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.sadd(self.keys.subscribers, agent)
+        pipe.hset(self.keys.subs_of(agent), name, json.dumps(info))
+        pipe.execute()
 
     def remove_subscription(self, name: str) -> bool:
         """Forget a subscription, with its stream (the events queued for it) and the ids it has seen."""
+        agents = [a.decode() for a in self.redis.smembers(self.keys.subscribers)]
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hdel(self.keys.subs, name)
+        for agent in agents:
+            pipe.hdel(self.keys.subs_of(agent), name)
         pipe.delete(self.keys.sub(name))
         pipe.delete(self.keys.sub_seen(name))  # apart: the two keys may live in different cluster slots
-        removed, _, _ = pipe.execute()
-        return bool(removed)
+        removed = pipe.execute()[: len(agents)]
+        return any(removed)
 
     def register_trigger(self, name: str, info: dict[str, Any]) -> None:
         self.redis.hset(self.keys.triggers, name, json.dumps(info))
@@ -102,9 +113,37 @@ class Registry(Connection):
         retries, so `graph` draws at once when no broker answers."""
         quick = connect(self.settings, timeout=timeout, retries=0)
         try:
-            raw: Any = quick.hgetall(self.keys.subs)
+            return by_name(subscriptions(quick, self.keys))
         except CONNECTION_ERRORS as exc:
             raise BrokerUnavailable(f"cannot reach Redis at {self.settings.shown_url}: {exc}") from None
         finally:
             quick.close()
-        return {k.decode(): json.loads(v) for k, v in raw.items()}
+
+
+def subscriptions(client: Any, keys: Keys) -> list[tuple[str, dict[str, Any]]]:
+    """Every agent's subscription entries, (name, info), each info's `agent` the one whose hash holds it
+    (whatever the entry says). Two round trips: the agents, then their hashes."""
+    agents = sorted(a.decode() for a in client.smembers(keys.subscribers))
+    pipe = client.pipeline(transaction=False)
+    for agent in agents:
+        pipe.hgetall(keys.subs_of(agent))
+    found: list[tuple[str, dict[str, Any]]] = []
+    for agent, raw in zip(agents, pipe.execute(), strict=True):
+        for name, value in raw.items():
+            try:
+                info = json.loads(value)
+            except ValueError:
+                continue
+            if isinstance(info, dict):
+                found.append((name.decode(), {**info, "agent": agent}))
+    return found
+
+
+def by_name(entries: list[tuple[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Subscription entries by name, as the views show them: of a name two agents registered, the entry
+    of the agent it is named after (`AGENT.fn`), else the first."""
+    named: dict[str, dict[str, Any]] = {}
+    for name, info in entries:
+        if name not in named or name.startswith(f"{info['agent']}."):
+            named[name] = info
+    return named

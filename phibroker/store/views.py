@@ -6,7 +6,6 @@ the broker it watches. Nothing here writes, so the read-only `watch` user of `ac
 
 from __future__ import annotations
 
-import json
 from collections.abc import Collection, Sequence
 from typing import Any
 
@@ -16,6 +15,7 @@ from phibroker.errors import DecodeError
 from phibroker.grants import Grant
 from phibroker.keys import WORKERS_GROUP, Keys
 from phibroker.store.connection import Connection, parse_leases, parse_meta, parse_units, parse_value
+from phibroker.store.registry import by_name, subscriptions
 
 _ROW_FIELDS = ("name", "state", "created_at", "finished_at")  # a run's line in `list`
 _PARENT_FIELDS = ("parent", "parent_task")  # set on a child run of a `workflow:` task
@@ -29,6 +29,7 @@ READS = (
     "hlen",
     "hstrlen",
     "hrandfield",
+    "smembers",
     "zrevrange",
     "zcard",
     "zmscore",
@@ -68,15 +69,14 @@ class Views:
         self.settings = broker.settings
 
     def overview(self, events: int, running: int, approvals: int) -> dict[str, Any]:
-        """One round trip: Redis's clock, worker and coordinator leases, subscriptions, the newest
-        `events` entries of the log (oldest event first), the newest running workflows, and up to
-        `approvals` open approvals with the counts of both."""
+        """In one round trip: Redis's clock, worker and coordinator leases, the newest `events` entries of
+        the log (oldest event first), the newest running workflows, and up to `approvals` open approvals
+        with the counts of both; then the subscriptions (two more)."""
         keys = self.keys
 
         def build(pipe: Any) -> None:
             pipe.hgetall(keys.agents)
             pipe.hgetall(keys.coordinators)
-            pipe.hgetall(keys.subs)
             for log in keys.event_logs:
                 pipe.xrevrange(log, count=max(1, events))
             pipe.zrevrange(keys.running, 0, max(1, running) - 1)
@@ -86,10 +86,10 @@ class Views:
 
         now, replies = self.broker.clocked(keys.agents, build)  # the clock that stamped the leases
         logs = len(keys.event_logs)
-        agents, coordinators, subs = replies[:3]
-        ids, n_running, sample, n_approvals = replies[3 + logs :]
+        agents, coordinators = replies[:2]
+        ids, n_running, sample, n_approvals = replies[2 + logs :]
         log: list[dict[str, Any]] = []
-        for _, fields in newest(replies[3 : 3 + logs], events):
+        for _, fields in newest(replies[2 : 2 + logs], events):
             try:
                 log += wire.decode_events(fields[wire.FIELD], self.settings.max_message_bytes * 4)
             except (DecodeError, KeyError):
@@ -99,7 +99,7 @@ class Views:
             "now": now,
             "agents": parse_leases(agents),
             "coordinators": parse_leases(coordinators),
-            "subs": {k.decode(): json.loads(v) for k, v in subs.items()},
+            "subs": by_name(subscriptions(self.redis, keys)),
             "events": log,
             "running": [i.decode() for i in ids],
             "running_total": int(n_running),
