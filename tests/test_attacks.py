@@ -582,6 +582,7 @@ def test_a_client_rewriting_a_launched_runs_spec_runs_none_of_it(fleet: Fleet, r
         status = watch.wait(wf_id, timeout=60)
     assert status["state"] == "failed" and "tampered" in str(status["error"]), status
     assert not [row for row in fleet.ran(wf_id) if row["task"] == "Ship"], fleet.ran(wf_id)
+    assert not [r for r in approver.approvals() if r["workflow"] == wf_id]  # its gate closed with it
     assert fleet.alive(), fleet.procs.output()
     what = "rewrite a launched run's spec, signed again" + (", marked not started" if relaunch else "")
     record(what, "client", "worked: Ship ran it", "the run fails: tampered")

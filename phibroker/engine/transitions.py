@@ -69,9 +69,14 @@ def refuse(run: Run, reason: str, now: float) -> None:
         for task in run.workflow.tasks:
             run.set(task, state="cancelled", error=reason)
     for unit, record in list(run.units.items()) if launched else ():
-        if record.get("state") in ("ready", "running") and record.get("token"):
+        if record.get("state") in ("ready", "running") and record.get("token"):  # its worker stops it
             run.tx.stops.append((str(unit_agent(run.workflow, unit)), unit, str(record.get("dispatch"))))
-        _stop_unit(run, unit, now, reason, force=True)
+    for task in list(run.workflow.tasks) if launched else ():  # as wind_down, but nothing waited for
+        if run.state(task) == "pending":
+            _cancel_task(run, task, now, reason)
+        elif run.state(task) not in TASK_TERMINAL:
+            _stop_task(run, task, now, reason, force=True)
+    run.candidates.clear()
     _finish(run, "failed", now)
 
 

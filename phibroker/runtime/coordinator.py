@@ -463,6 +463,8 @@ class Coordinator:
         under `--require-signed` one that started must still be its signed file (Gate.check_launched) and
         its spawned tasks its handlers' own; one not started yet takes its start (submit, kick), which
         checks it, and any other input only after the same checks."""
+        if run.wf_state in state.WF_TERMINAL:
+            return None  # nothing of it runs any more: its inputs are answered as an ended run's
         if run.meta.get("launched"):
             return self.gate.check_launched(run.meta) or engine.foreign_children(run)
         if all(kind in ("submit", "kick") for kind, _ in items):

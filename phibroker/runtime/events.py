@@ -108,8 +108,8 @@ class Router:
             if int(event.get("depth") or 0) >= limit:
                 out.append(self._storm(event, [s.name for s in wanted] + [t.name for t in starts]))
                 continue
-            for sub in wanted:
-                routed.setdefault(sub.name, []).append(event)
+            for name in dict.fromkeys(sub.name for sub in wanted):  # a name two agents registered: once
+                routed.setdefault(name, []).append(event)
             for trigger in starts:
                 body = {"wf": trigger_workflow_id(trigger.name, event), "trigger": trigger.name, "event": event}
                 out.append((self.keys.results, wire.Inbox(kind="trigger", body=body).encode(1 << 26), None))
@@ -132,6 +132,11 @@ class Router:
             "subscription": ", ".join(targets),
         }
         return (self.keys.dlq, wire.pack(record), self.settings.dlq_maxlen)
+
+
+def own_filter(name: str, event: str, where: str | None) -> Filter:
+    """A handler's own subscription, as a filter its worker checks each event against again."""
+    return _filter(name, {"event": event, "where": where})
 
 
 def _filter(name: str, info: Mapping[str, Any]) -> Filter:

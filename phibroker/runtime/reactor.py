@@ -20,7 +20,7 @@ from phibroker import workflow as workflows
 from phibroker.errors import DecodeError
 from phibroker.keys import WORKERS_GROUP
 from phibroker.runtime.agent import Agent, Event
-from phibroker.runtime.events import Router, register_subscriptions
+from phibroker.runtime.events import Router, own_filter, register_subscriptions
 from phibroker.runtime.slots import HandlerThreads, Slots
 from phibroker.runtime.submission import submission
 from phibroker.settings import Settings
@@ -70,6 +70,8 @@ class Reactor:
         self.streams: dict[str, str] = {}  # subscription stream -> subscription name
         self.reactions: deque[Reaction] = deque()
         self.reacting: set[tuple[str, str]] = set()  # (subscription stream, entry id) of reactions running
+        # what each handler asked for, checked again here: any agent may route events into the stream
+        self.wanted = {name: own_filter(name, sub.event, sub.where) for name, sub in agent.subscriptions.items()}
 
     def register(self) -> None:
         """Record the agent's subscriptions and create their streams' groups: the worker reads them from now on."""
@@ -108,8 +110,9 @@ class Reactor:
             ids = [str(e.get("id")) for e in reaction.events]
             seen = self.broker.seen(reaction.subscription, ids)
             emitted: list[dict[str, Any]] = []
+            wanted = self.wanted[reaction.subscription]
             for event, already in zip(reaction.events, seen, strict=True):
-                if not already:
+                if not already and wanted.wants(event):
                     emitted += self._react_to(reaction, event)
             if emitted:
                 self.broker.publish(emitted, self.router.routes)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from redis.exceptions import ResponseError
@@ -11,6 +12,10 @@ from phibroker.errors import BrokerUnavailable
 from phibroker.grants import Grant
 from phibroker.keys import WORKERS_GROUP, Keys
 from phibroker.store.connection import CONNECTION_ERRORS, Connection, connect
+
+log = logging.getLogger("phibroker.registry")
+MAX_SUBSCRIBERS = 1000
+MAX_SUBSCRIPTION_BYTES = 16 * 1024  # a name's event and `where` (1,000 characters at most), and a little more
 
 
 def access(keys: Keys, agent: str | None = None) -> list[Grant]:
@@ -124,15 +129,18 @@ def subscriptions(client: Any, keys: Keys) -> list[tuple[str, dict[str, Any]]]:
     """Every agent's subscription entries, (name, info), each info's `agent` the one whose hash holds it
     (whatever the entry says). Two round trips: the agents, then their hashes."""
     agents = sorted(a.decode() for a in client.smembers(keys.subscribers))
+    if len(agents) > MAX_SUBSCRIBERS:  # any agent may add names: a look costs no more than this
+        log.warning("%d agents with subscriptions listed; reading the first %d", len(agents), MAX_SUBSCRIBERS)
+        agents = agents[:MAX_SUBSCRIBERS]
     pipe = client.pipeline(transaction=False)
     for agent in agents:
         pipe.hgetall(keys.subs_of(agent))
     found: list[tuple[str, dict[str, Any]]] = []
     for agent, raw in zip(agents, pipe.execute(), strict=True):
         for name, value in raw.items():
-            try:
-                info = json.loads(value)
-            except ValueError:
+            try:  # an agent writes its own hash: whatever it holds must not stop the others' routes
+                info = json.loads(value) if len(value) <= MAX_SUBSCRIPTION_BYTES else None
+            except (ValueError, RecursionError):
                 continue
             if isinstance(info, dict):
                 found.append((name.decode(), {**info, "agent": agent}))
