@@ -128,7 +128,7 @@ class Registry(Connection):
 def subscriptions(client: Any, keys: Keys) -> list[tuple[str, dict[str, Any]]]:
     """Every agent's subscription entries, (name, info), each info's `agent` the one whose hash holds it
     (whatever the entry says). Two round trips: the agents, then their hashes."""
-    agents = sorted(a.decode() for a in client.smembers(keys.subscribers))
+    agents = sorted(a.decode(errors="replace") for a in client.smembers(keys.subscribers))
     if len(agents) > MAX_SUBSCRIBERS:  # any agent may add names: a look costs no more than this
         log.warning("%d agents with subscriptions listed; reading the first %d", len(agents), MAX_SUBSCRIBERS)
         agents = agents[:MAX_SUBSCRIBERS]
@@ -143,7 +143,7 @@ def subscriptions(client: Any, keys: Keys) -> list[tuple[str, dict[str, Any]]]:
             except (ValueError, RecursionError):
                 continue
             if isinstance(info, dict):
-                found.append((name.decode(), {**info, "agent": agent}))
+                found.append((name.decode(errors="replace"), {**info, "agent": agent}))
     return found
 
 
