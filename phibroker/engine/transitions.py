@@ -77,6 +77,7 @@ def refuse(run: Run, reason: str, now: float) -> None:
         elif run.state(task) not in TASK_TERMINAL:
             _stop_task(run, task, now, reason, force=True)
     run.candidates.clear()
+    run.tx.dispatches.clear()  # what a task ending just now would start (a loop's next turn): nothing
     _finish(run, "failed", now)
 
 
