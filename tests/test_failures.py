@@ -155,12 +155,11 @@ def test_task_timeout_fails_or_retries_and_the_handler_sees_cancelled(
     procs: Processes, client: Client, tmp_path: Path
 ) -> None:
     start(procs)
-    # 2 s: each attempt starts before it times out, even on a loaded machine (else no handler answers late)
     once = flow(
         tmp_path,
         (
             "name: to\ntasks:\n  A: {agent: probe, command: work, timeout:"
-            " 2s, payload: {sleep: 10}, retry: {max_attempts: 1}}\n"
+            " 300ms, payload: {sleep: 5}, retry: {max_attempts: 1}}\n"
         ),
     )
     status = run(procs, client, once)
@@ -169,8 +168,8 @@ def test_task_timeout_fails_or_retries_and_the_handler_sees_cancelled(
     twice = flow(
         tmp_path,
         (
-            "name: to2\ntasks:\n  A: {agent: probe, command: work, timeout: 2s, payload: {sleep:"
-            " 10}, retry: {max_attempts: 2, base_delay: 10ms, retry_on: [timeout]}}\n"
+            "name: to2\ntasks:\n  A: {agent: probe, command: work, timeout: 300ms, payload: {sleep:"
+            " 5}, retry: {max_attempts: 2, base_delay: 10ms, retry_on: [timeout]}}\n"
         ),
     )
     task = run(procs, client, twice)["tasks"]["A"]
