@@ -124,8 +124,9 @@ def test_a_retry_racing_a_late_result_keeps_the_late_one_out(
     marker = tmp_path / "answered-late"
     path = flow(
         tmp_path,
-        "name: late\ntasks:\n  A: {agent: probe, command: stubborn, timeout: 300ms, retry: {max_attempts: 1},"
-        f" payload: {{sleep: 1.5, marker: '{marker}'}}}}\n",
+        # 2 s: its worker starts it before it times out, even on a loaded machine (else it never runs)
+        "name: late\ntasks:\n  A: {agent: probe, command: stubborn, timeout: 2s, retry: {max_attempts: 1},"
+        f" payload: {{sleep: 3.5, marker: '{marker}'}}}}\n",
     )
     wf_id = client.submit(path)
     assert client.wait(wf_id, timeout=30)["state"] == "failed"

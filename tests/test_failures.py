@@ -155,11 +155,12 @@ def test_task_timeout_fails_or_retries_and_the_handler_sees_cancelled(
     procs: Processes, client: Client, tmp_path: Path
 ) -> None:
     start(procs)
+    # 2 s: each attempt starts before it times out, even on a loaded machine (else no handler answers late)
     once = flow(
         tmp_path,
         (
             "name: to\ntasks:\n  A: {agent: probe, command: work, timeout:"
-            " 300ms, payload: {sleep: 5}, retry: {max_attempts: 1}}\n"
+            " 2s, payload: {sleep: 10}, retry: {max_attempts: 1}}\n"
         ),
     )
     status = run(procs, client, once)
@@ -168,8 +169,8 @@ def test_task_timeout_fails_or_retries_and_the_handler_sees_cancelled(
     twice = flow(
         tmp_path,
         (
-            "name: to2\ntasks:\n  A: {agent: probe, command: work, timeout: 300ms, payload: {sleep:"
-            " 5}, retry: {max_attempts: 2, base_delay: 10ms, retry_on: [timeout]}}\n"
+            "name: to2\ntasks:\n  A: {agent: probe, command: work, timeout: 2s, payload: {sleep:"
+            " 10}, retry: {max_attempts: 2, base_delay: 10ms, retry_on: [timeout]}}\n"
         ),
     )
     task = run(procs, client, twice)["tasks"]["A"]
@@ -240,7 +241,12 @@ def test_cancel_mid_run(procs: Processes, client: Client, tmp_path: Path, settin
     stopped = status["tasks"]["D"]["history"][-1]
     undo_c = [h for h in status["tasks"]["C"]["history"] if h.get("compensation")][0]
     assert stopped["applied"] and stopped["finished_at"] <= undo_c["started_at"]
-    types = [e["type"] for e in events_of(settings, wf_id)]
+
+    def ended() -> list[str] | None:  # the run's end is signalled by its commit, its events by the drain after
+        types = [e["type"] for e in events_of(settings, wf_id)]
+        return types if "workflow.cancelled" in types else None
+
+    types = until(ended, procs)
     assert types.index("task.cancelled") < types.index("workflow.compensating")
     # (a worker publishes `task.started` itself, beside the coordinator's events: not ordered with them)
     assert [t for t in types if t != "task.started"][-1] == "workflow.cancelled"

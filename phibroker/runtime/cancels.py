@@ -27,6 +27,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("phibroker.worker")  # cancelling logs as the worker it cancels for
 
 LISTEN_POLL = 0.25  # how often the listener looks up from the channel to see whether the worker is done
+# A worker stops an attempt past its deadline on its own only this long after it: the coordinators time
+# it out first (their timer fires within `coordinator_block`), so a handler that answers as it stops
+# cannot beat the timeout with a result; this is for when no coordinator is there to.
+DEADLINE_GRACE = 1.0
 REMEMBERED = 10_000  # dispatch ids of recent notices, for attempts that start just after theirs
 
 
@@ -106,5 +110,5 @@ def unwanted(unit: UnitState, ctx: Context, now: float) -> bool:
         or unit.dispatch != ctx.dispatch_id
         or bool(unit.stop)
         or unit.workflow in WF_TERMINAL  # a run that is only `cancelling` may still run its failure handlers
-        or (ctx.deadline is not None and now > ctx.deadline)
+        or (ctx.deadline is not None and now > ctx.deadline + DEADLINE_GRACE)
     )
