@@ -221,7 +221,6 @@ def test_workflow_timeout_stops_tasks_and_compensates(procs: Processes, client: 
     assert status["tasks"]["D"]["state"] == "cancelled"
     assert "stopped when asked" in status["tasks"]["D"]["history"][-1]["error"]
     assert [status["tasks"][t]["state"] for t in "ABC"] == ["compensated"] * 3
-    assert status["finished_at"] - status["created_at"] < 5
 
 
 def test_cancel_mid_run(procs: Processes, client: Client, tmp_path: Path, settings: Settings) -> None:
