@@ -1,9 +1,9 @@
 """Every Redis name phibroker uses, built from the namespace in one place.
 
 Every key of one workflow carries its `{ID}` hash tag, so a transition script touches one cluster slot;
-an agent's two lanes share the tag `{AGENT}`, and the inbox's two lanes `{results}`, so one read covers
-both on a Redis Cluster too. On a cluster the events log and the timers are several keys each, spread
-over the masters.
+an agent's two lanes share the tag `{AGENT}`, and each inbox shard's two lanes one tag, so one read covers
+both on a Redis Cluster too. On a cluster the inbox, the events log and the timers are several keys
+each, spread over the masters; a run's go to the same shard of each.
 """
 
 from __future__ import annotations
@@ -28,20 +28,41 @@ class Keys:
     shards: int = 1  # keys of the events log and of the timers (Settings: CLUSTER_SHARDS on a cluster)
 
     # -- streams and indexes shared by every workflow -------------------------------------------
-    @property
-    def results(self) -> str:
-        """The coordinators' inbox: worker results and control messages (submit, cancel, decide)."""
-        return f"{self.namespace}:{{results}}"
+    @cached_property
+    def inbox_shards(self) -> tuple[tuple[str, str], ...]:
+        """The coordinators' inbox: worker results and control messages (submit, cancel, decide), each
+        shard a pair of lanes sharing a hash tag. The second lane takes the results of tasks from the
+        agents' bulk lanes, read a slice at a time between looks at the first, so a big fan-out's results
+        never hold up a small workflow's. One server has one shard, read by every coordinator; a cluster
+        has `shards`, spread as `event_logs` is, each read by the coordinator that leases it."""
+        if self.shards <= 1:
+            return ((f"{self.namespace}:{{results}}", f"{self.namespace}:{{results}}:bulk"),)
+        return tuple(
+            (f"{self.namespace}:results:{{{tag}}}", f"{self.namespace}:results:{{{tag}}}:bulk")
+            for tag in spread_tags(self.shards)
+        )
+
+    def inbox(self, wf_id: str | None) -> str:
+        """The inbox lane a run's messages go to (the first shard's for messages of no run)."""
+        return self.inbox_shards[self._shard_index(len(self.inbox_shards), wf_id)][0]
+
+    def inbox_bulk(self, wf_id: str | None) -> str:
+        """The bulk lane of the run's inbox shard."""
+        return self.inbox_shards[self._shard_index(len(self.inbox_shards), wf_id)][1]
+
+    @cached_property
+    def inboxes(self) -> tuple[str, ...]:
+        """Every lane of every inbox shard."""
+        return tuple(lane for shard in self.inbox_shards for lane in shard)
+
+    @cached_property
+    def bulk_lanes(self) -> frozenset[str]:
+        return frozenset(bulk for _, bulk in self.inbox_shards)
 
     @property
-    def results_bulk(self) -> str:
-        """The inbox's second lane: results of tasks from the agents' bulk lanes, read a slice at a
-        time between looks at `results`, so a big fan-out's results never hold up a small workflow's."""
-        return f"{self.namespace}:{{results}}:bulk"
-
-    @property
-    def inboxes(self) -> tuple[str, str]:
-        return (self.results, self.results_bulk)
+    def inbox_owners(self) -> str:
+        """Which coordinator leases each inbox shard (a hash: shard number -> coordinator), on a cluster."""
+        return f"{self.namespace}:inbox:owners"
 
     @property
     def workflows(self) -> str:
@@ -81,9 +102,14 @@ class Keys:
             return (f"{self.namespace}:{name}",)
         return tuple(f"{self.namespace}:{name}:{{{tag}}}" for tag in spread_tags(self.shards))
 
+    @classmethod
+    def _shard_of(cls, keys: tuple[str, ...], wf_id: str | None) -> str:
+        return keys[cls._shard_index(len(keys), wf_id)]
+
     @staticmethod
-    def _shard_of(keys: tuple[str, ...], wf_id: str | None) -> str:
-        return keys[zlib.crc32(wf_id.encode()) % len(keys)] if wf_id and len(keys) > 1 else keys[0]
+    def _shard_index(count: int, wf_id: str | None) -> int:
+        """Which of `count` shards a run's keys go to: the same for its events, timers and inbox."""
+        return zlib.crc32(wf_id.encode()) % count if wf_id and count > 1 else 0
 
     @property
     def subscribers(self) -> str:

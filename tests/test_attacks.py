@@ -474,7 +474,7 @@ def forge(fleet: Fleet, agent: str, wf_id: str, unit: str, token: int) -> None:
     result = wire.Result(dispatch, wf_id, unit, token, True, "mallory", 1.0, 2.0, value=value)
     inbox = wire.Inbox(kind="results", results=[result], agent=agent)
     secret = fleet.deployment.env(agent)["PHIBROKER_AGENT_SECRET"].encode()
-    fleet.store(agent).add(fleet.deployment.keys.results, inbox.encode(1 << 20, secret))
+    fleet.store(agent).add(fleet.deployment.keys.inbox(None), inbox.encode(1 << 20, secret))
 
 
 # -- the attacks that held, and hold ---------------------------------------------------------------------
@@ -488,7 +488,7 @@ def user_denials(keys: Keys, conn: redis.Redis, wf: str) -> dict[str, Callable[[
         "SCRIPT LOAD of a runaway loop": lambda: conn.script_load(RUNAWAY),
         "HSET into a workflow's results": lambda: conn.hset(keys.wf_results(wf), "A", "forged"),
         "XADD to kalic's task stream": lambda: conn.xadd(keys.agent_tasks("kalic"), {"m": b"forged"}),
-        "XREADGROUP on the inbox": lambda: conn.xreadgroup("coordinators", "x", {keys.results: ">"}),
+        "XREADGROUP on the inbox": lambda: conn.xreadgroup("coordinators", "x", {keys.inbox(None): ">"}),
     }
 
 
@@ -704,7 +704,7 @@ def test_an_inbox_message_of_millions_of_empty_maps_is_dead_lettered_before_it_f
     seen = len(fleet.dead_letters())
     body = {"approval": "x", "padding": [{}] * 2_000_000}
     raw = msgpack.packb({"v": 1, "id": wire.new_id(), "kind": "decide", "body": body})
-    fleet.deployment.client("webc").xadd(keys.results, {wire.FIELD: raw})
+    fleet.deployment.client("webc").xadd(keys.inbox(None), {wire.FIELD: raw})
     (reason,) = reasons_since(fleet, seen, 1)
     assert "maps and lists" in reason, reason
     assert fleet.alive(), fleet.procs.output()
@@ -754,7 +754,7 @@ def held(fleet: Fleet) -> str:
 def copies(fleet: Fleet, kind: str, wf_id: str) -> list[bytes]:
     """The signed `kind` messages for run `wf_id` in the inbox, oldest first, as the approver user reads them."""
     found = []
-    for _, fields in fleet.deployment.client("approver").xrange(fleet.deployment.keys.results):
+    for _, fields in fleet.deployment.client("approver").xrange(fleet.deployment.keys.inbox(None)):
         try:
             message = wire.Inbox.decode(fields[wire.FIELD], 1 << 26)
         except (DecodeError, KeyError):
@@ -766,7 +766,7 @@ def copies(fleet: Fleet, kind: str, wf_id: str) -> list[bytes]:
 
 def add_again(fleet: Fleet, raw: bytes) -> None:
     """An inbox entry's bytes added again by the approver user, which may read the inbox and append to it."""
-    fleet.deployment.client("approver").xadd(fleet.deployment.keys.results, {wire.FIELD: raw})
+    fleet.deployment.client("approver").xadd(fleet.deployment.keys.inbox(None), {wire.FIELD: raw})
 
 
 def finish(fleet: Fleet, wf_id: str) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import json
 import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -291,3 +292,61 @@ def test_the_web_page_on_a_cluster(settings: Settings, procs: Processes, client:
     assert code == 200 and dict(drawn) == {"A": "succeeded", "B": "succeeded", "C": "succeeded"}
     assert get(f"{base}/api/runs/no-such-run/stream")[0] == 404
     client.cancel(gated)
+
+
+def test_a_coordinator_killed_mid_run_leaves_its_inbox_shards_to_the_other(
+    settings: Settings, procs: Processes, client: Client, redis_server: RedisServer
+) -> None:
+    """200 runs of 10 tasks with two coordinators, each leasing half of the inbox's shards; one is
+    killed (kill -9) mid-run. The other takes its shards and its pending entries over: every run
+    succeeds, and each task's handler ran once (a ledger outside the cluster counts them)."""
+    keys = settings.keys
+    ledger = f"{settings.namespace}:ledger"
+    effects = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    env = {"PROBE_LEDGER_URL": redis_server.url, "PROBE_LEDGER_KEY": ledger}
+    doomed = procs.coordinator()
+    procs.coordinator()
+    for _ in range(2):
+        procs.worker("probe", app="tests.apps.probe", concurrency=8, **env)
+    shards = len(keys.inbox_shards)
+
+    def owners() -> dict[str, str]:
+        return {k.decode(): v.decode() for k, v in client.broker.redis.hgetall(keys.inbox_owners).items()}
+
+    def split() -> bool:  # each coordinator leases its fair share, every shard leased
+        held = owners()
+        return len(held) == shards and sorted(Counter(held.values()).values()) == [shards // 2] * 2
+
+    until(split, procs, timeout=60)
+    step = {"agent": "probe", "command": "effect", "payload": {"sleep": 0.01}}
+    ten = check(
+        {
+            "name": "ten",
+            "tasks": {
+                "A": step,
+                **{f"B{i}": {**step, "depends_on": ["A"]} for i in range(8)},
+                "C": {**step, "depends_on": [f"B{i}" for i in range(8)]},
+            },
+        }
+    )
+    ids = [client.submit(ten) for _ in range(200)]
+    until(lambda: effects.hlen(ledger) >= 400, procs, timeout=120)
+    doomed.kill()
+    doomed.wait()
+    until(lambda: all(state in ENDED for state in states(client, ids)), procs, timeout=180)
+
+    for wf_id in ids:
+        status = client.status(wf_id)
+        assert status["state"] == "succeeded", status
+    assert sorted(effects.hkeys(ledger)) == sorted(f"{wf_id}:{task}" for wf_id in ids for task in ten.spec.tasks)
+    assert set(effects.hvals(f"{ledger}:runs")) == {"1"}  # no handler ran twice
+    # the survivor leases every shard, the dead one none
+    until(lambda: len(set(owners().values())) == 1 and f":{doomed.pid}:" not in next(iter(owners().values())))
+    assert len(owners()) == shards
+    # each run's messages went to its own shard of the inbox
+    on = client.broker.redis
+    for lane in keys.inboxes:
+        for _, fields in on.xrange(lane):
+            message = wire.Inbox.decode(fields[b"m"], 1 << 24)
+            runs = {result.wf for result in message.results} or {message.body.get("wf")}
+            assert all(lane in (keys.inbox(wf_id), keys.inbox_bulk(wf_id)) for wf_id in runs), (lane, runs)

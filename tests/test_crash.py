@@ -266,9 +266,9 @@ def test_hostile_inbox_entries_go_to_the_dlq(
     procs: Processes, client: Client, settings: Settings, tmp_path: Path
 ) -> None:
     r = redis.Redis.from_url(settings.redis_url)
-    r.xgroup_create(settings.keys.results, "coordinators", id="0", mkstream=True)
+    r.xgroup_create(settings.keys.inbox(None), "coordinators", id="0", mkstream=True)
     for raw in hostile_messages().values():
-        r.xadd(settings.keys.results, {"m": raw})
+        r.xadd(settings.keys.inbox(None), {"m": raw})
     coordinator = procs.coordinator()
     procs.worker("probe", app="tests.apps.probe")
     status = client.wait(client.submit(flow(tmp_path, DIAMOND)), timeout=30)
@@ -299,7 +299,7 @@ def test_dlq_cli_lists_shows_retries_and_purges(procs: Processes, settings: Sett
     refused = cli(settings, "dlq", "retry", row["id"])
     assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
     assert "phibroker retry" in refused.stderr and r.xlen(stream) == 1 and len(client.dead_letters()) == 1
-    inbox = settings.keys.results
+    inbox = settings.keys.inbox(None)
     letter = {"reason": "x", "raw": b"\xc1", "source": inbox, "entry": "1-0"}
     kept = r.xadd(settings.keys.dlq, {"m": msgpack.packb(letter)}).decode()
     before = r.xlen(inbox)

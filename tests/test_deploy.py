@@ -74,7 +74,7 @@ def test_each_agent_gets_its_own_keys_and_only_appends_to_shared_ones() -> None:
     for key in (keys.wf_results("wf-1"), keys.wf_outbox("wf-1"), keys.wf_done("wf-1")):
         assert not any(allows(kalic, c, key, "R") or allows(kalic, c, key, "W") for c in ("hgetall", "hset"))
     assert not allows(kalic, "hset", keys.trusted_keys, "W") and not allows(kalic, "hset", keys.triggers, "W")
-    assert not allows(kalic, "xreadgroup", keys.results, "R")
+    assert not allows(kalic, "xreadgroup", keys.inbox(None), "R")
     assert not allows(kalic, "xadd", "other:agent:kalic:tasks", "W")  # another namespace
     watch = users["watch"]
     assert all(p.startswith("%R~") for p in watch.root.keys) and not watch.selectors
@@ -465,7 +465,7 @@ def agent_denials(keys: Keys, agent: redis.Redis, other: str, other_sub: str, wf
         "HSET into a workflow's outbox": lambda: agent.hset(keys.wf_outbox(wf), "x", "forged"),
         "EVALSHA APPLY (a transition)": lambda: agent.evalsha(sha(scripts.APPLY), 6, *keys.wf_keys(wf), 1),
         "EVAL of undeclared keys": lambda: agent.eval("return redis.call('HGETALL', ARGV[1])", 0, keys.wf_results(wf)),
-        "XRANGE on the results stream": lambda: agent.xrange(keys.results),
+        "XRANGE on the results stream": lambda: agent.xrange(keys.inbox(None)),
         "XACK in another subscription": lambda: agent.xack(keys.sub(other_sub), WORKERS_GROUP, "0-1"),
         "HSET into the trust list": lambda: agent.hset(keys.trusted_keys, "mallory", "00"),
         "HSET a trigger": lambda: agent.hset(keys.triggers, "evil", "{}"),

@@ -69,7 +69,7 @@ def test_malformed_inbox_messages_go_to_the_dlq_and_the_coordinator_goes_on(
     }
     bad_events = msgpack.packb({"v": 1, "id": "y", "kind": "results", "results": msgpack.packb([result])})
     for raw in (lost, bad_events):
-        r.xadd(settings.keys.results, {"m": raw})
+        r.xadd(settings.keys.inbox(None), {"m": raw})
     coordinator = procs.coordinator()
     procs.worker("probe", app="tests.apps.probe")
     assert (
@@ -128,7 +128,7 @@ def _answer_bulk_lane(settings: Settings, client: Client, agent: str, count: int
     ]
     for start in range(0, len(results), per_entry):
         inbox = wire.Inbox(kind="results", results=results[start : start + per_entry], agent=agent)
-        broker.add(keys.results_bulk, inbox.encode(1 << 26))
+        broker.add(keys.inbox_bulk(None), inbox.encode(1 << 26))
     return [m.unit for _, m in messages]
 
 
@@ -165,7 +165,7 @@ def test_a_dead_coordinators_bulk_lane_entries_are_taken_over(
     stream = settings.keys.agent_bulk("probe")
     until(lambda: doomed.step() >= 0 and client.broker.redis.xlen(stream) == 80)
     _answer_bulk_lane(settings, client, "probe", 80, 80)
-    read = client.broker.read_groups([settings.keys.results_bulk], "coordinators", doomed.name, 10, None)
+    read = client.broker.read_groups([settings.keys.inbox_bulk(None)], "coordinators", doomed.name, 10, None)
     assert len(read) == 1  # delivered to the doomed coordinator, which dies before handling it (it holds no lease)
     procs.coordinator()
     assert client.wait(wf_id, timeout=30)["state"] == "succeeded", procs.output()
@@ -174,7 +174,7 @@ def test_a_dead_coordinators_bulk_lane_entries_are_taken_over(
 def test_a_round_that_meets_a_flushed_script_cache_keeps_what_it_read(settings: Settings, client: Client) -> None:
     """After a Redis restart or SCRIPT FLUSH the timer claim answers NOSCRIPT: only the claim runs
     again, and the entry the same round trip read is handed over, not left pending on nobody's list."""
-    broker, inbox = CoordinatorStore(settings, client=client.broker.redis), settings.keys.results
+    broker, inbox = CoordinatorStore(settings, client=client.broker.redis), settings.keys.inbox(None)
     broker.ensure_group(inbox, "coordinators")
     broker.add(inbox, wire.Inbox(kind="kick", body={"wf": "nothing"}).encode(1 << 20))
     broker.redis.script_flush()
@@ -192,7 +192,7 @@ def test_an_entry_stranded_on_a_live_coordinator_is_read_again(
     coordinator = _coordinator(settings)
     coordinator.step()  # the start-up recovery read: nothing pending yet
     wf_id = client.submit(flow(tmp_path, "name: s\ntasks:\n  A: {agent: probe, command: noop}\n"))
-    lost = client.broker.read_groups([settings.keys.results], "coordinators", coordinator.name, 10, None)
+    lost = client.broker.read_groups([settings.keys.inbox(None)], "coordinators", coordinator.name, 10, None)
     assert len(lost) == 1  # the submit, delivered behind the coordinator's back
     coordinator.step()
     assert "A" not in client.broker.read_workflow(wf_id)[1]  # never handled

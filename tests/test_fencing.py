@@ -22,7 +22,7 @@ def forge(client: Client, settings: Settings, wf_id: str, unit: str, token: int)
     result = wire.Result(
         dispatch, wf_id, unit, token=token, ok=True, worker="mallory", started=1.0, finished=2.0, value=value
     )
-    client.broker.add(settings.keys.results, wire.Inbox(kind="results", results=[result]).encode(1 << 20))
+    client.broker.add(settings.keys.inbox(None), wire.Inbox(kind="results", results=[result]).encode(1 << 20))
 
 
 def forged_attempt(client: Client, wf_id: str, unit: str) -> dict:

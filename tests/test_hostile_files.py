@@ -280,10 +280,10 @@ def test_deep_inbox_entries_are_dead_lettered_and_the_coordinator_goes_on(
     procs: Processes, client: Client, settings: Settings, tmp_path: Path
 ) -> None:
     r = redis.Redis.from_url(settings.redis_url)
-    r.xgroup_create(settings.keys.results, "coordinators", id="0", mkstream=True)
+    r.xgroup_create(settings.keys.inbox(None), "coordinators", id="0", mkstream=True)
     for levels in (600, 100_000):
         for raw in deep_inbox_messages(levels):
-            r.xadd(settings.keys.results, {"m": raw})
+            r.xadd(settings.keys.inbox(None), {"m": raw})
     coordinator = procs.coordinator()
     procs.worker("probe", app="tests.apps.probe")
     (tmp_path / "flow.yaml").write_text(FLOW)

@@ -34,7 +34,7 @@ def test_forged_results_are_refused(procs: Processes, client: Client, settings: 
     forged = wire.Result(id=dispatch, wf=wf_id, unit="A", token=1, ok=True, worker="mallory", started=1.0, finished=2.0)
     for agent, secret in (("other", b"other-secret"), ("probe", b"wrong"), ("probe", None), ("nobody", b"x")):
         inbox = wire.Inbox(kind="results", results=[forged], agent=agent)
-        client.broker.add(settings.keys.results, inbox.encode(1 << 20, secret))
+        client.broker.add(settings.keys.inbox(None), inbox.encode(1 << 20, secret))
     while len(client.dead_letters()) < 4:
         assert time.monotonic() < deadline, procs.output()
         time.sleep(0.05)

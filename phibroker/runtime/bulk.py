@@ -22,7 +22,8 @@ class HeldWork:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.entries: list[Entry] = []  # bulk-lane entries read but not handled yet (the budget ran out)
+        # bulk-lane entries read but not handled yet (the budget ran out), each with its lane
+        self.entries: list[tuple[str, Entry]] = []
         self.timers: dict[str, None] = {}  # claimed timers waiting for held results of their workflow
         self._workflows: set[str] | None = None  # the workflows of the held entries, once read
 
@@ -30,7 +31,7 @@ class HeldWork:
         """Held entries and timers: work a burst run must not stop on."""
         return len(self.entries) + len(self.timers)
 
-    def keep(self, entries: list[Entry]) -> None:
+    def keep(self, entries: list[tuple[str, Entry]]) -> None:
         """Hold what a round's bulk slices left over (nothing: the held batch is done)."""
         self.entries = entries
         if not self.entries:
@@ -57,16 +58,16 @@ class HeldWork:
         fired, self.timers = list(self.timers), {}
         return fired
 
-    def ids(self) -> set[str]:
-        """The ids of the held entries."""
-        return {e.id for e in self.entries}
+    def ids(self, lane: str) -> set[str]:
+        """The ids of the entries held from `lane`."""
+        return {entry.id for held_lane, entry in self.entries if held_lane == lane}
 
     def workflows(self) -> set[str]:
         """The workflows with results in the held bulk entries, read once per held batch (no bulk entry
         is read while some are held, so the set only ever over-counts)."""
         if self._workflows is None:
             self._workflows = set()
-            for entry in self.entries:
+            for _, entry in self.entries:
                 try:
                     message = wire.Inbox.decode(entry.raw or b"", self.settings.max_message_bytes * 4)
                 except DecodeError:

@@ -133,7 +133,7 @@ class Client:
         """Into the coordinators' inbox, signed as this client's identity; returns its inbox entry id."""
         with reaching(self.settings):
             raw = message.signed_as(self.broker.sender, self.settings.max_message_bytes)
-            return self.broker.add(self.settings.keys.results, raw)
+            return self.broker.add(self.settings.keys.inbox(message.body.get("wf")), raw)
 
     def _refusal(self, entry: str) -> str | None:
         """Why the coordinators dead-lettered the inbox entry `entry` (among the newest dead letters), or None."""

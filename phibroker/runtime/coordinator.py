@@ -33,6 +33,7 @@ from phibroker.keys import COORDINATORS_GROUP
 from phibroker.runtime.bulk import HeldWork
 from phibroker.runtime.events import Router, trigger_refusal
 from phibroker.runtime.gate import SecurityGate
+from phibroker.runtime.inbox import Doorbell
 from phibroker.runtime.maintenance import Maintenance
 from phibroker.runtime.runs import RunCache
 from phibroker.runtime.submission import submission
@@ -108,6 +109,7 @@ class Coordinator:
         )
         self.cache = RunCache(settings, self.broker, cache_size, require_signed)
         self.held = HeldWork(settings)
+        self.doorbell = Doorbell(self.broker)
         self.stopping = threading.Event()
         self._recovering = True  # read our own pending entries first (after a restart or an error)
         self._acks: defaultdict[str, list[str]] = defaultdict(list)  # handled inbox entries, acked next round
@@ -120,7 +122,7 @@ class Coordinator:
         self._round = 0
         # inputs refused as forged, by the object: a run read again after a lost commit race decides
         # them again, and they are dead-lettered once, after the round's commits
-        self._forged: dict[int, tuple[str, bytes, str]] = {}
+        self._forged: dict[int, tuple[str, bytes, str, str]] = {}  # why, what, its entry, its run
         # dated control messages read this round, by their op: their ids are claimed before they apply
         self._dated: dict[int, tuple[Op, wire.Inbox, Entry, str]] = {}
 
@@ -166,7 +168,7 @@ class Coordinator:
         block = self._block()
         timer_set = self._timer_set()
         acks, self._acks = self._acks, defaultdict(list)
-        lanes = (self.keys.results,) if self.held.entries else self.keys.inboxes  # no more bulk while some is held
+        lanes = self._lanes(bulk=not self.held.entries)  # no more bulk while some is held
         began = time.monotonic()
         try:
             clock, next_due, timers, read = self.broker.poll(
@@ -189,9 +191,11 @@ class Coordinator:
         self._clock = (now, time.monotonic())
         self._dues[timer_set] = next_due
         self._more_timers = timer_set if len(timers) >= TIMER_BATCH else None
-        if self._recovering and not read and lanes == self.keys.inboxes:
+        if self._recovering and not read and not self.held.entries:
             self._recovering = False
-        if block and not read and waited < block / 2:
+        elif block and not read and not timers and len(self.broker.by_slot(lanes)) > 1:
+            read = self._wait_for_inbox(lanes, block)  # a cluster: the read could not block
+        elif block and not read and waited < block / 2:
             self.stopping.wait(block)  # the embedded broker answers an empty blocking read at once
         if not read and not timers and not self.held:
             return 0
@@ -202,17 +206,32 @@ class Coordinator:
         # result read before its deadline fired is applied first.
         offset = now - time.monotonic()
         carried = len(self.held)
-        self.process(now, self.keys.results, [entry for stream, entry in read if stream == self.keys.results])
+        bulk_lanes = self.keys.bulk_lanes
+        self.process(now, [(lane, entry) for lane, entry in read if lane not in bulk_lanes])
         releases = [t for t in timers if t.startswith("continue|")]
         if releases:
-            self.process(offset + time.monotonic(), self.keys.results, [], releases)
+            self.process(offset + time.monotonic(), [], releases)
         self.held.wait(t for t in timers if not t.startswith("continue|"))
-        bulk = self.held.entries + [entry for stream, entry in read if stream == self.keys.results_bulk]
+        bulk = self.held.entries + [(lane, entry) for lane, entry in read if lane in bulk_lanes]
         self.held.keep(self.process_bulk(offset, bulk) if bulk else [])
         due = self.held.due_timers()
         if due:
-            self.process(offset + time.monotonic(), self.keys.results, [], due)
+            self.process(offset + time.monotonic(), [], due)
         return len(read) + len(timers) + carried  # held work counts: a burst run does not stop on it
+
+    def _lanes(self, bulk: bool = True) -> list[str]:
+        """The inbox lanes this coordinator reads: both of each shard it reads (see `inbox`), or the
+        first of each."""
+        shards = self.keys.inbox_shards
+        return [lane for shard in self.maintenance.shards for lane in shards[shard][: 2 if bulk else 1]]
+
+    def _wait_for_inbox(self, lanes: list[str], block: float) -> list[tuple[str, Entry]]:
+        """On a cluster, where one blocking read covers one slot: mark the lanes' ends and read them
+        again, then, if that found nothing, wait for an entry past the marks (`inbox.Doorbell`)."""
+        marks, read = self.broker.marked_read(lanes, COORDINATORS_GROUP, self.name, self.settings.batch_size)
+        if not read:
+            self.doorbell.wait(marks, block)
+        return read
 
     def _not_before_last(self, now: float) -> float:
         """A round is never stamped before the previous one was (on a cluster the clock as read here is
@@ -259,20 +278,23 @@ class Coordinator:
         known = self._dues.get(timer_set)
         self._dues[timer_set] = due if known is None else min(known, due)
 
-    def process(self, now: float, stream: str, entries: list[Entry], timers: Sequence[str] = ()) -> None:
-        """Apply the entries and timers; their acks go with the next round's read."""
+    def process(self, now: float, entries: list[tuple[str, Entry]], timers: Sequence[str] = ()) -> None:
+        """Apply the entries (each with its inbox lane) and timers; their acks go with the next round's read."""
         ops: dict[str, list[Op]] = defaultdict(list)
-        for entry in entries:
-            self._collect(entry, ops, stream)
+        for lane, entry in entries:
+            self._collect(entry, ops, lane)
         for member in timers:
             ops[state.timer_workflow(member)].append(("timer", member))
         if ops or timers:
             self.execute(now, ops, fired=timers)
         if entries:
             crash_point("before_ack")
-            self._acks[stream] += [e.id for e in entries]
+            for lane, entry in entries:
+                self._acks[lane].append(entry.id)
 
-    def process_bulk(self, offset: float, entries: list[Entry], budget: float | None = None) -> list[Entry]:
+    def process_bulk(
+        self, offset: float, entries: list[tuple[str, Entry]], budget: float | None = None
+    ) -> list[tuple[str, Entry]]:
         """The bulk lane, `bulk_slice` results at a time, with a look at the inbox between slices: a
         small workflow's result waits behind one slice of a fan-out's, never behind all of them.
         After `budget` seconds (BULK_BUDGET) the rest is returned, to be handled after the next round's
@@ -281,34 +303,32 @@ class Coordinator:
         `offset` turns the monotonic clock into Redis's, so slices handled later are stamped later."""
         stop_at = time.monotonic() + (BULK_BUDGET if budget is None else budget)
         ops: dict[str, list[Op]] = defaultdict(list)
-        taken: list[Entry] = []
+        taken: list[tuple[str, Entry]] = []
         size = 0
-        for index, entry in enumerate(entries):
-            size += self._collect(entry, ops, self.keys.results_bulk)
-            taken.append(entry)
+        for index, (lane, entry) in enumerate(entries):
+            size += self._collect(entry, ops, lane)
+            taken.append((lane, entry))
             if size < self.settings.bulk_slice and index < len(entries) - 1:
                 continue
             self.execute(offset + time.monotonic(), ops)
             crash_point("before_ack")
-            self._acks[self.keys.results_bulk] += [e.id for e in taken]
+            for done_lane, done in taken:
+                self._acks[done_lane].append(done.id)
             ops, taken, size = defaultdict(list), [], 0
             if index == len(entries) - 1:
                 break
             if time.monotonic() > stop_at:
                 return entries[index + 1 :]
-            cut_in = self.broker.read_group(
-                self.keys.results, COORDINATORS_GROUP, self.name, self.settings.batch_size, None
-            )
+            lanes = self._lanes(bulk=False)
+            cut_in = self.broker.read_groups(lanes, COORDINATORS_GROUP, self.name, self.settings.batch_size, None)
             if cut_in:
-                self.process(offset + time.monotonic(), self.keys.results, cut_in)
+                self.process(offset + time.monotonic(), cut_in)
         return []
 
     def holding(self, inbox: str) -> set[str]:
         """The entries of `inbox` this coordinator holds: read for later, or handled and acked with the
         next read. Pending however long, they are not stranded."""
-        ours = self.held.ids() if inbox == self.keys.results_bulk else set()
-        ours |= set(self._acks[inbox])
-        return ours
+        return self.held.ids(inbox) | set(self._acks[inbox])
 
     def _finish_held(self) -> None:
         """On a clean stop: the held bulk results, then the timers that waited for them."""
@@ -317,7 +337,7 @@ class Coordinator:
                 self.process_bulk(time.time() - time.monotonic(), self.held.entries, budget=float("inf"))
                 self.held.drop()
             if self.held.timers:
-                self.process(time.time(), self.keys.results, [], self.held.take_timers())
+                self.process(time.time(), [], self.held.take_timers())
         except CONNECTION_ERRORS as exc:  # left pending: the next coordinator takes them over
             log.warning("stopping with held work left for another coordinator: %s", exc)
 
@@ -435,8 +455,8 @@ class Coordinator:
             for run in runs.values():  # those kept in the cache take later inputs: no longer fresh
                 run.fresh = False
         forged, self._forged = self._forged, {}
-        for reason, raw, entry in forged.values():
-            self.broker.dead_letter(reason, raw, self.keys.results, entry)
+        for reason, raw, entry, wf_id in forged.values():
+            self.broker.dead_letter(reason, raw, self.keys.inbox(wf_id), entry)
         if drains or fired:
             self.broker.drain(drains, dispatched=True, fired=list(fired), route=self.router.routes)
             crash_point("after_drain")
@@ -474,7 +494,7 @@ class Coordinator:
     def _dead_letter_inputs(self, wf_id: str, items: list[Op], reason: str) -> None:
         for kind, body in items:
             raw = wire.pack(body[0].to_map()) if kind == "result" else wire.pack({"kind": kind, "body": body})
-            self.broker.dead_letter(reason, raw, self.keys.results, wf_id)
+            self.broker.dead_letter(reason, raw, self.keys.inbox(wf_id), wf_id)
         self.cache.forget(wf_id)
 
     def _decide(self, run: state.Run, items: list[Op], now: float) -> bool:
@@ -489,7 +509,7 @@ class Coordinator:
             result, sender = body
             reason = self.gate.check_answerer(run, result, sender)
             if reason:
-                self._forged[id(result)] = (reason, wire.pack(result.to_map()), result.id)
+                self._forged[id(result)] = (reason, wire.pack(result.to_map()), result.id, run.id)
                 return
             engine.apply_result(run, result, now)
         elif kind == "timer":
@@ -498,7 +518,7 @@ class Coordinator:
             report, sender = body
             if self.gate.identities and state.unit_agent(run.workflow, str(report["unit"])) != sender:
                 reason = f"forged spend: agent {sender!r} reported for {report['unit']!r} of another agent"
-                self._forged[id(report)] = (reason, wire.pack(report), str(report.get("dispatch")))
+                self._forged[id(report)] = (reason, wire.pack(report), str(report.get("dispatch")), run.id)
                 return
             engine.spend(run, report, now)
         elif kind in ("submit", "kick"):
@@ -519,7 +539,7 @@ class Coordinator:
             body, sender = body
             reason = self.gate.check_unit(run, str(body["unit"]), sender, kind)
             if reason:
-                self._forged[id(body)] = (reason, wire.pack(body), str(body["dispatch"]))
+                self._forged[id(body)] = (reason, wire.pack(body), str(body["dispatch"]), run.id)
             elif kind == "lost":
                 engine.lost(run, body["unit"], body["dispatch"], str(body.get("reason")), now)
             else:
@@ -540,7 +560,7 @@ class Coordinator:
         body, sender, entry, raw = op
         refusal = self.gate.check_owner(run, kind, sender)
         if refusal:
-            self._forged[id(body)] = (refusal, raw, entry)
+            self._forged[id(body)] = (refusal, raw, entry, run.id)
         elif kind == "retry":
             refusal = engine.reopen(run, now, body.get("from"), str(body.get("id") or ""))
             if refusal:
@@ -640,7 +660,7 @@ class Coordinator:
             if kind == "result":
                 result, _ = body
                 raw = wire.pack(result.to_map())
-                self.broker.dead_letter(f"unknown workflow {wf_id!r}", raw, self.keys.results, result.id)
+                self.broker.dead_letter(f"unknown workflow {wf_id!r}", raw, self.keys.inbox(wf_id), result.id)
 
     def _refresh_lag(self) -> None:
         """`phibroker_stream_lag` of each agent it knows of: a live worker's, or one a workflow it
@@ -656,11 +676,13 @@ class Coordinator:
     def _leave(self) -> None:
         if self.telemetry is not None:
             self.telemetry.stop()
+        self.doorbell.close()
         try:
             for stream, ids in self._acks.items():
                 self.broker.ack(stream, COORDINATORS_GROUP, ids)
             for inbox in self.keys.inboxes:
                 self.broker.drop_consumer_if_idle(inbox, COORDINATORS_GROUP, self.name)
+            self.maintenance.let_go_of_shards()
             self.broker.drop_lease(self.keys.coordinators, self.name)
         except (PhibrokerError, *CONNECTION_ERRORS):
             pass

@@ -111,8 +111,9 @@ class Router:
             for name in dict.fromkeys(sub.name for sub in wanted):  # a name two agents registered: once
                 routed.setdefault(name, []).append(event)
             for trigger in starts:
-                body = {"wf": trigger_workflow_id(trigger.name, event), "trigger": trigger.name, "event": event}
-                out.append((self.keys.results, wire.Inbox(kind="trigger", body=body).encode(1 << 26), None))
+                wf_id = trigger_workflow_id(trigger.name, event)
+                body = {"wf": wf_id, "trigger": trigger.name, "event": event}
+                out.append((self.keys.inbox(wf_id), wire.Inbox(kind="trigger", body=body).encode(1 << 26), None))
         for name, batch in routed.items():  # one event per entry: retention and redelivery count events
             stream = self.keys.sub(name)
             out += [(stream, wire.encode_events([event]), self.settings.sub_maxlen) for event in batch]

@@ -23,6 +23,7 @@ from phibroker.engine.state import WF_TERMINAL, timer_member, unit_agent
 from phibroker.errors import DecodeError
 from phibroker.keys import COORDINATORS_GROUP, WORKERS_GROUP
 from phibroker.runtime.events import Router
+from phibroker.runtime.inbox import plan_shards
 from phibroker.settings import Settings
 from phibroker.store.connection import Entry, lease_alive, parse_units
 from phibroker.store.coordinator import CoordinatorStore
@@ -44,7 +45,7 @@ class Maintenance:
         broker: CoordinatorStore,
         name: str,
         router: Router,
-        process: Callable[[float, str, list[Entry]], None],
+        process: Callable[[float, list[tuple[str, Entry]]], None],
         holding: Callable[[str], set[str]],
         workflow: Callable[[str], Workflow],
         restarted: Callable[[], None],
@@ -64,6 +65,7 @@ class Maintenance:
         self._run_id: str | None = None
         # on a cluster, after a failover and once at start: where the walk of the `workflows` index is
         self._reindex: int | None = 0 if broker.cluster else None
+        self.shards: tuple[int, ...] = tuple(range(len(self.keys.inbox_shards)))  # the inbox shards it reads
 
     def tick(self) -> None:
         """Run the chores that are due: lease, take-over, sweep, trim, reconcile."""
@@ -74,6 +76,7 @@ class Maintenance:
             info = {"host": socket.gethostname(), "pid": os.getpid(), "takeover": takeover}
             self.broker.renew_lease(self.keys.coordinators, self.name, takeover, info)
             self.check_restart()
+            self.lease_shards()
         if now >= self._next["takeover"]:
             self._next["takeover"] = now + takeover / 2
             self.take_over()
@@ -88,6 +91,26 @@ class Maintenance:
         if now >= self._next["reconcile"]:
             self._next["reconcile"] = now + self.settings.reconcile_every
             self.reconciler.reconcile()
+
+    def lease_shards(self) -> None:
+        """Lease inbox shards up to a fair share, let go of those past it, and read what the plan says
+        (`inbox.plan_shards`); one shard (one server) is every coordinator's."""
+        count = len(self.keys.inbox_shards)
+        if count <= 1:
+            return
+        clock, leases = self.broker.leases(self.keys.coordinators)
+        live = {name for name, lease in leases.items() if lease_alive(lease, clock)}
+        plan = plan_shards(count, self.broker.inbox_owners(), live, self.name)
+        self.broker.lease_shards(self.name, plan.take, plan.release)
+        if plan.take or plan.release:
+            log.info("inbox shards: took %s, let go of %s", list(plan.take), list(plan.release))
+        self.shards = plan.read
+
+    def let_go_of_shards(self) -> None:
+        """On a clean stop: the shards it leases, free for the others at once."""
+        if len(self.keys.inbox_shards) > 1:
+            mine = [shard for shard, owner in self.broker.inbox_owners().items() if owner == self.name]
+            self.broker.lease_shards(self.name, (), mine)
 
     def check_restart(self) -> None:
         """A new run id: Redis restarted, perhaps from older data than the runs this coordinator holds
@@ -167,7 +190,7 @@ class Maintenance:
             whose = ", ".join(sorted(gone)) or "this coordinator (stranded)"
             log.info("took over %d entries of %s from %s", len(entries), inbox, whose)
             if entries:
-                self.process(clock, inbox, entries)
+                self.process(clock, [(inbox, entry) for entry in entries])
             dead |= gone
             taken += len(entries)
         for consumer in dead:

@@ -126,9 +126,9 @@ class Settler:
         inbox: dict[str, list[wire.Result]] = defaultdict(list)
         for r, o in batch:
             # a bulk lane's results go to the inbox's bulk lane: a small workflow's never wait behind them
-            inbox[self.keys.results_bulk if r.item.stream == self.bulk else self.keys.results].append(
-                o.result(r.ctx, self.consumer)
-            )
+            wf_id = r.ctx.workflow_id
+            lane = self.keys.inbox_bulk(wf_id) if r.item.stream == self.bulk else self.keys.inbox(wf_id)
+            inbox[lane].append(o.result(r.ctx, self.consumer))
         envelopes = {target: self._envelopes(results) for target, results in inbox.items()}
         with self.unpublished_lock:
             events, self.unpublished = self.unpublished, []

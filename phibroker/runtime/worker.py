@@ -350,7 +350,7 @@ class Worker:
         secret = self.settings.agent_secret.encode() if self.settings.agent_secret else None
         message = wire.Inbox(kind="spend", body=body, agent=self.agent.name)
         try:
-            self.broker.add(self.keys.results, message.encode(self.settings.max_message_bytes, secret))
+            self.broker.add(self.keys.inbox(ctx.workflow_id), message.encode(self.settings.max_message_bytes, secret))
         except CONNECTION_ERRORS as exc:
             log.warning("spend of %s/%s not sent now (%s); its result carries it", ctx.workflow_id, ctx.unit, exc)
 

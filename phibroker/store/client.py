@@ -16,7 +16,7 @@ from phibroker.store.connection import Connection, parse_meta, parse_units
 def inbox(keys: Keys) -> list[Grant]:
     """What a client sends the coordinators (`send_to_coordinators`): a new run's kick, cancels,
     retries, signals, approval decisions. Append only: the inbox is theirs to read."""
-    return [Grant(("xadd",), (f"%W~{keys.results}",))]
+    return [Grant(("xadd",), tuple(f"%W~{lane}" for lane, _ in keys.inbox_shards))]
 
 
 def access(keys: Keys) -> list[Grant]:

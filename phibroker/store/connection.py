@@ -475,6 +475,15 @@ class Connection:
         limit = self.settings.max_message_bytes * 4
         return wire.Inbox.decode(raw, limit).signed_as(self.sender, limit, self.good_for)
 
+    def to_inbox(self, raw: bytes) -> tuple[str, dict[bytes, bytes]]:
+        """An encoded message to another run (a child's end, a parent's cancel): the inbox lane of that
+        run, and the entry's fields, signed as `signed` signs it."""
+        limit = self.settings.max_message_bytes * 4
+        message = wire.Inbox.decode(raw, limit)
+        if self.sender is not None:
+            raw = message.signed_as(self.sender, limit, self.good_for)
+        return self.keys.inbox(message.body.get("wf")), {wire.FIELD: raw}
+
     # Scripts run by EVALSHA; a NOSCRIPT (a restarted or new Redis) loads them all and runs again.
     # redis-py's own Script objects would ask SCRIPT EXISTS before every pipeline: a round trip each.
     def _script(self, source: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
@@ -588,19 +597,26 @@ class Connection:
         On a cluster, one read covers streams of one slot only (an agent's two lanes share one). Over
         several, each slot's streams are read in one pipeline without blocking; when none had anything,
         the first slot's streams (the task lanes) are read blocking, for at most SPREAD_BLOCK."""
-        slots: dict[int, list[str]] = {}
-        for stream in streams:
-            slots.setdefault(self.redis.keyslot(stream) if self.cluster else 0, []).append(stream)
+        slots = self.by_slot(streams)
         if len(slots) <= 1:
             return entries_of(xreadgroup(self.redis, streams, group, consumer, count, block, pending))
         pipe = self.redis.pipeline(transaction=False)
-        for together in slots.values():
+        for together in slots:
             xreadgroup(pipe, together, group, consumer, count, None, pending)
         found = [pair for reply in pipe.execute() for pair in entries_of(reply)]
         if found or block is None:
             return found
-        lanes = next(iter(slots.values()))
-        return entries_of(xreadgroup(self.redis, lanes, group, consumer, count, min(block, SPREAD_BLOCK), pending))
+        return entries_of(xreadgroup(self.redis, slots[0], group, consumer, count, min(block, SPREAD_BLOCK), pending))
+
+    def by_slot(self, streams: Sequence[str]) -> list[list[str]]:
+        """The streams in groups one read may cover: all of them on one server, those of one slot on a
+        cluster (in the order of their first stream)."""
+        if not self.cluster:
+            return [list(streams)] if streams else []
+        slots: dict[int, list[str]] = {}
+        for stream in streams:
+            slots.setdefault(self.redis.keyslot(stream), []).append(stream)
+        return list(slots.values())
 
     def ack(self, stream: str, group: str, ids: Sequence[str]) -> None:
         if ids:
@@ -758,8 +774,9 @@ class Connection:
                 pipe.hsetnx(keys.wf(wf_id), name, value)
             pipe.evalsha(SHAS[scripts.CREATE], 1, keys.wf(wf_id), *args)
 
-        return index, create, lambda pipe: pipe.xadd(keys.results, {wire.FIELD: kick})
+        return index, create, lambda pipe: pipe.xadd(keys.inbox(wf_id), {wire.FIELD: kick})
 
     def send_to_coordinators(self, message: wire.Inbox) -> None:
         """Into the coordinators' inbox; their group reads it from the start, whenever they come."""
-        self.add(self.keys.results, message.signed_as(self.sender, self.settings.max_message_bytes, self.good_for))
+        raw = message.signed_as(self.sender, self.settings.max_message_bytes, self.good_for)
+        self.add(self.keys.inbox(message.body.get("wf")), raw)

@@ -45,15 +45,15 @@ def _claimed(reply: list[Any]) -> tuple[float, float | None, list[str]]:
 
 
 def access(keys: Keys) -> list[Grant]:
-    """What coordinators send Redis: every workflow's keys and their own tables (the inbox, timers,
-    indexes, approvals, their leases); append only into agent lanes, subscription streams, the events
+    """What coordinators send Redis: every workflow's keys and their own tables (the inbox and who
+    leases its shards, timers, indexes, approvals, their leases); append only into agent lanes, subscription streams, the events
     log and the dead letters; the lanes' groups, looked at and trimmed; reads of the registries; stop
     notices to every agent. They load phibroker's scripts (`load_scripts`): after a Redis restart the
     other users wait for them. No worker lease but to forget a long-dead one."""
     own = (
         f"~{keys.namespace}:wf:*",
-        f"~{keys.results}",
-        f"~{keys.results_bulk}",
+        f"~{keys.inbox_owners}",
+        *(f"~{lane}" for lane in keys.inboxes),
         *(f"~{timers}" for timers in keys.timer_sets),
         f"~{keys.running}",
         f"~{keys.workflows}",
@@ -92,6 +92,7 @@ def access(keys: Keys) -> list[Grant]:
                 "xlen",
                 "xinfo|groups",
                 "xrevrange",
+                "xread",  # the inbox, past a mark: no group (`entries_past`)
                 "xtrim",
                 "publish",
             ),
@@ -369,9 +370,9 @@ class CoordinatorStore(Connection):
             body = {k: sent.get(k) for k in ("wf", "name", "data", "sender", "id")}
             inbox = wire.Inbox(kind="signal", body=body)
             raw = inbox.signed_as(self.sender, self.settings.max_message_bytes, self.good_for)
-            pipe.xadd(keys.results, {wire.FIELD: raw})
+            pipe.xadd(keys.inbox(body["wf"]), {wire.FIELD: raw})
         for raw in box.get("inbox") or ():  # to other runs: a child's end, a parent's cancel
-            pipe.xadd(keys.results, {wire.FIELD: self.signed(raw)})
+            pipe.xadd(*self.to_inbox(raw))
         if box.get("timers_add"):
             pipe.zadd(keys.timer_set(wf_id), {m: int(due * 1000) for m, due in box["timers_add"].items()})
         if box.get("timers_del"):
@@ -562,15 +563,20 @@ class CoordinatorStore(Connection):
 
         On one server the clock is a TIME right behind the read, which Redis runs as the read returns; on
         a cluster it is the claim's, taken before the read blocked, carried past it by the time the call
-        took (a little ahead of Redis's: by the request's way there)."""
+        took (a little ahead of Redis's: by the request's way there). There, streams of several slots are
+        read a slot at a time and without blocking (see `Doorbell`)."""
         claim_ms = int(self.settings.timer_claim * 1000)
+        slots = self.by_slot(streams)
+        if len(slots) > 1:
+            block = None
 
         def build(pipe: Any) -> None:
             for stream, ids in acks.items():
                 if ids:
                     pipe.xack(stream, group, *ids)
             pipe.evalsha(SHAS[scripts.CLAIM_TIMERS], 1, timers, claim_ms, timer_limit)
-            xreadgroup(pipe, streams, group, consumer, count, block, pending)
+            for together in slots:
+                xreadgroup(pipe, together, group, consumer, count, block, pending)
             if not self.cluster:
                 pipe.time()
 
@@ -581,12 +587,13 @@ class CoordinatorStore(Connection):
         build(pipe)
         replies = pipe.execute(raise_on_error=False)
         after = None if self.cluster else replies.pop()
-        *acked, claimed, read = replies
+        reads = [replies.pop() for _ in slots][::-1]
+        *acked, claimed = replies
         if isinstance(claimed, NoScriptError):
             self.load_scripts()
             claimed = self._script(scripts.CLAIM_TIMERS, [timers], [claim_ms, timer_limit])
             began = time.monotonic()  # this claim's clock was read after the read returned
-        for reply in (*acked, claimed, read, after):
+        for reply in (*acked, claimed, *reads, after):
             if isinstance(reply, Exception):
                 with groups_made_again(self, streams, group):
                     raise reply  # what the read delivered is re-read by the coordinator's own recovery
@@ -595,4 +602,51 @@ class CoordinatorStore(Connection):
             clock += time.monotonic() - began
         else:
             clock = int(after[0]) + int(after[1]) / 1e6
-        return clock, next_due, due, entries_of(read)
+        return clock, next_due, due, [pair for read in reads for pair in entries_of(read)]
+
+    def marked_read(
+        self, streams: Sequence[str], group: str, consumer: str, count: int
+    ) -> tuple[dict[str, str], list[tuple[str, Entry]]]:
+        """Where each stream ends, then a read of their new entries, without blocking, in one round trip
+        (each mark before its read, in its slot): when the read finds nothing, whatever is added later
+        comes after the marks (what `Doorbell` waits for)."""
+        slots = self.by_slot(streams)
+        pipe = self.redis.pipeline(transaction=False)
+        for together in slots:
+            for stream in together:
+                pipe.xrevrange(stream, "+", "-", count=1)
+            xreadgroup(pipe, together, group, consumer, count, None, False)
+        replies = iter(pipe.execute())
+        marks: dict[str, str] = {}
+        found: list[tuple[str, Entry]] = []
+        for together in slots:
+            for stream in together:
+                newest = next(replies)
+                marks[stream] = newest[0][0].decode() if newest else "0-0"
+            found += entries_of(next(replies))
+        return marks, found
+
+    def entries_past(self, marks: Mapping[str, str], block: float) -> bool:
+        """Whether any of the streams (of one slot) gets an entry past its mark within `block` seconds:
+        an XREAD, no group, so it moves nothing."""
+        reply = self.redis.xread(dict(marks), count=1, block=max(1, int(block * 1000)))
+        return bool(reply)
+
+    def inbox_owners(self) -> dict[int, str]:
+        """Which coordinator leases each inbox shard (on a cluster)."""
+        owners = {}
+        for shard, owner in self.redis.hgetall(self.keys.inbox_owners).items():
+            if shard.isdigit():
+                owners[int(shard)] = owner.decode(errors="replace")
+        return owners
+
+    def lease_shards(self, name: str, take: Sequence[int], release: Sequence[int]) -> None:
+        """Name the coordinator `name` the owner of the shards `take`, and no one of those it lets go."""
+        if not take and not release:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        if take:
+            pipe.hset(self.keys.inbox_owners, mapping=dict.fromkeys(map(str, take), name))
+        if release:
+            pipe.hdel(self.keys.inbox_owners, *map(str, release))
+        pipe.execute()

@@ -151,8 +151,7 @@ def access(keys: Keys, agent: str, subscriptions: Iterable[str] = ()) -> list[Gr
         Grant(
             ("xadd",),
             (
-                f"%W~{keys.results}",
-                f"%W~{keys.results_bulk}",
+                *(f"%W~{lane}" for lane in keys.inboxes),
                 *(f"%W~{log}" for log in keys.event_logs),
                 f"%W~{keys.dlq}",
                 f"%W~{keys.sub('*')}",
@@ -314,7 +313,7 @@ class WorkerStore(Connection):
         body = {"wf": wf_id, "fields": self.signed_fields(wf_id, fields)}
         message = wire.Inbox(kind="submit", body=body)
         raw = message.signed_as(self.sender, self.settings.max_message_bytes * 4, wire.ASKED_RUN_TTL)
-        self.add(self.keys.results, raw)
+        self.add(self.keys.inbox(wf_id), raw)
 
     def seen(self, subscription: str, event_ids: Sequence[str]) -> list[bool]:
         """For each event id: has this subscription already handled it (a copy routed twice)?"""
