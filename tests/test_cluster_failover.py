@@ -1,6 +1,6 @@
-"""Failover on a Redis Cluster of 3 masters and 3 replicas: while chains, retries and fan-outs of 100
-run, a master is killed (kill -9), its replica takes over and the node comes back as a replica; later
-a master of another shard goes the same way. Each time the replica's link is cut a second before the
+"""Failover on a Redis Cluster of 3 masters and 3 replicas: while chains, retries, fan-outs of 100 and
+200 runs of 10 tasks run, a master is killed (kill -9), its replica takes over and the node comes back
+as a replica; later a master of another shard goes the same way. Each time the replica's link is cut a second before the
 kill, so the promoted replica surely lacks the master's last second of writes, as asynchronous
 replication may leave it. Every run ends as it must, and every task's effect is applied once.
 
@@ -66,6 +66,13 @@ def fan_out(lead: int, width: int = 100) -> dict[str, Any]:
     return {"name": f"fan-out-{lead}", "defaults": {"retry": RETRY}, "tasks": tasks}
 
 
+def ten() -> dict[str, Any]:
+    """Ten tasks: one, eight after it, one after those."""
+    tasks = {"A": effect(0.0), **{f"B{i}": effect(0.0, after="A") for i in range(8)}}
+    tasks["C"] = {**effect(0.0), "depends_on": [f"B{i}" for i in range(8)]}
+    return {"name": "ten", "defaults": {"retry": RETRY}, "tasks": tasks}
+
+
 def run_states(client: Client, ids: list[str]) -> dict[str, str]:
     """Each run's state; `running` for all while the cluster answers no one."""
     try:
@@ -114,6 +121,7 @@ def test_runs_survive_two_masters_failing_over(
     coordinator_env = {"PHIBROKER_RECONCILE_EVERY": "0.5", "PHIBROKER_TIMER_CLAIM": "2", **limits}
     effects = redis.Redis.from_url(redis_server.url, decode_responses=True)  # outside the cluster: loses nothing
     runs = [chain(40), chain(40), chain(16, failures=True), chain(16, failures=True), fan_out(3), fan_out(25)]
+    runs += [ten() for _ in range(200)]
     try:
         for _ in range(2):
             procs.coordinator(**coordinator_env)

@@ -106,3 +106,6 @@ class Doorbell:
             except CONNECTION_ERRORS as exc:  # the coordinator's own wait ends in time all the same
                 log.debug("doorbell on %s: %s", lanes[0], exc)
                 time.sleep(min(left, 0.5))
+            except Exception:  # noqa: BLE001 - a dead watcher would leave each wait to run its full time
+                log.exception("doorbell on %s", lanes[0])
+                time.sleep(min(left, 0.5))

@@ -162,7 +162,31 @@ class _Client(redis.Redis):
         return _Pipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
 
 
-class _ClusterPipeline(ClusterPipeline):
+def stream_read_keys(args: Sequence[Any]) -> list[Any] | None:
+    """The streams an XREAD or XREADGROUP names (the first half of what follows STREAMS), or None for
+    another command. redis-py's cluster client asks a node for the keys of such a command (`COMMAND
+    GETKEYS`, their place moves with the options) each time it routes one: a round trip per read."""
+    name = args[0].decode(errors="replace") if isinstance(args[0], bytes) else str(args[0])
+    first = {"XREAD": 1, "XREADGROUP": 4}.get(name.upper())
+    if first is None:
+        return None
+    words = [arg.decode(errors="replace") if isinstance(arg, bytes) else str(arg) for arg in args]
+    for index in range(first, len(words)):
+        if words[index].upper() == "STREAMS":
+            rest = args[index + 1 :]
+            return list(rest[: len(rest) // 2])
+    return None
+
+
+class _StreamKeys:
+    """Finds the keys of stream reads here, not by asking a node (see `stream_read_keys`)."""
+
+    def _get_command_keys(self, *args: Any) -> Any:
+        keys = stream_read_keys(args)
+        return keys if keys is not None else super()._get_command_keys(*args)  # type: ignore[misc]
+
+
+class _ClusterPipeline(_StreamKeys, ClusterPipeline):
     """A cluster pipeline whose replies and errors say Refused where Redis said "not now"."""
 
     def execute(self, raise_on_error: bool = True) -> list[Any]:
@@ -171,7 +195,7 @@ class _ClusterPipeline(ClusterPipeline):
         return [refusal(reply) or reply if isinstance(reply, ResponseError) else reply for reply in replies]
 
 
-class _ClusterClient(RedisCluster):
+class _ClusterClient(_StreamKeys, RedisCluster):
     """redis-py's cluster client, with the same refusals as `_Client`: a cluster that says "not now"
     (a master failing over, slots not served) once the client's own retries are spent is a broker out
     of reach for a while, not a crash."""

@@ -46,10 +46,11 @@ def _claimed(reply: list[Any]) -> tuple[float, float | None, list[str]]:
 
 def access(keys: Keys) -> list[Grant]:
     """What coordinators send Redis: every workflow's keys and their own tables (the inbox and who
-    leases its shards, timers, indexes, approvals, their leases); append only into agent lanes, subscription streams, the events
-    log and the dead letters; the lanes' groups, looked at and trimmed; reads of the registries; stop
-    notices to every agent. They load phibroker's scripts (`load_scripts`): after a Redis restart the
-    other users wait for them. No worker lease but to forget a long-dead one."""
+    leases its shards, timers, indexes, approvals, their leases); append only into agent lanes,
+    subscription streams, the events log and the dead letters; the lanes' groups, looked at and
+    trimmed; reads of the registries; stop notices to every agent. They load phibroker's scripts
+    (`load_scripts`): after a Redis restart the other users wait for them. No worker lease but to
+    forget a long-dead one."""
     own = (
         f"~{keys.namespace}:wf:*",
         f"~{keys.inbox_owners}",
