@@ -21,7 +21,8 @@ from phibroker import wire, workflow
 from phibroker.errors import BrokerUnavailable
 from phibroker.runtime.client import Client
 from phibroker.settings import Settings
-from phibroker.store.connection import Connection, cluster_seeds
+from phibroker.store.connection import Connection, cluster_seeds, stream_read_keys
+from phibroker.store.coordinator import CoordinatorStore
 from phibroker.workflow import Workflow, check
 from tests.conftest import Processes, RedisCluster, RedisServer, free_port, short_settings, until
 from tests.test_choreography import ANNOUNCE, TRIGGERED, listening
@@ -350,3 +351,30 @@ def test_a_coordinator_killed_mid_run_leaves_its_inbox_shards_to_the_other(
             message = wire.Inbox.decode(fields[b"m"], 1 << 24)
             runs = {result.wf for result in message.results} or {message.body.get("wf")}
             assert all(lane in (keys.inbox(wf_id), keys.inbox_bulk(wf_id)) for wf_id in runs), (lane, runs)
+
+
+def test_stream_reads_are_routed_without_asking_a_node(settings: Settings) -> None:
+    """The cluster client finds the streams of XREAD and XREADGROUP itself: no `COMMAND GETKEYS` round
+    trip before each read (a coordinator's round reads 8 shards, a worker's read its lanes)."""
+    assert stream_read_keys(
+        ("XREADGROUP", b"GROUP", "g", "STREAMS", "COUNT", "2", "BLOCK", "5", "STREAMS", "a", "b", ">", ">")
+    ) == ["a", "b"]
+    assert stream_read_keys(("XREAD", "COUNT", 1, "BLOCK", 5, "STREAMS", "a", "0-0")) == ["a"]
+    assert stream_read_keys(("XADD", "a", "*", "m", "1")) is None
+    store = CoordinatorStore(settings)
+    lanes = list(settings.keys.inboxes)
+    for lane in lanes:
+        store.ensure_group(lane, "coordinators")
+
+    def asked() -> int:
+        return sum(
+            int(node.redis_connection.info("commandstats").get("cmdstat_command|getkeys", {}).get("calls", 0))
+            for node in store.redis.get_primaries()
+        )
+
+    before = asked()
+    store.read_groups(lanes, "coordinators", "probe", 10, None)
+    store.poll(lanes, "coordinators", "probe", 10, None, False, {}, settings.keys.timer_sets[0])
+    assert not store.read_groups(settings.keys.inbox_shards[0], "coordinators", "probe", 10, 0.01)  # blocking
+    assert asked() == before
+    store.close()

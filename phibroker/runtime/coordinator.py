@@ -33,7 +33,7 @@ from phibroker.keys import COORDINATORS_GROUP
 from phibroker.runtime.bulk import HeldWork
 from phibroker.runtime.events import Router, trigger_refusal
 from phibroker.runtime.gate import SecurityGate
-from phibroker.runtime.inbox import Doorbell
+from phibroker.runtime.inbox import Readers
 from phibroker.runtime.maintenance import Maintenance
 from phibroker.runtime.runs import RunCache
 from phibroker.runtime.submission import submission
@@ -109,7 +109,7 @@ class Coordinator:
         )
         self.cache = RunCache(settings, self.broker, cache_size, require_signed)
         self.held = HeldWork(settings)
-        self.doorbell = Doorbell(self.broker)
+        self.readers = Readers(self.broker, COORDINATORS_GROUP, self.name, settings.batch_size)
         self.stopping = threading.Event()
         self._recovering = True  # read our own pending entries first (after a restart or an error)
         self._acks: defaultdict[str, list[str]] = defaultdict(list)  # handled inbox entries, acked next round
@@ -159,6 +159,7 @@ class Coordinator:
         self._recovering = True
         self.cache.clear()
         self.held.drop()
+        self.readers.take()
 
     def step(self) -> int:
         """One round: due timers and one read of the inbox lanes. Returns how many items it handled.
@@ -187,16 +188,19 @@ class Coordinator:
                 self._acks[stream][:0] = ids
             raise
         waited = time.monotonic() - began
+        read += self.readers.take()  # what a slot's blocking read got after the last wait ended
+        if self._recovering and not read and not self.held.entries:
+            self._recovering = False
+        elif block and not read and not timers and len(self.broker.by_slot(lanes)) > 1:
+            began = time.monotonic()
+            read = self.readers.wait(lanes, block)  # a cluster: the round's read could not block
+            clock += time.monotonic() - began
+        elif block and not read and waited < block / 2:
+            self.stopping.wait(block)  # the embedded broker answers an empty blocking read at once
         now = self._not_before_last(clock)
         self._clock = (now, time.monotonic())
         self._dues[timer_set] = next_due
         self._more_timers = timer_set if len(timers) >= TIMER_BATCH else None
-        if self._recovering and not read and not self.held.entries:
-            self._recovering = False
-        elif block and not read and not timers and len(self.broker.by_slot(lanes)) > 1:
-            read = self._wait_for_inbox(lanes, block)  # a cluster: the read could not block
-        elif block and not read and waited < block / 2:
-            self.stopping.wait(block)  # the embedded broker answers an empty blocking read at once
         if not read and not timers and not self.held:
             return 0
         crash_point("after_read")
@@ -224,14 +228,6 @@ class Coordinator:
         first of each."""
         shards = self.keys.inbox_shards
         return [lane for shard in self.maintenance.shards for lane in shards[shard][: 2 if bulk else 1]]
-
-    def _wait_for_inbox(self, lanes: list[str], block: float) -> list[tuple[str, Entry]]:
-        """On a cluster, where one blocking read covers one slot: mark the lanes' ends and read them
-        again, then, if that found nothing, wait for an entry past the marks (`inbox.Doorbell`)."""
-        marks, read = self.broker.marked_read(lanes, COORDINATORS_GROUP, self.name, self.settings.batch_size)
-        if not read:
-            self.doorbell.wait(marks, block)
-        return read
 
     def _not_before_last(self, now: float) -> float:
         """A round is never stamped before the previous one was (on a cluster the clock as read here is
@@ -676,7 +672,7 @@ class Coordinator:
     def _leave(self) -> None:
         if self.telemetry is not None:
             self.telemetry.stop()
-        self.doorbell.close()
+        self.readers.close()
         try:
             for stream, ids in self._acks.items():
                 self.broker.ack(stream, COORDINATORS_GROUP, ids)

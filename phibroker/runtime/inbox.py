@@ -9,7 +9,7 @@ lease lapsed, or that nobody owns, is read by every coordinator until one takes 
 unread while a coordinator lives.
 
 One blocking read covers one slot, so a coordinator reading several shards of a cluster reads them
-without blocking, and when none had anything it waits on a `Doorbell`.
+without blocking, and when none had anything it waits for `Readers`, a blocking read per slot.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import math
 import threading
 import time
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from phibroker.store.connection import CONNECTION_ERRORS
+from phibroker.store.connection import CONNECTION_ERRORS, Entry
 from phibroker.store.coordinator import CoordinatorStore
 
 log = logging.getLogger("phibroker.coordinator")
@@ -53,59 +53,75 @@ def plan_shards(count: int, owners: Mapping[int, str], live: set[str], me: str) 
     return ShardPlan(take, release, tuple(sorted({*kept, *take, *free, *release})))
 
 
-class Doorbell:
-    """Wakes a coordinator reading several slots when any of them gets an inbox entry.
+class Readers:
+    """A blocking read of the inbox per slot, for a coordinator reading several slots of a cluster.
 
-    The coordinator marks where each lane ends and reads past the marks in one round trip
-    (`CoordinatorStore.marked_read`); when that finds nothing it waits here. A thread per slot blocks
-    on its lanes past the marks (XREAD, no group: it moves nothing) and rings: an entry added after the
-    marks rings at once, one added before was in that read. A thread still blocked past older marks
-    rings for entries read since, at worst: one round more."""
+    One blocking read covers one slot, so the coordinator's round reads its shards without blocking;
+    when that found nothing, it waits here: a thread per slot blocks in the group's read of that slot's
+    lanes, as the coordinator (the same consumer), and hands over what it read. A thread still blocked
+    when the wait ended hands its entries to the next round."""
 
-    def __init__(self, broker: CoordinatorStore):
+    def __init__(self, broker: CoordinatorStore, group: str, consumer: str, count: int):
         self.broker = broker
-        self.rang = threading.Event()
-        self._asked: dict[tuple[str, ...], tuple[dict[str, str], float]] = {}  # lanes -> marks, until when
-        self._watchers: set[tuple[str, ...]] = set()
+        self.group, self.consumer, self.count = group, consumer, count
+        self._read = threading.Event()
+        self._found: list[tuple[str, Entry]] = []
+        self._asked: dict[tuple[str, ...], float] = {}  # lanes of one slot -> until when to block
+        self._threads: set[tuple[str, ...]] = set()
         self._changed = threading.Condition()
         self._closed = False
 
-    def wait(self, marks: Mapping[str, str], timeout: float) -> None:
-        """Wait up to `timeout` seconds for an entry past `marks` on any of their lanes."""
-        until = time.monotonic() + timeout
+    def wait(self, lanes: Sequence[str], timeout: float) -> list[tuple[str, Entry]]:
+        """What the lanes get within `timeout` seconds (at once, what a reader read since the last take)."""
         with self._changed:
-            self.rang.clear()
-            for lanes in self.broker.by_slot(list(marks)):
-                self._asked[tuple(lanes)] = ({lane: marks[lane] for lane in lanes}, until)
-                if tuple(lanes) not in self._watchers:
-                    self._watchers.add(tuple(lanes))
-                    threading.Thread(target=self._watch, args=(tuple(lanes),), daemon=True).start()
+            if self._found:
+                return self._take()
+            self._read.clear()
+            until = time.monotonic() + timeout
+            for together in self.broker.by_slot(lanes):
+                self._asked[tuple(together)] = until
+                if tuple(together) not in self._threads:
+                    self._threads.add(tuple(together))
+                    threading.Thread(target=self._reader, args=(tuple(together),), daemon=True).start()
             self._changed.notify_all()
-        self.rang.wait(timeout)
+        self._read.wait(timeout)
+        return self.take()
+
+    def take(self) -> list[tuple[str, Entry]]:
+        """What the readers read and nobody took yet."""
+        with self._changed:
+            return self._take()
+
+    def _take(self) -> list[tuple[str, Entry]]:
+        found, self._found = self._found, []
+        return found
 
     def close(self) -> None:
         with self._changed:
             self._closed = True
             self._changed.notify_all()
-        self.rang.set()
 
-    def _watch(self, lanes: tuple[str, ...]) -> None:
+    def _reader(self, lanes: tuple[str, ...]) -> None:
         while True:
             with self._changed:
                 while lanes not in self._asked and not self._closed:
                     self._changed.wait()
                 if self._closed:
                     return
-                marks, until = self._asked.pop(lanes)
-            left = until - time.monotonic()
+                left = self._asked.pop(lanes) - time.monotonic()
             if left < 0.001:
                 continue
             try:
-                if self.broker.entries_past(marks, left):
-                    self.rang.set()
+                found = self.broker.read_groups(list(lanes), self.group, self.consumer, self.count, left)
             except CONNECTION_ERRORS as exc:  # the coordinator's own wait ends in time all the same
-                log.debug("doorbell on %s: %s", lanes[0], exc)
+                log.debug("reading %s: %s", lanes[0], exc)
                 time.sleep(min(left, 0.5))
-            except Exception:  # noqa: BLE001 - a dead watcher would leave each wait to run its full time
-                log.exception("doorbell on %s", lanes[0])
+                continue
+            except Exception:  # noqa: BLE001 - a dead reader would leave each wait to run its full time
+                log.exception("reading %s", lanes[0])
                 time.sleep(min(left, 0.5))
+                continue
+            if found:
+                with self._changed:
+                    self._found += found
+                    self._read.set()

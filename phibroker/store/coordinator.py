@@ -93,7 +93,6 @@ def access(keys: Keys) -> list[Grant]:
                 "xlen",
                 "xinfo|groups",
                 "xrevrange",
-                "xread",  # the inbox, past a mark: no group (`entries_past`)
                 "xtrim",
                 "publish",
             ),
@@ -565,7 +564,7 @@ class CoordinatorStore(Connection):
         On one server the clock is a TIME right behind the read, which Redis runs as the read returns; on
         a cluster it is the claim's, taken before the read blocked, carried past it by the time the call
         took (a little ahead of Redis's: by the request's way there). There, streams of several slots are
-        read a slot at a time and without blocking (see `Doorbell`)."""
+        read a slot at a time and without blocking (see `inbox.Readers`)."""
         claim_ms = int(self.settings.timer_claim * 1000)
         slots = self.by_slot(streams)
         if len(slots) > 1:
@@ -604,34 +603,6 @@ class CoordinatorStore(Connection):
         else:
             clock = int(after[0]) + int(after[1]) / 1e6
         return clock, next_due, due, [pair for read in reads for pair in entries_of(read)]
-
-    def marked_read(
-        self, streams: Sequence[str], group: str, consumer: str, count: int
-    ) -> tuple[dict[str, str], list[tuple[str, Entry]]]:
-        """Where each stream ends, then a read of their new entries, without blocking, in one round trip
-        (each mark before its read, in its slot): when the read finds nothing, whatever is added later
-        comes after the marks (what `Doorbell` waits for)."""
-        slots = self.by_slot(streams)
-        pipe = self.redis.pipeline(transaction=False)
-        for together in slots:
-            for stream in together:
-                pipe.xrevrange(stream, "+", "-", count=1)
-            xreadgroup(pipe, together, group, consumer, count, None, False)
-        replies = iter(pipe.execute())
-        marks: dict[str, str] = {}
-        found: list[tuple[str, Entry]] = []
-        for together in slots:
-            for stream in together:
-                newest = next(replies)
-                marks[stream] = newest[0][0].decode() if newest else "0-0"
-            found += entries_of(next(replies))
-        return marks, found
-
-    def entries_past(self, marks: Mapping[str, str], block: float) -> bool:
-        """Whether any of the streams (of one slot) gets an entry past its mark within `block` seconds:
-        an XREAD, no group, so it moves nothing."""
-        reply = self.redis.xread(dict(marks), count=1, block=max(1, int(block * 1000)))
-        return bool(reply)
 
     def inbox_owners(self) -> dict[int, str]:
         """Which coordinator leases each inbox shard (on a cluster)."""
