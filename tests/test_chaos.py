@@ -24,8 +24,9 @@ import yaml
 
 from phibroker.keys import Keys
 from phibroker.runtime.client import Client
+from phibroker.settings import Settings
 from phibroker.workflow import check
-from tests.conftest import Processes, RedisServer, aof_tail, short_settings, until
+from tests.conftest import Processes, RedisCluster, RedisServer, aof_tail, short_settings, until
 
 
 def layered_workflow(tasks: int = 500, width: int = 50, seed: int = 3) -> dict[str, Any]:
@@ -59,12 +60,25 @@ margin covers a starved worker's lapsed lease)."""
 @pytest.mark.parametrize("restart_redis", [False, True], ids=["kills", "kills+redis-restart"])
 def test_chaos(restart_redis: bool, aof_server: RedisServer, tmp_path: Path) -> None:
     settings = short_settings(aof_server.url, tmp_path / "home", prefix="chaos")
+    chaos(settings, settings.redis_url, aof_server if restart_redis else None, tmp_path)
+
+
+def test_chaos_on_a_cluster(redis_cluster: RedisCluster, redis_server: RedisServer, tmp_path: Path) -> None:
+    """The same kills on a Redis Cluster (the inbox's shards change hands as coordinators die and come
+    back); the handlers' ledger is on a server of its own."""
+    settings = short_settings(redis_cluster.url, tmp_path / "home", prefix="chaos")
+    chaos(settings, redis_server.url, None, tmp_path)
+
+
+def chaos(settings: Settings, ledger_url: str, restart: RedisServer | None, tmp_path: Path) -> None:
+    """The layered workflow while coordinators and workers are killed, and `restart` (if any) restarts."""
     logs = tmp_path / "logs"
     logs.mkdir()
     procs = Processes(settings, logs)
+    restart_redis = restart is not None
     ledger = f"{settings.namespace}:ledger"
     env = {
-        "PROBE_LEDGER_URL": settings.redis_url,
+        "PROBE_LEDGER_URL": ledger_url,
         "PROBE_LEDGER_KEY": ledger,
         "PHIBROKER_MAX_DELIVERIES": str(MAX_DELIVERIES),
     }
@@ -94,8 +108,8 @@ def test_chaos(restart_redis: bool, aof_server: RedisServer, tmp_path: Path) -> 
                     else:
                         pool[index] = procs.worker("probe", app="tests.apps.probe", concurrency=4, **env)
                     restarts += 1
-                if restart_redis and not restarted_redis and time.monotonic() - began > 3:
-                    aof_server.restart()  # SHUTDOWN with AOF on: every acknowledged write survives
+                if restart is not None and not restarted_redis and time.monotonic() - began > 3:
+                    restart.restart()  # SHUTDOWN with AOF on: every acknowledged write survives
                     restarted_redis = True
             status = client.wait(wf_id, timeout=120)
         elapsed = time.monotonic() - began
@@ -103,7 +117,7 @@ def test_chaos(restart_redis: bool, aof_server: RedisServer, tmp_path: Path) -> 
         procs.close()
     states = {name: task["state"] for name, task in status["tasks"].items()}
     lost = [name for name, state in states.items() if state != "succeeded"]
-    r = redis.Redis.from_url(settings.redis_url)
+    r = redis.Redis.from_url(ledger_url)
     applied = {k.decode() for k in r.hkeys(ledger)}
     runs = {k.decode(): int(v) for k, v in r.hgetall(f"{ledger}:runs").items()}
     reruns = sum(runs.values()) - len(runs)

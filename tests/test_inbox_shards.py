@@ -1,11 +1,17 @@
 """How coordinators share the inbox's shards on a cluster (`inbox.plan_shards`), in memory: each plan
-is what one coordinator does at one lease renewal, against the owners table as the others left it."""
+is what one coordinator does at one lease renewal, against the owners table as the others left it.
+And the bulk work a coordinator holds when a shard's read hands in more of it."""
 
 from __future__ import annotations
 
 import random
 
+from phibroker import wire
+from phibroker.engine.state import timer_member
+from phibroker.runtime.bulk import HeldWork
 from phibroker.runtime.inbox import plan_shards
+from phibroker.settings import Settings
+from phibroker.store.connection import Entry
 
 SHARDS = 8
 
@@ -48,7 +54,7 @@ def test_a_newcomer_gets_half_and_nothing_goes_unread_meanwhile() -> None:
 def test_shards_of_a_dead_coordinator_are_read_at_once_and_taken() -> None:
     owners: dict[int, str] = {}
     rounds(owners, {"a", "b", "c"}, 3, seed=1)
-    assert sorted(sorted(owners.values()).count(name) for name in "abc") == [2, 3, 3]
+    assert [sorted(owners.values()).count(name) for name in "abc"] == [3, 3, 2]
     dead = {shard for shard, name in owners.items() if name == "c"}
     first = plan_shards(SHARDS, owners, {"a", "b"}, "a")
     assert dead <= set(first.read)  # read before any renewal took them
@@ -65,3 +71,28 @@ def test_a_table_naming_strangers_or_too_many_for_one_is_set_right() -> None:
 def test_one_shard_is_everyones() -> None:
     plan = plan_shards(1, {}, {"a", "b"}, "b")
     assert plan.read == (0,) and not plan.take and not plan.release
+
+
+def test_five_coordinators_each_lease_some() -> None:
+    owners: dict[int, str] = {}
+    rounds(owners, set("abcde"), 3, seed=4)
+    assert sorted(sorted(owners.values()).count(name) for name in "abcde") == [1, 1, 2, 2, 2]
+
+
+def result_entry(wf_id: str, entry_id: str) -> Entry:
+    result = wire.Result(id="d", wf=wf_id, unit="u", token=1, ok=True, worker="w", started=0.0, finished=0.0)
+    return Entry(entry_id, wire.Inbox(kind="results", results=[result]).encode(1 << 20))
+
+
+def test_held_bulk_results_joined_by_a_late_read_keep_their_run_s_deadline_waiting() -> None:
+    """A shard's blocking read may hand in bulk results while some are held: the deadline of the new
+    results' run waits for them too (a result read before its deadline fired is applied first)."""
+    held = HeldWork(Settings())
+    held.keep([("bulk", result_entry("w1", "1-0"))])
+    held.wait([timer_member("deadline", "w1", "u"), timer_member("deadline", "w2", "u")])
+    assert held.due_timers() == [timer_member("deadline", "w2", "u")]
+    held.wait([timer_member("deadline", "w2", "u")])
+    held.keep([*held.entries, ("bulk", result_entry("w2", "2-0"))])
+    assert held.due_timers() == []
+    held.keep([])
+    assert sorted(held.due_timers()) == [timer_member("deadline", "w1", "u"), timer_member("deadline", "w2", "u")]

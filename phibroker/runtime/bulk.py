@@ -26,15 +26,17 @@ class HeldWork:
         self.entries: list[tuple[str, Entry]] = []
         self.timers: dict[str, None] = {}  # claimed timers waiting for held results of their workflow
         self._workflows: set[str] | None = None  # the workflows of the held entries, once read
+        self._counted: set[tuple[str, str]] = set()  # the entries (lane, id) `_workflows` was read from
 
     def __len__(self) -> int:
         """Held entries and timers: work a burst run must not stop on."""
         return len(self.entries) + len(self.timers)
 
     def keep(self, entries: list[tuple[str, Entry]]) -> None:
-        """Hold what a round's bulk slices left over (nothing: the held batch is done)."""
+        """Hold what a round's bulk slices left over (nothing: the held batch is done). On a cluster a
+        shard's blocking read may hand in bulk entries while some are held: the workflows are read again."""
         self.entries = entries
-        if not self.entries:
+        if any((lane, entry.id) not in self._counted for lane, entry in entries):
             self._workflows = None
 
     def drop(self) -> None:
@@ -63,10 +65,11 @@ class HeldWork:
         return {entry.id for held_lane, entry in self.entries if held_lane == lane}
 
     def workflows(self) -> set[str]:
-        """The workflows with results in the held bulk entries, read once per held batch (no bulk entry
-        is read while some are held, so the set only ever over-counts)."""
+        """The workflows with results in the held bulk entries, read once per held batch (read again
+        when entries join it; as entries are handled, the set only ever over-counts)."""
         if self._workflows is None:
             self._workflows = set()
+            self._counted = {(lane, entry.id) for lane, entry in self.entries}
             for _, entry in self.entries:
                 try:
                     message = wire.Inbox.decode(entry.raw or b"", self.settings.max_message_bytes * 4)

@@ -169,7 +169,9 @@ class Coordinator:
         block = self._block()
         timer_set = self._timer_set()
         acks, self._acks = self._acks, defaultdict(list)
-        lanes = self._lanes(bulk=not self.held.entries)  # no more bulk while some is held
+        # every lane when reading its own pending entries again (it may have let go of their shards since),
+        # else its shards' lanes, with no more bulk while some is held
+        lanes = list(self.keys.inboxes) if self._recovering else self._lanes(bulk=not self.held.entries)
         began = time.monotonic()
         try:
             clock, next_due, timers, read = self.broker.poll(
@@ -188,14 +190,15 @@ class Coordinator:
                 self._acks[stream][:0] = ids
             raise
         waited = time.monotonic() - began
-        read += self.readers.take()  # what a slot's blocking read got after the last wait ended
+        read = _merged(read, self.readers.take())  # what a slot's blocking read got after the last wait ended
+        spread = len(self.broker.by_slot(lanes)) > 1  # a cluster: the round's read could not block
         if self._recovering and not read and not self.held.entries:
             self._recovering = False
-        elif block and not read and not timers and len(self.broker.by_slot(lanes)) > 1:
+        elif block and not read and not timers and spread:
             began = time.monotonic()
-            read = self.readers.wait(lanes, block)  # a cluster: the round's read could not block
+            read = self.readers.wait(lanes, block)
             clock += time.monotonic() - began
-        elif block and not read and waited < block / 2:
+        elif block and not read and not spread and waited < block / 2:
             self.stopping.wait(block)  # the embedded broker answers an empty blocking read at once
         now = self._not_before_last(clock)
         self._clock = (now, time.monotonic())
@@ -327,8 +330,13 @@ class Coordinator:
         return self.held.ids(inbox) | set(self._acks[inbox])
 
     def _finish_held(self) -> None:
-        """On a clean stop: the held bulk results, then the timers that waited for them."""
+        """On a clean stop: what the shards' blocking reads still hand in, the held bulk results, then
+        the timers that waited for them."""
         try:
+            late = self.readers.close()
+            bulk_lanes = self.keys.bulk_lanes
+            self.process(time.time(), [(lane, entry) for lane, entry in late if lane not in bulk_lanes])
+            self.held.keep(self.held.entries + [(lane, entry) for lane, entry in late if lane in bulk_lanes])
             if self.held.entries:
                 self.process_bulk(time.time() - time.monotonic(), self.held.entries, budget=float("inf"))
                 self.held.drop()
@@ -672,7 +680,7 @@ class Coordinator:
     def _leave(self) -> None:
         if self.telemetry is not None:
             self.telemetry.stop()
-        self.readers.close()
+        self.readers.close()  # already, after a clean stop
         try:
             for stream, ids in self._acks.items():
                 self.broker.ack(stream, COORDINATORS_GROUP, ids)
@@ -683,3 +691,12 @@ class Coordinator:
         except (PhibrokerError, *CONNECTION_ERRORS):
             pass
         log.info("coordinator %s stopped", self.name)
+
+
+def _merged(read: list[tuple[str, Entry]], more: list[tuple[str, Entry]]) -> list[tuple[str, Entry]]:
+    """`read` and the entries of `more` it lacks: a round reading its own pending entries again may read
+    what a shard's blocking read handed in too."""
+    if not more:
+        return read
+    seen = {(lane, entry.id) for lane, entry in read}
+    return read + [(lane, entry) for lane, entry in more if (lane, entry.id) not in seen]

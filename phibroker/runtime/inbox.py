@@ -15,17 +15,18 @@ without blocking, and when none had anything it waits for `Readers`, a blocking 
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from phibroker.store.connection import CONNECTION_ERRORS, Entry
+from phibroker.store.connection import Entry
 from phibroker.store.coordinator import CoordinatorStore
 
 log = logging.getLogger("phibroker.coordinator")
+
+_JOIN = 5.0  # seconds a stopping coordinator waits for a shard's blocking read to return (it blocks < 1 s)
 
 
 @dataclass(frozen=True)
@@ -37,12 +38,14 @@ class ShardPlan:
 
 def plan_shards(count: int, owners: Mapping[int, str], live: set[str], me: str) -> ShardPlan:
     """What coordinator `me` does with `count` shards, `owners` naming who leases each and `live` the
-    coordinators whose lease holds (`me` among them): it leases free shards up to its fair share (the
-    count divided by the live coordinators, rounded up) and lets go of those past it. A newcomer takes
-    the free shards from a place of its own in the ring, so two newcomers seldom pick the same."""
+    coordinators whose lease holds: it leases free shards up to its share and lets go of those past it.
+    The shares add up to the count: each live coordinator's is the count divided by how many there
+    are, and the first (by name) take one more each for what is left over. A newcomer takes the free
+    shards from a place of its own in the ring, so two newcomers seldom pick the same."""
     if count <= 1:
         return ShardPlan((), (), (0,))
-    fair = math.ceil(count / max(1, len(live | {me})))
+    fleet = sorted(live | {me})
+    fair = count // len(fleet) + (1 if fleet.index(me) < count % len(fleet) else 0)
     mine = [shard for shard in range(count) if owners.get(shard) == me]
     start = zlib.crc32(me.encode()) % count
     ring = [(start + step) % count for step in range(count)]
@@ -67,7 +70,7 @@ class Readers:
         self._read = threading.Event()
         self._found: list[tuple[str, Entry]] = []
         self._asked: dict[tuple[str, ...], float] = {}  # lanes of one slot -> until when to block
-        self._threads: set[tuple[str, ...]] = set()
+        self._readers: dict[tuple[str, ...], threading.Thread] = {}
         self._changed = threading.Condition()
         self._closed = False
 
@@ -80,9 +83,10 @@ class Readers:
             until = time.monotonic() + timeout
             for together in self.broker.by_slot(lanes):
                 self._asked[tuple(together)] = until
-                if tuple(together) not in self._threads:
-                    self._threads.add(tuple(together))
-                    threading.Thread(target=self._reader, args=(tuple(together),), daemon=True).start()
+                if tuple(together) not in self._readers and not self._closed:
+                    reader = threading.Thread(target=self._reader, args=(tuple(together),), daemon=True)
+                    self._readers[tuple(together)] = reader
+                    reader.start()
             self._changed.notify_all()
         self._read.wait(timeout)
         return self.take()
@@ -96,10 +100,16 @@ class Readers:
         found, self._found = self._found, []
         return found
 
-    def close(self) -> None:
+    def close(self) -> list[tuple[str, Entry]]:
+        """Stop the readers, once their reads returned (each blocks a round's wait at most), and return
+        what they read and nobody took: entries read and never handled would wait for a take-over."""
         with self._changed:
             self._closed = True
             self._changed.notify_all()
+            readers = list(self._readers.values())
+        for reader in readers:
+            reader.join(timeout=_JOIN)
+        return self.take()
 
     def _reader(self, lanes: tuple[str, ...]) -> None:
         while True:
@@ -113,12 +123,9 @@ class Readers:
                 continue
             try:
                 found = self.broker.read_groups(list(lanes), self.group, self.consumer, self.count, left)
-            except CONNECTION_ERRORS as exc:  # the coordinator's own wait ends in time all the same
+            except Exception as exc:  # noqa: BLE001 - a dead reader would leave each wait to run its full time
+                # (a failover, a group lost with a master: the coordinator's round says so and makes it again)
                 log.debug("reading %s: %s", lanes[0], exc)
-                time.sleep(min(left, 0.5))
-                continue
-            except Exception:  # noqa: BLE001 - a dead reader would leave each wait to run its full time
-                log.exception("reading %s", lanes[0])
                 time.sleep(min(left, 0.5))
                 continue
             if found:

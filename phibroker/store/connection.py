@@ -622,7 +622,9 @@ class Connection:
         several, each slot's streams are read in one pipeline without blocking; when none had anything,
         the first slot's streams (the task lanes) are read blocking, for at most SPREAD_BLOCK."""
         slots = self.by_slot(streams)
-        if len(slots) <= 1:
+        if not slots:
+            return []
+        if len(slots) == 1:
             return entries_of(xreadgroup(self.redis, streams, group, consumer, count, block, pending))
         pipe = self.redis.pipeline(transaction=False)
         for together in slots:
