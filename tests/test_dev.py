@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -256,3 +257,28 @@ def test_the_redis_server_dev_starts_keeps_runs_and_keys_and_fresh_starts_empty(
     with Client(settings) as client:
         assert client.list() == [] and client.registry.trusted_keys() == {}
     stop(dev)
+
+
+def test_a_taken_web_port_gives_the_page_another_and_the_address_shown_is_its_own(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Two `dev` started at once both find 8265 free; the one whose page cannot listen there moves it to
+    a free port, and shows the address its own page is on (a page answering on 8265 is the other's)."""
+    namespace = f"t{uuid.uuid4().hex[:10]}"
+    for name in ("first", "second"):
+        (tmp_path / name).mkdir()
+    first = Dev(tmp_path / "first", redis_server.url, namespace=namespace)
+    second = Dev(tmp_path / "second", redis_server.url, namespace=namespace)
+    for dev in (first, second):
+        assert dev.wait(until="The web page: ") is None, dev.output
+    shown = [dev.log.read_text().split("The web page: ")[1].split()[0] for dev in (first, second)]
+    assert len(set(shown)) == 2, shown
+    for dev, url in zip((first, second), shown, strict=True):
+        page = dev.home / "dev-logs" / "ui.log"
+        assert f"phibroker ui at {url}" in page.read_text(), dev.output  # the page it started says so
+        with urllib.request.urlopen(url + "api/runs", timeout=10) as answer:
+            assert answer.status == 200
+    for dev in (first, second):
+        dev.process.send_signal(signal.SIGINT)
+        assert dev.wait() is not None
+        dev.assert_nothing_left()

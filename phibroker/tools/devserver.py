@@ -12,9 +12,9 @@ outlive a restart; `fresh` starts it empty.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -45,6 +45,7 @@ DEFAULT_NAMESPACE = str(Settings.model_fields["namespace"].default)
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 STOP_WAIT = 10.0  # seconds a child gets after SIGTERM before it is killed
 WEB_PORT = 8265  # `phibroker ui`'s default
+_PAGE_AT = re.compile(r"phibroker ui at (\S+)")  # what `phibroker ui` says once it listens
 
 
 def find_example(name: str = "complete-dag.yaml") -> Path | None:
@@ -268,26 +269,28 @@ class DevServer:
         self.console.print(f"  (their logs: {shown_path(self.logs)}/)", style="dim")
 
     def start_page(self) -> None:
-        """`phibroker ui --allow-actions` on 8265, or any free port if that one is taken."""
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", WEB_PORT))
-                port = WEB_PORT
-            except OSError:
-                probe.bind(("127.0.0.1", 0))
-                port = probe.getsockname()[1]
-        self.page = self._spawn("ui", [sys.executable, "-m", "phibroker", "ui", "--port", str(port), "--allow-actions"])
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            self._check_stop()
-            self.check_children()
-            with socket.socket() as knock:
-                if knock.connect_ex(("127.0.0.1", port)) == 0:
-                    self.page_url = f"http://127.0.0.1:{port}/"
+        """`phibroker ui --allow-actions` on 8265, or on a free port if that one is taken (by another
+        page, or by another `dev` starting at the same moment). Where it listens is what the page itself
+        says in its log once its socket is bound: a page that answers on 8265 may be another's."""
+        for port in (WEB_PORT, 0):
+            if self.page is not None:  # it could not listen on 8265
+                self.page.handle.close()
+            page = [sys.executable, "-m", "phibroker", "ui", "--port", str(port), "--allow-actions"]
+            self.page = self._spawn("ui", page)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and self.page.process.poll() is None:
+                self._check_stop()
+                self.check_children(but=self.page)
+                said = _PAGE_AT.search(self.page.log.read_text(errors="replace"))
+                if said:
+                    self.page_url = said[1]
                     self.console.print(f"The web page: {self.page_url} (runs, DAGs, approvals, agents)")
                     return
-            self.stopping.wait(0.1)
-        self.console.print(f"The web page did not answer in 30s; see {shown_path(self.page.log)}", style="dim")
+                self.stopping.wait(0.1)
+            if self.page.process.poll() is None:
+                self.console.print(f"The web page did not answer in 30s; see {shown_path(self.page.log)}", style="dim")
+                return
+        self.check_children()  # neither port: say why
 
     def _spawn(self, name: str, args: list[str]) -> Child:
         """A child in its own process group: a terminal's Ctrl-C reaches only us, and we stop it in order."""
@@ -304,10 +307,10 @@ class DevServer:
         )
         return Child(name, process, log, handle)
 
-    def check_children(self) -> None:
+    def check_children(self, but: Child | None = None) -> None:
         """A child that exits on its own (a bad --app, a crash) ends the run with its log's last lines."""
         for child in self.children + [c for c in (self.page, self.redis_server) if c]:
-            if child.process.poll() is not None:
+            if child is not but and child.process.poll() is not None:
                 raise PhibrokerError(
                     f"{child.name} exited with code {child.process.returncode}; "
                     f"the end of {shown_path(child.log)}:\n{self._tail(child)}"
