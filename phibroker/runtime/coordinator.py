@@ -53,6 +53,7 @@ COMMIT_PATIENCE = 0.25
 started a unit it guarded); a few tries settle any real race, and after ten each waits a little longer
 (up to 50 ms). A commit still refused after this share of `coordinator_takeover` can never pass: its
 inputs are dead-lettered, before this coordinator's silence lets another take over its outboxes."""
+_SEALED = frozenset({"launched", "params", "children"})  # a launched run's meta its seal covers (and its start)
 LAG_REFRESH = 1.0  # seconds between two looks at the agents' stream lag (`--metrics-port`)
 BULK_BUDGET = 0.1  # seconds of bulk-lane work a round may do before its chores (lease, timers) come round
 
@@ -432,6 +433,8 @@ class Coordinator:
                 else:
                     idle.append(wf_id)
             stale = self.cache.stale(idle, runs)
+            for run in commits:
+                self._seal(run)
             versions = self.broker.commit([(run.id, run.version, run.tx) for run in commits]) if commits else []
             crash_point("after_commit")
             if any(run.tx.finished and run.meta.get("parent") for run in commits):
@@ -484,16 +487,25 @@ class Coordinator:
 
     def _refusal(self, run: state.Run, items: list[Op]) -> str | None:
         """Why a run read afresh from Redis must go no further, or None. A client's user may write runs:
-        under `--require-signed` one that started must still be its signed file (Gate.check_launched) and
-        its spawned tasks its handlers' own; one not started yet takes its start (submit, kick), which
-        checks it, and any other input only after the same checks."""
+        under `--require-signed` one that started must still be its signed file, with the params and
+        spawned tasks the coordinators sealed (Gate.check_launched), its spawned tasks its handlers'
+        own; one not started yet takes its start (submit, kick), which checks it, and any other input
+        only after the same checks."""
         if run.wf_state in state.WF_TERMINAL:
             return None  # nothing of it runs any more: its inputs are answered as an ended run's
         if run.meta.get("launched"):
-            return self.gate.check_launched(run.meta) or engine.foreign_children(run)
+            return self.gate.check_launched(run.id, run.meta) or engine.foreign_children(run)
         if all(kind in ("submit", "kick") for kind, _ in items):
             return None
         return self.gate.check_start(run.id, run.meta)
+
+    def _seal(self, run: state.Run) -> None:
+        """A launched run whose params or spawned tasks this transition changes (or that it launches)
+        gets the coordinators' seal over them anew (`SecurityGate.seal`), checked when it is read again."""
+        if run.meta.get("launched") and _SEALED & run.tx.meta.keys():
+            seal = self.gate.seal(run.id, run.meta)
+            if seal is not None:
+                run.set_meta(seal=seal)
 
     def _dead_letter_inputs(self, wf_id: str, items: list[Op], reason: str) -> None:
         for kind, body in items:

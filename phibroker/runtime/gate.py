@@ -282,14 +282,41 @@ class SecurityGate:
             return None
         return self.check_submitter(run_id, meta) or (self.verify_source(meta) if self.require_signed else None)
 
-    def check_launched(self, meta: dict[str, Any]) -> str | None:
+    def check_launched(self, run_id: str, meta: dict[str, Any]) -> str | None:
         """Under `--require-signed`, why a launched run read again from Redis must go no further, or None:
         its spec must still be its signed file's (a client's user may write runs, and rewrite a payload
-        after the start). Who submitted it is not asked again: a client's secret may have been rotated
-        since, and the client could sign again anyway. A verdict is kept per signed file and trust list:
-        a run is read again often where several coordinators share its inputs."""
+        after the start), and its params and spawned tasks what the coordinators sealed (`seal`). Who
+        submitted it is not asked again: a client's secret may have been rotated since, and the client
+        could sign again anyway. A verdict is kept per signed file and trust list: a run is read again
+        often where several coordinators share its inputs."""
         if not self.require_signed:
             return None
+        return self._check_file(meta) or self._check_seal(run_id, meta)
+
+    def seal(self, run_id: str, meta: Mapping[str, Any]) -> str | None:
+        """Under `--require-signed` with identities that name roles, the coordinators' mark over what no
+        signed file covers, a launched run's params and spawned tasks: `IDENTITY:HMAC`, written with each
+        change of them. None where there is nothing to seal with."""
+        signer = self.signer() if self.require_signed else None
+        if signer is None:
+            return None
+        name, secret = signer
+        return f"{name}:{wire.run_seal(secret, run_id, meta.get('params'), meta.get('children'))}"
+
+    def _check_seal(self, run_id: str, meta: Mapping[str, Any]) -> str | None:
+        """Why a launched run's params or spawned tasks are not what a coordinator identity sealed, or None
+        (nothing to check without identities that name roles)."""
+        if not self.with_roles:
+            return None
+        name, _, mark = str(meta.get("seal") or "").rpartition(":")
+        identity = self.identities.get(name)
+        if identity is not None and COORDINATOR in identity.roles:
+            expected = wire.run_seal(identity.secret, run_id, meta.get("params"), meta.get("children"))
+            if hmac.compare_digest(mark, expected):
+                return None
+        return "tampered: its params or spawned tasks are not what the coordinators wrote"
+
+    def _check_file(self, meta: dict[str, Any]) -> str | None:
         trusted = self.trusted()
         signed = [str(meta.get(k) or "") for k in (*SIGNED_FIELDS, "source_path")]
         key = hashlib.sha256("\0".join([*signed, json.dumps(trusted, sort_keys=True)]).encode()).hexdigest()

@@ -35,5 +35,11 @@ for _agent in (webc, kalic, cmdc, dormant):
 def plan(ctx: Context, spawn: list[dict[str, Any]]) -> dict[str, Any]:
     """What a handler turned against its run might do: spawn `step` tasks for any agent, with any payload."""
     for child in spawn:
-        ctx.spawn(child["name"], "step", agent=child.get("agent"), payload=child.get("payload"))
+        ctx.spawn(
+            child["name"],
+            "step",
+            agent=child.get("agent"),
+            payload=child.get("payload"),
+            depends_on=child.get("after", ()),
+        )
     return {"spawned": len(spawn)}
