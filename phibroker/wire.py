@@ -420,7 +420,7 @@ class Inbox:
         return hmac.new(secret, message, hashlib.sha256).hexdigest()
 
     def signed_by(self, secret: bytes) -> bool:
-        return self.sig is not None and hmac.compare_digest(self.sig, self.signature(secret))
+        return same_digest(self.sig, self.signature(secret))
 
     def signed_as(self, sender: tuple[str, bytes] | None, limit: int, good_for: float = CONTROL_TTL) -> bytes:
         """Encoded, and signed by `sender` (name, secret) unless it already names another sender; a
@@ -455,6 +455,12 @@ class Inbox:
             sig=e.get("sig"),
             blob=blob,
         )
+
+
+def same_digest(given: Any, expected: str) -> bool:
+    """Whether `given` (read from Redis or a message: anything) is the digest `expected`, in constant time.
+    As bytes: `hmac.compare_digest` raises on a text with a character past ASCII."""
+    return isinstance(given, str) and hmac.compare_digest(given.encode(errors="replace"), expected.encode())
 
 
 def submit_signature(secret: bytes, wf_id: str, sender: str, fields: Mapping[str, Any]) -> str:

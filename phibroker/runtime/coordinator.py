@@ -414,7 +414,7 @@ class Coordinator:
                     break
                 time.sleep(random.uniform(0, min(0.001 * tries, 0.05)))
             runs = self.cache.load(list(pending))
-            commits, idle = [], []
+            commits, idle, refused = [], [], set()
             for wf_id, items in pending.items():
                 run = runs.get(wf_id)
                 refusal = self._refusal(run, items) if run is not None and run.fresh else None
@@ -424,17 +424,19 @@ class Coordinator:
                     log.error("%s: %s; the run fails", wf_id, refusal)
                     run.begin(self.name)
                     engine.refuse(run, refusal, now)
+                    refused.add(wf_id)
                     if run.tx.changed:
                         commits.append(run)
-                    else:  # ended already
-                        idle.append(wf_id)
+                    else:  # ended already: the retry asked of it is not carried out
+                        self._refuse_retries(wf_id, items, refusal)
                 elif self._decide_safely(run, items, now):
                     commits.append(run)
                 else:
                     idle.append(wf_id)
             stale = self.cache.stale(idle, runs)
             for run in commits:
-                self._seal(run)
+                if run.id not in refused:  # what was refused is not sealed: a retry of it is refused too
+                    self._seal(run)
             versions = self.broker.commit([(run.id, run.version, run.tx) for run in commits]) if commits else []
             crash_point("after_commit")
             if any(run.tx.finished and run.meta.get("parent") for run in commits):
@@ -489,9 +491,9 @@ class Coordinator:
         """Why a run read afresh from Redis must go no further, or None. A client's user may write runs:
         under `--require-signed` one that started must still be its signed file, with the params and
         spawned tasks the coordinators sealed (Gate.check_launched), its spawned tasks its handlers'
-        own; one not started yet takes its start (submit, kick), which checks it, and any other input
-        only after the same checks."""
-        if run.wf_state in state.WF_TERMINAL:
+        own, and so must one that ended, to be retried; one not started yet takes its start (submit,
+        kick), which checks it, and any other input only after the same checks."""
+        if run.wf_state in state.WF_TERMINAL and all(kind != "retry" for kind, _ in items):
             return None  # nothing of it runs any more: its inputs are answered as an ended run's
         if run.meta.get("launched"):
             return self.gate.check_launched(run.id, run.meta) or engine.foreign_children(run)
@@ -506,6 +508,15 @@ class Coordinator:
             seal = self.gate.seal(run.id, run.meta)
             if seal is not None:
                 run.set_meta(seal=seal)
+
+    def _refuse_retries(self, wf_id: str, items: list[Op], reason: str) -> None:
+        """An ended run that may not be retried (`_refusal`): each retry asked of it is dead-lettered with
+        why, as its inbox entry (where `phibroker retry` looks); its other inputs are an ended run's."""
+        for kind, op in items:
+            if kind == "retry":
+                _, _, entry, raw = op
+                self.broker.dead_letter(reason, raw, self.keys.inbox(wf_id), entry)
+        self.cache.forget(wf_id)
 
     def _dead_letter_inputs(self, wf_id: str, items: list[Op], reason: str) -> None:
         for kind, body in items:

@@ -22,7 +22,6 @@ is also a client; an admin is a client that may cancel or retry any run). The ol
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 import logging
 import math
@@ -266,7 +265,7 @@ class SecurityGate:
         if not identity.roles & SENDERS["submit"]:
             return f"refused: submitted by {name!r}, which is not a client"
         expected = wire.submit_signature(identity.secret, run_id, name, meta)
-        if not hmac.compare_digest(expected, str(meta["submit_sig"])):
+        if not wire.same_digest(str(meta["submit_sig"]), expected):
             return f"refused: bad submit signature for {name!r} (the run was changed after it was submitted)"
         age, kept = time.time() - float(meta.get("created_at") or 0), self.settings.retention
         if age > kept:  # its keys would have expired: a copy written again, or nobody started it in time
@@ -312,7 +311,7 @@ class SecurityGate:
         identity = self.identities.get(name)
         if identity is not None and COORDINATOR in identity.roles:
             expected = wire.run_seal(identity.secret, run_id, meta.get("params"), meta.get("children"))
-            if hmac.compare_digest(mark, expected):
+            if wire.same_digest(mark, expected):
                 return None
         return "tampered: its params or spawned tasks are not what the coordinators wrote"
 
