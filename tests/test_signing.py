@@ -238,6 +238,16 @@ def test_signed_file_verifies(signed: Path, key: KeyPair) -> None:
     assert signing.verify_file_bytes(signed.read_bytes(), sig, trusted) == "stryk"
 
 
+def test_a_signature_document_with_text_past_ascii_is_refused_not_an_error(signed: Path, key: KeyPair) -> None:
+    """What a .sig (or a run's stored signature) says is anyone's text: past ASCII it is a refusal,
+    not a TypeError from the constant-time comparison."""
+    sig = json.loads(signing.sig_path(signed).read_text())
+    with pytest.raises(SignatureError, match="tampered"):
+        signing.verify_file_bytes(signed.read_bytes(), {**sig, "sha256": "é" * 64}, {"stryk": key.public_hex})
+    with pytest.raises(SignatureError, match="untrusted key"):
+        signing.verify_file_bytes(signed.read_bytes(), sig, {"stryk": "é" * 64})
+
+
 def test_tampered_file_is_refused(signed: Path, key: KeyPair) -> None:
     signed.write_text("name: flow\ntasks: {evil: {}}\n")
     with pytest.raises(SignatureError, match="tampered"):

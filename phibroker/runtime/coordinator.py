@@ -417,7 +417,7 @@ class Coordinator:
             commits, idle, refused = [], [], set()
             for wf_id, items in pending.items():
                 run = runs.get(wf_id)
-                refusal = self._refusal(run, items) if run is not None and run.fresh else None
+                refusal = self._refusal_safely(run, items) if run is not None and run.fresh else None
                 if run is None:
                     self._unknown(wf_id, items)
                 elif refusal:  # it goes no further, and its inputs with it
@@ -486,6 +486,17 @@ class Coordinator:
             self._dead_letter_inputs(run.id, items, f"coordinator error on {run.id}: {type(exc).__name__}: {exc}")
             run.begin(self.name)
             return False
+
+    def _refusal_safely(self, run: state.Run, items: list[Op]) -> str | None:
+        """`_refusal`, but a run that cannot be checked (what it holds breaks a check) is refused rather
+        than stopping every coordinator that reads it."""
+        try:
+            return self._refusal(run, items)
+        except CONNECTION_ERRORS:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one bad run must not stop the coordinator
+            log.exception("cannot check %s", run.id)
+            return f"refused: cannot check the run ({type(exc).__name__}: {exc})"
 
     def _refusal(self, run: state.Run, items: list[Op]) -> str | None:
         """Why a run read afresh from Redis must go no further, or None. A client's user may write runs:
