@@ -977,9 +977,17 @@ def test_a_client_cannot_cancel_or_retry_another_clients_run(fleet: Fleet) -> No
     who = "only its submitter ('client'), a coordinator or an admin may"
     refusal = f"refused cancel of run {wf_id!r} from 'starter': {who}"
     assert reasons_since(fleet, seen, 1) == [refusal]
+    secret = fleet.deployment.env("starter")["PHIBROKER_AGENT_SECRET"]
+    as_starter_cli = {"PHIBROKER_CLIENT_NAME": "starter", "PHIBROKER_CLIENT_SECRET": secret}
+    refused_cli = fleet.deployment.cli(fleet.procs, "client", "cancel", wf_id, **as_starter_cli)
+    assert refused_cli.returncode == 2 and refused_cli.stdout == "", (refused_cli.stdout, refused_cli.stderr)
+    assert f"cancel of {wf_id} refused: {refusal}" in refused_cli.stderr
+    as_watch = fleet.deployment.cli(fleet.procs, "watch", "cancel", wf_id)  # a user Redis refuses: one line, exit 3
+    assert as_watch.returncode == 3 and as_watch.stderr.count("\n") == 1, as_watch.stderr
+    assert "refuses this user a command" in as_watch.stderr
     assert fleet.unit(wf_id, "Gate", "state") == "running"
     with fleet.client("client") as client:
-        client.cancel(wf_id, reason="mine")
+        assert client.cancel(wf_id, reason="mine", wait=30)
         assert client.wait(wf_id, timeout=30)["state"] == "cancelled"
     as_starter = fleet.settings("client").model_copy(
         update={"client_name": "starter", "client_secret": fleet.deployment.env("starter")["PHIBROKER_AGENT_SECRET"]}
@@ -990,5 +998,6 @@ def test_a_client_cannot_cancel_or_retry_another_clients_run(fleet: Fleet) -> No
     with fleet.client("admin") as admin:
         assert admin.retry(wf_id)["state"] == "running"  # an admin may retry anyone's run
     finish(fleet, wf_id)
-    assert len(reasons_since(fleet, seen, 2)) == 2
+    assert len(reasons_since(fleet, seen, 3)) == 3
     record("another client's cancel or retry", "starter", "worked: cancelled, re-opened", "refused: not its run")
+    record("another client's cancel, from the CLI", "starter", "exit 0 (refused in the DLQ)", "exit 2, saying why")

@@ -214,7 +214,7 @@ class Deployment:
         """`phibroker ARGS` as USER: its env file (and `extra`) and nothing else of the test's settings."""
         return subprocess.run(
             [sys.executable, "-m", "phibroker", *args],
-            env=procs.env(**self.env(user), **extra),
+            env=procs.env(**{**self.env(user), **extra}),
             capture_output=True,
             text=True,
             timeout=120,

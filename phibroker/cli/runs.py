@@ -188,6 +188,7 @@ def logs(settings: Settings, wf_id: str, task: str | None, follow: bool, as_json
 
 
 RUN_STATES = sorted(WF_WINDING_DOWN | {"running", "waiting_approval"})
+CANCEL_WAIT = 5.0  # seconds `cancel` waits for the coordinators to take it (or refuse it)
 
 
 @main.command(name="list")
@@ -220,13 +221,18 @@ def list_(settings: Settings, limit: int, states: tuple[str, ...], as_json: bool
 def cancel(settings: Settings, wf_id: str, reason: str | None, tasks: tuple[str, ...], as_json: bool) -> None:
     """Cancel workflow ID: nothing new starts, running tasks are asked to stop, compensations run.
 
-    With --task, only those tasks: they count as skipped for what depends on them, and the run goes on."""
+    With --task, only those tasks: they count as skipped for what depends on them, and the run goes on.
+    It waits a few seconds for the coordinators to take it: one they refuse (not this identity's run)
+    exits 2, saying why."""
     from phibroker.runtime.client import Client
 
     with Client(settings) as client:
-        client.cancel(wf_id, reason, tasks)
+        taken = client.cancel(wf_id, reason, tasks, wait=CANCEL_WAIT)
     what = f"{', '.join(tasks)} of {wf_id}" if tasks else wf_id
-    click.echo(json.dumps({"id": wf_id, "ok": True}) if as_json else f"cancelling {what}")
+    if as_json:
+        click.echo(json.dumps({"id": wf_id, "ok": True}))
+    else:
+        click.echo(f"cancelling {what}" if taken else f"cancel of {what} sent; no coordinator has taken it yet")
 
 
 @main.command()

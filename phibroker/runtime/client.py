@@ -14,14 +14,14 @@ from typing import Any
 from phibroker import wire
 from phibroker import workflow as workflows
 from phibroker.engine.records import output_records, status_document
-from phibroker.engine.state import WF_TERMINAL
+from phibroker.engine.state import TASK_TERMINAL, WF_TERMINAL
 from phibroker.errors import ApprovalError, DecodeError, InvalidInput, UnknownWorkflow
 from phibroker.runtime.events import add_trigger
 from phibroker.runtime.submission import submission
 from phibroker.security import signing
 from phibroker.settings import Settings
 from phibroker.store.client import ClientStore
-from phibroker.store.connection import lease_alive, reaching
+from phibroker.store.connection import denied, lease_alive, reaching
 from phibroker.store.registry import Registry
 from phibroker.store.views import Views
 from phibroker.workflow.spec import MAX_DEPTH, did_you_mean, is_name
@@ -66,14 +66,15 @@ class Client:
             self.broker.submit_workflow(wf_id, fields)
         return wf_id
 
-    def cancel(self, wf_id: str, reason: str | None = None, tasks: Sequence[str] = ()) -> None:
+    def cancel(self, wf_id: str, reason: str | None = None, tasks: Sequence[str] = (), wait: float = 0.0) -> bool:
         """Ask the coordinators to cancel: nothing new starts, running tasks see `ctx.cancelled`.
 
         With `tasks`, only those (a region): each counts as skipped for its dependents, the run goes
         on. A run that has ended is refused (InvalidInput): nothing would change, and saying so beats
-        silence; so is a task the run does not have. It is sent, not waited for: coordinators with an
-        identities file dead-letter the cancel of a run this identity did not submit (unless it is an
-        admin), and `phibroker dlq list` says so."""
+        silence; so is a task the run does not have. It is sent, and with `wait` waited for up to that
+        many seconds: True once the coordinators took it (the run, or each task, is stopping or ended),
+        False if none did in time; InvalidInput if they refused it (with an identities file, a run this
+        identity did not submit, unless it is an admin: the cancel is dead-lettered)."""
         with reaching(self.settings):
             (head,) = Views(self.broker).workflow_heads([wf_id])
             if not head:
@@ -88,7 +89,15 @@ class Client:
             body: dict[str, Any] = {"wf": wf_id, "reason": reason or "cancelled by request"}
             if tasks:
                 body["tasks"] = list(tasks)
-            self.broker.send_to_coordinators(wire.Inbox(kind="cancel", body=body))
+            entry = self._send(wire.Inbox(kind="cancel", body=body))
+
+        def taken(status: dict[str, Any]) -> bool:
+            if not tasks:
+                return status["state"] in ("cancelling", *WF_TERMINAL)
+            rows = [status["tasks"].get(task, {}) for task in tasks]
+            return all(row.get("state") in TASK_TERMINAL or row.get("stopping") for row in rows)
+
+        return self._until_taken(wf_id, entry, "cancel", wait, taken)[0] if wait else False
 
     def retry(self, wf_id: str, from_task: str | None = None, timeout: float = 30.0) -> dict[str, Any]:
         """Re-open an ended run: `from_task` (or every task that did not succeed) and everything below
@@ -115,19 +124,37 @@ class Client:
                 body["from"] = from_task
             ended_at = status.get("finished_at")
             entry = self._send(wire.Inbox(kind="retry", body=body))
+
+        def taken(now: dict[str, Any]) -> bool:
+            return now["state"] not in WF_TERMINAL or now.get("finished_at") != ended_at
+
+        return self._until_taken(wf_id, entry, "retry", timeout, taken)[1] or status
+
+    def _until_taken(
+        self, wf_id: str, entry: str, what: str, timeout: float, taken: Callable[[dict[str, Any]], bool]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        """Wait up to `timeout` seconds for the coordinators to take the request sent as inbox entry
+        `entry` (`taken` of the run's status), or to refuse it (InvalidInput, with why: its dead letter).
+        Whether they took it, and the run's last status (None: not looked at)."""
         deadline = time.monotonic() + timeout
         look_at_dead_letters = time.monotonic() + _DLQ_EVERY
+        status = None
         while time.monotonic() < deadline:
-            status = self.status(wf_id)
-            if status["state"] not in WF_TERMINAL or status.get("finished_at") != ended_at:
-                break
+            try:
+                status = self.status(wf_id)
+                if taken(status):
+                    return True, status
+                refusal = self._refusal(entry) if time.monotonic() > look_at_dead_letters else None
+            except Exception as exc:
+                if not denied(exc):
+                    raise
+                return False, status  # this user may not read the run or the dead letters: it cannot tell
+            if refusal:
+                raise InvalidInput(f"{what} of {wf_id} refused: {refusal}")
             if time.monotonic() > look_at_dead_letters:
-                refusal = self._refusal(entry)
-                if refusal:
-                    raise InvalidInput(f"retry of {wf_id} refused: {refusal}")
                 look_at_dead_letters = time.monotonic() + _DLQ_EVERY
             time.sleep(0.02)
-        return status
+        return False, status
 
     def _send(self, message: wire.Inbox) -> str:
         """Into the coordinators' inbox, signed as this client's identity; returns its inbox entry id."""

@@ -333,6 +333,11 @@ def _denied(exc: BaseException) -> NoPermissionError | None:
     return cause
 
 
+def denied(exc: BaseException) -> bool:
+    """Whether Redis refused this user the command (NOPERM): its ACL user may not."""
+    return _denied(exc) is not None
+
+
 def unusable(settings: Settings, exc: Exception) -> BrokerUnavailable | None:
     """What a failure to reach, select or use the broker means to a user, or None for any other error.
 
@@ -356,6 +361,12 @@ def unusable(settings: Settings, exc: Exception) -> BrokerUnavailable | None:
         )
     if isinstance(exc, AskError):  # MOVED too: a plain client sent to a node of a cluster
         return BrokerUnavailable(CLUSTER_NODE.format(url=url))
+    denial = _denied(exc)
+    if denial is not None:
+        return BrokerUnavailable(
+            f"Redis at {url} refuses this user a command ({str(denial).rstrip('.')}): run it with the env file"
+            " `phibroker acl generate` wrote for this kind of process"
+        )
     return None
 
 
