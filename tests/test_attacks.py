@@ -761,6 +761,15 @@ def test_garbage_an_agent_writes_in_a_runs_tasks_hash_stops_no_coordinator(fleet
     record("garbage counts in a running run's tasks hash", "webc", "every coordinator died", "read as 0; run ends")
 
 
+def listed(fleet: Fleet, agent: str, says: str | None = None) -> None:
+    """AGENT asks the coordinators to list it among the agents with subscriptions (as its worker does
+    when it registers some; the message naming `says`, if given) and is listed."""
+    listing = wire.Inbox(kind="subscribed", body={"agent": says or agent})
+    fleet.store(agent, signed=True).send_to_coordinators(listing)
+    admin = fleet.deployment.client("admin")
+    until(lambda: agent.encode() in admin.smembers(fleet.deployment.keys.subscribers), fleet.procs)
+
+
 def test_a_subscription_filter_too_big_to_run_on_every_event_is_ignored(fleet: Fleet) -> None:
     """webc registers (its grant on the subscriptions hash allows it) a filter on every event whose one
     reference has 60,000 parts: looking it up cost each routing process seconds per event, growing with
@@ -768,7 +777,7 @@ def test_a_subscription_filter_too_big_to_run_on_every_event_is_ignored(fleet: F
     keys = fleet.deployment.keys
     webc = fleet.deployment.client("webc")
     where = "data" + ".a" * 60_000 + " == 1"
-    webc.sadd(keys.subscribers, "webc")
+    listed(fleet, "webc")
     webc.hset(keys.subs_of("webc"), "webc.spy", json.dumps({"agent": "webc", "event": "*", "where": where}))
     try:
         untouched(fleet, fleet.submit())
@@ -780,25 +789,31 @@ def test_a_subscription_filter_too_big_to_run_on_every_event_is_ignored(fleet: F
 
 def test_an_agent_can_neither_change_nor_silence_another_agents_subscription(fleet: Fleet) -> None:
     """Each agent's subscriptions are a hash only its workers write: webc may not touch kalic's, and an
-    entry of the same name in its own hash (a filter nothing passes) does not stop kalic's from routing."""
+    entry of the same name in its own hash (a filter nothing passes) does not stop kalic's from routing.
+    The agents with subscriptions are listed by the coordinators, each as its own signed message asks:
+    webc may not add names there (junk sorting first would hide real agents past the 1,000 read)."""
     keys = fleet.deployment.keys
     kalic, webc = fleet.deployment.client("kalic"), fleet.deployment.client("webc")
     wants = {"agent": "kalic", "event": "scan.done", "where": None}
-    kalic.sadd(keys.subscribers, "kalic")
     kalic.hset(keys.subs_of("kalic"), "kalic.watch", json.dumps(wants))
     with pytest.raises(NoPermissionError):
         webc.hset(keys.subs_of("kalic"), "kalic.watch", json.dumps({**wants, "event": "nothing"}))
-    webc.sadd(keys.subscribers, "webc")
+    with pytest.raises(NoPermissionError):
+        webc.sadd(keys.subscribers, "0-junk")
     webc.hset(keys.subs_of("webc"), "kalic.watch", json.dumps({**wants, "event": "nothing"}))
+    listed(fleet, "kalic")
+    listed(fleet, "webc", says="0-junk")
+    admin = fleet.deployment.client("admin")
+    assert b"0-junk" not in admin.smembers(keys.subscribers)  # the signed sender is listed, not the body
     try:
         router = Router(Registry(fleet.settings("coordinator")))
         routed = router.routes([{"id": wire.new_id(), "type": "scan.done", "data": {}, "depth": 0}])
         assert keys.sub("kalic.watch") in {stream for stream, _, _ in routed}, routed
     finally:
-        admin = fleet.deployment.client("admin")
         admin.hdel(keys.subs_of("kalic"), "kalic.watch")
         admin.hdel(keys.subs_of("webc"), "kalic.watch")
     record("overwrite another agent's subscription", "webc", "its reactions stopped", "refused: NOPERM")
+    record("add junk names to the subscribers list", "webc", "hid real ones past 1,000", "refused: NOPERM")
 
 
 def test_an_inbox_message_of_millions_of_empty_maps_is_dead_lettered_before_it_fills_a_coordinator(

@@ -433,7 +433,9 @@ def test_why_finds_a_ready_entry_held_by_a_dead_worker(
 
 def test_graph_draws_subscriptions_when_a_broker_answers(settings: Settings, tmp_path: Path) -> None:
     (tmp_path / "ship.yaml").write_text(FLOW)
-    Registry(settings).register_subscription("ops", "ops.page", {"event": "task.failed", "where": None})
+    registry = Registry(settings)
+    registry.register_subscription("ops", "ops.page", {"event": "task.failed", "where": None})
+    registry.list_subscriber("ops")
     drawn = cli(settings, "graph", str(tmp_path / "ship.yaml"), "--format", "mermaid")
     assert drawn.returncode == 0 and 'ship -.->|"task.failed (any task)"| sub_ops_page' in drawn.stdout
     began = time.monotonic()

@@ -44,6 +44,7 @@ from phibroker.store.connection import CONNECTION_ERRORS, Entry
 from phibroker.store.coordinator import CoordinatorStore
 from phibroker.store.registry import Registry
 from phibroker.store.views import Views
+from phibroker.workflow.spec import is_name
 
 log = logging.getLogger("phibroker.coordinator")
 
@@ -365,6 +366,13 @@ class Coordinator:
             for result in message.results:
                 ops[result.wf].append(("result", (result, message.agent)))
             return len(message.results)
+        if message.kind == "subscribed":  # signed by that agent where identities are known
+            agent = message.agent or message.body["agent"]
+            if is_name(agent):
+                self.registry.list_subscriber(agent)
+            else:
+                self.broker.dead_letter(f"not an agent name: {agent[:64]!r}", entry.raw, stream, entry.id)
+            return 0
         wf_id = message.body.get("wf")
         if not isinstance(wf_id, str):
             self.broker.dead_letter("control message without a workflow id", entry.raw, stream, entry.id)

@@ -19,18 +19,21 @@ MAX_SUBSCRIPTION_BYTES = 16 * 1024  # a name's event and `where` (1,000 characte
 
 
 def access(keys: Keys, agent: str | None = None) -> list[Grant]:
-    """What an agent's workers send the registries: they register their subscriptions and read the
-    routes (subscriptions, triggers) of the events they publish. Without `agent`, the coordinators':
-    they read the routes, a trigger they start and the trust list, never writing them. Clients and the
-    views read them as they read the rest (store/views.py)."""
+    """What an agent's workers send the registries: they register their subscriptions in their own hash
+    and read the routes (subscriptions, triggers) of the events they publish. Without `agent`, the
+    coordinators': they list the agents with subscriptions (an agent may not: junk names would hide
+    the others), read the routes, a trigger they start and the trust list. Clients and the views read
+    them as they read the rest (store/views.py)."""
     every_sub = (f"%R~{keys.subscribers}", f"%R~{keys.subs_of('*')}")
     if agent is not None:
         return [
             Grant(("hset",), (f"~{keys.subs_of(agent)}",)),
-            Grant(("sadd",), (f"%W~{keys.subscribers}",)),
             Grant(("smembers", "hgetall"), (*every_sub, f"%R~{keys.triggers}")),
         ]
-    return [Grant(("hget", "hgetall", "smembers"), (*every_sub, f"%R~{keys.triggers}", f"%R~{keys.trusted_keys}"))]
+    return [
+        Grant(("sadd",), (f"%W~{keys.subscribers}",)),
+        Grant(("hget", "hgetall", "smembers"), (*every_sub, f"%R~{keys.triggers}", f"%R~{keys.trusted_keys}")),
+    ]
 
 
 def edits(keys: Keys) -> list[Grant]:
@@ -58,10 +61,13 @@ class Registry(Connection):
         return {k.decode(): json.loads(v) for k, v in self.redis.hgetall(self.keys.triggers).items()}
 
     def register_subscription(self, agent: str, name: str, info: dict[str, Any]) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.sadd(self.keys.subscribers, agent)
-        pipe.hset(self.keys.subs_of(agent), name, json.dumps(info))
-        pipe.execute()
+        """Into the agent's own hash; routers find it once the agent is listed (`list_subscriber`)."""
+        self.redis.hset(self.keys.subs_of(agent), name, json.dumps(info))
+
+    def list_subscriber(self, agent: str) -> None:
+        """List an agent among those with subscriptions, where every router looks: a coordinator does,
+        as the agent's signed message asks, or the agent's own worker where agents sign nothing."""
+        self.redis.sadd(self.keys.subscribers, agent)
 
     def remove_subscription(self, name: str) -> bool:
         """Forget a subscription, with its stream (the events queued for it) and the ids it has seen."""
@@ -129,7 +135,7 @@ def subscriptions(client: Any, keys: Keys) -> list[tuple[str, dict[str, Any]]]:
     """Every agent's subscription entries, (name, info), each info's `agent` the one whose hash holds it
     (whatever the entry says). Two round trips: the agents, then their hashes."""
     agents = sorted(a.decode(errors="replace") for a in client.smembers(keys.subscribers))
-    if len(agents) > MAX_SUBSCRIBERS:  # any agent may add names: a look costs no more than this
+    if len(agents) > MAX_SUBSCRIBERS:  # the coordinators list agents: a look costs no more than this
         log.warning("%d agents with subscriptions listed; reading the first %d", len(agents), MAX_SUBSCRIBERS)
         agents = agents[:MAX_SUBSCRIBERS]
     pipe = client.pipeline(transaction=False)
