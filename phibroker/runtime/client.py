@@ -89,15 +89,20 @@ class Client:
             body: dict[str, Any] = {"wf": wf_id, "reason": reason or "cancelled by request"}
             if tasks:
                 body["tasks"] = list(tasks)
+            before = self.status(wf_id) if wait else {"state": "", "tasks": {}}
             entry = self._send(wire.Inbox(kind="cancel", body=body))
 
         def taken(status: dict[str, Any]) -> bool:
             if not tasks:
-                return status["state"] in ("cancelling", *WF_TERMINAL)
+                return status["state"] in ("cancelling", "compensating", *WF_TERMINAL)
             rows = [status["tasks"].get(task, {}) for task in tasks]
             return all(row.get("state") in TASK_TERMINAL or row.get("stopping") for row in rows)
 
-        return self._until_taken(wf_id, entry, "cancel", wait, taken)[0] if wait else False
+        if not wait:
+            return False
+        if taken(before):  # nothing in the run would show it: only a refusal would, within a round or two
+            return not self._until_taken(wf_id, entry, "cancel", min(wait, _SETTLED), lambda _: False)[0]
+        return self._until_taken(wf_id, entry, "cancel", wait, taken)[0]
 
     def retry(self, wf_id: str, from_task: str | None = None, timeout: float = 30.0) -> dict[str, Any]:
         """Re-open an ended run: `from_task` (or every task that did not succeed) and everything below
@@ -144,7 +149,7 @@ class Client:
                 status = self.status(wf_id)
                 if taken(status):
                     return True, status
-                refusal = self._refusal(entry) if time.monotonic() > look_at_dead_letters else None
+                refusal = self._refusal(wf_id, entry) if time.monotonic() > look_at_dead_letters else None
             except Exception as exc:
                 if not denied(exc):
                     raise
@@ -162,11 +167,14 @@ class Client:
             raw = message.signed_as(self.broker.sender, self.settings.max_message_bytes)
             return self.broker.add(self.settings.keys.inbox(message.body.get("wf")), raw)
 
-    def _refusal(self, entry: str) -> str | None:
-        """Why the coordinators dead-lettered the inbox entry `entry` (among the newest dead letters), or None."""
+    def _refusal(self, wf_id: str, entry: str) -> str | None:
+        """Why the coordinators dead-lettered the inbox entry `entry` about run `wf_id` (among the newest
+        dead letters), or None. Its lane is the run's: entry ids repeat across the inbox's shards."""
+        lane = self.settings.keys.inbox(wf_id)
         with reaching(self.settings):
             rows = self.broker.dead_letters(_DLQ_LOOK)
-        return next((str(record.get("reason")) for _, record in rows if record.get("entry") == entry), None)
+        mine = (r for _, r in rows if r.get("entry") == entry and r.get("source") in (lane, None))
+        return next((str(record.get("reason")) for record in mine), None)
 
     def signal(self, wf_id: str, name: str, data: Any = None) -> None:
         """Send run `wf_id` the signal `name`: the first gate waiting for it takes `data` as its result;
@@ -496,6 +504,7 @@ class Client:
 
 
 _PAGE = 1000  # output entries read at once
+_SETTLED = 1.0  # seconds a cancel the run cannot show (its tasks ended already) waits for a refusal
 _DLQ_EVERY, _DLQ_LOOK = 0.5, 20  # a retry waiting to be re-opened looks this often at this many dead letters
 
 

@@ -40,7 +40,7 @@ from phibroker.runtime.submission import submission
 from phibroker.runtime.telemetry import Telemetry, agent_lags, workflow_agents
 from phibroker.runtime.tracing import run_ended, tracing
 from phibroker.settings import Settings
-from phibroker.store.connection import CONNECTION_ERRORS, Entry
+from phibroker.store.connection import CONNECTION_ERRORS, Entry, denied
 from phibroker.store.coordinator import CoordinatorStore
 from phibroker.store.registry import Registry
 from phibroker.store.views import Views
@@ -367,11 +367,7 @@ class Coordinator:
                 ops[result.wf].append(("result", (result, message.agent)))
             return len(message.results)
         if message.kind == "subscribed":  # signed by that agent where identities are known
-            agent = message.agent or message.body["agent"]
-            if is_name(agent):
-                self.registry.list_subscriber(agent)
-            else:
-                self.broker.dead_letter(f"not an agent name: {agent[:64]!r}", entry.raw, stream, entry.id)
+            self._list_subscriber(message.agent or message.body["agent"], entry, stream)
             return 0
         wf_id = message.body.get("wf")
         if not isinstance(wf_id, str):
@@ -425,7 +421,14 @@ class Coordinator:
             commits, idle, refused = [], [], set()
             for wf_id, items in pending.items():
                 run = runs.get(wf_id)
-                refusal = self._refusal_safely(run, items) if run is not None and run.fresh else None
+                try:
+                    refusal = self._refusal(run, items) if run is not None and run.fresh else None
+                except CONNECTION_ERRORS:
+                    raise  # Redis out of reach or saying no: the round is retried
+                except Exception as exc:  # noqa: BLE001 - a check that breaks must not stop every coordinator
+                    log.exception("cannot check %s; dead-lettering its inputs", wf_id)
+                    self._dead_letter_inputs(wf_id, items, f"coordinator error checking {wf_id}: {exc!r}")
+                    continue
                 if run is None:
                     self._unknown(wf_id, items)
                 elif refusal:  # it goes no further, and its inputs with it
@@ -494,17 +497,6 @@ class Coordinator:
             self._dead_letter_inputs(run.id, items, f"coordinator error on {run.id}: {type(exc).__name__}: {exc}")
             run.begin(self.name)
             return False
-
-    def _refusal_safely(self, run: state.Run, items: list[Op]) -> str | None:
-        """`_refusal`, but a run that cannot be checked (what it holds breaks a check) is refused rather
-        than stopping every coordinator that reads it."""
-        try:
-            return self._refusal(run, items)
-        except CONNECTION_ERRORS:
-            raise
-        except Exception as exc:  # noqa: BLE001 - one bad run must not stop the coordinator
-            log.exception("cannot check %s", run.id)
-            return f"refused: cannot check the run ({type(exc).__name__}: {exc})"
 
     def _refusal(self, run: state.Run, items: list[Op]) -> str | None:
         """Why a run read afresh from Redis must go no further, or None. A client's user may write runs:
@@ -651,6 +643,21 @@ class Coordinator:
                 return None
             self.cache.forget(str(parent_id))
         return f"its parent {parent_id}'s task {task} no longer waits for it"
+
+    def _list_subscriber(self, agent: str, entry: Entry, stream: str) -> None:
+        """List an agent with subscriptions, as its signed message asks; dead-lettered, with why, if the
+        name is not an agent's or this coordinator's user may not (users made before coordinators did)."""
+        reason = None if is_name(agent) else f"not an agent name: {agent[:64]!r}"
+        try:
+            if reason is None:
+                self.registry.list_subscriber(agent)
+        except Exception as exc:
+            if not denied(exc):
+                raise
+            reason = "this coordinator's Redis user may not list agents: generate and load the users again"
+        if reason:
+            log.error("cannot list agent %r as subscribed: %s", agent[:64], reason)
+            self.broker.dead_letter(reason, entry.raw, stream, entry.id)
 
     def _start_triggered(self, body: dict[str, Any], entry: Entry, stream: str) -> None:
         """An event matched a trigger: start its workflow, with the event's data as params, once."""

@@ -111,7 +111,8 @@ class Registry(Connection):
 
     def trusted_keys(self) -> dict[str, str]:
         """The configured trust list: approver name -> public key (hex). Empty: none configured."""
-        return {k.decode(): v.decode() for k, v in self.redis.hgetall(self.keys.trusted_keys).items()}
+        entries = self.redis.hgetall(self.keys.trusted_keys).items()  # not hex: refused as untrusted, later
+        return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in entries}
 
     def trust_key(self, name: str, public_hex: str) -> None:
         self.redis.hset(self.keys.trusted_keys, name, public_hex)
