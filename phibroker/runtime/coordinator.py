@@ -215,18 +215,23 @@ class Coordinator:
         # result read before its deadline fired is applied first.
         offset = now - time.monotonic()
         carried = len(self.held)
-        bulk_lanes = self.keys.bulk_lanes
-        self.process(now, [(lane, entry) for lane, entry in read if lane not in bulk_lanes])
+        first, bulk = self._by_lane(read)
+        self.process(now, first)
         releases = [t for t in timers if t.startswith("continue|")]
         if releases:
             self.process(offset + time.monotonic(), [], releases)
         self.held.wait(t for t in timers if not t.startswith("continue|"))
-        bulk = self.held.entries + [(lane, entry) for lane, entry in read if lane in bulk_lanes]
+        bulk = self.held.entries + bulk
         self.held.keep(self.process_bulk(offset, bulk) if bulk else [])
         due = self.held.due_timers()
         if due:
             self.process(offset + time.monotonic(), [], due)
         return len(read) + len(timers) + carried  # held work counts: a burst run does not stop on it
+
+    def _by_lane(self, read: list[tuple[str, Entry]]) -> tuple[list[tuple[str, Entry]], list[tuple[str, Entry]]]:
+        """The entries read from the inbox's first lanes, and those from its bulk lanes."""
+        bulk_lanes = self.keys.bulk_lanes
+        return [p for p in read if p[0] not in bulk_lanes], [p for p in read if p[0] in bulk_lanes]
 
     def _lanes(self, bulk: bool = True) -> list[str]:
         """The inbox lanes this coordinator reads: both of each shard it reads (see `inbox`), or the
@@ -335,10 +340,9 @@ class Coordinator:
         """On a clean stop: what the shards' blocking reads still hand in, the held bulk results, then
         the timers that waited for them."""
         try:
-            late = self.readers.close()
-            bulk_lanes = self.keys.bulk_lanes
-            self.process(time.time(), [(lane, entry) for lane, entry in late if lane not in bulk_lanes])
-            self.held.keep(self.held.entries + [(lane, entry) for lane, entry in late if lane in bulk_lanes])
+            first, bulk = self._by_lane(self.readers.close())
+            self.process(time.time(), first)
+            self.held.keep(self.held.entries + bulk)
             if self.held.entries:
                 self.process_bulk(time.time() - time.monotonic(), self.held.entries, budget=float("inf"))
                 self.held.drop()

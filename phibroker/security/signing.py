@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import getpass
 import hashlib
-import hmac
 import json
 import math
 import os
@@ -27,6 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from phibroker.errors import SignatureError
+from phibroker.wire import same_digest
 
 KEY_DIR = "keys"
 DECISIONS = ("approve", "reject")
@@ -183,8 +183,7 @@ def _verify(trusted: Mapping[str, str], name: str, key_hex: str, signature: str,
     trusted_hex = trusted.get(name)
     if trusted_hex is None:
         raise SignatureError(f"untrusted key: {name!r} is not in the trust list{_trust_hint(name, key_hex)}")
-    trusted_bytes = trusted_hex.lower().encode(errors="replace")  # bytes: text past ASCII would raise
-    if not _HEX_KEY.fullmatch(key_hex) or not hmac.compare_digest(trusted_bytes, key_hex.lower().encode()):
+    if not _HEX_KEY.fullmatch(key_hex) or not same_digest(trusted_hex.lower(), key_hex.lower()):
         hint = _trust_hint(name, key_hex, replaces=True)
         raise SignatureError(f"untrusted key: signed by a key that is not the one trusted for {name!r}{hint}")
     if not _HEX_SIG.fullmatch(signature):
@@ -291,8 +290,7 @@ def verify_file_bytes(content: bytes, signature: Mapping[str, Any], trusted: Map
     signer, key_hex, digest, name, sig = (
         _field(signature, f, str) for f in ("signer", "key", "sha256", "file", "signature")
     )
-    # as bytes: compare_digest raises on text past ASCII, and the digest is what a file says
-    if not hmac.compare_digest(hashlib.sha256(content).hexdigest().encode(), digest.lower().encode(errors="replace")):
+    if not same_digest(digest.lower(), hashlib.sha256(content).hexdigest()):  # the digest is what a file says
         raise SignatureError("tampered: the file changed since it was signed")
     _verify(trusted, signer, key_hex, sig, _canonical(_file_fields(signer, key_hex, digest, name)))
     return str(signer)
