@@ -220,7 +220,7 @@ def spawning(n: int) -> workflows.Workflow:
 
 def run_bytes(deployment: Deployment, wf_id: str) -> int:
     """What one run holds in Redis (MEMORY USAGE of its keys): bounded, whatever unfolds at run time."""
-    keys = deployment.client.settings.keys.wf_keys(wf_id)
+    keys = deployment.client.settings.keys.wf_keys(wf_id, [AGENT])
     r = deployment.client.broker.redis
     return sum(int(r.memory_usage(key) or 0) for key in keys)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache, cached_property
 
@@ -174,9 +175,19 @@ class Keys:
         return f"{self.namespace}:wf:{{{wf_id}}}"
 
     def wf_tasks(self, wf_id: str) -> str:
-        """Per-unit state, one field per `unit|attribute`; beside them what workers count for the whole
-        run (`reclaims`, `output_bytes`) and its end as their start script reads it (`finished`)."""
+        """Per-unit state, one field per `unit|attribute`, and the run's end as the start script reads it
+        (`finished`). Written by coordinators only; workers read it."""
         return f"{self.namespace}:wf:{{{wf_id}}}:tasks"
+
+    def wf_marks(self, wf_id: str, agent: str) -> str:
+        """The start marks of the agent's units in the run (unit -> dispatch, attempt, token, started,
+        entry, worker, reclaims): the one run hash an agent's workers write, and only their own."""
+        return f"{self.namespace}:wf:{{{wf_id}}}:marks:{agent}"
+
+    def wf_lost(self, wf_id: str, agent: str) -> str:
+        """Attempts of the agent's units that its workers reclaimed (history records), until a coordinator
+        moves them into the run's history."""
+        return f"{self.namespace}:wf:{{{wf_id}}}:lost:{agent}"
 
     def wf_results(self, wf_id: str) -> str:
         return f"{self.namespace}:wf:{{{wf_id}}}:results"
@@ -196,8 +207,13 @@ class Keys:
         the run's first transition and kept as long as the run's other keys."""
         return f"{self.namespace}:wf:{{{wf_id}}}:out"
 
-    def wf_keys(self, wf_id: str) -> list[str]:
-        """Every key of one workflow, in the order the scripts take them."""
+    def wf_output_used(self, wf_id: str) -> str:
+        """Bytes the run's handlers streamed and logged, counted against its output limit."""
+        return f"{self.namespace}:wf:{{{wf_id}}}:out:used"
+
+    def wf_keys(self, wf_id: str, agents: Iterable[str] = ()) -> list[str]:
+        """Every key of one workflow, in the order the scripts take them: with each of `agents`' start
+        marks and lost attempts last."""
         return [
             self.wf(wf_id),
             self.wf_tasks(wf_id),
@@ -206,6 +222,8 @@ class Keys:
             self.wf_outbox(wf_id),
             self.wf_done(wf_id),
             self.wf_output(wf_id),
+            self.wf_output_used(wf_id),
+            *(key for agent in agents for key in (self.wf_marks(wf_id, agent), self.wf_lost(wf_id, agent))),
         ]
 
 

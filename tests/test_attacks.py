@@ -746,19 +746,69 @@ def test_an_agent_cannot_rewrite_a_running_runs_spec(fleet: Fleet) -> None:
     record("HSET a running run's spec (cmdc's payload)", "webc", "worked: Ship ran it", "refused: NOPERM")
 
 
-def test_garbage_an_agent_writes_in_a_runs_tasks_hash_stops_no_coordinator(fleet: Fleet) -> None:
-    """What agents may still write (a run's tasks hash: start marks, reclaim and output counts) is read
-    defensively: a count that is not one, or one too big for Lua to hold, neither stops a coordinator
-    nor stalls the run's commits, and the run ends as its file says."""
+def test_an_agent_writes_no_key_of_a_run_but_its_own_marks_and_lost_attempts(fleet: Fleet) -> None:
+    """webc could write any run's tasks hash: every unit's state, dispatch, start mark and counts, its
+    history and its output counter. Now its user reads them, and writes only its own agent's marks and
+    lost attempts (and the run's output stream, which every agent of a run streams into)."""
     keys = fleet.deployment.keys
     wf_id = fleet.submit()
     until(lambda: fleet.unit(wf_id, "Scan", "state") == "running", fleet.procs)
     webc = fleet.deployment.client("webc")
-    webc.hset(keys.wf_tasks(wf_id), mapping={"reclaims": "9007199254740993", "Build|reclaims": "nan"})
-    webc.hset(keys.wf_tasks(wf_id), "reclaims", "x")
+    writes = [
+        lambda: webc.hset(keys.wf_tasks(wf_id), "Scan|state", "succeeded"),
+        lambda: webc.hset(keys.wf_tasks(wf_id), "reclaims", "9007199254740993"),
+        lambda: webc.rpush(keys.wf_history(wf_id), b"forged"),
+        lambda: webc.hset(keys.wf(wf_id), "version", "0"),
+        lambda: webc.hset(keys.wf_marks(wf_id, "kalic"), "Scan", "forged"),
+        lambda: webc.rpush(keys.wf_lost(wf_id, "kalic"), b"Scan\x1fforged"),
+    ]
+    for write in writes:
+        with pytest.raises(NoPermissionError):
+            write()
+    assert webc.hget(keys.wf_tasks(wf_id), "Scan|state") == b"ready"  # read, as its start script does
     untouched(fleet, wf_id)
+    record("write another agent's unit state in a run's tasks hash", "webc", "worked", "refused: NOPERM")
+
+
+def test_an_output_stream_given_its_last_possible_id_stops_no_process_and_the_run_ends(fleet: Fleet) -> None:
+    """webc appends to a running run's output stream (as its user may) with the last possible entry id:
+    every later append there fails. The commit that put the run's events there died with it, half
+    written, in every coordinator that took the entry over, and workers could not settle. Now that stream
+    only stops taking entries: the run ends as its file says, and every process runs on."""
+    keys = fleet.deployment.keys
+    wf_id = fleet.submit()
+    until(lambda: fleet.unit(wf_id, "Scan", "state") == "running", fleet.procs)
+    webc = fleet.deployment.client("webc")
+    webc.xadd(keys.wf_output(wf_id), {"k": "event", "m": b"x"}, id="18446744073709551615-18446744073709551615")
+    status = untouched(fleet, wf_id)
+    assert all(len([h for h in t["history"] if h.get("applied")]) == 1 for t in status["tasks"].values())
     assert fleet.alive(), fleet.procs.output()
-    record("garbage counts in a running run's tasks hash", "webc", "every coordinator died", "read as 0; run ends")
+    record("last possible id on a run's output stream", "webc", "every coordinator died", "run ends; all alive")
+
+
+def test_marks_and_lost_attempts_an_agent_writes_about_another_agents_units_count_for_nothing(
+    fleet: Fleet,
+) -> None:
+    """webc may write its own marks and lost attempts about any unit: it marks kalic's running Scan as
+    started by webc with token 7 under Scan's dispatch (which it may read), adds lost attempts of Scan
+    (one filed under its own Build), and fills its own hashes with junk. The coordinators read a unit's
+    mark from its own agent's hash only, and take a lost attempt only as a record about its agent's
+    own unit: the run ends as its file says, with no trace of webc's."""
+    keys = fleet.deployment.keys
+    wf_id = fleet.submit()
+    until(lambda: fleet.unit(wf_id, "Scan", "state") == "running", fleet.procs)
+    webc = fleet.deployment.client("webc")
+    dispatch = fleet.unit(wf_id, "Scan", "dispatch")
+    forged = "\x1f".join([dispatch, "9", "7", "1.0", "1-0", "webc@forger", "0"])
+    webc.hset(keys.wf_marks(wf_id, "webc"), mapping={"Scan": forged, "Ship": forged, "junk": "\x1f" * 9})
+    lost = records.attempt("Scan", 1, "webc@forger", None, None, 0.0, "lost: forged", False)
+    about_scan = [b"Scan\x1f" + lost, b"Build\x1f" + lost, b"Build\x1f\xff\xff", b"Build\x1f\x01", b"\xff" * 64]
+    webc.rpush(keys.wf_lost(wf_id, "webc"), *about_scan)
+    status = untouched(fleet, wf_id)
+    assert not [h for t in status["tasks"].values() for h in t["history"] if "forged" in str(h.get("error"))]
+    assert all(t["attempts"] == 1 for t in status["tasks"].values()), status["tasks"]
+    assert fleet.alive(), fleet.procs.output()
+    record("mark kalic's running task as webc's, token 7", "webc", "(no such hash)", "ignored; run ends")
 
 
 def listed(fleet: Fleet, agent: str, says: str | None = None) -> None:

@@ -62,17 +62,25 @@ def test_each_agent_gets_its_own_keys_and_only_appends_to_shared_ones() -> None:
     kalic = users["kalic"]
     assert allows(kalic, "xreadgroup", keys.agent_tasks("kalic"), "RW")
     assert allows(kalic, "zadd", keys.sub_seen("kalic.on_scan"), "W")
-    assert allows(kalic, "evalsha", keys.wf_tasks("wf-1"), "RW")
-    assert allows(kalic, "hget", keys.wf("wf-1"), "R")  # a run's meta hash: read, never written
-    assert not any(allows(kalic, c, keys.wf("wf-1"), "W") for c in ("hset", "hsetnx", "hincrby", "evalsha"))
+    assert allows(kalic, "evalsha", keys.wf_marks("wf-1", "kalic"), "RW")  # its own start marks
+    assert allows(kalic, "evalsha", keys.wf_lost("wf-1", "kalic"), "RW")
+    assert not allows(kalic, "evalsha", keys.wf_marks("wf-1", "vssc"), "RW")  # another agent's
+    assert not allows(kalic, "hset", keys.wf_marks("wf-1", "vssc"), "W")
+    for key in (keys.wf("wf-1"), keys.wf_tasks("wf-1")):  # read, never written
+        assert allows(kalic, "hget", key, "R")
+        assert not any(allows(kalic, c, key, "W") for c in ("hset", "hsetnx", "hincrby", "evalsha"))
+    assert not allows(kalic, "set", keys.wf_output("wf-1"), "W")  # its output stream: appended to only
+    assert not allows(kalic, "pexpire", keys.wf_output("wf-1"), "W")
+    assert not allows(kalic, "hset", keys.wf_lost("wf-1", "kalic"), "W")  # each of its own keys: one type
+    assert not allows(kalic, "rpush", keys.wf_marks("wf-1", "kalic"), "W")
     assert not allows(kalic, "zadd", keys.running, "W")  # its reactions' runs are the coordinators' to write
     assert allows(kalic, "xadd", keys.sub("listener.on_scan"), "W")  # routing into another subscription
     assert not allows(kalic, "xack", keys.sub("listener.on_scan"), "W")
     assert not allows(kalic, "zadd", keys.sub_seen("listener.on_scan"), "W")
     assert not allows(kalic, "xadd", keys.agent_tasks("vssc"), "W")
     assert not allows(kalic, "xreadgroup", keys.agent_tasks("vssc"), "RW")
-    for key in (keys.wf_results("wf-1"), keys.wf_outbox("wf-1"), keys.wf_done("wf-1")):
-        assert not any(allows(kalic, c, key, "R") or allows(kalic, c, key, "W") for c in ("hgetall", "hset"))
+    for key in (keys.wf_results("wf-1"), keys.wf_outbox("wf-1"), keys.wf_done("wf-1"), keys.wf_history("wf-1")):
+        assert not any(allows(kalic, c, key, "R") or allows(kalic, c, key, "W") for c in ("hget", "hgetall", "hset"))
     assert not allows(kalic, "hset", keys.trusted_keys, "W") and not allows(kalic, "hset", keys.triggers, "W")
     assert not allows(kalic, "xreadgroup", keys.inbox(None), "R")
     assert not allows(kalic, "xadd", "other:agent:kalic:tasks", "W")  # another namespace
@@ -464,6 +472,11 @@ def agent_denials(keys: Keys, agent: redis.Redis, other: str, other_sub: str, wf
         "HSET into a workflow's results": lambda: agent.hset(keys.wf_results(wf), "A", "forged"),
         "HSET into a workflow's outbox": lambda: agent.hset(keys.wf_outbox(wf), "x", "forged"),
         "EVALSHA APPLY (a transition)": lambda: agent.evalsha(sha(scripts.APPLY), 6, *keys.wf_keys(wf), 1),
+        "HSET into a workflow's tasks hash": lambda: agent.hset(keys.wf_tasks(wf), "A|state", "succeeded"),
+        f"HSET into {other}'s start marks": lambda: agent.hset(keys.wf_marks(wf, other), "A", "forged"),
+        f"EVALSHA START on {other}'s start marks": lambda: agent.evalsha(
+            sha(scripts.START), 2, keys.wf_marks(wf, other), keys.wf_lost(wf, other), keys.wf_tasks(wf), other, "w"
+        ),
         "EVAL of undeclared keys": lambda: agent.eval("return redis.call('HGETALL', ARGV[1])", 0, keys.wf_results(wf)),
         "XRANGE on the results stream": lambda: agent.xrange(keys.inbox(None)),
         "XACK in another subscription": lambda: agent.xack(keys.sub(other_sub), WORKERS_GROUP, "0-1"),

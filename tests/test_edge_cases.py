@@ -120,7 +120,7 @@ def _answer_bulk_lane(settings: Settings, client: Client, agent: str, count: int
     by_wf: dict[str, list[tuple[str, str, str, bytes]]] = {}
     for entry, message in messages:
         by_wf.setdefault(message.wf, []).append((message.unit, message.id, f"bulk/{entry.id}", b""))
-    tokens = broker.start_many("stand-in", by_wf)
+    tokens = broker.start_many(agent, "stand-in", by_wf)
     now = time.time()
     results = [
         wire.Result(id=m.id, wf=m.wf, unit=m.unit, token=token, ok=True, worker="stand-in", started=now, finished=now)

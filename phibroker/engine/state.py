@@ -20,6 +20,7 @@ from typing import Any
 from phibroker import wire
 from phibroker.engine import records
 from phibroker.engine.records import split_unit
+from phibroker.errors import DecodeError
 from phibroker.workflow import Workflow
 
 TASK_TERMINAL = frozenset({"succeeded", "failed", "skipped", "cancelled", "compensated", "upstream_failed"})
@@ -38,12 +39,26 @@ EARLY_RULES = frozenset({"one_success", "one_failed"})
 # and HSET on a big hash is most of what Redis spends on a task.
 SEP = "\x1f"
 PACKED: dict[str, tuple[str, ...]] = {
-    "dispatch": ("dispatch", "attempt", "dispatched"),  # written by the coordinator when it dispatches
-    "run": ("token", "started", "entry", "worker"),  # written by the start script (scripts.START)
+    # written by the coordinator when it dispatches; `agent`: whose workers run it (whose marks count)
+    "dispatch": ("dispatch", "attempt", "dispatched", "agent"),
+    # how the attempt ran, as its start mark and its result said (written when the unit ends)
+    "run": ("token", "started", "entry", "worker"),
     # written by the coordinator when the unit ends; `answered`: the token of the result that ended it
     "end": ("finished", "seq", "answered"),
 }
 GROUP_OF = {attribute: group for group, attributes in PACKED.items() for attribute in attributes}
+# A start mark, in the agent's own marks hash (`Keys.wf_marks`, written by scripts.START): the dispatch
+# it started, the token of its latest start (1, then one more per reclaim), when, from which entry and
+# by whom. The attempt and the reclaims follow from the token, and the dispatch's in the tasks hash.
+MARK = ("dispatch", "token", "started", "entry", "worker")
+MARK_BYTES = 512  # a longer mark is none (its agent's workers may write anything there), as the scripts read it
+
+
+def mark_text(raw: bytes | None) -> str:
+    """A mark as stored, as text; "" (none) for a missing one or one too long to be one."""
+    return raw.decode(errors="replace") if raw and len(raw) <= MARK_BYTES else ""
+
+
 _TYPES: dict[str, type] = {
     "attempt": int,
     "dispatched": float,
@@ -52,6 +67,7 @@ _TYPES: dict[str, type] = {
     "finished": float,
     "seq": int,
     "answered": int,
+    "reclaims": int,
 }
 
 
@@ -67,6 +83,84 @@ def unpack_group(group: str, text: str) -> dict[str, Any]:
         kind = _TYPES.get(attribute)
         out[attribute] = None if part == "" else number(kind, part) if kind else part
     return out
+
+
+def unpack_mark(text: str) -> dict[str, Any]:
+    """A start mark's parts (None where missing), typed as the scripts read them: its token is up to 15
+    ASCII digits, anything else None (an agent's workers write their marks; Lua and Python must read
+    them alike)."""
+    out: dict[str, Any] = dict.fromkeys(MARK)
+    for attribute, part in zip(MARK, text.split(SEP), strict=False):
+        if attribute == "token":
+            out[attribute] = digits(part)
+        elif attribute == "started":
+            out[attribute] = number(float, part)
+        else:
+            out[attribute] = part or None
+    return out
+
+
+def digits(text: str) -> int | None:
+    """A count as the scripts read one: up to 15 ASCII digits, else None."""
+    return int(text) if text.isdigit() and text.isascii() and len(text) <= 15 else None
+
+
+def marked(units: Mapping[str, Mapping[str, Any]]) -> dict[str, list[str]]:
+    """Agent -> its units whose start marks tell more than the tasks hash: dispatched to a worker, not
+    ended yet."""
+    out: dict[str, list[str]] = {}
+    for unit, record in units.items():
+        agent = record.get("agent")
+        if agent and record.get("dispatch") and record.get("state") in ("ready", "running"):
+            out.setdefault(agent, []).append(unit)
+    return out
+
+
+def own_lost(units: Mapping[str, Mapping[str, Any]], agent: str, items: list[bytes], limit: int) -> list[bytes]:
+    """History records of the lost attempts an agent's workers wrote (`unit \x1f record`, see
+    scripts.START): those about the agent's own units, each written again from what it says of that
+    unit, so a record a worker made up can neither name another unit nor hold what `status` cannot show."""
+    own = []
+    for item in items:
+        unit_bytes, sep, raw = item.partition(SEP.encode())
+        unit = unit_bytes.decode(errors="replace")
+        if not sep or units.get(unit, {}).get("agent") != agent:
+            continue
+        try:
+            record = wire.unpack(raw, limit)
+        except DecodeError:
+            continue
+        if not isinstance(record, dict) or record.get("unit") != unit:
+            continue
+        dispatched, started, finished = (_real(record.get(name)) for name in ("dispatched", "started", "finished"))
+        attempt = record.get("attempt") if isinstance(record.get("attempt"), int) else None
+        worker, error = (str(record.get(name))[:200] for name in ("worker", "error"))
+        own.append(records.attempt(unit, attempt, worker, dispatched, started, finished or 0.0, error, False))
+    return own
+
+
+def _real(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+
+
+def overlay_marks(units: dict[str, dict[str, Any]], marks: Mapping[str, Mapping[str, str]]) -> None:
+    """Put what each unit's worker marked (agent -> unit -> mark) onto its record, as the tasks hash
+    holds it: a ready unit it started is running, with that attempt's token, start and worker, and the
+    attempts and reclaims its token tells of. A mark counts only in its own
+    agent's hash and for the dispatch the unit runs under now: an agent's workers may write marks about
+    any unit, and only their own units' marks are read."""
+    for agent, by_unit in marks.items():
+        for unit, text in by_unit.items():
+            record = units.get(unit)
+            if record is None or record.get("agent") != agent or record.get("state") not in ("ready", "running"):
+                continue
+            mark = unpack_mark(text)
+            if mark["dispatch"] != record.get("dispatch") or not mark["token"]:
+                continue
+            reclaimed = mark["token"] - 1  # since the dispatch: each reclaim is the next attempt
+            record.update(token=mark["token"], started=mark["started"], entry=mark["entry"], worker=mark["worker"])
+            record.update(state="running", attempt=int(record.get("attempt") or 1) + reclaimed)
+            record["reclaims"] = int(record.get("reclaims") or 0) + reclaimed
 
 
 def number(kind: type, text: str) -> int | float | None:
@@ -139,9 +233,18 @@ class Transition:
     created: float = field(default_factory=time.time)  # lets a sweep tell a stale outbox from a fresh one
     owner: str = ""  # the coordinator that commits it, and drains it unless its lease lapses first
     writes: dict[str, Any] = field(default_factory=dict)  # tasks hash: `unit|attribute` -> value
-    # tasks-hash fields that must still start as they did when this run was read, or the commit is
-    # refused and the run read again: a worker's start script changes a unit without a new version
-    guards: dict[str, str] = field(default_factory=dict)
+    # unit -> (agent, dispatch id, token): the start mark the unit must still have (token 0: none for
+    # that dispatch), or the commit is refused and the run read again. Workers' start scripts mark
+    # units in hashes of their own, which move no version.
+    guards: dict[str, tuple[str, str, int]] = field(default_factory=dict)
+    # agent -> how many of its lost attempts (`Keys.wf_lost`), read with the run, this commit moves
+    # (those about its own units are in `history`)
+    lost_moved: dict[str, int] = field(default_factory=dict)
+    # agents whose marks and lost attempts end with the run (its end, or its reopening): every agent of it
+    agents: tuple[str, ...] = ()
+    # the run as held is too old for an input (a worker reclaimed a unit since): read it again and apply
+    # the inputs to that, committing nothing of this
+    reread: bool = False
     # packed fields to write (`unit|group` -> the unit's record): packed once, when the transition is
     # committed, however many times the transition changed them
     packed: dict[str, tuple[dict[str, Any], str]] = field(default_factory=dict)
@@ -167,7 +270,12 @@ class Transition:
 
     @property
     def changed(self) -> bool:
-        return bool(self.writes or self.packed or self.meta or self.results or self.history or self.has_outbox)
+        written = self.writes or self.packed or self.meta or self.results or self.history or self.lost_moved
+        return bool(written or self.has_outbox)
+
+    def marked_agents(self) -> list[str]:
+        """The agents whose marks and lost attempts the commit reads (its guards), trims, or ends with the run."""
+        return sorted({*(agent for agent, _, _ in self.guards.values()), *self.lost_moved, *self.agents})
 
     def fields(self) -> dict[str, Any]:
         """Every field of the tasks hash this transition writes."""
@@ -276,6 +384,9 @@ class Run:
         # read from Redis after the inputs now applied to it: what it says of a unit's start is the
         # truth (the coordinator clears this once the run is held over to later inputs)
         self.fresh = True
+        # agent -> how many records of attempts its workers reclaimed were read with the run, and those
+        # about its own units (`Connection.with_marks`): the next commit moves them into the history
+        self.lost: dict[str, tuple[int, list[bytes]]] = {}
         self.rand = random.Random()
         self._decoded: dict[str, Any] = {}
         self.depth = int(meta.get("depth") or 0)  # how many events led to this run (storm guard)
@@ -356,7 +467,46 @@ class Run:
         """A fresh transition for the next batch of inputs (and a fresh release budget)."""
         self.tx = Transition(owner=owner)
         self._released = 0
+        for agent, (read, own) in self.lost.items():  # dropped once a commit moved them (`committed`)
+            self.tx.history += own
+            self.tx.lost_moved[agent] = read
         return self.tx
+
+    def committed(self, version: int) -> None:
+        """The transition is stored: the run is at `version`, and the lost attempts it moved are history."""
+        self.meta["version"] = version
+        self.lost = {}
+
+    def agents(self) -> tuple[str, ...]:
+        """Every agent that runs a unit of this run (its tasks', spawned ones', and compensations'), or
+        ran one (a spawned task dropped since)."""
+        tasks = self.workflow.tasks
+        found = {unit_agent(self.workflow, task) for task in tasks}
+        found |= {unit_agent(self.workflow, records.undo_unit(task)) for task in tasks if tasks[task].compensate}
+        found |= {record.get("agent") for record in self.units.values()}
+        return tuple(sorted(str(agent) for agent in found if agent))
+
+    def guard(self, unit: str, token: int) -> bool:
+        """The commit needs the unit's start mark as this transition saw it: `token` for its dispatch.
+        False for a unit no worker's mark can change (not dispatched to an agent)."""
+        record = self.units.get(unit, {})
+        agent, dispatch = record.get("agent"), record.get("dispatch")
+        if not (agent and dispatch):
+            return False
+        self.tx.guards[unit] = (str(agent), str(dispatch), token)
+        return True
+
+    def hold_to_start(self, unit: str) -> None:
+        """A live unit this transition ends or acts on: the commit needs its mark as this run holds it (a
+        start or a reclaim since, and the run is read again, with the lost attempt and its count)."""
+        record = self.units.get(unit, {})
+        if unit not in self.tx.guards and record.get("state") in ("ready", "running"):
+            if not self.written(unit, "dispatch"):  # dispatched by this very transition: nobody started it
+                self.guard(unit, int(record.get("token") or 0))
+
+    def reread(self) -> None:
+        """Read the run again before applying this input: it was held since a worker reclaimed a unit."""
+        self.tx.reread = True
 
     def written(self, unit: str, name: str) -> bool:
         """Whether this transition has set the unit's field: Redis does not hold it yet, so nothing
@@ -366,6 +516,12 @@ class Run:
 
     def set(self, unit: str, **values: Any) -> None:
         record = self.unit(unit)
+        if values.get("state", "running") not in ("ready", "running") and record.get("token"):
+            # what its worker's mark said of the attempt (marks are read for live units only), kept
+            self.tx.packed[f"{unit}|run"] = (record, "run")
+            if int(record.get("token") or 0) > 1:  # reclaimed: its attempt and reclaims moved on
+                self.tx.packed[f"{unit}|dispatch"] = (record, "dispatch")
+                self.tx.writes[f"{unit}|reclaims"] = record.get("reclaims") or 0
         record.update(values)
         for name, value in values.items():
             group = GROUP_OF.get(name)

@@ -24,7 +24,6 @@ from phibroker.engine.records import (
     unit_of,
 )
 from phibroker.engine.state import (
-    SEP,
     TASK_TERMINAL,
     UNIT_LIVE,
     WF_TERMINAL,
@@ -103,9 +102,8 @@ def apply_result(run: Run, result: wire.Result, now: float) -> bool:
         if _result_spend(run, result, now):  # what it spent was spent all the same
             advance(run, now)
         return False
-    # What the start script wrote; the cache learns it from the result, Redis has it already.
     assert record is not None
-    record.update(token=result.token, worker=result.worker, started=result.started)
+    run.set(unit, token=result.token, worker=result.worker, started=result.started)  # kept past the unit's end
     _result_spend(run, result, now)
     task, partition, is_undo = split_unit(unit)
     error = None if result.ok else error_text(result.error)
@@ -142,14 +140,15 @@ def apply_result(run: Run, result: wire.Result, now: float) -> bool:
 
 def _fenced(run: Run, unit: str, known: int | None, token: int) -> bool:
     """Whether `token` is the fencing token the start script gave this attempt. A run read from Redis
-    after the result came knows it; a run held since may not (the start script moves no version), so
-    the commit is guarded on it: a token never issued fails the commit, and the run read again refuses it."""
-    if known == token:
+    after the result came knows it; a run held since may not (start marks move no version). Either
+    way the commit is guarded on the worker's mark: a token never issued, or one a reclaim replaced
+    meanwhile, fails the commit, and the run read again refuses it."""
+    if known == token or (not run.fresh and not known and token == 1):  # held since: its first start
+        run.guard(unit, token)
         return True
-    if run.fresh or known not in (0, None):
-        return False
-    run.tx.guards[f"{unit}|run"] = f"{token}{SEP}"
-    return True
+    if not run.fresh:  # a reclaim since it was read (or a token never issued): read it again to tell
+        run.reread()
+    return False
 
 
 def _own_agent_only(children: dict[str, dict[str, Any]], agent: str | None) -> None:
@@ -368,12 +367,11 @@ def redispatch(run: Run, unit: str, dispatch: str, token: int, reason: str, now:
     if not live or record.get("dispatch") != dispatch or run.wf_state in WF_TERMINAL:
         return
     known = int(record.get("token") or 0)
-    if known != token and (run.fresh or known):
-        return  # started or reclaimed since the reconciler looked
-    if token:
-        run.tx.guards[f"{unit}|run"] = f"{token}{SEP}"
-    else:
-        run.tx.guards[f"{unit}|state"] = "ready"
+    if known != token:  # started or reclaimed since the reconciler looked, or since this run was read
+        if not run.fresh:
+            run.reread()
+        return
+    run.guard(unit, token)
     reclaims = int(record.get("reclaims") or 0) + 1
     if record.get("stop") or reclaims >= limit:  # asked to stop: it ends as stopped (cancelled)
         _unit_failed(run, unit, f"lost: {reason}", now)
@@ -586,7 +584,7 @@ def _dispatch_unit(run: Run, unit: str, now: float) -> None:
     if record.get("stop"):
         run.set(unit, stop=None)
     record["token"] = 0
-    run.set(unit, state="ready", attempt=attempt, dispatch=dispatch_id, dispatched=now)
+    run.set(unit, state="ready", attempt=attempt, dispatch=dispatch_id, dispatched=now, agent=str(agent))
     policy = run.workflow.retry(task)  # told to the worker, which counts a failed attempt as retrying or not
     message.retries_left = max(0, policy.max_attempts - _tries(record))
     if tuple(policy.retry_on) != DEFAULT_RETRY_ON:
@@ -860,6 +858,7 @@ def _unit_failed(
 ) -> None:
     """An attempt failed: retry it while the policy allows, else the unit fails for good."""
     task, partition, is_undo = split_unit(unit)
+    run.hold_to_start(unit)  # its attempt, worker and start as they are now, or the run is read again
     record = run.unit(unit)
     if record.get("dispatch"):
         run.tx.timers_del.append(timer_member("deadline", run.id, unit, record["dispatch"]))
@@ -981,13 +980,14 @@ def _stop_unit(run: Run, unit: str, now: float, reason: str, force: bool = False
         # commit then fails, the run is read again, and the unit is asked to stop instead). A unit made
         # ready by this very transition cannot have started: Redis does not even hold it as ready yet.
         if not run.written(unit, "state"):
-            run.tx.guards[f"{unit}|state"] = "ready"
+            run.guard(unit, 0)
     elif not force:  # asked to stop: it ends when its worker answers (or the grace ends)
         if not record.get("stop"):
             run.set(unit, stop=reason)
             run.tx.stops.append((str(unit_agent(run.workflow, unit)), unit, str(record.get("dispatch"))))
         _grace_timer(run, now)
         return
+    run.hold_to_start(unit)  # its attempt as it is now, or the run is read again
     if record.get("dispatch"):
         run.tx.timers_del.append(timer_member("deadline", run.id, unit, record["dispatch"]))
     run.set(unit, state="cancelled", finished=now)
@@ -1127,10 +1127,12 @@ def _result_spend(run: Run, result: wire.Result, now: float) -> bool:
 
 def _record_spend(run: Run, unit: str, attempt: int, totals: budgets.Spend) -> bool:
     """Keep an attempt's totals on its unit and add what they add to its task's and the run's sums.
-    An attempt this run never dispatched is ignored (one a reclaim started since the run was read
-    moved its version: the commit fails, and the run read again knows it)."""
+    An attempt this run never dispatched is ignored; one past those it holds, on a run held since it
+    was read (a reclaim started it since), has the run read again."""
     record = run.units.get(unit)
     if record is None or not 0 < attempt <= int(record.get("attempt") or 0):
+        if record is not None and attempt > 0 and not run.fresh and record.get("state") in ("ready", "running"):
+            run.reread()
         return False
     merged = budgets.merge(record.get("spend"), attempt, totals)
     if merged is None:

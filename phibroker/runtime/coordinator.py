@@ -422,7 +422,7 @@ class Coordinator:
                     break
                 time.sleep(random.uniform(0, min(0.001 * tries, 0.05)))
             runs = self.cache.load(list(pending))
-            commits, idle, refused = [], [], set()
+            commits, idle, reread, refused = [], [], [], set()
             for wf_id, items in pending.items():
                 run = runs.get(wf_id)
                 try:
@@ -444,14 +444,18 @@ class Coordinator:
                         commits.append(run)
                     else:  # ended already: the retry asked of it is not carried out
                         self._refuse_retries(wf_id, items, refusal)
-                elif self._decide_safely(run, items, now):
+                elif self._decide_safely(run, items, now) and not run.tx.reread:
                     commits.append(run)
+                elif run.tx.reread:  # held since a worker reclaimed a unit: read again, inputs applied anew
+                    reread.append(wf_id)
                 else:
                     idle.append(wf_id)
-            stale = self.cache.stale(idle, runs)
+            stale = self.cache.stale(idle, runs) + reread
             for run in commits:
                 if run.id not in refused:  # what was refused is not sealed: a retry of it is refused too
                     self._seal(run)
+                if run.tx.finished or run.tx.reopened:  # its workers' marks end, or stay, with it
+                    run.tx.agents = run.agents()
             versions = self.broker.commit([(run.id, run.version, run.tx) for run in commits]) if commits else []
             crash_point("after_commit")
             if any(run.tx.finished and run.meta.get("parent") for run in commits):
@@ -460,7 +464,7 @@ class Coordinator:
                 if version < 0:
                     stale.append(run.id)
                     continue
-                run.meta["version"] = version
+                run.committed(version)
                 if run.tx.timers_add:
                     self._expect_timer(self.keys.timer_set(run.id), min(run.tx.timers_add.values()))
                 if run.tx.has_outbox:

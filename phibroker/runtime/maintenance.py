@@ -25,7 +25,7 @@ from phibroker.keys import COORDINATORS_GROUP, WORKERS_GROUP
 from phibroker.runtime.events import Router
 from phibroker.runtime.inbox import plan_shards
 from phibroker.settings import Settings
-from phibroker.store.connection import Entry, lease_alive, parse_units
+from phibroker.store.connection import Entry, lease_alive
 from phibroker.store.coordinator import CoordinatorStore
 from phibroker.workflow import Workflow
 
@@ -316,11 +316,11 @@ class Reconciler:
             return {}
         by_agent: dict[str, list[tuple[str, str, dict[str, Any]]]] = defaultdict(list)
         overdue = []
-        for wf_id, (spec, wf_state, outbox, raw) in zip(wf_ids, self.broker.unit_tables(wf_ids), strict=True):
+        for wf_id, (spec, wf_state, outbox, table) in zip(wf_ids, self.broker.unit_tables(wf_ids), strict=True):
             if not spec or wf_state in WF_TERMINAL or outbox:  # an outbox is re-driven before anything else
                 continue
             workflow = self.workflow(spec)
-            for unit, record in parse_units(raw).items():
+            for unit, record in table.items():
                 if record.get("state") == "retrying" and clock - float(record.get("retry_at") or clock) > margin:
                     overdue.append(timer_member("retry", wf_id, unit, int(record.get("attempt") or 1)))
                 elif _maybe_unheld(record, clock, self.settings.reclaim_after):

@@ -122,7 +122,7 @@ class Reclaimer:
     def record_lost(self, items: list[Fetched], consumer: str) -> None:
         """A history record for each run a reclaim replaces, with its attempt and start as the start
         script stored them: the lost run keeps its place and its started_at in the task's history."""
-        runs = self.broker.unit_runs([(item.message.wf, item.message.unit) for item in items])
+        runs = self.broker.unit_runs(self.agent.name, [(item.message.wf, item.message.unit) for item in items])
         now = time.time()
         for item, run in zip(items, runs, strict=True):
             item.lost = records.attempt(

@@ -15,7 +15,6 @@ from typing import Any
 from phibroker import workflow as workflows
 from phibroker.engine import state
 from phibroker.settings import Settings
-from phibroker.store.connection import parse_units
 from phibroker.store.coordinator import CoordinatorStore
 
 log = logging.getLogger("phibroker.coordinator")
@@ -38,11 +37,12 @@ class RunCache:
         """Cached runs, and the missing ones loaded in one round trip."""
         missing = [w for w in wf_ids if w not in self.runs]
         if missing:
-            for wf_id, (meta, units, results) in zip(missing, self.broker.load_runs(missing), strict=True):
+            for wf_id, (meta, units, results, lost) in zip(missing, self.broker.load_runs(missing), strict=True):
                 if not meta.get("spec"):
                     continue
                 try:
-                    self.runs[wf_id] = self._run(wf_id, meta, units, results)
+                    self.runs[wf_id] = run = self._run(wf_id, meta, units, results)
+                    run.lost = lost
                 except Exception:  # noqa: BLE001 - one unreadable run must not stop the coordinator
                     log.exception("cannot read run %s; its inputs are treated as a missing run's", wf_id)
         found = {}
@@ -50,18 +50,20 @@ class RunCache:
             if wf_id in self.runs:
                 self.runs.move_to_end(wf_id)
                 found[wf_id] = self.runs[wf_id]
+                if wf_id not in missing:  # held since an earlier read: what it says of starts may be old
+                    found[wf_id].fresh = False
         while len(self.runs) > self.cache_size:
             self.runs.popitem(last=False)
         return found
 
     def _run(
-        self, wf_id: str, meta: dict[str, Any], units: dict[bytes, bytes], results: dict[bytes, bytes]
+        self, wf_id: str, meta: dict[str, Any], units: dict[str, dict[str, Any]], results: dict[bytes, bytes]
     ) -> state.Run:
         return state.Run(
             wf_id,
             self.workflow(meta["spec"]),
             meta,
-            parse_units(units),
+            units,
             {k.decode(): v for k, v in results.items()},
             limit=self.settings.max_message_bytes,
             max_release=self.settings.max_release,

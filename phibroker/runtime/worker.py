@@ -274,6 +274,7 @@ class Worker:
             for item in batch:
                 by_wf[item.message.wf].append(item)
             tokens = self.broker.start_many(
+                self.agent.name,
                 self.consumer,
                 {wf: [(i.message.unit, i.message.id, i.ref, i.lost) for i in items] for wf, items in by_wf.items()},
             )

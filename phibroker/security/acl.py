@@ -23,16 +23,18 @@ allow the command *and* every key it names (`~` read and write, `%R~` read, `%W~
 shared keys get narrow selectors — an agent may XADD into another subscription's stream but never read,
 ack or trim it — and each script's keys sit together in one selector (EVALSHA needs read and write on
 every key it declares). The `{*}` patterns match one key of a workflow each: `NS:wf:{*}` only the meta
-hash (a pattern ending in `}` cannot match `NS:wf:{ID}:results`), `NS:wf:{*}:tasks` only the unit states.
+hash (a pattern ending in `}` cannot match `NS:wf:{ID}:results`), `NS:wf:{*}:tasks` only the unit
+states, `NS:wf:{*}:marks:AGENT` only that agent's start marks of a run.
 
-What agents write of a run is kept out of its meta hash (its spec, params, state and version), which
-only coordinators and clients write: a worker's scripts keep their counters in the tasks hash (a
-reclaim's `reclaims`, which moves the run's version as the commit script reads it; the output's
-`output_bytes`), read the run's end there (`finished`), and a reaction's run goes to the coordinators as
-a signed `submit` carrying its fields. What ACLs cannot do: tell a script's writes from direct ones (an
-agent allowed to run START may also HSET a workflow's unit states directly), or limit a hash to some
-fields (an agent's lease lives in the shared `NS:agents` hash). Forged outcomes and control messages
-are stopped by signatures (the identities file), not here.
+An agent writes no key of a run but its own: the start marks of its units (`NS:wf:{ID}:marks:AGENT`)
+and the attempts its workers reclaimed (`:lost:AGENT`), besides the output stream every agent of a run
+streams into (`:out`, and the bytes it holds, `:out:used`). It reads the rest: its start script checks
+the unit's dispatch and the run's end in the tasks hash, which it does not declare (a script's declared
+keys need write permission). Coordinators read a unit's mark only from its own agent's hash, and a
+reaction's run goes to them as a signed `submit` carrying its fields. What ACLs cannot do: tell a
+script's writes from direct ones (an agent allowed to run START may also HSET its own marks directly),
+or limit a hash to some fields (an agent's lease lives in the shared `NS:agents` hash). Forged outcomes
+and control messages are stopped by signatures (the identities file), not here.
 """
 
 from __future__ import annotations

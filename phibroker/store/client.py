@@ -84,10 +84,13 @@ class ClientStore(Connection):
         pipe.hgetall(keys.wf_tasks(wf_id))
         pipe.hgetall(keys.wf_results(wf_id))
         pipe.lrange(keys.wf_history(wf_id), 0, -1)
-        meta, units, results, history = pipe.execute()
+        meta, raw, results, history = pipe.execute()
+        units = parse_units(raw)
+        (lost,) = self.with_marks([(wf_id, units)], lost_limit=self.settings.max_message_bytes)
+        history += [record for _, records in lost.values() for record in records]  # not moved there yet
         return (
             parse_meta(meta),
-            parse_units(units),
+            units,
             {k.decode(): v for k, v in results.items()},
             history,
         )

@@ -45,6 +45,7 @@ except ImportError:  # redis-py without its C parser: its own packer then
     hiredis = None  # type: ignore[assignment]
 
 from phibroker import wire
+from phibroker.engine import state
 from phibroker.engine.state import PACKED, number, unpack_group
 from phibroker.errors import BrokerUnavailable, DecodeError
 from phibroker.keys import Keys
@@ -74,6 +75,8 @@ REFUSAL_HINTS = {
     "CLUSTERDOWN": "the cluster is down",
     "NOREPLICAS": "too few replicas answer for it to take writes",
     "MISCONF": "it cannot save to disk, so it refuses writes",
+    # "ERR The stream has exhausted the last possible ID": someone appended with an explicit id
+    "STREAMEND": "a stream was given the last possible entry id by hand: delete that entry (as admin)",
     # not a Redis reply: phibroker's scripts are gone (a restart) and this user may not load them
     "UNLOADED": "phibroker's scripts are not loaded: a coordinator loads them (this user may only call them)",
 }
@@ -98,6 +101,8 @@ def refusal(exc: BaseException) -> Refused | None:
     if not isinstance(exc, ResponseError):
         return None
     text = str(exc).rpartition(" of pipeline caused error: ")[2]  # redis-py names the command before it
+    if "exhausted the last possible ID" in text:
+        return Refused("STREAMEND", text)
     code = exc.status_code or text.partition(" ")[0]
     if code not in REFUSAL_HINTS:
         return None
@@ -381,8 +386,6 @@ def parse_value(name: str, raw: bytes) -> Any:
         return None
     if name in _RAW_FIELDS:
         return raw
-    if name == "reclaims":  # a count workers keep: read as the start script reads it
-        return count_of(raw)
     text = raw.decode(errors="replace")
     if name in _INT_FIELDS:
         return number(int, text)
@@ -391,15 +394,10 @@ def parse_value(name: str, raw: bytes) -> Any:
     return text
 
 
-def count_of(raw: bytes | None) -> int:
-    """A count the scripts keep in the tasks hash (`reclaims`), as they read it: up to 15 ASCII digits,
-    anything else 0 (a worker's user may write that hash; Lua and Python must agree on what it holds)."""
-    return int(raw) if raw and raw.isdigit() and len(raw) <= 15 else 0
-
-
 def parse_units(raw: dict[bytes, bytes]) -> dict[str, dict[str, Any]]:
     """`unit|field` fields -> {unit: {attribute: value}}, packed fields unpacked, numbers typed. The
-    run's own counters beside them (`reclaims`, `output_bytes`, `finished`: no `|`) are left out."""
+    run's own fields beside them (`finished`: no `|`) are left out. What workers marked is not in
+    there: `Connection.with_marks` puts it on."""
     units: dict[str, dict[str, Any]] = {}
     for key, value in raw.items():
         unit, bar, name = key.decode(errors="replace").rpartition("|")
@@ -518,6 +516,34 @@ class Connection:
         if self.sender is not None:
             raw = message.signed_as(self.sender, limit, self.good_for)
         return self.keys.inbox(message.body.get("wf")), {wire.FIELD: raw}
+
+    def with_marks(
+        self, runs: Sequence[tuple[str, dict[str, dict[str, Any]]]], lost_limit: int = 0
+    ) -> list[dict[str, tuple[int, list[bytes]]]]:
+        """Put the start marks of each run's live units onto its units (wf id, parsed units), in place
+        (`state.overlay_marks`): one round trip for all, none when no unit is live. With `lost_limit`
+        (the bytes a record may take), also the lost attempts of the agents of those units: per run,
+        agent -> (how many were read, up to 1,000, and the records about its own units)."""
+        reads = [(n, agent, names) for n, (_, units) in enumerate(runs) for agent, names in state.marked(units).items()]
+        lost: list[dict[str, tuple[int, list[bytes]]]] = [{} for _ in runs]
+        if not reads:
+            return lost
+        pipe = self.redis.pipeline(transaction=False)
+        for n, agent, names in reads:
+            pipe.hmget(self.keys.wf_marks(runs[n][0], agent), names)
+            if lost_limit:
+                pipe.lrange(self.keys.wf_lost(runs[n][0], agent), 0, 999)
+        replies = iter(pipe.execute())
+        marks: list[dict[str, dict[str, str]]] = [{} for _ in runs]
+        for n, agent, names in reads:
+            found = zip(names, next(replies), strict=True)
+            marks[n][agent] = {unit: state.mark_text(mark) for unit, mark in found if mark is not None}
+            items = next(replies) if lost_limit else []
+            if items:
+                lost[n][agent] = (len(items), state.own_lost(runs[n][1], agent, items, lost_limit))
+        for (_, units), by_agent in zip(runs, marks, strict=True):
+            state.overlay_marks(units, by_agent)
+        return lost
 
     # Scripts run by EVALSHA; a NOSCRIPT (a restarted or new Redis) loads them all and runs again.
     # redis-py's own Script objects would ask SCRIPT EXISTS before every pipeline: a round trip each.

@@ -21,21 +21,14 @@ from phibroker.store.connection import (
     Entry,
     Route,
     Step,
-    count_of,
     entries_of,
     id_order,
     next_id,
     parse_meta,
+    parse_units,
     xreadgroup,
 )
 from phibroker.store.worker import StopNotice, groups_made_again, server_run_id
-
-
-def run_version(committed: int | bytes, reclaims: bytes | None) -> int:
-    """A run's version as the commit script checks it: its commits (the meta hash's `version`) plus its
-    workers' reclaims (the tasks hash's `reclaims`; workers may not write the meta hash). A worker's
-    user may write that field: what it writes there must neither stop a coordinator nor stall the run."""
-    return int(committed) + count_of(reclaims)
 
 
 def _claimed(reply: list[Any]) -> tuple[float, float | None, list[str]]:
@@ -83,8 +76,11 @@ def access(keys: Keys) -> list[Grant]:
                 "hexists",
                 "hdel",
                 "hlen",
+                "hstrlen",  # APPLY reads a worker's mark only if it is short enough to be one
                 "hincrby",
                 "rpush",
+                "lrange",  # APPLY moves workers' lost attempts into the history
+                "ltrim",
                 "zadd",
                 "zrem",
                 "zrange",
@@ -177,22 +173,21 @@ class CoordinatorStore(Connection):
             self.redis.zrem(self.keys.workflows, *gone)
         return len(ids), len(gone)
 
-    def load_runs(self, wf_ids: Sequence[str]) -> list[tuple[dict[str, Any], dict[bytes, bytes], dict[bytes, bytes]]]:
-        """Meta (parsed, with the run's version: see `run_version`), raw unit fields and raw results of
-        several workflows, in one round trip."""
+    def load_runs(
+        self, wf_ids: Sequence[str]
+    ) -> list[tuple[dict[str, Any], dict[str, dict[str, Any]], dict[bytes, bytes], dict[str, tuple[int, list[bytes]]]]]:
+        """Meta (parsed), units (with their workers' start marks on), raw results and the lost attempts
+        of live units' agents (`Connection.with_marks`) of several workflows: one round trip, and one
+        more for the marks of live units."""
         pipe = self.redis.pipeline(transaction=False)
         for wf_id in wf_ids:
             pipe.hgetall(self.keys.wf(wf_id))
             pipe.hgetall(self.keys.wf_tasks(wf_id))
             pipe.hgetall(self.keys.wf_results(wf_id))
         replies = pipe.execute()
-        out = []
-        for i in range(0, len(replies), 3):
-            meta, units = parse_meta(replies[i]), replies[i + 1]
-            if "version" in meta:
-                meta["version"] = run_version(meta["version"], units.get(b"reclaims"))
-            out.append((meta, units, replies[i + 2]))
-        return out
+        runs = [(wf_id, parse_units(replies[3 * n + 1])) for n, wf_id in enumerate(wf_ids)]
+        lost = self.with_marks(runs, lost_limit=self.settings.max_message_bytes)
+        return [(parse_meta(replies[3 * n]), units, replies[3 * n + 2], lost[n]) for n, (_, units) in enumerate(runs)]
 
     def commit(self, transitions: Sequence[tuple[str, int, Transition]]) -> list[int]:
         """Commit transitions, one script call each, pipelined: the new version, or -1 where the
@@ -210,8 +205,8 @@ class CoordinatorStore(Connection):
         calls = []
         for wf_id, version, tx in transitions:
             args: list[Any] = [version, len(tx.guards)]
-            for field, prefix in tx.guards.items():
-                args += [field, prefix]
+            for unit, (agent, dispatch, token) in tx.guards.items():
+                args += [self.keys.wf_marks(wf_id, agent), unit, dispatch, token]
             for pairs in (tx.fields(), tx.meta):
                 args.append(len(pairs))
                 for name, value in pairs.items():
@@ -221,10 +216,14 @@ class CoordinatorStore(Connection):
                 args += [unit, raw]
             args.append(len(tx.history))
             args += tx.history
+            args.append(len(tx.lost_moved))
+            for agent, moved in tx.lost_moved.items():
+                args += [self.keys.wf_lost(wf_id, agent), moved]
+            agents = tx.marked_agents()
             outbox = wire.pack(tx.outbox()) if tx.has_outbox else b""
             args += [tx.id, outbox, "1" if tx.finished else "0", ttl, "1" if tx.reopened else "0"]
             args.append(wire.encode_events(tx.events) if tx.events else b"")  # into the run's output stream
-            calls.append((self.keys.wf_keys(wf_id), args))
+            calls.append((self.keys.wf_keys(wf_id, agents), args))
 
         def build(pipe: Any) -> None:
             for keys, args in calls:
@@ -268,9 +267,7 @@ class CoordinatorStore(Connection):
         pipe = self.redis.pipeline(transaction=False)
         for wf_id in wf_ids:
             pipe.hget(self.keys.wf(wf_id), "version")
-            pipe.hget(self.keys.wf_tasks(wf_id), "reclaims")
-        replies = pipe.execute()
-        return [None if v is None else run_version(v, r) for v, r in zip(replies[::2], replies[1::2], strict=True)]
+        return [None if v is None else int(v) for v in pipe.execute()]
 
     def outboxes(self, wf_ids: Iterable[str]) -> dict[str, dict[str, bytes]]:
         ids = list(wf_ids)
@@ -417,20 +414,22 @@ class CoordinatorStore(Connection):
         with groups_made_again(self, [stream], group):
             return super().pending_of(stream, group, count)
 
-    def unit_tables(self, wf_ids: Sequence[str]) -> list[tuple[str | None, str | None, int, dict[bytes, bytes]]]:
-        """Per workflow: its spec text, its state, how many outbox entries wait, and its raw unit fields
-        (what the reconciler reads; results and history stay where they are)."""
+    def unit_tables(self, wf_ids: Sequence[str]) -> list[tuple[str | None, str | None, int, dict[str, dict[str, Any]]]]:
+        """Per workflow: its spec text, its state, how many outbox entries wait, and its units with their
+        start marks (what the reconciler reads; results and history stay where they are)."""
         pipe = self.redis.pipeline(transaction=False)
         for wf_id in wf_ids:
             pipe.hmget(self.keys.wf(wf_id), "spec", "state")
             pipe.hlen(self.keys.wf_outbox(wf_id))
             pipe.hgetall(self.keys.wf_tasks(wf_id))
         replies = pipe.execute()
+        runs = [(wf_id, parse_units(replies[3 * n + 2])) for n, wf_id in enumerate(wf_ids)]
+        self.with_marks(runs)
         out = []
-        for i in range(0, len(replies), 3):
-            spec, wf_state = replies[i]
+        for n, (_, units) in enumerate(runs):
+            spec, wf_state = replies[3 * n]
             out.append(
-                (spec.decode() if spec else None, wf_state.decode() if wf_state else None, *replies[i + 1 : i + 3])
+                (spec.decode() if spec else None, wf_state.decode() if wf_state else None, replies[3 * n + 1], units)
             )
         return out
 

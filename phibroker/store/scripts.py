@@ -1,7 +1,7 @@
 """The Lua scripts, each on the keys of one workflow (one cluster slot) or one shared key.
 
-Kept apart from `broker.py` so each reads on its own. They use only plain Redis commands (no cjson or
-cmsgpack), so the embedded broker runs them too. Arguments are flat lists: counts, then items.
+Kept apart from the store's roles, which call them, so each reads on its own. They use only plain
+Redis commands (no cjson or cmsgpack). Arguments are flat lists: counts, then items.
 """
 
 # Create a workflow once: a second submit with the same id changes nothing (idempotent `--id`).
@@ -13,44 +13,44 @@ redis.call('HSET', KEYS[1], unpack(ARGV))
 return 1
 """
 
-# A count the scripts keep in a run's tasks hash (`reclaims`, `output_bytes`), read as
-# `connection.count_of` reads it: up to 15 ASCII digits, else `otherwise` (a worker's user may write that
-# hash; Lua and Python must agree on what it holds). Prefixed to the scripts that read one.
+# A count as the scripts read one, from text workers may have written: up to 15 ASCII digits, else
+# nil (`state.digits` reads it alike). Prefixed to the scripts that read one.
 COUNT = """
-local function count_in(hash, field, otherwise)
-  local raw = redis.call('HGET', hash, field) or '0'
-  if string.match(raw, '^%d+$') and #raw <= 15 then return tonumber(raw) end
-  return otherwise
+local function count(raw)
+  if raw and string.match(raw, '^%d+$') and #raw <= 15 then return tonumber(raw) end
+  return nil
 end
 """
 
-# Commit a transition if nobody changed the workflow since it was read (the version), and the fields
-# it guards still read as it saw them: what a worker's start script wrote (which moves no version).
-# A run's version is the meta hash's `version` (moved by each commit) plus the tasks hash's `reclaims`
-# (moved by a worker's reclaim, which may not write the meta hash), a count of up to 15 digits (anything
-# else counts as 0: a worker's user may write that hash, and must not stall the run's commits with a
-# value Lua and Python read differently). A run that ends marks its tasks hash `finished`, which the
+# Commit a transition if nobody changed the workflow since it was read (its `version`), and the start
+# marks it guards still read as it saw them: workers mark the units they start in their agent's own
+# hash (see START), which moves no version. A run that ends marks its tasks hash `finished`, which the
 # start script reads.
-# KEYS: meta, tasks, results, history, outbox, done, output
-# ARGV: version, n, guard pairs (tasks field, the prefix it must still have)..., n, task pairs..., n, meta pairs...,
-#       n, result pairs..., n, history items...,
+# KEYS: meta, tasks, results, history, outbox, done, output, output used, then per agent its marks and
+#       its lost attempts (state.Transition.marked_agents)
+# ARGV: version, n, guards (key of the marks, unit, dispatch id, token: 0 for none)..., n, task pairs...,
+#       n, meta pairs..., n, result pairs..., n, history items..., n, lost attempts moved (key, how many)...,
 #       outbox id, outbox blob ('' for none), finished ('1'/'0'), ttl seconds, reopened ('1'/'0'),
 #       events blob ('' for none)
+# The lost attempts moved are the first ones of an agent's list, read with the run: those about the
+# agent's own units are among the history items. START only appends to the list.
 # The transition's events go to the run's output stream with the commit itself: in the order of the
 # state changes, and before any task it releases can stream a chunk.
 # A finished workflow's keys expire after the ttl; a reopened one (`retry`) keeps them again and its
 # end signal is taken back, so waiters wait for its next end.
 APPLY = (
     COUNT
-    + """
+    + r"""
 local meta, tasks, results, history, outbox, done = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local committed = redis.call('HGET', meta, 'version')
-local reclaims = count_in(tasks, 'reclaims', 0)
-if not committed or tonumber(committed) + reclaims ~= tonumber(ARGV[1]) then return -1 end
-local i = 3 + 2 * tonumber(ARGV[2])
-for g = 3, i - 1, 2 do
-  local value = redis.call('HGET', tasks, ARGV[g]) or ''
-  if string.sub(value, 1, #ARGV[g + 1]) ~= ARGV[g + 1] then return -1 end
+if not committed or tonumber(committed) ~= tonumber(ARGV[1]) then return -1 end
+local i = 3 + 4 * tonumber(ARGV[2])
+for g = 3, i - 1, 4 do
+  local mark = ''  -- one too long to be one reads as none, as START and `state.MARK_BYTES` read it
+  if redis.call('HSTRLEN', ARGV[g], ARGV[g + 1]) <= 512 then mark = redis.call('HGET', ARGV[g], ARGV[g + 1]) or '' end
+  local dispatch, token = string.match(mark, '^([^\31]*)\31([^\31]*)')
+  if dispatch ~= ARGV[g + 2] then token = '0' end
+  if (count(token) or 0) ~= tonumber(ARGV[g + 3]) then return -1 end
 end
 local function each_chunk(width, fn)
   local n = tonumber(ARGV[i]); i = i + 1
@@ -68,9 +68,14 @@ each_chunk(2, function(a) redis.call('HSET', tasks, unpack(a)) end)
 each_chunk(2, function(a) redis.call('HSET', meta, unpack(a)) end)
 each_chunk(2, function(a) redis.call('HSET', results, unpack(a)) end)
 each_chunk(1, function(a) redis.call('RPUSH', history, unpack(a)) end)
+each_chunk(2, function(a)
+  for k = 1, #a, 2 do redis.call('LTRIM', a[k], tonumber(a[k + 1]), -1) end
+end)
 if ARGV[i + 1] ~= '' then redis.call('HSET', outbox, ARGV[i], ARGV[i + 1]) end
-if (ARGV[i + 5] or '') ~= '' then redis.call('XADD', KEYS[7], '*', 'k', 'event', 'm', ARGV[i + 5]) end
-local version = redis.call('HINCRBY', meta, 'version', 1) + reclaims
+if (ARGV[i + 5] or '') ~= '' then  -- a stream an agent broke (its last possible id taken) keeps no events
+  redis.pcall('XADD', KEYS[7], '*', 'k', 'event', 'm', ARGV[i + 5])
+end
+local version = redis.call('HINCRBY', meta, 'version', 1)
 if ARGV[i + 2] == '1' then
   local ttl = tonumber(ARGV[i + 3])
   redis.call('HSET', tasks, 'finished', '1')
@@ -89,10 +94,9 @@ return version
 
 # Append to a run's output stream (kind, blob pairs: `k` and `m` of each entry), only while the run's
 # keys are there: its first transition made the stream, and it expires with them, so an entry added
-# later keeps their time to live. Chunks and log records count against the run's `limit` (bytes, in
-# the tasks hash's `output_bytes`: workers may write it, not the meta hash); events (`limit` 0) are
-# never refused.
-# KEYS: tasks, output   ARGV: limit, then kind, blob...
+# later keeps their time to live. Chunks and log records count against the run's `limit` (bytes, kept
+# in the run's `out:used`, which expires with the stream); events (`limit` 0) are never refused.
+# KEYS: output used, output   ARGV: limit, then kind, blob...
 # Returns {1, bytes used}: added; {0, bytes used}: over the limit, nothing added; {-1, 0}: no such run.
 OUTPUT = (
     COUNT
@@ -105,69 +109,80 @@ if limit > 0 then
     if ARGV[i] ~= 'event' then size = size + #ARGV[i + 1] end
   end
 end
-local used = count_in(KEYS[1], 'output_bytes', limit)  -- overwritten with garbage: no more room
+local used = count(redis.call('GET', KEYS[1]) or '0') or limit  -- overwritten with garbage: no more room
 if size > 0 then
   if used + size > limit then return {0, used} end
   used = used + size
-  redis.call('HSET', KEYS[1], 'output_bytes', string.format('%d', used))
+  redis.call('SET', KEYS[1], string.format('%d', used))
+  local ttl = redis.call('PTTL', KEYS[2])
+  if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
 end
-for i = 2, #ARGV, 2 do
-  redis.call('XADD', KEYS[2], '*', 'k', ARGV[i], 'm', ARGV[i + 1])
+for i = 2, #ARGV, 2 do  -- a stream an agent broke (its last possible id taken) keeps nothing more
+  redis.pcall('XADD', KEYS[2], '*', 'k', ARGV[i], 'm', ARGV[i + 1])
 end
 return {1, used}
 """
 )
 
 # Mark attempts started before their handlers run, and hand out fencing tokens.
-# KEYS: tasks, history   ARGV: consumer, then per message: unit, dispatch id, entry id, lost record
+# KEYS: the agent's marks hash of the run, its lost attempts   ARGV: the run's tasks hash, the agent, the
+# consumer, then per message: unit, dispatch id, entry id, lost record
+# Only the agent's own units are started: those whose dispatch (`unit|dispatch`: id, attempt,
+# dispatched, agent) names it.
+# The tasks hash is read, never written, so it is not among KEYS: Redis asks a script's KEYS for write
+# permission, and an agent's user may only read it. It shares the run's hash tag, so on a cluster it
+# is in the same slot.
 # Returns per message: a token (>= 1), or 0 (stale: cancelled, superseded or finished), or -1 (a
-# duplicate stream entry of a dispatch another entry already started), or -2 (asked to stop before it
-# (re)started: the worker declines it, and tells the coordinator).
-# Packed fields (see state.PACKED), parts joined by \31: `unit|dispatch` = id, attempt, dispatched;
-# `unit|run` = token, started, entry, worker.
+# duplicate stream entry of a dispatch another entry already started, or an entry id or consumer name
+# too long to be one), or -2 (asked to stop before it (re)started: the worker declines it, and tells the
+# coordinator).
+# Bounded, as an agent's user may call it with any arguments: at most 1,000 messages a call, and a mark
+# too long to be one (its own workers may write anything there) reads as none.
+# A mark (see state.MARK), parts joined by \31: dispatch id, token, started, entry, worker.
 # A reclaimed entry starts again as the next attempt of the same dispatch: every run counts, and the
-# attempt it replaces goes to the history with the lost record the worker built. `unit|reclaims`
-# counts them, so a reclaim does not use up the retry budget; the run's `reclaims` moves its version
-# (see APPLY), so a coordinator that read the run before commits nothing on that stale view. Workers
-# never write the meta hash: the run's end is read from the tasks hash's `finished`.
+# attempt it replaces goes to the agent's lost attempts with the record the worker built (`unit \31
+# record`), which the coordinators move into the history. The token counts the reclaims, so a reclaim
+# does not use up the retry budget; the coordinators' commits are guarded on the mark's token, so one
+# that read the unit before commits nothing on that stale view.
 START = (
     COUNT
     + r"""
-local tasks, history = KEYS[1], KEYS[2]
-local function bump(field)  -- HINCRBY, but a count someone overwrote with garbage starts again at 1
-  redis.call('HSET', tasks, field, string.format('%d', count_in(tasks, field, 0) + 1))
-end
+local marks, lost_attempts, tasks, agent = KEYS[1], KEYS[2], ARGV[1], ARGV[2]
 local finished = redis.call('HGET', tasks, 'finished') == '1'
 local now = redis.call('TIME')
 local ts = tonumber(now[1]) + tonumber(now[2]) / 1000000
-local consumer = ARGV[1]
+local consumer = ARGV[3]
+if #ARGV > 3 + 4 * 1000 then return redis.error_reply('ERR START takes at most 1000 messages a call') end
 local out = {}
-for i = 2, #ARGV, 4 do
+for i = 4, #ARGV, 4 do
   local unit, dispatch, entry, lost = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local f = unit .. '|'
   local fields = redis.call('HMGET', tasks, f .. 'state', f .. 'dispatch', f .. 'stop')
-  local state, current, stop = fields[1], fields[2], fields[3]
+  local state, stop = fields[1], fields[3]
+  local current, owner = string.match(fields[2] or '', '^([^\31]*)\31[^\31]*\31[^\31]*\31([^\31]*)')
   local token = 0
-  if finished or not current or string.sub(current, 1, #dispatch + 1) ~= dispatch .. '\31' then
+  if finished or current ~= dispatch or owner ~= agent or not (state == 'ready' or state == 'running') then
     token = 0
-  elseif (stop or '') ~= '' and (state == 'ready' or state == 'running') then
+  elseif #entry > 64 or #consumer > 256 then
+    token = -1
+  elseif (stop or '') ~= '' then
     token = -2
-  elseif state == 'ready' then
-    token = 1
-    redis.call('HSET', tasks, f .. 'state', 'running', f .. 'run', '1\31' .. ts .. '\31' .. entry .. '\31' .. consumer)
-  elseif state == 'running' then
-    local run = redis.call('HGET', tasks, f .. 'run') or ''
-    local previous, _, started_entry, starter = string.match(run, '^([^\31]*)\31([^\31]*)\31([^\31]*)\31?(.*)')
-    if started_entry == entry and starter == consumer then
-      token = tonumber(previous) or 0  -- this worker asking again (its first call's reply was lost): the same
-    elseif started_entry == entry then
-      token = (tonumber(previous) or 0) + 1
-      local id, attempt, dispatched = string.match(current, '^([^\31]*)\31([^\31]*)\31([^\31]*)')
-      redis.call('HSET', tasks, f .. 'run', token .. '\31' .. ts .. '\31' .. entry .. '\31' .. consumer,
-        f .. 'dispatch', id .. '\31' .. ((tonumber(attempt) or 1) + 1) .. '\31' .. dispatched)
-      bump(f .. 'reclaims')
-      bump('reclaims')
-      if lost ~= '' then redis.call('RPUSH', history, lost) end
+  else
+    local mark = {}
+    if redis.call('HSTRLEN', marks, unit) <= 512 then  -- `state.MARK_BYTES`
+      for part in string.gmatch((redis.call('HGET', marks, unit) or '') .. '\31', '([^\31]*)\31') do
+        mark[#mark + 1] = part
+      end
+    end
+    if mark[1] ~= dispatch then  -- the dispatch's first start
+      token = 1
+      redis.call('HSET', marks, unit, table.concat({dispatch, 1, ts, entry, consumer}, '\31'))
+    elseif mark[4] == entry and mark[5] == consumer then
+      token = count(mark[2]) or 0  -- this worker asking again (its first call's reply was lost): the same
+    elseif mark[4] == entry and count(mark[2]) then
+      token = count(mark[2]) + 1
+      redis.call('HSET', marks, unit, table.concat({dispatch, token, ts, entry, consumer}, '\31'))
+      if lost ~= '' then redis.call('RPUSH', lost_attempts, unit .. '\31' .. lost) end
     else
       token = -1
     end

@@ -168,7 +168,9 @@ class Views:
             pipe.hgetall(self.keys.wf_tasks(wf_id))
         replies = pipe.execute()
         texts = [None if raw is None else raw.decode() for raw in replies[: len(specs)]]
-        return texts, [parse_units(raw) for raw in replies[len(specs) :]]
+        tables = [(wf_id, parse_units(raw)) for wf_id, raw in zip(units, replies[len(specs) :], strict=True)]
+        self.broker.with_marks(tables)
+        return texts, [table for _, table in tables]
 
     def stream_health(self, streams: Sequence[str]) -> list[dict[str, Any] | None]:
         """Per stream of the `workers` group (agent and subscription streams): length, entries added,
@@ -232,8 +234,10 @@ class Views:
             pipe.hgetall(self.keys.wf(wf_id))
             pipe.hgetall(self.keys.wf_tasks(wf_id))
 
-        now, (meta, units) = self.broker.clocked(self.keys.wf(wf_id), build)
-        return now, parse_meta(meta), parse_units(units)
+        now, (meta, raw) = self.broker.clocked(self.keys.wf(wf_id), build)
+        units = parse_units(raw)
+        self.broker.with_marks([(wf_id, units)])
+        return now, parse_meta(meta), units
 
     def timer_dues(self, wf_id: str, members: Sequence[str]) -> list[float | None]:
         """When each named timer of the run is due (seconds), None where it is not set: ZMSCORE on exact

@@ -11,7 +11,7 @@ from redis.cluster import RedisCluster
 from redis.exceptions import NoPermissionError, ResponseError
 
 from phibroker import wire
-from phibroker.engine.state import SEP, unpack_group
+from phibroker.engine.state import SEP, mark_text, overlay_marks, unpack_group
 from phibroker.errors import BrokerUnavailable, DecodeError
 from phibroker.grants import BASICS, CONSUMER, Grant
 from phibroker.keys import WORKERS_GROUP, Keys
@@ -125,14 +125,17 @@ def server_run_id(client: Any) -> str | None:
 def access(keys: Keys, agent: str, subscriptions: Iterable[str] = ()) -> list[Grant]:
     """What the workers of `agent` send Redis: they consume its task lanes and its subscriptions'
     streams (own keys: `AGENT.fn`, the default names, or those named), keep their seen-sets and hear
-    its stop notices; run START and OUTPUT on a run's tasks, history and output stream; read a run's
-    state, never writing its meta hash (nor its results or outbox); append results, events, dead
-    letters, routed copies and trigger starts; hold their leases; and register their subscriptions. A
+    its stop notices; mark the attempts they start in their agent's own marks hash of a run (START),
+    and its lost attempts; read every run's other keys, never writing them; append to a run's output
+    stream and count its bytes (OUTPUT, `_record_events`); append results, events, dead letters,
+    routed copies and trigger starts; hold their leases; and register their subscriptions. A
     reaction's run goes to the coordinators as a signed `submit`, who write it. Scripts are called,
     never loaded."""
     own = [f"~{keys.agent_tasks(agent)}", f"~{keys.agent_bulk(agent)}", f"~{keys.sub(agent + '.')}*"]
     for name in subscriptions:
         own += [f"~{keys.sub(name)}", f"~{keys.sub_seen(name)}"]
+    marks, lost = f"~{keys.wf_marks('*', agent)}", f"~{keys.wf_lost('*', agent)}"
+    output, used = f"~{keys.wf_output('*')}", f"~{keys.wf_output_used('*')}"
     return [
         # `seen` and `mark_seen` keep the seen-sets; `stop_notices` subscribes to its own channel only
         Grant(
@@ -140,13 +143,18 @@ def access(keys: Keys, agent: str, subscriptions: Iterable[str] = ()) -> list[Gr
             tuple(own),
             (keys.agent_stops(agent),),
         ),
-        # START (`start_many`), OUTPUT (`append_output`), `_record_events` and their counters in the
-        # tasks hash; `unit_states` and `unit_runs` read it
-        Grant(
-            ("evalsha", "exists", "hget", "hmget", "hset", "rpush", "xadd"),
-            (f"~{keys.wf_tasks('*')}", f"~{keys.wf_history('*')}", f"~{keys.wf_output('*')}"),
-        ),
-        Grant(("hget",), (f"%R~{keys.wf('*')}",)),  # `unit_states`: the run's state, read, never written
+        # START (`start_many`) on its own marks and lost attempts, each written by one command only, so
+        # neither can be made a key of another type; `unit_runs` reads the marks
+        Grant(("evalsha",), (marks, lost)),
+        Grant(("hget", "hset", "hmget", "hstrlen"), (marks,)),
+        Grant(("rpush",), (lost,)),
+        # OUTPUT (`append_output`) and `_record_events`: the run's output stream, appended to (never set,
+        # nor expired), and the bytes it holds
+        Grant(("evalsha",), (output, used)),
+        Grant(("exists", "pttl", "xadd"), (output,)),
+        Grant(("get", "set", "pexpire"), (used,)),
+        # START reads the tasks hash; `unit_states` and `unit_runs` read it and the run's state
+        Grant(("hget", "hmget"), (f"%R~{keys.wf('*')}", f"%R~{keys.wf_tasks('*')}")),
         # `settle`, `publish`, `dead_letter`, `ask_to_submit`: append only
         Grant(
             ("xadd",),
@@ -235,8 +243,9 @@ class WorkerStore(Connection):
         for event in events:
             if event.get("workflow"):
                 per_run.setdefault(str(event["workflow"]), []).append(event)
-        for wf_id, batch in per_run.items():  # a run already gone keeps no stream (NOMKSTREAM)
-            pipe.xadd(self.keys.wf_output(wf_id), {"k": "event", "m": wire.encode_events(batch)}, nomkstream=True)
+        for wf_id, batch in per_run.items():  # OUTPUT: a run already gone keeps no stream, a broken one no more
+            keys = [self.keys.wf_output_used(wf_id), self.keys.wf_output(wf_id)]
+            pipe.evalsha(SHAS[scripts.OUTPUT], len(keys), *keys, 0, "event", wire.encode_events(batch))
 
     def append_output(self, wf_id: str, entries: Sequence[tuple[str, bytes]], limit: int) -> tuple[int, int]:
         """Append (kind, blob) entries to the run's output stream at once; chunks and log records count
@@ -244,7 +253,8 @@ class WorkerStore(Connection):
         args: list[Any] = [limit]
         for kind, blob in entries:
             args += [kind, blob]
-        added, used = self._script(scripts.OUTPUT, [self.keys.wf_tasks(wf_id), self.keys.wf_output(wf_id)], args)
+        keys = [self.keys.wf_output_used(wf_id), self.keys.wf_output(wf_id)]
+        added, used = self._script(scripts.OUTPUT, keys, args)
         return int(added), int(used)
 
     def requeue(self, stream: str, group: str, entries: Sequence[Entry]) -> None:
@@ -280,31 +290,41 @@ class WorkerStore(Connection):
         """Subscribe to the agent's stop notices (a connection of its own); raises if Redis is away."""
         return StopFeed(self.redis, self.keys.agent_stops(agent))
 
-    def unit_runs(self, pairs: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
-        """The attempt and the run (token, started, entry, worker) each (workflow, unit) holds now: what a
-        worker reclaiming a unit's entry records about the run it replaces."""
+    def unit_runs(self, agent: str, pairs: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
+        """The attempt and the run (token, started, entry, worker) each (workflow, unit) of `agent` holds
+        now: what a worker reclaiming a unit's entry records about the run it replaces."""
         pipe = self.redis.pipeline(transaction=False)
         for wf_id, unit in pairs:
-            pipe.hmget(self.keys.wf_tasks(wf_id), f"{unit}|dispatch", f"{unit}|run")
-        return [
-            {**unpack_group("dispatch", (dispatch or b"").decode()), **unpack_group("run", (run or b"").decode())}
-            for dispatch, run in pipe.execute()
-        ]
+            pipe.hget(self.keys.wf_tasks(wf_id), f"{unit}|dispatch")
+            pipe.hget(self.keys.wf_marks(wf_id, agent), unit)
+        replies = pipe.execute()
+        out = []
+        for (_, unit), dispatch, mark in zip(pairs, replies[::2], replies[1::2], strict=True):
+            record = {"state": "running", **unpack_group("dispatch", (dispatch or b"").decode(errors="replace"))}
+            overlay_marks({unit: record}, {agent: {unit: mark_text(mark)}})
+            out.append(record)
+        return out
 
-    def start_many(self, consumer: str, batches: dict[str, list[tuple[str, str, str, bytes]]]) -> dict[str, list[int]]:
+    def start_many(
+        self, agent: str, consumer: str, batches: dict[str, list[tuple[str, str, str, bytes]]]
+    ) -> dict[str, list[int]]:
         """Mark attempts started (see scripts.START for the tokens) for several workflows, one round trip."""
         order = list(batches)
 
+        calls = [(wf_id, batches[wf_id][n : n + 1000]) for wf_id in order for n in range(0, len(batches[wf_id]), 1000)]
+
         def build(pipe: Any) -> None:
-            for wf_id in order:
-                args: list[Any] = [consumer]
-                for unit, dispatch, entry, lost in batches[wf_id]:
+            for wf_id, batch in calls:  # START takes up to 1,000 messages a call
+                args: list[Any] = [self.keys.wf_tasks(wf_id), agent, consumer]
+                for unit, dispatch, entry, lost in batch:
                     args += [unit, dispatch, entry, lost]
-                keys = [self.keys.wf_tasks(wf_id), self.keys.wf_history(wf_id)]
+                keys = [self.keys.wf_marks(wf_id, agent), self.keys.wf_lost(wf_id, agent)]
                 pipe.evalsha(SHAS[scripts.START], len(keys), *keys, *args)
 
-        replies = self._pipeline(build)
-        return {wf_id: [int(t) for t in tokens] for wf_id, tokens in zip(order, replies, strict=False)}
+        tokens: dict[str, list[int]] = {wf_id: [] for wf_id in order}
+        for (wf_id, _), reply in zip(calls, self._pipeline(build), strict=True):
+            tokens[wf_id] += [int(t) for t in reply]
+        return tokens
 
     def ask_to_submit(self, wf_id: str, fields: dict[str, Any]) -> None:
         """A run a reaction starts: a worker may not write runs, so it sends the coordinators a `submit`
