@@ -180,8 +180,8 @@ class Keys:
         return f"{self.namespace}:wf:{{{wf_id}}}:tasks"
 
     def wf_marks(self, wf_id: str, agent: str) -> str:
-        """The start marks of the agent's units in the run (unit -> dispatch, attempt, token, started,
-        entry, worker, reclaims): the one run hash an agent's workers write, and only their own."""
+        """The start marks of the agent's units in the run (unit -> dispatch, token, started, entry,
+        worker): the one run hash an agent's workers write, and only their own."""
         return f"{self.namespace}:wf:{{{wf_id}}}:marks:{agent}"
 
     def wf_lost(self, wf_id: str, agent: str) -> str:

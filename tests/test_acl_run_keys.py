@@ -91,6 +91,8 @@ def test_marks_count_only_in_their_own_agents_hash_and_for_the_current_dispatch(
         "A": {"state": "ready", "agent": "probe", "dispatch": "d2", "attempt": 1},
         "B": {"state": "ready", "agent": "kalic", "dispatch": "d3", "attempt": 1},
         "C": {"state": "succeeded", "agent": "probe", "dispatch": "d4", "attempt": 1},
+        # answered, waiting for the tasks it spawned: its token kept in the tasks hash, its mark overwritten
+        "D": {"state": "running", "agent": "probe", "dispatch": "d5", "attempt": 1, "token": 1, "answered": 1},
     }
     mark = "\x1f".join
     overlay_marks(
@@ -100,12 +102,14 @@ def test_marks_count_only_in_their_own_agents_hash_and_for_the_current_dispatch(
                 "A": mark(["d1", "1", "5.0", "1-0", "old"]),  # an earlier dispatch's
                 "B": mark(["d3", "1", "5.0", "1-0", "forger"]),  # kalic's unit
                 "C": mark(["d4", "9", "5.0", "1-0", "late"]),  # it ended already
+                "D": "junk",
             },
             "kalic": {"B": mark(["d3", "1e3", "nan", "2-0", "k1"]), "A": "d2"},  # its own, but junk; not its unit
         },
     )
     assert units["A"]["state"] == units["B"]["state"] == "ready" and units["C"]["attempt"] == 1
     assert "worker" not in units["A"] and "worker" not in units["B"] and "worker" not in units["C"]
+    assert units["D"]["token"] == 0  # as the commit's guard reads a mark that is none: the two agree
 
 
 def test_output_bytes_count_beside_the_output_stream_and_the_limit_holds(
@@ -170,8 +174,9 @@ def test_garbage_in_an_agents_own_marks_is_read_alike_by_lua_and_python(
 
 
 def test_a_mark_of_the_dispatch_id_alone_or_of_a_reclaim_is_read_whole() -> None:
-    """A mark cut short (the dispatch id alone, which any agent may read) is no start, and a reclaim's
-    token tells the attempt and the reclaims, whatever else the worker wrote."""
+    """A mark cut short (the dispatch id alone, which any agent may read) is no start (token 0, as the
+    commit's guard reads it), and a reclaim's token tells the attempt and the reclaims, whatever else
+    the worker wrote."""
     units = {
         "A": {"state": "ready", "agent": "probe", "dispatch": "d1", "attempt": 3, "reclaims": 1},
         "B": {"state": "ready", "agent": "probe", "dispatch": "d2", "attempt": 1},
@@ -183,7 +188,7 @@ def test_a_mark_of_the_dispatch_id_alone_or_of_a_reclaim_is_read_whole() -> None
         3,
         3,
     )
-    assert units["B"] == {"state": "ready", "agent": "probe", "dispatch": "d2", "attempt": 1}
+    assert units["B"] == {"state": "ready", "agent": "probe", "dispatch": "d2", "attempt": 1, "token": 0}
 
 
 def test_start_is_bounded_whatever_an_agents_user_calls_it_with(settings: Settings, dispatched: Dispatched) -> None:

@@ -156,6 +156,7 @@ def overlay_marks(units: dict[str, dict[str, Any]], marks: Mapping[str, Mapping[
                 continue
             mark = unpack_mark(text)
             if mark["dispatch"] != record.get("dispatch") or not mark["token"]:
+                record["token"] = 0  # not started, as the commit's guard reads it
                 continue
             reclaimed = mark["token"] - 1  # since the dispatch: each reclaim is the next attempt
             record.update(token=mark["token"], started=mark["started"], entry=mark["entry"], worker=mark["worker"])

@@ -644,10 +644,13 @@ class Coordinator:
         parent_id, task = run.meta.get("parent"), run.meta.get("parent_task")
         if not parent_id or run.meta.get("launched"):
             return None
+        held = str(parent_id) in self.cache.runs
         for _ in ("cached", "read again"):  # another coordinator may have made the child since we cached it
             parent = self.cache.load([str(parent_id)]).get(str(parent_id))
             record = parent.units.get(str(task), {}) if parent is not None else {}
             if record.get("child") == run.id and record.get("state") in state.UNIT_LIVE and not record.get("stop"):
+                if not held:  # read only to look: it is checked, and held, when inputs of its own come
+                    self.cache.forget(str(parent_id))
                 return None
             self.cache.forget(str(parent_id))
         return f"its parent {parent_id}'s task {task} no longer waits for it"

@@ -50,8 +50,6 @@ class RunCache:
             if wf_id in self.runs:
                 self.runs.move_to_end(wf_id)
                 found[wf_id] = self.runs[wf_id]
-                if wf_id not in missing:  # held since an earlier read: what it says of starts may be old
-                    found[wf_id].fresh = False
         while len(self.runs) > self.cache_size:
             self.runs.popitem(last=False)
         return found

@@ -23,7 +23,7 @@ from typing import Any
 
 from phibroker import wire
 from phibroker.engine import records
-from phibroker.errors import DecodeError, PhibrokerError
+from phibroker.errors import DecodeError, InvalidInput, PhibrokerError
 from phibroker.keys import WORKERS_GROUP
 from phibroker.runtime.agent import Agent, Context, failure
 from phibroker.runtime.cancels import Cancels
@@ -43,6 +43,7 @@ from phibroker.store.worker import WorkerStore
 log = logging.getLogger("phibroker.worker")
 
 LEASE_DISPATCHES = 1000  # dispatch ids a lease lists as held; past that it says there are more
+MAX_AGENT_NAME = 128  # bytes: its workers' consumer names (`AGENT@HOST:PID:ID`) stay within START's 256
 
 
 @dataclass(slots=True)
@@ -89,7 +90,9 @@ class Worker:
         self.stream = self.keys.agent_tasks(agent.name)
         self.bulk = self.keys.agent_bulk(agent.name)  # big releases: read beside the stream, so never ahead of it
         self.lanes = (self.stream, self.bulk)
-        self.consumer = f"{agent.name}@{socket.gethostname()}:{os.getpid()}:{wire.short_id()[:6]}"
+        if len(agent.name.encode()) > MAX_AGENT_NAME:  # its consumer name must fit what START takes (256 bytes)
+            raise InvalidInput(f"agent name {agent.name[:40]!r}... is longer than {MAX_AGENT_NAME} bytes")
+        self.consumer = f"{agent.name}@{socket.gethostname()[:64]}:{os.getpid()}:{wire.short_id()[:6]}"
         self.concurrency = max(1, concurrency)
         self.stopping = threading.Event()
         self.slots = Slots(self.concurrency, self.stopping)

@@ -76,7 +76,8 @@ REFUSAL_HINTS = {
     "NOREPLICAS": "too few replicas answer for it to take writes",
     "MISCONF": "it cannot save to disk, so it refuses writes",
     # "ERR The stream has exhausted the last possible ID": someone appended with an explicit id
-    "STREAMEND": "a stream was given the last possible entry id by hand: delete that entry (as admin)",
+    "STREAMEND": "a stream was given the last possible entry id by hand: it takes no more entries until an"
+    " admin deletes the stream (DEL; its consumer group and pending entries go with it)",
     # not a Redis reply: phibroker's scripts are gone (a restart) and this user may not load them
     "UNLOADED": "phibroker's scripts are not loaded: a coordinator loads them (this user may only call them)",
 }
@@ -537,7 +538,7 @@ class Connection:
         marks: list[dict[str, dict[str, str]]] = [{} for _ in runs]
         for n, agent, names in reads:
             found = zip(names, next(replies), strict=True)
-            marks[n][agent] = {unit: state.mark_text(mark) for unit, mark in found if mark is not None}
+            marks[n][agent] = {unit: state.mark_text(mark) for unit, mark in found}  # none: ""
             items = next(replies) if lost_limit else []
             if items:
                 lost[n][agent] = (len(items), state.own_lost(runs[n][1], agent, items, lost_limit))

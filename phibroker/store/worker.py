@@ -126,7 +126,7 @@ def access(keys: Keys, agent: str, subscriptions: Iterable[str] = ()) -> list[Gr
     """What the workers of `agent` send Redis: they consume its task lanes and its subscriptions'
     streams (own keys: `AGENT.fn`, the default names, or those named), keep their seen-sets and hear
     its stop notices; mark the attempts they start in their agent's own marks hash of a run (START),
-    and its lost attempts; read every run's other keys, never writing them; append to a run's output
+    and its lost attempts; read a run's meta and tasks hash, never writing them; append to a run's output
     stream and count its bytes (OUTPUT, `_record_events`); append results, events, dead letters,
     routed copies and trigger starts; hold their leases; and register their subscriptions. A
     reaction's run goes to the coordinators as a signed `submit`, who write it. Scripts are called,
@@ -137,9 +137,10 @@ def access(keys: Keys, agent: str, subscriptions: Iterable[str] = ()) -> list[Gr
     marks, lost = f"~{keys.wf_marks('*', agent)}", f"~{keys.wf_lost('*', agent)}"
     output, used = f"~{keys.wf_output('*')}", f"~{keys.wf_output_used('*')}"
     return [
-        # `seen` and `mark_seen` keep the seen-sets; `stop_notices` subscribes to its own channel only
+        # `seen` and `mark_seen` keep the seen-sets; `stop_notices` subscribes to its own channel only;
+        # `settle` asks whether phibroker's scripts are loaded before a transaction that calls one
         Grant(
-            (*BASICS, *CONSUMER, "zmscore", "zadd", "zremrangebyscore", "subscribe"),
+            (*BASICS, *CONSUMER, "script|exists", "zmscore", "zadd", "zremrangebyscore", "subscribe"),
             tuple(own),
             (keys.agent_stops(agent),),
         ),
@@ -221,9 +222,11 @@ class WorkerStore(Connection):
         the acks, and the coordinator drops the copies."""
         acked = [stream for stream, ids in (acks or {}).items() if ids]
 
+        def recorded(pipe: Any) -> None:  # a script (OUTPUT): on a cluster its NOSCRIPT writes nothing else
+            self._record_events(pipe, events)
+
         def published(pipe: Any) -> None:
             self._publish(pipe, events, route)
-            self._record_events(pipe, events)
 
         def results(pipe: Any) -> None:
             for target, entries in inbox.items():
@@ -234,8 +237,11 @@ class WorkerStore(Connection):
             for stream in acked:
                 pipe.xack(stream, WORKERS_GROUP, *(acks or {})[stream])
 
+        if events:
+            self._ensure_scripts()  # in a MULTI, a NOSCRIPT leaves the other commands done
         with groups_made_again(self, acked, WORKERS_GROUP):
-            self.in_order([*([(published, False)] if events else []), (results, False), (acknowledged, False)])
+            steps = [(recorded, False), (published, False)] if events else []
+            self.in_order([*steps, (results, False), (acknowledged, False)])
 
     def _record_events(self, pipe: Any, events: list[dict[str, Any]]) -> None:
         """Events into their runs' output streams (one entry per run), beside the log."""
