@@ -644,15 +644,16 @@ class Coordinator:
         parent_id, task = run.meta.get("parent"), run.meta.get("parent_task")
         if not parent_id or run.meta.get("launched"):
             return None
-        held = str(parent_id) in self.cache.runs
-        for _ in ("cached", "read again"):  # another coordinator may have made the child since we cached it
-            parent = self.cache.load([str(parent_id)]).get(str(parent_id))
+
+        def waits(parent: state.Run | None) -> bool:
             record = parent.units.get(str(task), {}) if parent is not None else {}
-            if record.get("child") == run.id and record.get("state") in state.UNIT_LIVE and not record.get("stop"):
-                if not held:  # read only to look: it is checked, and held, when inputs of its own come
-                    self.cache.forget(str(parent_id))
-                return None
-            self.cache.forget(str(parent_id))
+            return record.get("child") == run.id and record.get("state") in state.UNIT_LIVE and not record.get("stop")
+
+        if waits(self.cache.runs.get(str(parent_id))):
+            return None
+        self.cache.forget(str(parent_id))  # another coordinator may have made the child since we cached it
+        if waits(self.cache.peek(str(parent_id))):  # a look only: checked and held when its own inputs come
+            return None
         return f"its parent {parent_id}'s task {task} no longer waits for it"
 
     def _list_subscriber(self, agent: str, entry: Entry, stream: str) -> None:

@@ -54,6 +54,18 @@ class RunCache:
             self.runs.popitem(last=False)
         return found
 
+    def peek(self, wf_id: str) -> state.Run | None:
+        """A run read from Redis and not kept: a look at another run than the one whose inputs are applied
+        (kept, it would be taken for one read after inputs of its own came)."""
+        ((meta, units, results, _),) = self.broker.load_runs([wf_id])
+        if not meta.get("spec"):
+            return None
+        try:
+            return self._run(wf_id, meta, units, results)
+        except Exception:  # noqa: BLE001 - one unreadable run must not stop the coordinator
+            log.exception("cannot read run %s", wf_id)
+            return None
+
     def _run(
         self, wf_id: str, meta: dict[str, Any], units: dict[str, dict[str, Any]], results: dict[bytes, bytes]
     ) -> state.Run:
