@@ -386,7 +386,7 @@ class Run:
         # truth (the coordinator clears this once the run is held over to later inputs)
         self.fresh = True
         # agent -> how many records of attempts its workers reclaimed were read with the run, and those
-        # about its own units (`Connection.with_marks`): the next commit moves them into the history
+        # about its own units (`Connection.read_units`): the next commit moves them into the history
         self.lost: dict[str, tuple[int, list[bytes]]] = {}
         self.rand = random.Random()
         self._decoded: dict[str, Any] = {}
@@ -487,15 +487,13 @@ class Run:
         found |= {record.get("agent") for record in self.units.values()}
         return tuple(sorted(str(agent) for agent in found if agent))
 
-    def guard(self, unit: str, token: int) -> bool:
+    def guard(self, unit: str, token: int) -> None:
         """The commit needs the unit's start mark as this transition saw it: `token` for its dispatch.
-        False for a unit no worker's mark can change (not dispatched to an agent)."""
+        Nothing for a unit no worker's mark can change (not dispatched to an agent)."""
         record = self.units.get(unit, {})
         agent, dispatch = record.get("agent"), record.get("dispatch")
-        if not (agent and dispatch):
-            return False
-        self.tx.guards[unit] = (str(agent), str(dispatch), token)
-        return True
+        if agent and dispatch:
+            self.tx.guards[unit] = (str(agent), str(dispatch), token)
 
     def hold_to_start(self, unit: str) -> None:
         """A live unit this transition ends or acts on: the commit needs its mark as this run holds it (a

@@ -973,21 +973,19 @@ def _stop_unit(run: Run, unit: str, now: float, reason: str, force: bool = False
     record = run.units.get(unit)
     if record is None or record.get("state") not in UNIT_LIVE:
         return
+    started = record.get("state") == "running" or record.get("token")
     if record.get("state") == "retrying":
         run.tx.timers_del.append(timer_member("retry", run.id, unit, record.get("attempt")))
-    elif record.get("state") == "ready" and not record.get("token"):
-        # Not started as far as this run knows: cancelled now, guarded against a start meanwhile (the
-        # commit then fails, the run is read again, and the unit is asked to stop instead). A unit made
-        # ready by this very transition cannot have started: Redis does not even hold it as ready yet.
-        if not run.written(unit, "state"):
-            run.guard(unit, 0)
-    elif not force:  # asked to stop: it ends when its worker answers (or the grace ends)
+    elif started and not force:  # asked to stop: it ends when its worker answers (or the grace ends)
         if not record.get("stop"):
             run.set(unit, stop=reason)
             run.tx.stops.append((str(unit_agent(run.workflow, unit)), unit, str(record.get("dispatch"))))
         _grace_timer(run, now)
         return
-    run.hold_to_start(unit)  # its attempt as it is now, or the run is read again
+    # Not started as far as this run knows (or forced): cancelled now, guarded on its start mark as held,
+    # so a start or a reclaim meanwhile fails the commit, the run is read again, and a started unit is
+    # asked to stop instead. A unit made ready by this very transition cannot have started.
+    run.hold_to_start(unit)
     if record.get("dispatch"):
         run.tx.timers_del.append(timer_member("deadline", run.id, unit, record["dispatch"]))
     run.set(unit, state="cancelled", finished=now)

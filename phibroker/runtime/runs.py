@@ -37,14 +37,7 @@ class RunCache:
         """Cached runs, and the missing ones loaded in one round trip."""
         missing = [w for w in wf_ids if w not in self.runs]
         if missing:
-            for wf_id, (meta, units, results, lost) in zip(missing, self.broker.load_runs(missing), strict=True):
-                if not meta.get("spec"):
-                    continue
-                try:
-                    self.runs[wf_id] = run = self._run(wf_id, meta, units, results)
-                    run.lost = lost
-                except Exception:  # noqa: BLE001 - one unreadable run must not stop the coordinator
-                    log.exception("cannot read run %s; its inputs are treated as a missing run's", wf_id)
+            self.runs.update(self._read(missing))
         found = {}
         for wf_id in wf_ids:
             if wf_id in self.runs:
@@ -57,14 +50,20 @@ class RunCache:
     def peek(self, wf_id: str) -> state.Run | None:
         """A run read from Redis and not kept: a look at another run than the one whose inputs are applied
         (kept, it would be taken for one read after inputs of its own came)."""
-        ((meta, units, results, _),) = self.broker.load_runs([wf_id])
-        if not meta.get("spec"):
-            return None
-        try:
-            return self._run(wf_id, meta, units, results)
-        except Exception:  # noqa: BLE001 - one unreadable run must not stop the coordinator
-            log.exception("cannot read run %s", wf_id)
-            return None
+        return self._read([wf_id]).get(wf_id)
+
+    def _read(self, wf_ids: list[str]) -> dict[str, state.Run]:
+        """The runs as Redis holds them now, in one round trip (and one for their workers' marks)."""
+        read = {}
+        for wf_id, (meta, units, results, lost) in zip(wf_ids, self.broker.load_runs(wf_ids), strict=True):
+            if not meta.get("spec"):
+                continue
+            try:
+                read[wf_id] = run = self._run(wf_id, meta, units, results)
+                run.lost = lost
+            except Exception:  # noqa: BLE001 - one unreadable run must not stop the coordinator
+                log.exception("cannot read run %s; its inputs are treated as a missing run's", wf_id)
+        return read
 
     def _run(
         self, wf_id: str, meta: dict[str, Any], units: dict[str, dict[str, Any]], results: dict[bytes, bytes]

@@ -10,7 +10,7 @@ from phibroker.errors import DecodeError
 from phibroker.grants import Grant
 from phibroker.keys import Keys
 from phibroker.store import registry, views
-from phibroker.store.connection import Connection, parse_meta, parse_units
+from phibroker.store.connection import Connection, parse_meta
 
 
 def inbox(keys: Keys) -> list[Grant]:
@@ -85,8 +85,7 @@ class ClientStore(Connection):
         pipe.hgetall(keys.wf_results(wf_id))
         pipe.lrange(keys.wf_history(wf_id), 0, -1)
         meta, raw, results, history = pipe.execute()
-        units = parse_units(raw)
-        (lost,) = self.with_marks([(wf_id, units)], lost_limit=self.settings.max_message_bytes)
+        (units,), (lost,) = self.read_units([(wf_id, raw)], lost_limit=self.settings.max_message_bytes)
         history += [record for _, records in lost.values() for record in records]  # not moved there yet
         return (
             parse_meta(meta),

@@ -398,7 +398,7 @@ def parse_value(name: str, raw: bytes) -> Any:
 def parse_units(raw: dict[bytes, bytes]) -> dict[str, dict[str, Any]]:
     """`unit|field` fields -> {unit: {attribute: value}}, packed fields unpacked, numbers typed. The
     run's own fields beside them (`finished`: no `|`) are left out. What workers marked is not in
-    there: `Connection.with_marks` puts it on."""
+    there: `Connection.read_units` puts it on."""
     units: dict[str, dict[str, Any]] = {}
     for key, value in raw.items():
         unit, bar, name = key.decode(errors="replace").rpartition("|")
@@ -518,33 +518,34 @@ class Connection:
             raw = message.signed_as(self.sender, limit, self.good_for)
         return self.keys.inbox(message.body.get("wf")), {wire.FIELD: raw}
 
-    def with_marks(
-        self, runs: Sequence[tuple[str, dict[str, dict[str, Any]]]], lost_limit: int = 0
-    ) -> list[dict[str, tuple[int, list[bytes]]]]:
-        """Put the start marks of each run's live units onto its units (wf id, parsed units), in place
-        (`state.overlay_marks`): one round trip for all, none when no unit is live. With `lost_limit`
-        (the bytes a record may take), also the lost attempts of the agents of those units: per run,
-        agent -> (how many were read, up to 1,000, and the records about its own units)."""
-        reads = [(n, agent, names) for n, (_, units) in enumerate(runs) for agent, names in state.marked(units).items()]
-        lost: list[dict[str, tuple[int, list[bytes]]]] = [{} for _ in runs]
+    def read_units(
+        self, tables: Sequence[tuple[str, dict[bytes, bytes]]], lost_limit: int = 0
+    ) -> tuple[list[dict[str, dict[str, Any]]], list[dict[str, tuple[int, list[bytes]]]]]:
+        """The units of each run (wf id, its tasks hash as read), with the start marks of its live units
+        on them (`state.overlay_marks`): one round trip for the marks of all, none when no unit is live.
+        With `lost_limit` (the bytes a record may take), also the lost attempts of the agents of those
+        units: per run, agent -> (how many were read, up to 1,000, and the records about its own units)."""
+        units = [parse_units(raw) for _, raw in tables]
+        lost: list[dict[str, tuple[int, list[bytes]]]] = [{} for _ in tables]
+        reads = [(n, agent, names) for n, table in enumerate(units) for agent, names in state.marked(table).items()]
         if not reads:
-            return lost
+            return units, lost
         pipe = self.redis.pipeline(transaction=False)
         for n, agent, names in reads:
-            pipe.hmget(self.keys.wf_marks(runs[n][0], agent), names)
+            pipe.hmget(self.keys.wf_marks(tables[n][0], agent), names)
             if lost_limit:
-                pipe.lrange(self.keys.wf_lost(runs[n][0], agent), 0, 999)
+                pipe.lrange(self.keys.wf_lost(tables[n][0], agent), 0, 999)
         replies = iter(pipe.execute())
-        marks: list[dict[str, dict[str, str]]] = [{} for _ in runs]
+        marks: list[dict[str, dict[str, str]]] = [{} for _ in tables]
         for n, agent, names in reads:
             found = zip(names, next(replies), strict=True)
             marks[n][agent] = {unit: state.mark_text(mark) for unit, mark in found}  # none: ""
             items = next(replies) if lost_limit else []
             if items:
-                lost[n][agent] = (len(items), state.own_lost(runs[n][1], agent, items, lost_limit))
-        for (_, units), by_agent in zip(runs, marks, strict=True):
-            state.overlay_marks(units, by_agent)
-        return lost
+                lost[n][agent] = (len(items), state.own_lost(units[n], agent, items, lost_limit))
+        for table, by_agent in zip(units, marks, strict=True):
+            state.overlay_marks(table, by_agent)
+        return units, lost
 
     # Scripts run by EVALSHA; a NOSCRIPT (a restarted or new Redis) loads them all and runs again.
     # redis-py's own Script objects would ask SCRIPT EXISTS before every pipeline: a round trip each.

@@ -25,7 +25,6 @@ from phibroker.store.connection import (
     id_order,
     next_id,
     parse_meta,
-    parse_units,
     xreadgroup,
 )
 from phibroker.store.worker import StopNotice, groups_made_again, server_run_id
@@ -79,7 +78,7 @@ def access(keys: Keys) -> list[Grant]:
                 "hstrlen",  # APPLY reads a worker's mark only if it is short enough to be one
                 "hincrby",
                 "rpush",
-                "lrange",  # APPLY moves workers' lost attempts into the history
+                "lrange",  # workers' lost attempts, read with a run (`load_runs`) and trimmed by APPLY
                 "ltrim",
                 "zadd",
                 "zrem",
@@ -177,7 +176,7 @@ class CoordinatorStore(Connection):
         self, wf_ids: Sequence[str]
     ) -> list[tuple[dict[str, Any], dict[str, dict[str, Any]], dict[bytes, bytes], dict[str, tuple[int, list[bytes]]]]]:
         """Meta (parsed), units (with their workers' start marks on), raw results and the lost attempts
-        of live units' agents (`Connection.with_marks`) of several workflows: one round trip, and one
+        of live units' agents (`Connection.read_units`) of several workflows: one round trip, and one
         more for the marks of live units."""
         pipe = self.redis.pipeline(transaction=False)
         for wf_id in wf_ids:
@@ -185,9 +184,9 @@ class CoordinatorStore(Connection):
             pipe.hgetall(self.keys.wf_tasks(wf_id))
             pipe.hgetall(self.keys.wf_results(wf_id))
         replies = pipe.execute()
-        runs = [(wf_id, parse_units(replies[3 * n + 1])) for n, wf_id in enumerate(wf_ids)]
-        lost = self.with_marks(runs, lost_limit=self.settings.max_message_bytes)
-        return [(parse_meta(replies[3 * n]), units, replies[3 * n + 2], lost[n]) for n, (_, units) in enumerate(runs)]
+        tables = [(wf_id, replies[3 * n + 1]) for n, wf_id in enumerate(wf_ids)]
+        units, lost = self.read_units(tables, lost_limit=self.settings.max_message_bytes)
+        return [(parse_meta(replies[3 * n]), units[n], replies[3 * n + 2], lost[n]) for n in range(len(wf_ids))]
 
     def commit(self, transitions: Sequence[tuple[str, int, Transition]]) -> list[int]:
         """Commit transitions, one script call each, pipelined: the new version, or -1 where the
@@ -423,13 +422,12 @@ class CoordinatorStore(Connection):
             pipe.hlen(self.keys.wf_outbox(wf_id))
             pipe.hgetall(self.keys.wf_tasks(wf_id))
         replies = pipe.execute()
-        runs = [(wf_id, parse_units(replies[3 * n + 2])) for n, wf_id in enumerate(wf_ids)]
-        self.with_marks(runs)
+        units, _ = self.read_units([(wf_id, replies[3 * n + 2]) for n, wf_id in enumerate(wf_ids)])
         out = []
-        for n, (_, units) in enumerate(runs):
+        for n, table in enumerate(units):
             spec, wf_state = replies[3 * n]
             out.append(
-                (spec.decode() if spec else None, wf_state.decode() if wf_state else None, replies[3 * n + 1], units)
+                (spec.decode() if spec else None, wf_state.decode() if wf_state else None, replies[3 * n + 1], table)
             )
         return out
 

@@ -14,7 +14,7 @@ from phibroker.engine.records import spend_of
 from phibroker.errors import DecodeError
 from phibroker.grants import Grant
 from phibroker.keys import WORKERS_GROUP, Keys
-from phibroker.store.connection import Connection, parse_leases, parse_meta, parse_units, parse_value
+from phibroker.store.connection import Connection, parse_leases, parse_meta, parse_value
 from phibroker.store.registry import by_name, subscriptions
 
 _ROW_FIELDS = ("name", "state", "created_at", "finished_at")  # a run's line in `list`
@@ -168,9 +168,8 @@ class Views:
             pipe.hgetall(self.keys.wf_tasks(wf_id))
         replies = pipe.execute()
         texts = [None if raw is None else raw.decode() for raw in replies[: len(specs)]]
-        tables = [(wf_id, parse_units(raw)) for wf_id, raw in zip(units, replies[len(specs) :], strict=True)]
-        self.broker.with_marks(tables)
-        return texts, [table for _, table in tables]
+        tables, _ = self.broker.read_units(list(zip(units, replies[len(specs) :], strict=True)))
+        return texts, tables
 
     def stream_health(self, streams: Sequence[str]) -> list[dict[str, Any] | None]:
         """Per stream of the `workers` group (agent and subscription streams): length, entries added,
@@ -235,8 +234,7 @@ class Views:
             pipe.hgetall(self.keys.wf_tasks(wf_id))
 
         now, (meta, raw) = self.broker.clocked(self.keys.wf(wf_id), build)
-        units = parse_units(raw)
-        self.broker.with_marks([(wf_id, units)])
+        (units,), _ = self.broker.read_units([(wf_id, raw)])
         return now, parse_meta(meta), units
 
     def timer_dues(self, wf_id: str, members: Sequence[str]) -> list[float | None]:
