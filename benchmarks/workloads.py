@@ -114,7 +114,7 @@ class Deployment:
     def _leases_held(self) -> bool:
         self.check_alive()
         broker: ClientStore = self.client.broker
-        now, workers = broker.leases(self.settings.keys.agents)
+        now, workers = broker.worker_leases()
         _, coordinators = broker.leases(self.settings.keys.coordinators)
         worker_up = any(info.get("agent") == self.agent and info["expires"] > now for info in workers.values())
         return worker_up and sum(info["expires"] > now for info in coordinators.values()) >= self.coordinators

@@ -113,9 +113,10 @@ class Keys:
         return zlib.crc32(wf_id.encode()) % count if wf_id and count > 1 else 0
 
     @property
-    def subscribers(self) -> str:
-        """The agents that registered subscriptions (a set): whose `subs_of` to read."""
-        return f"{self.namespace}:subscribers"
+    def roster(self) -> str:
+        """The agents whose workers have started (a set): whose leases and subscriptions to read. The
+        coordinators write it, as a signing agent's message asks: junk names would hide the others."""
+        return f"{self.namespace}:roster"
 
     def subs_of(self, agent: str) -> str:
         """An agent's subscriptions (name -> what it wants), a hash only its workers write: one agent
@@ -130,10 +131,10 @@ class Keys:
     def dlq(self) -> str:
         return f"{self.namespace}:dlq"
 
-    @property
-    def agents(self) -> str:
-        """Worker leases."""
-        return f"{self.namespace}:agents"
+    def worker_leases(self, agent: str) -> str:
+        """The leases of an agent's workers (a hash only they write: no agent can forge another's expiry).
+        Every agent's share a hash tag, so one node's clock stamps and reads them all on a cluster too."""
+        return f"{self.namespace}:{{agents}}:{agent}"
 
     @property
     def coordinators(self) -> str:
@@ -225,6 +226,16 @@ class Keys:
             self.wf_output_used(wf_id),
             *(key for agent in agents for key in (self.wf_marks(wf_id, agent), self.wf_lost(wf_id, agent))),
         ]
+
+
+def consumer_name(agent: str, host: str, pid: int, tag: str) -> str:
+    """A worker's name in its agent's consumer groups and leases: its agent comes first (`agent_of`)."""
+    return f"{agent}@{host[:64]}:{pid}:{tag}"
+
+
+def agent_of(consumer: str) -> str:
+    """The agent a worker's consumer name says it serves: the hash whose lease counts for it."""
+    return consumer.partition("@")[0]
 
 
 def key_slot(tag: str) -> int:

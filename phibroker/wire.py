@@ -514,7 +514,7 @@ _BODY_FIELDS = {  # what each control message must name
     "child": ("wf", "task", "child", "state"),
     "trigger": ("wf", "trigger"),
     "spend": ("wf", "unit", "dispatch"),
-    "subscribed": ("agent",),  # an agent registered subscriptions: the coordinators list it for the routers
+    "joined": ("agent",),  # an agent's worker started: the coordinators put the agent on the roster
 }
 _INBOX_KINDS = frozenset({"results", *_BODY_FIELDS})
 

@@ -41,6 +41,7 @@ from phibroker.store import scripts
 from phibroker.store.connection import SHAS
 from phibroker.store.registry import Registry
 from phibroker.store.worker import WorkerStore
+from phibroker.tools import diagnose
 from tests.conftest import Processes, until
 from tests.test_core import events_of
 from tests.test_deploy import (
@@ -811,13 +812,48 @@ def test_marks_and_lost_attempts_an_agent_writes_about_another_agents_units_coun
     record("mark kalic's running task as webc's, token 7", "webc", "(no such hash)", "ignored; run ends")
 
 
+def test_an_agent_cannot_forge_another_agents_worker_lease(fleet: Fleet) -> None:
+    """webc wrote the lease of the kalic worker running Scan: an expiry long past had another kalic
+    worker reclaim Scan and run it again, and one far ahead would keep a dead worker's work from ever
+    being reclaimed. Each agent's worker leases are now a hash only its workers write: webc's writes to
+    kalic's are refused. A lease under that worker's name in webc's own hash, and junk there of every
+    kind, count for nothing: Scan runs once, every process runs on, and `agents` shows kalic's worker."""
+    keys = fleet.deployment.keys
+    wf_id = fleet.submit()
+    until(lambda: fleet.unit(wf_id, "Scan", "state") == "running", fleet.procs)
+    worker = str(fleet.unit(wf_id, "Scan", "worker"))
+    webc = fleet.deployment.client("webc")
+    kalics = keys.worker_leases("kalic")
+    writes = [
+        lambda: webc.hset(kalics, f"{worker}|expires", 0),
+        lambda: webc.hdel(kalics, worker, f"{worker}|expires"),
+        lambda: webc.evalsha(sha(scripts.LEASE), 1, kalics, worker, -(10**9), wire.pack({})),
+    ]
+    for write in writes:
+        with pytest.raises(NoPermissionError):
+            write()
+    own = keys.worker_leases("webc")
+    webc.evalsha(sha(scripts.LEASE), 1, own, worker, -(10**9), wire.pack({"agent": "kalic"}))
+    junk = {b"webc@x": wire.pack({"dispatches": 7, "reclaim_after": "soon", "commands": [1, None]})}
+    junk |= {b"webc@x|expires": b"1e999", b"\xff|expires": b"nan", b"webc@y": b"\xc1", b"webc@z": wire.pack([1])}
+    webc.hset(own, mapping=junk)
+    with pytest.raises(ResponseError, match="at most 512 bytes"):
+        webc.evalsha(sha(scripts.LEASE), 1, own, "webc@" + "x" * 600, 1000, wire.pack({}))
+    untouched(fleet, wf_id)
+    rows = {row["consumer"]: row for row in diagnose.agents(fleet.settings("watch"))}
+    assert rows[worker]["agent"] == "kalic" and rows[worker]["alive"], rows
+    assert {"webc@x", "webc@y", "webc@z"} <= set(rows) and not rows["webc@x"]["alive"], rows
+    assert fleet.alive(), fleet.procs.output()
+    record("forge another agent's worker lease", "webc", "its task ran twice", "refused: NOPERM")
+
+
 def listed(fleet: Fleet, agent: str, says: str | None = None) -> None:
-    """AGENT asks the coordinators to list it among the agents with subscriptions (as its worker does
-    when it registers some; the message naming `says`, if given) and is listed."""
-    listing = wire.Inbox(kind="subscribed", body={"agent": says or agent})
+    """AGENT asks the coordinators to put it on the roster (as its worker does when it starts; the
+    message naming `says`, if given) and is on it."""
+    listing = wire.Inbox(kind="joined", body={"agent": says or agent})
     fleet.store(agent, signed=True).send_to_coordinators(listing)
     admin = fleet.deployment.client("admin")
-    until(lambda: agent.encode() in admin.smembers(fleet.deployment.keys.subscribers), fleet.procs)
+    until(lambda: agent.encode() in admin.smembers(fleet.deployment.keys.roster), fleet.procs)
 
 
 def test_a_subscription_filter_too_big_to_run_on_every_event_is_ignored(fleet: Fleet) -> None:
@@ -840,8 +876,8 @@ def test_a_subscription_filter_too_big_to_run_on_every_event_is_ignored(fleet: F
 def test_an_agent_can_neither_change_nor_silence_another_agents_subscription(fleet: Fleet) -> None:
     """Each agent's subscriptions are a hash only its workers write: webc may not touch kalic's, and an
     entry of the same name in its own hash (a filter nothing passes) does not stop kalic's from routing.
-    The agents with subscriptions are listed by the coordinators, each as its own signed message asks:
-    webc may not add names there (junk sorting first would hide real agents past the 1,000 read)."""
+    The coordinators write the roster of agents, each agent as its own signed message asks: webc may
+    not add names there (junk sorting first would hide real agents past the 1,000 read)."""
     keys = fleet.deployment.keys
     kalic, webc = fleet.deployment.client("kalic"), fleet.deployment.client("webc")
     wants = {"agent": "kalic", "event": "scan.done", "where": None}
@@ -849,12 +885,12 @@ def test_an_agent_can_neither_change_nor_silence_another_agents_subscription(fle
     with pytest.raises(NoPermissionError):
         webc.hset(keys.subs_of("kalic"), "kalic.watch", json.dumps({**wants, "event": "nothing"}))
     with pytest.raises(NoPermissionError):
-        webc.sadd(keys.subscribers, "0-junk")
+        webc.sadd(keys.roster, "0-junk")
     webc.hset(keys.subs_of("webc"), "kalic.watch", json.dumps({**wants, "event": "nothing"}))
     listed(fleet, "kalic")
     listed(fleet, "webc", says="0-junk")
     admin = fleet.deployment.client("admin")
-    assert b"0-junk" not in admin.smembers(keys.subscribers)  # the signed sender is listed, not the body
+    assert b"0-junk" not in admin.smembers(keys.roster)  # the signed sender is on it, not the body
     try:
         router = Router(Registry(fleet.settings("coordinator")))
         routed = router.routes([{"id": wire.new_id(), "type": "scan.done", "data": {}, "depth": 0}])
@@ -863,7 +899,7 @@ def test_an_agent_can_neither_change_nor_silence_another_agents_subscription(fle
         admin.hdel(keys.subs_of("kalic"), "kalic.watch")
         admin.hdel(keys.subs_of("webc"), "kalic.watch")
     record("overwrite another agent's subscription", "webc", "its reactions stopped", "refused: NOPERM")
-    record("add junk names to the subscribers list", "webc", "hid real ones past 1,000", "refused: NOPERM")
+    record("add junk names to the roster of agents", "webc", "hid real ones past 1,000", "refused: NOPERM")
 
 
 def test_an_inbox_message_of_millions_of_empty_maps_is_dead_lettered_before_it_fills_a_coordinator(

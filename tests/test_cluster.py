@@ -140,7 +140,7 @@ def test_every_kind_of_run_ends_on_a_cluster(
     def up() -> bool:
         return (
             len(client.broker.leases(keys.coordinators)[1]) >= coordinators
-            and len(client.broker.leases(keys.agents)[1]) >= 2
+            and len(client.broker.worker_leases()[1]) >= 2
         )
 
     until(up, procs, timeout=60)

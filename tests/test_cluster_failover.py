@@ -131,7 +131,7 @@ def test_runs_survive_two_masters_failing_over(
             until(
                 lambda: (
                     len(client.broker.leases(keys.coordinators)[1]) >= 2
-                    and len(client.broker.leases(keys.agents)[1]) >= 2
+                    and len(client.broker.worker_leases()[1]) >= 2
                 ),
                 procs,
                 timeout=60,

@@ -59,7 +59,7 @@ def test_runs_end_after_redis_loses_its_last_writes(aof_server: RedisServer, tmp
         for _ in range(2):
             procs.worker("probe", app="tests.apps.probe", concurrency=4)
         r = redis.Redis.from_url(settings.redis_url)
-        until(lambda: r.hlen(settings.keys.agents) >= 4 and r.hlen(settings.keys.coordinators) >= 4, procs)
+        until(lambda: r.hlen(settings.keys.worker_leases("probe")) >= 4 and r.hlen(settings.keys.coordinators) >= 4, procs)
         with Client(settings) as client:
             tail = aof_tail(aof_server.directory)
             sizes: list[tuple[float, int]] = []

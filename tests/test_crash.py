@@ -140,7 +140,7 @@ def test_a_task_reclaimed_by_a_starting_worker_survives_that_worker_dying_too(
     first.wait()
 
     def lapsed() -> bool:
-        clock, leases = client.broker.leases(settings.keys.agents)
+        clock, leases = client.broker.worker_leases()
         return bool(leases[victim]["expires"] < clock)
 
     until(lapsed, procs)  # so the next worker claims the task as it starts

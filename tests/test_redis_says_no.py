@@ -125,7 +125,7 @@ def test_a_full_redis_loses_no_result_and_stops_no_process(
     assert logs_mention(procs, "OOM"), procs.output()  # the processes did meet the limit
 
     def renewed_after_the_limit() -> int:  # every worker's heartbeat thread lives on
-        leases = root.hgetall(settings.keys.agents)
+        leases = root.hgetall(settings.keys.worker_leases("probe"))
         reclaim_ms = settings.reclaim_after * 1000
         return sum(k.endswith(b"|expires") and int(v) > lifted_ms + reclaim_ms for k, v in leases.items())
 

@@ -435,7 +435,7 @@ def test_graph_draws_subscriptions_when_a_broker_answers(settings: Settings, tmp
     (tmp_path / "ship.yaml").write_text(FLOW)
     registry = Registry(settings)
     registry.register_subscription("ops", "ops.page", {"event": "task.failed", "where": None})
-    registry.list_subscriber("ops")
+    registry.add_to_roster("ops")
     drawn = cli(settings, "graph", str(tmp_path / "ship.yaml"), "--format", "mermaid")
     assert drawn.returncode == 0 and 'ship -.->|"task.failed (any task)"| sub_ops_page' in drawn.stdout
     began = time.monotonic()

@@ -284,7 +284,7 @@ class Client:
             subs, _ = self.registry.choreography()
             if name not in subs:
                 raise InvalidInput(f"no subscription named {name!r} (phibroker subs lists them)")
-            now, leases = self.broker.leases(self.settings.keys.agents)
+            now, leases = self.broker.worker_leases()
             serving = sorted(
                 worker
                 for worker, info in leases.items()
@@ -466,7 +466,7 @@ class Client:
     def live_agents(self) -> set[str]:
         """The agents that have at least one worker whose lease has not lapsed (by Redis's clock)."""
         with reaching(self.settings):
-            now, leases = self.broker.leases(self.settings.keys.agents)
+            now, leases = self.broker.worker_leases()
         return {str(info.get("agent")) for info in leases.values() if lease_alive(info, now)}
 
     def unserved(self, workflow: workflows.Workflow) -> list[dict[str, Any]]:
@@ -475,7 +475,7 @@ class Client:
         agent's live workers and `commands` lists what they serve. Empty while no worker lease is known
         at all: a fleet that starts after the work arrives is no mistake."""
         with reaching(self.settings):
-            now, leases = self.broker.leases(self.settings.keys.agents)
+            now, leases = self.broker.worker_leases()
         if not leases:
             return []
         live = [info for info in leases.values() if lease_alive(info, now) and not info.get("stopping")]

@@ -370,8 +370,8 @@ class Coordinator:
             for result in message.results:
                 ops[result.wf].append(("result", (result, message.agent)))
             return len(message.results)
-        if message.kind == "subscribed":  # signed by that agent where identities are known
-            self._list_subscriber(message.agent or message.body["agent"], entry, stream)
+        if message.kind == "joined":  # signed by that agent where identities are known
+            self._add_to_roster(message.agent or message.body["agent"], entry, stream)
             return 0
         wf_id = message.body.get("wf")
         if not isinstance(wf_id, str):
@@ -656,19 +656,19 @@ class Coordinator:
             return None
         return f"its parent {parent_id}'s task {task} no longer waits for it"
 
-    def _list_subscriber(self, agent: str, entry: Entry, stream: str) -> None:
-        """List an agent with subscriptions, as its signed message asks; dead-lettered, with why, if the
-        name is not an agent's or this coordinator's user may not (users made before coordinators did)."""
+    def _add_to_roster(self, agent: str, entry: Entry, stream: str) -> None:
+        """Put an agent on the roster, as its signed message asks; dead-lettered, with why, if the name is
+        not an agent's or this coordinator's user may not (users made before coordinators wrote it)."""
         reason = None if is_name(agent) else f"not an agent name: {agent[:64]!r}"
         try:
             if reason is None:
-                self.registry.list_subscriber(agent)
+                self.registry.add_to_roster(agent)
         except Exception as exc:
             if not denied(exc):
                 raise
-            reason = "this coordinator's Redis user may not list agents: generate and load the users again"
+            reason = "this coordinator's Redis user may not write the roster: generate and load the users again"
         if reason:
-            log.error("cannot list agent %r as subscribed: %s", agent[:64], reason)
+            log.error("cannot put agent %r on the roster: %s", agent[:64], reason)
             self.broker.dead_letter(reason, entry.raw, stream, entry.id)
 
     def _start_triggered(self, body: dict[str, Any], entry: Entry, stream: str) -> None:
@@ -730,7 +730,7 @@ class Coordinator:
     def _refresh_lag(self) -> None:
         """`phibroker_stream_lag` of each agent it knows of: a live worker's, or one a workflow it
         handled names (an agent with no worker at all is the one whose lag matters most)."""
-        _, leases = self.broker.leases(self.keys.agents)
+        _, leases = self.broker.worker_leases()
         self._agents |= {str(info["agent"]) for info in leases.values() if info.get("agent")}
         for workflow in list(self.cache.specs.values()):
             self._agents |= workflow_agents(workflow)

@@ -62,7 +62,7 @@ SENDERS: Mapping[str, frozenset[str]] = {
     "redispatch": frozenset({COORDINATOR}),
     "child": frozenset({COORDINATOR}),
     "trigger": frozenset({AGENT, COORDINATOR}),
-    "subscribed": frozenset({AGENT}),
+    "joined": frozenset({AGENT}),
 }
 WORKER_KINDS = frozenset(kind for kind, roles in SENDERS.items() if roles == {AGENT})
 # What a `submit` carrying a new run may hold (a reaction's: its worker may not write runs, so the

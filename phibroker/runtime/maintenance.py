@@ -140,7 +140,7 @@ class Maintenance:
     def trim(self) -> None:
         """Keep streams and indexes from growing: drop what every reader has acked, bound the events log
         by age and size, forget expired runs and long-dead workers."""
-        clock, leases = self.broker.leases(self.keys.agents)
+        clock, leases = self.broker.worker_leases()
         agents = {str(info.get("agent")) for info in leases.values() if info.get("agent")}
         streams = [(inbox, COORDINATORS_GROUP) for inbox in self.keys.inboxes]
         for agent in sorted(agents):
@@ -148,10 +148,11 @@ class Maintenance:
         for stream, group in streams:
             self.broker.trim_acked(stream, group, keep=self.settings.stream_maxlen)
         _, coordinators = self.broker.leases(self.keys.coordinators)
-        for table, held in ((self.keys.agents, leases), (self.keys.coordinators, coordinators)):
-            for name, info in held.items():
-                if clock - float(info.get("expires", 0)) > self.settings.dead_worker_memory:
-                    self.broker.drop_lease(table, name)
+        held = [(self.keys.worker_leases(info["agent"]), name, info) for name, info in leases.items()]
+        held += [(self.keys.coordinators, name, info) for name, info in coordinators.items()]
+        for table, name, info in held:
+            if clock - float(info.get("expires", 0)) > self.settings.dead_worker_memory:
+                self.broker.drop_lease(table, name)
         oldest_ms = int((clock - self.settings.events_max_age) * 1000)
         self.broker.trim_events(max(0, oldest_ms), self.settings.events_max_bytes)
         self.forget_expired_runs()
@@ -309,7 +310,7 @@ class Reconciler:
         A run created less than `reclaim_after` ago has no unit dispatched that long ago: its unit table
         (ten thousand fields for a big fan-out) is not read. A unit waiting to retry long past its time
         has its retry timer set again: a failover may have lost it."""
-        clock, leases = self.broker.leases(self.keys.agents)
+        clock, leases = self.broker.worker_leases()
         margin = self.settings.reclaim_after
         wf_ids = [wf_id for wf_id, created in rows if not clock - margin < created <= clock]
         if not wf_ids:

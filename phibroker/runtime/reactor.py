@@ -77,12 +77,6 @@ class Reactor:
         """Record the agent's subscriptions and create their streams' groups: the worker reads them from now on."""
         streams = register_subscriptions(self.registry, self.agent.name, self.agent.subscriptions)
         self.streams = dict(zip(streams, self.agent.subscriptions, strict=True))
-        if not streams:
-            return
-        if self.settings.agent_secret:  # a signing agent (its generated user may not list it): they do
-            self.broker.send_to_coordinators(wire.Inbox(kind="subscribed", body={"agent": self.agent.name}))
-        else:
-            self.registry.list_subscriber(self.agent.name)
 
     def accept_reaction(self, stream: str, entry: Entry) -> None:
         key = (stream, entry.id)  # entry ids repeat across streams: a reaction is its stream and its id

@@ -82,7 +82,7 @@ class Reclaimer:
         # the leases of the workers that hold this agent's entries, not the whole fleet's: the look grows
         # with them, not with every worker of every agent
         others = sorted({p["consumer"] for rows in pendings.values() for p in rows} - {self.consumer})
-        clock, leases = self.broker.leases(self.keys.agents, others) if others else (0.0, {})
+        clock, leases = self.broker.leases_of(others) if others else (0.0, {})
         claimed = 0
         for stream, pending in pendings.items():
             if stream in self.lanes and any(
@@ -100,7 +100,7 @@ class Reclaimer:
                 if len(pending) < 1000:  # we saw all of its pending entries: forgetting it loses none
                     self.broker.drop_consumer(stream, WORKERS_GROUP, consumer)
                     if stream == self.stream:
-                        self.broker.drop_lease(self.keys.agents, consumer)
+                        self.broker.drop_lease(self.keys.worker_leases(self.agent.name), consumer)
         return claimed
 
     def _take_over(self, stream: str, consumer: str, rows: list[dict[str, Any]]) -> int:
@@ -145,7 +145,7 @@ class Reclaimer:
         foreign = [item for item in batch if item.message.command not in self.agent.commands and not item.lost]
         if not foreign:
             return batch
-        clock, leases = self.broker.leases(self.keys.agents)
+        clock, leases = self.broker.worker_leases([self.agent.name])
         handed = set()
         for item in foreign:
             able = [name for name in leases if self._serves(leases[name], name, item, clock)]

@@ -24,7 +24,7 @@ from typing import Any
 from phibroker import wire
 from phibroker.engine import records
 from phibroker.errors import DecodeError, InvalidInput, PhibrokerError
-from phibroker.keys import WORKERS_GROUP
+from phibroker.keys import WORKERS_GROUP, consumer_name
 from phibroker.runtime.agent import Agent, Context, failure
 from phibroker.runtime.cancels import Cancels
 from phibroker.runtime.events import Router
@@ -92,7 +92,7 @@ class Worker:
         self.lanes = (self.stream, self.bulk)
         if len(agent.name.encode()) > MAX_AGENT_NAME:  # its consumer name must fit what START takes (256 bytes)
             raise InvalidInput(f"agent name {agent.name[:40]!r}... is longer than {MAX_AGENT_NAME} bytes")
-        self.consumer = f"{agent.name}@{socket.gethostname()[:64]}:{os.getpid()}:{wire.short_id()[:6]}"
+        self.consumer = consumer_name(agent.name, socket.gethostname(), os.getpid(), wire.short_id()[:6])
         self.concurrency = max(1, concurrency)
         self.stopping = threading.Event()
         self.slots = Slots(self.concurrency, self.stopping)
@@ -185,11 +185,21 @@ class Worker:
                     self.broker.ensure_group(lane, WORKERS_GROUP)
                 self.renew_lease()
                 self.reactor.register()
+                self._join()
                 return
             except CONNECTION_ERRORS as exc:
                 log.warning("cannot register yet (%s); retrying in %.1fs", exc, backoff)
                 self.stopping.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
+
+    def _join(self) -> None:
+        """Put the agent on the roster, where the coordinators and the views find its leases and
+        subscriptions. A signing agent (whose generated user may not write the roster) asks the
+        coordinators; an agent that signs nothing writes it itself."""
+        if self.settings.agent_secret:
+            self.broker.send_to_coordinators(wire.Inbox(kind="joined", body={"agent": self.agent.name}))
+        else:
+            self.registry.add_to_roster(self.agent.name)
 
     def stop(self) -> None:
         """Stop reading; running handlers get `stop_grace` seconds to finish."""
@@ -383,7 +393,9 @@ class Worker:
             "dispatches_more": len(held) > LEASE_DISPATCHES,
         }
         began = time.monotonic()
-        self.broker.renew_lease(self.keys.agents, self.consumer, self.settings.reclaim_after, info)
+        self.broker.renew_lease(
+            self.keys.worker_leases(self.agent.name), self.consumer, self.settings.reclaim_after, info
+        )
         self.ownership.renewed(began)
 
     def _check_restart(self) -> None:
@@ -473,7 +485,7 @@ class Worker:
             if clean:  # nothing of ours is pending: leave no consumer behind in the groups
                 for stream in [*self.lanes, *self.reactor.streams]:
                     self.broker.drop_consumer_if_idle(stream, WORKERS_GROUP, self.consumer)
-            self.broker.drop_lease(self.keys.agents, self.consumer)
+            self.broker.drop_lease(self.keys.worker_leases(self.agent.name), self.consumer)
         except CONNECTION_ERRORS:
             pass
         if clean:

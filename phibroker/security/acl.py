@@ -33,7 +33,8 @@ the unit's dispatch and the run's end in the tasks hash, which it does not decla
 keys need write permission). Coordinators read a unit's mark only from its own agent's hash, and a
 reaction's run goes to them as a signed `submit` carrying its fields. What ACLs cannot do: tell a
 script's writes from direct ones (an agent allowed to run START may also HSET its own marks directly),
-or limit a hash to some fields (an agent's lease lives in the shared `NS:agents` hash). Forged outcomes
+or limit a hash to some fields, so each agent's workers' leases are a hash of their own
+(`NS:{agents}:AGENT`), read only by the worker name's agent. Forged outcomes
 and control messages are stopped by signatures (the identities file), not here.
 """
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterator, Sequence
+import logging
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -48,9 +50,16 @@ from phibroker import wire
 from phibroker.engine import state
 from phibroker.engine.state import PACKED, number, unpack_group
 from phibroker.errors import BrokerUnavailable, DecodeError
-from phibroker.keys import Keys
+from phibroker.keys import Keys, agent_of
 from phibroker.settings import CLUSTER_SCHEMES, Settings, is_cluster_url
 from phibroker.store import scripts
+
+log = logging.getLogger("phibroker.store")
+# The agents a look reads from the roster: the coordinators write it, so a real one is far smaller.
+MAX_AGENTS = 1000
+# Fields of one agent's lease hash (two a worker) past which a look skips it: only that agent's own
+# workers can fill it so, and the look stays bounded.
+MAX_LEASE_FIELDS = 4096
 
 
 class Refused(RedisConnectionError):
@@ -442,19 +451,66 @@ def entries_of(reply: Any) -> list[tuple[str, Entry]]:
     ]
 
 
+# What a worker's lease says beside its expiry, and of what type. Its agent writes it: a reader takes
+# these fields only, each of its type, so no value there can stop a coordinator or a view.
+WORKER_LEASE: dict[str, type] = {
+    "host": str,
+    "pid": int,
+    "concurrency": int,
+    "in_flight": int,
+    "handled": int,
+    "reclaim_after": float,
+    "stopping": bool,
+    "commands": list,
+    "subscriptions": list,
+    "dispatches": list,
+    "dispatches_more": bool,
+}
+
+
+def worker_lease(agent: str, info: dict[str, Any]) -> dict[str, Any]:
+    """A worker's lease as its agent's hash holds it, with the fields of `WORKER_LEASE` that have their
+    type (lists of text only), its `expires`, and `agent`: the hash's, whatever the info says."""
+    lease: dict[str, Any] = {"agent": agent, "expires": info["expires"]}
+    for field, kind in WORKER_LEASE.items():
+        value = info.get(field)
+        if kind is list and isinstance(value, list):
+            lease[field] = [item for item in value if isinstance(item, str)]
+        elif kind is float and isinstance(value, int | float) and math.isfinite(value):
+            lease[field] = float(value)
+        elif kind is not list and isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):
+            lease[field] = value
+    return lease
+
+
+def roster(client: Any, keys: Keys) -> list[str]:
+    """The agents whose workers have started, by name: the first `MAX_AGENTS`, so a look stays bounded."""
+    agents = sorted(a.decode(errors="replace") for a in client.smembers(keys.roster))
+    if len(agents) > MAX_AGENTS:
+        log.warning("%d agents on the roster; reading the first %d", len(agents), MAX_AGENTS)
+    return agents[:MAX_AGENTS]
+
+
 def parse_leases(raw: dict[bytes, bytes]) -> dict[str, dict[str, Any]]:
-    """A lease table as `leases` returns it: name -> info plus `expires` (seconds)."""
+    """A lease table as `leases` returns it: name -> info plus `expires` (seconds). An agent writes its
+    workers' leases itself: whatever they hold reads as some lease, never as an error."""
     leases: dict[str, dict[str, Any]] = {}
     expiries: dict[str, float] = {}
     for key, value in raw.items():
-        name = key.decode()
+        name = key.decode(errors="replace")
         if name.endswith("|expires"):
-            expiries[name[: -len("|expires")]] = int(value) / 1000
+            try:
+                expires = float(value) / 1000
+            except ValueError:
+                continue
+            if math.isfinite(expires):
+                expiries[name[: -len("|expires")]] = expires
         else:
             try:
-                leases[name] = wire.unpack(value, 1 << 16)
+                info = wire.unpack(value, 1 << 16)
             except DecodeError:
-                leases[name] = {}
+                info = {}
+            leases[name] = info if isinstance(info, dict) else {}
     for name, info in leases.items():
         info["expires"] = expiries.get(name, 0.0)
     return leases
@@ -769,15 +825,66 @@ class Connection:
     def drop_lease(self, table: str, name: str) -> None:
         self.redis.hdel(table, name, f"{name}|expires")
 
-    def leases(self, table: str, names: Sequence[str] | None = None) -> tuple[float, dict[str, dict[str, Any]]]:
-        """Redis's clock, and every lease (or those of `names`, of which the missing ones are left out):
-        name -> info plus `expires` (seconds)."""
-        if names is None:
-            clock, (raw,) = self.clocked(table, lambda pipe: pipe.hgetall(table))
-            return clock, parse_leases(raw)
-        fields = [field for name in names for field in (name, f"{name}|expires")]
-        clock, (values,) = self.clocked(table, lambda pipe: pipe.hmget(table, fields))
-        return clock, parse_leases({f.encode(): v for f, v in zip(fields, values, strict=True) if v is not None})
+    def leases(self, table: str) -> tuple[float, dict[str, dict[str, Any]]]:
+        """Redis's clock, and every lease of the table: name -> info plus `expires` (seconds)."""
+        clock, (raw,) = self.clocked(table, lambda pipe: pipe.hgetall(table))
+        return clock, parse_leases(raw)
+
+    def worker_leases(self, agents: Iterable[str] | None = None) -> tuple[float, dict[str, dict[str, Any]]]:
+        """Redis's clock and the leases of `agents`' workers (of every agent on the roster by default):
+        worker -> info plus `expires`. A lease counts only in the hash of the agent its name says it
+        serves, and that is its `agent`, whatever its info says. A hash its own workers filled past any
+        fleet's size is skipped, so a look stays bounded."""
+        names = self.roster() if agents is None else sorted(set(agents))
+        tables = [self.keys.worker_leases(agent) for agent in names]
+
+        def sizes(pipe: Any) -> None:
+            for table in tables:
+                pipe.hlen(table)
+
+        clock, counts = self.clocked(self.keys.worker_leases(""), sizes)
+        readable = [
+            (agent, table) for agent, table, n in zip(names, tables, counts, strict=True) if n <= MAX_LEASE_FIELDS
+        ]
+        if len(readable) < len(names):
+            log.warning(
+                "%d agents' lease hashes hold more than %d fields; skipped",
+                len(names) - len(readable),
+                MAX_LEASE_FIELDS,
+            )
+        pipe = self.redis.pipeline(transaction=False)
+        for _, table in readable:
+            pipe.hgetall(table)
+        leases: dict[str, dict[str, Any]] = {}
+        for (agent, _), raw in zip(readable, pipe.execute() if readable else (), strict=True):
+            leases.update(
+                {name: worker_lease(agent, info) for name, info in parse_leases(raw).items() if agent_of(name) == agent}
+            )
+        return clock, leases
+
+    def leases_of(self, workers: Sequence[str]) -> tuple[float, dict[str, dict[str, Any]]]:
+        """Redis's clock and the leases of these workers (those missing left out), each read from the hash
+        of the agent its name says it serves."""
+        by_agent: dict[str, list[str]] = {}
+        for worker in workers:
+            by_agent.setdefault(agent_of(worker), []).extend((worker, f"{worker}|expires"))
+
+        def build(pipe: Any) -> None:
+            for agent, fields in by_agent.items():
+                pipe.hmget(self.keys.worker_leases(agent), fields)
+
+        clock, replies = self.clocked(self.keys.worker_leases(""), build)
+        found = {
+            f.encode(): v
+            for fields, values in zip(by_agent.values(), replies, strict=True)
+            for f, v in zip(fields, values, strict=True)
+            if v is not None
+        }
+        return clock, {name: worker_lease(agent_of(name), info) for name, info in parse_leases(found).items()}
+
+    def roster(self) -> list[str]:
+        """The agents whose workers have started, by name (the first `MAX_AGENTS`)."""
+        return roster(self.redis, self.keys)
 
     def submit_workflow(self, wf_id: str, fields: dict[str, Any], sign: bool = True) -> bool:
         """Write a new workflow, index it and tell the coordinators, in one round trip, all or nothing

@@ -109,7 +109,8 @@ def access(keys: Keys) -> list[Grant]:
         # made before its first dispatch; trimming what workers acked (`trim_acked`), and finding the
         # tasks nobody holds (`lane`, `entries`: which dispatches are pending or unread).
         Grant(("evalsha", "xgroup|create", "xlen", "xinfo|groups", "xpending", "xtrim", "xrange"), lanes),
-        Grant(("hgetall", "hdel"), (f"~{keys.agents}",)),  # forgetting long-dead workers
+        # the workers' leases read, and long-dead workers' forgotten
+        Grant(("hlen", "hgetall", "hdel"), (f"~{keys.worker_leases('*')}",)),
         Grant(("set", "get"), (f"~{keys.applied('*', '*')}",)),  # the control messages applied, until they expire
         # the log's age and size bounds
         Grant(("xtrim", "memory|usage", "xlen"), tuple(f"%W~{log}" for log in keys.event_logs)),

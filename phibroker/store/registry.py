@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from typing import Any
 
 from redis.exceptions import ResponseError
@@ -11,27 +10,25 @@ from redis.exceptions import ResponseError
 from phibroker.errors import BrokerUnavailable
 from phibroker.grants import Grant
 from phibroker.keys import WORKERS_GROUP, Keys
-from phibroker.store.connection import CONNECTION_ERRORS, Connection, connect
+from phibroker.store.connection import CONNECTION_ERRORS, Connection, connect, roster
 
-log = logging.getLogger("phibroker.registry")
-MAX_SUBSCRIBERS = 1000
 MAX_SUBSCRIPTION_BYTES = 16 * 1024  # a name's event and `where` (1,000 characters at most), and a little more
 
 
 def access(keys: Keys, agent: str | None = None) -> list[Grant]:
     """What an agent's workers send the registries: they register their subscriptions in their own hash
     and read the routes (subscriptions, triggers) of the events they publish. Without `agent`, the
-    coordinators': they list the agents with subscriptions (an agent may not: junk names would hide
-    the others), read the routes, a trigger they start and the trust list. Clients and the views read
-    them as they read the rest (store/views.py)."""
-    every_sub = (f"%R~{keys.subscribers}", f"%R~{keys.subs_of('*')}")
+    coordinators': they write the roster (an agent may not: junk names would hide the others), read
+    the routes, a trigger they start and the trust list. Clients and the views read them as they read
+    the rest (store/views.py)."""
+    every_sub = (f"%R~{keys.roster}", f"%R~{keys.subs_of('*')}")
     if agent is not None:
         return [
             Grant(("hset",), (f"~{keys.subs_of(agent)}",)),
             Grant(("smembers", "hgetall"), (*every_sub, f"%R~{keys.triggers}")),
         ]
     return [
-        Grant(("sadd",), (f"%W~{keys.subscribers}",)),
+        Grant(("sadd",), (f"%W~{keys.roster}",)),
         Grant(("hget", "hgetall", "smembers"), (*every_sub, f"%R~{keys.triggers}", f"%R~{keys.trusted_keys}")),
     ]
 
@@ -61,17 +58,17 @@ class Registry(Connection):
         return {k.decode(): json.loads(v) for k, v in self.redis.hgetall(self.keys.triggers).items()}
 
     def register_subscription(self, agent: str, name: str, info: dict[str, Any]) -> None:
-        """Into the agent's own hash; routers find it once the agent is listed (`list_subscriber`)."""
+        """Into the agent's own hash; routers find it once the agent is on the roster (`add_to_roster`)."""
         self.redis.hset(self.keys.subs_of(agent), name, json.dumps(info))
 
-    def list_subscriber(self, agent: str) -> None:
-        """List an agent among those with subscriptions, where every router looks: a coordinator does,
-        as the agent's signed message asks, or the agent's own worker where agents sign nothing."""
-        self.redis.sadd(self.keys.subscribers, agent)
+    def add_to_roster(self, agent: str) -> None:
+        """Put an agent on the roster, where every router and view looks: a coordinator does, as the
+        agent's signed message asks, or the agent's own worker where agents sign nothing."""
+        self.redis.sadd(self.keys.roster, agent)
 
     def remove_subscription(self, name: str) -> bool:
         """Forget a subscription, with its stream (the events queued for it) and the ids it has seen."""
-        agents = [a.decode() for a in self.redis.smembers(self.keys.subscribers)]
+        agents = self.roster()
         pipe = self.redis.pipeline(transaction=False)
         for agent in agents:
             pipe.hdel(self.keys.subs_of(agent), name)
@@ -134,11 +131,8 @@ class Registry(Connection):
 
 def subscriptions(client: Any, keys: Keys) -> list[tuple[str, dict[str, Any]]]:
     """Every agent's subscription entries, (name, info), each info's `agent` the one whose hash holds it
-    (whatever the entry says). Two round trips: the agents, then their hashes."""
-    agents = sorted(a.decode(errors="replace") for a in client.smembers(keys.subscribers))
-    if len(agents) > MAX_SUBSCRIBERS:  # the coordinators list agents: a look costs no more than this
-        log.warning("%d agents with subscriptions listed; reading the first %d", len(agents), MAX_SUBSCRIBERS)
-        agents = agents[:MAX_SUBSCRIBERS]
+    (whatever the entry says). Two round trips: the roster, then its agents' hashes."""
+    agents = roster(client, keys)
     pipe = client.pipeline(transaction=False)
     for agent in agents:
         pipe.hgetall(keys.subs_of(agent))

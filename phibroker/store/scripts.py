@@ -209,9 +209,16 @@ table.insert(due, 1, tonumber(now[1]) * 1000000 + tonumber(now[2]))
 return due
 """
 
-# Renew a lease on Redis's clock: `NAME|expires` is when the holder is presumed dead.
+# Renew a lease on Redis's clock: `NAME|expires` is when the holder is presumed dead. An agent's user may
+# call it with any arguments on its own hash: what it writes stays the size of a fleet's leases.
 # KEYS: leases hash   ARGV: name, ttl ms, info blob   Returns: now ms
 LEASE = """
+if #ARGV[1] > 512 or #ARGV[3] > 65536 then
+  return redis.error_reply('ERR a lease name of at most 512 bytes, its info at most 64 KiB')
+end
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 and redis.call('HLEN', KEYS[1]) >= 4000 then
+  return redis.error_reply('ERR 2000 leases in this hash already')
+end
 local now = redis.call('TIME')
 local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3], ARGV[1] .. '|expires', ms + tonumber(ARGV[2]))

@@ -69,27 +69,26 @@ class Views:
         self.settings = broker.settings
 
     def overview(self, events: int, running: int, approvals: int) -> dict[str, Any]:
-        """In one round trip: Redis's clock, worker and coordinator leases, the newest `events` entries of
+        """Redis's clock and the worker leases (three round trips: the roster, the sizes of its agents'
+        lease hashes, the hashes); in one more, the coordinator leases, the newest `events` entries of
         the log (oldest event first), the newest running workflows, and up to `approvals` open approvals
         with the counts of both; then the subscriptions (two more)."""
         keys = self.keys
-
-        def build(pipe: Any) -> None:
-            pipe.hgetall(keys.agents)
-            pipe.hgetall(keys.coordinators)
-            for log in keys.event_logs:
-                pipe.xrevrange(log, count=max(1, events))
-            pipe.zrevrange(keys.running, 0, max(1, running) - 1)
-            pipe.zcard(keys.running)
-            pipe.hrandfield(keys.approvals, max(1, approvals), withvalues=True)
-            pipe.hlen(keys.approvals)
-
-        now, replies = self.broker.clocked(keys.agents, build)  # the clock that stamped the leases
+        now, workers = self.broker.worker_leases()
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(keys.coordinators)
+        for stream in keys.event_logs:
+            pipe.xrevrange(stream, count=max(1, events))
+        pipe.zrevrange(keys.running, 0, max(1, running) - 1)
+        pipe.zcard(keys.running)
+        pipe.hrandfield(keys.approvals, max(1, approvals), withvalues=True)
+        pipe.hlen(keys.approvals)
+        replies = pipe.execute()
         logs = len(keys.event_logs)
-        agents, coordinators = replies[:2]
-        ids, n_running, sample, n_approvals = replies[2 + logs :]
+        coordinators = replies[0]
+        ids, n_running, sample, n_approvals = replies[1 + logs :]
         log: list[dict[str, Any]] = []
-        for _, fields in newest(replies[2 : 2 + logs], events):
+        for _, fields in newest(replies[1 : 1 + logs], events):
             try:
                 log += wire.decode_events(fields[wire.FIELD], self.settings.max_message_bytes * 4)
             except (DecodeError, KeyError):
@@ -97,7 +96,7 @@ class Views:
         limit = self.settings.max_message_bytes
         return {
             "now": now,
-            "agents": parse_leases(agents),
+            "agents": workers,
             "coordinators": parse_leases(coordinators),
             "subs": by_name(subscriptions(self.redis, keys)),
             "events": log,

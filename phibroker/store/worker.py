@@ -166,8 +166,10 @@ def access(keys: Keys, agent: str, subscriptions: Iterable[str] = ()) -> list[Gr
                 f"%W~{keys.sub('*')}",
             ),
         ),
-        # leases: LEASE, reclaim's look (the holders of pending entries), hand_over's (every one)
-        Grant(("evalsha", "hset", "hgetall", "hmget", "hdel"), (f"~{keys.agents}",)),
+        # leases: LEASE and a stop's drop, in the agent's own hash only; reclaim's look at the holders of
+        # pending entries (a subscription's stream may be another agent's too) and hand_over's
+        Grant(("evalsha", "hexists", "hlen", "hset", "hdel"), (f"~{keys.worker_leases(agent)}",)),
+        Grant(("hlen", "hgetall", "hmget"), (f"%R~{keys.worker_leases('*')}",)),
         *registry.access(keys, agent),
     ]
 

@@ -258,7 +258,7 @@ class DevServer:
                 self._check_stop()
                 try:
                     leases = [*self.client.broker.leases(keys.coordinators)[1].values()]
-                    leases += self.client.broker.leases(keys.agents)[1].values()
+                    leases += self.client.broker.worker_leases()[1].values()
                 except CONNECTION_ERRORS as exc:
                     raise BrokerUnavailable(f"lost Redis at {self.settings.shown_url}: {exc}") from None
                 if pids <= {lease.get("pid") for lease in leases}:

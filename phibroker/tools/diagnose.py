@@ -54,7 +54,7 @@ def agents(settings: Settings) -> list[dict[str, Any]]:
     broker = ClientStore(settings)
     try:
         with reaching(settings):
-            now, leases = broker.leases(settings.keys.agents)
+            now, leases = broker.worker_leases()
     finally:
         broker.close()
     return worker_rows(now, leases)
@@ -115,7 +115,7 @@ def read_facts(broker: ClientStore, wf_id: str) -> Facts:
     facts = Facts(wf_id, now, meta, plan_of(meta["spec"], meta.get("children")), units)
     if meta.get("state") in WF_TERMINAL:
         return facts
-    _, facts.workers = broker.leases(broker.keys.agents)
+    _, facts.workers = broker.worker_leases()
     _, coordinators = broker.leases(broker.keys.coordinators)
     facts.coordinators = sum(1 for c in coordinators.values() if c["expires"] > now)
     live = live_units(facts)

@@ -117,7 +117,7 @@ def _worker_rows(site: Site) -> list[dict[str, Any]]:
     """What `diagnose.agents` reads, on the page's own connection: a connection per request would, on
     a Redis Cluster, ask the nodes for the cluster's layout at every poll of the agents page."""
     with reaching(site.settings):
-        now, leases = site.client.broker.leases(site.settings.keys.agents)
+        now, leases = site.client.broker.worker_leases()
     return diagnose.worker_rows(now, leases)
 
 
