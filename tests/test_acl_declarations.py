@@ -62,6 +62,7 @@ RENAMED = {
     "xgroup_create": "xgroup|create",
     "xgroup_delconsumer": "xgroup|delconsumer",
     "memory_usage": "memory|usage",
+    "evalsha_ro": "evalsha_ro",
     "script_load": "script|load",
     "script_exists": "script|exists",
 }
@@ -86,7 +87,8 @@ class Use:
 
 
 def lua_commands(source: str) -> list[str]:
-    return sorted({name.lower() for name in re.findall(r"redis\.call\('([A-Za-z]+)'", source)})
+    calls = re.findall(r"redis\.call\('([A-Za-z]+)'(?:, '([A-Za-z]+)')?", source)
+    return sorted({f"{name}|{sub}".lower() if name.lower() in CONTAINERS else name.lower() for name, sub in calls})
 
 
 def script_in(call: ast.Call) -> str | None:
@@ -165,10 +167,10 @@ def uses_in(function: ast.FunctionDef, where: str) -> Iterator[Use]:
             yield from (Use("multi", (), at), Use("exec", (), at))
         command, script = sent(call), script_in(call)
         if script is not None:
-            args = call.args[2:] if command == "evalsha" else call.args[1:2]
+            args = call.args[2:] if command in ("evalsha", "evalsha_ro") else call.args[1:2]
             named = [samples(arg, env) for arg in args]
             keys = tuple(k for n in named if n for k in n) or None
-            yield Use("evalsha", keys, at)
+            yield Use(command or "evalsha", keys, at)
             yield from (Use(c, keys, f"{at} (Lua)", one_of=True) for c in lua_commands(script))
         elif command is not None:
             first = samples(call.args[0], env) if call.args and command not in CHANNELS | {"xreadgroup"} else None

@@ -173,6 +173,31 @@ def test_garbage_in_an_agents_own_marks_is_read_alike_by_lua_and_python(
     assert worker.append_output(wf_id, [("event", b"e")], limit=0)[0] == 1  # events always go
 
 
+def test_marks_and_lost_attempts_too_big_to_be_ones_are_not_fetched_and_a_commit_clears_them(
+    settings: Settings, client: Client, dispatched: Dispatched
+) -> None:
+    """An agent's workers may fill their own keys of a run: a mark of megabytes, more lost attempts
+    than a commit moves, or few that take megabytes. A coordinator's or a view's read of the run
+    fetches none of it (a mark too long is none, a list too big holds no attempt), and the next commit
+    trims the whole list."""
+    coordinator, worker, wf_id, start = dispatched
+    store, redis, keys = coordinator.broker, worker.redis, settings.keys
+    unit, dispatch, entry, _ = start
+    marks, lost = keys.wf_marks(wf_id, "probe"), keys.wf_lost(wf_id, "probe")
+    redis.hset(marks, unit, b"\x1f".join([dispatch.encode(), b"1", b"1.0", entry.encode(), b"w" * 4_000_000]))
+    about_a = b"A\x1f" + records.attempt("A", 1, "w1", None, None, 0.0, "lost: worker w1 stopped", False)
+    for many in ([about_a] * 1001, [about_a, b"A\x1f" + b"x" * 5_000_000]):
+        redis.delete(lost)
+        redis.rpush(lost, *many)
+        ((meta, units, _, found),) = store.load_runs([wf_id])
+        assert found == {"probe": (len(many), [])} and not units["A"].get("token"), (found, units["A"])
+        assert client.status(wf_id)["tasks"]["A"]["history"] == []
+        moved = guarded(0, dispatch)
+        moved.lost_moved = {"probe": len(many)}
+        assert store.commit([(wf_id, meta["version"], moved)]) == [meta["version"] + 1]
+        assert redis.llen(lost) == 0
+
+
 def test_a_mark_of_the_dispatch_id_alone_or_of_a_reclaim_is_read_whole() -> None:
     """A mark cut short (the dispatch id alone, which any agent may read) is no start (token 0, as the
     commit's guard reads it), and a reclaim's token tells the attempt and the reclaims, whatever else

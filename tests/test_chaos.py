@@ -289,7 +289,11 @@ def test_chaos_mixed(aof_server: RedisServer, redis_server: RedisServer, tmp_pat
     try:
         mayhem.start()
         until(
-            lambda: broker.hlen(settings.keys.worker_leases("probe")) >= WORKERS and broker.hlen(settings.keys.coordinators) >= 3, procs
+            lambda: (
+                broker.hlen(settings.keys.worker_leases("probe")) >= WORKERS
+                and broker.hlen(settings.keys.coordinators) >= 3
+            ),
+            procs,
         )
         with Client(settings) as client:
             ids = [client.submit(check(spec)) for spec, _ in runs]

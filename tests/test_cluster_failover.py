@@ -130,8 +130,7 @@ def test_runs_survive_two_masters_failing_over(
             keys = settings.keys
             until(
                 lambda: (
-                    len(client.broker.leases(keys.coordinators)[1]) >= 2
-                    and len(client.broker.worker_leases()[1]) >= 2
+                    len(client.broker.leases(keys.coordinators)[1]) >= 2 and len(client.broker.worker_leases()[1]) >= 2
                 ),
                 procs,
                 timeout=60,

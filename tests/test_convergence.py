@@ -59,7 +59,9 @@ def test_runs_end_after_redis_loses_its_last_writes(aof_server: RedisServer, tmp
         for _ in range(2):
             procs.worker("probe", app="tests.apps.probe", concurrency=4)
         r = redis.Redis.from_url(settings.redis_url)
-        until(lambda: r.hlen(settings.keys.worker_leases("probe")) >= 4 and r.hlen(settings.keys.coordinators) >= 4, procs)
+        until(
+            lambda: r.hlen(settings.keys.worker_leases("probe")) >= 4 and r.hlen(settings.keys.coordinators) >= 4, procs
+        )
         with Client(settings) as client:
             tail = aof_tail(aof_server.directory)
             sizes: list[tuple[float, int]] = []
@@ -106,6 +108,34 @@ def test_runs_end_after_redis_loses_its_last_writes(aof_server: RedisServer, tmp
     for status in statuses:
         for name, task in status["tasks"].items():
             assert task["state"] == "succeeded", (status["id"], name, task)
+
+
+def test_a_run_the_running_index_lost_to_a_restart_still_ends(aof_server: RedisServer, tmp_path: Path) -> None:
+    """What a restart from an older AOF once left: a run's last commit was cut, but the coordinator's
+    removal of the run from the running index, retried by the client onto the restarted Redis, was
+    not, so the reconciler never looked at it again; its task's entry is gone too. A coordinator that
+    sees Redis restart walks the runs and puts such a run back in the index: it ends."""
+    settings = short_settings(aof_server.url, tmp_path / "home", prefix="reindex")
+    procs = _processes(settings, tmp_path)
+    path = tmp_path / "one.yaml"
+    path.write_text(yaml.safe_dump({"name": "one", "tasks": {"only": {"agent": "probe", "command": "noop"}}}))
+    r = redis.Redis.from_url(settings.redis_url)
+    keys, stream = settings.keys, settings.keys.agent_tasks("probe")
+    try:
+        procs.coordinator(**FAST)
+        with Client(settings) as client:
+            wf_id = client.submit(path)
+            until(lambda: r.exists(stream) and r.xlen(stream) >= 1, procs)
+            for entry_id, _ in r.xrange(stream):
+                r.xdel(stream, entry_id)
+            r.zrem(keys.running, wf_id)
+            aof_server.stop()  # a clean stop: the AOF keeps all of the above; the coordinator sees a new run id
+            aof_server.start()
+            procs.worker("probe", app="tests.apps.probe", concurrency=2)
+            status = client.wait(wf_id, timeout=60)
+    finally:
+        procs.close()
+    assert status["state"] == "succeeded", (status, procs.output())
 
 
 def test_a_paused_worker_neither_acks_nor_starts_what_another_claimed(

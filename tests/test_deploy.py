@@ -530,7 +530,9 @@ def watch_denials(keys: Keys, watch: redis.Redis, agent: str) -> dict[str, Calla
     return {
         "XADD": lambda: watch.xadd(keys.event_logs[0], {"m": b"x"}),
         "HSET": lambda: watch.hset(keys.wf("wf-1"), "state", "cancelled"),
-        "EVALSHA of a write script": lambda: watch.evalsha(sha(scripts.LEASE), 1, keys.worker_leases("webc"), "me", 1000, "x"),
+        "EVALSHA of a write script": lambda: watch.evalsha(
+            sha(scripts.LEASE), 1, keys.worker_leases("webc"), "me", 1000, "x"
+        ),
         "SCRIPT LOAD": lambda: watch.script_load(scripts.LEASE),
         "XREADGROUP (it moves the group)": lambda: watch.xreadgroup(WORKERS_GROUP, "w", {stream: ">"}),
         "XACK": lambda: watch.xack(stream, WORKERS_GROUP, "0-1"),

@@ -60,7 +60,13 @@ def test_three_coordinators_publish_and_dispatch_each_thing_once(
         procs.coordinator()
     for _ in range(WORKERS):
         procs.worker("probe", app="tests.apps.probe", concurrency=8, **env)
-    until(lambda: r.hlen(settings.keys.coordinators) >= COORDINATORS and r.hlen(settings.keys.worker_leases("probe")) >= WORKERS, procs)
+    until(
+        lambda: (
+            r.hlen(settings.keys.coordinators) >= COORDINATORS
+            and r.hlen(settings.keys.worker_leases("probe")) >= WORKERS
+        ),
+        procs,
+    )
     shapes = [chain(), fan_out()]
     with Client(settings) as client:
         began = time.monotonic()

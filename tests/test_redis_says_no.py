@@ -187,6 +187,8 @@ def test_a_runaway_script_stops_nobody(
     procs.coordinator()
     for _ in range(2):
         procs.worker("probe", app="tests.apps.probe", concurrency=4)
+    # both running before the script: a process that starts while Redis is busy exits, saying so
+    until(lambda: root.hlen(client.settings.keys.worker_leases("probe")) >= 4, procs)
     runs = [client.submit(fan_out(tmp_path, width=100, sleep=0.2))]
     until(lambda: succeeded(client, runs) >= 8, procs, timeout=60)
     assert not ended(client, runs)  # the script meets the run in the middle

@@ -52,6 +52,9 @@ GROUP_OF = {attribute: group for group, attributes in PACKED.items() for attribu
 # by whom. The attempt and the reclaims follow from the token, and the dispatch's in the tasks hash.
 MARK = ("dispatch", "token", "started", "entry", "worker")
 MARK_BYTES = 512  # a longer mark is none (its agent's workers may write anything there), as the scripts read it
+# The lost attempts a commit moves at most, and the bytes each may take: a list past these reads as none.
+LOST_RECORDS = 1000
+LOST_RECORD_BYTES = 4096
 
 
 def mark_text(raw: bytes | None) -> str:
@@ -116,7 +119,7 @@ def marked(units: Mapping[str, Mapping[str, Any]]) -> dict[str, list[str]]:
     return out
 
 
-def own_lost(units: Mapping[str, Mapping[str, Any]], agent: str, items: list[bytes], limit: int) -> list[bytes]:
+def own_lost(units: Mapping[str, Mapping[str, Any]], agent: str, items: list[bytes]) -> list[bytes]:
     """History records of the lost attempts an agent's workers wrote (`unit \x1f record`, see
     scripts.START): those about the agent's own units, each written again from what it says of that
     unit, so a record a worker made up can neither name another unit nor hold what `status` cannot show."""
@@ -127,7 +130,7 @@ def own_lost(units: Mapping[str, Mapping[str, Any]], agent: str, items: list[byt
         if not sep or units.get(unit, {}).get("agent") != agent:
             continue
         try:
-            record = wire.unpack(raw, limit)
+            record = wire.unpack(raw, LOST_RECORD_BYTES)
         except DecodeError:
             continue
         if not isinstance(record, dict) or record.get("unit") != unit:

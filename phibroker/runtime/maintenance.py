@@ -63,8 +63,9 @@ class Maintenance:
         self.reconciler = Reconciler(settings, broker, workflow)
         self.restarted = restarted  # Redis restarted: what the coordinator holds in memory may be ahead of it
         self._run_id: str | None = None
-        # on a cluster, after a failover and once at start: where the walk of the `workflows` index is
-        self._reindex: int | None = 0 if broker.cluster else None
+        # after Redis restarted (a failover, older data) and once at start: where the walk of the
+        # `workflows` index is
+        self._reindex: int | None = 0
         self.shards: tuple[int, ...] = tuple(range(len(self.keys.inbox_shards)))  # the inbox shards it reads
 
     def tick(self) -> None:
@@ -120,19 +121,20 @@ class Maintenance:
             log.warning("Redis restarted (run id %s); reading every run afresh", run_id[:8])
             self.broker.load_scripts()  # workers and clients may not load them: on a cluster, a promoted
             self.restarted()  # replica has none (SCRIPT LOAD is not replicated)
-            self._reindex = 0 if self.broker.cluster else None
+            self._reindex = 0
         self._run_id = run_id or self._run_id
 
     def reindex(self, page: int = 1000, pages: int = 1) -> None:
-        """After a failover (or once when a coordinator starts on a cluster: no coordinator may have
-        been up to see one), a page a tick: a cluster keeps no order between its masters, so a
-        run's last commit may be lost with one while its removal from the running index, on another,
-        stayed. Such a run, going again, is put back in that index, where the reconciler looks."""
+        """After Redis restarted (or once when a coordinator starts: no coordinator may have been up to
+        see it), a page a tick. A run's last commit may be lost while its removal from the running index
+        stayed: on a cluster, on another master; on one server, when the client's own retry sent the
+        removal again to a Redis that restarted from data older than the commit. Such a run, going again,
+        is put back in that index, where the reconciler looks."""
         for _ in range(pages):
             start = self._reindex or 0
             seen, added = self.broker.index_running_again(start, page)
             if added:
-                log.warning("%d run(s) going again after a failover were not indexed as running; indexed", added)
+                log.warning("%d run(s) going again after a restart were not indexed as running; indexed", added)
             self._reindex = None if seen < page else start + seen
             if self._reindex is None:
                 return

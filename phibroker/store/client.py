@@ -85,7 +85,7 @@ class ClientStore(Connection):
         pipe.hgetall(keys.wf_results(wf_id))
         pipe.lrange(keys.wf_history(wf_id), 0, -1)
         meta, raw, results, history = pipe.execute()
-        (units,), (lost,) = self.read_units([(wf_id, raw)], lost_limit=self.settings.max_message_bytes)
+        (units,), (lost,) = self.read_units([(wf_id, raw)], with_lost=True)
         history += [record for _, records in lost.values() for record in records]  # not moved there yet
         return (
             parse_meta(meta),

@@ -252,6 +252,7 @@ SHAS = {
         scripts.START,
         scripts.CLAIM_TIMERS,
         scripts.LEASE,
+        scripts.READ_OWN,
         scripts.XADD_MANY,
         scripts.OUTPUT,
     )
@@ -575,30 +576,34 @@ class Connection:
         return self.keys.inbox(message.body.get("wf")), {wire.FIELD: raw}
 
     def read_units(
-        self, tables: Sequence[tuple[str, dict[bytes, bytes]]], lost_limit: int = 0
+        self, tables: Sequence[tuple[str, dict[bytes, bytes]]], with_lost: bool = False
     ) -> tuple[list[dict[str, dict[str, Any]]], list[dict[str, tuple[int, list[bytes]]]]]:
         """The units of each run (wf id, its tasks hash as read), with the start marks of its live units
         on them (`state.overlay_marks`): one round trip for the marks of all, none when no unit is live.
-        With `lost_limit` (the bytes a record may take), also the lost attempts of the agents of those
-        units: per run, agent -> (how many were read, up to 1,000, and the records about its own units)."""
+        `with_lost`, also the lost attempts of the agents of those units: per run, agent -> (how many the
+        list held, and the records about its own units). An agent's workers write both: READ_OWN reads
+        what fits and no more."""
         units = [parse_units(raw) for _, raw in tables]
         lost: list[dict[str, tuple[int, list[bytes]]]] = [{} for _ in tables]
         reads = [(n, agent, names) for n, table in enumerate(units) for agent, names in state.marked(table).items()]
         if not reads:
             return units, lost
-        pipe = self.redis.pipeline(transaction=False)
-        for n, agent, names in reads:
-            pipe.hmget(self.keys.wf_marks(tables[n][0], agent), names)
-            if lost_limit:
-                pipe.lrange(self.keys.wf_lost(tables[n][0], agent), 0, 999)
-        replies = iter(pipe.execute())
+
+        def build(pipe: Any) -> None:
+            for n, agent, names in reads:
+                own = [self.keys.wf_marks(tables[n][0], agent), self.keys.wf_lost(tables[n][0], agent)]
+                lost_bytes = state.LOST_RECORDS * state.LOST_RECORD_BYTES if with_lost else 0
+                pipe.evalsha_ro(
+                    SHAS[scripts.READ_OWN], 2, *own, state.MARK_BYTES, state.LOST_RECORDS, lost_bytes, *names
+                )
+
+        replies = iter(self._pipeline(build))
         marks: list[dict[str, dict[str, str]]] = [{} for _ in tables]
         for n, agent, names in reads:
-            found = zip(names, next(replies), strict=True)
-            marks[n][agent] = {unit: state.mark_text(mark) for unit, mark in found}  # none: ""
-            items = next(replies) if lost_limit else []
-            if items:
-                lost[n][agent] = (len(items), state.own_lost(units[n], agent, items, lost_limit))
+            found, items, count = next(replies)
+            marks[n][agent] = {unit: state.mark_text(mark) for unit, mark in zip(names, found, strict=True)}
+            if count:
+                lost[n][agent] = (int(count), state.own_lost(units[n], agent, items))
         for table, by_agent in zip(units, marks, strict=True):
             state.overlay_marks(table, by_agent)
         return units, lost

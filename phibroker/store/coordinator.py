@@ -63,6 +63,7 @@ def access(keys: Keys) -> list[Grant]:
                 "script|load",
                 *CONSUMER,
                 "evalsha",
+                "evalsha_ro",  # READ_OWN
                 "exists",
                 "expire",
                 "persist",  # a retried run keeps its keys again (APPLY), and waiters wait for its next end
@@ -78,7 +79,9 @@ def access(keys: Keys) -> list[Grant]:
                 "hstrlen",  # APPLY reads a worker's mark only if it is short enough to be one
                 "hincrby",
                 "rpush",
-                "lrange",  # workers' lost attempts, read with a run (`load_runs`) and trimmed by APPLY
+                "llen",  # workers' lost attempts, read with a run (`load_runs`, as far as they fit) and
+                "memory|usage",  # trimmed by APPLY
+                "lrange",
                 "ltrim",
                 "zadd",
                 "zrem",
@@ -186,7 +189,7 @@ class CoordinatorStore(Connection):
             pipe.hgetall(self.keys.wf_results(wf_id))
         replies = pipe.execute()
         tables = [(wf_id, replies[3 * n + 1]) for n, wf_id in enumerate(wf_ids)]
-        units, lost = self.read_units(tables, lost_limit=self.settings.max_message_bytes)
+        units, lost = self.read_units(tables, with_lost=True)
         return [(parse_meta(replies[3 * n]), units[n], replies[3 * n + 2], lost[n]) for n in range(len(wf_ids))]
 
     def commit(self, transitions: Sequence[tuple[str, int, Transition]]) -> list[int]:

@@ -225,6 +225,28 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[3], ARGV[1] .. '|expires', ms + tonumb
 return ms
 """
 
+# An agent's own keys of a run, read for a coordinator or a view (read-only: EVALSHA_RO). Its workers
+# write them as they like, so what is read stays bounded: each named unit's mark only if it is short
+# enough to be one, and the lost attempts only if the list is of a size they take. A list past that
+# reads as none, and its count says how many the next commit trims: all of them.
+# KEYS: marks, lost   ARGV: mark limit, lost limit (entries, then bytes of the list; 0: not read), units
+# Returns: {marks (nil: none or too long), lost attempts, how many the list held}
+READ_OWN = """
+local limit = tonumber(ARGV[1])
+local marks = {}
+for i = 4, #ARGV do
+  marks[i - 3] = redis.call('HSTRLEN', KEYS[1], ARGV[i]) <= limit and redis.call('HGET', KEYS[1], ARGV[i])
+end
+local lost, count, bytes = {}, 0, tonumber(ARGV[3])
+if bytes > 0 then
+  count = redis.call('LLEN', KEYS[2])
+  if count > 0 and count <= tonumber(ARGV[2]) and redis.call('MEMORY', 'USAGE', KEYS[2], 'SAMPLES', 0) <= bytes then
+    lost = redis.call('LRANGE', KEYS[2], 0, -1)
+  end
+end
+return {marks, lost, count}
+"""
+
 # Append many entries to one stream in one call: a dispatcher's batch costs one command, not one
 # per message (redis-py spends ~10 µs of Python on each command of a pipeline).
 # KEYS: stream   ARGV: field, then the values   Returns: how many were added

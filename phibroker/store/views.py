@@ -23,6 +23,7 @@ _PARENT_FIELDS = ("parent", "parent_task")  # set on a child run of a `workflow:
 # The read commands the views, a client's reads (store/client.py) and the registry's send: not one
 # writes, by Redis's own flags (tests/test_deploy.py asks it).
 READS = (
+    "evalsha_ro",  # READ_OWN: a run's start marks and lost attempts, as far as they fit
     "hget",
     "hmget",
     "hgetall",
@@ -33,7 +34,9 @@ READS = (
     "zrevrange",
     "zcard",
     "zmscore",
+    "llen",
     "lrange",
+    "memory|usage",
     "xrange",
     "xrevrange",
     "xread",
