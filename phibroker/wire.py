@@ -121,9 +121,10 @@ def _counted(budget: int) -> dict[str, Any]:
     return {"object_hook": count, "list_hook": count}
 
 
-def unpack(raw: bytes, limit: int, containers: int | None = None) -> Any:
+def unpack(raw: bytes, limit: int, containers: int | None = None, items: int | None = None) -> Any:
     """Unpack untrusted bytes: size capped first, no ext types, no timestamps, bounded containers (in
-    size, in nesting, and in number: at most `containers` maps and lists, if given)."""
+    size, at most `items` each if given, in nesting, and in number: at most `containers` maps and
+    lists, if given)."""
     if not raw:
         raise DecodeError(raw, "empty message (no `m` field)")
     if len(raw) > limit:
@@ -139,8 +140,8 @@ def unpack(raw: bytes, limit: int, containers: int | None = None) -> Any:
             strict_map_key=True,
             max_str_len=limit,
             max_bin_len=limit,
-            max_array_len=limit,
-            max_map_len=limit,
+            max_array_len=items or limit,
+            max_map_len=items or limit,
             max_ext_len=0,
             timestamp=0,
             **(_counted(budget) if openers > budget else {}),

@@ -87,7 +87,7 @@ class Use:
 
 
 def lua_commands(source: str) -> list[str]:
-    calls = re.findall(r"redis\.call\('([A-Za-z]+)'(?:, '([A-Za-z]+)')?", source)
+    calls = re.findall(r"redis\.p?call\('([A-Za-z]+)'(?:, '([A-Za-z]+)')?", source)
     return sorted({f"{name}|{sub}".lower() if name.lower() in CONTAINERS else name.lower() for name, sub in calls})
 
 

@@ -847,6 +847,32 @@ def test_an_agent_cannot_forge_another_agents_worker_lease(fleet: Fleet) -> None
     record("forge another agent's worker lease", "webc", "its task ran twice", "refused: NOPERM")
 
 
+def test_an_agents_lease_hash_filled_past_any_fleets_size_is_not_read(fleet: Fleet) -> None:
+    """webc fills its own lease hash within what LEASE takes (300 leases of 64 KiB, each a list of
+    65,000 items), or past it (a 20 MB value written by hand). Every look at the leases (each
+    coordinator's, each view's) fetched and unpacked it all: seconds and gigabytes each. Now a look
+    skips a hash that holds more than a fleet writes: cmdc's run goes as it would, every process runs
+    on, and `agents` answers, without webc's leases."""
+    keys = fleet.deployment.keys
+    webc, admin = fleet.deployment.client("webc"), fleet.deployment.client("admin")
+    own = keys.worker_leases("webc")
+    blob = msgpack.packb({"dispatches": [""] * 65_000})
+    try:
+        for n in range(300):
+            webc.evalsha(sha(scripts.LEASE), 1, own, f"webc@j{n}", 10**12, blob)
+        untouched(fleet, fleet.submit("shipping"), {"Ship": ISSUED["Ship"]})
+        shown = {row["consumer"] for row in diagnose.agents(fleet.settings("watch"))}
+        assert not {name for name in shown if name.startswith("webc@")} and shown, shown
+        admin.delete(own)
+        webc.hset(own, mapping={"webc@big": b"x" * 20_000_000, "webc@big|expires": 10**12})
+        shown = {row["consumer"] for row in diagnose.agents(fleet.settings("watch"))}
+        assert "webc@big" not in shown and shown, shown
+    finally:
+        admin.delete(own)  # webc's workers write their leases again at their next renewal
+    assert fleet.alive(), fleet.procs.output()
+    record("fill its own lease hash with 20 MB", "webc", "each look took seconds, GBs", "not read")
+
+
 def listed(fleet: Fleet, agent: str, says: str | None = None) -> None:
     """AGENT asks the coordinators to put it on the roster (as its worker does when it starts; the
     message naming `says`, if given) and is on it."""

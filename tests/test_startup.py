@@ -104,15 +104,20 @@ def test_an_unknown_agent_suggests_app_or_names_the_agents_there(app_dir: Path, 
     assert "no Agent named 'other'" in other and "'greeter'" in other
 
 
-def test_an_agent_name_too_long_for_its_workers_is_one_line(app_dir: Path, user_env: dict[str, str]) -> None:
-    """A worker's consumer name (`AGENT@HOST:PID:ID`) must fit what the start script takes: an agent
-    name over 128 bytes is refused as the worker starts, not by every start later."""
-    name = "a" * 129
-    (app_dir / "long_agents.py").write_text(
+@pytest.mark.parametrize(
+    ("name", "said"), [("a" * 129, "is longer than 128 bytes"), ("ops@eu", "letters, digits, '_', '.' and '-' only")]
+)
+def test_an_agent_name_its_workers_cannot_carry_is_one_line(
+    app_dir: Path, user_env: dict[str, str], name: str, said: str
+) -> None:
+    """A worker's consumer name (`AGENT@HOST:PID:ID`) must fit what the start script takes, and say
+    whose leases are its agent's: an agent name over 128 bytes, or with an `@`, is refused as the
+    worker starts, not by every start or lease look later."""
+    (app_dir / "odd_agents.py").write_text(
         f"from phibroker import Agent\nagent = Agent({name!r})\n\n@agent.command('x')\ndef x(ctx):\n    return {{}}\n"
     )
-    long = one_error_line(run_cli("worker", "--agent", name, "--app", "long_agents", cwd=app_dir, env=user_env), 2)
-    assert "is longer than 128 bytes" in long
+    line = one_error_line(run_cli("worker", "--agent", name, "--app", "odd_agents", cwd=app_dir, env=user_env), 2)
+    assert said in line
 
 
 def bad_urls(redis_server: RedisServer) -> dict[str, str]:

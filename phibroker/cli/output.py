@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 
 def progress_printer(
-    live_agents: Callable[[], set[str]], told: set[str] | None = None
+    live_agents: Callable[[set[str]], set[str]], told: set[str] | None = None
 ) -> Callable[[dict[str, Any]], None]:
     """`submit --wait`'s progress on stderr, plus what the user can act on while it waits: an agent
     with work and no live worker, an approval to decide (each said once; `told`: said already)."""
@@ -44,14 +44,14 @@ def progress_printer(
     return show
 
 
-def waiting_notes(status: dict[str, Any], live_agents: Callable[[], set[str]], said: set[str]) -> list[str]:
+def waiting_notes(status: dict[str, Any], live_agents: Callable[[set[str]], set[str]], said: set[str]) -> list[str]:
     """What a run waits on that only the user can give: a worker for an agent, a decision, a signal. `said`
     keeps what was already told, so each is told once; leases are read only while something may lack one."""
     notes = []
     busy = {t["agent"] for t in status["tasks"].values() if t["agent"] and t["state"] in ("ready", "running")}
     unsaid = {agent for agent in busy if f"agent {agent}" not in said}
     if unsaid:
-        for agent in sorted(unsaid - live_agents()):
+        for agent in sorted(unsaid - live_agents(unsaid)):
             said.add(f"agent {agent}")
             notes.append(f"no live worker for agent {agent}: start one with phibroker worker --agent {agent}")
     for name, task in status["tasks"].items():

@@ -7,7 +7,7 @@ cancels and decisions to them the same way, so every state change has one author
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -281,10 +281,10 @@ class Client:
         """Forget a subscription and drop its stream: events stop reaching it. Refused while a live worker
         serves it, because that worker reads the stream and registers it again when it starts."""
         with reaching(self.settings):
-            subs, _ = self.registry.choreography()
-            if name not in subs:
+            agents = {info["agent"] for named, info in self.registry.routing()[0] if named == name}
+            if not agents:
                 raise InvalidInput(f"no subscription named {name!r} (phibroker subs lists them)")
-            now, leases = self.broker.worker_leases()
+            now, leases = self.broker.worker_leases(agents)  # each agent that registered the name
             serving = sorted(
                 worker
                 for worker, info in leases.items()
@@ -463,10 +463,12 @@ class Client:
                     seen.add(event_id)
                 yield record
 
-    def live_agents(self) -> set[str]:
-        """The agents that have at least one worker whose lease has not lapsed (by Redis's clock)."""
+    def live_agents(self, agents: Iterable[str] = ()) -> set[str]:
+        """The agents that have at least one worker whose lease has not lapsed (by Redis's clock): of
+        those on the roster, and of `agents` (which may not be on it yet: a signing agent's worker asks
+        the coordinators to put it there)."""
         with reaching(self.settings):
-            now, leases = self.broker.worker_leases()
+            now, leases = self.broker.worker_leases({*self.broker.roster(), *agents})
         return {str(info.get("agent")) for info in leases.values() if lease_alive(info, now)}
 
     def unserved(self, workflow: workflows.Workflow) -> list[dict[str, Any]]:
@@ -474,8 +476,9 @@ class Client:
         started): `{"agent", "command", "tasks", "workers", "commands"}`, where `workers` counts the
         agent's live workers and `commands` lists what they serve. Empty while no worker lease is known
         at all: a fleet that starts after the work arrives is no mistake."""
+        named = {task.agent for task in workflow.tasks.values() if task.agent}
         with reaching(self.settings):
-            now, leases = self.broker.worker_leases()
+            now, leases = self.broker.worker_leases({*self.broker.roster(), *named})
         if not leases:
             return []
         live = [info for info in leases.values() if lease_alive(info, now) and not info.get("stopping")]

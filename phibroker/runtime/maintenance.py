@@ -312,7 +312,7 @@ class Reconciler:
         A run created less than `reclaim_after` ago has no unit dispatched that long ago: its unit table
         (ten thousand fields for a big fan-out) is not read. A unit waiting to retry long past its time
         has its retry timer set again: a failover may have lost it."""
-        clock, leases = self.broker.worker_leases()
+        clock, _ = self.broker.worker_leases(())
         margin = self.settings.reclaim_after
         wf_ids = [wf_id for wf_id, created in rows if not clock - margin < created <= clock]
         if not wf_ids:
@@ -334,6 +334,7 @@ class Reconciler:
         if missing:
             log.warning("%d retry timer(s) were gone, Redis having lost writes; set again", missing)
         found = {}
+        _, leases = self.broker.worker_leases(by_agent)  # these agents', on the roster or not yet
         for agent, units in by_agent.items():
             for wf_id, unit, record in self._unheld_of(agent, units, clock, leases):
                 found[(wf_id, unit)] = (str(record["dispatch"]), int(record.get("token") or 0))

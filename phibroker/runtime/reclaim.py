@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from phibroker.engine import records
-from phibroker.keys import WORKERS_GROUP
+from phibroker.keys import WORKERS_GROUP, agent_of
 from phibroker.runtime.agent import Agent
 from phibroker.runtime.reactor import Reactor
 from phibroker.settings import Settings
@@ -82,7 +82,7 @@ class Reclaimer:
         # the leases of the workers that hold this agent's entries, not the whole fleet's: the look grows
         # with them, not with every worker of every agent
         others = sorted({p["consumer"] for rows in pendings.values() for p in rows} - {self.consumer})
-        clock, leases = self.broker.leases_of(others) if others else (0.0, {})
+        clock, leases = self.broker.worker_leases({agent_of(worker) for worker in others}) if others else (0.0, {})
         claimed = 0
         for stream, pending in pendings.items():
             if stream in self.lanes and any(

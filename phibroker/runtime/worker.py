@@ -36,9 +36,10 @@ from phibroker.runtime.slots import HandlerThreads, Slots
 from phibroker.runtime.telemetry import Telemetry
 from phibroker.runtime.tracing import Span, attempt_span, current, tracing
 from phibroker.settings import Settings
-from phibroker.store.connection import CONNECTION_ERRORS, Entry
+from phibroker.store.connection import CONNECTION_ERRORS, LEASE_INFO_BYTES, LEASE_INFO_ITEMS, Entry
 from phibroker.store.registry import Registry
 from phibroker.store.worker import WorkerStore
+from phibroker.workflow.spec import is_name
 
 log = logging.getLogger("phibroker.worker")
 
@@ -92,6 +93,8 @@ class Worker:
         self.lanes = (self.stream, self.bulk)
         if len(agent.name.encode()) > MAX_AGENT_NAME:  # its consumer name must fit what START takes (256 bytes)
             raise InvalidInput(f"agent name {agent.name[:40]!r}... is longer than {MAX_AGENT_NAME} bytes")
+        if not is_name(agent.name):  # its workers' names say whose leases they are (`keys.agent_of`)
+            raise InvalidInput(f"agent name {agent.name!r}: letters, digits, '_', '.' and '-' only")
         self.consumer = consumer_name(agent.name, socket.gethostname(), os.getpid(), wire.short_id()[:6])
         self.concurrency = max(1, concurrency)
         self.stopping = threading.Event()
@@ -392,6 +395,10 @@ class Worker:
             "dispatches": held[:LEASE_DISPATCHES],
             "dispatches_more": len(held) > LEASE_DISPATCHES,
         }
+        lists = max(len(self.agent.commands), len(self.agent.subscriptions))
+        if lists > LEASE_INFO_ITEMS or len(wire.pack(info)) > LEASE_INFO_BYTES:  # says less, never fails
+            info = {k: v for k, v in info.items() if k not in ("commands", "subscriptions")}
+            info.update(dispatches=[], dispatches_more=True)
         began = time.monotonic()
         self.broker.renew_lease(
             self.keys.worker_leases(self.agent.name), self.consumer, self.settings.reclaim_after, info
@@ -407,6 +414,7 @@ class Worker:
             log.warning("Redis restarted (run id %s); reading our pending entries again", run_id[:8])
             self.ownership.lost_track()
             self._recovering = True
+            self._join()  # the roster may have lost the agent with the writes Redis lost
         self._run_id = run_id or self._run_id
 
     def _heartbeat_loop(self) -> None:

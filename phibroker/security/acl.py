@@ -34,7 +34,7 @@ keys need write permission). Coordinators read a unit's mark only from its own a
 reaction's run goes to them as a signed `submit` carrying its fields. What ACLs cannot do: tell a
 script's writes from direct ones (an agent allowed to run START may also HSET its own marks directly),
 or limit a hash to some fields, so each agent's workers' leases are a hash of their own
-(`NS:{agents}:AGENT`), read only by the worker name's agent. Forged outcomes
+(`NS:{agents}:AGENT`), and a lease counts only in the hash of the agent its worker's name says. Forged outcomes
 and control messages are stopped by signatures (the identities file), not here.
 """
 

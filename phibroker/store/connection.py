@@ -57,9 +57,13 @@ from phibroker.store import scripts
 log = logging.getLogger("phibroker.store")
 # The agents a look reads from the roster: the coordinators write it, so a real one is far smaller.
 MAX_AGENTS = 1000
-# Fields of one agent's lease hash (two a worker) past which a look skips it: only that agent's own
-# workers can fill it so, and the look stays bounded.
-MAX_LEASE_FIELDS = 4096
+LEASE_INFO_BYTES = 1 << 16  # of a lease's info: what LEASE stores and a reader unpacks
+# Fields (two a worker) and bytes of one agent's lease hash past which a look skips it: LEASE stops at
+# 1,000 workers, a hash written by hand only that agent's own workers can fill so.
+MAX_LEASE_FIELDS = 2048
+MAX_LEASE_BYTES = 16 << 20
+# Items of a list or map in a lease's info: its dispatches, its commands and subscriptions.
+LEASE_INFO_ITEMS = 4096
 
 
 class Refused(RedisConnectionError):
@@ -253,6 +257,7 @@ SHAS = {
         scripts.CLAIM_TIMERS,
         scripts.LEASE,
         scripts.READ_OWN,
+        scripts.READ_LEASES,
         scripts.XADD_MANY,
         scripts.OUTPUT,
     )
@@ -508,7 +513,7 @@ def parse_leases(raw: dict[bytes, bytes]) -> dict[str, dict[str, Any]]:
                 expiries[name[: -len("|expires")]] = expires
         else:
             try:
-                info = wire.unpack(value, 1 << 16)
+                info = wire.unpack(value, LEASE_INFO_BYTES, items=LEASE_INFO_ITEMS)
             except DecodeError:
                 info = {}
             leases[name] = info if isinstance(info, dict) else {}
@@ -838,54 +843,22 @@ class Connection:
     def worker_leases(self, agents: Iterable[str] | None = None) -> tuple[float, dict[str, dict[str, Any]]]:
         """Redis's clock and the leases of `agents`' workers (of every agent on the roster by default):
         worker -> info plus `expires`. A lease counts only in the hash of the agent its name says it
-        serves, and that is its `agent`, whatever its info says. A hash its own workers filled past any
-        fleet's size is skipped, so a look stays bounded."""
+        serves, and that is its `agent`, whatever its info says. One call of READ_LEASES, which skips a
+        hash its own workers filled past any fleet's size: a look stays bounded."""
         names = self.roster() if agents is None else sorted(set(agents))
         tables = [self.keys.worker_leases(agent) for agent in names]
 
-        def sizes(pipe: Any) -> None:
-            for table in tables:
-                pipe.hlen(table)
-
-        clock, counts = self.clocked(self.keys.worker_leases(""), sizes)
-        readable = [
-            (agent, table) for agent, table, n in zip(names, tables, counts, strict=True) if n <= MAX_LEASE_FIELDS
-        ]
-        if len(readable) < len(names):
-            log.warning(
-                "%d agents' lease hashes hold more than %d fields; skipped",
-                len(names) - len(readable),
-                MAX_LEASE_FIELDS,
-            )
-        pipe = self.redis.pipeline(transaction=False)
-        for _, table in readable:
-            pipe.hgetall(table)
-        leases: dict[str, dict[str, Any]] = {}
-        for (agent, _), raw in zip(readable, pipe.execute() if readable else (), strict=True):
-            leases.update(
-                {name: worker_lease(agent, info) for name, info in parse_leases(raw).items() if agent_of(name) == agent}
-            )
-        return clock, leases
-
-    def leases_of(self, workers: Sequence[str]) -> tuple[float, dict[str, dict[str, Any]]]:
-        """Redis's clock and the leases of these workers (those missing left out), each read from the hash
-        of the agent its name says it serves."""
-        by_agent: dict[str, list[str]] = {}
-        for worker in workers:
-            by_agent.setdefault(agent_of(worker), []).extend((worker, f"{worker}|expires"))
-
         def build(pipe: Any) -> None:
-            for agent, fields in by_agent.items():
-                pipe.hmget(self.keys.worker_leases(agent), fields)
+            pipe.evalsha_ro(SHAS[scripts.READ_LEASES], len(tables), *tables, MAX_LEASE_FIELDS, MAX_LEASE_BYTES)
 
-        clock, replies = self.clocked(self.keys.worker_leases(""), build)
-        found = {
-            f.encode(): v
-            for fields, values in zip(by_agent.values(), replies, strict=True)
-            for f, v in zip(fields, values, strict=True)
-            if v is not None
-        }
-        return clock, {name: worker_lease(agent_of(name), info) for name, info in parse_leases(found).items()}
+        ((secs, micros, *hashes),) = self._pipeline(build)
+        leases: dict[str, dict[str, Any]] = {}
+        for agent, flat in zip(names, hashes, strict=True):
+            raw = dict(zip(flat[::2], flat[1::2], strict=True))
+            leases.update(
+                {k: worker_lease(agent, info) for k, info in parse_leases(raw).items() if agent_of(k) == agent}
+            )
+        return int(secs) + int(micros) / 1e6, leases
 
     def roster(self) -> list[str]:
         """The agents whose workers have started, by name (the first `MAX_AGENTS`)."""

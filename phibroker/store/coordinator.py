@@ -112,8 +112,8 @@ def access(keys: Keys) -> list[Grant]:
         # made before its first dispatch; trimming what workers acked (`trim_acked`), and finding the
         # tasks nobody holds (`lane`, `entries`: which dispatches are pending or unread).
         Grant(("evalsha", "xgroup|create", "xlen", "xinfo|groups", "xpending", "xtrim", "xrange"), lanes),
-        # the workers' leases read, and long-dead workers' forgotten
-        Grant(("hlen", "hgetall", "hdel"), (f"~{keys.worker_leases('*')}",)),
+        # the workers' leases read (READ_LEASES), and long-dead workers' forgotten
+        Grant(("evalsha_ro", "time", "hlen", "hgetall", "memory|usage", "hdel"), (f"~{keys.worker_leases('*')}",)),
         Grant(("set", "get"), (f"~{keys.applied('*', '*')}",)),  # the control messages applied, until they expire
         # the log's age and size bounds
         Grant(("xtrim", "memory|usage", "xlen"), tuple(f"%W~{log}" for log in keys.event_logs)),

