@@ -176,26 +176,28 @@ def test_garbage_in_an_agents_own_marks_is_read_alike_by_lua_and_python(
 def test_marks_and_lost_attempts_too_big_to_be_ones_are_not_fetched_and_a_commit_clears_them(
     settings: Settings, client: Client, dispatched: Dispatched
 ) -> None:
-    """An agent's workers may fill their own keys of a run: a mark of megabytes, more lost attempts
-    than a commit moves, or few that take megabytes. A coordinator's or a view's read of the run
-    fetches none of it (a mark too long is none, a list too big holds no attempt), and the next commit
-    trims the whole list."""
+    """An agent's workers may fill their own keys of a run: a mark of megabytes, or lost attempts that
+    take megabytes. A coordinator's or a view's read of the run fetches none of it (a mark too long is
+    none, a list too big holds no attempt), and the next commit trims the whole list. Of more lost
+    attempts than a commit moves, it moves the first 1,000, and the next commit the rest."""
     coordinator, worker, wf_id, start = dispatched
     store, redis, keys = coordinator.broker, worker.redis, settings.keys
     unit, dispatch, entry, _ = start
     marks, lost = keys.wf_marks(wf_id, "probe"), keys.wf_lost(wf_id, "probe")
     redis.hset(marks, unit, b"\x1f".join([dispatch.encode(), b"1", b"1.0", entry.encode(), b"w" * 4_000_000]))
     about_a = b"A\x1f" + records.attempt("A", 1, "w1", None, None, 0.0, "lost: worker w1 stopped", False)
-    for many in ([about_a] * 1001, [about_a, b"A\x1f" + b"x" * 5_000_000]):
+    for many, read, left in (([about_a, b"A\x1f" + b"x" * 5_000_000], 0, 0), ([about_a] * 1001, 1000, 1)):
         redis.delete(lost)
         redis.rpush(lost, *many)
         ((meta, units, _, found),) = store.load_runs([wf_id])
-        assert found == {"probe": (len(many), [])} and not units["A"].get("token"), (found, units["A"])
-        assert client.status(wf_id)["tasks"]["A"]["history"] == []
+        count, records_ = found["probe"]
+        assert count == (read or len(many)) and len(records_) == read, (count, len(records_))  # all trimmed
+        assert not units["A"].get("token"), units["A"]
+        assert len(client.status(wf_id)["tasks"]["A"]["history"]) == read
         moved = guarded(0, dispatch)
-        moved.lost_moved = {"probe": len(many)}
+        moved.lost_moved = {"probe": count}
         assert store.commit([(wf_id, meta["version"], moved)]) == [meta["version"] + 1]
-        assert redis.llen(lost) == 0
+        assert redis.llen(lost) == left
 
 
 def test_a_mark_of_the_dispatch_id_alone_or_of_a_reclaim_is_read_whole() -> None:

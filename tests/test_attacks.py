@@ -842,35 +842,39 @@ def test_an_agent_cannot_forge_another_agents_worker_lease(fleet: Fleet) -> None
     untouched(fleet, wf_id)
     rows = {row["consumer"]: row for row in diagnose.agents(fleet.settings("watch"))}
     assert rows[worker]["agent"] == "kalic" and rows[worker]["alive"], rows
-    assert {"webc@x", "webc@y", "webc@z"} <= set(rows) and not rows["webc@x"]["alive"], rows
+    assert not [name for name in ("webc@x", "webc@y", "webc@z") if rows.get(name, {}).get("alive")], (
+        rows
+    )  # or forgotten
     assert fleet.alive(), fleet.procs.output()
     record("forge another agent's worker lease", "webc", "its task ran twice", "refused: NOPERM")
 
 
 def test_an_agents_lease_hash_filled_past_any_fleets_size_is_not_read(fleet: Fleet) -> None:
-    """webc fills its own lease hash within what LEASE takes (300 leases of 64 KiB, each a list of
-    65,000 items), or past it (a 20 MB value written by hand). Every look at the leases (each
-    coordinator's, each view's) fetched and unpacked it all: seconds and gigabytes each. Now a look
-    skips a hash that holds more than a fleet writes: cmdc's run goes as it would, every process runs
-    on, and `agents` answers, without webc's leases."""
+    """webc fills its own lease hash: hundreds of leases whose info is a list of 24,000 items (as
+    big as LEASE takes), or a 20 MB value written by hand. Every look at the leases (each coordinator's,
+    each view's) fetched and unpacked it all: seconds and gigabytes each. Now a look skips a hash that
+    holds more than a fleet writes, and unpacks no list of a lease past 4,096 items: cmdc's run goes as
+    it would, every process runs on, and `agents` answers."""
     keys = fleet.deployment.keys
     webc, admin = fleet.deployment.client("webc"), fleet.deployment.client("admin")
     own = keys.worker_leases("webc")
-    blob = msgpack.packb({"dispatches": [""] * 65_000})
+    blob = msgpack.packb({"dispatches": [""] * 24_000})
+    with pytest.raises(ResponseError, match="at most 24 KiB"):
+        webc.evalsha(sha(scripts.LEASE), 1, own, "webc@over", 10**12, msgpack.packb({"dispatches": [""] * 30_000}))
     try:
-        for n in range(300):
+        for n in range(400):
             webc.evalsha(sha(scripts.LEASE), 1, own, f"webc@j{n}", 10**12, blob)
         untouched(fleet, fleet.submit("shipping"), {"Ship": ISSUED["Ship"]})
-        shown = {row["consumer"] for row in diagnose.agents(fleet.settings("watch"))}
-        assert not {name for name in shown if name.startswith("webc@")} and shown, shown
+        shown = {row["consumer"]: row for row in diagnose.agents(fleet.settings("watch"))}
+        assert shown["webc@j0"]["host"] is None and any(name.startswith("kalic@") for name in shown), shown
         admin.delete(own)
-        webc.hset(own, mapping={"webc@big": b"x" * 20_000_000, "webc@big|expires": 10**12})
-        shown = {row["consumer"] for row in diagnose.agents(fleet.settings("watch"))}
-        assert "webc@big" not in shown and shown, shown
+        webc.hset(own, mapping={"webc@big": b"x" * 40_000_000, "webc@big|expires": 10**12})
+        shown = {row["consumer"]: row for row in diagnose.agents(fleet.settings("watch"))}
+        assert "webc@big" not in shown and any(name.startswith("kalic@") for name in shown), shown
     finally:
         admin.delete(own)  # webc's workers write their leases again at their next renewal
     assert fleet.alive(), fleet.procs.output()
-    record("fill its own lease hash with 20 MB", "webc", "each look took seconds, GBs", "not read")
+    record("fill its own lease hash: 10-40 MB", "webc", "each look took seconds, GBs", "bounded, or not read")
 
 
 def listed(fleet: Fleet, agent: str, says: str | None = None) -> None:

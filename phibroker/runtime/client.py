@@ -468,7 +468,7 @@ class Client:
         those on the roster, and of `agents` (which may not be on it yet: a signing agent's worker asks
         the coordinators to put it there)."""
         with reaching(self.settings):
-            now, leases = self.broker.worker_leases({*self.broker.roster(), *agents})
+            now, leases = self.broker.worker_leases(agents, with_roster=True)
         return {str(info.get("agent")) for info in leases.values() if lease_alive(info, now)}
 
     def unserved(self, workflow: workflows.Workflow) -> list[dict[str, Any]]:
@@ -478,7 +478,7 @@ class Client:
         at all: a fleet that starts after the work arrives is no mistake."""
         named = {task.agent for task in workflow.tasks.values() if task.agent}
         with reaching(self.settings):
-            now, leases = self.broker.worker_leases({*self.broker.roster(), *named})
+            now, leases = self.broker.worker_leases(named, with_roster=True)
         if not leases:
             return []
         live = [info for info in leases.values() if lease_alive(info, now) and not info.get("stopping")]

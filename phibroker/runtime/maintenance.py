@@ -63,9 +63,9 @@ class Maintenance:
         self.reconciler = Reconciler(settings, broker, workflow)
         self.restarted = restarted  # Redis restarted: what the coordinator holds in memory may be ahead of it
         self._run_id: str | None = None
-        # after Redis restarted (a failover, older data) and once at start: where the walk of the
-        # `workflows` index is
-        self._reindex: int | None = 0
+        # after Redis restarted (a failover, older data), and once at start on a cluster: where the walk
+        # of the `workflows` index is
+        self._reindex: int | None = 0 if broker.cluster else None
         self.shards: tuple[int, ...] = tuple(range(len(self.keys.inbox_shards)))  # the inbox shards it reads
 
     def tick(self) -> None:
@@ -125,11 +125,11 @@ class Maintenance:
         self._run_id = run_id or self._run_id
 
     def reindex(self, page: int = 1000, pages: int = 1) -> None:
-        """After Redis restarted (or once when a coordinator starts: no coordinator may have been up to
-        see it), a page a tick. A run's last commit may be lost while its removal from the running index
-        stayed: on a cluster, on another master; on one server, when the client's own retry sent the
-        removal again to a Redis that restarted from data older than the commit. Such a run, going again,
-        is put back in that index, where the reconciler looks."""
+        """After Redis restarted (or once when a coordinator starts on a cluster: no coordinator may have
+        been up to see a failover), a page a tick. A run's last commit may be lost while its removal
+        from the running index stayed: on a cluster, on another master; on one server, when the client's
+        own retry sent the removal again to a Redis that restarted from data older than the commit. Such
+        a run, going again, is put back in that index, where the reconciler looks."""
         for _ in range(pages):
             start = self._reindex or 0
             seen, added = self.broker.index_running_again(start, page)
@@ -333,8 +333,10 @@ class Reconciler:
         missing = self.broker.set_timers_again(overdue, clock) if overdue else 0
         if missing:
             log.warning("%d retry timer(s) were gone, Redis having lost writes; set again", missing)
-        found = {}
-        _, leases = self.broker.worker_leases(by_agent)  # these agents', on the roster or not yet
+        found: dict[tuple[str, str], tuple[str, int]] = {}
+        if not by_agent:
+            return found
+        clock, leases = self.broker.worker_leases(by_agent)  # these agents', on the roster or not yet
         for agent, units in by_agent.items():
             for wf_id, unit, record in self._unheld_of(agent, units, clock, leases):
                 found[(wf_id, unit)] = (str(record["dispatch"]), int(record.get("token") or 0))

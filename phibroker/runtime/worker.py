@@ -395,13 +395,9 @@ class Worker:
             "dispatches": held[:LEASE_DISPATCHES],
             "dispatches_more": len(held) > LEASE_DISPATCHES,
         }
-        lists = max(len(self.agent.commands), len(self.agent.subscriptions))
-        if lists > LEASE_INFO_ITEMS or len(wire.pack(info)) > LEASE_INFO_BYTES:  # says less, never fails
-            info = {k: v for k, v in info.items() if k not in ("commands", "subscriptions")}
-            info.update(dispatches=[], dispatches_more=True)
         began = time.monotonic()
         self.broker.renew_lease(
-            self.keys.worker_leases(self.agent.name), self.consumer, self.settings.reclaim_after, info
+            self.keys.worker_leases(self.agent.name), self.consumer, self.settings.reclaim_after, fitted(info)
         )
         self.ownership.renewed(began)
 
@@ -513,3 +509,15 @@ class Worker:
 def _pairs(read: list[tuple[str, Entry]]) -> list[tuple[str, str]]:
     """A read's entries as (stream, entry id): how running work is keyed."""
     return [(stream, entry.id) for stream, entry in read]
+
+
+def fitted(info: dict[str, Any]) -> dict[str, Any]:
+    """A lease's info within what LEASE stores and a reader unpacks: it says less rather than fail. Its
+    dispatches go first (halved until it fits: the reconciler then holds off this agent's), then its
+    commands and subscriptions (a lease without them may serve anything)."""
+    while info["dispatches"] and len(wire.pack(info)) > LEASE_INFO_BYTES:
+        info = {**info, "dispatches": info["dispatches"][: len(info["dispatches"]) // 2], "dispatches_more": True}
+    lists = max(len(info.get("commands") or ()), len(info.get("subscriptions") or ()))
+    if lists > LEASE_INFO_ITEMS or len(wire.pack(info)) > LEASE_INFO_BYTES:
+        info = {k: v for k, v in info.items() if k not in ("commands", "subscriptions")}
+    return info

@@ -57,11 +57,12 @@ from phibroker.store import scripts
 log = logging.getLogger("phibroker.store")
 # The agents a look reads from the roster: the coordinators write it, so a real one is far smaller.
 MAX_AGENTS = 1000
-LEASE_INFO_BYTES = 1 << 16  # of a lease's info: what LEASE stores and a reader unpacks
-# Fields (two a worker) and bytes of one agent's lease hash past which a look skips it: LEASE stops at
-# 1,000 workers, a hash written by hand only that agent's own workers can fill so.
+LEASE_INFO_BYTES = 24 << 10  # of a lease's info: what LEASE stores and a reader unpacks
+# Fields (two a worker) and bytes of one agent's lease hash past which a look skips it. LEASE stops at
+# 1,000 workers of `LEASE_INFO_BYTES` each, within both: only that agent's own user, writing the hash by
+# hand, can fill it so (its workers then take each other for dead).
 MAX_LEASE_FIELDS = 2048
-MAX_LEASE_BYTES = 16 << 20
+MAX_LEASE_BYTES = 32 << 20
 # Items of a list or map in a lease's info: its dispatches, its commands and subscriptions.
 LEASE_INFO_ITEMS = 4096
 
@@ -594,10 +595,11 @@ class Connection:
         if not reads:
             return units, lost
 
+        lost_bytes = state.LOST_RECORDS * state.LOST_RECORD_BYTES if with_lost else 0
+
         def build(pipe: Any) -> None:
             for n, agent, names in reads:
                 own = [self.keys.wf_marks(tables[n][0], agent), self.keys.wf_lost(tables[n][0], agent)]
-                lost_bytes = state.LOST_RECORDS * state.LOST_RECORD_BYTES if with_lost else 0
                 pipe.evalsha_ro(
                     SHAS[scripts.READ_OWN], 2, *own, state.MARK_BYTES, state.LOST_RECORDS, lost_bytes, *names
                 )
@@ -840,13 +842,15 @@ class Connection:
         clock, (raw,) = self.clocked(table, lambda pipe: pipe.hgetall(table))
         return clock, parse_leases(raw)
 
-    def worker_leases(self, agents: Iterable[str] | None = None) -> tuple[float, dict[str, dict[str, Any]]]:
-        """Redis's clock and the leases of `agents`' workers (of every agent on the roster by default):
-        worker -> info plus `expires`. A lease counts only in the hash of the agent its name says it
-        serves, and that is its `agent`, whatever its info says. One call of READ_LEASES, which skips a
-        hash its own workers filled past any fleet's size: a look stays bounded."""
-        names = self.roster() if agents is None else sorted(set(agents))
-        tables = [self.keys.worker_leases(agent) for agent in names]
+    def worker_leases(
+        self, agents: Iterable[str] | None = None, with_roster: bool = False
+    ) -> tuple[float, dict[str, dict[str, Any]]]:
+        """Redis's clock and the leases of `agents`' workers (of every agent on the roster if None, or
+        besides them `with_roster`): worker -> info plus `expires`. A lease counts only in the hash of the
+        agent its name says it serves, and that is its `agent`, whatever its info says. One call of
+        READ_LEASES, which skips a hash filled past any fleet's size: a look stays bounded."""
+        names = sorted({*(self.roster() if agents is None or with_roster else ()), *(agents or ())})
+        tables = [self.keys.worker_leases(""), *(self.keys.worker_leases(agent) for agent in names)]
 
         def build(pipe: Any) -> None:
             pipe.evalsha_ro(SHAS[scripts.READ_LEASES], len(tables), *tables, MAX_LEASE_FIELDS, MAX_LEASE_BYTES)

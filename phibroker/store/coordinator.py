@@ -63,7 +63,7 @@ def access(keys: Keys) -> list[Grant]:
                 "script|load",
                 *CONSUMER,
                 "evalsha",
-                "evalsha_ro",  # READ_OWN
+                "evalsha_ro",  # READ_OWN and READ_LEASES
                 "exists",
                 "expire",
                 "persist",  # a retried run keeps its keys again (APPLY), and waiters wait for its next end

@@ -213,8 +213,8 @@ return due
 # call it with any arguments on its own hash: what it writes stays the size of a fleet's leases.
 # KEYS: leases hash   ARGV: name, ttl ms, info blob   Returns: now ms
 LEASE = """
-if #ARGV[1] > 512 or #ARGV[3] > 65536 then
-  return redis.error_reply('ERR a lease name of at most 512 bytes, its info at most 64 KiB')
+if #ARGV[1] > 512 or #ARGV[3] > 24576 then
+  return redis.error_reply('ERR a lease name of at most 512 bytes, its info at most 24 KiB')
 end
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 and redis.call('HLEN', KEYS[1]) >= 2000 then
   return redis.error_reply('ERR 1000 leases in this hash already')
@@ -236,10 +236,10 @@ end
 
 # An agent's own keys of a run, read for a coordinator or a view (read-only: EVALSHA_RO). Its workers
 # write them as they like, so what is read stays bounded: each named unit's mark only if it is short
-# enough to be one, and the lost attempts only if the list is of a size they take. A list past that
-# reads as none, and its count says how many the next commit trims: all of them.
+# enough to be one, and the first lost attempts only if the list takes no more memory than lost
+# attempts do. A list past that reads as none, and its count says how many the next commit trims: all.
 # KEYS: marks, lost   ARGV: mark limit, lost limit (entries, then bytes of the list; 0: not read), units
-# Returns: {marks (nil: none or too long), lost attempts, how many the list held}
+# Returns: {marks (nil: none or too long), lost attempts, how many the next commit trims}
 READ_OWN = (
     SIZE_OF
     + """
@@ -251,8 +251,9 @@ end
 local lost, count, bytes = {}, 0, tonumber(ARGV[3])
 if bytes > 0 then
   count = redis.call('LLEN', KEYS[2])
-  if count > 0 and count <= tonumber(ARGV[2]) and size_of(KEYS[2]) <= bytes then
-    lost = redis.call('LRANGE', KEYS[2], 0, -1)
+  if count > 0 and size_of(KEYS[2]) <= bytes then
+    lost = redis.call('LRANGE', KEYS[2], 0, tonumber(ARGV[2]) - 1)
+    count = #lost
   end
 end
 return {marks, lost, count}
@@ -261,17 +262,17 @@ return {marks, lost, count}
 
 # Agents' worker lease hashes, read for a coordinator or a view (read-only: EVALSHA_RO), each whole or,
 # past what a fleet writes (its own agent's doing), not at all; with Redis's clock, which stamped them.
-# KEYS: lease hashes (one slot)   ARGV: fields, bytes a hash may hold
-# Returns: {seconds, microseconds, then each hash's HGETALL ({} if too big)}
+# KEYS: a key of their slot (whose node's clock is read, with no hash to read), then the lease hashes
+# ARGV: fields, bytes a hash may hold   Returns: {seconds, microseconds, each hash's HGETALL ({} if too big)}
 READ_LEASES = (
     SIZE_OF
     + """
 local now = redis.call('TIME')
 local out = {now[1], now[2]}
-for i = 1, #KEYS do
+for i = 2, #KEYS do
   local fields = redis.call('HLEN', KEYS[i])
   local fits = fields > 0 and fields <= tonumber(ARGV[1]) and size_of(KEYS[i]) <= tonumber(ARGV[2])
-  out[i + 2] = fits and redis.call('HGETALL', KEYS[i]) or {}
+  out[i + 1] = fits and redis.call('HGETALL', KEYS[i]) or {}
 end
 return out
 """

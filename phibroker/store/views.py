@@ -23,7 +23,7 @@ _PARENT_FIELDS = ("parent", "parent_task")  # set on a child run of a `workflow:
 # The read commands the views, a client's reads (store/client.py) and the registry's send: not one
 # writes, by Redis's own flags (tests/test_deploy.py asks it).
 READS = (
-    "evalsha_ro",  # READ_OWN: a run's start marks and lost attempts, as far as they fit
+    "evalsha_ro",  # READ_OWN and READ_LEASES: what agents wrote (marks, lost attempts, leases), as far as it fits
     "hget",
     "hmget",
     "hgetall",
@@ -73,8 +73,8 @@ class Views:
         self.settings = broker.settings
 
     def overview(self, events: int, running: int, approvals: int) -> dict[str, Any]:
-        """Redis's clock and the worker leases (`Connection.worker_leases`: the roster, then the sizes
-        of its agents' lease hashes, then the hashes); in one more round trip, the coordinator leases,
+        """Redis's clock and the worker leases (`Connection.worker_leases`: the roster, then its agents'
+        lease hashes, in two round trips); in one more, the coordinator leases,
         the newest `events` entries of the log (oldest event first), the newest running workflows, and
         up to `approvals` open approvals with the counts of both; then the subscriptions (two more)."""
         keys = self.keys
