@@ -63,6 +63,7 @@ RENAMED = {
     "xgroup_delconsumer": "xgroup|delconsumer",
     "memory_usage": "memory|usage",
     "evalsha_ro": "evalsha_ro",
+    "eval_ro": "eval_ro",
     "script_load": "script|load",
     "script_exists": "script|exists",
 }
@@ -166,11 +167,12 @@ def uses_in(function: ast.FunctionDef, where: str) -> Iterator[Use]:
         if transaction(call):
             yield from (Use("multi", (), at), Use("exec", (), at))
         command, script = sent(call), script_in(call)
+        read = isinstance(call.func, ast.Attribute) and call.func.attr == "_read"  # `_read(pipe, scripts.X, keys)`
         if script is not None:
-            args = call.args[2:] if command in ("evalsha", "evalsha_ro") else call.args[1:2]
+            args = call.args[2:] if command in ("evalsha", "evalsha_ro") else call.args[2:3] if read else call.args[1:2]
             named = [samples(arg, env) for arg in args]
             keys = tuple(k for n in named if n for k in n) or None
-            yield Use(command or "evalsha", keys, at)
+            yield Use(command or ("evalsha_ro" if read else "evalsha"), keys, at)
             yield from (Use(c, keys, f"{at} (Lua)", one_of=True) for c in lua_commands(script))
         elif command is not None:
             first = samples(call.args[0], env) if call.args and command not in CHANNELS | {"xreadgroup"} else None

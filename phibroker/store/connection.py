@@ -553,6 +553,7 @@ class Connection:
         self.cluster = isinstance(self.redis, RedisCluster)
         self._groups: set[str] = set()
         self._scripts_known = False  # Redis was seen to hold phibroker's scripts (forgotten on NOSCRIPT)
+        self._read_by_source = False  # found them unloaded, and may not load them: EVAL_RO the read scripts
         # who signs what this process sends the coordinators and the runs it writes: (name, secret)
         self.sender: tuple[str, bytes] | None = None
         self.good_for = wire.CONTROL_TTL  # how long what it signs stays good (a copy later is refused)
@@ -600,9 +601,7 @@ class Connection:
         def build(pipe: Any) -> None:
             for n, agent, names in reads:
                 own = [self.keys.wf_marks(tables[n][0], agent), self.keys.wf_lost(tables[n][0], agent)]
-                pipe.evalsha_ro(
-                    SHAS[scripts.READ_OWN], 2, *own, state.MARK_BYTES, state.LOST_RECORDS, lost_bytes, *names
-                )
+                self._read(pipe, scripts.READ_OWN, own, state.MARK_BYTES, state.LOST_RECORDS, lost_bytes, *names)
 
         replies = iter(self._pipeline(build))
         marks: list[dict[str, dict[str, str]]] = [{} for _ in tables]
@@ -624,20 +623,38 @@ class Connection:
             self.load_scripts()
             return self.redis.evalsha(SHAS[source], len(keys), *keys, *args)
 
+    def _read(self, pipe: Any, source: str, keys: Sequence[str], *args: Any) -> None:
+        """Queue a read-only script (READ_OWN, READ_LEASES): by its SHA, or by its source where this user
+        found the scripts unloaded and may not load them (EVAL_RO needs no SCRIPT LOAD), so the views,
+        clients and workers read on after a Redis restart, before a coordinator loads them again."""
+        if self._read_by_source:
+            pipe.eval_ro(source, len(keys), *keys, *args)
+        else:
+            pipe.evalsha_ro(SHAS[source], len(keys), *keys, *args)
+
     def _pipeline(self, build: Callable[[Any], None], transaction: bool = False) -> list[Any]:
-        """Run the commands `build` queues as one pipeline; errors raise, NOSCRIPT reloads and reruns.
+        """Run the commands `build` queues as one pipeline; errors raise, NOSCRIPT reloads and reruns
+        (read scripts by their source, for a user that may not load them: see `_read`).
 
         Without `transaction`, each command stands alone: one refused (OOM) does not stop the next.
         With it (MULTI/EXEC), a refused command discards them all."""
+        unloaded: Refused | None = None
         for attempt in (1, 2):
             pipe = self.redis.pipeline(transaction=transaction)
             build(pipe)
             replies = pipe.execute(raise_on_error=False)
             if attempt == 1 and any(isinstance(r, NoScriptError) for r in replies):
                 self._scripts_known = False
-                self.load_scripts()
+                try:
+                    self.load_scripts()
+                except Refused as exc:
+                    if exc.code != "UNLOADED":
+                        raise
+                    unloaded, self._read_by_source = exc, True
                 continue
             for reply in replies:
+                if isinstance(reply, NoScriptError) and unloaded:
+                    raise unloaded  # a script that writes: wait for a coordinator to load it
                 if isinstance(reply, Exception):
                     raise reply
             return list(replies)
@@ -853,7 +870,7 @@ class Connection:
         tables = [self.keys.worker_leases(""), *(self.keys.worker_leases(agent) for agent in names)]
 
         def build(pipe: Any) -> None:
-            pipe.evalsha_ro(SHAS[scripts.READ_LEASES], len(tables), *tables, MAX_LEASE_FIELDS, MAX_LEASE_BYTES)
+            self._read(pipe, scripts.READ_LEASES, tables, MAX_LEASE_FIELDS, MAX_LEASE_BYTES)
 
         ((secs, micros, *hashes),) = self._pipeline(build)
         leases: dict[str, dict[str, Any]] = {}

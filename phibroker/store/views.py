@@ -24,6 +24,7 @@ _PARENT_FIELDS = ("parent", "parent_task")  # set on a child run of a `workflow:
 # writes, by Redis's own flags (tests/test_deploy.py asks it).
 READS = (
     "evalsha_ro",  # READ_OWN and READ_LEASES: what agents wrote (marks, lost attempts, leases), as far as it fits
+    "eval_ro",  # the same, by their source, before a coordinator loads them again
     "hget",
     "hmget",
     "hgetall",

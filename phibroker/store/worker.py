@@ -169,7 +169,7 @@ def access(keys: Keys, agent: str, subscriptions: Iterable[str] = ()) -> list[Gr
         # leases: LEASE and a stop's drop, in the agent's own hash only; reclaim's look at the holders of
         # pending entries (a subscription's stream may be another agent's too) and hand_over's
         Grant(("evalsha", "hexists", "hlen", "hset", "hdel"), (f"~{keys.worker_leases(agent)}",)),
-        Grant(("evalsha_ro", "time", "hlen", "hgetall", "memory|usage"), (f"%R~{keys.worker_leases('*')}",)),
+        Grant(("evalsha_ro", "eval_ro", "time", "hlen", "hgetall", "memory|usage"), (f"%R~{keys.worker_leases('*')}",)),
         *registry.access(keys, agent),
     ]
 
