@@ -388,8 +388,8 @@ class Run:
         # read from Redis after the inputs now applied to it: what it says of a unit's start is the
         # truth (the coordinator clears this once the run is held over to later inputs)
         self.fresh = True
-        # agent -> how many records of attempts its workers reclaimed were read with the run, and those
-        # about its own units (`Connection.read_units`): the next commit moves them into the history
+        # agent -> how many records of attempts its workers reclaimed the next commit takes from their
+        # list, and those about its own units (`Connection.read_units`), which it moves into the history
         self.lost: dict[str, tuple[int, list[bytes]]] = {}
         self.rand = random.Random()
         self._decoded: dict[str, Any] = {}

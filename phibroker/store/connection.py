@@ -588,8 +588,8 @@ class Connection:
         """The units of each run (wf id, its tasks hash as read), with the start marks of its live units
         on them (`state.overlay_marks`): one round trip for the marks of all, none when no unit is live.
         `with_lost`, also the lost attempts of the agents of those units: per run, agent -> (how many the
-        list held, and the records about its own units). An agent's workers write both: READ_OWN reads
-        what fits and no more."""
+        next commit trims, and the records about its own units). An agent's workers write both: READ_OWN
+        reads what fits and no more."""
         units = [parse_units(raw) for _, raw in tables]
         lost: list[dict[str, tuple[int, list[bytes]]]] = [{} for _ in tables]
         reads = [(n, agent, names) for n, table in enumerate(units) for agent, names in state.marked(table).items()]
