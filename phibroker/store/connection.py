@@ -603,7 +603,7 @@ class Connection:
                 own = [self.keys.wf_marks(tables[n][0], agent), self.keys.wf_lost(tables[n][0], agent)]
                 self._read(pipe, scripts.READ_OWN, own, state.MARK_BYTES, state.LOST_RECORDS, lost_bytes, *names)
 
-        replies = iter(self._pipeline(build))
+        replies = iter(self._pipeline(build, reads=True))
         marks: list[dict[str, dict[str, str]]] = [{} for _ in tables]
         for n, agent, names in reads:
             found, items, count = next(replies)
@@ -632,13 +632,13 @@ class Connection:
         else:
             pipe.evalsha_ro(SHAS[source], len(keys), *keys, *args)
 
-    def _pipeline(self, build: Callable[[Any], None], transaction: bool = False) -> list[Any]:
-        """Run the commands `build` queues as one pipeline; errors raise, NOSCRIPT reloads and reruns
-        (read scripts by their source, for a user that may not load them: see `_read`).
+    def _pipeline(self, build: Callable[[Any], None], transaction: bool = False, reads: bool = False) -> list[Any]:
+        """Run the commands `build` queues as one pipeline; errors raise, NOSCRIPT reloads and reruns.
+        A pipeline of `reads` (`_read` scripts only) runs again by their source where this user may not
+        load them; any other waits, as for a busy Redis, until a coordinator has.
 
         Without `transaction`, each command stands alone: one refused (OOM) does not stop the next.
         With it (MULTI/EXEC), a refused command discards them all."""
-        unloaded: Refused | None = None
         for attempt in (1, 2):
             pipe = self.redis.pipeline(transaction=transaction)
             build(pipe)
@@ -648,13 +648,11 @@ class Connection:
                 try:
                     self.load_scripts()
                 except Refused as exc:
-                    if exc.code != "UNLOADED":
+                    if exc.code != "UNLOADED" or not reads:
                         raise
-                    unloaded, self._read_by_source = exc, True
+                    self._read_by_source = True
                 continue
             for reply in replies:
-                if isinstance(reply, NoScriptError) and unloaded:
-                    raise unloaded  # a script that writes: wait for a coordinator to load it
                 if isinstance(reply, Exception):
                     raise reply
             return list(replies)
@@ -872,7 +870,7 @@ class Connection:
         def build(pipe: Any) -> None:
             self._read(pipe, scripts.READ_LEASES, tables, MAX_LEASE_FIELDS, MAX_LEASE_BYTES)
 
-        ((secs, micros, *hashes),) = self._pipeline(build)
+        ((secs, micros, *hashes),) = self._pipeline(build, reads=True)
         leases: dict[str, dict[str, Any]] = {}
         for agent, flat in zip(names, hashes, strict=True):
             raw = dict(zip(flat[::2], flat[1::2], strict=True))
