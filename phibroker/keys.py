@@ -1,8 +1,8 @@
 """Every Redis name phibroker uses, built from the namespace in one place.
 
 Every key of one workflow carries its `{ID}` hash tag, so a transition script touches one cluster slot;
-an agent's two lanes share the tag `{AGENT}`, and each inbox shard's two lanes one tag, so one read covers
-both on a Redis Cluster too. On a cluster the inbox, the events log and the timers are several keys
+an agent's two task lanes share the tag `{AGENT}`, and every lane of an inbox shard its shard's tag, so
+one read covers them on a Redis Cluster too. On a cluster the inbox, the events log and the timers are several keys
 each, spread over the masters; a run's go to the same shard of each.
 """
 
@@ -30,35 +30,59 @@ class Keys:
 
     # -- streams and indexes shared by every workflow -------------------------------------------
     @cached_property
-    def inbox_shards(self) -> tuple[tuple[str, str], ...]:
-        """The coordinators' inbox: worker results and control messages (submit, cancel, decide), each
-        shard a pair of lanes sharing a hash tag. The second lane takes the results of tasks from the
-        agents' bulk lanes, read a slice at a time between looks at the first, so a big fan-out's results
-        never hold up a small workflow's. One server has one shard, read by every coordinator; a cluster
-        has `shards`, spread as `event_logs` is, each read by the coordinator that leases it."""
+    def inbox_lanes(self) -> tuple[str, ...]:
+        """The coordinators' inbox, a lane per shard: what clients, approvers and coordinators send (submit,
+        cancel, decide, a child's end). What an agent's workers send goes to the agent's own lanes beside it
+        (`agent_lanes`). One server has one shard, read by every coordinator; a cluster has `shards`,
+        spread as `event_logs` is, each read by the coordinator that leases it."""
         if self.shards <= 1:
-            return ((f"{self.namespace}:{{results}}", f"{self.namespace}:{{results}}:bulk"),)
-        return tuple(
-            (f"{self.namespace}:results:{{{tag}}}", f"{self.namespace}:results:{{{tag}}}:bulk")
-            for tag in spread_tags(self.shards)
-        )
+            return (f"{self.namespace}:{{results}}",)
+        return tuple(f"{self.namespace}:results:{{{tag}}}" for tag in spread_tags(self.shards))
 
     def inbox(self, wf_id: str | None) -> str:
         """The inbox lane a run's messages go to (the first shard's for messages of no run)."""
-        return self.inbox_shards[self._shard_index(len(self.inbox_shards), wf_id)][0]
+        return self.inbox_lanes[self._shard_index(len(self.inbox_lanes), wf_id)]
 
-    def inbox_bulk(self, wf_id: str | None) -> str:
-        """The bulk lane of the run's inbox shard."""
-        return self.inbox_shards[self._shard_index(len(self.inbox_shards), wf_id)][1]
+    def agent_lanes(self, agent: str, shard: int) -> tuple[str, str]:
+        """An agent's two lanes in an inbox shard, written by its workers only: one appending elsewhere
+        (with an id or a MAXLEN of its choosing) could trim or end another's stream. Results, events,
+        dead letters and requests go to the first; the results of tasks from the agent's bulk lane to
+        the second, read a slice at a time between looks at the first, so a big fan-out's results never
+        hold up a small workflow's. Both share their shard's hash tag: one read covers a shard."""
+        return f"{self.inbox_lanes[shard]}:agent:{agent}", f"{self.inbox_lanes[shard]}:bulk:{agent}"
+
+    def agent_inbox(self, agent: str, wf_id: str | None, bulk: bool = False) -> str:
+        """The agent's lane (or bulk lane) in the run's inbox shard."""
+        return self.agent_lanes(agent, self._shard_index(len(self.inbox_lanes), wf_id))[bulk]
+
+    def shard_lanes(self, shard: int, agents: Iterable[str], bulk: bool = True) -> list[str]:
+        """Every lane of an inbox shard: its own, then the agents' (with their bulk lanes, if `bulk`)."""
+        pairs = [self.agent_lanes(agent, shard) for agent in sorted(agents)]
+        return [self.inbox_lanes[shard], *(first for first, _ in pairs), *(bulk_ for _, bulk_ in pairs if bulk)]
+
+    def lanes(self, agents: Iterable[str]) -> list[str]:
+        """Every lane of every inbox shard, for `agents`."""
+        agents = sorted(agents)
+        return [lane for shard in range(len(self.inbox_lanes)) for lane in self.shard_lanes(shard, agents)]
+
+    def is_bulk(self, lane: str) -> bool:
+        return lane.startswith(self._bulk_prefixes)
 
     @cached_property
-    def inboxes(self) -> tuple[str, ...]:
-        """Every lane of every inbox shard."""
-        return tuple(lane for shard in self.inbox_shards for lane in shard)
+    def _bulk_prefixes(self) -> tuple[str, ...]:
+        return tuple(f"{shared}:bulk:" for shared in self.inbox_lanes)
 
-    @cached_property
-    def bulk_lanes(self) -> frozenset[str]:
-        return frozenset(bulk for _, bulk in self.inbox_shards)
+    def lane_owner(self, lane: str) -> str | None:
+        """The agent whose lane of the inbox this is (None for a shard's own lane, or any other stream)."""
+        shared = self.shard_of(lane)
+        return None if shared is None or lane == shared else lane[len(shared) + len(":agent:") :]
+
+    def shard_of(self, lane: str) -> str | None:
+        """The shard's own lane of any lane of an inbox shard (None for any other stream)."""
+        for shared in self.inbox_lanes:
+            if lane == shared or lane.startswith((f"{shared}:agent:", f"{shared}:bulk:")):
+                return shared
+        return None
 
     @property
     def inbox_owners(self) -> str:

@@ -12,6 +12,7 @@ import hmac
 import itertools
 import json
 import os
+import re
 import threading
 import time
 from collections.abc import Mapping
@@ -414,9 +415,11 @@ class Inbox:
         return pack_limited(envelope, limit, f"{self.kind} message")
 
     def signature(self, secret: bytes) -> str:
-        """HMAC over the kind, the id, the claimed agent and the results blob (the body, for any other
-        kind): who sent exactly this (a signed `spend` cannot be passed off as a `lost`)."""
-        signed = self.blob if self.kind == "results" else pack(self.body)
+        """HMAC over the kind, the id, the claimed agent and the results blob (with the body, if any: the
+        starts of those results' tasks) or the body, for any other kind: who sent exactly this (a signed
+        `spend` cannot be passed off as a `lost`)."""
+        body = pack(self.body) if self.body or self.kind != "results" else b""
+        signed = self.blob + body if self.kind == "results" else body
         message = f"{self.kind}|{self.id}|{self.agent}|".encode() + signed
         return hmac.new(secret, message, hashlib.sha256).hexdigest()
 
@@ -516,6 +519,8 @@ _BODY_FIELDS = {  # what each control message must name
     "trigger": ("wf", "trigger"),
     "spend": ("wf", "unit", "dispatch"),
     "joined": ("agent",),  # an agent's worker started: the coordinators put the agent on the roster
+    "events": (),  # `events`, a list: what a worker publishes (a task's start, a reaction's events)
+    "dead": ("reason",),  # a message a worker could not handle, for the dead letters
 }
 _INBOX_KINDS = frozenset({"results", *_BODY_FIELDS})
 
@@ -523,6 +528,36 @@ _INBOX_KINDS = frozenset({"results", *_BODY_FIELDS})
 def encode_events(events: list[dict[str, Any]]) -> bytes:
     """A batch of events as one entry of the events log or of `NS:sub:X`: one XADD per transition, not per event."""
     return pack({"v": VERSION, "events": events})
+
+
+SENT_EVENTS = 1000  # events one message of a worker's may carry: each costs the coordinator a write or two
+_ID = re.compile(r"[^{}]{1,1024}")  # an event's id, a run's: parts of keys, whose hash tag they must not change
+
+
+def sent_events(value: Any) -> list[dict[str, Any]]:
+    """The events a worker sent the coordinators to publish, at most SENT_EVENTS, shaped as phibroker's
+    own (a `type`, text; an `id` and a `workflow`, text without braces: they make keys and run ids; a
+    `task`, text; a whole `depth`; a `chain` of text): DecodeError for anything else, which would stop
+    a router, or make readers skip the log entry it shares."""
+    if not isinstance(value, list) or len(value) > SENT_EVENTS:
+        raise DecodeError(value, f"events: not a list of at most {SENT_EVENTS} events")
+    for event in value:
+        if not (
+            isinstance(event, dict)
+            and isinstance(event.get("type"), str)
+            and _is_id(event.get("id"))
+            and (event.get("workflow") is None or _is_id(event.get("workflow")))
+            and isinstance(event.get("task"), str | None)
+            and type(event.get("depth", 0)) is int
+            and isinstance(event.get("chain", []), list)
+            and all(isinstance(link, str) for link in event.get("chain", []))
+        ):
+            raise DecodeError(event, "events: an event not shaped as phibroker's (type, id, workflow, depth, chain)")
+    return value
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, str) and _ID.fullmatch(value) is not None
 
 
 def decode_events(raw: bytes, limit: int) -> list[dict[str, Any]]:

@@ -35,7 +35,7 @@ def dispatched(settings: Settings, client: Client, tmp_path: Path) -> Dispatched
     path.write_text(ONE)
     wf_id = client.submit(path)
     coordinator = Coordinator(settings)
-    for inbox in settings.keys.inboxes:
+    for inbox in settings.keys.inbox_lanes:
         coordinator.broker.ensure_group(inbox, "coordinators")
     lane = settings.keys.agent_tasks("probe")
     until(lambda: coordinator.step() >= 0 and client.broker.redis.xlen(lane) == 1)

@@ -156,6 +156,7 @@ class Fleet:
     def store(self, user: str, signed: bool = False) -> WorkerStore:
         """USER's own connection; `signed`: it signs with its agent's secret, as its worker does."""
         store = WorkerStore(self.settings(user))
+        store.serve(user)
         if signed:
             store.sign_as(user, self.deployment.env(user)["PHIBROKER_AGENT_SECRET"].encode())
         return store
@@ -304,9 +305,9 @@ tasks:
 
 
 def test_a_forged_trigger_starts_nothing_and_a_true_one_starts_its_run(fleet: Fleet, tmp_path: Path) -> None:
-    """An agent may send `trigger` messages (its worker routes the events it settles), so each is
-    checked again where it is applied: the event must pass the trigger's own filter and storm guard,
-    under the run id that event gives."""
+    """Only coordinators send `trigger` messages (they route the events workers send them): one from
+    an agent is refused, whatever its event. An event the agent publishes (its handler's) starts the
+    trigger's run, once it passes the trigger's own filter and storm guard."""
     path = tmp_path / "on-release.yaml"
     path.write_text(RELEASED)
     signing.sign_file(fleet.ops, path)
@@ -336,14 +337,27 @@ def test_a_forged_trigger_starts_nothing_and_a_true_one_starts_its_run(fleet: Fl
 
     until(lambda: len(refused()) >= len(forged), fleet.procs)
     assert len(refused()) == len(forged), refused()
-    true_one = send(event("stable"))
+    true_event = records.event("release.tagged", None, None, {"channel": "stable"})
+    time.sleep(1.5)  # the coordinators read routes again a second after the last read: now they know the trigger
+    webc.relay([true_event])
+    true_one = trigger_workflow_id("on-release", true_event)
     with fleet.client("client") as client:
         until(lambda: client.broker.run_state(true_one) is not None, fleet.procs)  # the coordinators start it
         assert client.wait(true_one, timeout=60)["state"] == "succeeded"
         for wf_id in forged:
             with pytest.raises(UnknownWorkflow):
                 client.status(wf_id)
+    assert all("'webc' is agent; only coordinator may send it" in reason for reason in refused()), refused()
+    # events the trigger wants that make no run (bytes are no JSON; an id no run's id may hold):
+    # dead-lettered, and no coordinator stops on them
+    seen = len(fleet.dead_letters())
+    webc.relay([records.event("release.tagged", None, None, {"channel": "stable", "blob": b"\xff"})])
+    webc.relay([{**records.event("release.tagged", None, None, {"channel": "stable"}), "id": "x y/../z"}])
+    reasons = reasons_since(fleet, seen, 2)
+    assert all("its event makes no run" in reason for reason in reasons), reasons
+    assert fleet.alive(), fleet.procs.output()
     record("trigger message whose event the trigger's filter refuses", "webc", "started the run", "refused")
+    record("trigger message from an agent", "webc", "checked as the trigger filters", "refused: not a coordinator")
 
 
 def test_a_copy_of_a_signed_file_written_by_an_agent_does_not_run(fleet: Fleet) -> None:
@@ -498,7 +512,7 @@ def forge(fleet: Fleet, agent: str, wf_id: str, unit: str, token: int) -> None:
     result = wire.Result(dispatch, wf_id, unit, token, True, "mallory", 1.0, 2.0, value=value)
     inbox = wire.Inbox(kind="results", results=[result], agent=agent)
     secret = fleet.deployment.env(agent)["PHIBROKER_AGENT_SECRET"].encode()
-    fleet.store(agent).add(fleet.deployment.keys.inbox(None), inbox.encode(1 << 20, secret))
+    fleet.store(agent).add(fleet.deployment.keys.agent_inbox(agent, None), inbox.encode(1 << 20, secret))
 
 
 # -- the attacks that held, and hold ---------------------------------------------------------------------
@@ -528,7 +542,8 @@ def test_what_each_user_was_refused_is_still_refused(fleet: Fleet) -> None:
     ):
         refused_all(denied, user)
         for what in denied:
-            worked = user == "webc" and what.startswith("SCRIPT LOAD")  # agents could load scripts before
+            # agents could load scripts before, and append to every stream that went past them
+            worked = user == "webc" and (what.startswith("SCRIPT LOAD") or "MAXLEN" in what)
             record(what, user, "worked" if worked else before, "NOPERM")
 
 
@@ -687,7 +702,7 @@ def test_digests_that_are_not_ascii_are_refused_and_stop_no_coordinator(fleet: F
     seen = len(fleet.dead_letters())
     body = {"wf": wf_id, "unit": "Build", "dispatch": "d", "attempt": 1, "tokens": 1, "cost": 0.0}
     spend = {"v": wire.VERSION, "id": wire.short_id(), "kind": "spend", "agent": "webc", "sig": "é" * 64, "body": body}
-    fleet.deployment.client("webc").xadd(keys.inbox(wf_id), {wire.FIELD: wire.pack(spend)})
+    fleet.deployment.client("webc").xadd(keys.agent_inbox("webc", wf_id), {wire.FIELD: wire.pack(spend)})
     assert "signature" in reasons_since(fleet, seen, 1)[0]
     sealed = fleet.deployment.client("client").hget(keys.wf(wf_id), "seal").decode()
     rewrite(fleet, wf_id, seal=sealed.rpartition(":")[0] + ":" + "é" * 64)
@@ -785,6 +800,67 @@ def test_an_output_stream_given_its_last_possible_id_stops_no_process_and_the_ru
     assert all(len([h for h in t["history"] if h.get("applied")]) == 1 for t in status["tasks"].values())
     assert fleet.alive(), fleet.procs.output()
     record("last possible id on a run's output stream", "webc", "every coordinator died", "run ends; all alive")
+
+
+def test_an_agent_appends_to_no_stream_but_its_own_lanes(fleet: Fleet) -> None:
+    """Redis ACLs cannot bound XADD's arguments: a user that may append to a stream may trim it (MAXLEN 0)
+    or give it its last possible id, after which nothing more goes in. webc may append to no stream
+    another reads: not the inbox, nor another agent's lanes of it, the events log, the dead letters or
+    another agent's subscription stream. Its results, events and dead letters go to its own lanes, and
+    the coordinators write them on; what it does to those reaches no other agent's work."""
+    keys = fleet.deployment.keys
+    webc = fleet.deployment.client("webc")
+    last = "18446744073709551615-18446744073709551615"
+    targets = {
+        "the inbox": keys.inbox(None),
+        "kalic's inbox lane": keys.agent_inbox("kalic", None),
+        "kalic's bulk inbox lane": keys.agent_inbox("kalic", None, bulk=True),
+        **{f"the events log ({log})": log for log in keys.event_logs},
+        "the dead letters": keys.dlq,
+        "kalic's subscription stream": keys.sub("kalic.watch"),
+    }
+    for stream in targets.values():
+        with pytest.raises(NoPermissionError):
+            webc.xadd(stream, {wire.FIELD: b"x"}, maxlen=0)
+        with pytest.raises(NoPermissionError):
+            webc.xadd(stream, {wire.FIELD: b"x"}, id=last)
+    own = keys.agent_inbox("webc", None)
+    webc.xadd(own, {wire.FIELD: b"x"}, maxlen=0)  # its own lane it may trim: what is there is its own
+    junk = webc.xadd(own, {wire.FIELD: b"x"}).decode()
+    untouched(fleet, fleet.submit("shipping"), {"Ship": ("cmdc", {"run": "make release"})})
+    letter = until(lambda: next((r for r in fleet.dead_letters() if r.get("entry") == junk), None), fleet.procs)
+    assert letter["source"] == own  # read, and kept with why, as any inbox entry
+    record(
+        "XADD MAXLEN 0 or the last id to the inbox, events, dead letters, another's lanes",
+        "webc",
+        "worked: trimmed, or ended for all",
+        "refused: NOPERM",
+    )
+
+
+def test_events_an_agent_sends_malformed_are_dead_lettered_and_stop_no_coordinator(fleet: Fleet) -> None:
+    """The coordinators publish and route what a worker sends; an event not shaped as phibroker's (a
+    depth that is no number, a type that is no text, a run id that is no text) would stop a router, or
+    make readers skip the log entry it shares with other agents' events. Each such message, results and
+    all, is dead-lettered with why."""
+    seen = len(fleet.dead_letters())
+    webc = fleet.store("webc", signed=True)
+    malformed = [
+        {"id": wire.new_id(), "type": "scan.done", "depth": "abc"},
+        {"id": wire.new_id(), "type": 1},
+        {"id": wire.new_id(), "type": "scan.done", "workflow": 7},
+        {"id": wire.new_id(), "type": "scan.done", "chain": 5},
+        {"id": wire.new_id(), "type": "scan.done", "workflow": "}"},  # would make keys of two cluster slots
+        "not a map",
+    ]
+    for event in malformed:
+        events = [records.event("scan.fine", None, None, {}), event]
+        webc.send_to_coordinators(wire.Inbox(kind="events", body={"events": events}))
+    reasons = reasons_since(fleet, seen, len(malformed))
+    assert all("an event not shaped as phibroker's" in reason for reason in reasons), reasons
+    assert fleet.alive(), fleet.procs.output()
+    untouched(fleet, fleet.submit())
+    record("malformed events sent to be published", "webc", "(new) a router stopped", "dead-lettered")
 
 
 def test_marks_and_lost_attempts_an_agent_writes_about_another_agents_units_count_for_nothing(
@@ -942,7 +1018,7 @@ def test_an_inbox_message_of_millions_of_empty_maps_is_dead_lettered_before_it_f
     seen = len(fleet.dead_letters())
     body = {"approval": "x", "padding": [{}] * 2_000_000}
     raw = msgpack.packb({"v": 1, "id": wire.new_id(), "kind": "decide", "body": body})
-    fleet.deployment.client("webc").xadd(keys.inbox(None), {wire.FIELD: raw})
+    fleet.deployment.client("webc").xadd(keys.agent_inbox("webc", None), {wire.FIELD: raw})
     (reason,) = reasons_since(fleet, seen, 1)
     assert "maps and lists" in reason, reason
     assert fleet.alive(), fleet.procs.output()

@@ -320,7 +320,10 @@ def test_chaos_mixed(aof_server: RedisServer, redis_server: RedisServer, tmp_pat
     finally:
         mayhem.calm()
         procs.close()
-    bulk = broker.xlen(settings.keys.agent_bulk("probe")), broker.xlen(settings.keys.inbox_bulk(None))
+    bulk = (
+        broker.xlen(settings.keys.agent_bulk("probe")),
+        broker.xlen(settings.keys.agent_inbox("probe", None, bulk=True)),
+    )
     applied = {k.decode() for k in effects.hkeys(ledger)}
     reruns = sum(int(v) - 1 for v in effects.hvals(f"{ledger}:runs"))
     attempts = [(s["id"], name, h) for s in statuses for name, t in s["tasks"].items() for h in t["history"]]

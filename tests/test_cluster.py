@@ -309,7 +309,7 @@ def test_a_coordinator_killed_mid_run_leaves_its_inbox_shards_to_the_other(
     procs.coordinator()
     for _ in range(2):
         procs.worker("probe", app="tests.apps.probe", concurrency=8, **env)
-    shards = len(keys.inbox_shards)
+    shards = len(keys.inbox_lanes)
 
     def owners() -> dict[str, str]:
         return {k.decode(): v.decode() for k, v in client.broker.redis.hgetall(keys.inbox_owners).items()}
@@ -344,13 +344,21 @@ def test_a_coordinator_killed_mid_run_leaves_its_inbox_shards_to_the_other(
     # the survivor leases every shard, the dead one none
     until(lambda: len(set(owners().values())) == 1 and f":{doomed.pid}:" not in next(iter(owners().values())))
     assert len(owners()) == shards
-    # each run's messages went to its own shard of the inbox
+    # each run's messages went to its own shard of the inbox: the workers' to their agent's lanes there
     on = client.broker.redis
-    for lane in keys.inboxes:
+    results = 0
+    for lane in keys.lanes(["probe"]):
         for _, fields in on.xrange(lane):
             message = wire.Inbox.decode(fields[b"m"], 1 << 24)
+            results += len(message.results)
             runs = {result.wf for result in message.results} or {message.body.get("wf")}
-            assert all(lane in (keys.inbox(wf_id), keys.inbox_bulk(wf_id)) for wf_id in runs), (lane, runs)
+            events = message.body.get("events") or ()
+            runs |= {event.get("workflow") for event in events} if message.kind == "events" else set()
+            wanted = {keys.inbox(wf_id) for wf_id in runs}
+            if message.kind in ("results", "events", "joined"):
+                wanted = {keys.agent_inbox("probe", wf_id, bulk) for wf_id in runs for bulk in (False, True)}
+            assert lane in wanted, (lane, message.kind, runs)
+    assert results
 
 
 def test_stream_reads_are_routed_without_asking_a_node(settings: Settings) -> None:
@@ -362,7 +370,7 @@ def test_stream_reads_are_routed_without_asking_a_node(settings: Settings) -> No
     assert stream_read_keys(("XREAD", "COUNT", 1, "BLOCK", 5, "STREAMS", "a", "0-0")) == ["a"]
     assert stream_read_keys(("XADD", "a", "*", "m", "1")) is None
     store = CoordinatorStore(settings)
-    lanes = list(settings.keys.inboxes)
+    lanes = settings.keys.lanes(["probe"])
     for lane in lanes:
         store.ensure_group(lane, "coordinators")
 
@@ -375,6 +383,6 @@ def test_stream_reads_are_routed_without_asking_a_node(settings: Settings) -> No
     before = asked()
     store.read_groups(lanes, "coordinators", "probe", 10, None)
     store.poll(lanes, "coordinators", "probe", 10, None, False, {}, settings.keys.timer_sets[0])
-    assert not store.read_groups(settings.keys.inbox_shards[0], "coordinators", "probe", 10, 0.01)  # blocking
+    assert not store.read_groups(settings.keys.shard_lanes(0, ["probe"]), "coordinators", "probe", 10, 0.01)  # blocking
     assert asked() == before
     store.close()

@@ -139,9 +139,11 @@ def test_duplicate_dispatch_and_duplicate_result_are_harmless(
     assert ledger.read_text().split("\n").count(f"{wf_id}:A 1 1") == 1
     assert len(ledger.read_text().splitlines()) == 2
 
-    results = r.xrange(settings.keys.inbox(None))
+    lane = settings.keys.agent_inbox("probe", None)
+    results = r.xrange(lane)
+    assert results
     for _, fields in results:
-        r.xadd(settings.keys.inbox(None), fields)  # every result again
+        r.xadd(lane, fields)  # every result again
     before = r.xlen(stream)
     time.sleep(1.0)
     again = client.status(wf_id)

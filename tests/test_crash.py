@@ -282,13 +282,15 @@ def test_dlq_cli_lists_shows_retries_and_purges(procs: Processes, settings: Sett
     stream = settings.keys.agent_tasks("probe")
     r.xgroup_create(stream, "workers", id="0", mkstream=True)
     r.xadd(stream, {"m": b"\xc1"})
+    coordinator = procs.coordinator()  # keeps what the worker could not handle, as its agent's user may not
     worker = procs.worker("probe", app="tests.apps.probe")
     deadline = time.monotonic() + 20
     while not client.dead_letters():
         assert time.monotonic() < deadline, procs.output()
         time.sleep(0.05)
-    worker.terminate()
-    worker.wait(timeout=20)
+    for process in (worker, coordinator):  # what is put back stays where it was put
+        process.terminate()
+        process.wait(timeout=20)
     from tests.test_core import cli
 
     listed = cli(settings, "dlq", "list", "--json")
@@ -305,6 +307,11 @@ def test_dlq_cli_lists_shows_retries_and_purges(procs: Processes, settings: Sett
     before = r.xlen(inbox)
     retried = cli(settings, "dlq", "retry", kept)
     assert retried.returncode == 0 and r.xlen(inbox) == before + 1 and len(client.dead_letters()) == 1
+    # one from an agent's lane goes back to its shard's own lane, where the admin may append
+    letter["source"] = settings.keys.agent_inbox("probe", None)
+    kept = r.xadd(settings.keys.dlq, {"m": msgpack.packb(letter)}).decode()
+    retried = cli(settings, "dlq", "retry", kept)
+    assert retried.returncode == 0 and r.xlen(inbox) == before + 2 and len(client.dead_letters()) == 1
     r.xadd(settings.keys.dlq, {"m": msgpack.packb({"reason": "x", "raw": b"", "source": "s", "entry": "1-0"})})
     assert cli(settings, "dlq", "purge").returncode == 2
     assert cli(settings, "dlq", "purge", "--all").returncode == 0 and not client.dead_letters()

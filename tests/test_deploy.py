@@ -56,7 +56,7 @@ def allows(user: acl.User, command: str, key: str, need: str) -> bool:
     return False
 
 
-def test_each_agent_gets_its_own_keys_and_only_appends_to_shared_ones() -> None:
+def test_each_agent_gets_its_own_keys_and_appends_to_no_shared_stream() -> None:
     keys = Keys("phi")
     users = {u.name: u for u in acl.generate("phi", AGENTS, roles=ROLES).users}
     kalic = users["kalic"]
@@ -74,7 +74,12 @@ def test_each_agent_gets_its_own_keys_and_only_appends_to_shared_ones() -> None:
     assert not allows(kalic, "hset", keys.wf_lost("wf-1", "kalic"), "W")  # each of its own keys: one type
     assert not allows(kalic, "rpush", keys.wf_marks("wf-1", "kalic"), "W")
     assert not allows(kalic, "zadd", keys.running, "W")  # its reactions' runs are the coordinators' to write
-    assert allows(kalic, "xadd", keys.sub("listener.on_scan"), "W")  # routing into another subscription
+    # it appends to its own inbox lanes only: the coordinators publish, route and keep what it sends
+    assert allows(kalic, "xadd", keys.agent_inbox("kalic", None), "W")
+    assert allows(kalic, "xadd", keys.agent_inbox("kalic", None, bulk=True), "W")
+    for stream in (keys.inbox(None), keys.agent_inbox("vssc", None), *keys.event_logs, keys.dlq):
+        assert not allows(kalic, "xadd", stream, "W"), stream
+    assert not allows(kalic, "xadd", keys.sub("listener.on_scan"), "W")  # nor into another subscription
     assert not allows(kalic, "xack", keys.sub("listener.on_scan"), "W")
     assert not allows(kalic, "zadd", keys.sub_seen("listener.on_scan"), "W")
     assert not allows(kalic, "xadd", keys.agent_tasks("vssc"), "W")
@@ -480,6 +485,14 @@ def agent_denials(keys: Keys, agent: redis.Redis, other: str, other_sub: str, wf
         "EVAL of undeclared keys": lambda: agent.eval("return redis.call('HGETALL', ARGV[1])", 0, keys.wf_results(wf)),
         "XRANGE on the results stream": lambda: agent.xrange(keys.inbox(None)),
         "XACK in another subscription": lambda: agent.xack(keys.sub(other_sub), WORKERS_GROUP, "0-1"),
+        # appends that could trim a stream others' work goes through (Redis cannot bound XADD's arguments)
+        "XADD MAXLEN 0 to the inbox": lambda: agent.xadd(keys.inbox(None), {"m": b"x"}, maxlen=0),
+        f"XADD MAXLEN 0 to {other}'s inbox lane": lambda: agent.xadd(
+            keys.agent_inbox(other, None), {"m": b"x"}, maxlen=0
+        ),
+        "XADD MAXLEN 0 to the events log": lambda: agent.xadd(keys.event_logs[0], {"m": b"x"}, maxlen=0),
+        "XADD MAXLEN 0 to the dead letters": lambda: agent.xadd(keys.dlq, {"m": b"x"}, maxlen=0),
+        "XADD MAXLEN 0 in another subscription": lambda: agent.xadd(keys.sub(other_sub), {"m": b"x"}, maxlen=0),
         "HSET into the trust list": lambda: agent.hset(keys.trusted_keys, "mallory", "00"),
         "HSET a trigger": lambda: agent.hset(keys.triggers, "evil", "{}"),
         "ZADD a timer": lambda: agent.zadd(keys.timer_sets[0], {"x": 1}),
@@ -519,7 +532,7 @@ def test_an_agent_cannot_touch_what_it_does_not_need(deployment: Deployment) -> 
     mine = root.execute_command("ACL", "DRYRUN", "kalic", "XADD", keys.agent_tasks("kalic"), "*", "m", "x")
     assert mine == b"OK"
     assert kalic.hget(keys.wf(wf), "state") == b"running"  # what its fencing script and unit_states read
-    kalic.xadd(keys.sub("listener.on_scan"), {"m": b"routed"})  # routing a copy to another subscription
+    kalic.xadd(keys.agent_inbox("kalic", None), {"m": b"x"})  # its own lane of the inbox
     logged = set(deployment.denials())
     assert ("kalic", vssc_tasks) in logged and ("kalic", keys.wf_results(wf)) in logged
 

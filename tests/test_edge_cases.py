@@ -104,16 +104,19 @@ def test_a_handler_that_exits_or_emits_garbage_fails_its_attempt_and_the_worker_
 
 
 def _coordinator(settings: Settings) -> Coordinator:
-    """A coordinator driven round by round from the test (`step()`), its inbox groups created."""
+    """A coordinator driven round by round from the test (`step()`), reading the lanes of the agent
+    `probe` (on the roster, as its workers would put it), its inbox groups created."""
     coordinator = Coordinator(settings)
-    for inbox in settings.keys.inboxes:
-        coordinator.broker.ensure_group(inbox, "coordinators")
+    coordinator.broker.redis.sadd(settings.keys.roster, "probe")
+    coordinator.maintenance.read_roster()
+    for lane in coordinator.maintenance.lanes():
+        coordinator.broker.ensure_group(lane, "coordinators")
     return coordinator
 
 
 def _answer_bulk_lane(settings: Settings, client: Client, agent: str, count: int, per_entry: int) -> list[str]:
     """Act as a worker on an agent's bulk lane: read, start and answer `count` tasks, `per_entry` results
-    to an entry of the inbox's bulk lane."""
+    to an entry of the agent's bulk lane of the inbox."""
     broker, keys = WorkerStore(settings, client=client.broker.redis), settings.keys
     read = broker.read_groups([keys.agent_bulk(agent)], WORKERS_GROUP, "stand-in", count, None)
     messages = [(entry, wire.TaskMessage.decode(entry.raw or b"", 1 << 20)) for _, entry in read]
@@ -128,7 +131,7 @@ def _answer_bulk_lane(settings: Settings, client: Client, agent: str, count: int
     ]
     for start in range(0, len(results), per_entry):
         inbox = wire.Inbox(kind="results", results=results[start : start + per_entry], agent=agent)
-        broker.add(keys.inbox_bulk(None), inbox.encode(1 << 26))
+        broker.add(keys.agent_inbox(agent, None, bulk=True), inbox.encode(1 << 26))
     return [m.unit for _, m in messages]
 
 
@@ -165,7 +168,8 @@ def test_a_dead_coordinators_bulk_lane_entries_are_taken_over(
     stream = settings.keys.agent_bulk("probe")
     until(lambda: doomed.step() >= 0 and client.broker.redis.xlen(stream) == 80)
     _answer_bulk_lane(settings, client, "probe", 80, 80)
-    read = client.broker.read_groups([settings.keys.inbox_bulk(None)], "coordinators", doomed.name, 10, None)
+    lane = settings.keys.agent_inbox("probe", None, bulk=True)
+    read = client.broker.read_groups([lane], "coordinators", doomed.name, 10, None)
     assert len(read) == 1  # delivered to the doomed coordinator, which dies before handling it (it holds no lease)
     procs.coordinator()
     assert client.wait(wf_id, timeout=30)["state"] == "succeeded", procs.output()

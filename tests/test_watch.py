@@ -23,6 +23,7 @@ from phibroker.runtime.client import Client
 from phibroker.runtime.events import subscription_edges
 from phibroker.settings import Settings
 from phibroker.store.connection import Connection
+from phibroker.store.coordinator import CoordinatorStore
 from phibroker.store.registry import Registry
 from phibroker.tools.diagnose import Facts, explain, worker_rows
 from phibroker.tools.watch import (
@@ -328,10 +329,11 @@ def test_watch_once_shows_a_real_run(procs: Processes, client: Client, settings:
 
 
 def test_snapshot_measures_messages_per_second(settings: Settings) -> None:
-    broker = Connection(settings)
+    broker = CoordinatorStore(settings)
     stream = settings.keys.agent_tasks("pump")
     broker.ensure_group(stream, "workers")
-    broker.publish([{"type": "task.dispatched", "workflow": "w", "task": "t", "data": {"agent": "pump"}, "ts": 1.0}])
+    event = {"type": "task.dispatched", "workflow": "w", "task": "t", "data": {"agent": "pump"}, "ts": 1.0}
+    broker.relay([event], None)
     first = snapshot(broker)
     for _ in range(30):
         broker.add(stream, b"x")

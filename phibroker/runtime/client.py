@@ -334,9 +334,10 @@ class Client:
 
     def retry_dead_letter(self, entry_id: str) -> str:
         """Put a dead letter's bytes back on the stream it came from; returns that stream. Only the
-        coordinators' inbox (which checks who signed what it reads) and subscription streams (which
-        agents may append to anyway) take them: any process may write a dead letter, so its bytes and
-        its `source` are not to be trusted with an agent's task lane."""
+        coordinators' inbox (which checks who signed what it reads; an agent's lane's go to its shard's
+        own lane) and subscription streams take them: a worker's dead letter is put back only on a
+        subscription of its own agent's (named `AGENT.*`, and no other agent's too), as its bytes and
+        its `source` are the agent's to choose."""
         keys = self.settings.keys
         with reaching(self.settings):
             record = self.broker.read_dead_letter(entry_id)
@@ -344,15 +345,29 @@ class Client:
                 raise InvalidInput(f"no dead letter {entry_id!r}")
             if record.get("truncated"):
                 raise InvalidInput(f"dead letter {entry_id!r} was too large to keep whole; it cannot be retried")
+            raw = record.get("raw")
+            if not isinstance(raw, bytes):
+                raise InvalidInput(f"dead letter {entry_id!r} holds no message bytes; it cannot be retried")
             source = str(record.get("source") or "")
             if source.startswith(keys.sub("")):
-                source = keys.sub(str(record.get("subscription") or source.rsplit(":", 1)[-1]))
-            elif source not in keys.inboxes:
+                name = str(record.get("subscription") or source.rsplit(":", 1)[-1])
+                owner = keys.lane_owner(str(record.get("lane") or "")) if record.get("lane") else None
+                if record.get("lane") and not (
+                    owner and name.startswith(f"{owner}.") and self.registry.registrants(name) == {owner}
+                ):
+                    raise InvalidInput(
+                        f"dead letter {entry_id!r} was sent by a worker about subscription {name!r}, which is"
+                        " not its agent's alone: it is not put back there"
+                    )
+                source = keys.sub(name)
+            elif keys.shard_of(source):  # an agent's lane too: the admin appends to the shard's own
+                source = str(keys.shard_of(source))
+            else:
                 raise InvalidInput(
                     f"dead letter {entry_id!r} came from {source or 'nowhere'!r}: only the inbox's and the"
                     " subscriptions' are put back (a task's: `phibroker retry RUN --from TASK`)"
                 )
-            self.broker.add(source, record.get("raw") or b"")
+            self.broker.add(source, raw)
             self.broker.remove_dead_letters([entry_id])
         return source
 

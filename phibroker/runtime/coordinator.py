@@ -6,8 +6,10 @@ that commits a transition first wins, the other re-reads and finds nothing left 
 
 The loop, like rq's `work()`: maintain (lease, take over from the dead, sweep) -> one round trip that
 acks the last round, claims due timers and reads the inbox -> apply each workflow's inputs in one
-transition -> commit (with the dispatches) -> drain. The inbox has two lanes: small workflows' results
-are handled first, a big release's (`results:bulk`) a slice at a time after them.
+transition -> commit (with the dispatches) -> drain. Each inbox shard has a lane of its own (clients'
+and coordinators' messages) and two per agent, the only streams its workers append to: what they send
+(results, and the events the coordinator publishes for them) is handled first, a big release's results
+(its bulk lane) a slice at a time after them.
 
 Beside it live the checks of who may send what (`gate.SecurityGate`), the chores that keep a fleet of
 coordinators whole (`maintenance.Maintenance`), the cache of runs and workflow files (`runs.RunCache`)
@@ -28,7 +30,7 @@ from typing import Any
 
 from phibroker import engine, wire
 from phibroker.engine import state
-from phibroker.errors import DecodeError, PhibrokerError
+from phibroker.errors import DecodeError, InvalidInput, PhibrokerError
 from phibroker.keys import COORDINATORS_GROUP
 from phibroker.runtime.bulk import HeldWork
 from phibroker.runtime.events import Router, trigger_refusal
@@ -57,6 +59,7 @@ inputs are dead-lettered, before this coordinator's silence lets another take ov
 _SEALED = frozenset({"launched", "params", "children"})  # a launched run's meta its seal covers (and its start)
 LAG_REFRESH = 1.0  # seconds between two looks at the agents' stream lag (`--metrics-port`)
 BULK_BUDGET = 0.1  # seconds of bulk-lane work a round may do before its chores (lease, timers) come round
+RELAY_BATCH = 5000  # events workers sent, published in one write at most
 
 _CRASH_AT, _, _CRASH_COUNT = os.environ.get("PHIBROKER_CRASH_AT", "").partition(":")
 _crash_hits: dict[str, int] = defaultdict(int)
@@ -108,6 +111,8 @@ class Coordinator:
             self.holding,
             lambda spec: self.cache.workflow(spec),
             self._forget_all,
+            self.gate.agents,
+            lambda: self.cache.agents,
         )
         self.cache = RunCache(settings, self.broker, cache_size, require_signed)
         self.held = HeldWork(settings)
@@ -127,6 +132,7 @@ class Coordinator:
         self._forged: dict[int, tuple[str, bytes, str, str]] = {}  # why, what, its entry, its run
         # dated control messages read this round, by their op: their ids are claimed before they apply
         self._dated: dict[int, tuple[Op, wire.Inbox, Entry, str]] = {}
+        self._relayed: list[dict[str, Any]] = []  # events workers sent, published before the round commits
 
     # -- the loop ----------------------------------------------------------------------------------
     def run(self, burst: bool = False) -> None:
@@ -138,8 +144,8 @@ class Coordinator:
         try:
             while not self.stopping.is_set():
                 try:
-                    for inbox in self.keys.inboxes:  # in the loop: a full Redis refuses even an existing group
-                        self.broker.ensure_group(inbox, COORDINATORS_GROUP)
+                    for lane in self.maintenance.lanes():  # in the loop: a full Redis refuses even an existing group
+                        self.broker.ensure_group(lane, COORDINATORS_GROUP)
                     self.maintenance.tick()
                     worked = self.step()
                     backoff = 0.1
@@ -173,7 +179,7 @@ class Coordinator:
         acks, self._acks = self._acks, defaultdict(list)
         # every lane when reading its own pending entries again (it may have let go of their shards since),
         # else its shards' lanes, with no more bulk while some is held
-        lanes = list(self.keys.inboxes) if self._recovering else self._lanes(bulk=not self.held.entries)
+        lanes = self.maintenance.lanes() if self._recovering else self._lanes(bulk=not self.held.entries)
         began = time.monotonic()
         try:
             clock, next_due, timers, read = self.broker.poll(
@@ -230,14 +236,14 @@ class Coordinator:
 
     def _by_lane(self, read: list[tuple[str, Entry]]) -> tuple[list[tuple[str, Entry]], list[tuple[str, Entry]]]:
         """The entries read from the inbox's first lanes, and those from its bulk lanes."""
-        bulk_lanes = self.keys.bulk_lanes
-        return [p for p in read if p[0] not in bulk_lanes], [p for p in read if p[0] in bulk_lanes]
+        bulk = [self.keys.is_bulk(lane) for lane, _ in read]
+        return [p for p, b in zip(read, bulk, strict=True) if not b], [p for p, b in zip(read, bulk, strict=True) if b]
 
     def _lanes(self, bulk: bool = True) -> list[str]:
-        """The inbox lanes this coordinator reads: both of each shard it reads (see `inbox`), or the
-        first of each."""
-        shards = self.keys.inbox_shards
-        return [lane for shard in self.maintenance.shards for lane in shards[shard][: 2 if bulk else 1]]
+        """The inbox lanes this coordinator reads: every lane of each shard it reads (see `inbox`), or
+        all but the agents' bulk lanes."""
+        agents = self.maintenance.agents
+        return [lane for shard in self.maintenance.shards for lane in self.keys.shard_lanes(shard, agents, bulk)]
 
     def _not_before_last(self, now: float) -> float:
         """A round is never stamped before the previous one was (on a cluster the clock as read here is
@@ -291,6 +297,7 @@ class Coordinator:
             self._collect(entry, ops, lane)
         for member in timers:
             ops[state.timer_workflow(member)].append(("timer", member))
+        self._publish_relayed()
         if ops or timers:
             self.execute(now, ops, fired=timers)
         if entries:
@@ -316,6 +323,7 @@ class Coordinator:
             taken.append((lane, entry))
             if size < self.settings.bulk_slice and index < len(entries) - 1:
                 continue
+            self._publish_relayed()
             self.execute(offset + time.monotonic(), ops)
             crash_point("before_ack")
             for done_lane, done in taken:
@@ -330,6 +338,26 @@ class Coordinator:
             if cut_in:
                 self.process(offset + time.monotonic(), cut_in)
         return []
+
+    def _sent_dead_letter(self, body: dict[str, Any], lane: str) -> dict[str, Any]:
+        """A dead letter a worker sent, as the coordinators keep it: its fields of the expected types, the
+        agent whose lane it came in (its own user's: the one that may append there) and that lane."""
+        kept = {
+            name: body[name]
+            for name in ("reason", "source", "entry", "subscription")
+            if isinstance(body.get(name), str)
+        }
+        raw = body.get("raw")
+        kept["raw"] = raw[: self.settings.max_message_bytes] if isinstance(raw, bytes) else b""
+        kept["size"] = body["size"] if type(body.get("size")) is int else len(kept["raw"])
+        kept["truncated"] = body.get("truncated") is True
+        return {**kept, "agent": self.keys.lane_owner(lane), "lane": lane}
+
+    def _publish_relayed(self) -> None:
+        """The events workers sent with the entries read (a task's start before its result's commit)."""
+        if self._relayed:  # not sent: the entries that carried them are read again
+            events, self._relayed = self._relayed, []
+            self.broker.relay(events, self.router.routes)
 
     def holding(self, inbox: str) -> set[str]:
         """The entries of `inbox` this coordinator holds: read for later, or handled and acked with the
@@ -366,12 +394,26 @@ class Coordinator:
             log.warning("dead-lettering inbox entry %s: %s", entry.id, refusal)
             self.broker.dead_letter(refusal, entry.raw, stream, entry.id)
             return 0
+        if message.kind in ("results", "events"):  # with the starts of tasks, published before any commit
+            try:
+                self._relayed += wire.sent_events(message.body.get("events", []))
+            except DecodeError as exc:
+                log.warning("dead-lettering inbox entry %s: %s", entry.id, exc.reason)
+                self.broker.dead_letter(exc.reason, entry.raw, stream, entry.id)
+                return 0
+            if len(self._relayed) >= RELAY_BATCH:  # one write of them stays short
+                self._publish_relayed()
         if message.kind == "results":
             for result in message.results:
                 ops[result.wf].append(("result", (result, message.agent)))
             return len(message.results)
         if message.kind == "joined":  # signed by that agent where identities are known
             self._add_to_roster(message.agent or message.body["agent"], entry, stream)
+            return 0
+        if message.kind == "events":  # a task's start, a reaction's events: its workers may not publish
+            return 0
+        if message.kind == "dead":  # what its worker could not handle
+            self.broker.keep_dead_letter(self._sent_dead_letter(message.body, stream))
             return 0
         wf_id = message.body.get("wf")
         if not isinstance(wf_id, str):
@@ -690,8 +732,15 @@ class Coordinator:
         chain = event.get("chain")
         chain = [*(chain if isinstance(chain, list) else []), f"{event.get('type')}@{event.get('id')}"]
         depth = int(event.get("depth") or 0) + 1
-        wf_id, fields = submission(workflow, params, str(body["wf"]), depth, chain, signed=info.get("signed") or {})
-        if self.broker.submit_workflow(wf_id, fields):
+        try:  # the event is an agent's: its data may make no run (bytes in params, say), before any write
+            wf_id, fields = submission(workflow, params, str(body["wf"]), depth, chain, signed=info.get("signed") or {})
+            started = self.broker.submit_workflow(wf_id, fields)
+        except (InvalidInput, TypeError, ValueError) as exc:
+            reason = f"trigger {name}: its event makes no run: {exc}"
+            log.warning("dead-lettering inbox entry %s: %s", entry.id, reason)
+            self.broker.dead_letter(reason, entry.raw, stream, entry.id)
+            return
+        if started:
             log.info("trigger %s started %s on %s", name, body["wf"], event.get("type"))
 
     def _start_asked(self, message: wire.Inbox, entry: Entry, stream: str) -> None:
@@ -745,8 +794,8 @@ class Coordinator:
         try:
             for stream, ids in self._acks.items():
                 self.broker.ack(stream, COORDINATORS_GROUP, ids)
-            for inbox in self.keys.inboxes:
-                self.broker.drop_consumer_if_idle(inbox, COORDINATORS_GROUP, self.name)
+            for lane in self.maintenance.lanes():
+                self.broker.drop_consumer_if_idle(lane, COORDINATORS_GROUP, self.name)
             self.maintenance.let_go_of_shards()
             self.broker.drop_lease(self.keys.coordinators, self.name)
         except (PhibrokerError, *CONNECTION_ERRORS):

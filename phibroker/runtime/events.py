@@ -4,8 +4,8 @@ Every event goes to the events log (`NS:events`; on a cluster the run's stream o
 `Router` copies each event into the stream of every subscription whose type and `where` filter match
 (`NS:sub:NAME`, one group each, so no slow subscriber pins the global log), and turns each event that
 matches a workflow trigger into an inbox message that starts the workflow once. Events past the storm
-depth go to the DLQ with their chain instead. Whatever publishes events (a worker's settle, a
-coordinator's drain) is handed `Router.routes`.
+depth go to the DLQ with their chain instead. The coordinators publish every event (a drain's, or those
+a worker sent them) and hand `Router.routes` to what publishes them.
 """
 
 from __future__ import annotations

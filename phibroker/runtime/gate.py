@@ -47,8 +47,9 @@ log = logging.getLogger("phibroker.coordinator")
 AGENT, CLIENT, COORDINATOR, ADMIN = "agent", "client", "coordinator", "admin"
 ROLES = frozenset({AGENT, CLIENT, COORDINATOR, ADMIN})
 # Who may send each kind of inbox message. `decide` is not here: a decision carries its approver's
-# Ed25519 signature, whoever carried it. `trigger`: an event matched a trigger where it was published,
-# by a worker settling results (its handler could emit that event anyway) or by a coordinator.
+# Ed25519 signature, whoever carried it. `trigger`: an event matched a trigger where a coordinator
+# published it (workers send theirs as `events`); `events` and `dead`: what a worker's agent publishes
+# and could not handle, which the coordinators write where its user may not append.
 SENDERS: Mapping[str, frozenset[str]] = {
     "results": frozenset({AGENT}),
     "lost": frozenset({AGENT}),
@@ -61,8 +62,10 @@ SENDERS: Mapping[str, frozenset[str]] = {
     "kick": frozenset({COORDINATOR}),
     "redispatch": frozenset({COORDINATOR}),
     "child": frozenset({COORDINATOR}),
-    "trigger": frozenset({AGENT, COORDINATOR}),
+    "trigger": frozenset({COORDINATOR}),
     "joined": frozenset({AGENT}),
+    "events": frozenset({AGENT}),
+    "dead": frozenset({AGENT}),
 }
 WORKER_KINDS = frozenset(kind for kind, roles in SENDERS.items() if roles == {AGENT})
 # What a `submit` carrying a new run may hold (a reaction's: its worker may not write runs, so the
@@ -132,6 +135,12 @@ class SecurityGate:
     def with_roles(self) -> bool:
         """The file names roles: every kind of message is checked, not only what workers send."""
         return self._identities[1]
+
+    @property
+    def agents(self) -> frozenset[str]:
+        """The agents the identities file names: the coordinators read their lanes from the start, before
+        any of their workers joined the roster."""
+        return frozenset(name for name, identity in self.identities.items() if AGENT in identity.roles)
 
     def signer(self) -> tuple[str, bytes] | None:
         """The coordinators' own identity (name, secret), to sign what they send each other; None

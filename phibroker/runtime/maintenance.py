@@ -31,6 +31,8 @@ from phibroker.workflow import Workflow
 
 log = logging.getLogger("phibroker.coordinator")
 
+AGENTS_EVERY = 0.5  # seconds between reads of the roster: a new agent's results wait in its lanes until then
+
 
 class Maintenance:
     """The chores of the coordinator called `name`.
@@ -49,6 +51,8 @@ class Maintenance:
         holding: Callable[[str], set[str]],
         workflow: Callable[[str], Workflow],
         restarted: Callable[[], None],
+        named: frozenset[str] = frozenset(),
+        dispatched: Callable[[], set[str]] = set,
     ):
         self.settings = settings
         self.broker = broker
@@ -60,13 +64,15 @@ class Maintenance:
         self._next: dict[str, float] = defaultdict(float)  # when each chore is next due
         self._sweep_cursor = 0
         self._index_cursor = 0  # old runs still there, which the walk of the `workflows` index steps over
-        self.reconciler = Reconciler(settings, broker, workflow)
+        self.reconciler = Reconciler(settings, broker, workflow, self.lanes)
         self.restarted = restarted  # Redis restarted: what the coordinator holds in memory may be ahead of it
         self._run_id: str | None = None
         # after Redis restarted (a failover, older data), and once at start on a cluster: where the walk
         # of the `workflows` index is
         self._reindex: int | None = 0 if broker.cluster else None
-        self.shards: tuple[int, ...] = tuple(range(len(self.keys.inbox_shards)))  # the inbox shards it reads
+        self.shards: tuple[int, ...] = tuple(range(len(self.keys.inbox_lanes)))  # the inbox shards it reads
+        self.agents = named  # the identities file names, on the roster, or dispatched to: whose lanes it reads
+        self.dispatched = dispatched  # the agents the runs it read name
 
     def tick(self) -> None:
         """Run the chores that are due: lease, take-over, sweep, trim, reconcile."""
@@ -78,6 +84,9 @@ class Maintenance:
             self.broker.renew_lease(self.keys.coordinators, self.name, takeover, info)
             self.check_restart()
             self.lease_shards()
+        if now >= self._next["agents"]:
+            self._next["agents"] = now + AGENTS_EVERY
+            self.read_roster()
         if now >= self._next["takeover"]:
             self._next["takeover"] = now + takeover / 2
             self.take_over()
@@ -93,10 +102,23 @@ class Maintenance:
             self._next["reconcile"] = now + self.settings.reconcile_every
             self.reconciler.reconcile()
 
+    def read_roster(self) -> None:
+        """The agents whose lanes to read: those named, on the roster, and those the runs it read name (a
+        signing agent whose `joined` nobody here could check); once read, for as long as this coordinator
+        runs (a Redis that lost the roster keeps their lanes). Each lane's group is made."""
+        agents = self.agents | set(self.broker.roster()) | self.dispatched()
+        for lane in self.keys.lanes(agents - self.agents):
+            self.broker.ensure_group(lane, COORDINATORS_GROUP)
+        self.agents = agents
+
+    def lanes(self) -> list[str]:
+        """Every lane of every inbox shard, of the agents known."""
+        return self.keys.lanes(self.agents)
+
     def lease_shards(self) -> None:
         """Lease inbox shards up to a fair share, let go of those past it, and read what the plan says
         (`inbox.plan_shards`); one shard (one server) is every coordinator's."""
-        count = len(self.keys.inbox_shards)
+        count = len(self.keys.inbox_lanes)
         if count <= 1:
             return
         clock, leases = self.broker.leases(self.keys.coordinators)
@@ -109,7 +131,7 @@ class Maintenance:
 
     def let_go_of_shards(self) -> None:
         """On a clean stop: the shards it leases, free for the others at once."""
-        if len(self.keys.inbox_shards) > 1:
+        if len(self.keys.inbox_lanes) > 1:
             mine = [shard for shard, owner in self.broker.inbox_owners().items() if owner == self.name]
             self.broker.lease_shards(self.name, (), mine)
 
@@ -144,7 +166,7 @@ class Maintenance:
         by age and size, forget expired runs and long-dead workers."""
         clock, leases = self.broker.worker_leases()
         agents = {str(info.get("agent")) for info in leases.values() if info.get("agent")}
-        streams = [(inbox, COORDINATORS_GROUP) for inbox in self.keys.inboxes]
+        streams = [(lane, COORDINATORS_GROUP) for lane in self.lanes()]
         for agent in sorted(agents):
             streams += [(self.keys.agent_tasks(agent), WORKERS_GROUP), (self.keys.agent_bulk(agent), WORKERS_GROUP)]
         for stream, group in streams:
@@ -180,7 +202,7 @@ class Maintenance:
         dead: set[str] = set()
         taken = 0
         stranded_ms = 3 * self.settings.coordinator_takeover * 1000
-        for inbox in self.keys.inboxes:
+        for inbox in self.lanes():
             pending = self.broker.pending_of(inbox, COORDINATORS_GROUP)
             gone = {p["consumer"] for p in pending if leases.get(p["consumer"], {}).get("expires", 0) < clock}
             gone.discard(self.name)
@@ -263,11 +285,18 @@ class Reconciler:
     applied first), a `redispatch` message asks for a new attempt, committed like any other input.
     Each pass reads a chunk of the running workflows, and at most LANE_LIMIT entries of a lane."""
 
-    def __init__(self, settings: Settings, broker: CoordinatorStore, workflow: Callable[[str], Workflow]):
+    def __init__(
+        self,
+        settings: Settings,
+        broker: CoordinatorStore,
+        workflow: Callable[[str], Workflow],
+        lanes: Callable[[], list[str]],
+    ):
         self.settings = settings
         self.broker = broker
         self.keys = settings.keys
         self.workflow = workflow
+        self.lanes = lanes  # the inbox's, whose entries are handled before a suspect is sent again
         self._cursor = 0
         self._cycle = 0  # full walks of the running index: suspects not seen again within one are dropped
         # (wf, unit) -> (dispatch, token, inbox marks when first seen, cycle)
@@ -279,7 +308,7 @@ class Reconciler:
         self._cursor = 0 if len(rows) < chunk else self._cursor + chunk
         ids = [wf_id for wf_id, _ in rows]
         found = self.unheld(rows) if rows else {}
-        marks = self.broker.inbox_marks() if found else {}
+        marks = self.broker.inbox_marks(self.lanes()) if found else {}
         handled: dict[tuple[tuple[str, str], ...], bool] = {}
         sent = 0
         for key, (dispatch, token) in found.items():

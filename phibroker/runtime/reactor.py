@@ -20,7 +20,7 @@ from phibroker import workflow as workflows
 from phibroker.errors import DecodeError
 from phibroker.keys import WORKERS_GROUP
 from phibroker.runtime.agent import Agent, Event
-from phibroker.runtime.events import Router, own_filter, register_subscriptions
+from phibroker.runtime.events import own_filter, register_subscriptions
 from phibroker.runtime.slots import HandlerThreads, Slots
 from phibroker.runtime.submission import submission
 from phibroker.settings import Settings
@@ -54,7 +54,6 @@ class Reactor:
         settings: Settings,
         broker: WorkerStore,
         registry: Registry,
-        router: Router,
         slots: Slots,
         pool: HandlerThreads,
         recover: Callable[[], None],
@@ -63,7 +62,6 @@ class Reactor:
         self.settings = settings
         self.broker = broker
         self.registry = registry
-        self.router = router
         self.slots = slots
         self.pool = pool
         self.recover = recover  # the worker reads its own pending entries again: a reaction left for redelivery
@@ -115,7 +113,7 @@ class Reactor:
                 if not already and wanted.wants(event):
                     emitted += self._react_to(reaction, event)
             if emitted:
-                self.broker.publish(emitted, self.router.routes)
+                self.broker.relay(emitted)
             self.broker.mark_seen(reaction.subscription, ids, keep=self.settings.retention)
             self.broker.ack(reaction.stream, WORKERS_GROUP, [reaction.entry.id])
         except (*CONNECTION_ERRORS, BrokerAway) as exc:

@@ -14,8 +14,10 @@ from typing import Any
 
 from phibroker import workflow as workflows
 from phibroker.engine import state
+from phibroker.runtime.telemetry import workflow_agents
 from phibroker.settings import Settings
 from phibroker.store.coordinator import CoordinatorStore
+from phibroker.workflow.spec import is_name
 
 log = logging.getLogger("phibroker.coordinator")
 
@@ -31,6 +33,7 @@ class RunCache:
         self.signed_only = signed_only  # `--require-signed`: what runs is what signed files say
         self.runs: OrderedDict[str, state.Run] = OrderedDict()
         self.specs: OrderedDict[str, workflows.Workflow] = OrderedDict()
+        self.agents: set[str] = set()  # that the specs read name: whose inbox lanes their results come back on
         self.cache_size = cache_size
 
     def load(self, wf_ids: list[str]) -> dict[str, state.Run]:
@@ -88,6 +91,7 @@ class RunCache:
         if workflow is None:
             workflow = workflows.check(json.loads(spec_text))
             self.specs[spec_text] = workflow
+            self.agents |= {agent for agent in workflow_agents(workflow) if is_name(agent)}
             if len(self.specs) > SPEC_CACHE_SIZE:
                 self.specs.popitem(last=False)
         return workflow

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from phibroker import wire
 from phibroker.runtime.agent import Agent, Outcome
-from phibroker.runtime.events import Router
 from phibroker.runtime.slots import Slots
 from phibroker.runtime.telemetry import Telemetry, attempt_outcome
 from phibroker.runtime.tracing import attempt_settled
@@ -46,7 +45,6 @@ class Settler:
         consumer: str,
         settings: Settings,
         broker: WorkerStore,
-        router: Router,
         bulk: str,
         running: dict[tuple[str, str], Running],
         slots: Slots,
@@ -58,7 +56,6 @@ class Settler:
         self.settings = settings
         self.keys = settings.keys
         self.broker = broker
-        self.router = router
         self.bulk = bulk
         self.running = running  # the worker's table: settled attempts leave it here
         self.slots = slots
@@ -125,21 +122,25 @@ class Settler:
             return
         inbox: dict[str, list[wire.Result]] = defaultdict(list)
         for r, o in batch:
-            # a bulk lane's results go to the inbox's bulk lane: a small workflow's never wait behind them
+            # a bulk lane's results go to the agent's bulk lane of the inbox: a small workflow's never wait behind them
             wf_id = r.ctx.workflow_id
-            lane = self.keys.inbox_bulk(wf_id) if r.item.stream == self.bulk else self.keys.inbox(wf_id)
+            lane = self.broker.inbox_lane(wf_id, bulk=r.item.stream == self.bulk)
             inbox[lane].append(o.result(r.ctx, self.consumer))
-        envelopes = {target: self._envelopes(results) for target, results in inbox.items()}
         with self.unpublished_lock:
             events, self.unpublished = self.unpublished, []
+        # a task's start goes in the entry that carries its result: a coordinator publishes it before
+        # that result can end the run; the starts of tasks still running go alone
+        starts: defaultdict[tuple[Any, Any], list[dict[str, Any]]] = defaultdict(list)
+        for event in events:
+            starts[(event.get("workflow"), (event.get("data") or {}).get("unit"))].append(event)
+        envelopes = {target: self._envelopes(results, starts) for target, results in inbox.items()}
+        alone = [event for started in starts.values() for event in started]
         # Only what is still pending on this worker is acked (a late result is stored all the same), and
         # with the results, in one transaction: a refused XADD must not leave its task acked.
         acks: dict[str, list[str]] = defaultdict(list)
         for item in _until_done("check ownership", len(batch), lambda: self.ours([r.item for r, _ in batch])):
             acks[item.stream].append(item.entry.id)
-        _until_done(
-            "store results", len(batch), lambda: self.broker.settle(envelopes, events, self.router.routes, acks)
-        )
+        _until_done("store results", len(batch), lambda: self.broker.settle(envelopes, alone, acks))
         for running, outcome in batch:
             self.running.pop((running.item.stream, running.item.entry.id), None)
             self.settled[running.item.message.id] = None
@@ -152,27 +153,34 @@ class Settler:
             self.settled.popitem(last=False)
         self.handled += len(batch)
 
-    def _envelopes(self, results: list[wire.Result]) -> list[bytes]:
-        """Split results into inbox entries under the size limit (each result already is)."""
+    def _envelopes(
+        self, results: list[wire.Result], starts: dict[tuple[Any, Any], list[dict[str, Any]]]
+    ) -> list[bytes]:
+        """Split results, with their tasks' starts (taken from `starts`), into inbox entries under the
+        size limit (each result already is)."""
         limit = self.settings.max_message_bytes
         out: list[bytes] = []
         chunk: list[wire.Result] = []
+        started: list[dict[str, Any]] = []
         size = 0
         for result in results:
-            weight = len(result.value or b"") + len(wire.pack(result.events)) + len(str(result.error or "")) + 512
-            if chunk and size + weight > limit:
-                out.append(self._envelope(chunk))
-                chunk, size = [], 0
+            mine = starts.pop((result.wf, result.unit), [])
+            weight = len(result.value or b"") + len(wire.pack([result.events, mine])) + len(str(result.error or ""))
+            if chunk and (size + weight + 512 > limit or len(started) + len(mine) > wire.SENT_EVENTS):
+                out.append(self._envelope(chunk, started))
+                chunk, started, size = [], [], 0
             chunk.append(result)
-            size += weight
+            started += mine
+            size += weight + 512
         if chunk:
-            out.append(self._envelope(chunk))
+            out.append(self._envelope(chunk, started))
         return out
 
-    def _envelope(self, results: list[wire.Result]) -> bytes:
+    def _envelope(self, results: list[wire.Result], started: list[dict[str, Any]]) -> bytes:
         """An inbox entry naming this agent, signed when it has a secret (coordinators may require it)."""
         secret = self.settings.agent_secret.encode() if self.settings.agent_secret else None
-        inbox = wire.Inbox(kind="results", results=results, agent=self.agent.name)
+        body = {"events": started} if started else {}
+        inbox = wire.Inbox(kind="results", results=results, body=body, agent=self.agent.name)
         return inbox.encode(self.settings.max_message_bytes * 4, secret)
 
 

@@ -27,7 +27,6 @@ from phibroker.errors import DecodeError, InvalidInput, PhibrokerError
 from phibroker.keys import WORKERS_GROUP, consumer_name
 from phibroker.runtime.agent import Agent, Context, failure
 from phibroker.runtime.cancels import Cancels
-from phibroker.runtime.events import Router
 from phibroker.runtime.output import AttemptOutput, capture_logs
 from phibroker.runtime.reactor import Reactor
 from phibroker.runtime.reclaim import Ownership, Reclaimer
@@ -84,6 +83,7 @@ class Worker:
         self.tracing = tracing()  # a tracer provider is set: attempts make spans (checked again by the heartbeat)
         self.settings = settings
         self.broker = broker or WorkerStore(settings)
+        self.broker.serve(agent.name)
         if settings.agent_secret:  # `lost`, `declined`, a reaction's runs: signed like its results
             self.broker.sign_as(agent.name, settings.agent_secret.encode())
         self.registry = Registry(settings, client=self.broker.redis)
@@ -101,17 +101,13 @@ class Worker:
         self.slots = Slots(self.concurrency, self.stopping)
         self.pool = HandlerThreads(self.concurrency, f"phi-{agent.name}")
         self.backlog: deque[Fetched] = deque()
-        self.router = Router(self.registry)
-        self.reactor = Reactor(
-            agent, settings, self.broker, self.registry, self.router, self.slots, self.pool, self._recover
-        )
+        self.reactor = Reactor(agent, settings, self.broker, self.registry, self.slots, self.pool, self._recover)
         self.running: dict[tuple[str, str], Running] = {}  # (lane, entry id) -> attempt, until settled
         self.settler = Settler(
             agent,
             self.consumer,
             settings,
             self.broker,
-            self.router,
             self.bulk,
             self.running,
             self.slots,
@@ -196,9 +192,10 @@ class Worker:
                 backoff = min(backoff * 2, 5.0)
 
     def _join(self) -> None:
-        """Put the agent on the roster, where the coordinators and the views find its leases and
-        subscriptions. A signing agent (whose generated user may not write the roster) asks the
-        coordinators; an agent that signs nothing writes it itself."""
+        """Put the agent on the roster, where the coordinators find its lanes and the views its leases
+        and subscriptions. A signing agent (whose generated user may not write the roster) asks the
+        coordinators, in its own lane, which they read as the identities file names it; an agent that
+        signs nothing writes it itself."""
         if self.settings.agent_secret:
             self.broker.send_to_coordinators(wire.Inbox(kind="joined", body={"agent": self.agent.name}))
         else:
@@ -367,7 +364,9 @@ class Worker:
         secret = self.settings.agent_secret.encode() if self.settings.agent_secret else None
         message = wire.Inbox(kind="spend", body=body, agent=self.agent.name)
         try:
-            self.broker.add(self.keys.inbox(ctx.workflow_id), message.encode(self.settings.max_message_bytes, secret))
+            self.broker.add(
+                self.broker.inbox_lane(ctx.workflow_id), message.encode(self.settings.max_message_bytes, secret)
+            )
         except CONNECTION_ERRORS as exc:
             log.warning("spend of %s/%s not sent now (%s); its result carries it", ctx.workflow_id, ctx.unit, exc)
 

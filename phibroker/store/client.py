@@ -16,7 +16,7 @@ from phibroker.store.connection import Connection, parse_meta
 def inbox(keys: Keys) -> list[Grant]:
     """What a client sends the coordinators (`send_to_coordinators`): a new run's kick, cancels,
     retries, signals, approval decisions. Append only: the inbox is theirs to read."""
-    return [Grant(("xadd",), tuple(f"%W~{lane}" for lane, _ in keys.inbox_shards))]
+    return [Grant(("xadd",), tuple(f"%W~{lane}" for lane in keys.inbox_lanes))]
 
 
 def access(keys: Keys) -> list[Grant]:

@@ -774,32 +774,18 @@ class Connection:
         entry_id = self.redis.xadd(stream, {wire.FIELD: raw}, maxlen=maxlen, approximate=True)
         return entry_id.decode()
 
-    def publish(self, events: list[dict[str, Any]], route: Route | None = None) -> None:
-        """Events that need no transition (a worker's `task.started`): one entry per stream of the log."""
-        pipe = self.redis.pipeline(transaction=False)
-        self._publish(pipe, events, route)
-        pipe.execute()
-
-    def _publish(self, pipe: Any, events: list[dict[str, Any]], route: Route | None) -> None:
-        """Into the events log (an entry per stream of it: each run's into its own), and where `route`
-        sends copies (subscription streams, trigger starts)."""
-        logs = self.keys.event_logs
-        maxlen = max(1, self.settings.events_maxlen // len(logs))
-        per_log: dict[str, list[dict[str, Any]]] = {}
-        for event in events:
-            per_log.setdefault(self.keys.event_log(event.get("workflow")), []).append(event)
-        for log, batch in per_log.items():
-            pipe.xadd(log, {wire.FIELD: wire.encode_events(batch)}, maxlen=maxlen, approximate=True)
-        if route is not None:
-            for stream, raw, cap in route(events):
-                raw = self.signed(raw) if stream in self.keys.inboxes else raw  # a trigger start
-                pipe.xadd(stream, {wire.FIELD: raw}, maxlen=cap, approximate=True)
-
     def dead_letter(self, reason: str, raw: bytes | None, source: str, entry_id: str, **extra: Any) -> None:
-        """Keep a message that cannot be handled, with why; a huge one keeps its first MiB."""
+        """Keep a message that cannot be handled, with why."""
+        self.keep_dead_letter(self.dead_record(reason, raw, source, entry_id, **extra))
+
+    def keep_dead_letter(self, record: dict[str, Any]) -> None:
+        self.redis.xadd(self.keys.dlq, {wire.FIELD: wire.pack(record)}, maxlen=self.settings.dlq_maxlen)
+
+    def dead_record(self, reason: str, raw: bytes | None, source: str, entry_id: str, **extra: Any) -> dict[str, Any]:
+        """A dead letter: the message (a huge one's first MiB), why, and where it was found."""
         raw = raw or b""
         cap = self.settings.max_message_bytes
-        record = {
+        return {
             "reason": reason,
             "raw": raw[:cap],
             "size": len(raw),
@@ -808,7 +794,6 @@ class Connection:
             "entry": entry_id,
             **extra,
         }
-        self.redis.xadd(self.keys.dlq, {wire.FIELD: wire.pack(record)}, maxlen=self.settings.dlq_maxlen)
 
     def pending_of(self, stream: str, group: str, count: int = 1000) -> list[dict[str, Any]]:
         """Pending entries: id, consumer, idle ms, deliveries."""
@@ -948,4 +933,8 @@ class Connection:
     def send_to_coordinators(self, message: wire.Inbox) -> None:
         """Into the coordinators' inbox; their group reads it from the start, whenever they come."""
         raw = message.signed_as(self.sender, self.settings.max_message_bytes, self.good_for)
-        self.add(self.keys.inbox(message.body.get("wf")), raw)
+        self.add(self.inbox_lane(message.body.get("wf")), raw)
+
+    def inbox_lane(self, wf_id: str | None) -> str:
+        """The inbox lane this process's messages about the run go to."""
+        return self.keys.inbox(wf_id)

@@ -46,7 +46,8 @@ def access(keys: Keys) -> list[Grant]:
     own = (
         f"~{keys.namespace}:wf:*",
         f"~{keys.inbox_owners}",
-        *(f"~{lane}" for lane in keys.inboxes),
+        *(f"~{lane}" for lane in keys.inbox_lanes),
+        *(f"~{lane}" for shard in range(len(keys.inbox_lanes)) for lane in keys.agent_lanes("*", shard)),
         *(f"~{timers}" for timers in keys.timer_sets),
         f"~{keys.running}",
         f"~{keys.workflows}",
@@ -119,6 +120,9 @@ def access(keys: Keys) -> list[Grant]:
             (f"~{keys.worker_leases('*')}",),
         ),
         Grant(("set", "get"), (f"~{keys.applied('*', '*')}",)),  # the control messages applied, until they expire
+        # OUTPUT, as `relay` calls it with the events workers send: a run's output stream and its bytes
+        Grant(("get", "set", "pexpire"), (f"~{keys.wf_output_used('*')}",)),
+        Grant(("pttl",), (f"~{keys.wf_output('*')}",)),
         # the log's age and size bounds
         Grant(("xtrim", "memory|usage", "xlen"), tuple(f"%W~{log}" for log in keys.event_logs)),
         *registry.access(keys),
@@ -390,6 +394,42 @@ class CoordinatorStore(Connection):
         elif box.get("reopened"):
             pipe.zadd(keys.running, {wf_id: box.get("created") or 0})
 
+    def relay(self, events: list[dict[str, Any]], route: Route | None) -> None:
+        """Events workers sent (their agents' users append only to their own lanes): into their runs'
+        output streams (an entry per run), the log, and where `route` sends copies; in that order on a
+        cluster (`in_order`)."""
+        self._ensure_scripts()  # OUTPUT: in a MULTI, a NOSCRIPT leaves the other commands done
+        self.in_order(
+            [
+                (lambda pipe: self._record_events(pipe, events), False),
+                (lambda pipe: self._publish(pipe, events, route), False),
+            ]
+        )
+
+    def _record_events(self, pipe: Any, events: list[dict[str, Any]]) -> None:
+        per_run: dict[str, list[dict[str, Any]]] = {}
+        for event in events:
+            if event.get("workflow"):
+                per_run.setdefault(str(event["workflow"]), []).append(event)
+        for wf_id, batch in per_run.items():  # OUTPUT: a run already gone keeps no stream, a broken one no more
+            keys = [self.keys.wf_output_used(wf_id), self.keys.wf_output(wf_id)]
+            pipe.evalsha(SHAS[scripts.OUTPUT], len(keys), *keys, 0, "event", wire.encode_events(batch))
+
+    def _publish(self, pipe: Any, events: list[dict[str, Any]], route: Route | None) -> None:
+        """Into the events log (an entry per stream of it: each run's into its own), and where `route`
+        sends copies (subscription streams, trigger starts)."""
+        logs = self.keys.event_logs
+        maxlen = max(1, self.settings.events_maxlen // len(logs))
+        per_log: dict[str, list[dict[str, Any]]] = {}
+        for event in events:
+            per_log.setdefault(self.keys.event_log(event.get("workflow")), []).append(event)
+        for log, batch in per_log.items():
+            pipe.xadd(log, {wire.FIELD: wire.encode_events(batch)}, maxlen=maxlen, approximate=True)
+        if route is not None:
+            for stream, raw, cap in route(events):
+                raw = self.signed(raw) if stream in self.keys.inbox_lanes else raw  # a trigger start
+                pipe.xadd(stream, {wire.FIELD: raw}, maxlen=cap, approximate=True)
+
     def run_exists(self, wf_id: str) -> bool:
         return bool(self.redis.exists(self.keys.wf(wf_id)))
 
@@ -467,14 +507,13 @@ class CoordinatorStore(Connection):
         reply = self.redis.xrange(stream, f"({after}", "+", count=limit)
         return [Entry(eid.decode(), fields.get(wire.FIELD)) for eid, fields in reply]
 
-    def inbox_marks(self) -> dict[str, str]:
+    def inbox_marks(self, lanes: Sequence[str]) -> dict[str, str]:
         """The newest entry of each inbox lane ("0-0" for an empty one): what `inbox_handled` waits for."""
         pipe = self.redis.pipeline(transaction=False)
-        for inbox in self.keys.inboxes:
-            pipe.xrevrange(inbox, "+", "-", count=1)
+        for lane in lanes:
+            pipe.xrevrange(lane, "+", "-", count=1)
         return {
-            inbox: reply[0][0].decode() if reply else "0-0"
-            for inbox, reply in zip(self.keys.inboxes, pipe.execute(), strict=True)
+            lane: reply[0][0].decode() if reply else "0-0" for lane, reply in zip(lanes, pipe.execute(), strict=True)
         }
 
     def inbox_handled(self, marks: dict[str, str], group: str) -> bool:

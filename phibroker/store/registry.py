@@ -17,16 +17,12 @@ MAX_SUBSCRIPTION_BYTES = 16 * 1024  # a name's event and `where` (1,000 characte
 
 def access(keys: Keys, agent: str | None = None) -> list[Grant]:
     """What an agent's workers send the registries: they register their subscriptions in their own hash
-    and read the routes (subscriptions, triggers) of the events they publish. Without `agent`, the
-    coordinators': they write the roster (an agent may not: junk names would hide the others), read
-    the routes, a trigger they start and the trust list. Clients and the views read them as they read
-    the rest (store/views.py)."""
+    (the coordinators route the events they publish). Without `agent`, the coordinators': they write
+    the roster (an agent may not: junk names would hide the others), read the routes, a trigger they
+    start and the trust list. Clients and the views read them as they read the rest (store/views.py)."""
     every_sub = (f"%R~{keys.roster}", f"%R~{keys.subs_of('*')}")
     if agent is not None:
-        return [
-            Grant(("hset",), (f"~{keys.subs_of(agent)}",)),
-            Grant(("smembers", "hgetall"), (*every_sub, f"%R~{keys.triggers}")),
-        ]
+        return [Grant(("hset",), (f"~{keys.subs_of(agent)}",))]
     return [
         Grant(("sadd",), (f"%W~{keys.roster}",)),
         Grant(("hget", "hgetall", "smembers"), (*every_sub, f"%R~{keys.triggers}", f"%R~{keys.trusted_keys}")),
@@ -37,7 +33,10 @@ def edits(keys: Keys) -> list[Grant]:
     """An operator's: triggers added and removed, keys trusted and distrusted, a subscription
     forgotten with its stream and the ids it has seen."""
     return [
-        Grant(("hset", "hdel"), (f"~{keys.triggers}", f"~{keys.trusted_keys}", f"~{keys.subs_of('*')}")),
+        Grant(
+            ("hset", "hdel", "hexists", "smembers"),
+            (f"~{keys.triggers}", f"~{keys.trusted_keys}", f"~{keys.subs_of('*')}", f"~{keys.roster}"),
+        ),
         Grant(("del",), (f"~{keys.sub('*')}",)),
     ]
 
@@ -60,6 +59,14 @@ class Registry(Connection):
     def register_subscription(self, agent: str, name: str, info: dict[str, Any]) -> None:
         """Into the agent's own hash; routers find it once the agent is on the roster (`add_to_roster`)."""
         self.redis.hset(self.keys.subs_of(agent), name, json.dumps(info))
+
+    def registrants(self, name: str) -> set[str]:
+        """The agents on the roster that registered the subscription `name`."""
+        agents = self.roster()
+        pipe = self.redis.pipeline(transaction=False)
+        for agent in agents:
+            pipe.hexists(self.keys.subs_of(agent), name)
+        return {agent for agent, has in zip(agents, pipe.execute(), strict=True) if has}
 
     def add_to_roster(self, agent: str) -> None:
         """Put an agent on the roster, where every router and view looks: a coordinator does, as the

@@ -16,7 +16,7 @@ from phibroker.errors import BrokerUnavailable, DecodeError
 from phibroker.grants import BASICS, CONSUMER, Grant
 from phibroker.keys import WORKERS_GROUP, Keys
 from phibroker.store import registry, scripts
-from phibroker.store.connection import SHAS, Connection, Entry, Refused, Route, refusals
+from phibroker.store.connection import SHAS, Connection, Entry, Refused, refusals
 
 _NOTICE_LIMIT = 4096  # a stop notice is three ids; anything bigger on the channel is not one
 
@@ -127,20 +127,19 @@ def access(keys: Keys, agent: str, subscriptions: Iterable[str] = ()) -> list[Gr
     streams (own keys: `AGENT.fn`, the default names, or those named), keep their seen-sets and hear
     its stop notices; mark the attempts they start in their agent's own marks hash of a run (START),
     and its lost attempts; read a run's meta and tasks hash, never writing them; append to a run's output
-    stream and count its bytes (OUTPUT, `_record_events`); append results, events, dead letters,
-    routed copies and trigger starts; hold their leases; and register their subscriptions. A
-    reaction's run goes to the coordinators as a signed `submit`, who write it. Scripts are called,
-    never loaded."""
+    stream and count its bytes (OUTPUT); append, to the agent's own inbox lanes only, its results,
+    events, dead letters and requests (the coordinators publish, route and keep them); hold their
+    leases; and register their subscriptions. Scripts are called, never loaded."""
     own = [f"~{keys.agent_tasks(agent)}", f"~{keys.agent_bulk(agent)}", f"~{keys.sub(agent + '.')}*"]
     for name in subscriptions:
         own += [f"~{keys.sub(name)}", f"~{keys.sub_seen(name)}"]
     marks, lost = f"~{keys.wf_marks('*', agent)}", f"~{keys.wf_lost('*', agent)}"
     output, used = f"~{keys.wf_output('*')}", f"~{keys.wf_output_used('*')}"
+    lanes = [lane for shard in range(len(keys.inbox_lanes)) for lane in keys.agent_lanes(agent, shard)]
     return [
-        # `seen` and `mark_seen` keep the seen-sets; `stop_notices` subscribes to its own channel only;
-        # `settle` asks whether phibroker's scripts are loaded before a transaction that calls one
+        # `seen` and `mark_seen` keep the seen-sets; `stop_notices` subscribes to its own channel only
         Grant(
-            (*BASICS, *CONSUMER, "script|exists", "zmscore", "zadd", "zremrangebyscore", "subscribe"),
+            (*BASICS, *CONSUMER, "zmscore", "zadd", "zremrangebyscore", "subscribe"),
             tuple(own),
             (keys.agent_stops(agent),),
         ),
@@ -149,23 +148,15 @@ def access(keys: Keys, agent: str, subscriptions: Iterable[str] = ()) -> list[Gr
         Grant(("evalsha",), (marks, lost)),
         Grant(("hget", "hset", "hmget", "hstrlen"), (marks,)),
         Grant(("rpush",), (lost,)),
-        # OUTPUT (`append_output`) and `_record_events`: the run's output stream, appended to (never set,
-        # nor expired), and the bytes it holds
+        # OUTPUT (`append_output`): the run's output stream, appended to (never set, nor expired), and
+        # the bytes it holds
         Grant(("evalsha",), (output, used)),
         Grant(("exists", "pttl", "xadd"), (output,)),
         Grant(("get", "set", "pexpire"), (used,)),
         # START reads the tasks hash; `unit_states` and `unit_runs` read it and the run's state
         Grant(("hget", "hmget"), (f"%R~{keys.wf('*')}", f"%R~{keys.wf_tasks('*')}")),
-        # `settle`, `publish`, `dead_letter`, `ask_to_submit`: append only
-        Grant(
-            ("xadd",),
-            (
-                *(f"%W~{lane}" for lane in keys.inboxes),
-                *(f"%W~{log}" for log in keys.event_logs),
-                f"%W~{keys.dlq}",
-                f"%W~{keys.sub('*')}",
-            ),
-        ),
+        # `settle`, `relay`, `dead_letter`, `ask_to_submit`, `send_to_coordinators`: its own lanes only
+        Grant(("xadd",), tuple(f"%W~{lane}" for lane in lanes)),
         # leases: LEASE and a stop's drop, in the agent's own hash only; reclaim's look at the holders of
         # pending entries (a subscription's stream may be another agent's too) and hand_over's
         Grant(("evalsha", "hexists", "hlen", "hset", "hdel"), (f"~{keys.worker_leases(agent)}",)),
@@ -176,6 +167,11 @@ def access(keys: Keys, agent: str, subscriptions: Iterable[str] = ()) -> list[Gr
 
 class WorkerStore(Connection):
     """What a worker does with the broker: mark attempts started, settle results, give work back."""
+
+    agent = ""  # whose workers these are: what they send the coordinators goes to its lanes (`serve`)
+
+    def serve(self, agent: str) -> None:
+        self.agent = agent
 
     def server_run_id(self) -> str | None:
         return server_run_id(self.redis)
@@ -207,53 +203,81 @@ class WorkerStore(Connection):
 
     def settle(
         self,
-        inbox: Mapping[str, Sequence[bytes]],
+        results: Mapping[str, Sequence[bytes]],
         events: list[dict[str, Any]],
-        route: Route | None = None,
         acks: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
-        """Results (inbox stream -> entries), any events waiting to be published, and the acks of the
-        settled tasks (stream -> entry ids), in one round trip.
+        """Results (the agent's lane -> entries), any events waiting to be published, and the acks of
+        the settled tasks (stream -> entry ids), in one round trip. The events go first, to the lanes of
+        their runs (a task's start is published before its result can end the run).
 
         One transaction (MULTI/EXEC): a full Redis refuses a write as it is queued and EXEC then does
         nothing, so a task is never acked with its result nowhere (a plain pipeline would take the XACK
-        and refuse the XADD). On a cluster, step by step (`in_order`): the events first (a task's start is
-        in its run's output stream before its result can end the run there), the results, then the acks
-        once they are stored.
-        A group Redis lost is made again and the call raises Refused: the results are sent again with
-        the acks, and the coordinator drops the copies."""
+        and refuse the XADD). On a cluster, step by step (`in_order`): the entries, then the acks once
+        they are stored. A group Redis lost is made again and the call raises Refused: the results are
+        sent again with the acks, and the coordinator drops the copies."""
         acked = [stream for stream, ids in (acks or {}).items() if ids]
+        entries: dict[str, list[bytes]] = {}
+        for lane, raw in self._event_entries(events):
+            entries.setdefault(lane, []).append(raw)
+        for lane, raws in results.items():
+            entries.setdefault(lane, []).extend(raws)
 
-        def recorded(pipe: Any) -> None:  # a script (OUTPUT): on a cluster its NOSCRIPT writes nothing else
-            self._record_events(pipe, events)
-
-        def published(pipe: Any) -> None:
-            self._publish(pipe, events, route)
-
-        def results(pipe: Any) -> None:
-            for target, entries in inbox.items():
-                for raw in entries:
-                    pipe.xadd(target, {wire.FIELD: raw})
+        def sent(pipe: Any) -> None:
+            for lane, raws in entries.items():
+                for raw in raws:
+                    pipe.xadd(lane, {wire.FIELD: raw})
 
         def acknowledged(pipe: Any) -> None:
             for stream in acked:
                 pipe.xack(stream, WORKERS_GROUP, *(acks or {})[stream])
 
-        if events:
-            self._ensure_scripts()  # in a MULTI, a NOSCRIPT leaves the other commands done
         with groups_made_again(self, acked, WORKERS_GROUP):
-            steps = [(recorded, False), (published, False)] if events else []
-            self.in_order([*steps, (results, False), (acknowledged, False)])
+            self.in_order([(sent, False), (acknowledged, False)])
 
-    def _record_events(self, pipe: Any, events: list[dict[str, Any]]) -> None:
-        """Events into their runs' output streams (one entry per run), beside the log."""
-        per_run: dict[str, list[dict[str, Any]]] = {}
+    def relay(self, events: list[dict[str, Any]]) -> None:
+        """Events for the coordinators to publish (into the log, the runs' output, subscriptions and
+        triggers): an agent's user appends only to its own lanes."""
+        if events:
+            self.settle({}, events)
+
+    def _event_entries(self, events: list[dict[str, Any]]) -> list[tuple[str, bytes]]:
+        """`events` messages, one per run's lane and under the size limit, signed as the agent's."""
+        per_lane: dict[str, list[dict[str, Any]]] = {}
         for event in events:
-            if event.get("workflow"):
-                per_run.setdefault(str(event["workflow"]), []).append(event)
-        for wf_id, batch in per_run.items():  # OUTPUT: a run already gone keeps no stream, a broken one no more
-            keys = [self.keys.wf_output_used(wf_id), self.keys.wf_output(wf_id)]
-            pipe.evalsha(SHAS[scripts.OUTPUT], len(keys), *keys, 0, "event", wire.encode_events(batch))
+            per_lane.setdefault(self.inbox_lane(event.get("workflow")), []).append(event)
+        limit = self.settings.max_message_bytes
+        out = []
+        for lane, batch in per_lane.items():
+            chunk: list[dict[str, Any]] = []
+            size = 0
+            for event in batch:
+                weight = len(wire.pack(event))
+                if chunk and (size + weight > limit or len(chunk) == wire.SENT_EVENTS):
+                    out.append((lane, self._events_message(chunk)))
+                    chunk, size = [], 0
+                chunk.append(event)
+                size += weight
+            out.append((lane, self._events_message(chunk)))
+        return out
+
+    def _events_message(self, events: list[dict[str, Any]]) -> bytes:
+        message = wire.Inbox(kind="events", body={"events": events}, agent=self.agent)
+        return message.signed_as(self.sender, self.settings.max_message_bytes * 4, self.good_for)
+
+    def dead_letter(self, reason: str, raw: bytes | None, source: str, entry_id: str, **extra: Any) -> None:
+        """A message this worker cannot handle, for the coordinators to keep in the dead letters: its
+        first MiB, as `Connection.dead_letter` keeps it."""
+        message = wire.Inbox(
+            kind="dead", body=self.dead_record(reason, raw, source, entry_id, **extra), agent=self.agent
+        )
+        self.add(
+            self.inbox_lane(None), message.signed_as(self.sender, self.settings.max_message_bytes * 4, self.good_for)
+        )
+
+    def inbox_lane(self, wf_id: str | None, bulk: bool = False) -> str:
+        """The agent's lane (or bulk lane) of the run's inbox shard: the one place its workers append."""
+        return self.keys.agent_inbox(self.agent, wf_id, bulk)
 
     def append_output(self, wf_id: str, entries: Sequence[tuple[str, bytes]], limit: int) -> tuple[int, int]:
         """Append (kind, blob) entries to the run's output stream at once; chunks and log records count
@@ -341,7 +365,7 @@ class WorkerStore(Connection):
         body = {"wf": wf_id, "fields": self.signed_fields(wf_id, fields)}
         message = wire.Inbox(kind="submit", body=body)
         raw = message.signed_as(self.sender, self.settings.max_message_bytes * 4, wire.ASKED_RUN_TTL)
-        self.add(self.keys.inbox(wf_id), raw)
+        self.add(self.inbox_lane(wf_id), raw)
 
     def seen(self, subscription: str, event_ids: Sequence[str]) -> list[bool]:
         """For each event id: has this subscription already handled it (a copy routed twice)?"""
