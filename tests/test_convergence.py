@@ -191,6 +191,33 @@ def test_a_paused_worker_neither_acks_nor_starts_what_another_claimed(
         assert len(applied) == 1, (name, info["history"])
 
 
+def test_a_running_tasks_lost_deadline_timer_is_set_again(
+    settings: Settings, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """A task's deadline timer gone (a drain that removed it sent again, by the client's own retry, to a
+    Redis that lost the commit that set it): the reconciler sets it again, and the task times out."""
+    procs = _processes(settings, tmp_path)
+    path = tmp_path / "slow.yaml"
+    task = {"agent": "probe", "command": "stubborn", "payload": {"sleep": 40}, "timeout": "1s"}  # answers late
+    path.write_text(yaml.safe_dump({"name": "slow", "tasks": {"only": task}}))
+    r = redis.Redis.from_url(settings.redis_url)
+    (timers,) = settings.keys.timer_sets
+    try:
+        procs.coordinator(**FAST)
+        procs.worker("probe", app="tests.apps.probe")
+        with Client(settings) as client:
+            wf_id = client.submit(path)
+            member = until(
+                lambda: next((m for m in r.zrange(timers, 0, -1) if m.startswith(b"deadline|")), None), procs
+            )
+            assert r.zrem(timers, member) == 1
+            status = client.wait(wf_id, timeout=60)
+    finally:
+        procs.close()
+    history = status["tasks"]["only"]["history"]
+    assert [h["error"] for h in history] == ["timeout", None], history
+
+
 def test_a_dispatch_whose_message_was_lost_runs_again(
     settings: Settings, tmp_path: Path, redis_server: RedisServer
 ) -> None:

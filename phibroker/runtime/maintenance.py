@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from phibroker import wire
+from phibroker.engine.records import split_unit
 from phibroker.engine.state import WF_TERMINAL, timer_member, unit_agent
 from phibroker.errors import DecodeError
 from phibroker.keys import COORDINATORS_GROUP, WORKERS_GROUP
@@ -339,8 +340,10 @@ class Reconciler:
     def unheld(self, rows: list[tuple[str, float]]) -> dict[tuple[str, str], tuple[str, int]]:
         """The units of these workflows (id, created) that nobody holds: (wf, unit) -> (dispatch, token).
         A run created less than `reclaim_after` ago has no unit dispatched that long ago: its unit table
-        (ten thousand fields for a big fan-out) is not read. A unit waiting to retry long past its time
-        has its retry timer set again: a failover may have lost it."""
+        (ten thousand fields for a big fan-out) is not read. A unit waiting to retry long past its time,
+        or still going long past its deadline, has that timer set again: Redis may have lost it (a
+        failover; on one server, the client's own retry of a drain that removed it, onto a Redis that
+        lost the commit that set it)."""
         clock, _ = self.broker.worker_leases(())
         margin = self.settings.reclaim_after
         wf_ids = [wf_id for wf_id, created in rows if not clock - margin < created <= clock]
@@ -353,6 +356,8 @@ class Reconciler:
                 continue
             workflow = self.workflow(spec)
             for unit, record in table.items():
+                if _past_deadline(workflow, unit, record, clock - margin):
+                    overdue.append(timer_member("deadline", wf_id, unit, str(record["dispatch"])))
                 if record.get("state") == "retrying" and clock - float(record.get("retry_at") or clock) > margin:
                     overdue.append(timer_member("retry", wf_id, unit, int(record.get("attempt") or 1)))
                 elif _maybe_unheld(record, clock, self.settings.reclaim_after):
@@ -361,7 +366,7 @@ class Reconciler:
                         by_agent[agent].append((wf_id, unit, record))
         missing = self.broker.set_timers_again(overdue, clock) if overdue else 0
         if missing:
-            log.warning("%d retry timer(s) were gone, Redis having lost writes; set again", missing)
+            log.warning("%d retry or deadline timer(s) were gone, Redis having lost writes; set again", missing)
         found: dict[tuple[str, str], tuple[str, int]] = {}
         if not by_agent:
             return found
@@ -432,3 +437,13 @@ def _maybe_unheld(record: dict[str, Any], clock: float, margin: float) -> bool:
         return False
     since = max(float(record.get("dispatched") or 0), float(record.get("started") or 0))
     return clock - since > margin
+
+
+def _past_deadline(workflow: Workflow, unit: str, record: dict[str, Any], before: float) -> bool:
+    """A unit still dispatched or running, with no result yet, whose deadline (its dispatch time plus
+    its task's timeout) was before `before`: its deadline timer should have fired by then."""
+    if record.get("state") not in ("ready", "running") or record.get("answered") is not None:
+        return False
+    task = split_unit(unit)[0]
+    timeout = workflow.timeout(task) if task in workflow.tasks and record.get("dispatch") else None
+    return bool(timeout) and float(record.get("dispatched") or before) + float(timeout or 0) < before
