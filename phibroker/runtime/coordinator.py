@@ -297,9 +297,9 @@ class Coordinator:
             self._collect(entry, ops, lane)
         for member in timers:
             ops[state.timer_workflow(member)].append(("timer", member))
-        self._publish_relayed()
         if ops or timers:
             self.execute(now, ops, fired=timers)
+        self._publish_relayed()  # sent with no commit
         if entries:
             crash_point("before_ack")
             for lane, entry in entries:
@@ -323,7 +323,6 @@ class Coordinator:
             taken.append((lane, entry))
             if size < self.settings.bulk_slice and index < len(entries) - 1:
                 continue
-            self._publish_relayed()
             self.execute(offset + time.monotonic(), ops)
             crash_point("before_ack")
             for done_lane, done in taken:
@@ -354,7 +353,7 @@ class Coordinator:
         return {**kept, "agent": self.keys.lane_owner(lane), "lane": lane}
 
     def _publish_relayed(self) -> None:
-        """The events workers sent with the entries read (a task's start before its result's commit)."""
+        """The events workers sent with the entries read, where no commit took them (see `execute`)."""
         if self._relayed:  # not sent: the entries that carried them are read again
             events, self._relayed = self._relayed, []
             self.broker.relay(events, self.router.routes)
@@ -447,6 +446,7 @@ class Coordinator:
         `fired` timers are removed in the drain, before the timers the transitions set: a transition
         may set the very timer that fired again (`continue`, more units to release)."""
         self._stamped = now
+        relayed, self._relayed = self._relayed, []  # sent ahead of the first commit: a task's start before its end
         pending = self._without_copies(ops, now)
         self._forged = {}  # a round cut short left its refusals unsent: their entries are read again
         drains: list[tuple[str, str, dict[str, Any]]] = []
@@ -498,7 +498,10 @@ class Coordinator:
                     self._seal(run)
                 if run.tx.finished or run.tx.reopened:  # its workers' marks end, or stay, with it
                     run.tx.agents = run.agents()
-            versions = self.broker.commit([(run.id, run.version, run.tx) for run in commits]) if commits else []
+            versions = []
+            if commits:
+                versions = self.broker.commit([(r.id, r.version, r.tx) for r in commits], relayed, self.router.routes)
+                relayed = []
             crash_point("after_commit")
             if any(run.tx.finished and run.meta.get("parent") for run in commits):
                 crash_point("after_child_end")  # a child's end committed, its parent not yet told
@@ -524,6 +527,8 @@ class Coordinator:
             pending = {wf_id: pending[wf_id] for wf_id in stale}
             for run in runs.values():  # those kept in the cache take later inputs: no longer fresh
                 run.fresh = False
+        if relayed:
+            self.broker.relay(relayed, self.router.routes)
         forged, self._forged = self._forged, {}
         for reason, raw, entry, wf_id in forged.values():
             self.broker.dead_letter(reason, raw, self.keys.inbox(wf_id), entry)

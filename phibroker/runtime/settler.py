@@ -34,6 +34,7 @@ T = TypeVar("T")
 # Under a big release, how long a worker waits to gather freed slots into one start, and outcomes
 # into one settle: a round trip per task costs more CPU than the task itself (no-op tasks).
 SETTLE_GATHER = 0.001
+START_WAIT = 0.2  # seconds a task's start waits to go with its result before it goes alone
 
 
 class Settler:
@@ -62,7 +63,9 @@ class Settler:
         self.stopping = stopping
         self.telemetry = telemetry
         self.outcomes: queue.SimpleQueue[tuple[Running, Outcome]] = queue.SimpleQueue()
-        self.unpublished: list[dict[str, Any]] = []  # `task.started` events, sent with the next settle
+        # `task.started` events (with when they were queued), each sent with its task's result, or alone
+        # once it waited START_WAIT for one
+        self.unpublished: list[tuple[float, dict[str, Any]]] = []
         self.unpublished_lock = threading.Lock()
         self.settling = threading.Lock()  # one settle at a time: results stay in order per worker
         self.settled: OrderedDict[str, None] = OrderedDict()  # dispatch ids already answered
@@ -73,8 +76,9 @@ class Settler:
 
     def started(self, events: list[dict[str, Any]]) -> None:
         """`task.started` events to send with the next settle."""
+        now = time.monotonic()
         with self.unpublished_lock:
-            self.unpublished += events
+            self.unpublished += [(now, event) for event in events]
 
     def settle_queued(self) -> None:
         """Settle what is queued from this thread, unless another is settling already: one thread hop
@@ -127,14 +131,19 @@ class Settler:
             lane = self.broker.inbox_lane(wf_id, bulk=r.item.stream == self.bulk)
             inbox[lane].append(o.result(r.ctx, self.consumer))
         with self.unpublished_lock:
-            events, self.unpublished = self.unpublished, []
+            queued, self.unpublished = self.unpublished, []
         # a task's start goes in the entry that carries its result: a coordinator publishes it before
-        # that result can end the run; the starts of tasks still running go alone
-        starts: defaultdict[tuple[Any, Any], list[dict[str, Any]]] = defaultdict(list)
-        for event in events:
-            starts[(event.get("workflow"), (event.get("data") or {}).get("unit"))].append(event)
+        # that result can end the run; the start of a task still running waits for it a moment, then
+        # goes alone (at once with no result to settle: the settler's look every 0.2 s, a stop)
+        starts: defaultdict[tuple[Any, Any], list[tuple[float, dict[str, Any]]]] = defaultdict(list)
+        for since, event in queued:
+            starts[(event.get("workflow"), (event.get("data") or {}).get("unit"))].append((since, event))
         envelopes = {target: self._envelopes(results, starts) for target, results in inbox.items()}
-        alone = [event for started in starts.values() for event in started]
+        due = time.monotonic() - START_WAIT if batch else float("inf")
+        left = [pair for pairs in starts.values() for pair in pairs]
+        alone = [event for since, event in left if since <= due]
+        with self.unpublished_lock:
+            self.unpublished[:0] = [(since, event) for since, event in left if since > due]
         # Only what is still pending on this worker is acked (a late result is stored all the same), and
         # with the results, in one transaction: a refused XADD must not leave its task acked.
         acks: dict[str, list[str]] = defaultdict(list)
@@ -154,7 +163,7 @@ class Settler:
         self.handled += len(batch)
 
     def _envelopes(
-        self, results: list[wire.Result], starts: dict[tuple[Any, Any], list[dict[str, Any]]]
+        self, results: list[wire.Result], starts: dict[tuple[Any, Any], list[tuple[float, dict[str, Any]]]]
     ) -> list[bytes]:
         """Split results, with their tasks' starts (taken from `starts`), into inbox entries under the
         size limit (each result already is)."""
@@ -164,7 +173,7 @@ class Settler:
         started: list[dict[str, Any]] = []
         size = 0
         for result in results:
-            mine = starts.pop((result.wf, result.unit), [])
+            mine = [event for _, event in starts.pop((result.wf, result.unit), [])]
             weight = len(result.value or b"") + len(wire.pack([result.events, mine])) + len(str(result.error or ""))
             if chunk and (size + weight + 512 > limit or len(started) + len(mine) > wire.SENT_EVENTS):
                 out.append(self._envelope(chunk, started))

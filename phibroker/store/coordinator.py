@@ -200,9 +200,15 @@ class CoordinatorStore(Connection):
         units, lost = self.read_units(tables, with_lost=True)
         return [(parse_meta(replies[3 * n]), units[n], replies[3 * n + 2], lost[n]) for n in range(len(wf_ids))]
 
-    def commit(self, transitions: Sequence[tuple[str, int, Transition]]) -> list[int]:
+    def commit(
+        self,
+        transitions: Sequence[tuple[str, int, Transition]],
+        relayed: list[dict[str, Any]] | None = None,
+        route: Route | None = None,
+    ) -> list[int]:
         """Commit transitions, one script call each, pipelined: the new version, or -1 where the
-        workflow's version moved on since it was read (nothing was written then).
+        workflow's version moved on since it was read (nothing was written then). `relayed`: events
+        workers sent (see `relay`), published ahead of the commits, in the same round trip on one server.
 
         The dispatches ride in the same round trip, right behind the scripts: a worker can only see
         them after the commit, and those of a transition that lost the version race name a dispatch
@@ -212,6 +218,9 @@ class CoordinatorStore(Connection):
         On a cluster a pipeline keeps no order between nodes (a worker could start a task before the
         commit that made it is stored): the dispatches of the transitions that passed go once the
         commits have returned, a second round trip."""
+        if relayed and self.cluster:
+            self.relay(relayed, route)
+            relayed = None
         ttl = int(self.settings.retention)
         calls = []
         for wf_id, version, tx in transitions:
@@ -236,13 +245,20 @@ class CoordinatorStore(Connection):
             args.append(wire.encode_events(tx.events) if tx.events else b"")  # into the run's output stream
             calls.append((self.keys.wf_keys(wf_id, agents), args))
 
+        ahead = 0  # replies of the relayed events' commands, before the commits'
+
         def build(pipe: Any) -> None:
+            nonlocal ahead
+            if relayed:
+                self._record_events(pipe, relayed)
+                self._publish(pipe, relayed, route)
+            ahead = len(pipe.command_stack)
             for keys, args in calls:
                 pipe.evalsha(SHAS[scripts.APPLY], len(keys), *keys, *args)
             if not self.cluster:
                 self._dispatch(pipe, self._by_stream([(tx.dispatches, tx.bulk) for _, _, tx in transitions]))
 
-        versions = [int(v) for v in self._pipeline(build)[: len(calls)]]
+        versions = [int(v) for v in self._pipeline(build)[ahead : ahead + len(calls)]]
         if self.cluster:
             passed = [(tx.dispatches, tx.bulk) for (_, _, tx), v in zip(transitions, versions, strict=True) if v >= 0]
             self._pipeline(lambda pipe: self._dispatch(pipe, self._by_stream(passed)))
