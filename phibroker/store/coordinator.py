@@ -208,7 +208,9 @@ class CoordinatorStore(Connection):
     ) -> list[int]:
         """Commit transitions, one script call each, pipelined: the new version, or -1 where the
         workflow's version moved on since it was read (nothing was written then). `relayed`: events
-        workers sent (see `relay`), published ahead of the commits, in the same round trip on one server.
+        workers sent (see `relay`), published ahead of the commits in the same round trip: a run's
+        output stream is in its slot, whose commands a cluster's pipeline keeps in order too, and the
+        commits' own events go to the log later, with the drain.
 
         The dispatches ride in the same round trip, right behind the scripts: a worker can only see
         them after the commit, and those of a transition that lost the version race name a dispatch
@@ -218,9 +220,6 @@ class CoordinatorStore(Connection):
         On a cluster a pipeline keeps no order between nodes (a worker could start a task before the
         commit that made it is stored): the dispatches of the transitions that passed go once the
         commits have returned, a second round trip."""
-        if relayed and self.cluster:
-            self.relay(relayed, route)
-            relayed = None
         ttl = int(self.settings.retention)
         calls = []
         for wf_id, version, tx in transitions:
@@ -249,10 +248,7 @@ class CoordinatorStore(Connection):
 
         def build(pipe: Any) -> None:
             nonlocal ahead
-            if relayed:
-                self._record_events(pipe, relayed)
-                self._publish(pipe, relayed, route)
-            ahead = len(pipe.command_stack)
+            ahead = self._relay(pipe, relayed, route) if relayed else 0
             for keys, args in calls:
                 pipe.evalsha(SHAS[scripts.APPLY], len(keys), *keys, *args)
             if not self.cluster:
@@ -412,17 +408,18 @@ class CoordinatorStore(Connection):
 
     def relay(self, events: list[dict[str, Any]], route: Route | None) -> None:
         """Events workers sent (their agents' users append only to their own lanes): into their runs'
-        output streams (an entry per run), the log, and where `route` sends copies; in that order on a
-        cluster (`in_order`)."""
-        self._ensure_scripts()  # OUTPUT: in a MULTI, a NOSCRIPT leaves the other commands done
-        self.in_order(
-            [
-                (lambda pipe: self._record_events(pipe, events), False),
-                (lambda pipe: self._publish(pipe, events, route), False),
-            ]
-        )
+        output streams (an entry per run), the log, and where `route` sends copies."""
 
-    def _record_events(self, pipe: Any, events: list[dict[str, Any]]) -> None:
+        def build(pipe: Any) -> None:
+            self._relay(pipe, events, route)
+
+        self._pipeline(build)
+
+    def _relay(self, pipe: Any, events: list[dict[str, Any]], route: Route | None) -> int:
+        return self._record_events(pipe, events) + self._publish(pipe, events, route)
+
+    def _record_events(self, pipe: Any, events: list[dict[str, Any]]) -> int:
+        """The events into their runs' output streams (OUTPUT, an entry per run); how many calls."""
         per_run: dict[str, list[dict[str, Any]]] = {}
         for event in events:
             if event.get("workflow"):
@@ -430,10 +427,11 @@ class CoordinatorStore(Connection):
         for wf_id, batch in per_run.items():  # OUTPUT: a run already gone keeps no stream, a broken one no more
             keys = [self.keys.wf_output_used(wf_id), self.keys.wf_output(wf_id)]
             pipe.evalsha(SHAS[scripts.OUTPUT], len(keys), *keys, 0, "event", wire.encode_events(batch))
+        return len(per_run)
 
-    def _publish(self, pipe: Any, events: list[dict[str, Any]], route: Route | None) -> None:
+    def _publish(self, pipe: Any, events: list[dict[str, Any]], route: Route | None) -> int:
         """Into the events log (an entry per stream of it: each run's into its own), and where `route`
-        sends copies (subscription streams, trigger starts)."""
+        sends copies (subscription streams, trigger starts); how many commands."""
         logs = self.keys.event_logs
         maxlen = max(1, self.settings.events_maxlen // len(logs))
         per_log: dict[str, list[dict[str, Any]]] = {}
@@ -441,10 +439,11 @@ class CoordinatorStore(Connection):
             per_log.setdefault(self.keys.event_log(event.get("workflow")), []).append(event)
         for log, batch in per_log.items():
             pipe.xadd(log, {wire.FIELD: wire.encode_events(batch)}, maxlen=maxlen, approximate=True)
-        if route is not None:
-            for stream, raw, cap in route(events):
-                raw = self.signed(raw) if stream in self.keys.inbox_lanes else raw  # a trigger start
-                pipe.xadd(stream, {wire.FIELD: raw}, maxlen=cap, approximate=True)
+        routed = route(events) if route is not None else []
+        for stream, raw, cap in routed:
+            raw = self.signed(raw) if stream in self.keys.inbox_lanes else raw  # a trigger start
+            pipe.xadd(stream, {wire.FIELD: raw}, maxlen=cap, approximate=True)
+        return len(per_log) + len(routed)
 
     def run_exists(self, wf_id: str) -> bool:
         return bool(self.redis.exists(self.keys.wf(wf_id)))
