@@ -168,6 +168,7 @@ class Coordinator:
         self.cache.clear()
         self.held.drop()
         self.readers.take()
+        self._relayed = []  # they come again with their entries
 
     def step(self) -> int:
         """One round: due timers and one read of the inbox lanes. Returns how many items it handled.
