@@ -237,8 +237,11 @@ class Coordinator:
 
     def _by_lane(self, read: list[tuple[str, Entry]]) -> tuple[list[tuple[str, Entry]], list[tuple[str, Entry]]]:
         """The entries read from the inbox's first lanes, and those from its bulk lanes."""
-        bulk = [self.keys.is_bulk(lane) for lane, _ in read]
-        return [p for p, b in zip(read, bulk, strict=True) if not b], [p for p, b in zip(read, bulk, strict=True) if b]
+        first: list[tuple[str, Entry]] = []
+        bulk: list[tuple[str, Entry]] = []
+        for pair in read:
+            (bulk if self.keys.is_bulk(pair[0]) else first).append(pair)
+        return first, bulk
 
     def _lanes(self, bulk: bool = True) -> list[str]:
         """The inbox lanes this coordinator reads: every lane of each shard it reads (see `inbox`), or

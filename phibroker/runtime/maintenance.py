@@ -53,7 +53,7 @@ class Maintenance:
         workflow: Callable[[str], Workflow],
         restarted: Callable[[], None],
         named: frozenset[str] = frozenset(),
-        dispatched: Callable[[], set[str]] = set,
+        run_agents: Callable[[], set[str]] = set,
     ):
         self.settings = settings
         self.broker = broker
@@ -72,8 +72,9 @@ class Maintenance:
         # of the `workflows` index is
         self._reindex: int | None = 0 if broker.cluster else None
         self.shards: tuple[int, ...] = tuple(range(len(self.keys.inbox_lanes)))  # the inbox shards it reads
-        self.agents = named  # the identities file names, on the roster, or dispatched to: whose lanes it reads
-        self.dispatched = dispatched  # the agents the runs it read name
+        self.agents = named  # the identities file names, on the roster, or the runs it read: whose lanes it reads
+        self.run_agents = run_agents  # the agents the runs it read name
+        self._lanes = self.keys.lanes(named)  # theirs, made again only when they change
 
     def tick(self) -> None:
         """Run the chores that are due: lease, take-over, sweep, trim, reconcile."""
@@ -107,14 +108,16 @@ class Maintenance:
         """The agents whose lanes to read: those named, on the roster, and those the runs it read name (a
         signing agent whose `joined` nobody here could check); once read, for as long as this coordinator
         runs (a Redis that lost the roster keeps their lanes). Each lane's group is made."""
-        agents = self.agents | set(self.broker.roster()) | self.dispatched()
+        agents = self.agents | set(self.broker.roster()) | self.run_agents()
+        if agents == self.agents:
+            return
         for lane in self.keys.lanes(agents - self.agents):
             self.broker.ensure_group(lane, COORDINATORS_GROUP)
-        self.agents = agents
+        self.agents, self._lanes = agents, self.keys.lanes(agents)
 
     def lanes(self) -> list[str]:
         """Every lane of every inbox shard, of the agents known."""
-        return self.keys.lanes(self.agents)
+        return self._lanes
 
     def lease_shards(self) -> None:
         """Lease inbox shards up to a fair share, let go of those past it, and read what the plan says
@@ -446,4 +449,6 @@ def _past_deadline(workflow: Workflow, unit: str, record: dict[str, Any], before
         return False
     task = split_unit(unit)[0]
     timeout = workflow.timeout(task) if task in workflow.tasks and record.get("dispatch") else None
-    return bool(timeout) and float(record.get("dispatched") or before) + float(timeout or 0) < before
+    if not timeout:
+        return False
+    return float(record.get("dispatched") or before) + timeout < before

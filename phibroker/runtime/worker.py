@@ -361,12 +361,8 @@ class Worker:
         total_tokens, total_cost = ctx.spent()
         body = {"wf": ctx.workflow_id, "unit": ctx.unit, "dispatch": ctx.dispatch_id, "attempt": ctx.attempt}
         body.update(tokens=total_tokens, cost=total_cost)
-        secret = self.settings.agent_secret.encode() if self.settings.agent_secret else None
-        message = wire.Inbox(kind="spend", body=body, agent=self.agent.name)
         try:
-            self.broker.add(
-                self.broker.inbox_lane(ctx.workflow_id), message.encode(self.settings.max_message_bytes, secret)
-            )
+            self.broker.send_to_coordinators(wire.Inbox(kind="spend", body=body, agent=self.agent.name))
         except CONNECTION_ERRORS as exc:
             log.warning("spend of %s/%s not sent now (%s); its result carries it", ctx.workflow_id, ctx.unit, exc)
 
