@@ -228,17 +228,32 @@ class Keys:
         return f"{self.namespace}:wf:{{{wf_id}}}:done"
 
     def wf_output(self, wf_id: str) -> str:
-        """The run's output stream: what its handlers stream and log, and its events, in order. Made by
-        the run's first transition and kept as long as the run's other keys."""
+        """The run's output stream as the coordinators write it: its events, in order. Made by the run's
+        first transition and kept as long as the run's other keys. What its handlers stream and log is
+        in each agent's own stream of the run (`wf_agent_output`); readers merge them by entry id."""
         return f"{self.namespace}:wf:{{{wf_id}}}:out"
 
-    def wf_output_used(self, wf_id: str) -> str:
-        """Bytes the run's handlers streamed and logged, counted against its output limit."""
-        return f"{self.namespace}:wf:{{{wf_id}}}:out:used"
+    def wf_agent_output(self, wf_id: str, agent: str) -> str:
+        """What the agent's handlers streamed and logged in the run (and their tasks' starts): the one
+        output stream its workers append to, so no agent can trim or end another's, or the run's."""
+        return f"{self.namespace}:wf:{{{wf_id}}}:output:{agent}"
+
+    def wf_agent_output_bytes(self, wf_id: str, agent: str) -> str:
+        """Bytes the agent's handlers streamed and logged in the run, counted against the output limit."""
+        return f"{self.namespace}:wf:{{{wf_id}}}:output-bytes:{agent}"
+
+    def wf_agent_keys(self, wf_id: str, agent: str) -> tuple[str, ...]:
+        """The keys of a run that one agent's workers write: they expire, or stay, with the run's."""
+        return (
+            self.wf_marks(wf_id, agent),
+            self.wf_lost(wf_id, agent),
+            self.wf_agent_output(wf_id, agent),
+            self.wf_agent_output_bytes(wf_id, agent),
+        )
 
     def wf_keys(self, wf_id: str, agents: Iterable[str] = ()) -> list[str]:
         """Every key of one workflow, in the order the scripts take them: with each of `agents`' start
-        marks and lost attempts last."""
+        marks, lost attempts and output last."""
         return [
             self.wf(wf_id),
             self.wf_tasks(wf_id),
@@ -247,8 +262,7 @@ class Keys:
             self.wf_outbox(wf_id),
             self.wf_done(wf_id),
             self.wf_output(wf_id),
-            self.wf_output_used(wf_id),
-            *(key for agent in agents for key in (self.wf_marks(wf_id, agent), self.wf_lost(wf_id, agent))),
+            *(key for agent in agents for key in self.wf_agent_keys(wf_id, agent)),
         ]
 
 

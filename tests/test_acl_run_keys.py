@@ -40,6 +40,7 @@ def dispatched(settings: Settings, client: Client, tmp_path: Path) -> Dispatched
     lane = settings.keys.agent_tasks("probe")
     until(lambda: coordinator.step() >= 0 and client.broker.redis.xlen(lane) == 1)
     worker = WorkerStore(settings)
+    worker.serve("probe")
     ((_, entry),) = worker.read_groups([lane], WORKERS_GROUP, "w1", 1, None)
     message = wire.TaskMessage.decode(entry.raw or b"", 1 << 20)
     return coordinator, worker, wf_id, (message.unit, message.id, entry.id, b"")
@@ -112,13 +113,16 @@ def test_marks_count_only_in_their_own_agents_hash_and_for_the_current_dispatch(
     assert units["D"]["token"] == 0  # as the commit's guard reads a mark that is none: the two agree
 
 
-def test_output_bytes_count_beside_the_output_stream_and_the_limit_holds(
+def test_output_goes_to_the_agents_own_stream_of_the_run_its_bytes_beside_it_and_the_limit_holds(
     settings: Settings, dispatched: Dispatched
 ) -> None:
     _, worker, wf_id, _ = dispatched
+    keys = settings.keys
     assert worker.append_output(wf_id, [("chunk", b"x" * 60)], limit=100) == (1, 60)
     assert worker.append_output(wf_id, [("chunk", b"y" * 60)], limit=100) == (0, 60)  # would pass the limit
-    assert worker.redis.get(settings.keys.wf_output_used(wf_id)) == b"60"
+    assert worker.redis.get(keys.wf_agent_output_bytes(wf_id, "probe")) == b"60"
+    assert worker.redis.xlen(keys.wf_agent_output(wf_id, "probe")) == 1
+    assert [fields[b"k"] for _, fields in worker.redis.xrange(keys.wf_output(wf_id))] == [b"event"]  # the run's
     assert worker.redis.hlen(settings.keys.wf_tasks(wf_id)) and not worker.redis.hexists(
         settings.keys.wf_tasks(wf_id), "output_bytes"
     )
@@ -168,7 +172,7 @@ def test_garbage_in_an_agents_own_marks_is_read_alike_by_lua_and_python(
     assert store.commit([(wf_id, meta["version"], moved)]) == [meta["version"] + 1]
     assert redis.lrange(keys.wf_history(wf_id), 0, -1) == [] and redis.llen(lost) == 0
     assert worker.start_many("probe", "w2", {wf_id: [start]})[wf_id][0] in (-1, 0, 2)  # refused or counted on
-    redis.set(keys.wf_output_used(wf_id), junk)
+    redis.set(keys.wf_agent_output_bytes(wf_id, "probe"), junk)
     assert worker.append_output(wf_id, [("chunk", b"x")], limit=100)[0] == 0  # no more room
     assert worker.append_output(wf_id, [("event", b"e")], limit=0)[0] == 1  # events always go
 

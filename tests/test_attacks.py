@@ -786,20 +786,43 @@ def test_an_agent_writes_no_key_of_a_run_but_its_own_marks_and_lost_attempts(fle
     record("write another agent's unit state in a run's tasks hash", "webc", "worked", "refused: NOPERM")
 
 
-def test_an_output_stream_given_its_last_possible_id_stops_no_process_and_the_run_ends(fleet: Fleet) -> None:
-    """webc appends to a running run's output stream (as its user may) with the last possible entry id:
-    every later append there fails. The commit that put the run's events there died with it, half
-    written, in every coordinator that took the entry over, and workers could not settle. Now that stream
-    only stops taking entries: the run ends as its file says, and every process runs on."""
+def test_an_agent_trims_or_ends_no_runs_output_but_its_own_and_that_stops_nothing(fleet: Fleet) -> None:
+    """webc's user appended to a run's output stream, which every agent of the run shared: with MAXLEN 0
+    it erased the run's events and kalic's output; with the last possible id it ended the stream, so
+    nothing more went in. Now each agent streams into its own output of the run, and the run's events
+    are the coordinators' alone: webc may break only its own output, and a fake event it puts there
+    (kalic's task failed) is not shown. The run ends as its file says, and every process runs on."""
     keys = fleet.deployment.keys
     wf_id = fleet.submit()
     until(lambda: fleet.unit(wf_id, "Scan", "state") == "running", fleet.procs)
+    until(lambda: fleet.unit(wf_id, "Build", "state") == "succeeded", fleet.procs)
     webc = fleet.deployment.client("webc")
-    webc.xadd(keys.wf_output(wf_id), {"k": "event", "m": b"x"}, id="18446744073709551615-18446744073709551615")
-    status = untouched(fleet, wf_id)
-    assert all(len([h for h in t["history"] if h.get("applied")]) == 1 for t in status["tasks"].values())
+    last = "18446744073709551615-18446744073709551615"
+    for stream in (keys.wf_output(wf_id), keys.wf_agent_output(wf_id, "kalic")):
+        for append in ({"maxlen": 0}, {"id": last}):
+            with pytest.raises(NoPermissionError):
+                webc.xadd(stream, {"k": "event", "m": b"x"}, **append)  # type: ignore[arg-type]
+        with pytest.raises(NoPermissionError):
+            webc.xtrim(stream, maxlen=0)
+    with pytest.raises(NoPermissionError):
+        webc.set(keys.wf_agent_output_bytes(wf_id, "kalic"), "999999999")  # kalic's output full
+    own = keys.wf_agent_output(wf_id, "webc")
+    fake = records.event("task.failed", wf_id, "Scan", {"unit": "Scan", "attempt": 1, "error": "forged"})
+    webc.xadd(own, {"k": "event", "m": wire.encode_events([fake])})
+    webc.xadd(own, {"k": "event", "m": b"x"}, id=last)  # its own: ended
+    untouched(fleet, wf_id)
     assert fleet.alive(), fleet.procs.output()
-    record("last possible id on a run's output stream", "webc", "every coordinator died", "run ends; all alive")
+    shown = list(fleet.client("client").stream(wf_id))
+    chunks = {(r["task"], r["data"]["by"]) for r in shown if r["kind"] == "chunk"}
+    assert chunks == {("Scan", "kalic"), ("Build", "webc"), ("Ship", "cmdc")}, shown
+    types = [r["data"]["type"] for r in shown if r["kind"] == "event"]
+    assert "task.failed" not in types and types[-1] == "workflow.succeeded", types
+    record(
+        "XADD MAXLEN 0 or the last id to a run's output, or another agent's; fake events in its own",
+        "webc",
+        "worked: erased or ended it for the run",
+        "refused: NOPERM; its own breaks only its own",
+    )
 
 
 def test_an_agent_appends_to_no_stream_but_its_own_lanes(fleet: Fleet) -> None:

@@ -69,8 +69,11 @@ def test_each_agent_gets_its_own_keys_and_appends_to_no_shared_stream() -> None:
     for key in (keys.wf("wf-1"), keys.wf_tasks("wf-1")):  # read, never written
         assert allows(kalic, "hget", key, "R")
         assert not any(allows(kalic, c, key, "W") for c in ("hset", "hsetnx", "hincrby", "evalsha"))
-    assert not allows(kalic, "set", keys.wf_output("wf-1"), "W")  # its output stream: appended to only
-    assert not allows(kalic, "pexpire", keys.wf_output("wf-1"), "W")
+    assert allows(kalic, "xadd", keys.wf_agent_output("wf-1", "kalic"), "W")  # its own output of a run
+    assert not allows(kalic, "set", keys.wf_agent_output("wf-1", "kalic"), "W")  # a stream, appended to only
+    assert allows(kalic, "pttl", keys.wf_output("wf-1"), "R")  # the run's: how long its own output stays
+    for stream in (keys.wf_output("wf-1"), keys.wf_agent_output("wf-1", "vssc")):  # the run's, another's
+        assert not any(allows(kalic, c, stream, "W") for c in ("xadd", "pexpire", "set", "xtrim"))
     assert not allows(kalic, "hset", keys.wf_lost("wf-1", "kalic"), "W")  # each of its own keys: one type
     assert not allows(kalic, "rpush", keys.wf_marks("wf-1", "kalic"), "W")
     assert not allows(kalic, "zadd", keys.running, "W")  # its reactions' runs are the coordinators' to write

@@ -1,5 +1,6 @@
-"""A task's live output: `ctx.stream` chunks, its handler's log records and the run's events, in one
-stream per run, read by `phibroker logs` and `Client.stream` (real Redis, real worker and coordinator)."""
+"""A task's live output: `ctx.stream` chunks, its handler's log records and the run's events, in a stream
+per agent of the run and the run's own, read merged by `phibroker logs` and `Client.stream` (real Redis,
+real worker and coordinator)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ from typing import Any
 
 import pytest
 
-from phibroker import Client
+from phibroker import Client, wire
 from phibroker import workflow as workflows
+from phibroker.engine.records import event as make_event
+from phibroker.engine.records import output_record
 from phibroker.settings import Settings
 from tests.conftest import Processes, until
 from tests.test_core import cli
@@ -28,6 +31,11 @@ RECORD_KEYS = {"kind", "task", "unit", "partition", "attempt", "seq", "data", "t
 def flow(name: str, tasks: dict[str, Any]) -> workflows.Workflow:
     steps = {n: {"agent": "streamer", **t} for n, t in tasks.items()}
     return workflows.check({"name": name, "tasks": steps})
+
+
+def order(entry_id: str) -> tuple[int, int]:
+    ms, seq = entry_id.split("-")
+    return int(ms), int(seq)
 
 
 def lines_of(done: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
@@ -103,10 +111,16 @@ def test_logs_replays_chunks_logs_and_events_in_order(procs: Processes, settings
     assert "Speak [1]  a" in human.stdout and "Speak [2]  c" in human.stdout
     assert "INFO streamer.speak: attempt 2 begins" in human.stdout and "● task.retrying" in human.stdout
 
-    # the stream expires with the run's other keys
+    # the run's events and the agent's own output stream expire with the run's other keys
     keys = settings.keys
-    ttls = [client.broker.redis.ttl(key) for key in (keys.wf(wf_id), keys.wf_output(wf_id))]
-    assert all(ttl > 0 for ttl in ttls) and abs(ttls[0] - ttls[1]) <= 2
+    kept = (keys.wf(wf_id), keys.wf_output(wf_id), keys.wf_agent_output(wf_id, "streamer"))
+    ttls = [client.broker.redis.ttl(key) for key in kept]
+    assert all(ttl > 0 for ttl in ttls) and max(ttls) - min(ttls) <= 2
+
+    # read again from past the first dispatch: the agent's output is there, though its dispatch is not
+    dispatched = next(r["id"] for r in records if r["kind"] == "event" and r["data"]["type"] == "task.dispatched")
+    past = [r for r in records if order(r["id"]) > order(dispatched)]
+    assert any(r["kind"] == "chunk" for r in past) and list(client.stream(wf_id, after=dispatched)) == past
 
     # from the public API, replayed from the start after the run ended
     with Client.from_url(settings.redis_url, namespace=settings.namespace) as public:
@@ -226,3 +240,43 @@ def test_without_a_worker_chunks_are_kept_and_checked() -> None:
     with pytest.raises(MessageTooLarge, match="^a chunk streamed by T#1 is 70005 bytes, over the 65536-byte limit$"):
         ctx.stream(b"x" * 70_000)
     assert ctx.streamed == ["hello", {"n": 1}]
+
+
+def test_a_runs_output_merges_its_agents_streams_in_id_order_across_pages(settings: Settings, client: Client) -> None:
+    """Each agent of a run streams into its own output stream of it; a reader merges them with the run's
+    events by entry id, page after page, and starts on an agent's stream at the event that dispatched
+    to it. Written here as a coordinator and two agents would, in more entries than a page holds."""
+    wf_id = client.submit(flow("merge", {"Talk": {"command": "speak", "payload": {"words": ["a"]}}}))
+    keys, redis = settings.keys, client.broker.redis
+    streams = {"": keys.wf_output(wf_id), "alpha": keys.wf_agent_output(wf_id, "alpha")}
+    streams["beta"] = keys.wf_agent_output(wf_id, "beta")
+    written: list[tuple[tuple[int, int], str, Any]] = []
+
+    def event(type_: str, **data: Any) -> None:
+        blob = wire.encode_events([make_event(type_, wf_id, "Talk", data)])
+        written.append((order(redis.xadd(streams[""], {"k": "event", "m": blob}).decode()), "", type_))
+
+    def chunk(agent: str, n: int) -> None:
+        blob = output_record("Talk", None, 1, n, f"{agent}-{n}", 0.0)
+        written.append((order(redis.xadd(streams[agent], {"k": "chunk", "m": blob}).decode()), agent, n))
+
+    event("task.dispatched", unit="Talk", agent="alpha")
+    for n in range(1, 2501):
+        chunk("alpha", n)
+        if n == 1200:
+            event("task.dispatched", unit="Talk", agent="beta")
+        if n > 1200:
+            chunk("beta", n)
+        if n % 700 == 0:
+            event("task.progress", n=n)
+    chunk("beta", 2501)
+    stray = output_record("Talk", None, 1, 1, "gamma-1", 0.0)  # nothing was dispatched to gamma: never read
+    redis.xadd(keys.wf_agent_output(wf_id, "gamma"), {"k": "chunk", "m": stray})
+
+    shown = list(client.stream(wf_id))
+    expected = sorted(written, key=lambda w: (w[0], w[1]))
+    got = [
+        (order(r["id"]), r["data"]["type"] if r["kind"] == "event" else str(r["data"]).partition("-")[0]) for r in shown
+    ]
+    assert got == [(at, kind if source == "" else source) for at, source, kind in expected]
+    assert [r["seq"] for r in shown if r["kind"] == "chunk" and r["data"].startswith("beta")] == list(range(1201, 2502))

@@ -90,6 +90,7 @@ from phibroker.interop.a2a_tasks import (
     task_of,
 )
 from phibroker.runtime.client import Client
+from phibroker.runtime.output_reader import OutputReader
 from phibroker.settings import Settings
 from phibroker.tools.loopback import LoopbackOnly, is_loopback_address
 
@@ -291,10 +292,10 @@ class RunHandler(RequestHandler):
         """The run as A2A stream events: a Task first, then an update for each change, until it ends or
         waits for input with nothing more to read. From the run's start; after a follow-up that
         `answered` a gate, from now (a gate other than that one already waiting ends it at once)."""
-        progress, after, delay, waited = Progress(), "0-0", POLL[0], False
+        progress, delay, waited = Progress(), POLL[0], False
         chunked: set[str] = set()  # the artifacts that have had a chunk
-        seen: set[str] = set()  # event ids: a worker may write a task's start twice
-        records, after = await self.read(wf_id, after, seen)
+        reader = await self.call(self.client.output_reader, wf_id)
+        records = await self.read(reader)
         if answered is None:
             yield Task(id=wf_id, context_id=wf_id, status=progress.status(wf_id))
         else:  # a follow-up: the client saw what came before; the task as it is now
@@ -339,7 +340,7 @@ class RunHandler(RequestHandler):
                 return  # caught up, and the run waits for an answer
             else:
                 if await self.call(self.client.broker.run_state, wf_id) in WF_TERMINAL and not progress.ended:
-                    records, after = await self.read(wf_id, after, seen)  # its end may have landed meanwhile
+                    records = await self.read(reader)  # its end may have landed meanwhile
                     if records:
                         continue
                     yield TaskStatusUpdateEvent(
@@ -348,17 +349,13 @@ class RunHandler(RequestHandler):
                     return  # ended without its end in the output (a full output stream)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, POLL[1])
-            records, after = await self.read(wf_id, after, seen)
+            records = await self.read(reader)
 
-    async def read(self, wf_id: str, after: str, seen: set[str]) -> tuple[list[dict[str, Any]], str]:
-        """Every output record past `after` (`Client.stream`'s records, an event once across calls), and
-        the entry id to read on from. Never blocks in Redis: a watcher that goes away holds no thread."""
+    async def read(self, reader: OutputReader) -> list[dict[str, Any]]:
+        """Every output record past the reader's place (`Client.stream`'s records, an event once across
+        calls). Never blocks in Redis: a watcher that goes away holds no thread."""
 
-        def read_all() -> tuple[list[dict[str, Any]], str]:
-            records = list(self.client.stream(wf_id, after=after, seen=seen))
-            return records, str(records[-1]["id"]) if records else after
-
-        return await self.call(read_all)
+        return await self.call(lambda: list(self.client.read_on(reader)))
 
     # -- what this agent does not offer ------------------------------------------------------------------
     async def on_create_task_push_notification_config(

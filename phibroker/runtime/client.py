@@ -13,10 +13,11 @@ from typing import Any
 
 from phibroker import wire
 from phibroker import workflow as workflows
-from phibroker.engine.records import output_records, status_document
+from phibroker.engine.records import status_document
 from phibroker.engine.state import TASK_TERMINAL, WF_TERMINAL
 from phibroker.errors import ApprovalError, DecodeError, InvalidInput, UnknownWorkflow
 from phibroker.runtime.events import add_trigger
+from phibroker.runtime.output_reader import OutputReader
 from phibroker.runtime.submission import submission
 from phibroker.security import signing
 from phibroker.settings import Settings
@@ -430,53 +431,40 @@ class Client:
         """The run's output in order, from its start: what its handlers streamed (`kind: chunk`) and
         logged (`log`, `data` = `{"level", "logger", "message"}`), and its events (`event`, `data` = the
         event). Each record is a dict with `kind`, `task`, `unit`, `partition`, `attempt`, `seq` (per
-        attempt, from 1; None for events), `data`, `ts` and `id` (its stream entry's id; the events of
-        one state change share one). Kept as long as the run. `follow` waits for
-        more until the run ends; `task` keeps that task's records only; `after` starts past that entry.
-        An event is yielded once (a worker may write a task's start twice); `seen`, the ids of the events
-        a reader had, lets it call again and get each event once across its calls."""
-        with reaching(self.settings):
-            if self.broker.run_state(wf_id) is None:
-                raise UnknownWorkflow(wf_id)
-        seen = set() if seen is None else seen
+        attempt, from 1; None for events), `data`, `ts` and `id` (its entry's id in its stream, the
+        run's events' or its agent's: ids of one run's streams order them all; the events of one state
+        change share one). Kept as long as the run. `follow` waits for more until the run ends; `task`
+        keeps that task's records only; `after` starts past that entry id. An event is yielded once (a
+        worker may write a task's start twice); `seen`, the ids of the events a reader had, lets it call
+        again and get each event once across its calls (`output_reader` keeps a reader's place too)."""
+        reader = self.output_reader(wf_id, task, after, seen)
         while True:
             with reaching(self.settings):  # the end's events are written with it: read them after this
                 ended = not follow or self.broker.run_state(wf_id) in WF_TERMINAL
-            while True:
-                with reaching(self.settings):
-                    entries = self.broker.read_output(wf_id, after, _PAGE)
-                yield from self._records(entries, task, seen)
-                if entries:
-                    after = entries[-1][0]
-                if len(entries) < _PAGE:
-                    break
+            yield from self.read_on(reader)
             if ended:
                 return
             with reaching(self.settings):
-                entries = self.broker.read_output(wf_id, after, _PAGE, block=1.0)
-            yield from self._records(entries, task, seen)
-            if entries:
-                after = entries[-1][0]
+                reader.wait(1.0)
 
-    def _records(
-        self, entries: list[tuple[str, str, bytes]], task: str | None, seen: set[str]
-    ) -> Iterator[dict[str, Any]]:
-        limit = self.settings.max_message_bytes * 4
-        for entry_id, kind, raw in entries:
-            try:
-                records = output_records(kind, raw, limit)
-            except DecodeError:
-                continue  # a damaged entry: the rest still reads
-            for record in records:
-                record["id"] = entry_id  # where it is in the stream: a reader resumes after it
-                if task is not None and record["task"] != task:
-                    continue
-                if record["kind"] == "event":
-                    event_id = str(record["data"].get("id"))
-                    if event_id in seen:
-                        continue
-                    seen.add(event_id)
-                yield record
+    def read_on(self, reader: OutputReader) -> Iterator[dict[str, Any]]:
+        """What the run's output holds now past the reader's place (`output_reader`), a page at a time."""
+        while True:
+            with reaching(self.settings):
+                records = reader.read()
+            yield from records
+            if not reader.more:
+                return
+
+    def output_reader(
+        self, wf_id: str, task: str | None = None, after: str = "0-0", seen: set[str] | None = None
+    ) -> OutputReader:
+        """A reader of the run's output that keeps its place across reads (`stream` reads with one):
+        what a page or a bridge that reads again and again holds on to. Raises UnknownWorkflow."""
+        with reaching(self.settings):
+            if self.broker.run_state(wf_id) is None:
+                raise UnknownWorkflow(wf_id)
+        return OutputReader(self.broker, self.settings, wf_id, task, after, seen)
 
     def live_agents(self, agents: Iterable[str] = ()) -> set[str]:
         """The agents that have at least one worker whose lease has not lapsed (by Redis's clock): of
@@ -521,7 +509,6 @@ class Client:
             return Views(self.broker).recent_workflows(limit, states, spend)
 
 
-_PAGE = 1000  # output entries read at once
 _SETTLED = 1.0  # seconds a cancel the run cannot show (its tasks ended already) waits for a refusal
 _DLQ_EVERY, _DLQ_LOOK = 0.5, 20  # a retry waiting to be re-opened looks this often at this many dead letters
 

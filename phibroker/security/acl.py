@@ -26,11 +26,11 @@ every key it declares). The `{*}` patterns match one key of a workflow each: `NS
 hash (a pattern ending in `}` cannot match `NS:wf:{ID}:results`), `NS:wf:{*}:tasks` only the unit
 states, `NS:wf:{*}:marks:AGENT` only that agent's start marks of a run.
 
-An agent writes no key of a run but its own: the start marks of its units (`NS:wf:{ID}:marks:AGENT`)
-and the attempts its workers reclaimed (`:lost:AGENT`), besides the output stream every agent of a run
-streams into (`:out`, and the bytes it holds, `:out:used`). It reads the rest: its start script checks
-the unit's dispatch and the run's end in the tasks hash, which it does not declare (a script's declared
-keys need write permission). Coordinators read a unit's mark only from its own agent's hash, and a
+An agent writes no key of a run but its own: the start marks of its units (`NS:wf:{ID}:marks:AGENT`),
+the attempts its workers reclaimed (`:lost:AGENT`) and its output (`:output:AGENT`, with the bytes it
+holds, `:output-bytes:AGENT`): what an agent trims or ends there is its own. It reads the rest: its
+start script checks the unit's dispatch and the run's end in the tasks hash, which it does not declare
+(a script's declared keys need write permission). Coordinators read a unit's mark only from its own agent's hash, and a
 reaction's run goes to them as a signed `submit` carrying its fields. What ACLs cannot do: tell a
 script's writes from direct ones (an agent allowed to run START may also HSET its own marks directly),
 or limit a hash to some fields, so each agent's workers' leases are a hash of their own

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 from phibroker import wire
 from phibroker.errors import DecodeError
@@ -147,16 +147,53 @@ class ClientStore(Connection):
         state = self.redis.hget(self.keys.wf(wf_id), "state")
         return state.decode() if state is not None else None
 
+    def run_agents(self, wf_id: str) -> list[str]:
+        """The agents the run's units were dispatched to (its meta's `agents`), whose output it has."""
+        named = parse_meta({b"agents": self.redis.hget(self.keys.wf(wf_id), "agents") or b""}).get("agents")
+        return [str(agent) for agent in named] if isinstance(named, list) else []
+
     def read_output(
-        self, wf_id: str, after: str, count: int = 1000, block: float | None = None
-    ) -> list[tuple[str, str, bytes]]:
-        """Up to `count` entries of the run's output stream past the entry id `after` ("0-0": from its
-        start), as (entry id, kind, blob); with `block`, waits up to that many seconds for the first."""
-        reply = self.redis.xread(
-            {self.keys.wf_output(wf_id): after}, count=count, block=None if block is None else max(1, int(block * 1000))
-        )
-        return [
-            (entry_id.decode(), (fields.get(b"k") or b"").decode(), fields.get(b"m") or b"")
-            for _, items in reply or ()
-            for entry_id, fields in items
-        ]
+        self, wf_id: str, positions: Mapping[str, str], count: int = 1000, block: float | None = None
+    ) -> tuple[list[OutputEntry], bool]:
+        """The run's output past `positions` (source -> entry id, "0-0" from the start), merged in entry
+        id order: the run's events (source "") and what each named agent's handlers streamed and logged
+        (source: the agent). Up to `count` entries a source; with `block`, waits up to that many seconds
+        for the first. Returns the entries and whether there may be more: a source that filled its page
+        holds back the others' entries past its last, so the order holds across calls."""
+        names = {self._output_key(wf_id, source): source for source in positions}
+        wait = None if block is None else max(1, int(block * 1000))
+        reply = self.redis.xread({key: positions[source] for key, source in names.items()}, count=count, block=wait)
+        entries: list[OutputEntry] = []
+        horizon: tuple[int, int] | None = None
+        for key, items in reply or ():
+            source = names[key.decode()]
+            if len(items) >= count:
+                last = entry_order(items[-1][0].decode())
+                horizon = last if horizon is None else min(horizon, last)
+            for entry_id, fields in items:
+                entries.append(
+                    OutputEntry(source, entry_id.decode(), (fields.get(b"k") or b"").decode(), fields.get(b"m") or b"")
+                )
+        if horizon is not None:
+            entries = [entry for entry in entries if entry_order(entry.id) <= horizon]
+        entries.sort(key=lambda entry: (entry_order(entry.id), entry.source))
+        return entries, horizon is not None
+
+    def _output_key(self, wf_id: str, source: str) -> str:
+        return self.keys.wf_agent_output(wf_id, source) if source else self.keys.wf_output(wf_id)
+
+
+class OutputEntry(NamedTuple):
+    """One entry of a run's output streams: whose stream (an agent, or "" for the run's events), its id
+    there, its kind (chunk, log, event) and its packed record."""
+
+    source: str
+    id: str
+    kind: str
+    blob: bytes
+
+
+def entry_order(entry_id: str) -> tuple[int, int]:
+    """A stream entry id as a sortable pair: the streams of one run share a server and its clock."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)

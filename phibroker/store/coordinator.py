@@ -120,9 +120,6 @@ def access(keys: Keys) -> list[Grant]:
             (f"~{keys.worker_leases('*')}",),
         ),
         Grant(("set", "get"), (f"~{keys.applied('*', '*')}",)),  # the control messages applied, until they expire
-        # OUTPUT, as `relay` calls it with the events workers send: a run's output stream and its bytes
-        Grant(("get", "set", "pexpire"), (f"~{keys.wf_output_used('*')}",)),
-        Grant(("pttl",), (f"~{keys.wf_output('*')}",)),
         # the log's age and size bounds
         Grant(("xtrim", "memory|usage", "xlen"), tuple(f"%W~{log}" for log in keys.event_logs)),
         *registry.access(keys),
@@ -419,14 +416,15 @@ class CoordinatorStore(Connection):
         return self._record_events(pipe, events) + self._publish(pipe, events, route)
 
     def _record_events(self, pipe: Any, events: list[dict[str, Any]]) -> int:
-        """The events into their runs' output streams (OUTPUT, an entry per run); how many calls."""
+        """The events into their runs' output streams (an entry per run, none for a run already gone, so
+        no stream outlives its run); how many calls."""
         per_run: dict[str, list[dict[str, Any]]] = {}
         for event in events:
             if event.get("workflow"):
                 per_run.setdefault(str(event["workflow"]), []).append(event)
-        for wf_id, batch in per_run.items():  # OUTPUT: a run already gone keeps no stream, a broken one no more
-            keys = [self.keys.wf_output_used(wf_id), self.keys.wf_output(wf_id)]
-            pipe.evalsha(SHAS[scripts.OUTPUT], len(keys), *keys, 0, "event", wire.encode_events(batch))
+        for wf_id, batch in per_run.items():
+            fields = {"k": "event", "m": wire.encode_events(batch)}
+            pipe.xadd(self.keys.wf_output(wf_id), fields, nomkstream=True)
         return len(per_run)
 
     def _publish(self, pipe: Any, events: list[dict[str, Any]], route: Route | None) -> int:

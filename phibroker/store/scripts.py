@@ -26,8 +26,8 @@ end
 # marks it guards still read as it saw them: workers mark the units they start in their agent's own
 # hash (see START), which moves no version. A run that ends marks its tasks hash `finished`, which the
 # start script reads.
-# KEYS: meta, tasks, results, history, outbox, done, output, output used, then per agent its marks and
-#       its lost attempts (state.Transition.marked_agents)
+# KEYS: meta, tasks, results, history, outbox, done, output, then per agent its marks, its lost attempts,
+#       its output and the output's bytes (state.Transition.marked_agents, `Keys.wf_agent_keys`)
 # ARGV: version, n, guards (key of the marks, unit, dispatch id, token: 0 for none)..., n, task pairs...,
 #       n, meta pairs..., n, result pairs..., n, history items..., n, lost attempts moved (key, how many)...,
 #       outbox id, outbox blob ('' for none), finished ('1'/'0'), ttl seconds, reopened ('1'/'0'),
@@ -92,16 +92,17 @@ return version
 """
 )
 
-# Append to a run's output stream (kind, blob pairs: `k` and `m` of each entry), only while the run's
-# keys are there: its first transition made the stream, and it expires with them, so an entry added
-# later keeps their time to live. Chunks and log records count against the run's `limit` (bytes, kept
-# in the run's `out:used`, which expires with the stream); events (`limit` 0) are never refused.
-# KEYS: output used, output   ARGV: limit, then kind, blob...
+# Append to the agent's own output stream of a run (kind, blob pairs: `k` and `m` of each entry), only
+# while the run's keys are there: its first transition made the run's output stream, and the agent's
+# keys expire with it, so an entry added later keeps their time to live. Chunks and log records count
+# against the `limit` (bytes, kept in the agent's `output-bytes` of the run; 0: no limit); its tasks'
+# starts never.
+# KEYS: the run's output, the agent's output, its bytes   ARGV: limit, then kind, blob...
 # Returns {1, bytes used}: added; {0, bytes used}: over the limit, nothing added; {-1, 0}: no such run.
 OUTPUT = (
     COUNT
     + """
-if redis.call('EXISTS', KEYS[2]) == 0 then return {-1, 0} end
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, 0} end
 local limit = tonumber(ARGV[1])
 local size = 0
 if limit > 0 then
@@ -109,16 +110,19 @@ if limit > 0 then
     if ARGV[i] ~= 'event' then size = size + #ARGV[i + 1] end
   end
 end
-local used = count(redis.call('GET', KEYS[1]) or '0') or limit  -- overwritten with garbage: no more room
+local used = count(redis.call('GET', KEYS[3]) or '0') or limit  -- overwritten with garbage: no more room
 if size > 0 then
   if used + size > limit then return {0, used} end
   used = used + size
-  redis.call('SET', KEYS[1], string.format('%d', used))
-  local ttl = redis.call('PTTL', KEYS[2])
-  if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
+  redis.call('SET', KEYS[3], string.format('%d', used))
 end
-for i = 2, #ARGV, 2 do  -- a stream an agent broke (its last possible id taken) keeps nothing more
+for i = 2, #ARGV, 2 do  -- a stream its agent broke (its last possible id taken) keeps nothing more
   redis.pcall('XADD', KEYS[2], '*', 'k', ARGV[i], 'm', ARGV[i + 1])
+end
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl > 0 then
+  redis.call('PEXPIRE', KEYS[2], ttl)
+  redis.call('PEXPIRE', KEYS[3], ttl)
 end
 return {1, used}
 """

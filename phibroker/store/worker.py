@@ -126,15 +126,16 @@ def access(keys: Keys, agent: str, subscriptions: Iterable[str] = ()) -> list[Gr
     """What the workers of `agent` send Redis: they consume its task lanes and its subscriptions'
     streams (own keys: `AGENT.fn`, the default names, or those named), keep their seen-sets and hear
     its stop notices; mark the attempts they start in their agent's own marks hash of a run (START),
-    and its lost attempts; read a run's meta and tasks hash, never writing them; append to a run's output
-    stream and count its bytes (OUTPUT); append, to the agent's own inbox lanes only, its results,
+    and its lost attempts; read a run's meta and tasks hash, never writing them; append to the agent's
+    own output stream of a run and count its bytes (OUTPUT); append, to the agent's own inbox lanes only, its results,
     events, dead letters and requests (the coordinators publish, route and keep them); hold their
     leases; and register their subscriptions. Scripts are called, never loaded."""
     own = [f"~{keys.agent_tasks(agent)}", f"~{keys.agent_bulk(agent)}", f"~{keys.sub(agent + '.')}*"]
     for name in subscriptions:
         own += [f"~{keys.sub(name)}", f"~{keys.sub_seen(name)}"]
     marks, lost = f"~{keys.wf_marks('*', agent)}", f"~{keys.wf_lost('*', agent)}"
-    output, used = f"~{keys.wf_output('*')}", f"~{keys.wf_output_used('*')}"
+    run_output = keys.wf_output("*")
+    output, used = f"~{keys.wf_agent_output('*', agent)}", f"~{keys.wf_agent_output_bytes('*', agent)}"
     lanes = [lane for shard in range(len(keys.inbox_lanes)) for lane in keys.agent_lanes(agent, shard)]
     return [
         # `seen` and `mark_seen` keep the seen-sets; `stop_notices` subscribes to its own channel only
@@ -148,10 +149,12 @@ def access(keys: Keys, agent: str, subscriptions: Iterable[str] = ()) -> list[Gr
         Grant(("evalsha",), (marks, lost)),
         Grant(("hget", "hset", "hmget", "hstrlen"), (marks,)),
         Grant(("rpush",), (lost,)),
-        # OUTPUT (`append_output`): the run's output stream, appended to (never set, nor expired), and
-        # the bytes it holds
-        Grant(("evalsha",), (output, used)),
-        Grant(("exists", "pttl", "xadd"), (output,)),
+        # OUTPUT (`append_output`): the agent's own output stream of a run and the bytes it holds, kept
+        # as long as the run's output stream, which it reads only (EVALSHA asks read and write on the
+        # keys it declares; the script's commands are checked against the grants here)
+        Grant(("evalsha",), (f"~{run_output}", output, used)),
+        Grant(("exists", "pttl"), (f"%R~{run_output}",)),
+        Grant(("xadd", "pexpire"), (output,)),
         Grant(("get", "set", "pexpire"), (used,)),
         # START reads the tasks hash; `unit_states` and `unit_runs` read it and the run's state
         Grant(("hget", "hmget"), (f"%R~{keys.wf('*')}", f"%R~{keys.wf_tasks('*')}")),
@@ -280,12 +283,17 @@ class WorkerStore(Connection):
         return self.keys.agent_inbox(self.agent, wf_id, bulk)
 
     def append_output(self, wf_id: str, entries: Sequence[tuple[str, bytes]], limit: int) -> tuple[int, int]:
-        """Append (kind, blob) entries to the run's output stream at once; chunks and log records count
-        against `limit` bytes for the run. Returns (1 added | 0 over the limit | -1 no such run, bytes used)."""
+        """Append (kind, blob) entries to the agent's output stream of the run at once; chunks and log
+        records count against `limit` bytes (the agent's in the run). Returns (1 added | 0 over the limit
+        | -1 no such run, bytes used)."""
         args: list[Any] = [limit]
         for kind, blob in entries:
             args += [kind, blob]
-        keys = [self.keys.wf_output_used(wf_id), self.keys.wf_output(wf_id)]
+        keys = [
+            self.keys.wf_output(wf_id),
+            self.keys.wf_agent_output(wf_id, self.agent),
+            self.keys.wf_agent_output_bytes(wf_id, self.agent),
+        ]
         added, used = self._script(scripts.OUTPUT, keys, args)
         return int(added), int(used)
 

@@ -38,29 +38,33 @@ def records_after(
 ) -> Iterator[tuple[str, dict[str, Any]]]:
     """The run's records until it ends (or `stop` is set), each with the id its message carries, those
     past `after` only. That id is the record's stream id; records that share one (the events of one
-    state change, stored as one entry) get `ID`, `ID.1`, `ID.2`..., so a browser that reconnects in the
-    middle of an entry misses none. Between records it waits on the stream at most `WAIT` seconds at a
-    time, so a reader whose browser left stops soon."""
+    state change, stored as one entry, or entries of two of the run's streams) get `ID`, `ID.1`,
+    `ID.2`..., so a browser that reconnects in the middle of them misses none. Between records it waits
+    on the streams at most `WAIT` seconds at a time, so a reader whose browser left stops soon."""
     entry, skip = _position(after)
-    cursor = _before(entry) if entry else "0-0"
-    seen: set[str] = set()  # event ids: an event written twice is sent once
+    reader = client.output_reader(wf_id, after=_before(entry) if entry else "0-0")
     previous, repeat = "", 0
     while not stop.is_set():
         with reaching(client.settings):  # the end's events are written with it: read them after this
             ended = client.broker.run_state(wf_id) in WF_TERMINAL
-        for record in client.stream(wf_id, after=cursor, seen=seen):
-            cursor = str(record["id"])
-            repeat = repeat + 1 if cursor == previous else 0
-            previous = cursor
-            if cursor == entry and repeat <= skip:
-                continue
-            yield (f"{cursor}.{repeat}" if repeat else cursor), record
-            if stop.is_set():
-                return
+        more = True
+        while more and not stop.is_set():
+            with reaching(client.settings):
+                records = reader.read()
+            more = reader.more
+            for record in records:
+                cursor = str(record["id"])
+                repeat = repeat + 1 if cursor == previous else 0
+                previous = cursor
+                if cursor == entry and repeat <= skip:
+                    continue
+                yield (f"{cursor}.{repeat}" if repeat else cursor), record
+                if stop.is_set():
+                    return
         if ended:
             return
         with reaching(client.settings):
-            client.broker.read_output(wf_id, cursor, 1, block=WAIT)  # wakes on the next entry
+            reader.wait(WAIT)
 
 
 def _position(after: str | None) -> tuple[str, int]:

@@ -19,7 +19,9 @@ dormant = Agent("dormant")  # no worker until a test starts one
 def _step(agent: Agent) -> None:
     @agent.command("step")
     def step(ctx: Context, sleep: float = 0.0, **payload: Any) -> dict[str, Any]:
-        """Waits `sleep` seconds (or until asked to stop), records itself, returns its payload."""
+        """Streams its payload, waits `sleep` seconds (or until asked to stop), records itself, returns
+        its payload."""
+        ctx.stream({"by": agent.name, "payload": payload})
         stopped = ctx.cancelled.wait(sleep) if sleep else False
         line = {"agent": agent.name, "wf": ctx.workflow_id, "task": ctx.task, "payload": payload}
         with open(os.environ["TARGETS_LEDGER"], "a") as ledger:
