@@ -22,6 +22,7 @@ from typing import Any
 import msgpack
 
 from phibroker.errors import DecodeError, MessageTooLarge
+from phibroker.keys import agent_of
 
 VERSION = 1
 FIELD = b"m"  # the one field of every stream entry
@@ -534,11 +535,13 @@ SENT_EVENTS = 1000  # events one message of a worker's may carry: each costs the
 _ID = re.compile(r"[^{}]{1,1024}")  # an event's id, a run's: parts of keys, whose hash tag they must not change
 
 
-def sent_events(value: Any) -> list[dict[str, Any]]:
-    """The events a worker sent the coordinators to publish, at most SENT_EVENTS, shaped as phibroker's
-    own (a `type`, text; an `id` and a `workflow`, text without braces: they make keys and run ids; a
-    `task`, text; a whole `depth`; a `chain` of text): DecodeError for anything else, which would stop
-    a router, or make readers skip the log entry it shares."""
+def sent_events(value: Any, agent: str | None) -> list[dict[str, Any]]:
+    """The events `agent`'s worker sent the coordinators to publish, at most SENT_EVENTS, shaped as
+    phibroker's own (a `type`, text; an `id` and a `workflow`, text without braces: they make keys and
+    run ids; a `task`, text; a whole `depth`; a `chain` of text), and none of the coordinators' own
+    types (`workflow.*`, `task.*`, `approval.*`, `signal.*`) but its own workers' `task.started`:
+    DecodeError for anything else, which would stop a router, make readers skip the log entry it
+    shares, or tell readers and subscribers of a state change that never happened."""
     if not isinstance(value, list) or len(value) > SENT_EVENTS:
         raise DecodeError(value, f"events: not a list of at most {SENT_EVENTS} events")
     for event in value:
@@ -553,7 +556,19 @@ def sent_events(value: Any) -> list[dict[str, Any]]:
             and all(isinstance(link, str) for link in event.get("chain", []))
         ):
             raise DecodeError(event, "events: an event not shaped as phibroker's (type, id, workflow, depth, chain)")
+        if event["type"].startswith(COORDINATOR_EVENTS) and not _started_by(event, agent):
+            raise DecodeError(event, f"events: {agent or 'a worker'} may not publish {event['type']:.100}")
     return value
+
+
+COORDINATOR_EVENTS = ("workflow.", "task.", "approval.", "signal.")  # the state changes only a commit tells
+
+
+def _started_by(event: dict[str, Any], agent: str | None) -> bool:
+    """A `task.started` of one of `agent`'s workers (its consumer name says whose it is)."""
+    data = event.get("data")
+    worker = data.get("worker") if isinstance(data, dict) else None
+    return event["type"] == "task.started" and isinstance(worker, str) and agent_of(worker) == agent
 
 
 def _is_id(value: Any) -> bool:

@@ -886,6 +886,39 @@ def test_events_an_agent_sends_malformed_are_dead_lettered_and_stop_no_coordinat
     record("malformed events sent to be published", "webc", "(new) a router stopped", "dead-lettered")
 
 
+def test_an_agent_publishes_none_of_the_coordinators_events_but_its_own_workers_starts(fleet: Fleet) -> None:
+    """The coordinators publish what a worker sends them into the run's output, the log and the
+    subscriptions. webc sent a `task.failed` for kalic's Scan, a `workflow.failed` and an approval
+    request into a run it had no task in: readers showed them (an A2A client took the run for failed),
+    and subscribers to `task.failed` reacted. Now a worker may send, of the coordinators' own event
+    types, only its own workers' `task.started`: the rest is dead-lettered, and the run shows none."""
+    seen = len(fleet.dead_letters())
+    webc = fleet.store("webc", signed=True)
+    wf_id = fleet.submit("shipping")
+    until(lambda: fleet.unit(wf_id, "Ship", "state") in ("running", "succeeded"), fleet.procs)
+    about = {"unit": "Ship", "attempt": 1}
+    forged = [
+        records.event("task.failed", wf_id, "Ship", {**about, "error": "forged by webc"}),
+        records.event("workflow.failed", wf_id, None, {}),
+        records.event("approval.requested", wf_id, "Ship", {"message": "wire the money"}),
+        records.event("task.started", wf_id, "Ship", {**about, "worker": "cmdc@forger:1:x"}),
+    ]
+    for event in forged:
+        webc.relay([event])
+    reasons = reasons_since(fleet, seen, len(forged))
+    assert all("webc may not publish" in reason for reason in reasons), reasons
+    untouched(fleet, wf_id, {"Ship": ("cmdc", {"run": "make release"})})
+    shown = list(fleet.client("client").stream(wf_id))
+    assert not [r for r in shown if r["kind"] == "event" and r["data"]["id"] in {e["id"] for e in forged}]
+    assert fleet.alive(), fleet.procs.output()
+    record(
+        "a task.failed, workflow.failed, approval request sent to be published",
+        "webc",
+        "readers and subscribers took them for the run's",
+        "dead-lettered",
+    )
+
+
 def test_marks_and_lost_attempts_an_agent_writes_about_another_agents_units_count_for_nothing(
     fleet: Fleet,
 ) -> None:

@@ -10,6 +10,7 @@ import queue
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -242,9 +243,9 @@ def test_without_a_worker_chunks_are_kept_and_checked() -> None:
     assert ctx.streamed == ["hello", {"n": 1}]
 
 
-def test_a_runs_output_merges_its_agents_streams_in_id_order_across_pages(settings: Settings, client: Client) -> None:
+def test_a_runs_output_merges_its_agents_streams_in_order_across_pages(settings: Settings, client: Client) -> None:
     """Each agent of a run streams into its own output stream of it; a reader merges them with the run's
-    events by entry id, page after page, and starts on an agent's stream at the event that dispatched
+    events in one order, page after page, and starts on an agent's stream at the event that dispatched
     to it. Written here as a coordinator and two agents would, in more entries than a page holds."""
     wf_id = client.submit(flow("merge", {"Talk": {"command": "speak", "payload": {"words": ["a"]}}}))
     keys, redis = settings.keys, client.broker.redis
@@ -274,9 +275,124 @@ def test_a_runs_output_merges_its_agents_streams_in_id_order_across_pages(settin
     redis.xadd(keys.wf_agent_output(wf_id, "gamma"), {"k": "chunk", "m": stray})
 
     shown = list(client.stream(wf_id))
-    expected = sorted(written, key=lambda w: (w[0], w[1]))
+    # by millisecond, the run's events first (a dispatch before its output), then by agent and sequence
+    expected = sorted(written, key=lambda w: (w[0][0], w[1] != "", w[1], w[0][1]))
     got = [
         (order(r["id"]), r["data"]["type"] if r["kind"] == "event" else str(r["data"]).partition("-")[0]) for r in shown
     ]
     assert got == [(at, kind if source == "" else source) for at, source, kind in expected]
     assert [r["seq"] for r in shown if r["kind"] == "chunk" and r["data"].startswith("beta")] == list(range(1201, 2502))
+
+
+def test_a_reader_resumes_past_any_record_it_was_given_even_where_streams_share_ids(
+    settings: Settings, client: Client
+) -> None:
+    """Entry ids repeat across a run's streams (each counts its own within a millisecond). A record's
+    token names its place in the merged order, so a reader started past any token gets exactly the
+    records that followed it: what the page's event stream sends as ids, for a browser that reconnects."""
+    wf_id = client.submit(flow("ties", {"Talk": {"command": "speak", "payload": {"words": ["a"]}}}))
+    keys, redis = settings.keys, client.broker.redis
+    out, alpha, beta = (keys.wf_output(wf_id), *(keys.wf_agent_output(wf_id, a) for a in ("alpha", "beta")))
+
+    def events(entry_id: str, *types: str, **data: Any) -> None:
+        blob = wire.encode_events([make_event(t, wf_id, "Talk", {"unit": "Talk", **data}) for t in types])
+        redis.xadd(out, {"k": "event", "m": blob}, id=entry_id)
+
+    def chunk(stream: str, entry_id: str, text: str) -> None:
+        redis.xadd(stream, {"k": "chunk", "m": output_record("Talk", None, 1, 1, text, 0.0)}, id=entry_id)
+
+    events("1000-0", "task.dispatched", "task.waiting", agent="alpha")
+    events("1000-1", "task.dispatched", agent="beta")
+    chunk(alpha, "1000-0", "alpha 1000-0")
+    chunk(beta, "1000-0", "beta 1000-0")
+    chunk(alpha, "1000-1", "alpha 1000-1")
+    events("1001-0", "task.succeeded", "workflow.succeeded")
+    chunk(beta, "1001-0", "beta 1001-0")
+    chunk(alpha, "1002-0", "alpha 1002-0")
+
+    reader = client.output_reader(wf_id)
+    whole = [(token, _said(record)) for token, record in client.read_on(reader)]
+    assert [said for _, said in whole] == [
+        "task.dispatched",
+        "task.waiting",
+        "task.dispatched",
+        "alpha 1000-0",
+        "alpha 1000-1",
+        "beta 1000-0",
+        "task.succeeded",
+        "workflow.succeeded",
+        "beta 1001-0",
+        "alpha 1002-0",
+    ]
+    for n, (token, _) in enumerate(whole):
+        resumed = [(t, _said(r)) for t, r in client.read_on(client.output_reader(wf_id, after=token))]
+        assert resumed == whole[n + 1 :], token
+    assert [_said(r) for r in client.stream(wf_id, after="1001-0")] == ["alpha 1002-0"]  # an entry id: past it in each
+
+
+def test_a_reader_shows_of_an_agents_stream_only_what_the_runs_events_back(settings: Settings, client: Client) -> None:
+    """An agent's user may write anything into its own output stream of a run. Readers show from it the
+    chunks and log records of units dispatched to that agent, and its own workers' task starts; a start
+    it made up with the id of a real event never hides that event; and an entry it dated in the future
+    is never shown and never keeps a reader reading."""
+    wf_id = client.submit(flow("forged", {"Talk": {"command": "speak", "payload": {"words": ["a"]}}}))
+    keys, redis = settings.keys, client.broker.redis
+    out, alpha = keys.wf_output(wf_id), keys.wf_agent_output(wf_id, "alpha")
+    dispatched = make_event("task.dispatched", wf_id, "Talk", {"unit": "Talk", "agent": "alpha", "attempt": 1})
+    failed = make_event("task.failed", wf_id, "Talk", {"unit": "Talk", "attempt": 1, "error": "boom"})
+    ended = make_event("workflow.failed", wf_id, None, {})
+    redis.xadd(out, {"k": "event", "m": wire.encode_events([dispatched])}, id="1000-0")
+
+    def start(event_id: str, worker: str, unit: str = "Talk") -> dict[str, Any]:
+        started = make_event("task.started", wf_id, unit, {"unit": unit, "attempt": 1, "worker": worker})
+        return {**started, "id": event_id}
+
+    own_start = start(wire.new_id(), "alpha@host:1:a")
+    forged = [start(failed["id"], "alpha@host:1:a"), start(ended["id"], "alpha@host:1:a")]  # real events' ids
+    forged += [start(wire.new_id(), "beta@host:1:b"), start(wire.new_id(), "alpha@host:1:a", unit="Other")]
+    forged += [{**failed, "id": wire.new_id(), "data": {"unit": "Talk", "error": "forged"}}]
+    redis.xadd(alpha, {"k": "event", "m": wire.encode_events([own_start, *forged])}, id="1001-0")
+    for n, (unit, text) in enumerate((("Talk", "its own"), ("Other", "not its unit")), 1):
+        redis.xadd(alpha, {"k": "chunk", "m": output_record(unit, None, 1, 1, text, 0.0)}, id=f"1001-{n}")
+    copy = start(own_start["id"], "alpha@host:1:a")  # the coordinators publish the start again
+    redis.xadd(out, {"k": "event", "m": wire.encode_events([copy, failed])}, id="1002-0")
+    redis.xadd(out, {"k": "event", "m": wire.encode_events([ended])}, id="1003-0")
+    future = f"{int(time.time() * 1000) + 600_000}-0"
+    redis.xadd(alpha, {"k": "chunk", "m": output_record("Talk", None, 1, 2, "from the future", 0.0)}, id=future)
+
+    reader = client.output_reader(wf_id)
+    shown = [_said(record) for _, record in client.read_on(reader)]
+    assert shown == ["task.dispatched", "task.started", "its own", "task.failed", "workflow.failed"]
+    assert reader.read() == [] and not reader.more  # the entry from the future waits for nobody
+
+
+def _said(record: dict[str, Any]) -> str:
+    return record["data"]["type"] if record["kind"] == "event" else str(record["data"])
+
+
+def test_a_readers_pass_reads_what_was_there_as_it_began(settings: Settings, client: Client) -> None:
+    """A reader's pass ends at what the streams held as it began: an agent that writes into its own
+    output faster than readers read cannot keep `logs --follow` of a run that ended reading on."""
+    wf_id = client.submit(flow("flooded", {"Talk": {"command": "speak", "payload": {"words": ["a"]}}}))
+    keys, redis = settings.keys, client.broker.redis
+    dispatched = make_event("task.dispatched", wf_id, "Talk", {"unit": "Talk", "agent": "alpha", "attempt": 1})
+    redis.xadd(keys.wf_output(wf_id), {"k": "event", "m": wire.encode_events([dispatched])})
+    chunk = {"k": "chunk", "m": output_record("Talk", None, 1, 1, "flood", 0.0)}
+
+    def flood(count: int) -> None:
+        pipe = redis.pipeline(transaction=False)
+        for _ in range(count):
+            pipe.xadd(keys.wf_agent_output(wf_id, "alpha"), chunk)
+        pipe.execute()
+
+    flood(3000)
+    reader = client.output_reader(wf_id)
+    first = reader.read()
+    assert reader.more  # a page is not all of it
+    time.sleep(0.01)  # the server's clock moves on: what comes now comes after the pass began
+    flood(3000)
+    rest = list(client.read_on(reader))
+    assert len(first) + len(rest) == 3001
+    assert len(list(client.read_on(reader))) == 3000  # the next pass
+    redis.hset(keys.wf(wf_id), "state", "succeeded")
+    assert len(list(client.stream(wf_id, follow=True))) == 6001  # ended: one pass, and it stops

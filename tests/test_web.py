@@ -324,8 +324,10 @@ def test_the_event_stream_resumes_after_last_event_id(stack: Stack) -> None:
     assert record["kind"] == "event" and record["data"]["type"] == "workflow.succeeded"
     assert read_stream(url, {"Last-Event-ID": whole[-1]["id"]}) == []
     ids = [m["id"] for m in whole]
-    shared = next(i for i in ids if i.endswith(".1")).removesuffix(".1")  # a state change's several events
-    assert [m["id"] for m in read_stream(url, {"Last-Event-ID": shared})] == ids[ids.index(shared) + 1 :]
+    second = next(i for i in ids if i.endswith(":1"))  # a state change's several events share an entry
+    first_of_them = second.removesuffix(":1") + ":0"
+    assert [m["id"] for m in read_stream(url, {"Last-Event-ID": first_of_them})] == ids[ids.index(second) :]
+    assert [m["id"] for m in read_stream(url, {"Last-Event-ID": "garbage"})] == ids  # from the start
     assert get(f"{stack.reading}/api/runs/nope/stream")[0] == 404
 
 

@@ -532,13 +532,6 @@ class Run:
             else:
                 self.tx.packed[f"{unit}|{group}"] = (record, group)
 
-    def output_from(self, agent: str) -> None:
-        """The run's readers merge the output streams of the agents named in `agents`: every agent a unit
-        of it was dispatched to, added before the dispatch goes out, so before its first chunk."""
-        named = self.meta.get("agents") or []
-        if agent not in named:
-            self.set_meta(agents=sorted({*named, agent}))
-
     def set_meta(self, **values: Any) -> None:
         self.meta.update(values)
         self.tx.meta.update({k: ("" if v is None else v) for k, v in values.items()})

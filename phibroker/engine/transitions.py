@@ -599,7 +599,6 @@ def _dispatch_unit(run: Run, unit: str, now: float) -> None:
         _unit_failed(run, unit, f"{type(exc).__name__}: {exc}", now)
         return
     run.tx.dispatches.append((str(agent), raw))
-    run.output_from(str(agent))
     run._released += 1
     if deadline is not None:
         run.tx.timers_add[timer_member("deadline", run.id, unit, dispatch_id)] = deadline

@@ -355,7 +355,7 @@ class RunHandler(RequestHandler):
         """Every output record past the reader's place (`Client.stream`'s records, an event once across
         calls). Never blocks in Redis: a watcher that goes away holds no thread."""
 
-        return await self.call(lambda: list(self.client.read_on(reader)))
+        return await self.call(lambda: [record for _, record in self.client.read_on(reader)])
 
     # -- what this agent does not offer ------------------------------------------------------------------
     async def on_create_task_push_notification_config(

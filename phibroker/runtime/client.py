@@ -432,23 +432,26 @@ class Client:
         logged (`log`, `data` = `{"level", "logger", "message"}`), and its events (`event`, `data` = the
         event). Each record is a dict with `kind`, `task`, `unit`, `partition`, `attempt`, `seq` (per
         attempt, from 1; None for events), `data`, `ts` and `id` (its entry's id in its stream, the
-        run's events' or its agent's: ids of one run's streams order them all; the events of one state
-        change share one). Kept as long as the run. `follow` waits for more until the run ends; `task`
-        keeps that task's records only; `after` starts past that entry id. An event is yielded once (a
-        worker may write a task's start twice); `seen`, the ids of the events a reader had, lets it call
-        again and get each event once across its calls (`output_reader` keeps a reader's place too)."""
+        run's events' or its agent's; the events of one state change share one). Kept as long as the
+        run. `follow` waits for more until the run ends; `task` keeps that task's records only; `after`
+        starts past that entry id in every stream. An event is yielded once (a worker writes a task's
+        start beside its output, and the coordinators publish it too); `seen`, what a reader was shown
+        of the events, lets it call again and get each once across its calls (`output_reader` keeps a
+        reader's whole place)."""
         reader = self.output_reader(wf_id, task, after, seen)
         while True:
             with reaching(self.settings):  # the end's events are written with it: read them after this
                 ended = not follow or self.broker.run_state(wf_id) in WF_TERMINAL
-            yield from self.read_on(reader)
+            for _, record in self.read_on(reader):
+                yield record
             if ended:
                 return
             with reaching(self.settings):
                 reader.wait(1.0)
 
-    def read_on(self, reader: OutputReader) -> Iterator[dict[str, Any]]:
-        """What the run's output holds now past the reader's place (`output_reader`), a page at a time."""
+    def read_on(self, reader: OutputReader) -> Iterator[tuple[str, dict[str, Any]]]:
+        """What the run's output held as this call began, past the reader's place (`output_reader`):
+        records with their tokens, a page at a time."""
         while True:
             with reaching(self.settings):
                 records = reader.read()
@@ -460,7 +463,8 @@ class Client:
         self, wf_id: str, task: str | None = None, after: str = "0-0", seen: set[str] | None = None
     ) -> OutputReader:
         """A reader of the run's output that keeps its place across reads (`stream` reads with one):
-        what a page or a bridge that reads again and again holds on to. Raises UnknownWorkflow."""
+        what a page or a bridge that reads again and again holds on to. `after` is an entry id or a
+        record's token, which `read_on` gives with each record. Raises UnknownWorkflow."""
         with reaching(self.settings):
             if self.broker.run_state(wf_id) is None:
                 raise UnknownWorkflow(wf_id)

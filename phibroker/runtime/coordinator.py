@@ -399,7 +399,8 @@ class Coordinator:
             return 0
         if message.kind in ("results", "events"):  # with the starts of tasks, published before any commit
             try:
-                self._relayed += wire.sent_events(message.body.get("events", []))
+                sender = self.keys.lane_owner(stream) or message.agent  # its lane says whose worker sent it
+                self._relayed += wire.sent_events(message.body.get("events", []), sender)
             except DecodeError as exc:
                 log.warning("dead-lettering inbox entry %s: %s", entry.id, exc.reason)
                 self.broker.dead_letter(exc.reason, entry.raw, stream, entry.id)

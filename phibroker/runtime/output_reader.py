@@ -1,16 +1,21 @@
-"""Reading a run's output: its events, in the run's output stream (the coordinators write it), and what
-its handlers streamed and logged, in a stream per agent of the run (the one stream of it the agent's
-workers may append to, so none can trim or end another's). A reader merges them in entry id order
-(the streams of a run share a server and its clock) and keeps its place in each across reads.
+"""Reading a run's output: its events, in the run's output stream (only the coordinators write it), and
+what its handlers streamed and logged, in a stream per agent of the run (the one stream of it the
+agent's workers may append to, so none can trim or end another's). A reader merges them in one order
+(`store.client.output_order`: one server's clock stamps all of a run's streams) and keeps its place in
+each across reads.
 
-Which agents' streams: those the run's meta names (`agents`, every agent a unit was dispatched to),
-and, while it reads, each agent a `task.dispatched` event names. That event is committed before its
-task goes out, so the reader starts on an agent's stream before the agent can write in it: the read
-stops at the event and goes on with the new stream, and no record comes out of order.
+It trusts an agent's stream only as far as the run's events back it: it follows the stream of each
+agent a `task.dispatched` event names (committed before the task goes out, so before the agent can
+write a chunk of it), and shows from it only the records of units dispatched to that agent, and of
+events only its own workers' `task.started`. An event is shown once: a start the worker wrote beside
+its output and the coordinators published again counts as one, and a start an agent made up never
+hides another event.
 """
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from phibroker.engine.records import output_records
@@ -22,15 +27,60 @@ if TYPE_CHECKING:
     from phibroker.settings import Settings
     from phibroker.store.client import ClientStore, OutputEntry
 
-PAGE = 1000  # entries read at once from each stream
-MAX_AGENTS = 1000  # streams one reader follows: a run dispatched to more agents shows the first ones'
+PAGE = 1000  # entries one read takes, shared among the streams it reads
+MIN_PAGE = 50  # entries a read takes of each stream, however many it reads
+MAX_AGENTS = 1000  # agents' streams one reader follows: a run dispatched to more shows the first ones'
+LAST_SEQ = 18446744073709551615  # the highest sequence of a stream entry id
+_PLAIN = re.compile(r"(\d{1,20})-(\d{1,20})")
+_TOKEN = re.compile(r"(\d{1,20})-(\d{1,20}):([A-Za-z0-9_.-]{0,200}):(\d{1,9})")
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where a reader starts. An entry id ("ms-seq"): past it in every stream. A record's token
+    (`OutputReader.read`, "ms-seq:source:n"): past that record, the n-th of its entry in its source's
+    stream, and past every record the merged order puts before it."""
+
+    ms: int = 0
+    seq: int = 0
+    source: str | None = None  # None: an entry id, or the start
+    record: int = -1
+
+    @classmethod
+    def parse(cls, after: str) -> Place:
+        """The place `after` names; the start for anything that names none."""
+        text = (after or "").strip()
+        if token := _TOKEN.fullmatch(text):
+            return cls(int(token[1]), int(token[2]), token[3], int(token[4]))
+        if plain := _PLAIN.fullmatch(text):
+            return cls(int(plain[1]), int(plain[2]))
+        return cls()
+
+    @property
+    def is_start(self) -> bool:
+        return self.source is None and self.ms == self.seq == 0
+
+    @property
+    def entry(self) -> str:
+        return f"{self.ms}-{self.seq}"
+
+    def position(self, source: str) -> str:
+        """The id to read `source`'s stream past: before this millisecond for a stream the merged
+        order puts after the place's own, within it for its own (its entry is read again, and its
+        records up to the place skipped), past it for one put before."""
+        if self.source is None:
+            return self.entry
+        if source == self.source:
+            return _before(self.ms, self.seq)
+        if (bool(source), source) < (bool(self.source), self.source):
+            return f"{self.ms}-{LAST_SEQ}"
+        return _before(self.ms, 0)
 
 
 class OutputReader:
-    """One reader of one run's output, from `after` (an entry id, "0-0": the start). `read` returns the
-    next records and sets `more` when a read at once may find others. `task` keeps that task's records
-    only; `seen`, the ids of the events a reader had, yields each event once (a worker writes its
-    task's start beside its output, and the coordinators publish it too)."""
+    """One reader of one run's output, from `after` (`Place`). `read` returns the next records, each
+    with its token; `more` says whether a read at once may give others. `task` keeps that task's
+    records only; `seen` holds what the reader was shown of the events (see `Client.stream`)."""
 
     def __init__(
         self,
@@ -45,64 +95,106 @@ class OutputReader:
         self.limit = settings.max_message_bytes * 4
         self.wf_id = wf_id
         self.task = task
-        self.start = after
+        self.place = Place.parse(after)
         self.seen = set() if seen is None else seen
-        self.positions: dict[str, str] = {"": after}  # source ("" the run's events, or an agent) -> last id read
+        self.positions: dict[str, str] = {"": self.place.position("")}  # source -> last id read
+        self.owners: dict[str, set[str]] = {}  # unit -> the agents it was dispatched to
         self.more = True
-        self._named = False
+        self._tails: dict[str, str] = {}  # source -> the last id a read returned, read or held back
+        self._until: int | None = None  # the end of the current pass: what was there as it began
+        self._fresh = False  # the last pass left entries written after it began
+        self._learned = self.place.is_start
 
-    def read(self) -> list[dict[str, Any]]:
-        """The next records, or none. Raises what Redis raises (callers reach it through `reaching`)."""
-        if not self._named:
-            for agent in self.broker.run_agents(self.wf_id):
-                self._follow(agent)
-            self._named = True
-        entries, self.more = self.broker.read_output(self.wf_id, self.positions, PAGE)
-        records: list[dict[str, Any]] = []
-        for entry in entries:
+    def read(self) -> list[tuple[str, dict[str, Any]]]:
+        """The next records and their tokens, or none. Raises what Redis raises (callers reach it
+        through `reaching`)."""
+        if not self._learned:
+            self._learn_dispatches()
+        count = max(MIN_PAGE, PAGE // len(self.positions))
+        page = self.broker.read_output(self.wf_id, self.positions, count, self._until)
+        if self._until is None:
+            self._until = page.now_ms + 1
+        self._tails.update(page.tails)
+        self._fresh = self._fresh or page.fresh
+        self.more = page.more
+        shown: list[tuple[str, dict[str, Any]]] = []
+        for entry in page.entries:
             self.positions[entry.source] = entry.id
-            found = self._decoded(entry)
-            new = [agent for agent in map(_dispatched_to, found) if agent and agent not in self.positions]
-            records += [record for record in found if self._shown(record)]
-            if new and len(self.positions) <= MAX_AGENTS:
-                for agent in new:
-                    self._follow(agent)
-                self.more = True  # read on from here, with the new stream: its entries come after this one
+            records = self._decoded(entry)
+            followed = self._note_dispatches(records) if not entry.source else False
+            skip = self.place.record if (entry.source, entry.id) == (self.place.source, self.place.entry) else -1
+            shown += [
+                (t, record) for n, (t, record) in enumerate(records) if n > skip and self._shown(record, entry.source)
+            ]
+            if followed:  # read on from here, with the new stream: its entries come after this one
+                self.more = True
                 break
-        return records
+        if not self.more:
+            self._until = None
+        return shown
 
     def wait(self, seconds: float) -> None:
-        """Returns once any of the streams holds an entry past the reader's place, or after `seconds`."""
-        self.broker.read_output(self.wf_id, self.positions, 1, seconds)
-        self.more = True
+        """Returns once a stream holds an entry this reader has not seen, or after `seconds`; at once
+        when the last pass left entries that came while it read."""
+        if self._fresh:
+            self._fresh = False
+            return
+        past = {source: max(at, self._tails.get(source, at), key=_id_order) for source, at in self.positions.items()}
+        self.broker.wait_output(self.wf_id, past, seconds)
 
-    def _follow(self, agent: str) -> None:
-        if is_name(agent) and len(self.positions) <= MAX_AGENTS:
-            self.positions.setdefault(agent, self.start)
+    def _learn_dispatches(self) -> None:
+        """A reader that starts past the run's start: the dispatches before its place, read once."""
+        after, through = "0-0", self.positions[""]
+        while batch := self.broker.run_events(self.wf_id, after, through, PAGE):
+            for entry in batch:
+                self._note_dispatches(self._decoded(entry))
+            after = batch[-1].id
+        self._learned = True
 
-    def _decoded(self, entry: OutputEntry) -> list[dict[str, Any]]:
-        """The entry's records, each with its entry id; none from a damaged entry, and from an agent's
-        stream only chunks, log records and its own workers' task starts."""
+    def _note_dispatches(self, records: list[tuple[str, dict[str, Any]]]) -> bool:
+        """Notes the agents the run's `task.dispatched` events send units to; whether it follows a new
+        agent's stream now."""
+        followed = False
+        for _, record in records:
+            agent = _dispatched_to(record)
+            if agent is None or not is_name(agent) or not isinstance(record["unit"], str):
+                continue
+            self.owners.setdefault(record["unit"], set()).add(agent)
+            if agent not in self.positions and len(self.positions) <= MAX_AGENTS:
+                self.positions[agent] = self.place.position(agent)
+                followed = True
+        return followed
+
+    def _decoded(self, entry: OutputEntry) -> list[tuple[str, dict[str, Any]]]:
+        """The entry's records with their tokens (the place just past each); none from a damaged entry."""
         try:
             records = output_records(entry.kind, entry.blob, self.limit)
         except DecodeError:
             return []
-        kept = []
         for record in records:
-            record["id"] = entry.id  # where it is in its stream: a reader resumes after it
-            if entry.source and record["kind"] == "event" and not _started_by(record["data"], entry.source):
-                continue
-            kept.append(record)
-        return kept
+            record["id"] = entry.id  # where it is in its stream
+        return [(f"{entry.id}:{entry.source}:{n}", record) for n, record in enumerate(records)]
 
-    def _shown(self, record: dict[str, Any]) -> bool:
+    def _shown(self, record: dict[str, Any], source: str) -> bool:
         if self.task is not None and record["task"] != self.task:
             return False
-        if record["kind"] == "event":
-            event_id = str(record["data"].get("id"))
-            if event_id in self.seen:
+        if record["kind"] != "event":  # a chunk or a log record: in its own agent's stream, of its own unit
+            return not source or source in self.owners.get(record["unit"], ())
+        event = record["data"]
+        if event.get("type") == "task.started":
+            details = event.get("data") if isinstance(event.get("data"), dict) else {}
+            worker = str(details.get("worker"))
+            agent = agent_of(worker)
+            if agent not in self.owners.get(record["unit"], ()) or source not in ("", agent):
                 return False
-            self.seen.add(event_id)
+            seen = f"started|{record['unit']}|{record['attempt']}|{worker}"  # either copy: one start of an attempt
+        elif source:
+            return False
+        else:
+            seen = str(event.get("id"))
+        if seen in self.seen:
+            return False
+        self.seen.add(seen)
         return True
 
 
@@ -116,10 +208,13 @@ def _dispatched_to(record: dict[str, Any]) -> str | None:
     return agent if isinstance(agent, str) else None
 
 
-def _started_by(event: Any, agent: str) -> bool:
-    """A `task.started` event one of `agent`'s workers wrote: all an agent's stream may hold of events."""
-    if not isinstance(event, dict) or event.get("type") != "task.started":
-        return False
-    details = event.get("data")
-    worker = details.get("worker") if isinstance(details, dict) else None
-    return isinstance(worker, str) and agent_of(worker) == agent
+def _before(ms: int, seq: int) -> str:
+    """The id just before `ms-seq`: a read past it starts with that entry."""
+    if seq:
+        return f"{ms}-{seq - 1}"
+    return f"{ms - 1}-{LAST_SEQ}" if ms else "0-0"
+
+
+def _id_order(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)

@@ -147,37 +147,58 @@ class ClientStore(Connection):
         state = self.redis.hget(self.keys.wf(wf_id), "state")
         return state.decode() if state is not None else None
 
-    def run_agents(self, wf_id: str) -> list[str]:
-        """The agents the run's units were dispatched to (its meta's `agents`), whose output it has."""
-        named = parse_meta({b"agents": self.redis.hget(self.keys.wf(wf_id), "agents") or b""}).get("agents")
-        return [str(agent) for agent in named] if isinstance(named, list) else []
-
     def read_output(
-        self, wf_id: str, positions: Mapping[str, str], count: int = 1000, block: float | None = None
-    ) -> tuple[list[OutputEntry], bool]:
-        """The run's output past `positions` (source -> entry id, "0-0" from the start), merged in entry
-        id order: the run's events (source "") and what each named agent's handlers streamed and logged
-        (source: the agent). Up to `count` entries a source; with `block`, waits up to that many seconds
-        for the first. Returns the entries and whether there may be more: a source that filled its page
-        holds back the others' entries past its last, so the order holds across calls."""
+        self, wf_id: str, positions: Mapping[str, str], count: int, until_ms: int | None = None
+    ) -> OutputPage:
+        """The run's output past `positions` (source -> entry id, "0-0" from the start), up to `count`
+        entries a source, merged (`output_order`): the run's events (source "") and what each named
+        agent's handlers streamed and logged (source: the agent).
+
+        What it returns is final: no entry can come later before it. Entries of the server's current
+        millisecond are held back (another stream may still get one that sorts first), and so are
+        those past the last entry of a source that filled its page (the source's next page may hold
+        ones that sort first); `more` says whether a read at once could give more. `until_ms` stops
+        the read there (what was written after a reader's pass began waits for its next pass)."""
         names = {self._output_key(wf_id, source): source for source in positions}
-        wait = None if block is None else max(1, int(block * 1000))
-        reply = self.redis.xread({key: positions[source] for key, source in names.items()}, count=count, block=wait)
+        streams = {key: positions[source] for key, source in names.items()}
+        now, (reply,) = self.clocked(self.keys.wf_output(wf_id), lambda pipe: pipe.xread(streams, count=count))
+        now_ms = int(now * 1000)
+        cutoff = now_ms if until_ms is None else min(now_ms, until_ms)
         entries: list[OutputEntry] = []
-        horizon: tuple[int, int] | None = None
+        horizon: tuple[int, bool, str, int] | None = None
+        tails: dict[str, str] = {}
         for key, items in reply or ():
             source = names[key.decode()]
-            if len(items) >= count:
-                last = entry_order(items[-1][0].decode())
+            found = [
+                OutputEntry(source, entry_id.decode(), (fields.get(b"k") or b"").decode(), fields.get(b"m") or b"")
+                for entry_id, fields in items
+            ]
+            tails[source] = found[-1].id
+            if len(found) >= count:
+                last = output_order(found[-1])
                 horizon = last if horizon is None else min(horizon, last)
-            for entry_id, fields in items:
-                entries.append(
-                    OutputEntry(source, entry_id.decode(), (fields.get(b"k") or b"").decode(), fields.get(b"m") or b"")
-                )
-        if horizon is not None:
-            entries = [entry for entry in entries if entry_order(entry.id) <= horizon]
-        entries.sort(key=lambda entry: (entry_order(entry.id), entry.source))
-        return entries, horizon is not None
+            entries += found
+        final = [e for e in entries if e.ms < cutoff and (horizon is None or output_order(e) <= horizon)]
+        final.sort(key=output_order)
+        # another read may give more: a page was full before the cutoff, or entries wait for the clock
+        # (one written in the future, by a broken clock or an agent that chose its ids, never will)
+        waiting = any(now_ms <= e.ms <= now_ms + 1 and (until_ms is None or e.ms < until_ms) for e in entries)
+        more = (horizon is not None and horizon[0] < cutoff) or waiting
+        fresh = any(e.ms <= now_ms + 1 and until_ms is not None and e.ms >= until_ms for e in entries)
+        return OutputPage(final, now_ms, more, fresh, tails)
+
+    def wait_output(self, wf_id: str, positions: Mapping[str, str], seconds: float) -> None:
+        """Returns once one of the streams holds an entry past its position, or after `seconds`."""
+        streams = {self._output_key(wf_id, source): after for source, after in positions.items()}
+        self.redis.xread(streams, count=1, block=max(1, int(seconds * 1000)))
+
+    def run_events(self, wf_id: str, after: str, through: str, count: int) -> list[OutputEntry]:
+        """Up to `count` entries of the run's events stream past `after` and up to `through`."""
+        rows = self.redis.xrange(self.keys.wf_output(wf_id), f"({after}" if after != "0-0" else "-", through, count)
+        return [
+            OutputEntry("", entry_id.decode(), (fields.get(b"k") or b"").decode(), fields.get(b"m") or b"")
+            for entry_id, fields in rows
+        ]
 
     def _output_key(self, wf_id: str, source: str) -> str:
         return self.keys.wf_agent_output(wf_id, source) if source else self.keys.wf_output(wf_id)
@@ -192,8 +213,26 @@ class OutputEntry(NamedTuple):
     kind: str
     blob: bytes
 
+    @property
+    def ms(self) -> int:
+        return int(self.id.partition("-")[0])
 
-def entry_order(entry_id: str) -> tuple[int, int]:
-    """A stream entry id as a sortable pair: the streams of one run share a server and its clock."""
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
+
+class OutputPage(NamedTuple):
+    """What one read of a run's output gives (`ClientStore.read_output`): its final entries in order,
+    the server's clock, whether a read at once could give more, whether entries written after
+    `until_ms` wait for the next pass, and the last entry id each source returned, final or not."""
+
+    entries: list[OutputEntry]
+    now_ms: int
+    more: bool
+    fresh: bool
+    tails: dict[str, str]
+
+
+def output_order(entry: OutputEntry) -> tuple[int, bool, str, int]:
+    """Where an entry sorts among a run's output streams: by its id's millisecond (one server's clock
+    stamps all of a run's streams), then the run's events before the agents' (so a task's dispatch
+    comes before its output), then by agent and the id's sequence."""
+    ms, _, seq = entry.id.partition("-")
+    return int(ms), bool(entry.source), entry.source, int(seq or 0)

@@ -266,7 +266,7 @@ SHAS = {
 _INT_FIELDS = frozenset({"attempt", "token", "seq", "parts", "version", "launched", "depth", "reclaims"})
 _FLOAT_FIELDS = frozenset({"dispatched", "started", "finished", "deadline", "created_at", "finished_at", "retry_at"})
 _RAW_FIELDS = frozenset({"decision"})
-META_JSON = frozenset({"params", "chain", "children", "agents"})
+META_JSON = frozenset({"params", "chain", "children"})
 # written without Lua (scripts.CREATE); `spec` stays text
 _BIG_FIELDS = ("spec", "source_text", "signature", "source_parts")
 HINT = "start one with `make dev` (or `phibroker dev`), or set PHIBROKER_REDIS_URL"

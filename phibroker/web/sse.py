@@ -1,4 +1,4 @@
-"""`/api/runs/ID/stream`: a run's output stream as Server-Sent Events, on `Client.stream`.
+"""`/api/runs/ID/stream`: a run's output as Server-Sent Events, on the client's output reader.
 
 A thread of its own reads the run's records (waiting on the stream between reads, so it blocks) and
 hands each to the response; the response says something at least every `KEEPALIVE` seconds (a
@@ -36,51 +36,22 @@ def known(client: Client, wf_id: str) -> None:
 def records_after(
     client: Client, wf_id: str, after: str | None, stop: threading.Event
 ) -> Iterator[tuple[str, dict[str, Any]]]:
-    """The run's records until it ends (or `stop` is set), each with the id its message carries, those
-    past `after` only. That id is the record's stream id; records that share one (the events of one
-    state change, stored as one entry, or entries of two of the run's streams) get `ID`, `ID.1`,
-    `ID.2`..., so a browser that reconnects in the middle of them misses none. Between records it waits
-    on the streams at most `WAIT` seconds at a time, so a reader whose browser left stops soon."""
-    entry, skip = _position(after)
-    reader = client.output_reader(wf_id, after=_before(entry) if entry else "0-0")
-    previous, repeat = "", 0
+    """The run's records until it ends (or `stop` is set), each with its token (`Client.read_on`) as
+    the id its message carries, those past `after` only: a browser that reconnects with the last one
+    misses nothing and gets nothing twice. Between reads it waits on the streams at most `WAIT`
+    seconds at a time, so a reader whose browser left stops soon."""
+    reader = client.output_reader(wf_id, after=after or "0-0")
     while not stop.is_set():
         with reaching(client.settings):  # the end's events are written with it: read them after this
             ended = client.broker.run_state(wf_id) in WF_TERMINAL
-        more = True
-        while more and not stop.is_set():
-            with reaching(client.settings):
-                records = reader.read()
-            more = reader.more
-            for record in records:
-                cursor = str(record["id"])
-                repeat = repeat + 1 if cursor == previous else 0
-                previous = cursor
-                if cursor == entry and repeat <= skip:
-                    continue
-                yield (f"{cursor}.{repeat}" if repeat else cursor), record
-                if stop.is_set():
-                    return
+        for token, record in client.read_on(reader):
+            yield token, record
+            if stop.is_set():
+                return
         if ended:
             return
         with reaching(client.settings):
             reader.wait(WAIT)
-
-
-def _position(after: str | None) -> tuple[str, int]:
-    """`17-0.2` -> ("17-0", 2): the entry, and how many of its records were sent after the first."""
-    if not after or not re.fullmatch(r"\d+-\d+(\.\d+)?", after.strip()):
-        return "", 0
-    entry, _, repeat = after.strip().partition(".")
-    return entry, int(repeat or 0)
-
-
-def _before(entry: str) -> str:
-    """The stream id just before `entry`, so a read "after" it starts with `entry` itself."""
-    ms, seq = (int(n) for n in entry.split("-"))
-    if seq:
-        return f"{ms}-{seq - 1}"
-    return f"{ms - 1}-18446744073709551615" if ms else "0-0"
 
 
 def frame(message_id: str | None, record: dict[str, Any]) -> str:
