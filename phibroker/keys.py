@@ -75,7 +75,7 @@ class Keys:
     def lane_owner(self, lane: str) -> str | None:
         """The agent whose lane of the inbox this is (None for a shard's own lane, or any other stream)."""
         shared = self.shard_of(lane)
-        return None if shared is None or lane == shared else lane[len(shared) + len(":agent:") :]
+        return None if shared is None or lane == shared else lane[len(shared) + 1 :].partition(":")[2]
 
     def shard_of(self, lane: str) -> str | None:
         """The shard's own lane of any lane of an inbox shard (None for any other stream)."""

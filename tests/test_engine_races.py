@@ -134,3 +134,15 @@ def test_a_retry_read_twice_reopens_once() -> None:
     sim.run_state.units["A"].update(state="running", token=1)
     answer(sim, again, ok=False)
     assert "this request already" in sim._apply(lambda run, now: engine.reopen(run, now, None, "retry-1"))
+
+
+def test_a_result_publishes_no_event_of_the_coordinators_own_types() -> None:
+    """`ctx.emit` refuses `workflow.*`, `task.*`, `approval.*` and `signal.*`; a result that carries
+    one anyway (a worker's user sends what it likes) has it dropped: only a commit tells those."""
+    sim, messages = in_flight({"name": "e", "tasks": {"T": {"agent": "a", "command": "c"}}})
+    told = ("task.failed", "workflow.failed", "approval.requested")
+    forged = [{"type": t, "data": {"error": "forged"}} for t in told]
+    answer(sim, messages["T"], events=[*forged, {"type": "scan.done", "data": {"n": 1}}])
+    assert sim.status()["state"] == "succeeded"
+    types = [e["type"] for e in sim.events]
+    assert "scan.done" in types and not set(told) & set(types)

@@ -8,6 +8,7 @@ import random
 
 from phibroker import wire
 from phibroker.engine.state import timer_member
+from phibroker.keys import Keys
 from phibroker.runtime.bulk import HeldWork
 from phibroker.runtime.inbox import plan_shards
 from phibroker.settings import Settings
@@ -96,3 +97,12 @@ def test_held_bulk_results_joined_by_a_late_read_keep_their_run_s_deadline_waiti
     assert held.due_timers() == []
     held.keep([])
     assert sorted(held.due_timers()) == [timer_member("deadline", "w1", "u"), timer_member("deadline", "w2", "u")]
+
+
+def test_each_lane_names_the_agent_whose_workers_write_it() -> None:
+    for keys in (Keys("phi"), Keys("phi", shards=8)):
+        for shard in range(len(keys.inbox_lanes)):
+            tasks, bulk = keys.agent_lanes("kalic.v2", shard)
+            assert keys.lane_owner(tasks) == keys.lane_owner(bulk) == "kalic.v2"
+            assert keys.lane_owner(keys.inbox_lanes[shard]) is None
+        assert keys.lane_owner(keys.dlq) is None

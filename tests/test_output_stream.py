@@ -354,16 +354,48 @@ def test_a_reader_shows_of_an_agents_stream_only_what_the_runs_events_back(setti
     redis.xadd(alpha, {"k": "event", "m": wire.encode_events([own_start, *forged])}, id="1001-0")
     for n, (unit, text) in enumerate((("Talk", "its own"), ("Other", "not its unit")), 1):
         redis.xadd(alpha, {"k": "chunk", "m": output_record(unit, None, 1, 1, text, 0.0)}, id=f"1001-{n}")
+    under_another_task = {"task": "Other", "unit": "Talk", "attempt": 1, "seq": 2, "data": "posing", "ts": 0.0}
+    unhashable = {"task": "Talk", "unit": ["Talk"], "attempt": 1, "seq": 3, "data": "a list", "ts": 0.0}
+    for n, record in enumerate((under_another_task, unhashable), 3):
+        redis.xadd(alpha, {"k": "chunk", "m": wire.pack(record)}, id=f"1001-{n}")
     copy = start(own_start["id"], "alpha@host:1:a")  # the coordinators publish the start again
-    redis.xadd(out, {"k": "event", "m": wire.encode_events([copy, failed])}, id="1002-0")
+    relayed = {**make_event("note.x", wf_id, None, {}), "id": ended["id"]}  # an id an agent chose, relayed
+    redis.xadd(out, {"k": "event", "m": wire.encode_events([copy, failed, relayed])}, id="1002-0")
     redis.xadd(out, {"k": "event", "m": wire.encode_events([ended])}, id="1003-0")
     future = f"{int(time.time() * 1000) + 600_000}-0"
     redis.xadd(alpha, {"k": "chunk", "m": output_record("Talk", None, 1, 2, "from the future", 0.0)}, id=future)
 
     reader = client.output_reader(wf_id)
     shown = [_said(record) for _, record in client.read_on(reader)]
-    assert shown == ["task.dispatched", "task.started", "its own", "task.failed", "workflow.failed"]
+    assert shown == ["task.dispatched", "task.started", "its own", "task.failed", "note.x", "workflow.failed"]
     assert reader.read() == [] and not reader.more  # the entry from the future waits for nobody
+
+
+def test_a_follower_waits_on_the_streams_though_an_agent_dated_entries_ahead(
+    settings: Settings, client: Client
+) -> None:
+    """Entries an agent dated ahead of the clock are never shown, and never wake a follower: it waits
+    on the streams, it does not spin, while the run goes on."""
+    wf_id = client.submit(flow("ahead", {"Talk": {"command": "speak", "payload": {"words": ["a"]}}}))
+    keys, redis = settings.keys, client.broker.redis
+    dispatched = make_event("task.dispatched", wf_id, "Talk", {"unit": "Talk", "agent": "alpha", "attempt": 1})
+    redis.xadd(keys.wf_output(wf_id), {"k": "event", "m": wire.encode_events([dispatched])})
+    ahead = int(time.time() * 1000) + 3_600_000
+    pipe = redis.pipeline(transaction=False)
+    for n in range(1, 1201):  # more than a page
+        record = output_record("Talk", None, 1, n, "ahead", 0.0)
+        pipe.xadd(keys.wf_agent_output(wf_id, "alpha"), {"k": "chunk", "m": record}, id=f"{ahead}-{n}")
+    pipe.execute()
+    before = redis.info("commandstats").get("cmdstat_xread", {}).get("calls", 0)
+    shown: list[str] = []
+    follower = threading.Thread(target=lambda: shown.extend(_said(r) for r in client.stream(wf_id, follow=True)))
+    follower.start()
+    time.sleep(1.5)  # while the run goes on, the follower waits (up to 1 s at a time) between passes
+    redis.hset(keys.wf(wf_id), "state", "succeeded")
+    follower.join()
+    reads = redis.info("commandstats")["cmdstat_xread"]["calls"] - before
+    assert shown == ["task.dispatched"]
+    assert reads < 50, reads  # waits and passes, each a few reads: a follower that spins makes thousands
 
 
 def _said(record: dict[str, Any]) -> str:

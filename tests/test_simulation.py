@@ -195,3 +195,16 @@ def test_cancel_stops_what_is_waiting(tmp_path: Path, worker: Agent) -> None:
 def test_an_agent_the_simulation_lacks_is_named(tmp_path: Path, worker: Agent) -> None:
     with pytest.raises(LookupError, match="needs agent 'other'"):
         Simulation(flow(tmp_path, "name: w\ntasks:\n  A: {agent: other, command: c}\n"), [worker]).run()
+
+
+def test_a_handler_may_not_emit_the_coordinators_own_event_types() -> None:
+    agent = Agent("w")
+
+    @agent.command()
+    def claim(ctx: Any) -> None:
+        ctx.emit("scan.done", {"ok": True})
+        ctx.emit("task.failed", {"error": "not mine to tell"})
+
+    doc = Simulation({"name": "e", "tasks": {"T": {"agent": "w", "command": "claim"}}}, [agent]).run()
+    assert doc["state"] == "failed"
+    assert "ValueError: a handler may not emit 'task.failed'" in doc["tasks"]["T"]["error"]

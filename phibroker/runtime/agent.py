@@ -195,8 +195,9 @@ class Context:
         return usage["tokens"] + usage["input_tokens"] + usage["output_tokens"], round(float(usage["cost"]), 9)
 
     def emit(self, type_: str, data: Any = None) -> None:
-        """An event published with this attempt's result, and only if that result is applied."""
-        self.events.append({"type": type_, "data": data})
+        """An event published with this attempt's result, and only if that result is applied. Raises
+        ValueError for a type of phibroker's own (`workflow.*`, `task.*`, `approval.*`, `signal.*`)."""
+        self.events.append({"type": _own_type(type_), "data": data})
 
     def spawn(
         self,
@@ -292,8 +293,9 @@ class Event:
         return getattr(self, name)
 
     def emit(self, type_: str, data: Any = None) -> None:
-        """Publish an event caused by this one (one level deeper, for the storm guard)."""
-        self.emitted.append({"type": type_, "data": data})
+        """Publish an event caused by this one (one level deeper, for the storm guard). Raises ValueError
+        for a type of phibroker's own (`workflow.*`, `task.*`, `approval.*`, `signal.*`)."""
+        self.emitted.append({"type": _own_type(type_), "data": data})
 
     def submit(self, source: Any, params: dict[str, Any] | None = None, id: str | None = None) -> str:  # noqa: A002
         """Start a workflow caused by this event; returns its id."""
@@ -501,3 +503,10 @@ def _import_app(module_name: str, agent: str, default: bool) -> Any:
         ) from None
     except SyntaxError as exc:
         raise InvalidInput(f"cannot import {module_name!r}: {exc.filename}:{exc.lineno}: {exc.msg}") from None
+
+
+def _own_type(type_: str) -> str:
+    """A handler's event type: any text but the coordinators' own types, which tell state changes."""
+    if not isinstance(type_, str) or type_.startswith(wire.COORDINATOR_EVENTS):
+        raise ValueError(f"a handler may not emit {type_!r}: {', '.join(wire.COORDINATOR_EVENTS)}* are phibroker's")
+    return type_

@@ -14,11 +14,14 @@ hides another event.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from phibroker.engine.records import output_records
+import msgpack
+
+from phibroker.engine.records import output_records, split_unit
 from phibroker.errors import DecodeError
 from phibroker.keys import agent_of
 from phibroker.workflow.spec import is_name
@@ -103,6 +106,7 @@ class OutputReader:
         self._tails: dict[str, str] = {}  # source -> the last id a read returned, read or held back
         self._until: int | None = None  # the end of the current pass: what was there as it began
         self._fresh = False  # the last pass left entries written after it began
+        self._ahead: set[str] = set()  # sources with entries dated ahead of the clock (only an agent's own)
         self._learned = self.place.is_start
 
     def read(self) -> list[tuple[str, dict[str, Any]]]:
@@ -115,6 +119,7 @@ class OutputReader:
         if self._until is None:
             self._until = page.now_ms + 1
         self._tails.update(page.tails)
+        self._ahead |= page.ahead
         self._fresh = self._fresh or page.fresh
         self.more = page.more
         shown: list[tuple[str, dict[str, Any]]] = []
@@ -140,6 +145,7 @@ class OutputReader:
             self._fresh = False
             return
         past = {source: max(at, self._tails.get(source, at), key=_id_order) for source, at in self.positions.items()}
+        past.update(dict.fromkeys(self._ahead & set(past), "$"))  # its entries dated ahead are never read
         self.broker.wait_output(self.wf_id, past, seconds)
 
     def _learn_dispatches(self) -> None:
@@ -178,24 +184,35 @@ class OutputReader:
     def _shown(self, record: dict[str, Any], source: str) -> bool:
         if self.task is not None and record["task"] != self.task:
             return False
-        if record["kind"] != "event":  # a chunk or a log record: in its own agent's stream, of its own unit
-            return not source or source in self.owners.get(record["unit"], ())
-        event = record["data"]
-        if event.get("type") == "task.started":
-            details = event.get("data") if isinstance(event.get("data"), dict) else {}
-            worker = str(details.get("worker"))
-            agent = agent_of(worker)
-            if agent not in self.owners.get(record["unit"], ()) or source not in ("", agent):
+        event = record["data"] if record["kind"] == "event" else None
+        if event is None:  # a chunk or a log record: in its own agent's stream, of a unit dispatched to it
+            return not source or self._backed(record, source)
+        if event.get("type") == "task.started":  # either copy, once: the start of an attempt by a worker
+            worker = _worker(event)
+            if not self._backed(record, agent_of(worker)) or source not in ("", agent_of(worker)):
                 return False
-            seen = f"started|{record['unit']}|{record['attempt']}|{worker}"  # either copy: one start of an attempt
+            seen = f"started|{record['unit']}|{record['attempt']}|{worker}"
         elif source:
             return False
-        else:
-            seen = str(event.get("id"))
+        else:  # an event published twice (a relay taken over) is shown once; one made up hides nothing
+            seen = "event|" + hashlib.blake2b(msgpack.packb(event), digest_size=16).hexdigest()
         if seen in self.seen:
             return False
         self.seen.add(seen)
         return True
+
+    def _backed(self, record: dict[str, Any], agent: str) -> bool:
+        """The record is of a unit the run dispatched to `agent`, and names that unit's task."""
+        unit = record["unit"]
+        if not isinstance(unit, str) or record["task"] != split_unit(unit)[0]:
+            return False
+        return agent in self.owners.get(unit, ())
+
+
+def _worker(event: dict[str, Any]) -> str:
+    details = event.get("data")
+    worker = details.get("worker") if isinstance(details, dict) else None
+    return worker if isinstance(worker, str) else ""
 
 
 def _dispatched_to(record: dict[str, Any]) -> str | None:

@@ -185,7 +185,8 @@ class ClientStore(Connection):
         waiting = any(now_ms <= e.ms <= now_ms + 1 and (until_ms is None or e.ms < until_ms) for e in entries)
         more = (horizon is not None and horizon[0] < cutoff) or waiting
         fresh = any(e.ms <= now_ms + 1 and until_ms is not None and e.ms >= until_ms for e in entries)
-        return OutputPage(final, now_ms, more, fresh, tails)
+        ahead = {e.source for e in entries if e.ms > now_ms + 1}
+        return OutputPage(final, now_ms, more, fresh, tails, ahead)
 
     def wait_output(self, wf_id: str, positions: Mapping[str, str], seconds: float) -> None:
         """Returns once one of the streams holds an entry past its position, or after `seconds`."""
@@ -221,13 +222,15 @@ class OutputEntry(NamedTuple):
 class OutputPage(NamedTuple):
     """What one read of a run's output gives (`ClientStore.read_output`): its final entries in order,
     the server's clock, whether a read at once could give more, whether entries written after
-    `until_ms` wait for the next pass, and the last entry id each source returned, final or not."""
+    `until_ms` wait for the next pass, the last entry id each source returned, final or not, and the
+    sources that returned entries dated ahead of the clock (which no read will ever give)."""
 
     entries: list[OutputEntry]
     now_ms: int
     more: bool
     fresh: bool
     tails: dict[str, str]
+    ahead: set[str]
 
 
 def output_order(entry: OutputEntry) -> tuple[int, bool, str, int]:
