@@ -230,7 +230,7 @@ class Keys:
     def wf_output(self, wf_id: str) -> str:
         """The run's output stream as the coordinators write it: its events, in order. Made by the run's
         first transition and kept as long as the run's other keys. What its handlers stream and log is
-        in each agent's own stream of the run (`wf_agent_output`); readers merge them by entry id."""
+        in each agent's own stream of the run (`wf_agent_output`); readers merge them (`OutputReader`)."""
         return f"{self.namespace}:wf:{{{wf_id}}}:out"
 
     def wf_agent_output(self, wf_id: str, agent: str) -> str:

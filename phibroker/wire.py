@@ -566,9 +566,15 @@ COORDINATOR_EVENTS = ("workflow.", "task.", "approval.", "signal.")  # the state
 
 def _started_by(event: dict[str, Any], agent: str | None) -> bool:
     """A `task.started` of one of `agent`'s workers (its consumer name says whose it is)."""
+    worker = start_worker(event)
+    return event["type"] == "task.started" and bool(worker) and agent_of(worker) == agent
+
+
+def start_worker(event: dict[str, Any]) -> str:
+    """The worker a `task.started` event names ("" for none)."""
     data = event.get("data")
     worker = data.get("worker") if isinstance(data, dict) else None
-    return event["type"] == "task.started" and isinstance(worker, str) and agent_of(worker) == agent
+    return worker if isinstance(worker, str) else ""
 
 
 def _is_id(value: Any) -> bool:

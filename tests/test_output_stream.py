@@ -332,9 +332,9 @@ def test_a_reader_resumes_past_any_record_it_was_given_even_where_streams_share_
 
 def test_a_reader_shows_of_an_agents_stream_only_what_the_runs_events_back(settings: Settings, client: Client) -> None:
     """An agent's user may write anything into its own output stream of a run. Readers show from it the
-    chunks and log records of units dispatched to that agent, and its own workers' task starts; a start
-    it made up with the id of a real event never hides that event; and an entry it dated in the future
-    is never shown and never keeps a reader reading."""
+    chunks and log records of units dispatched to that agent, dated from the dispatch on, and its own
+    workers' task starts; a start it made up with the id of a real event never hides that event; and
+    an entry it dated ahead is not shown before its time and keeps no reader reading."""
     wf_id = client.submit(flow("forged", {"Talk": {"command": "speak", "payload": {"words": ["a"]}}}))
     keys, redis = settings.keys, client.broker.redis
     out, alpha = keys.wf_output(wf_id), keys.wf_agent_output(wf_id, "alpha")
@@ -351,6 +351,8 @@ def test_a_reader_shows_of_an_agents_stream_only_what_the_runs_events_back(setti
     forged = [start(failed["id"], "alpha@host:1:a"), start(ended["id"], "alpha@host:1:a")]  # real events' ids
     forged += [start(wire.new_id(), "beta@host:1:b"), start(wire.new_id(), "alpha@host:1:a", unit="Other")]
     forged += [{**failed, "id": wire.new_id(), "data": {"unit": "Talk", "error": "forged"}}]
+    backdated = output_record("Talk", None, 1, 1, "before its dispatch", 0.0)
+    redis.xadd(alpha, {"k": "chunk", "m": backdated}, id="999-0")
     redis.xadd(alpha, {"k": "event", "m": wire.encode_events([own_start, *forged])}, id="1001-0")
     for n, (unit, text) in enumerate((("Talk", "its own"), ("Other", "not its unit")), 1):
         redis.xadd(alpha, {"k": "chunk", "m": output_record(unit, None, 1, 1, text, 0.0)}, id=f"1001-{n}")

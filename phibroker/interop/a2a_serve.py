@@ -317,8 +317,8 @@ class RunHandler(RequestHandler):
                     yield chunk
                 if progress.ended:
                     status = await self.call(self.client.status, wf_id)
-                    if status["state"] not in WF_TERMINAL:  # the stream said so, the run does not: an
-                        progress.ended = None  # agent may write to the stream, only coordinators end runs
+                    if status["state"] not in WF_TERMINAL:  # the run's state, not its output, says
+                        progress.ended = None  # whether it ended
                         continue
                     progress.ended = str(status["state"])
                     if progress.ended == "succeeded":
@@ -346,7 +346,7 @@ class RunHandler(RequestHandler):
                     yield TaskStatusUpdateEvent(
                         task_id=wf_id, context_id=wf_id, status=(await self.snapshot(wf_id)).status
                     )
-                    return  # ended without its end in the output (a full output stream)
+                    return  # ended without its end in the output (it expired)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, POLL[1])
             records = await self.read(reader)

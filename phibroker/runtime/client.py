@@ -426,7 +426,6 @@ class Client:
         task: str | None = None,
         follow: bool = False,
         after: str = "0-0",
-        seen: set[str] | None = None,
     ) -> Iterator[dict[str, Any]]:
         """The run's output in order, from its start: what its handlers streamed (`kind: chunk`) and
         logged (`log`, `data` = `{"level", "logger", "message"}`), and its events (`event`, `data` = the
@@ -434,11 +433,10 @@ class Client:
         attempt, from 1; None for events), `data`, `ts` and `id` (its entry's id in its stream, the
         run's events' or its agent's; the events of one state change share one). Kept as long as the
         run. `follow` waits for more until the run ends; `task` keeps that task's records only; `after`
-        starts past that entry id in every stream. An event is yielded once (a worker writes a task's
-        start beside its output, and the coordinators publish it too); `seen`, what a reader was shown
-        of the events, lets it call again and get each once across its calls (`output_reader` keeps a
-        reader's whole place)."""
-        reader = self.output_reader(wf_id, task, after, seen)
+        starts past that entry id in every stream (ids repeat across streams: a reader that calls again
+        and again keeps its place whole with `output_reader`). An event is yielded once (a worker writes
+        a task's start beside its output, and the coordinators publish it too)."""
+        reader = self.output_reader(wf_id, task, after)
         while True:
             with reaching(self.settings):  # the end's events are written with it: read them after this
                 ended = not follow or self.broker.run_state(wf_id) in WF_TERMINAL
@@ -459,16 +457,14 @@ class Client:
             if not reader.more:
                 return
 
-    def output_reader(
-        self, wf_id: str, task: str | None = None, after: str = "0-0", seen: set[str] | None = None
-    ) -> OutputReader:
+    def output_reader(self, wf_id: str, task: str | None = None, after: str = "0-0") -> OutputReader:
         """A reader of the run's output that keeps its place across reads (`stream` reads with one):
         what a page or a bridge that reads again and again holds on to. `after` is an entry id or a
         record's token, which `read_on` gives with each record. Raises UnknownWorkflow."""
         with reaching(self.settings):
             if self.broker.run_state(wf_id) is None:
                 raise UnknownWorkflow(wf_id)
-        return OutputReader(self.broker, self.settings, wf_id, task, after, seen)
+        return OutputReader(self.broker, self.settings, wf_id, task, after)
 
     def live_agents(self, agents: Iterable[str] = ()) -> set[str]:
         """The agents that have at least one worker whose lease has not lapsed (by Redis's clock): of

@@ -6,10 +6,11 @@ each across reads.
 
 It trusts an agent's stream only as far as the run's events back it: it follows the stream of each
 agent a `task.dispatched` event names (committed before the task goes out, so before the agent can
-write a chunk of it), and shows from it only the records of units dispatched to that agent, and of
-events only its own workers' `task.started`. An event is shown once: a start the worker wrote beside
-its output and the coordinators published again counts as one, and a start an agent made up never
-hides another event.
+write a chunk of it), and shows from it only the records of units dispatched to that agent, dated
+from that dispatch on, and of events only its own workers' `task.started`. An event is shown once: a
+start the worker wrote beside its output and the coordinators published again counts as one (a
+reader resumed between the two copies may show the second), and an event made up with another's id
+hides nothing.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
+from phibroker import wire
 from phibroker.engine.records import output_records, split_unit
 from phibroker.errors import DecodeError
 from phibroker.keys import agent_of
@@ -83,30 +85,23 @@ class Place:
 class OutputReader:
     """One reader of one run's output, from `after` (`Place`). `read` returns the next records, each
     with its token; `more` says whether a read at once may give others. `task` keeps that task's
-    records only; `seen` holds what the reader was shown of the events (see `Client.stream`)."""
+    records only."""
 
     def __init__(
-        self,
-        broker: ClientStore,
-        settings: Settings,
-        wf_id: str,
-        task: str | None = None,
-        after: str = "0-0",
-        seen: set[str] | None = None,
+        self, broker: ClientStore, settings: Settings, wf_id: str, task: str | None = None, after: str = "0-0"
     ):
         self.broker = broker
         self.limit = settings.max_message_bytes * 4
         self.wf_id = wf_id
         self.task = task
         self.place = Place.parse(after)
-        self.seen = set() if seen is None else seen
         self.positions: dict[str, str] = {"": self.place.position("")}  # source -> last id read
-        self.owners: dict[str, set[str]] = {}  # unit -> the agents it was dispatched to
+        self.owners: dict[str, dict[str, int]] = {}  # unit -> agent it was dispatched to -> from when (ms)
         self.more = True
-        self._tails: dict[str, str] = {}  # source -> the last id a read returned, read or held back
+        self._seen: set[str] = set()  # the events shown (`_shown`)
+        self._wake: dict[str, str] = {}  # source -> what `wait` waits past: the last id read, or "$"
         self._until: int | None = None  # the end of the current pass: what was there as it began
         self._fresh = False  # the last pass left entries written after it began
-        self._ahead: set[str] = set()  # sources with entries dated ahead of the clock (only an agent's own)
         self._learned = self.place.is_start
 
     def read(self) -> list[tuple[str, dict[str, Any]]]:
@@ -118,19 +113,17 @@ class OutputReader:
         page = self.broker.read_output(self.wf_id, self.positions, count, self._until)
         if self._until is None:
             self._until = page.now_ms + 1
-        self._tails.update(page.tails)
-        self._ahead |= page.ahead
+        for source, last in page.tails.items():  # past what it returned; past all for one dated ahead
+            self._wake[source] = "$" if source in page.ahead else last
         self._fresh = self._fresh or page.fresh
         self.more = page.more
         shown: list[tuple[str, dict[str, Any]]] = []
         for entry in page.entries:
             self.positions[entry.source] = entry.id
             records = self._decoded(entry)
-            followed = self._note_dispatches(records) if not entry.source else False
+            followed = self._note_dispatches(records, entry.ms) if not entry.source else False
             skip = self.place.record if (entry.source, entry.id) == (self.place.source, self.place.entry) else -1
-            shown += [
-                (t, record) for n, (t, record) in enumerate(records) if n > skip and self._shown(record, entry.source)
-            ]
+            shown += [(t, record) for n, (t, record) in enumerate(records) if n > skip and self._shown(record, entry)]
             if followed:  # read on from here, with the new stream: its entries come after this one
                 self.more = True
                 break
@@ -144,8 +137,7 @@ class OutputReader:
         if self._fresh:
             self._fresh = False
             return
-        past = {source: max(at, self._tails.get(source, at), key=_id_order) for source, at in self.positions.items()}
-        past.update(dict.fromkeys(self._ahead & set(past), "$"))  # its entries dated ahead are never read
+        past = {source: self._wake.get(source, at) for source, at in self.positions.items()}
         self.broker.wait_output(self.wf_id, past, seconds)
 
     def _learn_dispatches(self) -> None:
@@ -153,19 +145,19 @@ class OutputReader:
         after, through = "0-0", self.positions[""]
         while batch := self.broker.run_events(self.wf_id, after, through, PAGE):
             for entry in batch:
-                self._note_dispatches(self._decoded(entry))
+                self._note_dispatches(self._decoded(entry), entry.ms)
             after = batch[-1].id
         self._learned = True
 
-    def _note_dispatches(self, records: list[tuple[str, dict[str, Any]]]) -> bool:
-        """Notes the agents the run's `task.dispatched` events send units to; whether it follows a new
-        agent's stream now."""
+    def _note_dispatches(self, records: list[tuple[str, dict[str, Any]]], ms: int) -> bool:
+        """Notes the agents the run's `task.dispatched` events (of millisecond `ms`) send units to;
+        whether it follows a new agent's stream now."""
         followed = False
         for _, record in records:
             agent = _dispatched_to(record)
             if agent is None or not is_name(agent) or not isinstance(record["unit"], str):
                 continue
-            self.owners.setdefault(record["unit"], set()).add(agent)
+            self.owners.setdefault(record["unit"], {}).setdefault(agent, ms)
             if agent not in self.positions and len(self.positions) <= MAX_AGENTS:
                 self.positions[agent] = self.place.position(agent)
                 followed = True
@@ -181,38 +173,34 @@ class OutputReader:
             record["id"] = entry.id  # where it is in its stream
         return [(f"{entry.id}:{entry.source}:{n}", record) for n, record in enumerate(records)]
 
-    def _shown(self, record: dict[str, Any], source: str) -> bool:
+    def _shown(self, record: dict[str, Any], entry: OutputEntry) -> bool:
         if self.task is not None and record["task"] != self.task:
             return False
         event = record["data"] if record["kind"] == "event" else None
         if event is None:  # a chunk or a log record: in its own agent's stream, of a unit dispatched to it
-            return not source or self._backed(record, source)
+            return not entry.source or self._backed(record, entry.source, entry.ms)
         if event.get("type") == "task.started":  # either copy, once: the start of an attempt by a worker
-            worker = _worker(event)
-            if not self._backed(record, agent_of(worker)) or source not in ("", agent_of(worker)):
+            worker = wire.start_worker(event)
+            agent = agent_of(worker)
+            if not self._backed(record, agent, entry.ms) or entry.source not in ("", agent):
                 return False
             seen = f"started|{record['unit']}|{record['attempt']}|{worker}"
-        elif source:
+        elif entry.source:
             return False
         else:  # an event published twice (a relay taken over) is shown once; one made up hides nothing
             seen = "event|" + hashlib.blake2b(msgpack.packb(event), digest_size=16).hexdigest()
-        if seen in self.seen:
+        if seen in self._seen:
             return False
-        self.seen.add(seen)
+        self._seen.add(seen)
         return True
 
-    def _backed(self, record: dict[str, Any], agent: str) -> bool:
-        """The record is of a unit the run dispatched to `agent`, and names that unit's task."""
+    def _backed(self, record: dict[str, Any], agent: str, ms: int) -> bool:
+        """The record is of a unit the run dispatched to `agent` by millisecond `ms`, and names that
+        unit's task."""
         unit = record["unit"]
         if not isinstance(unit, str) or record["task"] != split_unit(unit)[0]:
             return False
-        return agent in self.owners.get(unit, ())
-
-
-def _worker(event: dict[str, Any]) -> str:
-    details = event.get("data")
-    worker = details.get("worker") if isinstance(details, dict) else None
-    return worker if isinstance(worker, str) else ""
+        return self.owners.get(unit, {}).get(agent, ms + 1) <= ms
 
 
 def _dispatched_to(record: dict[str, Any]) -> str | None:
@@ -230,8 +218,3 @@ def _before(ms: int, seq: int) -> str:
     if seq:
         return f"{ms}-{seq - 1}"
     return f"{ms - 1}-{LAST_SEQ}" if ms else "0-0"
-
-
-def _id_order(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)

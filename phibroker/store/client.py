@@ -12,6 +12,9 @@ from phibroker.keys import Keys
 from phibroker.store import registry, views
 from phibroker.store.connection import Connection, parse_meta
 
+AHEAD_MS = 1000  # an output entry dated this far ahead of the clock was not stamped by it (on a cluster, a
+# read's clock is a round trip older than its entries)
+
 
 def inbox(keys: Keys) -> list[Grant]:
     """What a client sends the coordinators (`send_to_coordinators`): a new run's kick, cancels,
@@ -181,11 +184,10 @@ class ClientStore(Connection):
         final = [e for e in entries if e.ms < cutoff and (horizon is None or output_order(e) <= horizon)]
         final.sort(key=output_order)
         # another read may give more: a page was full before the cutoff, or entries wait for the clock
-        # (one written in the future, by a broken clock or an agent that chose its ids, never will)
         waiting = any(now_ms <= e.ms <= now_ms + 1 and (until_ms is None or e.ms < until_ms) for e in entries)
         more = (horizon is not None and horizon[0] < cutoff) or waiting
         fresh = any(e.ms <= now_ms + 1 and until_ms is not None and e.ms >= until_ms for e in entries)
-        ahead = {e.source for e in entries if e.ms > now_ms + 1}
+        ahead = {e.source for e in entries if e.ms > now_ms + AHEAD_MS}
         return OutputPage(final, now_ms, more, fresh, tails, ahead)
 
     def wait_output(self, wf_id: str, positions: Mapping[str, str], seconds: float) -> None:
@@ -216,14 +218,15 @@ class OutputEntry(NamedTuple):
 
     @property
     def ms(self) -> int:
-        return int(self.id.partition("-")[0])
+        return entry_order(self.id)[0]
 
 
 class OutputPage(NamedTuple):
     """What one read of a run's output gives (`ClientStore.read_output`): its final entries in order,
     the server's clock, whether a read at once could give more, whether entries written after
     `until_ms` wait for the next pass, the last entry id each source returned, final or not, and the
-    sources that returned entries dated ahead of the clock (which no read will ever give)."""
+    sources that returned entries dated well ahead of the clock (only an agent that chose its ids, or
+    a clock set back, makes them: they are read once the clock reaches them)."""
 
     entries: list[OutputEntry]
     now_ms: int
@@ -237,5 +240,11 @@ def output_order(entry: OutputEntry) -> tuple[int, bool, str, int]:
     """Where an entry sorts among a run's output streams: by its id's millisecond (one server's clock
     stamps all of a run's streams), then the run's events before the agents' (so a task's dispatch
     comes before its output), then by agent and the id's sequence."""
-    ms, _, seq = entry.id.partition("-")
-    return int(ms), bool(entry.source), entry.source, int(seq or 0)
+    ms, seq = entry_order(entry.id)
+    return ms, bool(entry.source), entry.source, seq
+
+
+def entry_order(entry_id: str) -> tuple[int, int]:
+    """A stream entry id as the numbers it orders by: its millisecond and its sequence."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)

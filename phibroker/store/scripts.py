@@ -35,13 +35,28 @@ end
 # The lost attempts moved are the first ones of an agent's list, read with the run: those about the
 # agent's own units are among the history items. START only appends to the list.
 # The transition's events go to the run's output stream with the commit itself: in the order of the
-# state changes, and before any task it releases can stream a chunk.
+# state changes, and before any task it releases can stream a chunk. Readers put the run's events
+# before its agents' output within a millisecond (a dispatch before its task's first chunk): when an
+# agent of the commit wrote its output in this very millisecond (the chunks before a result), the
+# events take the next one, so they come after that output (`after_output`).
 # A finished workflow's keys expire after the ttl; a reopened one (`retry`) keeps them again and its
 # end signal is taken back, so waiters wait for its next end.
 APPLY = (
     COUNT
     + r"""
 local meta, tasks, results, history, outbox, done = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local function last_ms(stream)
+  local newest = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)[1]
+  return newest and tonumber(string.match(newest[1], '^(%d+)')) or 0
+end
+local function after_output()
+  local clock = redis.call('TIME')
+  local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+  for k = 10, #KEYS, 4 do  -- each agent's output stream (`Keys.wf_agent_keys`: marks, lost, output, bytes)
+    if last_ms(KEYS[k]) == now and last_ms(KEYS[7]) <= now then return string.format('%d-*', now + 1) end
+  end
+  return '*'
+end
 local committed = redis.call('HGET', meta, 'version')
 if not committed or tonumber(committed) ~= tonumber(ARGV[1]) then return -1 end
 local i = 3 + 4 * tonumber(ARGV[2])
@@ -72,8 +87,8 @@ each_chunk(2, function(a)
   for k = 1, #a, 2 do redis.call('LTRIM', a[k], tonumber(a[k + 1]), -1) end
 end)
 if ARGV[i + 1] ~= '' then redis.call('HSET', outbox, ARGV[i], ARGV[i + 1]) end
-if (ARGV[i + 5] or '') ~= '' then  -- a stream an agent broke (its last possible id taken) keeps no events
-  redis.pcall('XADD', KEYS[7], '*', 'k', 'event', 'm', ARGV[i + 5])
+if (ARGV[i + 5] or '') ~= '' then  -- the commit never fails on its events' entry
+  redis.pcall('XADD', KEYS[7], after_output(), 'k', 'event', 'm', ARGV[i + 5])
 end
 local version = redis.call('HINCRBY', meta, 'version', 1)
 if ARGV[i + 2] == '1' then

@@ -38,8 +38,9 @@ def records_after(
 ) -> Iterator[tuple[str, dict[str, Any]]]:
     """The run's records until it ends (or `stop` is set), each with its token (`Client.read_on`) as
     the id its message carries, those past `after` only: a browser that reconnects with the last one
-    misses nothing and gets nothing twice. Between reads it waits on the streams at most `WAIT`
-    seconds at a time, so a reader whose browser left stops soon."""
+    misses nothing, and gets nothing twice but, at times, a task's start it had from its agent's copy.
+    Between reads it waits on the streams at most `WAIT` seconds at a time, so a reader whose browser
+    left stops soon."""
     reader = client.output_reader(wf_id, after=after or "0-0")
     while not stop.is_set():
         with reaching(client.settings):  # the end's events are written with it: read them after this
