@@ -50,10 +50,16 @@ local function last_ms(stream)
   return newest and tonumber(string.match(newest[1], '^(%d+)')) or 0
 end
 local function after_output()
-  local clock = redis.call('TIME')
-  local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+  local now = nil
   for k = 10, #KEYS, 4 do  -- each agent's output stream (`Keys.wf_agent_keys`: marks, lost, output, bytes)
-    if last_ms(KEYS[k]) == now and last_ms(KEYS[7]) <= now then return string.format('%d-*', now + 1) end
+    local wrote = last_ms(KEYS[k])
+    if wrote > 0 then
+      if not now then
+        local clock = redis.call('TIME')
+        now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+      end
+      if wrote == now and last_ms(KEYS[7]) <= now then return string.format('%d-*', now + 1) end
+    end
   end
   return '*'
 end
