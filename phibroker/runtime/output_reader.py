@@ -53,13 +53,15 @@ class Place:
 
     @classmethod
     def parse(cls, after: str) -> Place:
-        """The place `after` names; the start for anything that names none."""
+        """The place `after` names; the start for anything that names none (or no stream entry id)."""
         text = (after or "").strip()
         if token := _TOKEN.fullmatch(text):
-            return cls(int(token[1]), int(token[2]), token[3], int(token[4]))
-        if plain := _PLAIN.fullmatch(text):
-            return cls(int(plain[1]), int(plain[2]))
-        return cls()
+            place = cls(int(token[1]), int(token[2]), token[3], int(token[4]))
+        elif plain := _PLAIN.fullmatch(text):
+            place = cls(int(plain[1]), int(plain[2]))
+        else:
+            return cls()
+        return place if max(place.ms, place.seq) <= LAST_SEQ else cls()
 
     @property
     def is_start(self) -> bool:
