@@ -127,9 +127,9 @@ def access(keys: Keys, agent: str, subscriptions: Iterable[str] = ()) -> list[Gr
     streams (own keys: `AGENT.fn`, the default names, or those named), keep their seen-sets and hear
     its stop notices; mark the attempts they start in their agent's own marks hash of a run (START),
     and its lost attempts; read a run's meta and tasks hash, never writing them; append to the agent's
-    own output stream of a run and count its bytes (OUTPUT); append, to the agent's own inbox lanes only, its results,
-    events, dead letters and requests (the coordinators publish, route and keep them); hold their
-    leases; and register their subscriptions. Scripts are called, never loaded."""
+    own output stream of a run and count its bytes (OUTPUT); append, to the agent's own inbox lanes
+    only, its results, events, dead letters and requests (the coordinators publish, route and keep
+    them); hold their leases; and register their subscriptions. Scripts are called, never loaded."""
     own = [f"~{keys.agent_tasks(agent)}", f"~{keys.agent_bulk(agent)}", f"~{keys.sub(agent + '.')}*"]
     for name in subscriptions:
         own += [f"~{keys.sub(name)}", f"~{keys.sub_seen(name)}"]
