@@ -172,10 +172,7 @@ class ClientStore(Connection):
         tails: dict[str, str] = {}
         for key, items in reply or ():
             source = names[key.decode()]
-            found = [
-                OutputEntry(source, entry_id.decode(), (fields.get(b"k") or b"").decode(), fields.get(b"m") or b"")
-                for entry_id, fields in items
-            ]
+            found = [OutputEntry.of(source, entry_id, fields) for entry_id, fields in items]
             tails[source] = found[-1].id
             if len(found) >= count:
                 last = output_order(found[-1])
@@ -198,10 +195,7 @@ class ClientStore(Connection):
     def run_events(self, wf_id: str, after: str, through: str, count: int) -> list[OutputEntry]:
         """Up to `count` entries of the run's events stream past `after` and up to `through`."""
         rows = self.redis.xrange(self.keys.wf_output(wf_id), f"({after}" if after != "0-0" else "-", through, count)
-        return [
-            OutputEntry("", entry_id.decode(), (fields.get(b"k") or b"").decode(), fields.get(b"m") or b"")
-            for entry_id, fields in rows
-        ]
+        return [OutputEntry.of("", entry_id, fields) for entry_id, fields in rows]
 
     def _output_key(self, wf_id: str, source: str) -> str:
         return self.keys.wf_agent_output(wf_id, source) if source else self.keys.wf_output(wf_id)
@@ -215,6 +209,11 @@ class OutputEntry(NamedTuple):
     id: str
     kind: str
     blob: bytes
+
+    @classmethod
+    def of(cls, source: str, entry_id: bytes, fields: dict[bytes, bytes]) -> OutputEntry:
+        """The entry as a stream read returns it: its id, and its fields `k` (kind) and `m` (record)."""
+        return cls(source, entry_id.decode(), (fields.get(b"k") or b"").decode(), fields.get(b"m") or b"")
 
     @property
     def ms(self) -> int:
