@@ -538,8 +538,8 @@ _ID = re.compile(r"[^{}]{1,1024}")  # an event's id, a run's: parts of keys, who
 def sent_events(value: Any, agent: str | None) -> list[dict[str, Any]]:
     """The events `agent`'s worker sent the coordinators to publish, at most SENT_EVENTS, shaped as
     phibroker's own (a `type`, text; an `id` and a `workflow`, text without braces: they make keys and
-    run ids; a `task`, text; a whole `depth`; a `chain` of text), and none of the coordinators' own
-    types (`workflow.*`, `task.*`, `approval.*`, `signal.*`) but its own workers' `task.started`:
+    run ids; a `task`, text; a whole `depth`; a `chain` of text), of types a handler may name
+    (`publishable`: none of the coordinators' own) or its own workers' `task.started`:
     DecodeError for anything else, which would stop a router, make readers skip the log entry it
     shares, or tell readers and subscribers of a state change that never happened."""
     if not isinstance(value, list) or len(value) > SENT_EVENTS:
@@ -556,12 +556,25 @@ def sent_events(value: Any, agent: str | None) -> list[dict[str, Any]]:
             and all(isinstance(link, str) for link in event.get("chain", []))
         ):
             raise DecodeError(event, "events: an event not shaped as phibroker's (type, id, workflow, depth, chain)")
-        if event["type"].startswith(COORDINATOR_EVENTS) and not _started_by(event, agent):
-            raise DecodeError(event, f"events: {agent or 'a worker'} may not publish {event['type']:.100}")
+        if not publishable(event["type"]) and not _started_by(event, agent):
+            raise DecodeError(event, f"events: {agent or 'a worker'} may not publish {event['type']!r:.100}")
     return value
 
 
 COORDINATOR_EVENTS = ("workflow.", "task.", "approval.", "signal.")  # the state changes only a commit tells
+EVENT_TYPE_MAX = 200  # characters of an event type a handler names
+
+
+def publishable(type_: Any) -> bool:
+    """Whether a handler may name this event type: printable text of at most EVENT_TYPE_MAX characters
+    that does not read as one of the coordinators' own (`Task.failed`, ` task.failed` do), so no line of
+    `logs` looks like a state change that never happened."""
+    return (
+        isinstance(type_, str)
+        and 0 < len(type_) <= EVENT_TYPE_MAX
+        and type_.isprintable()
+        and not type_.strip().casefold().startswith(COORDINATOR_EVENTS)
+    )
 
 
 def _started_by(event: dict[str, Any], agent: str | None) -> bool:

@@ -891,7 +891,9 @@ def test_an_agent_publishes_none_of_the_coordinators_events_but_its_own_workers_
     subscriptions. webc sent a `task.failed` for kalic's Scan, a `workflow.failed` and an approval
     request into a run it had no task in: readers showed them (an A2A client took the run for failed),
     and subscribers to `task.failed` reacted. Now a worker may send, of the coordinators' own event
-    types, only its own workers' `task.started`: the rest is dead-lettered, and the run shows none."""
+    types, only its own workers' `task.started`: the rest is dead-lettered, and the run shows none. So
+    are types that read as theirs (`Task.Failed`) or that are not printable text (a terminal's escapes
+    that rewrite the line `logs` shows)."""
     seen = len(fleet.dead_letters())
     webc = fleet.store("webc", signed=True)
     wf_id = fleet.submit("shipping")
@@ -902,6 +904,8 @@ def test_an_agent_publishes_none_of_the_coordinators_events_but_its_own_workers_
         records.event("workflow.failed", wf_id, None, {}),
         records.event("approval.requested", wf_id, "Ship", {"message": "wire the money"}),
         records.event("task.started", wf_id, "Ship", {**about, "worker": "cmdc@forger:1:x"}),
+        records.event("Task.Failed", wf_id, "Ship", {**about, "error": "looks like the coordinators'"}),
+        records.event("scan.done\r\x1b[2Ktask.failed", wf_id, "Ship", about),
     ]
     for event in forged:
         webc.relay([event])
@@ -912,7 +916,7 @@ def test_an_agent_publishes_none_of_the_coordinators_events_but_its_own_workers_
     assert not [r for r in shown if r["kind"] == "event" and r["data"]["id"] in {e["id"] for e in forged}]
     assert fleet.alive(), fleet.procs.output()
     record(
-        "a task.failed, workflow.failed, approval request sent to be published",
+        "a task.failed, workflow.failed, approval request, Task.Failed sent to be published",
         "webc",
         "readers and subscribers took them for the run's",
         "dead-lettered",

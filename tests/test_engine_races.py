@@ -137,10 +137,11 @@ def test_a_retry_read_twice_reopens_once() -> None:
 
 
 def test_a_result_publishes_no_event_of_the_coordinators_own_types() -> None:
-    """`ctx.emit` refuses `workflow.*`, `task.*`, `approval.*` and `signal.*`; a result that carries
-    one anyway (a worker's user sends what it likes) has it dropped: only a commit tells those."""
+    """`ctx.emit` refuses `workflow.*`, `task.*`, `approval.*` and `signal.*` in any case, and types that
+    are not printable text; a result that carries one anyway (a worker's user sends what it likes) has
+    it dropped: only a commit tells those."""
     sim, messages = in_flight({"name": "e", "tasks": {"T": {"agent": "a", "command": "c"}}})
-    told = ("task.failed", "workflow.failed", "approval.requested")
+    told = ("task.failed", "workflow.failed", "approval.requested", "Task.Failed", " signal.received", "scan\x1b[2K")
     forged = [{"type": t, "data": {"error": "forged"}} for t in told]
     answer(sim, messages["T"], events=[*forged, {"type": "scan.done", "data": {"n": 1}}])
     assert sim.status()["state"] == "succeeded"

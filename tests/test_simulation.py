@@ -197,14 +197,15 @@ def test_an_agent_the_simulation_lacks_is_named(tmp_path: Path, worker: Agent) -
         Simulation(flow(tmp_path, "name: w\ntasks:\n  A: {agent: other, command: c}\n"), [worker]).run()
 
 
-def test_a_handler_may_not_emit_the_coordinators_own_event_types() -> None:
+@pytest.mark.parametrize("type_", ["task.failed", "Task.Failed", " workflow.failed", "scan\x1b[2Kdone", "x" * 201])
+def test_a_handler_may_not_emit_the_coordinators_own_event_types_nor_unprintable_ones(type_: str) -> None:
     agent = Agent("w")
 
     @agent.command()
     def claim(ctx: Any) -> None:
         ctx.emit("scan.done", {"ok": True})
-        ctx.emit("task.failed", {"error": "not mine to tell"})
+        ctx.emit(type_, {"error": "not mine to tell"})
 
     doc = Simulation({"name": "e", "tasks": {"T": {"agent": "w", "command": "claim"}}}, [agent]).run()
     assert doc["state"] == "failed"
-    assert "ValueError: a handler may not emit 'task.failed'" in doc["tasks"]["T"]["error"]
+    assert f"ValueError: a handler may not emit {type_!r:.100}" in doc["tasks"]["T"]["error"]

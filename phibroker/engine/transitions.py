@@ -737,7 +737,7 @@ def _unit_succeeded(
         run.tx.timers_del.append(timer_member("deadline", run.id, unit, result.id))
     run.record_attempt(unit, now, None, True, worker=result.worker, started=result.started, token=result.token)
     for emitted in result.events:  # of the coordinators' own types none: they tell what only a commit may
-        if not str(emitted.get("type")).startswith(wire.COORDINATOR_EVENTS):
+        if wire.publishable(emitted.get("type")):
             run.event(str(emitted.get("type")), now, task, data=emitted.get("data"))
     run.tx.signals.extend(result.signals)  # ctx.signal: sent once this result is applied
     if is_undo:

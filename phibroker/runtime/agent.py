@@ -506,7 +506,10 @@ def _import_app(module_name: str, agent: str, default: bool) -> Any:
 
 
 def _own_type(type_: str) -> str:
-    """A handler's event type: any text but the coordinators' own types, which tell state changes."""
-    if not isinstance(type_, str) or type_.startswith(wire.COORDINATOR_EVENTS):
-        raise ValueError(f"a handler may not emit {type_!r}: {', '.join(wire.COORDINATOR_EVENTS)}* are phibroker's")
+    """A handler's event type: printable text, not the coordinators' own types (which tell state changes)."""
+    if not wire.publishable(type_):
+        raise ValueError(
+            f"a handler may not emit {type_!r:.100}: give printable text of at most {wire.EVENT_TYPE_MAX}"
+            f" characters; {', '.join(wire.COORDINATOR_EVENTS)}* are phibroker's"
+        )
     return type_
