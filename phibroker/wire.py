@@ -541,7 +541,9 @@ def sent_events(value: Any, agent: str | None) -> list[dict[str, Any]]:
     run ids; a `task`, text; a whole `depth`; a `chain` of text), of types a handler may name
     (`publishable`: none of the coordinators' own) or its own workers' `task.started`:
     DecodeError for anything else, which would stop a router, make readers skip the log entry it
-    shares, or tell readers and subscribers of a state change that never happened."""
+    shares, or tell readers and subscribers of a state change that never happened. Each handler's
+    event gets `agent`, the sender (no agent: none), whatever the worker wrote there: subscribers
+    and readers can tell whose handler said it."""
     if not isinstance(value, list) or len(value) > SENT_EVENTS:
         raise DecodeError(value, f"events: not a list of at most {SENT_EVENTS} events")
     for event in value:
@@ -558,6 +560,9 @@ def sent_events(value: Any, agent: str | None) -> list[dict[str, Any]]:
             raise DecodeError(event, "events: an event not shaped as phibroker's (type, id, workflow, depth, chain)")
         if not publishable(event["type"]) and not _started_by(event, agent):
             raise DecodeError(event, f"events: {agent or 'a worker'} may not publish {event['type']!r:.100}")
+    for event in value:
+        if event["type"] != "task.started":
+            event["agent"] = agent
     return value
 
 

@@ -914,6 +914,14 @@ def test_an_agent_publishes_none_of_the_coordinators_events_but_its_own_workers_
     untouched(fleet, wf_id, {"Ship": ("cmdc", {"run": "make release"})})
     shown = list(fleet.client("client").stream(wf_id))
     assert not [r for r in shown if r["kind"] == "event" and r["data"]["id"] in {e["id"] for e in forged}]
+    # an event of a handler's type says whose worker sent it, whatever the event claims
+    claimed = records.event("scan.finished", wf_id, None, {"target": "repo"}, agent="kalic")
+    webc.relay([claimed])
+
+    def published() -> list[dict[str, Any]]:
+        return [r["data"] for r in fleet.client("client").stream(wf_id) if r["data"].get("id") == claimed["id"]]
+
+    assert [event["agent"] for event in until(published, fleet.procs)] == ["webc"]
     assert fleet.alive(), fleet.procs.output()
     record(
         "a task.failed, workflow.failed, approval request, Task.Failed sent to be published",
@@ -921,6 +929,7 @@ def test_an_agent_publishes_none_of_the_coordinators_events_but_its_own_workers_
         "readers and subscribers took them for the run's",
         "dead-lettered",
     )
+    record("an event sent to be published as kalic's", "webc", "nothing said whose it was", "published as webc's")
 
 
 def test_marks_and_lost_attempts_an_agent_writes_about_another_agents_units_count_for_nothing(

@@ -10,9 +10,11 @@ from typing import Any
 import pytest
 import redis
 
+from phibroker.engine import records
 from phibroker.runtime.client import Client
 from phibroker.security import signing
 from phibroker.settings import Settings
+from phibroker.store.worker import WorkerStore
 from tests.conftest import Processes, until
 from tests.test_core import events_of
 from tests.test_failures import flow
@@ -31,9 +33,9 @@ def counts(settings: Settings, subscription: str) -> dict[str, int]:
     return {k.decode(): int(v) for k, v in raw.items()}
 
 
-def seen_types(settings: Settings, subscription: str) -> list[str]:
+def seen_types(settings: Settings, subscription: str, what: str = "types") -> list[str]:
     r = redis.Redis.from_url(settings.redis_url)
-    return [v.decode() for v in r.lrange(f"{settings.namespace}:ledger:{subscription}:types", 0, -1)]
+    return [v.decode() for v in r.lrange(f"{settings.namespace}:ledger:{subscription}:{what}", 0, -1)]
 
 
 def listening(client: Client, names: set[str], procs: Processes) -> None:
@@ -106,13 +108,18 @@ def test_a_where_filter(
     procs.coordinator()
     procs.worker("emitter", app=APP)
     procs.worker("listener", app=APP, **ledger)
-    listening(client, {"listener.high", "listener.on_scan"}, procs)
+    procs.worker("other", app=APP, **ledger)  # on the roster: the coordinators read its lane
+    listening(client, {"listener.high", "listener.on_scan", "listener.emitted", "other.other_scan"}, procs)
     path = flow(tmp_path, ANNOUNCE)
     for severity in ("low", "high", "low", "high", "high"):
         client.wait(client.submit(path, params={"severity": severity}), timeout=30)
-    until(lambda: len(counts(settings, "listener.on_scan")) == 5 and len(counts(settings, "listener.high")) >= 3, procs)
+    other = WorkerStore(settings)  # other's user, claiming the event is emitter's
+    other.serve("other")
+    other.relay([records.event("scan.finished", None, None, {"severity": "high"}, agent="emitter")])
+    until(lambda: len(counts(settings, "listener.on_scan")) == 6 and len(counts(settings, "listener.high")) >= 4, procs)
     time.sleep(0.5)
-    assert len(counts(settings, "listener.high")) == 3
+    assert len(counts(settings, "listener.high")) == 4
+    assert len(counts(settings, "listener.emitted")) == 5  # `agent` is the sender's, whatever it claimed
 
 
 TRIGGERED = """
@@ -160,7 +167,8 @@ def test_a_reaction_loop_stops_at_the_depth_limit_in_the_dlq(
     procs.worker("pong", app=APP, **env)
     listening(client, {"ping.on_ping", "pong.on_pong"}, procs)
     path = flow(tmp_path, "name: start\ntasks:\n  A: {agent: emitter, command: announce, payload: {kind: ping}}\n")
-    client.wait(client.submit(path), timeout=30)
+    wf_id = client.submit(path)
+    client.wait(wf_id, timeout=30)
     until(lambda: any("storm guard" in row["reason"] for row in client.dead_letters()), procs)
     time.sleep(1.0)
     (storm,) = [row for row in client.dead_letters() if "storm guard" in row["reason"]]
@@ -168,6 +176,11 @@ def test_a_reaction_loop_stops_at_the_depth_limit_in_the_dlq(
     assert [c.split("@")[0] for c in storm["chain"]] == ["ping", "pong"] * 3 + ["ping"]
     reactions = len(counts(settings, "ping.on_ping")) + len(counts(settings, "pong.on_pong"))
     assert reactions == 6
+    # each handler's event says whose handler emitted it: the task's, then each reaction's
+    emitted = [(e["type"], e["agent"]) for e in events_of(settings, wf_id) if e["type"] in ("ping", "pong")]
+    assert emitted == [("ping", "emitter")] + [("pong", "ping"), ("ping", "pong")] * 3
+    assert seen_types(settings, "ping.on_ping", "agents") == ["emitter", "pong", "pong"]
+    assert seen_types(settings, "pong.on_pong", "agents") == ["ping", "ping", "ping"]
 
 
 def test_an_orphaned_subscription_stays_within_its_retention_and_counts_drops(

@@ -111,6 +111,7 @@ def test_logs_replays_chunks_logs_and_events_in_order(procs: Processes, settings
     assert human.returncode == 0, human.stderr
     assert "Speak [1]  a" in human.stdout and "Speak [2]  c" in human.stdout
     assert "INFO streamer.speak: attempt 2 begins" in human.stdout and "● task.retrying" in human.stdout
+    assert '● spoke from streamer {"words": 2}' in human.stdout  # a handler's event says whose it was
 
     # the run's events and the agent's own output stream expire with the run's other keys
     keys = settings.keys

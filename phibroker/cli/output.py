@@ -272,5 +272,6 @@ def output_line(record: Mapping[str, Any], paint: Callable[[str, str | None], st
         if isinstance(details, dict):
             details = {k: v for k, v in details.items() if k not in ("unit", "attempt")}
         shown = f" {clipped(json.dumps(details, default=str), _EVENT_SHOWN)}" if details else ""
-        text = paint(f"● {kind}", kind.rpartition(".")[2]) + shown
+        by = f" from {data['agent']}" if isinstance(data.get("agent"), str) else ""  # a handler's
+        text = paint(f"● {kind}", kind.rpartition(".")[2]) + by + shown
     return f"{when}  {who}  {text}"

@@ -547,6 +547,10 @@ class Run:
             records.event(type_, self.id, task, fields if data is None else data, self.depth, self.chain, ts=now)
         )
 
+    def emitted(self, type_: str, now: float, task: str, data: Any, agent: str | None) -> None:
+        """An event a handler emitted with its result, which `agent`'s worker sent (as relayed events say)."""
+        self.tx.events.append(records.event(type_, self.id, task, data, self.depth, self.chain, ts=now, agent=agent))
+
     def record_attempt(self, unit: str, now: float, error: str | None, applied: bool, **extra: Any) -> None:
         record = self.units.get(unit, {})
         self.tx.history.append(

@@ -736,9 +736,10 @@ def _unit_succeeded(
     if run.workflow.timeout(task):  # else no deadline timer was set
         run.tx.timers_del.append(timer_member("deadline", run.id, unit, result.id))
     run.record_attempt(unit, now, None, True, worker=result.worker, started=result.started, token=result.token)
+    agent = unit_agent(run.workflow, unit)
     for emitted in result.events:  # of the coordinators' own types none: they tell what only a commit may
         if wire.publishable(emitted.get("type")):
-            run.event(str(emitted.get("type")), now, task, data=emitted.get("data"))
+            run.emitted(str(emitted.get("type")), now, task, emitted.get("data"), agent)
     run.tx.signals.extend(result.signals)  # ctx.signal: sent once this result is applied
     if is_undo:
         run.set(unit, state="succeeded", finished=now)

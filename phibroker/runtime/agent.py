@@ -271,6 +271,7 @@ class Event:
     ts: float
     depth: int = 0
     chain: list[str] = field(default_factory=list)
+    agent: str | None = None  # whose handler emitted it, as the coordinators tell (None: theirs)
     emitted: list[dict[str, Any]] = field(default_factory=list)
     submitter: Callable[..., str] | None = None
 
@@ -285,6 +286,7 @@ class Event:
             ts=float(event.get("ts") or 0),
             depth=int(event.get("depth") or 0),
             chain=list(event.get("chain") or []),
+            agent=event["agent"] if isinstance(event.get("agent"), str) else None,
             submitter=submitter,
         )
 

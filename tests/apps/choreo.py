@@ -26,6 +26,7 @@ def count(subscription: str, event: Event) -> None:
     key = os.environ["PROBE_LEDGER_KEY"]
     ledger().hincrby(f"{key}:{subscription}", event.id, 1)
     ledger().rpush(f"{key}:{subscription}:types", f"{event.type}|{(event.data or {}).get('n', '')}")
+    ledger().rpush(f"{key}:{subscription}:agents", str(event.agent))
 
 
 @emitter.command()
@@ -52,6 +53,11 @@ def on_scan(event: Event) -> None:
 @listener.on("scan.finished", name="listener.high", where="event.data.severity == 'high'")
 def on_high(event: Event) -> None:
     count("listener.high", event)
+
+
+@listener.on("scan.finished", name="listener.emitted", where="agent == 'emitter'")
+def on_emitted(event: Event) -> None:
+    count("listener.emitted", event)
 
 
 @listener.on("x.*", name="listener.x")

@@ -36,7 +36,8 @@ def speak(ctx: Context, words: list[str], fail_first: bool = True, gate: str | N
 
 @streamer.command()
 async def speak_async(ctx: Context, words: list[str]) -> int:
-    """An async handler: its log records and chunks reach the output from its asyncio tasks too."""
+    """An async handler: its log records and chunks reach the output from its asyncio tasks too; it
+    emits `spoke` with its result."""
 
     async def part(word: str) -> None:
         log.info("part %s", word)
@@ -44,6 +45,7 @@ async def speak_async(ctx: Context, words: list[str]) -> int:
 
     for word in words:
         await asyncio.create_task(part(word))
+    ctx.emit("spoke", {"words": len(words)})
     return len(words)
 
 
