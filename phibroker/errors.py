@@ -103,6 +103,10 @@ class BrokerUnavailable(PhibrokerError):
 
     exit_code = 3
 
+    def __init__(self, message: str, for_now: bool = False):
+        super().__init__(message)
+        self.for_now = for_now  # it answered "not now" (BUSY, LOADING, OOM, ...): waiting may do
+
 
 class Retryable(Exception):  # noqa: N818 - a signal to try again, not an error to report
     """Raised by a handler to ask for another attempt while attempts remain."""

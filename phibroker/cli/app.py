@@ -7,13 +7,14 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
 import click
 
 from phibroker import __version__
-from phibroker.errors import InvalidInput, PhibrokerError
+from phibroker.errors import BrokerUnavailable, InvalidInput, PhibrokerError
 from phibroker.settings import Settings, without_password
 from phibroker.workflow.spec import parse_duration
 
@@ -83,12 +84,24 @@ def show_rows(rows: list[dict[str, Any]], as_json: bool, empty: str, line: Calla
 
 
 def reachable(settings: Settings) -> None:
-    """A long-running command checks the broker once at start: a bad URL is one line, not a loop's traceback."""
+    """A long-running command checks the broker once at start: a bad URL is one line, not a loop's
+    traceback. A Redis that answers "not now" (a runaway script, loading its data) is waited for, as
+    the loops wait for it: a process started meanwhile runs once it serves again."""
     from phibroker.store.connection import Connection
 
     connection = Connection(settings)
+    backoff = 0.1
     try:
-        connection.ping()
+        while True:
+            try:
+                connection.ping()
+                return
+            except BrokerUnavailable as exc:
+                if not exc.for_now:
+                    raise
+                logging.getLogger("phibroker").warning("%s; retrying in %.1fs", exc, backoff)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
     finally:
         connection.close()
 

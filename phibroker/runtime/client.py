@@ -6,6 +6,7 @@ cancels and decisions to them the same way, so every state change has one author
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -26,6 +27,8 @@ from phibroker.store.connection import denied, lease_alive, reaching
 from phibroker.store.registry import Registry
 from phibroker.store.views import Views
 from phibroker.workflow.spec import MAX_DEPTH, did_you_mean, is_name
+
+log = logging.getLogger("phibroker.client")
 
 
 class Client:
@@ -58,14 +61,45 @@ class Client:
         depth: int = 0,
         chain: list[str] | None = None,
     ) -> str:
-        """Check and submit a workflow; returns its id. With `id`, a repeated submit is a no-op.
+        """Check and submit a workflow; returns its id. With `id`, a repeated submit is a no-op. A client
+        that signs asks the coordinators for the run, and returns once one has written it (InvalidInput
+        if they refused it).
 
         `depth` and `chain` say which events led here (set by reactions; the storm guard reads them)."""
         workflow = source if isinstance(source, workflows.Workflow) else workflows.load(source)
         wf_id, fields = submission(workflow, workflow.params_with(params or {}), id, depth, chain or ())
         with reaching(self.settings):
-            self.broker.submit_workflow(wf_id, fields)
+            if self.broker.sender is None:  # no identity: this user writes the run itself
+                self.broker.submit_workflow(wf_id, fields)
+                return wf_id
+            if Views(self.broker).workflow_heads([wf_id])[0]:
+                return wf_id
+            entry = self.broker.ask_to_submit(wf_id, fields)
+        self._until_written(wf_id, entry)
         return wf_id
+
+    def _until_written(self, wf_id: str, entry: str) -> None:
+        """A signed run is asked of the coordinators, who write it (no client's user may write runs):
+        wait up to _WRITTEN seconds until they have, so that `status` knows it, or refused it
+        (InvalidInput, with why). With no coordinator running, it is written once one runs."""
+        deadline = time.monotonic() + _WRITTEN
+        look_at_dead_letters = time.monotonic() + _DLQ_EVERY
+        while time.monotonic() < deadline:
+            with reaching(self.settings):
+                if Views(self.broker).workflow_heads([wf_id])[0]:
+                    return
+                if time.monotonic() > look_at_dead_letters:
+                    look_at_dead_letters = time.monotonic() + _DLQ_EVERY
+                    try:
+                        refusal = self._refusal(wf_id, entry)
+                    except Exception as exc:
+                        if not denied(exc):
+                            raise
+                        refusal = None  # this user may not read the dead letters: it cannot tell
+                    if refusal:
+                        raise InvalidInput(f"submit of {wf_id} refused: {refusal}")
+            time.sleep(0.02)
+        log.warning("run %s is asked for; no coordinator has written it yet: one will when it runs", wf_id)
 
     def cancel(self, wf_id: str, reason: str | None = None, tasks: Sequence[str] = (), wait: float = 0.0) -> bool:
         """Ask the coordinators to cancel: nothing new starts, running tasks see `ctx.cancelled`.
@@ -511,6 +545,7 @@ class Client:
 
 _SETTLED = 1.0  # seconds a cancel the run cannot show (its tasks ended already) waits for a refusal
 _DLQ_EVERY, _DLQ_LOOK = 0.5, 20  # a retry waiting to be re-opened looks this often at this many dead letters
+_WRITTEN = 10.0  # seconds a signed submit waits for the coordinators to write its run
 
 
 def _dead_letter_row(entry_id: str, record: dict[str, Any]) -> dict[str, Any]:

@@ -426,7 +426,7 @@ class Coordinator:
         if message.kind == "trigger":
             self._start_triggered(message.body, entry, stream)
             return 0
-        if message.kind == "submit" and "fields" in message.body:  # a reaction's run: its worker may not write it
+        if message.kind == "submit" and "fields" in message.body:  # a client's or reaction's run: not theirs to write
             self._start_asked(message, entry, stream)
             return 0
         if message.kind == "decide":
@@ -559,11 +559,12 @@ class Coordinator:
             return False
 
     def _refusal(self, run: state.Run, items: list[Op]) -> str | None:
-        """Why a run read afresh from Redis must go no further, or None. A client's user may write runs:
-        under `--require-signed` one that started must still be its signed file, with the params and
-        spawned tasks the coordinators sealed (Gate.check_launched), its spawned tasks its handlers'
-        own, and so must one that ended, to be retried; one not started yet takes its start (submit,
-        kick), which checks it, and any other input only after the same checks."""
+        """Why a run read afresh from Redis must go no further, or None. Whoever may write runs (the
+        admin's user) could rewrite one: under `--require-signed` one that started must still be its
+        signed file, with the params and spawned tasks the coordinators sealed (Gate.check_launched),
+        its spawned tasks its handlers' own, and so must one that ended, to be retried; one not started
+        yet takes its start (submit, kick), which checks it, and any other input only after the same
+        checks."""
         if run.wf_state in state.WF_TERMINAL and all(kind != "retry" for kind, _ in items):
             return None  # nothing of it runs any more: its inputs are answered as an ended run's
         if run.meta.get("launched"):
@@ -754,7 +755,7 @@ class Coordinator:
             log.info("trigger %s started %s on %s", name, body["wf"], event.get("type"))
 
     def _start_asked(self, message: wire.Inbox, entry: Entry, stream: str) -> None:
-        """Write the run a reaction asked for, as its agent signed it: checked when it starts, as a client's."""
+        """Write the run a client or a reaction asked for, as its sender signed it: checked when it starts."""
         refusal = self.gate.check_asked_run(message)
         if refusal is None and self.broker.run_exists(str(message.body["wf"])):
             # the same reaction asked again (its run's id makes that harmless); and a run that exists,

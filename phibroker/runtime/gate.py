@@ -3,8 +3,8 @@
 A coordinator trusts nothing it reads from the inbox. With an identities file, every message is signed
 by the identity it names, and that identity's role may send its kind: what workers report (results,
 `lost`, `declined`, `spend`) comes from the agent that owns the unit it is about; cancels, retries,
-signals and runs come from a client (a reaction's run is a `submit` carrying its fields, from an agent
-that is a client too: workers may not write runs, so coordinators write it); kicks, re-dispatches and a
+signals and runs come from a client (a run is a `submit` carrying its fields, from a client or an agent
+that is a client too: their users may not write runs, so coordinators write it); kicks, re-dispatches and a
 child run's end from a coordinator. What a client may send is dated and used once: a copy of a signed
 cancel, retry, signal or submit, added to the inbox again, is dead-lettered (`expires` in its body; the
 coordinators remember the ids they applied until then). A run is cancelled or retried only by whoever
@@ -293,8 +293,8 @@ class SecurityGate:
 
     def check_launched(self, run_id: str, meta: dict[str, Any]) -> str | None:
         """Under `--require-signed`, why a launched run read again from Redis must go no further, or None:
-        its spec must still be its signed file's (a client's user may write runs, and rewrite a payload
-        after the start), and its params and spawned tasks what the coordinators sealed (`seal`). Who
+        its spec must still be its signed file's (whoever may write runs, the admin's user say, could
+        rewrite a payload after the start), and its params and spawned tasks what the coordinators sealed (`seal`). Who
         submitted it is not asked again: a client's secret may have been rotated since, and the client
         could sign again anyway. A verdict is kept per signed file and trust list: a run is read again
         often where several coordinators share its inputs."""

@@ -14,7 +14,8 @@ The users, by process: one per agent (its workers), `coordinator`, `client` (sub
 signal, status, wait), `approver` (approvals, approve, reject), `watch` (read-only views) and `admin`
 (operators: trust list, triggers, dead letters, killing a runaway script; its identity's role, `admin`,
 is a client's that may cancel or retry any run, where a client's may only touch the runs it submitted).
-Only `coordinator` and `admin` may load scripts: every other user may only call what is loaded. A user's
+Only `coordinator` and `admin` may load scripts or run Lua of their own: every other user may only call
+what is loaded, by its SHA (`EVAL_RO` would run any text, a loop that never ends too). A user's
 first grant is its root permissions, with every grant that names no key (PING, MULTI); the others are
 its selectors, one per set of keys and channels.
 
@@ -60,9 +61,9 @@ _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 # What operators do by hand as `admin`, which no phibroker code sends: SCRIPT KILL / FUNCTION KILL for
 # a runaway script (Redis answers BUSY to everyone until someone stops it), SCRIPT FLUSH so nobody calls
-# it again, SCRIPT LOAD of phibroker's own (coordinators load them too). A user who may load a script
-# may run any Lua, a runaway loop included: nobody else may.
-OPERATOR = ("script|load", "script|kill", "script|flush", "function|kill")
+# it again, SCRIPT LOAD of phibroker's own (coordinators load them too) and EVALSHA. A user who may load
+# a script may run any Lua, a runaway loop included: nobody else may.
+OPERATOR = ("script|load", "evalsha", "script|kill", "script|flush", "function|kill")
 # What redis-py's cluster client asks of the nodes besides phibroker's own commands, granted to the
 # users of a Redis Cluster only: CLUSTER SLOTS, the map of slots to nodes (at start, after a MOVED or a
 # failover), COMMAND, where each command's keys are (at start), and ASKING, sent before a command an ASK

@@ -17,21 +17,18 @@ AHEAD_MS = 1000  # an output entry dated this far ahead of the clock was not sta
 
 
 def inbox(keys: Keys) -> list[Grant]:
-    """What a client sends the coordinators (`send_to_coordinators`): a new run's kick, cancels,
-    retries, signals, approval decisions. Append only: the inbox is theirs to read."""
+    """What a client sends the coordinators (`ask_to_submit`, `send_to_coordinators`): new runs,
+    cancels, retries, signals, approval decisions. Append only: the inbox is theirs to read."""
     return [Grant(("xadd",), tuple(f"%W~{lane}" for lane in keys.inbox_lanes))]
 
 
 def access(keys: Keys) -> list[Grant]:
     """What a client sends Redis (`submit --wait`, `cancel`, `retry`, `signal`, `status`, `list`): the
-    views' reads, and a new run (`submit_workflow`: the CREATE script, which writes with HSET and so
-    may HSET a run's meta hash, and its big fields), its place in the indexes, the inbox, and waiting on
-    a run's end without consuming it. SCRIPT EXISTS before a run's transaction, never SCRIPT LOAD."""
+    views' reads, the inbox (a new run too: `ask_to_submit`, which the coordinators write, so that no
+    client's user may write a run, its own or another's), and waiting on a run's end without consuming it."""
     return [
         *views.access(keys),
-        Grant(("info", "script|exists", "multi", "exec")),
-        Grant(("evalsha", "hexists", "hset", "hsetnx"), (f"~{keys.wf('*')}",)),
-        Grant(("zadd",), (f"%W~{keys.workflows}", f"%W~{keys.running}")),
+        Grant(("info",)),
         *inbox(keys),
         Grant(("blmove",), (f"~{keys.wf_done('*')}",)),
     ]

@@ -372,7 +372,8 @@ def unusable(settings: Settings, exc: Exception) -> BrokerUnavailable | None:
     if refused is not None:
         detail = str(refused).removeprefix(f"{refused.code} ").split(". script:")[0].rstrip(".")
         return BrokerUnavailable(
-            f"Redis at {url} refuses commands for now ({refused.code}: {detail}): {REFUSAL_HINTS[refused.code]}"
+            f"Redis at {url} refuses commands for now ({refused.code}: {detail}): {REFUSAL_HINTS[refused.code]}",
+            for_now=True,
         )
     if isinstance(exc, CONNECTION_ERRORS):
         return BrokerUnavailable(f"cannot reach Redis at {url} ({str(exc).rstrip('.')}): {HINT}")
@@ -553,7 +554,6 @@ class Connection:
         self.cluster = isinstance(self.redis, RedisCluster)
         self._groups: set[str] = set()
         self._scripts_known = False  # Redis was seen to hold phibroker's scripts (forgotten on NOSCRIPT)
-        self._read_by_source = False  # found them unloaded, and may not load them: EVAL_RO the read scripts
         # who signs what this process sends the coordinators and the runs it writes: (name, secret)
         self.sender: tuple[str, bytes] | None = None
         self.good_for = wire.CONTROL_TTL  # how long what it signs stays good (a copy later is refused)
@@ -603,7 +603,7 @@ class Connection:
                 own = [self.keys.wf_marks(tables[n][0], agent), self.keys.wf_lost(tables[n][0], agent)]
                 self._read(pipe, scripts.READ_OWN, own, state.MARK_BYTES, state.LOST_RECORDS, lost_bytes, *names)
 
-        replies = iter(self._pipeline(build, reads=True))
+        replies = iter(self._pipeline(build))
         marks: list[dict[str, dict[str, str]]] = [{} for _ in tables]
         for n, agent, names in reads:
             found, items, count = next(replies)
@@ -623,19 +623,16 @@ class Connection:
             self.load_scripts()
             return self.redis.evalsha(SHAS[source], len(keys), *keys, *args)
 
-    def _read(self, pipe: Any, source: str, keys: Sequence[str], *args: Any) -> None:
-        """Queue a read-only script (READ_OWN, READ_LEASES): by its SHA, or by its source where this user
-        found the scripts unloaded and may not load them (EVAL_RO needs no SCRIPT LOAD), so the views,
-        clients and workers read on after a Redis restart, before a coordinator loads them again."""
-        if self._read_by_source:
-            pipe.eval_ro(source, len(keys), *keys, *args)
-        else:
-            pipe.evalsha_ro(SHAS[source], len(keys), *keys, *args)
+    @staticmethod
+    def _read(pipe: Any, source: str, keys: Sequence[str], *args: Any) -> None:
+        """Queue a read-only script (READ_OWN, READ_LEASES), by its SHA: no user but the coordinators' and
+        the admin's may run Lua of its own (EVAL_RO would run a loop that never ends as well)."""
+        pipe.evalsha_ro(SHAS[source], len(keys), *keys, *args)
 
-    def _pipeline(self, build: Callable[[Any], None], transaction: bool = False, reads: bool = False) -> list[Any]:
+    def _pipeline(self, build: Callable[[Any], None], transaction: bool = False) -> list[Any]:
         """Run the commands `build` queues as one pipeline; errors raise, NOSCRIPT reloads and reruns.
-        A pipeline of `reads` (`_read` scripts only) runs again by their source where this user may not
-        load them; any other waits, as for a busy Redis, until a coordinator has.
+        Where this user may not load phibroker's scripts, it waits, as for a busy Redis, until a
+        coordinator has.
 
         Without `transaction`, each command stands alone: one refused (OOM) does not stop the next.
         With it (MULTI/EXEC), a refused command discards them all."""
@@ -645,12 +642,7 @@ class Connection:
             replies = pipe.execute(raise_on_error=False)
             if attempt == 1 and any(isinstance(r, NoScriptError) for r in replies):
                 self._scripts_known = False
-                try:
-                    self.load_scripts()
-                except Refused as exc:
-                    if exc.code != "UNLOADED" or not reads:
-                        raise
-                    self._read_by_source = True
+                self.load_scripts()
                 continue
             for reply in replies:
                 if isinstance(reply, Exception):
@@ -855,7 +847,7 @@ class Connection:
         def build(pipe: Any) -> None:
             self._read(pipe, scripts.READ_LEASES, tables, MAX_LEASE_FIELDS, MAX_LEASE_BYTES)
 
-        ((secs, micros, *hashes),) = self._pipeline(build, reads=True)
+        ((secs, micros, *hashes),) = self._pipeline(build)
         leases: dict[str, dict[str, Any]] = {}
         for agent, flat in zip(names, hashes, strict=True):
             raw = dict(zip(flat[::2], flat[1::2], strict=True))
@@ -929,6 +921,16 @@ class Connection:
             pipe.evalsha(SHAS[scripts.CREATE], 1, keys.wf(wf_id), *args)
 
         return index, create, lambda pipe: pipe.xadd(keys.inbox(wf_id), {wire.FIELD: kick})
+
+    def ask_to_submit(self, wf_id: str, fields: dict[str, Any]) -> str:
+        """A new run, asked of the coordinators where this user may not write runs (a client's, a
+        worker's whose reaction starts one): a `submit` carrying the run's fields, signed as its
+        submitter's (checked when the run starts), which they write unless the id exists. Bounded as
+        the coordinators read their inbox: 4 × max_message_bytes. Returns the inbox entry id."""
+        body = {"wf": wf_id, "fields": self.signed_fields(wf_id, fields)}
+        message = wire.Inbox(kind="submit", body=body)
+        raw = message.signed_as(self.sender, self.settings.max_message_bytes * 4, wire.ASKED_RUN_TTL)
+        return self.add(self.inbox_lane(wf_id), raw)
 
     def send_to_coordinators(self, message: wire.Inbox) -> None:
         """Into the coordinators' inbox; their group reads it from the start, whenever they come."""

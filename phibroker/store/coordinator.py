@@ -65,7 +65,6 @@ def access(keys: Keys) -> list[Grant]:
                 *CONSUMER,
                 "evalsha",
                 "evalsha_ro",  # READ_OWN and READ_LEASES
-                "eval_ro",
                 "exists",
                 "expire",
                 "persist",  # a retried run keeps its keys again (APPLY), and waiters wait for its next end
@@ -116,7 +115,7 @@ def access(keys: Keys) -> list[Grant]:
         Grant(("evalsha", "xgroup|create", "xlen", "xinfo|groups", "xpending", "xtrim", "xrange"), lanes),
         # the workers' leases read (READ_LEASES), and long-dead workers' forgotten
         Grant(
-            ("evalsha_ro", "eval_ro", "time", "hlen", "hgetall", "memory|usage", "hdel"),
+            ("evalsha_ro", "time", "hlen", "hgetall", "memory|usage", "hdel"),
             (f"~{keys.worker_leases('*')}",),
         ),
         Grant(("set", "get"), (f"~{keys.applied('*', '*')}",)),  # the control messages applied, until they expire

@@ -23,8 +23,10 @@ _PARENT_FIELDS = ("parent", "parent_task")  # set on a child run of a `workflow:
 # The read commands the views, a client's reads (store/client.py) and the registry's send: not one
 # writes, by Redis's own flags (tests/test_deploy.py asks it).
 READS = (
-    "evalsha_ro",  # READ_OWN and READ_LEASES: what agents wrote (marks, lost attempts, leases), as far as it fits
-    "eval_ro",  # the same, by their source, before a coordinator loads them again
+    # READ_OWN and READ_LEASES: what agents wrote (marks, lost attempts, leases), as far as it fits. By
+    # their SHA only: EVAL_RO would run any Lua, a loop that never ends too; after a Redis restart, the
+    # views wait for a coordinator to load them again.
+    "evalsha_ro",
     "hget",
     "hmget",
     "hgetall",

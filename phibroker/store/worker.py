@@ -163,7 +163,7 @@ def access(keys: Keys, agent: str, subscriptions: Iterable[str] = ()) -> list[Gr
         # leases: LEASE and a stop's drop, in the agent's own hash only; reclaim's look at the holders of
         # pending entries (a subscription's stream may be another agent's too) and hand_over's
         Grant(("evalsha", "hexists", "hlen", "hset", "hdel"), (f"~{keys.worker_leases(agent)}",)),
-        Grant(("evalsha_ro", "eval_ro", "time", "hlen", "hgetall", "memory|usage"), (f"%R~{keys.worker_leases('*')}",)),
+        Grant(("evalsha_ro", "time", "hlen", "hgetall", "memory|usage"), (f"%R~{keys.worker_leases('*')}",)),
         *registry.access(keys, agent),
     ]
 
@@ -365,15 +365,6 @@ class WorkerStore(Connection):
         for (wf_id, _), reply in zip(calls, self._pipeline(build), strict=True):
             tokens[wf_id] += [int(t) for t in reply]
         return tokens
-
-    def ask_to_submit(self, wf_id: str, fields: dict[str, Any]) -> None:
-        """A run a reaction starts: a worker may not write runs, so it sends the coordinators a `submit`
-        carrying the run's fields (signed as its submitter's, checked when the run starts, as a client's),
-        and they write it. Bounded as the coordinators read their inbox: 4 × max_message_bytes."""
-        body = {"wf": wf_id, "fields": self.signed_fields(wf_id, fields)}
-        message = wire.Inbox(kind="submit", body=body)
-        raw = message.signed_as(self.sender, self.settings.max_message_bytes * 4, wire.ASKED_RUN_TTL)
-        self.add(self.inbox_lane(wf_id), raw)
 
     def seen(self, subscription: str, event_ids: Sequence[str]) -> list[bool]:
         """For each event id: has this subscription already handled it (a copy routed twice)?"""
