@@ -541,9 +541,9 @@ def sent_events(value: Any, agent: str | None) -> list[dict[str, Any]]:
     run ids; a `task`, text; a whole `depth`; a `chain` of text), of types a handler may name
     (`publishable`: none of the coordinators' own) or its own workers' `task.started`:
     DecodeError for anything else, which would stop a router, make readers skip the log entry it
-    shares, or tell readers and subscribers of a state change that never happened. Each handler's
-    event gets `agent`, the sender (no agent: none), whatever the worker wrote there: subscribers
-    and readers can tell whose handler said it."""
+    shares, or tell readers and subscribers of a state change that never happened. Each event gets
+    `agent`, the sender (no agent: none), whatever the worker wrote there: subscribers and readers
+    can tell whose worker said it."""
     if not isinstance(value, list) or len(value) > SENT_EVENTS:
         raise DecodeError(value, f"events: not a list of at most {SENT_EVENTS} events")
     for event in value:
@@ -561,8 +561,7 @@ def sent_events(value: Any, agent: str | None) -> list[dict[str, Any]]:
         if not publishable(event["type"]) and not _started_by(event, agent):
             raise DecodeError(event, f"events: {agent or 'a worker'} may not publish {event['type']!r:.100}")
     for event in value:
-        if event["type"] != "task.started":
-            event["agent"] = agent
+        event["agent"] = agent
     return value
 
 
@@ -571,12 +570,14 @@ EVENT_TYPE_MAX = 200  # characters of an event type a handler names
 
 
 def publishable(type_: Any) -> bool:
-    """Whether a handler may name this event type: printable text of at most EVENT_TYPE_MAX characters
-    that does not read as one of the coordinators' own (`Task.failed`, ` task.failed` do), so no line of
-    `logs` looks like a state change that never happened."""
+    """Whether a handler may name this event type: printable ASCII of at most EVENT_TYPE_MAX characters
+    that does not read as one of the coordinators' own whatever its case or spaces (`Task.failed`,
+    ` task.failed`; ASCII leaves no letter that looks like theirs), so no terminal escape rewrites a
+    line of `logs`, and no type passes for theirs there."""
     return (
         isinstance(type_, str)
         and 0 < len(type_) <= EVENT_TYPE_MAX
+        and type_.isascii()
         and type_.isprintable()
         and not type_.strip().casefold().startswith(COORDINATOR_EVENTS)
     )

@@ -7,8 +7,9 @@ The check reads the code (ast): the commands sent on a client or pipeline (`pipe
 transaction, and what the `Connection` methods it calls on itself send. Where a command's key is
 written as a `Keys` name (`self.keys.wf(wf_id)`, or a variable set to one), a real redis-server's
 COMMAND INFO says whether it reads or writes, and one grant must allow that command on that key.
-What a role's process calls on the `Connection` from outside the store (a worker's `renew_lease`) is
-not followed: tests/test_attacks.py and tests/test_deploy.py run every process as its generated user.
+What a role's process calls on its store from outside it (`self.broker.ask_to_submit` in
+runtime/client.py) is followed too; tests/test_attacks.py and tests/test_deploy.py run every process
+as its generated user besides.
 """
 
 from __future__ import annotations
@@ -32,6 +33,13 @@ from phibroker.store.roles import ROLES
 from tests.conftest import RedisServer
 
 STORE = Path(__file__).resolve().parent.parent / "phibroker" / "store"
+RUNTIME = STORE.parent / "runtime"
+# Runtime modules that call a role's store as `self.broker` (a worker's others call only its own
+# methods, or name the agents whose leases they read, where the roster would be read without them), and
+# what of it their users never send: a client without an identity writes its run itself
+# (`submit_workflow`), where no users are; the generated client user signs, and asks the coordinators.
+PROCESSES = {"client": ("client",), "worker": ("reactor",)}
+WITHOUT_USERS = {"submit_workflow"}
 KEYS = Keys("phi")
 AGENT, SUBSCRIPTION = "kalic", "audit-log"
 # What each role module's code must fit in: its users' declarations. Clients read as the views do.
@@ -233,6 +241,7 @@ def role_uses(name: str) -> list[Use]:
     counted only where a role calls `load_scripts` itself."""
     modules = {m: Module.read(m) for m in ("connection", name)}
     todo = [(name, f) for f in modules[name].functions]
+    todo += [(name if f in modules[name].functions else "connection", f) for f in broker_calls(name)]
     seen: set[tuple[str, str]] = set()
     uses: dict[tuple[str, tuple[str, ...] | None], Use] = {}
     while todo:
@@ -246,6 +255,22 @@ def role_uses(name: str) -> list[Use]:
                 uses.setdefault((use.command, use.keys), use)
             todo += [(m, f) for m, f in called(module, function) if f != "load_scripts" or where == name]
     return list(uses.values())
+
+
+def broker_calls(name: str) -> set[str]:
+    """What the runtime of a role's process calls on its store (`self.broker.X(...)`), but loading scripts
+    (a user that may not waits for a coordinator)."""
+    calls = set()
+    for module in PROCESSES.get(name, ()):
+        for call in (n for n in ast.walk(ast.parse((RUNTIME / f"{module}.py").read_text())) if isinstance(n, ast.Call)):
+            func = call.func
+            if (
+                isinstance(func, ast.Attribute)
+                and isinstance(func.value, ast.Attribute)
+                and func.value.attr == "broker"
+            ):
+                calls.add(func.attr)
+    return calls - {"load_scripts", *WITHOUT_USERS}
 
 
 # -- what the declarations allow ------------------------------------------------------------------

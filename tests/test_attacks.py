@@ -435,7 +435,7 @@ def test_no_user_but_the_coordinators_and_the_admins_loads_or_runs_lua_of_its_ow
         with pytest.raises(NoPermissionError):
             call()
             pytest.fail(f"{user} may {what}")
-    with pytest.raises((NoScriptError, NoPermissionError)):  # nobody loaded it: EVALSHA runs only the cache's
+    with pytest.raises(NoScriptError):  # nobody loaded it: EVALSHA_RO runs only what is in the cache
         conn.evalsha_ro(sha(RUNAWAY), 0)
     if user == "webc":
         record("SCRIPT LOAD + EVALSHA of a runaway loop", "webc", "worked: BUSY, every process died", "refused: NOPERM")
@@ -938,6 +938,12 @@ def test_an_agent_publishes_none_of_the_coordinators_events_but_its_own_workers_
         return [r["data"] for r in fleet.client("client").stream(wf_id) if r["data"].get("id") == claimed["id"]]
 
     assert [event["agent"] for event in until(published, fleet.procs)] == ["webc"]
+    start = records.event("task.started", wf_id, "Ship", {**about, "worker": "webc@forger:1:x"}, agent="kalic")
+    webc.relay([start])  # its own worker's start (of a unit not its: readers show none), claimed as kalic's
+    logged = until(
+        lambda: [e for e in events_of(fleet.settings("watch"), wf_id) if e["id"] == start["id"]], fleet.procs
+    )
+    assert [event["agent"] for event in logged] == ["webc"]
     assert fleet.alive(), fleet.procs.output()
     record(
         "a task.failed, workflow.failed, approval request, Task.Failed sent to be published",
@@ -1125,6 +1131,46 @@ def test_a_reaction_submit_for_a_run_that_exists_writes_nothing_to_it(fleet: Fle
         assert watch.broker.redis.hget(keys.wf(wf_id), "source_parts") is None
         assert watch.broker.redis.hget(keys.wf(wf_id), "submitter") == b"client"
     record("reaction submit under another run's id", "starter", "planted a field", "nothing written")
+
+
+def test_a_run_asked_for_with_fields_no_coordinator_could_read_is_dead_lettered_and_stops_none(fleet: Fleet) -> None:
+    """The client's user asks for runs whose fields the coordinators would write, then fail to read
+    back: every coordinator that took the message, or read the run, stopped. Each is dead-lettered
+    with why, nothing of it is written, and the coordinators run on."""
+    seen = len(fleet.dead_letters())
+    workflow = workflows.load(fleet.files["slow"])
+    nested: Any = [1]
+    for _ in range(200):
+        nested = [nested]
+    poisons: dict[str, dict[str, Any]] = {
+        "bytes in params": {"params": {"x": b"\x00"}},
+        "a chain of bytes": {"chain": [b"x"]},
+        "params nested 200 deep": {"params": {"x": nested}},
+        "a version of 0.0": {"version": 0.0, "launched": 0.0},
+        "a depth of 1e300": {"depth": 1e300},
+        "a spec that is no workflow": {"spec": "{not json"},
+        "a creation time that is no number": {"created_at": float("nan")},
+    }
+    secret = fleet.deployment.env("client")["PHIBROKER_CLIENT_SECRET"].encode()
+    asked = []
+    with fleet.client("client") as client:
+        for n, changes in enumerate(poisons.values()):
+            wf_id, fields = submission(workflow, workflow.params_with({}), f"poisoned-{n}")
+            fields = {**fields, **changes, "submitter": "client", "submit_sig": "checked at the start only"}
+            message = wire.Inbox(kind="submit", body={"wf": wf_id, "fields": fields})
+            raw = message.signed_as(("client", secret), 1 << 26, wire.ASKED_RUN_TTL)
+            client.broker.add(fleet.deployment.keys.inbox(wf_id), raw)
+            asked.append(wf_id)
+        long_id = "a" * 1_100_000  # its kick would be over a message's size
+        client.broker.ask_to_submit(long_id, submission(workflow, workflow.params_with({}))[1])
+        reasons = reasons_since(fleet, seen, len(poisons) + 1)
+        assert all(r.startswith("forged submit: ") for r in reasons), reasons
+        assert not {row["id"] for row in client.list()} & {*asked, long_id}
+    assert fleet.alive(), fleet.procs.output()
+    untouched(fleet, fleet.submit())
+    for what in poisons:
+        record(f"a run asked for with {what}", "client", "(new path) every coordinator stopped", "dead-lettered")
+    record("a run asked for with a 1 MB id", "client", "(new path) every coordinator stopped", "dead-lettered")
 
 
 # -- copies of signed control messages, and another client's runs ----------------------------------------

@@ -125,7 +125,7 @@ def test_a_where_filter(
 TRIGGERED = """
 name: triaged
 params: {severity: low, target: nowhere, n: -1}
-on: {event: scan.finished, where: "data.severity == 'high'"}
+on: {event: scan.finished, where: "data.severity == 'high' and agent == 'emitter'"}
 tasks:
   Triage: {agent: emitter, command: announce, payload: {kind: triage.done, severity: "${params.severity}"}}
 """

@@ -154,8 +154,8 @@ def test_duplicate_dispatch_and_duplicate_result_are_harmless(
         assert again["tasks"][name]["result"] == status["tasks"][name]["result"]
 
 
-def cli(settings: Settings, *args: str, url: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {"PHIBROKER_REDIS_URL": url or settings.redis_url, "PHIBROKER_NAMESPACE": settings.namespace}
+def cli(settings: Settings, *args: str, url: str | None = None, **extra: str) -> subprocess.CompletedProcess[str]:
+    env = {"PHIBROKER_REDIS_URL": url or settings.redis_url, "PHIBROKER_NAMESPACE": settings.namespace, **extra}
     import os
 
     return subprocess.run(

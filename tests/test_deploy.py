@@ -238,7 +238,7 @@ class Deployment:
 
     def coordinators(self, procs: Processes, count: int = 1, *args: str) -> None:
         """Start coordinators and wait until one has loaded phibroker's scripts: the other users may
-        only call them (a view before that waits, as for a busy Redis)."""
+        only call them (until then, what they send that runs one is "unavailable", as with a busy Redis)."""
         for _ in range(count):
             procs.spawn("coordinator", "coordinator", *args, **self.env("coordinator"))
         until(lambda: all(self.root.script_exists(*SHAS.values())), procs, timeout=30)

@@ -16,6 +16,7 @@ from phibroker.runtime.client import Client
 from phibroker.runtime.gate import SecurityGate
 from phibroker.settings import Settings
 from tests.conftest import Processes, until
+from tests.test_core import cli
 from tests.test_failures import flow
 from tests.test_subworkflows import CHILD, MAIN, files, task_state
 
@@ -100,6 +101,33 @@ def test_with_roles_only_a_client_starts_cancels_or_signals_runs_and_coordinator
     child = ops.wait(child_id, timeout=30)
     assert child["state"] == "cancelled" and child["error"] == f"parent {wf_id}: enough", procs.output()
     assert len(client.dead_letters()) == 4
+
+
+def test_a_signed_submit_with_no_coordinator_running_is_written_once_one_runs(
+    procs: Processes, client: Client, settings: Settings, tmp_path: Path
+) -> None:
+    """A client that signs asks the coordinators for its run, which they write: with none running,
+    `submit --wait` gives up in one line (exit 3) once its timeout passes, and the run is written, and
+    runs, once a coordinator starts. A run bigger than a message may be is refused in one line (exit 2)."""
+    identities = tmp_path / "identities.json"
+    identities.write_text(json.dumps(ROLES))
+    path = flow(tmp_path, "name: asked\ntasks:\n  A: {agent: probe, command: work, payload: {value: 3}}\n")
+    as_ops = {"PHIBROKER_CLIENT_NAME": "ops", "PHIBROKER_CLIENT_SECRET": "ops-secret"}
+    waited = cli(settings, "submit", str(path), "--id", "asked-1", "--wait", "--timeout", "1s", **as_ops)
+    assert waited.returncode == 3 and waited.stdout == "", (waited.stdout, waited.stderr)
+    assert waited.stderr.splitlines()[-1] == (
+        "error: run asked-1 is asked for, but no coordinator has written it yet: is one running?"
+    )
+    procs.coordinator(PHIBROKER_IDENTITIES=str(identities))
+    procs.worker("probe", app="tests.apps.probe", PHIBROKER_AGENT_SECRET="probe-secret")
+    until(lambda: "asked-1" in {row["id"] for row in client.list()}, procs)
+    status = client.wait("asked-1", timeout=60)
+    assert status["state"] == "succeeded" and status["tasks"]["A"]["result"]["value"] == 3, procs.output()
+
+    big = flow(tmp_path, "name: big\ntasks:\n  A: {agent: probe, command: work, payload: {text: " + "x" * 5000 + "}}\n")
+    refused = cli(settings, "submit", str(big), **as_ops, PHIBROKER_MAX_MESSAGE_BYTES="1000")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "over the 4,000 a signed submit may carry" in refused.stderr
 
 
 @pytest.mark.parametrize(

@@ -197,7 +197,9 @@ def test_an_agent_the_simulation_lacks_is_named(tmp_path: Path, worker: Agent) -
         Simulation(flow(tmp_path, "name: w\ntasks:\n  A: {agent: other, command: c}\n"), [worker]).run()
 
 
-@pytest.mark.parametrize("type_", ["task.failed", "Task.Failed", " workflow.failed", "scan\x1b[2Kdone", "x" * 201])
+@pytest.mark.parametrize(
+    "type_", ["task.failed", "Task.Failed", " workflow.failed", "t\u0430sk.failed", "scan\x1b[2Kdone", "x" * 201]
+)
 def test_a_handler_may_not_emit_the_coordinators_own_event_types_nor_unprintable_ones(type_: str) -> None:
     agent = Agent("w")
 

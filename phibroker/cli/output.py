@@ -16,6 +16,7 @@ from phibroker.engine.state import TASK_TERMINAL
 from phibroker.errors import PhibrokerError, UnknownWorkflow
 from phibroker.tools.styles import ago, aligned, duration_text, spend_text, task_notes, task_tree
 from phibroker.workflow.render import SUBFLOW_SEP
+from phibroker.workflow.spec import is_name
 
 if TYPE_CHECKING:
     from phibroker.runtime.client import Client
@@ -272,6 +273,7 @@ def output_line(record: Mapping[str, Any], paint: Callable[[str, str | None], st
         if isinstance(details, dict):
             details = {k: v for k, v in details.items() if k not in ("unit", "attempt")}
         shown = f" {clipped(json.dumps(details, default=str), _EVENT_SHOWN)}" if details else ""
-        by = f" from {data['agent']}" if isinstance(data.get("agent"), str) else ""  # a handler's
+        agent = data.get("agent")
+        by = f" from {agent}" if isinstance(agent, str) and is_name(agent) else ""  # whose worker sent it
         text = paint(f"● {kind}", kind.rpartition(".")[2]) + by + shown
     return f"{when}  {who}  {text}"

@@ -196,7 +196,8 @@ class Context:
 
     def emit(self, type_: str, data: Any = None) -> None:
         """An event published with this attempt's result, and only if that result is applied. Raises
-        ValueError for a type of phibroker's own (`workflow.*`, `task.*`, `approval.*`, `signal.*`)."""
+        ValueError for a type of phibroker's own (`workflow.*`, `task.*`, `approval.*`, `signal.*`, in
+        any case) and for one that is not printable ASCII of at most 200 characters."""
         self.events.append({"type": _own_type(type_), "data": data})
 
     def spawn(
@@ -296,7 +297,8 @@ class Event:
 
     def emit(self, type_: str, data: Any = None) -> None:
         """Publish an event caused by this one (one level deeper, for the storm guard). Raises ValueError
-        for a type of phibroker's own (`workflow.*`, `task.*`, `approval.*`, `signal.*`)."""
+        for a type of phibroker's own (`workflow.*`, `task.*`, `approval.*`, `signal.*`, in any case) and
+        for one that is not printable ASCII of at most 200 characters."""
         self.emitted.append({"type": _own_type(type_), "data": data})
 
     def submit(self, source: Any, params: dict[str, Any] | None = None, id: str | None = None) -> str:  # noqa: A002
@@ -508,10 +510,10 @@ def _import_app(module_name: str, agent: str, default: bool) -> Any:
 
 
 def _own_type(type_: str) -> str:
-    """A handler's event type: printable text, not the coordinators' own types (which tell state changes)."""
+    """A handler's event type: printable ASCII, not the coordinators' own types (which tell state changes)."""
     if not wire.publishable(type_):
         raise ValueError(
-            f"a handler may not emit {type_!r:.100}: give printable text of at most {wire.EVENT_TYPE_MAX}"
+            f"a handler may not emit {type_!r:.100}: give printable ASCII of at most {wire.EVENT_TYPE_MAX}"
             f" characters; {', '.join(wire.COORDINATOR_EVENTS)}* are phibroker's"
         )
     return type_

@@ -16,7 +16,14 @@ from phibroker import wire
 from phibroker import workflow as workflows
 from phibroker.engine.records import status_document
 from phibroker.engine.state import TASK_TERMINAL, WF_TERMINAL
-from phibroker.errors import ApprovalError, DecodeError, InvalidInput, UnknownWorkflow
+from phibroker.errors import (
+    ApprovalError,
+    BrokerUnavailable,
+    DecodeError,
+    InvalidInput,
+    MessageTooLarge,
+    UnknownWorkflow,
+)
 from phibroker.runtime.events import add_trigger
 from phibroker.runtime.output_reader import OutputReader
 from phibroker.runtime.submission import submission
@@ -38,6 +45,7 @@ class Client:
         if self.settings.client_secret:  # coordinators with identities act only on what a client signed
             self.broker.sign_as(self.settings.client_name, self.settings.client_secret.encode())
         self.registry = Registry(self.settings, client=self.broker.redis)
+        self._asked: dict[str, str] = {}  # runs asked for, not written yet when `submit` returned: their inbox entries
 
     @classmethod
     def from_url(cls, url: str, namespace: str = "phi") -> Client:
@@ -74,20 +82,29 @@ class Client:
                 return wf_id
             if Views(self.broker).workflow_heads([wf_id])[0]:
                 return wf_id
-            entry = self.broker.ask_to_submit(wf_id, fields)
-        self._until_written(wf_id, entry)
+            try:
+                entry = self.broker.ask_to_submit(wf_id, fields)
+            except MessageTooLarge as exc:  # what the coordinators read of one message bounds a run
+                raise InvalidInput(
+                    f"{workflow.name}: the run is {exc.size:,} bytes, over the {exc.limit:,} a signed submit may"
+                    " carry (4 × max_message_bytes): raise PHIBROKER_MAX_MESSAGE_BYTES, the coordinators' too,"
+                    " or split the workflow"
+                ) from None
+        if not self._until_written(wf_id, entry, _WRITTEN):
+            log.warning("run %s is asked for; no coordinator has written it yet: one will when it runs", wf_id)
+            self._asked[wf_id] = entry
         return wf_id
 
-    def _until_written(self, wf_id: str, entry: str) -> None:
+    def _until_written(self, wf_id: str, entry: str, timeout: float | None) -> bool:
         """A signed run is asked of the coordinators, who write it (no client's user may write runs):
-        wait up to _WRITTEN seconds until they have, so that `status` knows it, or refused it
-        (InvalidInput, with why). With no coordinator running, it is written once one runs."""
-        deadline = time.monotonic() + _WRITTEN
+        wait up to `timeout` seconds (None: for as long as it takes) until they have, so that `status`
+        knows it, or refused it (InvalidInput, with why). Whether they wrote it in time."""
+        deadline = float("inf") if timeout is None else time.monotonic() + timeout
         look_at_dead_letters = time.monotonic() + _DLQ_EVERY
         while time.monotonic() < deadline:
             with reaching(self.settings):
                 if Views(self.broker).workflow_heads([wf_id])[0]:
-                    return
+                    return True
                 if time.monotonic() > look_at_dead_letters:
                     look_at_dead_letters = time.monotonic() + _DLQ_EVERY
                     try:
@@ -99,7 +116,7 @@ class Client:
                     if refusal:
                         raise InvalidInput(f"submit of {wf_id} refused: {refusal}")
             time.sleep(0.02)
-        log.warning("run %s is asked for; no coordinator has written it yet: one will when it runs", wf_id)
+        return False
 
     def cancel(self, wf_id: str, reason: str | None = None, tasks: Sequence[str] = (), wait: float = 0.0) -> bool:
         """Ask the coordinators to cancel: nothing new starts, running tasks see `ctx.cancelled`.
@@ -442,6 +459,13 @@ class Client:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = every if on_progress is not None else 5.0
+        if wf_id in self._asked:  # this client asked for it, and no coordinator has written it yet
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not self._until_written(wf_id, self._asked[wf_id], left):
+                raise BrokerUnavailable(
+                    f"run {wf_id} is asked for, but no coordinator has written it yet: is one running?"
+                )
+            del self._asked[wf_id]
         while True:
             status = self.status(wf_id)
             if status["state"] in WF_TERMINAL:

@@ -30,7 +30,7 @@ from typing import Any
 
 from phibroker import engine, wire
 from phibroker.engine import state
-from phibroker.errors import DecodeError, InvalidInput, PhibrokerError
+from phibroker.errors import DecodeError, InvalidInput, MessageTooLarge, PhibrokerError
 from phibroker.keys import COORDINATORS_GROUP
 from phibroker.runtime.bulk import HeldWork
 from phibroker.runtime.events import Router, trigger_refusal
@@ -766,7 +766,12 @@ class Coordinator:
             log.warning("dead-lettering inbox entry %s: %s", entry.id, refusal)
             self.broker.dead_letter(refusal, entry.raw, stream, entry.id)
             return
-        self.broker.submit_workflow(str(message.body["wf"]), dict(message.body["fields"]), sign=False)
+        try:
+            self.broker.submit_workflow(str(message.body["wf"]), dict(message.body["fields"]), sign=False)
+        except (TypeError, ValueError, MessageTooLarge) as exc:  # what no check foresaw stops no coordinator
+            reason = f"submit of run {message.body['wf']!r}: {type(exc).__name__}: {exc}"
+            log.warning("dead-lettering inbox entry %s: %s", entry.id, reason)
+            self.broker.dead_letter(reason, entry.raw, stream, entry.id)
 
     def _refuse(self, run: state.Run, body: dict[str, Any], refusal: str, now: float) -> None:
         log.warning("refused decision on %s/%s: %s", run.id, body.get("task"), refusal)

@@ -39,7 +39,7 @@ from phibroker.errors import InvalidInput, SignatureError, WorkflowFileError
 from phibroker.security import signing
 from phibroker.settings import Settings
 from phibroker.store.registry import Registry
-from phibroker.workflow.spec import NAME_PATTERN
+from phibroker.workflow.spec import MAX_DEPTH, NAME_PATTERN
 
 log = logging.getLogger("phibroker.coordinator")
 
@@ -80,6 +80,7 @@ _RUN_ID = re.compile(NAME_PATTERN)
 # A run's fields its start checked under `--require-signed` (its spec and the signed file it came from)
 SIGNED_FIELDS = ("spec", "source_text", "source_suffix", "signature", "source_parts")
 VERDICTS_KEPT = 1000
+RUN_ID_MAX = 200  # characters of a run id a client or reaction asks for: a part of every key of the run
 
 
 @dataclass(frozen=True)
@@ -224,18 +225,21 @@ class SecurityGate:
         )
 
     def check_asked_run(self, message: wire.Inbox) -> str | None:
-        """Why the coordinators must not write the run a `submit` carries (a reaction's), or None: only a
-        new run's fields, as `submission` builds them, and with identities signed for the identity that
-        sends it (the signature itself is checked when the run starts, as a client's)."""
+        """Why the coordinators must not write the run a `submit` carries (a client's, a reaction's), or
+        None: only a new run's fields, as `submission` builds them, each of the type and within the
+        bounds the coordinators read it with (a field they cannot read would stop each coordinator that
+        reads the run), and with identities signed for the identity that sends it (the signature itself
+        is checked when the run starts)."""
         wf_id, fields = str(message.body["wf"]), message.body.get("fields")
-        if not _RUN_ID.fullmatch(wf_id):
-            return f"forged submit: run id {wf_id!r}: use letters, digits, '_', '.', '-'"
+        if len(wf_id) > RUN_ID_MAX or not _RUN_ID.fullmatch(wf_id):
+            return f"forged submit: run id {wf_id[:100]!r}: use at most {RUN_ID_MAX} letters, digits, '_', '.', '-'"
         if not isinstance(fields, dict) or not all(isinstance(name, str) for name in fields):
             return "forged submit: the run's fields are not a map of names"
         extra = sorted(set(fields) - ASKED_FIELDS)
         if extra:
             return f"forged submit: a new run has no field {extra[0]!r}"
-        if (fields.get("state"), fields.get("version"), fields.get("launched")) != ("running", 0, 0):
+        new = (fields.get("state"), fields.get("version"), fields.get("launched")) == ("running", 0, 0)
+        if not new or type(fields["version"]) is not int or type(fields["launched"]) is not int:
             return "forged submit: not a new run (its state, version or launched is not a new run's)"
         if not isinstance(fields.get("spec"), str) or type(fields.get("created_at")) not in (int, float):
             return "forged submit: a run needs its spec (text) and created_at (a number)"
@@ -245,7 +249,7 @@ class SecurityGate:
         submitter = fields.get("submitter")
         if self.with_roles and submitter is not None and submitter != message.agent:
             return f"forged submit: a run signed for {submitter!r} sent by {message.agent!r}"
-        return None
+        return _unreadable(fields)
 
     def check_answerer(self, run: state.Run, result: wire.Result, sender: str | None) -> str | None:
         """With identities configured, an agent answers only the units of its own tasks."""
@@ -377,6 +381,28 @@ class SecurityGate:
         if not again:
             log.info("workflow file signed by %s", signer)
         return None
+
+
+def _unreadable(fields: Mapping[str, Any]) -> str | None:
+    """Why the coordinators could not read back an asked run's fields as they read a run, or None: a
+    finite creation time, a whole depth, params and chain as JSON of bounded depth, a spec that is a
+    workflow."""
+    created, depth = fields["created_at"], fields.get("depth", 0)
+    if not math.isfinite(created) or created <= 0:
+        return f"forged submit: created_at {created!r} is no time"
+    if type(depth) is not int or not 0 <= depth < 2**31:
+        return f"forged submit: depth {depth!r} is not a whole number of events"
+    for name in ("params", "chain"):
+        if name in fields and wire.nests_deeper(fields[name], MAX_DEPTH):
+            return f"forged submit: {name} nest deeper than {MAX_DEPTH} levels"
+    if not all(isinstance(link, str) for link in fields.get("chain", [])):
+        return "forged submit: chain holds something other than text"
+    try:
+        json.dumps(fields.get("params"))
+        workflows.check(json.loads(fields["spec"]))
+    except (WorkflowFileError, TypeError, ValueError, RecursionError) as exc:
+        return f"forged submit: {str(exc)[:200]}"
+    return None
 
 
 def _control(message: wire.Inbox) -> str:

@@ -186,6 +186,7 @@ class OutputReader:
             agent = agent_of(worker)
             if not self._backed(record, agent, entry.ms) or entry.source not in ("", agent):
                 return False
+            event["agent"] = agent  # as the coordinators' copy says, whatever the worker's own copy does
             seen = f"started|{record['unit']}|{record['attempt']}|{worker}"
         elif entry.source:
             return False

@@ -876,12 +876,12 @@ class Connection:
 
     def _ensure_scripts(self) -> None:
         """Before a transaction whose script must not fail alone: in a MULTI, a NOSCRIPT leaves the other
-        commands done, and a user that may not load scripts (a client) would leave half a run. Asked
+        commands done, and a user that may not load scripts would leave half a run. Asked
         once per connection, and again after a NOSCRIPT; a cluster answers per node, so it is not asked."""
         if self._scripts_known or self.cluster:
             return
         if not all(self.redis.script_exists(*SHAS.values())):
-            self.load_scripts()  # a client may not: Refused, "unavailable" until a coordinator has
+            self.load_scripts()  # a user that may not: Refused, "unavailable" until a coordinator has
         self._scripts_known = True
 
     def signed_fields(self, wf_id: str, fields: dict[str, Any]) -> dict[str, Any]:

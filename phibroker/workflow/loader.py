@@ -50,7 +50,7 @@ from phibroker.workflow.spec import (
 
 _TASK = TypeAdapter(Task)
 _TASK_FIELDS = ("result", "state", "error", "iterations", "children")  # what `tasks.NAME.` may reach
-_EVENT_ROOTS = frozenset({"event", "type", "data", "workflow", "task", "ts"})
+_EVENT_ROOTS = frozenset({"event", "type", "data", "workflow", "task", "ts", "agent"})
 
 
 SIGNED = "signed"
