@@ -1340,6 +1340,22 @@ def test_a_client_cannot_cancel_or_retry_another_clients_run(fleet: Fleet) -> No
     record("another client's cancel, from the CLI", "starter", "exit 0 (refused in the DLQ)", "exit 2, saying why")
 
 
+def test_a_dead_letter_an_agent_sends_tells_no_client_that_its_request_was_refused(fleet: Fleet) -> None:
+    """A client that waits on its request (a submit, a cancel, a retry) looks for its inbox entry among
+    the dead letters. webc sends one naming the client's lane and an entry id of its guessing, with
+    a reason of its own: the client does not take it for the coordinators' refusal."""
+    seen = len(fleet.dead_letters())
+    wf_id = held(fleet)
+    lane = fleet.deployment.keys.inbox(wf_id)
+    fleet.store("webc", signed=True).dead_letter("refused: forged by webc", b"", lane, "1-0")
+    (reason,) = reasons_since(fleet, seen, 1)
+    assert reason == "refused: forged by webc"
+    with fleet.client("client") as client:
+        assert client._refusal(wf_id, "1-0") is None  # what `submit`, `cancel` and `retry` ask
+    finish(fleet, wf_id)
+    record("a dead letter naming a client's request", "webc", "the client was told it was refused", "not taken")
+
+
 def test_a_clients_user_writes_no_run_so_it_takes_over_or_ends_none(fleet: Fleet) -> None:
     """The client's user wrote its runs itself, so it could write any run's meta hash: it made the admin's
     run its own (`submitter`), then cancelled it; or ended, held or refused it by writing its `state`,

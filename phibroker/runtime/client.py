@@ -221,11 +221,12 @@ class Client:
 
     def _refusal(self, wf_id: str, entry: str) -> str | None:
         """Why the coordinators dead-lettered the inbox entry `entry` about run `wf_id` (among the newest
-        dead letters), or None. Its lane is the run's: entry ids repeat across the inbox's shards."""
+        dead letters), or None. Its lane is the run's: entry ids repeat across the inbox's shards. A dead
+        letter a worker sent (it has a `lane`) names what its worker wrote: none of it counts here."""
         lane = self.settings.keys.inbox(wf_id)
         with reaching(self.settings):
             rows = self.broker.dead_letters(_DLQ_LOOK)
-        mine = (r for _, r in rows if r.get("entry") == entry and r.get("source") in (lane, None))
+        mine = (r for _, r in rows if r.get("entry") == entry and r.get("source") in (lane, None) and "lane" not in r)
         return next((str(record.get("reason")) for record in mine), None)
 
     def signal(self, wf_id: str, name: str, data: Any = None) -> None:
