@@ -241,7 +241,12 @@ def role_uses(name: str) -> list[Use]:
     counted only where a role calls `load_scripts` itself."""
     modules = {m: Module.read(m) for m in ("connection", name)}
     todo = [(name, f) for f in modules[name].functions]
-    todo += [(name if f in modules[name].functions else "connection", f) for f in broker_calls(name)]
+    called_outside = broker_calls(name)
+    unknown = {
+        f for f in called_outside if f not in modules[name].functions and f not in modules["connection"].functions
+    }
+    assert not unknown, f"{name}'s runtime calls what its store does not define: {sorted(unknown)}"
+    todo += [(name if f in modules[name].functions else "connection", f) for f in called_outside]
     seen: set[tuple[str, str]] = set()
     uses: dict[tuple[str, tuple[str, ...] | None], Use] = {}
     while todo:

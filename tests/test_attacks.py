@@ -479,6 +479,7 @@ def test_a_runaway_script_killed_by_the_admin_leaves_every_process_running_and_t
     thread.join(timeout=10)
     assert outcome and "killed" in str(outcome[0]).lower()
     assert admin.script_flush()  # so nobody calls it again; coordinators load phibroker's scripts again
+    until(lambda: all(fleet.deployment.root.script_exists(*SHAS.values())), fleet.procs)  # the others wait
     untouched(fleet, wf_id)
     assert fleet.alive(), fleet.procs.output()
     with pytest.raises(NoScriptError):
@@ -1150,6 +1151,11 @@ def test_a_run_asked_for_with_fields_no_coordinator_could_read_is_dead_lettered_
         "a depth of 1e300": {"depth": 1e300},
         "a spec that is no workflow": {"spec": "{not json"},
         "a creation time that is no number": {"created_at": float("nan")},
+        "a creation time of 1e300": {"created_at": 1e300},
+        "a signature that is no object": {"signature": "5", "source_text": "name: slow"},
+        "a chain of 3,000 links": {"chain": ["c" * 1000] * 3000},
+        "a name that is not its workflow's": {"name": "\x1b[31mfake\nrun  succeeded"},
+        "a name that is a number": {"name": 7},
     }
     secret = fleet.deployment.env("client")["PHIBROKER_CLIENT_SECRET"].encode()
     asked = []

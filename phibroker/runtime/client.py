@@ -18,7 +18,6 @@ from phibroker.engine.records import status_document
 from phibroker.engine.state import TASK_TERMINAL, WF_TERMINAL
 from phibroker.errors import (
     ApprovalError,
-    BrokerUnavailable,
     DecodeError,
     InvalidInput,
     MessageTooLarge,
@@ -45,7 +44,8 @@ class Client:
         if self.settings.client_secret:  # coordinators with identities act only on what a client signed
             self.broker.sign_as(self.settings.client_name, self.settings.client_secret.encode())
         self.registry = Registry(self.settings, client=self.broker.redis)
-        self._asked: dict[str, str] = {}  # runs asked for, not written yet when `submit` returned: their inbox entries
+        # runs asked for that no coordinator had written when `submit` returned: inbox entry, fields
+        self._asked: dict[str, tuple[str, dict[str, Any]]] = {}
 
     @classmethod
     def from_url(cls, url: str, namespace: str = "phi") -> Client:
@@ -71,7 +71,8 @@ class Client:
     ) -> str:
         """Check and submit a workflow; returns its id. With `id`, a repeated submit is a no-op. A client
         that signs asks the coordinators for the run, and returns once one has written it (InvalidInput
-        if they refused it).
+        if they refused it), or after 10 s with none running: until one writes it, this client's
+        `status` and `wait` show it as asked (running, nothing started).
 
         `depth` and `chain` say which events led here (set by reactions; the storm guard reads them)."""
         workflow = source if isinstance(source, workflows.Workflow) else workflows.load(source)
@@ -92,7 +93,7 @@ class Client:
                 ) from None
         if not self._until_written(wf_id, entry, _WRITTEN):
             log.warning("run %s is asked for; no coordinator has written it yet: one will when it runs", wf_id)
-            self._asked[wf_id] = entry
+            self._asked[wf_id] = (entry, fields)
         return wf_id
 
     def _until_written(self, wf_id: str, entry: str, timeout: float | None) -> bool:
@@ -101,7 +102,7 @@ class Client:
         knows it, or refused it (InvalidInput, with why). Whether they wrote it in time."""
         deadline = float("inf") if timeout is None else time.monotonic() + timeout
         look_at_dead_letters = time.monotonic() + _DLQ_EVERY
-        while time.monotonic() < deadline:
+        while True:
             with reaching(self.settings):
                 if Views(self.broker).workflow_heads([wf_id])[0]:
                     return True
@@ -115,8 +116,9 @@ class Client:
                         refusal = None  # this user may not read the dead letters: it cannot tell
                     if refusal:
                         raise InvalidInput(f"submit of {wf_id} refused: {refusal}")
+            if time.monotonic() >= deadline:
+                return False
             time.sleep(0.02)
-        return False
 
     def cancel(self, wf_id: str, reason: str | None = None, tasks: Sequence[str] = (), wait: float = 0.0) -> bool:
         """Ask the coordinators to cancel: nothing new starts, running tasks see `ctx.cancelled`.
@@ -435,6 +437,10 @@ class Client:
         """The documented `status --json` shape: the workflow and every task."""
         with reaching(self.settings):
             meta, units, results, history = self.broker.read_workflow(wf_id)
+        if not meta.get("spec") and wf_id in self._asked:  # as asked for: running, nothing started yet
+            meta, units, results, history = self._asked[wf_id][1], {}, {}, []
+        elif wf_id in self._asked:
+            del self._asked[wf_id]
         if not meta.get("spec"):
             raise UnknownWorkflow(wf_id)
         return status_document(wf_id, meta, units, results, history, self.settings.max_message_bytes)
@@ -462,11 +468,8 @@ class Client:
         pause = every if on_progress is not None else 5.0
         if wf_id in self._asked:  # this client asked for it, and no coordinator has written it yet
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not self._until_written(wf_id, self._asked[wf_id], left):
-                raise BrokerUnavailable(
-                    f"run {wf_id} is asked for, but no coordinator has written it yet: is one running?"
-                )
-            del self._asked[wf_id]
+            if not self._until_written(wf_id, self._asked[wf_id][0], left):
+                return self.status(wf_id)
         while True:
             status = self.status(wf_id)
             if status["state"] in WF_TERMINAL:

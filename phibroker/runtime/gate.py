@@ -6,9 +6,10 @@ by the identity it names, and that identity's role may send its kind: what worke
 signals and runs come from a client (a run is a `submit` carrying its fields, from a client or an agent
 that is a client too: their users may not write runs, so coordinators write it); kicks, re-dispatches and a
 child run's end from a coordinator. What a client may send is dated and used once: a copy of a signed
-cancel, retry, signal or submit, added to the inbox again, is dead-lettered (`expires` in its body; the
-coordinators remember the ids they applied until then). A run is cancelled or retried only by whoever
-submitted it, a coordinator (a parent's cancel of its child) or an admin.
+cancel, retry or signal, added to the inbox again, is dead-lettered (`expires` in its body; the
+coordinators remember the ids they applied until then); a copy of a run's `submit` writes nothing over
+the run that exists. A run is cancelled or retried only by whoever submitted it, a coordinator (a
+parent's cancel of its child) or an admin.
 With `--require-signed`, a workflow starts only from a file text a trusted key signed; an approval
 decision counts only when a trusted key signed it. The loop asks the gate and acts on its answer; the
 gate decides, and changes nothing.
@@ -39,7 +40,7 @@ from phibroker.errors import InvalidInput, SignatureError, WorkflowFileError
 from phibroker.security import signing
 from phibroker.settings import Settings
 from phibroker.store.registry import Registry
-from phibroker.workflow.spec import MAX_DEPTH, NAME_PATTERN
+from phibroker.workflow.spec import MAX_DEPTH, NAME_PATTERN, RUN_ID_MAX
 
 log = logging.getLogger("phibroker.coordinator")
 
@@ -68,19 +69,28 @@ SENDERS: Mapping[str, frozenset[str]] = {
     "dead": frozenset({AGENT}),
 }
 WORKER_KINDS = frozenset(kind for kind, roles in SENDERS.items() if roles == {AGENT})
-# What a `submit` carrying a new run may hold (a reaction's: its worker may not write runs, so the
-# coordinators do): the fields `submission` builds, no parent (child runs are the coordinators'), and
-# nothing only a commit writes.
+# What a `submit` carrying a new run may hold (a client's or a reaction's: their users may not write runs,
+# so the coordinators do): the fields `submission` builds, no parent (child runs are the coordinators'),
+# and nothing only a commit writes.
 ASKED_FIELDS = frozenset(
     {"name", "state", "version", "launched", "created_at", "depth", "chain", "spec", "params", "traceparent"}
     | {"source_text", "source_suffix", "signature", "source_parts", "submitter", "submit_sig"}
 )
-_ASKED_MAPS = {"params": dict, "chain": list}  # written as JSON; every other value as text or a number
+# Each field's type: params and chain are written as JSON, the counts and times as numbers, the rest as text
+_ASKED_TYPES: dict[str, type | tuple[type, ...]] = {
+    "params": dict,
+    "chain": list,
+    "version": int,
+    "launched": int,
+    "depth": int,
+    "created_at": (int, float),
+}
+# The events that led to a run, and the characters of each: every event of the run repeats them
+CHAIN_MAX, LINK_MAX = 1000, 300
 _RUN_ID = re.compile(NAME_PATTERN)
 # A run's fields its start checked under `--require-signed` (its spec and the signed file it came from)
 SIGNED_FIELDS = ("spec", "source_text", "source_suffix", "signature", "source_parts")
 VERDICTS_KEPT = 1000
-RUN_ID_MAX = 200  # characters of a run id a client or reaction asks for: a part of every key of the run
 
 
 @dataclass(frozen=True)
@@ -244,7 +254,7 @@ class SecurityGate:
         if not isinstance(fields.get("spec"), str) or type(fields.get("created_at")) not in (int, float):
             return "forged submit: a run needs its spec (text) and created_at (a number)"
         for name, value in fields.items():
-            if not isinstance(value, _ASKED_MAPS.get(name, (str, int, float))) or isinstance(value, bool):
+            if not isinstance(value, _ASKED_TYPES.get(name, str)) or isinstance(value, bool):
                 return f"forged submit: field {name!r} is a {type(value).__name__}"
         submitter = fields.get("submitter")
         if self.with_roles and submitter is not None and submitter != message.agent:
@@ -384,24 +394,29 @@ class SecurityGate:
 
 
 def _unreadable(fields: Mapping[str, Any]) -> str | None:
-    """Why the coordinators could not read back an asked run's fields as they read a run, or None: a
-    finite creation time, a whole depth, params and chain as JSON of bounded depth, a spec that is a
-    workflow."""
-    created, depth = fields["created_at"], fields.get("depth", 0)
-    if not math.isfinite(created) or created <= 0:
-        return f"forged submit: created_at {created!r} is no time"
-    if type(depth) is not int or not 0 <= depth < 2**31:
+    """Why the coordinators, the views or a run's events could not take an asked run's fields as they
+    take a run's, or None: a time not ahead of the clock, a whole depth, params as JSON of bounded depth,
+    a bounded chain of text, a spec that is a workflow of the run's name, and signature fields that are
+    JSON objects."""
+    created, depth, chain = fields["created_at"], fields.get("depth", 0), fields.get("chain", [])
+    if not math.isfinite(created) or not 0 < created < time.time() + wire.CONTROL_TTL:
+        return f"forged submit: created_at {created!r} is no time, or ahead of the clock"
+    if not 0 <= depth < 2**31:
         return f"forged submit: depth {depth!r} is not a whole number of events"
-    for name in ("params", "chain"):
-        if name in fields and wire.nests_deeper(fields[name], MAX_DEPTH):
-            return f"forged submit: {name} nest deeper than {MAX_DEPTH} levels"
-    if not all(isinstance(link, str) for link in fields.get("chain", [])):
-        return "forged submit: chain holds something other than text"
+    if len(chain) > CHAIN_MAX or not all(isinstance(link, str) and len(link) <= LINK_MAX for link in chain):
+        return f"forged submit: chain is not at most {CHAIN_MAX} links of text of at most {LINK_MAX} characters"
+    if wire.nests_deeper(fields.get("params"), MAX_DEPTH):
+        return f"forged submit: params nest deeper than {MAX_DEPTH} levels"
     try:
         json.dumps(fields.get("params"))
-        workflows.check(json.loads(fields["spec"]))
+        name = workflows.check(json.loads(fields["spec"])).name
+        signed = [json.loads(fields[key]) for key in ("signature", "source_parts") if key in fields]
     except (WorkflowFileError, TypeError, ValueError, RecursionError) as exc:
         return f"forged submit: {str(exc)[:200]}"
+    if fields.get("name") != name:
+        return f"forged submit: the run's name is not its workflow's ({name!r})"
+    if not all(isinstance(value, dict) for value in signed):
+        return "forged submit: signature and source_parts are not JSON objects"
     return None
 
 

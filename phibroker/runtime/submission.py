@@ -20,7 +20,7 @@ from phibroker import workflow as workflows
 from phibroker.engine.state import new_workflow_fields
 from phibroker.errors import InvalidInput
 from phibroker.security import signing
-from phibroker.workflow.spec import NAME_PATTERN
+from phibroker.workflow.spec import NAME_PATTERN, RUN_ID_MAX
 
 _ID = re.compile(NAME_PATTERN)
 
@@ -37,8 +37,8 @@ def submission(
 
     `signed`: the signature fields to carry, when the workflow was rebuilt from a stored spec; by
     default they are read beside the workflow's file."""
-    if wf_id is not None and not _ID.fullmatch(wf_id):
-        raise InvalidInput(f"workflow id {wf_id!r}: use letters, digits, '_', '.', '-'")
+    if wf_id is not None and (len(wf_id) > RUN_ID_MAX or not _ID.fullmatch(wf_id)):
+        raise InvalidInput(f"workflow id {wf_id[:100]!r}: use at most {RUN_ID_MAX} letters, digits, '_', '.', '-'")
     wf_id = wf_id or f"{workflow.name}-{wire.short_id()}"
     fields = new_workflow_fields(workflow, dict(params), time.time(), depth, list(chain))
     fields["traceparent"] = new_traceparent()  # the run's trace, fixed now: its attempts' spans join it

@@ -22,6 +22,7 @@ from phibroker.wire import nests_deeper
 # For pydantic's (Rust) regexes, where `$` is the very end. Python's `$` also matches before a final
 # newline: test names with `is_name` (fullmatch), never `re.match(NAME_PATTERN, ...)`.
 NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
+RUN_ID_MAX = 200  # characters of a run's id: a part of every key of the run, and of each message about it
 _NAME = re.compile(NAME_PATTERN)
 # Maps and lists inside maps and lists: a workflow file needs 4 levels for itself and a payload a few
 # more; JSON or YAML nested far deeper is an attack on the parsers (recursion, then the wire's limit).
