@@ -248,8 +248,7 @@ class SecurityGate:
         extra = sorted(set(fields) - ASKED_FIELDS)
         if extra:
             return f"forged submit: a new run has no field {extra[0]!r}"
-        new = (fields.get("state"), fields.get("version"), fields.get("launched")) == ("running", 0, 0)
-        if not new or type(fields["version"]) is not int or type(fields["launched"]) is not int:
+        if (fields.get("state"), fields.get("version"), fields.get("launched")) != ("running", 0, 0):
             return "forged submit: not a new run (its state, version or launched is not a new run's)"
         if not isinstance(fields.get("spec"), str) or type(fields.get("created_at")) not in (int, float):
             return "forged submit: a run needs its spec (text) and created_at (a number)"
