@@ -560,7 +560,6 @@ def sent_events(value: Any, agent: str | None) -> list[dict[str, Any]]:
             raise DecodeError(event, "events: an event not shaped as phibroker's (type, id, workflow, depth, chain)")
         if not publishable(event["type"]) and not _started_by(event, agent):
             raise DecodeError(event, f"events: {agent or 'a worker'} may not publish {event['type']!r:.100}")
-    for event in value:
         event["agent"] = agent
     return value
 

@@ -100,25 +100,12 @@ class Client:
         """A signed run is asked of the coordinators, who write it (no client's user may write runs):
         wait up to `timeout` seconds (None: for as long as it takes) until they have, so that `status`
         knows it, or refused it (InvalidInput, with why). Whether they wrote it in time."""
-        deadline = float("inf") if timeout is None else time.monotonic() + timeout
-        look_at_dead_letters = time.monotonic() + _DLQ_EVERY
-        while True:
+
+        def head() -> dict[str, Any]:
             with reaching(self.settings):
-                if Views(self.broker).workflow_heads([wf_id])[0]:
-                    return True
-                if time.monotonic() > look_at_dead_letters:
-                    look_at_dead_letters = time.monotonic() + _DLQ_EVERY
-                    try:
-                        refusal = self._refusal(wf_id, entry)
-                    except Exception as exc:
-                        if not denied(exc):
-                            raise
-                        refusal = None  # this user may not read the dead letters: it cannot tell
-                    if refusal:
-                        raise InvalidInput(f"submit of {wf_id} refused: {refusal}")
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.02)
+                return Views(self.broker).workflow_heads([wf_id])[0]
+
+        return self._until_taken(wf_id, entry, "submit", timeout, bool, head)[0]
 
     def cancel(self, wf_id: str, reason: str | None = None, tasks: Sequence[str] = (), wait: float = 0.0) -> bool:
         """Ask the coordinators to cancel: nothing new starts, running tasks see `ctx.cancelled`.
@@ -190,30 +177,38 @@ class Client:
         return self._until_taken(wf_id, entry, "retry", timeout, taken)[1] or status
 
     def _until_taken(
-        self, wf_id: str, entry: str, what: str, timeout: float, taken: Callable[[dict[str, Any]], bool]
-    ) -> tuple[bool, dict[str, Any] | None]:
-        """Wait up to `timeout` seconds for the coordinators to take the request sent as inbox entry
-        `entry` (`taken` of the run's status), or to refuse it (InvalidInput, with why: its dead letter).
-        Whether they took it, and the run's last status (None: not looked at)."""
-        deadline = time.monotonic() + timeout
+        self,
+        wf_id: str,
+        entry: str,
+        what: str,
+        timeout: float | None,
+        taken: Callable[[Any], bool],
+        read: Callable[[], Any] | None = None,
+    ) -> tuple[bool, Any]:
+        """Wait up to `timeout` seconds (None: for as long as it takes) for the coordinators to take the
+        request sent as inbox entry `entry` (`taken` of what `read` gives: the run's status unless told),
+        or to refuse it (InvalidInput, with why: its dead letter). Whether they took it, and what `read`
+        gave last (None: not looked at)."""
+        deadline = float("inf") if timeout is None else time.monotonic() + timeout
         look_at_dead_letters = time.monotonic() + _DLQ_EVERY
-        status = None
-        while time.monotonic() < deadline:
+        seen = None
+        while True:
             try:
-                status = self.status(wf_id)
-                if taken(status):
-                    return True, status
+                seen = read() if read is not None else self.status(wf_id)
+                if taken(seen):
+                    return True, seen
                 refusal = self._refusal(wf_id, entry) if time.monotonic() > look_at_dead_letters else None
             except Exception as exc:
                 if not denied(exc):
                     raise
-                return False, status  # this user may not read the run or the dead letters: it cannot tell
+                return False, seen  # this user may not read the run or the dead letters: it cannot tell
             if refusal:
                 raise InvalidInput(f"{what} of {wf_id} refused: {refusal}")
             if time.monotonic() > look_at_dead_letters:
                 look_at_dead_letters = time.monotonic() + _DLQ_EVERY
+            if time.monotonic() >= deadline:
+                return False, seen
             time.sleep(0.02)
-        return False, status
 
     def _send(self, message: wire.Inbox) -> str:
         """Into the coordinators' inbox, signed as this client's identity; returns its inbox entry id."""
