@@ -194,6 +194,8 @@ def test_submit_refuses_hostile_params_in_one_line(tmp_path: Path, settings: Set
     assert "unknown param 'items\\n'" in one_error_line(newline)
     run_id = phibroker("submit", str(path), "--id", "run\n", settings=settings)
     assert "workflow id 'run\\n'" in one_error_line(run_id)
+    long_id = phibroker("submit", str(path), "--id", "r" * 201, settings=settings)  # a part of every key of the run
+    assert "use at most 200 letters" in one_error_line(long_id)
     assert redis.Redis.from_url(settings.redis_url).keys(f"{settings.namespace}:*") == []
 
 

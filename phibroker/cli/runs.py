@@ -108,7 +108,9 @@ def graph(settings: Settings, target: str, fmt: str) -> None:
 @main.command()
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE", help="override a param")
-@click.option("--id", "wf_id", help="the workflow id; submitting the same id again is a no-op")
+@click.option(
+    "--id", "wf_id", help="the workflow id (at most 200 letters, digits, _ . -); submitting it again is a no-op"
+)
 @click.option("--wait", is_flag=True, help="wait for the end; exit 1 unless it succeeded")
 @click.option("--timeout", help="with --wait: stop waiting after this long (10s, 5m, ...)")
 @click.option("--json", "as_json", is_flag=True, help="stdout: one JSON object")
